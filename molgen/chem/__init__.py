@@ -1,0 +1,1 @@
+"""Chemistry: elements, bond perception, stability, RDKit conversion, SDF/XYZ I/O."""

@@ -1,0 +1,24 @@
+"""The atom types molgen models (QM9: H, C, N, O, F) and their properties."""
+
+from __future__ import annotations
+
+import numpy as np
+
+SYMBOLS: tuple[str, ...] = ("H", "C", "N", "O", "F")
+CHARGES: np.ndarray = np.array([1, 6, 7, 8, 9], dtype=np.int32)  # atomic numbers Z
+N_TYPES = len(SYMBOLS)
+TYPE_OF_SYMBOL = {s: i for i, s in enumerate(SYMBOLS)}
+TYPE_OF_Z = {int(z): i for i, z in enumerate(CHARGES)}
+# Allowed valences used by EDM's stability metric.
+VALENCE = np.array([1, 4, 3, 2, 1], dtype=np.int32)
+
+
+def symbol_to_type(symbol: str) -> int:
+    """Map an element symbol (any case) to molgen's type index; raises KeyError for others."""
+    s = symbol.strip()
+    s = s[:1].upper() + s[1:].lower()
+    return TYPE_OF_SYMBOL[s]
+
+
+def types_from_symbols(symbols) -> np.ndarray:
+    return np.array([symbol_to_type(s) for s in symbols], dtype=np.int8)

@@ -1,0 +1,139 @@
+"""Equivariance, permutation, masking and fast-path tests for the EGNN."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import random_molecules, random_rotation
+
+from molgen.data.batching import dense_graph, node_features, pack
+from molgen.nn.egnn import EGNN, PRESETS, EGNNConfig, remove_mean
+
+CFG = EGNNConfig(nf=32, n_layers=3, inv_sublayers=2)
+
+
+def _setup(rng, sizes=(5, 9, 3), cfg=CFG):
+    pos, typ = random_molecules(rng, sizes)
+    g = pack(pos, typ)
+    model = EGNN(cfg)
+    h = node_features(g.types, g.node_mask)
+    cond = np.where(g.node_mask > 0, rng.uniform(size=g.node_mask.shape), 0).astype(np.float32)
+    params = model.init(jax.random.PRNGKey(int(rng.integers(1 << 30))), g.positions, h, cond, g)
+    # Make the coordinate updates non-trivial (the coordinate head starts near zero on purpose).
+    params = jax.tree_util.tree_map(lambda p: p + 0.05 * jnp.asarray(rng.normal(size=p.shape), p.dtype), params)
+    return model, params, g, h, cond
+
+
+def _run(model, params, g, x, h, cond):
+    return jax.jit(model.apply)(params, jnp.asarray(x), jnp.asarray(h), jnp.asarray(cond), g)
+
+
+@pytest.mark.parametrize("reflect", [False, True])
+def test_rotation_reflection_translation(rng, reflect):
+    model, params, g, h, cond = _setup(rng)
+    vel, hout = _run(model, params, g, g.positions, h, cond)
+    assert float(jnp.abs(vel).max()) > 1e-3  # the test is not vacuous
+    q = random_rotation(rng, reflect)
+    t = rng.normal(size=3) * 5
+    # Rotate (and reflect); translate each molecule and re-centre as the model expects zero-CoM input.
+    x2 = (g.positions @ q.T).astype(np.float32)
+    shifted = (x2 + t * g.node_mask[:, None]).astype(np.float32)
+    x2c = np.asarray(remove_mean(jnp.asarray(shifted), g.node_mask, g.segment, g.n_atoms.shape[0]))
+    np.testing.assert_allclose(x2c, x2, atol=1e-4)
+    vel2, hout2 = _run(model, params, g, x2c, h, cond)
+    np.testing.assert_allclose(np.asarray(vel2), np.asarray(vel) @ q.T, atol=2e-4)
+    np.testing.assert_allclose(np.asarray(hout2), np.asarray(hout), atol=2e-4)
+
+
+def test_translation_invariance_of_raw_input(rng):
+    """Relative geometry only: shifting a molecule's input leaves both outputs unchanged."""
+    model, params, g, h, cond = _setup(rng)
+    vel, hout = _run(model, params, g, g.positions, h, cond)
+    shift = (rng.normal(size=3) * 3 * g.node_mask[:, None]).astype(np.float32)
+    vel2, hout2 = _run(model, params, g, g.positions + shift, h, cond)
+    np.testing.assert_allclose(np.asarray(vel2), np.asarray(vel), atol=2e-4)
+    np.testing.assert_allclose(np.asarray(hout2), np.asarray(hout), atol=2e-4)
+
+
+def test_permutation_equivariance(rng):
+    pos, typ = random_molecules(rng, (7, 4))
+    perm = rng.permutation(7)
+    g1 = pack(pos, typ)
+    g2 = pack([pos[0][perm], pos[1]], [typ[0][perm], typ[1]])
+    model = EGNN(CFG)
+    h1, h2 = node_features(g1.types, g1.node_mask), node_features(g2.types, g2.node_mask)
+    c = g1.node_mask * 0.3
+    params = model.init(jax.random.PRNGKey(0), g1.positions, h1, c, g1)
+    params = jax.tree_util.tree_map(lambda p: p + 0.05 * jnp.asarray(rng.normal(size=p.shape), p.dtype), params)
+    v1, o1 = _run(model, params, g1, g1.positions, h1, c)
+    v2, o2 = _run(model, params, g2, g2.positions, h2, c)
+    np.testing.assert_allclose(np.asarray(v2)[:7], np.asarray(v1)[:7][perm], atol=2e-4)
+    np.testing.assert_allclose(np.asarray(o2)[:7], np.asarray(o1)[:7][perm], atol=2e-4)
+    np.testing.assert_allclose(np.asarray(v2)[7:11], np.asarray(v1)[7:11], atol=2e-4)
+
+
+def test_padding_never_changes_real_atoms(rng):
+    model, params, g, h, cond = _setup(rng)
+    vel, hout = _run(model, params, g, g.positions, h, cond)
+    n_real = int(g.node_mask.sum())
+    # Same molecules, far more padding, and garbage in every padding row.
+    pos, typ = [], []
+    o = 0
+    for n in g.n_atoms[:-1]:
+        pos.append(g.positions[o : o + n]); typ.append(g.types[o : o + n]); o += n
+    g2 = pack(pos, typ, pad_nodes=len(g.node_mask) + 37, pad_edges=len(g.edge_mask) + 500)
+    x2 = g2.positions.copy(); x2[n_real:] = rng.normal(size=(len(x2) - n_real, 3)) * 100
+    h2 = node_features(g2.types, g2.node_mask); h2[n_real:] = rng.normal(size=(len(h2) - n_real, 6))
+    c2 = np.zeros(len(x2), np.float32); c2[:n_real] = cond[:n_real]; c2[n_real:] = 7.0
+    vel2, hout2 = _run(model, params, g2, x2, h2, c2)
+    np.testing.assert_allclose(np.asarray(vel2)[:n_real], np.asarray(vel)[:n_real], atol=1e-5)
+    np.testing.assert_allclose(np.asarray(hout2)[:n_real], np.asarray(hout)[:n_real], atol=1e-5)
+    assert np.all(np.asarray(vel2)[n_real:] == 0)
+
+
+def test_zero_com_output(rng):
+    model, params, g, h, cond = _setup(rng)
+    vel, _ = _run(model, params, g, g.positions, h, cond)
+    vel = np.asarray(vel)
+    o = 0
+    for n in g.n_atoms[:-1]:
+        np.testing.assert_allclose(vel[o : o + n].mean(0), 0, atol=1e-5)
+        o += n
+
+
+def test_split_edge_layer_equals_concat(rng):
+    model, params, g, h, cond = _setup(rng)
+    v1, o1 = _run(model, params, g, g.positions, h, cond)
+    plain = EGNN(CFG.replace(split_edge_layer=False))
+    v2, o2 = _run(plain, params, g, g.positions, h, cond)
+    np.testing.assert_allclose(np.asarray(v2), np.asarray(v1), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(o2), np.asarray(o1), atol=1e-5)
+
+
+def test_packed_pairs_equal_dense_padded(rng):
+    sizes = (6, 2, 9)
+    pos, typ = random_molecules(rng, sizes)
+    g = pack(pos, typ)
+    n_max = 11
+    dpos = np.zeros((3, n_max, 3), np.float32); dtyp = np.zeros((3, n_max), np.int32)
+    mask = np.zeros((3, n_max), np.float32)
+    for k, n in enumerate(sizes):
+        dpos[k, :n] = pos[k]; dtyp[k, :n] = typ[k]; mask[k, :n] = 1
+    gd = dense_graph(dpos, dtyp, mask)
+    model = EGNN(CFG.replace(split_edge_layer=False))
+    hp, hd = node_features(g.types, g.node_mask), node_features(gd.types, gd.node_mask)
+    params = model.init(jax.random.PRNGKey(1), g.positions, hp, g.node_mask * 0.5, g)
+    params = jax.tree_util.tree_map(lambda p: p + 0.05 * jnp.asarray(rng.normal(size=p.shape), p.dtype), params)
+    vp, op = _run(model, params, g, g.positions, hp, g.node_mask * 0.5)
+    vd, od = _run(model, params, gd, gd.positions, hd, gd.node_mask * 0.5)
+    rows = np.nonzero(gd.node_mask)[0]
+    np.testing.assert_allclose(np.asarray(vd)[rows], np.asarray(vp)[: sum(sizes)], atol=1e-5)
+    np.testing.assert_allclose(np.asarray(od)[rows], np.asarray(op)[: sum(sizes)], atol=1e-5)
+
+
+def test_presets_are_frozen_and_roundtrip():
+    cfg = PRESETS["edm"]
+    assert (cfg.nf, cfg.n_layers, cfg.inv_sublayers, cfg.attention) == (256, 9, 1, True)
+    assert EGNNConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(Exception):
+        cfg.nf = 3  # frozen
