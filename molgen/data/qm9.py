@@ -347,6 +347,7 @@ def _sha256(path: Path) -> str:
 def _atomic_write_bytes(dest: Path, writer: Callable[[io.BufferedWriter], None]) -> None:
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=dest.name + ".", suffix=".tmp", dir=dest.parent)
+    os.chmod(tmp, 0o644)
     try:
         with os.fdopen(fd, "wb") as f:
             writer(f)

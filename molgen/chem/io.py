@@ -1,0 +1,212 @@
+"""SDF and XYZ reading and writing.
+
+Writers: SDF through RDKit (3D conformer, perceived bonds, per-molecule properties) and multi-molecule
+extended XYZ through ASE.  Both write to a temporary file and rename it into place.
+Readers: SDF (any tool's; the file's own bonds are ignored by the metrics, which re-perceive them from the
+geometry), XYZ / extended XYZ with any number of frames, and folders of such files.  Bad input raises a
+MolgenError naming the file and the line or molecule.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from molgen import MolgenError
+from molgen.chem.elements import SYMBOLS, symbol_to_type
+from molgen.io_utils import atomic_path
+
+FORMATS = ("sdf", "xyz")
+MAX_ATOMS = 256  # the pairwise bond tables are dense; larger inputs are not QM9-like molecules
+
+
+@dataclass
+class Molecule:
+    types: np.ndarray  # int [n] into SYMBOLS
+    positions: np.ndarray  # float [n, 3], Angstrom
+    name: str = ""
+    props: dict = field(default_factory=dict)
+
+
+def format_of(path: Path | str, fmt: str | None = None) -> str:
+    if fmt:
+        fmt = fmt.lower().lstrip(".")
+        if fmt not in FORMATS:
+            raise MolgenError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+        return fmt
+    suffix = Path(path).suffix.lower().lstrip(".")
+    if suffix in ("sdf", "mol", "sd"):
+        return "sdf"
+    if suffix in ("xyz", "extxyz"):
+        return "xyz"
+    raise MolgenError(f"{path}: cannot tell the format from the extension; use .sdf or .xyz, or --format")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Writing
+# ----------------------------------------------------------------------------------------------------------
+
+
+def write_sdf(path: Path | str, molecules: list[Molecule], orders: list[np.ndarray] | None = None) -> None:
+    """SDF with perceived bonds (EDM's distance rule unless ``orders`` are given) and each molecule's props."""
+    from rdkit import Chem
+
+    from molgen.chem.bonds import bond_orders, pad_molecules
+    from molgen.chem.rdkit_utils import build_molecule
+
+    if orders is None:
+        orders = []
+        for s in range(0, len(molecules), 2048):
+            chunk = molecules[s : s + 2048]
+            pos, typ, mask = pad_molecules([m.positions for m in chunk], [m.types for m in chunk])
+            o = bond_orders(pos, typ, mask)
+            orders += [o[k, : len(m.types), : len(m.types)] for k, m in enumerate(chunk)]
+    with atomic_path(path) as tmp:
+        writer = Chem.SDWriter(str(tmp))
+        writer.SetKekulize(False)
+        for k, (m, o) in enumerate(zip(molecules, orders)):
+            pos = np.where(np.isfinite(m.positions), m.positions, 0.0)
+            mol = build_molecule(m.types, o, pos)
+            mol.UpdatePropertyCache(strict=False)
+            mol.SetProp("_Name", m.name or f"molgen_{k}")
+            for key, val in m.props.items():
+                mol.SetProp(str(key), str(val))
+            writer.write(mol)
+        writer.close()
+
+
+def write_xyz(path: Path | str, molecules: list[Molecule]) -> None:
+    """Multi-molecule extended XYZ through ASE (per-molecule props in each frame's comment line)."""
+    import ase
+    import ase.io
+
+    frames = []
+    for m in molecules:
+        a = ase.Atoms(symbols=[SYMBOLS[int(t)] for t in m.types], positions=np.asarray(m.positions, float))
+        a.info.update({k: v for k, v in m.props.items()})
+        if m.name:
+            a.info["name"] = m.name
+        frames.append(a)
+    with atomic_path(path) as tmp:
+        ase.io.write(str(tmp), frames, format="extxyz")
+
+
+def write_molecules(path: Path | str, molecules: list[Molecule], fmt: str | None = None) -> str:
+    fmt = format_of(path, fmt)
+    (write_sdf if fmt == "sdf" else write_xyz)(path, molecules)
+    return fmt
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reading
+# ----------------------------------------------------------------------------------------------------------
+
+
+class BadMolecule(MolgenError):
+    """One molecule of a file could not be read; the message names the file and where."""
+
+
+def _types(symbols, where: str) -> np.ndarray:
+    out = np.empty(len(symbols), np.int8)
+    for k, s in enumerate(symbols):
+        try:
+            out[k] = symbol_to_type(s)
+        except KeyError:
+            raise BadMolecule(f"{where}: unknown element {s!r} (molgen models {', '.join(SYMBOLS)})") from None
+    if len(out) > MAX_ATOMS:
+        raise BadMolecule(f"{where}: {len(out)} atoms, more than the {MAX_ATOMS} molgen evaluates")
+    if len(out) == 0:
+        raise BadMolecule(f"{where}: molecule with no atoms")
+    return out
+
+
+def read_xyz(path: Path, skip_invalid: bool = False, errors: list | None = None) -> list[Molecule]:
+    """Frames of an XYZ / extended XYZ file: count line, comment line, then ``symbol x y z [...]`` lines."""
+    lines = Path(path).read_text(errors="replace").splitlines()
+    mols: list[Molecule] = []
+    i, frame = 0, 0
+    while i < len(lines):
+        if not lines[i].strip():
+            i += 1
+            continue
+        start = i
+        try:
+            n = int(lines[i].split()[0])
+            if n < 0:
+                raise ValueError
+        except ValueError:
+            raise MolgenError(f"{path}:{i + 1}: expected an atom count, got {lines[i].strip()[:40]!r}") from None
+        if i + 2 + n > len(lines):
+            raise MolgenError(f"{path}:{i + 1}: frame {frame} announces {n} atoms but the file ends early")
+        comment = lines[i + 1]
+        syms, coords = [], []
+        try:
+            for k in range(n):
+                ln = i + 2 + k
+                tok = lines[ln].split()
+                if len(tok) < 4:
+                    raise BadMolecule(f"{path}:{ln + 1}: expected 'element x y z', got {lines[ln].strip()[:40]!r}")
+                try:
+                    coords.append([float(t) for t in tok[1:4]])
+                except ValueError:
+                    raise BadMolecule(f"{path}:{ln + 1}: bad coordinates {' '.join(tok[1:4])!r}") from None
+                syms.append(tok[0])
+            types = _types(syms, f"{path}:{start + 1} (molecule {frame})")
+            mols.append(Molecule(types, np.array(coords, np.float64), name=comment.strip()[:80]))
+        except BadMolecule as e:
+            if not skip_invalid:
+                raise
+            if errors is not None:
+                errors.append(str(e))
+        i += 2 + n
+        frame += 1
+    return mols
+
+
+def read_sdf(path: Path, skip_invalid: bool = False, errors: list | None = None) -> list[Molecule]:
+    """Molecules of an SDF file with their 3D coordinates and element symbols (explicit H kept)."""
+    from rdkit import Chem
+
+    supplier = Chem.SDMolSupplier(str(path), sanitize=False, removeHs=False, strictParsing=True)
+    mols = []
+    for k in range(len(supplier)):
+        mol = supplier[k]
+        try:
+            if mol is None:
+                raise BadMolecule(f"{path}: molecule {k}: malformed record")
+            if mol.GetNumConformers() == 0:
+                raise BadMolecule(f"{path}: molecule {k}: no coordinates")
+            syms = [a.GetSymbol() for a in mol.GetAtoms()]
+            types = _types(syms, f"{path}: molecule {k}")
+            pos = np.array(mol.GetConformer().GetPositions(), np.float64)
+            props = {p: mol.GetProp(p) for p in mol.GetPropNames()}
+            name = mol.GetProp("_Name") if mol.HasProp("_Name") else ""
+            mols.append(Molecule(types, pos, name=name, props=props))
+        except BadMolecule as e:
+            if not skip_invalid:
+                raise
+            if errors is not None:
+                errors.append(str(e))
+    return mols
+
+
+def read_molecules(path: Path | str, fmt: str | None = None, skip_invalid: bool = False,
+                   errors: list | None = None) -> list[Molecule]:
+    """Read a file (SDF or XYZ) or every .sdf/.xyz file in a folder (sorted by name)."""
+    path = Path(path)
+    if not path.exists():
+        raise MolgenError(f"{path}: no such file or folder")
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in (".sdf", ".mol", ".xyz", ".extxyz"))
+        if not files:
+            raise MolgenError(f"{path}: folder holds no .sdf or .xyz files")
+        return [m for f in files for m in read_molecules(f, fmt, skip_invalid, errors)]
+    if path.stat().st_size == 0:
+        raise MolgenError(f"{path}: file is empty")
+    f = format_of(path, fmt)
+    mols = read_sdf(path, skip_invalid, errors) if f == "sdf" else read_xyz(path, skip_invalid, errors)
+    if not mols and not (errors and skip_invalid):
+        raise MolgenError(f"{path}: no molecules found")
+    return mols

@@ -1,0 +1,72 @@
+"""The run configuration: one frozen dataclass, saved as config.json next to every checkpoint so that a
+checkpoint alone says how to rebuild its model and how to sample from it."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from molgen.consistency.ict import ConsistencyConfig
+from molgen.diffusion.edm import DiffusionConfig
+from molgen.nn.egnn import EGNNConfig
+
+MODES = ("diffusion", "ct", "ect")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    mode: str = "diffusion"
+    model: EGNNConfig = field(default_factory=EGNNConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    consistency: ConsistencyConfig = field(default_factory=ConsistencyConfig)
+    batch_size: int = 64
+    lr: float = 5e-4
+    warmup: int = 500
+    steps: int = 10000
+    ema: float = 0.999
+    clip: float = 1.0
+    seed: int = 0
+    remove_h: bool = False
+    ckpt_every: int = 500
+    eval_every: int = 1000
+    keep: int = 3
+    init: str | None = None  # the diffusion run an "ect" run was initialised from
+    # For sampling without the data set: the training split's atom-count histogram (index = atoms).
+    size_hist: tuple[int, ...] = ()
+    type_fractions: tuple[float, ...] = ()
+
+    def replace(self, **kw) -> "RunConfig":
+        return dataclasses.replace(self, **kw)
+
+    @property
+    def n_features(self) -> int:
+        return self.model.in_node_nf
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RunConfig":
+        d = dict(d)
+        subs = {"model": EGNNConfig, "diffusion": DiffusionConfig, "consistency": ConsistencyConfig}
+        for k, typ in subs.items():
+            if k in d:
+                names = {f.name for f in dataclasses.fields(typ)}
+                d[k] = typ(**{a: b for a, b in d[k].items() if a in names})
+        names = {f.name for f in dataclasses.fields(cls)}
+        d = {k: v for k, v in d.items() if k in names}
+        for k in ("size_hist", "type_fractions"):
+            if k in d:
+                d[k] = tuple(d[k])
+        return cls(**d)
+
+    def save(self, path: Path) -> None:
+        from molgen.io_utils import atomic_write_text
+
+        atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=2))
+
+    @classmethod
+    def load(cls, path: Path) -> "RunConfig":
+        return cls.from_dict(json.loads(Path(path).read_text()))

@@ -1,0 +1,1 @@
+"""Consistency models for molecules: the iCT recipe, consistency tuning from EDM, multistep sampling."""

@@ -1,0 +1,1 @@
+"""EDM's variance-preserving diffusion on the zero-centre-of-mass subspace."""

@@ -1,0 +1,189 @@
+"""EDM's metrics on any set of 3D molecules: stability, validity, uniqueness, novelty, and diagnostics.
+
+Definitions (as EDM's evaluation code):
+* atom stability: fraction of all atoms whose summed bond order equals the element's valence;
+* molecule stability: fraction of molecules whose atoms are all stable;
+* validity: fraction of molecules that RDKit sanitises when built from the perceived bonds (no formal
+  charges); a disconnected molecule still counts, and its largest fragment's SMILES is kept;
+* uniqueness: distinct SMILES among the valid ones; "valid & unique" = distinct valid / all molecules;
+* novelty: distinct valid SMILES absent from the training split's SMILES (built by the same route).
+Also: connected fraction (one fragment), atom-type mix, mean size, and molecules with non-finite coordinates
+(failed: unstable and invalid, never dropped).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from molgen.chem.bonds import pad_molecules, stability
+from molgen.chem.elements import N_TYPES, SYMBOLS
+
+TRAIN_SMILES_NAME = "train_smiles_edm_v1.txt"
+
+
+@dataclass
+class PerMolecule:
+    n_atoms: int
+    stable_atoms: int
+    stable: bool
+    valid: bool
+    smiles: str
+    n_fragments: int
+    finite: bool
+
+
+@dataclass
+class Metrics:
+    n_molecules: int
+    n_atoms_total: int
+    mean_atoms: float
+    atom_stability: float
+    mol_stability: float
+    validity: float
+    uniqueness: float | None
+    valid_and_unique: float
+    novelty: float | None
+    connected: float
+    n_nonfinite: int
+    type_fractions: dict[str, float]
+    reference_type_fractions: dict[str, float] | None = None
+    novelty_note: str = ""
+    per_molecule: list[PerMolecule] = field(default_factory=list, repr=False)
+
+    def to_dict(self, per_molecule: bool = False) -> dict:
+        d = asdict(self)
+        if not per_molecule:
+            d.pop("per_molecule")
+        return d
+
+
+def evaluate_molecules(
+    positions: list[np.ndarray],
+    types: list[np.ndarray],
+    train_smiles: set[str] | None = None,
+    reference_type_fractions: np.ndarray | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> Metrics:
+    from molgen.chem.bonds import bond_orders
+    from molgen.chem.rdkit_utils import build_molecule, validity_smiles
+
+    m = len(types)
+    if m == 0:
+        raise ValueError("no molecules to evaluate")
+    per: list[PerMolecule] = []
+    total_atoms = sum(len(t) for t in types)
+    stable_atoms = 0
+    type_counts = np.zeros(N_TYPES, np.int64)
+    chunk = 1024
+    for s in range(0, m, chunk):
+        pos, typ, mask = pad_molecules(positions[s : s + chunk], types[s : s + chunk])
+        atom_ok, mol_ok, _ = stability(pos, typ, mask)
+        orders = bond_orders(pos, typ, mask)
+        for k in range(len(typ)):
+            n = int(mask[k].sum())
+            t = typ[k, :n]
+            type_counts += np.bincount(t, minlength=N_TYPES)
+            finite = bool(np.all(np.isfinite(pos[k, :n])))
+            if finite:
+                mol = build_molecule(t, orders[k, :n, :n])
+                smi, nfrag = validity_smiles(mol)
+            else:
+                smi, nfrag = None, 0
+            sa = int(atom_ok[k, :n].sum())
+            stable_atoms += sa
+            per.append(PerMolecule(n, sa, bool(mol_ok[k]), smi is not None, smi or "", nfrag, finite))
+            if progress:
+                progress(1)
+    valid = [p.smiles for p in per if p.valid]
+    unique = set(valid)
+    if train_smiles is not None and unique:
+        novelty = len(unique - train_smiles) / len(unique)
+        note = ""
+    else:
+        novelty = None
+        note = "not computed: no training SMILES (run `molgen download`)" if train_smiles is None else ""
+    fr = type_counts / max(type_counts.sum(), 1)
+    return Metrics(
+        n_molecules=m,
+        n_atoms_total=int(total_atoms),
+        mean_atoms=float(total_atoms / m),
+        atom_stability=stable_atoms / max(total_atoms, 1),
+        mol_stability=float(np.mean([p.stable for p in per])),
+        validity=len(valid) / m,
+        uniqueness=(len(unique) / len(valid)) if valid else None,
+        valid_and_unique=len(unique) / m,
+        novelty=novelty,
+        connected=float(np.mean([p.n_fragments == 1 for p in per])),
+        n_nonfinite=int(sum(not p.finite for p in per)),
+        type_fractions={SYMBOLS[i]: float(fr[i]) for i in range(N_TYPES)},
+        reference_type_fractions=(
+            {SYMBOLS[i]: float(reference_type_fractions[i]) for i in range(N_TYPES)}
+            if reference_type_fractions is not None else None
+        ),
+        novelty_note=note,
+        per_molecule=per,
+    )
+
+
+def training_smiles(data_dir: Path | str | None = None, remove_h: bool = False,
+                    progress: Callable[[str, int], Callable[[int], None]] | None = None) -> set[str] | None:
+    """SMILES of the training split built from its 3D structures by EDM's route; cached beside the data.
+
+    Returns None when there is no QM9 cache.
+    """
+    from molgen.chem.bonds import bond_orders
+    from molgen.chem.rdkit_utils import build_molecule, mol_to_smiles
+    from molgen.data.qm9 import cache_is_valid, default_data_dir, load_qm9
+    from molgen.io_utils import atomic_write_text
+
+    data_dir = Path(data_dir) if data_dir else default_data_dir()
+    if not cache_is_valid(data_dir, verify_hash=False):
+        return None
+    name = TRAIN_SMILES_NAME.replace(".txt", "_noH.txt") if remove_h else TRAIN_SMILES_NAME
+    cache = data_dir / name
+    if cache.exists():
+        return set(cache.read_text().split())
+    ds = load_qm9(data_dir, remove_h=remove_h, verify=False)
+    ids = ds.split("train")
+    tick = progress("training SMILES (once)", len(ids)) if progress else None
+    out = []
+    for s in range(0, len(ids), 1024):
+        mols = [ds.molecule(int(i)) for i in ids[s : s + 1024]]
+        pos, typ, mask = pad_molecules([p for p, _ in mols], [t for _, t in mols])
+        orders = bond_orders(pos, typ, mask)
+        for k, (_, t) in enumerate(mols):
+            n = len(t)
+            smi = mol_to_smiles(build_molecule(t, orders[k, :n, :n]))
+            if smi is not None:
+                out.append(smi)
+        if tick:
+            tick(len(mols))
+    atomic_write_text(cache, "\n".join(out) + "\n")
+    return set(out)
+
+
+def write_per_molecule_csv(path: Path | str, metrics: Metrics, names: list[str] | None = None) -> None:
+    import csv
+    import io
+
+    from molgen.io_utils import atomic_write_text
+
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["index", "name", "n_atoms", "stable_atoms", "mol_stable", "valid", "n_fragments", "finite",
+                "smiles"])
+    for k, p in enumerate(metrics.per_molecule):
+        w.writerow([k, (names[k] if names else ""), p.n_atoms, p.stable_atoms, int(p.stable), int(p.valid),
+                    p.n_fragments, int(p.finite), p.smiles])
+    atomic_write_text(path, buf.getvalue())
+
+
+def write_json(path: Path | str, metrics: Metrics, extra: dict | None = None) -> None:
+    from molgen.io_utils import atomic_write_text
+
+    atomic_write_text(path, json.dumps({**metrics.to_dict(), **(extra or {})}, indent=2))

@@ -1,0 +1,35 @@
+"""Atomic file writes: write to a temporary file in the same folder, then rename over the target."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+
+@contextmanager
+def atomic_path(dest: Path | str):
+    """Yield a temporary path beside ``dest``; on success it is renamed to ``dest``, on error removed."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix="." + dest.name + ".", suffix=".tmp", dir=dest.parent)
+    os.close(fd)
+    os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; outputs are ordinary files
+    try:
+        yield Path(tmp)
+        os.replace(tmp, dest)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(dest: Path | str, text: str) -> None:
+    with atomic_path(dest) as tmp:
+        Path(tmp).write_text(text)
+
+
+def atomic_write_bytes(dest: Path | str, data: bytes) -> None:
+    with atomic_path(dest) as tmp:
+        Path(tmp).write_bytes(data)
