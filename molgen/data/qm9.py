@@ -15,7 +15,6 @@ import ast
 import csv
 import hashlib
 import importlib.util
-import io
 import json
 import os
 import re
@@ -30,6 +29,7 @@ import numpy as np
 
 from molgen import MolgenError
 from molgen.chem.elements import SYMBOLS, symbol_to_type
+from molgen.io_utils import atomic_path, atomic_write_text
 
 ARCHIVE_URL = "https://springernature.figshare.com/ndownloader/files/3195389"
 EXCLUDED_URL = "https://springernature.figshare.com/ndownloader/files/3195404"
@@ -344,32 +344,17 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _atomic_write_bytes(dest: Path, writer: Callable[[io.BufferedWriter], None]) -> None:
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=dest.name + ".", suffix=".tmp", dir=dest.parent)
-    os.chmod(tmp, 0o644)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            writer(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, dest)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def save_cache(ds: QM9, data_dir: Path, source: str) -> Path:
     npz = data_dir / CACHE_NAME
 
-    def write(f):
-        np.savez(
-            f, positions=ds.positions, types=ds.types, n_atoms=ds.n_atoms, index=ds.index, smiles=ds.smiles,
-            **{f"split_{k}": v for k, v in ds.splits.items()},
-        )
-
-    _atomic_write_bytes(npz, write)
+    with atomic_path(npz) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(
+                f, positions=ds.positions, types=ds.types, n_atoms=ds.n_atoms, index=ds.index, smiles=ds.smiles,
+                **{f"split_{k}": v for k, v in ds.splits.items()},
+            )
+            f.flush()
+            os.fsync(f.fileno())
     manifest = {
         "version": CACHE_VERSION,
         "source": source,
@@ -379,7 +364,7 @@ def save_cache(ds: QM9, data_dir: Path, source: str) -> Path:
         "bytes": npz.stat().st_size,
         "sha256": _sha256(npz),
     }
-    _atomic_write_bytes(data_dir / MANIFEST_NAME, lambda f: f.write(json.dumps(manifest, indent=2).encode()))
+    atomic_write_text(data_dir / MANIFEST_NAME, json.dumps(manifest, indent=2))
     return npz
 
 

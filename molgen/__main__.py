@@ -1,0 +1,3 @@
+from molgen.cli import run
+
+run()

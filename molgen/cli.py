@@ -1,0 +1,436 @@
+"""molgen's command line: parse options, call the library, print with rich.  Errors in the user's input
+are one line on stderr and exit code 2."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+import time
+from enum import Enum
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from molgen import MolgenError, __version__
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    rich_markup_mode=None,
+    help="Generate 3D molecules with E(3)-equivariant diffusion and consistency models (QM9).",
+)
+console = Console()
+err = Console(stderr=True)
+
+
+def _fail(msg: str) -> None:
+    err.print(f"[bold red]error:[/] {msg}", highlight=False, soft_wrap=True)
+    raise typer.Exit(2)
+
+
+def friendly(fn):
+    """Turn MolgenError (and unreadable files) into a one-line error with exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*a, **kw):
+        try:
+            return fn(*a, **kw)
+        except MolgenError as e:
+            _fail(str(e))
+        except (FileNotFoundError, IsADirectoryError, PermissionError, UnicodeDecodeError) as e:
+            _fail(str(e))
+
+    return wrapper
+
+
+def _version(value: bool):
+    if value:
+        console.print(f"molgen {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+):
+    """molgen: QM9 download, training, sampling and evaluation of 3D molecule generators."""
+
+
+def _progress_factory(progress):
+    """Adapter from the library's progress protocol (description, total) -> tick(n) to a rich Progress."""
+
+    def make(desc: str, total: int | None):
+        task = progress.add_task(desc, total=total)
+        return lambda n: progress.advance(task, n)
+
+    return make
+
+
+def _progress(transient: bool = True):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=err, transient=transient, disable=not err.is_terminal)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# download / info
+# ----------------------------------------------------------------------------------------------------------
+
+
+class Source(str, Enum):
+    archive = "archive"
+    qm9pack = "qm9pack"
+    file = "file"
+
+
+@app.command()
+@friendly
+def download(
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Cache folder (default: $MOLGEN_HOME or the platform cache dir)."),
+    source: Optional[Source] = typer.Option(None, "--source", help="Use only this source (default: archive, then qm9pack)."),
+    from_path: Optional[Path] = typer.Option(None, "--from", help="A local QM9 archive (.tar.bz2), folder of .xyz, or qm9pack CSVs."),
+    force: bool = typer.Option(False, "--force", help="Rebuild the cache even if a valid one exists."),
+    info: bool = typer.Option(False, "--info", help="Print what is in the cache afterwards."),
+    timeout: float = typer.Option(10.0, "--timeout", help="Network timeout in seconds for the publisher's archive."),
+):
+    """Get QM9 (130,831 molecules) and write the processed cache with EDM's split."""
+    from molgen.data.qm9 import default_data_dir
+    from molgen.data.qm9 import download as do_download
+
+    t0 = time.time()
+    with _progress() as progress:
+        path, did = do_download(data_dir, source.value if source else None, from_path, force,
+                                _progress_factory(progress), log=lambda s: err.print(s), timeout=timeout)
+    if did:
+        console.print(f"QM9 cache written to {path} in {time.time() - t0:.1f} s")
+    else:
+        console.print(f"QM9 cache already present at {path}")
+    if info:
+        _info(data_dir or default_data_dir())
+
+
+def _info(data_dir: Path):
+    import numpy as np
+
+    from molgen.data.qm9 import load_qm9, read_manifest
+
+    m = read_manifest(data_dir)
+    ds = load_qm9(data_dir)
+    t = Table(title=f"QM9 cache: {data_dir}")
+    t.add_column("item")
+    t.add_column("value", justify="right")
+    t.add_row("source", str(m.get("source")))
+    t.add_row("molecules", f"{len(ds):,}")
+    t.add_row("atoms", f"{len(ds.types):,}")
+    for k, v in ds.splits.items():
+        t.add_row(f"split {k}", f"{len(v):,}")
+    n = ds.n_atoms[ds.split("train")]
+    t.add_row("atoms per molecule (train)", f"{n.min()}-{n.max()}, mean {n.mean():.2f}")
+    console.print(t)
+    hist = ds.size_histogram("train")
+    h = Table(title="atom-count histogram (train)")
+    h.add_column("atoms", justify="right")
+    h.add_column("molecules", justify="right")
+    h.add_column("")
+    peak = hist.max()
+    for k in np.nonzero(hist)[0]:
+        h.add_row(str(k), f"{hist[k]:,}", "#" * int(round(40 * hist[k] / peak)))
+    console.print(h)
+
+
+@app.command()
+@friendly
+def info(data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Cache folder.")):
+    """Show where the QM9 cache is, its counts, split sizes and atom-count histogram."""
+    from molgen.data.qm9 import default_data_dir
+
+    _info(data_dir or default_data_dir())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# train
+# ----------------------------------------------------------------------------------------------------------
+
+
+class Mode(str, Enum):
+    diffusion = "diffusion"
+    ct = "ct"
+    ect = "ect"
+
+
+class Preset(str, Enum):
+    tiny = "tiny"
+    small = "small"
+    base = "base"
+    edm = "edm"
+
+
+@app.command()
+@friendly
+def train(
+    mode: Mode = typer.Option(Mode.diffusion, "--mode", help="diffusion (EDM), ct (consistency training), ect (consistency tuning from --init)."),
+    model: Preset = typer.Option(Preset.small, "--model", help="Network preset: tiny 32x2, small 64x4, base 128x6, edm 256x9."),
+    nf: Optional[int] = typer.Option(None, "--nf", help="Override the preset's feature width."),
+    layers: Optional[int] = typer.Option(None, "--layers", help="Override the preset's number of blocks."),
+    batch_size: int = typer.Option(64, "--batch-size", help="Molecules per step (split across devices)."),
+    lr: float = typer.Option(5e-4, "--lr", help="Adam learning rate (after a linear warm-up)."),
+    warmup: int = typer.Option(500, "--warmup", help="Warm-up steps."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Total optimisation steps (default 10000)."),
+    epochs: Optional[float] = typer.Option(None, "--epochs", help="Total epochs instead of --steps."),
+    seed: int = typer.Option(0, "--seed", help="Seed for initialisation, data order and noise."),
+    remove_h: bool = typer.Option(False, "--remove-h", help="Train on QM9 without hydrogens."),
+    ema: float = typer.Option(0.999, "--ema", help="EMA decay of the evaluation parameters."),
+    clip: float = typer.Option(1.0, "--clip", help="Gradient clipping (global norm)."),
+    out: Path = typer.Option(Path("runs/run"), "--out", help="Run folder (config, checkpoints, metrics.jsonl)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint in --out."),
+    init: Optional[Path] = typer.Option(None, "--init", help="Diffusion run or weights folder to start --mode ect from."),
+    eval_every: int = typer.Option(1000, "--eval-every", help="Validation loss every N steps (EMA parameters)."),
+    ckpt_every: int = typer.Option(500, "--ckpt-every", help="Checkpoint every N steps."),
+    s1: Optional[int] = typer.Option(None, "--s1", help="Consistency curriculum: final number of discretisation steps."),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="QM9 cache folder."),
+    max_minutes: Optional[float] = typer.Option(None, "--max-minutes", help="Stop (with a checkpoint) after this wall time."),
+    distributed: bool = typer.Option(False, "--distributed", help="Call jax.distributed.initialize() for multi-host runs."),
+):
+    """Train a model on QM9; Ctrl-C saves a checkpoint, --resume continues exactly."""
+    import dataclasses
+
+    import jax
+
+    from molgen.config import RunConfig
+    from molgen.data.qm9 import load_qm9
+    from molgen.nn.egnn import PRESETS
+    from molgen.train import CONFIG_NAME, prepare_config
+    from molgen.train import train as do_train
+
+    if distributed:
+        jax.distributed.initialize()
+    ds = load_qm9(data_dir, remove_h=remove_h)
+    if resume and (out / CONFIG_NAME).exists():
+        cfg = RunConfig.load(out / CONFIG_NAME)
+        if steps is not None:
+            cfg = cfg.replace(steps=steps)
+        init_params = None
+    else:
+        if batch_size < 1 or lr <= 0 or not (0 <= ema < 1):
+            raise MolgenError("--batch-size must be >= 1, --lr > 0 and 0 <= --ema < 1")
+        n_steps = steps
+        if epochs is not None:
+            n_steps = int(round(epochs * len(ds.split("train")) / batch_size))
+        n_steps = n_steps or 10000
+        net = PRESETS[model.value].replace(nf=nf, n_layers=layers)
+        cfg = RunConfig(mode=mode.value, model=net, batch_size=batch_size, lr=lr, warmup=warmup, steps=n_steps,
+                        ema=ema, clip=clip, seed=seed, remove_h=remove_h, ckpt_every=ckpt_every,
+                        eval_every=eval_every)
+        cons = dataclasses.replace(cfg.consistency, total_steps=n_steps, **({"s1": s1} if s1 else {}))
+        init_params = None
+        if mode == Mode.ect:
+            if init is None:
+                raise MolgenError("--mode ect needs --init DIR (a diffusion run or weights folder)")
+            from molgen.sample import load_model
+
+            icfg, init_params, _ = load_model(init)
+            if icfg.mode != "diffusion":
+                raise MolgenError(f"{init}: --init must be a diffusion model, not {icfg.mode!r}")
+            d = icfg.diffusion
+            cons = dataclasses.replace(cons, parametrization="eps", timesteps=d.timesteps, precision=d.precision,
+                                       power=d.power)
+            cfg = cfg.replace(model=icfg.model, diffusion=icfg.diffusion, init=str(init), remove_h=icfg.remove_h)
+        elif init is not None:
+            raise MolgenError("--init is for --mode ect")
+        cfg = prepare_config(cfg.replace(consistency=cons), ds)
+    err.print(f"training {cfg.mode} | model nf={cfg.model.nf} layers={cfg.model.n_layers} | batch {cfg.batch_size} "
+              f"| {cfg.steps} steps | devices {jax.device_count()} ({jax.devices()[0].platform}) | {out}")
+    res = do_train(cfg, out, ds, resume=resume, init_params_from=init_params, progress=err.is_terminal,
+                   log=lambda s: err.print(s), max_seconds=max_minutes * 60 if max_minutes else None)
+    console.print(f"stopped at step {int(res.state.step)} ({res.steps_per_s:.2f} steps/s); checkpoint in {out}")
+    if res.interrupted:
+        raise typer.Exit(130)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# sample / evaluate / models
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _metrics_table(m, title: str) -> Table:
+    t = Table(title=title)
+    t.add_column("metric")
+    t.add_column("value", justify="right")
+
+    def pct(x):
+        return "n/a" if x is None else f"{100 * x:.2f} %"
+
+    t.add_row("molecules", f"{m.n_molecules:,}")
+    t.add_row("mean atoms", f"{m.mean_atoms:.2f}")
+    t.add_row("atom stability", pct(m.atom_stability))
+    t.add_row("molecule stability", pct(m.mol_stability))
+    t.add_row("validity", pct(m.validity))
+    t.add_row("uniqueness (of valid)", pct(m.uniqueness))
+    t.add_row("valid & unique", pct(m.valid_and_unique))
+    t.add_row("novelty (of unique)", pct(m.novelty) if m.novelty is not None else "not computed")
+    t.add_row("connected (1 fragment)", pct(m.connected))
+    t.add_row("non-finite coordinates", str(m.n_nonfinite))
+    ref = m.reference_type_fractions
+    mix = "  ".join(f"{k} {v:.3f}" + (f" ({ref[k]:.3f})" if ref else "") for k, v in m.type_fractions.items())
+    t.add_row("atom types" + (" (train)" if ref else ""), mix)
+    return t
+
+
+def _reference(data_dir, remove_h, novelty: bool):
+    """(training SMILES or None, training type fractions or None)."""
+    from molgen.data.qm9 import cache_is_valid, default_data_dir, load_qm9
+    from molgen.evaluate import training_smiles
+
+    d = data_dir or default_data_dir()
+    if not cache_is_valid(d, verify_hash=False):
+        return None, None
+    fr = load_qm9(d, remove_h=remove_h, verify=False).type_fractions("train")
+    if not novelty:
+        return None, fr
+    with _progress() as progress:
+        smiles = training_smiles(d, remove_h, _progress_factory(progress))
+    return smiles, fr
+
+
+@app.command()
+@friendly
+def sample(
+    n: int = typer.Option(1000, "-n", "--n", help="Number of molecules."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Network calls per molecule (default: 1 for consistency models, 1000 for diffusion)."),
+    out: Path = typer.Option(Path("out.sdf"), "-o", "--out", help="Output file: .sdf or .xyz."),
+    checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help="Shipped model name, weights folder or training run folder (default: the shipped default)."),
+    atoms: Optional[int] = typer.Option(None, "--atoms", help="Fix the number of atoms (default: drawn from the training histogram)."),
+    seed: int = typer.Option(0, "--seed", help="Random seed (same seed, same file)."),
+    batch_size: int = typer.Option(1000, "--batch-size", help="Molecules generated together."),
+    sigmas: Optional[str] = typer.Option(None, "--sigmas", help="Consistency models: comma-separated noise levels, one per step."),
+    fmt: Optional[str] = typer.Option(None, "--format", help="sdf or xyz (default: from the extension)."),
+    report: bool = typer.Option(True, "--report/--no-report", help="Print the stability report of the samples."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the report as JSON."),
+    novelty: bool = typer.Option(False, "--novelty", help="Also compute novelty (needs the QM9 cache)."),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="QM9 cache folder (for novelty and the type mix)."),
+):
+    """Generate molecules and write them as SDF or XYZ, then print their stability report."""
+    from molgen.chem.io import format_of, write_molecules
+    from molgen.sample import load_model
+    from molgen.sample import sample as do_sample
+
+    fmt = format_of(out, fmt)
+    if not out.parent.exists():
+        raise MolgenError(f"{out.parent}: output folder does not exist")
+    sig = None
+    if sigmas:
+        try:
+            sig = [float(s) for s in sigmas.split(",")]
+        except ValueError:
+            raise MolgenError(f"--sigmas: expected comma-separated numbers, got {sigmas!r}") from None
+    cfg, params, meta = load_model(checkpoint)
+    if steps is None:
+        steps = 1000 if cfg.mode == "diffusion" else 1
+    t0 = time.time()
+    with _progress() as progress:
+        task = progress.add_task(f"sampling ({steps} step{'s' if steps > 1 else ''})", total=n)
+        mols = do_sample(cfg, params, n, steps, seed, atoms, batch_size, sig, lambda k: progress.advance(task, k))
+    t_sample = time.time() - t0
+    settings = {"molgen_model": Path(meta.get("source", "")).name, "molgen_mode": cfg.mode,
+                "molgen_steps": steps, "molgen_seed": seed}
+    metrics = None
+    if report or json_path:
+        from molgen.evaluate import evaluate_molecules
+
+        smiles, fr = _reference(data_dir, cfg.remove_h, novelty)
+        metrics = evaluate_molecules([m.positions for m in mols], [m.types for m in mols], smiles, fr)
+        for m, p in zip(mols, metrics.per_molecule):
+            m.props.update(settings)
+            m.props.update({"molgen_stable_atoms": f"{p.stable_atoms}/{p.n_atoms}", "molgen_mol_stable": int(p.stable),
+                            "molgen_valid": int(p.valid), "molgen_smiles": p.smiles})
+    else:
+        for m in mols:
+            m.props.update(settings)
+    write_molecules(out, mols, fmt)
+    console.print(f"wrote {len(mols)} molecules to {out} ({cfg.mode}, {steps} network call{'s' if steps > 1 else ''} "
+                  f"per molecule, {t_sample:.1f} s sampling)")
+    if metrics is not None:
+        if report:
+            console.print(_metrics_table(metrics, f"samples: {out}"))
+        if json_path:
+            from molgen.evaluate import write_json
+
+            write_json(json_path, metrics, {"file": str(out), **settings})
+
+
+@app.command()
+@friendly
+def evaluate(
+    files: list[Path] = typer.Argument(..., help="SDF / XYZ files or folders of them."),
+    fmt: Optional[str] = typer.Option(None, "--format", help="Force sdf or xyz."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write all metrics as JSON."),
+    per_molecule: Optional[Path] = typer.Option(None, "--per-molecule", help="Write each molecule's results as CSV."),
+    reference: Optional[Path] = typer.Option(None, "--reference", help="QM9 cache folder whose training split is the novelty reference."),
+    remove_h: bool = typer.Option(False, "--remove-h", help="Compare against the training set without hydrogens."),
+    no_novelty: bool = typer.Option(False, "--no-novelty", help="Skip novelty."),
+    skip_invalid: bool = typer.Option(False, "--skip-invalid", help="Report unreadable molecules and evaluate the rest."),
+):
+    """Atom/molecule stability, validity, uniqueness and novelty (EDM's definitions) of molecules in files."""
+    from molgen.chem.io import read_molecules
+    from molgen.evaluate import evaluate_molecules, write_json, write_per_molecule_csv
+
+    mols, errors = [], []
+    for f in files:
+        mols += read_molecules(f, fmt, skip_invalid, errors)
+    for e in errors:
+        err.print(f"[yellow]skipped:[/] {e}", highlight=False)
+    if not mols:
+        raise MolgenError("no readable molecules in the input")
+    smiles, fr = _reference(reference, remove_h, not no_novelty)
+    with _progress() as progress:
+        task = progress.add_task("evaluating", total=len(mols))
+        metrics = evaluate_molecules([m.positions for m in mols], [m.types for m in mols], smiles, fr,
+                                     lambda k: progress.advance(task, k))
+    if no_novelty:
+        metrics.novelty_note = "skipped (--no-novelty)"
+    console.print(_metrics_table(metrics, ", ".join(str(f) for f in files)))
+    if errors:
+        console.print(f"{len(errors)} molecule(s) could not be read and were skipped")
+    if metrics.novelty is None and metrics.novelty_note:
+        console.print(f"novelty {metrics.novelty_note}")
+    if json_path:
+        write_json(json_path, metrics, {"files": [str(f) for f in files], "skipped": errors})
+    if per_molecule:
+        write_per_molecule_csv(per_molecule, metrics, [m.name for m in mols])
+
+
+@app.command()
+@friendly
+def models():
+    """List the shipped models with their cards' headline figures."""
+    from molgen.sample import default_model, shipped_models
+
+    ms = shipped_models()
+    if not ms:
+        console.print("no shipped models found")
+        return
+    default = default_model()
+    t = Table(title="shipped models")
+    for c in ("name", "mode", "network", "trained", "headline (1000 samples)"):
+        t.add_column(c)
+    for name, path in ms.items():
+        cfg = json.loads((path / "config.json").read_text())
+        meta = json.loads((path / "meta.json").read_text()) if (path / "meta.json").exists() else {}
+        net = f"{cfg['model']['nf']}x{cfg['model']['n_layers']}"
+        t.add_row(name + (" (default)" if name == default else ""), cfg["mode"], net, meta.get("trained", ""),
+                  meta.get("headline", ""))
+    console.print(t)
+
+
+def run():  # pragma: no cover - entry point for python -m molgen
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    run()

@@ -1,0 +1,217 @@
+"""Sampling: N molecules in k network calls each, from a diffusion or a consistency checkpoint.
+
+Atom counts come from the training histogram stored in the checkpoint's config (or are fixed).  Molecules
+are generated in batches packed as one graph each; every batch's random key is ``fold_in(seed, batch)``, so
+the same checkpoint, seed and options give identical files.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from molgen import MolgenError
+from molgen.chem.elements import N_TYPES
+from molgen.chem.io import Molecule
+from molgen.config import RunConfig
+from molgen.data.batching import pack
+
+WEIGHTS_CONFIG = "config.json"
+WEIGHTS_PARAMS = "params.msgpack"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loading models
+# ----------------------------------------------------------------------------------------------------------
+
+
+def weights_root() -> Path:
+    """The folder of shipped models: inside the installed package, or ``weights/`` of a source checkout."""
+    here = Path(__file__).resolve().parent
+    for cand in (here / "weights", here.parent / "weights"):
+        if cand.is_dir() and any(cand.glob(f"*/{WEIGHTS_PARAMS}")):
+            return cand
+    return here / "weights"
+
+
+def shipped_models() -> dict[str, Path]:
+    root = weights_root()
+    return {p.parent.name: p.parent for p in sorted(root.glob(f"*/{WEIGHTS_PARAMS}"))}
+
+
+def default_model() -> str | None:
+    root = weights_root()
+    f = root / "DEFAULT"
+    if f.exists():
+        return f.read_text().strip()
+    models = shipped_models()
+    return next(iter(models), None)
+
+
+def save_weights(out_dir: Path, cfg: RunConfig, params, meta: dict | None = None) -> None:
+    """A shipped model: config.json + EMA parameters as float32 msgpack (+ meta.json)."""
+    from flax import serialization
+
+    from molgen.io_utils import atomic_write_bytes, atomic_write_text
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    params = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float32), params)
+    atomic_write_bytes(out_dir / WEIGHTS_PARAMS, serialization.msgpack_serialize(params))
+    cfg.save(out_dir / WEIGHTS_CONFIG)
+    if meta is not None:
+        atomic_write_text(out_dir / "meta.json", json.dumps(meta, indent=2))
+
+
+def load_model(checkpoint: str | Path | None) -> tuple[RunConfig, Any, dict]:
+    """(config, parameters, info) from a shipped model name, a weights folder, or a training run folder."""
+    from flax import serialization
+
+    if checkpoint is None:
+        name = default_model()
+        if name is None:
+            raise MolgenError("no shipped model found; pass --checkpoint RUN_DIR")
+        checkpoint = name
+    path = Path(checkpoint)
+    models = shipped_models()
+    if not path.exists() and str(checkpoint) in models:
+        path = models[str(checkpoint)]
+    if not path.exists():
+        known = ", ".join(models) or "none"
+        raise MolgenError(f"{checkpoint}: no such checkpoint folder or shipped model (shipped: {known})")
+    if not (path / WEIGHTS_CONFIG).exists():
+        raise MolgenError(f"{path}: not a molgen checkpoint (no {WEIGHTS_CONFIG})")
+    if (path / WEIGHTS_PARAMS).exists():
+        cfg = RunConfig.load(path / WEIGHTS_CONFIG)
+        params = serialization.msgpack_restore((path / WEIGHTS_PARAMS).read_bytes())
+        meta = json.loads((path / "meta.json").read_text()) if (path / "meta.json").exists() else {}
+        return cfg, params, {"source": str(path), **meta}
+    from molgen.train import load_ema_params
+
+    cfg, params, step = load_ema_params(path)
+    return cfg, params, {"source": str(path), "step": step}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Sampling
+# ----------------------------------------------------------------------------------------------------------
+
+
+def draw_sizes(cfg: RunConfig, n: int, seed: int, atoms: int | None = None) -> np.ndarray:
+    if atoms is not None:
+        if atoms < 1:
+            raise MolgenError("--atoms must be at least 1")
+        return np.full(n, atoms, np.int32)
+    hist = np.asarray(cfg.size_hist, np.float64)
+    if hist.sum() <= 0:
+        raise MolgenError("the checkpoint has no atom-count histogram; pass --atoms")
+    rng = np.random.default_rng([seed, 7])
+    return rng.choice(len(hist), size=n, p=hist / hist.sum()).astype(np.int32)
+
+
+def sampler_kind(cfg: RunConfig) -> str:
+    return "diffusion" if cfg.mode == "diffusion" else "consistency"
+
+
+def noise_levels(cfg: RunConfig, steps: int, sigmas: Sequence[float] | None = None) -> list[float]:
+    """The per-step schedule: times 1 -> 0 for diffusion, noise levels sigma for consistency models."""
+    if steps < 1:
+        raise MolgenError("--steps must be at least 1")
+    if sampler_kind(cfg) == "diffusion":
+        if sigmas:
+            raise MolgenError("--sigmas applies to consistency models only")
+        from molgen.diffusion.edm import respaced_times
+
+        if steps > cfg.diffusion.timesteps:
+            raise MolgenError(f"--steps {steps} exceeds the model's {cfg.diffusion.timesteps} diffusion steps")
+        return [float(t) for t in respaced_times(steps)]
+    from molgen.consistency.ict import default_sigmas
+
+    if sigmas:
+        s = [float(x) for x in sigmas]
+        if len(s) != steps:
+            raise MolgenError(f"--sigmas gives {len(s)} levels for --steps {steps}")
+        if any(b >= a for a, b in zip(s, s[1:])) or s[-1] <= cfg.consistency.sigma_min:
+            raise MolgenError("--sigmas must decrease and stay above sigma_min")
+        return s
+    return default_sigmas(steps, cfg.consistency)
+
+
+def make_step_fn(cfg: RunConfig, apply_fn: Callable | None = None):
+    from molgen.train import make_apply
+
+    if apply_fn is None:
+        _, apply_fn = make_apply(cfg)
+    if sampler_kind(cfg) == "diffusion":
+        from molgen.diffusion.edm import make_sampler_step
+
+        return jax.jit(make_sampler_step(apply_fn, cfg.diffusion))
+    from molgen.consistency.ict import make_consistency_fn
+    from molgen.consistency.ict import make_sampler_step as cm_step
+
+    return jax.jit(cm_step(make_consistency_fn(apply_fn, cfg.consistency), cfg.consistency))
+
+
+def sample_batch(cfg: RunConfig, params, step_fn, sizes: np.ndarray, levels: list[float], key):
+    """Generate one packed batch; returns (positions list, types list)."""
+    from molgen.diffusion.noise import sample_noise
+
+    g = pack(None, [np.zeros(int(n), np.int32) for n in sizes])
+    nf = cfg.n_features
+    k0, key = jax.random.split(key)
+    if sampler_kind(cfg) == "diffusion":
+        zx, zh = sample_noise(k0, g, nf)
+        for i in range(len(levels) - 1):
+            key, k = jax.random.split(key)
+            zx, zh = step_fn(params, zx, zh, jnp.float32(levels[i]), jnp.float32(levels[i + 1]), g, k)
+    else:
+        zx = jnp.zeros(g.positions.shape, jnp.float32)
+        zh = jnp.zeros((len(g.node_mask), nf), jnp.float32)
+        for i, s in enumerate(levels):
+            key, k = jax.random.split(key)
+            zx, zh = step_fn(params, zx, zh, jnp.float32(s), jnp.bool_(i == 0), g, k)
+    x = np.asarray(zx)
+    types = np.argmax(np.asarray(zh)[:, :N_TYPES], axis=-1)
+    out_x, out_t = [], []
+    o = 0
+    for n in sizes:
+        out_x.append(x[o : o + n].astype(np.float64))
+        out_t.append(types[o : o + n].astype(np.int8))
+        o += n
+    return out_x, out_t
+
+
+def sample(
+    cfg: RunConfig,
+    params,
+    n: int,
+    steps: int,
+    seed: int = 0,
+    atoms: int | None = None,
+    batch_size: int = 1000,
+    sigmas: Sequence[float] | None = None,
+    progress: Callable[[int], None] | None = None,
+    apply_fn: Callable | None = None,
+) -> list[Molecule]:
+    if n < 1:
+        raise MolgenError("-n must be at least 1")
+    if batch_size < 1:
+        raise MolgenError("--batch-size must be at least 1")
+    levels = noise_levels(cfg, steps, sigmas)
+    sizes = draw_sizes(cfg, n, seed, atoms)
+    step_fn = make_step_fn(cfg, apply_fn)
+    base = jax.random.PRNGKey(seed)
+    mols: list[Molecule] = []
+    for b, s in enumerate(range(0, n, batch_size)):
+        bs = sizes[s : s + batch_size]
+        xs, ts = sample_batch(cfg, params, step_fn, bs, levels, jax.random.fold_in(base, b))
+        for x, t in zip(xs, ts):
+            mols.append(Molecule(t, x, name=f"molgen_{len(mols)}"))
+        if progress:
+            progress(len(bs))
+    return mols

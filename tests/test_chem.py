@@ -1,0 +1,221 @@
+"""Bond perception, EDM metrics with exact values on hand-built molecules, and SDF/XYZ round trips."""
+
+import numpy as np
+import pytest
+from rdkit import Chem
+from rdkit.Chem import AllChem
+
+from molgen import MolgenError
+from molgen.chem.bonds import THRESHOLDS, bond_orders, pad_molecules, stability
+from molgen.chem.elements import types_from_symbols
+from molgen.chem.io import Molecule, read_molecules, write_sdf, write_xyz
+from molgen.evaluate import evaluate_molecules
+
+TET = np.array([[1, 1, 1], [1, -1, -1], [-1, 1, -1], [-1, -1, 1]]) / np.sqrt(3)
+
+
+def methane(shift=(0, 0, 0)):
+    pos = np.vstack([[0, 0, 0], 1.09 * TET]) + np.asarray(shift)
+    return pos, types_from_symbols("CHHHH")
+
+
+def ch3():
+    pos, t = methane()
+    return pos[:4], t[:4]
+
+
+def pentavalent():
+    pos = np.array([[0, 0, 0], [0, 0, 1.09], [0, 0, -1.09], [1.09, 0, 0],
+                    [-0.545, 0.944, 0], [-0.545, -0.944, 0]])
+    return pos, types_from_symbols("CHHHHH")
+
+
+def hcn():
+    return np.array([[0, 0, -1.065], [0, 0, 0], [0, 0, 1.156]]), types_from_symbols("HCN")
+
+
+def kekule_benzene(a=1.34, b=1.50, ch=1.08):
+    dirs = [np.array([np.cos(np.radians(60 * k)), np.sin(np.radians(60 * k)), 0.0]) for k in range(6)]
+    ring = [np.zeros(3)]
+    for k in range(5):
+        ring.append(ring[-1] + dirs[k] * (a if k % 2 == 0 else b))
+    ring = np.array(ring)
+    c = ring.mean(0)
+    hs = [r + ch * (r - c) / np.linalg.norm(r - c) for r in ring]
+    return np.vstack([ring, hs]) - c, types_from_symbols("CCCCCCHHHHHH")
+
+
+def embedded(smiles, seed=7):
+    m = Chem.AddHs(Chem.MolFromSmiles(smiles))
+    AllChem.EmbedMolecule(m, randomSeed=seed)
+    AllChem.MMFFOptimizeMolecule(m)
+    pos = m.GetConformer().GetPositions()
+    return pos, types_from_symbols([a.GetSymbol() for a in m.GetAtoms()])
+
+
+def heavy(smiles):
+    """EDM's SMILES keep hydrogens as explicit atoms; compare on the heavy-atom form."""
+    return Chem.MolToSmiles(Chem.RemoveHs(Chem.MolFromSmiles(smiles)))
+
+
+def metrics(*mols, train=None):
+    return evaluate_molecules([p for p, _ in mols], [t for _, t in mols], train_smiles=train)
+
+
+def test_thresholds_match_edm_tables():
+    h, c, n, o, f = range(5)
+    assert THRESHOLDS[0, h, h] == 84 and THRESHOLDS[0, h, c] == 119 and THRESHOLDS[0, c, c] == 164
+    assert THRESHOLDS[1, c, c] == 139 and THRESHOLDS[2, c, c] == 123 and THRESHOLDS[2, c, n] == 119
+    assert THRESHOLDS[1, n, o] == 126 and THRESHOLDS[2, n, o] == 0 and THRESHOLDS[1, c, f] == 0
+    assert (THRESHOLDS == THRESHOLDS.transpose(0, 2, 1)).all()
+
+
+def test_bond_order_boundaries_are_strict():
+    c = types_from_symbols("CC")
+    for d, want in [(1.6399, 1), (1.641, 0), (1.3899, 2), (1.391, 1), (1.2299, 3), (1.231, 2)]:
+        pos, typ, mask = pad_molecules([np.array([[0, 0, 0], [d, 0, 0]])], [c])
+        assert bond_orders(pos, typ, mask)[0, 0, 1] == want, d
+
+
+@pytest.mark.parametrize("name,mol,smiles", [
+    ("methane", methane(), "C"),
+    ("hcn", hcn(), "C#N"),
+    ("benzene", kekule_benzene(), "c1ccccc1"),
+    ("ethanol", embedded("CCO"), "CCO"),
+    ("acetic acid", embedded("CC(=O)O"), "CC(=O)O"),
+])
+def test_stable_valid_molecules(name, mol, smiles):
+    m = metrics(mol)
+    assert m.atom_stability == 1.0 and m.mol_stability == 1.0, name
+    assert m.validity == 1.0 and heavy(m.per_molecule[0].smiles) == smiles
+    assert m.connected == 1.0
+
+
+def test_missing_hydrogen():
+    m = metrics(ch3())
+    assert m.atom_stability == 3 / 4 and m.mol_stability == 0.0
+    # EDM builds atoms without explicit-H flags, so RDKit fills the radical with an implicit H: still valid.
+    assert m.validity == 1.0 and heavy(m.per_molecule[0].smiles) == "C"
+
+
+def test_pentavalent_carbon_is_unstable_and_invalid():
+    m = metrics(pentavalent())
+    assert m.atom_stability == 5 / 6 and m.mol_stability == 0 and m.validity == 0
+    assert m.valid_and_unique == 0 and m.uniqueness is None
+
+
+def test_disconnected_pair_keeps_largest_fragment():
+    p1, t1 = methane()
+    p2, t2 = hcn()
+    m = metrics((np.vstack([p1, p2 + 10.0]), np.concatenate([t1, t2])))
+    assert m.mol_stability == 1.0 and m.validity == 1.0
+    assert m.connected == 0.0 and m.per_molecule[0].n_fragments == 2
+    assert heavy(m.per_molecule[0].smiles) == "C"  # 5 atoms beat HCN's 3
+
+
+def test_mixture_exact_values_and_novelty():
+    train = {metrics(methane()).per_molecule[0].smiles}
+    m = metrics(methane(), ch3(), pentavalent(), hcn(), methane((3, 3, 3)), train=train)
+    assert m.n_molecules == 5 and m.n_atoms_total == 5 + 4 + 6 + 3 + 5
+    assert m.atom_stability == pytest.approx((5 + 3 + 5 + 3 + 5) / 23)
+    assert m.mol_stability == pytest.approx(3 / 5)
+    assert m.validity == pytest.approx(4 / 5)  # the pentavalent carbon fails
+    # Explicit hydrogens are atoms of the SMILES: methane (twice), CH3 with an implicit H (its own string), HCN.
+    assert m.uniqueness == pytest.approx(3 / 4)
+    assert m.valid_and_unique == pytest.approx(3 / 5)
+    assert m.novelty == pytest.approx(2 / 3)  # methane is in the reference set
+    assert m.type_fractions["H"] == pytest.approx((4 + 3 + 5 + 1 + 4) / 23)
+
+
+def test_non_finite_molecules_count_as_failed():
+    p, t = methane()
+    bad = p.copy()
+    bad[2] = np.nan
+    m = metrics((p, t), (bad, t))
+    assert m.n_nonfinite == 1 and m.n_molecules == 2
+    assert m.mol_stability == 0.5 and m.validity == 0.5 and m.atom_stability == 5 / 10
+
+
+def test_stability_vectorised_equals_single(rng):
+    mols = [methane(), hcn(), kekule_benzene(), pentavalent()]
+    pos, typ, mask = pad_molecules([p for p, _ in mols], [t for _, t in mols])
+    a_all, m_all, _ = stability(pos, typ, mask)
+    for k, (p, t) in enumerate(mols):
+        a1, m1, _ = stability(*pad_molecules([p], [t]))
+        assert (a1[0, : len(t)] == a_all[k, : len(t)]).all() and m1[0] == m_all[k]
+
+
+def _mols():
+    out = []
+    for k, mol in enumerate([methane(), hcn(), kekule_benzene(), embedded("CC(=O)O"), pentavalent()]):
+        out.append(Molecule(mol[1], mol[0], name=f"m{k}", props={"tag": k}))
+    return out
+
+
+def test_sdf_round_trip_and_rdkit_opens_it(tmp_path):
+    mols = _mols()
+    path = tmp_path / "x.sdf"
+    write_sdf(path, mols)
+    back = read_molecules(path)
+    assert len(back) == len(mols)
+    for a, b in zip(mols, back):
+        assert (a.types == b.types).all()
+        np.testing.assert_allclose(b.positions, a.positions, atol=1e-4)
+        assert b.props["tag"] == str(a.props["tag"])
+    sup = Chem.SDMolSupplier(str(path), removeHs=False)
+    rd = [m for m in sup]
+    assert all(m is not None for m in rd[:4]) and rd[4] is None  # RDKit rejects the pentavalent C
+    assert Chem.MolToSmiles(Chem.RemoveHs(rd[1])) == "C#N"
+
+
+def test_xyz_round_trip_and_ase_opens_it(tmp_path):
+    import ase.io
+
+    mols = _mols()
+    path = tmp_path / "x.xyz"
+    write_xyz(path, mols)
+    back = read_molecules(path)
+    frames = ase.io.read(str(path), index=":")
+    assert len(back) == len(frames) == len(mols)
+    for a, b, f in zip(mols, back, frames):
+        assert (a.types == b.types).all()
+        np.testing.assert_allclose(b.positions, a.positions, atol=1e-6)
+        np.testing.assert_allclose(f.get_positions(), a.positions, atol=1e-6)
+
+
+def test_rdkit_written_sdf_evaluates_as_expected(tmp_path):
+    path = tmp_path / "rd.sdf"
+    w = Chem.SDWriter(str(path))
+    for smi in ["CCO", "CC(=O)O", "C#N", "CCO"]:
+        m = Chem.AddHs(Chem.MolFromSmiles(smi))
+        AllChem.EmbedMolecule(m, randomSeed=1)
+        AllChem.MMFFOptimizeMolecule(m)
+        w.write(m)
+    w.close()
+    mols = read_molecules(path)
+    m = evaluate_molecules([x.positions for x in mols], [x.types for x in mols])
+    assert m.mol_stability == 1.0 and m.validity == 1.0
+    assert m.uniqueness == pytest.approx(3 / 4)
+
+
+def test_reader_errors_name_the_place(tmp_path):
+    p = tmp_path / "cl.xyz"
+    p.write_text("2\nfirst\nC 0 0 0\nH 0 0 1.09\n2\nsecond\nC 0 0 0\nCl 0 0 1.7\n")
+    with pytest.raises(MolgenError, match=r"cl.xyz:5 \(molecule 1\): unknown element 'Cl'"):
+        read_molecules(p)
+    errors = []
+    assert len(read_molecules(p, skip_invalid=True, errors=errors)) == 1 and len(errors) == 1
+    q = tmp_path / "bad.xyz"
+    q.write_text("2\nx\nC 0 0 zero\nH 0 0 1\n")
+    with pytest.raises(MolgenError, match="bad.xyz:3: bad coordinates"):
+        read_molecules(q)
+    e = tmp_path / "empty.sdf"
+    e.write_text("")
+    with pytest.raises(MolgenError, match="empty"):
+        read_molecules(e)
+    big = tmp_path / "big.xyz"
+    big.write_text("300\nbig\n" + "C 0 0 0\n" * 300)
+    with pytest.raises(MolgenError, match="300 atoms"):
+        read_molecules(big)
+    with pytest.raises(MolgenError, match="cannot tell the format"):
+        read_molecules(tmp_path.joinpath("a.pdb").resolve()) if (tmp_path / "a.pdb").write_text("x") else None
