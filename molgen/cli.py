@@ -14,6 +14,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from molgen import MolgenError, __version__
@@ -29,8 +30,12 @@ err = Console(stderr=True)
 
 
 def _fail(msg: str) -> None:
-    err.print(f"[bold red]error:[/] {msg}", highlight=False, soft_wrap=True)
+    err.print(f"[bold red]error:[/] {escape(msg)}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
+
+
+def _say(msg: str) -> None:
+    err.print(escape(msg), highlight=False, soft_wrap=True)
 
 
 def friendly(fn):
@@ -106,7 +111,7 @@ def download(
     t0 = time.time()
     with _progress() as progress:
         path, did = do_download(data_dir, source.value if source else None, from_path, force,
-                                _progress_factory(progress), log=lambda s: err.print(s), timeout=timeout)
+                                _progress_factory(progress), log=_say, timeout=timeout)
     if did:
         console.print(f"QM9 cache written to {path} in {time.time() - t0:.1f} s")
     else:
@@ -205,9 +210,11 @@ def train(
     from molgen.config import RunConfig
     from molgen.data.qm9 import load_qm9
     from molgen.nn.egnn import PRESETS
+    from molgen.jax_setup import enable_compilation_cache
     from molgen.train import CONFIG_NAME, prepare_config
     from molgen.train import train as do_train
 
+    enable_compilation_cache()
     if distributed:
         jax.distributed.initialize()
     ds = load_qm9(data_dir, remove_h=remove_h)
@@ -247,7 +254,7 @@ def train(
     err.print(f"training {cfg.mode} | model nf={cfg.model.nf} layers={cfg.model.n_layers} | batch {cfg.batch_size} "
               f"| {cfg.steps} steps | devices {jax.device_count()} ({jax.devices()[0].platform}) | {out}")
     res = do_train(cfg, out, ds, resume=resume, init_params_from=init_params, progress=err.is_terminal,
-                   log=lambda s: err.print(s), max_seconds=max_minutes * 60 if max_minutes else None)
+                   log=_say, max_seconds=max_minutes * 60 if max_minutes else None)
     console.print(f"stopped at step {int(res.state.step)} ({res.steps_per_s:.2f} steps/s); checkpoint in {out}")
     if res.interrupted:
         raise typer.Exit(130)
@@ -317,9 +324,11 @@ def sample(
 ):
     """Generate molecules and write them as SDF or XYZ, then print their stability report."""
     from molgen.chem.io import format_of, write_molecules
+    from molgen.jax_setup import enable_compilation_cache
     from molgen.sample import load_model
     from molgen.sample import sample as do_sample
 
+    enable_compilation_cache()
     fmt = format_of(out, fmt)
     if not out.parent.exists():
         raise MolgenError(f"{out.parent}: output folder does not exist")
@@ -384,7 +393,7 @@ def evaluate(
     for f in files:
         mols += read_molecules(f, fmt, skip_invalid, errors)
     for e in errors:
-        err.print(f"[yellow]skipped:[/] {e}", highlight=False)
+        err.print(f"[yellow]skipped:[/] {escape(e)}", highlight=False, soft_wrap=True)
     if not mols:
         raise MolgenError("no readable molecules in the input")
     smiles, fr = _reference(reference, remove_h, not no_novelty)

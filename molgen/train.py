@@ -26,7 +26,7 @@ from molgen import MolgenError
 from molgen.chem.elements import CHARGES, N_TYPES
 from molgen.config import RunConfig
 from molgen.consistency.ict import consistency_loss, make_consistency_fn
-from molgen.data.batching import BatchSampler, Graph, bucket, pack
+from molgen.data.batching import EDGE_GRANULE, NODE_GRANULE, BatchSampler, Graph, bucket, pack
 from molgen.diffusion.edm import diffusion_loss
 from molgen.nn.egnn import EGNN
 
@@ -105,7 +105,7 @@ def make_train_step(cfg: RunConfig, mesh: Mesh):
 
     def step_fn(state: TrainState, graphs: Graph, key):
         (loss, aux), grads = jax.value_and_grad(sharded_loss, has_aux=True)(state.params, graphs, key, state.step)
-        gnorm = optax.global_norm(grads)
+        gnorm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         # EMA with a warm-up (decay grows with the step) so short runs are not dominated by the initial weights.
@@ -128,7 +128,7 @@ def shard_batch(mols: list[tuple[np.ndarray, np.ndarray]], n_shards: int) -> Gra
     parts = [mols[i::n_shards] for i in range(n_shards)]
     n_nodes = max(sum(len(t) for _, t in p) for p in parts)
     n_edges = max(sum(len(t) * (len(t) - 1) for _, t in p) for p in parts)
-    pn, pe = bucket(n_nodes + 1), bucket(max(n_edges, 1))
+    pn, pe = bucket(n_nodes + 1, granule=NODE_GRANULE), bucket(n_edges, granule=EDGE_GRANULE)
     graphs = [pack([x for x, _ in p], [t.astype(np.int32) for _, t in p], pn, pe) for p in parts]
     return Graph(*[np.stack(f) for f in zip(*graphs)])
 

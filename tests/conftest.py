@@ -7,6 +7,14 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _compilation_cache(tmp_path_factory):
+    """Identical programs compiled by several tests (or train() calls) are compiled once per session."""
+    from molgen.jax_setup import enable_compilation_cache
+
+    enable_compilation_cache(tmp_path_factory.mktemp("jax_cache"))
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng()
@@ -29,3 +37,23 @@ def random_molecules(rng, sizes, scale=1.5):
         pos.append((x - x.mean(0)).astype(np.float32))
         typ.append(rng.integers(0, 5, size=n).astype(np.int32))
     return pos, typ
+
+
+DATA_CSV = __import__("pathlib").Path(__file__).parent / "data" / "qm9pack_mini.csv"
+
+
+@pytest.fixture(scope="session")
+def mini_ds():
+    from molgen.data import qm9
+
+    return qm9.build_dataset(qm9.read_qm9pack_csv([DATA_CSV]))
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    """A QM9 cache made from the 59-molecule fixture (through the same code as `molgen download --from`)."""
+    from molgen.data import qm9
+
+    d = tmp_path_factory.mktemp("qm9cache")
+    qm9.download(d, from_path=DATA_CSV)
+    return d

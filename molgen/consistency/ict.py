@@ -115,7 +115,7 @@ def make_consistency_fn(apply_fn, cfg: ConsistencyConfig):
 
 
 def pseudo_huber(sq_dist, dim, scale):
-    c = scale * jnp.sqrt(dim)
+    c = scale * jnp.sqrt(jnp.maximum(dim, 1.0))  # dim 0 (the padding graph) must not give sqrt'(0)
     return jnp.sqrt(sq_dist + c**2) - c
 
 

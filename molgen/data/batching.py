@@ -30,11 +30,15 @@ class Graph(NamedTuple):
         return int(self.n_atoms.shape[0]) - 1
 
 
-def bucket(x: int, fraction_bits: int = 3, minimum: int = 8) -> int:
-    """Round ``x`` up to a multiple of 2**(floor(log2 x) - fraction_bits): at most ~1/8 padding."""
-    x = max(int(x), minimum)
-    q = 1 << max(int(np.floor(np.log2(x))) - fraction_bits, 0)
+def bucket(x: int, fraction_bits: int = 3, granule: int = 8) -> int:
+    """Round ``x`` up to a multiple of max(granule, 2**(floor(log2 x) - fraction_bits)): at most ~1/8
+    padding for large sizes, and few distinct sizes (few compilations) for small ones."""
+    x = max(int(x), 1)
+    q = max(1 << max(int(np.floor(np.log2(x))) - fraction_bits, 0), granule)
     return -(-x // q) * q
+
+
+NODE_GRANULE, EDGE_GRANULE = 64, 1024
 
 
 @lru_cache(maxsize=64)
@@ -58,8 +62,8 @@ def pack(
     b = len(n)
     n_real = int(n.sum())
     e_real = int((n * (n - 1)).sum())
-    n_pad = pad_nodes if pad_nodes is not None else bucket(n_real + 1)
-    e_pad = pad_edges if pad_edges is not None else bucket(max(e_real, 1))
+    n_pad = pad_nodes if pad_nodes is not None else bucket(n_real + 1, granule=NODE_GRANULE)
+    e_pad = pad_edges if pad_edges is not None else bucket(e_real, granule=EDGE_GRANULE)
     if n_pad <= n_real or e_pad < e_real:
         raise ValueError(f"padding too small: {n_pad} nodes for {n_real}, {e_pad} edges for {e_real}")
     offsets = np.concatenate([[0], np.cumsum(n)[:-1]]).astype(np.int32)

@@ -1,0 +1,148 @@
+"""The command line, end to end on tiny data: errors are one line with exit code 2."""
+
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from molgen.cli import app
+from molgen.data import qm9
+
+runner = CliRunner()
+
+
+def run(*args):
+    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+def one_line_error(res, *fragments):
+    assert res.exit_code == 2, res.output
+    out = res.output.strip()
+    assert "Traceback" not in out
+    for f in fragments:
+        assert f in out, out
+
+
+def test_help_and_version():
+    res = run("--help")
+    assert res.exit_code == 0
+    for cmd in ("download", "info", "train", "sample", "evaluate", "models"):
+        assert cmd in res.output
+    res = run("--version")
+    assert res.exit_code == 0 and "molgen 0.1.0" in res.output
+    for cmd in ("train", "sample", "evaluate", "download"):
+        assert run(cmd, "--help").exit_code == 0
+
+
+def test_download_from_file_then_noop_then_info(tmp_path):
+    from conftest import DATA_CSV
+
+    d = tmp_path / "c"
+    res = run("download", "--data-dir", d, "--from", DATA_CSV)
+    assert res.exit_code == 0 and "written" in res.output
+    res = run("download", "--data-dir", d)
+    assert res.exit_code == 0 and "already present" in res.output
+    res = run("info", "--data-dir", d)
+    assert res.exit_code == 0 and "59" in res.output and "histogram" in res.output
+
+
+def test_download_without_any_source(tmp_path, monkeypatch):
+    monkeypatch.setattr(qm9, "qm9pack_csvs", lambda: None)
+    monkeypatch.setattr(qm9, "_download", lambda *a, **k: (_ for _ in ()).throw(OSError("offline")))
+    one_line_error(run("download", "--data-dir", tmp_path / "x"), "molgen[qm9]", "--from")
+    one_line_error(run("download", "--data-dir", tmp_path / "x", "--from", tmp_path / "nope.tar.bz2"),
+                   "no such file")
+
+
+def _xyz(path, body):
+    path.write_text(body)
+    return path
+
+
+METHANE = "5\nmethane\nC 0 0 0\nH 0.6293 0.6293 0.6293\nH 0.6293 -0.6293 -0.6293\nH -0.6293 0.6293 -0.6293\nH -0.6293 -0.6293 0.6293\n"
+
+
+def test_evaluate_outputs(tmp_path, data_dir):
+    ds = qm9.load_qm9(data_dir)
+    pos, typ = ds.molecule(int(ds.split("train")[0]))  # a training molecule: not novel
+    frame = f"{len(typ)}\ntrain\n" + "".join(f"{'HCNOF'[t]} {x} {y} {z}\n" for t, (x, y, z) in zip(typ, pos))
+    f = _xyz(tmp_path / "m.xyz", METHANE * 2 + frame)
+    res = run("evaluate", f, "--json", tmp_path / "m.json", "--per-molecule", tmp_path / "m.csv",
+              "--reference", data_dir)
+    assert res.exit_code == 0, res.output
+    assert "atom stability" in res.output and "100.00 %" in res.output
+    data = json.loads((tmp_path / "m.json").read_text())
+    assert data["n_molecules"] == 3 and data["mol_stability"] == 1.0
+    assert data["uniqueness"] == 2 / 3 and data["novelty"] == 0.5  # methane is not in this tiny train split
+    rows = (tmp_path / "m.csv").read_text().splitlines()
+    assert len(rows) == 4 and rows[0].startswith("index,")
+
+
+def test_evaluate_bad_inputs(tmp_path):
+    one_line_error(run("evaluate", tmp_path / "missing.sdf"), "missing.sdf", "no such file")
+    one_line_error(run("evaluate", _xyz(tmp_path / "e.xyz", "")), "empty")
+    cl = _xyz(tmp_path / "cl.xyz", METHANE + "2\nHCl\nH 0 0 0\nCl 0 0 1.27\n")
+    one_line_error(run("evaluate", cl), "cl.xyz:8", "unknown element 'Cl'")
+    res = run("evaluate", cl, "--skip-invalid", "--no-novelty")
+    assert res.exit_code == 0 and "skipped" in res.output and "Cl" in res.output
+    one_line_error(run("evaluate", _xyz(tmp_path / "m.xyz", "3\nx\nC 0 0\n")), "m.xyz")
+    one_line_error(run("evaluate", _xyz(tmp_path / "n.xyz", "two\nx\n")), "n.xyz:1", "atom count")
+    one_line_error(run("evaluate", _xyz(tmp_path / "a.pdb", "x")), "cannot tell the format")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, data_dir):
+    out = tmp_path_factory.mktemp("run") / "diff"
+    res = run("train", "--mode", "diffusion", "--model", "tiny", "--steps", 4, "--batch-size", 8,
+              "--data-dir", data_dir, "--out", out, "--ckpt-every", 2, "--eval-every", 2)
+    assert res.exit_code == 0, res.output
+    return out
+
+
+def test_train_resume_and_sample(tmp_path, trained, data_dir):
+    assert (trained / "config.json").exists() and (trained / "metrics.jsonl").exists()
+    one_line_error(run("train", "--model", "tiny", "--steps", 6, "--batch-size", 8, "--data-dir", data_dir,
+                       "--out", trained), "--resume")
+    res = run("train", "--resume", "--steps", 6, "--data-dir", data_dir, "--out", trained)
+    assert res.exit_code == 0 and "step 6" in res.output
+    out1, out2 = tmp_path / "a.sdf", tmp_path / "b.sdf"
+    for o in (out1, out2):
+        res = run("sample", "--checkpoint", trained, "-n", 7, "--steps", 3, "-o", o, "--seed", 4,
+                  "--data-dir", data_dir, "--json", tmp_path / "r.json")
+        assert res.exit_code == 0, res.output
+    assert out1.read_bytes() == out2.read_bytes()  # same checkpoint, seed, options -> same file
+    assert "molecule stability" in res.output
+    assert json.loads((tmp_path / "r.json").read_text())["n_molecules"] == 7
+    res = run("sample", "--checkpoint", trained, "-n", 3, "--steps", 2, "-o", tmp_path / "c.xyz", "--no-report")
+    assert res.exit_code == 0 and "stability" not in res.output
+    assert (tmp_path / "c.xyz").read_text().startswith(tuple("0123456789"))
+    res = run("evaluate", out1, "--no-novelty")
+    assert res.exit_code == 0 and "7" in res.output
+
+
+def test_ect_from_diffusion_and_sample(tmp_path, trained, data_dir):
+    out = tmp_path / "ect"
+    res = run("train", "--mode", "ect", "--init", trained, "--steps", 2, "--batch-size", 8, "--data-dir", data_dir,
+              "--out", out, "--ckpt-every", 2)
+    assert res.exit_code == 0, res.output
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["consistency"]["parametrization"] == "eps" and cfg["init"] == str(trained)
+    res = run("sample", "--checkpoint", out, "-n", 4, "--steps", 2, "-o", tmp_path / "e.sdf", "--no-report")
+    assert res.exit_code == 0, res.output
+    one_line_error(run("train", "--mode", "ect", "--data-dir", data_dir, "--out", tmp_path / "z"), "--init")
+
+
+def test_sample_bad_inputs(tmp_path, trained):
+    one_line_error(run("sample", "--checkpoint", tmp_path / "none", "-o", tmp_path / "x.sdf"), "no such checkpoint")
+    one_line_error(run("sample", "--checkpoint", trained, "-o", tmp_path / "x.pdb"), "cannot tell the format")
+    one_line_error(run("sample", "--checkpoint", trained, "-o", tmp_path / "x.sdf", "--steps", 0), "--steps")
+    one_line_error(run("sample", "--checkpoint", trained, "-o", tmp_path / "x.sdf", "-n", 0), "-n")
+    one_line_error(run("sample", "--checkpoint", trained, "-o", tmp_path / "nodir" / "x.sdf"), "does not exist")
+    one_line_error(run("sample", "--checkpoint", trained, "-o", tmp_path / "x.sdf", "--steps", 2,
+                       "--sigmas", "1,2"), "consistency models only")
+    assert not (tmp_path / "x.sdf").exists()
+    existing = tmp_path / "keep.sdf"
+    existing.write_text("precious")
+    one_line_error(run("sample", "--checkpoint", trained, "-o", existing, "--steps", 0), "--steps")
+    assert existing.read_text() == "precious"
