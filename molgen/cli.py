@@ -416,6 +416,24 @@ def evaluate(
 
 @app.command()
 @friendly
+def export(
+    run_dir: Path = typer.Argument(..., help="Training run folder (its latest checkpoint is exported)."),
+    dest: Path = typer.Argument(..., help="Destination folder, e.g. weights/my-model."),
+    headline: str = typer.Option("", "--headline", help="One line of measured figures for `molgen models`."),
+):
+    """Export a run's EMA parameters (float32) and config as a self-contained model folder."""
+    from molgen.sample import load_model, save_weights
+
+    cfg, params, info = load_model(run_dir)
+    meta = {"source_run": str(run_dir), "step": info.get("step"), "trained": f"{info.get('step')} steps",
+            "headline": headline}
+    save_weights(dest, cfg, params, meta)
+    size = sum(f.stat().st_size for f in dest.iterdir()) / 2**20
+    console.print(f"exported step {info.get('step')} of {run_dir} to {dest} ({size:.2f} MiB)")
+
+
+@app.command()
+@friendly
 def models():
     """List the shipped models with their cards' headline figures."""
     from molgen.sample import default_model, shipped_models
