@@ -8,8 +8,11 @@ sharded over a 1-D device mesh; parameters are replicated.  With one device the 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -203,14 +206,8 @@ def prepare_config(cfg: RunConfig, ds) -> RunConfig:
     cfg = cfg.replace(size_hist=hist, type_fractions=fracs)
     if cfg.mode == "ct" and cfg.consistency.parametrization == "ict":
         sx, sh = measure_sigma_data(ds, ds.split("train"), node_features, seed=cfg.seed)
-        cfg = cfg.replace(consistency=_replace(cfg.consistency, sigma_data_x=sx, sigma_data_h=sh))
+        cfg = cfg.replace(consistency=dataclasses.replace(cfg.consistency, sigma_data_x=sx, sigma_data_h=sh))
     return cfg
-
-
-def _replace(obj, **kw):
-    import dataclasses
-
-    return dataclasses.replace(obj, **kw)
 
 
 def train(
@@ -264,6 +261,11 @@ def train(
                TextColumn("loss {task.fields[loss]:.4f}  {task.fields[rate]:.2f} step/s"), TimeRemainingColumn()]
     bar = Progress(*columns, disable=not progress, transient=False)
     step = start
+    stop_requested = []
+    previous_handler = None
+    if threading.current_thread() is threading.main_thread():
+        # SIGTERM (schedulers, `kill`) stops like Ctrl-C: finish the step, checkpoint, exit cleanly.
+        previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop_requested.append(True))
     try:
         with bar:
             task = bar.add_task(f"train {cfg.mode}", total=end, completed=start, loss=float("nan"), rate=0.0)
@@ -293,11 +295,15 @@ def train(
                 if max_seconds is not None and time.time() - t0 > max_seconds:
                     log(f"time budget of {max_seconds:.0f} s reached at step {done}")
                     break
+                if stop_requested:
+                    raise KeyboardInterrupt
     except KeyboardInterrupt:
         interrupted = True
         log("interrupted: saving a checkpoint ...")
     finally:
         metrics_file.close()
+        if previous_handler is not None:
+            signal.signal(signal.SIGTERM, previous_handler)
     save_checkpoint(mgr, state)
     elapsed = time.time() - t0
     n = int(state.step) - start

@@ -125,3 +125,24 @@ def test_two_devices_same_loss_as_one():
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("OK") == 2
+
+
+def test_sigterm_stops_with_a_checkpoint(tmp_path, mini_ds, monkeypatch):
+    import os
+    import signal
+
+    cfg = _cfg(mini_ds)
+    orig = BatchSampler.indices
+
+    def term_at_4(self, step):
+        if step == 4:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return orig(self, step)
+
+    monkeypatch.setattr(BatchSampler, "indices", term_at_4)
+    res = train(cfg, tmp_path / "t", mini_ds, progress=False, log=lambda s: None)
+    assert res.interrupted and int(res.state.step) == 5  # the step in flight finishes, then it stops
+    assert signal.getsignal(signal.SIGTERM) is not None
+    from molgen.sample import load_model
+
+    assert load_model(tmp_path / "t")[2]["step"] == 5
