@@ -12,7 +12,9 @@ def _compilation_cache(tmp_path_factory):
     """Identical programs compiled by several tests (or train() calls) are compiled once per session."""
     from molgen.jax_setup import enable_compilation_cache
 
-    enable_compilation_cache(tmp_path_factory.mktemp("jax_cache"))
+    path = tmp_path_factory.mktemp("jax_cache")
+    os.environ["MOLGEN_JAX_CACHE"] = str(path)  # the CLI commands called by tests use the same cache
+    enable_compilation_cache(path)
 
 
 @pytest.fixture
