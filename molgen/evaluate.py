@@ -82,8 +82,8 @@ def evaluate_molecules(
     chunk = 1024
     for s in range(0, m, chunk):
         pos, typ, mask = pad_molecules(positions[s : s + chunk], types[s : s + chunk])
-        atom_ok, mol_ok, _ = stability(pos, typ, mask)
         orders = bond_orders(pos, typ, mask)
+        atom_ok, mol_ok, _ = stability(pos, typ, mask, orders=orders)
         for k in range(len(typ)):
             n = int(mask[k].sum())
             t = typ[k, :n]

@@ -68,17 +68,19 @@ def bond_orders(pos: np.ndarray, typ: np.ndarray, mask: np.ndarray) -> np.ndarra
     return order
 
 
-def stability(pos: np.ndarray, typ: np.ndarray, mask: np.ndarray, chunk: int = 2048):
-    """Per-atom stability [M, n] (False on padding), per-molecule stability [M], and bond orders per chunk.
+def stability(pos: np.ndarray, typ: np.ndarray, mask: np.ndarray, chunk: int = 2048,
+              orders: np.ndarray | None = None):
+    """Per-atom stability [M, n] (False on padding), per-molecule stability [M] and summed bond orders [M, n].
 
-    Molecules with any non-finite coordinate are unstable in every atom.
+    Pass ``orders`` (from :func:`bond_orders`) when the caller already has them.  Molecules with any
+    non-finite coordinate are unstable in every atom.
     """
     m = len(mask)
     atom_ok = np.zeros(mask.shape, bool)
     valence = np.zeros(mask.shape, np.int32)
     for s in range(0, m, chunk):
         sl = slice(s, s + chunk)
-        o = bond_orders(pos[sl], typ[sl], mask[sl])
+        o = orders[sl] if orders is not None else bond_orders(pos[sl], typ[sl], mask[sl])
         v = o.sum(axis=2, dtype=np.int32)
         valence[sl] = v
         atom_ok[sl] = (v == VALENCE[typ[sl]]) & mask[sl]
