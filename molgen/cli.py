@@ -197,6 +197,10 @@ def train(
     init: Optional[Path] = typer.Option(None, "--init", help="Diffusion run or weights folder to start --mode ect from."),
     eval_every: int = typer.Option(1000, "--eval-every", help="Validation loss every N steps (EMA parameters)."),
     ckpt_every: int = typer.Option(500, "--ckpt-every", help="Checkpoint every N steps."),
+    parametrization: Optional[str] = typer.Option(
+        None, "--parametrization", metavar="<ict|eps|ict-vp>",
+        help="Consistency function: ict (iCT's c_skip/c_out; default for ct), eps (y - sigma * EDM epsilon), "
+             "ict-vp (iCT's bounded c_skip/c_out around an EDM network; default for ect)."),
     s1: Optional[int] = typer.Option(None, "--s1", help="Consistency curriculum: final number of discretisation steps."),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="QM9 cache folder."),
     max_minutes: Optional[float] = typer.Option(None, "--max-minutes", help="Stop (with a checkpoint) after this wall time."),
@@ -235,6 +239,10 @@ def train(
                         ema=ema, clip=clip, seed=seed, remove_h=remove_h, ckpt_every=ckpt_every,
                         eval_every=eval_every)
         cons = dataclasses.replace(cfg.consistency, total_steps=n_steps, **({"s1": s1} if s1 else {}))
+        if parametrization not in (None, "ict", "eps", "ict-vp"):
+            raise MolgenError(f"--parametrization must be ict, eps or ict-vp, not {parametrization!r}")
+        if mode == Mode.diffusion and parametrization is not None:
+            raise MolgenError("--parametrization is for --mode ct or ect")
         init_params = None
         if mode == Mode.ect:
             if init is None:
@@ -245,11 +253,15 @@ def train(
             if icfg.mode != "diffusion":
                 raise MolgenError(f"{init}: --init must be a diffusion model, not {icfg.mode!r}")
             d = icfg.diffusion
-            cons = dataclasses.replace(cons, parametrization="eps", timesteps=d.timesteps, precision=d.precision,
-                                       power=d.power)
+            if parametrization == "ict":
+                raise MolgenError("--mode ect needs --parametrization eps or ict-vp (the network is an EDM network)")
+            cons = dataclasses.replace(cons, parametrization=parametrization or "ict-vp", timesteps=d.timesteps,
+                                       precision=d.precision, power=d.power)
             cfg = cfg.replace(model=icfg.model, diffusion=icfg.diffusion, init=str(init), remove_h=icfg.remove_h)
         elif init is not None:
             raise MolgenError("--init is for --mode ect")
+        elif parametrization is not None:
+            cons = dataclasses.replace(cons, parametrization=parametrization)
         cfg = prepare_config(cfg.replace(consistency=cons), ds)
     err.print(f"training {cfg.mode} | model nf={cfg.model.nf} layers={cfg.model.n_layers} | batch {cfg.batch_size} "
               f"| {cfg.steps} steps | devices {jax.device_count()} ({jax.devices()[0].platform}) | {out}")

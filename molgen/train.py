@@ -204,7 +204,7 @@ def prepare_config(cfg: RunConfig, ds) -> RunConfig:
     hist = tuple(int(c) for c in ds.size_histogram("train"))
     fracs = tuple(float(f) for f in ds.type_fractions("train"))
     cfg = cfg.replace(size_hist=hist, type_fractions=fracs)
-    if cfg.mode == "ct" and cfg.consistency.parametrization == "ict":
+    if cfg.mode in ("ct", "ect") and cfg.consistency.parametrization in ("ict", "ict-vp"):
         sx, sh = measure_sigma_data(ds, ds.split("train"), node_features, seed=cfg.seed)
         cfg = cfg.replace(consistency=dataclasses.replace(cfg.consistency, sigma_data_x=sx, sigma_data_h=sh))
     return cfg

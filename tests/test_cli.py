@@ -127,10 +127,13 @@ def test_ect_from_diffusion_and_sample(tmp_path, trained, data_dir):
               "--out", out, "--ckpt-every", 2)
     assert res.exit_code == 0, res.output
     cfg = json.loads((out / "config.json").read_text())
-    assert cfg["consistency"]["parametrization"] == "eps" and cfg["init"] == str(trained)
+    assert cfg["consistency"]["parametrization"] == "ict-vp" and cfg["init"] == str(trained)
+    assert cfg["consistency"]["sigma_data_x"] != 1.0  # measured on the data, not the default 1.0
     res = run("sample", "--checkpoint", out, "-n", 4, "--steps", 2, "-o", tmp_path / "e.sdf", "--no-report")
     assert res.exit_code == 0, res.output
     one_line_error(run("train", "--mode", "ect", "--data-dir", data_dir, "--out", tmp_path / "z"), "--init")
+    one_line_error(run("train", "--mode", "ect", "--init", trained, "--parametrization", "foo", "--data-dir",
+                       data_dir, "--out", tmp_path / "z"), "--parametrization")
 
 
 def test_sample_bad_inputs(tmp_path, trained):

@@ -81,7 +81,7 @@ def _graph(rng, sizes=(5, 8)):
     return g, node_features(g.types, g.node_mask)
 
 
-@pytest.mark.parametrize("parametrization", ["ict", "eps"])
+@pytest.mark.parametrize("parametrization", ["ict", "eps", "ict-vp"])
 def test_boundary_condition_is_exact(rng, parametrization):
     cfg = _cfg("ct", parametrization)
     params = _noisy_params(cfg, rng)
@@ -97,7 +97,7 @@ def test_boundary_condition_is_exact(rng, parametrization):
     assert float(jnp.abs(fx2 - g.positions).max()) > 1e-3  # away from sigma_min the network acts
 
 
-@pytest.mark.parametrize("parametrization", ["ict", "eps"])
+@pytest.mark.parametrize("parametrization", ["ict", "eps", "ict-vp"])
 def test_consistency_function_is_equivariant(rng, parametrization):
     cfg = _cfg("ct", parametrization)
     params = _noisy_params(cfg, rng)

@@ -1,0 +1,153 @@
+"""Time EDM's original PyTorch implementation (Hoogeboom et al.) on the same machine, for a side-by-side ratio
+with molgen's own benchmarks (train_step.py, sampling.py).
+
+EDM's code is NOT part of molgen and is never committed here. To measure it:
+
+    git clone <EDM's public repository> /tmp/edm          # e3_diffusion_for_molecules
+    python -m venv /tmp/torchenv && /tmp/torchenv/bin/pip install torch numpy
+    /tmp/torchenv/bin/python benchmarks/edm_pytorch.py --edm-repo /tmp/edm --cache $MOLGEN_HOME/qm9_v1.npz
+
+The script only needs numpy and torch (it reads molgen's processed QM9 cache with numpy, without importing
+molgen or JAX). It builds EDM's model with EDM's own `get_model` arguments for QM9 (egnn_dynamics, attention,
+tanh, coords_range 15, norm_constant 1, sum aggregation, normalize_factors [1, 4, 10], charges included) at
+each preset size and times, per preset:
+
+* a training step exactly as EDM's `train_epoch` does it: a batch of random training molecules padded to the
+  batch's largest molecule (EDM's collate drops all-zero columns), `compute_loss_and_nll`, backward, EDM's
+  adaptive gradient clipping, AdamW (amsgrad), EMA update;
+* one reverse-diffusion step of EDM's sampler (`sample_p_zs_given_zt`) on molecules whose sizes are drawn from
+  the training histogram, each padded to 29 atoms as EDM's `qm9/sampling.py` does, reported per 1000 molecules.
+
+Medians over --repeats after --warmup untimed steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from types import SimpleNamespace
+
+import numpy as np
+
+PRESETS = {"small": (64, 4), "base": (128, 6), "edm": (256, 9)}
+
+
+def edm_args(nf: int, n_layers: int) -> SimpleNamespace:
+    return SimpleNamespace(
+        include_charges=True, context_node_nf=0, conditioning=[], condition_time=True, nf=nf, n_layers=n_layers,
+        attention=True, tanh=True, model="egnn_dynamics", norm_constant=1, inv_sublayers=1, sin_embedding=False,
+        normalization_factor=1, aggregation_method="sum", probabilistic_model="diffusion", diffusion_steps=1000,
+        diffusion_noise_schedule="polynomial_2", diffusion_noise_precision=1e-5, diffusion_loss_type="l2",
+        normalize_factors=[1, 4, 10], lr=1e-4, ode_regularization=1e-3, ema_decay=0.999,
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--edm-repo", required=True, help="checkout of EDM's public repository")
+    ap.add_argument("--cache", required=True, help="molgen's processed QM9 cache (qm9_v1.npz)")
+    ap.add_argument("--presets", default="small,base,edm")
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--sample-batch", type=int, default=100, help="molecules per timed sampling call")
+    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    args = ap.parse_args()
+
+    sys.path.insert(0, args.edm_repo)
+    import torch
+    from equivariant_diffusion import utils as edm_utils
+    from qm9 import losses
+    from qm9.models import get_model, get_optim
+    import utils as edm_top_utils
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    d = np.load(args.cache)
+    offsets = np.concatenate([[0], np.cumsum(d["n_atoms"].astype(np.int64))])
+    train = d["split_train"]
+    counts = np.bincount(d["n_atoms"][train], minlength=30)
+    dataset_info = {"n_nodes": {int(n): int(c) for n, c in enumerate(counts) if c > 0},
+                    "atom_decoder": ["H", "C", "N", "O", "F"], "max_n_nodes": 29}
+    charge_of = np.array([1, 6, 7, 8, 9])
+    rng = np.random.default_rng(0)
+
+    def batch(ids):
+        n_max = int(d["n_atoms"][ids].max())
+        b = len(ids)
+        x = np.zeros((b, n_max, 3), np.float32)
+        one_hot = np.zeros((b, n_max, 5), np.float32)
+        charges = np.zeros((b, n_max, 1), np.float32)
+        mask = np.zeros((b, n_max), np.float32)
+        for k, i in enumerate(ids):
+            s, e = offsets[i], offsets[i + 1]
+            n = e - s
+            x[k, :n] = d["positions"][s:e]
+            t = d["types"][s:e].astype(np.int64)
+            one_hot[k, np.arange(n), t] = 1
+            charges[k, :n, 0] = charge_of[t]
+            mask[k, :n] = 1
+        node_mask = torch.from_numpy(mask)
+        edge_mask = node_mask[:, None, :] * node_mask[:, :, None]
+        edge_mask = edge_mask * (~torch.eye(n_max, dtype=torch.bool))[None]
+        xt = edm_utils.remove_mean_with_mask(torch.from_numpy(x), node_mask[:, :, None])
+        return xt, {"categorical": torch.from_numpy(one_hot), "integer": torch.from_numpy(charges)}, \
+            node_mask[:, :, None], edge_mask
+
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, batch {args.batch_size}")
+    for name in args.presets.split(","):
+        nf, layers = PRESETS[name]
+        a = edm_args(nf, layers)
+        model, nodes_dist, _ = get_model(a, torch.device("cpu"), dataset_info, None)
+        import copy
+        model_ema = copy.deepcopy(model)
+        ema = edm_utils.EMA(a.ema_decay)
+        optim = get_optim(a, model)
+        queue = edm_top_utils.Queue()
+        queue.add(3000)
+        model.train()
+        times = []
+        for r in range(args.warmup + args.repeats):
+            x, h, node_mask, edge_mask = batch(rng.choice(train, args.batch_size, replace=False))
+            t0 = time.perf_counter()
+            optim.zero_grad()
+            nll, reg, _ = losses.compute_loss_and_nll(a, model, nodes_dist, x, h, node_mask, edge_mask, None)
+            loss = nll + a.ode_regularization * reg
+            loss.backward()
+            edm_top_utils.gradient_clipping(model, queue)
+            optim.step()
+            ema.update_model_average(model_ema, model)
+            if r >= args.warmup:
+                times.append(time.perf_counter() - t0)
+        n_params = sum(p.numel() for p in model.parameters())
+        step_s = statistics.median(times)
+
+        model.eval()
+        sizes = nodes_dist.sample(args.sample_batch)
+        bsz = args.sample_batch
+        node_mask = torch.zeros(bsz, 29)
+        for k in range(bsz):
+            node_mask[k, : int(sizes[k])] = 1
+        edge_mask = (node_mask[:, None, :] * node_mask[:, :, None] * (~torch.eye(29, dtype=torch.bool))[None])
+        edge_mask = edge_mask.view(bsz * 29 * 29, 1)
+        node_mask = node_mask[:, :, None]
+        stimes = []
+        with torch.no_grad():
+            z = model.sample_combined_position_feature_noise(bsz, 29, node_mask)
+            for r in range(args.warmup + max(3, args.repeats // 2)):
+                s = torch.full((bsz, 1), 500 / 1000.0)
+                t = torch.full((bsz, 1), 501 / 1000.0)
+                t0 = time.perf_counter()
+                z = model.sample_p_zs_given_zt(s, t, z, node_mask, edge_mask, None)
+                if r >= args.warmup:
+                    stimes.append(time.perf_counter() - t0)
+        call_s = statistics.median(stimes) * 1000 / bsz
+        print(f"EDM-pytorch {name:6s} nf={nf} layers={layers} params={n_params:,}  train step {step_s:.3f} s "
+              f"(median of {len(times)})  sampling: {call_s:.3f} s per network call per 1000 molecules "
+              f"(1000-step sampling of 1000 molecules ~ {call_s * 1000 / 60:.1f} min)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
