@@ -92,31 +92,29 @@ def ict_scalings(sigma, sigma_data, sigma_min):
 
 def make_consistency_fn(apply_fn, cfg: ConsistencyConfig):
     """f(params, yx, yh, sigma_node, graph) -> (x, h) with the boundary condition exact at sigma_min."""
-    if cfg.parametrization == "ict":
+    gammas = jnp.asarray(gamma_table(cfg.timesteps, cfg.precision, cfg.power), jnp.float32)
+    t_grid = jnp.linspace(0.0, 1.0, gammas.shape[0])
+
+    def edm_time(sigma, node_mask):  # t(s): EDM's time whose schedule has sigma_t / alpha_t = s
+        return jnp.interp(2.0 * jnp.log(sigma), gammas, t_grid) * node_mask
+
+    if cfg.parametrization in ("ict", "ict-vp"):
+        vp = cfg.parametrization == "ict-vp"
 
         def f(params, yx, yh, sigma, graph):
             s = sigma[:, None]
             skx, cox, cix = ict_scalings(s, cfg.sigma_data_x, cfg.sigma_min)
             skh, coh, cih = ict_scalings(s, cfg.sigma_data_h, cfg.sigma_min)
-            c_noise = 0.25 * jnp.log(sigma) * graph.node_mask
-            fx, fh = apply_fn(params, cix * yx, cih * yh, c_noise, graph)
+            if vp:  # the variance-preserving latent and EDM's time, as the diffusion network was trained
+                cix = cih = 1.0 / jnp.sqrt(1.0 + s**2)
+                cond = edm_time(sigma, graph.node_mask)
+            else:
+                cond = 0.25 * jnp.log(sigma) * graph.node_mask
+            fx, fh = apply_fn(params, cix * yx, cih * yh, cond, graph)
+            if vp:  # f ~ y - s F for small s: EDM's denoiser when F is the diffusion network's eps_hat
+                fx, fh = -fx, -fh
             x = remove_mean(skx * yx + cox * fx, graph.node_mask, graph.segment, graph.n_atoms.shape[0])
             return x, (skh * yh + coh * fh) * graph.node_mask[:, None]
-
-        return f
-    gammas = jnp.asarray(gamma_table(cfg.timesteps, cfg.precision, cfg.power), jnp.float32)
-    t_grid = jnp.linspace(0.0, 1.0, gammas.shape[0])
-    if cfg.parametrization == "ict-vp":
-
-        def f(params, yx, yh, sigma, graph):
-            s = sigma[:, None]
-            skx, cox, _ = ict_scalings(s, cfg.sigma_data_x, cfg.sigma_min)
-            skh, coh, _ = ict_scalings(s, cfg.sigma_data_h, cfg.sigma_min)
-            c_in = 1.0 / jnp.sqrt(1.0 + s**2)
-            t = jnp.interp(2.0 * jnp.log(sigma), gammas, t_grid) * graph.node_mask
-            fx, fh = apply_fn(params, c_in * yx, c_in * yh, t, graph)
-            x = remove_mean(skx * yx - cox * fx, graph.node_mask, graph.segment, graph.n_atoms.shape[0])
-            return x, (skh * yh - coh * fh) * graph.node_mask[:, None]
 
         return f
     if cfg.parametrization == "eps":
@@ -124,8 +122,7 @@ def make_consistency_fn(apply_fn, cfg: ConsistencyConfig):
         def f(params, yx, yh, sigma, graph):
             s = sigma[:, None]
             c_in = 1.0 / jnp.sqrt(1.0 + s**2)
-            t = jnp.interp(2.0 * jnp.log(sigma), gammas, t_grid) * graph.node_mask
-            ex, eh = apply_fn(params, c_in * yx, c_in * yh, t, graph)
+            ex, eh = apply_fn(params, c_in * yx, c_in * yh, edm_time(sigma, graph.node_mask), graph)
             c_out = s - cfg.sigma_min
             x = remove_mean(yx - c_out * ex, graph.node_mask, graph.segment, graph.n_atoms.shape[0])
             return x, (yh - c_out * eh) * graph.node_mask[:, None]
