@@ -194,7 +194,7 @@ def train(
     clip: float = typer.Option(1.0, "--clip", help="Gradient clipping (global norm)."),
     out: Path = typer.Option(Path("runs/run"), "--out", help="Run folder (config, checkpoints, metrics.jsonl)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint in --out."),
-    init: Optional[Path] = typer.Option(None, "--init", help="Diffusion run or weights folder to start --mode ect from."),
+    init: Optional[Path] = typer.Option(None, "--init", help="Diffusion run or weights folder to start from: required for --mode ect; for --mode diffusion a warm start (its network shape is kept)."),
     eval_every: int = typer.Option(1000, "--eval-every", help="Validation loss every N steps (EMA parameters)."),
     ckpt_every: int = typer.Option(500, "--ckpt-every", help="Checkpoint every N steps."),
     parametrization: Optional[str] = typer.Option(
@@ -202,6 +202,7 @@ def train(
         help="Consistency function: ict (iCT's c_skip/c_out; default for ct), eps (y - sigma * EDM epsilon), "
              "ict-vp (iCT's bounded c_skip/c_out around an EDM network; default for ect)."),
     s1: Optional[int] = typer.Option(None, "--s1", help="Consistency curriculum: final number of discretisation steps."),
+    curriculum_steps: Optional[int] = typer.Option(None, "--curriculum-steps", help="Consistency curriculum: steps until it reaches --s1 (default: --steps); later steps stay at --s1."),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="QM9 cache folder."),
     max_minutes: Optional[float] = typer.Option(None, "--max-minutes", help="Stop (with a checkpoint) after this wall time."),
     distributed: bool = typer.Option(False, "--distributed", help="Call jax.distributed.initialize() for multi-host runs."),
@@ -238,7 +239,9 @@ def train(
         cfg = RunConfig(mode=mode.value, model=net, batch_size=batch_size, lr=lr, warmup=warmup, steps=n_steps,
                         ema=ema, clip=clip, seed=seed, remove_h=remove_h, ckpt_every=ckpt_every,
                         eval_every=eval_every)
-        cons = dataclasses.replace(cfg.consistency, total_steps=n_steps, **({"s1": s1} if s1 else {}))
+        if curriculum_steps is not None and curriculum_steps < 1:
+            raise MolgenError("--curriculum-steps must be >= 1")
+        cons = dataclasses.replace(cfg.consistency, total_steps=curriculum_steps or n_steps, **({"s1": s1} if s1 else {}))
         if parametrization not in (None, "ict", "eps", "ict-vp"):
             raise MolgenError(f"--parametrization must be ict, eps or ict-vp, not {parametrization!r}")
         if mode == Mode.diffusion and parametrization is not None:
@@ -258,8 +261,15 @@ def train(
             cons = dataclasses.replace(cons, parametrization=parametrization or "ict-vp", timesteps=d.timesteps,
                                        precision=d.precision, power=d.power)
             cfg = cfg.replace(model=icfg.model, diffusion=icfg.diffusion, init=str(init), remove_h=icfg.remove_h)
+        elif init is not None and mode == Mode.diffusion:
+            from molgen.sample import load_model
+
+            icfg, init_params, _ = load_model(init)
+            if icfg.mode != "diffusion":
+                raise MolgenError(f"{init}: --init must be a diffusion model, not {icfg.mode!r}")
+            cfg = cfg.replace(model=icfg.model, diffusion=icfg.diffusion, init=str(init), remove_h=icfg.remove_h)
         elif init is not None:
-            raise MolgenError("--init is for --mode ect")
+            raise MolgenError("--init is for --mode ect or diffusion")
         elif parametrization is not None:
             cons = dataclasses.replace(cons, parametrization=parametrization)
         cfg = prepare_config(cfg.replace(consistency=cons), ds)

@@ -61,6 +61,9 @@ def make_loss(cfg: RunConfig) -> Callable:
     raise MolgenError(f"unknown mode {cfg.mode!r}")
 
 
+_tree_norm = getattr(getattr(optax, "tree", None), "norm", None) or optax.global_norm  # older optax: global_norm
+
+
 @flax.struct.dataclass
 class TrainState:
     step: jnp.ndarray
@@ -108,7 +111,7 @@ def make_train_step(cfg: RunConfig, mesh: Mesh):
 
     def step_fn(state: TrainState, graphs: Graph, key):
         (loss, aux), grads = jax.value_and_grad(sharded_loss, has_aux=True)(state.params, graphs, key, state.step)
-        gnorm = optax.tree.norm(grads)
+        gnorm = _tree_norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         # EMA with a warm-up (decay grows with the step) so short runs are not dominated by the initial weights.

@@ -124,9 +124,10 @@ def test_train_resume_and_sample(tmp_path, trained, data_dir):
 def test_ect_from_diffusion_and_sample(tmp_path, trained, data_dir):
     out = tmp_path / "ect"
     res = run("train", "--mode", "ect", "--init", trained, "--steps", 2, "--batch-size", 8, "--data-dir", data_dir,
-              "--out", out, "--ckpt-every", 2)
+              "--out", out, "--ckpt-every", 2, "--curriculum-steps", 7)
     assert res.exit_code == 0, res.output
     cfg = json.loads((out / "config.json").read_text())
+    assert cfg["steps"] == 2 and cfg["consistency"]["total_steps"] == 7
     assert cfg["consistency"]["parametrization"] == "ict-vp" and cfg["init"] == str(trained)
     assert cfg["consistency"]["sigma_data_x"] != 1.0  # measured on the data, not the default 1.0
     res = run("sample", "--checkpoint", out, "-n", 4, "--steps", 2, "-o", tmp_path / "e.sdf", "--no-report")
@@ -134,6 +135,28 @@ def test_ect_from_diffusion_and_sample(tmp_path, trained, data_dir):
     one_line_error(run("train", "--mode", "ect", "--data-dir", data_dir, "--out", tmp_path / "z"), "--init")
     one_line_error(run("train", "--mode", "ect", "--init", trained, "--parametrization", "foo", "--data-dir",
                        data_dir, "--out", tmp_path / "z"), "--parametrization")
+
+
+def test_diffusion_warm_start_keeps_weights_and_shape(tmp_path, trained, data_dir):
+    """--mode diffusion --init starts from the given model's weights and network shape (not --model's)."""
+    import jax
+    import numpy as np
+
+    from molgen.sample import load_model
+
+    out = tmp_path / "warm"
+    res = run("train", "--mode", "diffusion", "--init", trained, "--model", "base", "--steps", 1, "--lr", 1e-12,
+              "--warmup", 1, "--batch-size", 8, "--data-dir", data_dir, "--out", out, "--ckpt-every", 1)
+    assert res.exit_code == 0, res.output
+    cfg = json.loads((out / "config.json").read_text())
+    tcfg = json.loads((trained / "config.json").read_text())
+    assert cfg["model"] == tcfg["model"] and cfg["init"] == str(trained)
+    _, p0, _ = load_model(trained)
+    _, p1, _ = load_model(out)
+    for a, b in zip(jax.tree_util.tree_leaves(p0), jax.tree_util.tree_leaves(p1)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+    one_line_error(run("train", "--mode", "ct", "--init", trained, "--data-dir", data_dir, "--out", tmp_path / "z"),
+                   "--init")
 
 
 def test_sample_bad_inputs(tmp_path, trained):
