@@ -162,10 +162,13 @@ def consistency_loss(cfn, params, x, h, graph, key, step, cfg: ConsistencyConfig
 
 
 def default_sigmas(k: int, cfg: ConsistencyConfig) -> list[float]:
-    """Noise levels for k-step sampling: sigma_max, then k-1 levels geometrically from 1.0 down to 0.05."""
+    """Noise levels for k-step sampling: sigma_max, then (k = 2) 0.2, or (k > 2) k-1 levels geometrically from
+    0.4 down to 0.1.  Chosen on the shipped model with seed 1 (docs/results.md): re-noising only slightly
+    keeps the sample's layout and lets each call sharpen it; the earlier levels (1.0 down to 0.05) gave
+    5-13 points less atom stability at 2, 3 and 4 calls."""
     if k < 1:
         raise ValueError("steps must be >= 1")
-    rest = [] if k == 1 else list(np.geomspace(1.0, 0.05, k - 1)) if k > 2 else [0.5]
+    rest = [] if k == 1 else list(np.geomspace(0.4, 0.1, k - 1)) if k > 2 else [0.2]
     return [float(cfg.sigma_max)] + [float(s) for s in rest]
 
 
