@@ -247,29 +247,24 @@ def train(
         if mode == Mode.diffusion and parametrization is not None:
             raise MolgenError("--parametrization is for --mode ct or ect")
         init_params = None
-        if mode == Mode.ect:
-            if init is None:
-                raise MolgenError("--mode ect needs --init DIR (a diffusion run or weights folder)")
+        if mode == Mode.ect and init is None:
+            raise MolgenError("--mode ect needs --init DIR (a diffusion run or weights folder)")
+        if init is not None:
+            if mode == Mode.ct:
+                raise MolgenError("--init is for --mode ect or diffusion")
             from molgen.sample import load_model
 
             icfg, init_params, _ = load_model(init)
             if icfg.mode != "diffusion":
                 raise MolgenError(f"{init}: --init must be a diffusion model, not {icfg.mode!r}")
-            d = icfg.diffusion
+            # The network and its diffusion schedule come from the model the run starts from.
+            cfg = cfg.replace(model=icfg.model, diffusion=icfg.diffusion, init=str(init), remove_h=icfg.remove_h)
+        if mode == Mode.ect:
             if parametrization == "ict":
                 raise MolgenError("--mode ect needs --parametrization eps or ict-vp (the network is an EDM network)")
+            d = cfg.diffusion
             cons = dataclasses.replace(cons, parametrization=parametrization or "ict-vp", timesteps=d.timesteps,
                                        precision=d.precision, power=d.power)
-            cfg = cfg.replace(model=icfg.model, diffusion=icfg.diffusion, init=str(init), remove_h=icfg.remove_h)
-        elif init is not None and mode == Mode.diffusion:
-            from molgen.sample import load_model
-
-            icfg, init_params, _ = load_model(init)
-            if icfg.mode != "diffusion":
-                raise MolgenError(f"{init}: --init must be a diffusion model, not {icfg.mode!r}")
-            cfg = cfg.replace(model=icfg.model, diffusion=icfg.diffusion, init=str(init), remove_h=icfg.remove_h)
-        elif init is not None:
-            raise MolgenError("--init is for --mode ect or diffusion")
         elif parametrization is not None:
             cons = dataclasses.replace(cons, parametrization=parametrization)
         cfg = prepare_config(cfg.replace(consistency=cons), ds)
