@@ -1,7 +1,10 @@
 """Median time of one jitted training step (forward, backward, Adam, EMA) on real QM9 batches, per preset,
 and molecules/s of one forward pass at batch 1000.
 
-    python benchmarks/train_step.py [--presets small,base,edm] [--batch-size 64] [--repeats 10]
+    python benchmarks/train_step.py [--presets small,base,edm] [--batch-size 64] [--repeats 10] [--cpu-devices N]
+
+--cpu-devices splits the CPU into N XLA devices (data parallel, as `molgen train` does by default without a
+GPU; default here 1, the plain single-device step).
 """
 
 from __future__ import annotations
@@ -27,7 +30,12 @@ def main():
     ap.add_argument("--mode", default="diffusion")
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--forward-batch", type=int, default=1000)
+    ap.add_argument("--cpu-devices", type=int, default=1)
     args = ap.parse_args()
+    if args.cpu_devices > 1:
+        from molgen.jax_setup import configure_cpu_devices
+
+        configure_cpu_devices(args.cpu_devices)
     ds = load_qm9(args.data_dir)
     ids = ds.split("train")
     rng = np.random.default_rng(0)
@@ -58,7 +66,7 @@ def main():
             state, m = step(state, gb, key)
             jax.block_until_ready(m["loss"])
             times.append(time.perf_counter() - t0)
-        # Forward pass, batch of forward_batch molecules.
+        # Forward pass, batch of forward_batch molecules (one device).
         net, apply = make_apply(cfg)
         mols = [ds.molecule(int(i)) for i in rng.choice(ids, args.forward_batch, replace=False)]
         g = jax.tree_util.tree_map(lambda a: a[0], shard_batch(mols, 1))

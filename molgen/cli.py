@@ -206,6 +206,10 @@ def train(
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="QM9 cache folder."),
     max_minutes: Optional[float] = typer.Option(None, "--max-minutes", help="Stop (with a checkpoint) after this wall time."),
     distributed: bool = typer.Option(False, "--distributed", help="Call jax.distributed.initialize() for multi-host runs."),
+    cpu_devices: Optional[int] = typer.Option(
+        None, "--cpu-devices", min=1,
+        help="Without a GPU: split the CPU into N devices for data parallelism (default: one per core, up to 8, "
+             "while the batch splits evenly with >= 8 molecules each). Ignored on a GPU."),
 ):
     """Train a model on QM9; Ctrl-C saves a checkpoint, --resume continues exactly."""
     import dataclasses
@@ -215,10 +219,16 @@ def train(
     from molgen.config import RunConfig
     from molgen.data.qm9 import load_qm9
     from molgen.nn.egnn import PRESETS
-    from molgen.jax_setup import enable_compilation_cache
+    from molgen.jax_setup import auto_cpu_devices, configure_cpu_devices, enable_compilation_cache
     from molgen.train import CONFIG_NAME, prepare_config
     from molgen.train import train as do_train
 
+    # Before anything starts JAX's backends: the batch size decides how the CPU is split.
+    planned_batch = RunConfig.load(out / CONFIG_NAME).batch_size if resume and (out / CONFIG_NAME).exists() else batch_size
+    if cpu_devices is not None and planned_batch % cpu_devices:
+        raise MolgenError(f"--batch-size {planned_batch} is not divisible by --cpu-devices {cpu_devices}")
+    if cpu_devices is not None or "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+        configure_cpu_devices(cpu_devices or auto_cpu_devices(planned_batch))
     enable_compilation_cache()
     if distributed:
         jax.distributed.initialize()

@@ -27,3 +27,36 @@ def enable_compilation_cache(path: Path | str | None = None) -> None:
         jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     except (OSError, AttributeError):  # read-only home or an older JAX: run without the cache
         pass
+
+
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def auto_cpu_devices(batch_size: int, cores: int | None = None, max_devices: int = 8, min_per_device: int = 8) -> int:
+    """How many XLA CPU devices to train on: one per usable core (at most ``max_devices``), reduced until the
+    batch splits evenly with at least ``min_per_device`` molecules per device."""
+    n = max(1, min(cores if cores is not None else usable_cores(), max_devices))
+    while n > 1 and (batch_size % n or batch_size // n < min_per_device):
+        n -= 1
+    return n
+
+
+def configure_cpu_devices(n: int) -> bool:
+    """Expose the CPU as ``n`` XLA devices, so that a data-parallel step runs one shard per core.
+
+    XLA runs a single device's operations one after another, each spread over the cores, and most of a
+    training step (gathers, segment sums, element-wise work on the per-pair arrays) parallelises poorly that way;
+    one device per core keeps every core busy.  Only affects the CPU backend (a GPU stays the default device)
+    and only before JAX starts its backends: returns False, changing nothing, when that is too late.
+    """
+    import jax
+
+    try:
+        jax.config.update("jax_num_cpu_devices", int(n))
+    except (RuntimeError, AttributeError, ValueError):
+        return False
+    return True

@@ -172,3 +172,36 @@ def test_sample_bad_inputs(tmp_path, trained):
     existing.write_text("precious")
     one_line_error(run("sample", "--checkpoint", trained, "-o", existing, "--steps", 0), "--steps")
     assert existing.read_text() == "precious"
+
+
+def test_cpu_devices_choice_and_errors(tmp_path, data_dir):
+    from molgen.jax_setup import auto_cpu_devices
+
+    # One device per core while the batch splits evenly with >= 8 molecules per device.
+    assert [auto_cpu_devices(64, c) for c in (1, 2, 3, 16)] == [1, 2, 2, 8]
+    assert auto_cpu_devices(48, 16) == 6 and auto_cpu_devices(12, 2) == 1 and auto_cpu_devices(7, 4) == 1
+    one_line_error(run("train", "--model", "tiny", "--steps", 1, "--batch-size", 8, "--cpu-devices", 3,
+                       "--data-dir", data_dir, "--out", tmp_path / "r"), "not divisible by --cpu-devices 3")
+    assert not (tmp_path / "r").exists()
+
+
+def test_train_on_two_cpu_devices(tmp_path, data_dir):
+    """A fresh process (JAX not started yet) trains data-parallel on two CPU devices and resumes."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["JAX_PLATFORMS"] = "cpu"
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "molgen", "train", "--model", "tiny", "--batch-size", 16, "--cpu-devices", 2,
+           "--data-dir", data_dir, "--out", out, "--ckpt-every", 2, "--eval-every", 2]
+    r = subprocess.run([str(c) for c in cmd + ["--steps", 2]], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "devices 2 (cpu)" in r.stderr and "step 2" in r.stdout
+    r = subprocess.run([str(c) for c in cmd + ["--steps", 4, "--resume"]], env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "resumed from step 2" in r.stderr and "step 4" in r.stdout
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps[-1] == 4
