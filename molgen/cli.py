@@ -183,8 +183,8 @@ def train(
     model: Preset = typer.Option(Preset.small, "--model", help="Network preset: tiny 32x2, small 64x4, base 128x6, edm 256x9."),
     nf: Optional[int] = typer.Option(None, "--nf", help="Override the preset's feature width."),
     layers: Optional[int] = typer.Option(None, "--layers", help="Override the preset's number of blocks."),
-    batch_size: int = typer.Option(64, "--batch-size", help="Molecules per step (split across devices)."),
-    lr: float = typer.Option(5e-4, "--lr", help="Adam learning rate (after a linear warm-up)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Molecules per step, split across devices (default 64; with --resume, replaces the run's)."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Adam learning rate after a linear warm-up (default 5e-4; with --resume, replaces the run's)."),
     warmup: int = typer.Option(500, "--warmup", help="Warm-up steps."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Total optimisation steps (default 10000)."),
     epochs: Optional[float] = typer.Option(None, "--epochs", help="Total epochs instead of --steps."),
@@ -224,7 +224,11 @@ def train(
     from molgen.train import train as do_train
 
     # Before anything starts JAX's backends: the batch size decides how the CPU is split.
-    planned_batch = RunConfig.load(out / CONFIG_NAME).batch_size if resume and (out / CONFIG_NAME).exists() else batch_size
+    if (batch_size is not None and batch_size < 1) or (lr is not None and lr <= 0):
+        raise MolgenError("--batch-size must be >= 1 and --lr > 0")
+    planned_batch = batch_size or 64
+    if resume and (out / CONFIG_NAME).exists() and batch_size is None:
+        planned_batch = RunConfig.load(out / CONFIG_NAME).batch_size
     if cpu_devices is not None and planned_batch % cpu_devices:
         raise MolgenError(f"--batch-size {planned_batch} is not divisible by --cpu-devices {cpu_devices}")
     if cpu_devices is not None or "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
@@ -235,12 +239,13 @@ def train(
     ds = load_qm9(data_dir, remove_h=remove_h)
     if resume and (out / CONFIG_NAME).exists():
         cfg = RunConfig.load(out / CONFIG_NAME)
-        if steps is not None:
-            cfg = cfg.replace(steps=steps)
+        # A resumed run may change its length, learning rate and batch size; everything else is the run's.
+        cfg = cfg.replace(**{k: v for k, v in (("steps", steps), ("lr", lr), ("batch_size", batch_size)) if v is not None})
         init_params = None
     else:
-        if batch_size < 1 or lr <= 0 or not (0 <= ema < 1):
-            raise MolgenError("--batch-size must be >= 1, --lr > 0 and 0 <= --ema < 1")
+        batch_size, lr = batch_size or 64, lr or 5e-4
+        if not (0 <= ema < 1):
+            raise MolgenError("0 <= --ema < 1 is required")
         n_steps = steps
         if epochs is not None:
             n_steps = int(round(epochs * len(ds.split("train")) / batch_size))

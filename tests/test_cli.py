@@ -205,3 +205,17 @@ def test_train_on_two_cpu_devices(tmp_path, data_dir):
     assert "resumed from step 2" in r.stderr and "step 4" in r.stdout
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps[-1] == 4
+
+
+def test_resume_with_new_learning_rate_and_batch_size(tmp_path, data_dir):
+    out = tmp_path / "run"
+    base = ("--data-dir", data_dir, "--out", out, "--ckpt-every", 2, "--eval-every", 2)
+    assert run("train", "--model", "tiny", "--steps", 2, "--batch-size", 8, "--lr", 1e-3, *base).exit_code == 0
+    one_line_error(run("train", "--resume", "--steps", 3, "--lr", -1, *base), "--lr > 0")
+    res = run("train", "--resume", "--steps", 3, "--lr", 2e-5, "--batch-size", 4, *base)
+    assert res.exit_code == 0 and "step 3" in res.output, res.output
+    cfg = json.loads((out / "config.json").read_text())
+    assert (cfg["lr"], cfg["batch_size"], cfg["steps"]) == (2e-5, 4, 3)
+    assert cfg["model"]["nf"] == 32  # the rest is the run's own
+    last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["step"] == 3 and 0 < last["lr"] <= 2e-5
