@@ -226,9 +226,8 @@ def train(
     # Before anything starts JAX's backends: the batch size decides how the CPU is split.
     if (batch_size is not None and batch_size < 1) or (lr is not None and lr <= 0):
         raise MolgenError("--batch-size must be >= 1 and --lr > 0")
-    planned_batch = batch_size or 64
-    if resume and (out / CONFIG_NAME).exists() and batch_size is None:
-        planned_batch = RunConfig.load(out / CONFIG_NAME).batch_size
+    resumed = RunConfig.load(out / CONFIG_NAME) if resume and (out / CONFIG_NAME).exists() else None
+    planned_batch = batch_size or (resumed.batch_size if resumed else RunConfig.batch_size)
     if cpu_devices is not None and planned_batch % cpu_devices:
         raise MolgenError(f"--batch-size {planned_batch} is not divisible by --cpu-devices {cpu_devices}")
     if cpu_devices is not None or "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
@@ -237,13 +236,13 @@ def train(
     if distributed:
         jax.distributed.initialize()
     ds = load_qm9(data_dir, remove_h=remove_h)
-    if resume and (out / CONFIG_NAME).exists():
-        cfg = RunConfig.load(out / CONFIG_NAME)
+    if resumed is not None:
         # A resumed run may change its length, learning rate and batch size; everything else is the run's.
-        cfg = cfg.replace(**{k: v for k, v in (("steps", steps), ("lr", lr), ("batch_size", batch_size)) if v is not None})
+        cfg = resumed.replace(**{k: v for k, v in (("steps", steps), ("lr", lr), ("batch_size", batch_size))
+                                 if v is not None})
         init_params = None
     else:
-        batch_size, lr = batch_size or 64, lr or 5e-4
+        batch_size, lr = batch_size or RunConfig.batch_size, lr or RunConfig.lr
         if not (0 <= ema < 1):
             raise MolgenError("0 <= --ema < 1 is required")
         n_steps = steps
