@@ -167,6 +167,7 @@ class Mode(str, Enum):
     diffusion = "diffusion"
     ct = "ct"
     ect = "ect"
+    distill = "distill"
 
 
 class Preset(str, Enum):
@@ -179,7 +180,7 @@ class Preset(str, Enum):
 @app.command()
 @friendly
 def train(
-    mode: Mode = typer.Option(Mode.diffusion, "--mode", help="diffusion (EDM), ct (consistency training), ect (consistency tuning from --init)."),
+    mode: Mode = typer.Option(Mode.diffusion, "--mode", help="diffusion (EDM), ct (consistency training), ect (consistency tuning from --init), distill (one-step regression of a consistency model --init onto a diffusion --teacher's ODE)."),
     model: Preset = typer.Option(Preset.small, "--model", help="Network preset: tiny 32x2, small 64x4, base 128x6, edm 256x9."),
     nf: Optional[int] = typer.Option(None, "--nf", help="Override the preset's feature width."),
     layers: Optional[int] = typer.Option(None, "--layers", help="Override the preset's number of blocks."),
@@ -194,7 +195,10 @@ def train(
     clip: float = typer.Option(1.0, "--clip", help="Gradient clipping (global norm)."),
     out: Path = typer.Option(Path("runs/run"), "--out", help="Run folder (config, checkpoints, metrics.jsonl)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint in --out."),
-    init: Optional[Path] = typer.Option(None, "--init", help="Diffusion run or weights folder to start from: required for --mode ect; for --mode diffusion a warm start (its network shape is kept)."),
+    init: Optional[Path] = typer.Option(None, "--init", help="Run or weights folder to start from: a diffusion model for --mode ect (required) or diffusion (a warm start; its network shape is kept), a consistency model for --mode distill (required)."),
+    teacher: Optional[Path] = typer.Option(None, "--teacher", help="--mode distill: the diffusion model (run, weights folder or shipped name) whose probability-flow ODE gives the targets."),
+    pairs: int = typer.Option(32000, "--pairs", min=2, help="--mode distill: noise -> molecule pairs solved with the teacher (1/32 held out, at most 1000); saved as pairs.npz in --out."),
+    teacher_steps: int = typer.Option(18, "--teacher-steps", min=1, help="--mode distill: Heun steps of the teacher's ODE (2 network calls each)."),
     eval_every: int = typer.Option(1000, "--eval-every", help="Validation loss every N steps (EMA parameters)."),
     ckpt_every: int = typer.Option(500, "--ckpt-every", help="Checkpoint every N steps."),
     parametrization: Optional[str] = typer.Option(
@@ -235,6 +239,10 @@ def train(
     enable_compilation_cache()
     if distributed:
         jax.distributed.initialize()
+    if mode == Mode.distill or (resumed is not None and resumed.mode == "distill"):
+        _train_distill(resumed, out, init, teacher, pairs, teacher_steps, batch_size, lr, warmup, steps, seed, ema,
+                       clip, ckpt_every, eval_every, max_minutes)
+        return
     ds = load_qm9(data_dir, remove_h=remove_h)
     if resumed is not None:
         # A resumed run may change its length, learning rate and batch size; everything else is the run's.
@@ -285,6 +293,45 @@ def train(
     err.print(f"training {cfg.mode} | model nf={cfg.model.nf} layers={cfg.model.n_layers} | batch {cfg.batch_size} "
               f"| {cfg.steps} steps | devices {jax.device_count()} ({jax.devices()[0].platform}) | {out}")
     res = do_train(cfg, out, ds, resume=resume, init_params_from=init_params, progress=err.is_terminal,
+                   log=_say, max_seconds=max_minutes * 60 if max_minutes else None)
+    console.print(f"stopped at step {int(res.state.step)} ({res.steps_per_s:.2f} steps/s); checkpoint in {out}")
+    if res.interrupted:
+        raise typer.Exit(130)
+
+
+def _train_distill(resumed, out, init, teacher, n_pairs, teacher_steps, batch_size, lr, warmup, steps, seed, ema,
+                   clip, ckpt_every, eval_every, max_minutes) -> None:
+    """--mode distill: the student and its config come from --init; the data are the teacher's ODE pairs."""
+    import jax
+
+    from molgen.consistency.distill import prepare_pairs
+    from molgen.train import train as do_train
+
+    if resumed is not None:
+        cfg = resumed.replace(**{k: v for k, v in (("steps", steps), ("lr", lr), ("batch_size", batch_size))
+                                 if v is not None})
+        init_params = None
+    else:
+        if init is None or teacher is None:
+            raise MolgenError("--mode distill needs --init (a consistency model) and --teacher (a diffusion model)")
+        from molgen.sample import load_model
+
+        icfg, init_params, _ = load_model(init)
+        if icfg.mode == "diffusion":
+            raise MolgenError(f"{init}: --init must be a consistency model (ct, ect or distill), not 'diffusion'")
+        if not (0 <= ema < 1):
+            raise MolgenError("0 <= --ema < 1 is required")
+        cfg = icfg.replace(mode="distill", init=str(init), teacher=str(teacher), n_pairs=n_pairs,
+                           teacher_steps=teacher_steps, batch_size=batch_size or icfg.batch_size,
+                           lr=lr or 1e-4, warmup=warmup, steps=steps or 10000, seed=seed, ema=ema, clip=clip,
+                           ckpt_every=ckpt_every, eval_every=eval_every)
+        if not (out / "pairs.npz").exists() and n_pairs < 2 * cfg.batch_size:
+            raise MolgenError(f"--pairs {n_pairs} is too few for --batch-size {cfg.batch_size}")
+    with _progress(transient=False) as progress:
+        ds = prepare_pairs(cfg, out, _progress_factory(progress))
+    err.print(f"training distill | model nf={cfg.model.nf} layers={cfg.model.n_layers} | batch {cfg.batch_size} "
+              f"| {cfg.steps} steps | {len(ds)} pairs | devices {jax.device_count()} ({jax.devices()[0].platform}) | {out}")
+    res = do_train(cfg, out, ds, resume=resumed is not None, init_params_from=init_params, progress=err.is_terminal,
                    log=_say, max_seconds=max_minutes * 60 if max_minutes else None)
     console.print(f"stopped at step {int(res.state.step)} ({res.steps_per_s:.2f} steps/s); checkpoint in {out}")
     if res.interrupted:

@@ -12,7 +12,7 @@ from molgen.consistency.ict import ConsistencyConfig
 from molgen.diffusion.edm import DiffusionConfig
 from molgen.nn.egnn import EGNNConfig
 
-MODES = ("diffusion", "ct", "ect")
+MODES = ("diffusion", "ct", "ect", "distill")
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,11 @@ class RunConfig:
     ckpt_every: int = 500
     eval_every: int = 1000
     keep: int = 3
-    init: str | None = None  # the diffusion run an "ect" run was initialised from
+    init: str | None = None  # the run an "ect" (diffusion) or "distill" (consistency) run was initialised from
+    # "distill": the diffusion model whose PF-ODE gives the targets, how many noise -> molecule pairs, ODE steps
+    teacher: str | None = None
+    n_pairs: int = 0
+    teacher_steps: int = 18
     # For sampling without the data set: the training split's atom-count histogram (index = atoms).
     size_hist: tuple[int, ...] = ()
     type_fractions: tuple[float, ...] = ()

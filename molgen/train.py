@@ -58,6 +58,11 @@ def make_loss(cfg: RunConfig) -> Callable:
     if cfg.mode in ("ct", "ect"):
         cfn = make_consistency_fn(apply, cfg.consistency)
         return lambda p, g, k, s: consistency_loss(cfn, p, g.positions, features(g), g, k, s, cfg.consistency)
+    if cfg.mode == "distill":  # batches are (graph of targets, noise): see molgen.consistency.distill
+        from molgen.consistency.distill import distill_loss
+
+        cfn = make_consistency_fn(apply, cfg.consistency)
+        return lambda p, b, k, s: distill_loss(cfn, p, b[0].positions, features(b[0]), b[1], b[0], cfg.consistency)
     raise MolgenError(f"unknown mode {cfg.mode!r}")
 
 
@@ -105,7 +110,7 @@ def make_train_step(cfg: RunConfig, mesh: Mesh):
     data = NamedSharding(mesh, P("data"))
 
     def sharded_loss(params, graphs, key, step):
-        keys = jax.random.split(key, graphs.node_mask.shape[0])
+        keys = jax.random.split(key, jax.tree_util.tree_leaves(graphs)[0].shape[0])
         losses, aux = jax.vmap(lambda g, k: loss_fn(params, g, k, step))(graphs, keys)
         return losses.mean(), jax.tree_util.tree_map(jnp.mean, aux)
 
@@ -129,14 +134,39 @@ def make_train_step(cfg: RunConfig, mesh: Mesh):
     return step, evaluate
 
 
-def shard_batch(mols: list[tuple[np.ndarray, np.ndarray]], n_shards: int) -> Graph:
-    """Split molecules into n_shards packed graphs with common padded sizes, stacked on axis 0."""
+def shard_batch(mols: list[tuple[np.ndarray, np.ndarray]], n_shards: int,
+                noise: list[tuple[np.ndarray, np.ndarray]] | None = None):
+    """Split molecules into n_shards packed graphs with common padded sizes, stacked on axis 0.
+
+    With per-molecule ``noise`` (distillation pairs) returns (graphs, (noise_x, noise_h)) in the same rows.
+    """
     parts = [mols[i::n_shards] for i in range(n_shards)]
     n_nodes = max(sum(len(t) for _, t in p) for p in parts)
     n_edges = max(sum(len(t) * (len(t) - 1) for _, t in p) for p in parts)
     pn, pe = bucket(n_nodes + 1, granule=NODE_GRANULE), bucket(n_edges, granule=EDGE_GRANULE)
     graphs = [pack([x for x, _ in p], [t.astype(np.int32) for _, t in p], pn, pe) for p in parts]
-    return Graph(*[np.stack(f) for f in zip(*graphs)])
+    stacked = Graph(*[np.stack(f) for f in zip(*graphs)])
+    if noise is None:
+        return stacked
+
+    def rows(arrs, width):
+        out = np.zeros((pn, width), np.float32)
+        if arrs:
+            cat = np.concatenate(arrs)
+            out[: len(cat)] = cat
+        return out
+
+    nparts = [noise[i::n_shards] for i in range(n_shards)]
+    nx = np.stack([rows([a for a, _ in p], 3) for p in nparts])
+    nh = np.stack([rows([b for _, b in p], noise[0][1].shape[1]) for p in nparts])
+    return stacked, (nx, nh)
+
+
+def make_batch(ds, ids, n_shards: int):
+    """The sharded batch of these molecules (with their noise when ``ds`` holds distillation pairs)."""
+    mols = [ds.molecule(int(i)) for i in ids]
+    noise = [ds.noise(int(i)) for i in ids] if hasattr(ds, "noise") else None
+    return shard_batch(mols, n_shards, noise)
 
 
 def put_batch(graphs: Graph, mesh: Mesh) -> Graph:
@@ -247,9 +277,9 @@ def train(
     sampler = BatchSampler(ds, train_ids, cfg.batch_size, cfg.seed)
     val_ids = ds.split("valid")[: max(cfg.batch_size * 4, 1)] if len(ds.split("valid")) else train_ids[:64]
     val_batches = [
-        put_batch(shard_batch([ds.molecule(int(i)) for i in val_ids[k : k + cfg.batch_size]], n_shards), mesh)
+        put_batch(make_batch(ds, val_ids[k : k + cfg.batch_size], n_shards), mesh)
         for k in range(0, len(val_ids) - cfg.batch_size + 1, cfg.batch_size)
-    ] or [put_batch(shard_batch([ds.molecule(int(i)) for i in val_ids], n_shards), mesh)]
+    ] or [put_batch(make_batch(ds, val_ids, n_shards), mesh)]
     base_key = jax.random.PRNGKey(cfg.seed)
     end = min(cfg.steps, stop_at) if stop_at is not None else cfg.steps
     start = int(state.step)
@@ -273,10 +303,10 @@ def train(
         with bar:
             task = bar.add_task(f"train {cfg.mode}", total=end, completed=start, loss=float("nan"), rate=0.0)
             for step in range(start, end):
-                mols = [ds.molecule(int(i)) for i in sampler.indices(step)]
+                ids = sampler.indices(step)
                 if jax.process_count() > 1:
-                    mols = mols[jax.process_index() :: jax.process_count()]
-                graphs = put_batch(shard_batch(mols, n_shards // jax.process_count()), mesh)
+                    ids = ids[jax.process_index() :: jax.process_count()]
+                graphs = put_batch(make_batch(ds, ids, n_shards // jax.process_count()), mesh)
                 state, m = step_fn(state, graphs, jax.random.fold_in(base_key, step))
                 done = step + 1
                 if done % 25 == 0 or done == end:

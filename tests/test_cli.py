@@ -137,6 +137,36 @@ def test_ect_from_diffusion_and_sample(tmp_path, trained, data_dir):
                        data_dir, "--out", tmp_path / "z"), "--parametrization")
 
 
+def test_distill_from_a_consistency_model_resume_and_sample(tmp_path, trained, data_dir):
+    ct = tmp_path / "ct"
+    res = run("train", "--mode", "ct", "--model", "tiny", "--steps", 1, "--batch-size", 8, "--data-dir", data_dir,
+              "--out", ct, "--ckpt-every", 1)
+    assert res.exit_code == 0, res.output
+    out = tmp_path / "kd"
+    res = run("train", "--mode", "distill", "--init", ct, "--teacher", trained, "--pairs", 20, "--teacher-steps", 2,
+              "--batch-size", 4, "--steps", 2, "--ckpt-every", 1, "--eval-every", 1, "--cpu-devices", 1, "--out", out)
+    assert res.exit_code == 0, res.output
+    cfg = json.loads((out / "config.json").read_text())
+    ccfg = json.loads((ct / "config.json").read_text())
+    assert cfg["mode"] == "distill" and cfg["teacher"] == str(trained) and cfg["n_pairs"] == 20
+    assert cfg["model"] == ccfg["model"] and cfg["consistency"] == ccfg["consistency"]  # the student is --init's
+    with np.load(out / "pairs.npz") as z:
+        assert z["n_atoms"].shape == (20,) and int(z["n_valid"]) == 1
+    stamp = (out / "pairs.npz").stat().st_mtime_ns
+    log = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert "position_error" in log[-1] and "val_loss" in log[-1]
+    res = run("train", "--resume", "--steps", 3, "--out", out, "--cpu-devices", 1)
+    assert res.exit_code == 0 and "step 3" in res.output, res.output
+    assert (out / "pairs.npz").stat().st_mtime_ns == stamp  # pairs are solved once per run
+    res = run("sample", "--checkpoint", out, "-n", 4, "--steps", 1, "-o", tmp_path / "d.sdf", "--no-report")
+    assert res.exit_code == 0, res.output
+    one_line_error(run("train", "--mode", "distill", "--init", ct, "--out", tmp_path / "z"), "--teacher")
+    one_line_error(run("train", "--mode", "distill", "--init", trained, "--teacher", trained, "--out", tmp_path / "z"),
+                   "consistency model")
+    one_line_error(run("train", "--mode", "distill", "--init", ct, "--teacher", ct, "--pairs", 20, "--batch-size", 4,
+                       "--out", tmp_path / "z"), "diffusion model")
+
+
 def test_diffusion_warm_start_keeps_weights_and_shape(tmp_path, trained, data_dir):
     """--mode diffusion --init starts from the given model's weights and network shape (not --model's)."""
     import jax

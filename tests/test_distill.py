@@ -1,0 +1,130 @@
+"""The teacher's probability-flow ODE solver and one-step distillation onto it."""
+
+import numpy as np
+import jax
+import jax.numpy as jnp
+
+from molgen.chem.elements import N_TYPES
+from molgen.config import RunConfig
+from molgen.consistency.distill import PairSet, distill_loss, generate_pairs
+from molgen.consistency.ict import make_consistency_fn
+from molgen.data.batching import pack
+from molgen.diffusion.noise import sample_noise
+from molgen.diffusion.ode import heun_solve, karras_levels, n_calls
+from molgen.nn.egnn import PRESETS
+from molgen.train import features, init_params, make_apply, make_batch
+
+
+def _graph(sizes):
+    return pack(None, [np.zeros(n, np.int32) for n in sizes])
+
+
+def test_karras_levels():
+    lv = karras_levels(5, 0.002, 80.0)
+    assert len(lv) == 6 and lv[-1] == 0.0
+    np.testing.assert_allclose([lv[0], lv[-2]], [80.0, 0.002], rtol=1e-12)
+    assert all(a > b for a, b in zip(lv, lv[1:]))
+
+
+def test_heun_follows_the_exact_flow_of_gaussian_data():
+    """Data ~ N(0, sd^2): D(y, s) = y sd^2 / (sd^2 + s^2) and the flow is y(s) = y0 sqrt(sd^2 + s^2) / sqrt(sd^2 + s0^2)."""
+    sd = 1.3
+    calls = []
+
+    def denoise(params, x, h, s, graph):
+        calls.append(1)
+        c = (sd**2 / (sd**2 + s**2))[:, None]
+        return x * c, h * c
+
+    g = _graph([5, 3])
+    zx, zh = sample_noise(jax.random.PRNGKey(0), g, 6)
+    scale = sd / np.sqrt(sd**2 + 80.0**2) * 80.0
+    errors = []
+    for n in (40, 80):
+        calls.clear()
+        levels = karras_levels(n, 0.002, 80.0)
+        x, h = heun_solve(denoise, None, zx, zh, g, levels)
+        assert len(calls) == n_calls(levels) == 2 * n - 1
+        ratio = np.asarray(x)[:8] / (scale * np.asarray(zx)[:8])
+        np.testing.assert_allclose(np.asarray(h)[:8] / (scale * np.asarray(zh)[:8]), ratio.mean(), rtol=1e-4)
+        errors.append(float(np.abs(ratio - 1).max()))
+    assert errors[1] < 2.5e-3  # 80 steps: within 0.25 % of the exact flow
+    assert 3.0 < errors[0] / errors[1] < 5.0  # and second order: half the step, a quarter of the error
+
+
+def test_heun_ends_on_a_point_mass():
+    """A denoiser that always answers c (data = one point) takes every start exactly to c."""
+    g = _graph([4])
+    target = jnp.asarray(np.random.default_rng(1).normal(size=g.positions.shape), jnp.float32)
+
+    def denoise(params, x, h, s, graph):
+        return target, jnp.zeros_like(h)
+
+    zx, zh = sample_noise(jax.random.PRNGKey(3), g, 6)
+    x, h = heun_solve(denoise, None, zx, zh, g, karras_levels(3, 0.01, 10.0))
+    np.testing.assert_allclose(np.asarray(x), np.asarray(target), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(h), 0.0, atol=1e-6)
+
+
+def _teacher():
+    cfg = RunConfig(mode="diffusion", model=PRESETS["tiny"], size_hist=(0, 0, 1, 1, 1))
+    return cfg, init_params(cfg)
+
+
+def test_pairs_are_deterministic_zero_com_and_round_trip(tmp_path):
+    cfg, params = _teacher()
+    sizes = np.array([3, 4, 2, 4, 3], np.int32)
+    a = generate_pairs(cfg, params, sizes, seed=5, ode_steps=2, sigma_max=80.0, batch_size=2, n_valid=1)
+    b = generate_pairs(cfg, params, sizes, seed=5, ode_steps=2, sigma_max=80.0, batch_size=2, n_valid=1)
+    c = generate_pairs(cfg, params, sizes, seed=6, ode_steps=2, sigma_max=80.0, batch_size=2, n_valid=1)
+    np.testing.assert_array_equal(a.positions, b.positions)
+    assert not np.allclose(a.noise_x, c.noise_x)
+    assert len(a) == 5 and a.positions.shape == (sizes.sum(), 3) and a.noise_h.shape == (sizes.sum(), 6)
+    assert list(a.split("train")) == [0, 1, 2, 3] and list(a.split("valid")) == [4]
+    for i in range(len(a)):
+        zx, _ = a.noise(i)
+        x, t = a.molecule(i)
+        assert len(x) == len(t) == sizes[i]
+        np.testing.assert_allclose(zx.mean(0), 0.0, atol=1e-5)  # noise on the zero-CoM subspace
+        np.testing.assert_allclose(x.mean(0), 0.0, atol=1e-4)  # and so is the ODE's end
+        assert t.min() >= 0 and t.max() < N_TYPES
+    a.save(tmp_path / "p.npz")
+    r = PairSet.load(tmp_path / "p.npz")
+    for f in ("n_atoms", "positions", "types", "noise_x", "noise_h"):
+        np.testing.assert_array_equal(getattr(r, f), getattr(a, f))
+    assert r.n_valid == 1
+
+
+def test_batches_keep_noise_beside_its_molecule():
+    cfg, params = _teacher()
+    sizes = np.array([3, 4, 2, 4], np.int32)
+    pairs = generate_pairs(cfg, params, sizes, seed=0, ode_steps=1, sigma_max=80.0)
+    graphs, (nx, nh) = make_batch(pairs, [3, 0, 2, 1], n_shards=2)
+    assert nx.shape[:2] == graphs.positions.shape[:2] and nh.shape[2] == 6
+    for shard, ids in enumerate(([3, 2], [0, 1])):
+        o = 0
+        for i in ids:
+            x, _ = pairs.molecule(i)
+            zx, zh = pairs.noise(i)
+            np.testing.assert_array_equal(graphs.positions[shard, o : o + len(x)], x)
+            np.testing.assert_array_equal(nx[shard, o : o + len(x)], zx)
+            np.testing.assert_array_equal(nh[shard, o : o + len(x)], zh)
+            o += len(x)
+        assert not nx[shard, o:].any() and not graphs.node_mask[shard, o:].any()  # padding rows stay empty
+
+
+def test_distill_loss_is_zero_on_the_students_own_answer():
+    cfg = RunConfig(mode="distill", model=PRESETS["tiny"])
+    params = init_params(cfg)
+    _, apply = make_apply(cfg)
+    cfn = make_consistency_fn(apply, cfg.consistency)
+    g = _graph([4, 3])
+    zx, zh = sample_noise(jax.random.PRNGKey(2), g, 6)
+    s = cfg.consistency.sigma_max
+    ox, oh = cfn(params, s * zx, s * zh, jnp.full(g.node_mask.shape, s, jnp.float32), g)
+    loss, aux = distill_loss(cfn, params, ox, oh, (zx, zh), g, cfg.consistency)
+    assert abs(float(loss)) < 1e-6 and float(aux["position_error"]) < 1e-4
+    loss2, aux2 = distill_loss(cfn, params, ox + 0.3 * g.node_mask[:, None], oh, (zx, zh), g, cfg.consistency)
+    assert float(loss2) > 0.1 and abs(float(aux2["position_error"]) - 0.3 * np.sqrt(3)) < 1e-3
+    # features() of the target types is what training compares the feature channels with
+    assert features(g).shape == oh.shape
