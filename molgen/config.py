@@ -37,6 +37,9 @@ class RunConfig:
     teacher: str | None = None
     n_pairs: int = 0
     teacher_steps: int = 18
+    # "distill": this share of each batch keeps the anchor model's (default: init's) f at low noise levels
+    anchor: str | None = None
+    anchor_fraction: float = 0.0
     # For sampling without the data set: the training split's atom-count histogram (index = atoms).
     size_hist: tuple[int, ...] = ()
     type_fractions: tuple[float, ...] = ()

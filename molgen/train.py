@@ -62,7 +62,16 @@ def make_loss(cfg: RunConfig) -> Callable:
         from molgen.consistency.distill import distill_loss
 
         cfn = make_consistency_fn(apply, cfg.consistency)
-        return lambda p, b, k, s: distill_loss(cfn, p, b[0].positions, features(b[0]), b[1], b[0], cfg.consistency)
+        anchor = None
+        if cfg.anchor_fraction > 0:
+            from molgen.sample import load_model
+
+            acfg, anchor, _ = load_model(cfg.anchor or cfg.init)
+            if acfg.model != cfg.model or acfg.consistency != cfg.consistency:
+                raise MolgenError(f"{cfg.anchor or cfg.init}: the anchor model's network or noise levels differ from the student's")
+            anchor = jax.tree_util.tree_map(jnp.asarray, anchor)
+        return lambda p, b, k, s: distill_loss(cfn, p, b[0].positions, features(b[0]), b[1], b[0], cfg.consistency,
+                                               k, anchor, cfg.anchor_fraction)
     raise MolgenError(f"unknown mode {cfg.mode!r}")
 
 
@@ -295,10 +304,18 @@ def train(
     bar = Progress(*columns, disable=not progress, transient=False)
     step = start
     stop_requested = []
-    previous_handler = None
+    previous_handlers = {}
+
+    def request_stop(*_):
+        if stop_requested:  # a second Ctrl-C: stop at once (the last checkpoint stays)
+            raise KeyboardInterrupt
+        stop_requested.append(True)
+
     if threading.current_thread() is threading.main_thread():
-        # SIGTERM (schedulers, `kill`) stops like Ctrl-C: finish the step, checkpoint, exit cleanly.
-        previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop_requested.append(True))
+        # Ctrl-C and SIGTERM (schedulers, `kill`) let the step in flight finish, then checkpoint and exit cleanly:
+        # an interrupt inside the jitted step would leave its donated input state deleted and unsaveable.
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous_handlers[sig] = signal.signal(sig, request_stop)
     try:
         with bar:
             task = bar.add_task(f"train {cfg.mode}", total=end, completed=start, loss=float("nan"), rate=0.0)
@@ -335,8 +352,12 @@ def train(
         log("interrupted: saving a checkpoint ...")
     finally:
         metrics_file.close()
-        if previous_handler is not None:
-            signal.signal(signal.SIGTERM, previous_handler)
+        for sig, handler in previous_handlers.items():
+            signal.signal(sig, handler)
+    if any(getattr(a, "is_deleted", lambda: False)() for a in jax.tree_util.tree_leaves(state)):
+        log(f"stopped inside a step: the last checkpoint (step {mgr.latest_step() or 0}) is kept")
+        last = init_state(cfg, init_params_from)
+        return TrainResult(restore_checkpoint(mgr, last) if mgr.latest_step() is not None else last, True, 0.0)
     save_checkpoint(mgr, state)
     elapsed = time.time() - t0
     n = int(state.step) - start

@@ -128,3 +128,25 @@ def test_distill_loss_is_zero_on_the_students_own_answer():
     assert float(loss2) > 0.1 and abs(float(aux2["position_error"]) - 0.3 * np.sqrt(3)) < 1e-3
     # features() of the target types is what training compares the feature channels with
     assert features(g).shape == oh.shape
+
+
+def test_anchor_molecules_compare_with_the_anchor_model_at_low_noise():
+    cfg = RunConfig(mode="distill", model=PRESETS["tiny"])
+    params = init_params(cfg)
+    other = init_params(cfg, seed=9)
+    _, apply = make_apply(cfg)
+    cfn = make_consistency_fn(apply, cfg.consistency)
+    g = _graph([4, 3, 5])
+    zx, zh = sample_noise(jax.random.PRNGKey(2), g, 6)
+    x = zx * 1.5
+    h = features(g)
+    key = jax.random.PRNGKey(7)
+    # every molecule anchored, anchor = the student itself: nothing to learn, whatever the one-step targets
+    loss, aux = distill_loss(cfn, params, x, h, (zx, zh), g, cfg.consistency, key, params, 1.0)
+    assert abs(float(loss)) < 1e-6 and abs(float(aux["anchor_loss"])) < 1e-6
+    # a different anchor model gives a positive loss; with fraction 0 the anchor is ignored
+    loss2, _ = distill_loss(cfn, params, x, h, (zx, zh), g, cfg.consistency, key, other, 1.0)
+    assert float(loss2) > 1e-3
+    l0, _ = distill_loss(cfn, params, x, h, (zx, zh), g, cfg.consistency, key, other, 0.0)
+    l_plain, _ = distill_loss(cfn, params, x, h, (zx, zh), g, cfg.consistency)
+    assert float(l0) == float(l_plain)

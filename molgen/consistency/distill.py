@@ -109,22 +109,52 @@ def generate_pairs(teacher_cfg, teacher_params, sizes: np.ndarray, seed: int, od
                    np.concatenate(zxs).astype(np.float32), np.concatenate(zhs).astype(np.float32), n_valid)
 
 
-def distill_loss(cfn, params, x, h, noise, graph, cfg: ConsistencyConfig):
-    """Mean over molecules of the pseudo-Huber distance between f(s_max z, s_max) and the target (x, h)."""
+ANCHOR_SIGMAS = (0.08, 0.5)  # the levels k-step sampling re-noises to (default_sigmas: 0.4 ... 0.1, and 0.2)
+
+
+def distill_loss(cfn, params, x, h, noise, graph, cfg: ConsistencyConfig, key=None, anchor_params=None,
+                 anchor_fraction: float = 0.0):
+    """Mean over molecules of the pseudo-Huber distance between f(s_max z, s_max) and the target (x, h).
+
+    With ``anchor_params`` a random ``anchor_fraction`` of the molecules is used instead at a low level s in
+    ANCHOR_SIGMAS: input x + s xi (fresh noise), target the anchor model's f at the same input, so the student
+    keeps the behaviour k-step sampling relies on while its one-step map moves to the teacher's ODE.
+    """
     zx, zh = noise
     m = graph.node_mask
-    s = cfg.sigma_max
-    ox, oh = cfn(params, s * zx, s * zh * m[:, None], jnp.full(m.shape, s, jnp.float32), graph)
-    sq = per_molecule_sum(jnp.sum((ox - x) ** 2, -1) + jnp.sum((oh - h) ** 2, -1), graph)
+    seg = graph.segment
+    n_seg = graph.n_atoms.shape[0]
+    s_max = jnp.float32(cfg.sigma_max)
+    yx, yh, sig = s_max * zx, s_max * zh * m[:, None], jnp.full(m.shape, s_max, jnp.float32)
+    tx, th = x, h
+    low = jnp.zeros((n_seg,), bool)
+    if anchor_params is not None and anchor_fraction > 0:
+        k_u, k_s, k_n = jax.random.split(key, 3)
+        low = jax.random.uniform(k_u, (n_seg,)) < anchor_fraction
+        lo, hi = np.log(ANCHOR_SIGMAS[0]), np.log(ANCHOR_SIGMAS[1])
+        s_low = jnp.exp(jax.random.uniform(k_s, (n_seg,), minval=lo, maxval=hi))
+        ex, eh = sample_noise(k_n, graph, h.shape[-1])
+        node_low = low[seg][:, None]
+        s_node = s_low[seg][:, None]
+        yx = jnp.where(node_low, x + s_node * ex, yx)
+        yh = jnp.where(node_low, (h + s_node * eh) * m[:, None], yh)
+        sig = jnp.where(low[seg], s_low[seg], sig)
+        ax, ah = cfn(anchor_params, yx, yh, sig, graph)
+        tx = jnp.where(node_low, jax.lax.stop_gradient(ax), tx)
+        th = jnp.where(node_low, jax.lax.stop_gradient(ah), th)
+    ox, oh = cfn(params, yx, yh, sig, graph)
+    sq = per_molecule_sum(jnp.sum((ox - tx) ** 2, -1) + jnp.sum((oh - th) ** 2, -1), graph)
     dim = graph.n_atoms.astype(jnp.float32) * (3 + h.shape[-1])
     real = (graph.n_atoms > 0).astype(jnp.float32)
-    n_mol = jnp.maximum(real.sum(), 1.0)
-    loss = jnp.sum(pseudo_huber(sq, dim, cfg.huber_scale) * real) / n_mol
-    pos_err = per_molecule_sum(jnp.sqrt(jnp.sum((ox - x) ** 2, -1) + 1e-12), graph)
-    mean_pos_err = jnp.sum(pos_err / jnp.maximum(graph.n_atoms, 1) * real) / n_mol
-    return loss, {"position_error": mean_pos_err}
-
-
+    one = real * (1.0 - low.astype(jnp.float32))
+    per_mol = pseudo_huber(sq, dim, cfg.huber_scale)
+    loss = jnp.sum(per_mol * real) / jnp.maximum(real.sum(), 1.0)
+    pos_err = per_molecule_sum(jnp.sqrt(jnp.sum((ox - tx) ** 2, -1) + 1e-12), graph) / jnp.maximum(graph.n_atoms, 1)
+    aux = {"position_error": jnp.sum(pos_err * one) / jnp.maximum(one.sum(), 1.0)}  # one-step molecules only
+    if anchor_params is not None and anchor_fraction > 0:
+        anc = real - one
+        aux["anchor_loss"] = jnp.sum(per_mol * anc) / jnp.maximum(anc.sum(), 1.0)
+    return loss, aux
 
 
 def prepare_pairs(cfg, run_dir: Path, progress_factory=None) -> PairSet:
