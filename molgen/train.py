@@ -154,6 +154,9 @@ def shard_batch(mols: list[tuple[np.ndarray, np.ndarray]], n_shards: int,
     n_edges = max(sum(len(t) * (len(t) - 1) for _, t in p) for p in parts)
     pn, pe = bucket(n_nodes + 1, granule=NODE_GRANULE), bucket(n_edges, granule=EDGE_GRANULE)
     graphs = [pack([x for x, _ in p], [t.astype(np.int32) for _, t in p], pn, pe) for p in parts]
+    # A batch that does not split evenly leaves some shards one molecule short: give them an empty graph more.
+    n_seg = max(len(g.n_atoms) for g in graphs)
+    graphs = [g._replace(n_atoms=np.pad(g.n_atoms, (0, n_seg - len(g.n_atoms)))) for g in graphs]
     stacked = Graph(*[np.stack(f) for f in zip(*graphs)])
     if noise is None:
         return stacked

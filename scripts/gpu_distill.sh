@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Runs ON the device machine, in the repo root (no data set needed: the teacher makes the training pairs).
+# One call, one deadline: one-step distillation (`molgen train --mode distill`) of a consistency model onto
+# the diffusion teacher's probability-flow ODE, then export; the result is copied to $OUT as soon as it exists.
+#
+#   bash scripts/gpu_distill.sh [DEADLINE_S=570] [PAIRS=200000] [BATCH=256] [LR=2e-4]
+#
+# Environment overrides:
+#   INIT=DIR      student to start from (default weights/edm-small-distill, else weights/edm-small-ect)
+#   ANCHOR=DIR    model whose low-noise f is kept (default weights/edm-small-ect)
+#   TEACHER=DIR   diffusion teacher (default weights/edm-small-diffusion)
+#   RUN=DIR       run folder (default runs/gkd; an existing one is resumed, its pairs reused)
+set -uo pipefail
+t_start=$(date +%s)
+deadline=${1:-570}; pairs=${2:-200000}; batch=${3:-256}; lr=${4:-2e-4}
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 MOLGEN_JAX_CACHE=/tmp/jaxcache
+out=${OUT:-/tmp/out}; mkdir -p "$out"
+init=${INIT:-weights/edm-small-distill}; [ -f "$init/params.msgpack" ] || init=weights/edm-small-ect
+anchor=${ANCHOR:-weights/edm-small-ect}; teacher=${TEACHER:-weights/edm-small-diffusion}; run=${RUN:-runs/gkd}
+left() { echo $((deadline - ($(date +%s) - t_start))); }
+log() { echo "[$(( $(date +%s) - t_start )) s] $*" | tee -a "$out/pipeline.txt"; }
+mkdir -p runs
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null | tee "$out/device.txt"
+if [ ! -f "$run/config.json" ]; then  # first call: solve the pairs (and take a step), so the rest is all training
+  log "distill: init $init, anchor $anchor, teacher $teacher, $pairs pairs, batch $batch, lr $lr"
+  python3 -m molgen train --mode distill --init "$init" --anchor "$anchor" --teacher "$teacher" --pairs "$pairs" \
+    --batch-size "$batch" --lr "$lr" --warmup 100 --steps 10000000 --ckpt-every 1000 --eval-every 2000 \
+    --out "$run" --max-minutes 0.01 >"$out/pairs.txt" 2>&1
+  log "pairs rc $?: $(tail -1 "$out/pairs.txt")"
+fi
+train_min=$(python3 -c "print(max(0.5, ($(left) - 60) / 60))")  # keep ~60 s for export and packing
+log "training $run for $train_min min"
+python3 -m molgen train --resume --out "$run" --lr "$lr" --max-minutes "$train_min" >"$out/train_distill.txt" 2>&1
+log "train rc $?: $(tail -1 "$out/train_distill.txt")"
+last=$(ls "$run/checkpoints" 2>/dev/null | grep -E '^[0-9]+$' | sort -n | tail -1)
+[ -n "$last" ] || { log "no checkpoint"; exit 1; }
+python3 -m molgen export "$run" runs/w_distill >>"$out/pipeline.txt" 2>&1 || log "export failed"
+tar -cf "$out/distill.tar" "$run/config.json" "$run/metrics.jsonl" "$run/checkpoints/$last" runs/w_distill
+log "packed step $last; done"
