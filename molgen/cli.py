@@ -201,6 +201,7 @@ def train(
     teacher_steps: int = typer.Option(18, "--teacher-steps", min=1, help="--mode distill: Heun steps of the teacher's ODE (2 network calls each)."),
     anchor_fraction: float = typer.Option(0.25, "--anchor-fraction", min=0.0, max=0.9, help="--mode distill: share of each batch trained at the low noise levels of k-step sampling to keep the --anchor model's output there (0: one-step only)."),
     anchor: Optional[Path] = typer.Option(None, "--anchor", help="--mode distill: the consistency model whose low-noise behaviour is kept (default: --init)."),
+    bond_weight: float = typer.Option(1.0, "--bond-weight", min=0.0, help="--mode distill: weight of a loss on the distances of the target's atom pairs closer than 2 Å (bond lengths; 0 turns it off)."),
     eval_every: int = typer.Option(1000, "--eval-every", help="Validation loss every N steps (EMA parameters)."),
     ckpt_every: int = typer.Option(500, "--ckpt-every", help="Checkpoint every N steps."),
     parametrization: Optional[str] = typer.Option(
@@ -242,7 +243,7 @@ def train(
     if distributed:
         jax.distributed.initialize()
     if mode == Mode.distill or (resumed is not None and resumed.mode == "distill"):
-        _train_distill(resumed, out, init, teacher, pairs, teacher_steps, anchor, anchor_fraction, batch_size, lr,
+        _train_distill(resumed, out, init, teacher, pairs, teacher_steps, anchor, anchor_fraction, bond_weight, batch_size, lr,
                        warmup, steps, seed, ema, clip, ckpt_every, eval_every, max_minutes)
         return
     ds = load_qm9(data_dir, remove_h=remove_h)
@@ -301,7 +302,7 @@ def train(
         raise typer.Exit(130)
 
 
-def _train_distill(resumed, out, init, teacher, n_pairs, teacher_steps, anchor, anchor_fraction, batch_size, lr,
+def _train_distill(resumed, out, init, teacher, n_pairs, teacher_steps, anchor, anchor_fraction, bond_weight, batch_size, lr,
                    warmup, steps, seed, ema, clip, ckpt_every, eval_every, max_minutes) -> None:
     """--mode distill: the student and its config come from --init; the data are the teacher's ODE pairs."""
     import jax
@@ -329,7 +330,8 @@ def _train_distill(resumed, out, init, teacher, n_pairs, teacher_steps, anchor, 
                 raise MolgenError(f"{anchor}: --anchor must be a consistency model with --init's network")
         cfg = icfg.replace(mode="distill", init=str(init), teacher=str(teacher), n_pairs=n_pairs,
                            teacher_steps=teacher_steps, anchor=str(anchor) if anchor else None,
-                           anchor_fraction=anchor_fraction, batch_size=batch_size or icfg.batch_size,
+                           anchor_fraction=anchor_fraction, bond_weight=bond_weight,
+                           batch_size=batch_size or icfg.batch_size,
                            lr=lr or 1e-4, warmup=warmup, steps=steps or 10000, seed=seed, ema=ema, clip=clip,
                            ckpt_every=ckpt_every, eval_every=eval_every)
         if not (out / "pairs.npz").exists() and n_pairs < 2 * cfg.batch_size:

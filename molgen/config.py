@@ -40,6 +40,7 @@ class RunConfig:
     # "distill": this share of each batch keeps the anchor model's (default: init's) f at low noise levels
     anchor: str | None = None
     anchor_fraction: float = 0.0
+    bond_weight: float = 0.0  # "distill": weight of the short-pair distance term
     # For sampling without the data set: the training split's atom-count histogram (index = atoms).
     size_hist: tuple[int, ...] = ()
     type_fractions: tuple[float, ...] = ()

@@ -71,7 +71,7 @@ def make_loss(cfg: RunConfig) -> Callable:
                 raise MolgenError(f"{cfg.anchor or cfg.init}: the anchor model's network or noise levels differ from the student's")
             anchor = jax.tree_util.tree_map(jnp.asarray, anchor)
         return lambda p, b, k, s: distill_loss(cfn, p, b[0].positions, features(b[0]), b[1], b[0], cfg.consistency,
-                                               k, anchor, cfg.anchor_fraction)
+                                               k, anchor, cfg.anchor_fraction, cfg.bond_weight)
     raise MolgenError(f"unknown mode {cfg.mode!r}")
 
 

@@ -170,3 +170,30 @@ def test_a_batch_that_does_not_split_evenly_over_devices():
     g_alone = jax.tree_util.tree_map(lambda a: a[0], g_alone)
     alone, _ = distill_loss(cfn, sp, g_alone.positions, features(g_alone), (ax[0], ah[0]), g_alone, scfg.consistency)
     np.testing.assert_allclose(float(loss), float(alone), rtol=1e-5)  # the empty graph changes nothing
+
+
+def test_bond_term_measures_short_pair_distances():
+    """Target = the student's own output stretched by a factor f: the bond error is the RMS of d (1 - 1/f) over
+    the target's pairs closer than 2 Å, per molecule; an unstretched target gives zero."""
+    from molgen.consistency.distill import BOND_CUTOFF
+
+    cfg = RunConfig(mode="distill", model=PRESETS["tiny"])
+    params = init_params(cfg)
+    cfn = make_consistency_fn(make_apply(cfg)[1], cfg.consistency)
+    g = _graph([6, 5])
+    zx, zh = sample_noise(jax.random.PRNGKey(4), g, 6)
+    s = cfg.consistency.sigma_max
+    own, oh = cfn(params, s * zx, s * zh, jnp.full(g.node_mask.shape, s, jnp.float32), g)
+    o = np.asarray(own)[:6]
+    f = 2.0 / np.median(np.linalg.norm(o[:, None] - o[None], axis=-1)[~np.eye(6, dtype=bool)])
+    target = np.asarray(own) * f
+    _, aux = distill_loss(cfn, params, jnp.asarray(target), oh, (zx, zh), g, cfg.consistency, bond_weight=1.0)
+    expected = []
+    for a, b in ((0, 6), (6, 11)):
+        d = np.linalg.norm(target[a:b, None] - target[None, a:b], axis=-1)
+        near = (d < BOND_CUTOFF) & ~np.eye(b - a, dtype=bool)
+        expected.append(np.sqrt(np.mean((d[near] * (1 - 1 / f)) ** 2)))
+    assert 0 < near.sum() < near.size - (b - a)  # the last molecule has pairs on both sides of the cutoff
+    np.testing.assert_allclose(float(aux["bond_error"]), np.mean(expected), rtol=1e-4)
+    _, aux0 = distill_loss(cfn, params, own, oh, (zx, zh), g, cfg.consistency, bond_weight=1.0)
+    assert float(aux0["bond_error"]) < 1e-5 and abs(float(aux0["bond_loss"])) < 1e-6

@@ -22,7 +22,7 @@ def test_default_model_is_shipped_with_a_card():
         cfg = json.loads((path / "config.json").read_text())
         assert sum(cfg["size_hist"]) > 0  # sampling needs no data set
     cfg, params, info = load_model(None)
-    assert cfg.mode in ("ct", "ect")
+    assert cfg.mode in ("ct", "ect", "distill")
 
 
 def test_main_command_with_shipped_default(tmp_path, monkeypatch):

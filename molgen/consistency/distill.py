@@ -112,13 +112,20 @@ def generate_pairs(teacher_cfg, teacher_params, sizes: np.ndarray, seed: int, od
 ANCHOR_SIGMAS = (0.08, 0.5)  # the levels k-step sampling re-noises to (default_sigmas: 0.4 ... 0.1, and 0.2)
 
 
+BOND_CUTOFF = 2.0  # Å: target atom pairs closer than this (bonds, and H-X-H / short 1-3 pairs) enter the bond term
+
+
 def distill_loss(cfn, params, x, h, noise, graph, cfg: ConsistencyConfig, key=None, anchor_params=None,
-                 anchor_fraction: float = 0.0):
+                 anchor_fraction: float = 0.0, bond_weight: float = 0.0):
     """Mean over molecules of the pseudo-Huber distance between f(s_max z, s_max) and the target (x, h).
 
     With ``anchor_params`` a random ``anchor_fraction`` of the molecules is used instead at a low level s in
     ANCHOR_SIGMAS: input x + s xi (fresh noise), target the anchor model's f at the same input, so the student
     keeps the behaviour k-step sampling relies on while its one-step map moves to the teacher's ODE.
+
+    ``bond_weight`` adds, for the one-step molecules, the pseudo-Huber distance between the student's and the
+    target's interatomic distances over the target's pairs closer than BOND_CUTOFF: stability and validity
+    are read from those distances, and the coordinate loss spends its effort equally on far pairs.
     """
     zx, zh = noise
     m = graph.node_mask
@@ -154,6 +161,21 @@ def distill_loss(cfn, params, x, h, noise, graph, cfg: ConsistencyConfig, key=No
     if anchor_params is not None and anchor_fraction > 0:
         anc = real - one
         aux["anchor_loss"] = jnp.sum(per_mol * anc) / jnp.maximum(anc.sum(), 1.0)
+    if bond_weight > 0:
+        snd, rcv = graph.senders, graph.receivers
+
+        def dist(p):
+            return jnp.sqrt(jnp.sum((p[snd] - p[rcv]) ** 2, -1) + 1e-12)
+
+        d_t = jax.lax.stop_gradient(dist(x))
+        near = graph.edge_mask * (d_t < BOND_CUTOFF) * (1.0 - low.astype(jnp.float32))[seg[rcv]]
+        seg_e = seg[rcv]
+        sq_b = jax.ops.segment_sum(near * (dist(ox) - d_t) ** 2, seg_e, num_segments=n_seg)
+        n_b = jax.ops.segment_sum(near, seg_e, num_segments=n_seg)
+        bond = jnp.sum(pseudo_huber(sq_b, n_b, cfg.huber_scale) * one) / jnp.maximum(one.sum(), 1.0)
+        loss = loss + bond_weight * bond
+        aux["bond_loss"] = bond
+        aux["bond_error"] = jnp.sum(jnp.sqrt(sq_b / jnp.maximum(n_b, 1.0)) * one) / jnp.maximum(one.sum(), 1.0)
     return loss, aux
 
 
