@@ -185,7 +185,7 @@ def train(
     nf: Optional[int] = typer.Option(None, "--nf", help="Override the preset's feature width."),
     layers: Optional[int] = typer.Option(None, "--layers", help="Override the preset's number of blocks."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Molecules per step, split across devices (default 64; with --resume, replaces the run's)."),
-    lr: Optional[float] = typer.Option(None, "--lr", help="Adam learning rate after a linear warm-up (default 5e-4; with --resume, replaces the run's)."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Adam learning rate after a linear warm-up (default 5e-4, 2e-4 for --mode distill; with --resume, replaces the run's)."),
     warmup: int = typer.Option(500, "--warmup", help="Warm-up steps."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Total optimisation steps (default 10000)."),
     epochs: Optional[float] = typer.Option(None, "--epochs", help="Total epochs instead of --steps."),
@@ -332,7 +332,7 @@ def _train_distill(resumed, out, init, teacher, n_pairs, teacher_steps, anchor, 
                            teacher_steps=teacher_steps, anchor=str(anchor) if anchor else None,
                            anchor_fraction=anchor_fraction, bond_weight=bond_weight,
                            batch_size=batch_size or icfg.batch_size,
-                           lr=lr or 1e-4, warmup=warmup, steps=steps or 10000, seed=seed, ema=ema, clip=clip,
+                           lr=lr or 2e-4, warmup=warmup, steps=steps or 10000, seed=seed, ema=ema, clip=clip,
                            ckpt_every=ckpt_every, eval_every=eval_every)
         if not (out / "pairs.npz").exists() and n_pairs < 2 * cfg.batch_size:
             raise MolgenError(f"--pairs {n_pairs} is too few for --batch-size {cfg.batch_size}")
@@ -531,13 +531,15 @@ def models():
         return
     default = default_model()
     t = Table(title="shipped models")
-    for c in ("name", "mode", "network", "trained", "headline (1000 samples)"):
+    # Names are what users type: never truncated (the other columns wrap instead).
+    t.add_column("name", no_wrap=True)
+    for c in ("mode", "network", "trained", "headline (1000 samples)"):
         t.add_column(c)
     for name, path in ms.items():
         cfg = json.loads((path / "config.json").read_text())
         meta = json.loads((path / "meta.json").read_text()) if (path / "meta.json").exists() else {}
         net = f"{cfg['model']['nf']}x{cfg['model']['n_layers']}"
-        t.add_row(name + (" (default)" if name == default else ""), cfg["mode"], net, meta.get("trained", ""),
+        t.add_row(name + ("\n(default)" if name == default else ""), cfg["mode"], net, meta.get("trained", ""),
                   meta.get("headline", ""))
     console.print(t)
 
