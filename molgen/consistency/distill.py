@@ -8,10 +8,11 @@ noise levels, which leaves ~0.2-0.4 Å of error in one-step geometry.  Here the 
    solve the teacher's ODE from s_max z (Heun, :mod:`molgen.diffusion.ode`), keep the end positions and the
    atom types (argmax of the end features).  Deterministic for a seed; saved as ``pairs.npz`` in the run.
 2. ``distill_loss``: the pseudo-Huber distance (as in iCT, scaled by the molecule's dimension) between the
-   student's one-step output and the target (positions and EDM's clean features of the target types).
+   student's one-step output and the target (positions and EDM's clean features of the target types), plus
+   a term on the target's short interatomic distances (bond lengths decide stability).
 
-The student starts from a consistency checkpoint (``--init``), so its behaviour at low noise levels, which
-k-step sampling uses, is that checkpoint's.
+The student starts from a consistency checkpoint (``--init``).  Regression at s_max alone also moves f at the
+low noise levels k-step sampling uses, so a share of each batch keeps an anchor model's f there.
 """
 
 from __future__ import annotations
@@ -110,8 +111,6 @@ def generate_pairs(teacher_cfg, teacher_params, sizes: np.ndarray, seed: int, od
 
 
 ANCHOR_SIGMAS = (0.08, 0.5)  # the levels k-step sampling re-noises to (default_sigmas: 0.4 ... 0.1, and 0.2)
-
-
 BOND_CUTOFF = 2.0  # Å: target atom pairs closer than this (bonds, and H-X-H / short 1-3 pairs) enter the bond term
 
 
@@ -135,7 +134,8 @@ def distill_loss(cfn, params, x, h, noise, graph, cfg: ConsistencyConfig, key=No
     yx, yh, sig = s_max * zx, s_max * zh * m[:, None], jnp.full(m.shape, s_max, jnp.float32)
     tx, th = x, h
     low = jnp.zeros((n_seg,), bool)
-    if anchor_params is not None and anchor_fraction > 0:
+    anchored = anchor_params is not None and anchor_fraction > 0
+    if anchored:
         k_u, k_s, k_n = jax.random.split(key, 3)
         low = jax.random.uniform(k_u, (n_seg,)) < anchor_fraction
         lo, hi = np.log(ANCHOR_SIGMAS[0]), np.log(ANCHOR_SIGMAS[1])
@@ -158,7 +158,7 @@ def distill_loss(cfn, params, x, h, noise, graph, cfg: ConsistencyConfig, key=No
     loss = jnp.sum(per_mol * real) / jnp.maximum(real.sum(), 1.0)
     pos_err = per_molecule_sum(jnp.sqrt(jnp.sum((ox - tx) ** 2, -1) + 1e-12), graph) / jnp.maximum(graph.n_atoms, 1)
     aux = {"position_error": jnp.sum(pos_err * one) / jnp.maximum(one.sum(), 1.0)}  # one-step molecules only
-    if anchor_params is not None and anchor_fraction > 0:
+    if anchored:
         anc = real - one
         aux["anchor_loss"] = jnp.sum(per_mol * anc) / jnp.maximum(anc.sum(), 1.0)
     if bond_weight > 0:

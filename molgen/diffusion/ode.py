@@ -9,7 +9,6 @@ the target of consistency distillation by regression (:mod:`molgen.consistency.d
 
 from __future__ import annotations
 
-
 import jax.numpy as jnp
 import numpy as np
 
