@@ -242,20 +242,27 @@ def train(
     enable_compilation_cache()
     if distributed:
         jax.distributed.initialize()
-    if mode == Mode.distill or (resumed is not None and resumed.mode == "distill"):
-        _train_distill(resumed, out, init, teacher, pairs, teacher_steps, anchor, anchor_fraction, bond_weight, batch_size, lr,
-                       warmup, steps, seed, ema, clip, ckpt_every, eval_every, max_minutes)
-        return
-    ds = load_qm9(data_dir, remove_h=remove_h)
+    if not (0 <= ema < 1):
+        raise MolgenError("0 <= --ema < 1 is required")
+    init_params = None
     if resumed is not None:
         # A resumed run may change its length, learning rate and batch size; everything else is the run's.
         cfg = resumed.replace(**{k: v for k, v in (("steps", steps), ("lr", lr), ("batch_size", batch_size))
                                  if v is not None})
-        init_params = None
+    distill = mode == Mode.distill or (resumed is not None and resumed.mode == "distill")
+    if distill:  # the data are the teacher's ODE pairs, solved once per run
+        from molgen.consistency.distill import prepare_pairs
+
+        if resumed is None:
+            cfg, init_params = _distill_config(init, teacher, pairs, teacher_steps, anchor, anchor_fraction,
+                                               bond_weight, batch_size, lr, warmup, steps, seed, ema, clip,
+                                               ckpt_every, eval_every, out)
+        with _progress(transient=False) as progress:
+            ds = prepare_pairs(cfg, out, _progress_factory(progress))
     else:
+        ds = load_qm9(data_dir, remove_h=remove_h)
+    if resumed is None and not distill:
         batch_size, lr = batch_size or RunConfig.batch_size, lr or RunConfig.lr
-        if not (0 <= ema < 1):
-            raise MolgenError("0 <= --ema < 1 is required")
         n_steps = steps
         if epochs is not None:
             n_steps = int(round(epochs * len(ds.split("train")) / batch_size))
@@ -271,7 +278,6 @@ def train(
             raise MolgenError(f"--parametrization must be ict, eps or ict-vp, not {parametrization!r}")
         if mode == Mode.diffusion and parametrization is not None:
             raise MolgenError("--parametrization is for --mode ct or ect")
-        init_params = None
         if mode == Mode.ect and init is None:
             raise MolgenError("--mode ect needs --init DIR (a diffusion run or weights folder)")
         if init is not None:
@@ -302,49 +308,29 @@ def train(
         raise typer.Exit(130)
 
 
-def _train_distill(resumed, out, init, teacher, n_pairs, teacher_steps, anchor, anchor_fraction, bond_weight, batch_size, lr,
-                   warmup, steps, seed, ema, clip, ckpt_every, eval_every, max_minutes) -> None:
-    """--mode distill: the student and its config come from --init; the data are the teacher's ODE pairs."""
-    import jax
+def _distill_config(init, teacher, n_pairs, teacher_steps, anchor, anchor_fraction, bond_weight, batch_size, lr,
+                    warmup, steps, seed, ema, clip, ckpt_every, eval_every, out):
+    """A new --mode distill run: the student, its network and its noise levels come from --init."""
+    from molgen.sample import load_model
 
-    from molgen.consistency.distill import prepare_pairs
-    from molgen.train import train as do_train
-
-    if resumed is not None:
-        cfg = resumed.replace(**{k: v for k, v in (("steps", steps), ("lr", lr), ("batch_size", batch_size))
-                                 if v is not None})
-        init_params = None
-    else:
-        if init is None or teacher is None:
-            raise MolgenError("--mode distill needs --init (a consistency model) and --teacher (a diffusion model)")
-        from molgen.sample import load_model
-
-        icfg, init_params, _ = load_model(init)
-        if icfg.mode == "diffusion":
-            raise MolgenError(f"{init}: --init must be a consistency model (ct, ect or distill), not 'diffusion'")
-        if not (0 <= ema < 1):
-            raise MolgenError("0 <= --ema < 1 is required")
-        if anchor is not None:
-            acfg, _, _ = load_model(anchor)
-            if acfg.mode == "diffusion" or acfg.model != icfg.model:
-                raise MolgenError(f"{anchor}: --anchor must be a consistency model with --init's network")
-        cfg = icfg.replace(mode="distill", init=str(init), teacher=str(teacher), n_pairs=n_pairs,
-                           teacher_steps=teacher_steps, anchor=str(anchor) if anchor else None,
-                           anchor_fraction=anchor_fraction, bond_weight=bond_weight,
-                           batch_size=batch_size or icfg.batch_size,
-                           lr=lr or 2e-4, warmup=warmup, steps=steps or 10000, seed=seed, ema=ema, clip=clip,
-                           ckpt_every=ckpt_every, eval_every=eval_every)
-        if not (out / "pairs.npz").exists() and n_pairs < 2 * cfg.batch_size:
-            raise MolgenError(f"--pairs {n_pairs} is too few for --batch-size {cfg.batch_size}")
-    with _progress(transient=False) as progress:
-        ds = prepare_pairs(cfg, out, _progress_factory(progress))
-    err.print(f"training distill | model nf={cfg.model.nf} layers={cfg.model.n_layers} | batch {cfg.batch_size} "
-              f"| {cfg.steps} steps | {len(ds)} pairs | devices {jax.device_count()} ({jax.devices()[0].platform}) | {out}")
-    res = do_train(cfg, out, ds, resume=resumed is not None, init_params_from=init_params, progress=err.is_terminal,
-                   log=_say, max_seconds=max_minutes * 60 if max_minutes else None)
-    console.print(f"stopped at step {int(res.state.step)} ({res.steps_per_s:.2f} steps/s); checkpoint in {out}")
-    if res.interrupted:
-        raise typer.Exit(130)
+    if init is None or teacher is None:
+        raise MolgenError("--mode distill needs --init (a consistency model) and --teacher (a diffusion model)")
+    icfg, init_params, _ = load_model(init)
+    if icfg.mode == "diffusion":
+        raise MolgenError(f"{init}: --init must be a consistency model (ct, ect or distill), not 'diffusion'")
+    if anchor is not None:
+        acfg, _, _ = load_model(anchor)
+        if acfg.mode == "diffusion" or acfg.model != icfg.model:
+            raise MolgenError(f"{anchor}: --anchor must be a consistency model with --init's network")
+    cfg = icfg.replace(mode="distill", init=str(init), teacher=str(teacher), n_pairs=n_pairs,
+                       teacher_steps=teacher_steps, anchor=str(anchor) if anchor else None,
+                       anchor_fraction=anchor_fraction, bond_weight=bond_weight,
+                       batch_size=batch_size or icfg.batch_size,
+                       lr=lr or 2e-4, warmup=warmup, steps=steps or 10000, seed=seed, ema=ema, clip=clip,
+                       ckpt_every=ckpt_every, eval_every=eval_every)
+    if not (out / "pairs.npz").exists() and n_pairs < 2 * cfg.batch_size:
+        raise MolgenError(f"--pairs {n_pairs} is too few for --batch-size {cfg.batch_size}")
+    return cfg, init_params
 
 
 # ----------------------------------------------------------------------------------------------------------

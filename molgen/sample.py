@@ -102,7 +102,8 @@ def load_model(checkpoint: str | Path | None) -> tuple[RunConfig, Any, dict]:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def draw_sizes(cfg: RunConfig, n: int, seed: int, atoms: int | None = None) -> np.ndarray:
+def draw_sizes(cfg: RunConfig, n: int, seed: int, atoms: int | None = None, stream: int = 7) -> np.ndarray:
+    """Atom counts: ``atoms`` each, or drawn from the training histogram with the random stream (seed, stream)."""
     if atoms is not None:
         if atoms < 1:
             raise MolgenError("--atoms must be at least 1")
@@ -110,7 +111,7 @@ def draw_sizes(cfg: RunConfig, n: int, seed: int, atoms: int | None = None) -> n
     hist = np.asarray(cfg.size_hist, np.float64)
     if hist.sum() <= 0:
         raise MolgenError("the checkpoint has no atom-count histogram; pass --atoms")
-    rng = np.random.default_rng([seed, 7])
+    rng = np.random.default_rng([seed, stream])
     return rng.choice(len(hist), size=n, p=hist / hist.sum()).astype(np.int32)
 
 

@@ -182,7 +182,7 @@ def distill_loss(cfn, params, x, h, noise, graph, cfg: ConsistencyConfig, key=No
 def prepare_pairs(cfg, run_dir: Path, progress_factory=None) -> PairSet:
     """The run's pairs: loaded from ``run_dir/pairs.npz``, or generated from ``cfg.teacher`` and saved there."""
     from molgen import MolgenError
-    from molgen.sample import load_model
+    from molgen.sample import draw_sizes, load_model
 
     path = Path(run_dir) / PAIRS_NAME
     if path.exists():
@@ -195,9 +195,7 @@ def prepare_pairs(cfg, run_dir: Path, progress_factory=None) -> PairSet:
         raise MolgenError(f"{cfg.teacher}: the teacher must be a diffusion model, not {tcfg.mode!r}")
     if tcfg.model.in_node_nf != cfg.model.in_node_nf:
         raise MolgenError(f"{cfg.teacher}: the teacher's atom features do not match the student's")
-    hist = np.asarray(cfg.size_hist, np.float64)
-    rng = np.random.default_rng([cfg.seed, PAIR_STREAM])
-    sizes = rng.choice(len(hist), size=cfg.n_pairs, p=hist / hist.sum()).astype(np.int32)
+    sizes = draw_sizes(cfg, cfg.n_pairs, cfg.seed, stream=PAIR_STREAM)
     n_valid = min(max(cfg.n_pairs // 32, 1), 1000) if cfg.n_pairs >= 2 * cfg.batch_size else 0
     progress = progress_factory("teacher ODE pairs", cfg.n_pairs) if progress_factory else None
     pairs = generate_pairs(tcfg, tparams, sizes, cfg.seed, cfg.teacher_steps, cfg.consistency.sigma_max,
