@@ -10,6 +10,9 @@
 #   ANCHOR=DIR    model whose low-noise f is kept (default weights/edm-small-ect)
 #   TEACHER=DIR   diffusion teacher (default weights/edm-small-diffusion)
 #   RUN=DIR       run folder (default runs/gkd; an existing one is resumed, its pairs reused)
+#   SEED=N        seed of the new run: initial data order and the pairs' noise (default 0)
+#   NAME=NAME     prefix of what lands in $OUT: NAME.txt (log), NAME.tar (default distill); several
+#                 instances with different NAME and RUN can share one GPU (scripts/gpu_parallel.sh)
 set -uo pipefail
 t_start=$(date +%s)
 deadline=${1:-570}; pairs=${2:-200000}; batch=${3:-256}; lr=${4:-2e-4}
@@ -17,23 +20,24 @@ export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 MOLGEN_JAX_CACHE=/tmp/jaxcache
 out=${OUT:-/tmp/out}; mkdir -p "$out"
 init=${INIT:-weights/edm-small-distill}; [ -f "$init/params.msgpack" ] || init=weights/edm-small-ect
 anchor=${ANCHOR:-weights/edm-small-ect}; teacher=${TEACHER:-weights/edm-small-diffusion}; run=${RUN:-runs/gkd}
+seed=${SEED:-0}; name=${NAME:-distill}
 left() { echo $((deadline - ($(date +%s) - t_start))); }
-log() { echo "[$(( $(date +%s) - t_start )) s] $*" | tee -a "$out/pipeline.txt"; }
+log() { echo "[$(( $(date +%s) - t_start )) s] $name: $*" | tee -a "$out/pipeline.txt"; }
 mkdir -p runs
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null | tee "$out/device.txt"
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null | tee -a "$out/pipeline.txt"
 if [ ! -f "$run/config.json" ]; then  # first call: solve the pairs (and take a step), so the rest is all training
-  log "distill: init $init, anchor $anchor, teacher $teacher, $pairs pairs, batch $batch, lr $lr"
+  log "init $init, anchor $anchor, teacher $teacher, $pairs pairs, batch $batch, lr $lr, seed $seed"
   python3 -m molgen train --mode distill --init "$init" --anchor "$anchor" --teacher "$teacher" --pairs "$pairs" \
     --batch-size "$batch" --lr "$lr" --warmup 100 --steps 10000000 --ckpt-every 1000 --eval-every 2000 \
-    --out "$run" --max-minutes 0.01 >"$out/pairs.txt" 2>&1
-  log "pairs rc $?: $(tail -1 "$out/pairs.txt")"
+    --seed "$seed" --out "$run" --max-minutes 0.01 >>"$out/$name.txt" 2>&1
+  log "pairs rc $?: $(tail -1 "$out/$name.txt")"
 fi
 train_min=$(python3 -c "print(max(0.5, ($(left) - 60) / 60))")  # keep ~60 s for export and packing
 log "training $run for $train_min min"
-python3 -m molgen train --resume --out "$run" --lr "$lr" --max-minutes "$train_min" >"$out/train_distill.txt" 2>&1
-log "train rc $?: $(tail -1 "$out/train_distill.txt")"
+python3 -m molgen train --resume --out "$run" --lr "$lr" --max-minutes "$train_min" >>"$out/$name.txt" 2>&1
+log "train rc $?: $(tail -1 "$out/$name.txt")"
 last=$(ls "$run/checkpoints" 2>/dev/null | grep -E '^[0-9]+$' | sort -n | tail -1)
 [ -n "$last" ] || { log "no checkpoint"; exit 1; }
-python3 -m molgen export "$run" runs/w_distill >>"$out/pipeline.txt" 2>&1 || log "export failed"
-tar -cf "$out/distill.tar" "$run/config.json" "$run/metrics.jsonl" "$run/checkpoints/$last" runs/w_distill
+python3 -m molgen export "$run" "runs/w_$name" >>"$out/$name.txt" 2>&1 || log "export failed"
+tar -cf "$out/$name.tar" "$run/config.json" "$run/metrics.jsonl" "$run/checkpoints/$last" "runs/w_$name"
 log "packed step $last; done"

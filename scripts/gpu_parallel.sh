@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Runs ON the device machine, in the repo root, with .gpu carried (the QM9 cache in .gpu/qm9, for the teacher).
+# The small networks leave one GPU mostly idle (the host-side packing of batches bounds one run at ~100 steps/s,
+# docs/performance.md), so this trains three runs side by side on the one GPU, to one deadline; each packs its
+# result into $OUT as soon as it is done:
+#   distill_a.tar  scripts/gpu_distill.sh: the default model distilled further onto the teacher's ODE, lr LR_A
+#   distill_b.tar  the same with lr LR_B and seed 1 (other pairs, other order): a hedge on the learning rate
+#   diffusion.tar  the teacher (weights/edm-small-diffusion) trained on, for better ODE targets next time
+# and the logs distill_a.txt, distill_b.txt, diffusion.txt, pipeline.txt (7 files: the tool returns at most 8).
+#
+#   bash scripts/gpu_parallel.sh [DEADLINE_S=560] [PAIRS=250000] [BATCH=512]
+#
+# Environment overrides: LR_A (2e-4), LR_B (4e-4), DIFF_LR (4e-4), DIFF_BATCH (512).
+set -uo pipefail
+t_start=$(date +%s)
+deadline=${1:-560}; pairs=${2:-250000}; batch=${3:-512}
+lr_a=${LR_A:-2e-4}; lr_b=${LR_B:-4e-4}; diff_lr=${DIFF_LR:-4e-4}; diff_batch=${DIFF_BATCH:-512}
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 MOLGEN_JAX_CACHE=/tmp/jaxcache
+export XLA_PYTHON_CLIENT_PREALLOCATE=false   # three processes share the GPU's memory
+out=${OUT:-/tmp/out}; mkdir -p "$out" runs
+log() { echo "[$(( $(date +%s) - t_start )) s] $*" | tee -a "$out/pipeline.txt"; }
+python3 -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, jax.devices())" 2>&1 | tee -a "$out/pipeline.txt"
+
+NAME=distill_a RUN=runs/gkd_a SEED=0 bash scripts/gpu_distill.sh "$deadline" "$pairs" "$batch" "$lr_a" &
+NAME=distill_b RUN=runs/gkd_b SEED=1 bash scripts/gpu_distill.sh "$deadline" "$pairs" "$batch" "$lr_b" &
+
+diffusion() {
+  local run=runs/gdiff2 last minutes
+  minutes=$(python3 -c "print(max(0.5, ($deadline - 50 - ($(date +%s) - $t_start)) / 60))")
+  log "diffusion: from weights/edm-small-diffusion, batch $diff_batch, lr $diff_lr, $minutes min"
+  MOLGEN_HOME=$PWD/.gpu/qm9 python3 -m molgen train --mode diffusion --init weights/edm-small-diffusion \
+    --batch-size "$diff_batch" --lr "$diff_lr" --warmup 200 --steps 10000000 --ckpt-every 2000 --eval-every 4000 \
+    --out "$run" --max-minutes "$minutes" >"$out/diffusion.txt" 2>&1
+  log "diffusion: train rc $?: $(tail -1 "$out/diffusion.txt")"
+  last=$(ls "$run/checkpoints" 2>/dev/null | grep -E '^[0-9]+$' | sort -n | tail -1)
+  [ -n "$last" ] || { log "diffusion: no checkpoint"; return 1; }
+  python3 -m molgen export "$run" runs/w_diffusion >>"$out/diffusion.txt" 2>&1 || log "diffusion: export failed"
+  tar -cf "$out/diffusion.tar" "$run/config.json" "$run/metrics.jsonl" "$run/checkpoints/$last" runs/w_diffusion
+  log "diffusion: packed step $last"
+}
+diffusion &
+wait
+nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader >>"$out/pipeline.txt" 2>&1
+log "all done"
