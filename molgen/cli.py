@@ -382,13 +382,14 @@ def _reference(data_dir, remove_h, novelty: bool):
 @friendly
 def sample(
     n: int = typer.Option(1000, "-n", "--n", help="Number of molecules."),
-    steps: Optional[int] = typer.Option(None, "--steps", help="Network calls per molecule (default: 1 for consistency models, 1000 for diffusion)."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Network calls per molecule (default: 1 for consistency models, 1000 for diffusion); with --sampler ode, Heun steps (2 calls each, 1 for the last; default 18)."),
     out: Path = typer.Option(Path("out.sdf"), "-o", "--out", help="Output file: .sdf or .xyz."),
     checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help="Shipped model name, weights folder or training run folder (default: the shipped default)."),
     atoms: Optional[int] = typer.Option(None, "--atoms", help="Fix the number of atoms (default: drawn from the training histogram)."),
     seed: int = typer.Option(0, "--seed", help="Random seed (same seed, same file)."),
     batch_size: int = typer.Option(1000, "--batch-size", help="Molecules generated together."),
     sigmas: Optional[str] = typer.Option(None, "--sigmas", help="Consistency models: comma-separated noise levels, one per step."),
+    sampler: str = typer.Option("ancestral", "--sampler", metavar="<ancestral|ode>", help="Diffusion models: EDM's stochastic sampler, or the deterministic probability-flow ODE (Heun's method on Karras levels)."),
     fmt: Optional[str] = typer.Option(None, "--format", help="sdf or xyz (default: from the extension)."),
     report: bool = typer.Option(True, "--report/--no-report", help="Print the stability report of the samples."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the report as JSON."),
@@ -398,7 +399,7 @@ def sample(
     """Generate molecules and write them as SDF or XYZ, then print their stability report."""
     from molgen.chem.io import format_of, write_molecules
     from molgen.jax_setup import enable_compilation_cache
-    from molgen.sample import load_model
+    from molgen.sample import load_model, network_calls, noise_levels
     from molgen.sample import sample as do_sample
 
     enable_compilation_cache()
@@ -413,14 +414,18 @@ def sample(
             raise MolgenError(f"--sigmas: expected comma-separated numbers, got {sigmas!r}") from None
     cfg, params, meta = load_model(checkpoint)
     if steps is None:
-        steps = 1000 if cfg.mode == "diffusion" else 1
+        steps = 1 if cfg.mode != "diffusion" else (18 if sampler == "ode" else 1000)
+    calls = network_calls(cfg, noise_levels(cfg, steps, sig, sampler), sampler)  # checks the options too
     t0 = time.time()
     with _progress() as progress:
         task = progress.add_task(f"sampling ({steps} step{'s' if steps > 1 else ''})", total=n)
-        mols = do_sample(cfg, params, n, steps, seed, atoms, batch_size, sig, lambda k: progress.advance(task, k))
+        mols = do_sample(cfg, params, n, steps, seed, atoms, batch_size, sig, lambda k: progress.advance(task, k),
+                         sampler=sampler)
     t_sample = time.time() - t0
     settings = {"molgen_model": Path(meta.get("source", "")).name, "molgen_mode": cfg.mode,
                 "molgen_steps": steps, "molgen_seed": seed}
+    if cfg.mode == "diffusion":
+        settings.update(molgen_sampler=sampler, molgen_calls=calls)
     metrics = None
     if report or json_path:
         from molgen.evaluate import evaluate_molecules
@@ -435,7 +440,8 @@ def sample(
         for m in mols:
             m.props.update(settings)
     write_molecules(out, mols, fmt)
-    console.print(f"wrote {len(mols)} molecules to {out} ({cfg.mode}, {steps} network call{'s' if steps > 1 else ''} "
+    how = f"{cfg.mode}, ODE {steps} Heun step{'s' if steps > 1 else ''}, " if sampler == "ode" else f"{cfg.mode}, "
+    console.print(f"wrote {len(mols)} molecules to {out} ({how}{calls} network call{'s' if calls > 1 else ''} "
                   f"per molecule, {t_sample:.1f} s sampling)")
     if metrics is not None:
         if report:

@@ -115,15 +115,35 @@ def draw_sizes(cfg: RunConfig, n: int, seed: int, atoms: int | None = None, stre
     return rng.choice(len(hist), size=n, p=hist / hist.sum()).astype(np.int32)
 
 
-def sampler_kind(cfg: RunConfig) -> str:
-    return "diffusion" if cfg.mode == "diffusion" else "consistency"
+SAMPLERS = ("ancestral", "ode")
+ODE_SIGMA_MAX, ODE_SIGMA_MIN = 80.0, 0.002  # the ODE sampler's Karras levels (VE noise levels), then 0
 
 
-def noise_levels(cfg: RunConfig, steps: int, sigmas: Sequence[float] | None = None) -> list[float]:
-    """The per-step schedule: times 1 -> 0 for diffusion, noise levels sigma for consistency models."""
+def sampler_kind(cfg: RunConfig, sampler: str = "ancestral") -> str:
+    """'diffusion' (EDM's ancestral sampler), 'ode' (a diffusion model's probability-flow ODE) or 'consistency'."""
+    if sampler not in SAMPLERS:
+        raise MolgenError(f"--sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
+    if cfg.mode != "diffusion":
+        if sampler != "ancestral":
+            raise MolgenError(f"--sampler {sampler} applies to diffusion models; this is a {cfg.mode} model")
+        return "consistency"
+    return "ode" if sampler == "ode" else "diffusion"
+
+
+def noise_levels(cfg: RunConfig, steps: int, sigmas: Sequence[float] | None = None,
+                 sampler: str = "ancestral") -> list[float]:
+    """The per-step schedule: times 1 -> 0 for diffusion, noise levels sigma for consistency models and for
+    the ODE sampler (``steps`` Heun steps on Karras levels from 80 to 0.002, then 0)."""
     if steps < 1:
         raise MolgenError("--steps must be at least 1")
-    if sampler_kind(cfg) == "diffusion":
+    kind = sampler_kind(cfg, sampler)
+    if kind == "ode":
+        if sigmas:
+            raise MolgenError("--sigmas applies to consistency models only")
+        from molgen.diffusion.ode import karras_levels
+
+        return karras_levels(steps, ODE_SIGMA_MIN, ODE_SIGMA_MAX)
+    if kind == "diffusion":
         if sigmas:
             raise MolgenError("--sigmas applies to consistency models only")
         from molgen.diffusion.edm import respaced_times
@@ -143,12 +163,27 @@ def noise_levels(cfg: RunConfig, steps: int, sigmas: Sequence[float] | None = No
     return default_sigmas(steps, cfg.consistency)
 
 
-def make_step_fn(cfg: RunConfig, apply_fn: Callable | None = None):
+def network_calls(cfg: RunConfig, levels: list[float], sampler: str = "ancestral") -> int:
+    """Network calls per molecule of a schedule from :func:`noise_levels`."""
+    kind = sampler_kind(cfg, sampler)
+    if kind == "ode":
+        from molgen.diffusion.ode import n_calls
+
+        return n_calls(levels)
+    return len(levels) - 1 if kind == "diffusion" else len(levels)
+
+
+def make_step_fn(cfg: RunConfig, apply_fn: Callable | None = None, sampler: str = "ancestral"):
     from molgen.train import make_apply
 
     if apply_fn is None:
         _, apply_fn = make_apply(cfg)
-    if sampler_kind(cfg) == "diffusion":
+    kind = sampler_kind(cfg, sampler)
+    if kind == "ode":  # the denoiser D(y, sigma); heun_solve calls it
+        from molgen.diffusion.ode import edm_denoiser
+
+        return jax.jit(edm_denoiser(apply_fn, cfg.diffusion))
+    if kind == "diffusion":
         from molgen.diffusion.edm import make_sampler_step
 
         return jax.jit(make_sampler_step(apply_fn, cfg.diffusion))
@@ -158,14 +193,20 @@ def make_step_fn(cfg: RunConfig, apply_fn: Callable | None = None):
     return jax.jit(cm_step(make_consistency_fn(apply_fn, cfg.consistency), cfg.consistency))
 
 
-def sample_batch(cfg: RunConfig, params, step_fn, sizes: np.ndarray, levels: list[float], key):
+def sample_batch(cfg: RunConfig, params, step_fn, sizes: np.ndarray, levels: list[float], key,
+                 sampler: str = "ancestral"):
     """Generate one packed batch; returns (positions list, types list)."""
     from molgen.diffusion.noise import sample_noise
 
     g = pack(None, [np.zeros(int(n), np.int32) for n in sizes])
     nf = cfg.n_features
     k0, key = jax.random.split(key)
-    if sampler_kind(cfg) == "diffusion":
+    kind = sampler_kind(cfg, sampler)
+    if kind == "ode":
+        from molgen.diffusion.ode import heun_solve
+
+        zx, zh = heun_solve(step_fn, params, *sample_noise(k0, g, nf), g, levels)
+    elif kind == "diffusion":
         zx, zh = sample_noise(k0, g, nf)
         for i in range(len(levels) - 1):
             key, k = jax.random.split(key)
@@ -198,19 +239,22 @@ def sample(
     sigmas: Sequence[float] | None = None,
     progress: Callable[[int], None] | None = None,
     apply_fn: Callable | None = None,
+    sampler: str = "ancestral",
 ) -> list[Molecule]:
+    """``n`` molecules in ``steps`` steps: network calls for the ancestral and consistency samplers; Heun
+    steps (2 calls each, 1 for the last) for ``sampler="ode"`` (diffusion models)."""
     if n < 1:
         raise MolgenError("-n must be at least 1")
     if batch_size < 1:
         raise MolgenError("--batch-size must be at least 1")
-    levels = noise_levels(cfg, steps, sigmas)
+    levels = noise_levels(cfg, steps, sigmas, sampler)
     sizes = draw_sizes(cfg, n, seed, atoms)
-    step_fn = make_step_fn(cfg, apply_fn)
+    step_fn = make_step_fn(cfg, apply_fn, sampler)
     base = jax.random.PRNGKey(seed)
     mols: list[Molecule] = []
     for b, s in enumerate(range(0, n, batch_size)):
         bs = sizes[s : s + batch_size]
-        xs, ts = sample_batch(cfg, params, step_fn, bs, levels, jax.random.fold_in(base, b))
+        xs, ts = sample_batch(cfg, params, step_fn, bs, levels, jax.random.fold_in(base, b), sampler)
         for x, t in zip(xs, ts):
             mols.append(Molecule(t, x, name=f"molgen_{len(mols)}"))
         if progress:

@@ -119,6 +119,11 @@ def test_train_resume_and_sample(tmp_path, trained, data_dir):
     assert (tmp_path / "c.xyz").read_text().startswith(tuple("0123456789"))
     res = run("evaluate", out1, "--no-novelty")
     assert res.exit_code == 0 and "7" in res.output
+    res = run("sample", "--checkpoint", trained, "-n", 5, "--sampler", "ode", "--steps", 3, "-o", tmp_path / "o.sdf",
+              "--no-report", "--json", tmp_path / "o.json", "--data-dir", data_dir)
+    assert res.exit_code == 0 and "ODE 3 Heun steps" in res.output and "5 network calls" in res.output, res.output
+    rep = json.loads((tmp_path / "o.json").read_text())
+    assert rep["n_molecules"] == 5 and rep["molgen_sampler"] == "ode" and rep["molgen_calls"] == 5
 
 
 def test_ect_from_diffusion_and_sample(tmp_path, trained, data_dir):
@@ -160,6 +165,8 @@ def test_distill_from_a_consistency_model_resume_and_sample(tmp_path, trained, d
     assert (out / "pairs.npz").stat().st_mtime_ns == stamp  # pairs are solved once per run
     res = run("sample", "--checkpoint", out, "-n", 4, "--steps", 1, "-o", tmp_path / "d.sdf", "--no-report")
     assert res.exit_code == 0, res.output
+    one_line_error(run("sample", "--checkpoint", out, "--sampler", "ode", "-o", tmp_path / "x.sdf"),
+                   "applies to diffusion models")
     one_line_error(run("train", "--mode", "distill", "--init", ct, "--out", tmp_path / "z"), "--teacher")
     one_line_error(run("train", "--mode", "distill", "--init", trained, "--teacher", trained, "--out", tmp_path / "z"),
                    "consistency model")
@@ -197,6 +204,8 @@ def test_sample_bad_inputs(tmp_path, trained):
     one_line_error(run("sample", "--checkpoint", trained, "-o", tmp_path / "nodir" / "x.sdf"), "does not exist")
     one_line_error(run("sample", "--checkpoint", trained, "-o", tmp_path / "x.sdf", "--steps", 2,
                        "--sigmas", "1,2"), "consistency models only")
+    one_line_error(run("sample", "--checkpoint", trained, "-o", tmp_path / "x.sdf", "--sampler", "euler"),
+                   "--sampler must be one of ancestral, ode")
     assert not (tmp_path / "x.sdf").exists()
     existing = tmp_path / "keep.sdf"
     existing.write_text("precious")

@@ -51,6 +51,39 @@ def test_k_steps_make_k_network_calls(rng, mode, steps):
         np.testing.assert_allclose(m.positions.mean(0), 0, atol=1e-4)
 
 
+@pytest.mark.parametrize("steps", [1, 3])
+def test_ode_sampler_calls_zero_com_and_determinism(rng, steps):
+    from molgen.diffusion.ode import karras_levels
+    from molgen.sample import network_calls, noise_levels
+
+    cfg = _cfg("diffusion")
+    params = _noisy_params(cfg, rng)
+    levels = noise_levels(cfg, steps, sampler="ode")
+    assert levels == karras_levels(steps, 0.002, 80.0) and levels[0] == 80.0 and levels[-1] == 0.0
+    assert network_calls(cfg, levels, "ode") == 2 * steps - 1  # Heun: 2 calls a step, 1 for the step to 0
+    calls = []
+    mols = sample(cfg, params, n=8, steps=steps, seed=2, batch_size=8, apply_fn=_counting_apply(cfg, calls),
+                  sampler="ode")
+    assert len(calls) == 2 * steps - 1
+    again = sample(cfg, params, n=8, steps=steps, seed=2, sampler="ode")
+    for m, a in zip(mols, again):
+        assert np.isfinite(m.positions).all() and 3 <= len(m.types) <= 6
+        np.testing.assert_allclose(m.positions.mean(0), 0, atol=1e-4)
+        np.testing.assert_array_equal(m.positions, a.positions)  # deterministic given the seed's noise
+
+
+def test_sampler_option_errors():
+    from molgen import MolgenError
+    from molgen.sample import noise_levels
+
+    with pytest.raises(MolgenError, match="applies to diffusion models"):
+        noise_levels(_cfg("ct"), 2, sampler="ode")
+    with pytest.raises(MolgenError, match="--sampler must be one of"):
+        noise_levels(_cfg("diffusion"), 2, sampler="heun")
+    with pytest.raises(MolgenError, match="consistency models only"):
+        noise_levels(_cfg("diffusion"), 2, sigmas=[1.0, 0.5], sampler="ode")
+
+
 def test_batches_multiply_calls_and_sizes_follow_histogram(rng):
     cfg = _cfg("ct")
     calls = []
