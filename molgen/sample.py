@@ -137,15 +137,13 @@ def noise_levels(cfg: RunConfig, steps: int, sigmas: Sequence[float] | None = No
     if steps < 1:
         raise MolgenError("--steps must be at least 1")
     kind = sampler_kind(cfg, sampler)
+    if kind != "consistency" and sigmas:
+        raise MolgenError("--sigmas applies to consistency models only")
     if kind == "ode":
-        if sigmas:
-            raise MolgenError("--sigmas applies to consistency models only")
         from molgen.diffusion.ode import karras_levels
 
         return karras_levels(steps, ODE_SIGMA_MIN, ODE_SIGMA_MAX)
     if kind == "diffusion":
-        if sigmas:
-            raise MolgenError("--sigmas applies to consistency models only")
         from molgen.diffusion.edm import respaced_times
 
         if steps > cfg.diffusion.timesteps:
