@@ -183,7 +183,7 @@ def train(
     mode: Mode = typer.Option(Mode.diffusion, "--mode", help="diffusion (EDM), ct (consistency training), ect (consistency tuning from --init), distill (one-step regression of a consistency model --init onto a diffusion --teacher's ODE)."),
     model: Preset = typer.Option(Preset.small, "--model", help="Network preset: tiny 32x2, small 64x4, base 128x6, edm 256x9."),
     nf: Optional[int] = typer.Option(None, "--nf", help="Override the preset's feature width."),
-    layers: Optional[int] = typer.Option(None, "--layers", help="Override the preset's number of blocks."),
+    layers: Optional[int] = typer.Option(None, "--layers", help="Override the preset's number of blocks; with --mode distill, deepen the --init network to N blocks (the new blocks start as the identity, so the student starts as --init)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Molecules per step, split across devices (default 64; with --resume, replaces the run's)."),
     lr: Optional[float] = typer.Option(None, "--lr", help="Adam learning rate after a linear warm-up (default 5e-4, 2e-4 for --mode distill; with --resume, replaces the run's)."),
     warmup: int = typer.Option(500, "--warmup", help="Warm-up steps."),
@@ -256,7 +256,7 @@ def train(
         if resumed is None:
             cfg, init_params = _distill_config(init, teacher, pairs, teacher_steps, anchor, anchor_fraction,
                                                bond_weight, batch_size, lr, warmup, steps, seed, ema, clip,
-                                               ckpt_every, eval_every, out)
+                                               ckpt_every, eval_every, out, layers)
         with _progress(transient=False) as progress:
             ds = prepare_pairs(cfg, out, _progress_factory(progress))
     else:
@@ -309,8 +309,12 @@ def train(
 
 
 def _distill_config(init, teacher, n_pairs, teacher_steps, anchor, anchor_fraction, bond_weight, batch_size, lr,
-                    warmup, steps, seed, ema, clip, ckpt_every, eval_every, out):
-    """A new --mode distill run: the student, its network and its noise levels come from --init."""
+                    warmup, steps, seed, ema, clip, ckpt_every, eval_every, out, layers=None):
+    """A new --mode distill run: the student, its network and its noise levels come from --init.
+
+    With ``layers`` the student is --init deepened to that many blocks (:func:`molgen.nn.egnn.grow_params`).
+    """
+    from molgen.nn.egnn import grow_params
     from molgen.sample import load_model
 
     if init is None or teacher is None:
@@ -322,6 +326,12 @@ def _distill_config(init, teacher, n_pairs, teacher_steps, anchor, anchor_fracti
         acfg, _, _ = load_model(anchor)
         if acfg.mode == "diffusion" or acfg.model != icfg.model:
             raise MolgenError(f"{anchor}: --anchor must be a consistency model with --init's network")
+    if layers is not None and layers != icfg.model.n_layers:
+        if layers < icfg.model.n_layers:
+            raise MolgenError(f"--layers {layers}: --mode distill can deepen --init's {icfg.model.n_layers} blocks, "
+                              "not remove any")
+        grown, init_params = grow_params(init_params, icfg.model, layers, seed=seed)
+        icfg = icfg.replace(model=grown)
     cfg = icfg.replace(mode="distill", init=str(init), teacher=str(teacher), n_pairs=n_pairs,
                        teacher_steps=teacher_steps, anchor=str(anchor) if anchor else None,
                        anchor_fraction=anchor_fraction, bond_weight=bond_weight,

@@ -66,7 +66,12 @@ def make_loss(cfg: RunConfig) -> Callable:
         if cfg.anchor_fraction > 0:
             from molgen.sample import load_model
 
+            from molgen.nn.egnn import can_grow, grow_params
+
             acfg, anchor, _ = load_model(cfg.anchor or cfg.init)
+            if acfg.model != cfg.model and can_grow(acfg.model, cfg.model):  # a deepened student (--layers)
+                _, anchor = grow_params(anchor, acfg.model, cfg.model.n_layers)
+                acfg = acfg.replace(model=cfg.model)
             if acfg.model != cfg.model or acfg.consistency != cfg.consistency:
                 raise MolgenError(f"{cfg.anchor or cfg.init}: the anchor model's network or noise levels differ from the student's")
             anchor = jax.tree_util.tree_map(jnp.asarray, anchor)

@@ -167,6 +167,17 @@ def test_distill_from_a_consistency_model_resume_and_sample(tmp_path, trained, d
     assert res.exit_code == 0, res.output
     one_line_error(run("sample", "--checkpoint", out, "--sampler", "ode", "-o", tmp_path / "x.sdf"),
                    "applies to diffusion models")
+    # --layers deepens the student (new blocks start as the identity); the anchor (--init) is deepened with it.
+    deep = tmp_path / "kd_deep"
+    res = run("train", "--mode", "distill", "--init", ct, "--teacher", trained, "--pairs", 20, "--teacher-steps", 2,
+              "--layers", 3, "--batch-size", 4, "--steps", 1, "--ckpt-every", 1, "--cpu-devices", 1, "--out", deep)
+    assert res.exit_code == 0 and "layers=3" in res.output, res.output
+    dcfg = json.loads((deep / "config.json").read_text())
+    assert dcfg["model"]["n_layers"] == 3 and dcfg["model"]["coords_range"] == ccfg["model"]["coords_range"] * 1.5
+    res = run("sample", "--checkpoint", deep, "-n", 4, "--steps", 2, "-o", tmp_path / "deep.sdf", "--no-report")
+    assert res.exit_code == 0, res.output
+    one_line_error(run("train", "--mode", "distill", "--init", ct, "--teacher", trained, "--layers", 1,
+                       "--out", tmp_path / "z"), "--layers 1")
     one_line_error(run("train", "--mode", "distill", "--init", ct, "--out", tmp_path / "z"), "--teacher")
     one_line_error(run("train", "--mode", "distill", "--init", trained, "--teacher", trained, "--out", tmp_path / "z"),
                    "consistency model")

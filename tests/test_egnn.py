@@ -137,3 +137,31 @@ def test_presets_are_frozen_and_roundtrip():
     assert EGNNConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(Exception):
         cfg.nf = 3  # frozen
+
+
+def test_grown_network_computes_the_same_function_and_its_new_blocks_learn(rng):
+    """Deepening by identity blocks keeps the output, scales coords_range, and the new blocks get gradients."""
+    from molgen.nn.egnn import can_grow, grow_params, grown_config
+
+    small = EGNNConfig(nf=32, n_layers=2, inv_sublayers=2)
+    model, params, g, h, cond = _setup(rng, cfg=small)
+    big_cfg, big = grow_params(params, small, 5, seed=3)
+    assert big_cfg == grown_config(small, 5) and big_cfg.n_layers == 5 and big_cfg.coords_range == 15.0 * 5 / 2
+    assert can_grow(small, big_cfg) and not can_grow(small, big_cfg.replace(coords_range=15.0))
+    assert set(big["params"]) == {"embedding", "embedding_out"} | {f"block_{i}" for i in range(5)}
+    vel, hout = _run(model, params, g, g.positions, h, cond)
+    assert float(jnp.abs(vel).max()) > 1e-3
+    vel2, hout2 = _run(EGNN(big_cfg), big, g, g.positions, h, cond)
+    np.testing.assert_allclose(np.asarray(vel2), np.asarray(vel), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(hout2), np.asarray(hout), atol=1e-5)
+
+    def loss(p):
+        v, o = EGNN(big_cfg).apply(p, jnp.asarray(g.positions), jnp.asarray(h), jnp.asarray(cond), g)
+        return jnp.sum(v**2) + jnp.sum(o**2)
+
+    grads = jax.grad(loss)(big)["params"]
+    for i in (2, 3, 4):
+        assert float(jnp.abs(grads[f"block_{i}"]["gcl_1"]["node_out"]["kernel"]).max()) > 0
+        assert float(jnp.abs(grads[f"block_{i}"]["update"]["coord_out"]["kernel"]).max()) > 0
+    with pytest.raises(ValueError):
+        grown_config(big_cfg, 3)

@@ -176,3 +176,58 @@ class EGNN(nn.Module):
         h_out = _dense(c.in_node_nf + 1, name="embedding_out")(hh) * node_mask[:, None]
         vel = remove_mean(xx - x, node_mask, graph.segment, n_seg)
         return vel, h_out[:, : c.in_node_nf]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Deepening a trained network (a larger one-step student that starts where the trained one is)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def grown_config(cfg: EGNNConfig, n_layers: int) -> EGNNConfig:
+    """``cfg`` with ``n_layers`` blocks and ``coords_range`` scaled so each block's step bound is unchanged.
+
+    A block moves an atom by at most ``coords_range / n_layers`` per neighbour (with ``tanh``); keeping that
+    quotient lets the original blocks compute exactly what they computed before.
+    """
+    if n_layers < cfg.n_layers:
+        raise ValueError(f"a network can only be deepened: {n_layers} < {cfg.n_layers} blocks")
+    return cfg.replace(n_layers=n_layers, coords_range=cfg.coords_range * n_layers / cfg.n_layers)
+
+
+def can_grow(small: EGNNConfig, large: EGNNConfig) -> bool:
+    """True when ``large`` is ``small`` deepened by :func:`grown_config`."""
+    return large.n_layers >= small.n_layers and grown_config(small, large.n_layers) == large
+
+
+def grow_params(params, cfg: EGNNConfig, n_layers: int, seed: int = 0):
+    """Deepen trained EGNN parameters to ``n_layers`` blocks without changing the network's function.
+
+    Blocks ``cfg.n_layers .. n_layers-1`` are appended after the trained ones, freshly initialised except for
+    the last layer of every residual node MLP (``node_out``) and the coordinate output (``coord_out``), which
+    are zero: each new block is then the identity on (h, x), so the grown network's output equals the trained
+    one's, while those zero layers get gradients at once and the new blocks start learning.  Returns
+    ``(grown config, grown params)``; the config goes with the parameters (see :func:`grown_config`).
+    """
+    from molgen.data.batching import pack
+    import numpy as np
+
+    big = grown_config(cfg, n_layers)
+    if n_layers == cfg.n_layers:
+        return big, params
+    g = pack([np.zeros((3, 3), np.float32)], [np.zeros(3, np.int32)])
+    h = np.zeros((len(g.node_mask), cfg.in_node_nf), np.float32)
+    fresh = EGNN(big).init(jax.random.PRNGKey(seed), g.positions, h, g.node_mask, g)["params"]
+    old = params["params"]
+    new = {k: v for k, v in old.items()}
+    for i in range(cfg.n_layers, n_layers):
+        block = jax.tree_util.tree_map(jnp.asarray, fresh[f"block_{i}"])
+        block = dict(block)
+        for name, sub in list(block.items()):
+            sub = dict(sub)
+            if name.startswith("gcl_"):
+                sub["node_out"] = jax.tree_util.tree_map(jnp.zeros_like, sub["node_out"])
+            else:  # the coordinate update
+                sub["coord_out"] = jax.tree_util.tree_map(jnp.zeros_like, sub["coord_out"])
+            block[name] = sub
+        new[f"block_{i}"] = block
+    return big, {**params, "params": new}
