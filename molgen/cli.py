@@ -202,6 +202,7 @@ def train(
     anchor_fraction: float = typer.Option(0.25, "--anchor-fraction", min=0.0, max=0.9, help="--mode distill: share of each batch trained at the low noise levels of k-step sampling to keep the --anchor model's output there (0: one-step only)."),
     anchor: Optional[Path] = typer.Option(None, "--anchor", help="--mode distill: the consistency model whose low-noise behaviour is kept (default: --init)."),
     bond_weight: float = typer.Option(1.0, "--bond-weight", min=0.0, help="--mode distill: weight of a loss on the distances of the target's atom pairs closer than 2 Å (bond lengths; 0 turns it off)."),
+    relax_weight: float = typer.Option(0.0, "--relax-weight", min=0.0, help="--mode distill: weight of a term that pulls each one-call molecule towards the teacher's denoising of it at low noise (0.02-0.2), i.e. towards geometries the teacher holds clean (0: off)."),
     eval_every: int = typer.Option(1000, "--eval-every", help="Validation loss every N steps (EMA parameters)."),
     ckpt_every: int = typer.Option(500, "--ckpt-every", help="Checkpoint every N steps."),
     parametrization: Optional[str] = typer.Option(
@@ -256,7 +257,7 @@ def train(
         if resumed is None:
             cfg, init_params = _distill_config(init, teacher, pairs, teacher_steps, anchor, anchor_fraction,
                                                bond_weight, batch_size, lr, warmup, steps, seed, ema, clip,
-                                               ckpt_every, eval_every, out, layers)
+                                               ckpt_every, eval_every, out, layers, relax_weight)
         with _progress(transient=False) as progress:
             ds = prepare_pairs(cfg, out, _progress_factory(progress))
     else:
@@ -309,7 +310,7 @@ def train(
 
 
 def _distill_config(init, teacher, n_pairs, teacher_steps, anchor, anchor_fraction, bond_weight, batch_size, lr,
-                    warmup, steps, seed, ema, clip, ckpt_every, eval_every, out, layers=None):
+                    warmup, steps, seed, ema, clip, ckpt_every, eval_every, out, layers=None, relax_weight=0.0):
     """A new --mode distill run: the student, its network and its noise levels come from --init.
 
     With ``layers`` the student is --init deepened to that many blocks (:func:`molgen.nn.egnn.grow_params`).
@@ -334,7 +335,7 @@ def _distill_config(init, teacher, n_pairs, teacher_steps, anchor, anchor_fracti
         icfg = icfg.replace(model=grown)
     cfg = icfg.replace(mode="distill", init=str(init), teacher=str(teacher), n_pairs=n_pairs,
                        teacher_steps=teacher_steps, anchor=str(anchor) if anchor else None,
-                       anchor_fraction=anchor_fraction, bond_weight=bond_weight,
+                       anchor_fraction=anchor_fraction, bond_weight=bond_weight, relax_weight=relax_weight,
                        batch_size=batch_size or icfg.batch_size,
                        lr=lr or 2e-4, warmup=warmup, steps=steps or 10000, seed=seed, ema=ema, clip=clip,
                        ckpt_every=ckpt_every, eval_every=eval_every)

@@ -41,6 +41,7 @@ class RunConfig:
     anchor: str | None = None
     anchor_fraction: float = 0.0
     bond_weight: float = 0.0  # "distill": weight of the short-pair distance term
+    relax_weight: float = 0.0  # "distill": weight of the teacher-relaxation term (see distill_loss)
     # For sampling without the data set: the training split's atom-count histogram (index = atoms).
     size_hist: tuple[int, ...] = ()
     type_fractions: tuple[float, ...] = ()

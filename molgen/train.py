@@ -75,8 +75,17 @@ def make_loss(cfg: RunConfig) -> Callable:
             if acfg.model != cfg.model or acfg.consistency != cfg.consistency:
                 raise MolgenError(f"{cfg.anchor or cfg.init}: the anchor model's network or noise levels differ from the student's")
             anchor = jax.tree_util.tree_map(jnp.asarray, anchor)
+        relax = None
+        if cfg.relax_weight > 0:
+            from molgen.diffusion.ode import edm_denoiser
+            from molgen.sample import load_model
+
+            tcfg, tparams, _ = load_model(cfg.teacher)
+            _, tapply = make_apply(tcfg)
+            relax = (edm_denoiser(tapply, tcfg.diffusion), jax.tree_util.tree_map(jnp.asarray, tparams),
+                     cfg.relax_weight)
         return lambda p, b, k, s: distill_loss(cfn, p, b[0].positions, features(b[0]), b[1], b[0], cfg.consistency,
-                                               k, anchor, cfg.anchor_fraction, cfg.bond_weight)
+                                               k, anchor, cfg.anchor_fraction, cfg.bond_weight, relax)
     raise MolgenError(f"unknown mode {cfg.mode!r}")
 
 

@@ -197,3 +197,54 @@ def test_bond_term_measures_short_pair_distances():
     np.testing.assert_allclose(float(aux["bond_error"]), np.mean(expected), rtol=1e-4)
     _, aux0 = distill_loss(cfn, params, own, oh, (zx, zh), g, cfg.consistency, bond_weight=1.0)
     assert float(aux0["bond_error"]) < 1e-5 and abs(float(aux0["bond_loss"])) < 1e-6
+
+
+def test_relaxation_term_pulls_the_output_towards_the_teachers_denoising_of_it():
+    """relax: zero when the teacher's denoiser gives the output back; else the pseudo-Huber distance to it,
+    whose gradient moves the output towards the teacher's answer; the denoiser sees the output + low noise."""
+    from molgen.consistency.distill import RELAX_SIGMAS
+    from molgen.consistency.ict import pseudo_huber
+    from molgen.diffusion.noise import per_molecule_sum
+
+    cfg = RunConfig(mode="distill", model=PRESETS["tiny"])
+    params = init_params(cfg)
+    _, apply = make_apply(cfg)
+    cfn = make_consistency_fn(apply, cfg.consistency)
+    g = _graph([4, 3])
+    zx, zh = sample_noise(jax.random.PRNGKey(2), g, 6)
+    s = cfg.consistency.sigma_max
+    ox, oh = cfn(params, s * zx, s * zh, jnp.full(g.node_mask.shape, s, jnp.float32), g)
+    seen = {}
+
+    def echo(tp, px, ph, sig, graph):  # a "teacher" whose denoising returns the clean output exactly
+        seen["sig"], seen["dx"] = sig, px - ox
+        return ox, oh
+
+    key = jax.random.PRNGKey(5)
+    base, _ = distill_loss(cfn, params, ox, oh, (zx, zh), g, cfg.consistency, key)
+    loss, aux = distill_loss(cfn, params, ox, oh, (zx, zh), g, cfg.consistency, key, relax=(echo, None, 2.0))
+    assert abs(float(aux["relax_loss"])) < 1e-6 and abs(float(loss - base)) < 1e-6
+    real = np.asarray(g.node_mask) > 0
+    sig = np.asarray(seen["sig"])[real]
+    assert (sig >= RELAX_SIGMAS[0] - 1e-6).all() and (sig <= RELAX_SIGMAS[1] + 1e-6).all()
+    assert float(jnp.abs(seen["dx"]).max()) > 1e-3  # the teacher was given a noised copy, not the output itself
+    shift = 0.1 * ox  # a stretched copy: zero-CoM, as every denoised molecule is
+
+    def shifted(tp, px, ph, sig, graph):
+        return ox + shift, oh
+
+    loss2, aux2 = distill_loss(cfn, params, ox, oh, (zx, zh), g, cfg.consistency, key, relax=(shifted, None, 2.0))
+    dim = g.n_atoms.astype(jnp.float32) * 9
+    want = pseudo_huber(per_molecule_sum(jnp.sum(shift**2, -1), g), dim, cfg.consistency.huber_scale)
+    want = float(jnp.sum(want * (g.n_atoms > 0)) / jnp.sum(g.n_atoms > 0))
+    assert abs(float(aux2["relax_loss"]) - want) < 1e-5 and abs(float(loss2 - base) - 2.0 * want) < 1e-5
+
+    def relax_only(p):
+        px, ph = cfn(p, s * zx, s * zh, jnp.full(g.node_mask.shape, s, jnp.float32), g)
+        return distill_loss(cfn, p, px, ph, (zx, zh), g, cfg.consistency, key, relax=(shifted, None, 1.0))[1]["relax_loss"]
+
+    grads = jax.grad(relax_only)(params)
+    norm = jnp.sqrt(sum(jnp.sum(v**2) for v in jax.tree_util.tree_leaves(grads)))
+    assert float(norm) > 0
+    step = jax.tree_util.tree_map(lambda a, b: a - 1e-4 * b / norm, params, grads)
+    assert float(relax_only(step)) < float(relax_only(params))  # a gradient step moves towards the target

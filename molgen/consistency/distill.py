@@ -112,10 +112,11 @@ def generate_pairs(teacher_cfg, teacher_params, sizes: np.ndarray, seed: int, od
 
 ANCHOR_SIGMAS = (0.08, 0.5)  # the levels k-step sampling re-noises to (default_sigmas: 0.4 ... 0.1, and 0.2)
 BOND_CUTOFF = 2.0  # Å: target atom pairs closer than this (bonds, and H-X-H / short 1-3 pairs) enter the bond term
+RELAX_SIGMAS = (0.02, 0.2)  # low noise levels of the teacher-relaxation term: bond-length scale, below bond orders
 
 
 def distill_loss(cfn, params, x, h, noise, graph, cfg: ConsistencyConfig, key=None, anchor_params=None,
-                 anchor_fraction: float = 0.0, bond_weight: float = 0.0):
+                 anchor_fraction: float = 0.0, bond_weight: float = 0.0, relax=None):
     """Mean over molecules of the pseudo-Huber distance between f(s_max z, s_max) and the target (x, h).
 
     With ``anchor_params`` a random ``anchor_fraction`` of the molecules is used instead at a low level s in
@@ -125,6 +126,15 @@ def distill_loss(cfn, params, x, h, noise, graph, cfg: ConsistencyConfig, key=No
     ``bond_weight`` adds, for the one-step molecules, the pseudo-Huber distance between the student's and the
     target's interatomic distances over the target's pairs closer than BOND_CUTOFF: stability and validity
     are read from those distances, and the coordinate loss spends its effort equally on far pairs.
+
+    ``relax = (denoise, teacher_params, weight)`` adds, for the one-step molecules, the teacher's relaxation:
+    the output (ox, oh) is noised to a low level s (log-uniform in RELAX_SIGMAS, fresh zero-CoM noise) and
+    pulled towards the teacher's denoising of it, D(ox + s xi, s) with gradients stopped (pseudo-Huber as
+    above).  Its expected gradient is -s^2 times the teacher's score of the output smoothed at s: the
+    output moves towards geometries the teacher holds clean (bond lengths), which the regression onto the
+    teacher's ODE end alone does not reach when the student cannot fit that map exactly (its errors average
+    into wrong bond lengths).  It is the real-score half of distribution matching distillation (Yin et al.
+    2024), used only at low noise, where it acts on local geometry and the regression term keeps diversity.
     """
     zx, zh = noise
     m = graph.node_mask
@@ -161,6 +171,19 @@ def distill_loss(cfn, params, x, h, noise, graph, cfg: ConsistencyConfig, key=No
     if anchored:
         anc = real - one
         aux["anchor_loss"] = jnp.sum(per_mol * anc) / jnp.maximum(anc.sum(), 1.0)
+    if relax is not None:
+        denoise, tparams, relax_weight = relax
+        k_rs, k_rn = jax.random.split(jax.random.fold_in(key, 1))
+        lo, hi = np.log(RELAX_SIGMAS[0]), np.log(RELAX_SIGMAS[1])
+        s_r = jnp.exp(jax.random.uniform(k_rs, (n_seg,), minval=lo, maxval=hi))[seg]
+        rx, rh = sample_noise(k_rn, graph, h.shape[-1])
+        px = jax.lax.stop_gradient(ox) + s_r[:, None] * rx
+        ph = (jax.lax.stop_gradient(oh) + s_r[:, None] * rh) * m[:, None]
+        dx, dh = jax.lax.stop_gradient(denoise(tparams, px, ph, s_r, graph))
+        sq_r = per_molecule_sum(jnp.sum((ox - dx) ** 2, -1) + jnp.sum((oh - dh * m[:, None]) ** 2, -1), graph)
+        relax_term = jnp.sum(pseudo_huber(sq_r, dim, cfg.huber_scale) * one) / jnp.maximum(one.sum(), 1.0)
+        loss = loss + relax_weight * relax_term
+        aux["relax_loss"] = relax_term
     if bond_weight > 0:
         snd, rcv = graph.senders, graph.receivers
 
