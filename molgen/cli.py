@@ -202,7 +202,7 @@ def train(
     anchor_fraction: float = typer.Option(0.25, "--anchor-fraction", min=0.0, max=0.9, help="--mode distill: share of each batch trained at the low noise levels of k-step sampling to keep the --anchor model's output there (0: one-step only)."),
     anchor: Optional[Path] = typer.Option(None, "--anchor", help="--mode distill: the consistency model whose low-noise behaviour is kept (default: --init)."),
     bond_weight: float = typer.Option(1.0, "--bond-weight", min=0.0, help="--mode distill: weight of a loss on the distances of the target's atom pairs closer than 2 Å (bond lengths; 0 turns it off)."),
-    relax_weight: float = typer.Option(0.0, "--relax-weight", min=0.0, help="--mode distill: weight of a term that pulls each one-call molecule towards the teacher's denoising of it at low noise (0.02-0.2), i.e. towards geometries the teacher holds clean (0: off)."),
+    relax_weight: float = typer.Option(0.0, "--relax-weight", min=0.0, help="--mode distill: weight of a term that pulls each one-call molecule towards the teacher's denoising of it at low noise (0.05-0.3), i.e. towards geometries the teacher holds clean (0: off)."),
     eval_every: int = typer.Option(1000, "--eval-every", help="Validation loss every N steps (EMA parameters)."),
     ckpt_every: int = typer.Option(500, "--ckpt-every", help="Checkpoint every N steps."),
     parametrization: Optional[str] = typer.Option(

@@ -112,7 +112,7 @@ def generate_pairs(teacher_cfg, teacher_params, sizes: np.ndarray, seed: int, od
 
 ANCHOR_SIGMAS = (0.08, 0.5)  # the levels k-step sampling re-noises to (default_sigmas: 0.4 ... 0.1, and 0.2)
 BOND_CUTOFF = 2.0  # Å: target atom pairs closer than this (bonds, and H-X-H / short 1-3 pairs) enter the bond term
-RELAX_SIGMAS = (0.02, 0.2)  # low noise levels of the teacher-relaxation term: bond-length scale, below bond orders
+RELAX_SIGMAS = (0.05, 0.3)  # noise levels (Å) of the teacher-relaxation term: the scale of one-call bond errors
 
 
 def distill_loss(cfn, params, x, h, noise, graph, cfg: ConsistencyConfig, key=None, anchor_params=None,
