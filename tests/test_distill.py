@@ -113,7 +113,8 @@ def test_batches_keep_noise_beside_its_molecule():
         assert not nx[shard, o:].any() and not graphs.node_mask[shard, o:].any()  # padding rows stay empty
 
 
-def test_distill_loss_is_zero_on_the_students_own_answer():
+def _one_call_student():
+    """A tiny student, a batch of two molecules, their noise and the student's one-call answer to it."""
     cfg = RunConfig(mode="distill", model=PRESETS["tiny"])
     params = init_params(cfg)
     _, apply = make_apply(cfg)
@@ -122,6 +123,11 @@ def test_distill_loss_is_zero_on_the_students_own_answer():
     zx, zh = sample_noise(jax.random.PRNGKey(2), g, 6)
     s = cfg.consistency.sigma_max
     ox, oh = cfn(params, s * zx, s * zh, jnp.full(g.node_mask.shape, s, jnp.float32), g)
+    return cfg, params, cfn, g, zx, zh, s, ox, oh
+
+
+def test_distill_loss_is_zero_on_the_students_own_answer():
+    cfg, params, cfn, g, zx, zh, s, ox, oh = _one_call_student()
     loss, aux = distill_loss(cfn, params, ox, oh, (zx, zh), g, cfg.consistency)
     assert abs(float(loss)) < 1e-6 and float(aux["position_error"]) < 1e-4
     loss2, aux2 = distill_loss(cfn, params, ox + 0.3 * g.node_mask[:, None], oh, (zx, zh), g, cfg.consistency)
@@ -206,14 +212,7 @@ def test_relaxation_term_pulls_the_output_towards_the_teachers_denoising_of_it()
     from molgen.consistency.ict import pseudo_huber
     from molgen.diffusion.noise import per_molecule_sum
 
-    cfg = RunConfig(mode="distill", model=PRESETS["tiny"])
-    params = init_params(cfg)
-    _, apply = make_apply(cfg)
-    cfn = make_consistency_fn(apply, cfg.consistency)
-    g = _graph([4, 3])
-    zx, zh = sample_noise(jax.random.PRNGKey(2), g, 6)
-    s = cfg.consistency.sigma_max
-    ox, oh = cfn(params, s * zx, s * zh, jnp.full(g.node_mask.shape, s, jnp.float32), g)
+    cfg, params, cfn, g, zx, zh, s, ox, oh = _one_call_student()
     seen = {}
 
     def echo(tp, px, ph, sig, graph):  # a "teacher" whose denoising returns the clean output exactly

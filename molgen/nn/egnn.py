@@ -217,11 +217,9 @@ def grow_params(params, cfg: EGNNConfig, n_layers: int, seed: int = 0):
     g = pack([np.zeros((3, 3), np.float32)], [np.zeros(3, np.int32)])
     h = np.zeros((len(g.node_mask), cfg.in_node_nf), np.float32)
     fresh = EGNN(big).init(jax.random.PRNGKey(seed), g.positions, h, g.node_mask, g)["params"]
-    old = params["params"]
-    new = {k: v for k, v in old.items()}
+    new = dict(params["params"])
     for i in range(cfg.n_layers, n_layers):
-        block = jax.tree_util.tree_map(jnp.asarray, fresh[f"block_{i}"])
-        block = dict(block)
+        block = dict(fresh[f"block_{i}"])
         for name, sub in list(block.items()):
             sub = dict(sub)
             if name.startswith("gcl_"):
