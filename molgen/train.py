@@ -60,12 +60,11 @@ def make_loss(cfg: RunConfig) -> Callable:
         return lambda p, g, k, s: consistency_loss(cfn, p, g.positions, features(g), g, k, s, cfg.consistency)
     if cfg.mode == "distill":  # batches are (graph of targets, noise): see molgen.consistency.distill
         from molgen.consistency.distill import distill_loss
+        from molgen.sample import load_model
 
         cfn = make_consistency_fn(apply, cfg.consistency)
         anchor = None
         if cfg.anchor_fraction > 0:
-            from molgen.sample import load_model
-
             from molgen.nn.egnn import can_grow, grow_params
 
             acfg, anchor, _ = load_model(cfg.anchor or cfg.init)
@@ -78,7 +77,6 @@ def make_loss(cfg: RunConfig) -> Callable:
         relax = None
         if cfg.relax_weight > 0:
             from molgen.diffusion.ode import edm_denoiser
-            from molgen.sample import load_model
 
             tcfg, tparams, _ = load_model(cfg.teacher)
             _, tapply = make_apply(tcfg)
