@@ -203,6 +203,8 @@ def train(
     anchor: Optional[Path] = typer.Option(None, "--anchor", help="--mode distill: the consistency model whose low-noise behaviour is kept (default: --init)."),
     bond_weight: float = typer.Option(1.0, "--bond-weight", min=0.0, help="--mode distill: weight of a loss on the distances of the target's atom pairs closer than 2 Å (bond lengths; 0 turns it off)."),
     relax_weight: float = typer.Option(0.0, "--relax-weight", min=0.0, help="--mode distill: weight of a term that pulls each one-call molecule towards the teacher's denoising of it at low noise (0.05-0.3), i.e. towards geometries the teacher holds clean (0: off)."),
+    refine: int = typer.Option(0, "--refine", min=0, help="--mode distill: R > 0 regresses onto --init's own one-call molecules, each relaxed by R calls of the teacher as `molgen sample --refine R` does (no ODE solve), instead of the teacher's ODE ends (an experiment: docs/training.md)."),
+    refine_sigma: float = typer.Option(0.0, "--refine-sigma", min=0.0, max=2.0, help="--mode distill --refine: one noise level (Å) for every teacher call (default 0: levels 0.4 -> 0.1, as in sampling)."),
     eval_every: int = typer.Option(1000, "--eval-every", help="Validation loss every N steps (EMA parameters)."),
     ckpt_every: int = typer.Option(500, "--ckpt-every", help="Checkpoint every N steps."),
     parametrization: Optional[str] = typer.Option(
@@ -257,7 +259,8 @@ def train(
         if resumed is None:
             cfg, init_params = _distill_config(init, teacher, pairs, teacher_steps, anchor, anchor_fraction,
                                                bond_weight, batch_size, lr, warmup, steps, seed, ema, clip,
-                                               ckpt_every, eval_every, out, layers, relax_weight)
+                                               ckpt_every, eval_every, out, layers, relax_weight, refine,
+                                               refine_sigma)
         with _progress(transient=False) as progress:
             ds = prepare_pairs(cfg, out, _progress_factory(progress))
     else:
@@ -310,7 +313,8 @@ def train(
 
 
 def _distill_config(init, teacher, n_pairs, teacher_steps, anchor, anchor_fraction, bond_weight, batch_size, lr,
-                    warmup, steps, seed, ema, clip, ckpt_every, eval_every, out, layers=None, relax_weight=0.0):
+                    warmup, steps, seed, ema, clip, ckpt_every, eval_every, out, layers=None, relax_weight=0.0,
+                    refine=0, refine_sigma=0.0):
     """A new --mode distill run: the student, its network and its noise levels come from --init.
 
     With ``layers`` the student is --init deepened to that many blocks (:func:`molgen.nn.egnn.grow_params`).
@@ -336,6 +340,7 @@ def _distill_config(init, teacher, n_pairs, teacher_steps, anchor, anchor_fracti
     cfg = icfg.replace(mode="distill", init=str(init), teacher=str(teacher), n_pairs=n_pairs,
                        teacher_steps=teacher_steps, anchor=str(anchor) if anchor else None,
                        anchor_fraction=anchor_fraction, bond_weight=bond_weight, relax_weight=relax_weight,
+                       refine_rounds=refine, refine_sigma=refine_sigma,
                        batch_size=batch_size or icfg.batch_size,
                        lr=lr or 2e-4, warmup=warmup, steps=steps or 10000, seed=seed, ema=ema, clip=clip,
                        ckpt_every=ckpt_every, eval_every=eval_every)
@@ -400,7 +405,9 @@ def sample(
     seed: int = typer.Option(0, "--seed", help="Random seed (same seed, same file)."),
     batch_size: int = typer.Option(1000, "--batch-size", help="Molecules generated together."),
     sigmas: Optional[str] = typer.Option(None, "--sigmas", help="Consistency models: comma-separated noise levels, one per step."),
-    sampler: str = typer.Option("ancestral", "--sampler", metavar="<ancestral|ode>", help="Diffusion models: EDM's stochastic sampler, or the deterministic probability-flow ODE (Heun's method on Karras levels)."),
+    sampler: str = typer.Option("ancestral", "--sampler", metavar="<ancestral|ode|refine>", help="Diffusion models: EDM's stochastic sampler (ancestral), or the deterministic probability-flow ODE (ode: Heun's method on Karras levels). Consistency models: ancestral re-noises to each next level before calling f again; refine calls f on the molecule itself at levels 0.4 -> 0.1 (no re-noising), which gives more stable molecules per call."),
+    refine: int = typer.Option(0, "--refine", min=0, help="After sampling, N calls of a diffusion model's denoiser on each molecule at levels 0.4 -> 0.1 (no re-noising): better bonds for N more calls."),
+    refiner: Optional[str] = typer.Option(None, "--refiner", help="--refine: the diffusion model to call (default: the model itself, its distillation teacher or the diffusion model it was tuned from)."),
     fmt: Optional[str] = typer.Option(None, "--format", help="sdf or xyz (default: from the extension)."),
     report: bool = typer.Option(True, "--report/--no-report", help="Print the stability report of the samples."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the report as JSON."),
@@ -410,7 +417,7 @@ def sample(
     """Generate molecules and write them as SDF or XYZ, then print their stability report."""
     from molgen.chem.io import format_of, write_molecules
     from molgen.jax_setup import enable_compilation_cache
-    from molgen.sample import load_model, network_calls, noise_levels
+    from molgen.sample import load_model, load_refiner, network_calls, noise_levels
     from molgen.sample import sample as do_sample
 
     enable_compilation_cache()
@@ -427,16 +434,27 @@ def sample(
     if steps is None:
         steps = 1 if cfg.mode != "diffusion" else (18 if sampler == "ode" else 1000)
     calls = network_calls(cfg, noise_levels(cfg, steps, sig, sampler), sampler)  # checks the options too
+    if refiner is not None and not refine:
+        raise MolgenError("--refiner names the model that --refine N calls; add --refine N")
+    polisher, r_name = None, ""
+    if refine:
+        r_cfg, r_params, r_name = load_refiner(cfg, refiner)
+        if r_params is None:  # a diffusion model refines its own samples
+            r_params, r_name = params, Path(meta.get("source", "")).name
+        polisher = (r_cfg, r_params)
     t0 = time.time()
     with _progress() as progress:
-        task = progress.add_task(f"sampling ({steps} step{'s' if steps > 1 else ''})", total=n)
+        task = progress.add_task(f"sampling ({steps} step{'s' if steps > 1 else ''}"
+                                 f"{f' + {refine} refinement' if refine else ''})", total=n)
         mols = do_sample(cfg, params, n, steps, seed, atoms, batch_size, sig, lambda k: progress.advance(task, k),
-                         sampler=sampler)
+                         sampler=sampler, refine_steps=refine, refiner=polisher)
     t_sample = time.time() - t0
     settings = {"molgen_model": Path(meta.get("source", "")).name, "molgen_mode": cfg.mode,
                 "molgen_steps": steps, "molgen_seed": seed}
-    if cfg.mode == "diffusion":
-        settings.update(molgen_sampler=sampler, molgen_calls=calls)
+    if cfg.mode == "diffusion" or sampler != "ancestral" or refine:
+        settings.update(molgen_sampler=sampler, molgen_calls=calls + refine)
+    if refine:
+        settings.update(molgen_refine=refine, molgen_refiner=r_name)
     metrics = None
     if report or json_path:
         from molgen.evaluate import evaluate_molecules
@@ -452,7 +470,12 @@ def sample(
             m.props.update(settings)
     write_molecules(out, mols, fmt)
     how = f"{cfg.mode}, ODE {steps} Heun step{'s' if steps > 1 else ''}, " if sampler == "ode" else f"{cfg.mode}, "
-    console.print(f"wrote {len(mols)} molecules to {out} ({how}{calls} network call{'s' if calls > 1 else ''} "
+    if sampler == "refine":
+        how += "refine sampler, "
+    total = calls + refine
+    if refine:
+        how += f"{calls} + {refine} of {r_name} = "
+    console.print(f"wrote {len(mols)} molecules to {out} ({how}{total} network call{'s' if total > 1 else ''} "
                   f"per molecule, {t_sample:.1f} s sampling)")
     if metrics is not None:
         if report:

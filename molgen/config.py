@@ -42,6 +42,11 @@ class RunConfig:
     anchor_fraction: float = 0.0
     bond_weight: float = 0.0  # "distill": weight of the short-pair distance term
     relax_weight: float = 0.0  # "distill": weight of the teacher-relaxation term (see distill_loss)
+    # "distill": R > 0 regresses onto the --init student's own one-call answers relaxed by R rounds of the
+    # teacher's denoising (molgen.consistency.distill.refine_pairs) instead of the ODE ends; the rounds' noise
+    # level is refine_sigma, or with 0 the sampler's schedule molgen.refine.refine_levels(R)
+    refine_rounds: int = 0
+    refine_sigma: float = 0.0
     # For sampling without the data set: the training split's atom-count histogram (index = atoms).
     size_hist: tuple[int, ...] = ()
     type_fractions: tuple[float, ...] = ()

@@ -102,6 +102,28 @@ def load_model(checkpoint: str | Path | None) -> tuple[RunConfig, Any, dict]:
 # ----------------------------------------------------------------------------------------------------------
 
 
+def load_refiner(cfg: RunConfig, name: str | Path | None = None) -> tuple[RunConfig, Any, str]:
+    """The diffusion model that ``--refine`` calls: ``name``, or by default the model itself (diffusion),
+    the teacher it was distilled from (distill) or the diffusion model it was tuned from (ect).
+
+    A recorded path that is gone (a run folder, or ``weights/NAME`` outside the source tree) falls back to
+    the shipped model of the same name."""
+    if name is None:
+        name = {"distill": cfg.teacher, "ect": cfg.init}.get(cfg.mode)
+        if name is None and cfg.mode != "diffusion":
+            raise MolgenError(f"--refine: a {cfg.mode} model records no diffusion model; name one with --refiner")
+        if name is not None and not Path(name).exists() and Path(name).name in shipped_models():
+            name = Path(name).name
+    if name is None:
+        return cfg, None, ""
+    rcfg, rparams, meta = load_model(name)
+    if rcfg.mode != "diffusion":
+        raise MolgenError(f"--refiner {name}: the refiner must be a diffusion model, not {rcfg.mode!r}")
+    if rcfg.model.in_node_nf != cfg.model.in_node_nf or rcfg.remove_h != cfg.remove_h:
+        raise MolgenError(f"--refiner {name}: its atom features or hydrogen setting differ from the model's")
+    return rcfg, rparams, Path(meta.get("source", str(name))).name
+
+
 def draw_sizes(cfg: RunConfig, n: int, seed: int, atoms: int | None = None, stream: int = 7) -> np.ndarray:
     """Atom counts: ``atoms`` each, or drawn from the training histogram with the random stream (seed, stream)."""
     if atoms is not None:
@@ -115,18 +137,21 @@ def draw_sizes(cfg: RunConfig, n: int, seed: int, atoms: int | None = None, stre
     return rng.choice(len(hist), size=n, p=hist / hist.sum()).astype(np.int32)
 
 
-SAMPLERS = ("ancestral", "ode")
+SAMPLERS = ("ancestral", "ode", "refine")
 ODE_SIGMA_MAX, ODE_SIGMA_MIN = 80.0, 0.002  # the ODE sampler's Karras levels (VE noise levels), then 0
 
 
 def sampler_kind(cfg: RunConfig, sampler: str = "ancestral") -> str:
-    """'diffusion' (EDM's ancestral sampler), 'ode' (a diffusion model's probability-flow ODE) or 'consistency'."""
+    """'diffusion' (EDM's ancestral sampler), 'ode' (a diffusion model's probability-flow ODE), 'consistency'
+    (one call, then re-noise and call again) or 'refine' (one call, then f at lower levels, no re-noising)."""
     if sampler not in SAMPLERS:
         raise MolgenError(f"--sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
     if cfg.mode != "diffusion":
-        if sampler != "ancestral":
+        if sampler == "ode":
             raise MolgenError(f"--sampler {sampler} applies to diffusion models; this is a {cfg.mode} model")
-        return "consistency"
+        return "refine" if sampler == "refine" else "consistency"
+    if sampler == "refine":
+        raise MolgenError("--sampler refine applies to consistency models; for a diffusion model use --refine N")
     return "ode" if sampler == "ode" else "diffusion"
 
 
@@ -137,7 +162,7 @@ def noise_levels(cfg: RunConfig, steps: int, sigmas: Sequence[float] | None = No
     if steps < 1:
         raise MolgenError("--steps must be at least 1")
     kind = sampler_kind(cfg, sampler)
-    if kind != "consistency" and sigmas:
+    if kind not in ("consistency", "refine") and sigmas:
         raise MolgenError("--sigmas applies to consistency models only")
     if kind == "ode":
         from molgen.diffusion.ode import karras_levels
@@ -158,6 +183,10 @@ def noise_levels(cfg: RunConfig, steps: int, sigmas: Sequence[float] | None = No
         if any(b >= a for a, b in zip(s, s[1:])) or s[-1] <= cfg.consistency.sigma_min:
             raise MolgenError("--sigmas must decrease and stay above sigma_min")
         return s
+    if kind == "refine":
+        from molgen.refine import refine_levels
+
+        return [float(cfg.consistency.sigma_max)] + refine_levels(steps - 1)
     return default_sigmas(steps, cfg.consistency)
 
 
@@ -188,12 +217,20 @@ def make_step_fn(cfg: RunConfig, apply_fn: Callable | None = None, sampler: str 
     from molgen.consistency.ict import make_consistency_fn
     from molgen.consistency.ict import make_sampler_step as cm_step
 
-    return jax.jit(cm_step(make_consistency_fn(apply_fn, cfg.consistency), cfg.consistency))
+    cfn = make_consistency_fn(apply_fn, cfg.consistency)
+    first = jax.jit(cm_step(cfn, cfg.consistency))
+    if kind == "refine":  # the first call as in 'consistency', then f without re-noising
+        from molgen.refine import make_refine_step
+
+        return first, jax.jit(make_refine_step(cfn))
+    return first
 
 
 def sample_batch(cfg: RunConfig, params, step_fn, sizes: np.ndarray, levels: list[float], key,
-                 sampler: str = "ancestral"):
-    """Generate one packed batch; returns (positions list, types list)."""
+                 sampler: str = "ancestral", polish=None):
+    """Generate one packed batch; returns (positions list, types list).
+
+    ``polish = (refine_step, params, levels)`` refines the result with another model (``--refine``)."""
     from molgen.diffusion.noise import sample_noise
 
     g = pack(None, [np.zeros(int(n), np.int32) for n in sizes])
@@ -209,12 +246,25 @@ def sample_batch(cfg: RunConfig, params, step_fn, sizes: np.ndarray, levels: lis
         for i in range(len(levels) - 1):
             key, k = jax.random.split(key)
             zx, zh = step_fn(params, zx, zh, jnp.float32(levels[i]), jnp.float32(levels[i + 1]), g, k)
+    elif kind == "refine":
+        from molgen.refine import refine
+
+        first, again = step_fn
+        zx = jnp.zeros(g.positions.shape, jnp.float32)
+        zh = jnp.zeros((len(g.node_mask), nf), jnp.float32)
+        zx, zh = first(params, zx, zh, jnp.float32(levels[0]), jnp.bool_(True), g, jax.random.split(key)[1])
+        zx, zh = refine(again, params, zx, zh, g, levels[1:])
     else:
         zx = jnp.zeros(g.positions.shape, jnp.float32)
         zh = jnp.zeros((len(g.node_mask), nf), jnp.float32)
         for i, s in enumerate(levels):
             key, k = jax.random.split(key)
             zx, zh = step_fn(params, zx, zh, jnp.float32(s), jnp.bool_(i == 0), g, k)
+    if polish is not None:
+        from molgen.refine import refine
+
+        p_step, p_params, p_levels = polish
+        zx, zh = refine(p_step, p_params, zx, zh, g, p_levels)
     x = np.asarray(zx)
     types = np.argmax(np.asarray(zh)[:, :N_TYPES], axis=-1)
     out_x, out_t = [], []
@@ -238,9 +288,12 @@ def sample(
     progress: Callable[[int], None] | None = None,
     apply_fn: Callable | None = None,
     sampler: str = "ancestral",
+    refine_steps: int = 0,
+    refiner: tuple[RunConfig, Any] | None = None,
 ) -> list[Molecule]:
-    """``n`` molecules in ``steps`` steps: network calls for the ancestral and consistency samplers; Heun
-    steps (2 calls each, 1 for the last) for ``sampler="ode"`` (diffusion models)."""
+    """``n`` molecules in ``steps`` steps: network calls for the ancestral, consistency and refine samplers;
+    Heun steps (2 calls each, 1 for the last) for ``sampler="ode"`` (diffusion models).  ``refine_steps``
+    more calls of the diffusion model ``refiner = (config, params)`` follow (:mod:`molgen.refine`)."""
     if n < 1:
         raise MolgenError("-n must be at least 1")
     if batch_size < 1:
@@ -248,11 +301,23 @@ def sample(
     levels = noise_levels(cfg, steps, sigmas, sampler)
     sizes = draw_sizes(cfg, n, seed, atoms)
     step_fn = make_step_fn(cfg, apply_fn, sampler)
+    polish = None
+    if refine_steps > 0:
+        if refiner is None:
+            raise MolgenError("refinement needs a diffusion model (--refiner)")
+        from molgen.diffusion.ode import edm_denoiser
+        from molgen.refine import make_refine_step, refine_levels
+        from molgen.train import make_apply
+
+        rcfg, rparams = refiner
+        _, r_apply = make_apply(rcfg)
+        polish = (jax.jit(make_refine_step(edm_denoiser(r_apply, rcfg.diffusion))), rparams,
+                  refine_levels(refine_steps))
     base = jax.random.PRNGKey(seed)
     mols: list[Molecule] = []
     for b, s in enumerate(range(0, n, batch_size)):
         bs = sizes[s : s + batch_size]
-        xs, ts = sample_batch(cfg, params, step_fn, bs, levels, jax.random.fold_in(base, b), sampler)
+        xs, ts = sample_batch(cfg, params, step_fn, bs, levels, jax.random.fold_in(base, b), sampler, polish)
         for x, t in zip(xs, ts):
             mols.append(Molecule(t, x, name=f"molgen_{len(mols)}"))
         if progress:

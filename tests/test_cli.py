@@ -167,6 +167,17 @@ def test_distill_from_a_consistency_model_resume_and_sample(tmp_path, trained, d
     assert res.exit_code == 0, res.output
     one_line_error(run("sample", "--checkpoint", out, "--sampler", "ode", "-o", tmp_path / "x.sdf"),
                    "applies to diffusion models")
+    # the refine sampler, then one call of the teacher the run recorded (--refine)
+    res = run("sample", "--checkpoint", out, "-n", 4, "--steps", 2, "--sampler", "refine", "--refine", 1,
+              "-o", tmp_path / "r.sdf", "--no-report")
+    assert res.exit_code == 0 and "2 + 1 of" in res.output and "= 3 network calls" in res.output, res.output
+    assert "molgen_refine" in (tmp_path / "r.sdf").read_text()
+    one_line_error(run("sample", "--checkpoint", trained, "--sampler", "refine", "-o", tmp_path / "x.sdf"),
+                   "applies to consistency models")
+    one_line_error(run("sample", "--checkpoint", out, "--refiner", trained, "-o", tmp_path / "x.sdf"),
+                   "add --refine N")
+    one_line_error(run("sample", "--checkpoint", out, "--refine", 1, "--refiner", out, "-o", tmp_path / "x.sdf"),
+                   "must be a diffusion model")
     # --layers deepens the student (new blocks start as the identity); the anchor (--init) is deepened with it.
     deep = tmp_path / "kd_deep"
     res = run("train", "--mode", "distill", "--init", ct, "--teacher", trained, "--pairs", 20, "--teacher-steps", 2,
@@ -176,6 +187,17 @@ def test_distill_from_a_consistency_model_resume_and_sample(tmp_path, trained, d
     assert dcfg["model"]["n_layers"] == 3 and dcfg["model"]["coords_range"] == ccfg["model"]["coords_range"] * 1.5
     res = run("sample", "--checkpoint", deep, "-n", 4, "--steps", 2, "-o", tmp_path / "deep.sdf", "--no-report")
     assert res.exit_code == 0, res.output
+    # --refine: the targets are --init's own one-call molecules relaxed by the teacher (no ODE solve)
+    ref = tmp_path / "kd_refine"
+    res = run("train", "--mode", "distill", "--init", ct, "--teacher", trained, "--pairs", 20, "--refine", 2,
+              "--batch-size", 4, "--steps", 1, "--ckpt-every", 1, "--cpu-devices", 1, "--out", ref)
+    assert res.exit_code == 0, res.output
+    rcfg = json.loads((ref / "config.json").read_text())
+    assert rcfg["refine_rounds"] == 2 and rcfg["refine_sigma"] == 0.0
+    with np.load(ref / "pairs.npz") as z:
+        assert int(z["refine_rounds"]) == 2 and z["n_atoms"].shape == (20,)
+    one_line_error(run("train", "--mode", "distill", "--init", ct, "--teacher", trained, "--pairs", 20,
+                       "--batch-size", 4, "--cpu-devices", 1, "--out", ref), "refinement rounds")
     one_line_error(run("train", "--mode", "distill", "--init", ct, "--teacher", trained, "--layers", 1,
                        "--out", tmp_path / "z"), "--layers 1")
     one_line_error(run("train", "--mode", "distill", "--init", ct, "--out", tmp_path / "z"), "--teacher")

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 
 from molgen.chem.elements import N_TYPES
 from molgen.config import RunConfig
-from molgen.consistency.distill import PairSet, distill_loss, generate_pairs
+from molgen.consistency.distill import PairSet, distill_loss, generate_pairs, prepare_pairs, refine_pairs
 from molgen.consistency.ict import make_consistency_fn
 from molgen.data.batching import pack
 from molgen.diffusion.noise import sample_noise
@@ -247,3 +247,67 @@ def test_relaxation_term_pulls_the_output_towards_the_teachers_denoising_of_it()
     assert float(norm) > 0
     step = jax.tree_util.tree_map(lambda a, b: a - 1e-4 * b / norm, params, grads)
     assert float(relax_only(step)) < float(relax_only(params))  # a gradient step moves towards the target
+
+
+def test_refined_targets_are_the_students_answers_relaxed_by_the_teacher(tmp_path):
+    """refine_pairs: the noise is generate_pairs' for the seed; round 0 is the student's one-call molecule;
+    each round is x <- D(x, sigma) with the types re-read, molecule by molecule (padding and batch-mates
+    change nothing); targets stay zero-CoM; the round count survives a save and load."""
+    from molgen.data.batching import node_features
+    from molgen.diffusion.ode import edm_denoiser
+
+    tcfg, tparams = _teacher()
+    leaves, tree = jax.tree_util.tree_flatten(tparams)  # an untrained teacher's epsilon is ~0: stir its weights
+    keys = jax.random.split(jax.random.PRNGKey(9), len(leaves))
+    tparams = tree.unflatten([w + 0.2 * jax.random.normal(k, w.shape) for w, k in zip(leaves, keys)])
+    scfg = RunConfig(mode="distill", model=PRESETS["tiny"])
+    sparams = init_params(scfg, seed=3)
+    sizes = np.array([3, 5, 2, 4, 3], np.int32)
+    ode = generate_pairs(tcfg, tparams, sizes, seed=4, ode_steps=1, sigma_max=80.0, batch_size=2)
+    zero = refine_pairs(scfg, sparams, tcfg, tparams, sizes, seed=4, rounds=0, batch_size=2)
+    two = refine_pairs(scfg, sparams, tcfg, tparams, sizes, seed=4, rounds=2, sigma=0.3, batch_size=2, n_valid=1)
+    np.testing.assert_array_equal(zero.noise_x, ode.noise_x)
+    np.testing.assert_array_equal(two.noise_h, ode.noise_h)
+    _, s_apply = make_apply(scfg)
+    cfn = make_consistency_fn(s_apply, scfg.consistency)
+    _, t_apply = make_apply(tcfg)
+    denoise = edm_denoiser(t_apply, tcfg.diffusion)
+    s_max = scfg.consistency.sigma_max
+    moved = 0.0
+    for i, n in enumerate(sizes):  # each molecule alone, in its own padded batch
+        g = _graph([int(n)])
+        zx = np.zeros(g.positions.shape, np.float32)
+        zh = np.zeros((len(g.node_mask), 6), np.float32)
+        zx[:n], zh[:n] = two.noise(i)
+        full = lambda v: jnp.full(g.node_mask.shape, v, jnp.float32)  # noqa: E731
+        x, h = cfn(sparams, s_max * zx, s_max * zh, full(s_max), g)
+        np.testing.assert_allclose(zero.molecule(i)[0], np.asarray(x)[:n], atol=2e-4)
+        np.testing.assert_array_equal(zero.molecule(i)[1], np.argmax(np.asarray(h)[:n, :N_TYPES], -1))
+        x0 = x
+        for _ in range(2):
+            t = np.argmax(np.asarray(h)[:, :N_TYPES], -1) * np.asarray(g.node_mask, np.int64)
+            x, h = denoise(tparams, x, jnp.asarray(node_features(t, np.asarray(g.node_mask))), full(0.3), g)
+        tx, tt = two.molecule(i)
+        np.testing.assert_allclose(tx, np.asarray(x)[:n], atol=2e-4)
+        np.testing.assert_array_equal(tt, np.argmax(np.asarray(h)[:n, :N_TYPES], -1))
+        np.testing.assert_allclose(tx.mean(0), 0.0, atol=1e-4)
+        moved = max(moved, float(np.abs(np.asarray(x - x0)[:n]).max()))
+    assert moved > 1e-3  # the teacher's rounds changed the targets
+    two.save(tmp_path / "p.npz")
+    back = PairSet.load(tmp_path / "p.npz")
+    assert back.refine_rounds == 2 and back.n_valid == 1
+    np.testing.assert_array_equal(back.positions, two.positions)
+
+
+def test_a_run_refuses_pairs_made_for_other_targets(tmp_path):
+    import pytest
+
+    from molgen import MolgenError
+
+    tcfg, tparams = _teacher()
+    sizes = np.array([3, 4], np.int32)
+    generate_pairs(tcfg, tparams, sizes, seed=0, ode_steps=1, sigma_max=80.0).save(tmp_path / "pairs.npz")
+    cfg = RunConfig(mode="distill", model=PRESETS["tiny"], n_pairs=2, refine_rounds=8)
+    with pytest.raises(MolgenError, match="0 refinement rounds, the run wants 8"):
+        prepare_pairs(cfg, tmp_path)
+    assert len(prepare_pairs(cfg.replace(refine_rounds=0), tmp_path)) == 2

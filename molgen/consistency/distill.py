@@ -43,6 +43,7 @@ class PairSet:
     noise_x: np.ndarray  # [sum n, 3]: z on the zero-CoM subspace
     noise_h: np.ndarray  # [sum n, F]
     n_valid: int = 0  # the last n_valid pairs are held out (validation loss on unseen noise)
+    refine_rounds: int = 0  # 0: targets are the teacher's ODE ends; R > 0: see refine_pairs
 
     def __post_init__(self) -> None:
         self.offsets = np.concatenate([[0], np.cumsum(self.n_atoms)]).astype(np.int64)
@@ -72,42 +73,91 @@ class PairSet:
         with atomic_path(path) as tmp:
             with open(tmp, "wb") as fh:
                 np.savez(fh, n_atoms=self.n_atoms, positions=self.positions, types=self.types,
-                         noise_x=self.noise_x, noise_h=self.noise_h, n_valid=self.n_valid)
+                         noise_x=self.noise_x, noise_h=self.noise_h, n_valid=self.n_valid,
+                         refine_rounds=self.refine_rounds)
 
     @classmethod
     def load(cls, path: Path) -> "PairSet":
         with np.load(path) as z:
-            return cls(z["n_atoms"], z["positions"], z["types"], z["noise_x"], z["noise_h"], int(z["n_valid"]))
+            rounds = int(z["refine_rounds"]) if "refine_rounds" in z.files else 0
+            return cls(z["n_atoms"], z["positions"], z["types"], z["noise_x"], z["noise_h"], int(z["n_valid"]),
+                       rounds)
+
+
+def _noise_batches(sizes: np.ndarray, seed: int, n_features: int, batch_size: int):
+    """(packed graph, z_x, z_h) per batch of molecules: batch b uses noise key fold_in(seed, b)."""
+    from molgen.data.batching import pack
+
+    base = jax.random.fold_in(jax.random.PRNGKey(seed), PAIR_STREAM)
+    for b, s in enumerate(range(0, len(sizes), batch_size)):
+        bs = sizes[s : s + batch_size]
+        g = pack(None, [np.zeros(int(n), np.int32) for n in bs])
+        yield g, *sample_noise(jax.random.fold_in(base, b), g, n_features)
 
 
 def generate_pairs(teacher_cfg, teacher_params, sizes: np.ndarray, seed: int, ode_steps: int,
                    sigma_max: float, sigma_min: float = 0.002, batch_size: int = 1000, n_valid: int = 0,
                    progress: Callable[[int], None] | None = None) -> PairSet:
     """Solve the teacher's ODE for molecules of the given sizes; batch b uses noise key fold_in(seed, b)."""
-    from molgen.data.batching import pack
     from molgen.diffusion.ode import edm_denoiser, heun_solve, karras_levels
     from molgen.train import make_apply
 
     _, apply = make_apply(teacher_cfg)
     denoise = jax.jit(edm_denoiser(apply, teacher_cfg.diffusion))
     levels = karras_levels(ode_steps, sigma_min, sigma_max)
-    nf = teacher_cfg.n_features
     xs, ts, zxs, zhs = [], [], [], []
-    base = jax.random.fold_in(jax.random.PRNGKey(seed), PAIR_STREAM)
-    for b, s in enumerate(range(0, len(sizes), batch_size)):
-        bs = sizes[s : s + batch_size]
-        g = pack(None, [np.zeros(int(n), np.int32) for n in bs])
-        zx, zh = sample_noise(jax.random.fold_in(base, b), g, nf)
+    for g, zx, zh in _noise_batches(sizes, seed, teacher_cfg.n_features, batch_size):
         x, h = heun_solve(denoise, teacher_params, zx, zh, g, levels)
-        n_real = int(bs.sum())
+        n_real = int(g.n_atoms.sum())
         xs.append(np.asarray(x)[:n_real])
         ts.append(np.argmax(np.asarray(h)[:n_real, :N_TYPES], -1).astype(np.int8))
         zxs.append(np.asarray(zx)[:n_real])
         zhs.append(np.asarray(zh)[:n_real])
         if progress:
-            progress(len(bs))
+            progress(int((g.n_atoms > 0).sum()))
     return PairSet(np.asarray(sizes, np.int32), np.concatenate(xs).astype(np.float32), np.concatenate(ts),
                    np.concatenate(zxs).astype(np.float32), np.concatenate(zhs).astype(np.float32), n_valid)
+
+
+def refine_pairs(student_cfg, student_params, teacher_cfg, teacher_params, sizes: np.ndarray, seed: int,
+                 rounds: int, sigma: float = 0.0, batch_size: int = 1000, n_valid: int = 0,
+                 progress: Callable[[int], None] | None = None) -> PairSet:
+    """Targets near the student's own answers: its one-call molecule from z, relaxed by the teacher.
+
+    x_0 = f(s_max z, s_max) (the student, one call), then ``rounds`` times x <- D(x, s): the teacher's
+    denoising of x read as a sample at a low level s, with the atom types re-read (argmax) and fed back as
+    clean features each round (:mod:`molgen.refine`).  s runs over ``refine_levels(rounds)`` (0.4 -> 0.1 Å,
+    what ``molgen sample --steps 1 --refine R`` does), or stays at ``sigma`` when that is > 0.  D(x, s) = x + s^2 grad log p_s(x), so the rounds are gradient ascent
+    on the teacher's log-density smoothed at s: each molecule moves to a nearby geometry the teacher holds
+    clean (bond lengths, valences) and stays the molecule it was, so the map z -> target is the student's own
+    map plus a local correction.  Deterministic: the noise is generate_pairs' for the same seed.
+    """
+    from molgen.consistency.ict import make_consistency_fn
+    from molgen.diffusion.ode import edm_denoiser
+    from molgen.refine import make_refine_step, refine, refine_levels
+    from molgen.train import make_apply
+
+    _, s_apply = make_apply(student_cfg)
+    cfn = jax.jit(make_consistency_fn(s_apply, student_cfg.consistency))
+    _, t_apply = make_apply(teacher_cfg)
+    step = jax.jit(make_refine_step(edm_denoiser(t_apply, teacher_cfg.diffusion)))
+    levels = [float(sigma)] * rounds if sigma > 0 else refine_levels(rounds)
+    s_max = float(student_cfg.consistency.sigma_max)
+    xs, ts, zxs, zhs = [], [], [], []
+    for g, zx, zh in _noise_batches(sizes, seed, student_cfg.n_features, batch_size):
+        mask = np.asarray(g.node_mask)
+        x, h = cfn(student_params, s_max * zx, s_max * zh, jnp.full(mask.shape, s_max, jnp.float32), g)
+        x, h = refine(step, teacher_params, x, h, g, levels)
+        n_real = int(g.n_atoms.sum())
+        xs.append(np.asarray(x)[:n_real])
+        ts.append(np.argmax(np.asarray(h)[:n_real, :N_TYPES], -1).astype(np.int8))
+        zxs.append(np.asarray(zx)[:n_real])
+        zhs.append(np.asarray(zh)[:n_real])
+        if progress:
+            progress(int((g.n_atoms > 0).sum()))
+    return PairSet(np.asarray(sizes, np.int32), np.concatenate(xs).astype(np.float32), np.concatenate(ts),
+                   np.concatenate(zxs).astype(np.float32), np.concatenate(zhs).astype(np.float32), n_valid,
+                   rounds)
 
 
 ANCHOR_SIGMAS = (0.08, 0.5)  # the levels k-step sampling re-noises to (default_sigmas: 0.4 ... 0.1, and 0.2)
@@ -212,6 +262,9 @@ def prepare_pairs(cfg, run_dir: Path, progress_factory=None) -> PairSet:
         pairs = PairSet.load(path)
         if len(pairs) != cfg.n_pairs:
             raise MolgenError(f"{path} holds {len(pairs)} pairs, the run wants {cfg.n_pairs}; remove it or fix --pairs")
+        if pairs.refine_rounds != cfg.refine_rounds:
+            raise MolgenError(f"{path} holds targets of {pairs.refine_rounds} refinement rounds, the run wants "
+                              f"{cfg.refine_rounds}; remove it or fix --refine")
         return pairs
     tcfg, tparams, _ = load_model(cfg.teacher)
     if tcfg.mode != "diffusion":
@@ -220,6 +273,13 @@ def prepare_pairs(cfg, run_dir: Path, progress_factory=None) -> PairSet:
         raise MolgenError(f"{cfg.teacher}: the teacher's atom features do not match the student's")
     sizes = draw_sizes(cfg, cfg.n_pairs, cfg.seed, stream=PAIR_STREAM)
     n_valid = min(max(cfg.n_pairs // 32, 1), 1000) if cfg.n_pairs >= 2 * cfg.batch_size else 0
+    if cfg.refine_rounds > 0:  # the --init student's answers, relaxed by the teacher
+        scfg, sparams, _ = load_model(cfg.init)
+        progress = progress_factory("refined targets", cfg.n_pairs) if progress_factory else None
+        pairs = refine_pairs(scfg, sparams, tcfg, tparams, sizes, cfg.seed, cfg.refine_rounds, cfg.refine_sigma,
+                             n_valid=n_valid, progress=progress)
+        pairs.save(path)
+        return pairs
     progress = progress_factory("teacher ODE pairs", cfg.n_pairs) if progress_factory else None
     pairs = generate_pairs(tcfg, tparams, sizes, cfg.seed, cfg.teacher_steps, cfg.consistency.sigma_max,
                            cfg.consistency.sigma_min, n_valid=n_valid, progress=progress)
