@@ -123,6 +123,12 @@ def test_refine_option_adds_n_calls_of_the_refiner(rng, monkeypatch):
         np.testing.assert_allclose(b.positions.mean(0), 0, atol=1e-4)
     with pytest.raises(MolgenError, match="--refiner"):
         sample(cfg, params, n=2, steps=1, refine_steps=1)
+    calls.clear()  # a diffusion model refining its own samples: its k calls, then N more
+    own = sample(dcfg, dparams, n=4, steps=3, seed=4, batch_size=4, refine_steps=2, refiner=(dcfg, dparams))
+    assert calls == ["diffusion"] * 5
+    for m in own:
+        assert np.isfinite(m.positions).all()
+        np.testing.assert_allclose(m.positions.mean(0), 0, atol=1e-4)
 
 
 def test_which_model_refines(tmp_path):
