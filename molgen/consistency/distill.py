@@ -95,6 +95,24 @@ def _noise_batches(sizes: np.ndarray, seed: int, n_features: int, batch_size: in
         yield g, *sample_noise(jax.random.fold_in(base, b), g, n_features)
 
 
+def _solve_pairs(solve: Callable, sizes: np.ndarray, seed: int, n_features: int, batch_size: int, n_valid: int,
+                 progress: Callable[[int], None] | None, refine_rounds: int = 0) -> PairSet:
+    """Pairs (z, target) for molecules of the given sizes, target = solve(graph, z_x, z_h) per noise batch."""
+    xs, ts, zxs, zhs = [], [], [], []
+    for g, zx, zh in _noise_batches(sizes, seed, n_features, batch_size):
+        x, h = solve(g, zx, zh)
+        n_real = int(g.n_atoms.sum())
+        xs.append(np.asarray(x)[:n_real])
+        ts.append(np.argmax(np.asarray(h)[:n_real, :N_TYPES], -1).astype(np.int8))
+        zxs.append(np.asarray(zx)[:n_real])
+        zhs.append(np.asarray(zh)[:n_real])
+        if progress:
+            progress(int((g.n_atoms > 0).sum()))
+    return PairSet(np.asarray(sizes, np.int32), np.concatenate(xs).astype(np.float32), np.concatenate(ts),
+                   np.concatenate(zxs).astype(np.float32), np.concatenate(zhs).astype(np.float32), n_valid,
+                   refine_rounds)
+
+
 def generate_pairs(teacher_cfg, teacher_params, sizes: np.ndarray, seed: int, ode_steps: int,
                    sigma_max: float, sigma_min: float = 0.002, batch_size: int = 1000, n_valid: int = 0,
                    progress: Callable[[int], None] | None = None) -> PairSet:
@@ -105,18 +123,8 @@ def generate_pairs(teacher_cfg, teacher_params, sizes: np.ndarray, seed: int, od
     _, apply = make_apply(teacher_cfg)
     denoise = jax.jit(edm_denoiser(apply, teacher_cfg.diffusion))
     levels = karras_levels(ode_steps, sigma_min, sigma_max)
-    xs, ts, zxs, zhs = [], [], [], []
-    for g, zx, zh in _noise_batches(sizes, seed, teacher_cfg.n_features, batch_size):
-        x, h = heun_solve(denoise, teacher_params, zx, zh, g, levels)
-        n_real = int(g.n_atoms.sum())
-        xs.append(np.asarray(x)[:n_real])
-        ts.append(np.argmax(np.asarray(h)[:n_real, :N_TYPES], -1).astype(np.int8))
-        zxs.append(np.asarray(zx)[:n_real])
-        zhs.append(np.asarray(zh)[:n_real])
-        if progress:
-            progress(int((g.n_atoms > 0).sum()))
-    return PairSet(np.asarray(sizes, np.int32), np.concatenate(xs).astype(np.float32), np.concatenate(ts),
-                   np.concatenate(zxs).astype(np.float32), np.concatenate(zhs).astype(np.float32), n_valid)
+    return _solve_pairs(lambda g, zx, zh: heun_solve(denoise, teacher_params, zx, zh, g, levels), sizes, seed,
+                        teacher_cfg.n_features, batch_size, n_valid, progress)
 
 
 def refine_pairs(student_cfg, student_params, teacher_cfg, teacher_params, sizes: np.ndarray, seed: int,
@@ -127,10 +135,10 @@ def refine_pairs(student_cfg, student_params, teacher_cfg, teacher_params, sizes
     x_0 = f(s_max z, s_max) (the student, one call), then ``rounds`` times x <- D(x, s): the teacher's
     denoising of x read as a sample at a low level s, with the atom types re-read (argmax) and fed back as
     clean features each round (:mod:`molgen.refine`).  s runs over ``refine_levels(rounds)`` (0.4 -> 0.1 Å,
-    what ``molgen sample --steps 1 --refine R`` does), or stays at ``sigma`` when that is > 0.  D(x, s) = x + s^2 grad log p_s(x), so the rounds are gradient ascent
-    on the teacher's log-density smoothed at s: each molecule moves to a nearby geometry the teacher holds
-    clean (bond lengths, valences) and stays the molecule it was, so the map z -> target is the student's own
-    map plus a local correction.  Deterministic: the noise is generate_pairs' for the same seed.
+    what ``molgen sample --steps 1 --refine R`` does), or stays at ``sigma`` when that is > 0.
+    D(x, s) = x + s^2 grad log p_s(x), so the rounds are gradient ascent on the teacher's log-density
+    smoothed at s: each molecule moves to a nearby geometry the teacher holds clean (bond lengths, valences).
+    Deterministic: the noise is generate_pairs' for the same seed.
     """
     from molgen.consistency.ict import make_consistency_fn
     from molgen.diffusion.ode import edm_denoiser
@@ -143,21 +151,12 @@ def refine_pairs(student_cfg, student_params, teacher_cfg, teacher_params, sizes
     step = jax.jit(make_refine_step(edm_denoiser(t_apply, teacher_cfg.diffusion)))
     levels = [float(sigma)] * rounds if sigma > 0 else refine_levels(rounds)
     s_max = float(student_cfg.consistency.sigma_max)
-    xs, ts, zxs, zhs = [], [], [], []
-    for g, zx, zh in _noise_batches(sizes, seed, student_cfg.n_features, batch_size):
-        mask = np.asarray(g.node_mask)
-        x, h = cfn(student_params, s_max * zx, s_max * zh, jnp.full(mask.shape, s_max, jnp.float32), g)
-        x, h = refine(step, teacher_params, x, h, g, levels)
-        n_real = int(g.n_atoms.sum())
-        xs.append(np.asarray(x)[:n_real])
-        ts.append(np.argmax(np.asarray(h)[:n_real, :N_TYPES], -1).astype(np.int8))
-        zxs.append(np.asarray(zx)[:n_real])
-        zhs.append(np.asarray(zh)[:n_real])
-        if progress:
-            progress(int((g.n_atoms > 0).sum()))
-    return PairSet(np.asarray(sizes, np.int32), np.concatenate(xs).astype(np.float32), np.concatenate(ts),
-                   np.concatenate(zxs).astype(np.float32), np.concatenate(zhs).astype(np.float32), n_valid,
-                   rounds)
+
+    def solve(g, zx, zh):
+        x, h = cfn(student_params, s_max * zx, s_max * zh, jnp.full(g.node_mask.shape, s_max, jnp.float32), g)
+        return refine(step, teacher_params, x, h, g, levels)
+
+    return _solve_pairs(solve, sizes, seed, student_cfg.n_features, batch_size, n_valid, progress, rounds)
 
 
 ANCHOR_SIGMAS = (0.08, 0.5)  # the levels k-step sampling re-noises to (default_sigmas: 0.4 ... 0.1, and 0.2)
