@@ -112,7 +112,9 @@ def load_refiner(cfg: RunConfig, name: str | Path | None = None) -> tuple[RunCon
         name = {"distill": cfg.teacher, "ect": cfg.init}.get(cfg.mode)
         if name is None and cfg.mode != "diffusion":
             raise MolgenError(f"--refine: a {cfg.mode} model records no diffusion model; name one with --refiner")
-        if name is not None and not Path(name).exists() and Path(name).name in shipped_models():
+        if name is not None and not Path(name).exists():
+            if Path(name).name not in shipped_models():
+                raise MolgenError(f"--refine: this model's diffusion model {name} is not here; name one with --refiner")
             name = Path(name).name
     if name is None:
         return cfg, None, ""

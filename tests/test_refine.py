@@ -142,6 +142,8 @@ def test_which_model_refines(tmp_path):
     kd = ct.replace(mode="distill", teacher="gone/edm-small-diffusion")
     rcfg, rparams, name = load_refiner(kd)
     assert rcfg.mode == "diffusion" and name == "edm-small-diffusion" and rparams is not None
+    with pytest.raises(MolgenError, match="runs/gone is not here; name one with --refiner"):
+        load_refiner(ct.replace(mode="ect", init="runs/gone"))
     save_weights(tmp_path / "c", ct, init_params(ct, 0))
     with pytest.raises(MolgenError, match="must be a diffusion model"):
         load_refiner(kd, tmp_path / "c")
