@@ -21,11 +21,10 @@ from __future__ import annotations
 
 from typing import Callable
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
-from molgen.chem.elements import CHARGES, N_TYPES
+from molgen.chem.elements import N_TYPES
 
 # (first, last) level in Å.  Starting higher (0.6) gains a little stability by re-typing atoms: with 16 teacher
 # steps from 0.6 the share of O atoms fell from 7.6 to 2.8 % (from 0.4: 6.0 %); docs/results.md.
@@ -45,10 +44,9 @@ def refine_levels(n: int) -> list[float]:
 
 def clean_features(h, node_mask):
     """EDM's features of the atom types read from h (argmax over the type block), zero on padding."""
-    types = jnp.argmax(h[:, :N_TYPES], axis=-1)
-    onehot = jax.nn.one_hot(types, N_TYPES) * 0.25
-    charge = jnp.asarray(CHARGES, jnp.float32)[types][:, None] * 0.1
-    return jnp.concatenate([onehot, charge], axis=-1) * node_mask[:, None]
+    from molgen.train import type_features
+
+    return type_features(jnp.argmax(h[:, :N_TYPES], axis=-1), node_mask)
 
 
 def make_refine_step(denoise: Callable) -> Callable:

@@ -37,12 +37,16 @@ CONFIG_NAME = "config.json"
 METRICS_NAME = "metrics.jsonl"
 
 
-def features(graph):
+def type_features(types, node_mask):
     """EDM's normalised features inside jit: one-hot / 4 and Z / 10 (zero on padding)."""
-    m = graph.node_mask[:, None]
-    onehot = jax.nn.one_hot(graph.types, N_TYPES) * 0.25
-    charge = jnp.asarray(CHARGES, jnp.float32)[graph.types][:, None] * 0.1
-    return jnp.concatenate([onehot, charge], axis=-1) * m
+    onehot = jax.nn.one_hot(types, N_TYPES) * 0.25
+    charge = jnp.asarray(CHARGES, jnp.float32)[types][:, None] * 0.1
+    return jnp.concatenate([onehot, charge], axis=-1) * node_mask[:, None]
+
+
+def features(graph):
+    """The features of a graph's atom types (:func:`type_features`)."""
+    return type_features(graph.types, graph.node_mask)
 
 
 def make_apply(cfg: RunConfig):
