@@ -203,6 +203,7 @@ def train(
     anchor: Optional[Path] = typer.Option(None, "--anchor", help="--mode distill: the consistency model whose low-noise behaviour is kept (default: --init)."),
     bond_weight: float = typer.Option(1.0, "--bond-weight", min=0.0, help="--mode distill: weight of a loss on the distances of the target's atom pairs closer than 2 Å (bond lengths; 0 turns it off)."),
     relax_weight: float = typer.Option(0.0, "--relax-weight", min=0.0, help="--mode distill: weight of a term that pulls each one-call molecule towards the teacher's denoising of it at low noise (0.05-0.3), i.e. towards geometries the teacher holds clean (0: off)."),
+    relax_rounds: int = typer.Option(0, "--relax-rounds", min=0, help="--mode distill --relax-weight: R > 0 makes that term's target the teacher's R-step refinement of the one-call molecule itself (as `molgen sample --refine R`, no noise) instead of one call on a re-noised copy."),
     refine: int = typer.Option(0, "--refine", min=0, help="--mode distill: R > 0 regresses onto --init's own one-call molecules, each relaxed by R calls of the teacher as `molgen sample --refine R` does (no ODE solve), instead of the teacher's ODE ends (an experiment: docs/training.md)."),
     refine_sigma: float = typer.Option(0.0, "--refine-sigma", min=0.0, max=2.0, help="--mode distill --refine: one noise level (Å) for every teacher call (default 0: levels 0.4 -> 0.1, as in sampling)."),
     eval_every: int = typer.Option(1000, "--eval-every", help="Validation loss every N steps (EMA parameters)."),
@@ -260,7 +261,7 @@ def train(
             cfg, init_params = _distill_config(init, teacher, pairs, teacher_steps, anchor, anchor_fraction,
                                                bond_weight, batch_size, lr, warmup, steps, seed, ema, clip,
                                                ckpt_every, eval_every, out, layers, relax_weight, refine,
-                                               refine_sigma)
+                                               refine_sigma, relax_rounds)
         with _progress(transient=False) as progress:
             ds = prepare_pairs(cfg, out, _progress_factory(progress))
     else:
@@ -314,7 +315,7 @@ def train(
 
 def _distill_config(init, teacher, n_pairs, teacher_steps, anchor, anchor_fraction, bond_weight, batch_size, lr,
                     warmup, steps, seed, ema, clip, ckpt_every, eval_every, out, layers=None, relax_weight=0.0,
-                    refine=0, refine_sigma=0.0):
+                    refine=0, refine_sigma=0.0, relax_rounds=0):
     """A new --mode distill run: the student, its network and its noise levels come from --init.
 
     With ``layers`` the student is --init deepened to that many blocks (:func:`molgen.nn.egnn.grow_params`).
@@ -324,6 +325,8 @@ def _distill_config(init, teacher, n_pairs, teacher_steps, anchor, anchor_fracti
 
     if init is None or teacher is None:
         raise MolgenError("--mode distill needs --init (a consistency model) and --teacher (a diffusion model)")
+    if relax_rounds > 0 and relax_weight <= 0:
+        raise MolgenError("--relax-rounds needs --relax-weight > 0 (it sets how that term's target is made)")
     icfg, init_params, _ = load_model(init)
     if icfg.mode == "diffusion":
         raise MolgenError(f"{init}: --init must be a consistency model (ct, ect or distill), not 'diffusion'")
@@ -340,7 +343,7 @@ def _distill_config(init, teacher, n_pairs, teacher_steps, anchor, anchor_fracti
     cfg = icfg.replace(mode="distill", init=str(init), teacher=str(teacher), n_pairs=n_pairs,
                        teacher_steps=teacher_steps, anchor=str(anchor) if anchor else None,
                        anchor_fraction=anchor_fraction, bond_weight=bond_weight, relax_weight=relax_weight,
-                       refine_rounds=refine, refine_sigma=refine_sigma,
+                       relax_rounds=relax_rounds, refine_rounds=refine, refine_sigma=refine_sigma,
                        batch_size=batch_size or icfg.batch_size,
                        lr=lr or 2e-4, warmup=warmup, steps=steps or 10000, seed=seed, ema=ema, clip=clip,
                        ckpt_every=ckpt_every, eval_every=eval_every)

@@ -85,7 +85,7 @@ def make_loss(cfg: RunConfig) -> Callable:
             tcfg, tparams, _ = load_model(cfg.teacher)
             _, tapply = make_apply(tcfg)
             relax = (edm_denoiser(tapply, tcfg.diffusion), jax.tree_util.tree_map(jnp.asarray, tparams),
-                     cfg.relax_weight)
+                     cfg.relax_weight, cfg.relax_rounds)
         return lambda p, b, k, s: distill_loss(cfn, p, b[0].positions, features(b[0]), b[1], b[0], cfg.consistency,
                                                k, anchor, cfg.anchor_fraction, cfg.bond_weight, relax)
     raise MolgenError(f"unknown mode {cfg.mode!r}")

@@ -189,11 +189,16 @@ def test_distill_from_a_consistency_model_resume_and_sample(tmp_path, trained, d
     assert res.exit_code == 0, res.output
     # --refine: the targets are --init's own one-call molecules relaxed by the teacher (no ODE solve)
     ref = tmp_path / "kd_refine"
+    # (with the deterministic relaxation term: the teacher's 2-step refinement of each one-call molecule)
     res = run("train", "--mode", "distill", "--init", ct, "--teacher", trained, "--pairs", 20, "--refine", 2,
+              "--relax-weight", 1, "--relax-rounds", 2,
               "--batch-size", 4, "--steps", 1, "--ckpt-every", 1, "--cpu-devices", 1, "--out", ref)
     assert res.exit_code == 0, res.output
     rcfg = json.loads((ref / "config.json").read_text())
-    assert rcfg["refine_rounds"] == 2 and rcfg["refine_sigma"] == 0.0
+    assert rcfg["refine_rounds"] == 2 and rcfg["refine_sigma"] == 0.0 and rcfg["relax_rounds"] == 2
+    assert "relax_loss" in json.loads((ref / "metrics.jsonl").read_text().splitlines()[-1])
+    one_line_error(run("train", "--mode", "distill", "--init", ct, "--teacher", trained, "--relax-rounds", 2,
+                       "--out", tmp_path / "z"), "--relax-weight")
     with np.load(ref / "pairs.npz") as z:
         assert int(z["refine_rounds"]) == 2 and z["n_atoms"].shape == (20,)
     one_line_error(run("train", "--mode", "distill", "--init", ct, "--teacher", trained, "--pairs", 20,

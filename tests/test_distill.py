@@ -249,6 +249,63 @@ def test_relaxation_term_pulls_the_output_towards_the_teachers_denoising_of_it()
     assert float(relax_only(step)) < float(relax_only(params))  # a gradient step moves towards the target
 
 
+def test_deterministic_relaxation_targets_the_teachers_refinement_of_the_output_itself():
+    """relax with R rounds: the teacher sees the output itself (no noise) at refine_levels(R), with clean
+    features of its argmax types, R times in a row; the term is the pseudo-Huber distance to the result, the
+    same for any key; its gradient moves the output towards that result and not through the teacher."""
+    from molgen.consistency.ict import pseudo_huber
+    from molgen.diffusion.noise import per_molecule_sum
+    from molgen.refine import clean_features, refine_levels
+
+    cfg, params, cfn, g, zx, zh, s, ox, oh = _one_call_student()
+    calls = []
+
+    def stretch(tp, px, ph, sig, graph):  # a "teacher" that stretches what it is given by 5 %
+        calls.append((px, ph, sig))
+        return 1.05 * px, ph
+
+    key = jax.random.PRNGKey(5)
+    base, _ = distill_loss(cfn, params, ox, oh, (zx, zh), g, cfg.consistency, key)
+    loss, aux = distill_loss(cfn, params, ox, oh, (zx, zh), g, cfg.consistency, key, relax=(stretch, None, 2.0, 3))
+    assert len(calls) == 3
+    real = np.asarray(g.node_mask) > 0
+    for (px, ph, sig), level, r in zip(calls, refine_levels(3), range(3)):
+        np.testing.assert_allclose(np.asarray(px), np.asarray(ox) * 1.05**r, atol=1e-5)  # no noise added
+        np.testing.assert_allclose(np.asarray(ph), np.asarray(clean_features(oh, g.node_mask)), atol=1e-6)
+        np.testing.assert_allclose(np.asarray(sig)[real], level, rtol=1e-6)
+    shift = (1.05**3 - 1) * ox
+    dim = g.n_atoms.astype(jnp.float32) * 9
+    dh = clean_features(oh, g.node_mask) - oh
+    want = pseudo_huber(per_molecule_sum(jnp.sum(shift**2, -1) + jnp.sum(dh**2, -1), g), dim,
+                        cfg.consistency.huber_scale)
+    want = float(jnp.sum(want * (g.n_atoms > 0)) / jnp.sum(g.n_atoms > 0))
+    assert abs(float(aux["relax_loss"]) - want) < 1e-5 and abs(float(loss - base) - 2.0 * want) < 1e-5
+    _, aux_k = distill_loss(cfn, params, ox, oh, (zx, zh), g, cfg.consistency, jax.random.PRNGKey(9),
+                            relax=(stretch, None, 2.0, 3))
+    assert abs(float(aux_k["relax_loss"]) - float(aux["relax_loss"])) < 1e-6  # deterministic
+
+    def relax_only(p):
+        px, ph = cfn(p, s * zx, s * zh, jnp.full(g.node_mask.shape, s, jnp.float32), g)
+        return distill_loss(cfn, p, px, ph, (zx, zh), g, cfg.consistency, key, relax=(stretch, None, 1.0, 3))[1]["relax_loss"]
+
+    fixed_x, fixed_h = 1.05**3 * ox, clean_features(oh, g.node_mask)
+
+    def fixed(tp, px, ph, sig, graph):  # the same target, as a constant of the parameters
+        return fixed_x, fixed_h
+
+    def fixed_only(p):
+        px, ph = cfn(p, s * zx, s * zh, jnp.full(g.node_mask.shape, s, jnp.float32), g)
+        return distill_loss(cfn, p, px, ph, (zx, zh), g, cfg.consistency, key, relax=(fixed, None, 1.0, 3))[1]["relax_loss"]
+
+    grads = jax.grad(relax_only)(params)
+    norm = jnp.sqrt(sum(jnp.sum(v**2) for v in jax.tree_util.tree_leaves(grads)))
+    assert float(norm) > 0
+    for a, b in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(jax.grad(fixed_only)(params))):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)  # none through the teacher
+    step = jax.tree_util.tree_map(lambda a, b: a - 1e-4 * b / norm, params, grads)
+    assert float(fixed_only(step)) < float(fixed_only(params))  # a step moves the output towards the target
+
+
 def test_refined_targets_are_the_students_answers_relaxed_by_the_teacher(tmp_path):
     """refine_pairs: the noise is generate_pairs' for the seed; round 0 is the student's one-call molecule;
     each round is x <- D(x, sigma) with the types re-read, molecule by molecule (padding and batch-mates

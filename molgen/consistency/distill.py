@@ -184,6 +184,12 @@ def distill_loss(cfn, params, x, h, noise, graph, cfg: ConsistencyConfig, key=No
     teacher's ODE end alone does not reach when the student cannot fit that map exactly (its errors average
     into wrong bond lengths).  It is the real-score half of distribution matching distillation (Yin et al.
     2024), used only at low noise, where it acts on local geometry and the regression term keeps diversity.
+    ``relax = (denoise, teacher_params, weight, rounds)`` with rounds R > 0 instead pulls the output towards
+    the teacher's refinement of the output itself: R steps x <- D(x, s) at ``refine_levels(R)`` with no noise
+    and the types re-read (what ``molgen sample --refine R`` does to it), gradients stopped.  The target is
+    then deterministic: the noise of the version above moves its target ~s per coordinate, more than the
+    ~0.1 Å bond errors the term is meant to fix.  The target moves with the student, so it stays within
+    reach (unlike fixed refined targets, ``refine_pairs``, which it cannot predict from z and averages).
     """
     zx, zh = noise
     m = graph.node_mask
@@ -221,14 +227,22 @@ def distill_loss(cfn, params, x, h, noise, graph, cfg: ConsistencyConfig, key=No
         anc = real - one
         aux["anchor_loss"] = jnp.sum(per_mol * anc) / jnp.maximum(anc.sum(), 1.0)
     if relax is not None:
-        denoise, tparams, relax_weight = relax
-        k_rs, k_rn = jax.random.split(jax.random.fold_in(key, 1))
-        lo, hi = np.log(RELAX_SIGMAS[0]), np.log(RELAX_SIGMAS[1])
-        s_r = jnp.exp(jax.random.uniform(k_rs, (n_seg,), minval=lo, maxval=hi))[seg]
-        rx, rh = sample_noise(k_rn, graph, h.shape[-1])
-        px = jax.lax.stop_gradient(ox) + s_r[:, None] * rx
-        ph = (jax.lax.stop_gradient(oh) + s_r[:, None] * rh) * m[:, None]
-        dx, dh = jax.lax.stop_gradient(denoise(tparams, px, ph, s_r, graph))
+        denoise, tparams, relax_weight, *rest = relax
+        rounds = rest[0] if rest else 0
+        if rounds > 0:  # deterministic: the teacher's refinement of the output itself (molgen.refine)
+            from molgen.refine import make_refine_step, refine, refine_levels
+
+            dx, dh = refine(make_refine_step(denoise), tparams, jax.lax.stop_gradient(ox),
+                            jax.lax.stop_gradient(oh), graph, refine_levels(rounds))
+            dx, dh = jax.lax.stop_gradient(dx), jax.lax.stop_gradient(dh)
+        else:
+            k_rs, k_rn = jax.random.split(jax.random.fold_in(key, 1))
+            lo, hi = np.log(RELAX_SIGMAS[0]), np.log(RELAX_SIGMAS[1])
+            s_r = jnp.exp(jax.random.uniform(k_rs, (n_seg,), minval=lo, maxval=hi))[seg]
+            rx, rh = sample_noise(k_rn, graph, h.shape[-1])
+            px = jax.lax.stop_gradient(ox) + s_r[:, None] * rx
+            ph = (jax.lax.stop_gradient(oh) + s_r[:, None] * rh) * m[:, None]
+            dx, dh = jax.lax.stop_gradient(denoise(tparams, px, ph, s_r, graph))
         sq_r = per_molecule_sum(jnp.sum((ox - dx) ** 2, -1) + jnp.sum((oh - dh * m[:, None]) ** 2, -1), graph)
         relax_term = jnp.sum(pseudo_huber(sq_r, dim, cfg.huber_scale) * one) / jnp.maximum(one.sum(), 1.0)
         loss = loss + relax_weight * relax_term
