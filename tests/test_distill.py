@@ -221,7 +221,7 @@ def test_relaxation_term_pulls_the_output_towards_the_teachers_denoising_of_it()
 
     key = jax.random.PRNGKey(5)
     base, _ = distill_loss(cfn, params, ox, oh, (zx, zh), g, cfg.consistency, key)
-    loss, aux = distill_loss(cfn, params, ox, oh, (zx, zh), g, cfg.consistency, key, relax=(echo, None, 2.0))
+    loss, aux = distill_loss(cfn, params, ox, oh, (zx, zh), g, cfg.consistency, key, relax=(echo, None, 2.0, 0))
     assert abs(float(aux["relax_loss"])) < 1e-6 and abs(float(loss - base)) < 1e-6
     real = np.asarray(g.node_mask) > 0
     sig = np.asarray(seen["sig"])[real]
@@ -232,7 +232,7 @@ def test_relaxation_term_pulls_the_output_towards_the_teachers_denoising_of_it()
     def shifted(tp, px, ph, sig, graph):
         return ox + shift, oh
 
-    loss2, aux2 = distill_loss(cfn, params, ox, oh, (zx, zh), g, cfg.consistency, key, relax=(shifted, None, 2.0))
+    loss2, aux2 = distill_loss(cfn, params, ox, oh, (zx, zh), g, cfg.consistency, key, relax=(shifted, None, 2.0, 0))
     dim = g.n_atoms.astype(jnp.float32) * 9
     want = pseudo_huber(per_molecule_sum(jnp.sum(shift**2, -1), g), dim, cfg.consistency.huber_scale)
     want = float(jnp.sum(want * (g.n_atoms > 0)) / jnp.sum(g.n_atoms > 0))
@@ -240,7 +240,7 @@ def test_relaxation_term_pulls_the_output_towards_the_teachers_denoising_of_it()
 
     def relax_only(p):
         px, ph = cfn(p, s * zx, s * zh, jnp.full(g.node_mask.shape, s, jnp.float32), g)
-        return distill_loss(cfn, p, px, ph, (zx, zh), g, cfg.consistency, key, relax=(shifted, None, 1.0))[1]["relax_loss"]
+        return distill_loss(cfn, p, px, ph, (zx, zh), g, cfg.consistency, key, relax=(shifted, None, 1.0, 0))[1]["relax_loss"]
 
     grads = jax.grad(relax_only)(params)
     norm = jnp.sqrt(sum(jnp.sum(v**2) for v in jax.tree_util.tree_leaves(grads)))

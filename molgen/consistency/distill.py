@@ -176,7 +176,7 @@ def distill_loss(cfn, params, x, h, noise, graph, cfg: ConsistencyConfig, key=No
     target's interatomic distances over the target's pairs closer than BOND_CUTOFF: stability and validity
     are read from those distances, and the coordinate loss spends its effort equally on far pairs.
 
-    ``relax = (denoise, teacher_params, weight)`` adds, for the one-step molecules, the teacher's relaxation:
+    ``relax = (denoise, teacher_params, weight, 0)`` adds, for the one-step molecules, the teacher's relaxation:
     the output (ox, oh) is noised to a low level s (log-uniform in RELAX_SIGMAS, fresh zero-CoM noise) and
     pulled towards the teacher's denoising of it, D(ox + s xi, s) with gradients stopped (pseudo-Huber as
     above).  Its expected gradient is -s^2 times the teacher's score of the output smoothed at s: the
@@ -227,8 +227,7 @@ def distill_loss(cfn, params, x, h, noise, graph, cfg: ConsistencyConfig, key=No
         anc = real - one
         aux["anchor_loss"] = jnp.sum(per_mol * anc) / jnp.maximum(anc.sum(), 1.0)
     if relax is not None:
-        denoise, tparams, relax_weight, *rest = relax
-        rounds = rest[0] if rest else 0
+        denoise, tparams, relax_weight, rounds = relax
         if rounds > 0:  # deterministic: the teacher's refinement of the output itself (molgen.refine)
             from molgen.refine import make_refine_step, refine, refine_levels
 
