@@ -205,6 +205,24 @@ def test_bond_term_measures_short_pair_distances():
     assert float(aux0["bond_error"]) < 1e-5 and abs(float(aux0["bond_loss"])) < 1e-6
 
 
+def _relax_term(cfg, cfn, g, zx, zh, s, key, teacher, rounds):
+    """params -> the relaxation term (weight 1) of the student's own one-call answer, with this teacher."""
+
+    def term(p):
+        px, ph = cfn(p, s * zx, s * zh, jnp.full(g.node_mask.shape, s, jnp.float32), g)
+        return distill_loss(cfn, p, px, ph, (zx, zh), g, cfg.consistency, key,
+                            relax=(teacher, None, 1.0, rounds))[1]["relax_loss"]
+
+    return term
+
+
+def _unit_step(params, grads, size=1e-4):
+    """params moved by ``size`` against the gradient direction (asserting the gradient is not zero)."""
+    norm = jnp.sqrt(sum(jnp.sum(v**2) for v in jax.tree_util.tree_leaves(grads)))
+    assert float(norm) > 0
+    return jax.tree_util.tree_map(lambda a, b: a - size * b / norm, params, grads)
+
+
 def test_relaxation_term_pulls_the_output_towards_the_teachers_denoising_of_it():
     """relax: zero when the teacher's denoiser gives the output back; else the pseudo-Huber distance to it,
     whose gradient moves the output towards the teacher's answer; the denoiser sees the output + low noise."""
@@ -238,14 +256,8 @@ def test_relaxation_term_pulls_the_output_towards_the_teachers_denoising_of_it()
     want = float(jnp.sum(want * (g.n_atoms > 0)) / jnp.sum(g.n_atoms > 0))
     assert abs(float(aux2["relax_loss"]) - want) < 1e-5 and abs(float(loss2 - base) - 2.0 * want) < 1e-5
 
-    def relax_only(p):
-        px, ph = cfn(p, s * zx, s * zh, jnp.full(g.node_mask.shape, s, jnp.float32), g)
-        return distill_loss(cfn, p, px, ph, (zx, zh), g, cfg.consistency, key, relax=(shifted, None, 1.0, 0))[1]["relax_loss"]
-
-    grads = jax.grad(relax_only)(params)
-    norm = jnp.sqrt(sum(jnp.sum(v**2) for v in jax.tree_util.tree_leaves(grads)))
-    assert float(norm) > 0
-    step = jax.tree_util.tree_map(lambda a, b: a - 1e-4 * b / norm, params, grads)
+    relax_only = _relax_term(cfg, cfn, g, zx, zh, s, key, shifted, 0)
+    step = _unit_step(params, jax.grad(relax_only)(params))
     assert float(relax_only(step)) < float(relax_only(params))  # a gradient step moves towards the target
 
 
@@ -284,25 +296,17 @@ def test_deterministic_relaxation_targets_the_teachers_refinement_of_the_output_
                             relax=(stretch, None, 2.0, 3))
     assert abs(float(aux_k["relax_loss"]) - float(aux["relax_loss"])) < 1e-6  # deterministic
 
-    def relax_only(p):
-        px, ph = cfn(p, s * zx, s * zh, jnp.full(g.node_mask.shape, s, jnp.float32), g)
-        return distill_loss(cfn, p, px, ph, (zx, zh), g, cfg.consistency, key, relax=(stretch, None, 1.0, 3))[1]["relax_loss"]
-
     fixed_x, fixed_h = 1.05**3 * ox, clean_features(oh, g.node_mask)
 
     def fixed(tp, px, ph, sig, graph):  # the same target, as a constant of the parameters
         return fixed_x, fixed_h
 
-    def fixed_only(p):
-        px, ph = cfn(p, s * zx, s * zh, jnp.full(g.node_mask.shape, s, jnp.float32), g)
-        return distill_loss(cfn, p, px, ph, (zx, zh), g, cfg.consistency, key, relax=(fixed, None, 1.0, 3))[1]["relax_loss"]
-
+    relax_only = _relax_term(cfg, cfn, g, zx, zh, s, key, stretch, 3)
+    fixed_only = _relax_term(cfg, cfn, g, zx, zh, s, key, fixed, 3)
     grads = jax.grad(relax_only)(params)
-    norm = jnp.sqrt(sum(jnp.sum(v**2) for v in jax.tree_util.tree_leaves(grads)))
-    assert float(norm) > 0
     for a, b in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(jax.grad(fixed_only)(params))):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)  # none through the teacher
-    step = jax.tree_util.tree_map(lambda a, b: a - 1e-4 * b / norm, params, grads)
+    step = _unit_step(params, grads)
     assert float(fixed_only(step)) < float(fixed_only(params))  # a step moves the output towards the target
 
 
