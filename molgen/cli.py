@@ -204,6 +204,7 @@ def train(
     bond_weight: float = typer.Option(1.0, "--bond-weight", min=0.0, help="--mode distill: weight of a loss on the distances of the target's atom pairs closer than 2 Å (bond lengths; 0 turns it off)."),
     relax_weight: float = typer.Option(0.0, "--relax-weight", min=0.0, help="--mode distill: weight of a term that pulls each one-call molecule towards the teacher's denoising of it at low noise (0.05-0.3), i.e. towards geometries the teacher holds clean (0: off)."),
     relax_rounds: int = typer.Option(0, "--relax-rounds", min=0, help="--mode distill --relax-weight: R > 0 makes that term's target the teacher's R-step refinement of the one-call molecule itself (as `molgen sample --refine R`, no noise) instead of one call on a re-noised copy."),
+    dmd_weight: float = typer.Option(0.0, "--dmd-weight", min=0.0, help="--mode distill: weight of distribution matching (DMD): each one-call molecule is pulled towards the teacher's distribution by the difference of the teacher's and a fake model's denoisings of it, the fake model (the teacher's network, from the teacher) being trained on the student's molecules at the same time (0: off; docs/training.md)."),
     refine: int = typer.Option(0, "--refine", min=0, help="--mode distill: R > 0 regresses onto --init's own one-call molecules, each relaxed by R calls of the teacher as `molgen sample --refine R` does (no ODE solve), instead of the teacher's ODE ends (an experiment: docs/training.md)."),
     refine_sigma: float = typer.Option(0.0, "--refine-sigma", min=0.0, max=2.0, help="--mode distill --refine: one noise level (Å) for every teacher call (default 0: levels 0.4 -> 0.1, as in sampling)."),
     eval_every: int = typer.Option(1000, "--eval-every", help="Validation loss every N steps (EMA parameters)."),
@@ -261,7 +262,7 @@ def train(
             cfg, init_params = _distill_config(init, teacher, pairs, teacher_steps, anchor, anchor_fraction,
                                                bond_weight, batch_size, lr, warmup, steps, seed, ema, clip,
                                                ckpt_every, eval_every, out, layers, relax_weight, refine,
-                                               refine_sigma, relax_rounds)
+                                               refine_sigma, relax_rounds, dmd_weight)
         with _progress(transient=False) as progress:
             ds = prepare_pairs(cfg, out, _progress_factory(progress))
     else:
@@ -315,10 +316,11 @@ def train(
 
 def _distill_config(init, teacher, n_pairs, teacher_steps, anchor, anchor_fraction, bond_weight, batch_size, lr,
                     warmup, steps, seed, ema, clip, ckpt_every, eval_every, out, layers=None, relax_weight=0.0,
-                    refine=0, refine_sigma=0.0, relax_rounds=0):
+                    refine=0, refine_sigma=0.0, relax_rounds=0, dmd_weight=0.0):
     """A new --mode distill run: the student, its network and its noise levels come from --init.
 
     With ``layers`` the student is --init deepened to that many blocks (:func:`molgen.nn.egnn.grow_params`).
+    With ``dmd_weight`` > 0 the parameters are {"student": --init's, "fake": the teacher's}.
     """
     from molgen.nn.egnn import grow_params
     from molgen.sample import load_model
@@ -343,12 +345,17 @@ def _distill_config(init, teacher, n_pairs, teacher_steps, anchor, anchor_fracti
     cfg = icfg.replace(mode="distill", init=str(init), teacher=str(teacher), n_pairs=n_pairs,
                        teacher_steps=teacher_steps, anchor=str(anchor) if anchor else None,
                        anchor_fraction=anchor_fraction, bond_weight=bond_weight, relax_weight=relax_weight,
-                       relax_rounds=relax_rounds, refine_rounds=refine, refine_sigma=refine_sigma,
+                       relax_rounds=relax_rounds, dmd_weight=dmd_weight, refine_rounds=refine, refine_sigma=refine_sigma,
                        batch_size=batch_size or icfg.batch_size,
                        lr=lr or 2e-4, warmup=warmup, steps=steps or 10000, seed=seed, ema=ema, clip=clip,
                        ckpt_every=ckpt_every, eval_every=eval_every)
     if not (out / "pairs.npz").exists() and n_pairs < 2 * cfg.batch_size:
         raise MolgenError(f"--pairs {n_pairs} is too few for --batch-size {cfg.batch_size}")
+    if dmd_weight > 0:
+        tcfg, tparams, _ = load_model(teacher)
+        if tcfg.mode != "diffusion":
+            raise MolgenError(f"{teacher}: the teacher must be a diffusion model, not {tcfg.mode!r}")
+        init_params = {"student": init_params, "fake": tparams}
     return cfg, init_params
 
 
@@ -409,6 +416,7 @@ def sample(
     batch_size: int = typer.Option(1000, "--batch-size", help="Molecules generated together."),
     sigmas: Optional[str] = typer.Option(None, "--sigmas", help="Consistency models: comma-separated noise levels, one per step."),
     sampler: str = typer.Option("ancestral", "--sampler", metavar="<ancestral|ode|refine>", help="Diffusion models: EDM's stochastic sampler (ancestral), or the deterministic probability-flow ODE (ode: Heun's method on Karras levels). Consistency models: ancestral re-noises to each next level before calling f again; refine calls f on the molecule itself at levels 0.4 -> 0.1 (no re-noising), which gives more stable molecules per call."),
+    dmd_weight: float = typer.Option(0.0, "--dmd-weight", min=0.0, help="--mode distill: weight of distribution matching (DMD): each one-call molecule is pulled towards the teacher's distribution by the difference of the teacher's and a fake model's denoisings of it, the fake model (the teacher's network, from the teacher) being trained on the student's molecules at the same time (0: off; docs/training.md)."),
     refine: int = typer.Option(0, "--refine", min=0, help="After sampling, N calls of a diffusion model's denoiser on each molecule at levels 0.4 -> 0.1 (no re-noising): better bonds for N more calls."),
     refiner: Optional[str] = typer.Option(None, "--refiner", help="--refine: the diffusion model to call (default: the model itself, its distillation teacher or the diffusion model it was tuned from)."),
     fmt: Optional[str] = typer.Option(None, "--format", help="sdf or xyz (default: from the extension)."),

@@ -45,6 +45,9 @@ class RunConfig:
     # "distill": 0: that term's target is one teacher call on the output re-noised to a random low level;
     # R > 0: R teacher refinement steps on the output itself, no noise (molgen.refine)
     relax_rounds: int = 0
+    # "distill": weight of distribution matching (molgen.consistency.dmd); > 0 trains a fake diffusion model
+    # (the teacher's network, started from the teacher) beside the student: parameters {"student", "fake"}
+    dmd_weight: float = 0.0
     # "distill": R > 0 regresses onto the --init student's own one-call answers relaxed by R rounds of the
     # teacher's denoising (molgen.consistency.distill.refine_pairs) instead of the ODE ends; the rounds' noise
     # level is refine_sigma, or with 0 the sampler's schedule molgen.refine.refine_levels(R)

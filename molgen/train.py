@@ -86,6 +86,17 @@ def make_loss(cfg: RunConfig) -> Callable:
             _, tapply = make_apply(tcfg)
             relax = (edm_denoiser(tapply, tcfg.diffusion), jax.tree_util.tree_map(jnp.asarray, tparams),
                      cfg.relax_weight, cfg.relax_rounds)
+        if cfg.dmd_weight > 0:
+            from molgen.consistency.dmd import DMD
+            from molgen.diffusion.ode import edm_denoiser
+
+            tcfg, tparams, _ = load_model(cfg.teacher)
+            _, tapply = make_apply(tcfg)
+            dmd = DMD(edm_denoiser(tapply, tcfg.diffusion), tapply, jax.tree_util.tree_map(jnp.asarray, tparams),
+                      tcfg.diffusion, cfg.dmd_weight)
+            return lambda p, b, k, s: distill_loss(cfn, p["student"], b[0].positions, features(b[0]), b[1], b[0],
+                                                   cfg.consistency, k, anchor, cfg.anchor_fraction, cfg.bond_weight,
+                                                   relax, dmd, p["fake"])
         return lambda p, b, k, s: distill_loss(cfn, p, b[0].positions, features(b[0]), b[1], b[0], cfg.consistency,
                                                k, anchor, cfg.anchor_fraction, cfg.bond_weight, relax)
     raise MolgenError(f"unknown mode {cfg.mode!r}")
@@ -102,19 +113,43 @@ class TrainState:
     opt_state: Any
 
 
+def has_fake(cfg: RunConfig) -> bool:
+    """Whether the run trains a fake diffusion model beside its network (distribution matching)."""
+    return cfg.mode == "distill" and cfg.dmd_weight > 0
+
+
+def model_params(cfg: RunConfig, params):
+    """The parameters of the run's model (the student's, without a distribution-matching fake model)."""
+    return params["student"] if has_fake(cfg) else params
+
+
 def make_optimizer(cfg: RunConfig):
     sched = optax.join_schedules(
         [optax.linear_schedule(cfg.lr / 100, cfg.lr, max(cfg.warmup, 1)), optax.constant_schedule(cfg.lr)],
         [max(cfg.warmup, 1)],
     )
-    return optax.chain(optax.clip_by_global_norm(cfg.clip), optax.adam(sched)), sched
+    tx = optax.chain(optax.clip_by_global_norm(cfg.clip), optax.adam(sched))
+    if has_fake(cfg):  # student and fake model are clipped apart: neither's gradient scale throttles the other
+        tx = optax.multi_transform({"student": tx, "fake": tx},
+                                   lambda p: {k: jax.tree_util.tree_map(lambda _: k, v) for k, v in p.items()})
+    return tx, sched
 
 
-def init_params(cfg: RunConfig, seed: int | None = None):
+def _net_init(cfg: RunConfig, seed: int):
     net, _ = make_apply(cfg)
     g = pack([np.zeros((3, 3), np.float32)], [np.zeros(3, np.int32)])
     h = np.zeros((len(g.node_mask), cfg.n_features), np.float32)
-    return net.init(jax.random.PRNGKey(cfg.seed if seed is None else seed), g.positions, h, g.node_mask, g)
+    return net.init(jax.random.PRNGKey(seed), g.positions, h, g.node_mask, g)
+
+
+def init_params(cfg: RunConfig, seed: int | None = None):
+    seed = cfg.seed if seed is None else seed
+    if has_fake(cfg):  # the fake model has the teacher's network
+        from molgen.sample import load_model
+
+        tcfg, _, _ = load_model(cfg.teacher)
+        return {"student": _net_init(cfg, seed), "fake": _net_init(tcfg, seed + 1)}
+    return _net_init(cfg, seed)
 
 
 def init_state(cfg: RunConfig, params=None) -> TrainState:
@@ -242,7 +277,7 @@ def load_ema_params(run_dir: Path) -> tuple[RunConfig, Any, int]:
     if mgr.latest_step() is None:
         raise MolgenError(f"{run_dir}: no checkpoint in this run directory")
     state = restore_checkpoint(mgr, init_state(cfg))
-    return cfg, state.ema, int(state.step)
+    return cfg, model_params(cfg, state.ema), int(state.step)
 
 
 # ----------------------------------------------------------------------------------------------------------

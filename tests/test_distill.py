@@ -372,3 +372,90 @@ def test_a_run_refuses_pairs_made_for_other_targets(tmp_path):
     with pytest.raises(MolgenError, match="0 refinement rounds, the run wants 8"):
         prepare_pairs(cfg, tmp_path)
     assert len(prepare_pairs(cfg.replace(refine_rounds=0), tmp_path)) == 2
+
+
+def _dmd_setup():
+    """A tiny student's one-call answers, a tiny teacher and DMD over its denoiser."""
+    from molgen.consistency.dmd import DMD
+    from molgen.diffusion.ode import edm_denoiser
+
+    cfg, params, cfn, g, zx, zh, s, ox, oh = _one_call_student()
+    tcfg, tparams = _teacher()
+    _, tapply = make_apply(tcfg)
+    dmd = DMD(edm_denoiser(tapply, tcfg.diffusion), tapply, tparams, tcfg.diffusion, 1.0)
+    return dmd, tcfg, tparams, g, ox, oh
+
+
+def test_distribution_matching_vanishes_when_the_fake_model_is_the_teacher():
+    """Fake = teacher: the generator term and its gradient are 0; the fake loss is EDM's loss on the output."""
+    from molgen.consistency.dmd import dmd_terms
+    from molgen.diffusion.edm import diffusion_loss
+
+    dmd, tcfg, tparams, g, ox, oh = _dmd_setup()
+    keep = jnp.ones(g.n_atoms.shape, jnp.float32)
+    key = jax.random.PRNGKey(4)
+    gen, fake, aux = dmd_terms(dmd, tparams, ox, oh, g, key, keep)
+    assert abs(float(gen)) < 1e-9 and abs(float(aux["dmd_gap"])) < 1e-6
+    grad_x = jax.grad(lambda x: dmd_terms(dmd, tparams, x, oh, g, key, keep)[0])(ox)
+    assert float(jnp.abs(grad_x).max()) == 0.0
+    want, _ = diffusion_loss(dmd.apply, tparams, ox, oh, g, jax.random.split(key, 3)[2], dmd.diffusion)
+    assert abs(float(fake) - float(want)) < 1e-6 and float(fake) > 0
+    other = init_params(tcfg, seed=11)  # a different fake model: the term is no longer 0
+    gen2, _, aux2 = dmd_terms(dmd, other, ox, oh, g, key, keep)
+    assert float(gen2) > 0 and float(aux2["dmd_gap"]) > 0
+
+
+def test_distribution_matching_gradient_is_the_normalised_denoiser_difference():
+    """d gen / d x = (D_fake - D_real) / (w sqrt(dim)) per molecule (w: mean |x - D_real|); molecules with keep 0
+    get none; the fake loss sends nothing to x and the generator term nothing to the fake model."""
+    from molgen.consistency.dmd import DMD, dmd_terms
+
+    _, tcfg, tparams, g, ox, oh = _dmd_setup()
+    rng = np.random.default_rng(0)
+    m = np.asarray(g.node_mask)[:, None]
+    real_x, fake_x = (jnp.asarray(rng.normal(size=ox.shape) * m, jnp.float32) for _ in range(2))
+    real_h, fake_h = (jnp.asarray(rng.normal(size=oh.shape) * m, jnp.float32) for _ in range(2))
+
+    def denoise(p, yx, yh, s, graph):  # answers its parameters, whatever the input
+        return p["x"], p["h"]
+
+    _, tapply = make_apply(tcfg)
+    dmd = DMD(denoise, lambda p, zx, zh, t, graph: (zx * p["a"], zh * p["a"]), {"x": real_x, "h": real_h},
+              tcfg.diffusion, 1.0)
+    fake = {"x": fake_x, "h": fake_h, "a": jnp.float32(0.5)}
+    keep = jnp.asarray([1.0, 0.0, 0.0], jnp.float32)  # the first molecule only (the third is the padding graph)
+    key = jax.random.PRNGKey(1)
+    gx, gh = jax.grad(lambda x, h: dmd_terms(dmd, fake, x, h, g, key, keep)[0], argnums=(0, 1))(ox, oh)
+    first = np.asarray(g.segment) == 0
+    n = int(g.n_atoms[0])
+    w = (np.abs(np.asarray(ox - real_x))[first].sum() + np.abs(np.asarray(oh - real_h))[first].sum()) / (n * 9)
+    scale = 1.0 / (w * np.sqrt(n * 9) * 1.0)  # one kept molecule: the mean over molecules divides by 1
+    np.testing.assert_allclose(np.asarray(gx)[first], np.asarray(fake_x - real_x)[first] * scale, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(gh)[first], np.asarray(fake_h - real_h)[first] * scale, rtol=1e-4, atol=1e-6)
+    assert float(jnp.abs(gx[~first]).max()) == 0.0 and float(jnp.abs(gh[~first]).max()) == 0.0
+    fx = jax.grad(lambda x: dmd_terms(dmd, fake, x, oh, g, key, keep)[1])(ox)
+    assert float(jnp.abs(fx).max()) == 0.0
+    gp = jax.grad(lambda p: dmd_terms(dmd, p, ox, oh, g, key, keep)[0])(fake)
+    fp = jax.grad(lambda p: dmd_terms(dmd, p, ox, oh, g, key, keep)[1])(fake)
+    assert all(float(jnp.abs(v).max()) == 0.0 for v in jax.tree_util.tree_leaves(gp))
+    assert float(jnp.abs(fp["a"])) > 0  # the fake model learns from the student's molecules
+
+
+def test_distill_loss_adds_distribution_matching_on_one_call_molecules_only():
+    """dmd in distill_loss: + weight * generator term + fake loss, reported in aux; anchored molecules excluded."""
+    from molgen.consistency.dmd import DMD, dmd_terms
+
+    dmd, tcfg, tparams, g, ox, oh = _dmd_setup()
+    cfg, params, cfn, g, zx, zh, s, ox, oh = _one_call_student()
+    other = init_params(tcfg, seed=11)
+    key = jax.random.PRNGKey(6)
+    base, _ = distill_loss(cfn, params, ox, oh, (zx, zh), g, cfg.consistency, key)
+    dmd3 = DMD(dmd.denoise, dmd.apply, dmd.teacher_params, dmd.diffusion, 3.0)
+    loss, aux = distill_loss(cfn, params, ox, oh, (zx, zh), g, cfg.consistency, key, dmd=dmd3, fake_params=other)
+    gen, fake, _ = dmd_terms(dmd3, other, ox, oh, g, jax.random.fold_in(key, 2), jnp.ones(g.n_atoms.shape))
+    assert abs(float(aux["dmd_loss"]) - float(gen)) < 1e-5 and abs(float(aux["fake_loss"]) - float(fake)) < 1e-5
+    assert abs(float(loss - base) - (3.0 * float(gen) + float(fake))) < 1e-4
+    # every molecule anchored: nothing is one-call, so nothing enters either term
+    _, aux_a = distill_loss(cfn, params, ox, oh, (zx, zh), g, cfg.consistency, key, anchor_params=params,
+                            anchor_fraction=1.0, dmd=dmd3, fake_params=other)
+    assert float(aux_a["dmd_loss"]) == 0.0 and float(aux_a["fake_loss"]) == 0.0

@@ -165,7 +165,7 @@ RELAX_SIGMAS = (0.05, 0.3)  # noise levels (Å) of the teacher-relaxation term: 
 
 
 def distill_loss(cfn, params, x, h, noise, graph, cfg: ConsistencyConfig, key=None, anchor_params=None,
-                 anchor_fraction: float = 0.0, bond_weight: float = 0.0, relax=None):
+                 anchor_fraction: float = 0.0, bond_weight: float = 0.0, relax=None, dmd=None, fake_params=None):
     """Mean over molecules of the pseudo-Huber distance between f(s_max z, s_max) and the target (x, h).
 
     With ``anchor_params`` a random ``anchor_fraction`` of the molecules is used instead at a low level s in
@@ -190,6 +190,11 @@ def distill_loss(cfn, params, x, h, noise, graph, cfg: ConsistencyConfig, key=No
     then deterministic: the noise of the version above moves its target ~s per coordinate, more than the
     ~0.1 Å bond errors the term is meant to fix.  The target moves with the student, so it stays within
     reach (unlike fixed refined targets, ``refine_pairs``, which it cannot predict from z and averages).
+
+    ``dmd`` (a :class:`molgen.consistency.dmd.DMD`) with ``fake_params`` adds, for the one-step molecules,
+    distribution matching (``dmd.weight`` times its generator term) and the fake model's EDM loss on them
+    (:func:`molgen.consistency.dmd.dmd_terms`): the one-call molecules are pulled towards the teacher's
+    distribution rather than onto its ODE's map alone.
     """
     zx, zh = noise
     m = graph.node_mask
@@ -246,6 +251,13 @@ def distill_loss(cfn, params, x, h, noise, graph, cfg: ConsistencyConfig, key=No
         relax_term = jnp.sum(pseudo_huber(sq_r, dim, cfg.huber_scale) * one) / jnp.maximum(one.sum(), 1.0)
         loss = loss + relax_weight * relax_term
         aux["relax_loss"] = relax_term
+    if dmd is not None:
+        from molgen.consistency.dmd import dmd_terms
+
+        gen, fake, dmd_aux = dmd_terms(dmd, fake_params, ox, oh, graph, jax.random.fold_in(key, 2),
+                                       1.0 - low.astype(jnp.float32))
+        loss = loss + dmd.weight * gen + fake
+        aux.update(dmd_loss=gen, fake_loss=fake, **dmd_aux)
     if bond_weight > 0:
         snd, rcv = graph.senders, graph.receivers
 

@@ -32,10 +32,11 @@ def alpha_sigma(gamma):
     return jnp.sqrt(jax.nn.sigmoid(-gamma)), jnp.sqrt(jax.nn.sigmoid(gamma))
 
 
-def diffusion_loss(apply_fn, params, x, h, graph, key, cfg: DiffusionConfig):
+def diffusion_loss(apply_fn, params, x, h, graph, key, cfg: DiffusionConfig, weight=None):
     """Mean over molecules of ||eps - eps_hat||^2 / (n_atoms * (3 + F)) (EDM's L2 objective, w(t) = 1).
 
-    Returns (loss, aux) with the position and feature parts of the loss.
+    Returns (loss, aux) with the position and feature parts of the loss.  ``weight`` [B + 1] (0 / 1) keeps
+    only some molecules of the batch.
     """
     gammas = jnp.asarray(cfg.gammas())
     n_seg = graph.n_atoms.shape[0]
@@ -52,6 +53,8 @@ def diffusion_loss(apply_fn, params, x, h, graph, key, cfg: DiffusionConfig):
     eh = per_molecule_sum(jnp.sum((eps_h - ph) ** 2, -1), graph)
     n = graph.n_atoms.astype(jnp.float32)
     real = (graph.n_atoms > 0).astype(jnp.float32)
+    if weight is not None:
+        real = real * weight
     denom = jnp.maximum(n, 1.0) * (3 + h.shape[-1])
     n_mol = jnp.maximum(real.sum(), 1.0)
     loss_x = jnp.sum(ex / denom * real) / n_mol
