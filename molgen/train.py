@@ -79,21 +79,18 @@ def make_loss(cfg: RunConfig) -> Callable:
                 raise MolgenError(f"{cfg.anchor or cfg.init}: the anchor model's network or noise levels differ from the student's")
             anchor = jax.tree_util.tree_map(jnp.asarray, anchor)
         relax = None
-        if cfg.relax_weight > 0:
+        if cfg.relax_weight > 0 or cfg.dmd_weight > 0:  # terms that call the teacher during training
             from molgen.diffusion.ode import edm_denoiser
 
             tcfg, tparams, _ = load_model(cfg.teacher)
             _, tapply = make_apply(tcfg)
-            relax = (edm_denoiser(tapply, tcfg.diffusion), jax.tree_util.tree_map(jnp.asarray, tparams),
-                     cfg.relax_weight, cfg.relax_rounds)
+            tdenoise, tparams = edm_denoiser(tapply, tcfg.diffusion), jax.tree_util.tree_map(jnp.asarray, tparams)
+        if cfg.relax_weight > 0:
+            relax = (tdenoise, tparams, cfg.relax_weight, cfg.relax_rounds)
         if cfg.dmd_weight > 0:
             from molgen.consistency.dmd import DMD
-            from molgen.diffusion.ode import edm_denoiser
 
-            tcfg, tparams, _ = load_model(cfg.teacher)
-            _, tapply = make_apply(tcfg)
-            dmd = DMD(edm_denoiser(tapply, tcfg.diffusion), tapply, jax.tree_util.tree_map(jnp.asarray, tparams),
-                      tcfg.diffusion, cfg.dmd_weight)
+            dmd = DMD(tdenoise, tapply, tparams, tcfg.diffusion, cfg.dmd_weight)
             return lambda p, b, k, s: distill_loss(cfn, p["student"], b[0].positions, features(b[0]), b[1], b[0],
                                                    cfg.consistency, k, anchor, cfg.anchor_fraction, cfg.bond_weight,
                                                    relax, dmd, p["fake"])
