@@ -445,12 +445,15 @@ def test_distill_loss_adds_distribution_matching_on_one_call_molecules_only():
     """dmd in distill_loss: + weight * generator term + fake loss, reported in aux; anchored molecules excluded."""
     from molgen.consistency.dmd import DMD, dmd_terms
 
-    dmd, tcfg, tparams, g, ox, oh = _dmd_setup()
+    from molgen.diffusion.ode import edm_denoiser
+
     cfg, params, cfn, g, zx, zh, s, ox, oh = _one_call_student()
+    tcfg, _ = _teacher()
+    _, tapply = make_apply(tcfg)
     other = init_params(tcfg, seed=11)
     key = jax.random.PRNGKey(6)
     base, _ = distill_loss(cfn, params, ox, oh, (zx, zh), g, cfg.consistency, key)
-    dmd3 = DMD(dmd.denoise, dmd.apply, dmd.teacher_params, dmd.diffusion, 3.0)
+    dmd3 = DMD(edm_denoiser(tapply, tcfg.diffusion), tapply, init_params(tcfg), tcfg.diffusion, 3.0)
     loss, aux = distill_loss(cfn, params, ox, oh, (zx, zh), g, cfg.consistency, key, dmd=dmd3, fake_params=other)
     gen, fake, _ = dmd_terms(dmd3, other, ox, oh, g, jax.random.fold_in(key, 2), jnp.ones(g.n_atoms.shape))
     assert abs(float(aux["dmd_loss"]) - float(gen)) < 1e-5 and abs(float(aux["fake_loss"]) - float(fake)) < 1e-5
