@@ -416,7 +416,7 @@ def sample(
     batch_size: int = typer.Option(1000, "--batch-size", help="Molecules generated together."),
     sigmas: Optional[str] = typer.Option(None, "--sigmas", help="Consistency models: comma-separated noise levels, one per step."),
     sampler: str = typer.Option("ancestral", "--sampler", metavar="<ancestral|ode|refine>", help="Diffusion models: EDM's stochastic sampler (ancestral), or the deterministic probability-flow ODE (ode: Heun's method on Karras levels). Consistency models: ancestral re-noises to each next level before calling f again; refine calls f on the molecule itself at levels 0.4 -> 0.1 (no re-noising), which gives more stable molecules per call."),
-    dmd_weight: float = typer.Option(0.0, "--dmd-weight", min=0.0, help="--mode distill: weight of distribution matching (DMD): each one-call molecule is pulled towards the teacher's distribution by the difference of the teacher's and a fake model's denoisings of it, the fake model (the teacher's network, from the teacher) being trained on the student's molecules at the same time (0: off; docs/training.md)."),
+    temperature: Optional[float] = typer.Option(None, "--temperature", help="Scale every Gaussian the sampler draws (start noise and re-noising) by this factor: below 1 trades a little diversity for stabler molecules (default: the model's recommended value from its card, else 1)."),
     refine: int = typer.Option(0, "--refine", min=0, help="After sampling, N calls of a diffusion model's denoiser on each molecule at levels 0.4 -> 0.1 (no re-noising): better bonds for N more calls."),
     refiner: Optional[str] = typer.Option(None, "--refiner", help="--refine: the diffusion model to call (default: the model itself, its distillation teacher or the diffusion model it was tuned from)."),
     fmt: Optional[str] = typer.Option(None, "--format", help="sdf or xyz (default: from the extension)."),
@@ -428,7 +428,7 @@ def sample(
     """Generate molecules and write them as SDF or XYZ, then print their stability report."""
     from molgen.chem.io import format_of, write_molecules
     from molgen.jax_setup import enable_compilation_cache
-    from molgen.sample import load_model, load_refiner, network_calls, noise_levels
+    from molgen.sample import check_temperature, load_model, load_refiner, network_calls, noise_levels
     from molgen.sample import sample as do_sample
 
     enable_compilation_cache()
@@ -444,6 +444,7 @@ def sample(
     cfg, params, meta = load_model(checkpoint)
     if steps is None:
         steps = 1 if cfg.mode != "diffusion" else (18 if sampler == "ode" else 1000)
+    temperature = check_temperature(float(meta.get("temperature", 1.0)) if temperature is None else temperature)
     calls = network_calls(cfg, noise_levels(cfg, steps, sig, sampler), sampler)  # checks the options too
     if refiner is not None and not refine:
         raise MolgenError("--refiner names the model that --refine N calls; add --refine N")
@@ -458,10 +459,10 @@ def sample(
         task = progress.add_task(f"sampling ({steps} step{'s' if steps > 1 else ''}"
                                  f"{f' + {refine} refinement' if refine else ''})", total=n)
         mols = do_sample(cfg, params, n, steps, seed, atoms, batch_size, sig, lambda k: progress.advance(task, k),
-                         sampler=sampler, refine_steps=refine, refiner=polisher)
+                         sampler=sampler, refine_steps=refine, refiner=polisher, temperature=temperature)
     t_sample = time.time() - t0
     settings = {"molgen_model": Path(meta.get("source", "")).name, "molgen_mode": cfg.mode,
-                "molgen_steps": steps, "molgen_seed": seed}
+                "molgen_steps": steps, "molgen_seed": seed, "molgen_temperature": temperature}
     if cfg.mode == "diffusion" or sampler != "ancestral" or refine:
         settings.update(molgen_sampler=sampler, molgen_calls=calls + refine)
     if refine:
@@ -483,6 +484,8 @@ def sample(
     how = f"{cfg.mode}, ODE {steps} Heun step{'s' if steps > 1 else ''}, " if sampler == "ode" else f"{cfg.mode}, "
     if sampler == "refine":
         how += "refine sampler, "
+    if temperature != 1.0:
+        how += f"temperature {temperature:g}, "
     total = calls + refine
     if refine:
         how += f"{calls} + {refine} of {r_name} = "

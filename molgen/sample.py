@@ -143,6 +143,13 @@ SAMPLERS = ("ancestral", "ode", "refine")
 ODE_SIGMA_MAX, ODE_SIGMA_MIN = 80.0, 0.002  # the ODE sampler's Karras levels (VE noise levels), then 0
 
 
+def check_temperature(temperature: float) -> float:
+    """The sampling temperature must be a positive, finite number."""
+    if not (np.isfinite(temperature) and temperature > 0):
+        raise MolgenError(f"--temperature must be a positive number, got {temperature}")
+    return float(temperature)
+
+
 def sampler_kind(cfg: RunConfig, sampler: str = "ancestral") -> str:
     """'diffusion' (EDM's ancestral sampler), 'ode' (a diffusion model's probability-flow ODE), 'consistency'
     (one call, then re-noise and call again) or 'refine' (one call, then f at lower levels, no re-noising)."""
@@ -229,39 +236,44 @@ def make_step_fn(cfg: RunConfig, apply_fn: Callable | None = None, sampler: str 
 
 
 def sample_batch(cfg: RunConfig, params, step_fn, sizes: np.ndarray, levels: list[float], key,
-                 sampler: str = "ancestral", polish=None):
+                 sampler: str = "ancestral", polish=None, temperature: float = 1.0):
     """Generate one packed batch; returns (positions list, types list).
 
-    ``polish = (refine_step, params, levels)`` refines the result with another model (``--refine``)."""
+    ``polish = (refine_step, params, levels)`` refines the result with another model (``--refine``).
+    ``temperature`` scales every Gaussian the sampler draws: the starting noise and, for the ancestral
+    samplers, the noise added at each later step (1: the plain samplers)."""
     from molgen.diffusion.noise import sample_noise
 
     g = pack(None, [np.zeros(int(n), np.int32) for n in sizes])
     nf = cfg.n_features
     k0, key = jax.random.split(key)
     kind = sampler_kind(cfg, sampler)
+    temp = jnp.float32(temperature)
     if kind == "ode":
         from molgen.diffusion.ode import heun_solve
 
-        zx, zh = heun_solve(step_fn, params, *sample_noise(k0, g, nf), g, levels)
+        zx, zh = sample_noise(k0, g, nf)
+        zx, zh = heun_solve(step_fn, params, temp * zx, temp * zh, g, levels)
     elif kind == "diffusion":
         zx, zh = sample_noise(k0, g, nf)
+        zx, zh = temp * zx, temp * zh
         for i in range(len(levels) - 1):
             key, k = jax.random.split(key)
-            zx, zh = step_fn(params, zx, zh, jnp.float32(levels[i]), jnp.float32(levels[i + 1]), g, k)
+            zx, zh = step_fn(params, zx, zh, jnp.float32(levels[i]), jnp.float32(levels[i + 1]), g, k, temp)
     elif kind == "refine":
         from molgen.refine import refine
 
         first, again = step_fn
         zx = jnp.zeros(g.positions.shape, jnp.float32)
         zh = jnp.zeros((len(g.node_mask), nf), jnp.float32)
-        zx, zh = first(params, zx, zh, jnp.float32(levels[0]), jnp.bool_(True), g, jax.random.split(key)[1])
+        zx, zh = first(params, zx, zh, jnp.float32(levels[0]), jnp.bool_(True), g, jax.random.split(key)[1], temp)
         zx, zh = refine(again, params, zx, zh, g, levels[1:])
     else:
         zx = jnp.zeros(g.positions.shape, jnp.float32)
         zh = jnp.zeros((len(g.node_mask), nf), jnp.float32)
         for i, s in enumerate(levels):
             key, k = jax.random.split(key)
-            zx, zh = step_fn(params, zx, zh, jnp.float32(s), jnp.bool_(i == 0), g, k)
+            zx, zh = step_fn(params, zx, zh, jnp.float32(s), jnp.bool_(i == 0), g, k, temp)
     if polish is not None:
         from molgen.refine import refine
 
@@ -292,14 +304,17 @@ def sample(
     sampler: str = "ancestral",
     refine_steps: int = 0,
     refiner: tuple[RunConfig, Any] | None = None,
+    temperature: float = 1.0,
 ) -> list[Molecule]:
     """``n`` molecules in ``steps`` steps: network calls for the ancestral, consistency and refine samplers;
     Heun steps (2 calls each, 1 for the last) for ``sampler="ode"`` (diffusion models).  ``refine_steps``
-    more calls of the diffusion model ``refiner = (config, params)`` follow (:mod:`molgen.refine`)."""
+    more calls of the diffusion model ``refiner = (config, params)`` follow (:mod:`molgen.refine`).
+    ``temperature`` scales the sampler's Gaussian noise (:func:`sample_batch`)."""
     if n < 1:
         raise MolgenError("-n must be at least 1")
     if batch_size < 1:
         raise MolgenError("--batch-size must be at least 1")
+    check_temperature(temperature)
     levels = noise_levels(cfg, steps, sigmas, sampler)
     sizes = draw_sizes(cfg, n, seed, atoms)
     step_fn = make_step_fn(cfg, apply_fn, sampler)
@@ -319,7 +334,8 @@ def sample(
     mols: list[Molecule] = []
     for b, s in enumerate(range(0, n, batch_size)):
         bs = sizes[s : s + batch_size]
-        xs, ts = sample_batch(cfg, params, step_fn, bs, levels, jax.random.fold_in(base, b), sampler, polish)
+        xs, ts = sample_batch(cfg, params, step_fn, bs, levels, jax.random.fold_in(base, b), sampler, polish,
+                              temperature)
         for x, t in zip(xs, ts):
             mols.append(Molecule(t, x, name=f"molgen_{len(mols)}"))
         if progress:

@@ -267,6 +267,8 @@ def test_sample_bad_inputs(tmp_path, trained):
                        "--sigmas", "1,2"), "consistency models only")
     one_line_error(run("sample", "--checkpoint", trained, "-o", tmp_path / "x.sdf", "--sampler", "euler"),
                    "--sampler must be one of ancestral, ode")
+    one_line_error(run("sample", "--checkpoint", trained, "-o", tmp_path / "x.sdf", "--temperature", 0),
+                   "--temperature must be a positive number")
     assert not (tmp_path / "x.sdf").exists()
     existing = tmp_path / "keep.sdf"
     existing.write_text("precious")

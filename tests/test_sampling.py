@@ -108,6 +108,58 @@ def test_same_seed_same_molecules(rng, mode):
                for x, z in zip(a, c))
 
 
+@pytest.mark.parametrize("mode,sampler", [("ct", "ancestral"), ("ct", "refine"), ("diffusion", "ancestral"),
+                                          ("diffusion", "ode")])
+def test_temperature_scales_the_starting_noise(rng, mode, sampler):
+    """The first network input of every sampler is linear in the starting Gaussian: temperature t scales it by t."""
+    cfg = _cfg(mode)
+    params = _noisy_params(cfg, rng)
+    _, apply = make_apply(cfg)
+    seen = []
+
+    def recording(params, x, h, cond, graph):
+        jax.debug.callback(lambda a, b: seen.append((np.asarray(a), np.asarray(b))), x, h)
+        return apply(params, x, h, cond, graph)
+
+    plain = sample(cfg, params, n=5, steps=2, seed=3, apply_fn=recording, sampler=sampler)
+    calls = len(seen)
+    cool = sample(cfg, params, n=5, steps=2, seed=3, apply_fn=recording, sampler=sampler, temperature=0.6)
+    assert len(seen) == 2 * calls
+    (x1, h1), (xt, ht) = seen[0], seen[calls]
+    assert np.abs(x1).max() > 0.1
+    np.testing.assert_allclose(xt, 0.6 * x1, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(ht, 0.6 * h1, rtol=1e-5, atol=1e-6)
+    assert any(not np.array_equal(a.positions, b.positions) for a, b in zip(plain, cool))
+    same = sample(cfg, params, n=5, steps=2, seed=3, sampler=sampler, temperature=1.0)
+    for a, b in zip(plain, same):  # temperature 1 is the plain sampler
+        np.testing.assert_array_equal(a.positions, b.positions)
+
+
+def test_temperature_scales_the_ancestral_step_noise(rng):
+    """EDM's ancestral step is mean + std * z: with temperature t it is mean + t * std * z exactly."""
+    from molgen.diffusion.edm import make_sampler_step
+
+    cfg = _cfg("diffusion")
+    params = _noisy_params(cfg, rng)
+    _, apply = make_apply(cfg)
+    step = jax.jit(make_sampler_step(apply, cfg.diffusion))
+    g, h = _graph(rng)
+    x = jnp.asarray(rng.normal(size=g.positions.shape), jnp.float32) * g.node_mask[:, None]
+    key = jax.random.PRNGKey(4)
+    out = {t: step(params, x, h, jnp.float32(0.5), jnp.float32(0.4), g, key, t) for t in (0.0, 0.3, 1.0)}
+    for i in range(2):
+        np.testing.assert_allclose(out[0.3][i] - out[0.0][i], 0.3 * (out[1.0][i] - out[0.0][i]), atol=1e-5)
+    assert float(jnp.abs(out[1.0][0] - out[0.0][0]).max()) > 1e-3
+
+
+@pytest.mark.parametrize("bad", [0.0, -0.5, float("nan"), float("inf")])
+def test_temperature_must_be_positive(bad):
+    from molgen import MolgenError
+
+    with pytest.raises(MolgenError, match="--temperature must be a positive number"):
+        sample(_cfg("ct"), None, n=2, steps=1, temperature=bad)
+
+
 def _graph(rng, sizes=(5, 8)):
     pos, typ = random_molecules(rng, sizes)
     g = pack(pos, typ)

@@ -32,6 +32,13 @@ def test_main_command_with_shipped_default(tmp_path, monkeypatch):
     assert res.exit_code == 0, res.output
     assert out.read_text().count("$$$$") == 25
     assert "atom stability" in res.output
+    # the default samples at the temperature its card recommends (meta.json), and the file says so
+    temp = load_model(None)[2]["temperature"]
+    assert 0 < temp < 1 and f"temperature {temp:g}" in res.output
+    from rdkit import Chem
+
+    mol = next(iter(Chem.SDMolSupplier(str(out), removeHs=False)))
+    assert float(mol.GetProp("molgen_temperature")) == temp
     res = runner.invoke(app, ["models"])
     assert res.exit_code == 0 and "(default)" in res.output
     for name in shipped_models():  # full names, even in an 80-column terminal

@@ -173,10 +173,13 @@ def default_sigmas(k: int, cfg: ConsistencyConfig) -> list[float]:
 
 
 def make_sampler_step(cfn, cfg: ConsistencyConfig):
-    """x <- f(x + sqrt(sigma^2 - sigma_min^2) z, sigma); with ``first`` the input is sigma_max * z itself."""
+    """x <- f(x + sqrt(sigma^2 - sigma_min^2) z, sigma); with ``first`` the input is sigma_max * z itself.
 
-    def step(params, yx, yh, sigma, first, graph, key):
+    ``temp`` scales the Gaussian z (the sampling temperature; 1 is the plain sampler)."""
+
+    def step(params, yx, yh, sigma, first, graph, key, temp=1.0):
         zx, zh = sample_noise(key, graph, yh.shape[-1])
+        zx, zh = temp * zx, temp * zh
         amp = jnp.where(first, sigma, jnp.sqrt(jnp.maximum(sigma**2 - cfg.sigma_min**2, 0.0)))
         base = jnp.where(first, 0.0, 1.0)
         ix, ih = base * yx + amp * zx, base * yh + amp * zh

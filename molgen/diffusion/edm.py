@@ -68,14 +68,16 @@ def respaced_times(k: int) -> np.ndarray:
 
 
 def make_sampler_step(apply_fn, cfg: DiffusionConfig):
-    """One reverse step z_t -> z_s (s < t), or, when s == 0, the final denoised estimate of [x, h]."""
+    """One reverse step z_t -> z_s (s < t), or, when s == 0, the final denoised estimate of [x, h].
+
+    ``temp`` scales the step's fresh noise (the sampling temperature; 1 is EDM's sampler)."""
     gammas = jnp.asarray(cfg.gammas())
     T = cfg.timesteps
 
     def gamma_at(t):
         return gammas[jnp.round(t * T).astype(jnp.int32)]
 
-    def step(params, zx, zh, t, s, graph, key):
+    def step(params, zx, zh, t, s, graph, key, temp=1.0):
         g_t, g_s = gamma_at(t), gamma_at(s)
         cond = jnp.full(graph.node_mask.shape, t, jnp.float32) * graph.node_mask
         ex, eh = apply_fn(params, zx, zh, cond, graph)
@@ -90,6 +92,7 @@ def make_sampler_step(apply_fn, cfg: DiffusionConfig):
         mux, muh = zx / alpha_ts - c * ex, zh / alpha_ts - c * eh
         std = jnp.sqrt(sigma2_ts) * sigma_s / sigma_t
         nx, nh = sample_noise(key, graph, zh.shape[-1])
+        nx, nh = temp * nx, temp * nh  # the sampling temperature (1: EDM's sampler)
         last = s <= 0
         out_x = jnp.where(last, x0x, mux + std * nx)
         out_h = jnp.where(last, x0h, muh + std * nh)
