@@ -490,7 +490,7 @@ def sample(
     if refine:
         how += f"{calls} + {refine} of {r_name} = "
     console.print(f"wrote {len(mols)} molecules to {out} ({how}{total} network call{'s' if total > 1 else ''} "
-                  f"per molecule, {t_sample:.1f} s sampling)")
+                  f"per molecule, {t_sample:.1f} s sampling)", soft_wrap=True)  # one line, however long the path
     if metrics is not None:
         if report:
             console.print(_metrics_table(metrics, f"samples: {out}"))

@@ -127,11 +127,18 @@ def test_train_resume_and_sample(tmp_path, trained, data_dir):
     assert rep["n_molecules"] == 5 and rep["molgen_sampler"] == "ode" and rep["molgen_calls"] == 5
 
 
-def test_ect_from_diffusion_and_sample(tmp_path, trained, data_dir):
-    out = tmp_path / "ect"
+@pytest.fixture(scope="module")
+def ect(tmp_path_factory, trained, data_dir):
+    """A consistency model tuned from ``trained`` (--mode ect); also the student that the distill test starts from."""
+    out = tmp_path_factory.mktemp("ect") / "ect"
     res = run("train", "--mode", "ect", "--init", trained, "--steps", 2, "--batch-size", 8, "--data-dir", data_dir,
               "--out", out, "--ckpt-every", 2, "--curriculum-steps", 7)
     assert res.exit_code == 0, res.output
+    return out
+
+
+def test_ect_from_diffusion_and_sample(tmp_path, trained, ect, data_dir):
+    out = ect
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["steps"] == 2 and cfg["consistency"]["total_steps"] == 7
     assert cfg["consistency"]["parametrization"] == "ict-vp" and cfg["init"] == str(trained)
@@ -143,11 +150,8 @@ def test_ect_from_diffusion_and_sample(tmp_path, trained, data_dir):
                        data_dir, "--out", tmp_path / "z"), "--parametrization")
 
 
-def test_distill_from_a_consistency_model_resume_and_sample(tmp_path, trained, data_dir):
-    ct = tmp_path / "ct"
-    res = run("train", "--mode", "ct", "--model", "tiny", "--steps", 1, "--batch-size", 8, "--data-dir", data_dir,
-              "--out", ct, "--ckpt-every", 1)
-    assert res.exit_code == 0, res.output
+def test_distill_from_a_consistency_model_resume_and_sample(tmp_path, trained, ect, data_dir):
+    ct = ect  # the student starts from a consistency model
     out = tmp_path / "kd"
     res = run("train", "--mode", "distill", "--init", ct, "--teacher", trained, "--pairs", 20, "--teacher-steps", 2,
               "--batch-size", 4, "--steps", 2, "--ckpt-every", 1, "--eval-every", 1, "--cpu-devices", 1, "--out", out)
@@ -179,24 +183,19 @@ def test_distill_from_a_consistency_model_resume_and_sample(tmp_path, trained, d
                    "add --refine N")
     one_line_error(run("sample", "--checkpoint", out, "--refine", 1, "--refiner", out, "-o", tmp_path / "x.sdf"),
                    "must be a diffusion model")
-    # --layers deepens the student (new blocks start as the identity); the anchor (--init) is deepened with it.
-    deep = tmp_path / "kd_deep"
-    res = run("train", "--mode", "distill", "--init", ct, "--teacher", trained, "--pairs", 20, "--teacher-steps", 2,
-              "--layers", 3, "--batch-size", 4, "--steps", 1, "--ckpt-every", 1, "--cpu-devices", 1, "--out", deep)
-    assert res.exit_code == 0 and "layers=3" in res.output, res.output
-    dcfg = json.loads((deep / "config.json").read_text())
-    assert dcfg["model"]["n_layers"] == 3 and dcfg["model"]["coords_range"] == ccfg["model"]["coords_range"] * 1.5
-    res = run("sample", "--checkpoint", deep, "-n", 4, "--steps", 2, "-o", tmp_path / "deep.sdf", "--no-report")
-    assert res.exit_code == 0, res.output
-    # --refine: the targets are --init's own one-call molecules relaxed by the teacher (no ODE solve)
+    # --refine: the targets are --init's own one-call molecules relaxed by the teacher (no ODE solve), here
+    # with the deterministic relaxation term (the teacher's 2-step refinement of each one-call molecule) and
+    # --layers, which deepens the student (new blocks start as the identity; the anchor is deepened with it)
     ref = tmp_path / "kd_refine"
-    # (with the deterministic relaxation term: the teacher's 2-step refinement of each one-call molecule)
     res = run("train", "--mode", "distill", "--init", ct, "--teacher", trained, "--pairs", 20, "--refine", 2,
-              "--relax-weight", 1, "--relax-rounds", 2,
+              "--relax-weight", 1, "--relax-rounds", 2, "--layers", 3,
               "--batch-size", 4, "--steps", 1, "--ckpt-every", 1, "--cpu-devices", 1, "--out", ref)
+    assert res.exit_code == 0 and "layers=3" in res.output, res.output
+    dcfg = json.loads((ref / "config.json").read_text())
+    assert dcfg["model"]["n_layers"] == 3 and dcfg["model"]["coords_range"] == ccfg["model"]["coords_range"] * 1.5
+    res = run("sample", "--checkpoint", ref, "-n", 4, "--steps", 2, "-o", tmp_path / "deep.sdf", "--no-report")
     assert res.exit_code == 0, res.output
-    rcfg = json.loads((ref / "config.json").read_text())
-    assert rcfg["refine_rounds"] == 2 and rcfg["refine_sigma"] == 0.0 and rcfg["relax_rounds"] == 2
+    assert dcfg["refine_rounds"] == 2 and dcfg["refine_sigma"] == 0.0 and dcfg["relax_rounds"] == 2
     assert "relax_loss" in json.loads((ref / "metrics.jsonl").read_text().splitlines()[-1])
     # --dmd-weight: a fake diffusion model (from the teacher) trains beside the student; the run restores
     # both (export reads the checkpoint back) and exports, then samples, as its student alone
@@ -293,8 +292,9 @@ def test_train_on_two_cpu_devices(tmp_path, data_dir):
     import subprocess
     import sys
 
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env["JAX_PLATFORMS"] = "cpu"
+    from conftest import FAST_COMPILE
+
+    env = dict(os.environ, XLA_FLAGS=FAST_COMPILE, JAX_PLATFORMS="cpu")  # no device count from outside
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "molgen", "train", "--model", "tiny", "--batch-size", 16, "--cpu-devices", 2,
            "--data-dir", data_dir, "--out", out, "--ckpt-every", 2, "--eval-every", 2]
