@@ -43,3 +43,40 @@ def test_main_command_with_shipped_default(tmp_path, monkeypatch):
     assert res.exit_code == 0 and "(default)" in res.output
     for name in shipped_models():  # full names, even in an 80-column terminal
         assert name in res.output, res.output
+
+
+def test_a_regular_wheel_install_carries_and_finds_the_weights(tmp_path):
+    """Build the wheel (from a copy of the sources), unpack it as site-packages would hold it, and sample with the
+    shipped default from there: the weights travel inside the package, not only in a source checkout."""
+    import shutil
+    import subprocess
+    import sys
+    import zipfile
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(repo / name, src / name)
+    for name in ("molgen", "weights"):
+        shutil.copytree(repo / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", str(src), "--no-deps", "-q", "-w", str(tmp_path / "dist")],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    (wheel,) = (tmp_path / "dist").glob("molgen-*.whl")
+    site = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(site)
+    default = (repo / "weights" / "DEFAULT").read_text().strip()
+    assert (site / "molgen" / "weights" / default / "params.msgpack").exists()
+    env = {k: v for k, v in __import__("os").environ.items() if k != "PYTHONPATH"}
+    env.update(PYTHONPATH=str(site), MOLGEN_HOME=str(tmp_path / "home"))
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    code = ("import molgen.sample as s, sys; from molgen.cli import app; "
+            "print(s.__file__); print(s.weights_root()); sys.argv = ['molgen', 'sample', '-n', '5', '-o', 'x.sdf']; app()")
+    r = subprocess.run([sys.executable, "-c", code], cwd=work, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:] + r.stdout[-2000:]
+    module, root = r.stdout.splitlines()[:2]
+    assert Path(module).is_relative_to(site) and Path(root) == site / "molgen" / "weights", r.stdout
+    assert (work / "x.sdf").read_text().count("$$$$") == 5
