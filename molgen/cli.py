@@ -417,6 +417,7 @@ def sample(
     sigmas: Optional[str] = typer.Option(None, "--sigmas", help="Consistency models: comma-separated noise levels, one per step."),
     sampler: str = typer.Option("ancestral", "--sampler", metavar="<ancestral|ode|refine>", help="Diffusion models: EDM's stochastic sampler (ancestral), or the deterministic probability-flow ODE (ode: Heun's method on Karras levels). Consistency models: ancestral re-noises to each next level before calling f again; refine calls f on the molecule itself at levels 0.4 -> 0.1 (no re-noising), which gives more stable molecules per call."),
     temperature: Optional[float] = typer.Option(None, "--temperature", help="Scale every Gaussian the sampler draws (start noise and re-noising) by this factor: below 1 trades a little diversity for stabler molecules (default: the model's recommended value from its card, else 1)."),
+    renoise: Optional[float] = typer.Option(None, "--renoise", help="Consistency models, k-step sampler: scale of the noise added before each call after the first (1: the standard multistep sampler, 0: none; default: the model's recommended value from its card, else the temperature)."),
     refine: int = typer.Option(0, "--refine", min=0, help="After sampling, N calls of a diffusion model's denoiser on each molecule at levels 0.4 -> 0.1 (no re-noising): better bonds for N more calls."),
     refiner: Optional[str] = typer.Option(None, "--refiner", help="--refine: the diffusion model to call (default: the model itself, its distillation teacher or the diffusion model it was tuned from)."),
     fmt: Optional[str] = typer.Option(None, "--format", help="sdf or xyz (default: from the extension)."),
@@ -428,7 +429,8 @@ def sample(
     """Generate molecules and write them as SDF or XYZ, then print their stability report."""
     from molgen.chem.io import format_of, write_molecules
     from molgen.jax_setup import enable_compilation_cache
-    from molgen.sample import check_temperature, load_model, load_refiner, network_calls, noise_levels
+    from molgen.sample import (check_renoise, check_temperature, load_model, load_refiner, network_calls,
+                               noise_levels, sampler_kind)
     from molgen.sample import sample as do_sample
 
     enable_compilation_cache()
@@ -445,6 +447,12 @@ def sample(
     if steps is None:
         steps = 1 if cfg.mode != "diffusion" else (18 if sampler == "ode" else 1000)
     temperature = check_temperature(float(meta.get("temperature", 1.0)) if temperature is None else temperature)
+    kstep = sampler_kind(cfg, sampler) == "consistency"
+    if renoise is not None and not kstep:
+        raise MolgenError("--renoise applies to the k-step sampler of consistency models (no re-noising here)")
+    if renoise is None and kstep and meta.get("renoise") is not None:
+        renoise = float(meta["renoise"])
+    renoise = check_renoise(temperature if renoise is None else renoise) if kstep else None
     calls = network_calls(cfg, noise_levels(cfg, steps, sig, sampler), sampler)  # checks the options too
     if refiner is not None and not refine:
         raise MolgenError("--refiner names the model that --refine N calls; add --refine N")
@@ -459,7 +467,8 @@ def sample(
         task = progress.add_task(f"sampling ({steps} step{'s' if steps > 1 else ''}"
                                  f"{f' + {refine} refinement' if refine else ''})", total=n)
         mols = do_sample(cfg, params, n, steps, seed, atoms, batch_size, sig, lambda k: progress.advance(task, k),
-                         sampler=sampler, refine_steps=refine, refiner=polisher, temperature=temperature)
+                         sampler=sampler, refine_steps=refine, refiner=polisher, temperature=temperature,
+                         renoise=renoise)
     t_sample = time.time() - t0
     settings = {"molgen_model": Path(meta.get("source", "")).name, "molgen_mode": cfg.mode,
                 "molgen_steps": steps, "molgen_seed": seed, "molgen_temperature": temperature}
@@ -467,6 +476,8 @@ def sample(
         settings.update(molgen_sampler=sampler, molgen_calls=calls + refine)
     if refine:
         settings.update(molgen_refine=refine, molgen_refiner=r_name)
+    if kstep and steps > 1:
+        settings.update(molgen_renoise=renoise)
     metrics = None
     if report or json_path:
         from molgen.evaluate import evaluate_molecules
@@ -486,6 +497,8 @@ def sample(
         how += "refine sampler, "
     if temperature != 1.0:
         how += f"temperature {temperature:g}, "
+    if kstep and steps > 1 and renoise != temperature:
+        how += f"re-noise {renoise:g}, "
     total = calls + refine
     if refine:
         how += f"{calls} + {refine} of {r_name} = "

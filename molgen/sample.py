@@ -150,6 +150,13 @@ def check_temperature(temperature: float) -> float:
     return float(temperature)
 
 
+def check_renoise(renoise: float) -> float:
+    """The re-noising scale of the k-step consistency sampler: a finite number >= 0 (0: no noise added)."""
+    if not (np.isfinite(renoise) and renoise >= 0):
+        raise MolgenError(f"--renoise must be a number >= 0, got {renoise}")
+    return float(renoise)
+
+
 def sampler_kind(cfg: RunConfig, sampler: str = "ancestral") -> str:
     """'diffusion' (EDM's ancestral sampler), 'ode' (a diffusion model's probability-flow ODE), 'consistency'
     (one call, then re-noise and call again) or 'refine' (one call, then f at lower levels, no re-noising)."""
@@ -236,12 +243,15 @@ def make_step_fn(cfg: RunConfig, apply_fn: Callable | None = None, sampler: str 
 
 
 def sample_batch(cfg: RunConfig, params, step_fn, sizes: np.ndarray, levels: list[float], key,
-                 sampler: str = "ancestral", polish=None, temperature: float = 1.0):
+                 sampler: str = "ancestral", polish=None, temperature: float = 1.0,
+                 renoise: float | None = None):
     """Generate one packed batch; returns (positions list, types list).
 
     ``polish = (refine_step, params, levels)`` refines the result with another model (``--refine``).
     ``temperature`` scales every Gaussian the sampler draws: the starting noise and, for the ancestral
-    samplers, the noise added at each later step (1: the plain samplers)."""
+    samplers, the noise added at each later step (1: the plain samplers). ``renoise`` (default: the
+    temperature) replaces it for the noise the k-step consistency sampler adds before each call after the
+    first: x + renoise * sqrt(s^2 - sigma_min^2) z (1: the standard multistep sampler; 0: none)."""
     from molgen.diffusion.noise import sample_noise
 
     g = pack(None, [np.zeros(int(n), np.int32) for n in sizes])
@@ -249,6 +259,7 @@ def sample_batch(cfg: RunConfig, params, step_fn, sizes: np.ndarray, levels: lis
     k0, key = jax.random.split(key)
     kind = sampler_kind(cfg, sampler)
     temp = jnp.float32(temperature)
+    again = temp if renoise is None else jnp.float32(renoise)
     if kind == "ode":
         from molgen.diffusion.ode import heun_solve
 
@@ -273,7 +284,7 @@ def sample_batch(cfg: RunConfig, params, step_fn, sizes: np.ndarray, levels: lis
         zh = jnp.zeros((len(g.node_mask), nf), jnp.float32)
         for i, s in enumerate(levels):
             key, k = jax.random.split(key)
-            zx, zh = step_fn(params, zx, zh, jnp.float32(s), jnp.bool_(i == 0), g, k, temp)
+            zx, zh = step_fn(params, zx, zh, jnp.float32(s), jnp.bool_(i == 0), g, k, temp if i == 0 else again)
     if polish is not None:
         from molgen.refine import refine
 
@@ -305,16 +316,20 @@ def sample(
     refine_steps: int = 0,
     refiner: tuple[RunConfig, Any] | None = None,
     temperature: float = 1.0,
+    renoise: float | None = None,
 ) -> list[Molecule]:
     """``n`` molecules in ``steps`` steps: network calls for the ancestral, consistency and refine samplers;
     Heun steps (2 calls each, 1 for the last) for ``sampler="ode"`` (diffusion models).  ``refine_steps``
     more calls of the diffusion model ``refiner = (config, params)`` follow (:mod:`molgen.refine`).
-    ``temperature`` scales the sampler's Gaussian noise (:func:`sample_batch`)."""
+    ``temperature`` scales the sampler's Gaussian noise, ``renoise`` the k-step consistency sampler's
+    re-noising (:func:`sample_batch`)."""
     if n < 1:
         raise MolgenError("-n must be at least 1")
     if batch_size < 1:
         raise MolgenError("--batch-size must be at least 1")
     check_temperature(temperature)
+    if renoise is not None:
+        check_renoise(renoise)
     levels = noise_levels(cfg, steps, sigmas, sampler)
     sizes = draw_sizes(cfg, n, seed, atoms)
     step_fn = make_step_fn(cfg, apply_fn, sampler)
@@ -335,7 +350,7 @@ def sample(
     for b, s in enumerate(range(0, n, batch_size)):
         bs = sizes[s : s + batch_size]
         xs, ts = sample_batch(cfg, params, step_fn, bs, levels, jax.random.fold_in(base, b), sampler, polish,
-                              temperature)
+                              temperature, renoise)
         for x, t in zip(xs, ts):
             mols.append(Molecule(t, x, name=f"molgen_{len(mols)}"))
         if progress:

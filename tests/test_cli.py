@@ -268,6 +268,8 @@ def test_sample_bad_inputs(tmp_path, trained):
                    "--sampler must be one of ancestral, ode")
     one_line_error(run("sample", "--checkpoint", trained, "-o", tmp_path / "x.sdf", "--temperature", 0),
                    "--temperature must be a positive number")
+    one_line_error(run("sample", "--checkpoint", trained, "-o", tmp_path / "x.sdf", "--renoise", 0.5),
+                   "--renoise applies to the k-step sampler of consistency models")
     assert not (tmp_path / "x.sdf").exists()
     existing = tmp_path / "keep.sdf"
     existing.write_text("precious")

@@ -152,6 +152,37 @@ def test_temperature_scales_the_ancestral_step_noise(rng):
     assert float(jnp.abs(out[1.0][0] - out[0.0][0]).max()) > 1e-3
 
 
+def test_renoise_scales_only_the_noise_added_between_consistency_calls(rng):
+    """k-step consistency sampling: the first call sees temperature * sigma_max * z whatever renoise is; the
+    second sees c_in(s) (x + renoise * sqrt(s^2 - sigma_min^2) z'), affine in renoise with the same x and z'."""
+    cfg = _cfg("ct")
+    params = _noisy_params(cfg, rng)
+    _, apply = make_apply(cfg)
+    seen = []
+
+    def recording(params, x, h, cond, graph):
+        jax.debug.callback(lambda a: seen.append(np.asarray(a)), x)
+        return apply(params, x, h, cond, graph)
+
+    out = {r: sample(cfg, params, n=5, steps=2, seed=2, apply_fn=recording, temperature=0.8, renoise=r)
+           for r in (0.0, 0.5, 1.0)}
+    assert len(seen) == 6
+    first, second = seen[0::2], seen[1::2]
+    for a in first[1:]:
+        np.testing.assert_allclose(a, first[0], rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(second[1] - second[0], 0.5 * (second[2] - second[0]), rtol=1e-4, atol=1e-6)
+    assert np.abs(second[2] - second[0]).max() > 1e-3  # renoise 1 adds noise that renoise 0 does not
+    plain = sample(cfg, params, n=5, steps=2, seed=2, temperature=0.8)  # renoise defaults to the temperature
+    again = sample(cfg, params, n=5, steps=2, seed=2, temperature=0.8, renoise=0.8)
+    for a, b in zip(plain, again):
+        np.testing.assert_array_equal(a.positions, b.positions)
+    assert any(not np.array_equal(a.positions, b.positions) for a, b in zip(out[0.0], plain))
+    from molgen import MolgenError
+
+    with pytest.raises(MolgenError, match="--renoise must be a number >= 0"):
+        sample(cfg, params, n=2, steps=2, renoise=-0.1)
+
+
 @pytest.mark.parametrize("bad", [0.0, -0.5, float("nan"), float("inf")])
 def test_temperature_must_be_positive(bad):
     from molgen import MolgenError

@@ -39,6 +39,12 @@ def test_main_command_with_shipped_default(tmp_path, monkeypatch):
 
     mol = next(iter(Chem.SDMolSupplier(str(out), removeHs=False)))
     assert float(mol.GetProp("molgen_temperature")) == temp
+    # more calls: the re-noising scale of its card too (meta.json "renoise"), recorded per molecule
+    renoise = load_model(None)[2]["renoise"]
+    res = runner.invoke(app, ["sample", "-n", "3", "--steps", "2", "-o", str(out)])
+    assert res.exit_code == 0 and f"re-noise {renoise:g}" in res.output, res.output
+    mol = next(iter(Chem.SDMolSupplier(str(out), removeHs=False)))
+    assert float(mol.GetProp("molgen_renoise")) == renoise
     res = runner.invoke(app, ["models"])
     assert res.exit_code == 0 and "(default)" in res.output
     for name in shipped_models():  # full names, even in an 80-column terminal
