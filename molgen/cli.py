@@ -448,11 +448,10 @@ def sample(
         steps = 1 if cfg.mode != "diffusion" else (18 if sampler == "ode" else 1000)
     temperature = check_temperature(float(meta.get("temperature", 1.0)) if temperature is None else temperature)
     kstep = sampler_kind(cfg, sampler) == "consistency"
-    if renoise is not None and not kstep:
+    if kstep:
+        renoise = check_renoise(float(meta.get("renoise", temperature) if renoise is None else renoise))
+    elif renoise is not None:
         raise MolgenError("--renoise applies to the k-step sampler of consistency models (no re-noising here)")
-    if renoise is None and kstep and meta.get("renoise") is not None:
-        renoise = float(meta["renoise"])
-    renoise = check_renoise(temperature if renoise is None else renoise) if kstep else None
     calls = network_calls(cfg, noise_levels(cfg, steps, sig, sampler), sampler)  # checks the options too
     if refiner is not None and not refine:
         raise MolgenError("--refiner names the model that --refine N calls; add --refine N")

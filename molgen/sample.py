@@ -259,7 +259,7 @@ def sample_batch(cfg: RunConfig, params, step_fn, sizes: np.ndarray, levels: lis
     k0, key = jax.random.split(key)
     kind = sampler_kind(cfg, sampler)
     temp = jnp.float32(temperature)
-    again = temp if renoise is None else jnp.float32(renoise)
+    later = temp if renoise is None else jnp.float32(renoise)  # the k-step sampler's re-noising
     if kind == "ode":
         from molgen.diffusion.ode import heun_solve
 
@@ -284,7 +284,7 @@ def sample_batch(cfg: RunConfig, params, step_fn, sizes: np.ndarray, levels: lis
         zh = jnp.zeros((len(g.node_mask), nf), jnp.float32)
         for i, s in enumerate(levels):
             key, k = jax.random.split(key)
-            zx, zh = step_fn(params, zx, zh, jnp.float32(s), jnp.bool_(i == 0), g, k, temp if i == 0 else again)
+            zx, zh = step_fn(params, zx, zh, jnp.float32(s), jnp.bool_(i == 0), g, k, temp if i == 0 else later)
     if polish is not None:
         from molgen.refine import refine
 
