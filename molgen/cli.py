@@ -559,13 +559,21 @@ def export(
     run_dir: Path = typer.Argument(..., help="Training run folder (its latest checkpoint is exported)."),
     dest: Path = typer.Argument(..., help="Destination folder, e.g. weights/my-model."),
     headline: str = typer.Option("", "--headline", help="One line of measured figures for `molgen models`."),
+    temperature: Optional[float] = typer.Option(None, "--temperature", help="Recommended sampling temperature, stored in meta.json: `molgen sample`'s default for this model."),
+    renoise: Optional[float] = typer.Option(None, "--renoise", help="Consistency models: recommended re-noising scale of the k-step sampler, stored in meta.json."),
 ):
     """Export a run's EMA parameters (float32) and config as a self-contained model folder."""
-    from molgen.sample import load_model, save_weights
+    from molgen.sample import check_renoise, check_temperature, load_model, save_weights
 
     cfg, params, info = load_model(run_dir)
     meta = {"source_run": str(run_dir), "step": info.get("step"), "trained": f"{info.get('step')} steps",
             "headline": headline}
+    if temperature is not None:
+        meta["temperature"] = check_temperature(temperature)
+    if renoise is not None:
+        if cfg.mode == "diffusion":
+            raise MolgenError("--renoise applies to consistency models; this is a diffusion model")
+        meta["renoise"] = check_renoise(renoise)
     save_weights(dest, cfg, params, meta)
     size = sum(f.stat().st_size for f in dest.iterdir()) / 2**20
     console.print(f"exported step {info.get('step')} of {run_dir} to {dest} ({size:.2f} MiB)")

@@ -208,16 +208,18 @@ def test_distill_from_a_consistency_model_resume_and_sample(tmp_path, trained, e
     assert json.loads((dm / "config.json").read_text())["dmd_weight"] == 2.0
     rec = json.loads((dm / "metrics.jsonl").read_text().splitlines()[-1])
     assert {"dmd_loss", "fake_loss", "dmd_gap"} <= set(rec), rec
-    res = run("export", dm, tmp_path / "dm_w")
+    res = run("export", dm, tmp_path / "dm_w", "--temperature", 0.8, "--renoise", 0.3)
     assert res.exit_code == 0, res.output
+    wmeta = json.loads((tmp_path / "dm_w" / "meta.json").read_text())
+    assert wmeta["temperature"] == 0.8 and wmeta["renoise"] == 0.3  # the sampling defaults it recommends
     from molgen.sample import load_model
 
     _, wparams, _ = load_model(tmp_path / "dm_w")
     _, cparams, _ = load_model(ct)
     assert jax.tree_util.tree_structure(wparams) == jax.tree_util.tree_structure(cparams)  # no fake model
-    res = run("sample", "--checkpoint", tmp_path / "dm_w", "-n", 4, "--steps", 1, "-o", tmp_path / "dmw.sdf",
+    res = run("sample", "--checkpoint", tmp_path / "dm_w", "-n", 4, "--steps", 2, "-o", tmp_path / "dmw.sdf",
               "--no-report")
-    assert res.exit_code == 0, res.output
+    assert res.exit_code == 0 and "temperature 0.8, re-noise 0.3," in res.output, res.output
     assert (tmp_path / "dmw.sdf").read_text().count("$$$$") == 4
     one_line_error(run("train", "--mode", "distill", "--init", ct, "--teacher", trained, "--relax-rounds", 2,
                        "--out", tmp_path / "z"), "--relax-weight")
@@ -270,6 +272,9 @@ def test_sample_bad_inputs(tmp_path, trained):
                    "--temperature must be a positive number")
     one_line_error(run("sample", "--checkpoint", trained, "-o", tmp_path / "x.sdf", "--renoise", 0.5),
                    "--renoise applies to the k-step sampler of consistency models")
+    one_line_error(run("export", trained, tmp_path / "w", "--renoise", 0.5), "--renoise applies to consistency")
+    one_line_error(run("export", trained, tmp_path / "w", "--temperature", -1), "--temperature must be a positive number")
+    assert not (tmp_path / "w").exists()
     assert not (tmp_path / "x.sdf").exists()
     existing = tmp_path / "keep.sdf"
     existing.write_text("precious")
