@@ -138,12 +138,11 @@ def ect(tmp_path_factory, trained, data_dir):
 
 
 def test_ect_from_diffusion_and_sample(tmp_path, trained, ect, data_dir):
-    out = ect
-    cfg = json.loads((out / "config.json").read_text())
+    cfg = json.loads((ect / "config.json").read_text())
     assert cfg["steps"] == 2 and cfg["consistency"]["total_steps"] == 7
     assert cfg["consistency"]["parametrization"] == "ict-vp" and cfg["init"] == str(trained)
     assert cfg["consistency"]["sigma_data_x"] != 1.0  # measured on the data, not the default 1.0
-    res = run("sample", "--checkpoint", out, "-n", 4, "--steps", 2, "-o", tmp_path / "e.sdf", "--no-report")
+    res = run("sample", "--checkpoint", ect, "-n", 4, "--steps", 2, "-o", tmp_path / "e.sdf", "--no-report")
     assert res.exit_code == 0, res.output
     one_line_error(run("train", "--mode", "ect", "--data-dir", data_dir, "--out", tmp_path / "z"), "--init")
     one_line_error(run("train", "--mode", "ect", "--init", trained, "--parametrization", "foo", "--data-dir",
