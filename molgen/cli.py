@@ -207,6 +207,7 @@ def train(
     dmd_weight: float = typer.Option(0.0, "--dmd-weight", min=0.0, help="--mode distill: weight of distribution matching (DMD): each one-call molecule is pulled towards the teacher's distribution by the difference of the teacher's and a fake model's denoisings of it, the fake model (the teacher's network, from the teacher) being trained on the student's molecules at the same time (0: off; docs/training.md)."),
     refine: int = typer.Option(0, "--refine", min=0, help="--mode distill: R > 0 regresses onto --init's own one-call molecules, each relaxed by R calls of the teacher as `molgen sample --refine R` does (no ODE solve), instead of the teacher's ODE ends (an experiment: docs/training.md)."),
     refine_sigma: float = typer.Option(0.0, "--refine-sigma", min=0.0, max=2.0, help="--mode distill --refine: one noise level (Å) for every teacher call (default 0: levels 0.4 -> 0.1, as in sampling)."),
+    pair_temperature: float = typer.Option(1.0, "--pair-temperature", min=0.05, max=2.0, help="--mode distill: draw the pairs' noise at this temperature (the teacher's ODE starts from s_max T z), so the student learns the map where `molgen sample --temperature T` calls it (docs/training.md)."),
     eval_every: int = typer.Option(1000, "--eval-every", help="Validation loss every N steps (EMA parameters)."),
     ckpt_every: int = typer.Option(500, "--ckpt-every", help="Checkpoint every N steps."),
     parametrization: Optional[str] = typer.Option(
@@ -262,7 +263,7 @@ def train(
             cfg, init_params = _distill_config(init, teacher, pairs, teacher_steps, anchor, anchor_fraction,
                                                bond_weight, batch_size, lr, warmup, steps, seed, ema, clip,
                                                ckpt_every, eval_every, out, layers, relax_weight, refine,
-                                               refine_sigma, relax_rounds, dmd_weight)
+                                               refine_sigma, relax_rounds, dmd_weight, pair_temperature)
         with _progress(transient=False) as progress:
             ds = prepare_pairs(cfg, out, _progress_factory(progress))
     else:
@@ -316,7 +317,7 @@ def train(
 
 def _distill_config(init, teacher, n_pairs, teacher_steps, anchor, anchor_fraction, bond_weight, batch_size, lr,
                     warmup, steps, seed, ema, clip, ckpt_every, eval_every, out, layers=None, relax_weight=0.0,
-                    refine=0, refine_sigma=0.0, relax_rounds=0, dmd_weight=0.0):
+                    refine=0, refine_sigma=0.0, relax_rounds=0, dmd_weight=0.0, pair_temperature=1.0):
     """A new --mode distill run: the student, its network and its noise levels come from --init.
 
     With ``layers`` the student is --init deepened to that many blocks (:func:`molgen.nn.egnn.grow_params`).
@@ -346,6 +347,7 @@ def _distill_config(init, teacher, n_pairs, teacher_steps, anchor, anchor_fracti
                        teacher_steps=teacher_steps, anchor=str(anchor) if anchor else None,
                        anchor_fraction=anchor_fraction, bond_weight=bond_weight, relax_weight=relax_weight,
                        relax_rounds=relax_rounds, dmd_weight=dmd_weight, refine_rounds=refine, refine_sigma=refine_sigma,
+                       pair_temperature=pair_temperature,
                        batch_size=batch_size or icfg.batch_size,
                        lr=lr or 2e-4, warmup=warmup, steps=steps or 10000, seed=seed, ema=ema, clip=clip,
                        ckpt_every=ckpt_every, eval_every=eval_every)
@@ -444,6 +446,10 @@ def sample(
         except ValueError:
             raise MolgenError(f"--sigmas: expected comma-separated numbers, got {sigmas!r}") from None
     cfg, params, meta = load_model(checkpoint)
+    trained_max = max((i for i, c in enumerate(cfg.size_hist) if c > 0), default=0)
+    if atoms is not None and trained_max and atoms > trained_max:
+        err.print(f"warning: this model was trained on molecules of at most {trained_max} atoms; expect poor "
+                  f"molecules with --atoms {atoms}", soft_wrap=True)
     if steps is None:
         steps = 1 if cfg.mode != "diffusion" else (18 if sampler == "ode" else 1000)
     temperature = check_temperature(float(meta.get("temperature", 1.0)) if temperature is None else temperature)

@@ -53,6 +53,9 @@ class RunConfig:
     # level is refine_sigma, or with 0 the sampler's schedule molgen.refine.refine_levels(R)
     refine_rounds: int = 0
     refine_sigma: float = 0.0
+    # "distill": the pairs' noise is pair_temperature * z, so the student learns the map from the noise that
+    # `molgen sample --temperature` gives it (and the teacher's targets are its reduced-temperature molecules)
+    pair_temperature: float = 1.0
     # For sampling without the data set: the training split's atom-count histogram (index = atoms).
     size_hist: tuple[int, ...] = ()
     type_fractions: tuple[float, ...] = ()

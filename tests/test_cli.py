@@ -187,7 +187,7 @@ def test_distill_from_a_consistency_model_resume_and_sample(tmp_path, trained, e
     # --layers, which deepens the student (new blocks start as the identity; the anchor is deepened with it)
     ref = tmp_path / "kd_refine"
     res = run("train", "--mode", "distill", "--init", ct, "--teacher", trained, "--pairs", 20, "--refine", 2,
-              "--relax-weight", 1, "--relax-rounds", 2, "--layers", 3,
+              "--relax-weight", 1, "--relax-rounds", 2, "--layers", 3, "--pair-temperature", 0.5,
               "--batch-size", 4, "--steps", 1, "--ckpt-every", 1, "--cpu-devices", 1, "--out", ref)
     assert res.exit_code == 0 and "layers=3" in res.output, res.output
     dcfg = json.loads((ref / "config.json").read_text())
@@ -195,6 +195,7 @@ def test_distill_from_a_consistency_model_resume_and_sample(tmp_path, trained, e
     res = run("sample", "--checkpoint", ref, "-n", 4, "--steps", 2, "-o", tmp_path / "deep.sdf", "--no-report")
     assert res.exit_code == 0, res.output
     assert dcfg["refine_rounds"] == 2 and dcfg["refine_sigma"] == 0.0 and dcfg["relax_rounds"] == 2
+    assert dcfg["pair_temperature"] == 0.5
     assert "relax_loss" in json.loads((ref / "metrics.jsonl").read_text().splitlines()[-1])
     # --dmd-weight: a fake diffusion model (from the teacher) trains beside the student; the run restores
     # both (export reads the checkpoint back) and exports, then samples, as its student alone
@@ -223,7 +224,12 @@ def test_distill_from_a_consistency_model_resume_and_sample(tmp_path, trained, e
     one_line_error(run("train", "--mode", "distill", "--init", ct, "--teacher", trained, "--relax-rounds", 2,
                        "--out", tmp_path / "z"), "--relax-weight")
     with np.load(ref / "pairs.npz") as z:
-        assert int(z["refine_rounds"]) == 2 and z["n_atoms"].shape == (20,)
+        assert int(z["refine_rounds"]) == 2 and z["n_atoms"].shape == (20,) and float(z["temperature"]) == 0.5
+    with np.load(out / "pairs.npz") as z:  # the same seed's noise, drawn at half the temperature
+        assert np.allclose(0.5 * z["noise_x"], np.load(ref / "pairs.npz")["noise_x"], atol=1e-6)
+    one_line_error(run("train", "--mode", "distill", "--init", ct, "--teacher", trained, "--pairs", 20,
+                       "--pair-temperature", 0.5, "--batch-size", 4, "--cpu-devices", 1, "--out", dm),
+                   "temperature 1, the run wants 0.5")
     one_line_error(run("train", "--mode", "distill", "--init", ct, "--teacher", trained, "--pairs", 20,
                        "--batch-size", 4, "--cpu-devices", 1, "--out", ref), "refinement rounds")
     one_line_error(run("train", "--mode", "distill", "--init", ct, "--teacher", trained, "--layers", 1,
@@ -275,6 +281,10 @@ def test_sample_bad_inputs(tmp_path, trained):
     one_line_error(run("export", trained, tmp_path / "w", "--temperature", -1), "--temperature must be a positive number")
     assert not (tmp_path / "w").exists()
     assert not (tmp_path / "x.sdf").exists()
+    biggest = max(i for i, c in enumerate(json.loads((trained / "config.json").read_text())["size_hist"]) if c)
+    res = run("sample", "--checkpoint", trained, "-n", 1, "--steps", 2, "--atoms", biggest + 1, "-o",
+              tmp_path / "big.sdf", "--no-report")
+    assert res.exit_code == 0 and f"at most {biggest} atoms; expect poor molecules" in res.output, res.output
     existing = tmp_path / "keep.sdf"
     existing.write_text("precious")
     one_line_error(run("sample", "--checkpoint", trained, "-o", existing, "--steps", 0), "--steps")

@@ -360,6 +360,40 @@ def test_refined_targets_are_the_students_answers_relaxed_by_the_teacher(tmp_pat
     np.testing.assert_array_equal(back.positions, two.positions)
 
 
+def test_pairs_at_a_temperature_start_the_teachers_ode_from_scaled_noise(tmp_path):
+    import pytest
+
+    from molgen import MolgenError
+    from molgen.diffusion.ode import edm_denoiser
+
+    tcfg, tparams = _teacher()
+    sizes = np.array([3, 4, 2], np.int32)
+    one = generate_pairs(tcfg, tparams, sizes, seed=2, ode_steps=2, sigma_max=80.0, batch_size=2)
+    cold = generate_pairs(tcfg, tparams, sizes, seed=2, ode_steps=2, sigma_max=80.0, batch_size=2, temperature=0.5)
+    assert one.temperature == 1.0 and cold.temperature == 0.5
+    np.testing.assert_allclose(cold.noise_x, 0.5 * one.noise_x, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(cold.noise_h, 0.5 * one.noise_h, rtol=1e-6, atol=1e-7)
+    assert not np.allclose(cold.positions, one.positions, atol=1e-3)  # a different start, a different end
+    _, t_apply = make_apply(tcfg)
+    denoise = edm_denoiser(t_apply, tcfg.diffusion)
+    levels = karras_levels(2, 0.002, 80.0)
+    for i, n in enumerate(sizes):  # the target is the ODE's end from s_max * (the stored noise), nothing else
+        g = _graph([int(n)])
+        zx = np.zeros(g.positions.shape, np.float32)
+        zh = np.zeros((len(g.node_mask), 6), np.float32)
+        zx[:n], zh[:n] = cold.noise(i)
+        x, h = heun_solve(denoise, tparams, jnp.asarray(zx), jnp.asarray(zh), g, levels)
+        # (an untrained teacher's ODE ends hundreds of Å out: batched and single float sums differ by ~1e-4)
+        np.testing.assert_allclose(cold.molecule(i)[0], np.asarray(x)[:n], rtol=1e-3, atol=2e-4)
+        np.testing.assert_array_equal(cold.molecule(i)[1], np.argmax(np.asarray(h)[:n, :N_TYPES], -1))
+    cold.save(tmp_path / "pairs.npz")
+    assert PairSet.load(tmp_path / "pairs.npz").temperature == 0.5
+    cfg = RunConfig(mode="distill", model=PRESETS["tiny"], n_pairs=3)
+    with pytest.raises(MolgenError, match="temperature 0.5, the run wants 1"):
+        prepare_pairs(cfg, tmp_path)
+    assert prepare_pairs(cfg.replace(pair_temperature=0.5), tmp_path).temperature == 0.5
+
+
 def test_a_run_refuses_pairs_made_for_other_targets(tmp_path):
     import pytest
 

@@ -44,6 +44,7 @@ class PairSet:
     noise_h: np.ndarray  # [sum n, F]
     n_valid: int = 0  # the last n_valid pairs are held out (validation loss on unseen noise)
     refine_rounds: int = 0  # 0: targets are the teacher's ODE ends; R > 0: see refine_pairs
+    temperature: float = 1.0  # the noise is temperature * z (the start noise of `molgen sample --temperature`)
 
     def __post_init__(self) -> None:
         self.offsets = np.concatenate([[0], np.cumsum(self.n_atoms)]).astype(np.int64)
@@ -74,32 +75,35 @@ class PairSet:
             with open(tmp, "wb") as fh:
                 np.savez(fh, n_atoms=self.n_atoms, positions=self.positions, types=self.types,
                          noise_x=self.noise_x, noise_h=self.noise_h, n_valid=self.n_valid,
-                         refine_rounds=self.refine_rounds)
+                         refine_rounds=self.refine_rounds, temperature=self.temperature)
 
     @classmethod
     def load(cls, path: Path) -> "PairSet":
         with np.load(path) as z:
             rounds = int(z["refine_rounds"]) if "refine_rounds" in z.files else 0
+            temp = float(z["temperature"]) if "temperature" in z.files else 1.0
             return cls(z["n_atoms"], z["positions"], z["types"], z["noise_x"], z["noise_h"], int(z["n_valid"]),
-                       rounds)
+                       rounds, temp)
 
 
-def _noise_batches(sizes: np.ndarray, seed: int, n_features: int, batch_size: int):
-    """(packed graph, z_x, z_h) per batch of molecules: batch b uses noise key fold_in(seed, b)."""
+def _noise_batches(sizes: np.ndarray, seed: int, n_features: int, batch_size: int, temperature: float = 1.0):
+    """(packed graph, T z_x, T z_h) per batch of molecules: batch b uses noise key fold_in(seed, b)."""
     from molgen.data.batching import pack
 
     base = jax.random.fold_in(jax.random.PRNGKey(seed), PAIR_STREAM)
     for b, s in enumerate(range(0, len(sizes), batch_size)):
         bs = sizes[s : s + batch_size]
         g = pack(None, [np.zeros(int(n), np.int32) for n in bs])
-        yield g, *sample_noise(jax.random.fold_in(base, b), g, n_features)
+        zx, zh = sample_noise(jax.random.fold_in(base, b), g, n_features)
+        yield g, temperature * zx, temperature * zh
 
 
 def _solve_pairs(solve: Callable, sizes: np.ndarray, seed: int, n_features: int, batch_size: int, n_valid: int,
-                 progress: Callable[[int], None] | None, refine_rounds: int = 0) -> PairSet:
-    """Pairs (z, target) for molecules of the given sizes, target = solve(graph, z_x, z_h) per noise batch."""
+                 progress: Callable[[int], None] | None, refine_rounds: int = 0,
+                 temperature: float = 1.0) -> PairSet:
+    """Pairs (T z, target) for molecules of the given sizes, target = solve(graph, T z_x, T z_h) per noise batch."""
     xs, ts, zxs, zhs = [], [], [], []
-    for g, zx, zh in _noise_batches(sizes, seed, n_features, batch_size):
+    for g, zx, zh in _noise_batches(sizes, seed, n_features, batch_size, temperature):
         x, h = solve(g, zx, zh)
         n_real = int(g.n_atoms.sum())
         xs.append(np.asarray(x)[:n_real])
@@ -110,13 +114,17 @@ def _solve_pairs(solve: Callable, sizes: np.ndarray, seed: int, n_features: int,
             progress(int((g.n_atoms > 0).sum()))
     return PairSet(np.asarray(sizes, np.int32), np.concatenate(xs).astype(np.float32), np.concatenate(ts),
                    np.concatenate(zxs).astype(np.float32), np.concatenate(zhs).astype(np.float32), n_valid,
-                   refine_rounds)
+                   refine_rounds, float(temperature))
 
 
 def generate_pairs(teacher_cfg, teacher_params, sizes: np.ndarray, seed: int, ode_steps: int,
                    sigma_max: float, sigma_min: float = 0.002, batch_size: int = 1000, n_valid: int = 0,
-                   progress: Callable[[int], None] | None = None) -> PairSet:
-    """Solve the teacher's ODE for molecules of the given sizes; batch b uses noise key fold_in(seed, b)."""
+                   progress: Callable[[int], None] | None = None, temperature: float = 1.0) -> PairSet:
+    """Solve the teacher's ODE for molecules of the given sizes; batch b uses noise key fold_in(seed, b).
+
+    With ``temperature`` T the ODE starts from s_max T z: the targets are the teacher's reduced-temperature
+    molecules, and the student learns the map where ``molgen sample --temperature T`` will call it.
+    """
     from molgen.diffusion.ode import edm_denoiser, heun_solve, karras_levels
     from molgen.train import make_apply
 
@@ -124,12 +132,12 @@ def generate_pairs(teacher_cfg, teacher_params, sizes: np.ndarray, seed: int, od
     denoise = jax.jit(edm_denoiser(apply, teacher_cfg.diffusion))
     levels = karras_levels(ode_steps, sigma_min, sigma_max)
     return _solve_pairs(lambda g, zx, zh: heun_solve(denoise, teacher_params, zx, zh, g, levels), sizes, seed,
-                        teacher_cfg.n_features, batch_size, n_valid, progress)
+                        teacher_cfg.n_features, batch_size, n_valid, progress, temperature=temperature)
 
 
 def refine_pairs(student_cfg, student_params, teacher_cfg, teacher_params, sizes: np.ndarray, seed: int,
                  rounds: int, sigma: float = 0.0, batch_size: int = 1000, n_valid: int = 0,
-                 progress: Callable[[int], None] | None = None) -> PairSet:
+                 progress: Callable[[int], None] | None = None, temperature: float = 1.0) -> PairSet:
     """Targets near the student's own answers: its one-call molecule from z, relaxed by the teacher.
 
     x_0 = f(s_max z, s_max) (the student, one call), then ``rounds`` times x <- D(x, s): the teacher's
@@ -156,7 +164,8 @@ def refine_pairs(student_cfg, student_params, teacher_cfg, teacher_params, sizes
         x, h = cfn(student_params, s_max * zx, s_max * zh, jnp.full(g.node_mask.shape, s_max, jnp.float32), g)
         return refine(step, teacher_params, x, h, g, levels)
 
-    return _solve_pairs(solve, sizes, seed, student_cfg.n_features, batch_size, n_valid, progress, rounds)
+    return _solve_pairs(solve, sizes, seed, student_cfg.n_features, batch_size, n_valid, progress, rounds,
+                        temperature)
 
 
 ANCHOR_SIGMAS = (0.08, 0.5)  # the levels k-step sampling re-noises to (default_sigmas: 0.4 ... 0.1, and 0.2)
@@ -289,6 +298,9 @@ def prepare_pairs(cfg, run_dir: Path, progress_factory=None) -> PairSet:
         if pairs.refine_rounds != cfg.refine_rounds:
             raise MolgenError(f"{path} holds targets of {pairs.refine_rounds} refinement rounds, the run wants "
                               f"{cfg.refine_rounds}; remove it or fix --refine")
+        if not np.isclose(pairs.temperature, cfg.pair_temperature):
+            raise MolgenError(f"{path} holds pairs at temperature {pairs.temperature:g}, the run wants "
+                              f"{cfg.pair_temperature:g}; remove it or fix --pair-temperature")
         return pairs
     tcfg, tparams, _ = load_model(cfg.teacher)
     if tcfg.mode != "diffusion":
@@ -301,11 +313,12 @@ def prepare_pairs(cfg, run_dir: Path, progress_factory=None) -> PairSet:
         scfg, sparams, _ = load_model(cfg.init)
         progress = progress_factory("refined targets", cfg.n_pairs) if progress_factory else None
         pairs = refine_pairs(scfg, sparams, tcfg, tparams, sizes, cfg.seed, cfg.refine_rounds, cfg.refine_sigma,
-                             n_valid=n_valid, progress=progress)
+                             n_valid=n_valid, progress=progress, temperature=cfg.pair_temperature)
         pairs.save(path)
         return pairs
     progress = progress_factory("teacher ODE pairs", cfg.n_pairs) if progress_factory else None
     pairs = generate_pairs(tcfg, tparams, sizes, cfg.seed, cfg.teacher_steps, cfg.consistency.sigma_max,
-                           cfg.consistency.sigma_min, n_valid=n_valid, progress=progress)
+                           cfg.consistency.sigma_min, n_valid=n_valid, progress=progress,
+                           temperature=cfg.pair_temperature)
     pairs.save(path)
     return pairs
