@@ -18,6 +18,7 @@
 #   DMD=W         weight of distribution matching (`--dmd-weight`; default 0: off)
 #   REFINE=R      targets: the student's own one-call molecules relaxed by R teacher calls (`--refine`;
 #                 default 0: the teacher's ODE ends)
+#   PAIR_T=T      draw the pairs' noise at temperature T (`--pair-temperature`; default 1)
 #   NAME=NAME     prefix of what lands in $OUT: NAME.txt (log), NAME.tar (default distill); several
 #                 instances with different NAME and RUN can share one GPU (scripts/gpu_parallel.sh)
 set -uo pipefail
@@ -28,16 +29,16 @@ out=${OUT:-/tmp/out}; mkdir -p "$out"
 init=${INIT:-weights/edm-small-distill}; [ -f "$init/params.msgpack" ] || init=weights/edm-small-ect
 anchor=${ANCHOR:-weights/edm-small-ect}; teacher=${TEACHER:-weights/edm-small-diffusion}; run=${RUN:-runs/gkd}
 seed=${SEED:-0}; name=${NAME:-distill}; layers=${LAYERS:+--layers $LAYERS}; relax=${RELAX:-0}
-refine=${REFINE:-0}; relax_rounds=${RELAX_ROUNDS:-0}; dmd=${DMD:-0}
+refine=${REFINE:-0}; relax_rounds=${RELAX_ROUNDS:-0}; dmd=${DMD:-0}; pair_t=${PAIR_T:-1}
 left() { echo $((deadline - ($(date +%s) - t_start))); }
 log() { echo "[$(( $(date +%s) - t_start )) s] $name: $*" | tee -a "$out/pipeline.txt"; }
 mkdir -p runs
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null | tee -a "$out/pipeline.txt"
 if [ ! -f "$run/config.json" ]; then  # first call: solve the pairs (and take a step), so the rest is all training
-  log "init $init, anchor $anchor, teacher $teacher, $pairs pairs, batch $batch, lr $lr, seed $seed ${layers} relax $relax x $relax_rounds refine $refine dmd $dmd"
+  log "init $init, anchor $anchor, teacher $teacher, $pairs pairs, batch $batch, lr $lr, seed $seed ${layers} relax $relax x $relax_rounds refine $refine dmd $dmd pair-T $pair_t"
   python3 -m molgen train --mode distill --init "$init" --anchor "$anchor" --teacher "$teacher" --pairs "$pairs" \
     --batch-size "$batch" --lr "$lr" --warmup 100 --steps 10000000 --ckpt-every 1000 --eval-every 2000 \
-    --seed "$seed" $layers --relax-weight "$relax" --relax-rounds "$relax_rounds" --dmd-weight "$dmd" --refine "$refine" --out "$run" --max-minutes 0.01 >>"$out/$name.txt" 2>&1
+    --seed "$seed" $layers --relax-weight "$relax" --relax-rounds "$relax_rounds" --dmd-weight "$dmd" --refine "$refine" --pair-temperature "$pair_t" --out "$run" --max-minutes 0.01 >>"$out/$name.txt" 2>&1
   log "pairs rc $?: $(tail -1 "$out/$name.txt")"
 fi
 train_min=$(python3 -c "print(max(0.5, ($(left) - 60) / 60))")  # keep ~60 s for export and packing
