@@ -182,7 +182,7 @@ class Preset(str, Enum):
 def train(
     mode: Mode = typer.Option(Mode.diffusion, "--mode", help="diffusion (EDM), ct (consistency training), ect (consistency tuning from --init), distill (one-step regression of a consistency model --init onto a diffusion --teacher's ODE)."),
     model: Preset = typer.Option(Preset.small, "--model", help="Network preset: tiny 32x2, small 64x4, base 128x6, edm 256x9."),
-    nf: Optional[int] = typer.Option(None, "--nf", help="Override the preset's feature width."),
+    nf: Optional[int] = typer.Option(None, "--nf", help="Override the preset's feature width; with --mode distill, widen the --init network to N features (the new channels start silent, so the student starts as --init)."),
     layers: Optional[int] = typer.Option(None, "--layers", help="Override the preset's number of blocks; with --mode distill, deepen the --init network to N blocks (the new blocks start as the identity, so the student starts as --init)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Molecules per step, split across devices (default 64; with --resume, replaces the run's)."),
     lr: Optional[float] = typer.Option(None, "--lr", help="Adam learning rate after a linear warm-up (default 5e-4, 2e-4 for --mode distill; with --resume, replaces the run's)."),
@@ -263,7 +263,7 @@ def train(
             cfg, init_params = _distill_config(init, teacher, pairs, teacher_steps, anchor, anchor_fraction,
                                                bond_weight, batch_size, lr, warmup, steps, seed, ema, clip,
                                                ckpt_every, eval_every, out, layers, relax_weight, refine,
-                                               refine_sigma, relax_rounds, dmd_weight, pair_temperature)
+                                               refine_sigma, relax_rounds, dmd_weight, pair_temperature, nf)
         with _progress(transient=False) as progress:
             ds = prepare_pairs(cfg, out, _progress_factory(progress))
     else:
@@ -317,10 +317,11 @@ def train(
 
 def _distill_config(init, teacher, n_pairs, teacher_steps, anchor, anchor_fraction, bond_weight, batch_size, lr,
                     warmup, steps, seed, ema, clip, ckpt_every, eval_every, out, layers=None, relax_weight=0.0,
-                    refine=0, refine_sigma=0.0, relax_rounds=0, dmd_weight=0.0, pair_temperature=1.0):
+                    refine=0, refine_sigma=0.0, relax_rounds=0, dmd_weight=0.0, pair_temperature=1.0, nf=None):
     """A new --mode distill run: the student, its network and its noise levels come from --init.
 
-    With ``layers`` the student is --init deepened to that many blocks (:func:`molgen.nn.egnn.grow_params`).
+    With ``layers`` / ``nf`` the student is --init deepened to that many blocks / widened to that many features
+    (:func:`molgen.nn.egnn.grow_params`).
     With ``dmd_weight`` > 0 the parameters are {"student": --init's, "fake": the teacher's}.
     """
     from molgen.nn.egnn import grow_params
@@ -337,11 +338,13 @@ def _distill_config(init, teacher, n_pairs, teacher_steps, anchor, anchor_fracti
         acfg, _, _ = load_model(anchor)
         if acfg.mode == "diffusion" or acfg.model != icfg.model:
             raise MolgenError(f"{anchor}: --anchor must be a consistency model with --init's network")
-    if layers is not None and layers != icfg.model.n_layers:
-        if layers < icfg.model.n_layers:
-            raise MolgenError(f"--layers {layers}: --mode distill can deepen --init's {icfg.model.n_layers} blocks, "
-                              "not remove any")
-        grown, init_params = grow_params(init_params, icfg.model, layers, seed=seed)
+    if layers is not None and layers < icfg.model.n_layers:
+        raise MolgenError(f"--layers {layers}: --mode distill can deepen --init's {icfg.model.n_layers} blocks, "
+                          "not remove any")
+    if nf is not None and nf < icfg.model.nf:
+        raise MolgenError(f"--nf {nf}: --mode distill can widen --init's {icfg.model.nf} features, not remove any")
+    if (layers or icfg.model.n_layers) != icfg.model.n_layers or (nf or icfg.model.nf) != icfg.model.nf:
+        grown, init_params = grow_params(init_params, icfg.model, layers, seed=seed, nf=nf)
         icfg = icfg.replace(model=grown)
     cfg = icfg.replace(mode="distill", init=str(init), teacher=str(teacher), n_pairs=n_pairs,
                        teacher_steps=teacher_steps, anchor=str(anchor) if anchor else None,

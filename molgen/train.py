@@ -72,8 +72,8 @@ def make_loss(cfg: RunConfig) -> Callable:
             from molgen.nn.egnn import can_grow, grow_params
 
             acfg, anchor, _ = load_model(cfg.anchor or cfg.init)
-            if acfg.model != cfg.model and can_grow(acfg.model, cfg.model):  # a deepened student (--layers)
-                _, anchor = grow_params(anchor, acfg.model, cfg.model.n_layers)
+            if acfg.model != cfg.model and can_grow(acfg.model, cfg.model):  # a grown student (--layers, --nf)
+                _, anchor = grow_params(anchor, acfg.model, cfg.model.n_layers, nf=cfg.model.nf)
                 acfg = acfg.replace(model=cfg.model)
             if acfg.model != cfg.model or acfg.consistency != cfg.consistency:
                 raise MolgenError(f"{cfg.anchor or cfg.init}: the anchor model's network or noise levels differ from the student's")

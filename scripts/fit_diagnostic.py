@@ -1,12 +1,12 @@
 """Diagnostic (docs/results.md, session 9): can the student fit the teacher's one-call map on K fixed pairs?
 
-Trains the shipped edm-small-distill (optionally deepened to LAYERS blocks) on the first K pairs of a
+Trains the shipped edm-small-distill (optionally deepened to LAYERS blocks and widened to NF features) on the first K pairs of a
 distillation run's pairs.npz with that run's settings minus the anchor and the relaxation term, then prints
 JSON lines: on those same K noises, the one-call output's EDM atom / molecule stability against the targets'
 own, its mean per-atom distance to the targets and the share of atom types equal, before and after training
 (raw and EMA parameters).  Sample the result on fresh noise with `molgen sample --checkpoint OUT`.
 
-    python scripts/fit_diagnostic.py PAIRS_RUN K STEPS LR OUT [LAYERS]   (PAIRS_RUN: a --mode distill run)
+    python scripts/fit_diagnostic.py PAIRS_RUN K STEPS LR OUT [LAYERS [NF]]   (PAIRS_RUN: a --mode distill run)
     python scripts/fit_diagnostic.py runs/kd4 256 1500 4e-4 runs/fit256        # session 9's first row
 """
 import json
@@ -71,7 +71,8 @@ def main() -> None:
     if len(sys.argv) < 6:
         sys.exit(__doc__)
     run, k, steps, lr, out = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]), Path(sys.argv[5])
-    layers = int(sys.argv[6]) if len(sys.argv) > 6 else None
+    layers = int(sys.argv[6]) if len(sys.argv) > 6 and sys.argv[6] != "-" else None
+    nf = int(sys.argv[7]) if len(sys.argv) > 7 else None
     full = PairSet.load(run / "pairs.npz")
     end = full.offsets[k]
     ds = PairSet(full.n_atoms[:k], full.positions[:end], full.types[:end], full.noise_x[:end], full.noise_h[:end], 0)
@@ -79,8 +80,8 @@ def main() -> None:
     cfg = RunConfig.load(run / "config.json").replace(
         n_pairs=k, anchor_fraction=0.0, anchor=None, relax_weight=0.0, relax_rounds=0, lr=lr, steps=steps,
         warmup=50, ckpt_every=10**9, eval_every=10**9, batch_size=128, seed=3)
-    if layers is not None and layers != icfg.model.n_layers:
-        grown, params = grow_params(params, icfg.model, layers, seed=3)
+    if (layers or icfg.model.n_layers) != icfg.model.n_layers or (nf or icfg.model.nf) != icfg.model.nf:
+        grown, params = grow_params(params, icfg.model, layers, seed=3, nf=nf)
         cfg = cfg.replace(model=grown)
     _, apply = make_apply(cfg)
     cfn = jax.jit(make_consistency_fn(apply, cfg.consistency))

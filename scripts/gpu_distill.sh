@@ -12,6 +12,7 @@
 #   RUN=DIR       run folder (default runs/gkd; an existing one is resumed, its pairs reused)
 #   SEED=N        seed of the new run: initial data order and the pairs' noise (default 0)
 #   LAYERS=N      deepen the student to N blocks (`--layers`; the new blocks start as the identity)
+#   NF=N          widen the student to N features (`--nf`; the new channels start silent)
 #   RELAX=W       weight of the teacher-relaxation term (`--relax-weight`; default 0: off)
 #   RELAX_ROUNDS=R  that term's target: the teacher's R-step refinement of the output, no noise
 #                 (`--relax-rounds`; default 0: one call on a re-noised copy)
@@ -28,7 +29,7 @@ export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 MOLGEN_JAX_CACHE=/tmp/jaxcache
 out=${OUT:-/tmp/out}; mkdir -p "$out"
 init=${INIT:-weights/edm-small-distill}; [ -f "$init/params.msgpack" ] || init=weights/edm-small-ect
 anchor=${ANCHOR:-weights/edm-small-ect}; teacher=${TEACHER:-weights/edm-small-diffusion}; run=${RUN:-runs/gkd}
-seed=${SEED:-0}; name=${NAME:-distill}; layers=${LAYERS:+--layers $LAYERS}; relax=${RELAX:-0}
+seed=${SEED:-0}; name=${NAME:-distill}; layers=${LAYERS:+--layers $LAYERS}; layers="$layers${NF:+ --nf $NF}"; relax=${RELAX:-0}
 refine=${REFINE:-0}; relax_rounds=${RELAX_ROUNDS:-0}; dmd=${DMD:-0}; pair_t=${PAIR_T:-1}
 left() { echo $((deadline - ($(date +%s) - t_start))); }
 log() { echo "[$(( $(date +%s) - t_start )) s] $name: $*" | tee -a "$out/pipeline.txt"; }

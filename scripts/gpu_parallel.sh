@@ -11,7 +11,7 @@
 #   bash scripts/gpu_parallel.sh [DEADLINE_S=560] [PAIRS=250000] [BATCH=512]
 #
 # Environment overrides: LR_A (2e-4), LR_B (4e-4), DIFF_LR (4e-4), DIFF_BATCH (512); LAYERS_A, LAYERS_B
-# (deepen that student to N blocks, `molgen train --layers`); RELAX_A, RELAX_B (`--relax-weight`, default 0);
+# (deepen that student to N blocks, `molgen train --layers`); NF_A, NF_B (widen it to N features, `--nf`); RELAX_A, RELAX_B (`--relax-weight`, default 0);
 # RELAX_ROUNDS_A, RELAX_ROUNDS_B (`--relax-rounds`, default 0); DMD_A, DMD_B (`--dmd-weight`, default 0); REFINE_A, REFINE_B (`--refine`, default 0: ODE targets);
 # PAIR_T_A, PAIR_T_B (`--pair-temperature`, default 1);
 # RUN_A, RUN_B (runs/gkd_a, runs/gkd_b).
@@ -25,8 +25,8 @@ out=${OUT:-/tmp/out}; mkdir -p "$out" runs
 log() { echo "[$(( $(date +%s) - t_start )) s] $*" | tee -a "$out/pipeline.txt"; }
 python3 -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, jax.devices())" 2>&1 | tee -a "$out/pipeline.txt"
 
-NAME=distill_a RUN=${RUN_A:-runs/gkd_a} SEED=0 LAYERS=${LAYERS_A:-} RELAX=${RELAX_A:-0} RELAX_ROUNDS=${RELAX_ROUNDS_A:-0} DMD=${DMD_A:-0} REFINE=${REFINE_A:-0} PAIR_T=${PAIR_T_A:-1} bash scripts/gpu_distill.sh "$deadline" "$pairs" "$batch" "$lr_a" &
-NAME=distill_b RUN=${RUN_B:-runs/gkd_b} SEED=1 LAYERS=${LAYERS_B:-} RELAX=${RELAX_B:-0} RELAX_ROUNDS=${RELAX_ROUNDS_B:-0} DMD=${DMD_B:-0} REFINE=${REFINE_B:-0} PAIR_T=${PAIR_T_B:-1} bash scripts/gpu_distill.sh "$deadline" "$pairs" "$batch" "$lr_b" &
+NAME=distill_a RUN=${RUN_A:-runs/gkd_a} SEED=0 LAYERS=${LAYERS_A:-} NF=${NF_A:-} RELAX=${RELAX_A:-0} RELAX_ROUNDS=${RELAX_ROUNDS_A:-0} DMD=${DMD_A:-0} REFINE=${REFINE_A:-0} PAIR_T=${PAIR_T_A:-1} bash scripts/gpu_distill.sh "$deadline" "$pairs" "$batch" "$lr_a" &
+NAME=distill_b RUN=${RUN_B:-runs/gkd_b} SEED=1 LAYERS=${LAYERS_B:-} NF=${NF_B:-} RELAX=${RELAX_B:-0} RELAX_ROUNDS=${RELAX_ROUNDS_B:-0} DMD=${DMD_B:-0} REFINE=${REFINE_B:-0} PAIR_T=${PAIR_T_B:-1} bash scripts/gpu_distill.sh "$deadline" "$pairs" "$batch" "$lr_b" &
 
 diffusion() {
   local run=runs/gdiff2 last minutes

@@ -184,14 +184,17 @@ def test_distill_from_a_consistency_model_resume_and_sample(tmp_path, trained, e
                    "must be a diffusion model")
     # --refine: the targets are --init's own one-call molecules relaxed by the teacher (no ODE solve), here
     # with the deterministic relaxation term (the teacher's 2-step refinement of each one-call molecule) and
-    # --layers, which deepens the student (new blocks start as the identity; the anchor is deepened with it)
+    # --layers and --nf, which deepen and widen the student (new blocks start as the identity, new channels
+    # silent; the anchor is grown with it)
     ref = tmp_path / "kd_refine"
+    wide = ccfg["model"]["nf"] + 8
     res = run("train", "--mode", "distill", "--init", ct, "--teacher", trained, "--pairs", 20, "--refine", 2,
-              "--relax-weight", 1, "--relax-rounds", 2, "--layers", 3, "--pair-temperature", 0.5,
+              "--relax-weight", 1, "--relax-rounds", 2, "--layers", 3, "--nf", wide, "--pair-temperature", 0.5,
               "--batch-size", 4, "--steps", 1, "--ckpt-every", 1, "--cpu-devices", 1, "--out", ref)
-    assert res.exit_code == 0 and "layers=3" in res.output, res.output
+    assert res.exit_code == 0 and f"nf={wide} layers=3" in res.output, res.output
     dcfg = json.loads((ref / "config.json").read_text())
     assert dcfg["model"]["n_layers"] == 3 and dcfg["model"]["coords_range"] == ccfg["model"]["coords_range"] * 1.5
+    assert dcfg["model"]["nf"] == wide
     res = run("sample", "--checkpoint", ref, "-n", 4, "--steps", 2, "-o", tmp_path / "deep.sdf", "--no-report")
     assert res.exit_code == 0, res.output
     assert dcfg["refine_rounds"] == 2 and dcfg["refine_sigma"] == 0.0 and dcfg["relax_rounds"] == 2
@@ -234,6 +237,8 @@ def test_distill_from_a_consistency_model_resume_and_sample(tmp_path, trained, e
                        "--batch-size", 4, "--cpu-devices", 1, "--out", ref), "refinement rounds")
     one_line_error(run("train", "--mode", "distill", "--init", ct, "--teacher", trained, "--layers", 1,
                        "--out", tmp_path / "z"), "--layers 1")
+    one_line_error(run("train", "--mode", "distill", "--init", ct, "--teacher", trained, "--nf", 8,
+                       "--out", tmp_path / "z"), "--nf 8")
     one_line_error(run("train", "--mode", "distill", "--init", ct, "--out", tmp_path / "z"), "--teacher")
     one_line_error(run("train", "--mode", "distill", "--init", trained, "--teacher", trained, "--out", tmp_path / "z"),
                    "consistency model")

@@ -165,3 +165,45 @@ def test_grown_network_computes_the_same_function_and_its_new_blocks_learn(rng):
         assert float(jnp.abs(grads[f"block_{i}"]["update"]["coord_out"]["kernel"]).max()) > 0
     with pytest.raises(ValueError):
         grown_config(big_cfg, 3)
+
+
+def test_widened_network_computes_the_same_function_and_its_new_channels_learn(rng):
+    """Widening (new channels zero in the residual stream, zero rows for new hidden units) keeps the output;
+    widened and deepened at once too; the new weights get gradients; the wider network stays equivariant."""
+    from molgen.nn.egnn import can_grow, grow_params, grown_config
+
+    small = EGNNConfig(nf=16, n_layers=2, inv_sublayers=2)
+    model, params, g, h, cond = _setup(rng, cfg=small)
+    vel, hout = _run(model, params, g, g.positions, h, cond)
+    assert float(jnp.abs(vel).max()) > 1e-3
+    for nf, layers in ((40, None), (24, 3)):
+        big_cfg, big = grow_params(params, small, layers, seed=5, nf=nf)
+        assert big_cfg == grown_config(small, layers, nf) and big_cfg.nf == nf and can_grow(small, big_cfg)
+        assert big["params"]["block_0"]["gcl_0"]["edge_in"]["kernel"].shape == (2 * nf + 2, nf)
+        vel2, hout2 = _run(EGNN(big_cfg), big, g, g.positions, h, cond)
+        np.testing.assert_allclose(np.asarray(vel2), np.asarray(vel), atol=1e-5)
+        np.testing.assert_allclose(np.asarray(hout2), np.asarray(hout), atol=1e-5)
+
+    big_cfg, big = grow_params(params, small, None, seed=5, nf=40)
+
+    def loss(p):
+        v, o = EGNN(big_cfg).apply(p, jnp.asarray(g.positions), jnp.asarray(h), jnp.asarray(cond), g)
+        return jnp.sum(v**2) + jnp.sum(o**2)
+
+    grads = jax.grad(loss)(big)["params"]
+    for b in ("block_0", "block_1"):
+        gk = grads[b]["gcl_1"]
+        assert float(jnp.abs(gk["node_out"]["kernel"][:, 16:]).max()) > 0  # the zero columns of the new channels
+        assert float(jnp.abs(gk["edge_out"]["kernel"][16:]).max()) > 0  # the zero rows of new hidden units
+        assert float(jnp.abs(grads[b]["update"]["coord_out"]["kernel"][16:]).max()) > 0
+    # After a step the new channels carry signal, and the network is still E(3)-equivariant.
+    moved = jax.tree_util.tree_map(lambda p, d: p - 0.05 * d / (jnp.abs(d).max() + 1e-12), big, {"params": grads})
+    Q, t = random_rotation(rng, reflect=True), rng.normal(size=3)
+    v1, o1 = _run(EGNN(big_cfg), moved, g, g.positions, h, cond)
+    assert float(jnp.abs(v1 - vel).max()) > 1e-4
+    x_rot = (np.asarray(g.positions) @ Q.T + t) * g.node_mask[:, None]
+    v2, o2 = _run(EGNN(big_cfg), moved, g, x_rot.astype(np.float32), h, cond)
+    np.testing.assert_allclose(np.asarray(v2), np.asarray(v1) @ Q.T, atol=2e-4)
+    np.testing.assert_allclose(np.asarray(o2), np.asarray(o1), atol=2e-4)
+    with pytest.raises(ValueError):
+        grown_config(big_cfg, nf=8)

@@ -179,53 +179,130 @@ class EGNN(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Deepening a trained network (a larger one-step student that starts where the trained one is)
+# Deepening and widening a trained network (a larger one-step student that starts where the trained one is)
 # ----------------------------------------------------------------------------------------------------------
 
 
-def grown_config(cfg: EGNNConfig, n_layers: int) -> EGNNConfig:
-    """``cfg`` with ``n_layers`` blocks and ``coords_range`` scaled so each block's step bound is unchanged.
+def grown_config(cfg: EGNNConfig, n_layers: int | None = None, nf: int | None = None) -> EGNNConfig:
+    """``cfg`` with ``n_layers`` blocks of ``nf`` features (``None``: unchanged), ``coords_range`` scaled so
+    each block's step bound is unchanged.
 
     A block moves an atom by at most ``coords_range / n_layers`` per neighbour (with ``tanh``); keeping that
     quotient lets the original blocks compute exactly what they computed before.
     """
+    n_layers = cfg.n_layers if n_layers is None else n_layers
+    nf = cfg.nf if nf is None else nf
     if n_layers < cfg.n_layers:
         raise ValueError(f"a network can only be deepened: {n_layers} < {cfg.n_layers} blocks")
-    return cfg.replace(n_layers=n_layers, coords_range=cfg.coords_range * n_layers / cfg.n_layers)
+    if nf < cfg.nf:
+        raise ValueError(f"a network can only be widened: {nf} < {cfg.nf} features")
+    return cfg.replace(n_layers=n_layers, nf=nf, coords_range=cfg.coords_range * n_layers / cfg.n_layers)
 
 
 def can_grow(small: EGNNConfig, large: EGNNConfig) -> bool:
-    """True when ``large`` is ``small`` deepened by :func:`grown_config`."""
-    return large.n_layers >= small.n_layers and grown_config(small, large.n_layers) == large
+    """True when ``large`` is ``small`` deepened and/or widened by :func:`grown_config`."""
+    return (large.n_layers >= small.n_layers and large.nf >= small.nf
+            and grown_config(small, large.n_layers, large.nf) == large)
 
 
-def grow_params(params, cfg: EGNNConfig, n_layers: int, seed: int = 0):
-    """Deepen trained EGNN parameters to ``n_layers`` blocks without changing the network's function.
-
-    Blocks ``cfg.n_layers .. n_layers-1`` are appended after the trained ones, freshly initialised except for
-    the last layer of every residual node MLP (``node_out``) and the coordinate output (``coord_out``), which
-    are zero: each new block is then the identity on (h, x), so the grown network's output equals the trained
-    one's, while those zero layers get gradients at once and the new blocks start learning.  Returns
-    ``(grown config, grown params)``; the config goes with the parameters (see :func:`grown_config`).
-    """
+def _fresh_params(cfg: EGNNConfig, seed: int):
     from molgen.data.batching import pack
     import numpy as np
 
-    big = grown_config(cfg, n_layers)
-    if n_layers == cfg.n_layers:
-        return big, params
     g = pack([np.zeros((3, 3), np.float32)], [np.zeros(3, np.int32)])
     h = np.zeros((len(g.node_mask), cfg.in_node_nf), np.float32)
-    fresh = EGNN(big).init(jax.random.PRNGKey(seed), g.positions, h, g.node_mask, g)["params"]
+    return EGNN(cfg).init(jax.random.PRNGKey(seed), g.positions, h, g.node_mask, g)["params"]
+
+
+def _place(fresh: dict, old: dict, rows: list[tuple[int, int, bool]], zero_new_cols: bool) -> dict:
+    """A wider layer: ``old``'s weights in their places inside ``fresh``'s.
+
+    ``rows``: the kernel's input segments as (old length, new length, zero the new rows); new columns (new
+    outputs) keep their fresh values unless ``zero_new_cols``.  New bias entries are zero.
+    """
+    k_old, k_new = old["kernel"], fresh["kernel"]
+    c_old = k_old.shape[1]
+    k = k_new
+    r_old = r_new = 0
+    for n_old, n_new, zero in rows:
+        k = k.at[r_new : r_new + n_old, :c_old].set(k_old[r_old : r_old + n_old])
+        if zero and n_new > n_old:
+            k = k.at[r_new + n_old : r_new + n_new].set(0.0)
+        r_old, r_new = r_old + n_old, r_new + n_new
+    assert r_old == k_old.shape[0] and r_new == k_new.shape[0], "row segments do not match the kernel"
+    if zero_new_cols:
+        k = k.at[:, c_old:].set(0.0)
+    out = {"kernel": k}
+    if "bias" in fresh:
+        out["bias"] = jnp.zeros_like(fresh["bias"]).at[:c_old].set(old["bias"])
+    return out
+
+
+def _widen(params: dict, cfg: EGNNConfig, nf: int, seed: int) -> dict:
+    """Widen trained EGNN parameters from ``cfg.nf`` to ``nf`` features without changing the function.
+
+    The new feature channels of the residual stream h start at zero and stay zero at initialisation: the
+    embedding's and every residual node MLP's (``node_out``) new output columns are zero.  The new hidden
+    units inside each MLP get fresh weights, and every layer that reads them has zero rows for them, so
+    nothing new reaches an old output; layers reading the (zero) new h channels keep fresh rows, which is
+    what sends gradients to the zero columns at once.
+    """
+    o, ne = cfg.nf, 2  # ne: the edge attributes (squared distance now and at the input)
+    fresh = _fresh_params(cfg.replace(nf=nf), seed)
+    h = (o, nf, False)  # rows reading h: its new channels are zero
+    hidden = (o, nf, True)  # rows reading an MLP's new hidden units: zero
+    edge = [h, h, (ne, ne, False)]
+    n_in = params["embedding"]["kernel"].shape[0]  # node features + the noise-level channel
+    new = {"embedding": _place(fresh["embedding"], params["embedding"], [(n_in, n_in, False)], True),
+           "embedding_out": _place(fresh["embedding_out"], params["embedding_out"], [hidden], False)}
+    for b in range(cfg.n_layers):
+        name = f"block_{b}"
+        blk, fb = params[name], fresh[name]
+        nb = {}
+        for i in range(cfg.inv_sublayers):
+            g, fg = blk[f"gcl_{i}"], fb[f"gcl_{i}"]
+            ng = {"edge_in": _place(fg["edge_in"], g["edge_in"], edge, False),
+                  "edge_out": _place(fg["edge_out"], g["edge_out"], [hidden], False),
+                  "node_in": _place(fg["node_in"], g["node_in"], [h, hidden], False),
+                  "node_out": _place(fg["node_out"], g["node_out"], [hidden], True)}
+            if "att" in g:
+                ng["att"] = _place(fg["att"], g["att"], [hidden], False)
+            nb[f"gcl_{i}"] = ng
+        u, fu = blk["update"], fb["update"]
+        nb["update"] = {"coord_in": _place(fu["coord_in"], u["coord_in"], edge, False),
+                        "coord_hidden": _place(fu["coord_hidden"], u["coord_hidden"], [hidden], False),
+                        "coord_out": _place(fu["coord_out"], u["coord_out"], [hidden], False)}
+        new[name] = nb
+    return new
+
+
+def grow_params(params, cfg: EGNNConfig, n_layers: int | None = None, seed: int = 0, nf: int | None = None):
+    """Widen trained EGNN parameters to ``nf`` features and deepen them to ``n_layers`` blocks without
+    changing the network's function (``None``: keep that dimension).
+
+    Widening: see :func:`_widen`.  Deepening: blocks ``cfg.n_layers .. n_layers-1`` are appended after the
+    trained ones, freshly initialised except for the last layer of every residual node MLP (``node_out``) and
+    the coordinate output (``coord_out``), which are zero: each new block is then the identity on (h, x), so
+    the grown network's output equals the trained one's, while those zero layers get gradients at once and
+    the new blocks start learning.  Returns ``(grown config, grown params)``; the config goes with the
+    parameters (see :func:`grown_config`).
+    """
+    big = grown_config(cfg, n_layers, nf)
+    if big == cfg:
+        return big, params
     new = dict(params["params"])
-    for i in range(cfg.n_layers, n_layers):
-        block = dict(fresh[f"block_{i}"])
-        for name, sub in list(block.items()):
-            sub = dict(sub)
-            if name.startswith("gcl_"):
-                sub["node_out"] = jax.tree_util.tree_map(jnp.zeros_like, sub["node_out"])
-            else:  # the coordinate update
-                sub["coord_out"] = jax.tree_util.tree_map(jnp.zeros_like, sub["coord_out"])
-            block[name] = sub
-        new[f"block_{i}"] = block
+    if big.nf != cfg.nf:
+        new = _widen(new, cfg, big.nf, seed + 1)
+    if big.n_layers != cfg.n_layers:
+        fresh = _fresh_params(big, seed)
+        for i in range(cfg.n_layers, big.n_layers):
+            block = dict(fresh[f"block_{i}"])
+            for name, sub in list(block.items()):
+                sub = dict(sub)
+                if name.startswith("gcl_"):
+                    sub["node_out"] = jax.tree_util.tree_map(jnp.zeros_like, sub["node_out"])
+                else:  # the coordinate update
+                    sub["coord_out"] = jax.tree_util.tree_map(jnp.zeros_like, sub["coord_out"])
+                block[name] = sub
+            new[f"block_{i}"] = block
     return big, {**params, "params": new}
