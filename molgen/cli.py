@@ -296,6 +296,9 @@ def train(
             if icfg.mode != "diffusion":
                 raise MolgenError(f"{init}: --init must be a diffusion model, not {icfg.mode!r}")
             # The network and its diffusion schedule come from the model the run starts from.
+            if nf is not None or layers is not None:
+                raise MolgenError(f"--nf / --layers: --mode {mode.value} --init takes its network from {init} "
+                                  f"({icfg.model.nf} x {icfg.model.n_layers}); only --mode distill can grow it")
             cfg = cfg.replace(model=icfg.model, diffusion=icfg.diffusion, init=str(init), remove_h=icfg.remove_h)
         if mode == Mode.ect:
             if parametrization == "ict":

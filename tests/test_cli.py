@@ -266,6 +266,9 @@ def test_diffusion_warm_start_keeps_weights_and_shape(tmp_path, trained, data_di
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
     one_line_error(run("train", "--mode", "ct", "--init", trained, "--data-dir", data_dir, "--out", tmp_path / "z"),
                    "--init")
+    # an explicit width or depth cannot be honoured by a warm start (only --mode distill grows a network)
+    one_line_error(run("train", "--mode", "diffusion", "--init", trained, "--nf", 96, "--data-dir", data_dir,
+                       "--out", tmp_path / "z"), "only --mode distill can grow it")
 
 
 def test_sample_bad_inputs(tmp_path, trained):
