@@ -346,9 +346,8 @@ def _distill_config(init, teacher, n_pairs, teacher_steps, anchor, anchor_fracti
                           "not remove any")
     if nf is not None and nf < icfg.model.nf:
         raise MolgenError(f"--nf {nf}: --mode distill can widen --init's {icfg.model.nf} features, not remove any")
-    if (layers or icfg.model.n_layers) != icfg.model.n_layers or (nf or icfg.model.nf) != icfg.model.nf:
-        grown, init_params = grow_params(init_params, icfg.model, layers, seed=seed, nf=nf)
-        icfg = icfg.replace(model=grown)
+    grown, init_params = grow_params(init_params, icfg.model, layers, seed=seed, nf=nf)  # as is when neither
+    icfg = icfg.replace(model=grown)
     cfg = icfg.replace(mode="distill", init=str(init), teacher=str(teacher), n_pairs=n_pairs,
                        teacher_steps=teacher_steps, anchor=str(anchor) if anchor else None,
                        anchor_fraction=anchor_fraction, bond_weight=bond_weight, relax_weight=relax_weight,

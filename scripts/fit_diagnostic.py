@@ -80,9 +80,8 @@ def main() -> None:
     cfg = RunConfig.load(run / "config.json").replace(
         n_pairs=k, anchor_fraction=0.0, anchor=None, relax_weight=0.0, relax_rounds=0, lr=lr, steps=steps,
         warmup=50, ckpt_every=10**9, eval_every=10**9, batch_size=128, seed=3)
-    if (layers or icfg.model.n_layers) != icfg.model.n_layers or (nf or icfg.model.nf) != icfg.model.nf:
-        grown, params = grow_params(params, icfg.model, layers, seed=3, nf=nf)
-        cfg = cfg.replace(model=grown)
+    grown, params = grow_params(params, icfg.model, layers, seed=3, nf=nf)  # unchanged when neither is given
+    cfg = cfg.replace(model=grown)
     _, apply = make_apply(cfg)
     cfn = jax.jit(make_consistency_fn(apply, cfg.consistency))
     s_max = float(cfg.consistency.sigma_max)

@@ -196,6 +196,8 @@ def grown_config(cfg: EGNNConfig, n_layers: int | None = None, nf: int | None = 
         raise ValueError(f"a network can only be deepened: {n_layers} < {cfg.n_layers} blocks")
     if nf < cfg.nf:
         raise ValueError(f"a network can only be widened: {nf} < {cfg.nf} features")
+    if n_layers == cfg.n_layers:
+        return cfg.replace(nf=nf)
     return cfg.replace(n_layers=n_layers, nf=nf, coords_range=cfg.coords_range * n_layers / cfg.n_layers)
 
 
