@@ -249,7 +249,8 @@ def _widen(params: dict, cfg: EGNNConfig, nf: int, seed: int) -> dict:
     nothing new reaches an old output; layers reading the (zero) new h channels keep fresh rows, which is
     what sends gradients to the zero columns at once.
     """
-    o, ne = cfg.nf, 2  # ne: the edge attributes (squared distance now and at the input)
+    o = cfg.nf
+    ne = params["block_0"]["gcl_0"]["edge_in"]["kernel"].shape[0] - 2 * o  # edge attributes, read off the kernel
     fresh = _fresh_params(cfg.replace(nf=nf), seed)
     h = (o, nf, False)  # rows reading h: its new channels are zero
     hidden = (o, nf, True)  # rows reading an MLP's new hidden units: zero
