@@ -2,7 +2,10 @@
 (steady state, after compilation), i.e. the speed of a 1-step consistency sample; a k-step sample costs k times
 that.  Also prints the end-to-end wall time of the CLI's main command when --cli is given.
 
-    python benchmarks/sampling.py [--presets small,base,edm] [--n 1000] [--cli 5]
+    python benchmarks/sampling.py [--presets small,base,edm] [--models NAME,...] [--n 1000] [--cli 5]
+
+``--models`` also times one call of shipped models (or weights folders), e.g. a stacked model against the plain
+one it was built from, in the same run.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import numpy as np
 
 from molgen.config import RunConfig
 from molgen.nn.egnn import PRESETS
-from molgen.sample import make_step_fn, sample_batch
+from molgen.sample import load_model, make_step_fn, sample_batch
 from molgen.train import init_params
 
 QM9_HIST = (0, 0, 0, 1, 4, 5, 9, 16, 49, 124, 362, 807, 1689, 3060, 5136, 7796, 10644, 13025, 13364, 13832, 9482,
@@ -31,27 +34,39 @@ def main():
     ap.add_argument("--presets", default="small,base,edm")
     ap.add_argument("--n", type=int, default=1000)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--models", default="", help="comma-separated shipped models / weights folders to time too")
     ap.add_argument("--cli", type=int, default=0, help="also time `molgen sample -n N --steps 1` this many times")
     args = ap.parse_args()
     print(f"device: {jax.devices()[0].device_kind}")
     sizes = np.random.default_rng(0).choice(len(QM9_HIST), args.n, p=np.array(QM9_HIST) / sum(QM9_HIST))
-    for name in args.presets.split(","):
+    def one_call(cfg, params, levels):
+        step = make_step_fn(cfg)
+        sample_batch(cfg, params, step, sizes, levels, jax.random.PRNGKey(0))  # compile
+        ts = []
+        for r in range(args.repeats):
+            t0 = time.perf_counter()
+            sample_batch(cfg, params, step, sizes, levels, jax.random.PRNGKey(r))
+            ts.append(time.perf_counter() - t0)
+        return statistics.median(ts)
+
+    for name in [p for p in args.presets.split(",") if p]:
         for mode in ("ct", "diffusion"):
             cfg = RunConfig(mode=mode, model=PRESETS[name], size_hist=QM9_HIST)
-            params = init_params(cfg)
-            step = make_step_fn(cfg)
-            levels = [80.0] if mode == "ct" else [1.0, 0.0]
-            sample_batch(cfg, params, step, sizes, levels, jax.random.PRNGKey(0))  # compile
-            ts = []
-            for r in range(args.repeats):
-                t0 = time.perf_counter()
-                sample_batch(cfg, params, step, sizes, levels, jax.random.PRNGKey(r))
-                ts.append(time.perf_counter() - t0)
-            med = statistics.median(ts)
+            med = one_call(cfg, init_params(cfg), [80.0] if mode == "ct" else [1.0, 0.0])
             label = "consistency" if mode == "ct" else "diffusion"
             print(f"{name:6s} {label:11s}: one network call over {args.n} molecules {med:.3f} s "
                   f"({args.n / med:.0f} molecules/s per call; 1000-step diffusion: {args.n / med / 1000:.2f} "
                   f"molecules/s)")
+    from molgen.consistency.stack import describe
+
+    for name in [m for m in args.models.split(",") if m]:
+        cfg, params, _ = load_model(name)
+        if cfg.mode == "diffusion":
+            print(f"{name}: a diffusion model; time it with --presets")
+            continue
+        med = one_call(cfg, params, [float(cfg.consistency.sigma_max)])
+        print(f"{name} ({describe(cfg)}): one network call over {args.n} molecules {med:.3f} s "
+              f"({args.n / med:.0f} molecules/s)")
     if args.cli:
         out = "/tmp/molgen_bench_out.sdf"
         walls = []

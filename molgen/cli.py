@@ -208,6 +208,7 @@ def train(
     refine: int = typer.Option(0, "--refine", min=0, help="--mode distill: R > 0 regresses onto --init's own one-call molecules, each relaxed by R calls of the teacher as `molgen sample --refine R` does (no ODE solve), instead of the teacher's ODE ends (an experiment: docs/training.md)."),
     refine_sigma: float = typer.Option(0.0, "--refine-sigma", min=0.0, max=2.0, help="--mode distill --refine: one noise level (Å) for every teacher call (default 0: levels 0.4 -> 0.1, as in sampling)."),
     pair_temperature: float = typer.Option(1.0, "--pair-temperature", min=0.05, max=2.0, help="--mode distill: draw the pairs' noise at this temperature (the teacher's ODE starts from s_max T z), so the student learns the map where `molgen sample --temperature T` calls it (docs/training.md)."),
+    freeze_stages: bool = typer.Option(False, "--freeze-stages", help="--mode distill with a stacked --init (`molgen export --stack`): train its base network only, keeping the denoising stages as they are."),
     eval_every: int = typer.Option(1000, "--eval-every", help="Validation loss every N steps (EMA parameters)."),
     ckpt_every: int = typer.Option(500, "--ckpt-every", help="Checkpoint every N steps."),
     parametrization: Optional[str] = typer.Option(
@@ -263,7 +264,8 @@ def train(
             cfg, init_params = _distill_config(init, teacher, pairs, teacher_steps, anchor, anchor_fraction,
                                                bond_weight, batch_size, lr, warmup, steps, seed, ema, clip,
                                                ckpt_every, eval_every, out, layers, relax_weight, refine,
-                                               refine_sigma, relax_rounds, dmd_weight, pair_temperature, nf)
+                                               refine_sigma, relax_rounds, dmd_weight, pair_temperature, nf,
+                                               freeze_stages)
         with _progress(transient=False) as progress:
             ds = prepare_pairs(cfg, out, _progress_factory(progress))
     else:
@@ -309,7 +311,8 @@ def train(
         elif parametrization is not None:
             cons = dataclasses.replace(cons, parametrization=parametrization)
         cfg = prepare_config(cfg.replace(consistency=cons), ds)
-    err.print(f"training {cfg.mode} | model nf={cfg.model.nf} layers={cfg.model.n_layers} | batch {cfg.batch_size} "
+    stacked = "" if cfg.stack is None else f" + {len(cfg.stack.levels)} stages" + (" (frozen)" if cfg.freeze_stages else "")
+    err.print(f"training {cfg.mode} | model nf={cfg.model.nf} layers={cfg.model.n_layers}{stacked} | batch {cfg.batch_size} "
               f"| {cfg.steps} steps | devices {jax.device_count()} ({jax.devices()[0].platform}) | {out}")
     res = do_train(cfg, out, ds, resume=resume, init_params_from=init_params, progress=err.is_terminal,
                    log=_say, max_seconds=max_minutes * 60 if max_minutes else None)
@@ -320,7 +323,8 @@ def train(
 
 def _distill_config(init, teacher, n_pairs, teacher_steps, anchor, anchor_fraction, bond_weight, batch_size, lr,
                     warmup, steps, seed, ema, clip, ckpt_every, eval_every, out, layers=None, relax_weight=0.0,
-                    refine=0, refine_sigma=0.0, relax_rounds=0, dmd_weight=0.0, pair_temperature=1.0, nf=None):
+                    refine=0, refine_sigma=0.0, relax_rounds=0, dmd_weight=0.0, pair_temperature=1.0, nf=None,
+                    freeze_stages=False):
     """A new --mode distill run: the student, its network and its noise levels come from --init.
 
     With ``layers`` / ``nf`` the student is --init deepened to that many blocks / widened to that many features
@@ -339,20 +343,24 @@ def _distill_config(init, teacher, n_pairs, teacher_steps, anchor, anchor_fracti
         raise MolgenError(f"{init}: --init must be a consistency model (ct, ect or distill), not 'diffusion'")
     if anchor is not None:
         acfg, _, _ = load_model(anchor)
-        if acfg.mode == "diffusion" or acfg.model != icfg.model:
+        if acfg.mode == "diffusion" or acfg.model != icfg.model or acfg.stack != icfg.stack:
             raise MolgenError(f"{anchor}: --anchor must be a consistency model with --init's network")
     if layers is not None and layers < icfg.model.n_layers:
         raise MolgenError(f"--layers {layers}: --mode distill can deepen --init's {icfg.model.n_layers} blocks, "
                           "not remove any")
     if nf is not None and nf < icfg.model.nf:
         raise MolgenError(f"--nf {nf}: --mode distill can widen --init's {icfg.model.nf} features, not remove any")
+    if freeze_stages and icfg.stack is None:
+        raise MolgenError(f"--freeze-stages: {init} has no denoising stages (make a stacked model with `molgen export --stack N`)")
+    if icfg.stack is not None and (layers is not None or nf is not None):
+        raise MolgenError(f"--layers / --nf: {init} is a stacked model; grow the model before stacking it")
     grown, init_params = grow_params(init_params, icfg.model, layers, seed=seed, nf=nf)  # as is when neither
     icfg = icfg.replace(model=grown)
     cfg = icfg.replace(mode="distill", init=str(init), teacher=str(teacher), n_pairs=n_pairs,
                        teacher_steps=teacher_steps, anchor=str(anchor) if anchor else None,
                        anchor_fraction=anchor_fraction, bond_weight=bond_weight, relax_weight=relax_weight,
                        relax_rounds=relax_rounds, dmd_weight=dmd_weight, refine_rounds=refine, refine_sigma=refine_sigma,
-                       pair_temperature=pair_temperature,
+                       pair_temperature=pair_temperature, freeze_stages=freeze_stages,
                        batch_size=batch_size or icfg.batch_size,
                        lr=lr or 2e-4, warmup=warmup, steps=steps or 10000, seed=seed, ema=ema, clip=clip,
                        ckpt_every=ckpt_every, eval_every=eval_every)
@@ -482,8 +490,12 @@ def sample(
     t_sample = time.time() - t0
     settings = {"molgen_model": Path(meta.get("source", "")).name, "molgen_mode": cfg.mode,
                 "molgen_steps": steps, "molgen_seed": seed, "molgen_temperature": temperature}
-    if cfg.mode == "diffusion" or sampler != "ancestral" or refine:
+    if cfg.mode == "diffusion" or sampler != "ancestral" or refine or cfg.stack is not None:
         settings.update(molgen_sampler=sampler, molgen_calls=calls + refine)
+    if cfg.stack is not None:
+        from molgen.consistency.stack import describe
+
+        settings.update(molgen_network=describe(cfg))
     if refine:
         settings.update(molgen_refine=refine, molgen_refiner=r_name)
     if kstep and steps > 1:
@@ -505,6 +517,8 @@ def sample(
     how = f"{cfg.mode}, ODE {steps} Heun step{'s' if steps > 1 else ''}, " if sampler == "ode" else f"{cfg.mode}, "
     if sampler == "refine":
         how += "refine sampler, "
+    if cfg.stack is not None:
+        how += f"stacked network {settings['molgen_network']}, "
     if temperature != 1.0:
         how += f"temperature {temperature:g}, "
     if kstep and steps > 1 and renoise != temperature:
@@ -572,13 +586,27 @@ def export(
     headline: str = typer.Option("", "--headline", help="One line of measured figures for `molgen models`."),
     temperature: Optional[float] = typer.Option(None, "--temperature", help="Recommended sampling temperature, stored in meta.json: `molgen sample`'s default for this model."),
     renoise: Optional[float] = typer.Option(None, "--renoise", help="Consistency models: recommended re-noising scale of the k-step sampler, stored in meta.json."),
+    stack: int = typer.Option(0, "--stack", min=0, help="Consistency models: append N denoising stages of a diffusion model (--refiner) to the network, so that one call computes what `molgen sample --refine N` adds after it (docs/training.md)."),
+    refiner: Optional[str] = typer.Option(None, "--refiner", help="--stack: the diffusion model whose network the stages use (default: the model's distillation teacher or the diffusion model it was tuned from)."),
 ):
     """Export a run's EMA parameters (float32) and config as a self-contained model folder."""
-    from molgen.sample import check_renoise, check_temperature, load_model, save_weights
+    from molgen.sample import check_renoise, check_temperature, load_model, load_refiner, save_weights
 
+    if refiner is not None and not stack:
+        raise MolgenError("--refiner names the model whose stages --stack N appends; add --stack N")
     cfg, params, info = load_model(run_dir)
-    meta = {"source_run": str(run_dir), "step": info.get("step"), "trained": f"{info.get('step')} steps",
-            "headline": headline}
+    # a shipped model or weights folder keeps its card's provenance; a run's is its latest checkpoint
+    meta = {"source_run": info.get("source_run", str(run_dir)), "step": info.get("step"),
+            "trained": info.get("trained") or f"{info.get('step')} steps", "headline": headline}
+    if stack:
+        from molgen.consistency.stack import stack_model
+
+        if cfg.mode == "diffusion":
+            raise MolgenError("--stack: the model must be a consistency model (ct, ect or distill), not a diffusion model")
+        r_cfg, r_params, r_name = load_refiner(cfg, refiner)
+        cfg, params = stack_model(cfg, params, r_cfg, r_params, stack, source=r_name)
+        meta["trained"] += f", then {stack} denoising stages of {r_name} appended (not trained further)"
+
     if temperature is not None:
         meta["temperature"] = check_temperature(temperature)
     if renoise is not None:
@@ -594,6 +622,8 @@ def export(
 @friendly
 def models():
     """List the shipped models with their cards' headline figures."""
+    from molgen.config import RunConfig
+    from molgen.consistency.stack import describe
     from molgen.sample import default_model, shipped_models
 
     ms = shipped_models()
@@ -609,7 +639,7 @@ def models():
     for name, path in ms.items():
         cfg = json.loads((path / "config.json").read_text())
         meta = json.loads((path / "meta.json").read_text()) if (path / "meta.json").exists() else {}
-        net = f"{cfg['model']['nf']}x{cfg['model']['n_layers']}"
+        net = describe(RunConfig.from_dict(cfg))
         t.add_row(name + ("\n(default)" if name == default else ""), cfg["mode"], net, meta.get("trained", ""),
                   meta.get("headline", ""))
     console.print(t)

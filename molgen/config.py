@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from molgen.consistency.ict import ConsistencyConfig
+from molgen.consistency.stack import StackConfig
 from molgen.diffusion.edm import DiffusionConfig
 from molgen.nn.egnn import EGNNConfig
 
@@ -56,6 +57,10 @@ class RunConfig:
     # "distill": the pairs' noise is pair_temperature * z, so the student learns the map from the noise that
     # `molgen sample --temperature` gives it (and the teacher's targets are its reduced-temperature molecules)
     pair_temperature: float = 1.0
+    # A stacked model (molgen.consistency.stack): the consistency function is followed, inside the same network
+    # call, by denoising stages of a diffusion model's network; None: a plain model
+    stack: StackConfig | None = None
+    freeze_stages: bool = False  # a stacked model's training updates its base network only
     # For sampling without the data set: the training split's atom-count histogram (index = atoms).
     size_hist: tuple[int, ...] = ()
     type_fractions: tuple[float, ...] = ()
@@ -78,6 +83,8 @@ class RunConfig:
             if k in d:
                 names = {f.name for f in dataclasses.fields(typ)}
                 d[k] = typ(**{a: b for a, b in d[k].items() if a in names})
+        if d.get("stack") is not None:
+            d["stack"] = StackConfig.from_dict(d["stack"])
         names = {f.name for f in dataclasses.fields(cls)}
         d = {k: v for k, v in d.items() if k in names}
         for k in ("size_hist", "type_fractions"):

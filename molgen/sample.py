@@ -230,10 +230,10 @@ def make_step_fn(cfg: RunConfig, apply_fn: Callable | None = None, sampler: str 
         from molgen.diffusion.edm import make_sampler_step
 
         return jax.jit(make_sampler_step(apply_fn, cfg.diffusion))
-    from molgen.consistency.ict import make_consistency_fn
     from molgen.consistency.ict import make_sampler_step as cm_step
+    from molgen.consistency.stack import make_model_fn
 
-    cfn = make_consistency_fn(apply_fn, cfg.consistency)
+    cfn = make_model_fn(cfg, apply_fn)  # a stacked model's stages run inside this one call
     first = jax.jit(cm_step(cfn, cfg.consistency))
     if kind == "refine":  # the first call as in 'consistency', then f without re-noising
         from molgen.refine import make_refine_step

@@ -28,7 +28,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from molgen import MolgenError
 from molgen.chem.elements import CHARGES, N_TYPES
 from molgen.config import RunConfig
-from molgen.consistency.ict import consistency_loss, make_consistency_fn
+from molgen.consistency.ict import consistency_loss
+from molgen.consistency.stack import make_model_fn
 from molgen.data.batching import EDGE_GRANULE, NODE_GRANULE, BatchSampler, Graph, bucket, pack
 from molgen.diffusion.edm import diffusion_loss
 from molgen.nn.egnn import EGNN
@@ -60,13 +61,13 @@ def make_loss(cfg: RunConfig) -> Callable:
     if cfg.mode == "diffusion":
         return lambda p, g, k, s: diffusion_loss(apply, p, g.positions, features(g), g, k, cfg.diffusion)
     if cfg.mode in ("ct", "ect"):
-        cfn = make_consistency_fn(apply, cfg.consistency)
+        cfn = make_model_fn(cfg, apply)
         return lambda p, g, k, s: consistency_loss(cfn, p, g.positions, features(g), g, k, s, cfg.consistency)
     if cfg.mode == "distill":  # batches are (graph of targets, noise): see molgen.consistency.distill
         from molgen.consistency.distill import distill_loss
         from molgen.sample import load_model
 
-        cfn = make_consistency_fn(apply, cfg.consistency)
+        cfn = make_model_fn(cfg, apply)
         anchor = None
         if cfg.anchor_fraction > 0:
             from molgen.nn.egnn import can_grow, grow_params
@@ -75,7 +76,7 @@ def make_loss(cfg: RunConfig) -> Callable:
             if acfg.model != cfg.model and can_grow(acfg.model, cfg.model):  # a grown student (--layers, --nf)
                 _, anchor = grow_params(anchor, acfg.model, cfg.model.n_layers, nf=cfg.model.nf)
                 acfg = acfg.replace(model=cfg.model)
-            if acfg.model != cfg.model or acfg.consistency != cfg.consistency:
+            if acfg.model != cfg.model or acfg.consistency != cfg.consistency or acfg.stack != cfg.stack:
                 raise MolgenError(f"{cfg.anchor or cfg.init}: the anchor model's network or noise levels differ from the student's")
             anchor = jax.tree_util.tree_map(jnp.asarray, anchor)
         relax = None
@@ -129,6 +130,15 @@ def make_optimizer(cfg: RunConfig):
     if has_fake(cfg):  # student and fake model are clipped apart: neither's gradient scale throttles the other
         tx = optax.multi_transform({"student": tx, "fake": tx},
                                    lambda p: {k: jax.tree_util.tree_map(lambda _: k, v) for k, v in p.items()})
+    if cfg.stack is not None and cfg.freeze_stages:  # the stages' parameters get no updates
+        def labels(p):
+            def label(path, _):
+                keys = [getattr(k, "key", None) for k in path]
+                return "frozen" if "stage" in keys and "fake" not in keys else "train"
+
+            return jax.tree_util.tree_map_with_path(label, p)
+
+        tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
     return tx, sched
 
 
@@ -136,7 +146,11 @@ def _net_init(cfg: RunConfig, seed: int):
     net, _ = make_apply(cfg)
     g = pack([np.zeros((3, 3), np.float32)], [np.zeros(3, np.int32)])
     h = np.zeros((len(g.node_mask), cfg.n_features), np.float32)
-    return net.init(jax.random.PRNGKey(seed), g.positions, h, g.node_mask, g)
+    params = net.init(jax.random.PRNGKey(seed), g.positions, h, g.node_mask, g)
+    if cfg.stack is None:
+        return params
+    stage = EGNN(cfg.stack.model).init(jax.random.PRNGKey(seed + 2), g.positions, h, g.node_mask, g)
+    return {"base": params, "stage": stage}
 
 
 def init_params(cfg: RunConfig, seed: int | None = None):

@@ -246,6 +246,54 @@ def test_distill_from_a_consistency_model_resume_and_sample(tmp_path, trained, e
                        "--out", tmp_path / "z"), "diffusion model")
 
 
+def test_export_stack_samples_as_refine_and_trains(tmp_path, trained, ect, data_dir):
+    """`molgen export --stack N` appends N denoising stages of the model's diffusion model to its network: one
+    call of the result gives `sample --refine N`'s molecules; distillation can train it, with the stages frozen."""
+    from molgen.chem.io import read_molecules
+    from molgen.sample import load_model
+
+    st = tmp_path / "stacked"
+    res = run("export", ect, st, "--stack", 2, "--temperature", 0.9)
+    assert res.exit_code == 0, res.output
+    scfg = json.loads((st / "config.json").read_text())
+    assert len(scfg["stack"]["levels"]) == 2 and scfg["stack"]["source"] == trained.name
+    assert "2 denoising stages" in json.loads((st / "meta.json").read_text())["trained"]
+    res = run("sample", "--checkpoint", st, "-n", 5, "--steps", 1, "-o", tmp_path / "s.xyz", "--no-report",
+              "--json", tmp_path / "s.json", "--data-dir", data_dir)
+    assert res.exit_code == 0 and "stacked network 32x2 + 2 stages of 32x2" in res.output, res.output
+    assert "1 network call per molecule" in res.output
+    rep = json.loads((tmp_path / "s.json").read_text())
+    assert rep["molgen_calls"] == 1 and rep["molgen_network"] == "32x2 + 2 stages of 32x2"
+    res = run("sample", "--checkpoint", ect, "-n", 5, "--steps", 1, "--refine", 2, "--temperature", 0.9,
+              "-o", tmp_path / "r.xyz", "--no-report")
+    assert res.exit_code == 0, res.output
+    for a, b in zip(read_molecules(tmp_path / "s.xyz"), read_molecules(tmp_path / "r.xyz")):
+        np.testing.assert_allclose(a.positions, b.positions, atol=1e-3)
+        np.testing.assert_array_equal(a.types, b.types)
+    # distillation from the stacked model, its stages frozen
+    kd = tmp_path / "kd_stack"
+    res = run("train", "--mode", "distill", "--init", st, "--teacher", trained, "--pairs", 20, "--teacher-steps", 2,
+              "--freeze-stages", "--batch-size", 4, "--steps", 2, "--ckpt-every", 2, "--cpu-devices", 1, "--out", kd)
+    assert res.exit_code == 0 and "+ 2 stages (frozen)" in res.output, res.output
+    _, before, _ = load_model(st)
+    kcfg, after, _ = load_model(kd)
+    assert kcfg.stack is not None and kcfg.freeze_stages
+    for a, b in zip(jax.tree_util.tree_leaves(before["stage"]), jax.tree_util.tree_leaves(after["stage"])):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=0)  # EMA rounding only
+    moved = [float(np.abs(np.asarray(a) - np.asarray(b)).max())
+             for a, b in zip(jax.tree_util.tree_leaves(before["base"]), jax.tree_util.tree_leaves(after["base"]))]
+    assert max(moved) > 0
+    res = run("sample", "--checkpoint", kd, "-n", 3, "--steps", 2, "-o", tmp_path / "k.sdf", "--no-report")
+    assert res.exit_code == 0, res.output
+    one_line_error(run("export", trained, tmp_path / "x", "--stack", 2), "consistency model")
+    one_line_error(run("export", st, tmp_path / "x", "--stack", 2), "stacked already")
+    one_line_error(run("export", ect, tmp_path / "x", "--refiner", trained), "--stack N")
+    one_line_error(run("train", "--mode", "distill", "--init", ect, "--teacher", trained, "--freeze-stages",
+                       "--out", tmp_path / "z"), "no denoising stages")
+    one_line_error(run("train", "--mode", "distill", "--init", st, "--teacher", trained, "--layers", 3,
+                       "--out", tmp_path / "z"), "stacked model")
+
+
 def test_diffusion_warm_start_keeps_weights_and_shape(tmp_path, trained, data_dir):
     """--mode diffusion --init starts from the given model's weights and network shape (not --model's)."""
     import jax

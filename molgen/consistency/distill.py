@@ -148,13 +148,12 @@ def refine_pairs(student_cfg, student_params, teacher_cfg, teacher_params, sizes
     smoothed at s: each molecule moves to a nearby geometry the teacher holds clean (bond lengths, valences).
     Deterministic: the noise is generate_pairs' for the same seed.
     """
-    from molgen.consistency.ict import make_consistency_fn
+    from molgen.consistency.stack import make_model_fn
     from molgen.diffusion.ode import edm_denoiser
     from molgen.refine import make_refine_step, refine, refine_levels
     from molgen.train import make_apply
 
-    _, s_apply = make_apply(student_cfg)
-    cfn = jax.jit(make_consistency_fn(s_apply, student_cfg.consistency))
+    cfn = jax.jit(make_model_fn(student_cfg))
     _, t_apply = make_apply(teacher_cfg)
     step = jax.jit(make_refine_step(edm_denoiser(t_apply, teacher_cfg.diffusion)))
     levels = [float(sigma)] * rounds if sigma > 0 else refine_levels(rounds)

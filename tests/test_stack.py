@@ -1,0 +1,173 @@
+"""Stacked consistency models: the base network's call followed by a diffusion model's denoising stages."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import random_molecules, random_rotation
+
+import molgen.train
+from molgen import MolgenError
+from molgen.config import RunConfig
+from molgen.consistency.ict import ConsistencyConfig
+from molgen.consistency.stack import describe, make_model_fn, read_types, stack_model
+from molgen.data.batching import node_features, pack
+from molgen.diffusion.ode import edm_denoiser
+from molgen.nn.egnn import PRESETS
+from molgen.refine import clean_features, make_refine_step, refine, refine_levels
+from molgen.sample import sample
+from molgen.train import init_params, init_state, make_apply, make_optimizer
+
+HIST = (0, 0, 0, 2, 3, 5, 1)  # molecules of 3-6 atoms
+
+
+def _cfg(mode):
+    cons = ConsistencyConfig(parametrization="eps" if mode == "diffusion" else "ict", sigma_data_x=1.4,
+                             sigma_data_h=0.2)
+    return RunConfig(mode=mode, model=PRESETS["tiny"], consistency=cons, size_hist=HIST)
+
+
+def _noisy(params, rng, scale=0.05):
+    return jax.tree_util.tree_map(lambda a: a + scale * jnp.asarray(rng.normal(size=a.shape), a.dtype), params)
+
+
+@pytest.fixture(scope="module")
+def models():
+    rng = np.random.default_rng(0)
+    cfg, tcfg = _cfg("distill"), _cfg("diffusion")
+    params, tparams = _noisy(init_params(cfg, 0), rng), _noisy(init_params(tcfg, 1), rng)
+    scfg, sparams = stack_model(cfg, params, tcfg, tparams, 3, source="teacher")
+    return cfg, params, tcfg, tparams, scfg, sparams
+
+
+def _inputs(rng, sizes=(4, 6, 3), sigma=2.0):
+    pos, typ = random_molecules(rng, sizes)
+    g = pack(pos, typ)
+    yx = g.positions + sigma * np.asarray(jnp.where(g.node_mask[:, None] > 0, rng.normal(size=g.positions.shape), 0))
+    yx = np.asarray(molgen.nn.egnn.remove_mean(jnp.asarray(yx, jnp.float32), g.node_mask, g.segment,
+                                               g.n_atoms.shape[0]))
+    yh = np.asarray(node_features(g.types, g.node_mask), np.float32) + 0.3 * rng.normal(size=(len(g.node_mask), 6))
+    yh = (yh * np.asarray(g.node_mask)[:, None]).astype(np.float32)
+    return g, jnp.asarray(yx, jnp.float32), jnp.asarray(yh), jnp.full(g.node_mask.shape, sigma, jnp.float32)
+
+
+def test_stacked_call_is_the_model_then_its_stages(models, rng):
+    cfg, params, tcfg, tparams, scfg, sparams = models
+    assert scfg.stack.levels == tuple(refine_levels(3)) and scfg.stack.model == tcfg.model
+    assert scfg.stack.source == "teacher" and describe(scfg) == "32x2 + 3 stages of 32x2" and describe(cfg) == "32x2"
+    g, yx, yh, sig = _inputs(rng)
+    x_s, h_s = jax.jit(make_model_fn(scfg))(sparams, yx, yh, sig, g)
+    x, h = make_model_fn(cfg)(params, yx, yh, sig, g)  # the plain model, then `--refine 3` with the teacher
+    _, t_apply = make_apply(tcfg)
+    x, h = refine(jax.jit(make_refine_step(edm_denoiser(t_apply, tcfg.diffusion))), tparams, x, h, g, refine_levels(3))
+    np.testing.assert_allclose(np.asarray(x_s), np.asarray(x), atol=2e-5)
+    np.testing.assert_allclose(np.asarray(h_s), np.asarray(h), atol=2e-5)
+    x0, _ = make_model_fn(cfg)(params, yx, yh, sig, g)
+    assert float(jnp.abs(x_s - x0).max()) > 1e-3  # the stages did move the atoms
+
+
+def test_boundary_condition_holds_exactly(models, rng):
+    cfg, params, _, _, scfg, sparams = models
+    g, yx, yh, _ = _inputs(rng)
+    smin = jnp.full(g.node_mask.shape, scfg.consistency.sigma_min, jnp.float32)
+    xs, hs = make_model_fn(scfg)(sparams, yx, yh, smin, g)
+    xb, hb = make_model_fn(cfg)(params, yx, yh, smin, g)
+    np.testing.assert_array_equal(np.asarray(xs), np.asarray(xb))  # the stages are gated off at sigma_min
+    np.testing.assert_array_equal(np.asarray(hs), np.asarray(hb))
+    np.testing.assert_allclose(np.asarray(xs), np.asarray(yx), atol=1e-5)
+
+
+def test_stacked_model_is_equivariant_and_ignores_padding(models, rng):
+    _, _, _, _, scfg, sparams = models
+    f = jax.jit(make_model_fn(scfg))
+    g, yx, yh, sig = _inputs(rng, sigma=80.0)
+    x, h = f(sparams, yx, yh, sig, g)
+    m = np.asarray(g.node_mask) > 0
+    seg = np.asarray(g.segment)
+    for i in range(g.n_graphs):  # every molecule's output is zero-CoM
+        np.testing.assert_allclose(np.asarray(x)[seg == i].mean(0), 0, atol=1e-4)
+    # rotation with reflection (a translation is removed with the centre of mass before any call)
+    q = random_rotation(rng, reflect=True).astype(np.float32)
+    xr, hr = f(sparams, yx @ q.T, yh, sig, g)
+    np.testing.assert_allclose(np.asarray(xr), np.asarray(x) @ q.T, atol=1e-3)
+    np.testing.assert_allclose(np.asarray(hr), np.asarray(h), atol=1e-3)
+    # permuting the atoms of the first molecule permutes its output (every pair of it is an edge)
+    n0 = int(g.n_atoms[0])
+    perm = np.arange(len(m))
+    perm[:n0] = rng.permutation(n0)
+    xp, hp = f(sparams, yx[perm], yh[perm], sig, g)
+    np.testing.assert_allclose(np.asarray(xp), np.asarray(x)[perm], atol=1e-3)
+    np.testing.assert_allclose(np.asarray(hp), np.asarray(h)[perm], atol=1e-3)
+    # the same molecules packed with far more padding, garbage in the padding rows: real atoms unchanged
+    sizes = [int(k) for k in np.asarray(g.n_atoms)[:-1]]
+    g2 = pack([np.zeros((k, 3), np.float32) for k in sizes], [np.zeros(k, np.int32) for k in sizes],
+              pad_nodes=len(m) + 21, pad_edges=len(g.edge_mask) + 300)
+    n_real = int(m.sum())
+    yx2 = jnp.asarray(rng.normal(size=(len(g2.node_mask), 3)) * 9, jnp.float32).at[:n_real].set(yx[:n_real])
+    yh2 = jnp.asarray(rng.normal(size=(len(g2.node_mask), 6)) * 9, jnp.float32).at[:n_real].set(yh[:n_real])
+    x2, h2 = f(sparams, yx2, yh2, jnp.full(g2.node_mask.shape, 80.0, jnp.float32), g2)
+    np.testing.assert_allclose(np.asarray(x2)[:n_real], np.asarray(x)[:n_real], atol=1e-4)
+    np.testing.assert_allclose(np.asarray(h2)[:n_real], np.asarray(h)[:n_real], atol=1e-4)
+
+
+def test_read_types_is_the_argmax_forward_and_passes_gradients(rng):
+    h = jnp.asarray(rng.normal(size=(7, 6)) * 0.2, jnp.float32)
+    mask = jnp.asarray([1, 1, 1, 1, 1, 0, 0], jnp.float32)
+    np.testing.assert_array_equal(np.asarray(read_types(h, mask)), np.asarray(clean_features(h, mask)))
+    grad = jax.grad(lambda a: jnp.sum(read_types(a, mask) * jnp.arange(6.0)))(h)
+    assert float(jnp.abs(grad[:5, :5]).sum()) > 0 and float(jnp.abs(grad[5:]).sum()) == 0  # padding gets none
+
+
+def test_sampling_counts_one_call_per_step_and_matches_refine(models, monkeypatch):
+    cfg, params, tcfg, tparams, scfg, sparams = models
+    plain = sample(cfg, params, n=6, steps=1, seed=2, batch_size=6, refine_steps=3, refiner=(tcfg, tparams))
+    calls = []
+    real = make_apply
+
+    def counting(c):
+        net, apply = real(c)
+
+        def counted(p, x, h, cond, graph):
+            jax.debug.callback(lambda: calls.append(1))
+            return apply(p, x, h, cond, graph)
+
+        return net, counted
+
+    monkeypatch.setattr(molgen.train, "make_apply", counting)
+    stacked = sample(scfg, sparams, n=6, steps=1, seed=2, batch_size=6)
+    assert len(calls) == 1  # one call of the stacked network (its stages run inside it)
+    for a, b in zip(plain, stacked):
+        np.testing.assert_allclose(a.positions, b.positions, atol=1e-4)
+        np.testing.assert_array_equal(a.types, b.types)
+    calls.clear()
+    sample(scfg, sparams, n=6, steps=3, seed=2, batch_size=6)
+    assert len(calls) == 3
+
+
+def test_stack_model_refusals(models):
+    cfg, params, tcfg, tparams, scfg, sparams = models
+    with pytest.raises(MolgenError, match="consistency model"):
+        stack_model(tcfg, tparams, tcfg, tparams, 2)
+    with pytest.raises(MolgenError, match="stacked already"):
+        stack_model(scfg, sparams, tcfg, tparams, 2)
+    with pytest.raises(MolgenError, match="diffusion model"):
+        stack_model(cfg, params, cfg, params, 2)
+    with pytest.raises(MolgenError, match="at least 1"):
+        stack_model(cfg, params, tcfg, tparams, 0)
+
+
+def test_config_round_trip_and_frozen_stages(models, tmp_path):
+    _, _, _, _, scfg, sparams = models
+    scfg.save(tmp_path / "c.json")
+    assert RunConfig.load(tmp_path / "c.json") == scfg
+    assert RunConfig.load(tmp_path / "c.json").stack.model == scfg.stack.model
+    fcfg = scfg.replace(freeze_stages=True, lr=1e-2, warmup=1)
+    tx, _ = make_optimizer(fcfg)
+    state = init_state(fcfg, sparams)
+    grads = jax.tree_util.tree_map(jnp.ones_like, sparams)
+    upd, _ = tx.update(grads, state.opt_state, sparams)
+    assert all(float(jnp.abs(u).max()) == 0 for u in jax.tree_util.tree_leaves(upd["stage"]))
+    assert all(float(jnp.abs(u).max()) > 0 for u in jax.tree_util.tree_leaves(upd["base"]))
+    tx2, _ = make_optimizer(scfg.replace(lr=1e-2, warmup=1))
+    upd2, _ = tx2.update(grads, init_state(scfg, sparams).opt_state, sparams)
+    assert all(float(jnp.abs(u).max()) > 0 for u in jax.tree_util.tree_leaves(upd2["stage"]))
