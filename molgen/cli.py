@@ -601,9 +601,7 @@ def export(
     if stack:
         from molgen.consistency.stack import stack_model
 
-        if cfg.mode == "diffusion":
-            raise MolgenError("--stack: the model must be a consistency model (ct, ect or distill), not a diffusion model")
-        r_cfg, r_params, r_name = load_refiner(cfg, refiner)
+        r_cfg, r_params, r_name = load_refiner(cfg, refiner)  # stack_model refuses a diffusion model
         cfg, params = stack_model(cfg, params, r_cfg, r_params, stack, source=r_name)
         meta["trained"] += f", then {stack} denoising stages of {r_name} appended (not trained further)"
 
