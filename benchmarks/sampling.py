@@ -39,6 +39,7 @@ def main():
     args = ap.parse_args()
     print(f"device: {jax.devices()[0].device_kind}")
     sizes = np.random.default_rng(0).choice(len(QM9_HIST), args.n, p=np.array(QM9_HIST) / sum(QM9_HIST))
+
     def one_call(cfg, params, levels):
         step = make_step_fn(cfg)
         sample_batch(cfg, params, step, sizes, levels, jax.random.PRNGKey(0))  # compile

@@ -60,15 +60,11 @@ class StackConfig:
 def read_types(h, node_mask):
     """EDM's clean features of the atom types in h: the argmax's one-hot / 4 and Z / 10 in the forward pass,
     the gradient of the same features of softmax(h_types / TYPE_TEMPERATURE) in the backward pass."""
-    logits = h[:, :N_TYPES]
-    charges = jnp.asarray(CHARGES, jnp.float32)
+    from molgen.refine import clean_features
 
-    def feats(p):
-        return jnp.concatenate([0.25 * p, 0.1 * (p @ charges)[:, None]], axis=-1) * node_mask[:, None]
-
-    hard = feats(jax.nn.one_hot(jnp.argmax(logits, axis=-1), N_TYPES))
-    soft = feats(jax.nn.softmax(logits / TYPE_TEMPERATURE, axis=-1))
-    return hard + (soft - jax.lax.stop_gradient(soft))
+    p = jax.nn.softmax(h[:, :N_TYPES] / TYPE_TEMPERATURE, axis=-1)  # type_features of the expected type
+    soft = jnp.concatenate([0.25 * p, 0.1 * (p @ jnp.asarray(CHARGES, jnp.float32))[:, None]], -1) * node_mask[:, None]
+    return clean_features(h, node_mask) + (soft - jax.lax.stop_gradient(soft))
 
 
 def make_stacked_fn(base_fn, stage_apply, stack: StackConfig, sigma_min: float):
