@@ -586,7 +586,7 @@ def export(
     headline: str = typer.Option("", "--headline", help="One line of measured figures for `molgen models`."),
     temperature: Optional[float] = typer.Option(None, "--temperature", help="Recommended sampling temperature, stored in meta.json: `molgen sample`'s default for this model."),
     renoise: Optional[float] = typer.Option(None, "--renoise", help="Consistency models: recommended re-noising scale of the k-step sampler, stored in meta.json."),
-    stack: int = typer.Option(0, "--stack", min=0, help="Consistency models: append N denoising stages of a diffusion model (--refiner) to the network, so that one call computes what `molgen sample --refine N` adds after it (docs/training.md)."),
+    stack: int = typer.Option(0, "--stack", min=0, help="Consistency models: append N denoising stages of a diffusion model (--refiner) to the network, so that one call computes what `molgen sample --refine N` adds after it; a stacked model: run its own trained stages at N levels instead (docs/training.md)."),
     refiner: Optional[str] = typer.Option(None, "--refiner", help="--stack: the diffusion model whose network the stages use (default: the model's distillation teacher or the diffusion model it was tuned from)."),
 ):
     """Export a run's EMA parameters (float32) and config as a self-contained model folder."""
@@ -598,7 +598,16 @@ def export(
     # a shipped model or weights folder keeps its card's provenance; a run's is its latest checkpoint
     meta = {"source_run": info.get("source_run", str(run_dir)), "step": info.get("step"),
             "trained": info.get("trained") or f"{info.get('step')} steps", "headline": headline}
-    if stack:
+    if stack and cfg.stack is not None:  # stacked already: keep its trained stages, at N levels
+        from molgen.consistency.stack import restack
+
+        if refiner is not None:
+            raise MolgenError("this model is stacked already: --stack N re-spreads its own trained stages; "
+                              "leave out --refiner")
+        old = len(cfg.stack.levels)
+        cfg, params = restack(cfg, params, stack)
+        meta["trained"] += f", then its {old} stages re-spread over {stack} levels (not trained further)"
+    elif stack:
         from molgen.consistency.stack import stack_model
 
         r_cfg, r_params, r_name = load_refiner(cfg, refiner)  # stack_model refuses a diffusion model

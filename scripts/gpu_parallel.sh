@@ -5,8 +5,10 @@
 # result into $OUT as soon as it is done:
 #   distill_a.tar  scripts/gpu_distill.sh: the default model distilled further onto the teacher's ODE, lr LR_A
 #   distill_b.tar  the same with lr LR_B and seed 1 (other pairs, other order): a hedge on the learning rate
-#   diffusion.tar  the teacher (weights/edm-small-diffusion) trained on, for better ODE targets next time
-# and the logs distill_a.txt, distill_b.txt, diffusion.txt, pipeline.txt (7 files: the tool returns at most 8).
+#   diffusion.tar  the teacher (weights/edm-small-diffusion) trained on, for better ODE targets next time,
+#                  or, when INIT_C is set, distill_c.tar: a third distillation run like A and B
+# and the logs distill_a.txt, distill_b.txt, diffusion.txt (distill_c.txt), pipeline.txt (7 files: the tool
+# returns at most 8).
 #
 #   bash scripts/gpu_parallel.sh [DEADLINE_S=560] [PAIRS=250000] [BATCH=512]
 #
@@ -14,7 +16,10 @@
 # (deepen that student to N blocks, `molgen train --layers`); NF_A, NF_B (widen it to N features, `--nf`); RELAX_A, RELAX_B (`--relax-weight`, default 0);
 # RELAX_ROUNDS_A, RELAX_ROUNDS_B (`--relax-rounds`, default 0); DMD_A, DMD_B (`--dmd-weight`, default 0); REFINE_A, REFINE_B (`--refine`, default 0: ODE targets);
 # PAIR_T_A, PAIR_T_B (`--pair-temperature`, default 1);
-# RUN_A, RUN_B (runs/gkd_a, runs/gkd_b).
+# RUN_A, RUN_B (runs/gkd_a, runs/gkd_b); INIT_A, INIT_B, ANCHOR_A, ANCHOR_B (the student to start from and
+# the model whose low-noise f is kept; default $INIT / $ANCHOR, else scripts/gpu_distill.sh's defaults; a
+# stacked --init needs itself as anchor). INIT_C (a student: run C replaces the diffusion run), with LR_C (2e-4),
+# ANCHOR_C, LAYERS_C, NF_C, RELAX_C, RELAX_ROUNDS_C, DMD_C, REFINE_C, PAIR_T_C, RUN_C (runs/gkd_c), seed 2.
 set -uo pipefail
 t_start=$(date +%s)
 deadline=${1:-560}; pairs=${2:-250000}; batch=${3:-512}
@@ -25,8 +30,8 @@ out=${OUT:-/tmp/out}; mkdir -p "$out" runs
 log() { echo "[$(( $(date +%s) - t_start )) s] $*" | tee -a "$out/pipeline.txt"; }
 python3 -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, jax.devices())" 2>&1 | tee -a "$out/pipeline.txt"
 
-NAME=distill_a RUN=${RUN_A:-runs/gkd_a} SEED=0 LAYERS=${LAYERS_A:-} NF=${NF_A:-} RELAX=${RELAX_A:-0} RELAX_ROUNDS=${RELAX_ROUNDS_A:-0} DMD=${DMD_A:-0} REFINE=${REFINE_A:-0} PAIR_T=${PAIR_T_A:-1} bash scripts/gpu_distill.sh "$deadline" "$pairs" "$batch" "$lr_a" &
-NAME=distill_b RUN=${RUN_B:-runs/gkd_b} SEED=1 LAYERS=${LAYERS_B:-} NF=${NF_B:-} RELAX=${RELAX_B:-0} RELAX_ROUNDS=${RELAX_ROUNDS_B:-0} DMD=${DMD_B:-0} REFINE=${REFINE_B:-0} PAIR_T=${PAIR_T_B:-1} bash scripts/gpu_distill.sh "$deadline" "$pairs" "$batch" "$lr_b" &
+NAME=distill_a RUN=${RUN_A:-runs/gkd_a} SEED=0 INIT=${INIT_A:-${INIT:-}} ANCHOR=${ANCHOR_A:-${ANCHOR:-}} LAYERS=${LAYERS_A:-} NF=${NF_A:-} RELAX=${RELAX_A:-0} RELAX_ROUNDS=${RELAX_ROUNDS_A:-0} DMD=${DMD_A:-0} REFINE=${REFINE_A:-0} PAIR_T=${PAIR_T_A:-1} bash scripts/gpu_distill.sh "$deadline" "$pairs" "$batch" "$lr_a" &
+NAME=distill_b RUN=${RUN_B:-runs/gkd_b} SEED=1 INIT=${INIT_B:-${INIT:-}} ANCHOR=${ANCHOR_B:-${ANCHOR:-}} LAYERS=${LAYERS_B:-} NF=${NF_B:-} RELAX=${RELAX_B:-0} RELAX_ROUNDS=${RELAX_ROUNDS_B:-0} DMD=${DMD_B:-0} REFINE=${REFINE_B:-0} PAIR_T=${PAIR_T_B:-1} bash scripts/gpu_distill.sh "$deadline" "$pairs" "$batch" "$lr_b" &
 
 diffusion() {
   local run=runs/gdiff2 last minutes
@@ -42,7 +47,11 @@ diffusion() {
   tar -cf "$out/diffusion.tar" "$run/config.json" "$run/metrics.jsonl" "$run/checkpoints/$last" runs/w_diffusion
   log "diffusion: packed step $last"
 }
-diffusion &
+if [ -n "${INIT_C:-}" ]; then
+  NAME=distill_c RUN=${RUN_C:-runs/gkd_c} SEED=2 INIT=$INIT_C ANCHOR=${ANCHOR_C:-${ANCHOR:-}} LAYERS=${LAYERS_C:-} NF=${NF_C:-} RELAX=${RELAX_C:-0} RELAX_ROUNDS=${RELAX_ROUNDS_C:-0} DMD=${DMD_C:-0} REFINE=${REFINE_C:-0} PAIR_T=${PAIR_T_C:-1} bash scripts/gpu_distill.sh "$deadline" "$pairs" "$batch" "${LR_C:-2e-4}" &
+else
+  diffusion &
+fi
 wait
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader >>"$out/pipeline.txt" 2>&1
 log "all done"

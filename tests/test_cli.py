@@ -286,7 +286,20 @@ def test_export_stack_samples_as_refine_and_trains(tmp_path, trained, ect, data_
     res = run("sample", "--checkpoint", kd, "-n", 3, "--steps", 2, "-o", tmp_path / "k.sdf", "--no-report")
     assert res.exit_code == 0, res.output
     one_line_error(run("export", trained, tmp_path / "x", "--stack", 2), "consistency model")
-    one_line_error(run("export", st, tmp_path / "x", "--stack", 2), "stacked already")
+    # a stacked model's --stack N re-spreads its own stages: 1 stage = `sample --refine 1` of the source
+    st1 = tmp_path / "stacked1"
+    res = run("export", st, st1, "--stack", 1)
+    assert res.exit_code == 0, res.output
+    assert json.loads((st1 / "config.json").read_text())["stack"]["levels"] == [0.1]
+    assert "2 stages re-spread over 1 levels" in json.loads((st1 / "meta.json").read_text())["trained"]
+    for args, out in (((st1,), "s1.xyz"), ((ect, "--refine", 1), "r1.xyz")):
+        res = run("sample", "--checkpoint", *args, "-n", 5, "--steps", 1, "--temperature", 0.9, "-o", tmp_path / out,
+                  "--no-report")
+        assert res.exit_code == 0, res.output
+    for a, b in zip(read_molecules(tmp_path / "s1.xyz"), read_molecules(tmp_path / "r1.xyz")):
+        np.testing.assert_allclose(a.positions, b.positions, atol=1e-3)
+        np.testing.assert_array_equal(a.types, b.types)
+    one_line_error(run("export", st, tmp_path / "x", "--stack", 2, "--refiner", trained), "stacked already")
     one_line_error(run("export", ect, tmp_path / "x", "--refiner", trained), "--stack N")
     one_line_error(run("train", "--mode", "distill", "--init", ect, "--teacher", trained, "--freeze-stages",
                        "--out", tmp_path / "z"), "no denoising stages")

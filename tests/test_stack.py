@@ -10,7 +10,7 @@ import molgen.train
 from molgen import MolgenError
 from molgen.config import RunConfig
 from molgen.consistency.ict import ConsistencyConfig
-from molgen.consistency.stack import describe, make_model_fn, read_types, stack_model
+from molgen.consistency.stack import describe, make_model_fn, read_types, restack, stack_model
 from molgen.data.batching import node_features, pack
 from molgen.diffusion.ode import edm_denoiser
 from molgen.nn.egnn import PRESETS
@@ -154,6 +154,26 @@ def test_stack_model_refusals(models):
         stack_model(cfg, params, cfg, params, 2)
     with pytest.raises(MolgenError, match="at least 1"):
         stack_model(cfg, params, tcfg, tparams, 0)
+
+
+def test_restack_respreads_the_trained_stages(models, rng):
+    """restack keeps both networks and moves the stages to refine_levels(n): n = 1 is the base call followed by
+    one denoising step at 0.1 Å (what `--refine 1` adds)."""
+    cfg, params, tcfg, tparams, scfg, sparams = models
+    one, p1 = restack(scfg, sparams, 1)
+    assert one.stack.levels == (0.1,) and one.stack.model == scfg.stack.model and p1 is sparams
+    assert restack(scfg, sparams, 3)[0] == scfg and describe(one).endswith("+ 1 stage of " + describe(tcfg))
+    g, yx, yh, sig = _inputs(rng)
+    x0, h0 = make_model_fn(cfg)(params, yx, yh, sig, g)
+    step = make_refine_step(edm_denoiser(make_apply(tcfg)[1], tcfg.diffusion))
+    want = refine(step, tparams, x0, h0, g, [0.1])
+    got = make_model_fn(one)(p1, yx, yh, sig, g)
+    np.testing.assert_allclose(np.asarray(got[0]), np.asarray(want[0]), atol=2e-5)
+    np.testing.assert_allclose(np.asarray(got[1]), np.asarray(want[1]), atol=2e-5)
+    with pytest.raises(MolgenError, match="no denoising stages"):
+        restack(cfg, params, 2)
+    with pytest.raises(MolgenError, match="at least 1"):
+        restack(scfg, sparams, 0)
 
 
 def test_config_round_trip_and_frozen_stages(models, tmp_path):

@@ -78,9 +78,14 @@ def make_stacked_fn(base_fn, stage_apply, stack: StackConfig, sigma_min: float):
         m = graph.node_mask
         x, h = base_fn(params["base"], yx, yh, sigma, graph)
         g = jnp.clip((sigma - sigma_min) / stack.gate, 0.0, 1.0)[:, None]  # 1 at every sampling level
-        for s in stack.levels:
+
+        def stage(carry, s):
+            x, h = carry
             dx, dh = denoise(params["stage"], x, read_types(h, m), jnp.full(m.shape, s, jnp.float32), graph)
-            x, h = (1.0 - g) * x + g * dx, (1.0 - g) * h + g * dh
+            return ((1.0 - g) * x + g * dx, (1.0 - g) * h + g * dh), None
+
+        # one traced stage, scanned over the levels: tracing and compiling cost one network, not S
+        (x, h), _ = jax.lax.scan(stage, (x, h), jnp.asarray(stack.levels, jnp.float32))
         return x, h
 
     return f
@@ -118,6 +123,20 @@ def stack_model(cfg, params, teacher_cfg, teacher_params, n_stages: int, source:
     st = StackConfig(levels=tuple(refine_levels(n_stages)), model=teacher_cfg.model,
                      diffusion=teacher_cfg.diffusion, source=source)
     return cfg.replace(stack=st), {"base": params, "stage": teacher_params}
+
+
+def restack(cfg, params, n_stages: int):
+    """(config, params) of the stacked model ``cfg`` with its stages re-spread over ``n_stages`` levels
+    (:func:`molgen.refine.refine_levels`), the trained base and stage networks kept: fewer stages make a
+    cheaper call (a start for training a shallower stack), more a deeper one."""
+    from molgen import MolgenError
+    from molgen.refine import refine_levels
+
+    if cfg.stack is None:
+        raise MolgenError("this model has no denoising stages to re-spread; stack it first (--stack N with --refiner)")
+    if n_stages < 1:
+        raise MolgenError("--stack must be at least 1")
+    return cfg.replace(stack=dataclasses.replace(cfg.stack, levels=tuple(refine_levels(n_stages)))), params
 
 
 def describe(cfg) -> str:
