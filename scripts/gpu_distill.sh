@@ -28,7 +28,7 @@ deadline=${1:-570}; pairs=${2:-200000}; batch=${3:-256}; lr=${4:-2e-4}
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 MOLGEN_JAX_CACHE=/tmp/jaxcache
 out=${OUT:-/tmp/out}; mkdir -p "$out"
 init=${INIT:-weights/edm-small-distill}; [ -f "$init/params.msgpack" ] || init=weights/edm-small-ect
-anchor=${ANCHOR:-weights/edm-small-ect}; [ -f "$anchor/params.msgpack" ] || anchor=weights/edm-small-ect; teacher=${TEACHER:-weights/edm-small-diffusion}; run=${RUN:-runs/gkd}
+anchor=${ANCHOR:-weights/edm-small-ect}; teacher=${TEACHER:-weights/edm-small-diffusion}; run=${RUN:-runs/gkd}
 seed=${SEED:-0}; name=${NAME:-distill}; layers=${LAYERS:+--layers $LAYERS}; layers="$layers${NF:+ --nf $NF}"; relax=${RELAX:-0}
 refine=${REFINE:-0}; relax_rounds=${RELAX_ROUNDS:-0}; dmd=${DMD:-0}; pair_t=${PAIR_T:-1}
 left() { echo $((deadline - ($(date +%s) - t_start))); }
