@@ -18,7 +18,11 @@ each preset size and times, per preset:
 * one reverse-diffusion step of EDM's sampler (`sample_p_zs_given_zt`) on molecules whose sizes are drawn from
   the training histogram, each padded to 29 atoms as EDM's `qm9/sampling.py` does, reported per 1000 molecules.
 
-Medians over --repeats after --warmup untimed steps.
+Medians over --repeats after --warmup untimed steps (on a GPU, `torch.cuda.synchronize()` closes each timing).
+`--device cuda` runs it on the GPU; `--batch-sizes 64,256,1024` times the training step at several batch sizes,
+one line each, in the form of benchmarks/train_step.py:
+
+    RESULT edm-pytorch <preset> batch=<B> molecules_per_s=<X> step_s=...
 """
 
 from __future__ import annotations
@@ -49,7 +53,9 @@ def main() -> None:
     ap.add_argument("--edm-repo", required=True, help="checkout of EDM's public repository")
     ap.add_argument("--cache", required=True, help="molgen's processed QM9 cache (qm9_v1.npz)")
     ap.add_argument("--presets", default="small,base,edm")
-    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--batch-sizes", default="64", help="comma-separated batch sizes of the training step")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--no-sampling", action="store_true", help="time the training step only")
     ap.add_argument("--sample-batch", type=int, default=100, help="molecules per timed sampling call")
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=2)
@@ -65,6 +71,12 @@ def main() -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
     d = np.load(args.cache)
     offsets = np.concatenate([[0], np.cumsum(d["n_atoms"].astype(np.int64))])
     train = d["split_train"]
@@ -89,63 +101,74 @@ def main() -> None:
             one_hot[k, np.arange(n), t] = 1
             charges[k, :n, 0] = charge_of[t]
             mask[k, :n] = 1
-        node_mask = torch.from_numpy(mask)
+        node_mask = torch.from_numpy(mask).to(device)
         edge_mask = node_mask[:, None, :] * node_mask[:, :, None]
-        edge_mask = edge_mask * (~torch.eye(n_max, dtype=torch.bool))[None]
-        xt = edm_utils.remove_mean_with_mask(torch.from_numpy(x), node_mask[:, :, None])
-        return xt, {"categorical": torch.from_numpy(one_hot), "integer": torch.from_numpy(charges)}, \
+        edge_mask = edge_mask * (~torch.eye(n_max, dtype=torch.bool, device=device))[None]
+        xt = edm_utils.remove_mean_with_mask(torch.from_numpy(x).to(device), node_mask[:, :, None])
+        return xt, {"categorical": torch.from_numpy(one_hot).to(device), "integer": torch.from_numpy(charges).to(device)}, \
             node_mask[:, :, None], edge_mask
 
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, batch {args.batch_size}")
+    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"torch {torch.__version__}, device {dev_name}, threads {torch.get_num_threads()}, "
+          f"batch sizes {args.batch_sizes}", flush=True)
     for name in args.presets.split(","):
         nf, layers = PRESETS[name]
         a = edm_args(nf, layers)
-        model, nodes_dist, _ = get_model(a, torch.device("cpu"), dataset_info, None)
         import copy
-        model_ema = copy.deepcopy(model)
-        ema = edm_utils.EMA(a.ema_decay)
-        optim = get_optim(a, model)
-        queue = edm_top_utils.Queue()
-        queue.add(3000)
-        model.train()
-        times = []
-        for r in range(args.warmup + args.repeats):
-            x, h, node_mask, edge_mask = batch(rng.choice(train, args.batch_size, replace=False))
-            t0 = time.perf_counter()
-            optim.zero_grad()
-            nll, reg, _ = losses.compute_loss_and_nll(a, model, nodes_dist, x, h, node_mask, edge_mask, None)
-            loss = nll + a.ode_regularization * reg
-            loss.backward()
-            edm_top_utils.gradient_clipping(model, queue)
-            optim.step()
-            ema.update_model_average(model_ema, model)
-            if r >= args.warmup:
-                times.append(time.perf_counter() - t0)
-        n_params = sum(p.numel() for p in model.parameters())
-        step_s = statistics.median(times)
+        for bs in [int(b) for b in args.batch_sizes.split(",")]:
+            model, nodes_dist, _ = get_model(a, device, dataset_info, None)
+            model_ema = copy.deepcopy(model)
+            ema = edm_utils.EMA(a.ema_decay)
+            optim = get_optim(a, model)
+            queue = edm_top_utils.Queue()
+            queue.add(3000)
+            model.train()
+            times = []
+            for r in range(args.warmup + args.repeats):
+                x, h, node_mask, edge_mask = batch(rng.choice(train, bs, replace=False))
+                sync()
+                t0 = time.perf_counter()
+                optim.zero_grad()
+                nll, reg, _ = losses.compute_loss_and_nll(a, model, nodes_dist, x, h, node_mask, edge_mask, None)
+                loss = nll + a.ode_regularization * reg
+                loss.backward()
+                edm_top_utils.gradient_clipping(model, queue)
+                optim.step()
+                ema.update_model_average(model_ema, model)
+                sync()
+                if r >= args.warmup:
+                    times.append(time.perf_counter() - t0)
+            n_params = sum(p.numel() for p in model.parameters())
+            step_s = statistics.median(times)
+            print(f"RESULT edm-pytorch {name} batch={bs} molecules_per_s={bs / step_s:.0f} step_s={step_s:.4f} "
+                  f"params={n_params} device={args.device} repeats={len(times)}", flush=True)
+        if args.no_sampling:
+            continue
 
         model.eval()
         sizes = nodes_dist.sample(args.sample_batch)
         bsz = args.sample_batch
-        node_mask = torch.zeros(bsz, 29)
+        node_mask = torch.zeros(bsz, 29, device=device)
         for k in range(bsz):
             node_mask[k, : int(sizes[k])] = 1
-        edge_mask = (node_mask[:, None, :] * node_mask[:, :, None] * (~torch.eye(29, dtype=torch.bool))[None])
+        edge_mask = (node_mask[:, None, :] * node_mask[:, :, None] * (~torch.eye(29, dtype=torch.bool, device=device))[None])
         edge_mask = edge_mask.view(bsz * 29 * 29, 1)
         node_mask = node_mask[:, :, None]
         stimes = []
         with torch.no_grad():
             z = model.sample_combined_position_feature_noise(bsz, 29, node_mask)
             for r in range(args.warmup + max(3, args.repeats // 2)):
-                s = torch.full((bsz, 1), 500 / 1000.0)
-                t = torch.full((bsz, 1), 501 / 1000.0)
+                s = torch.full((bsz, 1), 500 / 1000.0, device=device)
+                t = torch.full((bsz, 1), 501 / 1000.0, device=device)
+                sync()
                 t0 = time.perf_counter()
                 z = model.sample_p_zs_given_zt(s, t, z, node_mask, edge_mask, None)
+                sync()
                 if r >= args.warmup:
                     stimes.append(time.perf_counter() - t0)
         call_s = statistics.median(stimes) * 1000 / bsz
         print(f"EDM-pytorch {name:6s} nf={nf} layers={layers} params={n_params:,}  train step {step_s:.3f} s "
-              f"(median of {len(times)})  sampling: {call_s:.3f} s per network call per 1000 molecules "
+              f"(batch {bs}, median of {len(times)})  sampling: {call_s:.3f} s per network call per 1000 molecules "
               f"(1000-step sampling of 1000 molecules ~ {call_s * 1000 / 60:.1f} min)", flush=True)
 
 

@@ -1,88 +1,143 @@
-"""Median time of one jitted training step (forward, backward, Adam, EMA) on real QM9 batches, per preset,
-and molecules/s of one forward pass at batch 1000.
+"""Training throughput of `molgen train`'s own loop: molecules/s of the jitted chunk of steps (batches assembled on
+the device from the device-resident training set, forward, backward, Adam, EMA), per preset, batch size and
+precision, with the FLOPs done and the fraction of the device's measured bf16 matrix peak.
 
-    python benchmarks/train_step.py [--presets small,base,edm] [--batch-size 64] [--repeats 10] [--cpu-devices N]
+    python benchmarks/train_step.py [--presets small,edm] [--batch-sizes 64,512] [--precisions bf16,tf32]
+                                    [--chunk 50] [--repeats 5] [--budget SECONDS] [--cpu-devices N]
 
---cpu-devices splits the CPU into N XLA devices (data parallel, as `molgen train` does by default without a
-GPU; default here 1, the plain single-device step).
+One line per measurement, first its figure in a fixed form, then the details:
+
+    RESULT molgen <preset> batch=<B> molecules_per_s=<X> precision=<p> steps_per_s=... tflops=... peak_fraction=...
+
+FLOPs: the exact count of the matrix products over the batches' real atoms and pairs
+(:func:`molgen.nn.egnn.forward_flops`, x3 for forward + backward), and XLA's own count of one step as a check.
+The peak is measured here (a bf16 8192^3 product, median of 10) unless --peak-tflops is given. Timings are the
+median over --repeats chunks after one chunk that compiles. --budget skips the remaining measurements once
+that many seconds have passed (each skipped one prints a SKIPPED line).
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
-from molgen.config import RunConfig
-from molgen.data.qm9 import load_qm9
-from molgen.nn.egnn import PRESETS
-from molgen.train import features, init_state, make_apply, make_mesh, make_train_step, put_batch, shard_batch
+
+def measure_peak(jax, jnp, n: int = 8192, repeats: int = 10) -> float:
+    """bf16 matrix-product TFLOP/s on random data (median of ``repeats`` after a warm-up)."""
+    k1, k2 = jax.random.split(jax.random.PRNGKey(0))
+    a = jax.random.normal(k1, (n, n), jnp.bfloat16)
+    b = jax.random.normal(k2, (n, n), jnp.bfloat16)
+    mm = jax.jit(lambda x, y: x @ y)
+    mm(a, b).block_until_ready()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        mm(a, b).block_until_ready()
+        times.append(time.perf_counter() - t0)
+    return 2 * n**3 / statistics.median(times) / 1e12
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--presets", default="small,base,edm")
-    ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=10)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--presets", default="small,edm")
+    ap.add_argument("--batch-sizes", default="64,512")
+    ap.add_argument("--precisions", default="auto", help="comma-separated: auto, float32, tf32, bf16")
+    ap.add_argument("--runs", default=None,
+                    help="measurements in this order instead of presets x batch sizes x precisions: "
+                         "comma-separated PRESET:BATCH:PRECISION, e.g. edm:512:bf16,edm:64:bf16")
+    ap.add_argument("--chunk", type=int, default=50, help="optimiser steps per jitted call")
+    ap.add_argument("--repeats", type=int, default=5, help="timed chunks per measurement")
     ap.add_argument("--mode", default="diffusion")
     ap.add_argument("--data-dir", default=None)
-    ap.add_argument("--forward-batch", type=int, default=1000)
     ap.add_argument("--cpu-devices", type=int, default=1)
+    ap.add_argument("--budget", type=float, default=None, help="seconds; skip what is left after that")
+    ap.add_argument("--peak-tflops", type=float, default=None, help="bf16 peak to compare with (default: measure on a GPU)")
     args = ap.parse_args()
     if args.cpu_devices > 1:
         from molgen.jax_setup import configure_cpu_devices
 
         configure_cpu_devices(args.cpu_devices)
+    import jax
+    import jax.numpy as jnp
+
+    from molgen.config import RunConfig
+    from molgen.data.batching import BatchSampler
+    from molgen.data.device import ShapePlan, dense_set, put
+    from molgen.data.qm9 import load_qm9
+    from molgen.nn.egnn import PRESETS, forward_flops
+    from molgen.train import (init_state, make_mesh, make_step, make_train_chunk, resolve_precision)
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    t_start = time.time()
     ds = load_qm9(args.data_dir)
     ids = ds.split("train")
-    rng = np.random.default_rng(0)
     mesh = make_mesh()
     n_shards = mesh.devices.size
-    print(f"device: {jax.devices()[0].device_kind} x{n_shards}, batch {args.batch_size}, mode {args.mode}")
-    for name in args.presets.split(","):
-        cfg = RunConfig(mode=args.mode, model=PRESETS[name], batch_size=args.batch_size)
-        step, _ = make_train_step(cfg, mesh)
-        state = init_state(cfg)
-        # Batches whose padded shapes are the same bucket: time steady-state steps, not compilation.
-        batches = []
-        while len(batches) < args.repeats + 1:
-            mols = [ds.molecule(int(i)) for i in rng.choice(ids, args.batch_size, replace=False)]
-            g = shard_batch(mols, n_shards)
-            if not batches or (g.node_mask.shape == batches[0].node_mask.shape
-                               and g.edge_mask.shape == batches[0].edge_mask.shape):
-                batches.append(g)
+    repl = NamedSharding(mesh, P())
+    dset = put(dense_set(ds, ids), repl)
+    row_of = np.full(len(ds.n_atoms), -1, np.int64)
+    row_of[ids] = np.arange(len(ids))
+    dev = jax.devices()[0]
+    peak = args.peak_tflops
+    if peak is None and dev.platform == "gpu":
+        peak = measure_peak(jax, jnp)
+    print(f"device: {dev.device_kind} x{n_shards} ({dev.platform}), jax {jax.__version__}, chunk {args.chunk}, "
+          f"mode {args.mode}, bf16 peak {'%.0f TFLOP/s' % peak if peak else 'not measured'}", flush=True)
+    if args.runs:
+        runs = [(p, int(b), q) for p, b, q in (r.split(":") for r in args.runs.split(","))]
+    else:
+        runs = [(p, int(b), q) for p in args.presets.split(",") for b in args.batch_sizes.split(",")
+                for q in args.precisions.split(",")]
+    for name, bs, prec in runs:
+        prec = resolve_precision(prec)
+        tag = f"{name} batch={bs} precision={prec}"
+        if args.budget is not None and time.time() - t_start > args.budget:
+            print(f"SKIPPED molgen {tag} (budget of {args.budget:.0f} s spent)", flush=True)
+            continue
+        cfg = RunConfig(mode=args.mode, model=PRESETS[name], batch_size=bs, precision=prec)
+        sampler = BatchSampler(ds, ids, bs, seed=0)
+        k = args.chunk
+        n_chunks = args.repeats + 1
+        plan = ShapePlan(ds.n_atoms, sampler, n_shards, 0, k * n_chunks)
+        idx = np.stack([sampler.indices(s) for s in range(k * n_chunks)])
+        rows = row_of[idx].reshape(len(idx), -1, n_shards).transpose(0, 2, 1).astype(np.int32)
+        chunk = make_train_chunk(cfg, mesh, *plan.shape)
+        state = jax.device_put(init_state(cfg), repl)  # as train() does: no recompilation later
         key = jax.random.PRNGKey(0)
-        t0 = time.perf_counter()
-        state, m = step(state, put_batch(batches[0], mesh), key)
-        jax.block_until_ready(m["loss"])
-        compile_s = time.perf_counter() - t0
         times = []
-        for b in batches[1:]:
-            gb = put_batch(b, mesh)
+        for c in range(n_chunks):
+            r = jax.device_put(rows[c * k : (c + 1) * k], NamedSharding(mesh, P(None, "data")))
             t0 = time.perf_counter()
-            state, m = step(state, gb, key)
+            state, m = chunk(state, dset, r, jnp.int32(k), key)
             jax.block_until_ready(m["loss"])
             times.append(time.perf_counter() - t0)
-        # Forward pass, batch of forward_batch molecules (one device).
-        net, apply = make_apply(cfg)
-        mols = [ds.molecule(int(i)) for i in rng.choice(ids, args.forward_batch, replace=False)]
-        g = jax.tree_util.tree_map(lambda a: a[0], shard_batch(mols, 1))
-        fwd = jax.jit(apply)
-        h = features(g)
-        cond = jnp.asarray(g.node_mask) * 0.5
-        jax.block_until_ready(fwd(state.params, g.positions, h, cond, g))
-        ft = []
-        for _ in range(3):
-            t0 = time.perf_counter()
-            jax.block_until_ready(fwd(state.params, g.positions, h, cond, g))
-            ft.append(time.perf_counter() - t0)
-        med = float(np.median(times))
-        print(f"{name:6s} nf={cfg.model.nf:3d} layers={cfg.model.n_layers}: train step median {med:.3f} s "
-              f"({1 / med:.2f} steps/s, min {min(times):.3f}, compile {compile_s:.1f} s); "
-              f"forward {args.forward_batch / np.median(ft):.0f} molecules/s")
+        compile_s, med = times[0], statistics.median(times[1:])
+        n = ds.n_atoms[idx[k:]].astype(np.int64)
+        nodes, edges = n.sum() / n.size, (n * (n - 1)).sum() / n.size  # per molecule, real only
+        step_flops = 3 * forward_flops(cfg.model, nodes * bs, edges * bs)
+        tflops = step_flops * k / med / 1e12
+        # XLA's count of one step on one device's graphs (lowered, not compiled): a check of the count.
+        from molgen.data.device import assemble
+
+        step_fn, _ = make_step(cfg)
+        one = jax.jit(lambda st, rr: step_fn(st, jax.vmap(lambda i: assemble(dset, i, *plan.shape))(rr), key))
+        try:
+            ca = one.lower(state, r[0]).cost_analysis()
+            ca = ca[0] if isinstance(ca, list) else ca
+            xla_gflop = ca.get("flops", float("nan")) / 1e9
+        except Exception:  # not every backend reports costs
+            xla_gflop = float("nan")
+        mps = k * bs / med
+        frac = f"{tflops / peak:.4f}" if peak else "nan"
+        print(f"RESULT molgen {name} batch={bs} molecules_per_s={mps:.0f} precision={prec} "
+              f"steps_per_s={k / med:.2f} tflops={tflops:.3f} peak_fraction={frac} "
+              f"gflop_per_step={step_flops / 1e9:.1f} xla_gflop_per_step_padded={xla_gflop:.1f} "
+              f"shape={plan.shape[0]}x{plan.shape[1]} compile_s={compile_s:.1f} "
+              f"median_chunk_s={med:.4f} chunks={len(times) - 1}", flush=True)
+        del state, chunk
 
 
 if __name__ == "__main__":

@@ -219,6 +219,12 @@ def train(
     curriculum_steps: Optional[int] = typer.Option(None, "--curriculum-steps", help="Consistency curriculum: steps until it reaches --s1 (default: --steps); later steps stay at --s1."),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="QM9 cache folder."),
     max_minutes: Optional[float] = typer.Option(None, "--max-minutes", help="Stop (with a checkpoint) after this wall time."),
+    precision: Optional[str] = typer.Option(
+        None, "--precision", metavar="<auto|float32|tf32|bf16>",
+        help="Training arithmetic: float32; tf32 (float32 numbers, TensorFloat-32 matrix products on NVIDIA GPUs); "
+             "bf16 (bfloat16 matrix products and edge activations, float32 parameters, optimiser, loss, coordinates "
+             "and sums). auto (default): float32 on a CPU, bf16 on a GPU (docs/performance.md). With --resume, "
+             "replaces the run's."),
     distributed: bool = typer.Option(False, "--distributed", help="Call jax.distributed.initialize() for multi-host runs."),
     cpu_devices: Optional[int] = typer.Option(
         None, "--cpu-devices", min=1,
@@ -240,6 +246,8 @@ def train(
     # Before anything starts JAX's backends: the batch size decides how the CPU is split.
     if (batch_size is not None and batch_size < 1) or (lr is not None and lr <= 0):
         raise MolgenError("--batch-size must be >= 1 and --lr > 0")
+    if precision is not None and precision not in ("auto", "float32", "tf32", "bf16"):
+        raise MolgenError(f"--precision must be auto, float32, tf32 or bf16, not {precision!r}")
     resumed = RunConfig.load(out / CONFIG_NAME) if resume and (out / CONFIG_NAME).exists() else None
     planned_batch = batch_size or (resumed.batch_size if resumed else RunConfig.batch_size)
     if cpu_devices is not None and planned_batch % cpu_devices:
@@ -311,9 +319,12 @@ def train(
         elif parametrization is not None:
             cons = dataclasses.replace(cons, parametrization=parametrization)
         cfg = prepare_config(cfg.replace(consistency=cons), ds)
+    from molgen.train import resolve_precision
+
+    cfg = cfg.replace(precision=resolve_precision(precision or cfg.precision))
     stacked = "" if cfg.stack is None else f" + {len(cfg.stack.levels)} stages" + (" (frozen)" if cfg.freeze_stages else "")
     err.print(f"training {cfg.mode} | model nf={cfg.model.nf} layers={cfg.model.n_layers}{stacked} | batch {cfg.batch_size} "
-              f"| {cfg.steps} steps | devices {jax.device_count()} ({jax.devices()[0].platform}) | {out}")
+              f"| {cfg.steps} steps | devices {jax.device_count()} ({jax.devices()[0].platform}) | precision {cfg.precision} | {out}")
     res = do_train(cfg, out, ds, resume=resume, init_params_from=init_params, progress=err.is_terminal,
                    log=_say, max_seconds=max_minutes * 60 if max_minutes else None)
     console.print(f"stopped at step {int(res.state.step)} ({res.steps_per_s:.2f} steps/s); checkpoint in {out}")

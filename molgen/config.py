@@ -61,6 +61,8 @@ class RunConfig:
     # call, by denoising stages of a diffusion model's network; None: a plain model
     stack: StackConfig | None = None
     freeze_stages: bool = False  # a stacked model's training updates its base network only
+    # Training arithmetic (molgen.train.PRECISIONS, or "auto": per platform); sampling is float32 regardless
+    precision: str = "auto"
     # For sampling without the data set: the training split's atom-count histogram (index = atoms).
     size_hist: tuple[int, ...] = ()
     type_fractions: tuple[float, ...] = ()

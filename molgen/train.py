@@ -1,9 +1,20 @@
-"""One training loop for every objective: a jitted, data-parallel step, EMA, orbax checkpoints, JSONL logs.
+"""One training loop for every objective: jitted, data-parallel chunks of steps, EMA, orbax checkpoints, JSONL logs.
+
+The hot path never packs a batch on the host: the training set lives on the device(s) (:mod:`molgen.data.device`),
+the host draws only the molecule indices of the next ``chunk`` steps, and one jitted call runs them all
+(``lax.scan``: assemble each batch by gathers, loss, gradient, Adam, EMA), so the host meets the device once per
+chunk. Checkpoints, logs, the time limit and Ctrl-C act at chunk boundaries (multiples of ``chunk`` steps).
 
 Determinism: the batch at step s depends only on (seed, s) and the step's random key is
-``fold_in(PRNGKey(seed), s)``, so a run resumed from a checkpoint continues exactly as if uninterrupted.
-Data parallelism: each batch is split into one packed graph per device, stacked on a leading axis that is
-sharded over a 1-D device mesh; parameters are replicated.  With one device the same code runs unchanged.
+``fold_in(PRNGKey(seed), s)``, so a run resumed from a checkpoint continues exactly as if uninterrupted, whatever
+the chunk length. Data parallelism: each batch is split into one packed graph per device (molecules
+``ids[d::devices]``), stacked on a leading axis that is sharded over a 1-D device mesh; parameters are replicated.
+With one device the same code runs unchanged.
+
+Precision (``RunConfig.precision``): ``float32`` (every product in full float32), ``tf32`` (float32 numbers,
+matrix products on TensorFloat-32 tensor cores: JAX's own default on recent NVIDIA GPUs, the same as float32 on a
+CPU) or ``bf16`` (the EGNN's hidden matrix products and per-edge activations in bfloat16; parameters, optimiser,
+loss, coordinates and neighbour sums float32: :mod:`molgen.nn.egnn`). ``auto`` picks :data:`AUTO_PRECISION`.
 """
 
 from __future__ import annotations
@@ -50,14 +61,44 @@ def features(graph):
     return type_features(graph.types, graph.node_mask)
 
 
-def make_apply(cfg: RunConfig):
-    net = EGNN(cfg.model)
-    return net, net.apply
+PRECISIONS = ("float32", "tf32", "bf16")
+# The training precision `auto` picks per platform (docs/performance.md: speed; docs/training.md: learning curves).
+AUTO_PRECISION = {"cpu": "float32", "gpu": "bf16"}
 
 
-def make_loss(cfg: RunConfig) -> Callable:
-    """loss(params, graph, key, step) -> (loss, aux) for the run's mode."""
-    _, apply = make_apply(cfg)
+def resolve_precision(precision: str, platform: str | None = None) -> str:
+    """``auto`` -> the platform's entry of :data:`AUTO_PRECISION`; anything else must be one of PRECISIONS."""
+    if precision == "auto":
+        platform = platform or jax.default_backend()
+        return AUTO_PRECISION.get(platform, "float32")
+    if precision not in PRECISIONS:
+        raise MolgenError(f"--precision must be auto, {', '.join(PRECISIONS)}; got {precision!r}")
+    return precision
+
+
+def make_apply(cfg: RunConfig, precision: str | None = None):
+    """(network, apply): ``precision`` None leaves matrix products at JAX's default (sampling); else a training
+    precision of :data:`PRECISIONS`."""
+    if precision is None:
+        net = EGNN(cfg.model)
+        return net, net.apply
+    precision = resolve_precision(precision)
+    net = EGNN(cfg.model, dtype=jnp.bfloat16 if precision == "bf16" else jnp.float32)
+    matmul = {"float32": "float32", "tf32": "tensorfloat32", "bf16": None}[precision]
+    if matmul is None:
+        return net, net.apply
+
+    def apply(*args, **kw):
+        with jax.default_matmul_precision(matmul):  # read when the products are traced
+            return net.apply(*args, **kw)
+
+    return net, apply
+
+
+def make_loss(cfg: RunConfig, precision: str | None = None) -> Callable:
+    """loss(params, graph, key, step) -> (loss, aux) for the run's mode (network at ``precision``; default the
+    run's)."""
+    _, apply = make_apply(cfg, cfg.precision if precision is None else precision)
     if cfg.mode == "diffusion":
         return lambda p, g, k, s: diffusion_loss(apply, p, g.positions, features(g), g, k, cfg.diffusion)
     if cfg.mode in ("ct", "ect"):
@@ -174,18 +215,18 @@ def make_mesh(devices=None) -> Mesh:
     return Mesh(np.array(devices), ("data",))
 
 
-def make_train_step(cfg: RunConfig, mesh: Mesh):
+def make_step(cfg: RunConfig):
+    """(step_fn, sharded_loss), pure: ``step_fn(state, graphs, key) -> (state, metrics)`` on a batch of per-device
+    graphs stacked on axis 0; ``sharded_loss(params, graphs, key, step) -> (loss, aux)``."""
     loss_fn = make_loss(cfg)
     tx, sched = make_optimizer(cfg)
-    repl = NamedSharding(mesh, P())
-    data = NamedSharding(mesh, P("data"))
 
     def sharded_loss(params, graphs, key, step):
         keys = jax.random.split(key, jax.tree_util.tree_leaves(graphs)[0].shape[0])
         losses, aux = jax.vmap(lambda g, k: loss_fn(params, g, k, step))(graphs, keys)
         return losses.mean(), jax.tree_util.tree_map(jnp.mean, aux)
 
-    def step_fn(state: TrainState, graphs: Graph, key):
+    def step_fn(state: TrainState, graphs, key):
         (loss, aux), grads = jax.value_and_grad(sharded_loss, has_aux=True)(state.params, graphs, key, state.step)
         gnorm = _tree_norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -196,6 +237,14 @@ def make_train_step(cfg: RunConfig, mesh: Mesh):
         metrics = {"loss": loss, "grad_norm": gnorm, "lr": sched(state.step), **aux}
         return TrainState(state.step + 1, params, ema, opt_state), metrics
 
+    return step_fn, sharded_loss
+
+
+def make_train_step(cfg: RunConfig, mesh: Mesh):
+    """(step, evaluate), jitted, on batches packed on the host (:func:`shard_batch`, :func:`put_batch`)."""
+    step_fn, sharded_loss = make_step(cfg)
+    repl = NamedSharding(mesh, P())
+    data = NamedSharding(mesh, P("data"))
     step = jax.jit(step_fn, in_shardings=(repl, data, repl), out_shardings=(repl, repl), donate_argnums=(0,))
 
     def eval_fn(params, graphs, key):
@@ -203,6 +252,36 @@ def make_train_step(cfg: RunConfig, mesh: Mesh):
 
     evaluate = jax.jit(eval_fn, in_shardings=(repl, data, repl), out_shardings=repl)
     return step, evaluate
+
+
+def make_train_chunk(cfg: RunConfig, mesh: Mesh, n_nodes: int, n_edges: int):
+    """``chunk(state, dset, ids, n_active, base_key) -> (state, metrics)``, jitted: the steps of ``ids``
+    [K, devices, batch / devices] (row indices of the device-resident ``dset``), each batch assembled on the
+    device into graphs of ``n_nodes`` / ``n_edges`` rows per device; only the first ``n_active`` steps run (the
+    rest leave the state as it is and report zeros). Step s uses the key ``fold_in(base_key, s)``. ``metrics``
+    holds one row per step."""
+    from molgen.data.device import assemble
+
+    step_fn, _ = make_step(cfg)
+    repl = NamedSharding(mesh, P())
+    data = NamedSharding(mesh, P(None, "data"))
+
+    def chunk(state, dset, ids, n_active, base_key):
+        def one(state, ids_k):
+            graphs = jax.vmap(lambda i: assemble(dset, i, n_nodes, n_edges))(ids_k)
+            return step_fn(state, graphs, jax.random.fold_in(base_key, state.step))
+
+        zeros = jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype),
+                                       jax.eval_shape(one, state, ids[0])[1])
+
+        def body(state, xs):
+            ids_k, k = xs
+            return jax.lax.cond(k < n_active, one, lambda s, _: (s, zeros), state, ids_k)
+
+        return jax.lax.scan(body, state, (ids, jnp.arange(ids.shape[0])))
+
+    return jax.jit(chunk, in_shardings=(repl, repl, data, repl, repl), out_shardings=(repl, repl),
+                   donate_argnums=(0,))
 
 
 def shard_batch(mols: list[tuple[np.ndarray, np.ndarray]], n_shards: int,
@@ -317,6 +396,15 @@ def prepare_config(cfg: RunConfig, ds) -> RunConfig:
     return cfg
 
 
+LOG_EVERY = 25  # steps per line of metrics.jsonl
+CHUNK = 50  # optimiser steps per host round-trip
+
+
+def _aligned(every: int, chunk: int) -> int:
+    """``every`` rounded up to a multiple of the chunk (checkpoints and evaluations fall on chunk boundaries)."""
+    return max(chunk, -(-every // chunk) * chunk) if every else 0
+
+
 def train(
     cfg: RunConfig,
     run_dir: Path,
@@ -327,36 +415,52 @@ def train(
     log: Callable[[str], None] = print,
     max_seconds: float | None = None,
     stop_at: int | None = None,
+    chunk: int = CHUNK,
 ) -> TrainResult:
-    """Train until ``cfg.steps`` (or ``stop_at``) steps, checkpointing every ``cfg.ckpt_every`` and at the end."""
+    """Train until ``cfg.steps`` (or ``stop_at``) steps, in jitted chunks of ``chunk`` steps, checkpointing at the
+    first chunk boundary at or after every ``cfg.ckpt_every`` steps and at the end."""
+    from molgen.data.device import ShapePlan, dense_set, put
+
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     mesh = make_mesh()
     n_shards = len(mesh.devices.reshape(-1))
     if cfg.batch_size % n_shards:
         raise MolgenError(f"batch size {cfg.batch_size} is not divisible by the {n_shards} devices")
-    cfg.save(run_dir / CONFIG_NAME)
+    if chunk < 1:
+        raise MolgenError("the chunk length must be at least 1 step")
+    cfg = cfg.replace(precision=resolve_precision(cfg.precision))
     mgr = checkpoint_manager(run_dir, cfg)
+    if not resume and mgr.latest_step() is not None:
+        raise MolgenError(f"{run_dir} already holds checkpoints: pass --resume to continue, or choose another --out")
+    cfg.save(run_dir / CONFIG_NAME)
     state = init_state(cfg, init_params_from)
     if resume and mgr.latest_step() is not None:
         state = restore_checkpoint(mgr, state)
         log(f"resumed from step {int(state.step)} in {run_dir}")
-    elif not resume and mgr.latest_step() is not None:
-        raise MolgenError(f"{run_dir} already holds checkpoints: pass --resume to continue, or choose another --out")
     repl = NamedSharding(mesh, P())
     state = jax.device_put(state, repl)
 
-    step_fn, eval_fn = make_train_step(cfg, mesh)
     train_ids = ds.split("train")
     sampler = BatchSampler(ds, train_ids, cfg.batch_size, cfg.seed)
+    # The training molecules on the device; the sampler's indices are data-set indices, hence the row map.
+    dset = put(dense_set(ds, train_ids), repl)
+    row_of = np.full(len(ds.n_atoms), -1, np.int64)
+    row_of[train_ids] = np.arange(len(train_ids))
+    end = min(cfg.steps, stop_at) if stop_at is not None else cfg.steps
+    start = int(state.step)
+    plan = ShapePlan(ds.n_atoms, sampler, n_shards, start, end)
+    chunk_fns: dict[tuple[int, int], Callable] = {}
+    ids_sharding = NamedSharding(mesh, P(None, "data"))
+
+    _, eval_fn = make_train_step(cfg, mesh)
     val_ids = ds.split("valid")[: max(cfg.batch_size * 4, 1)] if len(ds.split("valid")) else train_ids[:64]
     val_batches = [
         put_batch(make_batch(ds, val_ids[k : k + cfg.batch_size], n_shards), mesh)
         for k in range(0, len(val_ids) - cfg.batch_size + 1, cfg.batch_size)
     ] or [put_batch(make_batch(ds, val_ids, n_shards), mesh)]
     base_key = jax.random.PRNGKey(cfg.seed)
-    end = min(cfg.steps, stop_at) if stop_at is not None else cfg.steps
-    start = int(state.step)
+    ckpt_every, eval_every = _aligned(cfg.ckpt_every, chunk), _aligned(cfg.eval_every, chunk)
     metrics_file = open(run_dir / METRICS_NAME, "a")
     t0 = time.time()
     t_last, s_last = t0, start
@@ -367,7 +471,6 @@ def train(
     columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("loss {task.fields[loss]:.4f}  {task.fields[rate]:.2f} step/s"), TimeRemainingColumn()]
     bar = Progress(*columns, disable=not progress, transient=False)
-    step = start
     stop_requested = []
     previous_handlers = {}
 
@@ -377,41 +480,68 @@ def train(
         stop_requested.append(True)
 
     if threading.current_thread() is threading.main_thread():
-        # Ctrl-C and SIGTERM (schedulers, `kill`) let the step in flight finish, then checkpoint and exit cleanly:
-        # an interrupt inside the jitted step would leave its donated input state deleted and unsaveable.
+        # Ctrl-C and SIGTERM (schedulers, `kill`) let the chunk in flight finish, then checkpoint and exit cleanly:
+        # an interrupt inside the jitted chunk would leave its donated input state deleted and unsaveable.
         for sig in (signal.SIGINT, signal.SIGTERM):
             previous_handlers[sig] = signal.signal(sig, request_stop)
+
+    def write_logs(first: int, n: int, metrics, now: float, state) -> tuple[float, float]:
+        """metrics.jsonl lines for steps first+1 .. first+n: every LOG_EVERY steps and at the chunk's end (with
+        the validation loss when an evaluation falls there). Returns (steps/s since the last call, last loss)."""
+        nonlocal t_last, s_last
+        m = {k: np.asarray(v) for k, v in metrics.items()}
+        done = first + n
+        rate = (done - s_last) / max(now - t_last, 1e-9)
+        t_last, s_last = now, done
+        loss = float(m["loss"][n - 1])
+        bad = np.flatnonzero(~np.isfinite(m["loss"][:n]))
+        if len(bad):
+            raise MolgenError(f"loss became {m['loss'][bad[0]]} at step {first + bad[0] + 1}; lower --lr or check the data")
+        for k in range(n):
+            step = first + k + 1
+            if step % LOG_EVERY and k != n - 1:
+                continue
+            rec = {"step": step, "time": round(now - t0, 2), "steps_per_s": round(rate, 3),
+                   **{name: float(v[k]) for name, v in m.items()}}
+            if k == n - 1 and eval_every and (done % eval_every == 0 or done == end):
+                vk = jax.random.PRNGKey(12345)
+                rec["val_loss"] = float(np.mean([eval_fn(state.ema, vb, vk) for vb in val_batches]))
+            metrics_file.write(json.dumps(rec) + "\n")
+        metrics_file.flush()
+        return rate, loss
+
+    def prepare(first: int):
+        """What the chunk starting at step ``first`` needs: (steps, shape, rows on the device)."""
+        n = min(chunk - first % chunk, end - first)  # chunks end on multiples of `chunk`
+        idx = np.stack([sampler.indices(first + min(k, n - 1)) for k in range(chunk)])
+        rows = row_of[idx].reshape(chunk, -1, n_shards).transpose(0, 2, 1)  # shard d: ids[d::n_shards]
+        shape = plan.shape_for(idx[:n])
+        return n, shape, jax.device_put(rows.astype(np.int32), ids_sharding)
+
+    step = start
     try:
         with bar:
             task = bar.add_task(f"train {cfg.mode}", total=end, completed=start, loss=float("nan"), rate=0.0)
-            for step in range(start, end):
-                ids = sampler.indices(step)
-                if jax.process_count() > 1:
-                    ids = ids[jax.process_index() :: jax.process_count()]
-                graphs = put_batch(make_batch(ds, ids, n_shards // jax.process_count()), mesh)
-                state, m = step_fn(state, graphs, jax.random.fold_in(base_key, step))
-                done = step + 1
-                if done % 25 == 0 or done == end:
-                    m = {k: float(v) for k, v in m.items()}
-                    now = time.time()
-                    rate = (done - s_last) / max(now - t_last, 1e-9)
-                    t_last, s_last = now, done
-                    rec = {"step": done, "time": round(now - t0, 2), "steps_per_s": round(rate, 3), **m}
-                    if cfg.eval_every and (done % cfg.eval_every == 0 or done == end):
-                        vk = jax.random.PRNGKey(12345)
-                        rec["val_loss"] = float(np.mean([eval_fn(state.ema, vb, vk) for vb in val_batches]))
-                    if not math.isfinite(m["loss"]):
-                        raise MolgenError(f"loss became {m['loss']} at step {done}; lower --lr or check the data")
-                    metrics_file.write(json.dumps(rec) + "\n")
-                    metrics_file.flush()
-                    bar.update(task, completed=done, loss=m["loss"], rate=rate)
-                if done % cfg.ckpt_every == 0:
+            pending = prepare(step) if step < end else None
+            while pending is not None:
+                n, shape, rows = pending
+                if shape not in chunk_fns:
+                    chunk_fns[shape] = make_train_chunk(cfg, mesh, *shape)
+                state, metrics = chunk_fns[shape](state, dset, rows, jnp.int32(n), base_key)
+                first, step = step, step + n
+                pending = None
+                stop = (max_seconds is not None and time.time() - t0 > max_seconds) or bool(stop_requested)
+                if step < end and not stop:
+                    pending = prepare(step)  # the host draws the next chunk while the device runs this one
+                metrics = jax.tree_util.tree_map(lambda a: a[:n], jax.device_get(metrics))
+                rate, loss = write_logs(first, n, metrics, time.time(), state)
+                bar.update(task, completed=step, loss=loss, rate=rate)
+                if ckpt_every and step % ckpt_every == 0:
                     save_checkpoint(mgr, state)
-                if max_seconds is not None and time.time() - t0 > max_seconds:
-                    log(f"time budget of {max_seconds:.0f} s reached at step {done}")
-                    break
                 if stop_requested:
                     raise KeyboardInterrupt
+                if pending is None and step < end:
+                    log(f"time budget of {max_seconds:.0f} s reached at step {step}")
     except KeyboardInterrupt:
         interrupted = True
         log("interrupted: saving a checkpoint ...")
@@ -420,10 +550,10 @@ def train(
         for sig, handler in previous_handlers.items():
             signal.signal(sig, handler)
     if any(getattr(a, "is_deleted", lambda: False)() for a in jax.tree_util.tree_leaves(state)):
-        log(f"stopped inside a step: the last checkpoint (step {mgr.latest_step() or 0}) is kept")
+        log(f"stopped inside a chunk: the last checkpoint (step {mgr.latest_step() or 0}) is kept")
         last = init_state(cfg, init_params_from)
         return TrainResult(restore_checkpoint(mgr, last) if mgr.latest_step() is not None else last, True, 0.0)
     save_checkpoint(mgr, state)
     elapsed = time.time() - t0
-    n = int(state.step) - start
-    return TrainResult(state, interrupted, n / elapsed if elapsed > 0 else 0.0)
+    n_done = int(state.step) - start
+    return TrainResult(state, interrupted, n_done / elapsed if elapsed > 0 else 0.0)

@@ -52,6 +52,7 @@ def test_refuses_to_overwrite_a_run(tmp_path, mini_ds):
 
 
 def test_ctrl_c_saves_a_checkpoint(tmp_path, mini_ds, monkeypatch):
+    """Ctrl-C while the host draws the chunk of steps 4-7 (chunks of 4): the run stops at step 4, saved."""
     cfg = _cfg(mini_ds)
     orig = BatchSampler.indices
 
@@ -61,12 +62,12 @@ def test_ctrl_c_saves_a_checkpoint(tmp_path, mini_ds, monkeypatch):
         return orig(self, step)
 
     monkeypatch.setattr(BatchSampler, "indices", interrupt_at_7)
-    res = train(cfg, tmp_path / "c", mini_ds, progress=False, log=lambda s: None)
-    assert res.interrupted and int(res.state.step) == 7
+    res = train(cfg, tmp_path / "c", mini_ds, progress=False, log=lambda s: None, chunk=4)
+    assert res.interrupted and int(res.state.step) == 4
     from molgen.sample import load_model
 
     _, _, info = load_model(tmp_path / "c")
-    assert info["step"] == 7
+    assert info["step"] == 4
 
 
 def test_loss_falls_on_a_fixed_batch(mini_ds):
@@ -129,8 +130,9 @@ def test_two_devices_same_loss_as_one():
 
 @pytest.mark.parametrize("signame", ["SIGTERM", "SIGINT"])
 def test_a_signal_stops_after_the_step_with_a_checkpoint(tmp_path, mini_ds, monkeypatch, signame):
-    """`kill` or Ctrl-C while a step runs: that step finishes, then a checkpoint is written (a Ctrl-C inside the
-    jitted step once left the donated state deleted and the save failed)."""
+    """`kill` or Ctrl-C while a chunk runs: that chunk finishes, then a checkpoint is written (a Ctrl-C inside the
+    jitted step once left the donated state deleted and the save failed). Chunks of 4 steps: the signal comes
+    while the host draws steps 4-7, i.e. while the device runs steps 0-3."""
     import os
     import signal
 
@@ -144,9 +146,71 @@ def test_a_signal_stops_after_the_step_with_a_checkpoint(tmp_path, mini_ds, monk
 
     monkeypatch.setattr(BatchSampler, "indices", term_at_4)
     before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)  # SIG_IGN under `nohup ... &`
-    res = train(cfg, tmp_path / "t", mini_ds, progress=False, log=lambda s: None)
-    assert res.interrupted and int(res.state.step) == 5  # the step in flight finishes, then it stops
+    res = train(cfg, tmp_path / "t", mini_ds, progress=False, log=lambda s: None, chunk=4)
+    assert res.interrupted and int(res.state.step) == 4  # the chunk in flight finishes, then it stops
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before  # handlers restored
     from molgen.sample import load_model
 
-    assert load_model(tmp_path / "t")[2]["step"] == 5
+    assert load_model(tmp_path / "t")[2]["step"] == 4
+
+
+def test_chunk_length_does_not_change_the_run(tmp_path, mini_ds):
+    """Chunks of 50 (one call for the whole run) vs chunks of 3 stopped at step 10 and resumed in chunks of 7."""
+    cfg = _cfg(mini_ds)
+    quiet = dict(progress=False, log=lambda s: None)
+    one = train(cfg, tmp_path / "a", mini_ds, chunk=50, **quiet)
+    first = train(cfg, tmp_path / "b", mini_ds, chunk=3, stop_at=10, **quiet)
+    assert int(first.state.step) == 10  # stop_at is honoured inside a chunk
+    rest = train(cfg, tmp_path / "b", mini_ds, resume=True, chunk=7, **quiet)
+    assert int(rest.state.step) == 20
+    for a, b in zip(_leaves(one.state.params), _leaves(rest.state.params)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    steps = [__import__("json").loads(ln)["step"] for ln in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps) and 10 in steps and 20 in steps
+
+
+def test_device_batches_train_like_host_batches(mini_ds):
+    """Six steps of the device loop (batches assembled on the device) equal six steps on batches packed on the
+    host, same molecules and keys."""
+    import jax.numpy as jnp
+
+    from molgen.data.device import ShapePlan, dense_set, put
+    from molgen.train import init_state, make_mesh, make_train_chunk, make_train_step, put_batch, shard_batch
+
+    cfg = _cfg(mini_ds)
+    mesh = make_mesh(jax.devices()[:1])
+    ids = mini_ds.split("train")
+    sampler = BatchSampler(mini_ds, ids, cfg.batch_size, cfg.seed)
+    key = jax.random.PRNGKey(cfg.seed)
+    step, _ = make_train_step(cfg, mesh)
+    host = init_state(cfg)
+    for s in range(6):
+        g = put_batch(shard_batch([mini_ds.molecule(int(i)) for i in sampler.indices(s)], 1), mesh)
+        host, _ = step(host, g, jax.random.fold_in(key, s))
+    row_of = {int(m): r for r, m in enumerate(ids)}
+    rows = np.array([[[row_of[int(i)] for i in sampler.indices(s)]] for s in range(6)], np.int32)
+    shape = ShapePlan(mini_ds.n_atoms, sampler, 1, 0, 6).shape
+    chunk = make_train_chunk(cfg, mesh, *shape)
+    dev, metrics = chunk(init_state(cfg), put(dense_set(mini_ds, ids)), rows, jnp.int32(6), key)
+    assert int(dev.step) == 6 and metrics["loss"].shape == (6,)
+    for a, b in zip(_leaves(host.params), _leaves(dev.params)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_training_runs_resumes_exactly_and_is_recorded(tmp_path, mini_ds):
+    cfg = _cfg(mini_ds).replace(precision="bf16", steps=8, ckpt_every=4, eval_every=4)
+    quiet = dict(progress=False, log=lambda s: None)
+    straight = train(cfg, tmp_path / "a", mini_ds, chunk=4, **quiet)
+    train(cfg, tmp_path / "b", mini_ds, chunk=4, stop_at=4, **quiet)
+    resumed = train(cfg, tmp_path / "b", mini_ds, resume=True, chunk=4, **quiet)
+    for a, b in zip(_leaves(straight.state.params), _leaves(resumed.state.params)):
+        np.testing.assert_array_equal(a, b)
+    assert all(np.all(np.isfinite(x)) and x.dtype == np.float32 for x in _leaves(straight.state.params))
+    assert RunConfig.load(tmp_path / "a" / "config.json").precision == "bf16"
+    # `auto` is resolved and recorded: float32 on a CPU.
+    train(_cfg(mini_ds).replace(steps=2), tmp_path / "c", mini_ds, **quiet)
+    assert RunConfig.load(tmp_path / "c" / "config.json").precision == "float32"
+    from molgen import MolgenError
+
+    with pytest.raises(MolgenError, match="precision"):
+        train(_cfg(mini_ds).replace(precision="fp8"), tmp_path / "d", mini_ds, **quiet)

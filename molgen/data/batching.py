@@ -140,12 +140,19 @@ class BatchSampler:
         self.steps_per_epoch = len(ids) // batch_size
         self._epoch, self._perm = -1, None
 
-    def indices(self, step: int) -> np.ndarray:
-        epoch, k = divmod(step, self.steps_per_epoch)
+    def _permutation(self, epoch: int) -> np.ndarray:
         if epoch != self._epoch:
             self._perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.ids))
             self._epoch = epoch
-        return self.ids[self._perm[k * self.batch_size : (k + 1) * self.batch_size]]
+        return self._perm
+
+    def indices(self, step: int) -> np.ndarray:
+        epoch, k = divmod(step, self.steps_per_epoch)
+        return self.ids[self._permutation(epoch)[k * self.batch_size : (k + 1) * self.batch_size]]
+
+    def epoch_indices(self, epoch: int) -> np.ndarray:
+        """The molecules of every step of an epoch, in order: [steps_per_epoch * batch_size]."""
+        return self.ids[self._permutation(epoch)[: self.steps_per_epoch * self.batch_size]]
 
     def batch(self, step: int) -> Graph:
         mols = [self.ds.molecule(int(i)) for i in self.indices(step)]

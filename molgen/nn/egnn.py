@@ -12,6 +12,11 @@ and an output embedding.  Edge attributes are the squared distance in the curren
 
 The first layer of each edge MLP acts on ``concat(h_i, h_j, e_ij)``; with ``split_edge_layer`` it is computed
 as ``W_i h_i + W_j h_j + W_e e_ij`` from per-node products (same parameters, same result, fewer FLOPs).
+
+Precision: ``EGNN(cfg, dtype=jnp.bfloat16)`` runs the hidden layers' matrix products and the per-edge activations in
+bfloat16 (products accumulate in float32), while the parameters, the residual feature stream, coordinates,
+distances, the coordinate update, every sum over neighbours and the output layer stay float32. The default
+(float32) computes everything in float32. The parameters are the same either way.
 """
 
 from __future__ import annotations
@@ -85,51 +90,56 @@ class EdgeInput(nn.Module):
 
     features: int
     split: bool = True
+    dtype: jnp.dtype = jnp.float32  # of the node products (the edge attributes' term stays float32)
 
     @nn.compact
     def __call__(self, h, edge_attr, senders, receivers):
         nf, ne = h.shape[-1], edge_attr.shape[-1]
         kernel = self.param("kernel", torch_like, (2 * nf + ne, self.features))
         bias = self.param("bias", nn.initializers.zeros, (self.features,))
+        dt = self.dtype
         if self.split:
-            hr = h @ kernel[:nf]
-            hs = h @ kernel[nf : 2 * nf]
-            return hr[receivers] + hs[senders] + edge_attr @ kernel[2 * nf :] + bias
-        x = jnp.concatenate([h[receivers], h[senders], edge_attr], axis=-1)
-        return x @ kernel + bias
+            hc = h.astype(dt)
+            hr = hc @ kernel[:nf].astype(dt)
+            hs = hc @ kernel[nf : 2 * nf].astype(dt)
+            return (hr[receivers] + hs[senders]).astype(jnp.float32) + edge_attr @ kernel[2 * nf :] + bias
+        x = jnp.concatenate([h[receivers].astype(dt), h[senders].astype(dt)], axis=-1)
+        return (x @ kernel[: 2 * nf].astype(dt)).astype(jnp.float32) + edge_attr @ kernel[2 * nf :] + bias
 
 
-def _dense(features, **kw):
-    return nn.Dense(features, kernel_init=torch_like, **kw)
+def _dense(features, dtype=jnp.float32, **kw):
+    return nn.Dense(features, kernel_init=torch_like, dtype=dtype, param_dtype=jnp.float32, **kw)
 
 
 class GCL(nn.Module):
     cfg: EGNNConfig
+    dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(self, h, edge_attr, senders, receivers, node_mask, edge_mask):
-        c = self.cfg
-        m = nn.silu(EdgeInput(c.nf, c.split_edge_layer, name="edge_in")(h, edge_attr, senders, receivers))
-        m = nn.silu(_dense(c.nf, name="edge_out")(m))
+        c, dt = self.cfg, self.dtype
+        m = nn.silu(EdgeInput(c.nf, c.split_edge_layer, dt, name="edge_in")(h, edge_attr, senders, receivers))
+        m = nn.silu(_dense(c.nf, dt, name="edge_out")(m))
         if c.attention:
-            m = m * nn.sigmoid(_dense(1, name="att")(m))
-        m = m * edge_mask[:, None]
+            m = m * nn.sigmoid(_dense(1, dt, name="att")(m))
+        m = m.astype(jnp.float32) * edge_mask[:, None]  # neighbour sums in float32
         agg = segment_sum(m, receivers, h.shape[0], sorted_ids=True) / c.normalization_factor
-        out = _dense(c.nf, name="node_in")(jnp.concatenate([h, agg], axis=-1))
-        out = h + _dense(c.nf, name="node_out")(nn.silu(out))
+        out = _dense(c.nf, dt, name="node_in")(jnp.concatenate([h, agg], axis=-1))
+        out = h + _dense(c.nf, dt, name="node_out")(nn.silu(out)).astype(jnp.float32)
         return out * node_mask[:, None]
 
 
 class EquivariantUpdate(nn.Module):
     cfg: EGNNConfig
+    dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(self, h, x, coord_diff, edge_attr, senders, receivers, node_mask, edge_mask):
-        c = self.cfg
-        m = nn.silu(EdgeInput(c.nf, c.split_edge_layer, name="coord_in")(h, edge_attr, senders, receivers))
-        m = nn.silu(_dense(c.nf, name="coord_hidden")(m))
-        w = nn.Dense(1, use_bias=False, name="coord_out",
-                     kernel_init=nn.initializers.variance_scaling(1e-6, "fan_avg", "uniform"))(m)
+        c, dt = self.cfg, self.dtype
+        m = nn.silu(EdgeInput(c.nf, c.split_edge_layer, dt, name="coord_in")(h, edge_attr, senders, receivers))
+        m = nn.silu(_dense(c.nf, dt, name="coord_hidden")(m))
+        w = nn.Dense(1, use_bias=False, name="coord_out",  # float32: the coordinate update's weight
+                     kernel_init=nn.initializers.variance_scaling(1e-6, "fan_avg", "uniform"))(m.astype(jnp.float32))
         if c.tanh:
             w = jnp.tanh(w) * (c.coords_range / c.n_layers)
         trans = coord_diff * w * edge_mask[:, None]
@@ -139,6 +149,7 @@ class EquivariantUpdate(nn.Module):
 
 class EquivariantBlock(nn.Module):
     cfg: EGNNConfig
+    dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(self, h, x, edge_attr0, senders, receivers, node_mask, edge_mask):
@@ -146,9 +157,9 @@ class EquivariantBlock(nn.Module):
         d2, coord_diff = coord2diff(x, senders, receivers, c.norm_constant)
         edge_attr = jnp.concatenate([d2, edge_attr0], axis=-1)
         for i in range(c.inv_sublayers):
-            h = GCL(c, name=f"gcl_{i}")(h, edge_attr, senders, receivers, node_mask, edge_mask)
-        x = EquivariantUpdate(c, name="update")(h, x, coord_diff, edge_attr, senders, receivers, node_mask,
-                                                 edge_mask)
+            h = GCL(c, self.dtype, name=f"gcl_{i}")(h, edge_attr, senders, receivers, node_mask, edge_mask)
+        x = EquivariantUpdate(c, self.dtype, name="update")(h, x, coord_diff, edge_attr, senders, receivers,
+                                                             node_mask, edge_mask)
         return h * node_mask[:, None], x
 
 
@@ -156,6 +167,7 @@ class EGNN(nn.Module):
     """EDM's dynamics network: (x, h, conditioning) -> (zero-CoM position output, feature output)."""
 
     cfg: EGNNConfig
+    dtype: jnp.dtype = jnp.float32  # compute type of the hidden layers (module docstring: Precision)
 
     @nn.compact
     def __call__(self, x, h, cond, graph):
@@ -169,13 +181,31 @@ class EGNN(nn.Module):
         n_seg = graph.n_atoms.shape[0]
         hin = jnp.concatenate([h, cond[:, None]], axis=-1) * node_mask[:, None]
         d2_0, _ = coord2diff(x, s, r, c.norm_constant)
-        hh = _dense(c.nf, name="embedding")(hin)
+        hh = _dense(c.nf, self.dtype, name="embedding")(hin).astype(jnp.float32)
         xx = x
         for i in range(c.n_layers):
-            hh, xx = EquivariantBlock(c, name=f"block_{i}")(hh, xx, d2_0, s, r, node_mask, edge_mask)
+            hh, xx = EquivariantBlock(c, self.dtype, name=f"block_{i}")(hh, xx, d2_0, s, r, node_mask, edge_mask)
         h_out = _dense(c.in_node_nf + 1, name="embedding_out")(hh) * node_mask[:, None]
         vel = remove_mean(xx - x, node_mask, graph.segment, n_seg)
         return vel, h_out[:, : c.in_node_nf]
+
+
+def forward_flops(cfg: EGNNConfig, n_nodes: int, n_edges: int, split: bool | None = None) -> int:
+    """Floating-point operations of the matrix products of one forward pass over ``n_nodes`` atoms and
+    ``n_edges`` ordered pairs (2 per multiply-add; element-wise work not counted). ``split`` (default: the
+    config's) counts the first edge layer as per-node products; False counts it on the concatenated pair, as in
+    EDM's code. A training step (forward and backward) costs about 3 times this."""
+    split = cfg.split_edge_layer if split is None else split
+    f, n, e = cfg.nf, n_nodes, n_edges
+    f_in = cfg.in_node_nf + 1  # features + the noise-level channel
+
+    def edge_input():  # concat(h_i, h_j, [d2, d2_0]) @ W, two edge attributes
+        return 2 * (2 * n * f * f + e * 2 * f) if split else 2 * e * (2 * f + 2) * f
+
+    gcl = edge_input() + 2 * e * f * f + (2 * e * f if cfg.attention else 0) + 2 * n * 2 * f * f + 2 * n * f * f
+    update = edge_input() + 2 * e * f * f + 2 * e * f
+    block = cfg.inv_sublayers * gcl + update
+    return 2 * n * f_in * f + cfg.n_layers * block + 2 * n * f * (cfg.in_node_nf + 1)
 
 
 # ----------------------------------------------------------------------------------------------------------

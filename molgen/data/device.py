@@ -1,0 +1,150 @@
+"""Training data that lives on the accelerator, and batches assembled there by jitted gathers.
+
+The host's only work per training step is to choose molecule indices (:class:`molgen.data.batching.BatchSampler`);
+the packed graph of :func:`molgen.data.batching.pack` is then built on the device from those indices:
+
+* :func:`dense_set` stores a set of molecules once, padded to the largest molecule ([M, A] rows: positions,
+  types, and for distillation pairs their noise);
+* :func:`assemble` turns a row of molecule indices into the packed graph (real atoms and real ordered atom pairs
+  only) with fixed padded sizes, the same rows in the same order as :func:`~molgen.data.batching.pack`;
+* :class:`ShapePlan` picks those padded sizes once per run from the batches the run will draw, so a jitted step
+  compiles once (a batch that does not fit, which is rare, gets a larger shape and one more compilation).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from molgen.data.batching import EDGE_GRANULE, NODE_GRANULE, Graph
+
+
+class DenseSet(NamedTuple):
+    positions: jax.Array  # float32 [M, A, 3]
+    types: jax.Array  # int32 [M, A]
+    n_atoms: jax.Array  # int32 [M]
+    noise_x: jax.Array | None = None  # float32 [M, A, 3] (distillation pairs)
+    noise_h: jax.Array | None = None  # float32 [M, A, F]
+
+
+def dense_set(ds, ids: np.ndarray | None = None) -> DenseSet:
+    """Molecules ``ids`` of a data set (all by default) as padded numpy arrays; row k is molecule ids[k].
+
+    ``ds`` is a :class:`molgen.data.qm9.QM9` or a distillation :class:`~molgen.consistency.distill.PairSet`:
+    flat ``positions`` / ``types`` (and ``noise_x`` / ``noise_h``) with ``n_atoms`` and ``offsets``.
+    """
+    ids = np.arange(len(ds.n_atoms)) if ids is None else np.asarray(ids)
+    n = np.asarray(ds.n_atoms)[ids].astype(np.int32)
+    width = max(int(n.max()) if len(n) else 1, 1)
+    col = np.arange(width)
+    valid = col[None, :] < n[:, None]
+    rows = np.asarray(ds.offsets)[ids][:, None] + np.where(valid, col[None, :], 0)
+    rows = np.minimum(rows, max(len(ds.types) - 1, 0))
+
+    def take(a, dtype):
+        out = np.asarray(a)[rows].astype(dtype)
+        return np.where(valid.reshape(valid.shape + (1,) * (out.ndim - 2)), out, 0).astype(dtype)
+
+    noise = getattr(ds, "noise_x", None)
+    return DenseSet(take(ds.positions, np.float32), take(ds.types, np.int32), n,
+                    None if noise is None else take(ds.noise_x, np.float32),
+                    None if noise is None else take(ds.noise_h, np.float32))
+
+
+def put(dset: DenseSet, sharding=None) -> DenseSet:
+    """The set on the device(s) (replicated with a replicated ``sharding``)."""
+    return DenseSet(*[None if a is None else jax.device_put(a, sharding) for a in dset])
+
+
+def assemble(dset: DenseSet, ids, n_nodes: int, n_edges: int):
+    """The packed graph of molecules ``ids`` [b] (row indices of ``dset``), padded to ``n_nodes`` / ``n_edges``.
+
+    Jittable with static sizes. Equal to ``pack`` of the same molecules with the same padding: node rows
+    molecule after molecule, padding rows in an extra graph b; edges (receiver i <- sender j, i != j) row-major
+    per molecule, padding edges on the last (padding) node. Returns the graph, or (graph, (noise_x, noise_h)) in
+    the graph's node rows when the set carries noise. Batches larger than the sizes are cut (see
+    :class:`ShapePlan`, which never lets that happen).
+    """
+    b = ids.shape[0]
+    n = dset.n_atoms[ids]
+    ends = jnp.cumsum(n)
+    starts = ends - n
+    rows = jnp.arange(n_nodes, dtype=jnp.int32)
+    mol = jnp.searchsorted(ends, rows, side="right").astype(jnp.int32)  # b for padding rows
+    real = mol < b
+    mol_c = jnp.minimum(mol, b - 1)
+    local = jnp.where(real, rows - starts[mol_c], 0)
+    src = ids[mol_c]
+    node_mask = real.astype(jnp.float32)
+    positions = dset.positions[src, local] * node_mask[:, None]
+    types = jnp.where(real, dset.types[src, local], 0)
+
+    ne = n * (n - 1)
+    e_ends = jnp.cumsum(ne)
+    e_starts = e_ends - ne
+    e = jnp.arange(n_edges, dtype=jnp.int32)
+    emol = jnp.searchsorted(e_ends, e, side="right").astype(jnp.int32)
+    ereal = emol < b
+    emol_c = jnp.minimum(emol, b - 1)
+    k = jnp.where(ereal, e - e_starts[emol_c], 0)
+    m1 = jnp.maximum(n[emol_c] - 1, 1)
+    i = k // m1
+    jj = k - i * m1
+    j = jj + (jj >= i)
+    pad = n_nodes - 1
+    receivers = jnp.where(ereal, starts[emol_c] + i, pad).astype(jnp.int32)
+    senders = jnp.where(ereal, starts[emol_c] + j, pad).astype(jnp.int32)
+    graph = Graph(positions, types.astype(jnp.int32), node_mask, mol, senders, receivers,
+                  ereal.astype(jnp.float32), jnp.concatenate([n, jnp.zeros(1, n.dtype)]).astype(jnp.int32))
+    if dset.noise_x is None:
+        return graph
+    nx = dset.noise_x[src, local] * node_mask[:, None]
+    nh = dset.noise_h[src, local] * node_mask[:, None]
+    return graph, (nx, nh)
+
+
+def round_up(x: int, granule: int) -> int:
+    return -(-int(x) // granule) * granule
+
+
+class ShapePlan:
+    """Padded sizes (nodes, edges per shard) for a run's batches: one shape that fits every batch the run will
+    draw in its first ``horizon`` steps (an epoch-by-epoch scan of the data order, done with numpy), grown only
+    when a later batch does not fit."""
+
+    def __init__(self, n_atoms: np.ndarray, sampler, n_shards: int, start: int, end: int,
+                 horizon_epochs: int = 50):
+        self.n_atoms = np.asarray(n_atoms).astype(np.int64)  # by molecule index of the data set
+        self.n_shards = n_shards
+        last = min(end, start + horizon_epochs * sampler.steps_per_epoch)
+        need = (0, 0)
+        for s in range(start, last, max(1, sampler.steps_per_epoch)):
+            # all batches of the epoch that contains step s, at once
+            epoch = s // sampler.steps_per_epoch
+            ids = sampler.epoch_indices(epoch)
+            need = max_pair(need, self.counts(ids.reshape(sampler.steps_per_epoch, -1)))
+        self.shape = self._fit(need) if last > start else self._fit((1, 1))
+
+    def counts(self, ids: np.ndarray) -> tuple[int, int]:
+        """Largest (nodes, edges) of any shard of the batches ``ids`` [steps, batch]."""
+        n = self.n_atoms[ids]
+        n = n.reshape(n.shape[0], -1, self.n_shards)  # shard d takes ids[d::n_shards]
+        return int(n.sum(1).max()), int((n * (n - 1)).sum(1).max())
+
+    @staticmethod
+    def _fit(need: tuple[int, int]) -> tuple[int, int]:
+        return round_up(need[0] + 1, NODE_GRANULE), round_up(max(need[1], 1), EDGE_GRANULE)
+
+    def shape_for(self, ids: np.ndarray) -> tuple[int, int]:
+        """The run's shape, or a larger one when these batches [steps, batch] do not fit it (kept from then on)."""
+        nodes, edges = self.counts(ids)
+        if nodes + 1 > self.shape[0] or edges > self.shape[1]:
+            self.shape = max_pair(self.shape, self._fit((nodes, edges)))
+        return self.shape
+
+
+def max_pair(a: tuple[int, int], b: tuple[int, int]) -> tuple[int, int]:
+    return max(a[0], b[0]), max(a[1], b[1])

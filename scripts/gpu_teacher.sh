@@ -1,0 +1,116 @@
+#!/usr/bin/env bash
+# One GPU run of the teacher campaign (docs/training.md, "The teacher"), in one call, to one deadline:
+#   1. benchmarks, side by side on the same GPU: molgen's training loop (benchmarks/train_step.py) and EDM's
+#      own PyTorch training step (benchmarks/edm_pytorch.py, EDM's code carried in .edm/, never committed);
+#   2. the teacher: continues weights/$TEACHER (its EMA parameters; Adam restarts with a short warm-up) or, the
+#      first time, starts a new one; trains until the deadline leaves time for 3. and 4.;
+#   3. exports it and samples 1000 molecules with 1000 calls on the GPU (XYZ);
+#   4. brings back under $OUT: logs, the benchmark log, the exported weights (split in < 16 MiB parts), samples.
+# Runs ON the device machine, in the repo root, with .gpu (the QM9 cache in .gpu/qm9, scripts/gpu_stage.sh),
+# .edm and .whl (ase, to write XYZ) carried. On the CPU, DRY=1 runs every step with tiny sizes (a rehearsal).
+#
+#   bash scripts/gpu_teacher.sh [DEADLINE_S=570]
+#
+# Environment: TEACHER (edm-diffusion), MODEL (edm: the preset of a new teacher), BATCH (512), LR (3e-4),
+# WARMUP (500; 2000 for a new teacher), PRECISION (bf16), BENCH_S (100: seconds for molgen's benchmarks),
+# SAMPLE_S (75: seconds kept for export and sampling), SEED (the run's seed; default: the number of earlier
+# GPU runs, so each run draws new batches).
+set -uo pipefail
+t_start=$(date +%s)
+deadline=${1:-570}
+teacher=${TEACHER:-edm-diffusion}; model=${MODEL:-edm}; batch=${BATCH:-512}; lr=${LR:-3e-4}
+precision=${PRECISION:-bf16}; bench_s=${BENCH_S:-100}; sample_s=${SAMPLE_S:-75}
+out=${OUT:-/tmp/out}; mkdir -p "$out" runs
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 MOLGEN_HOME=$PWD/.gpu/qm9 MOLGEN_JAX_CACHE=/tmp/jaxcache
+if [ -d .whl ] && ! python3 -c "import ase" 2>/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/site
+fi
+log() { echo "[$(( $(date +%s) - t_start )) s] $*" | tee -a "$out/pipeline.txt"; }
+left() { echo $((deadline - ($(date +%s) - t_start))); }
+runs_before=$(python3 -c "import json,sys; print(len(json.load(open('weights/$teacher/meta.json')).get('gpu_runs', [])))" 2>/dev/null || echo 0)
+seed=${SEED:-$runs_before}
+
+if [ "${DRY:-0}" = 1 ]; then  # the CPU rehearsal: every step, tiny sizes
+  bench_runs=tiny:16:float32,tiny:16:bf16; edm_args="--presets small --batch-sizes 8 --device cpu --repeats 1 --warmup 1"
+  model=tiny; batch=16; n_mol=8; calls=10; train_extra="--steps 60 --ckpt-every 50"
+else
+  bench_runs=edm:512:bf16,edm:64:bf16,edm:512:tf32,edm:1024:bf16
+  edm_args="--presets edm --batch-sizes 64,256,1024 --device cuda --repeats 10 --warmup 3"
+  n_mol=1000; calls=1000; train_extra="--steps 100000000 --ckpt-every 2000"
+fi
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "no GPU"
+  python3 -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, jax.devices())"
+} 2>&1 | grep -v WARNING | tee -a "$out/pipeline.txt"
+log "teacher $teacher (earlier GPU runs: $runs_before), seed $seed, batch $batch, lr $lr, precision $precision"
+
+# 1. Benchmarks: molgen, then EDM's code on the same GPU (BENCH_S=0: none).
+bench="$out/bench.log"
+if [ "$bench_s" -gt 0 ]; then
+echo "# $(date -u +%FT%TZ) $(git rev-parse --short HEAD 2>/dev/null) benchmarks/train_step.py --runs $bench_runs" >>"$bench"
+timeout $((bench_s + 90)) python3 benchmarks/train_step.py --runs "$bench_runs" --chunk 50 --repeats 4 \
+  --budget "$bench_s" 2>&1 | grep -v -E "^WARNING|^I0000|^E0000" | tee -a "$bench"
+log "molgen benchmark done"
+if [ -d .edm ] && python3 -c "import torch" 2>/dev/null; then
+  echo "# $(date -u +%FT%TZ) benchmarks/edm_pytorch.py $edm_args --no-sampling" >>"$bench"
+  timeout 100 python3 benchmarks/edm_pytorch.py --edm-repo .edm --cache .gpu/qm9/qm9_v1.npz $edm_args --no-sampling \
+    2>&1 | grep -v -E "^WARNING|Warning|warn" | tee -a "$bench"
+  log "EDM benchmark done"
+else
+  log "EDM benchmark skipped (no .edm or no torch)"
+fi
+fi
+
+# 2. The teacher.
+run=runs/teacher
+train_min=$(python3 -c "print(max(0.3, ($(left) - $sample_s) / 60))")
+if [ -f "weights/$teacher/params.msgpack" ]; then
+  start="--init weights/$teacher --warmup ${WARMUP:-500}"
+else
+  start="--model $model --warmup ${WARMUP:-2000}"
+fi
+log "training $run for $train_min min: $start"
+python3 -m molgen train --mode diffusion $start --batch-size "$batch" --lr "$lr" --precision "$precision" \
+  --seed "$seed" --eval-every 0 $train_extra --out "$run" --max-minutes "$train_min" >"$out/train.txt" 2>&1
+log "train rc $?: $(tail -1 "$out/train.txt")"
+if [ -z "$(ls "$run/checkpoints" 2>/dev/null)" ] && [ "$precision" != tf32 ]; then  # a failed start: once more, tf32
+  rm -rf "$run"; train_min=$(python3 -c "print(max(0.3, ($(left) - $sample_s) / 60))")
+  log "no checkpoint: again with --precision tf32 for $train_min min"
+  python3 -m molgen train --mode diffusion $start --batch-size "$batch" --lr "$lr" --precision tf32 \
+    --seed "$seed" --eval-every 0 $train_extra --out "$run" --max-minutes "$train_min" >>"$out/train.txt" 2>&1
+  log "train rc $?: $(tail -1 "$out/train.txt")"
+fi
+cp "$run/metrics.jsonl" "$out/metrics.jsonl" 2>/dev/null
+
+# 3. Export and sample on the GPU.
+python3 -m molgen export "$run" "runs/w_$teacher" >>"$out/train.txt" 2>&1 || log "export failed"
+python3 - "$run" "runs/w_$teacher" "$teacher" "$seed" <<'EOF' >>"$out/train.txt" 2>&1
+import json, subprocess, sys, time
+import jax
+run, dest, name, seed = sys.argv[1:]
+lines = [json.loads(l) for l in open(f"{run}/metrics.jsonl")]
+meta_old = {}
+try:
+    meta_old = json.load(open(f"weights/{name}/meta.json"))
+except OSError:
+    pass
+runs = meta_old.get("gpu_runs", [])
+rates = sorted(l["steps_per_s"] for l in lines[1:]) or [0]
+runs.append({"date": time.strftime("%Y-%m-%d", time.gmtime()), "device": jax.devices()[0].device_kind,
+             "steps": lines[-1]["step"], "seconds": lines[-1]["time"], "median_steps_per_s": rates[len(rates) // 2],
+             "seed": int(seed), "last_loss": lines[-1]["loss"],
+             "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()})
+meta = json.load(open(f"{dest}/meta.json"))
+meta["gpu_runs"] = runs
+meta["step"] = sum(r["steps"] for r in runs)
+json.dump(meta, open(f"{dest}/meta.json", "w"), indent=2)
+print("gpu_runs", runs[-1])
+EOF
+log "exported; sampling $n_mol molecules with $calls calls"
+python3 -m molgen sample --checkpoint "runs/w_$teacher" -n "$n_mol" --steps "$calls" --seed 0 \
+  -o "$out/samples.xyz" --no-report >>"$out/train.txt" 2>&1
+log "sample rc $?"
+
+# 4. Bring back: the weights folder, split under the 16 MiB limit per file.
+tar -C runs -cf - "w_$teacher" | split -b 15m -d - "$out/weights.tar."
+nvidia-smi --query-gpu=memory.used --format=csv,noheader >>"$out/pipeline.txt" 2>&1
+log "done; in \$OUT: $(ls "$out" | tr '\n' ' ')"

@@ -1,0 +1,70 @@
+"""Batches assembled on the device equal the host's packed batches; the run's shape plan fits its batches."""
+
+import jax
+import numpy as np
+import pytest
+
+from molgen.data.batching import BatchSampler, pack
+from molgen.data.device import ShapePlan, assemble, dense_set
+
+
+def _packed(ds, ids, n_nodes, n_edges):
+    mols = [ds.molecule(int(i)) for i in ids]
+    return pack([x for x, _ in mols], [t.astype(np.int32) for _, t in mols], n_nodes, n_edges)
+
+
+@pytest.mark.parametrize("ids", [[0, 1, 2, 3], [17, 5, 40, 8, 33], [11]])
+def test_assemble_equals_pack(mini_ds, ids):
+    ids = np.asarray(ids)
+    n = mini_ds.n_atoms[ids].astype(int)
+    n_nodes, n_edges = int(n.sum()) + 7, int((n * (n - 1)).sum()) + 13  # some padding of each kind
+    dset = dense_set(mini_ds)
+    got = jax.jit(assemble, static_argnums=(2, 3))(dset, ids, n_nodes, n_edges)
+    want = _packed(mini_ds, ids, n_nodes, n_edges)
+    for name in want._fields:
+        np.testing.assert_array_equal(np.asarray(getattr(got, name)), getattr(want, name), err_msg=name)
+
+
+def test_assemble_of_a_subset_and_noise(mini_ds):
+    """Rows of a dense set of a subset map to the subset's molecules; noise rows follow the node rows."""
+    from molgen.consistency.distill import PairSet
+
+    sub = np.asarray([3, 9, 21, 30, 44])
+    dset = dense_set(mini_ds, sub)
+    got = assemble(dset, np.asarray([4, 0, 2]), 64, 1024)
+    want = _packed(mini_ds, sub[[4, 0, 2]], 64, 1024)
+    np.testing.assert_array_equal(np.asarray(got.positions), want.positions)
+    np.testing.assert_array_equal(np.asarray(got.senders), want.senders)
+
+    rng = np.random.default_rng(0)
+    n = mini_ds.n_atoms[sub].astype(np.int64)
+    a = int(n.sum())
+    pos = np.concatenate([mini_ds.molecule(int(i))[0] for i in sub])
+    typ = np.concatenate([mini_ds.molecule(int(i))[1] for i in sub])
+    pairs = PairSet(n, pos, typ, rng.normal(size=(a, 3)).astype(np.float32),
+                    rng.normal(size=(a, 6)).astype(np.float32))
+    g, (nx, nh) = assemble(dense_set(pairs), np.asarray([1, 3]), 64, 1024)
+    rows = np.r_[pairs.offsets[1]:pairs.offsets[2], pairs.offsets[3]:pairs.offsets[4]]
+    k = len(rows)
+    np.testing.assert_array_equal(np.asarray(nx)[:k], pairs.noise_x[rows])
+    np.testing.assert_array_equal(np.asarray(nh)[:k], pairs.noise_h[rows])
+    assert not np.asarray(nx)[k:].any() and not np.asarray(nh)[k:].any()
+    np.testing.assert_array_equal(np.asarray(g.node_mask)[: k + 1], [1.0] * k + [0.0])
+
+
+def test_shape_plan_fits_every_batch_of_the_run(mini_ds):
+    ids = mini_ds.split("train")
+    sampler = BatchSampler(mini_ds, ids, 8, seed=1)
+    plan = ShapePlan(mini_ds.n_atoms, sampler, 2, 0, 40)
+    nodes, edges = plan.shape
+    assert nodes % 64 == 0 and edges % 1024 == 0
+    for s in range(40):
+        batch = sampler.indices(s)
+        n = mini_ds.n_atoms[batch].astype(int)
+        for d in range(2):  # each device's shard
+            part = n[d::2]
+            assert part.sum() + 1 <= nodes and (part * (part - 1)).sum() <= edges
+    # A batch larger than the plan grows it (and it stays grown).
+    big = np.repeat(np.argsort(mini_ds.n_atoms)[-1:], 400)[None]
+    grown = plan.shape_for(big)
+    assert grown[0] > nodes and grown[1] > edges and plan.shape == grown
