@@ -117,6 +117,7 @@ def main() -> None:
         import copy
         for bs in [int(b) for b in args.batch_sizes.split(",")]:
             model, nodes_dist, _ = get_model(a, device, dataset_info, None)
+            model = model.to(device)  # get_model builds it on the CPU
             model_ema = copy.deepcopy(model)
             ema = edm_utils.EMA(a.ema_decay)
             optim = get_optim(a, model)

@@ -3,7 +3,7 @@ the device from the device-resident training set, forward, backward, Adam, EMA),
 precision, with the FLOPs done and the fraction of the device's measured bf16 matrix peak.
 
     python benchmarks/train_step.py [--presets small,edm] [--batch-sizes 64,512] [--precisions bf16,tf32]
-                                    [--chunk 50] [--repeats 5] [--budget SECONDS] [--cpu-devices N]
+                                    [--chunk 50] [--repeats 5] [--budget SECONDS] [--cpu-devices N] [--profile DIR]
 
 One line per measurement, first its figure in a fixed form, then the details:
 
@@ -54,6 +54,7 @@ def main():
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--cpu-devices", type=int, default=1)
     ap.add_argument("--budget", type=float, default=None, help="seconds; skip what is left after that")
+    ap.add_argument("--profile", default=None, help="folder: write a jax.profiler trace of each measurement's timed chunks")
     ap.add_argument("--peak-tflops", type=float, default=None, help="bf16 peak to compare with (default: measure on a GPU)")
     args = ap.parse_args()
     if args.cpu_devices > 1:
@@ -110,10 +111,14 @@ def main():
         times = []
         for c in range(n_chunks):
             r = jax.device_put(rows[c * k : (c + 1) * k], NamedSharding(mesh, P(None, "data")))
+            if args.profile and c == 1:
+                jax.profiler.start_trace(f"{args.profile}/{name}_{bs}_{prec}")
             t0 = time.perf_counter()
             state, m = chunk(state, dset, r, jnp.int32(k), key)
             jax.block_until_ready(m["loss"])
             times.append(time.perf_counter() - t0)
+        if args.profile:
+            jax.profiler.stop_trace()
         compile_s, med = times[0], statistics.median(times[1:])
         n = ds.n_atoms[idx[k:]].astype(np.int64)
         nodes, edges = n.sum() / n.size, (n * (n - 1)).sum() / n.size  # per molecule, real only

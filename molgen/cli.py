@@ -223,8 +223,8 @@ def train(
         None, "--precision", metavar="<auto|float32|tf32|bf16>",
         help="Training arithmetic: float32; tf32 (float32 numbers, TensorFloat-32 matrix products on NVIDIA GPUs); "
              "bf16 (bfloat16 matrix products and edge activations, float32 parameters, optimiser, loss, coordinates "
-             "and sums). auto (default): float32 on a CPU, bf16 on a GPU (docs/performance.md). With --resume, "
-             "replaces the run's."),
+             "and sums). auto (default): float32 on a CPU, tf32 on a GPU, the fastest measured (docs/performance.md). "
+             "With --resume, replaces the run's."),
     distributed: bool = typer.Option(False, "--distributed", help="Call jax.distributed.initialize() for multi-host runs."),
     cpu_devices: Optional[int] = typer.Option(
         None, "--cpu-devices", min=1,

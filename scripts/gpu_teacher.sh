@@ -6,20 +6,20 @@
 #      first time, starts a new one; trains until the deadline leaves time for 3. and 4.;
 #   3. exports it and samples 1000 molecules with 1000 calls on the GPU (XYZ);
 #   4. brings back under $OUT: logs, the benchmark log, the exported weights (split in < 16 MiB parts), samples.
-# Runs ON the device machine, in the repo root, with .gpu (the QM9 cache in .gpu/qm9, scripts/gpu_stage.sh),
+# Runs ON the device machine, in the repo root, with .gpu (the training split's cache in .gpu/qm9: scripts/gpu_stage.py),
 # .edm and .whl (ase, to write XYZ) carried. On the CPU, DRY=1 runs every step with tiny sizes (a rehearsal).
 #
 #   bash scripts/gpu_teacher.sh [DEADLINE_S=570]
 #
 # Environment: TEACHER (edm-diffusion), MODEL (edm: the preset of a new teacher), BATCH (512), LR (3e-4),
-# WARMUP (500; 2000 for a new teacher), PRECISION (bf16), BENCH_S (100: seconds for molgen's benchmarks),
+# WARMUP (500; 2000 for a new teacher), PRECISION (tf32), BENCH_S (100: seconds for molgen's benchmarks),
 # SAMPLE_S (75: seconds kept for export and sampling), SEED (the run's seed; default: the number of earlier
 # GPU runs, so each run draws new batches).
 set -uo pipefail
 t_start=$(date +%s)
 deadline=${1:-570}
 teacher=${TEACHER:-edm-diffusion}; model=${MODEL:-edm}; batch=${BATCH:-512}; lr=${LR:-3e-4}
-precision=${PRECISION:-bf16}; bench_s=${BENCH_S:-100}; sample_s=${SAMPLE_S:-75}
+precision=${PRECISION:-tf32}; bench_s=${BENCH_S:-100}; sample_s=${SAMPLE_S:-75}
 out=${OUT:-/tmp/out}; mkdir -p "$out" runs
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 MOLGEN_HOME=$PWD/.gpu/qm9 MOLGEN_JAX_CACHE=/tmp/jaxcache
 if [ -d .whl ] && ! python3 -c "import ase" 2>/dev/null; then
@@ -34,7 +34,7 @@ if [ "${DRY:-0}" = 1 ]; then  # the CPU rehearsal: every step, tiny sizes
   bench_runs=tiny:16:float32,tiny:16:bf16; edm_args="--presets small --batch-sizes 8 --device cpu --repeats 1 --warmup 1"
   model=tiny; batch=16; n_mol=8; calls=10; train_extra="--steps 60 --ckpt-every 50"
 else
-  bench_runs=edm:512:bf16,edm:64:bf16,edm:512:tf32,edm:1024:bf16
+  bench_runs=edm:512:tf32,edm:64:tf32,edm:1024:tf32,edm:512:bf16
   edm_args="--presets edm --batch-sizes 64,256,1024 --device cuda --repeats 10 --warmup 3"
   n_mol=1000; calls=1000; train_extra="--steps 100000000 --ckpt-every 2000"
 fi
@@ -46,7 +46,7 @@ log "teacher $teacher (earlier GPU runs: $runs_before), seed $seed, batch $batch
 # 1. Benchmarks: molgen, then EDM's code on the same GPU (BENCH_S=0: none).
 bench="$out/bench.log"
 if [ "$bench_s" -gt 0 ]; then
-echo "# $(date -u +%FT%TZ) $(git rev-parse --short HEAD 2>/dev/null) benchmarks/train_step.py --runs $bench_runs" >>"$bench"
+echo "# $(date -u +%FT%TZ) benchmarks/train_step.py --runs $bench_runs" >>"$bench"
 timeout $((bench_s + 90)) python3 benchmarks/train_step.py --runs "$bench_runs" --chunk 50 --repeats 4 \
   --budget "$bench_s" 2>&1 | grep -v -E "^WARNING|^I0000|^E0000" | tee -a "$bench"
 log "molgen benchmark done"
@@ -83,10 +83,11 @@ cp "$run/metrics.jsonl" "$out/metrics.jsonl" 2>/dev/null
 
 # 3. Export and sample on the GPU.
 python3 -m molgen export "$run" "runs/w_$teacher" >>"$out/train.txt" 2>&1 || log "export failed"
-python3 - "$run" "runs/w_$teacher" "$teacher" "$seed" <<'EOF' >>"$out/train.txt" 2>&1
-import json, subprocess, sys, time
+python3 - "$run" "runs/w_$teacher" "$teacher" "$seed" "$batch" "$lr" "$precision" "$start" <<'EOF' >>"$out/train.txt" 2>&1
+import json, sys, time
 import jax
-run, dest, name, seed = sys.argv[1:]
+run, dest, name, seed, batch, lr, precision, start = sys.argv[1:]
+precision = json.load(open(f"{run}/config.json")).get("precision", precision)
 lines = [json.loads(l) for l in open(f"{run}/metrics.jsonl")]
 meta_old = {}
 try:
@@ -97,8 +98,8 @@ runs = meta_old.get("gpu_runs", [])
 rates = sorted(l["steps_per_s"] for l in lines[1:]) or [0]
 runs.append({"date": time.strftime("%Y-%m-%d", time.gmtime()), "device": jax.devices()[0].device_kind,
              "steps": lines[-1]["step"], "seconds": lines[-1]["time"], "median_steps_per_s": rates[len(rates) // 2],
-             "seed": int(seed), "last_loss": lines[-1]["loss"],
-             "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()})
+             "seed": int(seed), "last_loss": lines[-1]["loss"], "batch": int(batch), "lr": float(lr),
+             "precision": precision, "start": start, "epochs": round(lines[-1]["step"] * int(batch) / 100000, 1)})
 meta = json.load(open(f"{dest}/meta.json"))
 meta["gpu_runs"] = runs
 meta["step"] = sum(r["steps"] for r in runs)

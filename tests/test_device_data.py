@@ -68,3 +68,18 @@ def test_shape_plan_fits_every_batch_of_the_run(mini_ds):
     big = np.repeat(np.argsort(mini_ds.n_atoms)[-1:], 400)[None]
     grown = plan.shape_for(big)
     assert grown[0] > nodes and grown[1] > edges and plan.shape == grown
+
+
+def test_training_subset_cache_gives_the_same_batches(mini_ds, tmp_path):
+    """The GPU's staged cache (training split only) round-trips and draws the full set's batches."""
+    from molgen.data.qm9 import load_qm9, save_cache
+
+    save_cache(mini_ds.training_subset(), tmp_path, source="test")
+    sub = load_qm9(tmp_path)
+    assert len(sub) == len(mini_ds.split("train")) and len(sub.split("valid")) == 0
+    full = BatchSampler(mini_ds, mini_ds.split("train"), 8, seed=4)
+    small = BatchSampler(sub, sub.split("train"), 8, seed=4)
+    for s in (0, 3, 11):
+        for i, j in zip(full.indices(s), small.indices(s)):
+            np.testing.assert_array_equal(mini_ds.molecule(int(i))[0], sub.molecule(int(j))[0])
+            np.testing.assert_array_equal(mini_ds.molecule(int(i))[1], sub.molecule(int(j))[1])

@@ -116,6 +116,16 @@ class QM9:
         counts = np.bincount(self.types[mask], minlength=len(SYMBOLS))
         return counts / max(counts.sum(), 1)
 
+    def training_subset(self) -> "QM9":
+        """The training split alone, in split order, as its own data set (split "train" = all of it, no SMILES):
+        the smallest cache that `molgen train` needs; its batches are the full set's, molecule for molecule."""
+        ids = self.split("train")
+        rows = np.concatenate([np.arange(self.offsets[i], self.offsets[i] + self.n_atoms[i]) for i in ids])
+        empty = np.zeros(0, np.int32)
+        return QM9(self.positions[rows], self.types[rows], self.n_atoms[ids], self.index[ids],
+                   np.full(len(ids), "", dtype="<U1"),
+                   {"train": np.arange(len(ids), dtype=np.int32), "valid": empty, "test": empty})
+
     def remove_h(self) -> "QM9":
         """The same molecules without hydrogens, re-centred."""
         keep = self.types != 0
