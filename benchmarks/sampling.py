@@ -20,10 +20,15 @@ import time
 import jax
 import numpy as np
 
-from molgen.config import RunConfig
+from molgen.config import DataConfig, RunConfig
+from molgen.consistency.ict import ConsistencyConfig
+from molgen.consistency.stack import describe_network
+from molgen.models import Model, load_model
+from molgen.networks import init_params
 from molgen.nn.egnn import PRESETS
-from molgen.sample import load_model, make_step_fn, sample_batch
-from molgen.train import init_params
+from molgen.data.batching import pack
+from molgen.sample import draw_sizes
+from molgen.samplers import get_sampler
 
 QM9_HIST = (0, 0, 0, 1, 4, 5, 9, 16, 49, 124, 362, 807, 1689, 3060, 5136, 7796, 10644, 13025, 13364, 13832, 9482,
             9970, 3393, 4848, 539, 1506, 48, 266, 0, 25)
@@ -38,35 +43,40 @@ def main():
     ap.add_argument("--cli", type=int, default=0, help="also time `molgen sample -n N --steps 1` this many times")
     args = ap.parse_args()
     print(f"device: {jax.devices()[0].device_kind}")
-    sizes = np.random.default_rng(0).choice(len(QM9_HIST), args.n, p=np.array(QM9_HIST) / sum(QM9_HIST))
 
-    def one_call(cfg, params, levels):
-        step = make_step_fn(cfg)
-        sample_batch(cfg, params, step, sizes, levels, jax.random.PRNGKey(0))  # compile
+    def one_call(model):
+        """Median time of one network call over a packed batch of n molecules (compiled once beforehand)."""
+        s = get_sampler(model.cfg)
+        fns, levels = s.prepare(model.cfg), s.levels(model.cfg, 1)
+        g = pack(None, [np.zeros(int(k), np.int32) for k in draw_sizes(model.cfg, args.n, 0)])
+
+        def run(r):
+            x, _ = s.run(fns, model.params, g, model.cfg.n_features, jax.random.PRNGKey(r), levels, 1.0, None,
+                         lambda: None)
+            jax.block_until_ready(x)
+
+        run(0)
         ts = []
         for r in range(args.repeats):
             t0 = time.perf_counter()
-            sample_batch(cfg, params, step, sizes, levels, jax.random.PRNGKey(r))
+            run(r)
             ts.append(time.perf_counter() - t0)
         return statistics.median(ts)
 
     for name in [p for p in args.presets.split(",") if p]:
-        for mode in ("ct", "diffusion"):
-            cfg = RunConfig(mode=mode, model=PRESETS[name], size_hist=QM9_HIST)
-            med = one_call(cfg, init_params(cfg), [80.0] if mode == "ct" else [1.0, 0.0])
-            label = "consistency" if mode == "ct" else "diffusion"
+        for label, cons in (("consistency", ConsistencyConfig()), ("diffusion", None)):
+            cfg = RunConfig(model=PRESETS[name], consistency=cons, data=DataConfig(size_hist=QM9_HIST))
+            med = one_call(Model(cfg, init_params(cfg)))
             print(f"{name:6s} {label:11s}: one network call over {args.n} molecules {med:.3f} s "
                   f"({args.n / med:.0f} molecules/s per call; 1000-step diffusion: {args.n / med / 1000:.2f} "
                   f"molecules/s)")
-    from molgen.consistency.stack import describe
-
     for name in [m for m in args.models.split(",") if m]:
-        cfg, params, _ = load_model(name)
-        if cfg.mode == "diffusion":
+        m = load_model(name)
+        if m.cfg.consistency is None:
             print(f"{name}: a diffusion model; time it with --presets")
             continue
-        med = one_call(cfg, params, [float(cfg.consistency.sigma_max)])
-        print(f"{name} ({describe(cfg)}): one network call over {args.n} molecules {med:.3f} s "
+        med = one_call(m)
+        print(f"{name} ({describe_network(m.cfg)}): one network call over {args.n} molecules {med:.3f} s "
               f"({args.n / med:.0f} molecules/s)")
     if args.cli:
         out = "/tmp/molgen_bench_out.sdf"

@@ -50,7 +50,6 @@ def main():
                          "comma-separated PRESET:BATCH:PRECISION, e.g. edm:512:bf16,edm:64:bf16")
     ap.add_argument("--chunk", type=int, default=50, help="optimiser steps per jitted call")
     ap.add_argument("--repeats", type=int, default=5, help="timed chunks per measurement")
-    ap.add_argument("--mode", default="diffusion")
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--cpu-devices", type=int, default=1)
     ap.add_argument("--budget", type=float, default=None, help="seconds; skip what is left after that")
@@ -69,7 +68,10 @@ def main():
     from molgen.data.device import ShapePlan, dense_set, put
     from molgen.data.qm9 import load_qm9
     from molgen.nn.egnn import PRESETS, forward_flops
-    from molgen.train import (init_state, make_mesh, make_step, make_train_chunk, resolve_precision)
+    from molgen.config import OptimConfig
+    from molgen.networks import resolve_precision
+    from molgen.state import init_state
+    from molgen.train import make_mesh, make_step, make_train_chunk
     from jax.sharding import NamedSharding, PartitionSpec as P
 
     t_start = time.time()
@@ -86,7 +88,7 @@ def main():
     if peak is None and dev.platform == "gpu":
         peak = measure_peak(jax, jnp)
     print(f"device: {dev.device_kind} x{n_shards} ({dev.platform}), jax {jax.__version__}, chunk {args.chunk}, "
-          f"mode {args.mode}, bf16 peak {'%.0f TFLOP/s' % peak if peak else 'not measured'}", flush=True)
+          f"diffusion objective, bf16 peak {'%.0f TFLOP/s' % peak if peak else 'not measured'}", flush=True)
     if args.runs:
         runs = [(p, int(b), q) for p, b, q in (r.split(":") for r in args.runs.split(","))]
     else:
@@ -98,8 +100,8 @@ def main():
         if args.budget is not None and time.time() - t_start > args.budget:
             print(f"SKIPPED molgen {tag} (budget of {args.budget:.0f} s spent)", flush=True)
             continue
-        cfg = RunConfig(mode=args.mode, model=PRESETS[name], batch_size=bs, precision=prec)
-        sampler = BatchSampler(ds, ids, bs, seed=0)
+        cfg = RunConfig(model=PRESETS[name], optim=OptimConfig(batch_size=bs, precision=prec))
+        sampler = BatchSampler(ids, bs, seed=0)
         k = args.chunk
         n_chunks = args.repeats + 1
         plan = ShapePlan(ds.n_atoms, sampler, n_shards, 0, k * n_chunks)

@@ -1,74 +1,73 @@
-"""The run configuration: one frozen dataclass, saved as config.json next to every checkpoint so that a
-checkpoint alone says how to rebuild its model and how to sample from it."""
+"""The run configuration: the model (network, noise schedule, consistency function, stages), the objective it
+is trained with, the optimiser and the data. Frozen dataclasses, saved as config.json next to every checkpoint
+and in every model folder, so that a checkpoint alone rebuilds its model and says how it was trained.
+
+A model's config.json holds the sections that apply to it: ``diffusion`` (EDM's noise schedule: diffusion
+models, and consistency models built on an EDM network), ``consistency`` (consistency models), ``stack``
+(stacked models), ``distill`` (models trained by distillation).
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from molgen.consistency.distill import DistillConfig
 from molgen.consistency.ict import ConsistencyConfig
 from molgen.consistency.stack import StackConfig
 from molgen.diffusion.edm import DiffusionConfig
 from molgen.nn.egnn import EGNNConfig
 
-MODES = ("diffusion", "ct", "ect", "distill")
+
+@dataclass(frozen=True)
+class OptimConfig:
+    batch_size: int = 64  # molecules per step, split over the devices
+    lr: float = 5e-4  # Adam's learning rate after the linear warm-up
+    warmup: int = 500  # steps
+    steps: int = 10000  # optimiser steps of the whole run
+    ema: float = 0.999  # decay of the evaluation (and shipped) parameters
+    clip: float = 1.0  # gradient clipping by global norm
+    precision: str = "auto"  # molgen.train.PRECISIONS, or auto (per platform)
+    ckpt_every: int = 500
+    eval_every: int = 1000  # validation loss of the EMA parameters (0: never)
+    keep: int = 3  # checkpoints kept
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    remove_h: bool = False
+    size_hist: tuple[int, ...] = ()  # the training split's atom-count histogram (index = atoms): sampling needs it
+    type_fractions: tuple[float, ...] = ()  # the training split's atom-type mix
 
 
 @dataclass(frozen=True)
 class RunConfig:
-    mode: str = "diffusion"
+    objective: str = "diffusion"  # molgen.objectives.OBJECTIVES
     model: EGNNConfig = field(default_factory=EGNNConfig)
-    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
-    consistency: ConsistencyConfig = field(default_factory=ConsistencyConfig)
-    batch_size: int = 64
-    lr: float = 5e-4
-    warmup: int = 500
-    steps: int = 10000
-    ema: float = 0.999
-    clip: float = 1.0
-    seed: int = 0
-    remove_h: bool = False
-    ckpt_every: int = 500
-    eval_every: int = 1000
-    keep: int = 3
-    init: str | None = None  # the run an "ect" (diffusion) or "distill" (consistency) run was initialised from
-    # "distill": the diffusion model whose PF-ODE gives the targets, how many noise -> molecule pairs, ODE steps
-    teacher: str | None = None
-    n_pairs: int = 0
-    teacher_steps: int = 18
-    # "distill": this share of each batch keeps the anchor model's (default: init's) f at low noise levels
-    anchor: str | None = None
-    anchor_fraction: float = 0.0
-    bond_weight: float = 0.0  # "distill": weight of the short-pair distance term
-    relax_weight: float = 0.0  # "distill": weight of the teacher-relaxation term (see distill_loss)
-    # "distill": 0: that term's target is one teacher call on the output re-noised to a random low level;
-    # R > 0: R teacher refinement steps on the output itself, no noise (molgen.refine)
-    relax_rounds: int = 0
-    # "distill": weight of distribution matching (molgen.consistency.dmd); > 0 trains a fake diffusion model
-    # (the teacher's network, started from the teacher) beside the student: parameters {"student", "fake"}
-    dmd_weight: float = 0.0
-    # "distill": R > 0 regresses onto the --init student's own one-call answers relaxed by R rounds of the
-    # teacher's denoising (molgen.consistency.distill.refine_pairs) instead of the ODE ends; the rounds' noise
-    # level is refine_sigma, or with 0 the sampler's schedule molgen.refine.refine_levels(R)
-    refine_rounds: int = 0
-    refine_sigma: float = 0.0
-    # "distill": the pairs' noise is pair_temperature * z, so the student learns the map from the noise that
-    # `molgen sample --temperature` gives it (and the teacher's targets are its reduced-temperature molecules)
-    pair_temperature: float = 1.0
-    # A stacked model (molgen.consistency.stack): the consistency function is followed, inside the same network
-    # call, by denoising stages of a diffusion model's network; None: a plain model
+    diffusion: DiffusionConfig | None = field(default_factory=DiffusionConfig)
+    consistency: ConsistencyConfig | None = None
     stack: StackConfig | None = None
-    freeze_stages: bool = False  # a stacked model's training updates its base network only
-    # Training arithmetic (molgen.train.PRECISIONS, or "auto": per platform); sampling is float32 regardless
-    precision: str = "auto"
-    # For sampling without the data set: the training split's atom-count histogram (index = atoms).
-    size_hist: tuple[int, ...] = ()
-    type_fractions: tuple[float, ...] = ()
+    distill: DistillConfig | None = None
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    seed: int = 0
+    init: str | None = None  # the model the run started from
 
     def replace(self, **kw) -> "RunConfig":
         return dataclasses.replace(self, **kw)
+
+    def with_optim(self, **kw) -> "RunConfig":
+        """The same run with some optimiser settings changed."""
+        return dataclasses.replace(self, optim=dataclasses.replace(self.optim, **kw))
+
+    @property
+    def kind(self) -> str:
+        """What the network computes: "consistency" (a consistency function) or "diffusion" (EDM's epsilon)."""
+        return "diffusion" if self.consistency is None else "consistency"
 
     @property
     def n_features(self) -> int:
@@ -79,20 +78,7 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "RunConfig":
-        d = dict(d)
-        subs = {"model": EGNNConfig, "diffusion": DiffusionConfig, "consistency": ConsistencyConfig}
-        for k, typ in subs.items():
-            if k in d:
-                names = {f.name for f in dataclasses.fields(typ)}
-                d[k] = typ(**{a: b for a, b in d[k].items() if a in names})
-        if d.get("stack") is not None:
-            d["stack"] = StackConfig.from_dict(d["stack"])
-        names = {f.name for f in dataclasses.fields(cls)}
-        d = {k: v for k, v in d.items() if k in names}
-        for k in ("size_hist", "type_fractions"):
-            if k in d:
-                d[k] = tuple(d[k])
-        return cls(**d)
+        return from_dict(cls, upgrade(d))
 
     def save(self, path: Path) -> None:
         from molgen.io_utils import atomic_write_text
@@ -102,3 +88,53 @@ class RunConfig:
     @classmethod
     def load(cls, path: Path) -> "RunConfig":
         return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+def from_dict(cls, d):
+    """A (nested, frozen) dataclass from a dict: unknown keys are ignored, lists become tuples."""
+    if d is None:
+        return None
+    hints = typing.get_type_hints(cls)
+    kw = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in d:
+            continue
+        v, typ = d[f.name], hints[f.name]
+        args = typing.get_args(typ) if isinstance(typ, types.UnionType) or typing.get_origin(typ) is typing.Union else ()
+        sub = next((a for a in args if dataclasses.is_dataclass(a)), typ if dataclasses.is_dataclass(typ) else None)
+        if sub is not None and isinstance(v, dict):
+            v = from_dict(sub, v)
+        elif isinstance(v, list):
+            v = tuple(v)
+        kw[f.name] = v
+    return cls(**kw)
+
+
+_OLD_OPTIM = ("batch_size", "lr", "warmup", "steps", "ema", "clip", "ckpt_every", "eval_every", "keep", "precision")
+_OLD_DISTILL = {"teacher": "teacher", "n_pairs": "pairs", "teacher_steps": "teacher_steps",
+                "pair_temperature": "pair_temperature", "anchor": "anchor", "anchor_fraction": "anchor_fraction",
+                "bond_weight": "bond_weight"}
+
+
+def upgrade(d: dict) -> dict:
+    """The sections of a config.json written before objectives, optimiser and data had sections of their own
+    (a flat dict with ``mode``); a current one is returned as it is."""
+    if "mode" not in d:
+        return d
+    mode = d["mode"]
+    new = {"objective": mode, "model": d.get("model", {}), "seed": d.get("seed", 0), "init": d.get("init"),
+           "optim": {k: d[k] for k in _OLD_OPTIM if k in d},
+           "data": {k: d[k] for k in ("remove_h", "size_hist", "type_fractions") if k in d},
+           "stack": d.get("stack"), "diffusion": d.get("diffusion", {})}
+    if mode != "diffusion":
+        cons = dict(d.get("consistency", {}))
+        schedule = {k: cons.pop(k) for k in ("timesteps", "precision", "power") if k in cons}
+        new["consistency"] = cons
+        new["diffusion"] = schedule if cons.get("parametrization") == "ict-vp" else None
+    if mode == "distill":
+        dist = {new_k: d[old] for old, new_k in _OLD_DISTILL.items() if old in d}
+        dist["teacher"], dist["anchor"] = dist.get("teacher") or "", dist.get("anchor") or ""
+        rounds = int(d.get("refine_rounds", 0))
+        dist.update(targets="polished" if rounds else "ode", polish_calls=rounds or DistillConfig.polish_calls)
+        new["distill"] = dist
+    return new

@@ -187,3 +187,24 @@ def write_json(path: Path | str, metrics: Metrics, extra: dict | None = None) ->
     from molgen.io_utils import atomic_write_text
 
     atomic_write_text(path, json.dumps({**metrics.to_dict(), **(extra or {})}, indent=2))
+
+
+def reference_for(data_dir, remove_h: bool, novelty: bool):
+    """(training SMILES or None, training type fractions or None) from the QM9 cache, when there is one."""
+    from molgen.data.qm9 import cache_is_valid, default_data_dir, load_qm9
+
+    d = data_dir or default_data_dir()
+    if not cache_is_valid(d, verify_hash=False):
+        return None, None
+    fr = load_qm9(d, remove_h=remove_h, verify=False).type_fractions("train")
+    return (training_smiles(d, remove_h) if novelty else None), fr
+
+
+def annotate(molecules, data_dir=None, remove_h: bool = False, novelty: bool = False) -> Metrics:
+    """EDM's metrics of generated molecules, each molecule's own results added to its properties."""
+    smiles, fr = reference_for(data_dir, remove_h, novelty)
+    metrics = evaluate_molecules([m.positions for m in molecules], [m.types for m in molecules], smiles, fr)
+    for mol, p in zip(molecules, metrics.per_molecule):
+        mol.props.update({"molgen_stable_atoms": f"{p.stable_atoms}/{p.n_atoms}", "molgen_mol_stable": int(p.stable),
+                          "molgen_valid": int(p.valid), "molgen_smiles": p.smiles})
+    return metrics

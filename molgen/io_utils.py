@@ -25,6 +25,19 @@ def atomic_path(dest: Path | str):
         raise
 
 
+def check_writable(path: Path | str, what: str = "output") -> None:
+    """Refuse, before any work, an output path that cannot be written: a folder, a missing folder, read-only."""
+    from molgen import MolgenError
+
+    path = Path(path)
+    if path.is_dir():
+        raise MolgenError(f"{what} {path} is a folder; give a file name")
+    if not path.parent.is_dir():
+        raise MolgenError(f"{what} {path}: the folder {path.parent} does not exist")
+    if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise MolgenError(f"{what} {path}: not writable")
+
+
 def atomic_write_text(dest: Path | str, text: str) -> None:
     with atomic_path(dest) as tmp:
         Path(tmp).write_text(text)

@@ -32,11 +32,11 @@ seed=${SEED:-$runs_before}
 
 if [ "${DRY:-0}" = 1 ]; then  # the CPU rehearsal: every step, tiny sizes
   bench_runs=tiny:16:float32,tiny:16:bf16; edm_args="--presets small --batch-sizes 8 --device cpu --repeats 1 --warmup 1"
-  model=tiny; batch=16; n_mol=8; calls=10; train_extra="--steps 60 --ckpt-every 50"
+  model=tiny; batch=16; n_mol=8; calls=10; train_extra="--steps 60 --set optim.ckpt_every=50"
 else
   bench_runs=edm:512:tf32,edm:64:tf32,edm:1024:tf32,edm:512:bf16
   edm_args="--presets edm --batch-sizes 64,256,1024 --device cuda --repeats 10 --warmup 3"
-  n_mol=1000; calls=1000; train_extra="--steps 100000000 --ckpt-every 2000"
+  n_mol=1000; calls=1000; train_extra="--steps 100000000 --set optim.ckpt_every=2000"
 fi
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "no GPU"
   python3 -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, jax.devices())"
@@ -64,19 +64,19 @@ fi
 run=runs/teacher
 train_min=$(python3 -c "print(max(0.3, ($(left) - $sample_s) / 60))")
 if [ -f "weights/$teacher/params.msgpack" ]; then
-  start="--init weights/$teacher --warmup ${WARMUP:-500}"
+  start="--init weights/$teacher --set optim.warmup=${WARMUP:-500}"
 else
-  start="--model $model --warmup ${WARMUP:-2000}"
+  start="--model $model --set optim.warmup=${WARMUP:-2000}"
 fi
 log "training $run for $train_min min: $start"
-python3 -m molgen train --mode diffusion $start --batch-size "$batch" --lr "$lr" --precision "$precision" \
-  --seed "$seed" --eval-every 0 $train_extra --out "$run" --max-minutes "$train_min" >"$out/train.txt" 2>&1
+python3 -m molgen train --recipe diffusion $start --batch-size "$batch" --lr "$lr" --set optim.precision="$precision" \
+  --seed "$seed" --set optim.eval_every=0 $train_extra --out "$run" --max-minutes "$train_min" >"$out/train.txt" 2>&1
 log "train rc $?: $(tail -1 "$out/train.txt")"
 if [ -z "$(ls "$run/checkpoints" 2>/dev/null)" ] && [ "$precision" != tf32 ]; then  # a failed start: once more, tf32
   rm -rf "$run"; train_min=$(python3 -c "print(max(0.3, ($(left) - $sample_s) / 60))")
   log "no checkpoint: again with --precision tf32 for $train_min min"
-  python3 -m molgen train --mode diffusion $start --batch-size "$batch" --lr "$lr" --precision tf32 \
-    --seed "$seed" --eval-every 0 $train_extra --out "$run" --max-minutes "$train_min" >>"$out/train.txt" 2>&1
+  python3 -m molgen train --recipe diffusion $start --batch-size "$batch" --lr "$lr" --set optim.precision=tf32 \
+    --seed "$seed" --set optim.eval_every=0 $train_extra --out "$run" --max-minutes "$train_min" >>"$out/train.txt" 2>&1
   log "train rc $?: $(tail -1 "$out/train.txt")"
 fi
 cp "$run/metrics.jsonl" "$out/metrics.jsonl" 2>/dev/null

@@ -63,3 +63,16 @@ def data_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("qm9cache")
     qm9.download(d, from_path=DATA_CSV)
     return d
+
+
+def tiny_config(ds, objective="diffusion", **optim):
+    """A tiny network's run config for an objective, completed on the data set ``ds`` (consistency settings,
+    histogram), with the given optimiser settings."""
+    from molgen.config import OptimConfig, RunConfig
+    from molgen.consistency.ict import ConsistencyConfig
+    from molgen.nn.egnn import PRESETS
+    from molgen.objectives import get_objective
+
+    cons = ConsistencyConfig() if objective == "ct" else None
+    cfg = RunConfig(objective=objective, model=PRESETS["tiny"], consistency=cons, optim=OptimConfig(**optim))
+    return get_objective(objective).configure(cfg, ds, None)

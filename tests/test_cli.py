@@ -32,8 +32,10 @@ def test_help_and_version():
         assert cmd in res.output
     res = run("--version")
     assert res.exit_code == 0 and "molgen 0.1.0" in res.output
-    for cmd in ("train", "sample", "evaluate", "download"):
+    for cmd in ("train", "sample", "evaluate", "download", "export"):
         assert run(cmd, "--help").exit_code == 0
+    options = [ln for ln in run("train", "--help").output.splitlines() if ln.startswith("  --")]
+    assert len(options) <= 17, options  # the common settings; the rest live in recipes (--set)
 
 
 def test_download_from_file_then_noop_then_info(tmp_path):
@@ -92,11 +94,16 @@ def test_evaluate_bad_inputs(tmp_path):
     one_line_error(run("evaluate", _xyz(tmp_path / "a.pdb", "x")), "cannot tell the format")
 
 
+def _opt(**kw):
+    """--set optim.KEY=VALUE arguments."""
+    return [a for k, v in kw.items() for a in ("--set", f"optim.{k}={v}")]
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, data_dir):
     out = tmp_path_factory.mktemp("run") / "diff"
-    res = run("train", "--mode", "diffusion", "--model", "tiny", "--steps", 4, "--batch-size", 8,
-              "--data-dir", data_dir, "--out", out, "--ckpt-every", 2, "--eval-every", 2)
+    res = run("train", "--recipe", "diffusion", "--model", "tiny", "--steps", 4, "--batch-size", 8,
+              "--data-dir", data_dir, "--out", out, *_opt(ckpt_every=2, eval_every=2))
     assert res.exit_code == 0, res.output
     return out
 
@@ -105,6 +112,7 @@ def test_train_resume_and_sample(tmp_path, trained, data_dir):
     assert (trained / "config.json").exists() and (trained / "metrics.jsonl").exists()
     one_line_error(run("train", "--model", "tiny", "--steps", 6, "--batch-size", 8, "--data-dir", data_dir,
                        "--out", trained), "--resume")
+    assert json.loads((trained / "config.json").read_text())["optim"]["steps"] == 4  # the refused run wrote nothing
     res = run("train", "--resume", "--steps", 6, "--data-dir", data_dir, "--out", trained)
     assert res.exit_code == 0 and "step 6" in res.output
     out1, out2 = tmp_path / "a.sdf", tmp_path / "b.sdf"
@@ -122,135 +130,110 @@ def test_train_resume_and_sample(tmp_path, trained, data_dir):
     assert res.exit_code == 0 and "7" in res.output
     res = run("sample", "--checkpoint", trained, "-n", 5, "--sampler", "ode", "--steps", 3, "-o", tmp_path / "o.sdf",
               "--no-report", "--json", tmp_path / "o.json", "--data-dir", data_dir)
-    assert res.exit_code == 0 and "ODE 3 Heun steps" in res.output and "5 network calls" in res.output, res.output
+    assert res.exit_code == 0 and "ode sampler, 3 steps" in res.output and "5 network calls" in res.output, res.output
     rep = json.loads((tmp_path / "o.json").read_text())
     assert rep["n_molecules"] == 5 and rep["molgen_sampler"] == "ode" and rep["molgen_calls"] == 5
 
 
 @pytest.fixture(scope="module")
 def ect(tmp_path_factory, trained, data_dir):
-    """A consistency model tuned from ``trained`` (--mode ect); also the student that the distill test starts from."""
+    """A consistency model tuned from ``trained`` (ect); also the student that the distill tests start from."""
     out = tmp_path_factory.mktemp("ect") / "ect"
-    res = run("train", "--mode", "ect", "--init", trained, "--steps", 2, "--batch-size", 8, "--data-dir", data_dir,
-              "--out", out, "--ckpt-every", 2, "--curriculum-steps", 7)
+    res = run("train", "--objective", "ect", "--init", trained, "--steps", 2, "--batch-size", 8, "--data-dir", data_dir,
+              "--out", out, *_opt(ckpt_every=2), "--set", "consistency.total_steps=7")
     assert res.exit_code == 0, res.output
     return out
 
 
 def test_ect_from_diffusion_and_sample(tmp_path, trained, ect, data_dir):
     cfg = json.loads((ect / "config.json").read_text())
-    assert cfg["steps"] == 2 and cfg["consistency"]["total_steps"] == 7
+    assert cfg["objective"] == "ect" and cfg["optim"]["steps"] == 2 and cfg["consistency"]["total_steps"] == 7
     assert cfg["consistency"]["parametrization"] == "ict-vp" and cfg["init"] == str(trained)
     assert cfg["consistency"]["sigma_data_x"] != 1.0  # measured on the data, not the default 1.0
+    assert cfg["diffusion"] == json.loads((trained / "config.json").read_text())["diffusion"]  # its network's schedule
+    assert cfg["distill"] is None  # a consistency model's config holds no distillation settings
     res = run("sample", "--checkpoint", ect, "-n", 4, "--steps", 2, "-o", tmp_path / "e.sdf", "--no-report")
     assert res.exit_code == 0, res.output
-    one_line_error(run("train", "--mode", "ect", "--data-dir", data_dir, "--out", tmp_path / "z"), "--init")
-    one_line_error(run("train", "--mode", "ect", "--init", trained, "--parametrization", "foo", "--data-dir",
-                       data_dir, "--out", tmp_path / "z"), "--parametrization")
+    one_line_error(run("train", "--objective", "ect", "--data-dir", data_dir, "--out", tmp_path / "z"), "--init")
+    one_line_error(run("train", "--objective", "ect", "--init", trained, "--set", "consistency.s9=3", "--data-dir",
+                       data_dir, "--out", tmp_path / "z"), "[consistency] has no setting 's9'")
+    one_line_error(run("train", "--objective", "ect", "--init", ect, "--data-dir", data_dir, "--out", tmp_path / "z"),
+                   "starts from a diffusion model, not a consistency model")
+    assert not (tmp_path / "z").exists()
 
 
 def test_distill_from_a_consistency_model_resume_and_sample(tmp_path, trained, ect, data_dir):
-    ct = ect  # the student starts from a consistency model
     out = tmp_path / "kd"
-    res = run("train", "--mode", "distill", "--init", ct, "--teacher", trained, "--pairs", 20, "--teacher-steps", 2,
-              "--batch-size", 4, "--steps", 2, "--ckpt-every", 1, "--eval-every", 1, "--cpu-devices", 1, "--out", out)
+    pairs = ("--set", "distill.pairs=20", "--set", "distill.teacher_steps=2")
+    res = run("train", "--objective", "distill", "--init", ect, "--teacher", trained, *pairs, "--batch-size", 4,
+              "--steps", 2, *_opt(ckpt_every=1, eval_every=1), "--devices", 1, "--out", out)
     assert res.exit_code == 0, res.output
     cfg = json.loads((out / "config.json").read_text())
-    ccfg = json.loads((ct / "config.json").read_text())
-    assert cfg["mode"] == "distill" and cfg["teacher"] == str(trained) and cfg["n_pairs"] == 20
+    ccfg = json.loads((ect / "config.json").read_text())
+    assert cfg["objective"] == "distill" and cfg["distill"]["teacher"] == str(trained) and cfg["distill"]["pairs"] == 20
     assert cfg["model"] == ccfg["model"] and cfg["consistency"] == ccfg["consistency"]  # the student is --init's
     with np.load(out / "pairs.npz") as z:
         assert z["n_atoms"].shape == (20,) and int(z["n_valid"]) == 1
     stamp = (out / "pairs.npz").stat().st_mtime_ns
     log = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert "position_error" in log[-1] and "val_loss" in log[-1]
-    res = run("train", "--resume", "--steps", 3, "--out", out, "--cpu-devices", 1)
+    res = run("train", "--resume", "--steps", 3, "--out", out, "--devices", 1)
     assert res.exit_code == 0 and "step 3" in res.output, res.output
-    assert (out / "pairs.npz").stat().st_mtime_ns == stamp  # pairs are solved once per run
+    assert (out / "pairs.npz").stat().st_mtime_ns == stamp  # pairs are made once per run
     res = run("sample", "--checkpoint", out, "-n", 4, "--steps", 1, "-o", tmp_path / "d.sdf", "--no-report")
     assert res.exit_code == 0, res.output
     one_line_error(run("sample", "--checkpoint", out, "--sampler", "ode", "-o", tmp_path / "x.sdf"),
                    "applies to diffusion models")
-    # the refine sampler, then one call of the teacher the run recorded (--refine)
-    res = run("sample", "--checkpoint", out, "-n", 4, "--steps", 2, "--sampler", "refine", "--refine", 1,
+    # the anneal sampler, then one call of the teacher the run recorded (--polish)
+    res = run("sample", "--checkpoint", out, "-n", 4, "--steps", 2, "--sampler", "anneal", "--polish", 1,
               "-o", tmp_path / "r.sdf", "--no-report")
-    assert res.exit_code == 0 and "2 + 1 of" in res.output and "= 3 network calls" in res.output, res.output
-    assert "molgen_refine" in (tmp_path / "r.sdf").read_text()
-    one_line_error(run("sample", "--checkpoint", trained, "--sampler", "refine", "-o", tmp_path / "x.sdf"),
+    assert res.exit_code == 0 and "+ 1 polishing calls of" in res.output and "3 network calls" in res.output, res.output
+    assert "molgen_polish" in (tmp_path / "r.sdf").read_text()
+    one_line_error(run("sample", "--checkpoint", trained, "--sampler", "anneal", "-o", tmp_path / "x.sdf"),
                    "applies to consistency models")
-    one_line_error(run("sample", "--checkpoint", out, "--refiner", trained, "-o", tmp_path / "x.sdf"),
-                   "add --refine N")
-    one_line_error(run("sample", "--checkpoint", out, "--refine", 1, "--refiner", out, "-o", tmp_path / "x.sdf"),
+    one_line_error(run("sample", "--checkpoint", out, "--polisher", trained, "-o", tmp_path / "x.sdf"),
+                   "add --polish N")
+    one_line_error(run("sample", "--checkpoint", out, "--polish", 1, "--polisher", out, "-o", tmp_path / "x.sdf"),
                    "must be a diffusion model")
-    # --refine: the targets are --init's own one-call molecules relaxed by the teacher (no ODE solve), here
-    # with the deterministic relaxation term (the teacher's 2-step refinement of each one-call molecule) and
-    # --layers and --nf, which deepen and widen the student (new blocks start as the identity, new channels
-    # silent; the anchor is grown with it)
-    ref = tmp_path / "kd_refine"
-    wide = ccfg["model"]["nf"] + 8
-    res = run("train", "--mode", "distill", "--init", ct, "--teacher", trained, "--pairs", 20, "--refine", 2,
-              "--relax-weight", 1, "--relax-rounds", 2, "--layers", 3, "--nf", wide, "--pair-temperature", 0.5,
-              "--batch-size", 4, "--steps", 1, "--ckpt-every", 1, "--cpu-devices", 1, "--out", ref)
-    assert res.exit_code == 0 and f"nf={wide} layers=3" in res.output, res.output
-    dcfg = json.loads((ref / "config.json").read_text())
-    assert dcfg["model"]["n_layers"] == 3 and dcfg["model"]["coords_range"] == ccfg["model"]["coords_range"] * 1.5
-    assert dcfg["model"]["nf"] == wide
-    res = run("sample", "--checkpoint", ref, "-n", 4, "--steps", 2, "-o", tmp_path / "deep.sdf", "--no-report")
+    # polished targets: --init's own one-call molecules polished by 2 teacher calls, from noise at T 0.5
+    ref = tmp_path / "kd_polished"
+    res = run("train", "--objective", "distill", "--init", ect, "--teacher", trained, "--set", "distill.pairs=20",
+              "--set", "distill.targets=polished", "--set", "distill.polish_calls=2",
+              "--set", "distill.pair_temperature=0.5", "--batch-size", 4, "--steps", 1, *_opt(ckpt_every=1),
+              "--devices", 1, "--out", ref)
     assert res.exit_code == 0, res.output
-    assert dcfg["refine_rounds"] == 2 and dcfg["refine_sigma"] == 0.0 and dcfg["relax_rounds"] == 2
-    assert dcfg["pair_temperature"] == 0.5
-    assert "relax_loss" in json.loads((ref / "metrics.jsonl").read_text().splitlines()[-1])
-    # --dmd-weight: a fake diffusion model (from the teacher) trains beside the student; the run restores
-    # both (export reads the checkpoint back) and exports, then samples, as its student alone
-    dm = tmp_path / "kd_dmd"
-    dm.mkdir()
-    (dm / "pairs.npz").write_bytes((out / "pairs.npz").read_bytes())
-    res = run("train", "--mode", "distill", "--init", ct, "--teacher", trained, "--pairs", 20, "--dmd-weight", 2,
-              "--batch-size", 4, "--steps", 1, "--ckpt-every", 1, "--cpu-devices", 1, "--out", dm)
-    assert res.exit_code == 0, res.output
-    assert json.loads((dm / "config.json").read_text())["dmd_weight"] == 2.0
-    rec = json.loads((dm / "metrics.jsonl").read_text().splitlines()[-1])
-    assert {"dmd_loss", "fake_loss", "dmd_gap"} <= set(rec), rec
-    res = run("export", dm, tmp_path / "dm_w", "--temperature", 0.8, "--renoise", 0.3)
-    assert res.exit_code == 0, res.output
-    wmeta = json.loads((tmp_path / "dm_w" / "meta.json").read_text())
-    assert wmeta["temperature"] == 0.8 and wmeta["renoise"] == 0.3  # the sampling defaults it recommends
-    from molgen.sample import load_model
-
-    _, wparams, _ = load_model(tmp_path / "dm_w")
-    _, cparams, _ = load_model(ct)
-    assert jax.tree_util.tree_structure(wparams) == jax.tree_util.tree_structure(cparams)  # no fake model
-    res = run("sample", "--checkpoint", tmp_path / "dm_w", "-n", 4, "--steps", 2, "-o", tmp_path / "dmw.sdf",
-              "--no-report")
-    assert res.exit_code == 0 and "temperature 0.8, re-noise 0.3," in res.output, res.output
-    assert (tmp_path / "dmw.sdf").read_text().count("$$$$") == 4
-    one_line_error(run("train", "--mode", "distill", "--init", ct, "--teacher", trained, "--relax-rounds", 2,
-                       "--out", tmp_path / "z"), "--relax-weight")
+    dcfg = json.loads((ref / "config.json").read_text())["distill"]
+    assert (dcfg["targets"], dcfg["polish_calls"], dcfg["pair_temperature"]) == ("polished", 2, 0.5)
     with np.load(ref / "pairs.npz") as z:
         assert int(z["refine_rounds"]) == 2 and z["n_atoms"].shape == (20,) and float(z["temperature"]) == 0.5
     with np.load(out / "pairs.npz") as z:  # the same seed's noise, drawn at half the temperature
         assert np.allclose(0.5 * z["noise_x"], np.load(ref / "pairs.npz")["noise_x"], atol=1e-6)
-    one_line_error(run("train", "--mode", "distill", "--init", ct, "--teacher", trained, "--pairs", 20,
-                       "--pair-temperature", 0.5, "--batch-size", 4, "--cpu-devices", 1, "--out", dm),
-                   "temperature 1, the run wants 0.5")
-    one_line_error(run("train", "--mode", "distill", "--init", ct, "--teacher", trained, "--pairs", 20,
-                       "--batch-size", 4, "--cpu-devices", 1, "--out", ref), "refinement rounds")
-    one_line_error(run("train", "--mode", "distill", "--init", ct, "--teacher", trained, "--layers", 1,
-                       "--out", tmp_path / "z"), "--layers 1")
-    one_line_error(run("train", "--mode", "distill", "--init", ct, "--teacher", trained, "--nf", 8,
-                       "--out", tmp_path / "z"), "--nf 8")
-    one_line_error(run("train", "--mode", "distill", "--init", ct, "--out", tmp_path / "z"), "--teacher")
-    one_line_error(run("train", "--mode", "distill", "--init", trained, "--teacher", trained, "--out", tmp_path / "z"),
-                   "consistency model")
-    one_line_error(run("train", "--mode", "distill", "--init", ct, "--teacher", ct, "--pairs", 20, "--batch-size", 4,
-                       "--out", tmp_path / "z"), "diffusion model")
+    res = run("export", ref, tmp_path / "w", "--temperature", 0.8, "--renoise", 0.3)
+    assert res.exit_code == 0, res.output
+    wmeta = json.loads((tmp_path / "w" / "meta.json").read_text())
+    assert wmeta["temperature"] == 0.8 and wmeta["renoise"] == 0.3  # the sampling defaults it recommends
+    res = run("sample", "--checkpoint", tmp_path / "w", "-n", 4, "--steps", 2, "-o", tmp_path / "w.sdf", "--no-report")
+    assert res.exit_code == 0 and "temperature 0.8, re-noise 0.3," in res.output, res.output
+    assert (tmp_path / "w.sdf").read_text().count("$$$$") == 4
+    one_line_error(run("export", ref, tmp_path / "w"), "not an empty folder")
+    assert run("export", ref, tmp_path / "w", "--force").exit_code == 0
+    (tmp_path / "kd2").mkdir()
+    (tmp_path / "kd2" / "pairs.npz").write_bytes((out / "pairs.npz").read_bytes())
+    one_line_error(run("train", "--objective", "distill", "--init", ect, "--teacher", trained, "--set",
+                       "distill.pairs=20", "--set", "distill.pair_temperature=0.5", "--batch-size", 4, "--devices", 1,
+                       "--out", tmp_path / "kd2"), "temperature 1, the run wants 0.5")
+    one_line_error(run("train", "--objective", "distill", "--init", ect, "--out", tmp_path / "z"), "--teacher")
+    one_line_error(run("train", "--objective", "distill", "--init", trained, "--teacher", trained, "--out",
+                       tmp_path / "z"), "consistency model")
+    one_line_error(run("train", "--objective", "distill", "--init", ect, "--teacher", ect, "--set", "distill.pairs=20",
+                       "--batch-size", 4, "--out", tmp_path / "z"), "diffusion model")
 
 
-def test_export_stack_samples_as_refine_and_trains(tmp_path, trained, ect, data_dir):
+def test_export_stack_samples_as_polish_and_trains(tmp_path, trained, ect, data_dir):
     """`molgen export --stack N` appends N denoising stages of the model's diffusion model to its network: one
-    call of the result gives `sample --refine N`'s molecules; distillation can train it, with the stages frozen."""
+    call of the result gives `sample --polish N`'s molecules; distillation trains the whole stack."""
     from molgen.chem.io import read_molecules
-    from molgen.sample import load_model
+    from molgen.models import load_model
 
     st = tmp_path / "stacked"
     res = run("export", ect, st, "--stack", 2, "--temperature", 0.9)
@@ -260,97 +243,85 @@ def test_export_stack_samples_as_refine_and_trains(tmp_path, trained, ect, data_
     assert "2 denoising stages" in json.loads((st / "meta.json").read_text())["trained"]
     res = run("sample", "--checkpoint", st, "-n", 5, "--steps", 1, "-o", tmp_path / "s.xyz", "--no-report",
               "--json", tmp_path / "s.json", "--data-dir", data_dir)
-    assert res.exit_code == 0 and "stacked network 32x2 + 2 stages of 32x2" in res.output, res.output
+    assert res.exit_code == 0 and "network 32x2 + 2 stages of 32x2" in res.output, res.output
     assert "1 network call per molecule" in res.output
     rep = json.loads((tmp_path / "s.json").read_text())
     assert rep["molgen_calls"] == 1 and rep["molgen_network"] == "32x2 + 2 stages of 32x2"
-    res = run("sample", "--checkpoint", ect, "-n", 5, "--steps", 1, "--refine", 2, "--temperature", 0.9,
+    res = run("sample", "--checkpoint", ect, "-n", 5, "--steps", 1, "--polish", 2, "--temperature", 0.9,
               "-o", tmp_path / "r.xyz", "--no-report")
     assert res.exit_code == 0, res.output
     for a, b in zip(read_molecules(tmp_path / "s.xyz"), read_molecules(tmp_path / "r.xyz")):
         np.testing.assert_allclose(a.positions, b.positions, atol=1e-3)
         np.testing.assert_array_equal(a.types, b.types)
-    # distillation from the stacked model, its stages frozen
-    kd = tmp_path / "kd_stack"
-    res = run("train", "--mode", "distill", "--init", st, "--teacher", trained, "--pairs", 20, "--teacher-steps", 2,
-              "--freeze-stages", "--batch-size", 4, "--steps", 2, "--ckpt-every", 2, "--cpu-devices", 1, "--out", kd)
-    assert res.exit_code == 0 and "+ 2 stages (frozen)" in res.output, res.output
-    _, before, _ = load_model(st)
-    kcfg, after, _ = load_model(kd)
-    assert kcfg.stack is not None and kcfg.freeze_stages
-    for a, b in zip(jax.tree_util.tree_leaves(before["stage"]), jax.tree_util.tree_leaves(after["stage"])):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=0)  # EMA rounding only
-    moved = [float(np.abs(np.asarray(a) - np.asarray(b)).max())
-             for a, b in zip(jax.tree_util.tree_leaves(before["base"]), jax.tree_util.tree_leaves(after["base"]))]
-    assert max(moved) > 0
+    kd = tmp_path / "kd_stack"  # distillation from the stacked model trains all of it
+    res = run("train", "--objective", "distill", "--init", st, "--teacher", trained, "--set", "distill.pairs=20",
+              "--set", "distill.teacher_steps=2", "--batch-size", 4, "--steps", 2, *_opt(ckpt_every=2, lr=1e-2,
+              warmup=1), "--devices", 1, "--out", kd)
+    assert res.exit_code == 0, res.output
+    before, after = load_model(st).params, load_model(kd)
+    assert after.cfg.stack is not None
+    for part in ("base", "stage"):
+        moved = [float(np.abs(np.asarray(a) - np.asarray(b)).max()) for a, b in
+                 zip(jax.tree_util.tree_leaves(before[part]), jax.tree_util.tree_leaves(after.params[part]))]
+        assert max(moved) > 0
     res = run("sample", "--checkpoint", kd, "-n", 3, "--steps", 2, "-o", tmp_path / "k.sdf", "--no-report")
     assert res.exit_code == 0, res.output
     one_line_error(run("export", trained, tmp_path / "x", "--stack", 2), "consistency model")
-    # a stacked model's --stack N re-spreads its own stages: 1 stage = `sample --refine 1` of the source
+    # a stacked model's --stack N re-spreads its own stages: 1 stage = `sample --polish 1` of the source
     st1 = tmp_path / "stacked1"
     res = run("export", st, st1, "--stack", 1)
     assert res.exit_code == 0, res.output
     assert json.loads((st1 / "config.json").read_text())["stack"]["levels"] == [0.1]
     assert "2 stages re-spread over 1 levels" in json.loads((st1 / "meta.json").read_text())["trained"]
-    for args, out in (((st1,), "s1.xyz"), ((ect, "--refine", 1), "r1.xyz")):
+    for args, out in (((st1,), "s1.xyz"), ((ect, "--polish", 1), "r1.xyz")):
         res = run("sample", "--checkpoint", *args, "-n", 5, "--steps", 1, "--temperature", 0.9, "-o", tmp_path / out,
                   "--no-report")
         assert res.exit_code == 0, res.output
     for a, b in zip(read_molecules(tmp_path / "s1.xyz"), read_molecules(tmp_path / "r1.xyz")):
         np.testing.assert_allclose(a.positions, b.positions, atol=1e-3)
         np.testing.assert_array_equal(a.types, b.types)
-    one_line_error(run("export", st, tmp_path / "x", "--stack", 2, "--refiner", trained), "stacked already")
-    one_line_error(run("export", ect, tmp_path / "x", "--refiner", trained), "--stack N")
-    one_line_error(run("train", "--mode", "distill", "--init", ect, "--teacher", trained, "--freeze-stages",
-                       "--out", tmp_path / "z"), "no denoising stages")
-    one_line_error(run("train", "--mode", "distill", "--init", st, "--teacher", trained, "--layers", 3,
-                       "--out", tmp_path / "z"), "stacked model")
+    one_line_error(run("export", st, tmp_path / "x", "--stack", 2, "--stages-from", trained), "stacked already")
+    one_line_error(run("export", ect, tmp_path / "x", "--stages-from", trained), "--stack N")
 
 
 def test_diffusion_warm_start_keeps_weights_and_shape(tmp_path, trained, data_dir):
-    """--mode diffusion --init starts from the given model's weights and network shape (not --model's)."""
-    import jax
-    import numpy as np
-
-    from molgen.sample import load_model
+    """--init starts a diffusion run from the given model's weights and network shape."""
+    from molgen.models import load_model
 
     out = tmp_path / "warm"
-    res = run("train", "--mode", "diffusion", "--init", trained, "--model", "base", "--steps", 1, "--lr", 1e-12,
-              "--warmup", 1, "--batch-size", 8, "--data-dir", data_dir, "--out", out, "--ckpt-every", 1)
+    res = run("train", "--init", trained, "--steps", 1, "--lr", 1e-12, "--batch-size", 8, "--data-dir", data_dir,
+              "--out", out, *_opt(ckpt_every=1, warmup=1))
     assert res.exit_code == 0, res.output
     cfg = json.loads((out / "config.json").read_text())
     tcfg = json.loads((trained / "config.json").read_text())
     assert cfg["model"] == tcfg["model"] and cfg["init"] == str(trained)
-    _, p0, _ = load_model(trained)
-    _, p1, _ = load_model(out)
-    for a, b in zip(jax.tree_util.tree_leaves(p0), jax.tree_util.tree_leaves(p1)):
+    for a, b in zip(jax.tree_util.tree_leaves(load_model(trained).params), jax.tree_util.tree_leaves(load_model(out).params)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
-    one_line_error(run("train", "--mode", "ct", "--init", trained, "--data-dir", data_dir, "--out", tmp_path / "z"),
+    one_line_error(run("train", "--objective", "ct", "--init", trained, "--data-dir", data_dir, "--out", tmp_path / "z"),
                    "--init")
-    # an explicit width or depth cannot be honoured by a warm start (only --mode distill grows a network)
-    one_line_error(run("train", "--mode", "diffusion", "--init", trained, "--nf", 96, "--data-dir", data_dir,
-                       "--out", tmp_path / "z"), "only --mode distill can grow it")
+    one_line_error(run("train", "--init", trained, "--model", "base", "--data-dir", data_dir, "--out", tmp_path / "z"),
+                   "takes its network from --init")
 
 
 def test_sample_bad_inputs(tmp_path, trained):
-    one_line_error(run("sample", "--checkpoint", tmp_path / "none", "-o", tmp_path / "x.sdf"), "no such checkpoint")
+    one_line_error(run("sample", "--checkpoint", tmp_path / "none", "-o", tmp_path / "x.sdf"), "no such model")
     one_line_error(run("sample", "--checkpoint", trained, "-o", tmp_path / "x.pdb"), "cannot tell the format")
     one_line_error(run("sample", "--checkpoint", trained, "-o", tmp_path / "x.sdf", "--steps", 0), "--steps")
     one_line_error(run("sample", "--checkpoint", trained, "-o", tmp_path / "x.sdf", "-n", 0), "-n")
     one_line_error(run("sample", "--checkpoint", trained, "-o", tmp_path / "nodir" / "x.sdf"), "does not exist")
     one_line_error(run("sample", "--checkpoint", trained, "-o", tmp_path / "x.sdf", "--steps", 2,
-                       "--sigmas", "1,2"), "consistency models only")
+                       "--sigmas", "1,2"), "--sigmas applies to the consistency samplers")
     one_line_error(run("sample", "--checkpoint", trained, "-o", tmp_path / "x.sdf", "--sampler", "euler"),
                    "--sampler must be one of ancestral, ode")
     one_line_error(run("sample", "--checkpoint", trained, "-o", tmp_path / "x.sdf", "--temperature", 0),
                    "--temperature must be a positive number")
     one_line_error(run("sample", "--checkpoint", trained, "-o", tmp_path / "x.sdf", "--renoise", 0.5),
-                   "--renoise applies to the k-step sampler of consistency models")
+                   "--renoise applies to the multistep sampler of consistency models")
     one_line_error(run("export", trained, tmp_path / "w", "--renoise", 0.5), "--renoise applies to consistency")
     one_line_error(run("export", trained, tmp_path / "w", "--temperature", -1), "--temperature must be a positive number")
     assert not (tmp_path / "w").exists()
     assert not (tmp_path / "x.sdf").exists()
-    biggest = max(i for i, c in enumerate(json.loads((trained / "config.json").read_text())["size_hist"]) if c)
+    biggest = max(i for i, c in enumerate(json.loads((trained / "config.json").read_text())["data"]["size_hist"]) if c)
     res = run("sample", "--checkpoint", trained, "-n", 1, "--steps", 2, "--atoms", biggest + 1, "-o",
               tmp_path / "big.sdf", "--no-report")
     assert res.exit_code == 0 and f"at most {biggest} atoms; expect poor molecules" in res.output, res.output
@@ -366,13 +337,14 @@ def test_cpu_devices_choice_and_errors(tmp_path, data_dir):
     # One device per core while the batch splits evenly with >= 8 molecules per device.
     assert [auto_cpu_devices(64, c) for c in (1, 2, 3, 16)] == [1, 2, 2, 8]
     assert auto_cpu_devices(48, 16) == 6 and auto_cpu_devices(12, 2) == 1 and auto_cpu_devices(7, 4) == 1
-    one_line_error(run("train", "--model", "tiny", "--steps", 1, "--batch-size", 8, "--cpu-devices", 3,
-                       "--data-dir", data_dir, "--out", tmp_path / "r"), "not divisible by --cpu-devices 3")
+    one_line_error(run("train", "--model", "tiny", "--steps", 1, "--batch-size", 8, "--devices", 3,
+                       "--data-dir", data_dir, "--out", tmp_path / "r"), "not divisible by --devices 3")
     assert not (tmp_path / "r").exists()
 
 
 def test_train_on_two_cpu_devices(tmp_path, data_dir):
-    """A fresh process (JAX not started yet) trains data-parallel on two CPU devices and resumes."""
+    """A fresh process (JAX not started yet) trains data-parallel on two CPU devices and resumes; off a terminal
+    it prints progress lines."""
     import os
     import subprocess
     import sys
@@ -381,11 +353,12 @@ def test_train_on_two_cpu_devices(tmp_path, data_dir):
 
     env = dict(os.environ, XLA_FLAGS=FAST_COMPILE, JAX_PLATFORMS="cpu")  # no device count from outside
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "molgen", "train", "--model", "tiny", "--batch-size", 16, "--cpu-devices", 2,
-           "--data-dir", data_dir, "--out", out, "--ckpt-every", 2, "--eval-every", 2]
+    cmd = [sys.executable, "-m", "molgen", "train", "--model", "tiny", "--batch-size", 16, "--devices", 2,
+           "--data-dir", data_dir, "--out", out, *_opt(ckpt_every=2, eval_every=2)]
     r = subprocess.run([str(c) for c in cmd + ["--steps", 2]], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "devices 2 (cpu)" in r.stderr and "step 2" in r.stdout
+    assert "step 2/2  loss" in r.stderr and "left" in r.stderr  # a progress line for the log
     r = subprocess.run([str(c) for c in cmd + ["--steps", 4, "--resume"]], env=env, capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -396,13 +369,41 @@ def test_train_on_two_cpu_devices(tmp_path, data_dir):
 
 def test_resume_with_new_learning_rate_and_batch_size(tmp_path, data_dir):
     out = tmp_path / "run"
-    base = ("--data-dir", data_dir, "--out", out, "--ckpt-every", 2, "--eval-every", 2)
+    base = ("--data-dir", data_dir, "--out", out, *_opt(ckpt_every=2, eval_every=2))
     assert run("train", "--model", "tiny", "--steps", 2, "--batch-size", 8, "--lr", 1e-3, *base).exit_code == 0
-    one_line_error(run("train", "--resume", "--steps", 3, "--lr", -1, *base), "--lr > 0")
-    res = run("train", "--resume", "--steps", 3, "--lr", 2e-5, "--batch-size", 4, *base)
+    one_line_error(run("train", "--resume", "--steps", 3, "--lr", -1, "--data-dir", data_dir, "--out", out),
+                   "--lr must be positive")
+    one_line_error(run("train", "--resume", "--model", "base", "--data-dir", data_dir, "--out", out),
+                   "its model.preset is (32, 2), not (128, 6)")
+    res = run("train", "--resume", "--steps", 3, "--lr", 2e-5, "--batch-size", 4, "--data-dir", data_dir, "--out", out)
     assert res.exit_code == 0 and "step 3" in res.output, res.output
     cfg = json.loads((out / "config.json").read_text())
-    assert (cfg["lr"], cfg["batch_size"], cfg["steps"]) == (2e-5, 4, 3)
+    assert (cfg["optim"]["lr"], cfg["optim"]["batch_size"], cfg["optim"]["steps"]) == (2e-5, 4, 3)
     assert cfg["model"]["nf"] == 32  # the rest is the run's own
     last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     assert last["step"] == 3 and 0 < last["lr"] <= 2e-5
+
+
+def test_recipes_and_overrides(tmp_path, data_dir):
+    """A recipe file sets what it names; --set and the direct options override it; mistakes are one line."""
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('objective = "diffusion"\nseed = 3\n[model]\npreset = "tiny"\nnf = 16\n'
+                      '[optim]\nbatch_size = 8\nsteps = 2\nlr = 1e-3\nckpt_every = 2\n')
+    out = tmp_path / "run"
+    res = run("train", "--recipe", recipe, "--set", "optim.warmup=1", "--lr", 2e-3, "--data-dir", data_dir,
+              "--out", out)
+    assert res.exit_code == 0, res.output
+    cfg = json.loads((out / "config.json").read_text())
+    assert (cfg["seed"], cfg["model"]["nf"], cfg["model"]["n_layers"]) == (3, 16, 2)
+    assert (cfg["optim"]["warmup"], cfg["optim"]["lr"], cfg["optim"]["steps"]) == (1, 2e-3, 2)
+    bad = tmp_path / "bad.toml"
+    bad.write_text("objective = [\n")
+    for args, msg in ((("--recipe", bad), "not a valid TOML recipe"), (("--recipe", "nope"), "no such recipe"),
+                      (("--set", "optim.lr"), "expected section.key=value"),
+                      (("--set", "optim.lr=fast"), "optim.lr must be a float"),
+                      (("--set", "model.preset=huge"), "model.preset must be one of"),
+                      (("--set", "optics.lr=1"), "unknown setting(s) optics"),
+                      (("--objective", "gan"), "objective must be one of"),
+                      (("--steps", 0), "--steps must be at least 1"), (("--seed", -1), "--seed must be in")):
+        one_line_error(run("train", *args, "--data-dir", data_dir, "--out", tmp_path / "z"), msg)
+    assert not (tmp_path / "z").exists()

@@ -164,7 +164,7 @@ def test_pack_masks_and_segments():
 def test_batch_sampler_is_a_function_of_step(records):
     ds = qm9.build_dataset(records)
     ids = ds.split("train")
-    a, b = BatchSampler(ds, ids, 8, seed=3), BatchSampler(ds, ids, 8, seed=3)
+    a, b = BatchSampler(ids, 8, seed=3), BatchSampler(ids, 8, seed=3)
     seq = [a.indices(s).tolist() for s in range(12)]
     assert [b.indices(s).tolist() for s in reversed(range(12))] == seq[::-1]
     epoch = sum(seq[: a.steps_per_epoch], [])

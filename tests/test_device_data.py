@@ -54,7 +54,7 @@ def test_assemble_of_a_subset_and_noise(mini_ds):
 
 def test_shape_plan_fits_every_batch_of_the_run(mini_ds):
     ids = mini_ds.split("train")
-    sampler = BatchSampler(mini_ds, ids, 8, seed=1)
+    sampler = BatchSampler(ids, 8, seed=1)
     plan = ShapePlan(mini_ds.n_atoms, sampler, 2, 0, 40)
     nodes, edges = plan.shape
     assert nodes % 64 == 0 and edges % 1024 == 0
@@ -77,8 +77,8 @@ def test_training_subset_cache_gives_the_same_batches(mini_ds, tmp_path):
     save_cache(mini_ds.training_subset(), tmp_path, source="test")
     sub = load_qm9(tmp_path)
     assert len(sub) == len(mini_ds.split("train")) and len(sub.split("valid")) == 0
-    full = BatchSampler(mini_ds, mini_ds.split("train"), 8, seed=4)
-    small = BatchSampler(sub, sub.split("train"), 8, seed=4)
+    full = BatchSampler(mini_ds.split("train"), 8, seed=4)
+    small = BatchSampler(sub.split("train"), 8, seed=4)
     for s in (0, 3, 11):
         for i, j in zip(full.indices(s), small.indices(s)):
             np.testing.assert_array_equal(mini_ds.molecule(int(i))[0], sub.molecule(int(j))[0])

@@ -6,17 +6,44 @@ import numpy as np
 import pytest
 from conftest import random_molecules, random_rotation
 
-from molgen.data.batching import dense_graph, node_features, pack
+from molgen.data.batching import _pairs, pack
+from molgen.data.features import type_features
 from molgen.nn.egnn import EGNN, PRESETS, EGNNConfig, remove_mean
 
 CFG = EGNNConfig(nf=32, n_layers=3, inv_sublayers=2)
+
+
+def _features(types, mask):
+    return type_features(types, mask, np)
+
+
+def dense_graph(positions, types, mask):
+    """The plain formulation: B molecules padded to n_max rows each, all n_max**2 - n_max pairs, masked."""
+    from molgen.data.batching import Graph
+
+    b, n_max = mask.shape
+    n_pad = b * n_max + 1
+    i, j = _pairs(n_max)
+    offs = (np.arange(b, dtype=np.int32) * n_max)[:, None]
+    m = mask.astype(np.float32)
+    pos = np.zeros((n_pad, 3), np.float32)
+    pos[:-1] = positions.reshape(-1, 3)
+    typ = np.zeros(n_pad, np.int32)
+    typ[:-1] = types.reshape(-1)
+    node_mask = np.zeros(n_pad, np.float32)
+    node_mask[:-1] = m.reshape(-1)
+    segment = np.full(n_pad, b, np.int32)
+    segment[:-1] = np.repeat(np.arange(b, dtype=np.int32), n_max)
+    n_atoms = np.concatenate([m.sum(1).astype(np.int32), [0]])
+    return Graph(pos, typ, node_mask, segment, (j[None] + offs).reshape(-1).astype(np.int32),
+                 (i[None] + offs).reshape(-1).astype(np.int32), (m[:, i] * m[:, j]).reshape(-1), n_atoms)
 
 
 def _setup(rng, sizes=(5, 9, 3), cfg=CFG):
     pos, typ = random_molecules(rng, sizes)
     g = pack(pos, typ)
     model = EGNN(cfg)
-    h = node_features(g.types, g.node_mask)
+    h = _features(g.types, g.node_mask)
     cond = np.where(g.node_mask > 0, rng.uniform(size=g.node_mask.shape), 0).astype(np.float32)
     params = model.init(jax.random.PRNGKey(int(rng.integers(1 << 30))), g.positions, h, cond, g)
     # Make the coordinate updates non-trivial (the coordinate head starts near zero on purpose).
@@ -61,7 +88,7 @@ def test_permutation_equivariance(rng):
     g1 = pack(pos, typ)
     g2 = pack([pos[0][perm], pos[1]], [typ[0][perm], typ[1]])
     model = EGNN(CFG)
-    h1, h2 = node_features(g1.types, g1.node_mask), node_features(g2.types, g2.node_mask)
+    h1, h2 = _features(g1.types, g1.node_mask), _features(g2.types, g2.node_mask)
     c = g1.node_mask * 0.3
     params = model.init(jax.random.PRNGKey(0), g1.positions, h1, c, g1)
     params = jax.tree_util.tree_map(lambda p: p + 0.05 * jnp.asarray(rng.normal(size=p.shape), p.dtype), params)
@@ -83,7 +110,7 @@ def test_padding_never_changes_real_atoms(rng):
         pos.append(g.positions[o : o + n]); typ.append(g.types[o : o + n]); o += n
     g2 = pack(pos, typ, pad_nodes=len(g.node_mask) + 37, pad_edges=len(g.edge_mask) + 500)
     x2 = g2.positions.copy(); x2[n_real:] = rng.normal(size=(len(x2) - n_real, 3)) * 100
-    h2 = node_features(g2.types, g2.node_mask); h2[n_real:] = rng.normal(size=(len(h2) - n_real, 6))
+    h2 = _features(g2.types, g2.node_mask); h2[n_real:] = rng.normal(size=(len(h2) - n_real, 6))
     c2 = np.zeros(len(x2), np.float32); c2[:n_real] = cond[:n_real]; c2[n_real:] = 7.0
     vel2, hout2 = _run(model, params, g2, x2, h2, c2)
     np.testing.assert_allclose(np.asarray(vel2)[:n_real], np.asarray(vel)[:n_real], rtol=1e-5, atol=1e-4)
@@ -121,7 +148,7 @@ def test_packed_pairs_equal_dense_padded(rng):
         dpos[k, :n] = pos[k]; dtyp[k, :n] = typ[k]; mask[k, :n] = 1
     gd = dense_graph(dpos, dtyp, mask)
     model = EGNN(CFG.replace(split_edge_layer=False))
-    hp, hd = node_features(g.types, g.node_mask), node_features(gd.types, gd.node_mask)
+    hp, hd = _features(g.types, g.node_mask), _features(gd.types, gd.node_mask)
     params = model.init(jax.random.PRNGKey(1), g.positions, hp, g.node_mask * 0.5, g)
     params = jax.tree_util.tree_map(lambda p: p + 0.05 * jnp.asarray(rng.normal(size=p.shape), p.dtype), params)
     vp, op = _run(model, params, g, g.positions, hp, g.node_mask * 0.5)
@@ -137,76 +164,6 @@ def test_presets_are_frozen_and_roundtrip():
     assert EGNNConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(Exception):
         cfg.nf = 3  # frozen
-
-
-def test_grown_network_computes_the_same_function_and_its_new_blocks_learn(rng):
-    """Deepening by identity blocks keeps the output, scales coords_range, and the new blocks get gradients."""
-    from molgen.nn.egnn import can_grow, grow_params, grown_config
-
-    small = EGNNConfig(nf=32, n_layers=2, inv_sublayers=2)
-    model, params, g, h, cond = _setup(rng, cfg=small)
-    big_cfg, big = grow_params(params, small, 5, seed=3)
-    assert big_cfg == grown_config(small, 5) and big_cfg.n_layers == 5 and big_cfg.coords_range == 15.0 * 5 / 2
-    assert can_grow(small, big_cfg) and not can_grow(small, big_cfg.replace(coords_range=15.0))
-    assert set(big["params"]) == {"embedding", "embedding_out"} | {f"block_{i}" for i in range(5)}
-    vel, hout = _run(model, params, g, g.positions, h, cond)
-    assert float(jnp.abs(vel).max()) > 1e-3
-    vel2, hout2 = _run(EGNN(big_cfg), big, g, g.positions, h, cond)
-    np.testing.assert_allclose(np.asarray(vel2), np.asarray(vel), atol=1e-5)
-    np.testing.assert_allclose(np.asarray(hout2), np.asarray(hout), atol=1e-5)
-
-    def loss(p):
-        v, o = EGNN(big_cfg).apply(p, jnp.asarray(g.positions), jnp.asarray(h), jnp.asarray(cond), g)
-        return jnp.sum(v**2) + jnp.sum(o**2)
-
-    grads = jax.grad(loss)(big)["params"]
-    for i in (2, 3, 4):
-        assert float(jnp.abs(grads[f"block_{i}"]["gcl_1"]["node_out"]["kernel"]).max()) > 0
-        assert float(jnp.abs(grads[f"block_{i}"]["update"]["coord_out"]["kernel"]).max()) > 0
-    with pytest.raises(ValueError):
-        grown_config(big_cfg, 3)
-
-
-def test_widened_network_computes_the_same_function_and_its_new_channels_learn(rng):
-    """Widening (new channels zero in the residual stream, zero rows for new hidden units) keeps the output;
-    widened and deepened at once too; the new weights get gradients; the wider network stays equivariant."""
-    from molgen.nn.egnn import can_grow, grow_params, grown_config
-
-    small = EGNNConfig(nf=16, n_layers=2, inv_sublayers=2)
-    model, params, g, h, cond = _setup(rng, cfg=small)
-    vel, hout = _run(model, params, g, g.positions, h, cond)
-    assert float(jnp.abs(vel).max()) > 1e-3
-    for nf, layers in ((40, None), (24, 3)):
-        big_cfg, big = grow_params(params, small, layers, seed=5, nf=nf)
-        assert big_cfg == grown_config(small, layers, nf) and big_cfg.nf == nf and can_grow(small, big_cfg)
-        assert big["params"]["block_0"]["gcl_0"]["edge_in"]["kernel"].shape == (2 * nf + 2, nf)
-        vel2, hout2 = _run(EGNN(big_cfg), big, g, g.positions, h, cond)
-        np.testing.assert_allclose(np.asarray(vel2), np.asarray(vel), atol=1e-5)
-        np.testing.assert_allclose(np.asarray(hout2), np.asarray(hout), atol=1e-5)
-
-    big_cfg, big = grow_params(params, small, None, seed=5, nf=40)
-
-    def loss(p):
-        v, o = EGNN(big_cfg).apply(p, jnp.asarray(g.positions), jnp.asarray(h), jnp.asarray(cond), g)
-        return jnp.sum(v**2) + jnp.sum(o**2)
-
-    grads = jax.grad(loss)(big)["params"]
-    for b in ("block_0", "block_1"):
-        gk = grads[b]["gcl_1"]
-        assert float(jnp.abs(gk["node_out"]["kernel"][:, 16:]).max()) > 0  # the zero columns of the new channels
-        assert float(jnp.abs(gk["edge_out"]["kernel"][16:]).max()) > 0  # the zero rows of new hidden units
-        assert float(jnp.abs(grads[b]["update"]["coord_out"]["kernel"][16:]).max()) > 0
-    # After a step the new channels carry signal, and the network is still E(3)-equivariant.
-    moved = jax.tree_util.tree_map(lambda p, d: p - 0.05 * d / (jnp.abs(d).max() + 1e-12), big, {"params": grads})
-    Q, t = random_rotation(rng, reflect=True), rng.normal(size=3)
-    v1, o1 = _run(EGNN(big_cfg), moved, g, g.positions, h, cond)
-    assert float(jnp.abs(v1 - vel).max()) > 1e-4
-    x_rot = (np.asarray(g.positions) @ Q.T + t) * g.node_mask[:, None]
-    v2, o2 = _run(EGNN(big_cfg), moved, g, x_rot.astype(np.float32), h, cond)
-    np.testing.assert_allclose(np.asarray(v2), np.asarray(v1) @ Q.T, atol=2e-4)
-    np.testing.assert_allclose(np.asarray(o2), np.asarray(o1), atol=2e-4)
-    with pytest.raises(ValueError):
-        grown_config(big_cfg, nf=8)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -263,7 +220,7 @@ def test_bf16_padding_never_changes_real_atoms():
         pos.append(g.positions[o : o + n]); typ.append(g.types[o : o + n]); o += n
     g2 = pack(pos, typ, pad_nodes=len(g.node_mask) + 37, pad_edges=len(g.edge_mask) + 500)
     x2 = g2.positions.copy(); x2[n_real:] = rng.normal(size=(len(x2) - n_real, 3)) * 100
-    h2 = node_features(g2.types, g2.node_mask); h2[n_real:] = rng.normal(size=(len(h2) - n_real, 6))
+    h2 = _features(g2.types, g2.node_mask); h2[n_real:] = rng.normal(size=(len(h2) - n_real, 6))
     c2 = np.zeros(len(x2), np.float32); c2[:n_real] = cond[:n_real]; c2[n_real:] = 7.0
     vel2, hout2 = _run(fast, params, g2, x2, h2, c2)
     np.testing.assert_allclose(np.asarray(vel2)[:n_real], np.asarray(vel)[:n_real], atol=1e-3 * _scale(vel))
@@ -280,7 +237,7 @@ def test_forward_flops_is_xla_s_count_of_the_products(rng, split):
     cfg = EGNNConfig(nf=64, n_layers=2, split_edge_layer=split)
     pos, typ = random_molecules(rng, (9, 12, 5))
     g = pack(pos, typ)
-    h = node_features(g.types, g.node_mask)
+    h = _features(g.types, g.node_mask)
     model = EGNN(cfg)
     params = model.init(jax.random.PRNGKey(0), g.positions, h, g.node_mask, g)
     xla = jax.jit(model.apply).lower(params, g.positions, h, g.node_mask, g).cost_analysis()

@@ -1,4 +1,4 @@
-"""Samplers (k network calls, zero CoM, determinism) and the consistency function's defining properties."""
+"""Samplers (k network calls, zero CoM, determinism, temperature) and the consistency function's properties."""
 
 import jax
 import jax.numpy as jnp
@@ -6,101 +6,117 @@ import numpy as np
 import pytest
 from conftest import random_molecules, random_rotation
 
-from molgen.config import RunConfig
-from molgen.consistency.ict import (ConsistencyConfig, default_sigmas, karras_sigmas, make_consistency_fn,
-                                    n_discretisation)
-from molgen.data.batching import node_features, pack
-from molgen.diffusion.schedule import gamma_table, ve_sigma_to_t, vp_to_ve_sigma
-from molgen.nn.egnn import EGNN, PRESETS
-from molgen.sample import sample
-from molgen.train import init_params, make_apply
+from molgen import MolgenError
+from molgen.config import DataConfig, RunConfig
+from molgen.consistency.ict import (ConsistencyConfig, make_consistency_fn, multistep_levels, n_discretisation,
+                                    training_levels)
+from molgen.data.batching import pack
+from molgen.data.features import type_features
+from molgen.diffusion.edm import DiffusionConfig, denoiser
+from molgen.diffusion.levels import karras, ode_levels
+from molgen.models import Model
+from molgen.networks import init_params, model_fn, network
+from molgen.nn.egnn import PRESETS
+from molgen.sample import plan, sample
+from molgen.samplers import SAMPLERS, get_sampler
+
+HIST = DataConfig(size_hist=(0, 0, 0, 2, 3, 5, 1))  # molecules of 3-6 atoms
 
 
-def _cfg(mode, parametrization="ict"):
+def _cfg(kind, parametrization="ict"):
+    if kind == "diffusion":
+        return RunConfig(model=PRESETS["tiny"], data=HIST)
     cons = ConsistencyConfig(parametrization=parametrization, sigma_data_x=1.4, sigma_data_h=0.2)
-    hist = (0, 0, 0, 2, 3, 5, 1)  # molecules of 3-6 atoms
-    return RunConfig(mode=mode, model=PRESETS["tiny"], consistency=cons, size_hist=hist)
+    schedule = DiffusionConfig() if parametrization == "ict-vp" else None
+    return RunConfig(objective="ct", model=PRESETS["tiny"], consistency=cons, diffusion=schedule, data=HIST)
 
 
-def _noisy_params(cfg, rng):
+def _model(kind, rng, parametrization="ict"):
+    cfg = _cfg(kind, parametrization)
     p = init_params(cfg, 0)
-    return jax.tree_util.tree_map(lambda a: a + 0.05 * jnp.asarray(rng.normal(size=a.shape), a.dtype), p)
+    return Model(cfg, jax.tree_util.tree_map(lambda a: a + 0.05 * jnp.asarray(rng.normal(size=a.shape), a.dtype), p))
 
 
-def _counting_apply(cfg, counter):
-    _, apply = make_apply(cfg)
+def _recording(cfg, seen, what=lambda x, h: 1):
+    _, apply = network(cfg)
 
-    def counted(params, x, h, cond, graph):
-        jax.debug.callback(lambda: counter.append(1))
+    def rec(params, x, h, cond, graph):
+        jax.debug.callback(lambda a, b: seen.append(what(np.asarray(a), np.asarray(b))), x, h)
         return apply(params, x, h, cond, graph)
 
-    return counted
+    return rec
 
 
-@pytest.mark.parametrize("mode,steps", [("diffusion", 1), ("diffusion", 5), ("ct", 1), ("ct", 2), ("ct", 4),
-                                        ("ect", 3)])
-def test_k_steps_make_k_network_calls(rng, mode, steps):
-    cfg = _cfg(mode, "eps" if mode == "ect" else "ict")
-    params = _noisy_params(cfg, rng)
-    calls = []
-    mols = sample(cfg, params, n=12, steps=steps, seed=1, batch_size=12, apply_fn=_counting_apply(cfg, calls))
-    assert len(calls) == steps  # one batch: k evaluations of the network for every molecule
-    assert len(mols) == 12
-    for m in mols:
-        assert np.isfinite(m.positions).all() and 3 <= len(m.types) <= 6
-        np.testing.assert_allclose(m.positions.mean(0), 0, atol=1e-4)
+@pytest.mark.parametrize("kind,sampler,steps", [("diffusion", "ancestral", 1), ("diffusion", "ancestral", 5),
+                                                ("consistency", "multistep", 1), ("consistency", "multistep", 2),
+                                                ("consistency", "multistep", 4), ("consistency", "anneal", 3)])
+def test_k_steps_make_k_network_calls(rng, kind, sampler, steps):
+    m = _model(kind, rng)
+    calls, ticks = [], []
+    res = sample(m, n=12, steps=steps, seed=1, batch_size=12, sampler=sampler, apply=_recording(m.cfg, calls),
+                 progress=ticks.append)
+    assert len(calls) == steps == res.calls == sum(ticks)  # one batch: k evaluations for every molecule
+    assert len(res.molecules) == 12
+    for mol in res.molecules:
+        assert np.isfinite(mol.positions).all() and 3 <= len(mol.types) <= 6
+        np.testing.assert_allclose(mol.positions.mean(0), 0, atol=1e-4)
+        assert mol.props["molgen_sampler"] == sampler and mol.props["molgen_calls"] == steps
 
 
 @pytest.mark.parametrize("steps", [1, 3])
 def test_ode_sampler_calls_zero_com_and_determinism(rng, steps):
-    from molgen.diffusion.ode import karras_levels
-    from molgen.sample import network_calls, noise_levels
-
-    cfg = _cfg("diffusion")
-    params = _noisy_params(cfg, rng)
-    levels = noise_levels(cfg, steps, sampler="ode")
-    assert levels == karras_levels(steps, 0.002, 80.0) and levels[0] == 80.0 and levels[-1] == 0.0
-    assert network_calls(cfg, levels, "ode") == 2 * steps - 1  # Heun: 2 calls a step, 1 for the step to 0
+    m = _model("diffusion", rng)
+    s = get_sampler(m.cfg, "ode")
+    levels = s.levels(m.cfg, steps)
+    assert levels == ode_levels(steps, 0.002, 80.0) and levels[0] == 80.0 and levels[-1] == 0.0
+    assert s.calls(levels) == 2 * steps - 1  # Heun: 2 calls a step, 1 for the step to 0
     calls = []
-    mols = sample(cfg, params, n=8, steps=steps, seed=2, batch_size=8, apply_fn=_counting_apply(cfg, calls),
-                  sampler="ode")
+    mols = sample(m, n=8, steps=steps, seed=2, batch_size=8, apply=_recording(m.cfg, calls), sampler="ode").molecules
     assert len(calls) == 2 * steps - 1
-    again = sample(cfg, params, n=8, steps=steps, seed=2, sampler="ode")
-    for m, a in zip(mols, again):
-        assert np.isfinite(m.positions).all() and 3 <= len(m.types) <= 6
-        np.testing.assert_allclose(m.positions.mean(0), 0, atol=1e-4)
-        np.testing.assert_array_equal(m.positions, a.positions)  # deterministic given the seed's noise
+    again = sample(m, n=8, steps=steps, seed=2, sampler="ode").molecules
+    for a, b in zip(mols, again):
+        assert np.isfinite(a.positions).all() and 3 <= len(a.types) <= 6
+        np.testing.assert_allclose(a.positions.mean(0), 0, atol=1e-4)
+        np.testing.assert_array_equal(a.positions, b.positions)  # deterministic given the seed's noise
 
 
-def test_sampler_option_errors():
-    from molgen import MolgenError
-    from molgen.sample import noise_levels
-
-    with pytest.raises(MolgenError, match="applies to diffusion models"):
-        noise_levels(_cfg("ct"), 2, sampler="ode")
+def test_sampler_option_errors(rng):
+    d, c = _model("diffusion", rng), _model("consistency", rng)
+    with pytest.raises(MolgenError, match="applies to diffusion models; this is a consistency model"):
+        plan(c, 2, "ode")
+    with pytest.raises(MolgenError, match="applies to consistency models"):
+        plan(d, 2, "anneal")
     with pytest.raises(MolgenError, match="--sampler must be one of"):
-        noise_levels(_cfg("diffusion"), 2, sampler="heun")
-    with pytest.raises(MolgenError, match="consistency models only"):
-        noise_levels(_cfg("diffusion"), 2, sigmas=[1.0, 0.5], sampler="ode")
+        plan(d, 2, "heun")
+    with pytest.raises(MolgenError, match="--sigmas applies to the consistency samplers"):
+        plan(d, 2, "ode", sigmas=[1.0, 0.5])
+    with pytest.raises(MolgenError, match="--sigmas gives 1 levels for --steps 2"):
+        plan(c, 2, sigmas=[1.0])
+    with pytest.raises(MolgenError, match="must decrease"):
+        plan(c, 2, sigmas=[0.5, 1.0])
+    with pytest.raises(MolgenError, match="--renoise applies to the multistep sampler"):
+        plan(d, 2, renoise=0.5)
+    with pytest.raises(MolgenError, match="exceeds the model's 1000 diffusion steps"):
+        plan(d, 1001)
+    with pytest.raises(MolgenError, match="--steps must be at least 1"):
+        plan(c, 0)
+    assert set(SAMPLERS) == {"ancestral", "ode", "multistep", "anneal"}
 
 
 def test_batches_multiply_calls_and_sizes_follow_histogram(rng):
-    cfg = _cfg("ct")
+    m = _model("consistency", rng)
     calls = []
-    mols = sample(cfg, _noisy_params(cfg, rng), n=10, steps=2, seed=0, batch_size=4,
-                  apply_fn=_counting_apply(cfg, calls))
+    res = sample(m, n=10, steps=2, seed=0, batch_size=4, apply=_recording(m.cfg, calls))
     assert len(calls) == 2 * 3  # three batches (4 + 4 + 2)
-    fixed = sample(cfg, _noisy_params(cfg, rng), n=3, steps=1, seed=0, atoms=9)
-    assert all(len(m.types) == 9 for m in fixed)
+    assert all(3 <= len(x.types) <= 6 for x in res.molecules)
+    fixed = sample(m, n=3, steps=1, seed=0, atoms=9).molecules
+    assert all(len(x.types) == 9 for x in fixed)
 
 
-@pytest.mark.parametrize("mode", ["diffusion", "ct"])
-def test_same_seed_same_molecules(rng, mode):
-    cfg = _cfg(mode)
-    params = _noisy_params(cfg, rng)
-    a = sample(cfg, params, n=6, steps=2, seed=5)
-    b = sample(cfg, params, n=6, steps=2, seed=5)
-    c = sample(cfg, params, n=6, steps=2, seed=6)
+@pytest.mark.parametrize("kind", ["diffusion", "consistency"])
+def test_same_seed_same_molecules(rng, kind):
+    m = _model(kind, rng)
+    a, b, c = (sample(m, n=6, steps=2, seed=s).molecules for s in (5, 5, 6))
     for x, y in zip(a, b):
         np.testing.assert_array_equal(x.positions, y.positions)
         np.testing.assert_array_equal(x.types, y.types)
@@ -108,174 +124,154 @@ def test_same_seed_same_molecules(rng, mode):
                for x, z in zip(a, c))
 
 
-@pytest.mark.parametrize("mode,sampler", [("ct", "ancestral"), ("ct", "refine"), ("diffusion", "ancestral"),
-                                          ("diffusion", "ode")])
-def test_temperature_scales_the_starting_noise(rng, mode, sampler):
+@pytest.mark.parametrize("kind,sampler", [("consistency", "multistep"), ("consistency", "anneal"),
+                                          ("diffusion", "ancestral"), ("diffusion", "ode")])
+def test_temperature_scales_the_starting_noise(rng, kind, sampler):
     """The first network input of every sampler is linear in the starting Gaussian: temperature t scales it by t."""
-    cfg = _cfg(mode)
-    params = _noisy_params(cfg, rng)
-    _, apply = make_apply(cfg)
+    m = _model(kind, rng)
     seen = []
-
-    def recording(params, x, h, cond, graph):
-        jax.debug.callback(lambda a, b: seen.append((np.asarray(a), np.asarray(b))), x, h)
-        return apply(params, x, h, cond, graph)
-
-    plain = sample(cfg, params, n=5, steps=2, seed=3, apply_fn=recording, sampler=sampler)
+    rec = _recording(m.cfg, seen, lambda x, h: (x, h))
+    plain = sample(m, n=5, steps=2, seed=3, apply=rec, sampler=sampler).molecules
     calls = len(seen)
-    cool = sample(cfg, params, n=5, steps=2, seed=3, apply_fn=recording, sampler=sampler, temperature=0.6)
+    cool = sample(m, n=5, steps=2, seed=3, apply=rec, sampler=sampler, temperature=0.6).molecules
     assert len(seen) == 2 * calls
     (x1, h1), (xt, ht) = seen[0], seen[calls]
     assert np.abs(x1).max() > 0.1
     np.testing.assert_allclose(xt, 0.6 * x1, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(ht, 0.6 * h1, rtol=1e-5, atol=1e-6)
     assert any(not np.array_equal(a.positions, b.positions) for a, b in zip(plain, cool))
-    same = sample(cfg, params, n=5, steps=2, seed=3, sampler=sampler, temperature=1.0)
+    same = sample(m, n=5, steps=2, seed=3, sampler=sampler, temperature=1.0).molecules
     for a, b in zip(plain, same):  # temperature 1 is the plain sampler
         np.testing.assert_array_equal(a.positions, b.positions)
+
+
+def test_card_settings_are_the_defaults_of_a_python_caller(rng):
+    """A model's card (meta.json) sets the temperature and re-noising the library uses when none is given."""
+    m = _model("consistency", rng)
+    carded = Model(m.cfg, m.params, {"temperature": 0.7, "renoise": 0.2})
+    res = sample(carded, n=4, steps=2, seed=1)
+    assert res.settings["molgen_temperature"] == 0.7 and res.settings["molgen_renoise"] == 0.2
+    explicit = sample(m, n=4, steps=2, seed=1, temperature=0.7, renoise=0.2)
+    for a, b in zip(res.molecules, explicit.molecules):
+        np.testing.assert_array_equal(a.positions, b.positions)
+    assert sample(Model(m.cfg, m.params, {"temperature": 0.7}), n=2, steps=2).settings["molgen_renoise"] == 0.7
 
 
 def test_temperature_scales_the_ancestral_step_noise(rng):
     """EDM's ancestral step is mean + std * z: with temperature t it is mean + t * std * z exactly."""
     from molgen.diffusion.edm import make_sampler_step
 
-    cfg = _cfg("diffusion")
-    params = _noisy_params(cfg, rng)
-    _, apply = make_apply(cfg)
-    step = jax.jit(make_sampler_step(apply, cfg.diffusion))
+    m = _model("diffusion", rng)
+    step = jax.jit(make_sampler_step(network(m.cfg)[1], m.cfg.diffusion))
     g, h = _graph(rng)
     x = jnp.asarray(rng.normal(size=g.positions.shape), jnp.float32) * g.node_mask[:, None]
     key = jax.random.PRNGKey(4)
-    out = {t: step(params, x, h, jnp.float32(0.5), jnp.float32(0.4), g, key, t) for t in (0.0, 0.3, 1.0)}
+    out = {t: step(m.params, x, h, jnp.float32(0.5), jnp.float32(0.4), g, key, t) for t in (0.0, 0.3, 1.0)}
     for i in range(2):
         np.testing.assert_allclose(out[0.3][i] - out[0.0][i], 0.3 * (out[1.0][i] - out[0.0][i]), atol=1e-5)
     assert float(jnp.abs(out[1.0][0] - out[0.0][0]).max()) > 1e-3
 
 
 def test_renoise_scales_only_the_noise_added_between_consistency_calls(rng):
-    """k-step consistency sampling: the first call sees temperature * sigma_max * z whatever renoise is; the
-    second sees c_in(s) (x + renoise * sqrt(s^2 - sigma_min^2) z'), affine in renoise with the same x and z'."""
-    cfg = _cfg("ct")
-    params = _noisy_params(cfg, rng)
-    _, apply = make_apply(cfg)
+    """multistep: the first call sees temperature * sigma_max * z whatever renoise is; the second sees
+    c_in(s) (x + renoise * sqrt(s^2 - sigma_min^2) z'), affine in renoise with the same x and z'."""
+    m = _model("consistency", rng)
     seen = []
-
-    def recording(params, x, h, cond, graph):
-        jax.debug.callback(lambda a: seen.append(np.asarray(a)), x)
-        return apply(params, x, h, cond, graph)
-
-    out = {r: sample(cfg, params, n=5, steps=2, seed=2, apply_fn=recording, temperature=0.8, renoise=r)
-           for r in (0.0, 0.5, 1.0)}
+    rec = _recording(m.cfg, seen, lambda x, h: x)
+    out = {r: sample(m, n=5, steps=2, seed=2, apply=rec, temperature=0.8, renoise=r).molecules for r in (0.0, 0.5, 1.0)}
     assert len(seen) == 6
     first, second = seen[0::2], seen[1::2]
     for a in first[1:]:
         np.testing.assert_allclose(a, first[0], rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(second[1] - second[0], 0.5 * (second[2] - second[0]), rtol=1e-4, atol=1e-6)
     assert np.abs(second[2] - second[0]).max() > 1e-3  # renoise 1 adds noise that renoise 0 does not
-    plain = sample(cfg, params, n=5, steps=2, seed=2, temperature=0.8)  # renoise defaults to the temperature
-    again = sample(cfg, params, n=5, steps=2, seed=2, temperature=0.8, renoise=0.8)
+    plain = sample(m, n=5, steps=2, seed=2, temperature=0.8).molecules  # renoise defaults to the temperature
+    again = sample(m, n=5, steps=2, seed=2, temperature=0.8, renoise=0.8).molecules
     for a, b in zip(plain, again):
         np.testing.assert_array_equal(a.positions, b.positions)
     assert any(not np.array_equal(a.positions, b.positions) for a, b in zip(out[0.0], plain))
-    from molgen import MolgenError
-
     with pytest.raises(MolgenError, match="--renoise must be a number >= 0"):
-        sample(cfg, params, n=2, steps=2, renoise=-0.1)
+        sample(m, n=2, steps=2, renoise=-0.1)
 
 
 @pytest.mark.parametrize("bad", [0.0, -0.5, float("nan"), float("inf")])
-def test_temperature_must_be_positive(bad):
-    from molgen import MolgenError
-
+def test_temperature_must_be_positive(rng, bad):
     with pytest.raises(MolgenError, match="--temperature must be a positive number"):
-        sample(_cfg("ct"), None, n=2, steps=1, temperature=bad)
+        sample(_model("consistency", rng), n=2, steps=1, temperature=bad)
 
 
 def _graph(rng, sizes=(5, 8)):
     pos, typ = random_molecules(rng, sizes)
     g = pack(pos, typ)
-    return g, node_features(g.types, g.node_mask)
+    return g, type_features(g.types, g.node_mask, np)
 
 
-@pytest.mark.parametrize("parametrization", ["ict", "eps", "ict-vp"])
+@pytest.mark.parametrize("parametrization", ["ict", "ict-vp"])
 def test_boundary_condition_is_exact(rng, parametrization):
-    cfg = _cfg("ct", parametrization)
-    params = _noisy_params(cfg, rng)
-    _, apply = make_apply(cfg)
-    f = make_consistency_fn(apply, cfg.consistency)
+    m = _model("consistency", rng, parametrization)
+    f = model_fn(m.cfg)
     g, h = _graph(rng)
-    s = jnp.full(g.node_mask.shape, cfg.consistency.sigma_min, jnp.float32)
-    fx, fh = f(params, g.positions, h, s, g)
+    s = jnp.full(g.node_mask.shape, m.cfg.consistency.sigma_min, jnp.float32)
+    fx, fh = f(m.params, g.positions, h, s, g)
     np.testing.assert_array_equal(np.asarray(fh), h)
     np.testing.assert_allclose(np.asarray(fx), g.positions, atol=1e-5)  # exact up to re-centring round-off
-    s2 = jnp.full(g.node_mask.shape, 3.0, jnp.float32)
-    fx2, _ = f(params, g.positions, h, s2, g)
+    fx2, _ = f(m.params, g.positions, h, jnp.full(g.node_mask.shape, 3.0, jnp.float32), g)
     assert float(jnp.abs(fx2 - g.positions).max()) > 1e-3  # away from sigma_min the network acts
 
 
-@pytest.mark.parametrize("parametrization", ["ict", "eps", "ict-vp"])
+@pytest.mark.parametrize("parametrization", ["ict", "ict-vp"])
 def test_consistency_function_is_equivariant(rng, parametrization):
-    cfg = _cfg("ct", parametrization)
-    params = _noisy_params(cfg, rng)
-    _, apply = make_apply(cfg)
-    f = jax.jit(make_consistency_fn(apply, cfg.consistency))
+    m = _model("consistency", rng, parametrization)
+    f = jax.jit(model_fn(m.cfg))
     g, h = _graph(rng)
     s = jnp.asarray(g.node_mask * 2.5 + (1 - g.node_mask), jnp.float32)
     x = g.positions
-    fx, fh = f(params, x, h, s, g)
+    fx, fh = f(m.params, x, h, s, g)
     q = random_rotation(rng, reflect=bool(rng.integers(2)))
-    xr = (x @ q.T).astype(np.float32)
-    fxr, fhr = f(params, xr, h, s, g)
+    fxr, fhr = f(m.params, (x @ q.T).astype(np.float32), h, s, g)
     np.testing.assert_allclose(np.asarray(fxr), np.asarray(fx) @ q.T, atol=3e-4)
     np.testing.assert_allclose(np.asarray(fhr), np.asarray(fh), atol=3e-4)
     # translated input (before re-centring) gives the same, zero-CoM output
     t = (rng.normal(size=3) * g.node_mask[:, None]).astype(np.float32)
-    fxt, _ = f(params, x + t, h, s, g)
+    fxt, _ = f(m.params, x + t, h, s, g)
     o = 0
     for n in g.n_atoms[:-1]:
         np.testing.assert_allclose(np.asarray(fxt)[o : o + n].mean(0), 0, atol=1e-4)
         o += n
 
 
-def test_vp_ve_conversion_known_values():
-    gammas = gamma_table(1000)
-    assert vp_to_ve_sigma(0.0) == pytest.approx(1.0)
-    assert vp_to_ve_sigma(np.log(4.0)) == pytest.approx(2.0)
-    # z = alpha x + sigma eps  ==  alpha (x + (sigma/alpha) eps)
-    g = gammas[300]
-    alpha, sigma = np.sqrt(1 / (1 + np.exp(g))), np.sqrt(1 / (1 + np.exp(-g)))
-    assert vp_to_ve_sigma(g) == pytest.approx(sigma / alpha, rel=1e-5)
-    for t in [0.0, 0.1, 0.5, 0.9, 1.0]:
-        s = vp_to_ve_sigma(gammas[int(round(t * 1000))])
-        assert ve_sigma_to_t(s, gammas) == pytest.approx(t, abs=1e-6)
-    # EDM's schedule spans sigma_VE from ~0.003 to ~316
-    assert vp_to_ve_sigma(gammas[0]) == pytest.approx(np.sqrt(1e-5 / (1 - 1e-5)), rel=1e-3)
-
-
-def test_eps_parametrisation_is_edm_denoiser(rng):
-    """At a grid time t, f(y, s) = y - (s - sigma_min) eps_hat(alpha y, t): EDM's x0 estimate, exact boundary."""
-    cfg = _cfg("ect", "eps")
-    params = _noisy_params(cfg, rng)
-    _, apply = make_apply(cfg)
-    f = make_consistency_fn(apply, cfg.consistency)
+def test_denoiser_is_edms_clean_estimate(rng):
+    """At EDM's grid time t with VE level s = sigma_t / alpha_t: D(y, s) = y - s eps_hat(alpha_t y, t), and
+    EDM's own x0 estimate of the VP state alpha_t y; ict-vp at small s is that denoiser, up to sigma_min."""
+    m = _model("diffusion", rng)
+    apply = network(m.cfg)[1]
+    D = denoiser(apply, m.cfg.diffusion)
     g, h = _graph(rng)
-    gammas = gamma_table(1000)
-    t = 0.4
-    s = float(vp_to_ve_sigma(gammas[400]))
+    gam = m.cfg.diffusion.gammas()[400]
+    s, t = float(np.exp(0.5 * gam)), 0.4
     alpha = 1 / np.sqrt(1 + s**2)
-    ex, eh = apply(params, alpha * g.positions, alpha * h, jnp.asarray(g.node_mask * t), g)
-    fx, fh = f(params, g.positions, h, jnp.full(g.node_mask.shape, s, jnp.float32), g)
-    c = s - cfg.consistency.sigma_min
-    np.testing.assert_allclose(np.asarray(fh), (h - c * np.asarray(eh)) * g.node_mask[:, None], atol=2e-4)
-    np.testing.assert_allclose(np.asarray(fx), g.positions - c * np.asarray(ex), atol=2e-4)
+    ex, eh = apply(m.params, alpha * g.positions, alpha * h, jnp.asarray(g.node_mask * t), g)
+    dx, dh = D(m.params, g.positions, h, jnp.full(g.node_mask.shape, s, jnp.float32), g)
+    np.testing.assert_allclose(np.asarray(dh), (h - s * np.asarray(eh)) * g.node_mask[:, None], atol=2e-4)
+    np.testing.assert_allclose(np.asarray(dx), g.positions - s * np.asarray(ex), atol=2e-4)
+    cons = ConsistencyConfig(parametrization="ict-vp", sigma_data_x=1.4, sigma_data_h=0.2)
+    f = make_consistency_fn(apply, cons, m.cfg.diffusion)
+    small = jnp.full(g.node_mask.shape, 0.05, jnp.float32)  # f - D ~ sigma_min eps_hat, D - y = -s eps_hat
+    fx, _ = f(m.params, g.positions, h, small, g)
+    dx2, _ = D(m.params, g.positions, h, small, g)
+    moved = np.abs(np.asarray(dx2) - g.positions).max()
+    assert moved > 1e-3 and np.abs(np.asarray(fx) - np.asarray(dx2)).max() < 0.1 * moved
 
 
 def test_curriculum_and_grid():
     cfg = ConsistencyConfig(s0=10, s1=80, total_steps=400)
     ns = [int(n_discretisation(k, cfg)) for k in (0, 99, 100, 200, 399)]
     assert ns == [11, 11, 21, 41, 81]
-    sig = np.asarray(karras_sigmas(11, 0.002, 80.0, 7.0))
-    assert sig[0] == pytest.approx(0.002) and sig[-1] == pytest.approx(80.0, rel=1e-5)
+    sig = karras(11, 0.002, 80.0)
+    assert sig[0] == pytest.approx(0.002) and sig[-1] == pytest.approx(80.0, rel=1e-9)
     assert np.all(np.diff(sig) > 0)
-    assert default_sigmas(1, cfg) == [80.0]
-    assert len(default_sigmas(4, cfg)) == 4 and np.all(np.diff(default_sigmas(4, cfg)) < 0)
+    dyn = np.asarray(training_levels(jnp.int32(11), cfg, 20))  # traced length, padded by repeating the last
+    np.testing.assert_allclose(dyn[:11], sig, rtol=1e-5)
+    assert np.all(dyn[11:] == dyn[10])
+    assert multistep_levels(1, cfg) == [80.0] and multistep_levels(2, cfg) == [80.0, 0.2]
+    assert len(multistep_levels(4, cfg)) == 4 and np.all(np.diff(multistep_levels(4, cfg)) < 0)

@@ -6,25 +6,27 @@ import numpy as np
 import pytest
 from conftest import random_molecules, random_rotation
 
-import molgen.train
 from molgen import MolgenError
-from molgen.config import RunConfig
+from molgen.config import DataConfig, RunConfig
 from molgen.consistency.ict import ConsistencyConfig
-from molgen.consistency.stack import describe, make_model_fn, read_types, restack, stack_model
-from molgen.data.batching import node_features, pack
-from molgen.diffusion.ode import edm_denoiser
-from molgen.nn.egnn import PRESETS
-from molgen.refine import clean_features, make_refine_step, refine, refine_levels
+from molgen.consistency.stack import TYPE_TEMPERATURE, describe_network, restack, stack_model
+from molgen.data.batching import pack
+from molgen.data.features import clean_features, straight_through_features, type_features
+from molgen.diffusion.levels import low_ladder
+from molgen.diffusion.polish import make_polish_step, polish
+from molgen.models import Model
+from molgen.networks import init_params, model_fn, network
+from molgen.nn.egnn import PRESETS, remove_mean
 from molgen.sample import sample
-from molgen.train import init_params, init_state, make_apply, make_optimizer
 
-HIST = (0, 0, 0, 2, 3, 5, 1)  # molecules of 3-6 atoms
+HIST = DataConfig(size_hist=(0, 0, 0, 2, 3, 5, 1))  # molecules of 3-6 atoms
 
 
-def _cfg(mode):
-    cons = ConsistencyConfig(parametrization="eps" if mode == "diffusion" else "ict", sigma_data_x=1.4,
-                             sigma_data_h=0.2)
-    return RunConfig(mode=mode, model=PRESETS["tiny"], consistency=cons, size_hist=HIST)
+def _cfg(kind):
+    if kind == "diffusion":
+        return RunConfig(model=PRESETS["tiny"], data=HIST)
+    cons = ConsistencyConfig(sigma_data_x=1.4, sigma_data_h=0.2)
+    return RunConfig(objective="distill", model=PRESETS["tiny"], consistency=cons, diffusion=None, data=HIST)
 
 
 def _noisy(params, rng, scale=0.05):
@@ -34,7 +36,7 @@ def _noisy(params, rng, scale=0.05):
 @pytest.fixture(scope="module")
 def models():
     rng = np.random.default_rng(0)
-    cfg, tcfg = _cfg("distill"), _cfg("diffusion")
+    cfg, tcfg = _cfg("consistency"), _cfg("diffusion")
     params, tparams = _noisy(init_params(cfg, 0), rng), _noisy(init_params(tcfg, 1), rng)
     scfg, sparams = stack_model(cfg, params, tcfg, tparams, 3, source="teacher")
     return cfg, params, tcfg, tparams, scfg, sparams
@@ -44,25 +46,24 @@ def _inputs(rng, sizes=(4, 6, 3), sigma=2.0):
     pos, typ = random_molecules(rng, sizes)
     g = pack(pos, typ)
     yx = g.positions + sigma * np.asarray(jnp.where(g.node_mask[:, None] > 0, rng.normal(size=g.positions.shape), 0))
-    yx = np.asarray(molgen.nn.egnn.remove_mean(jnp.asarray(yx, jnp.float32), g.node_mask, g.segment,
-                                               g.n_atoms.shape[0]))
-    yh = np.asarray(node_features(g.types, g.node_mask), np.float32) + 0.3 * rng.normal(size=(len(g.node_mask), 6))
+    yx = np.asarray(remove_mean(jnp.asarray(yx, jnp.float32), g.node_mask, g.segment, g.n_atoms.shape[0]))
+    yh = type_features(g.types, g.node_mask, np) + 0.3 * rng.normal(size=(len(g.node_mask), 6))
     yh = (yh * np.asarray(g.node_mask)[:, None]).astype(np.float32)
     return g, jnp.asarray(yx, jnp.float32), jnp.asarray(yh), jnp.full(g.node_mask.shape, sigma, jnp.float32)
 
 
 def test_stacked_call_is_the_model_then_its_stages(models, rng):
     cfg, params, tcfg, tparams, scfg, sparams = models
-    assert scfg.stack.levels == tuple(refine_levels(3)) and scfg.stack.model == tcfg.model
-    assert scfg.stack.source == "teacher" and describe(scfg) == "32x2 + 3 stages of 32x2" and describe(cfg) == "32x2"
+    assert scfg.stack.levels == tuple(low_ladder(3)) and scfg.stack.model == tcfg.model
+    assert scfg.stack.source == "teacher" and describe_network(scfg) == "32x2 + 3 stages of 32x2"
+    assert describe_network(cfg) == "32x2"
     g, yx, yh, sig = _inputs(rng)
-    x_s, h_s = jax.jit(make_model_fn(scfg))(sparams, yx, yh, sig, g)
-    x, h = make_model_fn(cfg)(params, yx, yh, sig, g)  # the plain model, then `--refine 3` with the teacher
-    _, t_apply = make_apply(tcfg)
-    x, h = refine(jax.jit(make_refine_step(edm_denoiser(t_apply, tcfg.diffusion))), tparams, x, h, g, refine_levels(3))
+    x_s, h_s = jax.jit(model_fn(scfg))(sparams, yx, yh, sig, g)
+    x, h = model_fn(cfg)(params, yx, yh, sig, g)  # the plain model, then `--polish 3` with the teacher
+    x, h = polish(jax.jit(make_polish_step(model_fn(tcfg))), tparams, x, h, g, low_ladder(3))
     np.testing.assert_allclose(np.asarray(x_s), np.asarray(x), atol=2e-5)
     np.testing.assert_allclose(np.asarray(h_s), np.asarray(h), atol=2e-5)
-    x0, _ = make_model_fn(cfg)(params, yx, yh, sig, g)
+    x0, _ = model_fn(cfg)(params, yx, yh, sig, g)
     assert float(jnp.abs(x_s - x0).max()) > 1e-3  # the stages did move the atoms
 
 
@@ -70,8 +71,8 @@ def test_boundary_condition_holds_exactly(models, rng):
     cfg, params, _, _, scfg, sparams = models
     g, yx, yh, _ = _inputs(rng)
     smin = jnp.full(g.node_mask.shape, scfg.consistency.sigma_min, jnp.float32)
-    xs, hs = make_model_fn(scfg)(sparams, yx, yh, smin, g)
-    xb, hb = make_model_fn(cfg)(params, yx, yh, smin, g)
+    xs, hs = model_fn(scfg)(sparams, yx, yh, smin, g)
+    xb, hb = model_fn(cfg)(params, yx, yh, smin, g)
     np.testing.assert_array_equal(np.asarray(xs), np.asarray(xb))  # the stages are gated off at sigma_min
     np.testing.assert_array_equal(np.asarray(hs), np.asarray(hb))
     np.testing.assert_allclose(np.asarray(xs), np.asarray(yx), atol=1e-5)
@@ -79,7 +80,7 @@ def test_boundary_condition_holds_exactly(models, rng):
 
 def test_stacked_model_is_equivariant_and_ignores_padding(models, rng):
     _, _, _, _, scfg, sparams = models
-    f = jax.jit(make_model_fn(scfg))
+    f = jax.jit(model_fn(scfg))
     g, yx, yh, sig = _inputs(rng, sigma=80.0)
     x, h = f(sparams, yx, yh, sig, g)
     m = np.asarray(g.node_mask) > 0
@@ -113,34 +114,34 @@ def test_stacked_model_is_equivariant_and_ignores_padding(models, rng):
 def test_read_types_is_the_argmax_forward_and_passes_gradients(rng):
     h = jnp.asarray(rng.normal(size=(7, 6)) * 0.2, jnp.float32)
     mask = jnp.asarray([1, 1, 1, 1, 1, 0, 0], jnp.float32)
-    np.testing.assert_array_equal(np.asarray(read_types(h, mask)), np.asarray(clean_features(h, mask)))
-    grad = jax.grad(lambda a: jnp.sum(read_types(a, mask) * jnp.arange(6.0)))(h)
+
+    def read(a):
+        return straight_through_features(a, mask, TYPE_TEMPERATURE)
+
+    np.testing.assert_array_equal(np.asarray(read(h)), np.asarray(clean_features(h, mask)))
+    grad = jax.grad(lambda a: jnp.sum(read(a) * jnp.arange(6.0)))(h)
     assert float(jnp.abs(grad[:5, :5]).sum()) > 0 and float(jnp.abs(grad[5:]).sum()) == 0  # padding gets none
 
 
-def test_sampling_counts_one_call_per_step_and_matches_refine(models, monkeypatch):
+def test_sampling_counts_one_call_per_step_and_matches_polish(models):
     cfg, params, tcfg, tparams, scfg, sparams = models
-    plain = sample(cfg, params, n=6, steps=1, seed=2, batch_size=6, refine_steps=3, refiner=(tcfg, tparams))
+    plain = sample(Model(cfg, params), n=6, steps=1, seed=2, batch_size=6, polish_calls=3,
+                   polisher=Model(tcfg, tparams)).molecules
     calls = []
-    real = make_apply
+    _, apply = network(scfg)
 
-    def counting(c):
-        net, apply = real(c)
+    def counted(p, x, h, cond, graph):  # the base network: once per call of the stacked model
+        jax.debug.callback(lambda: calls.append(1))
+        return apply(p, x, h, cond, graph)
 
-        def counted(p, x, h, cond, graph):
-            jax.debug.callback(lambda: calls.append(1))
-            return apply(p, x, h, cond, graph)
-
-        return net, counted
-
-    monkeypatch.setattr(molgen.train, "make_apply", counting)
-    stacked = sample(scfg, sparams, n=6, steps=1, seed=2, batch_size=6)
-    assert len(calls) == 1  # one call of the stacked network (its stages run inside it)
-    for a, b in zip(plain, stacked):
+    res = sample(Model(scfg, sparams), n=6, steps=1, seed=2, batch_size=6, apply=counted)
+    assert len(calls) == 1 and res.calls == 1  # one call of the stacked network (its stages run inside it)
+    assert res.settings["molgen_network"] == "32x2 + 3 stages of 32x2"
+    for a, b in zip(plain, res.molecules):
         np.testing.assert_allclose(a.positions, b.positions, atol=1e-4)
         np.testing.assert_array_equal(a.types, b.types)
     calls.clear()
-    sample(scfg, sparams, n=6, steps=3, seed=2, batch_size=6)
+    sample(Model(scfg, sparams), n=6, steps=3, seed=2, batch_size=6, apply=counted)
     assert len(calls) == 3
 
 
@@ -157,17 +158,17 @@ def test_stack_model_refusals(models):
 
 
 def test_restack_respreads_the_trained_stages(models, rng):
-    """restack keeps both networks and moves the stages to refine_levels(n): n = 1 is the base call followed by
-    one denoising step at 0.1 Å (what `--refine 1` adds)."""
+    """restack keeps both networks and moves the stages to low_ladder(n): n = 1 is the base call followed by
+    one denoising step at 0.1 Å (what `--polish 1` adds)."""
     cfg, params, tcfg, tparams, scfg, sparams = models
     one, p1 = restack(scfg, sparams, 1)
     assert one.stack.levels == (0.1,) and one.stack.model == scfg.stack.model and p1 is sparams
-    assert restack(scfg, sparams, 3)[0] == scfg and describe(one).endswith("+ 1 stage of " + describe(tcfg))
+    assert restack(scfg, sparams, 3)[0] == scfg
+    assert describe_network(one).endswith("+ 1 stage of " + describe_network(tcfg))
     g, yx, yh, sig = _inputs(rng)
-    x0, h0 = make_model_fn(cfg)(params, yx, yh, sig, g)
-    step = make_refine_step(edm_denoiser(make_apply(tcfg)[1], tcfg.diffusion))
-    want = refine(step, tparams, x0, h0, g, [0.1])
-    got = make_model_fn(one)(p1, yx, yh, sig, g)
+    x0, h0 = model_fn(cfg)(params, yx, yh, sig, g)
+    want = polish(make_polish_step(model_fn(tcfg)), tparams, x0, h0, g, [0.1])
+    got = model_fn(one)(p1, yx, yh, sig, g)
     np.testing.assert_allclose(np.asarray(got[0]), np.asarray(want[0]), atol=2e-5)
     np.testing.assert_allclose(np.asarray(got[1]), np.asarray(want[1]), atol=2e-5)
     with pytest.raises(MolgenError, match="no denoising stages"):
@@ -176,18 +177,16 @@ def test_restack_respreads_the_trained_stages(models, rng):
         restack(scfg, sparams, 0)
 
 
-def test_config_round_trip_and_frozen_stages(models, tmp_path):
+def test_config_round_trip_and_the_stages_train(models, tmp_path):
+    from molgen.state import init_state, make_optimizer
+
     _, _, _, _, scfg, sparams = models
     scfg.save(tmp_path / "c.json")
     assert RunConfig.load(tmp_path / "c.json") == scfg
     assert RunConfig.load(tmp_path / "c.json").stack.model == scfg.stack.model
-    fcfg = scfg.replace(freeze_stages=True, lr=1e-2, warmup=1)
-    tx, _ = make_optimizer(fcfg)
-    state = init_state(fcfg, sparams)
+    optim = scfg.optim.__class__(lr=1e-2, warmup=1)
+    tx, _ = make_optimizer(optim)
     grads = jax.tree_util.tree_map(jnp.ones_like, sparams)
-    upd, _ = tx.update(grads, state.opt_state, sparams)
-    assert all(float(jnp.abs(u).max()) == 0 for u in jax.tree_util.tree_leaves(upd["stage"]))
-    assert all(float(jnp.abs(u).max()) > 0 for u in jax.tree_util.tree_leaves(upd["base"]))
-    tx2, _ = make_optimizer(scfg.replace(lr=1e-2, warmup=1))
-    upd2, _ = tx2.update(grads, init_state(scfg, sparams).opt_state, sparams)
-    assert all(float(jnp.abs(u).max()) > 0 for u in jax.tree_util.tree_leaves(upd2["stage"]))
+    upd, _ = tx.update(grads, init_state(scfg.replace(optim=optim), sparams).opt_state, sparams)
+    for part in ("base", "stage"):  # the whole stack trains
+        assert all(float(jnp.abs(u).max()) > 0 for u in jax.tree_util.tree_leaves(upd[part]))

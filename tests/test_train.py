@@ -9,29 +9,29 @@ import jax
 import numpy as np
 import pytest
 
+from conftest import tiny_config
+
 from molgen.config import RunConfig
 from molgen.data.batching import BatchSampler
-from molgen.nn.egnn import PRESETS
-from molgen.train import prepare_config, train
+from molgen.models import load_model
+from molgen.train import train
 
 
-def _cfg(mini_ds, mode="diffusion", **kw):
-    cfg = RunConfig(mode=mode, model=PRESETS["tiny"], batch_size=8, steps=20, ckpt_every=10, eval_every=10,
-                    warmup=5, **kw)
-    return prepare_config(cfg, mini_ds)
+def _cfg(mini_ds, objective="diffusion"):
+    return tiny_config(mini_ds, objective, batch_size=8, steps=20, ckpt_every=10, eval_every=10, warmup=5)
 
 
 def _leaves(tree):
     return [np.asarray(x) for x in jax.tree_util.tree_leaves(tree)]
 
 
-@pytest.mark.parametrize("mode", ["diffusion", "ct"])
-def test_resume_is_exact(tmp_path, mini_ds, mode):
-    cfg = _cfg(mini_ds, mode)
-    straight = train(cfg, tmp_path / "a", mini_ds, progress=False, log=lambda s: None)
-    first = train(cfg, tmp_path / "b", mini_ds, progress=False, log=lambda s: None, stop_at=10)
+@pytest.mark.parametrize("objective", ["diffusion", "ct"])
+def test_resume_is_exact(tmp_path, mini_ds, objective):
+    cfg = _cfg(mini_ds, objective)
+    straight = train(cfg, tmp_path / "a", mini_ds, progress=None, log=lambda s: None)
+    first = train(cfg, tmp_path / "b", mini_ds, progress=None, log=lambda s: None, stop_at=10)
     assert int(first.state.step) == 10
-    resumed = train(cfg, tmp_path / "b", mini_ds, resume=True, progress=False, log=lambda s: None)
+    resumed = train(cfg, tmp_path / "b", mini_ds, resume=True, progress=None, log=lambda s: None)
     assert int(resumed.state.step) == int(straight.state.step) == 20
     for a, b in zip(_leaves(straight.state.params), _leaves(resumed.state.params)):
         np.testing.assert_array_equal(a, b)
@@ -45,10 +45,10 @@ def test_resume_is_exact(tmp_path, mini_ds, mode):
 def test_refuses_to_overwrite_a_run(tmp_path, mini_ds):
     from molgen import MolgenError
 
-    cfg = _cfg(mini_ds).replace(steps=2, ckpt_every=2)
-    train(cfg, tmp_path / "r", mini_ds, progress=False, log=lambda s: None)
+    cfg = _cfg(mini_ds).with_optim(steps=2, ckpt_every=2)
+    train(cfg, tmp_path / "r", mini_ds, progress=None, log=lambda s: None)
     with pytest.raises(MolgenError, match="--resume"):
-        train(cfg, tmp_path / "r", mini_ds, progress=False, log=lambda s: None)
+        train(cfg, tmp_path / "r", mini_ds, progress=None, log=lambda s: None)
 
 
 def test_ctrl_c_saves_a_checkpoint(tmp_path, mini_ds, monkeypatch):
@@ -62,21 +62,19 @@ def test_ctrl_c_saves_a_checkpoint(tmp_path, mini_ds, monkeypatch):
         return orig(self, step)
 
     monkeypatch.setattr(BatchSampler, "indices", interrupt_at_7)
-    res = train(cfg, tmp_path / "c", mini_ds, progress=False, log=lambda s: None, chunk=4)
+    res = train(cfg, tmp_path / "c", mini_ds, progress=None, log=lambda s: None, chunk=4)
     assert res.interrupted and int(res.state.step) == 4
-    from molgen.sample import load_model
-
-    _, _, info = load_model(tmp_path / "c")
-    assert info["step"] == 4
+    assert load_model(tmp_path / "c").meta["step"] == 4
 
 
 def test_loss_falls_on_a_fixed_batch(mini_ds):
     """Sanity of the objective and optimiser: repeated steps on one batch reduce its loss."""
     import jax.numpy as jnp
 
-    from molgen.train import init_state, make_mesh, make_train_step, put_batch, shard_batch
+    from molgen.state import init_state
+    from molgen.train import make_mesh, make_train_step, put_batch, shard_batch
 
-    cfg = _cfg(mini_ds).replace(lr=3e-3, warmup=1)
+    cfg = _cfg(mini_ds).with_optim(lr=3e-3, warmup=1)
     mesh = make_mesh(jax.devices()[:1])
     step, evaluate = make_train_step(cfg, mesh)
     g = put_batch(shard_batch([mini_ds.molecule(i) for i in range(20, 36)], 1), mesh)
@@ -91,15 +89,19 @@ def test_loss_falls_on_a_fixed_batch(mini_ds):
 
 SCRIPT = textwrap.dedent("""
     import jax, numpy as np
-    from molgen.config import RunConfig
+    from molgen.config import OptimConfig, RunConfig
+    from molgen.consistency.ict import ConsistencyConfig
     from molgen.data import qm9
     from molgen.nn.egnn import PRESETS
-    from molgen.train import init_state, make_mesh, make_train_step, put_batch, shard_batch
+    from molgen.state import init_state
+    from molgen.train import make_mesh, make_train_step, put_batch, shard_batch
     assert jax.device_count() == 2, jax.devices()
     ds = qm9.build_dataset(qm9.read_qm9pack_csv([{csv!r}]))
     mols = [ds.molecule(i) for i in range(10, 18)]
     for mode in ("diffusion", "ct"):
-      cfg = RunConfig(mode=mode, model=PRESETS["tiny"], batch_size=8)
+      cons = ConsistencyConfig(total_steps=100) if mode == "ct" else None
+      cfg = RunConfig(objective=mode, model=PRESETS["tiny"], consistency=cons, optim=OptimConfig(batch_size=8),
+                      diffusion=None if cons else RunConfig().diffusion)
       out = []
       for devices in (jax.devices()[:1], jax.devices()):
         mesh = make_mesh(devices)
@@ -146,18 +148,16 @@ def test_a_signal_stops_after_the_step_with_a_checkpoint(tmp_path, mini_ds, monk
 
     monkeypatch.setattr(BatchSampler, "indices", term_at_4)
     before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)  # SIG_IGN under `nohup ... &`
-    res = train(cfg, tmp_path / "t", mini_ds, progress=False, log=lambda s: None, chunk=4)
+    res = train(cfg, tmp_path / "t", mini_ds, progress=None, log=lambda s: None, chunk=4)
     assert res.interrupted and int(res.state.step) == 4  # the chunk in flight finishes, then it stops
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before  # handlers restored
-    from molgen.sample import load_model
-
-    assert load_model(tmp_path / "t")[2]["step"] == 4
+    assert load_model(tmp_path / "t").meta["step"] == 4
 
 
 def test_chunk_length_does_not_change_the_run(tmp_path, mini_ds):
     """Chunks of 50 (one call for the whole run) vs chunks of 3 stopped at step 10 and resumed in chunks of 7."""
     cfg = _cfg(mini_ds)
-    quiet = dict(progress=False, log=lambda s: None)
+    quiet = dict(progress=None, log=lambda s: None)
     one = train(cfg, tmp_path / "a", mini_ds, chunk=50, **quiet)
     first = train(cfg, tmp_path / "b", mini_ds, chunk=3, stop_at=10, **quiet)
     assert int(first.state.step) == 10  # stop_at is honoured inside a chunk
@@ -175,12 +175,13 @@ def test_device_batches_train_like_host_batches(mini_ds):
     import jax.numpy as jnp
 
     from molgen.data.device import ShapePlan, dense_set, put
-    from molgen.train import init_state, make_mesh, make_train_chunk, make_train_step, put_batch, shard_batch
+    from molgen.state import init_state
+    from molgen.train import make_mesh, make_train_chunk, make_train_step, put_batch, shard_batch
 
     cfg = _cfg(mini_ds)
     mesh = make_mesh(jax.devices()[:1])
     ids = mini_ds.split("train")
-    sampler = BatchSampler(mini_ds, ids, cfg.batch_size, cfg.seed)
+    sampler = BatchSampler(ids, cfg.optim.batch_size, cfg.seed)
     key = jax.random.PRNGKey(cfg.seed)
     step, _ = make_train_step(cfg, mesh)
     host = init_state(cfg)
@@ -198,19 +199,20 @@ def test_device_batches_train_like_host_batches(mini_ds):
 
 
 def test_bf16_training_runs_resumes_exactly_and_is_recorded(tmp_path, mini_ds):
-    cfg = _cfg(mini_ds).replace(precision="bf16", steps=8, ckpt_every=4, eval_every=4)
-    quiet = dict(progress=False, log=lambda s: None)
+    cfg = _cfg(mini_ds).with_optim(precision="bf16", steps=8, ckpt_every=4, eval_every=4)
+    quiet = dict(progress=None, log=lambda s: None)
     straight = train(cfg, tmp_path / "a", mini_ds, chunk=4, **quiet)
     train(cfg, tmp_path / "b", mini_ds, chunk=4, stop_at=4, **quiet)
     resumed = train(cfg, tmp_path / "b", mini_ds, resume=True, chunk=4, **quiet)
     for a, b in zip(_leaves(straight.state.params), _leaves(resumed.state.params)):
         np.testing.assert_array_equal(a, b)
     assert all(np.all(np.isfinite(x)) and x.dtype == np.float32 for x in _leaves(straight.state.params))
-    assert RunConfig.load(tmp_path / "a" / "config.json").precision == "bf16"
+    assert RunConfig.load(tmp_path / "a" / "config.json").optim.precision == "bf16"
     # `auto` is resolved and recorded: float32 on a CPU.
-    train(_cfg(mini_ds).replace(steps=2), tmp_path / "c", mini_ds, **quiet)
-    assert RunConfig.load(tmp_path / "c" / "config.json").precision == "float32"
+    train(_cfg(mini_ds).with_optim(steps=2), tmp_path / "c", mini_ds, **quiet)
+    assert RunConfig.load(tmp_path / "c" / "config.json").optim.precision == "float32"
     from molgen import MolgenError
 
     with pytest.raises(MolgenError, match="precision"):
-        train(_cfg(mini_ds).replace(precision="fp8"), tmp_path / "d", mini_ds, **quiet)
+        train(_cfg(mini_ds).with_optim(precision="fp8"), tmp_path / "d", mini_ds, **quiet)
+    assert not (tmp_path / "d").exists()  # refused before anything is written

@@ -5,7 +5,7 @@ import json
 from typer.testing import CliRunner
 
 from molgen.cli import app
-from molgen.sample import default_model, load_model, shipped_models
+from molgen.models import default_model, load_model, shipped_models
 
 runner = CliRunner()
 
@@ -20,9 +20,8 @@ def test_default_model_is_shipped_with_a_card():
         card = (path / "README.md").read_text()
         assert "atom stability" in card.lower() and "molgen sample" in card
         cfg = json.loads((path / "config.json").read_text())
-        assert sum(cfg["size_hist"]) > 0  # sampling needs no data set
-    cfg, params, info = load_model(None)
-    assert cfg.mode in ("ct", "ect", "distill")
+        assert sum(cfg["data"]["size_hist"]) > 0  # sampling needs no data set
+    assert load_model(None).cfg.kind == "consistency"
 
 
 def test_main_command_with_shipped_default(tmp_path, monkeypatch):
@@ -33,14 +32,14 @@ def test_main_command_with_shipped_default(tmp_path, monkeypatch):
     assert out.read_text().count("$$$$") == 25
     assert "atom stability" in res.output
     # the default samples at the temperature its card recommends (meta.json), and the file says so
-    temp = load_model(None)[2]["temperature"]
+    temp = load_model(None).meta["temperature"]
     assert 0 < temp < 1 and f"temperature {temp:g}" in res.output
     from rdkit import Chem
 
     mol = next(iter(Chem.SDMolSupplier(str(out), removeHs=False, sanitize=False)))
     assert float(mol.GetProp("molgen_temperature")) == temp
     # more calls: the re-noising scale of its card too (meta.json "renoise"), recorded per molecule
-    renoise = load_model(None)[2]["renoise"]
+    renoise = load_model(None).meta["renoise"]
     res = runner.invoke(app, ["sample", "-n", "3", "--steps", "2", "-o", str(out)])
     assert res.exit_code == 0 and f"re-noise {renoise:g}" in res.output, res.output
     mol = next(iter(Chem.SDMolSupplier(str(out), removeHs=False, sanitize=False)))
@@ -79,10 +78,12 @@ def test_a_regular_wheel_install_carries_and_finds_the_weights(tmp_path):
     env.update(PYTHONPATH=str(site), MOLGEN_HOME=str(tmp_path / "home"))
     work = tmp_path / "elsewhere"
     work.mkdir()
-    code = ("import molgen.sample as s, sys; from molgen.cli import app; "
-            "print(s.__file__); print(s.weights_root()); sys.argv = ['molgen', 'sample', '-n', '5', '-o', 'x.sdf']; app()")
+    code = ("import molgen.models as s, sys; from molgen.cli import app; from molgen.recipes import shipped_recipes; "
+            "print(s.__file__); print(s.weights_root()); print(sorted(shipped_recipes())); "
+            "sys.argv = ['molgen', 'sample', '-n', '5', '-o', 'x.sdf']; app()")
     r = subprocess.run([sys.executable, "-c", code], cwd=work, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:] + r.stdout[-2000:]
-    module, root = r.stdout.splitlines()[:2]
+    module, root, recipes = r.stdout.splitlines()[:3]
     assert Path(module).is_relative_to(site) and Path(root) == site / "molgen" / "weights", r.stdout
+    assert recipes == "['ct', 'diffusion', 'distill', 'ect']", r.stdout  # the recipes travel in the wheel too
     assert (work / "x.sdf").read_text().count("$$$$") == 5

@@ -30,18 +30,25 @@ class Molecule:
     props: dict = field(default_factory=dict)
 
 
-def format_of(path: Path | str, fmt: str | None = None) -> str:
+def _format_of_suffix(path: Path | str) -> str | None:
+    suffix = Path(path).suffix.lower().lstrip(".")
+    return "sdf" if suffix in ("sdf", "mol", "sd") else "xyz" if suffix in ("xyz", "extxyz") else None
+
+
+def format_of(path: Path | str, fmt: str | None = None, strict: bool = False) -> str:
+    """The file format: ``fmt`` when given, else the extension's. ``strict`` (for outputs) refuses a ``fmt``
+    that contradicts a known extension (an .xyz file holding SDF)."""
+    by_suffix = _format_of_suffix(path)
     if fmt:
         fmt = fmt.lower().lstrip(".")
         if fmt not in FORMATS:
             raise MolgenError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+        if strict and by_suffix is not None and by_suffix != fmt:
+            raise MolgenError(f"--format {fmt} contradicts the extension of {path}")
         return fmt
-    suffix = Path(path).suffix.lower().lstrip(".")
-    if suffix in ("sdf", "mol", "sd"):
-        return "sdf"
-    if suffix in ("xyz", "extxyz"):
-        return "xyz"
-    raise MolgenError(f"{path}: cannot tell the format from the extension; use .sdf or .xyz, or --format")
+    if by_suffix is None:
+        raise MolgenError(f"{path}: cannot tell the format from the extension; use .sdf or .xyz, or --format")
+    return by_suffix
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -1,18 +1,16 @@
-"""Consistency distillation by regression onto the teacher's probability-flow ODE (Luhman & Luhman 2021).
+"""Consistency distillation by regression (Luhman & Luhman 2021): a consistency model's one-call sample
+f(s_max z, s_max) is regressed onto a target made by a diffusion teacher from the same noise z.
 
-A consistency model's one-step sample f(s_max z, s_max) should equal the end of the teacher's PF-ODE started
-from the same noise z.  Consistency training and tuning reach that map only through a chain of neighbouring
-noise levels, which leaves ~0.2-0.4 Å of error in one-step geometry.  Here the map is supervised directly:
-
-1. ``generate_pairs``: draw atom counts from the training histogram and noise z on the zero-CoM subspace,
-   solve the teacher's ODE from s_max z (Heun, :mod:`molgen.diffusion.ode`), keep the end positions and the
-   atom types (argmax of the end features).  Deterministic for a seed; saved as ``pairs.npz`` in the run.
-2. ``distill_loss``: the pseudo-Huber distance (as in iCT, scaled by the molecule's dimension) between the
-   student's one-step output and the target (positions and EDM's clean features of the target types), plus
-   a term on the target's short interatomic distances (bond lengths decide stability).
-
-The student starts from a consistency checkpoint (``--init``).  Regression at s_max alone also moves f at the
-low noise levels k-step sampling uses, so a share of each batch keeps an anchor model's f there.
+1. Pairs (noise, target molecule), made once per run and kept in it (``pairs.npz``): atom counts from the
+   training histogram, noise T z on the zero-CoM subspace (T: the pair temperature), and as target either
+   * ``ode``: the end of the teacher's probability-flow ODE from s_max T z (Heun, :mod:`molgen.diffusion.ode`),
+   * ``polished``: the student's own one-call molecule from T z, polished by the teacher's denoiser at the low
+     ladder's levels (:mod:`molgen.diffusion.polish`): targets near the student's answers, with the bond
+     lengths the teacher holds clean.
+2. The loss: the pseudo-Huber distance (iCT's, scaled by the molecule's size) between the student's one-call
+   output and the target (positions, and EDM's clean features of the target's atom types), plus a term on
+   the target's short interatomic distances (bond lengths decide stability). Regression at s_max alone also
+   moves f at the low levels multistep sampling uses, so a share of each batch keeps an anchor model's f there.
 """
 
 from __future__ import annotations
@@ -25,12 +23,32 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from molgen import MolgenError
 from molgen.chem.elements import N_TYPES
-from molgen.consistency.ict import ConsistencyConfig, pseudo_huber
-from molgen.diffusion.noise import per_molecule_sum, sample_noise
+from molgen.consistency.ict import ConsistencyConfig, mean_over_molecules, molecule_distance, pseudo_huber
+from molgen.diffusion.levels import low_ladder, ode_levels
+from molgen.diffusion.noise import sample_noise
+from molgen.diffusion.ode import heun_solve
+from molgen.diffusion.polish import make_polish_step, polish
 
 PAIRS_NAME = "pairs.npz"
 PAIR_STREAM = 7919  # pairs use their own random stream: `molgen sample --seed S` never reuses their noise
+TARGETS = ("ode", "polished")
+ANCHOR_SIGMAS = (0.08, 0.5)  # the levels multistep sampling re-noises to (0.4 ... 0.1, and 0.2)
+BOND_CUTOFF = 2.0  # Å: target atom pairs closer than this (bonds, and short 1-3 pairs) enter the bond term
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    teacher: str = ""  # the diffusion model the targets come from (as named when the run started)
+    pairs: int = 32000  # noise -> target pairs (1/32 held out for validation, at most 1000)
+    targets: str = "ode"  # TARGETS
+    teacher_steps: int = 18  # "ode": Heun steps of the teacher's ODE (2 calls each, 1 for the last)
+    polish_calls: int = 4  # "polished": teacher calls on each one-call molecule (low-ladder levels)
+    pair_temperature: float = 1.0  # the pairs' noise is T z: the student learns where `--temperature T` samples
+    anchor: str = ""  # the consistency model whose low-noise f is kept (default: the run's --init)
+    anchor_fraction: float = 0.25  # share of each batch trained at the anchor's low levels (0: one-call only)
+    bond_weight: float = 1.0  # weight of the short-pair distance term (0: off)
 
 
 @dataclass
@@ -38,13 +56,13 @@ class PairSet:
     """Noise -> molecule pairs, with the interface of :class:`molgen.data.qm9.QM9` that training uses."""
 
     n_atoms: np.ndarray  # [M]
-    positions: np.ndarray  # [sum n, 3]: the teacher's end positions
+    positions: np.ndarray  # [sum n, 3]: the targets' positions
     types: np.ndarray  # [sum n]
-    noise_x: np.ndarray  # [sum n, 3]: z on the zero-CoM subspace
+    noise_x: np.ndarray  # [sum n, 3]: T z on the zero-CoM subspace
     noise_h: np.ndarray  # [sum n, F]
     n_valid: int = 0  # the last n_valid pairs are held out (validation loss on unseen noise)
-    refine_rounds: int = 0  # 0: targets are the teacher's ODE ends; R > 0: see refine_pairs
-    temperature: float = 1.0  # the noise is temperature * z (the start noise of `molgen sample --temperature`)
+    polish_calls: int = 0  # 0: targets are the teacher's ODE ends; R > 0: polished one-call molecules
+    temperature: float = 1.0
 
     def __post_init__(self) -> None:
         self.offsets = np.concatenate([[0], np.cumsum(self.n_atoms)]).astype(np.int64)
@@ -75,7 +93,7 @@ class PairSet:
             with open(tmp, "wb") as fh:
                 np.savez(fh, n_atoms=self.n_atoms, positions=self.positions, types=self.types,
                          noise_x=self.noise_x, noise_h=self.noise_h, n_valid=self.n_valid,
-                         refine_rounds=self.refine_rounds, temperature=self.temperature)
+                         refine_rounds=self.polish_calls, temperature=self.temperature)
 
     @classmethod
     def load(cls, path: Path) -> "PairSet":
@@ -98,9 +116,9 @@ def _noise_batches(sizes: np.ndarray, seed: int, n_features: int, batch_size: in
         yield g, temperature * zx, temperature * zh
 
 
-def _solve_pairs(solve: Callable, sizes: np.ndarray, seed: int, n_features: int, batch_size: int, n_valid: int,
-                 progress: Callable[[int], None] | None, refine_rounds: int = 0,
-                 temperature: float = 1.0) -> PairSet:
+def make_pairs(solve: Callable, sizes: np.ndarray, seed: int, n_features: int, n_valid: int = 0,
+               progress: Callable[[int], None] | None = None, polish_calls: int = 0, temperature: float = 1.0,
+               batch_size: int = 1000) -> PairSet:
     """Pairs (T z, target) for molecules of the given sizes, target = solve(graph, T z_x, T z_h) per noise batch."""
     xs, ts, zxs, zhs = [], [], [], []
     for g, zx, zh in _noise_batches(sizes, seed, n_features, batch_size, temperature):
@@ -114,210 +132,111 @@ def _solve_pairs(solve: Callable, sizes: np.ndarray, seed: int, n_features: int,
             progress(int((g.n_atoms > 0).sum()))
     return PairSet(np.asarray(sizes, np.int32), np.concatenate(xs).astype(np.float32), np.concatenate(ts),
                    np.concatenate(zxs).astype(np.float32), np.concatenate(zhs).astype(np.float32), n_valid,
-                   refine_rounds, float(temperature))
+                   polish_calls, float(temperature))
 
 
-def generate_pairs(teacher_cfg, teacher_params, sizes: np.ndarray, seed: int, ode_steps: int,
-                   sigma_max: float, sigma_min: float = 0.002, batch_size: int = 1000, n_valid: int = 0,
-                   progress: Callable[[int], None] | None = None, temperature: float = 1.0) -> PairSet:
-    """Solve the teacher's ODE for molecules of the given sizes; batch b uses noise key fold_in(seed, b).
-
-    With ``temperature`` T the ODE starts from s_max T z: the targets are the teacher's reduced-temperature
-    molecules, and the student learns the map where ``molgen sample --temperature T`` will call it.
-    """
-    from molgen.diffusion.ode import edm_denoiser, heun_solve, karras_levels
-    from molgen.train import make_apply
-
-    _, apply = make_apply(teacher_cfg)
-    denoise = jax.jit(edm_denoiser(apply, teacher_cfg.diffusion))
-    levels = karras_levels(ode_steps, sigma_min, sigma_max)
-    return _solve_pairs(lambda g, zx, zh: heun_solve(denoise, teacher_params, zx, zh, g, levels), sizes, seed,
-                        teacher_cfg.n_features, batch_size, n_valid, progress, temperature=temperature)
+def ode_solver(teacher_denoise: Callable, teacher_params, ode_steps: int, cfg: ConsistencyConfig) -> Callable:
+    """solve(graph, T z_x, T z_h): the end of the teacher's ODE from s_max T z (jitted denoiser given)."""
+    levels = ode_levels(ode_steps, cfg.sigma_min, cfg.sigma_max)
+    return lambda g, zx, zh: heun_solve(teacher_denoise, teacher_params, zx, zh, g, levels)
 
 
-def refine_pairs(student_cfg, student_params, teacher_cfg, teacher_params, sizes: np.ndarray, seed: int,
-                 rounds: int, sigma: float = 0.0, batch_size: int = 1000, n_valid: int = 0,
-                 progress: Callable[[int], None] | None = None, temperature: float = 1.0) -> PairSet:
-    """Targets near the student's own answers: its one-call molecule from z, relaxed by the teacher.
-
-    x_0 = f(s_max z, s_max) (the student, one call), then ``rounds`` times x <- D(x, s): the teacher's
-    denoising of x read as a sample at a low level s, with the atom types re-read (argmax) and fed back as
-    clean features each round (:mod:`molgen.refine`).  s runs over ``refine_levels(rounds)`` (0.4 -> 0.1 Å,
-    what ``molgen sample --steps 1 --refine R`` does), or stays at ``sigma`` when that is > 0.
-    D(x, s) = x + s^2 grad log p_s(x), so the rounds are gradient ascent on the teacher's log-density
-    smoothed at s: each molecule moves to a nearby geometry the teacher holds clean (bond lengths, valences).
-    Deterministic: the noise is generate_pairs' for the same seed.
-    """
-    from molgen.consistency.stack import make_model_fn
-    from molgen.diffusion.ode import edm_denoiser
-    from molgen.refine import make_refine_step, refine, refine_levels
-    from molgen.train import make_apply
-
-    cfn = jax.jit(make_model_fn(student_cfg))
-    _, t_apply = make_apply(teacher_cfg)
-    step = jax.jit(make_refine_step(edm_denoiser(t_apply, teacher_cfg.diffusion)))
-    levels = [float(sigma)] * rounds if sigma > 0 else refine_levels(rounds)
-    s_max = float(student_cfg.consistency.sigma_max)
+def polish_solver(student_fn: Callable, student_params, teacher_denoise: Callable, teacher_params, calls: int,
+                  cfg: ConsistencyConfig) -> Callable:
+    """solve(graph, T z_x, T z_h): the student's one-call molecule from T z, polished by ``calls`` teacher calls
+    on the low ladder (what `molgen sample --steps 1 --polish R` does). Both functions jitted by the caller."""
+    step = jax.jit(make_polish_step(teacher_denoise))
+    levels = low_ladder(calls)
+    s_max = float(cfg.sigma_max)
 
     def solve(g, zx, zh):
-        x, h = cfn(student_params, s_max * zx, s_max * zh, jnp.full(g.node_mask.shape, s_max, jnp.float32), g)
-        return refine(step, teacher_params, x, h, g, levels)
+        x, h = student_fn(student_params, s_max * zx, s_max * zh, jnp.full(g.node_mask.shape, s_max, jnp.float32), g)
+        return polish(step, teacher_params, x, h, g, levels)
 
-    return _solve_pairs(solve, sizes, seed, student_cfg.n_features, batch_size, n_valid, progress, rounds,
-                        temperature)
-
-
-ANCHOR_SIGMAS = (0.08, 0.5)  # the levels k-step sampling re-noises to (default_sigmas: 0.4 ... 0.1, and 0.2)
-BOND_CUTOFF = 2.0  # Å: target atom pairs closer than this (bonds, and H-X-H / short 1-3 pairs) enter the bond term
-RELAX_SIGMAS = (0.05, 0.3)  # noise levels (Å) of the teacher-relaxation term: the scale of one-call bond errors
+    return solve
 
 
-def distill_loss(cfn, params, x, h, noise, graph, cfg: ConsistencyConfig, key=None, anchor_params=None,
-                 anchor_fraction: float = 0.0, bond_weight: float = 0.0, relax=None, dmd=None, fake_params=None):
-    """Mean over molecules of the pseudo-Huber distance between f(s_max z, s_max) and the target (x, h).
+def n_held_out(n_pairs: int, batch_size: int) -> int:
+    return min(max(n_pairs // 32, 1), 1000) if n_pairs >= 2 * batch_size else 0
 
-    With ``anchor_params`` a random ``anchor_fraction`` of the molecules is used instead at a low level s in
-    ANCHOR_SIGMAS: input x + s xi (fresh noise), target the anchor model's f at the same input, so the student
-    keeps the behaviour k-step sampling relies on while its one-step map moves to the teacher's ODE.
 
-    ``bond_weight`` adds, for the one-step molecules, the pseudo-Huber distance between the student's and the
-    target's interatomic distances over the target's pairs closer than BOND_CUTOFF: stability and validity
-    are read from those distances, and the coordinate loss spends its effort equally on far pairs.
+def check_pairs(pairs: PairSet, path: Path, cfg: DistillConfig) -> PairSet:
+    """The run's saved pairs, refused when they were made for other settings."""
+    want_polish = cfg.polish_calls if cfg.targets == "polished" else 0
+    if len(pairs) != cfg.pairs:
+        raise MolgenError(f"{path} holds {len(pairs)} pairs, the run wants {cfg.pairs}; remove it or fix the pairs setting")
+    if pairs.polish_calls != want_polish:
+        raise MolgenError(f"{path} holds targets of {pairs.polish_calls} polishing calls, the run wants "
+                          f"{want_polish}; remove it or fix the targets setting")
+    if not np.isclose(pairs.temperature, cfg.pair_temperature):
+        raise MolgenError(f"{path} holds pairs at temperature {pairs.temperature:g}, the run wants "
+                          f"{cfg.pair_temperature:g}; remove it or fix the pair temperature")
+    return pairs
 
-    ``relax = (denoise, teacher_params, weight, 0)`` adds, for the one-step molecules, the teacher's relaxation:
-    the output (ox, oh) is noised to a low level s (log-uniform in RELAX_SIGMAS, fresh zero-CoM noise) and
-    pulled towards the teacher's denoising of it, D(ox + s xi, s) with gradients stopped (pseudo-Huber as
-    above).  Its expected gradient is -s^2 times the teacher's score of the output smoothed at s: the
-    output moves towards geometries the teacher holds clean (bond lengths), which the regression onto the
-    teacher's ODE end alone does not reach when the student cannot fit that map exactly (its errors average
-    into wrong bond lengths).  It is the real-score half of distribution matching distillation (Yin et al.
-    2024), used only at low noise, where it acts on local geometry and the regression term keeps diversity.
-    ``relax = (denoise, teacher_params, weight, rounds)`` with rounds R > 0 instead pulls the output towards
-    the teacher's refinement of the output itself: R steps x <- D(x, s) at ``refine_levels(R)`` with no noise
-    and the types re-read (what ``molgen sample --refine R`` does to it), gradients stopped.  The target is
-    then deterministic: the noise of the version above moves its target ~s per coordinate, more than the
-    ~0.1 Å bond errors the term is meant to fix.  The target moves with the student, so it stays within
-    reach (unlike fixed refined targets, ``refine_pairs``, which it cannot predict from z and averages).
 
-    ``dmd`` (a :class:`molgen.consistency.dmd.DMD`) with ``fake_params`` adds, for the one-step molecules,
-    distribution matching (``dmd.weight`` times its generator term) and the fake model's EDM loss on them
-    (:func:`molgen.consistency.dmd.dmd_terms`): the one-call molecules are pulled towards the teacher's
-    distribution rather than onto its ODE's map alone.
-    """
+def _anchor_inputs(key, x, h, graph, anchor_fraction):
+    """(mask of the molecules trained at a low level, their VE inputs x + s xi, their levels s)."""
+    n_seg = graph.n_atoms.shape[0]
+    k_u, k_s, k_n = jax.random.split(key, 3)
+    low = jax.random.uniform(k_u, (n_seg,)) < anchor_fraction
+    lo, hi = np.log(ANCHOR_SIGMAS[0]), np.log(ANCHOR_SIGMAS[1])
+    s_low = jnp.exp(jax.random.uniform(k_s, (n_seg,), minval=lo, maxval=hi))
+    ex, eh = sample_noise(k_n, graph, h.shape[-1])
+    s_node = s_low[graph.segment][:, None]
+    return low, x + s_node * ex, (h + s_node * eh) * graph.node_mask[:, None], s_low[graph.segment]
+
+
+def _bond_term(ox, x, graph, one, low, scale):
+    """Pseudo-Huber distance between the output's and the target's lengths of the target's short pairs."""
+    snd, rcv, seg = graph.senders, graph.receivers, graph.segment
+    n_seg = graph.n_atoms.shape[0]
+
+    def dist(p):
+        return jnp.sqrt(jnp.sum((p[snd] - p[rcv]) ** 2, -1) + 1e-12)
+
+    d_t = jax.lax.stop_gradient(dist(x))
+    near = graph.edge_mask * (d_t < BOND_CUTOFF) * (1.0 - low.astype(jnp.float32))[seg[rcv]]
+    sq_b = jax.ops.segment_sum(near * (dist(ox) - d_t) ** 2, seg[rcv], num_segments=n_seg)
+    n_b = jax.ops.segment_sum(near, seg[rcv], num_segments=n_seg)
+    bond = jnp.sum(pseudo_huber(sq_b, n_b, scale) * one) / jnp.maximum(one.sum(), 1.0)
+    error = jnp.sum(jnp.sqrt(sq_b / jnp.maximum(n_b, 1.0)) * one) / jnp.maximum(one.sum(), 1.0)
+    return bond, error
+
+
+def distill_loss(cfn, params, x, h, noise, graph, cfg: ConsistencyConfig, dcfg: DistillConfig, key=None,
+                 anchor_params=None):
+    """Mean over molecules of the pseudo-Huber distance between f(s_max z, s_max) and the target (x, h), plus
+    ``dcfg.bond_weight`` times the bond term. With ``anchor_params`` a random ``dcfg.anchor_fraction`` of the
+    molecules is used instead at a low level s in ANCHOR_SIGMAS: input x + s xi, target the anchor model's f
+    at the same input (gradients stopped)."""
     zx, zh = noise
     m = graph.node_mask
-    seg = graph.segment
     n_seg = graph.n_atoms.shape[0]
     s_max = jnp.float32(cfg.sigma_max)
     yx, yh, sig = s_max * zx, s_max * zh * m[:, None], jnp.full(m.shape, s_max, jnp.float32)
     tx, th = x, h
     low = jnp.zeros((n_seg,), bool)
-    anchored = anchor_params is not None and anchor_fraction > 0
+    anchored = anchor_params is not None and dcfg.anchor_fraction > 0
     if anchored:
-        k_u, k_s, k_n = jax.random.split(key, 3)
-        low = jax.random.uniform(k_u, (n_seg,)) < anchor_fraction
-        lo, hi = np.log(ANCHOR_SIGMAS[0]), np.log(ANCHOR_SIGMAS[1])
-        s_low = jnp.exp(jax.random.uniform(k_s, (n_seg,), minval=lo, maxval=hi))
-        ex, eh = sample_noise(k_n, graph, h.shape[-1])
-        node_low = low[seg][:, None]
-        s_node = s_low[seg][:, None]
-        yx = jnp.where(node_low, x + s_node * ex, yx)
-        yh = jnp.where(node_low, (h + s_node * eh) * m[:, None], yh)
-        sig = jnp.where(low[seg], s_low[seg], sig)
+        low, ax_in, ah_in, s_low = _anchor_inputs(key, x, h, graph, dcfg.anchor_fraction)
+        node_low = low[graph.segment][:, None]
+        yx, yh = jnp.where(node_low, ax_in, yx), jnp.where(node_low, ah_in, yh)
+        sig = jnp.where(low[graph.segment], s_low, sig)
         ax, ah = cfn(anchor_params, yx, yh, sig, graph)
         tx = jnp.where(node_low, jax.lax.stop_gradient(ax), tx)
         th = jnp.where(node_low, jax.lax.stop_gradient(ah), th)
     ox, oh = cfn(params, yx, yh, sig, graph)
-    sq = per_molecule_sum(jnp.sum((ox - tx) ** 2, -1) + jnp.sum((oh - th) ** 2, -1), graph)
-    dim = graph.n_atoms.astype(jnp.float32) * (3 + h.shape[-1])
+    per_mol, _, _ = molecule_distance(ox, oh, tx, th, graph, cfg.huber_scale)
     real = (graph.n_atoms > 0).astype(jnp.float32)
     one = real * (1.0 - low.astype(jnp.float32))
-    per_mol = pseudo_huber(sq, dim, cfg.huber_scale)
-    loss = jnp.sum(per_mol * real) / jnp.maximum(real.sum(), 1.0)
-    pos_err = per_molecule_sum(jnp.sqrt(jnp.sum((ox - tx) ** 2, -1) + 1e-12), graph) / jnp.maximum(graph.n_atoms, 1)
-    aux = {"position_error": jnp.sum(pos_err * one) / jnp.maximum(one.sum(), 1.0)}  # one-step molecules only
+    loss = mean_over_molecules(per_mol, graph)
+    per_atom = jnp.sqrt(jnp.sum((ox - tx) ** 2, -1) + 1e-12)
+    pos_err = jax.ops.segment_sum(per_atom * m, graph.segment, n_seg) / jnp.maximum(graph.n_atoms, 1)
+    aux = {"position_error": jnp.sum(pos_err * one) / jnp.maximum(one.sum(), 1.0)}  # one-call molecules only
     if anchored:
-        anc = real - one
-        aux["anchor_loss"] = jnp.sum(per_mol * anc) / jnp.maximum(anc.sum(), 1.0)
-    if relax is not None:
-        denoise, tparams, relax_weight, rounds = relax
-        if rounds > 0:  # deterministic: the teacher's refinement of the output itself (molgen.refine)
-            from molgen.refine import make_refine_step, refine, refine_levels
-
-            dx, dh = refine(make_refine_step(denoise), tparams, jax.lax.stop_gradient(ox),
-                            jax.lax.stop_gradient(oh), graph, refine_levels(rounds))
-            dx, dh = jax.lax.stop_gradient(dx), jax.lax.stop_gradient(dh)
-        else:
-            k_rs, k_rn = jax.random.split(jax.random.fold_in(key, 1))
-            lo, hi = np.log(RELAX_SIGMAS[0]), np.log(RELAX_SIGMAS[1])
-            s_r = jnp.exp(jax.random.uniform(k_rs, (n_seg,), minval=lo, maxval=hi))[seg]
-            rx, rh = sample_noise(k_rn, graph, h.shape[-1])
-            px = jax.lax.stop_gradient(ox) + s_r[:, None] * rx
-            ph = (jax.lax.stop_gradient(oh) + s_r[:, None] * rh) * m[:, None]
-            dx, dh = jax.lax.stop_gradient(denoise(tparams, px, ph, s_r, graph))
-        sq_r = per_molecule_sum(jnp.sum((ox - dx) ** 2, -1) + jnp.sum((oh - dh * m[:, None]) ** 2, -1), graph)
-        relax_term = jnp.sum(pseudo_huber(sq_r, dim, cfg.huber_scale) * one) / jnp.maximum(one.sum(), 1.0)
-        loss = loss + relax_weight * relax_term
-        aux["relax_loss"] = relax_term
-    if dmd is not None:
-        from molgen.consistency.dmd import dmd_terms
-
-        gen, fake, dmd_aux = dmd_terms(dmd, fake_params, ox, oh, graph, jax.random.fold_in(key, 2),
-                                       1.0 - low.astype(jnp.float32))
-        loss = loss + dmd.weight * gen + fake
-        aux.update(dmd_loss=gen, fake_loss=fake, **dmd_aux)
-    if bond_weight > 0:
-        snd, rcv = graph.senders, graph.receivers
-
-        def dist(p):
-            return jnp.sqrt(jnp.sum((p[snd] - p[rcv]) ** 2, -1) + 1e-12)
-
-        d_t = jax.lax.stop_gradient(dist(x))
-        near = graph.edge_mask * (d_t < BOND_CUTOFF) * (1.0 - low.astype(jnp.float32))[seg[rcv]]
-        seg_e = seg[rcv]
-        sq_b = jax.ops.segment_sum(near * (dist(ox) - d_t) ** 2, seg_e, num_segments=n_seg)
-        n_b = jax.ops.segment_sum(near, seg_e, num_segments=n_seg)
-        bond = jnp.sum(pseudo_huber(sq_b, n_b, cfg.huber_scale) * one) / jnp.maximum(one.sum(), 1.0)
-        loss = loss + bond_weight * bond
-        aux["bond_loss"] = bond
-        aux["bond_error"] = jnp.sum(jnp.sqrt(sq_b / jnp.maximum(n_b, 1.0)) * one) / jnp.maximum(one.sum(), 1.0)
+        aux["anchor_loss"] = jnp.sum(per_mol * (real - one)) / jnp.maximum((real - one).sum(), 1.0)
+    if dcfg.bond_weight > 0:
+        bond, error = _bond_term(ox, x, graph, one, low, cfg.huber_scale)
+        loss = loss + dcfg.bond_weight * bond
+        aux.update(bond_loss=bond, bond_error=error)
     return loss, aux
-
-
-def prepare_pairs(cfg, run_dir: Path, progress_factory=None) -> PairSet:
-    """The run's pairs: loaded from ``run_dir/pairs.npz``, or generated from ``cfg.teacher`` and saved there."""
-    from molgen import MolgenError
-    from molgen.sample import draw_sizes, load_model
-
-    path = Path(run_dir) / PAIRS_NAME
-    if path.exists():
-        pairs = PairSet.load(path)
-        if len(pairs) != cfg.n_pairs:
-            raise MolgenError(f"{path} holds {len(pairs)} pairs, the run wants {cfg.n_pairs}; remove it or fix --pairs")
-        if pairs.refine_rounds != cfg.refine_rounds:
-            raise MolgenError(f"{path} holds targets of {pairs.refine_rounds} refinement rounds, the run wants "
-                              f"{cfg.refine_rounds}; remove it or fix --refine")
-        if not np.isclose(pairs.temperature, cfg.pair_temperature):
-            raise MolgenError(f"{path} holds pairs at temperature {pairs.temperature:g}, the run wants "
-                              f"{cfg.pair_temperature:g}; remove it or fix --pair-temperature")
-        return pairs
-    tcfg, tparams, _ = load_model(cfg.teacher)
-    if tcfg.mode != "diffusion":
-        raise MolgenError(f"{cfg.teacher}: the teacher must be a diffusion model, not {tcfg.mode!r}")
-    if tcfg.model.in_node_nf != cfg.model.in_node_nf:
-        raise MolgenError(f"{cfg.teacher}: the teacher's atom features do not match the student's")
-    sizes = draw_sizes(cfg, cfg.n_pairs, cfg.seed, stream=PAIR_STREAM)
-    n_valid = min(max(cfg.n_pairs // 32, 1), 1000) if cfg.n_pairs >= 2 * cfg.batch_size else 0
-    if cfg.refine_rounds > 0:  # the --init student's answers, relaxed by the teacher
-        scfg, sparams, _ = load_model(cfg.init)
-        progress = progress_factory("refined targets", cfg.n_pairs) if progress_factory else None
-        pairs = refine_pairs(scfg, sparams, tcfg, tparams, sizes, cfg.seed, cfg.refine_rounds, cfg.refine_sigma,
-                             n_valid=n_valid, progress=progress, temperature=cfg.pair_temperature)
-        pairs.save(path)
-        return pairs
-    progress = progress_factory("teacher ODE pairs", cfg.n_pairs) if progress_factory else None
-    pairs = generate_pairs(tcfg, tparams, sizes, cfg.seed, cfg.teacher_steps, cfg.consistency.sigma_max,
-                           cfg.consistency.sigma_min, n_valid=n_valid, progress=progress,
-                           temperature=cfg.pair_temperature)
-    pairs.save(path)
-    return pairs

@@ -12,7 +12,6 @@ from typing import NamedTuple
 
 import numpy as np
 
-from molgen.chem.elements import CHARGES, N_TYPES
 
 
 class Graph(NamedTuple):
@@ -95,48 +94,14 @@ def pack(
     return Graph(pos, typ, node_mask, segment, senders, receivers, edge_mask, n_atoms)
 
 
-def dense_graph(positions: np.ndarray, types: np.ndarray, mask: np.ndarray) -> Graph:
-    """The plain formulation: B molecules padded to n_max rows each, all n_max**2 - n_max pairs, masked.
-
-    Used to check that the packed fast path agrees with the padded one (and by code that wants fixed shapes).
-    """
-    b, n_max = mask.shape
-    n_pad = b * n_max + 1
-    i, j = _pairs(n_max)
-    offs = (np.arange(b, dtype=np.int32) * n_max)[:, None]
-    receivers = (i[None] + offs).reshape(-1)
-    senders = (j[None] + offs).reshape(-1)
-    m = mask.astype(np.float32)
-    edge_mask = (m[:, i] * m[:, j]).reshape(-1)
-    pos = np.zeros((n_pad, 3), np.float32)
-    pos[:-1] = positions.reshape(-1, 3)
-    typ = np.zeros(n_pad, np.int32)
-    typ[:-1] = types.reshape(-1)
-    node_mask = np.zeros(n_pad, np.float32)
-    node_mask[:-1] = m.reshape(-1)
-    segment = np.full(n_pad, b, np.int32)
-    segment[:-1] = np.repeat(np.arange(b, dtype=np.int32), n_max)  # masked rows keep ids sorted
-    n_atoms = np.concatenate([m.sum(1).astype(np.int32), [0]])
-    return Graph(pos, typ, node_mask, segment, senders.astype(np.int32), receivers.astype(np.int32),
-                 edge_mask, n_atoms)
-
-
-def node_features(types: np.ndarray, node_mask: np.ndarray, onehot_scale: float = 0.25,
-                  charge_scale: float = 0.1) -> np.ndarray:
-    """EDM's normalised atom features: one-hot(type)/4 and Z/10, zero on padding rows."""
-    onehot = np.eye(N_TYPES, dtype=np.float32)[types] * onehot_scale
-    charge = CHARGES[types].astype(np.float32)[:, None] * charge_scale
-    return np.concatenate([onehot, charge], axis=1) * node_mask[:, None]
-
-
 class BatchSampler:
     """Deterministic, resumable mini-batches over a set of molecules: the batch at step ``s`` depends only on
     (seed, s), so a resumed run sees exactly the data order of an uninterrupted one."""
 
-    def __init__(self, ds, ids: np.ndarray, batch_size: int, seed: int = 0):
+    def __init__(self, ids: np.ndarray, batch_size: int, seed: int = 0):
         if len(ids) < batch_size:
             raise ValueError(f"batch size {batch_size} is larger than the data ({len(ids)} molecules)")
-        self.ds, self.ids, self.batch_size, self.seed = ds, np.asarray(ids), batch_size, seed
+        self.ids, self.batch_size, self.seed = np.asarray(ids), batch_size, seed
         self.steps_per_epoch = len(ids) // batch_size
         self._epoch, self._perm = -1, None
 
@@ -153,7 +118,3 @@ class BatchSampler:
     def epoch_indices(self, epoch: int) -> np.ndarray:
         """The molecules of every step of an epoch, in order: [steps_per_epoch * batch_size]."""
         return self.ids[self._permutation(epoch)[: self.steps_per_epoch * self.batch_size]]
-
-    def batch(self, step: int) -> Graph:
-        mols = [self.ds.molecule(int(i)) for i in self.indices(step)]
-        return pack([p for p, _ in mols], [t for _, t in mols])

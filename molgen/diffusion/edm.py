@@ -32,11 +32,10 @@ def alpha_sigma(gamma):
     return jnp.sqrt(jax.nn.sigmoid(-gamma)), jnp.sqrt(jax.nn.sigmoid(gamma))
 
 
-def diffusion_loss(apply_fn, params, x, h, graph, key, cfg: DiffusionConfig, weight=None):
+def diffusion_loss(apply_fn, params, x, h, graph, key, cfg: DiffusionConfig):
     """Mean over molecules of ||eps - eps_hat||^2 / (n_atoms * (3 + F)) (EDM's L2 objective, w(t) = 1).
 
-    Returns (loss, aux) with the position and feature parts of the loss.  ``weight`` [B + 1] (0 / 1) keeps
-    only some molecules of the batch.
+    Returns (loss, aux) with the position and feature parts of the loss.
     """
     gammas = jnp.asarray(cfg.gammas())
     n_seg = graph.n_atoms.shape[0]
@@ -53,13 +52,36 @@ def diffusion_loss(apply_fn, params, x, h, graph, key, cfg: DiffusionConfig, wei
     eh = per_molecule_sum(jnp.sum((eps_h - ph) ** 2, -1), graph)
     n = graph.n_atoms.astype(jnp.float32)
     real = (graph.n_atoms > 0).astype(jnp.float32)
-    if weight is not None:
-        real = real * weight
     denom = jnp.maximum(n, 1.0) * (3 + h.shape[-1])
     n_mol = jnp.maximum(real.sum(), 1.0)
     loss_x = jnp.sum(ex / denom * real) / n_mol
     loss_h = jnp.sum(eh / denom * real) / n_mol
     return loss_x + loss_h, {"loss_x": loss_x, "loss_h": loss_h}
+
+
+def edm_time(sigma, cfg: DiffusionConfig):
+    """EDM's time t whose schedule has sigma_t / alpha_t = sigma (the VE level of a VP state), in [0, 1]."""
+    gammas = jnp.asarray(cfg.gammas(), jnp.float32)
+    return jnp.interp(2.0 * jnp.log(sigma), gammas, jnp.linspace(0.0, 1.0, gammas.shape[0]))
+
+
+def vp_input(sigma):
+    """The factor 1 / sqrt(1 + s^2) that turns a VE state y = x + s eps into EDM's VP latent alpha (x + s eps)."""
+    return 1.0 / jnp.sqrt(1.0 + sigma**2)
+
+
+def denoiser(apply_fn, cfg: DiffusionConfig):
+    """D(params, y_x, y_h, sigma_node, graph): the diffusion model's estimate of the clean molecule from a VE
+    state y = [x, h] + sigma eps, D = y - sigma eps_hat(y / sqrt(1 + sigma^2), t(sigma)); positions zero-CoM."""
+
+    def denoise(params, yx, yh, sigma, graph):
+        s = sigma[:, None]
+        c_in = vp_input(s)
+        ex, eh = apply_fn(params, c_in * yx, c_in * yh, edm_time(sigma, cfg) * graph.node_mask, graph)
+        x = remove_mean(yx - s * ex, graph.node_mask, graph.segment, graph.n_atoms.shape[0])
+        return x, (yh - s * eh) * graph.node_mask[:, None]
+
+    return denoise
 
 
 def respaced_times(k: int) -> np.ndarray:

@@ -1,36 +1,14 @@
 """The probability-flow ODE of a diffusion model, solved with Heun's method (Karras et al. 2022, Alg. 1).
 
-In variance-exploding form y = x + s eps the ODE is dy/ds = (y - D(y, s)) / s with D the model's denoiser.
-For an EDM (variance-preserving) epsilon network, D(y, s) = y - s eps_hat(y / sqrt(1 + s^2), t(s)), which is
-the ``eps`` consistency parametrisation with sigma_min = 0 (:func:`edm_denoiser`).  The solution from
-y(s_max) = s_max z is a deterministic function of the noise z: it is the map a consistency model learns, and
-the target of consistency distillation by regression (:mod:`molgen.consistency.distill`).
+In variance-exploding form y = x + s eps the ODE is dy/ds = (y - D(y, s)) / s with D the model's denoiser
+(:func:`molgen.diffusion.edm.denoiser`). The solution from y(s_max) = s_max z is a deterministic function of
+the noise z: the map a consistency model learns, and the target of distillation by regression
+(:mod:`molgen.consistency.distill`). Levels: :func:`molgen.diffusion.levels.ode_levels`.
 """
 
 from __future__ import annotations
 
 import jax.numpy as jnp
-import numpy as np
-
-
-def karras_levels(n_steps: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> list[float]:
-    """n_steps + 1 decreasing levels: sigma_max ... sigma_min on the Karras grid, then 0."""
-    if n_steps < 1:
-        raise ValueError("n_steps must be >= 1")
-    i = np.arange(n_steps, dtype=np.float64)
-    a, b = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
-    grid = (a + i / max(n_steps - 1, 1) * (b - a)) ** rho
-    return [float(s) for s in grid] + [0.0]
-
-
-def edm_denoiser(apply_fn, diffusion_cfg):
-    """D(params, y_x, y_h, sigma_node, graph) of a diffusion checkpoint, in the VE variables."""
-    from molgen.consistency.ict import ConsistencyConfig, make_consistency_fn
-
-    d = diffusion_cfg
-    cc = ConsistencyConfig(parametrization="eps", sigma_min=0.0, timesteps=d.timesteps, precision=d.precision,
-                           power=d.power)
-    return make_consistency_fn(apply_fn, cc)
 
 
 def heun_solve(denoise, params, zx, zh, graph, levels: list[float]):
@@ -55,5 +33,3 @@ def heun_solve(denoise, params, zx, zh, graph, levels: list[float]):
 def n_calls(levels: list[float]) -> int:
     """Network calls of :func:`heun_solve` on these levels."""
     return 2 * (len(levels) - 1) - (1 if levels[-1] == 0 else 0)
-
-

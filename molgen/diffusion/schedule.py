@@ -26,14 +26,3 @@ def gamma_table(timesteps: int = 1000, s: float = 1e-5, power: float = 2.0) -> n
     alphas2 = polynomial_schedule(timesteps, s, power)
     sigmas2 = 1 - alphas2
     return (-(np.log(alphas2) - np.log(sigmas2))).astype(np.float32)
-
-
-def vp_to_ve_sigma(gamma):
-    """A variance-preserving state z = alpha x + sigma eps is alpha * (x + s eps) with s = sigma / alpha."""
-    return np.exp(0.5 * np.asarray(gamma, np.float64))
-
-
-def ve_sigma_to_t(sigma, gammas: np.ndarray):
-    """Continuous time t in [0, 1] whose (interpolated) gamma equals log(sigma^2): the inverse of vp_to_ve_sigma."""
-    t_grid = np.linspace(0.0, 1.0, len(gammas))
-    return np.interp(2.0 * np.log(np.asarray(sigma, np.float64)), gammas.astype(np.float64), t_grid)

@@ -1,0 +1,96 @@
+"""What the command line shows: progress bars (or nothing off a terminal), tables of metrics, of the QM9 cache
+and of the shipped models. Output only; no decisions."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+console = Console()
+err = Console(stderr=True)
+
+
+def say(msg: str) -> None:
+    err.print(escape(msg), highlight=False, soft_wrap=True)
+
+
+def progress(transient: bool = True):
+    """A progress display on stderr with elapsed and remaining time (disabled off a terminal)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TimeRemainingColumn(), console=err, transient=transient, disable=not err.is_terminal)
+
+
+def progress_factory(bar):
+    """The library's progress protocol (description, total) -> tick(n), on a rich Progress."""
+
+    def make(desc: str, total: int | None):
+        task = bar.add_task(desc, total=total)
+        return lambda n: bar.advance(task, n)
+
+    return make
+
+
+def metrics_table(m, title: str) -> Table:
+    t = Table(title=title)
+    t.add_column("metric")
+    t.add_column("value", justify="right")
+
+    def pct(x):
+        return "n/a" if x is None else f"{100 * x:.2f} %"
+
+    rows = [("molecules", f"{m.n_molecules:,}"), ("mean atoms", f"{m.mean_atoms:.2f}"),
+            ("atom stability", pct(m.atom_stability)), ("molecule stability", pct(m.mol_stability)),
+            ("validity", pct(m.validity)), ("uniqueness (of valid)", pct(m.uniqueness)),
+            ("valid & unique", pct(m.valid_and_unique)),
+            ("novelty (of unique)", pct(m.novelty) if m.novelty is not None else "not computed"),
+            ("connected (1 fragment)", pct(m.connected)), ("non-finite coordinates", str(m.n_nonfinite))]
+    for k, v in rows:
+        t.add_row(k, v)
+    ref = m.reference_type_fractions
+    mix = "  ".join(f"{k} {v:.3f}" + (f" ({ref[k]:.3f})" if ref else "") for k, v in m.type_fractions.items())
+    t.add_row("atom types" + (" (train)" if ref else ""), mix)
+    return t
+
+
+def cache_tables(data_dir: Path, manifest: dict, ds) -> None:
+    t = Table(title=f"QM9 cache: {data_dir}")
+    t.add_column("item")
+    t.add_column("value", justify="right")
+    t.add_row("source", str(manifest.get("source")))
+    t.add_row("molecules", f"{len(ds):,}")
+    t.add_row("atoms", f"{len(ds.types):,}")
+    for k, v in ds.splits.items():
+        t.add_row(f"split {k}", f"{len(v):,}")
+    n = ds.n_atoms[ds.split("train")]
+    t.add_row("atoms per molecule (train)", f"{n.min()}-{n.max()}, mean {n.mean():.2f}")
+    console.print(t)
+    hist = ds.size_histogram("train")
+    h = Table(title="atom-count histogram (train)")
+    for c in ("atoms", "molecules", ""):
+        h.add_column(c, justify="right" if c else "left")
+    for k in np.nonzero(hist)[0]:
+        h.add_row(str(k), f"{hist[k]:,}", "#" * int(round(40 * hist[k] / hist.max())))
+    console.print(h)
+
+
+def models_table(models: dict, default: str | None) -> Table:
+    from molgen.config import RunConfig
+    from molgen.consistency.stack import describe_network
+
+    t = Table(title="shipped models")
+    t.add_column("name", no_wrap=True)  # names are what users type: never cut (other columns wrap)
+    for c in ("objective", "network", "trained", "headline (1000 samples)"):
+        t.add_column(c)
+    for name, path in models.items():
+        cfg = RunConfig.load(path / "config.json")
+        meta = json.loads((path / "meta.json").read_text()) if (path / "meta.json").exists() else {}
+        t.add_row(name + ("\n(default)" if name == default else ""), cfg.objective, describe_network(cfg),
+                  meta.get("trained", ""), meta.get("headline", ""))
+    return t

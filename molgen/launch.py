@@ -1,0 +1,206 @@
+"""Starting or continuing a training run: the config from a recipe and the command line, the models the run
+starts from or learns from (loaded here, once, and handed to the objective as parameters), the data (QM9, or
+the distillation pairs made for the run and kept in it), then the loop (:func:`molgen.train.train`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from molgen import MolgenError
+from molgen.config import RunConfig
+from molgen.consistency.distill import (PAIR_STREAM, PAIRS_NAME, PairSet, check_pairs, make_pairs, n_held_out,
+                                        ode_solver, polish_solver)
+from molgen.models import Model, load_diffusion_model, load_model
+from molgen.networks import model_fn
+from molgen.objectives import get_objective
+from molgen.recipes import apply_table, merge, parse_set, read_recipe, to_config
+from molgen.state import CONFIG_NAME
+
+
+@dataclass
+class Request:
+    """What `molgen train` was asked: a recipe, overrides, and the few common settings given directly."""
+
+    out: Path
+    recipe: str | None = None
+    objective: str | None = None
+    sets: tuple[str, ...] = ()
+    resume: bool = False
+    init: str | None = None
+    teacher: str | None = None
+    model: str | None = None  # a preset name
+    steps: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    seed: int | None = None
+
+
+def _direct(req: Request) -> dict:
+    """The directly given settings as recipe tables."""
+    d: dict = {}
+    if req.objective:
+        d["objective"] = req.objective
+    if req.seed is not None:
+        d["seed"] = req.seed
+    if req.model:
+        d["model"] = {"preset": req.model}
+    optim = {k: v for k, v in (("steps", req.steps), ("batch_size", req.batch_size), ("lr", req.lr)) if v is not None}
+    if optim:
+        d["optim"] = optim
+    if req.teacher:
+        d["distill"] = {"teacher": str(req.teacher)}
+    return d
+
+
+def check_request(req: Request) -> None:
+    """Refusals that need no file read: nonsense numbers."""
+    if req.steps is not None and req.steps < 1:
+        raise MolgenError(f"--steps must be at least 1, got {req.steps}")
+    if req.batch_size is not None and req.batch_size < 1:
+        raise MolgenError(f"--batch-size must be at least 1, got {req.batch_size}")
+    if req.lr is not None and not req.lr > 0:
+        raise MolgenError(f"--lr must be positive, got {req.lr}")
+    if req.seed is not None and not 0 <= req.seed < 2**32:
+        raise MolgenError(f"--seed must be in 0 .. 2^32 - 1, got {req.seed}")
+
+
+def resolve_config(req: Request) -> RunConfig:
+    """The run's config before data and models are read: a resumed run's own (steps, batch size and learning
+    rate may change), else recipe (default: the objective's shipped recipe) + --set + direct options."""
+    check_request(req)
+    if req.resume:
+        path = Path(req.out) / CONFIG_NAME
+        if not path.exists():
+            raise MolgenError(f"--resume: {req.out} holds no run (no {CONFIG_NAME}); start a new run without --resume")
+        return _resumed(RunConfig.load(path), req)
+    if req.objective:
+        get_objective(req.objective)  # a known one, before its recipe is looked for
+    name = req.recipe or req.objective or "diffusion"
+    recipe = merge(merge(read_recipe(name), parse_set(list(req.sets))), _direct(req))
+    cfg = to_config(recipe)
+    get_objective(cfg.objective)  # a known objective
+    if cfg.optim.steps < 1 or cfg.optim.batch_size < 1:
+        raise MolgenError("optim.steps and optim.batch_size must be at least 1")
+    return cfg.replace(init=str(req.init) if req.init else cfg.init)
+
+
+def _flat(tables: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tables.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def _resumed(cfg: RunConfig, req: Request) -> RunConfig:
+    """A resumed run's own config with the optimiser settings asked for (steps, batch size, lr, --set optim.*).
+    Any other setting given (the same command again, with --resume) must be the run's own."""
+    from molgen.nn.egnn import PRESETS
+
+    asked = merge(merge(read_recipe(req.recipe) if req.recipe else {}, parse_set(list(req.sets))), _direct(req))
+    if req.init:
+        asked["init"] = str(req.init)
+    optim = asked.pop("optim", {})
+    for key, want in _flat(asked).items():
+        if key == "model.preset":
+            have, want = (cfg.model.nf, cfg.model.n_layers), (PRESETS[want].nf, PRESETS[want].n_layers) \
+                if want in PRESETS else want
+        else:
+            have = cfg
+            for part in key.split("."):
+                have = getattr(have, part, None) if have is not None else None
+        if have != want and not (isinstance(have, tuple) and list(have) == want):
+            raise MolgenError(f"--resume continues the run in {req.out} as it was configured: its {key} is "
+                              f"{have!r}, not {want!r} (only optimiser settings may change)")
+    return cfg.replace(optim=apply_table(type(cfg.optim), "optim", optim, cfg.optim))
+
+
+def _start_model(cfg: RunConfig) -> Model | None:
+    """The model --init names, checked against what the objective wants."""
+    want = get_objective(cfg.objective).init
+    if want == "none":
+        if cfg.init:
+            raise MolgenError(f"--init: objective {cfg.objective} trains from scratch")
+        return None
+    if not cfg.init:
+        if want == "optional":
+            return None
+        raise MolgenError(f"objective {cfg.objective} needs --init (a {want} model)")
+    m = load_model(cfg.init)
+    kind = want if want != "optional" else get_objective(cfg.objective).kind
+    if m.cfg.kind != kind:
+        raise MolgenError(f"--init {cfg.init}: objective {cfg.objective} starts from a {kind} model, not a {m.cfg.kind} model")
+    return m
+
+
+def _anchor(cfg: RunConfig, student: Model | None):
+    """The distillation anchor's parameters (None without an anchor share)."""
+    if cfg.distill is None or cfg.distill.anchor_fraction <= 0:
+        return None
+    name = cfg.distill.anchor or cfg.init
+    a = student if student is not None and name == cfg.init else load_model(name)
+    if a.cfg.model != cfg.model or a.cfg.consistency != cfg.consistency or a.cfg.stack != cfg.stack:
+        raise MolgenError(f"anchor {name}: its network or noise levels differ from the student's")
+    return jax.tree_util.tree_map(jnp.array, a.params)  # a copy: the training state's buffers are donated
+
+
+def prepare_pairs(cfg: RunConfig, run_dir: Path, student: Model | None, progress_factory=None) -> PairSet:
+    """The run's pairs: loaded from ``run_dir/pairs.npz``, or made with the teacher (and for polished targets,
+    the student) and saved there."""
+    from molgen.sample import draw_sizes
+
+    path = Path(run_dir) / PAIRS_NAME
+    dcfg = cfg.distill
+    if path.exists():
+        return check_pairs(PairSet.load(path), path, dcfg)
+    if not dcfg.teacher:
+        raise MolgenError("objective distill needs --teacher (a diffusion model)")
+    teacher = load_diffusion_model(dcfg.teacher, "--teacher")
+    if teacher.cfg.model.in_node_nf != cfg.model.in_node_nf:
+        raise MolgenError(f"--teacher {dcfg.teacher}: its atom features do not match the student's")
+    if dcfg.targets not in ("ode", "polished"):
+        raise MolgenError(f"distill.targets must be ode or polished, got {dcfg.targets!r}")
+    sizes = draw_sizes(cfg, dcfg.pairs, cfg.seed, stream=PAIR_STREAM)
+    denoise = jax.jit(model_fn(teacher.cfg))
+    if dcfg.targets == "polished":
+        solve = polish_solver(jax.jit(model_fn(student.cfg)), student.params, denoise, teacher.params,
+                              dcfg.polish_calls, cfg.consistency)
+    else:
+        solve = ode_solver(denoise, teacher.params, dcfg.teacher_steps, cfg.consistency)
+    progress = progress_factory(f"{dcfg.targets} targets", dcfg.pairs) if progress_factory else None
+    pairs = make_pairs(solve, sizes, cfg.seed, cfg.n_features, n_held_out(dcfg.pairs, cfg.optim.batch_size), progress,
+                       dcfg.polish_calls if dcfg.targets == "polished" else 0, dcfg.pair_temperature)
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    pairs.save(path)
+    return pairs
+
+
+def launch(req: Request, data_dir: Path | None = None, progress: str | None = None, log: Callable = print,
+           progress_factory=None, max_seconds: float | None = None):
+    """Resolve, check, prepare and run; returns (config, :class:`molgen.train.TrainResult`)."""
+    from molgen.data.qm9 import load_qm9
+    from molgen.train import check_run_dir, train
+
+    cfg = resolve_config(req)
+    check_run_dir(req.out, req.resume)  # before anything is read or made
+    objective = get_objective(cfg.objective)
+    start = None if req.resume else _start_model(cfg)
+    if start is not None and req.model:
+        raise MolgenError(f"--model: the run takes its network from --init {cfg.init}")
+    if objective.pairs:
+        if start is not None:
+            cfg = objective.configure(cfg, None, start.cfg)
+        if cfg.distill.pairs < 2 * cfg.optim.batch_size and not (Path(req.out) / PAIRS_NAME).exists():
+            raise MolgenError(f"distill.pairs {cfg.distill.pairs} is too few for batch size {cfg.optim.batch_size}")
+        ds = prepare_pairs(cfg, req.out, start, progress_factory)
+    else:
+        ds = load_qm9(data_dir, remove_h=cfg.data.remove_h)
+        if not req.resume:
+            cfg = objective.configure(cfg, ds, start.cfg if start else None)
+    res = train(cfg, req.out, ds, resume=req.resume, init_params=start.params if start else None,
+                anchor_params=_anchor(cfg, start), progress=progress, log=log, max_seconds=max_seconds)
+    return cfg, res

@@ -1,0 +1,195 @@
+"""Models on disk: a model folder (config.json, params.msgpack with the EMA parameters in float32, meta.json
+with the card's recommended sampling settings and headline, README.md the card, recipe files), the shipped
+models inside the package, and training run folders read as models (their latest checkpoint)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from molgen import MolgenError
+from molgen.config import RunConfig
+
+CONFIG_NAME = "config.json"
+PARAMS_NAME = "params.msgpack"
+META_NAME = "meta.json"
+
+
+@dataclass
+class Model:
+    """A loaded model: its config, its (EMA) parameters, and its card's meta.json (plus ``source``, the folder)."""
+
+    cfg: RunConfig
+    params: Any
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return Path(self.meta.get("source", "")).name
+
+    @property
+    def temperature(self) -> float:
+        """The card's recommended sampling temperature (1: the plain samplers)."""
+        return float(self.meta.get("temperature", 1.0))
+
+    @property
+    def renoise(self) -> float | None:
+        """The card's recommended re-noising scale of the multistep sampler (None: the temperature)."""
+        r = self.meta.get("renoise")
+        return None if r is None else float(r)
+
+
+def weights_root() -> Path:
+    """The folder of shipped models: inside the installed package, or ``weights/`` of a source checkout."""
+    here = Path(__file__).resolve().parent
+    for cand in (here / "weights", here.parent / "weights"):
+        if cand.is_dir() and any(cand.glob(f"*/{PARAMS_NAME}")):
+            return cand
+    return here / "weights"
+
+
+def shipped_models() -> dict[str, Path]:
+    return {p.parent.name: p.parent for p in sorted(weights_root().glob(f"*/{PARAMS_NAME}"))}
+
+
+def default_model() -> str | None:
+    f = weights_root() / "DEFAULT"
+    if f.exists():
+        return f.read_text().strip()
+    return next(iter(shipped_models()), None)
+
+
+def save_model(out_dir: Path, cfg: RunConfig, params, meta: dict | None = None) -> None:
+    """Write a model folder: config.json, params.msgpack (float32) and meta.json, each atomically."""
+    from flax import serialization
+
+    from molgen.io_utils import atomic_write_bytes, atomic_write_text
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    params = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float32), params)
+    atomic_write_bytes(out_dir / PARAMS_NAME, serialization.msgpack_serialize(params))
+    cfg.save(out_dir / CONFIG_NAME)
+    if meta is not None:
+        atomic_write_text(out_dir / META_NAME, json.dumps(meta, indent=2))
+
+
+def find_model(name: str | Path | None) -> Path:
+    """The folder of a shipped model name, a model folder or a run folder (None: the shipped default)."""
+    if name is None:
+        name = default_model()
+        if name is None:
+            raise MolgenError("no shipped model found; pass --checkpoint RUN_DIR")
+    path = Path(name)
+    models = shipped_models()
+    if not path.exists() and str(name) in models:
+        path = models[str(name)]
+    if not path.exists():
+        raise MolgenError(f"{name}: no such model folder, run folder or shipped model (shipped: {', '.join(models) or 'none'})")
+    if not (path / CONFIG_NAME).exists():
+        raise MolgenError(f"{path}: not a molgen model or run folder (no {CONFIG_NAME})")
+    return path
+
+
+def load_model(name: str | Path | None) -> Model:
+    """A shipped model by name, a model folder, or a training run folder (its latest checkpoint's EMA)."""
+    from flax import serialization
+
+    path = find_model(name)
+    if (path / PARAMS_NAME).exists():
+        cfg = RunConfig.load(path / CONFIG_NAME)
+        params = serialization.msgpack_restore((path / PARAMS_NAME).read_bytes())
+        meta = json.loads((path / META_NAME).read_text()) if (path / META_NAME).exists() else {}
+        return Model(cfg, params, {**meta, "source": str(path)})
+    from molgen.state import load_ema_params
+
+    cfg, params, step = load_ema_params(path)
+    return Model(cfg, params, {"source": str(path), "step": step})
+
+
+def load_diffusion_model(name: str | Path, what: str) -> Model:
+    """A model that must be a diffusion model (a teacher, a polisher, the source of stages)."""
+    m = load_model(name)
+    if m.cfg.consistency is not None:
+        raise MolgenError(f"{what} {name}: must be a diffusion model, not a consistency model")
+    return m
+
+
+def diffusion_source(cfg: RunConfig) -> str | None:
+    """The diffusion model a model came from: itself (None) for a diffusion model, the teacher of a distilled
+    model, the diffusion model a consistency model on an EDM network was tuned from."""
+    if cfg.distill is not None and cfg.distill.teacher:
+        return cfg.distill.teacher
+    if cfg.consistency is not None and cfg.diffusion is not None:
+        return cfg.init
+    return None
+
+
+def polisher_for(model: Model, name: str | Path | None = None, option: str = "--polisher") -> Model:
+    """The diffusion model `--polish` calls: ``name``, or by default the model itself (diffusion), its
+    teacher or the diffusion model it was tuned from. A recorded path that is gone falls back to the shipped
+    model of the same name."""
+    if name is None:
+        if model.cfg.consistency is None:
+            return model
+        name = diffusion_source(model.cfg)
+        if name is None:
+            raise MolgenError(f"this model records no diffusion model; name one with {option}")
+        if not Path(name).exists():
+            if Path(name).name not in shipped_models():
+                raise MolgenError(f"this model's diffusion model {name} is not here; name one with {option}")
+            name = Path(name).name
+    m = load_diffusion_model(name, option)
+    if m.cfg.model.in_node_nf != model.cfg.model.in_node_nf or m.cfg.data.remove_h != model.cfg.data.remove_h:
+        raise MolgenError(f"{option} {name}: its atom features or hydrogen setting differ from the model's")
+    return m
+
+
+def export_model(run: str | Path, dest: Path, headline: str = "", temperature: float | None = None,
+                 renoise: float | None = None, stack: int = 0, stages_from: str | None = None,
+                 force: bool = False) -> Model:
+    """Write the latest EMA parameters of a run (or a model folder) as a model folder at ``dest``; with ``stack``
+    N, as a stacked model: N denoising stages of ``stages_from`` (default: the model's diffusion source) after
+    the network, or, for a stacked model, its own stages re-spread over N levels."""
+    from molgen.consistency.stack import restack, stack_model
+
+    if stages_from is not None and not stack:
+        raise MolgenError("--stages-from names the diffusion model whose network --stack N appends; add --stack N")
+    if temperature is not None and not (np.isfinite(temperature) and temperature > 0):
+        raise MolgenError(f"--temperature must be a positive number, got {temperature}")
+    if renoise is not None and not (np.isfinite(renoise) and renoise >= 0):
+        raise MolgenError(f"--renoise must be a number >= 0, got {renoise}")
+    dest = Path(dest)
+    if dest.exists() and (not dest.is_dir() or (any(dest.iterdir()) and not force)):
+        raise MolgenError(f"{dest} exists and is not an empty folder; choose another destination or pass --force")
+    m = load_model(run)
+    cfg, params = m.cfg, m.params
+    if renoise is not None and cfg.consistency is None:
+        raise MolgenError("--renoise applies to consistency models; this is a diffusion model")
+    # a model folder keeps its card's provenance; a run's is its latest checkpoint
+    meta = {"source_run": m.meta.get("source_run", str(run)), "step": m.meta.get("step"),
+            "trained": m.meta.get("trained") or f"{m.meta.get('step')} steps", "headline": headline}
+    if stack and cfg.stack is not None:  # stacked already: its trained stages, at N levels
+        if stages_from is not None:
+            raise MolgenError("this model is stacked already: --stack N re-spreads its own trained stages; "
+                              "leave out --stages-from")
+        old = len(cfg.stack.levels)
+        cfg, params = restack(cfg, params, stack)
+        meta["trained"] += f", then its {old} stages re-spread over {stack} levels (not trained further)"
+    elif stack:
+        if cfg.consistency is None:
+            raise MolgenError("--stack: the model must be a consistency model, not a diffusion model")
+        src = polisher_for(m, stages_from, "--stages-from")
+        cfg, params = stack_model(cfg, params, src.cfg, src.params, stack, source=src.name)
+        meta["trained"] += f", then {stack} denoising stages of {src.name} appended (not trained further)"
+    if temperature is not None:
+        meta["temperature"] = float(temperature)
+    if renoise is not None:
+        meta["renoise"] = float(renoise)
+    save_model(dest, cfg, params, meta)
+    return Model(cfg, params, {**meta, "source": str(dest)})

@@ -1,0 +1,109 @@
+"""The training objectives, by name. Each owns what it adds to a run's config and its loss; a run looks its
+objective up once.
+
+* ``diffusion``: EDM's epsilon objective (:func:`molgen.diffusion.edm.diffusion_loss`);
+* ``ct``: consistency training from scratch (iCT, ``ict`` parametrisation, :mod:`molgen.consistency.ict`);
+* ``ect``: consistency tuning of a diffusion model (``--init``; ``ict-vp`` parametrisation);
+* ``distill``: regression of a consistency model's one-call sample onto a diffusion teacher's targets
+  (:mod:`molgen.consistency.distill`), with an anchor model's low-noise behaviour kept.
+
+A loss is ``loss(params, batch, key, step) -> (loss, aux)``; the models it needs besides the trained one (the
+distillation anchor) come already loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from molgen import MolgenError
+from molgen.config import RunConfig
+from molgen.consistency.distill import DistillConfig, distill_loss
+from molgen.consistency.ict import ConsistencyConfig, consistency_loss, measure_sigma_data
+from molgen.data.features import type_features
+from molgen.diffusion.edm import diffusion_loss
+from molgen.networks import model_fn
+
+
+def features(graph):
+    return type_features(graph.types, graph.node_mask)
+
+
+@dataclass(frozen=True)
+class Objective:
+    name: str
+    kind: str  # what the trained network computes: "diffusion" or "consistency"
+    init: str  # what --init is: "none", "optional" (a warm start of the same kind), "diffusion" or "consistency"
+    pairs: bool = False  # trains on teacher-made pairs instead of QM9
+
+    def configure(self, cfg: RunConfig, ds, init_cfg: RunConfig | None) -> RunConfig:
+        """The run's config completed: sections this objective needs, values measured on the data."""
+        hist = tuple(int(c) for c in ds.size_histogram("train"))
+        fracs = tuple(float(f) for f in ds.type_fractions("train"))
+        return cfg.replace(data=dataclasses.replace(cfg.data, size_hist=hist, type_fractions=fracs))
+
+    def make_loss(self, cfg: RunConfig, apply: Callable, anchor_params=None) -> Callable:
+        raise NotImplementedError
+
+
+def _with_sigma_data(cfg: RunConfig, ds) -> RunConfig:
+    sx, sh = measure_sigma_data(ds, ds.split("train"), lambda t, m: type_features(t, m, np), seed=cfg.seed)
+    return cfg.replace(consistency=dataclasses.replace(cfg.consistency, sigma_data_x=sx, sigma_data_h=sh))
+
+
+class Diffusion(Objective):
+    def configure(self, cfg, ds, init_cfg):
+        cfg = super().configure(cfg, ds, init_cfg).replace(consistency=None, distill=None, stack=None)
+        if init_cfg is not None:  # a warm start keeps the network and schedule of the model it starts from
+            cfg = cfg.replace(model=init_cfg.model, diffusion=init_cfg.diffusion)
+        return cfg
+
+    def make_loss(self, cfg, apply, anchor_params=None):
+        return lambda p, g, k, s: diffusion_loss(apply, p, g.positions, features(g), g, k, cfg.diffusion)
+
+
+class Consistency(Objective):
+    def configure(self, cfg, ds, init_cfg):
+        cfg = super().configure(cfg, ds, init_cfg).replace(distill=None, stack=None)
+        cons = cfg.consistency or ConsistencyConfig()
+        if cons.total_steps <= 0:  # the curriculum spans the run
+            cons = dataclasses.replace(cons, total_steps=cfg.optim.steps)
+        if self.init == "diffusion":  # tuning: the diffusion model's network, fed as EDM fed it
+            cfg = cfg.replace(model=init_cfg.model, diffusion=init_cfg.diffusion,
+                              consistency=dataclasses.replace(cons, parametrization="ict-vp"))
+        else:
+            cfg = cfg.replace(diffusion=None, consistency=dataclasses.replace(cons, parametrization="ict"))
+        return _with_sigma_data(cfg, ds)
+
+    def make_loss(self, cfg, apply, anchor_params=None):
+        cfn = model_fn(cfg, apply)
+        return lambda p, g, k, s: consistency_loss(cfn, p, g.positions, features(g), g, k, s, cfg.consistency)
+
+
+class Distill(Objective):
+    def configure(self, cfg, ds, init_cfg):
+        # the student, its network and noise levels are --init's; the data are pairs made for this run
+        return cfg.replace(model=init_cfg.model, diffusion=init_cfg.diffusion, consistency=init_cfg.consistency,
+                           stack=init_cfg.stack, distill=cfg.distill or DistillConfig(), data=init_cfg.data)
+
+    def make_loss(self, cfg, apply, anchor_params=None):
+        cfn = model_fn(cfg, apply)
+        return lambda p, b, k, s: distill_loss(cfn, p, b[0].positions, features(b[0]), b[1], b[0], cfg.consistency,
+                                               cfg.distill, k, anchor_params)
+
+
+OBJECTIVES: dict[str, Objective] = {o.name: o for o in (
+    Diffusion("diffusion", "diffusion", "optional"),
+    Consistency("ct", "consistency", "none"),
+    Consistency("ect", "consistency", "diffusion"),
+    Distill("distill", "consistency", "consistency", pairs=True),
+)}
+
+
+def get_objective(name: str) -> Objective:
+    if name not in OBJECTIVES:
+        raise MolgenError(f"objective must be one of {', '.join(OBJECTIVES)}, got {name!r}")
+    return OBJECTIVES[name]

@@ -1,0 +1,116 @@
+"""Recipes: training settings as TOML files, read with the standard library.
+
+A recipe holds ``objective`` and ``seed`` at the top and one table per section of :class:`molgen.config.RunConfig`:
+``[model]`` (``preset`` = tiny | small | base | edm, and/or any EGNN field), ``[diffusion]``, ``[consistency]``,
+``[distill]``, ``[optim]``, ``[data]``. What a recipe leaves out keeps its default. ``molgen train --recipe R``
+takes a file or the name of a recipe shipped in ``molgen/recipes/`` (one per objective); ``--set
+section.key=value`` overrides single values (TOML syntax; bare words are strings). Unknown keys are errors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from pathlib import Path
+
+from molgen import MolgenError
+from molgen.config import RunConfig
+from molgen.nn.egnn import PRESETS
+
+RECIPE_DIR = Path(__file__).resolve().parent / "recipes"
+SECTIONS = ("model", "diffusion", "consistency", "stack", "distill", "optim", "data")
+TOP = ("objective", "seed", "init")
+
+
+def shipped_recipes() -> dict[str, Path]:
+    return {p.stem: p for p in sorted(RECIPE_DIR.glob("*.toml"))}
+
+
+def read_recipe(recipe: str | Path) -> dict:
+    """A recipe file's tables, or a shipped recipe's by name."""
+    path = Path(recipe)
+    if not path.exists():
+        shipped = shipped_recipes()
+        if str(recipe) not in shipped:
+            raise MolgenError(f"{recipe}: no such recipe file or shipped recipe (shipped: {', '.join(shipped)})")
+        path = shipped[str(recipe)]
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise MolgenError(f"{path}: not a valid TOML recipe ({e})") from None
+
+
+def parse_set(items: list[str]) -> dict:
+    """``--set section.key=value`` items as nested tables (value in TOML syntax, else a string)."""
+    out: dict = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise MolgenError(f"--set {item!r}: expected section.key=value")
+        try:
+            v = tomllib.loads(f"v = {value.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            v = value.strip()
+        *path, last = key.split(".")
+        node = out
+        for p in path:
+            node = node.setdefault(p, {})
+        node[last] = v
+    return out
+
+
+def merge(base: dict, over: dict) -> dict:
+    """``over``'s values on top of ``base``'s, table by table."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = merge(out.get(k, {}), v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def apply_table(cls, name: str, table: dict, base):
+    """``base`` (a dataclass instance of ``cls``) with the table's values, checked against its fields."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kw = {}
+    for k, v in table.items():
+        if k not in fields:
+            raise MolgenError(f"recipe: [{name}] has no setting {k!r} (settings: {', '.join(fields)})")
+        cur = getattr(base, k)
+        if isinstance(cur, bool) and not isinstance(v, bool):
+            raise MolgenError(f"recipe: {name}.{k} must be true or false, got {v!r}")
+        if isinstance(cur, float) and isinstance(v, int) and not isinstance(v, bool):
+            v = float(v)
+        elif isinstance(cur, tuple) and isinstance(v, list):
+            v = tuple(v)
+        elif cur is not None and not isinstance(v, type(cur)):
+            raise MolgenError(f"recipe: {name}.{k} must be a {type(cur).__name__}, got {v!r}")
+        kw[k] = v
+    return dataclasses.replace(base, **kw)
+
+
+def to_config(recipe: dict) -> RunConfig:
+    """The run config a recipe describes (sections it leaves out keep their defaults; a section present in the
+    recipe is built even when the default has none, e.g. [consistency] or [distill])."""
+    from molgen.config import DataConfig, OptimConfig
+    from molgen.consistency.distill import DistillConfig
+    from molgen.consistency.ict import ConsistencyConfig
+    from molgen.diffusion.edm import DiffusionConfig
+
+    unknown = set(recipe) - set(SECTIONS) - set(TOP)
+    if unknown:
+        raise MolgenError(f"recipe: unknown setting(s) {', '.join(sorted(unknown))} (tables: {', '.join(SECTIONS)})")
+    cfg = RunConfig(**{k: recipe[k] for k in TOP if k in recipe})
+    model = dict(recipe.get("model", {}))
+    preset = model.pop("preset", None)
+    if preset is not None and preset not in PRESETS:
+        raise MolgenError(f"recipe: model.preset must be one of {', '.join(PRESETS)}, got {preset!r}")
+    base_model = PRESETS[preset] if preset else cfg.model
+    kw = {"model": apply_table(type(base_model), "model", model, base_model)}
+    classes = {"diffusion": DiffusionConfig, "consistency": ConsistencyConfig, "distill": DistillConfig,
+               "optim": OptimConfig, "data": DataConfig}
+    for name, cls in classes.items():
+        if name in recipe:
+            kw[name] = apply_table(cls, name, recipe[name], getattr(cfg, name) or cls())
+    if "stack" in recipe:
+        raise MolgenError("recipe: [stack] is made by `molgen export --stack N`, not by a recipe")
+    return cfg.replace(**kw)

@@ -1,0 +1,180 @@
+"""The samplers, by name. Each owns its noise levels, its count of network calls and its loop:
+
+* ``ancestral`` (diffusion models): EDM's stochastic sampler on a respaced time grid; k steps = k calls;
+* ``ode`` (diffusion models): the probability-flow ODE, Heun's method on Karras levels from 80 to 0.002, then 0;
+  k steps = 2k - 1 calls;
+* ``multistep`` (consistency models): x = f(sigma_max z), then for each further level x = f(x + renoise
+  sqrt(s^2 - sigma_min^2) z, s); k steps = k calls;
+* ``anneal`` (consistency models): the same first call, then f(x, s) on the molecule itself at the low
+  ladder's levels, no noise added, types re-read in between (:mod:`molgen.diffusion.polish`); k steps = k calls.
+
+``temperature`` scales every Gaussian a sampler draws (the start noise; the ancestral steps' noise; the
+multistep re-noising unless ``renoise`` is given).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from molgen import MolgenError
+from molgen.config import RunConfig
+from molgen.consistency.ict import make_multistep_step, multistep_levels
+from molgen.diffusion.edm import make_sampler_step, respaced_times
+from molgen.diffusion.levels import low_ladder, ode_levels
+from molgen.diffusion.noise import sample_noise
+from molgen.diffusion.ode import heun_solve, n_calls
+from molgen.diffusion.polish import make_polish_step, polish
+from molgen.networks import model_fn, network
+
+ODE_SIGMA_MAX, ODE_SIGMA_MIN = 80.0, 0.002  # the ODE sampler's Karras levels (VE noise levels), then 0
+
+
+@dataclass(frozen=True)
+class Sampler:
+    name: str
+    kind: str  # the models it applies to: "diffusion" or "consistency"
+    default_steps: int
+    takes_sigmas: bool = False
+    takes_renoise: bool = False
+
+    def levels(self, cfg: RunConfig, steps: int, sigmas: Sequence[float] | None = None) -> list[float]:
+        raise NotImplementedError
+
+    def calls(self, levels: list[float]) -> int:
+        return len(levels)
+
+    def prepare(self, cfg: RunConfig, apply: Callable | None = None):
+        """The jitted functions :meth:`run` uses."""
+        raise NotImplementedError
+
+    def run(self, fns, params, graph, nf: int, key, levels, temperature: float, renoise: float | None,
+            tick: Callable):
+        """(x, h) of one packed batch (``nf`` features per atom); ``tick()`` after every network call."""
+        raise NotImplementedError
+
+
+def _check_sigmas(cfg: RunConfig, steps: int, sigmas) -> list[float] | None:
+    if not sigmas:
+        return None
+    s = [float(x) for x in sigmas]
+    if len(s) != steps:
+        raise MolgenError(f"--sigmas gives {len(s)} levels for --steps {steps}")
+    if any(b >= a for a, b in zip(s, s[1:])) or s[-1] <= cfg.consistency.sigma_min:
+        raise MolgenError("--sigmas must decrease and stay above sigma_min")
+    return s
+
+
+class Ancestral(Sampler):
+    def levels(self, cfg, steps, sigmas=None):
+        if steps > cfg.diffusion.timesteps:
+            raise MolgenError(f"--steps {steps} exceeds the model's {cfg.diffusion.timesteps} diffusion steps")
+        return [float(t) for t in respaced_times(steps)]
+
+    def calls(self, levels):
+        return len(levels) - 1
+
+    def prepare(self, cfg, apply=None):
+        return jax.jit(make_sampler_step(apply or network(cfg)[1], cfg.diffusion))
+
+    def run(self, step, params, graph, nf, key, levels, temperature, renoise, tick):
+        k0, key = jax.random.split(key)
+        temp = jnp.float32(temperature)
+        zx, zh = sample_noise(k0, graph, nf)
+        zx, zh = temp * zx, temp * zh
+        for t, s in zip(levels[:-1], levels[1:]):
+            key, k = jax.random.split(key)
+            zx, zh = step(params, zx, zh, jnp.float32(t), jnp.float32(s), graph, k, temp)
+            tick()
+        return zx, zh
+
+
+class Ode(Sampler):
+    def levels(self, cfg, steps, sigmas=None):
+        return ode_levels(steps, ODE_SIGMA_MIN, ODE_SIGMA_MAX)
+
+    def calls(self, levels):
+        return n_calls(levels)
+
+    def prepare(self, cfg, apply=None):
+        return jax.jit(model_fn(cfg, apply))
+
+    def run(self, denoise, params, graph, nf, key, levels, temperature, renoise, tick):
+        k0, _ = jax.random.split(key)
+        temp = jnp.float32(temperature)
+        zx, zh = sample_noise(k0, graph, nf)
+
+        def counted(*a):
+            out = denoise(*a)
+            tick()
+            return out
+
+        return heun_solve(counted, params, temp * zx, temp * zh, graph, levels)
+
+
+class Multistep(Sampler):
+    def levels(self, cfg, steps, sigmas=None):
+        return _check_sigmas(cfg, steps, sigmas) or multistep_levels(steps, cfg.consistency)
+
+    def prepare(self, cfg, apply=None):
+        return jax.jit(make_multistep_step(model_fn(cfg, apply), cfg.consistency))
+
+    def run(self, step, params, graph, nf, key, levels, temperature, renoise, tick):
+        _, key = jax.random.split(key)
+        temp = jnp.float32(temperature)
+        later = temp if renoise is None else jnp.float32(renoise)
+        zx, zh = _zeros(graph, nf)
+        for i, s in enumerate(levels):
+            key, k = jax.random.split(key)
+            zx, zh = step(params, zx, zh, jnp.float32(s), jnp.bool_(i == 0), graph, k, temp if i == 0 else later)
+            tick()
+        return zx, zh
+
+
+class Anneal(Sampler):
+    def levels(self, cfg, steps, sigmas=None):
+        return _check_sigmas(cfg, steps, sigmas) or [float(cfg.consistency.sigma_max)] + low_ladder(steps - 1)
+
+    def prepare(self, cfg, apply=None):
+        fn = model_fn(cfg, apply)
+        return jax.jit(make_multistep_step(fn, cfg.consistency)), jax.jit(make_polish_step(fn))
+
+    def run(self, fns, params, graph, nf, key, levels, temperature, renoise, tick):
+        first, again = fns
+        _, key = jax.random.split(key)
+        zx, zh = _zeros(graph, nf)
+        zx, zh = first(params, zx, zh, jnp.float32(levels[0]), jnp.bool_(True), graph, jax.random.split(key)[1],
+                       jnp.float32(temperature))
+        tick()
+        for s in levels[1:]:
+            zx, zh = again(params, zx, zh, jnp.float32(s), graph)
+            tick()
+        return zx, zh
+
+
+def _zeros(graph, nf: int):
+    return jnp.zeros(graph.positions.shape, jnp.float32), jnp.zeros((len(graph.node_mask), nf), jnp.float32)
+
+
+SAMPLERS: dict[str, Sampler] = {s.name: s for s in (
+    Ancestral("ancestral", "diffusion", 1000),
+    Ode("ode", "diffusion", 18),
+    Multistep("multistep", "consistency", 1, takes_sigmas=True, takes_renoise=True),
+    Anneal("anneal", "consistency", 1, takes_sigmas=True),
+)}
+DEFAULT_SAMPLER = {"diffusion": "ancestral", "consistency": "multistep"}
+
+
+def get_sampler(cfg: RunConfig, name: str | None = None) -> Sampler:
+    """The sampler ``name`` (default: the model kind's), refused for a model of the other kind."""
+    name = name or DEFAULT_SAMPLER[cfg.kind]
+    if name not in SAMPLERS:
+        raise MolgenError(f"--sampler must be one of {', '.join(SAMPLERS)}, got {name!r}")
+    s = SAMPLERS[name]
+    if s.kind != cfg.kind:
+        fits = ", ".join(n for n, x in SAMPLERS.items() if x.kind == cfg.kind)
+        raise MolgenError(f"--sampler {name} applies to {s.kind} models; this is a {cfg.kind} model ({fits})")
+    return s

@@ -1,0 +1,84 @@
+"""The training state (step, parameters, their EMA, Adam's state), the optimiser, and the run folder's
+checkpoints (orbax) with the config.json beside them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from molgen import MolgenError
+from molgen.config import OptimConfig, RunConfig
+from molgen.networks import init_params
+
+CONFIG_NAME = "config.json"
+METRICS_NAME = "metrics.jsonl"
+
+_tree_norm = getattr(getattr(optax, "tree", None), "norm", None) or optax.global_norm  # older optax: global_norm
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jnp.ndarray
+    params: Any
+    ema: Any
+    opt_state: Any
+
+
+def make_optimizer(cfg: OptimConfig):
+    """(optax transformation, learning-rate schedule): clipping by global norm, then Adam after a linear warm-up
+    from lr / 100."""
+    warm = max(cfg.warmup, 1)
+    sched = optax.join_schedules([optax.linear_schedule(cfg.lr / 100, cfg.lr, warm), optax.constant_schedule(cfg.lr)],
+                                 [warm])
+    return optax.chain(optax.clip_by_global_norm(cfg.clip), optax.adam(sched)), sched
+
+
+def grad_norm(grads):
+    return _tree_norm(grads)
+
+
+def init_state(cfg: RunConfig, params=None) -> TrainState:
+    params = init_params(cfg) if params is None else params
+    tx, _ = make_optimizer(cfg.optim)
+    return TrainState(jnp.zeros((), jnp.int32), params, jax.tree_util.tree_map(jnp.copy, params), tx.init(params))
+
+
+def checkpoint_manager(run_dir: Path, keep: int = 3):
+    import orbax.checkpoint as ocp
+
+    opts = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False)
+    return ocp.CheckpointManager(Path(run_dir).absolute() / "checkpoints", options=opts)
+
+
+def save_checkpoint(mgr, state: TrainState) -> None:
+    import orbax.checkpoint as ocp
+
+    step = int(state.step)
+    if mgr.latest_step() == step:
+        return
+    mgr.save(step, args=ocp.args.StandardSave(state), force=True)
+    mgr.wait_until_finished()
+
+
+def restore_checkpoint(mgr, target: TrainState, step: int | None = None) -> TrainState:
+    import orbax.checkpoint as ocp
+
+    step = mgr.latest_step() if step is None else step
+    abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, target)
+    return mgr.restore(step, args=ocp.args.StandardRestore(abstract))
+
+
+def load_ema_params(run_dir: Path) -> tuple[RunConfig, Any, int]:
+    """(config, EMA parameters, step) of the latest checkpoint in a run folder."""
+    run_dir = Path(run_dir)
+    cfg = RunConfig.load(run_dir / CONFIG_NAME)
+    mgr = checkpoint_manager(run_dir, cfg.optim.keep)
+    if mgr.latest_step() is None:
+        raise MolgenError(f"{run_dir}: no checkpoint in this run folder")
+    state = restore_checkpoint(mgr, init_state(cfg))
+    return cfg, state.ema, int(state.step)

@@ -1,0 +1,65 @@
+"""Recipes: every shipped model's recipe.toml reproduces the training settings in its config.json; recipes
+parse, merge and refuse mistakes."""
+
+import dataclasses
+
+import pytest
+
+from molgen import MolgenError
+from molgen.config import RunConfig
+from molgen.models import shipped_models
+from molgen.recipes import merge, parse_set, read_recipe, shipped_recipes, to_config
+
+MODELS = shipped_models()
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_a_shipped_models_recipe_reproduces_its_configuration(name):
+    folder = MODELS[name]
+    shipped = RunConfig.load(folder / "config.json")
+    cfg = to_config(read_recipe(folder / "recipe.toml"))
+    assert cfg.objective == shipped.objective and cfg.seed == shipped.seed
+    assert cfg.optim == shipped.optim
+    if shipped.init is None:  # trained from scratch: the recipe names the network
+        assert cfg.model == shipped.model and cfg.diffusion == shipped.diffusion
+    if shipped.distill is not None:  # the teacher is named on the command line
+        assert cfg.distill == dataclasses.replace(shipped.distill, teacher="")
+    if shipped.consistency is not None and shipped.distill is None:  # ct / ect: the curriculum; the rest measured
+        keep = ("parametrization", "sigma_data_x", "sigma_data_h")
+        want = {f.name: getattr(shipped.consistency, f.name) for f in dataclasses.fields(shipped.consistency)
+                if f.name not in keep}
+        assert {k: getattr(cfg.consistency, k) for k in want} == want
+    for extra in folder.glob("recipe-*.toml"):  # earlier stages' recipes parse too
+        assert to_config(read_recipe(extra)).objective == shipped.objective
+    assert "recipe.toml" in (folder / "README.md").read_text()  # the card names it
+
+
+def test_shipped_objective_recipes_and_their_defaults():
+    assert set(shipped_recipes()) == {"diffusion", "ct", "ect", "distill"}
+    for name in shipped_recipes():
+        cfg = to_config(read_recipe(name))
+        assert cfg.objective == name
+    assert to_config(read_recipe("distill")).optim.lr == 2e-4  # distillation's smaller default step
+
+
+def test_set_values_are_toml_or_strings_and_merge_table_by_table():
+    got = parse_set(["optim.lr=1e-3", "model.preset=tiny", "distill.targets=polished", "seed=4", "data.remove_h=true"])
+    assert got == {"optim": {"lr": 1e-3}, "model": {"preset": "tiny"}, "distill": {"targets": "polished"}, "seed": 4,
+                   "data": {"remove_h": True}}
+    assert merge({"optim": {"lr": 1, "steps": 2}}, {"optim": {"lr": 3}}) == {"optim": {"lr": 3, "steps": 2}}
+    cfg = to_config(merge(read_recipe("diffusion"), got))
+    assert (cfg.optim.lr, cfg.model.nf, cfg.seed, cfg.data.remove_h) == (1e-3, 32, 4, True)
+    assert to_config({"optim": {"lr": 1}}).optim.lr == 1.0  # an integer where a float is meant
+
+
+@pytest.mark.parametrize("recipe,message", [
+    ({"optim": {"speed": 1}}, "[optim] has no setting 'speed'"),
+    ({"optim": {"steps": "many"}}, "optim.steps must be a int"),
+    ({"data": {"remove_h": 1}}, "data.remove_h must be true or false"),
+    ({"model": {"preset": "huge"}}, "model.preset must be one of"),
+    ({"stack": {"levels": [0.1]}}, "[stack] is made by `molgen export --stack N`"),
+    ({"trainer": {}}, "unknown setting(s) trainer"),
+])
+def test_recipe_mistakes_are_named(recipe, message):
+    with pytest.raises(MolgenError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
+        to_config(recipe)
