@@ -1,3 +1,3 @@
-from molgen.cli import run
+from molgen.cli import app
 
-run()
+app(prog_name="molgen")

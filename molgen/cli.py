@@ -4,14 +4,13 @@ failure (bad input, unreadable or unwritable files) is one line on stderr and ex
 from __future__ import annotations
 
 import functools
-import os
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 
 from molgen import MolgenError, __version__
-from molgen.display import console, err, say
+from molgen.display import console, err, error, say
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
                   help="Generate 3D molecules with E(3)-equivariant diffusion and consistency models (QM9).")
@@ -26,11 +25,7 @@ def friendly(fn):
         try:
             return fn(*a, **kw)
         except (MolgenError, OSError, UnicodeDecodeError) as e:
-            from rich.markup import escape
-
-            msg = str(e) if isinstance(e, MolgenError) or not getattr(e, "filename", None) else \
-                f"{e.filename}: {e.strerror or e}"
-            err.print(f"[bold red]error:[/] {escape(msg)}", highlight=False, soft_wrap=True)
+            error(e)
             raise typer.Exit(2)
 
     return wrapper
@@ -60,7 +55,8 @@ def download(
     """Get QM9 (130,831 molecules) and write the processed cache with EDM's split."""
     import time
 
-    from molgen.data.qm9 import default_data_dir, download as get
+    from molgen.data.qm9 import default_data_dir
+    from molgen.data.sources import download as get
     from molgen.display import progress, progress_factory
 
     t0 = time.time()
@@ -80,8 +76,7 @@ def info(data_dir: Optional[Path] = Opt(None, "--data-dir", help="Cache folder."
     from molgen.display import cache_tables
 
     d = data_dir or default_data_dir()
-    ds = load_qm9(d)
-    cache_tables(d, read_manifest(d) or {}, ds)
+    cache_tables(d, read_manifest(d) or {}, load_qm9(d))
 
 
 @app.command()
@@ -106,22 +101,17 @@ def train(
 ):
     """Train a model on QM9 from a recipe; Ctrl-C saves a checkpoint, --resume continues exactly."""
     from molgen.display import progress, progress_factory
-    from molgen.jax_setup import auto_cpu_devices, configure_cpu_devices, enable_compilation_cache
+    from molgen.jax_setup import setup_training_devices
     from molgen.launch import Request, launch, resolve_config
 
     req = Request(out, recipe, objective, tuple(sets), resume, init, teacher, model, steps, batch_size, lr, seed)
     cfg = resolve_config(req)
-    batch = cfg.optim.batch_size
-    if devices is not None and batch % devices:
-        raise MolgenError(f"batch size {batch} is not divisible by --devices {devices}")
-    if devices is not None or "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-        configure_cpu_devices(devices or auto_cpu_devices(batch))  # before JAX starts its backends
-    enable_compilation_cache()
+    setup_training_devices(cfg.optim.batch_size, devices)
     import jax
 
     if distributed:
         jax.distributed.initialize()
-    say(f"training {cfg.objective} | batch {batch} | {cfg.optim.steps} steps | devices {jax.device_count()} "
+    say(f"training {cfg.objective} | batch {cfg.optim.batch_size} | {cfg.optim.steps} steps | devices {jax.device_count()} "
         f"({jax.devices()[0].platform}) | {out}")
     with progress(transient=False) as bar:
         cfg, res = launch(req, data_dir, "bar" if err.is_terminal else "lines", say, progress_factory(bar),
@@ -160,27 +150,23 @@ def sample(
     from molgen.io_utils import check_writable
     from molgen.jax_setup import enable_compilation_cache
     from molgen.models import load_model, polisher_for
-    from molgen.sample import parse_levels, plan, sample as draw
+    from molgen.sample import parse_levels, plan, sample as draw, size_warning
 
     fmt = format_of(out, fmt, strict=True)
     for path, what in ((out, "-o"), (json_path, "--json")):
         if path is not None:
             check_writable(path, what)
-    if not 0 <= seed < 2**32:
-        raise MolgenError(f"--seed must be in 0 .. 2^32 - 1, got {seed}")
     if polisher is not None and not polish:
         raise MolgenError("--polisher names the model that --polish N calls; add --polish N")
     sig = parse_levels(sigmas)
     enable_compilation_cache()
     m = load_model(checkpoint)
-    top = max((i for i, c in enumerate(m.cfg.data.size_hist) if c > 0), default=0)
-    if atoms is not None and top and atoms > top:
-        say(f"warning: this model was trained on molecules of at most {top} atoms; expect poor molecules with --atoms {atoms}")
-    _, levels, settings, _ = plan(m, steps, sampler, sig, temperature, renoise, polish)  # every check, no work
+    _, _, settings, _ = plan(m, steps, sampler, sig, temperature, renoise, polish, seed)  # every check, no work
     pol = polisher_for(m, polisher) if polish else None
-    n_batches = -(-n // max(batch_size, 1))
+    if size_warning(m, atoms):
+        say(size_warning(m, atoms))
     with progress() as bar:
-        task = bar.add_task(f"sampling ({settings['molgen_calls']} calls per molecule)", total=settings["molgen_calls"] * n_batches)
+        task = bar.add_task("sampling (network calls)", total=settings["molgen_calls"] * -(-n // max(batch_size, 1)))
         res = draw(m, n, steps, seed, atoms, batch_size, sampler, sig, temperature, renoise, polish, pol,
                    lambda k: bar.advance(task, k))
     metrics = annotate(res.molecules, data_dir, m.cfg.data.remove_h, novelty) if report or json_path else None
@@ -206,28 +192,19 @@ def evaluate(
     skip_invalid: bool = Opt(False, "--skip-invalid", help="Report unreadable molecules and evaluate the rest."),
 ):
     """Atom/molecule stability, validity, uniqueness and novelty (EDM's definitions) of molecules in files."""
-    from molgen.chem.io import read_molecules
     from molgen.display import metrics_table, progress
-    from molgen.evaluate import evaluate_molecules, reference_for, write_json, write_per_molecule_csv
+    from molgen.evaluate import evaluate_files, write_json, write_per_molecule_csv
     from molgen.io_utils import check_writable
 
     for p, what in ((json_path, "--json"), (per_molecule, "--per-molecule")):
         if p is not None:
             check_writable(p, what)
-    mols, errors = [], []
-    for f in files:
-        mols += read_molecules(f, fmt, skip_invalid, errors)
+    with progress() as bar:
+        task = bar.add_task("evaluating", total=None)
+        metrics, mols, errors = evaluate_files(files, fmt, skip_invalid, reference, remove_h, not no_novelty,
+                                               lambda k: bar.advance(task, k))
     for e in errors:
         say(f"skipped: {e}")
-    if not mols:
-        raise MolgenError("no readable molecules in the input")
-    smiles, fr = reference_for(reference, remove_h, not no_novelty)
-    with progress() as bar:
-        task = bar.add_task("evaluating", total=len(mols))
-        metrics = evaluate_molecules([m.positions for m in mols], [m.types for m in mols], smiles, fr,
-                                     lambda k: bar.advance(task, k))
-    if no_novelty:
-        metrics.novelty_note = "skipped (--no-novelty)"
     console.print(metrics_table(metrics, ", ".join(str(f) for f in files)))
     if errors:
         console.print(f"{len(errors)} molecule(s) could not be read and were skipped")
@@ -269,11 +246,3 @@ def models():
 
     ms = shipped_models()
     console.print(models_table(ms, default_model()) if ms else "no shipped models found")
-
-
-def run():  # pragma: no cover - entry point for python -m molgen
-    app()
-
-
-if __name__ == "__main__":  # pragma: no cover
-    run()

@@ -19,6 +19,12 @@ def say(msg: str) -> None:
     err.print(escape(msg), highlight=False, soft_wrap=True)
 
 
+def error(e: Exception) -> None:
+    """An expected failure as one line on stderr: the message, or for a file system error the path and why."""
+    msg = str(e) if not getattr(e, "filename", None) else f"{e.filename}: {e.strerror or e}"
+    err.print(f"[bold red]error:[/] {escape(msg)}", highlight=False, soft_wrap=True)
+
+
 def progress(transient: bool = True):
     """A progress display on stderr with elapsed and remaining time (disabled off a terminal)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn

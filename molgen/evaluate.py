@@ -62,25 +62,15 @@ class Metrics:
         return d
 
 
-def evaluate_molecules(
-    positions: list[np.ndarray],
-    types: list[np.ndarray],
-    train_smiles: set[str] | None = None,
-    reference_type_fractions: np.ndarray | None = None,
-    progress: Callable[[int], None] | None = None,
-) -> Metrics:
+def _per_molecule(positions, types, progress=None) -> tuple[list[PerMolecule], np.ndarray]:
+    """Each molecule's stability, validity and SMILES (EDM's route), and the counts of each atom type."""
     from molgen.chem.bonds import bond_orders
     from molgen.chem.rdkit_utils import build_molecule, validity_smiles
 
-    m = len(types)
-    if m == 0:
-        raise ValueError("no molecules to evaluate")
     per: list[PerMolecule] = []
-    total_atoms = sum(len(t) for t in types)
-    stable_atoms = 0
     type_counts = np.zeros(N_TYPES, np.int64)
     chunk = 1024
-    for s in range(0, m, chunk):
+    for s in range(0, len(types), chunk):
         pos, typ, mask = pad_molecules(positions[s : s + chunk], types[s : s + chunk])
         orders = bond_orders(pos, typ, mask)
         atom_ok, mol_ok, _ = stability(pos, typ, mask, orders=orders)
@@ -89,30 +79,37 @@ def evaluate_molecules(
             t = typ[k, :n]
             type_counts += np.bincount(t, minlength=N_TYPES)
             finite = bool(np.all(np.isfinite(pos[k, :n])))
-            if finite:
-                mol = build_molecule(t, orders[k, :n, :n])
-                smi, nfrag = validity_smiles(mol)
-            else:
-                smi, nfrag = None, 0
-            sa = int(atom_ok[k, :n].sum())
-            stable_atoms += sa
-            per.append(PerMolecule(n, sa, bool(mol_ok[k]), smi is not None, smi or "", nfrag, finite))
+            smi, nfrag = validity_smiles(build_molecule(t, orders[k, :n, :n])) if finite else (None, 0)
+            per.append(PerMolecule(n, int(atom_ok[k, :n].sum()), bool(mol_ok[k]), smi is not None, smi or "", nfrag,
+                                   finite))
             if progress:
                 progress(1)
+    return per, type_counts
+
+
+def evaluate_molecules(
+    positions: list[np.ndarray],
+    types: list[np.ndarray],
+    train_smiles: set[str] | None = None,
+    reference_type_fractions: np.ndarray | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> Metrics:
+    m = len(types)
+    if m == 0:
+        raise ValueError("no molecules to evaluate")
+    per, type_counts = _per_molecule(positions, types, progress)
+    total_atoms = sum(len(t) for t in types)
     valid = [p.smiles for p in per if p.valid]
     unique = set(valid)
-    if train_smiles is not None and unique:
-        novelty = len(unique - train_smiles) / len(unique)
-        note = ""
-    else:
-        novelty = None
-        note = "not computed: no training SMILES (run `molgen download`)" if train_smiles is None else ""
+    novelty = len(unique - train_smiles) / len(unique) if train_smiles is not None and unique else None
+    note = "not computed: no training SMILES (run `molgen download`)" if train_smiles is None else ""
     fr = type_counts / max(type_counts.sum(), 1)
+    ref = reference_type_fractions
     return Metrics(
         n_molecules=m,
         n_atoms_total=int(total_atoms),
         mean_atoms=float(total_atoms / m),
-        atom_stability=stable_atoms / max(total_atoms, 1),
+        atom_stability=sum(p.stable_atoms for p in per) / max(total_atoms, 1),
         mol_stability=float(np.mean([p.stable for p in per])),
         validity=len(valid) / m,
         uniqueness=(len(unique) / len(valid)) if valid else None,
@@ -121,10 +118,7 @@ def evaluate_molecules(
         connected=float(np.mean([p.n_fragments == 1 for p in per])),
         n_nonfinite=int(sum(not p.finite for p in per)),
         type_fractions={SYMBOLS[i]: float(fr[i]) for i in range(N_TYPES)},
-        reference_type_fractions=(
-            {SYMBOLS[i]: float(reference_type_fractions[i]) for i in range(N_TYPES)}
-            if reference_type_fractions is not None else None
-        ),
+        reference_type_fractions={SYMBOLS[i]: float(ref[i]) for i in range(N_TYPES)} if ref is not None else None,
         novelty_note=note,
         per_molecule=per,
     )
@@ -208,3 +202,22 @@ def annotate(molecules, data_dir=None, remove_h: bool = False, novelty: bool = F
         mol.props.update({"molgen_stable_atoms": f"{p.stable_atoms}/{p.n_atoms}", "molgen_mol_stable": int(p.stable),
                           "molgen_valid": int(p.valid), "molgen_smiles": p.smiles})
     return metrics
+
+
+def evaluate_files(files, fmt=None, skip_invalid: bool = False, reference=None, remove_h: bool = False,
+                   novelty: bool = True, progress=None):
+    """(metrics, molecules, errors) of the molecules in SDF / XYZ files or folders: ``errors`` names what could
+    not be read (with ``skip_invalid``; else the first unreadable molecule is an error)."""
+    from molgen import MolgenError
+    from molgen.chem.io import read_molecules
+
+    mols, errors = [], []
+    for f in files:
+        mols += read_molecules(f, fmt, skip_invalid, errors)
+    if not mols:
+        raise MolgenError("no readable molecules in the input")
+    smiles, fr = reference_for(reference, remove_h, novelty)
+    metrics = evaluate_molecules([m.positions for m in mols], [m.types for m in mols], smiles, fr, progress)
+    if not novelty:
+        metrics.novelty_note = "skipped (--no-novelty)"
+    return metrics, mols, errors

@@ -60,3 +60,15 @@ def configure_cpu_devices(n: int) -> bool:
     except (RuntimeError, AttributeError, ValueError):
         return False
     return True
+
+
+def setup_training_devices(batch_size: int, devices: int | None = None) -> None:
+    """Before JAX starts its backends: the CPU split into ``devices`` (default: one per core, as the batch
+    allows) unless XLA_FLAGS sets a device count; then the compilation cache."""
+    from molgen import MolgenError
+
+    if devices is not None and batch_size % devices:
+        raise MolgenError(f"batch size {batch_size} is not divisible by --devices {devices}")
+    if devices is not None or "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+        configure_cpu_devices(devices or auto_cpu_devices(batch_size))
+    enable_compilation_cache()

@@ -66,8 +66,11 @@ def check_positive(name: str, value: float, zero_ok: bool = False) -> float:
 
 
 def plan(model: Model, steps: int | None = None, sampler: str | None = None, sigmas: Sequence[float] | None = None,
-         temperature: float | None = None, renoise: float | None = None, polish_calls: int = 0):
-    """(sampler, levels, settings): every choice checked and resolved (the card's defaults) before any work."""
+         temperature: float | None = None, renoise: float | None = None, polish_calls: int = 0, seed: int = 0):
+    """(sampler, levels, settings, renoise): every choice checked and resolved (the card's defaults) before any
+    work."""
+    if not 0 <= seed < 2**32:
+        raise MolgenError(f"--seed must be in 0 .. 2^32 - 1, got {seed}")
     s = get_sampler(model.cfg, sampler)
     steps = s.default_steps if steps is None else steps
     if steps < 1:
@@ -106,7 +109,7 @@ def sample(model: Model, n: int, steps: int | None = None, seed: int = 0, atoms:
         raise MolgenError("-n must be at least 1")
     if batch_size < 1:
         raise MolgenError("--batch-size must be at least 1")
-    s, levels, settings, renoise = plan(model, steps, sampler, sigmas, temperature, renoise, polish_calls)
+    s, levels, settings, renoise = plan(model, steps, sampler, sigmas, temperature, renoise, polish_calls, seed)
     if polish_calls and polisher is None:
         raise MolgenError("polishing needs a diffusion model (--polisher)")
     sizes = draw_sizes(model.cfg, n, seed, atoms)
@@ -138,6 +141,14 @@ def sample(model: Model, n: int, steps: int | None = None, seed: int = 0, atoms:
                                  name=f"molgen_{len(mols)}", props=dict(settings)))
             o += k
     return Samples(mols, settings, settings["molgen_calls"], time.time() - t0, _describe(model, s, settings))
+
+
+def size_warning(model: Model, atoms: int | None) -> str | None:
+    """A warning when ``atoms`` is beyond the sizes the model was trained on."""
+    top = max((i for i, c in enumerate(model.cfg.data.size_hist) if c > 0), default=0)
+    if atoms is not None and top and atoms > top:
+        return f"warning: this model was trained on molecules of at most {top} atoms; expect poor molecules with --atoms {atoms}"
+    return None
 
 
 def _describe(model: Model, s, settings: dict) -> str:

@@ -27,7 +27,7 @@ from molgen.diffusion.edm import make_sampler_step, respaced_times
 from molgen.diffusion.levels import low_ladder, ode_levels
 from molgen.diffusion.noise import sample_noise
 from molgen.diffusion.ode import heun_solve, n_calls
-from molgen.diffusion.polish import make_polish_step, polish
+from molgen.diffusion.polish import make_polish_step
 from molgen.networks import model_fn, network
 
 ODE_SIGMA_MAX, ODE_SIGMA_MIN = 80.0, 0.002  # the ODE sampler's Karras levels (VE noise levels), then 0

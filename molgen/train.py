@@ -30,9 +30,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from molgen import MolgenError
 from molgen.config import RunConfig
-from molgen.data.batching import EDGE_GRANULE, NODE_GRANULE, BatchSampler, Graph, bucket, pack
+from molgen.data.batching import BatchSampler, Graph, make_batch
 from molgen.networks import network, resolve_precision
 from molgen.objectives import get_objective
+from molgen.runlog import MetricsLog
 from molgen.state import (CONFIG_NAME, METRICS_NAME, TrainState, checkpoint_manager, grad_norm, init_state,
                           make_optimizer, restore_checkpoint, save_checkpoint)
 
@@ -111,43 +112,6 @@ def make_train_chunk(cfg: RunConfig, mesh: Mesh, n_nodes: int, n_edges: int, anc
                    donate_argnums=(0,))
 
 
-def shard_batch(mols: list[tuple[np.ndarray, np.ndarray]], n_shards: int,
-                noise: list[tuple[np.ndarray, np.ndarray]] | None = None):
-    """Split molecules into n_shards packed graphs with common padded sizes, stacked on axis 0 (host packing:
-    validation batches and tests). With per-molecule ``noise`` (distillation pairs) returns
-    (graphs, (noise_x, noise_h)) in the same rows."""
-    parts = [mols[i::n_shards] for i in range(n_shards)]
-    n_nodes = max(sum(len(t) for _, t in p) for p in parts)
-    n_edges = max(sum(len(t) * (len(t) - 1) for _, t in p) for p in parts)
-    pn, pe = bucket(n_nodes + 1, granule=NODE_GRANULE), bucket(n_edges, granule=EDGE_GRANULE)
-    graphs = [pack([x for x, _ in p], [t.astype(np.int32) for _, t in p], pn, pe) for p in parts]
-    # A batch that does not split evenly leaves some shards one molecule short: give them an empty graph more.
-    n_seg = max(len(g.n_atoms) for g in graphs)
-    graphs = [g._replace(n_atoms=np.pad(g.n_atoms, (0, n_seg - len(g.n_atoms)))) for g in graphs]
-    stacked = Graph(*[np.stack(f) for f in zip(*graphs)])
-    if noise is None:
-        return stacked
-
-    def rows(arrs, width):
-        out = np.zeros((pn, width), np.float32)
-        if arrs:
-            cat = np.concatenate(arrs)
-            out[: len(cat)] = cat
-        return out
-
-    nparts = [noise[i::n_shards] for i in range(n_shards)]
-    nx = np.stack([rows([a for a, _ in p], 3) for p in nparts])
-    nh = np.stack([rows([b for _, b in p], noise[0][1].shape[1]) for p in nparts])
-    return stacked, (nx, nh)
-
-
-def make_batch(ds, ids, n_shards: int):
-    """The sharded batch of these molecules (with their noise when ``ds`` holds distillation pairs)."""
-    mols = [ds.molecule(int(i)) for i in ids]
-    noise = [ds.noise(int(i)) for i in ids] if hasattr(ds, "noise") else None
-    return shard_batch(mols, n_shards, noise)
-
-
 def put_batch(graphs: Graph, mesh: Mesh) -> Graph:
     sharding = NamedSharding(mesh, P("data"))
     if jax.process_count() == 1:
@@ -167,9 +131,7 @@ class TrainResult:
     steps_per_s: float
 
 
-LOG_EVERY = 25  # steps per line of metrics.jsonl
 CHUNK = 50  # optimiser steps per host round-trip
-PROGRESS_LINE_S = 10.0  # without a terminal: a progress line at most this often
 
 
 def _aligned(every: int, chunk: int) -> int:
@@ -260,64 +222,6 @@ class Validation:
     def __call__(self, params) -> float:
         key = jax.random.PRNGKey(12345)
         return float(np.mean([self.evaluate(params, vb, key) for vb in self.batches]))
-
-
-class MetricsLog:
-    """metrics.jsonl (every LOG_EVERY steps and at every chunk's end) and the progress shown to the user: a
-    bar on a terminal, else a line (step, loss, steps/s, time left) at most every PROGRESS_LINE_S."""
-
-    def __init__(self, run_dir: Path, start: int, end: int, progress: str | None, log, mode: str):
-        self.file = open(run_dir / METRICS_NAME, "a")
-        self.t0 = self.t_last = self.t_line = time.time()
-        self.s_last, self.start, self.end, self.log, self.display = start, start, end, log, progress
-        self.bar = self.task = None
-        if progress == "bar":
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-            self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                TextColumn("loss {task.fields[loss]:.4f}  {task.fields[rate]:.2f} step/s"),
-                                TimeRemainingColumn(), transient=False)
-            self.bar.start()
-            self.task = self.bar.add_task(f"train {mode}", total=end, completed=start, loss=float("nan"), rate=0.0)
-
-    def write(self, first: int, metrics, val_loss: float | None = None) -> None:
-        m = {k: np.asarray(v) for k, v in metrics.items()}
-        n = len(m["loss"])
-        bad = np.flatnonzero(~np.isfinite(m["loss"]))
-        if len(bad):
-            raise MolgenError(f"loss became {m['loss'][bad[0]]} at step {first + bad[0] + 1}; lower the learning rate or check the data")
-        now, done = time.time(), first + n
-        rate = (done - self.s_last) / max(now - self.t_last, 1e-9)
-        self.t_last, self.s_last = now, done
-        for k in range(n):
-            if (first + k + 1) % LOG_EVERY and k != n - 1:
-                continue
-            rec = {"step": first + k + 1, "time": round(now - self.t0, 2), "steps_per_s": round(rate, 3),
-                   **{name: float(v[k]) for name, v in m.items()}}
-            if k == n - 1 and val_loss is not None:
-                rec["val_loss"] = val_loss
-            self.file.write(json.dumps(rec) + "\n")
-        self.file.flush()
-        self._show(done, float(m["loss"][n - 1]), rate, now)
-
-    def _show(self, done: int, loss: float, rate: float, now: float) -> None:
-        if self.bar is not None:
-            self.bar.update(self.task, completed=done, loss=loss, rate=rate)
-        elif self.display == "lines" and (now - self.t_line >= PROGRESS_LINE_S or done == self.end):
-            self.t_line = now
-            overall = (done - self.start) / max(now - self.t0, 1e-9)
-            left = (self.end - done) / max(overall, 1e-9)
-            self.log(f"step {done}/{self.end}  loss {loss:.4f}  {rate:.2f} steps/s  {_hms(left)} left")
-
-    def close(self) -> None:
-        self.file.close()
-        if self.bar is not None:
-            self.bar.stop()
-
-
-def _hms(seconds: float) -> str:
-    seconds = int(min(seconds, 359999))
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
 class StopOnSignals:

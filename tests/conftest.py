@@ -50,18 +50,18 @@ DATA_CSV = __import__("pathlib").Path(__file__).parent / "data" / "qm9pack_mini.
 
 @pytest.fixture(scope="session")
 def mini_ds():
-    from molgen.data import qm9
+    from molgen.data import qm9, sources
 
-    return qm9.build_dataset(qm9.read_qm9pack_csv([DATA_CSV]))
+    return qm9.build_dataset(sources.read_qm9pack_csv([DATA_CSV]))
 
 
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory):
     """A QM9 cache made from the 59-molecule fixture (through the same code as `molgen download --from`)."""
-    from molgen.data import qm9
+    from molgen.data import sources
 
     d = tmp_path_factory.mktemp("qm9cache")
-    qm9.download(d, from_path=DATA_CSV)
+    sources.download(d, from_path=DATA_CSV)
     return d
 
 

@@ -8,7 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from molgen.cli import app
-from molgen.data import qm9
+from molgen.data import qm9, sources
 
 runner = CliRunner()
 
@@ -51,8 +51,8 @@ def test_download_from_file_then_noop_then_info(tmp_path):
 
 
 def test_download_without_any_source(tmp_path, monkeypatch):
-    monkeypatch.setattr(qm9, "qm9pack_csvs", lambda: None)
-    monkeypatch.setattr(qm9, "_download", lambda *a, **k: (_ for _ in ()).throw(OSError("offline")))
+    monkeypatch.setattr(sources, "qm9pack_csvs", lambda: None)
+    monkeypatch.setattr(sources, "_download", lambda *a, **k: (_ for _ in ()).throw(OSError("offline")))
     one_line_error(run("download", "--data-dir", tmp_path / "x"), "molgen[qm9]", "--from")
     one_line_error(run("download", "--data-dir", tmp_path / "x", "--from", tmp_path / "nope.tar.bz2"),
                    "no such file")

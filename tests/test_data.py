@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from molgen import MolgenError
-from molgen.data import qm9
+from molgen.data import qm9, sources
 from molgen.data.batching import BatchSampler, bucket, pack
 
 DATA = Path(__file__).parent / "data" / "qm9pack_mini.csv"
@@ -26,7 +26,7 @@ def _xyz_text(rec):
 
 @pytest.fixture
 def records():
-    return qm9.read_qm9pack_csv([DATA])
+    return sources.read_qm9pack_csv([DATA])
 
 
 @pytest.fixture
@@ -46,7 +46,7 @@ def archive(tmp_path, records):
 
 
 def test_csv_and_archive_parse_to_the_same_molecules(records, archive):
-    arc, excluded = qm9.read_archive(archive)
+    arc, excluded = sources.read_archive(archive)
     assert excluded == {3, 5}
     assert len(arc) == len(records) == 59
     by_index = {r.index: r for r in arc}
@@ -89,12 +89,12 @@ def test_edm_split_sizes_and_reproducibility():
 
 def test_download_from_file_is_atomic_and_idempotent(tmp_path, archive):
     d = tmp_path / "cache"
-    path, did = qm9.download(d, from_path=archive)
+    path, did = sources.download(d, from_path=archive)
     assert did and path.exists()
     assert not list(d.glob("*.tmp")) and not list(d.glob(".*.tmp"))
     ds = qm9.load_qm9(d)
     assert len(ds) == 57
-    _, did2 = qm9.download(d)  # a valid cache: nothing to do, no source needed
+    _, did2 = sources.download(d)  # a valid cache: nothing to do, no source needed
     assert not did2
 
 
@@ -102,13 +102,13 @@ def test_download_from_csv_folder(tmp_path):
     folder = tmp_path / "csvs"
     folder.mkdir()
     (folder / "qm9_part1.csv").write_text(DATA.read_text())
-    qm9.download(tmp_path / "c", from_path=folder)
+    sources.download(tmp_path / "c", from_path=folder)
     assert len(qm9.load_qm9(tmp_path / "c")) == 59
 
 
 def test_corrupt_cache_is_rejected(tmp_path, archive):
     d = tmp_path / "cache"
-    qm9.download(d, from_path=archive)
+    sources.download(d, from_path=archive)
     npz = d / qm9.CACHE_NAME
     data = bytearray(npz.read_bytes())
     data[len(data) // 2] ^= 0xFF
@@ -122,25 +122,25 @@ def test_bad_inputs_give_clear_errors(tmp_path, records):
     bad = tmp_path / "bad.csv"
     bad.write_text("Index,SMILES\n1,C\n")
     with pytest.raises(MolgenError, match="missing columns"):
-        qm9.read_qm9pack_csv([bad])
+        sources.read_qm9pack_csv([bad])
     with pytest.raises(MolgenError, match="unknown element 'Cl'"):
-        qm9.parse_qm9_xyz("1\ngdb 7 1\nCl 0 0 0 0\n1\nCl Cl\nI I\n", "x.xyz")
+        sources.parse_qm9_xyz("1\ngdb 7 1\nCl 0 0 0 0\n1\nCl Cl\nI I\n", "x.xyz")
     with pytest.raises(MolgenError, match="no such file"):
-        qm9.read_local(tmp_path / "missing.tar.bz2")
+        sources.read_local(tmp_path / "missing.tar.bz2")
     # A source claiming to be all of QM9 must have the right counts.
     with pytest.raises(MolgenError, match="expected"):
-        qm9.check_full(records, None, "test")
+        sources.check_full(records, None, "test")
 
 
 def test_no_source_reachable(tmp_path, monkeypatch):
-    monkeypatch.setattr(qm9, "qm9pack_csvs", lambda: None)
+    monkeypatch.setattr(sources, "qm9pack_csvs", lambda: None)
 
     def offline(*a, **k):
         raise OSError("network unreachable")
 
-    monkeypatch.setattr(qm9, "_download", offline)
+    monkeypatch.setattr(sources, "_download", offline)
     with pytest.raises(MolgenError, match=r'pip install "molgen\[qm9\]"'):
-        qm9.download(tmp_path / "c")
+        sources.download(tmp_path / "c")
     assert not list((tmp_path / "c").glob("qm9*"))
 
 

@@ -21,7 +21,7 @@ from molgen.diffusion.ode import heun_solve, n_calls
 from molgen.networks import init_params, model_fn, network
 from molgen.nn.egnn import PRESETS
 from molgen.objectives import features
-from molgen.train import make_batch
+from molgen.data.batching import make_batch
 
 CC = ConsistencyConfig()
 PLAIN = DistillConfig(anchor_fraction=0.0, bond_weight=0.0)
@@ -138,13 +138,13 @@ def test_batches_keep_noise_beside_its_molecule():
         assert not nx[shard, o:].any() and not graphs.node_mask[shard, o:].any()  # padding rows stay empty
 
 
-def _one_call_student():
-    """A tiny student, a batch of two molecules, their noise and the student's one-call answer to it."""
+def _one_call_student(sizes=(4, 3), seed=2):
+    """A tiny student, a batch of molecules, their noise and the student's one-call answer to it."""
     cfg = _student_cfg()
     params = init_params(cfg)
     cfn = make_consistency_fn(network(cfg)[1], CC)
-    g = _graph([4, 3])
-    zx, zh = sample_noise(jax.random.PRNGKey(2), g, 6)
+    g = _graph(list(sizes))
+    zx, zh = sample_noise(jax.random.PRNGKey(seed), g, 6)
     s = CC.sigma_max
     ox, oh = cfn(params, s * zx, s * zh, jnp.full(g.node_mask.shape, s, jnp.float32), g)
     return cfg, params, cfn, g, zx, zh, s, ox, oh
@@ -201,13 +201,7 @@ def test_a_batch_that_does_not_split_evenly_over_devices():
 def test_bond_term_measures_short_pair_distances():
     """Target = the student's own output stretched by a factor f: the bond error is the RMS of d (1 - 1/f) over
     the target's pairs closer than 2 Å, per molecule; an unstretched target gives zero."""
-    cfg = _student_cfg()
-    params = init_params(cfg)
-    cfn = make_consistency_fn(network(cfg)[1], CC)
-    g = _graph([6, 5])
-    zx, zh = sample_noise(jax.random.PRNGKey(4), g, 6)
-    s = CC.sigma_max
-    own, oh = cfn(params, s * zx, s * zh, jnp.full(g.node_mask.shape, s, jnp.float32), g)
+    cfg, params, cfn, g, zx, zh, s, own, oh = _one_call_student((6, 5), seed=4)
     o = np.asarray(own)[:6]
     f = 2.0 / np.median(np.linalg.norm(o[:, None] - o[None], axis=-1)[~np.eye(6, dtype=bool)])
     target = np.asarray(own) * f

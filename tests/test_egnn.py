@@ -99,19 +99,23 @@ def test_permutation_equivariance(rng):
     np.testing.assert_allclose(np.asarray(v2)[7:11], np.asarray(v1)[7:11], atol=2e-4)
 
 
-def test_padding_never_changes_real_atoms(rng):
-    model, params, g, h, cond = _setup(rng)
-    vel, hout = _run(model, params, g, g.positions, h, cond)
+def _repacked(g, h, cond, rng):
+    """The same molecules with far more padding, and garbage in every padding row."""
     n_real = int(g.node_mask.sum())
-    # Same molecules, far more padding, and garbage in every padding row.
-    pos, typ = [], []
-    o = 0
+    pos, typ, o = [], [], 0
     for n in g.n_atoms[:-1]:
         pos.append(g.positions[o : o + n]); typ.append(g.types[o : o + n]); o += n
     g2 = pack(pos, typ, pad_nodes=len(g.node_mask) + 37, pad_edges=len(g.edge_mask) + 500)
     x2 = g2.positions.copy(); x2[n_real:] = rng.normal(size=(len(x2) - n_real, 3)) * 100
     h2 = _features(g2.types, g2.node_mask); h2[n_real:] = rng.normal(size=(len(h2) - n_real, 6))
     c2 = np.zeros(len(x2), np.float32); c2[:n_real] = cond[:n_real]; c2[n_real:] = 7.0
+    return g2, x2, h2, c2, n_real
+
+
+def test_padding_never_changes_real_atoms(rng):
+    model, params, g, h, cond = _setup(rng)
+    vel, hout = _run(model, params, g, g.positions, h, cond)
+    g2, x2, h2, c2, n_real = _repacked(g, h, cond, rng)
     vel2, hout2 = _run(model, params, g2, x2, h2, c2)
     np.testing.assert_allclose(np.asarray(vel2)[:n_real], np.asarray(vel)[:n_real], rtol=1e-5, atol=1e-4)
     np.testing.assert_allclose(np.asarray(hout2)[:n_real], np.asarray(hout)[:n_real], rtol=1e-5, atol=1e-4)
@@ -214,14 +218,7 @@ def test_bf16_padding_never_changes_real_atoms():
     _, params, g, h, cond = _setup(rng)
     fast = EGNN(CFG, dtype=jnp.bfloat16)
     vel, hout = _run(fast, params, g, g.positions, h, cond)
-    n_real = int(g.node_mask.sum())
-    pos, typ, o = [], [], 0
-    for n in g.n_atoms[:-1]:
-        pos.append(g.positions[o : o + n]); typ.append(g.types[o : o + n]); o += n
-    g2 = pack(pos, typ, pad_nodes=len(g.node_mask) + 37, pad_edges=len(g.edge_mask) + 500)
-    x2 = g2.positions.copy(); x2[n_real:] = rng.normal(size=(len(x2) - n_real, 3)) * 100
-    h2 = _features(g2.types, g2.node_mask); h2[n_real:] = rng.normal(size=(len(h2) - n_real, 6))
-    c2 = np.zeros(len(x2), np.float32); c2[:n_real] = cond[:n_real]; c2[n_real:] = 7.0
+    g2, x2, h2, c2, n_real = _repacked(g, h, cond, rng)
     vel2, hout2 = _run(fast, params, g2, x2, h2, c2)
     np.testing.assert_allclose(np.asarray(vel2)[:n_real], np.asarray(vel)[:n_real], atol=1e-3 * _scale(vel))
     np.testing.assert_allclose(np.asarray(hout2)[:n_real], np.asarray(hout)[:n_real], atol=1e-3 * _scale(hout))

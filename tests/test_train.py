@@ -69,10 +69,10 @@ def test_ctrl_c_saves_a_checkpoint(tmp_path, mini_ds, monkeypatch):
 
 def test_loss_falls_on_a_fixed_batch(mini_ds):
     """Sanity of the objective and optimiser: repeated steps on one batch reduce its loss."""
-    import jax.numpy as jnp
 
     from molgen.state import init_state
-    from molgen.train import make_mesh, make_train_step, put_batch, shard_batch
+    from molgen.data.batching import shard_batch
+    from molgen.train import make_mesh, make_train_step, put_batch
 
     cfg = _cfg(mini_ds).with_optim(lr=3e-3, warmup=1)
     mesh = make_mesh(jax.devices()[:1])
@@ -91,12 +91,13 @@ SCRIPT = textwrap.dedent("""
     import jax, numpy as np
     from molgen.config import OptimConfig, RunConfig
     from molgen.consistency.ict import ConsistencyConfig
-    from molgen.data import qm9
+    from molgen.data import qm9, sources
     from molgen.nn.egnn import PRESETS
     from molgen.state import init_state
-    from molgen.train import make_mesh, make_train_step, put_batch, shard_batch
+    from molgen.data.batching import shard_batch
+    from molgen.train import make_mesh, make_train_step, put_batch
     assert jax.device_count() == 2, jax.devices()
-    ds = qm9.build_dataset(qm9.read_qm9pack_csv([{csv!r}]))
+    ds = qm9.build_dataset(sources.read_qm9pack_csv([{csv!r}]))
     mols = [ds.molecule(i) for i in range(10, 18)]
     for mode in ("diffusion", "ct"):
       cons = ConsistencyConfig(total_steps=100) if mode == "ct" else None
@@ -176,7 +177,8 @@ def test_device_batches_train_like_host_batches(mini_ds):
 
     from molgen.data.device import ShapePlan, dense_set, put
     from molgen.state import init_state
-    from molgen.train import make_mesh, make_train_chunk, make_train_step, put_batch, shard_batch
+    from molgen.data.batching import shard_batch
+    from molgen.train import make_mesh, make_train_chunk, make_train_step, put_batch
 
     cfg = _cfg(mini_ds)
     mesh = make_mesh(jax.devices()[:1])

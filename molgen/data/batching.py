@@ -118,3 +118,40 @@ class BatchSampler:
     def epoch_indices(self, epoch: int) -> np.ndarray:
         """The molecules of every step of an epoch, in order: [steps_per_epoch * batch_size]."""
         return self.ids[self._permutation(epoch)[: self.steps_per_epoch * self.batch_size]]
+
+
+def shard_batch(mols: list[tuple[np.ndarray, np.ndarray]], n_shards: int,
+                noise: list[tuple[np.ndarray, np.ndarray]] | None = None):
+    """Split molecules into n_shards packed graphs with common padded sizes, stacked on axis 0 (packing on the
+    host: validation batches and tests; training batches are assembled on the device, molgen.data.device). With per-molecule ``noise`` (distillation pairs) returns
+    (graphs, (noise_x, noise_h)) in the same rows."""
+    parts = [mols[i::n_shards] for i in range(n_shards)]
+    n_nodes = max(sum(len(t) for _, t in p) for p in parts)
+    n_edges = max(sum(len(t) * (len(t) - 1) for _, t in p) for p in parts)
+    pn, pe = bucket(n_nodes + 1, granule=NODE_GRANULE), bucket(n_edges, granule=EDGE_GRANULE)
+    graphs = [pack([x for x, _ in p], [t.astype(np.int32) for _, t in p], pn, pe) for p in parts]
+    # A batch that does not split evenly leaves some shards one molecule short: give them an empty graph more.
+    n_seg = max(len(g.n_atoms) for g in graphs)
+    graphs = [g._replace(n_atoms=np.pad(g.n_atoms, (0, n_seg - len(g.n_atoms)))) for g in graphs]
+    stacked = Graph(*[np.stack(f) for f in zip(*graphs)])
+    if noise is None:
+        return stacked
+
+    def rows(arrs, width):
+        out = np.zeros((pn, width), np.float32)
+        if arrs:
+            cat = np.concatenate(arrs)
+            out[: len(cat)] = cat
+        return out
+
+    nparts = [noise[i::n_shards] for i in range(n_shards)]
+    nx = np.stack([rows([a for a, _ in p], 3) for p in nparts])
+    nh = np.stack([rows([b for _, b in p], noise[0][1].shape[1]) for p in nparts])
+    return stacked, (nx, nh)
+
+
+def make_batch(ds, ids, n_shards: int):
+    """The sharded batch of these molecules (with their noise when ``ds`` holds distillation pairs)."""
+    mols = [ds.molecule(int(i)) for i in ids]
+    noise = [ds.noise(int(i)) for i in ids] if hasattr(ds, "noise") else None
+    return shard_batch(mols, n_shards, noise)

@@ -1,0 +1,75 @@
+"""The log of a training run: metrics.jsonl (every LOG_EVERY steps and at every chunk's end), and the progress
+shown to the user: a bar on a terminal, else a line (step, loss, steps/s, time left) now and then."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from molgen import MolgenError
+from molgen.state import METRICS_NAME
+
+LOG_EVERY = 25  # steps per line of metrics.jsonl
+PROGRESS_LINE_S = 10.0  # without a terminal: a progress line at most this often
+
+
+class MetricsLog:
+    """metrics.jsonl (every LOG_EVERY steps and at every chunk's end) and the progress shown to the user: a
+    bar on a terminal, else a line (step, loss, steps/s, time left) at most every PROGRESS_LINE_S."""
+
+    def __init__(self, run_dir: Path, start: int, end: int, progress: str | None, log, mode: str):
+        self.file = open(run_dir / METRICS_NAME, "a")
+        self.t0 = self.t_last = self.t_line = time.time()
+        self.s_last, self.start, self.end, self.log, self.display = start, start, end, log, progress
+        self.bar = self.task = None
+        if progress == "bar":
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                TextColumn("loss {task.fields[loss]:.4f}  {task.fields[rate]:.2f} step/s"),
+                                TimeRemainingColumn(), transient=False)
+            self.bar.start()
+            self.task = self.bar.add_task(f"train {mode}", total=end, completed=start, loss=float("nan"), rate=0.0)
+
+    def write(self, first: int, metrics, val_loss: float | None = None) -> None:
+        m = {k: np.asarray(v) for k, v in metrics.items()}
+        n = len(m["loss"])
+        bad = np.flatnonzero(~np.isfinite(m["loss"]))
+        if len(bad):
+            raise MolgenError(f"loss became {m['loss'][bad[0]]} at step {first + bad[0] + 1}; lower the learning rate or check the data")
+        now, done = time.time(), first + n
+        rate = (done - self.s_last) / max(now - self.t_last, 1e-9)
+        self.t_last, self.s_last = now, done
+        for k in range(n):
+            if (first + k + 1) % LOG_EVERY and k != n - 1:
+                continue
+            rec = {"step": first + k + 1, "time": round(now - self.t0, 2), "steps_per_s": round(rate, 3),
+                   **{name: float(v[k]) for name, v in m.items()}}
+            if k == n - 1 and val_loss is not None:
+                rec["val_loss"] = val_loss
+            self.file.write(json.dumps(rec) + "\n")
+        self.file.flush()
+        self._show(done, float(m["loss"][n - 1]), rate, now)
+
+    def _show(self, done: int, loss: float, rate: float, now: float) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, completed=done, loss=loss, rate=rate)
+        elif self.display == "lines" and (now - self.t_line >= PROGRESS_LINE_S or done == self.end):
+            self.t_line = now
+            overall = (done - self.start) / max(now - self.t0, 1e-9)
+            left = (self.end - done) / max(overall, 1e-9)
+            self.log(f"step {done}/{self.end}  loss {loss:.4f}  {rate:.2f} steps/s  {_hms(left)} left")
+
+    def close(self) -> None:
+        self.file.close()
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def _hms(seconds: float) -> str:
+    seconds = int(min(seconds, 359999))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
