@@ -3,9 +3,9 @@ with molgen's own benchmarks (train_step.py, sampling.py).
 
 EDM's code is NOT part of molgen and is never committed here. To measure it:
 
-    git clone <EDM's public repository> /tmp/edm          # e3_diffusion_for_molecules
-    python -m venv /tmp/torchenv && /tmp/torchenv/bin/pip install torch numpy
-    /tmp/torchenv/bin/python benchmarks/edm_pytorch.py --edm-repo /tmp/edm --cache $MOLGEN_HOME/qm9_v1.npz
+    git clone <EDM's public repository> .edm             # e3_diffusion_for_molecules (git-ignored here)
+    python -m venv .torchenv && .torchenv/bin/pip install torch numpy
+    .torchenv/bin/python benchmarks/edm_pytorch.py --edm-repo .edm --cache $MOLGEN_HOME/qm9_v1.npz
 
 The script only needs numpy and torch (it reads molgen's processed QM9 cache with numpy, without importing
 molgen or JAX). It builds EDM's model with EDM's own `get_model` arguments for QM9 (egnn_dynamics, attention,

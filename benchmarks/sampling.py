@@ -15,6 +15,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 import jax
@@ -79,7 +80,7 @@ def main():
         print(f"{name} ({describe_network(m.cfg)}): one network call over {args.n} molecules {med:.3f} s "
               f"({args.n / med:.0f} molecules/s)")
     if args.cli:
-        out = "/tmp/molgen_bench_out.sdf"
+        out = os.path.join(tempfile.mkdtemp(), "out.sdf")
         walls = []
         for _ in range(args.cli):
             t0 = time.perf_counter()

@@ -3,7 +3,7 @@ the device from the device-resident training set, forward, backward, Adam, EMA),
 precision, with the FLOPs done and the fraction of the device's measured bf16 matrix peak.
 
     python benchmarks/train_step.py [--presets small,edm] [--batch-sizes 64,512] [--precisions bf16,tf32]
-                                    [--chunk 50] [--repeats 5] [--budget SECONDS] [--cpu-devices N] [--profile DIR]
+                                    [--chunk 50] [--repeats 5] [--budget SECONDS] [--devices N] [--profile DIR]
 
 One line per measurement, first its figure in a fixed form, then the details:
 
@@ -51,15 +51,15 @@ def main():
     ap.add_argument("--chunk", type=int, default=50, help="optimiser steps per jitted call")
     ap.add_argument("--repeats", type=int, default=5, help="timed chunks per measurement")
     ap.add_argument("--data-dir", default=None)
-    ap.add_argument("--cpu-devices", type=int, default=1)
+    ap.add_argument("--devices", type=int, default=1, help="CPU devices (a GPU is used as it is)")
     ap.add_argument("--budget", type=float, default=None, help="seconds; skip what is left after that")
     ap.add_argument("--profile", default=None, help="folder: write a jax.profiler trace of each measurement's timed chunks")
     ap.add_argument("--peak-tflops", type=float, default=None, help="bf16 peak to compare with (default: measure on a GPU)")
     args = ap.parse_args()
-    if args.cpu_devices > 1:
+    if args.devices > 1:
         from molgen.jax_setup import configure_cpu_devices
 
-        configure_cpu_devices(args.cpu_devices)
+        configure_cpu_devices(args.devices)
     import jax
     import jax.numpy as jnp
 

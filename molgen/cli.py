@@ -101,22 +101,24 @@ def train(
 ):
     """Train a model on QM9 from a recipe; Ctrl-C saves a checkpoint, --resume continues exactly."""
     from molgen.display import progress, progress_factory
-    from molgen.jax_setup import setup_training_devices
+    from molgen.jax_setup import init_distributed, setup_training_devices
     from molgen.launch import Request, launch, resolve_config
+    from molgen.train import check_run_dir
 
     req = Request(out, recipe, objective, tuple(sets), resume, init, teacher, model, steps, batch_size, lr, seed)
     cfg = resolve_config(req)
+    check_run_dir(out, resume)
     setup_training_devices(cfg.optim.batch_size, devices)
     import jax
 
     if distributed:
-        jax.distributed.initialize()
+        init_distributed()
     say(f"training {cfg.objective} | batch {cfg.optim.batch_size} | {cfg.optim.steps} steps | devices {jax.device_count()} "
         f"({jax.devices()[0].platform}) | {out}")
     with progress(transient=False) as bar:
         cfg, res = launch(req, data_dir, "bar" if err.is_terminal else "lines", say, progress_factory(bar),
                           max_minutes * 60 if max_minutes else None)
-    console.print(f"stopped at step {int(res.state.step)} ({res.steps_per_s:.2f} steps/s); checkpoint in {out}")
+    console.print(f"stopped at step {res.step} ({res.steps_per_s:.2f} steps/s); checkpoint in {out}")
     if res.interrupted:
         raise typer.Exit(130)
 
@@ -152,10 +154,10 @@ def sample(
     from molgen.models import load_model, polisher_for
     from molgen.sample import parse_levels, plan, sample as draw, size_warning
 
-    fmt = format_of(out, fmt, strict=True)
     for path, what in ((out, "-o"), (json_path, "--json")):
         if path is not None:
             check_writable(path, what)
+    fmt = format_of(out, fmt, strict=True)
     if polisher is not None and not polish:
         raise MolgenError("--polisher names the model that --polish N calls; add --polish N")
     sig = parse_levels(sigmas)

@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import os
 import tempfile
+from glob import escape as glob_escape
 from contextlib import contextmanager
 from pathlib import Path
 
 
 @contextmanager
 def atomic_path(dest: Path | str):
-    """Yield a temporary path beside ``dest``; on success it is renamed to ``dest``, on error removed."""
+    """Yield a temporary path beside ``dest``; on success it is renamed to ``dest``, on error removed. Temporary
+    files that an interrupted earlier write to the same place left behind (a killed process) are removed."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
+    for stale in dest.parent.glob("." + glob_escape(dest.name) + ".*.tmp"):
+        stale.unlink(missing_ok=True)
     fd, tmp = tempfile.mkstemp(prefix="." + dest.name + ".", suffix=".tmp", dir=dest.parent)
     os.close(fd)
     os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; outputs are ordinary files

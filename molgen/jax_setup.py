@@ -72,3 +72,21 @@ def setup_training_devices(batch_size: int, devices: int | None = None) -> None:
     if devices is not None or "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
         configure_cpu_devices(devices or auto_cpu_devices(batch_size))
     enable_compilation_cache()
+
+
+def init_distributed() -> None:
+    """Join a multi-process run: ``jax.distributed.initialize()`` with the coordinator from
+    JAX_COORDINATOR_ADDRESS and the process count and id from JAX_NUM_PROCESSES / JAX_PROCESS_ID when set (else
+    JAX detects a cluster such as SLURM). On CPUs the processes' collectives go through gloo."""
+    import jax
+
+    try:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    except (AttributeError, ValueError):  # an older JAX without the option
+        pass
+    kw = {}
+    if os.environ.get("JAX_NUM_PROCESSES"):
+        kw["num_processes"] = int(os.environ["JAX_NUM_PROCESSES"])
+    if os.environ.get("JAX_PROCESS_ID"):
+        kw["process_id"] = int(os.environ["JAX_PROCESS_ID"])
+    jax.distributed.initialize(**kw)

@@ -20,8 +20,9 @@ class MetricsLog:
     """metrics.jsonl (every LOG_EVERY steps and at every chunk's end) and the progress shown to the user: a
     bar on a terminal, else a line (step, loss, steps/s, time left) at most every PROGRESS_LINE_S."""
 
-    def __init__(self, run_dir: Path, start: int, end: int, progress: str | None, log, mode: str):
-        self.file = open(run_dir / METRICS_NAME, "a")
+    def __init__(self, run_dir: Path, start: int, end: int, progress: str | None, log, mode: str,
+                 writes: bool = True):
+        self.file = open(run_dir / METRICS_NAME, "a") if writes else None
         self.t0 = self.t_last = self.t_line = time.time()
         self.s_last, self.start, self.end, self.log, self.display = start, start, end, log, progress
         self.bar = self.task = None
@@ -50,8 +51,10 @@ class MetricsLog:
                    **{name: float(v[k]) for name, v in m.items()}}
             if k == n - 1 and val_loss is not None:
                 rec["val_loss"] = val_loss
-            self.file.write(json.dumps(rec) + "\n")
-        self.file.flush()
+            if self.file is not None:
+                self.file.write(json.dumps(rec) + "\n")
+        if self.file is not None:
+            self.file.flush()
         self._show(done, float(m["loss"][n - 1]), rate, now)
 
     def _show(self, done: int, loss: float, rate: float, now: float) -> None:
@@ -64,7 +67,8 @@ class MetricsLog:
             self.log(f"step {done}/{self.end}  loss {loss:.4f}  {rate:.2f} steps/s  {_hms(left)} left")
 
     def close(self) -> None:
-        self.file.close()
+        if self.file is not None:
+            self.file.close()
         if self.bar is not None:
             self.bar.stop()
 

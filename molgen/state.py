@@ -58,7 +58,7 @@ def checkpoint_manager(run_dir: Path, keep: int = 3):
 def save_checkpoint(mgr, state: TrainState) -> None:
     import orbax.checkpoint as ocp
 
-    step = int(state.step)
+    step = int(state.step.addressable_data(0)) if isinstance(state.step, jax.Array) else int(state.step)
     if mgr.latest_step() == step:
         return
     mgr.save(step, args=ocp.args.StandardSave(state), force=True)

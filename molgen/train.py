@@ -38,6 +38,37 @@ from molgen.state import (CONFIG_NAME, METRICS_NAME, TrainState, checkpoint_mana
                           make_optimizer, restore_checkpoint, save_checkpoint)
 
 
+def is_main() -> bool:
+    """The process that writes the run's files (config, log); every process writes its part of checkpoints."""
+    return jax.process_index() == 0
+
+
+def global_put(tree, sharding):
+    """Host values (the same on every process) as global arrays with ``sharding``: works alike with one
+    process and with several."""
+
+    def put(x):
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+
+    return jax.tree_util.tree_map(put, tree)
+
+
+def local_value(tree):
+    """Replicated (or this process's first) values of global arrays, on the host."""
+    return jax.tree_util.tree_map(lambda a: np.asarray(a.addressable_data(0)) if isinstance(a, jax.Array)
+                                  else np.asarray(a), tree)
+
+
+def agree(flag: bool) -> bool:
+    """Process 0's decision, on every process (one process alone: the flag itself)."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    from jax.experimental import multihost_utils
+
+    return bool(multihost_utils.broadcast_one_to_all(np.asarray(flag)))
+
+
 def make_mesh(devices=None) -> Mesh:
     devices = jax.devices() if devices is None else devices
     return Mesh(np.array(devices), ("data",))
@@ -113,10 +144,8 @@ def make_train_chunk(cfg: RunConfig, mesh: Mesh, n_nodes: int, n_edges: int, anc
 
 
 def put_batch(graphs: Graph, mesh: Mesh) -> Graph:
-    sharding = NamedSharding(mesh, P("data"))
-    if jax.process_count() == 1:
-        return jax.device_put(graphs, sharding)
-    return jax.tree_util.tree_map(lambda a: jax.make_array_from_process_local_data(sharding, a), graphs)
+    """A batch packed on the host (every process holds all of it), split over the devices on axis 0."""
+    return global_put(graphs, NamedSharding(mesh, P("data")))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -129,6 +158,10 @@ class TrainResult:
     state: TrainState
     interrupted: bool
     steps_per_s: float
+
+    @property
+    def step(self) -> int:
+        return int(local_value(self.state.step))
 
 
 CHUNK = 50  # optimiser steps per host round-trip
@@ -164,9 +197,11 @@ def open_run(cfg: RunConfig, run_dir: Path, resume: bool, init_params=None, log=
     state = init_state(cfg, init_params)
     if resume:
         state = restore_checkpoint(mgr, state)
-        _cut_metrics(run_dir / METRICS_NAME, int(state.step))
-        log(f"resumed from step {int(state.step)} in {run_dir}")
-    cfg.save(run_dir / CONFIG_NAME)
+        if is_main():
+            _cut_metrics(run_dir / METRICS_NAME, int(local_value(state.step)))
+        log(f"resumed from step {int(local_value(state.step))} in {run_dir}")
+    if is_main():
+        cfg.save(run_dir / CONFIG_NAME)
     return cfg, mgr, state
 
 
@@ -189,12 +224,12 @@ class Feed:
     """The run's training molecules on the device and, per chunk, the rows of its steps' batches."""
 
     def __init__(self, ds, cfg: RunConfig, mesh: Mesh, start: int, end: int, chunk: int):
-        from molgen.data.device import ShapePlan, dense_set, put
+        from molgen.data.device import ShapePlan, dense_set
 
         ids = ds.split("train")
         self.n_shards, self.chunk, self.end = mesh.devices.size, chunk, end
         self.sampler = BatchSampler(ids, cfg.optim.batch_size, cfg.seed)
-        self.dset = put(dense_set(ds, ids), NamedSharding(mesh, P()))
+        self.dset = global_put(dense_set(ds, ids), NamedSharding(mesh, P()))
         self.row_of = np.full(len(ds.n_atoms), -1, np.int64)  # data-set index -> row of the dense set
         self.row_of[ids] = np.arange(len(ids))
         self.plan = ShapePlan(ds.n_atoms, self.sampler, self.n_shards, start, end)
@@ -205,7 +240,7 @@ class Feed:
         n = min(self.chunk - first % self.chunk, self.end - first)  # chunks end on multiples of `chunk`
         idx = np.stack([self.sampler.indices(first + min(k, n - 1)) for k in range(self.chunk)])
         rows = self.row_of[idx].reshape(self.chunk, -1, self.n_shards).transpose(0, 2, 1)  # shard d: ids[d::D]
-        return n, self.plan.shape_for(idx[:n]), jax.device_put(rows.astype(np.int32), self.sharding)
+        return n, self.plan.shape_for(idx[:n]), global_put(rows.astype(np.int32), self.sharding)
 
 
 class Validation:
@@ -218,10 +253,11 @@ class Validation:
         self.batches = [put_batch(make_batch(ds, ids[k : k + b], n), mesh) for k in range(0, len(ids) - b + 1, b)]
         self.batches = self.batches or [put_batch(make_batch(ds, ids, n), mesh)]
         self.evaluate = make_train_step(cfg, mesh, anchor_params)[1]
+        self.repl = NamedSharding(mesh, P())
 
     def __call__(self, params) -> float:
-        key = jax.random.PRNGKey(12345)
-        return float(np.mean([self.evaluate(params, vb, key) for vb in self.batches]))
+        key = global_put(jax.random.PRNGKey(12345), self.repl)
+        return float(np.mean([local_value(self.evaluate(params, vb, key)) for vb in self.batches]))
 
 
 class StopOnSignals:
@@ -256,21 +292,23 @@ def train(cfg: RunConfig, run_dir: Path, ds, resume: bool = False, init_params=N
     """Train until ``cfg.optim.steps`` (or ``stop_at``) steps, in jitted chunks of ``chunk`` steps, checkpointing at
     the first chunk boundary at or after every ``ckpt_every`` steps and at the end. ``progress``: "bar", "lines"
     or None."""
+    log = log if is_main() else (lambda s: None)  # one voice for a multi-process run
     mesh = make_mesh()
     if cfg.optim.batch_size % mesh.devices.size:
         raise MolgenError(f"batch size {cfg.optim.batch_size} is not divisible by the {mesh.devices.size} devices")
     if chunk < 1:
         raise MolgenError("the chunk length must be at least 1 step")
     cfg, mgr, state = open_run(cfg, run_dir, resume, init_params, log)
-    state = jax.device_put(state, NamedSharding(mesh, P()))
-    start = int(state.step)
+    repl = NamedSharding(mesh, P())
+    state = global_put(state, repl)
+    start = int(local_value(state.step))
     end = min(cfg.optim.steps, stop_at) if stop_at is not None else cfg.optim.steps
     feed = Feed(ds, cfg, mesh, start, end, chunk)
     validation = Validation(ds, cfg, mesh, anchor_params)
     chunk_fns: dict[tuple[int, int], Callable] = {}
-    base_key = jax.random.PRNGKey(cfg.seed)
+    base_key = global_put(jax.random.PRNGKey(cfg.seed), repl)
     ckpt_every, eval_every = _aligned(cfg.optim.ckpt_every, chunk), _aligned(cfg.optim.eval_every, chunk)
-    metrics = MetricsLog(Path(run_dir), start, end, progress, log, cfg.objective)
+    metrics = MetricsLog(Path(run_dir), start, end, progress if is_main() else None, log, cfg.objective, is_main())
     step, interrupted, t0 = start, False, time.time()
     try:
         with StopOnSignals() as stop:
@@ -279,11 +317,12 @@ def train(cfg: RunConfig, run_dir: Path, ds, resume: bool = False, init_params=N
                 n, shape, rows = pending
                 if shape not in chunk_fns:
                     chunk_fns[shape] = make_train_chunk(cfg, mesh, *shape, anchor_params)
-                state, out = chunk_fns[shape](state, feed.dset, rows, jnp.int32(n), base_key)
+                state, out = chunk_fns[shape](state, feed.dset, rows, global_put(np.int32(n), repl), base_key)
                 first, step = step, step + n
                 over = max_seconds is not None and time.time() - t0 > max_seconds
+                over, stop.requested = agree(over), agree(stop.requested)  # every process stops at the same step
                 pending = feed.prepare(step) if step < end and not over and not stop.requested else None
-                out = jax.tree_util.tree_map(lambda a: a[:n], jax.device_get(out))  # the device runs the next chunk
+                out = jax.tree_util.tree_map(lambda a: a[:n], local_value(out))  # the device runs the next chunk
                 evaluate = eval_every and (step % eval_every == 0 or step == end)
                 metrics.write(first, out, validation(state.ema) if evaluate else None)
                 if ckpt_every and step % ckpt_every == 0:
@@ -303,4 +342,4 @@ def train(cfg: RunConfig, run_dir: Path, ds, resume: bool = False, init_params=N
         return TrainResult(restore_checkpoint(mgr, last) if mgr.latest_step() is not None else last, True, 0.0)
     save_checkpoint(mgr, state)
     elapsed = time.time() - t0
-    return TrainResult(state, interrupted, (int(state.step) - start) / elapsed if elapsed > 0 else 0.0)
+    return TrainResult(state, interrupted, (int(local_value(state.step)) - start) / elapsed if elapsed > 0 else 0.0)

@@ -219,3 +219,30 @@ def test_reader_errors_name_the_place(tmp_path):
         read_molecules(big)
     with pytest.raises(MolgenError, match="cannot tell the format"):
         read_molecules(tmp_path.joinpath("a.pdb").resolve()) if (tmp_path / "a.pdb").write_text("x") else None
+
+
+def test_xyz_frames_keep_their_names_when_a_value_is_empty(tmp_path):
+    """An invalid molecule has no SMILES: the XYZ frame must still read back whole (name included) in ASE."""
+    import ase.io
+
+    from molgen.chem.io import Molecule, read_molecules, write_xyz
+
+    pos = np.array([[0.0, 0, 0], [1.09, 0, 0]])
+    mols = [Molecule(np.array([1, 0], np.int8), pos, "molgen_0", {"molgen_smiles": "", "molgen_valid": 0}),
+            Molecule(np.array([1, 0], np.int8), pos, "molgen_1", {"molgen_smiles": "C", "molgen_valid": 1})]
+    write_xyz(tmp_path / "m.xyz", mols)
+    frames = ase.io.read(tmp_path / "m.xyz", index=":")
+    assert [f.info["name"] for f in frames] == ["molgen_0", "molgen_1"]
+    assert "molgen_smiles" not in frames[0].info and frames[1].info["molgen_smiles"] == "C"
+    assert [m.name for m in read_molecules(tmp_path / "m.xyz")] == ["molgen_0", "molgen_1"]
+
+
+def test_a_write_removes_what_an_interrupted_write_left(tmp_path):
+    from molgen.io_utils import atomic_write_text
+
+    stale = tmp_path / ".out.sdf.abc123.tmp"  # as a killed writer leaves it
+    stale.write_text("half")
+    (tmp_path / ".other.sdf.x.tmp").write_text("not ours")
+    atomic_write_text(tmp_path / "out.sdf", "whole")
+    assert (tmp_path / "out.sdf").read_text() == "whole" and not stale.exists()
+    assert (tmp_path / ".other.sdf.x.tmp").exists()

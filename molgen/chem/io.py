@@ -9,6 +9,7 @@ MolgenError naming the file and the line or molecule.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -92,7 +93,8 @@ def write_xyz(path: Path | str, molecules: list[Molecule]) -> None:
     frames = []
     for m in molecules:
         a = ase.Atoms(symbols=[SYMBOLS[int(t)] for t in m.types], positions=np.asarray(m.positions, float))
-        a.info.update({k: v for k, v in m.props.items()})
+        # an empty value would be written bare (key=) and swallow the next key when read back: leave it out
+        a.info.update({k: v for k, v in m.props.items() if not (isinstance(v, str) and not v.strip())})
         if m.name:
             a.info["name"] = m.name
         frames.append(a)
@@ -129,6 +131,15 @@ def _types(symbols, where: str) -> np.ndarray:
     return out
 
 
+_NAME_KEY = re.compile(r'(?:^|\s)name=(?:"([^"]*)"|(\S+))')
+
+
+def _frame_name(comment: str) -> str:
+    """An extended-XYZ frame's ``name=`` value, else the comment line itself (plain XYZ)."""
+    m = _NAME_KEY.search(comment)
+    return (m.group(1) if m and m.group(1) is not None else m.group(2) if m else comment.strip())[:80]
+
+
 def read_xyz(path: Path, skip_invalid: bool = False, errors: list | None = None) -> list[Molecule]:
     """Frames of an XYZ / extended XYZ file: count line, comment line, then ``symbol x y z [...]`` lines."""
     lines = Path(path).read_text(errors="replace").splitlines()
@@ -161,7 +172,7 @@ def read_xyz(path: Path, skip_invalid: bool = False, errors: list | None = None)
                     raise BadMolecule(f"{path}:{ln + 1}: bad coordinates {' '.join(tok[1:4])!r}") from None
                 syms.append(tok[0])
             types = _types(syms, f"{path}:{start + 1} (molecule {frame})")
-            mols.append(Molecule(types, np.array(coords, np.float64), name=comment.strip()[:80]))
+            mols.append(Molecule(types, np.array(coords, np.float64), name=_frame_name(comment)))
         except BadMolecule as e:
             if not skip_invalid:
                 raise

@@ -24,7 +24,7 @@ import numpy as np
 from molgen import MolgenError
 from molgen.chem.elements import SYMBOLS, symbol_to_type
 from molgen.data.qm9 import (CACHE_NAME, N_EXCLUDED, N_KEPT, N_RAW, Progress, Record, build_dataset, cache_is_valid,
-                             default_data_dir, save_cache)
+                             default_data_dir, read_manifest, save_cache)
 
 ARCHIVE_URL = "https://springernature.figshare.com/ndownloader/files/3195389"
 EXCLUDED_URL = "https://springernature.figshare.com/ndownloader/files/3195404"
@@ -226,11 +226,19 @@ def download(
     data_dir = Path(data_dir) if data_dir else default_data_dir()
     if from_path is not None:
         source = "file"
+        if not Path(from_path).exists():
+            raise MolgenError(f"--from {from_path}: no such file or folder")
     if source is not None and source not in SOURCES:
         raise MolgenError(f"unknown source {source!r}; choose one of {', '.join(SOURCES)}")
-    if not force and cache_is_valid(data_dir):
+    if data_dir.exists() and not data_dir.is_dir():
+        raise MolgenError(f"--data-dir {data_dir} is a file, not a folder")
+    made_from = read_manifest(data_dir) or {}
+    same_file = from_path is None or made_from.get("source") == f"file:{Path(from_path).resolve()}"
+    if not force and same_file and cache_is_valid(data_dir):  # --from another file rebuilds from it
         return data_dir / CACHE_NAME, False
     data_dir.mkdir(parents=True, exist_ok=True)
+    if not os.access(data_dir, os.W_OK):
+        raise MolgenError(f"--data-dir {data_dir} is not writable")
     errors = []
     order = [source] if source else ["archive", "qm9pack"]
     for src in order:

@@ -1,0 +1,140 @@
+"""Nothing lost, nothing half-done: refused commands change nothing, bad input is one line and exit code 2,
+resumes are honest, and `molgen evaluate` survives any bytes."""
+
+import errno
+import json
+
+import hypothesis
+import hypothesis.strategies
+import pytest
+from typer.testing import CliRunner
+
+from molgen.cli import app
+
+runner = CliRunner()
+
+
+def run(*args):
+    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+def one_line_error(res, *fragments):
+    assert res.exit_code == 2, res.output
+    out = res.output.strip()
+    assert "Traceback" not in out and len(out.splitlines()) == 1, out
+    for f in fragments:
+        assert f in out, out
+
+
+@pytest.fixture(scope="module")
+def ct_run(tmp_path_factory, data_dir):
+    out = tmp_path_factory.mktemp("ct") / "run"
+    res = run("train", "--objective", "ct", "--model", "tiny", "--steps", 4, "--batch-size", 8, "--data-dir", data_dir,
+              "--out", out, "--set", "optim.ckpt_every=2", "--set", "optim.eval_every=0")
+    assert res.exit_code == 0, res.output
+    return out
+
+
+def test_a_refused_run_leaves_the_run_as_it_was(ct_run, data_dir):
+    before = {p.name: p.read_bytes() for p in ct_run.iterdir() if p.is_file()}
+    one_line_error(run("train", "--out", ct_run, "--steps", 5, "--data-dir", data_dir), "--resume")
+    assert {p.name: p.read_bytes() for p in ct_run.iterdir() if p.is_file()} == before
+    assert json.loads((ct_run / "config.json").read_text())["objective"] == "ct"
+
+
+def test_resume_needs_a_finished_checkpoint(tmp_path, data_dir):
+    one_line_error(run("train", "--resume", "--out", tmp_path / "nothing", "--data-dir", data_dir), "holds no run")
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "config.json").write_text((tmp_path / "x").as_posix() and "{}")
+    (tmp_path / "half" / "metrics.jsonl").write_text("")
+    one_line_error(run("train", "--resume", "--out", tmp_path / "half", "--data-dir", data_dir),
+                   "holds no finished checkpoint", "config.json, metrics.jsonl")
+
+
+def test_a_resumed_run_logs_each_step_once(ct_run, data_dir, tmp_path):
+    """A run killed after its last checkpoint has logged steps past it: the resume cuts them and logs them once."""
+    import shutil
+
+    run_dir = tmp_path / "copy"
+    shutil.copytree(ct_run, run_dir)
+    log = run_dir / "metrics.jsonl"
+    last = json.loads(log.read_text().splitlines()[-1])
+    with log.open("a") as f:  # as a killed run would have left them
+        for step in (last["step"] + 1, last["step"] + 2):
+            f.write(json.dumps({**last, "step": step}) + "\n")
+    res = run("train", "--resume", "--steps", 8, "--out", run_dir, "--data-dir", data_dir)
+    assert res.exit_code == 0, res.output
+    steps = [json.loads(ln)["step"] for ln in log.read_text().splitlines()]
+    assert steps == sorted(set(steps)) and steps[-1] == 8
+
+
+@pytest.mark.parametrize("args,message", [
+    (("sample", "--seed", -1), "--seed must be in 0 .. 2^32 - 1"),
+    (("sample", "--seed", 18446744073709551616), "--seed must be in 0 .. 2^32 - 1"),
+    (("sample", "--steps", -5), "--steps must be at least 1"),
+    (("sample", "--format", "sdf", "-o", "{tmp}/x.xyz"), "--format sdf contradicts the extension"),
+    (("sample", "-o", "{tmp}"), "is a folder; give a file name"),
+    (("sample", "-o", "{file}/x.sdf"), "does not exist"),
+    (("evaluate", "{file}", "--json", "{file}/x.json"), "does not exist"),
+    (("train", "--out", "{file}", "--steps", 2), "is a file, not a run folder"),
+    (("train", "--steps", -5, "--out", "{tmp}/r"), "--steps must be at least 1"),
+    (("download", "--data-dir", "{file}"), "is a file, not a folder"),
+    (("download", "--data-dir", "{tmp}/d", "--from", "{tmp}/missing.csv"), "no such file or folder"),
+])
+def test_bad_input_is_one_line_before_any_work(tmp_path, args, message, data_dir):
+    f = tmp_path / "existing.xyz"
+    f.write_text("1\nH\nH 0 0 0\n")
+    args = [str(a).format(tmp=tmp_path, file=f) for a in args]
+    if args[0] == "train":
+        args += ["--data-dir", str(data_dir)]
+    one_line_error(run(*args), message)
+    assert f.read_text() == "1\nH\nH 0 0 0\n" and not (tmp_path / "d").exists() and not (tmp_path / "r").exists()
+
+
+def test_a_read_only_file_system_is_one_line(tmp_path, monkeypatch):
+    def read_only(*a, **k):
+        raise OSError(errno.EROFS, "Read-only file system", str(tmp_path / "out.sdf"))
+
+    monkeypatch.setattr("molgen.chem.io.atomic_path", read_only)
+    one_line_error(run("sample", "-n", 2, "-o", tmp_path / "out.sdf", "--no-report"), "Read-only file system")
+
+
+def test_download_from_another_file_rebuilds_and_garbage_is_refused(tmp_path):
+    from conftest import DATA_CSV
+
+    d = tmp_path / "c"
+    assert run("download", "--data-dir", d, "--from", DATA_CSV).exit_code == 0
+    assert "already present" in run("download", "--data-dir", d, "--from", DATA_CSV).output
+    garbage = tmp_path / "garbage.csv"
+    garbage.write_text("not,a,qm9,file\n1,2,3,4\n")
+    one_line_error(run("download", "--data-dir", d, "--from", garbage))
+    assert run("info", "--data-dir", d).exit_code == 0  # the valid cache is still there
+
+
+def test_export_refuses_a_folder_that_holds_something(tmp_path, ct_run):
+    (tmp_path / "dest").mkdir()
+    (tmp_path / "dest" / "notes.txt").write_text("keep")
+    one_line_error(run("export", ct_run, tmp_path / "dest"), "not an empty folder")
+    assert (tmp_path / "dest" / "notes.txt").read_text() == "keep" and len(list((tmp_path / "dest").iterdir())) == 1
+
+
+@hypothesis.settings(max_examples=60, deadline=None)
+@hypothesis.given(data=hypothesis.strategies.binary(max_size=600),
+                  cut=hypothesis.strategies.integers(min_value=0, max_value=400),
+                  fmt=hypothesis.strategies.sampled_from(["xyz", "sdf"]))
+def test_evaluate_survives_any_bytes(data, cut, fmt, tmp_path_factory):
+    """Random bytes, and a valid file cut short, end in a report or in one line with exit code 2."""
+    d = tmp_path_factory.mktemp("fuzz")
+    valid = {"xyz": "5\nmethane\nC 0 0 0\nH 0.63 0.63 0.63\nH 0.63 -0.63 -0.63\nH -0.63 0.63 -0.63\nH -0.63 -0.63 0.63\n",
+             "sdf": "x\n  molgen\n\n  2  1  0  0  0  0  0  0  0  0999 V2000\n    0.0000    0.0000    0.0000 H"
+                    "   0  0\n    0.7400    0.0000    0.0000 H   0  0\n  1  2  1  0\nM  END\n$$$$\n"}[fmt]
+    for body in (data, valid.encode()[:cut], valid.encode() + data):
+        f = d / f"in.{fmt}"
+        f.write_bytes(body)
+        res = runner.invoke(app, ["evaluate", str(f), "--no-novelty"])
+        assert res.exit_code in (0, 2), (res.exit_code, res.output, body)
+        assert "Traceback" not in res.output
+        if res.exit_code == 2:
+            assert len(res.output.strip().splitlines()) == 1, res.output
+        else:
+            assert "atom stability" in res.output

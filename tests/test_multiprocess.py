@@ -1,0 +1,60 @@
+"""Multi-process training: two processes on 127.0.0.1 (`--distributed`, one CPU device each) train the same
+parameters as one process with the same global batch and seed on two devices, and resume as a pair."""
+
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+
+from molgen.models import load_model
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _train(args, env):
+    return subprocess.Popen([sys.executable, "-m", "molgen", "train", *map(str, args)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _finish(procs, timeout=400):
+    outs = [p.communicate(timeout=timeout) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    return outs
+
+
+def _same_params(a, b):
+    for x, y in zip(jax.tree_util.tree_leaves(load_model(a).params), jax.tree_util.tree_leaves(load_model(b).params)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-6)
+
+
+def test_two_processes_train_and_resume_as_one(tmp_path, data_dir):
+    from conftest import FAST_COMPILE
+
+    base = dict(os.environ, XLA_FLAGS=FAST_COMPILE, JAX_PLATFORMS="cpu")
+    common = ["--model", "tiny", "--batch-size", 8, "--seed", 3, "--data-dir", data_dir,
+              "--set", "optim.ckpt_every=2", "--set", "optim.eval_every=2"]
+    one, pair = tmp_path / "one", tmp_path / "pair"
+
+    def both(extra, out):
+        port = _free_port()
+        envs = [dict(base, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i))
+                for i in (0, 1)]
+        return _finish([_train([*common, *extra, "--devices", 1, "--distributed", "--out", out], e) for e in envs])
+
+    _finish([_train([*common, "--steps", 4, "--devices", 2, "--out", one], base)])
+    outs = both(["--steps", 4], pair)
+    assert "devices 2 (cpu)" in outs[0][1] and "step 4" in outs[0][0]
+    _same_params(one, pair)
+    assert (pair / "metrics.jsonl").read_text().count('"step": 4,') == 1  # one process writes the log
+    _finish([_train([*common, "--steps", 6, "--devices", 2, "--resume", "--out", one], base)])
+    both(["--steps", 6, "--resume"], pair)
+    assert load_model(pair).meta["step"] == 6
+    _same_params(one, pair)
