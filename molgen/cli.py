@@ -144,6 +144,7 @@ def sample(
     json_path: Optional[Path] = Opt(None, "--json", help="Write the report as JSON."),
     novelty: bool = Opt(False, "--novelty", help="Also compute novelty (needs the QM9 cache)."),
     data_dir: Optional[Path] = Opt(None, "--data-dir", help="QM9 cache folder (for novelty and the type mix)."),
+    fix: Optional[Path] = Opt(None, "--fix", help="Complete this fragment (SDF, MOL or XYZ, 3D; its first molecule): every output keeps its atoms, types and coordinates."),
 ):
     """Generate molecules and write them as SDF or XYZ, then print their stability report."""
     from molgen.chem.io import format_of, write_molecules
@@ -152,6 +153,7 @@ def sample(
     from molgen.io_utils import check_writable
     from molgen.jax_setup import enable_compilation_cache
     from molgen.models import load_model, polisher_for
+    from molgen.fragment import fragment_kept, read_fragment
     from molgen.sample import parse_levels, plan, sample as draw, size_warning
 
     for path, what in ((out, "-o"), (json_path, "--json")):
@@ -162,23 +164,25 @@ def sample(
         raise MolgenError("--polisher names the model that --polish N calls; add --polish N")
     sig = parse_levels(sigmas)
     enable_compilation_cache()
+    frag = read_fragment(fix) if fix is not None else None
     m = load_model(checkpoint)
     _, _, settings, _ = plan(m, steps, sampler, sig, temperature, renoise, polish, seed)  # every check, no work
     pol = polisher_for(m, polisher) if polish else None
-    if size_warning(m, atoms):
-        say(size_warning(m, atoms))
+    for warning in filter(None, [size_warning(m, atoms)]):
+        say(warning)
     with progress() as bar:
         task = bar.add_task("sampling (network calls)", total=settings["molgen_calls"] * -(-n // max(batch_size, 1)))
         res = draw(m, n, steps, seed, atoms, batch_size, sampler, sig, temperature, renoise, polish, pol,
-                   lambda k: bar.advance(task, k))
+                   lambda k: bar.advance(task, k), fragment=frag)
     metrics = annotate(res.molecules, data_dir, m.cfg.data.remove_h, novelty) if report or json_path else None
     write_molecules(out, res.molecules, fmt)
     console.print(f"wrote {len(res.molecules)} molecules to {out} ({res.description}, {res.seconds:.1f} s sampling)",
                   soft_wrap=True)
+    kept = {} if frag is None else {"fragment_kept": fragment_kept(frag, res.molecules)}
     if report and metrics is not None:
-        console.print(metrics_table(metrics, f"samples: {out}"))
+        console.print(metrics_table(metrics, f"samples: {out}", kept.get("fragment_kept")))
     if json_path:
-        write_json(json_path, metrics, {"file": str(out), **res.settings})
+        write_json(json_path, metrics, {"file": str(out), **res.settings, **kept})
 
 
 @app.command()
@@ -194,7 +198,7 @@ def evaluate(
     skip_invalid: bool = Opt(False, "--skip-invalid", help="Report unreadable molecules and evaluate the rest."),
 ):
     """Atom/molecule stability, validity, uniqueness and novelty (EDM's definitions) of molecules in files."""
-    from molgen.display import metrics_table, progress
+    from molgen.display import evaluation_report, progress
     from molgen.evaluate import evaluate_files, write_json, write_per_molecule_csv
     from molgen.io_utils import check_writable
 
@@ -205,13 +209,7 @@ def evaluate(
         task = bar.add_task("evaluating", total=None)
         metrics, mols, errors = evaluate_files(files, fmt, skip_invalid, reference, remove_h, not no_novelty,
                                                lambda k: bar.advance(task, k))
-    for e in errors:
-        say(f"skipped: {e}")
-    console.print(metrics_table(metrics, ", ".join(str(f) for f in files)))
-    if errors:
-        console.print(f"{len(errors)} molecule(s) could not be read and were skipped")
-    if metrics.novelty is None and metrics.novelty_note:
-        console.print(f"novelty {metrics.novelty_note}")
+    evaluation_report(metrics, ", ".join(str(f) for f in files), errors)
     if json_path:
         write_json(json_path, metrics, {"files": [str(f) for f in files], "skipped": errors})
     if per_molecule:

@@ -43,7 +43,7 @@ def progress_factory(bar):
     return make
 
 
-def metrics_table(m, title: str) -> Table:
+def metrics_table(m, title: str, fragment_kept: float | None = None) -> Table:
     t = Table(title=title)
     t.add_column("metric")
     t.add_column("value", justify="right")
@@ -62,7 +62,20 @@ def metrics_table(m, title: str) -> Table:
     ref = m.reference_type_fractions
     mix = "  ".join(f"{k} {v:.3f}" + (f" ({ref[k]:.3f})" if ref else "") for k, v in m.type_fractions.items())
     t.add_row("atom types" + (" (train)" if ref else ""), mix)
+    if fragment_kept is not None:
+        t.add_row("fragment kept (its bond graph)", pct(fragment_kept))
     return t
+
+
+def evaluation_report(metrics, title: str, errors: list[str]) -> None:
+    """`molgen evaluate`'s output: what could not be read, the metrics, and why novelty is missing."""
+    for e in errors:
+        say(f"skipped: {e}")
+    console.print(metrics_table(metrics, title))
+    if errors:
+        console.print(f"{len(errors)} molecule(s) could not be read and were skipped")
+    if metrics.novelty is None and metrics.novelty_note:
+        console.print(f"novelty {metrics.novelty_note}")
 
 
 def cache_tables(data_dir: Path, manifest: dict, ds) -> None:

@@ -27,6 +27,9 @@ from molgen.networks import network
 from molgen.samplers import get_sampler
 
 
+FRAGMENT_STREAM = 104729  # the fixed noise of a fragment's atoms: its own random stream
+
+
 @dataclass
 class Samples:
     molecules: list[Molecule]
@@ -36,15 +39,20 @@ class Samples:
     description: str = field(default="")
 
 
-def draw_sizes(cfg, n: int, seed: int, atoms: int | None = None, stream: int = 7) -> np.ndarray:
-    """Atom counts: ``atoms`` each, or drawn from the training histogram with the random stream (seed, stream)."""
+def draw_sizes(cfg, n: int, seed: int, atoms: int | None = None, stream: int = 7, above: int = 0) -> np.ndarray:
+    """Atom counts: ``atoms`` each, or drawn from the training histogram with the random stream (seed, stream),
+    restricted to sizes above ``above`` (a fragment's size)."""
     if atoms is not None:
         if atoms < 1:
             raise MolgenError("--atoms must be at least 1")
+        if atoms < above:
+            raise MolgenError(f"the fragment has {above} atoms, more than --atoms {atoms}")
         return np.full(n, atoms, np.int32)
     hist = np.asarray(cfg.data.size_hist, np.float64)
+    hist[: above + 1] = 0.0 if above else hist[: above + 1]
     if hist.sum() <= 0:
-        raise MolgenError("the model has no atom-count histogram; pass --atoms")
+        raise MolgenError("the model has no atom-count histogram; pass --atoms" if not above else
+                          f"the model was trained on no molecule larger than the fragment's {above} atoms; pass --atoms")
     rng = np.random.default_rng([seed, stream])
     return rng.choice(len(hist), size=n, p=hist / hist.sum()).astype(np.int32)
 
@@ -99,10 +107,12 @@ def sample(model: Model, n: int, steps: int | None = None, seed: int = 0, atoms:
            batch_size: int = 1000, sampler: str | None = None, sigmas: Sequence[float] | None = None,
            temperature: float | None = None, renoise: float | None = None, polish_calls: int = 0,
            polisher: Model | None = None, progress: Callable[[int], None] | None = None,
-           apply: Callable | None = None) -> Samples:
+           apply: Callable | None = None, fragment=None) -> Samples:
     """``n`` molecules in ``steps`` sampler steps (default: the sampler's), then ``polish_calls`` calls of the
     diffusion model ``polisher`` on the low ladder. ``progress(k)`` is told of every k network calls done on
-    a batch (the total is calls x batches). ``apply``: the network's apply function (default: the model's)."""
+    a batch (the total is calls x batches). ``apply``: the network's apply function (default: the model's).
+    ``fragment`` (:class:`molgen.fragment.Fragment`): every molecule completes it, its first atoms being the
+    fragment's, in the fragment's own frame (:mod:`molgen.fragment`)."""
     import time
 
     if n < 1:
@@ -112,8 +122,10 @@ def sample(model: Model, n: int, steps: int | None = None, seed: int = 0, atoms:
     s, levels, settings, renoise = plan(model, steps, sampler, sigmas, temperature, renoise, polish_calls, seed)
     if polish_calls and polisher is None:
         raise MolgenError("polishing needs a diffusion model (--polisher)")
-    sizes = draw_sizes(model.cfg, n, seed, atoms)
+    sizes = draw_sizes(model.cfg, n, seed, atoms, above=fragment.size if fragment is not None else 0)
     fns = s.prepare(model.cfg, apply)
+    if fragment is not None:
+        settings["molgen_fixed_atoms"] = fragment.size
     pol = None
     if polish_calls:
         _, p_apply = network(polisher.cfg)
@@ -127,8 +139,9 @@ def sample(model: Model, n: int, steps: int | None = None, seed: int = 0, atoms:
     for b, start in enumerate(range(0, n, batch_size)):
         bs = sizes[start : start + batch_size]
         g = pack(None, [np.zeros(int(k), np.int32) for k in bs])
+        fix = None if fragment is None else _fixer(fragment, bs, g, model.cfg.n_features, jax.random.fold_in(jax.random.fold_in(base, FRAGMENT_STREAM), b))
         x, h = s.run(fns, model.params, g, model.cfg.n_features, jax.random.fold_in(base, b), levels,
-                     settings["molgen_temperature"], renoise, tick)
+                     settings["molgen_temperature"], renoise, tick, fix)
         if pol is not None:
             step, p_params, p_levels = pol
             for lv in p_levels:
@@ -137,10 +150,24 @@ def sample(model: Model, n: int, steps: int | None = None, seed: int = 0, atoms:
         x, types = np.asarray(x), np.argmax(np.asarray(h)[:, :N_TYPES], axis=-1)
         o = 0
         for k in bs:
-            mols.append(Molecule(types[o : o + k].astype(np.int8), x[o : o + k].astype(np.float64),
-                                 name=f"molgen_{len(mols)}", props=dict(settings)))
+            pos = x[o : o + k].astype(np.float64)
+            if fragment is not None:
+                from molgen.fragment import to_input_frame
+
+                pos = to_input_frame(fragment, pos)
+            mols.append(Molecule(types[o : o + k].astype(np.int8), pos, name=f"molgen_{len(mols)}",
+                                 props=dict(settings)))
             o += k
     return Samples(mols, settings, settings["molgen_calls"], time.time() - t0, _describe(model, s, settings))
+
+
+def _fixer(fragment, sizes, graph, nf: int, key):
+    """fix(x, h, level, scale) for one batch: its known atoms are the fragment's (molgen.fragment)."""
+    from molgen.fragment import constrain, known_rows
+
+    known = known_rows(fragment, np.asarray(sizes), len(graph.node_mask), nf, key)
+    step = jax.jit(constrain)
+    return lambda x, h, level, scale: step(known, x, h, graph, np.float32(level), np.float32(scale))
 
 
 def size_warning(model: Model, atoms: int | None) -> str | None:

@@ -19,6 +19,7 @@ from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from molgen import MolgenError
 from molgen.config import RunConfig
@@ -52,8 +53,10 @@ class Sampler:
         raise NotImplementedError
 
     def run(self, fns, params, graph, nf: int, key, levels, temperature: float, renoise: float | None,
-            tick: Callable):
-        """(x, h) of one packed batch (``nf`` features per atom); ``tick()`` after every network call."""
+            tick: Callable, fix: Callable | None = None):
+        """(x, h) of one packed batch (``nf`` features per atom); ``tick()`` after every network call. ``fix(x, h,
+        level, scale)``, when given, imposes known atoms on the state after every network call (level: the state's
+        variance-exploding noise level, 0 for a clean molecule; scale: alpha_t for a variance-preserving state)."""
         raise NotImplementedError
 
 
@@ -77,10 +80,11 @@ class Ancestral(Sampler):
     def calls(self, levels):
         return len(levels) - 1
 
-    def prepare(self, cfg, apply=None):
-        return jax.jit(make_sampler_step(apply or network(cfg)[1], cfg.diffusion))
+    def prepare(self, cfg, apply=None):  # the step, and the schedule (for fix)
+        return jax.jit(make_sampler_step(apply or network(cfg)[1], cfg.diffusion)), cfg.diffusion.gammas()
 
-    def run(self, step, params, graph, nf, key, levels, temperature, renoise, tick):
+    def run(self, fns, params, graph, nf, key, levels, temperature, renoise, tick, fix=None):
+        step, gammas = fns
         k0, key = jax.random.split(key)
         temp = jnp.float32(temperature)
         zx, zh = sample_noise(k0, graph, nf)
@@ -89,6 +93,10 @@ class Ancestral(Sampler):
             key, k = jax.random.split(key)
             zx, zh = step(params, zx, zh, jnp.float32(t), jnp.float32(s), graph, k, temp)
             tick()
+            if fix is not None:  # z_s = alpha_s (x + (sigma_s / alpha_s) eps); the last step's output is clean
+                g = float(gammas[int(round(s * (len(gammas) - 1)))])
+                alpha, sigma = np.sqrt(1 / (1 + np.exp(g))), np.sqrt(1 / (1 + np.exp(-g)))
+                zx, zh = fix(zx, zh, 0.0 if s <= 0 else sigma / alpha, 1.0 if s <= 0 else alpha)
         return zx, zh
 
 
@@ -102,7 +110,7 @@ class Ode(Sampler):
     def prepare(self, cfg, apply=None):
         return jax.jit(model_fn(cfg, apply))
 
-    def run(self, denoise, params, graph, nf, key, levels, temperature, renoise, tick):
+    def run(self, denoise, params, graph, nf, key, levels, temperature, renoise, tick, fix=None):
         k0, _ = jax.random.split(key)
         temp = jnp.float32(temperature)
         zx, zh = sample_noise(k0, graph, nf)
@@ -112,7 +120,8 @@ class Ode(Sampler):
             tick()
             return out
 
-        return heun_solve(counted, params, temp * zx, temp * zh, graph, levels)
+        after = None if fix is None else (lambda x, h, s: fix(x, h, s, 1.0))
+        return heun_solve(counted, params, temp * zx, temp * zh, graph, levels, after)
 
 
 class Multistep(Sampler):
@@ -122,7 +131,7 @@ class Multistep(Sampler):
     def prepare(self, cfg, apply=None):
         return jax.jit(make_multistep_step(model_fn(cfg, apply), cfg.consistency))
 
-    def run(self, step, params, graph, nf, key, levels, temperature, renoise, tick):
+    def run(self, step, params, graph, nf, key, levels, temperature, renoise, tick, fix=None):
         _, key = jax.random.split(key)
         temp = jnp.float32(temperature)
         later = temp if renoise is None else jnp.float32(renoise)
@@ -131,6 +140,8 @@ class Multistep(Sampler):
             key, k = jax.random.split(key)
             zx, zh = step(params, zx, zh, jnp.float32(s), jnp.bool_(i == 0), graph, k, temp if i == 0 else later)
             tick()
+            if fix is not None:  # each call's output is a clean molecule
+                zx, zh = fix(zx, zh, 0.0, 1.0)
         return zx, zh
 
 
@@ -142,16 +153,19 @@ class Anneal(Sampler):
         fn = model_fn(cfg, apply)
         return jax.jit(make_multistep_step(fn, cfg.consistency)), jax.jit(make_polish_step(fn))
 
-    def run(self, fns, params, graph, nf, key, levels, temperature, renoise, tick):
+    def run(self, fns, params, graph, nf, key, levels, temperature, renoise, tick, fix=None):
         first, again = fns
+        fix = fix or (lambda x, h, level, scale: (x, h))
         _, key = jax.random.split(key)
         zx, zh = _zeros(graph, nf)
         zx, zh = first(params, zx, zh, jnp.float32(levels[0]), jnp.bool_(True), graph, jax.random.split(key)[1],
                        jnp.float32(temperature))
         tick()
+        zx, zh = fix(zx, zh, 0.0, 1.0)
         for s in levels[1:]:
             zx, zh = again(params, zx, zh, jnp.float32(s), graph)
             tick()
+            zx, zh = fix(zx, zh, 0.0, 1.0)
         return zx, zh
 
 

@@ -11,10 +11,11 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 
-def heun_solve(denoise, params, zx, zh, graph, levels: list[float]):
+def heun_solve(denoise, params, zx, zh, graph, levels: list[float], after=None):
     """Integrate from y = levels[0] * z down to levels[-1] (0): 2 calls per step, 1 for the last step.
 
-    ``denoise`` is jitted by the caller; the loop is unrolled in Python (levels are static).
+    ``denoise`` is jitted by the caller; the loop is unrolled in Python (levels are static). ``after(x, h, s)``,
+    when given, may change the state after each step (at level s).
     """
     x, h = levels[0] * zx, levels[0] * zh
     mask = graph.node_mask
@@ -27,6 +28,8 @@ def heun_solve(denoise, params, zx, zh, graph, levels: list[float]):
             kx2, kh2 = (nx - ex) / s2, (nh - eh) / s2
             nx, nh = x + (s2 - s) * 0.5 * (kx + kx2), h + (s2 - s) * 0.5 * (kh + kh2)
         x, h = nx, nh
+        if after is not None:
+            x, h = after(x, h, s2)
     return x, h * mask[:, None]
 
 

@@ -1,0 +1,112 @@
+"""Generating around a fragment: kept exactly by every sampler, in the input's frame, equivariant, refused when
+it cannot be done."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import random_rotation
+from typer.testing import CliRunner
+
+from molgen import MolgenError
+from molgen.config import DataConfig, RunConfig
+from molgen.consistency.ict import ConsistencyConfig
+from molgen.consistency.stack import stack_model
+from molgen.fragment import Fragment, contains_fragment, read_fragment
+from molgen.models import Model
+from molgen.networks import init_params
+from molgen.nn.egnn import PRESETS
+from molgen.sample import sample
+
+HIST = DataConfig(size_hist=(0, 0, 0, 0, 0, 0, 2, 3, 5, 1))  # molecules of 6-9 atoms
+# a methanol-like fragment (C, O and two H), off the origin and turned
+FRAG = Fragment(np.array([1, 3, 0, 0], np.int32),
+                np.array([[0.0, 0.0, 0.0], [1.43, 0.0, 0.0], [-0.36, 1.03, 0.0], [-0.36, -0.5, 0.9]]) @
+                random_rotation(np.random.default_rng(1)).T + np.array([4.0, -1.0, 2.5]))
+
+
+def _noisy(cfg, seed=0):
+    rng = np.random.default_rng(seed)
+    p = init_params(cfg, seed)
+    return jax.tree_util.tree_map(lambda a: a + 0.05 * jnp.asarray(rng.normal(size=a.shape), a.dtype), p)
+
+
+def _models():
+    diff = RunConfig(model=PRESETS["tiny"], data=HIST)
+    cons = RunConfig(objective="ct", model=PRESETS["tiny"], consistency=ConsistencyConfig(sigma_data_x=1.4,
+                     sigma_data_h=0.2), diffusion=None, data=HIST)
+    d, c = Model(diff, _noisy(diff)), Model(cons, _noisy(cons, 1))
+    scfg, sparams = stack_model(cons, c.params, diff, d.params, 2)
+    return d, c, Model(scfg, sparams)
+
+
+D, C, S = _models()
+CASES = [(D, "ancestral", 6), (D, "ode", 3), (C, "multistep", 1), (C, "multistep", 3), (C, "anneal", 3),
+         (S, "multistep", 2)]
+
+
+@pytest.mark.parametrize("model,sampler,steps", CASES, ids=[f"{m.cfg.objective}-{s}-{k}" + ("-stacked" if m.cfg.stack
+                                                            else "") for m, s, k in CASES])
+def test_every_sampler_keeps_the_fragment_exactly(model, sampler, steps):
+    res = sample(model, 6, steps, seed=2, batch_size=6, sampler=sampler, fragment=FRAG)
+    assert res.settings["molgen_fixed_atoms"] == 4
+    for m in res.molecules:
+        assert len(m.types) > 4 and np.isfinite(m.positions).all()
+        np.testing.assert_array_equal(m.types[:4], FRAG.types)
+        np.testing.assert_allclose(m.positions[:4], FRAG.positions, atol=2e-5)  # in the fragment's own frame
+    assert contains_fragment(FRAG, res.molecules).all()
+
+
+def test_a_moved_fragment_moves_the_molecules_the_same_way():
+    rng = np.random.default_rng(5)
+    q, t = random_rotation(rng), rng.normal(size=3) * 3
+    moved = Fragment(FRAG.types, FRAG.positions @ q.T + t)
+    for model, sampler, steps in ((C, "multistep", 2), (D, "ancestral", 4)):
+        a = sample(model, 5, steps, seed=7, sampler=sampler, fragment=FRAG).molecules
+        b = sample(model, 5, steps, seed=7, sampler=sampler, fragment=moved).molecules
+        for x, y in zip(a, b):
+            np.testing.assert_array_equal(x.types, y.types)
+            np.testing.assert_allclose(y.positions, x.positions @ q.T + t, atol=1e-3)
+
+
+def test_sizes_and_refusals(tmp_path):
+    res = sample(C, 20, 1, seed=0, fragment=FRAG)
+    assert all(len(m.types) > 4 for m in res.molecules)  # sizes drawn above the fragment's
+    assert all(len(m.types) == 7 for m in sample(C, 3, 1, atoms=7, fragment=FRAG).molecules)
+    with pytest.raises(MolgenError, match="the fragment has 4 atoms, more than --atoms 3"):
+        sample(C, 2, 1, atoms=3, fragment=FRAG)
+    big = Fragment(np.zeros(10, np.int32), np.random.default_rng(0).normal(size=(10, 3)))
+    with pytest.raises(MolgenError, match="trained on no molecule larger than the fragment's 10 atoms"):
+        sample(C, 2, 1, fragment=big)
+    flat = tmp_path / "flat.xyz"
+    flat.write_text("3\nflat\nC 0 0 0\nO 1.4 0 0\nH -0.4 1.0 0\n")
+    with pytest.raises(MolgenError, match="2D coordinates only"):
+        read_fragment(flat)
+    three_d = tmp_path / "m.xyz"
+    three_d.write_text("3\nm\nC 0 0 0\nO 1.4 0 0.1\nH -0.4 1.0 0\n")
+    assert read_fragment(three_d).size == 3
+
+
+def test_cli_writes_the_completions_and_reports_the_fragment(tmp_path):
+    from molgen.chem.io import read_molecules, write_xyz
+    from molgen.chem.io import Molecule
+    from molgen.cli import app
+
+    write_xyz(tmp_path / "frag.xyz", [Molecule(FRAG.types.astype(np.int8), FRAG.positions, "frag")])
+    runner = CliRunner()
+    res = runner.invoke(app, ["sample", "-n", "4", "--steps", "1", "--fix", str(tmp_path / "frag.xyz"), "-o",
+                              str(tmp_path / "out.sdf"), "--json", str(tmp_path / "r.json")])
+    assert res.exit_code == 0, res.output
+    assert "fragment kept" in res.output
+    import json
+
+    assert json.loads((tmp_path / "r.json").read_text())["fragment_kept"] >= 0
+    for m in read_molecules(tmp_path / "out.sdf"):
+        np.testing.assert_allclose(m.positions[:4], FRAG.positions, atol=1e-3)  # SDF keeps 4 decimals
+    bad = tmp_path / "cl.xyz"
+    bad.write_text("2\nx\nC 0 0 0\nCl 0 0 1.7\n")
+    res = runner.invoke(app, ["sample", "-n", "2", "--fix", str(bad), "-o", str(tmp_path / "x.sdf")])
+    assert res.exit_code == 2 and "unknown element 'Cl'" in res.output and "Traceback" not in res.output
+    res = runner.invoke(app, ["sample", "-n", "2", "--atoms", "3", "--fix", str(tmp_path / "frag.xyz"), "-o",
+                              str(tmp_path / "x.sdf")])
+    assert res.exit_code == 2 and "more than --atoms 3" in res.output
