@@ -168,7 +168,8 @@ def sample(
     m = load_model(checkpoint)
     _, _, settings, _ = plan(m, steps, sampler, sig, temperature, renoise, polish, seed)  # every check, no work
     pol = polisher_for(m, polisher) if polish else None
-    for warning in filter(None, [size_warning(m, atoms)]):
+    for warning in filter(None, [size_warning(m, atoms), frag and settings["molgen_calls"] == 1 and
+                                 "warning: with one call the fragment is placed after the only call; use --steps 4"]):
         say(warning)
     with progress() as bar:
         task = bar.add_task("sampling (network calls)", total=settings["molgen_calls"] * -(-n // max(batch_size, 1)))

@@ -99,8 +99,13 @@ def known_rows(fragment: Fragment, sizes: np.ndarray, n_rows: int, nf: int, key)
     types[rows] = np.tile(fragment.types, len(sizes))
     h = type_features(types, mask, np)
     kx, kh = jax.random.split(key)
-    return Known(jnp.asarray(mask), jnp.asarray(x), jnp.asarray(h),
-                 jax.random.normal(kx, (n_rows, 3)) * mask[:, None], jax.random.normal(kh, (n_rows, nf)) * mask[:, None])
+    # the known atoms' noise has no mean per molecule: a placement moves the fragment nowhere by itself (with a
+    # mean, the same shift would add up over the steps and carry the fragment away from the rest)
+    noise = np.asarray(jax.random.normal(kx, (n_rows, 3))) * mask[:, None]
+    for s0 in starts:
+        noise[s0 : s0 + k] -= noise[s0 : s0 + k].mean(0)
+    return Known(jnp.asarray(mask), jnp.asarray(x), jnp.asarray(h), jnp.asarray(noise),
+                 jax.random.normal(kh, (n_rows, nf)) * mask[:, None])
 
 
 def constrain(known: Known, x, h, graph, level, scale):

@@ -43,21 +43,22 @@ fi
 } 2>&1 | grep -v WARNING | tee -a "$out/pipeline.txt"
 log "teacher $teacher (earlier GPU runs: $runs_before), seed $seed, batch $batch, lr $lr, precision $precision"
 
-# 1. Benchmarks: molgen, then EDM's code on the same GPU (BENCH_S=0: none).
+# 1. Benchmarks: EDM's code (first, so that it is measured whatever happens later), then molgen's, on the same
+#    GPU (BENCH_S=0: none).
 bench="$out/bench.log"
 if [ "$bench_s" -gt 0 ]; then
-echo "# $(date -u +%FT%TZ) benchmarks/train_step.py --runs $bench_runs" >>"$bench"
-timeout $((bench_s + 90)) python3 benchmarks/train_step.py --runs "$bench_runs" --chunk 50 --repeats 4 \
-  --budget "$bench_s" 2>&1 | grep -v -E "^WARNING|^I0000|^E0000" | tee -a "$bench"
-log "molgen benchmark done"
 if [ -d .edm ] && python3 -c "import torch" 2>/dev/null; then
   echo "# $(date -u +%FT%TZ) benchmarks/edm_pytorch.py $edm_args --no-sampling" >>"$bench"
-  timeout 100 python3 benchmarks/edm_pytorch.py --edm-repo .edm --cache .gpu/qm9/qm9_v1.npz $edm_args --no-sampling \
-    2>&1 | grep -v -E "^WARNING|Warning|warn" | tee -a "$bench"
+  timeout 120 python3 benchmarks/edm_pytorch.py --edm-repo .edm --cache .gpu/qm9/qm9_v1.npz $edm_args --no-sampling \
+    2>&1 | grep -E "^RESULT|^torch|Error" | tee -a "$bench"
   log "EDM benchmark done"
 else
   log "EDM benchmark skipped (no .edm or no torch)"
 fi
+echo "# $(date -u +%FT%TZ) benchmarks/train_step.py --runs $bench_runs" >>"$bench"
+timeout $((bench_s + 90)) python3 benchmarks/train_step.py --runs "$bench_runs" --chunk 50 --repeats 4 \
+  --budget "$bench_s" 2>&1 | grep -v -E "^WARNING|^I0000|^E0000" | tee -a "$bench"
+log "molgen benchmark done"
 fi
 
 # 2. The teacher.

@@ -76,3 +76,24 @@ def tiny_config(ds, objective="diffusion", **optim):
     cons = ConsistencyConfig() if objective == "ct" else None
     cfg = RunConfig(objective=objective, model=PRESETS["tiny"], consistency=cons, optim=OptimConfig(**optim))
     return get_objective(objective).configure(cfg, ds, None)
+
+
+def cli(*args):
+    """Run the command line in-process: the result (exit code, output)."""
+    from typer.testing import CliRunner
+
+    from molgen.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+def one_line_error(res, *fragments):
+    """A refused command: exit code 2, no traceback, one error line (the last; progress may precede it)
+    naming what is wrong."""
+    assert res.exit_code == 2, res.output
+    lines = res.output.strip().splitlines()
+    assert "Traceback" not in res.output, res.output
+    assert sum("error" in line.lower() for line in lines) == 1, res.output
+    assert "error" in lines[-1].lower(), res.output
+    for f in fragments:
+        assert f in lines[-1], res.output

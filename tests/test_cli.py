@@ -5,24 +5,13 @@ import json
 import jax
 import numpy as np
 import pytest
-from typer.testing import CliRunner
+from conftest import cli, one_line_error
 
-from molgen.cli import app
 from molgen.data import qm9, sources
 
-runner = CliRunner()
 
 
-def run(*args):
-    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
-
-
-def one_line_error(res, *fragments):
-    assert res.exit_code == 2, res.output
-    out = res.output.strip()
-    assert "Traceback" not in out
-    for f in fragments:
-        assert f in out, out
+run = cli
 
 
 def test_help_and_version():

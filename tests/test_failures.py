@@ -7,23 +7,12 @@ import json
 import hypothesis
 import hypothesis.strategies
 import pytest
+from conftest import cli, one_line_error
 from typer.testing import CliRunner
 
 from molgen.cli import app
 
-runner = CliRunner()
-
-
-def run(*args):
-    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
-
-
-def one_line_error(res, *fragments):
-    assert res.exit_code == 2, res.output
-    out = res.output.strip()
-    assert "Traceback" not in out and len(out.splitlines()) == 1, out
-    for f in fragments:
-        assert f in out, out
+run = cli
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +120,7 @@ def test_evaluate_survives_any_bytes(data, cut, fmt, tmp_path_factory):
     for body in (data, valid.encode()[:cut], valid.encode() + data):
         f = d / f"in.{fmt}"
         f.write_bytes(body)
-        res = runner.invoke(app, ["evaluate", str(f), "--no-novelty"])
+        res = CliRunner().invoke(app, ["evaluate", str(f), "--no-novelty"])
         assert res.exit_code in (0, 2), (res.exit_code, res.output, body)
         assert "Traceback" not in res.output
         if res.exit_code == 2:

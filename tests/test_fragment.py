@@ -78,13 +78,12 @@ def test_sizes_and_refusals(tmp_path):
     big = Fragment(np.zeros(10, np.int32), np.random.default_rng(0).normal(size=(10, 3)))
     with pytest.raises(MolgenError, match="trained on no molecule larger than the fragment's 10 atoms"):
         sample(C, 2, 1, fragment=big)
-    flat = tmp_path / "flat.xyz"
-    flat.write_text("3\nflat\nC 0 0 0\nO 1.4 0 0\nH -0.4 1.0 0\n")
+    files = {"flat": "C 0 0 0\nO 1.4 0 0\nH -0.4 1.0 0", "solid": "C 0 0 0\nO 1.4 0 0.1\nH -0.4 1.0 0"}
+    for name, body in files.items():
+        (tmp_path / f"{name}.xyz").write_text(f"3\n{name}\n{body}\n")
     with pytest.raises(MolgenError, match="2D coordinates only"):
-        read_fragment(flat)
-    three_d = tmp_path / "m.xyz"
-    three_d.write_text("3\nm\nC 0 0 0\nO 1.4 0 0.1\nH -0.4 1.0 0\n")
-    assert read_fragment(three_d).size == 3
+        read_fragment(tmp_path / "flat.xyz")
+    assert read_fragment(tmp_path / "solid.xyz").size == 3
 
 
 def test_cli_writes_the_completions_and_reports_the_fragment(tmp_path):

@@ -230,6 +230,8 @@ def download(
             raise MolgenError(f"--from {from_path}: no such file or folder")
     if source is not None and source not in SOURCES:
         raise MolgenError(f"unknown source {source!r}; choose one of {', '.join(SOURCES)}")
+    if source == "file" and from_path is None:
+        raise MolgenError("--source file needs --from PATH")
     if data_dir.exists() and not data_dir.is_dir():
         raise MolgenError(f"--data-dir {data_dir} is a file, not a folder")
     made_from = read_manifest(data_dir) or {}
@@ -239,39 +241,40 @@ def download(
     data_dir.mkdir(parents=True, exist_ok=True)
     if not os.access(data_dir, os.W_OK):
         raise MolgenError(f"--data-dir {data_dir} is not writable")
-    errors = []
-    order = [source] if source else ["archive", "qm9pack"]
-    for src in order:
-        if src == "file":
-            if from_path is None:
-                raise MolgenError("--source file needs --from PATH")
-            records, excluded = read_local(Path(from_path), progress)
-            # A local file may be a small excerpt (tests, quick looks); count checks apply to whole data sets.
-            if len(records) in (N_RAW, N_KEPT):
-                excluded = check_full(records, excluded, str(from_path))
-            ds = build_dataset(records, excluded)
-            return save_cache(ds, data_dir, f"file:{Path(from_path).resolve()}"), True
-        if src == "archive":
-            try:
-                with tempfile.TemporaryDirectory(dir=data_dir) as tmp:
-                    log("trying the original QM9 archive from its publisher ...")
-                    records, excluded = read_archive_from_publisher(Path(tmp), progress, timeout)
-            except (OSError, MolgenError) as e:
-                errors.append(f"publisher archive: {e}")
-                log(f"publisher archive not reachable ({e})")
-                continue
-            excluded = check_full(records, excluded, "publisher archive")
-            return save_cache(build_dataset(records, excluded), data_dir, "archive"), True
-        if src == "qm9pack":
-            files = qm9pack_csvs()
-            if files is None:
-                errors.append("qm9pack: not installed")
-                continue
-            log(f"reading QM9 from the installed qm9pack package ({files[0].parent})")
-            records = read_qm9pack_csv(files, progress)
-            excluded = check_full(records, None, "qm9pack")
-            return save_cache(build_dataset(records, excluded), data_dir, "qm9pack"), True
+    errors: list[str] = []
+    for src in [source] if source else ["archive", "qm9pack"]:
+        got = _read_source(src, data_dir, from_path, progress, log, timeout, errors)
+        if got is not None:
+            records, excluded, label = got
+            return save_cache(build_dataset(records, excluded), data_dir, label), True
     raise MolgenError(
         "could not get QM9 (" + "; ".join(errors) + "). Install the data package with "
         "`pip install \"molgen[qm9]\"` or pass the original archive with `molgen download --from PATH`"
     )
+
+
+def _read_source(src, data_dir, from_path, progress, log, timeout, errors):
+    """(records, excluded ids, cache label) from one source, or None (why, appended to ``errors``)."""
+    if src == "file":
+        records, excluded = read_local(Path(from_path), progress)
+        # A local file may be a small excerpt (tests, quick looks); count checks apply to whole data sets.
+        if len(records) in (N_RAW, N_KEPT):
+            excluded = check_full(records, excluded, str(from_path))
+        return records, excluded, f"file:{Path(from_path).resolve()}"
+    if src == "archive":
+        try:
+            with tempfile.TemporaryDirectory(dir=data_dir) as tmp:
+                log("trying the original QM9 archive from its publisher ...")
+                records, excluded = read_archive_from_publisher(Path(tmp), progress, timeout)
+        except (OSError, MolgenError) as e:
+            errors.append(f"publisher archive: {e}")
+            log(f"publisher archive not reachable ({e})")
+            return None
+        return records, check_full(records, excluded, "publisher archive"), "archive"
+    files = qm9pack_csvs()
+    if files is None:
+        errors.append("qm9pack: not installed")
+        return None
+    log(f"reading QM9 from the installed qm9pack package ({files[0].parent})")
+    records = read_qm9pack_csv(files, progress)
+    return records, check_full(records, None, "qm9pack"), "qm9pack"
