@@ -1,14 +1,14 @@
 """Completing fragments: molecules of the QM9 test split with ~40 % of their atoms removed, completed by a model
 (`molgen sample --fix`), against unconstrained sampling at the same sizes.
 
-    python benchmarks/fragments.py [--molecules 20] [--n 100] [--runs edm-small-stack2:1,edm-small-stack2:4]
+    python benchmarks/fragments.py [--molecules 20] [--n 100] [--runs edm-small-stack2:1,edm-small-diffusion:100:4]
 
 Two fragments per molecule: "branch" (the molecule minus a branch: heavy atoms removed from a leaf of the
 heavy-atom graph outwards, with their hydrogens, until ~40 % of the atoms are gone) and "random" (a random 60 %
-of the atoms kept). Each model run completes every fragment --n times at the molecule's own size. One line per
-run and fragment kind:
+of the atoms kept). Each model run (model:steps, or model:steps:r with r rounds of RePaint's resampling) completes
+every fragment --n times at the molecule's own size. One line per run and fragment kind:
 
-    FRAGMENTS <model>:<steps> <kind> max_dev=... kept=...% atom=...% mol=...% valid=...% unique=...% recovered=...%
+    FRAGMENTS <model>:<steps>[:r] <kind> max_dev=... kept=...% atom=...% mol=...% valid=...% unique=...% recovered=...%
 
 max_dev: the largest distance of a fragment atom from its input position (Å); kept: completions holding the
 fragment's bond graph; unique: distinct valid SMILES among the valid ones, per fragment, averaged; recovered:
@@ -28,7 +28,7 @@ def fragments_of(pos, typ, rng):
     from molgen.chem.bonds import bond_orders, pad_molecules
 
     n = len(typ)
-    target = int(round(0.4 * n))
+    target = round(0.4 * n)
     p, t, m = pad_molecules([pos], [typ])
     bonded = bond_orders(p, t, m)[0][:n, :n] > 0
     heavy = [i for i in range(n) if typ[i] != 0]
@@ -83,15 +83,16 @@ def main() -> None:
           f"{np.mean([f.size for f in kinds['branch']]):.1f} (branch) / {np.mean([f.size for f in kinds['random']]):.1f}"
           f" (random) atoms on average", flush=True)
     for run in args.runs.split(","):
-        name, steps = run.split(":")
+        name, steps, *more = run.split(":")
+        resample = int(more[0]) if more else 0
         model = load_model(name)
-        for kind in ("branch", "random", "none"):
+        for kind in ("branch", "random") + (() if resample else ("none",)):
             t0 = time.time()
             dev, kept, atom, mol, valid, unique, rec = [], [], [], [], [], [], []
             for k, (pos, typ) in enumerate(mols):
                 frag = kinds["branch"][k] if kind == "none" else kinds[kind][k]
                 res = sample(model, args.n, int(steps), seed=k, atoms=len(typ),
-                             fragment=None if kind == "none" else frag)
+                             fragment=None if kind == "none" else frag, resample=resample)
                 out = res.molecules
                 met = evaluate_molecules([m.positions for m in out], [m.types for m in out])
                 smi = [p.smiles for p in met.per_molecule if p.valid]
@@ -103,8 +104,10 @@ def main() -> None:
                 valid.append(met.validity)
                 unique.append(len(set(smi)) / max(len(smi), 1))
                 rec.append(sum(s == originals[k] for s in smi) / len(out) if originals[k] else 0.0)
-            pct = lambda v: f"{100 * np.mean(v):.1f}%"  # noqa: E731
-            head = f"FRAGMENTS {name}:{steps} {kind}"
+            def pct(v):
+                return f"{100 * np.mean(v):.1f}%"
+
+            head = f"FRAGMENTS {run} {kind}"
             frag_part = f"max_dev={max(dev):.1e} kept={pct(kept)} " if kind != "none" else ""
             print(f"{head} {frag_part}atom={pct(atom)} mol={pct(mol)} valid={pct(valid)} unique={pct(unique)} "
                   f"recovered={pct(rec)} seconds={time.time() - t0:.0f}", flush=True)

@@ -145,6 +145,7 @@ def sample(
     novelty: bool = Opt(False, "--novelty", help="Also compute novelty (needs the QM9 cache)."),
     data_dir: Optional[Path] = Opt(None, "--data-dir", help="QM9 cache folder (for novelty and the type mix)."),
     fix: Optional[Path] = Opt(None, "--fix", help="Complete this fragment (SDF, MOL or XYZ, 3D; its first molecule): every output keeps its atoms, types and coordinates."),
+    resample: int = Opt(0, "--resample", help="--fix with the ancestral sampler: repeat every step N more times after going back up by the forward process (RePaint); N extra calls per step."),
 ):
     """Generate molecules and write them as SDF or XYZ, then print their stability report."""
     from molgen.chem.io import format_of, write_molecules
@@ -166,7 +167,7 @@ def sample(
     enable_compilation_cache()
     frag = read_fragment(fix) if fix is not None else None
     m = load_model(checkpoint)
-    _, _, settings, _ = plan(m, steps, sampler, sig, temperature, renoise, polish, seed)  # every check, no work
+    _, _, settings, _ = plan(m, steps, sampler, sig, temperature, renoise, polish, seed, resample, frag is not None)
     pol = polisher_for(m, polisher) if polish else None
     for warning in filter(None, [size_warning(m, atoms), frag and settings["molgen_calls"] == 1 and
                                  "warning: with one call the fragment is placed after the only call; use --steps 4"]):
@@ -174,7 +175,7 @@ def sample(
     with progress() as bar:
         task = bar.add_task("sampling (network calls)", total=settings["molgen_calls"] * -(-n // max(batch_size, 1)))
         res = draw(m, n, steps, seed, atoms, batch_size, sampler, sig, temperature, renoise, polish, pol,
-                   lambda k: bar.advance(task, k), fragment=frag)
+                   lambda k: bar.advance(task, k), fragment=frag, resample=resample)
     metrics = annotate(res.molecules, data_dir, m.cfg.data.remove_h, novelty) if report or json_path else None
     write_molecules(out, res.molecules, fmt)
     console.print(f"wrote {len(res.molecules)} molecules to {out} ({res.description}, {res.seconds:.1f} s sampling)",

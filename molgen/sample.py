@@ -74,9 +74,10 @@ def check_positive(name: str, value: float, zero_ok: bool = False) -> float:
 
 
 def plan(model: Model, steps: int | None = None, sampler: str | None = None, sigmas: Sequence[float] | None = None,
-         temperature: float | None = None, renoise: float | None = None, polish_calls: int = 0, seed: int = 0):
+         temperature: float | None = None, renoise: float | None = None, polish_calls: int = 0, seed: int = 0,
+         resample: int = 0, fixing: bool = False):
     """(sampler, levels, settings, renoise): every choice checked and resolved (the card's defaults) before any
-    work."""
+    work. ``fixing``: a fragment will be completed (``resample`` needs one)."""
     if not 0 <= seed < 2**32:
         raise MolgenError(f"--seed must be in 0 .. 2^32 - 1, got {seed}")
     s = get_sampler(model.cfg, sampler)
@@ -87,6 +88,12 @@ def plan(model: Model, steps: int | None = None, sampler: str | None = None, sig
         raise MolgenError(f"--sigmas applies to the consistency samplers, not {s.name}")
     if polish_calls < 0:
         raise MolgenError("--polish must be >= 0")
+    if resample < 0:
+        raise MolgenError("--resample must be >= 0")
+    if resample and not fixing:
+        raise MolgenError("--resample applies when completing a fragment; add --fix FILE")
+    if resample and not s.takes_resample:
+        raise MolgenError(f"--resample applies to the ancestral sampler of diffusion models, not {s.name}")
     temperature = check_positive("--temperature", model.temperature if temperature is None else temperature)
     if renoise is not None and not s.takes_renoise:
         raise MolgenError(f"--renoise applies to the multistep sampler of consistency models, not {s.name}")
@@ -95,7 +102,9 @@ def plan(model: Model, steps: int | None = None, sampler: str | None = None, sig
         renoise = check_positive("--renoise", r, zero_ok=True)
     levels = s.levels(model.cfg, steps, sigmas)
     settings = {"molgen_model": model.name, "molgen_sampler": s.name, "molgen_steps": steps,
-                "molgen_calls": s.calls(levels) + polish_calls, "molgen_temperature": temperature}
+                "molgen_calls": s.calls(levels, resample) + polish_calls, "molgen_temperature": temperature}
+    if resample:
+        settings["molgen_resample"] = resample
     if model.cfg.stack is not None:
         settings["molgen_network"] = describe_network(model.cfg)
     if s.takes_renoise and steps > 1:
@@ -107,19 +116,21 @@ def sample(model: Model, n: int, steps: int | None = None, seed: int = 0, atoms:
            batch_size: int = 1000, sampler: str | None = None, sigmas: Sequence[float] | None = None,
            temperature: float | None = None, renoise: float | None = None, polish_calls: int = 0,
            polisher: Model | None = None, progress: Callable[[int], None] | None = None,
-           apply: Callable | None = None, fragment=None) -> Samples:
+           apply: Callable | None = None, fragment=None, resample: int = 0) -> Samples:
     """``n`` molecules in ``steps`` sampler steps (default: the sampler's), then ``polish_calls`` calls of the
     diffusion model ``polisher`` on the low ladder. ``progress(k)`` is told of every k network calls done on
     a batch (the total is calls x batches). ``apply``: the network's apply function (default: the model's).
     ``fragment`` (:class:`molgen.fragment.Fragment`): every molecule completes it, its first atoms being the
-    fragment's, in the fragment's own frame (:mod:`molgen.fragment`)."""
+    fragment's, in the fragment's own frame (:mod:`molgen.fragment`); ``resample``: RePaint's resampling rounds per
+    step (ancestral sampler)."""
     import time
 
     if n < 1:
         raise MolgenError("-n must be at least 1")
     if batch_size < 1:
         raise MolgenError("--batch-size must be at least 1")
-    s, levels, settings, renoise = plan(model, steps, sampler, sigmas, temperature, renoise, polish_calls, seed)
+    s, levels, settings, renoise = plan(model, steps, sampler, sigmas, temperature, renoise, polish_calls, seed,
+                                        resample, fragment is not None)
     if polish_calls and polisher is None:
         raise MolgenError("polishing needs a diffusion model (--polisher)")
     sizes = draw_sizes(model.cfg, n, seed, atoms, above=fragment.size if fragment is not None else 0)
@@ -139,9 +150,10 @@ def sample(model: Model, n: int, steps: int | None = None, seed: int = 0, atoms:
     for b, start in enumerate(range(0, n, batch_size)):
         bs = sizes[start : start + batch_size]
         g = pack(None, [np.zeros(int(k), np.int32) for k in bs])
-        fix = None if fragment is None else _fixer(fragment, bs, g, model.cfg.n_features, jax.random.fold_in(jax.random.fold_in(base, FRAGMENT_STREAM), b))
+        fix = None if fragment is None else _fixer(fragment, bs, g, model.cfg.n_features,
+                                                   jax.random.fold_in(jax.random.fold_in(base, FRAGMENT_STREAM), b))
         x, h = s.run(fns, model.params, g, model.cfg.n_features, jax.random.fold_in(base, b), levels,
-                     settings["molgen_temperature"], renoise, tick, fix)
+                     settings["molgen_temperature"], renoise, tick, fix, resample)
         if pol is not None:
             step, p_params, p_levels = pol
             for lv in p_levels:
@@ -188,6 +200,8 @@ def _describe(model: Model, s, settings: dict) -> str:
         parts.append(f"temperature {settings['molgen_temperature']:g}")
     if "molgen_renoise" in settings and settings["molgen_renoise"] != settings["molgen_temperature"]:
         parts.append(f"re-noise {settings['molgen_renoise']:g}")
+    if "molgen_resample" in settings:
+        parts.append(f"{settings['molgen_resample']} resampling rounds per step")
     if "molgen_polish" in settings:
         parts.append(f"+ {settings['molgen_polish']} polishing calls of {settings['molgen_polisher']}")
     calls = settings["molgen_calls"]

@@ -1,6 +1,8 @@
 """The samplers, by name. Each owns its noise levels, its count of network calls and its loop:
 
-* ``ancestral`` (diffusion models): EDM's stochastic sampler on a respaced time grid; k steps = k calls;
+* ``ancestral`` (diffusion models): EDM's stochastic sampler on a respaced time grid; k steps = k calls (with a
+  fragment and ``resample`` r, RePaint's resampling: every step but the last is repeated r times after going back
+  up by the forward process, (k - 1)(r + 1) + 1 calls);
 * ``ode`` (diffusion models): the probability-flow ODE, Heun's method on Karras levels from 80 to 0.002, then 0;
   k steps = 2k - 1 calls;
 * ``multistep`` (consistency models): x = f(sigma_max z), then for each further level x = f(x + renoise
@@ -24,7 +26,7 @@ import numpy as np
 from molgen import MolgenError
 from molgen.config import RunConfig
 from molgen.consistency.ict import make_multistep_step, multistep_levels
-from molgen.diffusion.edm import make_sampler_step, respaced_times
+from molgen.diffusion.edm import make_forward_step, make_sampler_step, respaced_times
 from molgen.diffusion.levels import low_ladder, ode_levels
 from molgen.diffusion.noise import sample_noise
 from molgen.diffusion.ode import heun_solve, n_calls
@@ -41,11 +43,12 @@ class Sampler:
     default_steps: int
     takes_sigmas: bool = False
     takes_renoise: bool = False
+    takes_resample: bool = False
 
     def levels(self, cfg: RunConfig, steps: int, sigmas: Sequence[float] | None = None) -> list[float]:
         raise NotImplementedError
 
-    def calls(self, levels: list[float]) -> int:
+    def calls(self, levels: list[float], resample: int = 0) -> int:
         return len(levels)
 
     def prepare(self, cfg: RunConfig, apply: Callable | None = None):
@@ -53,10 +56,11 @@ class Sampler:
         raise NotImplementedError
 
     def run(self, fns, params, graph, nf: int, key, levels, temperature: float, renoise: float | None,
-            tick: Callable, fix: Callable | None = None):
+            tick: Callable, fix: Callable | None = None, resample: int = 0):
         """(x, h) of one packed batch (``nf`` features per atom); ``tick()`` after every network call. ``fix(x, h,
         level, scale)``, when given, imposes known atoms on the state after every network call (level: the state's
-        variance-exploding noise level, 0 for a clean molecule; scale: alpha_t for a variance-preserving state)."""
+        variance-exploding noise level, 0 for a clean molecule; scale: alpha_t for a variance-preserving state).
+        ``resample``: rounds of RePaint's resampling per step (samplers with ``takes_resample``)."""
         raise NotImplementedError
 
 
@@ -77,26 +81,33 @@ class Ancestral(Sampler):
             raise MolgenError(f"--steps {steps} exceeds the model's {cfg.diffusion.timesteps} diffusion steps")
         return [float(t) for t in respaced_times(steps)]
 
-    def calls(self, levels):
-        return len(levels) - 1
+    def calls(self, levels, resample=0):
+        return len(levels) - 1 + resample * max(len(levels) - 2, 0)
 
-    def prepare(self, cfg, apply=None):  # the step, and the schedule (for fix)
-        return jax.jit(make_sampler_step(apply or network(cfg)[1], cfg.diffusion)), cfg.diffusion.gammas()
+    def prepare(self, cfg, apply=None):  # the step, the forward step and the schedule (for fix)
+        return (jax.jit(make_sampler_step(apply or network(cfg)[1], cfg.diffusion)),
+                jax.jit(make_forward_step(cfg.diffusion)), cfg.diffusion.gammas())
 
-    def run(self, fns, params, graph, nf, key, levels, temperature, renoise, tick, fix=None):
-        step, gammas = fns
+    def run(self, fns, params, graph, nf, key, levels, temperature, renoise, tick, fix=None, resample=0):
+        step, forward, gammas = fns
         k0, key = jax.random.split(key)
         temp = jnp.float32(temperature)
         zx, zh = sample_noise(k0, graph, nf)
         zx, zh = temp * zx, temp * zh
         for t, s in zip(levels[:-1], levels[1:]):
-            key, k = jax.random.split(key)
-            zx, zh = step(params, zx, zh, jnp.float32(t), jnp.float32(s), graph, k, temp)
-            tick()
-            if fix is not None:  # z_s = alpha_s (x + (sigma_s / alpha_s) eps); the last step's output is clean
-                g = float(gammas[int(round(s * (len(gammas) - 1)))])
-                alpha, sigma = np.sqrt(1 / (1 + np.exp(g))), np.sqrt(1 / (1 + np.exp(-g)))
-                zx, zh = fix(zx, zh, 0.0 if s <= 0 else sigma / alpha, 1.0 if s <= 0 else alpha)
+            t, s = jnp.float32(t), jnp.float32(s)
+            rounds = 1 + (resample if fix is not None and s > 0 else 0)
+            for r in range(rounds):
+                if r:  # RePaint: back up to level t by the forward process, then the step again
+                    key, k = jax.random.split(key)
+                    zx, zh = forward(zx, zh, t, s, graph, k, temp)
+                key, k = jax.random.split(key)
+                zx, zh = step(params, zx, zh, t, s, graph, k, temp)
+                tick()
+                if fix is not None:  # z_s = alpha_s (x + (sigma_s / alpha_s) eps); the last step's output is clean
+                    g = float(gammas[int(round(float(s) * (len(gammas) - 1)))])
+                    alpha, sigma = np.sqrt(1 / (1 + np.exp(g))), np.sqrt(1 / (1 + np.exp(-g)))
+                    zx, zh = fix(zx, zh, 0.0 if s <= 0 else sigma / alpha, 1.0 if s <= 0 else alpha)
         return zx, zh
 
 
@@ -104,13 +115,13 @@ class Ode(Sampler):
     def levels(self, cfg, steps, sigmas=None):
         return ode_levels(steps, ODE_SIGMA_MIN, ODE_SIGMA_MAX)
 
-    def calls(self, levels):
+    def calls(self, levels, resample=0):
         return n_calls(levels)
 
     def prepare(self, cfg, apply=None):
         return jax.jit(model_fn(cfg, apply))
 
-    def run(self, denoise, params, graph, nf, key, levels, temperature, renoise, tick, fix=None):
+    def run(self, denoise, params, graph, nf, key, levels, temperature, renoise, tick, fix=None, resample=0):
         k0, _ = jax.random.split(key)
         temp = jnp.float32(temperature)
         zx, zh = sample_noise(k0, graph, nf)
@@ -131,7 +142,7 @@ class Multistep(Sampler):
     def prepare(self, cfg, apply=None):
         return jax.jit(make_multistep_step(model_fn(cfg, apply), cfg.consistency))
 
-    def run(self, step, params, graph, nf, key, levels, temperature, renoise, tick, fix=None):
+    def run(self, step, params, graph, nf, key, levels, temperature, renoise, tick, fix=None, resample=0):
         _, key = jax.random.split(key)
         temp = jnp.float32(temperature)
         later = temp if renoise is None else jnp.float32(renoise)
@@ -153,7 +164,7 @@ class Anneal(Sampler):
         fn = model_fn(cfg, apply)
         return jax.jit(make_multistep_step(fn, cfg.consistency)), jax.jit(make_polish_step(fn))
 
-    def run(self, fns, params, graph, nf, key, levels, temperature, renoise, tick, fix=None):
+    def run(self, fns, params, graph, nf, key, levels, temperature, renoise, tick, fix=None, resample=0):
         first, again = fns
         fix = fix or (lambda x, h, level, scale: (x, h))
         _, key = jax.random.split(key)
@@ -174,7 +185,7 @@ def _zeros(graph, nf: int):
 
 
 SAMPLERS: dict[str, Sampler] = {s.name: s for s in (
-    Ancestral("ancestral", "diffusion", 1000),
+    Ancestral("ancestral", "diffusion", 1000, takes_resample=True),
     Ode("ode", "diffusion", 18),
     Multistep("multistep", "consistency", 1, takes_sigmas=True, takes_renoise=True),
     Anneal("anneal", "consistency", 1, takes_sigmas=True),

@@ -109,3 +109,38 @@ def test_cli_writes_the_completions_and_reports_the_fragment(tmp_path):
     res = runner.invoke(app, ["sample", "-n", "2", "--atoms", "3", "--fix", str(tmp_path / "frag.xyz"), "-o",
                               str(tmp_path / "x.sdf")])
     assert res.exit_code == 2 and "more than --atoms 3" in res.output
+
+
+def test_resampling_keeps_the_fragment_and_costs_r_calls_per_step():
+    calls = []
+    res = sample(D, 4, 5, seed=3, batch_size=4, fragment=FRAG, resample=2, progress=calls.append)
+    assert res.settings["molgen_resample"] == 2
+    assert res.settings["molgen_calls"] == sum(calls) == (5 - 1) * 3 + 1  # the last (clean) step is not repeated
+    for m in res.molecules:
+        np.testing.assert_allclose(m.positions[:4], FRAG.positions, atol=2e-5)
+    plain = sample(D, 4, 5, seed=3, batch_size=4, fragment=FRAG).molecules
+    assert any(not np.allclose(a.positions, b.positions) for a, b in zip(res.molecules, plain))
+    with pytest.raises(MolgenError, match="add --fix"):
+        sample(D, 2, 5, resample=1)
+    with pytest.raises(MolgenError, match="ancestral sampler"):
+        sample(C, 2, 2, fragment=FRAG, resample=1)
+    with pytest.raises(MolgenError, match=">= 0"):
+        sample(D, 2, 5, fragment=FRAG, resample=-1)
+
+
+def test_the_forward_step_goes_back_up_to_the_marginal_of_its_level():
+    """z_s ~ q(z_s | x) taken up by the forward step is distributed as q(z_t | x): mean alpha_t x, std sigma_t."""
+    from molgen.data.batching import pack
+    from molgen.diffusion.edm import alpha_sigma, make_forward_step
+
+    cfg = D.cfg.diffusion
+    g = pack(None, [np.zeros(50, np.int32)] * 400)
+    gam = cfg.gammas()
+    t, s = 0.6, 0.3
+    (a_t, s_t), (a_s, s_s) = (alpha_sigma(gam[round(v * cfg.timesteps)]) for v in (t, s))
+    h = jnp.full((len(g.node_mask), 2), 1.5) * g.node_mask[:, None]
+    zh = a_s * h + s_s * jax.random.normal(jax.random.PRNGKey(0), h.shape) * g.node_mask[:, None]
+    _, up = jax.jit(make_forward_step(cfg))(jnp.zeros((len(g.node_mask), 3)), zh, t, s, g, jax.random.PRNGKey(1))
+    vals = np.asarray(up)[np.asarray(g.node_mask) > 0]
+    assert abs(vals.mean() - 1.5 * float(a_t)) < 0.01
+    assert abs(vals.std() - float(s_t)) < 0.01

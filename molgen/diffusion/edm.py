@@ -122,3 +122,20 @@ def make_sampler_step(apply_fn, cfg: DiffusionConfig):
         return out_x, out_h * graph.node_mask[:, None]
 
     return step
+
+
+def make_forward_step(cfg: DiffusionConfig):
+    """z_s -> z_t (s < t) by the forward process q(z_t | z_s): alpha_ts z_s + sigma_ts eps (positions' noise on the
+    zero-CoM subspace; ``temp`` scales it). RePaint's resampling goes back up one step with it."""
+    gammas = jnp.asarray(cfg.gammas())
+    T = cfg.timesteps
+
+    def forward(zx, zh, t, s, graph, key, temp=1.0):
+        g_t, g_s = gammas[jnp.round(t * T).astype(jnp.int32)], gammas[jnp.round(s * T).astype(jnp.int32)]
+        alpha_ts = jnp.exp(0.5 * (jax.nn.log_sigmoid(-g_t) - jax.nn.log_sigmoid(-g_s)))
+        sigma_ts = jnp.sqrt(-jnp.expm1(jax.nn.softplus(g_s) - jax.nn.softplus(g_t)))
+        nx, nh = sample_noise(key, graph, zh.shape[-1])
+        return alpha_ts * zx + sigma_ts * temp * nx, (alpha_ts * zh + sigma_ts * temp * nh) * graph.node_mask[:, None]
+
+    return forward
+
