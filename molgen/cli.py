@@ -194,28 +194,89 @@ def evaluate(
     fmt: Optional[str] = Opt(None, "--format", help="Force sdf or xyz."),
     json_path: Optional[Path] = Opt(None, "--json", help="Write all metrics as JSON."),
     per_molecule: Optional[Path] = Opt(None, "--per-molecule", help="Write each molecule's results as CSV."),
-    reference: Optional[Path] = Opt(None, "--reference", help="QM9 cache folder whose training split is the novelty reference."),
+    reference: Optional[Path] = Opt(None, "--reference", help="QM9 cache folder: its training split for novelty, its test split for the distribution distances."),
     remove_h: bool = Opt(False, "--remove-h", help="Compare against the training set without hydrogens."),
     no_novelty: bool = Opt(False, "--no-novelty", help="Skip novelty."),
+    fidelity: bool = Opt(True, "--fidelity/--no-fidelity", help="Distribution distances to QM9's test split (atom, size, bond-type and valency TV; bond-length and angle W1), when the QM9 cache exists."),
+    strain: bool = Opt(False, "--strain", help="MMFF94 strain of the molecules RDKit accepts (energy drop and heavy-atom RMSD of a relaxation; ~2 ms per molecule)."),
+    plots: Optional[Path] = Opt(None, "--plots", help="Write histograms of atom types, bond lengths and bond angles against QM9's test split into this folder (PNG)."),
     skip_invalid: bool = Opt(False, "--skip-invalid", help="Report unreadable molecules and evaluate the rest."),
 ):
-    """Atom/molecule stability, validity, uniqueness and novelty (EDM's definitions) of molecules in files."""
+    """Stability, validity, uniqueness and novelty (EDM's definitions), RDKit's validity, distances to QM9 and
+    optionally strain of molecules in files."""
     from molgen.display import evaluation_report, progress
     from molgen.evaluate import evaluate_files, write_json, write_per_molecule_csv
+    from molgen.fidelity import reference_statistics, statistics
     from molgen.io_utils import check_writable
 
     for p, what in ((json_path, "--json"), (per_molecule, "--per-molecule")):
         if p is not None:
             check_writable(p, what)
+    if plots is not None and plots.exists() and not plots.is_dir():
+        raise MolgenError(f"--plots {plots} is a file; give a folder")
+    ref = reference_statistics(reference) if plots is not None else None
+    if plots is not None and ref is None:
+        raise MolgenError("--plots compares with QM9's test split: run `molgen download` or pass --reference DIR")
     with progress() as bar:
         task = bar.add_task("evaluating", total=None)
         metrics, mols, errors = evaluate_files(files, fmt, skip_invalid, reference, remove_h, not no_novelty,
-                                               lambda k: bar.advance(task, k))
+                                               lambda k: bar.advance(task, k), fidelity, strain)
     evaluation_report(metrics, ", ".join(str(f) for f in files), errors)
     if json_path:
         write_json(json_path, metrics, {"files": [str(f) for f in files], "skipped": errors})
     if per_molecule:
         write_per_molecule_csv(per_molecule, metrics, [m.name for m in mols])
+    if plots is not None:
+        from molgen.plots import fidelity_plots
+
+        st = statistics([m.positions for m in mols], [m.types for m in mols])
+        written = fidelity_plots(st, ref, plots, Path(files[0]).name if len(files) == 1 else "molecules")
+        console.print(f"wrote {', '.join(str(w) for w in written)}")
+
+
+@app.command()
+@friendly
+def view(
+    file: Path = typer.Argument(..., help="SDF or XYZ file."),
+    n: int = Opt(24, "-n", help="Molecules to draw (the first N; at most 100)."),
+    out: Path = Opt(Path("grid.png"), "-o", "--out", help="Image file: .png or .svg."),
+    per_row: int = Opt(6, "--per-row", help="Molecules per row."),
+):
+    """Draw molecules as a grid of 2D depictions, bonds as EDM perceives them; legend: formula, S (every atom
+    stable), V (valid), fragments (largest highlighted)."""
+    from molgen.chem.depict import MAX_GRID, grid
+    from molgen.chem.io import read_molecules
+    from molgen.io_utils import check_writable
+
+    if out.suffix.lower() not in (".png", ".svg"):
+        raise MolgenError(f"-o {out}: give a .png or .svg file")
+    if not 1 <= n <= MAX_GRID or per_row < 1:
+        raise MolgenError(f"-n must be in 1 .. {MAX_GRID} and --per-row at least 1")
+    check_writable(out, "-o")
+    mols = read_molecules(file)[:n]
+    if not mols:
+        raise MolgenError(f"{file}: no molecules")
+    console.print(f"wrote {grid(mols, out, per_row)} molecules to {out}")
+
+
+@app.command()
+@friendly
+def plot(
+    run_dir: Path = typer.Argument(..., help="Training run folder (its metrics.jsonl)."),
+    out: Path = Opt(None, "-o", "--out", help="Image file, .png or .svg (default: RUN/curves.png)."),
+):
+    """Training and validation loss (and their parts) against step, log scale, with the learning rate."""
+    from molgen.io_utils import check_writable
+    from molgen.plots import training_curves
+
+    if not (Path(run_dir) / "metrics.jsonl").is_file():
+        raise MolgenError(f"{run_dir}: no metrics.jsonl (not a training run folder?)")
+    out = out or Path(run_dir) / "curves.png"
+    if out.suffix.lower() not in (".png", ".svg"):
+        raise MolgenError(f"-o {out}: give a .png or .svg file")
+    check_writable(out, "-o")
+    series = training_curves(run_dir, out)
+    console.print(f"wrote {out} ({', '.join(series)})")
 
 
 @app.command()

@@ -57,6 +57,15 @@ def metrics_table(m, title: str, fragment_kept: float | None = None) -> Table:
             ("valid & unique", pct(m.valid_and_unique)),
             ("novelty (of unique)", pct(m.novelty) if m.novelty is not None else "not computed"),
             ("connected (1 fragment)", pct(m.connected)), ("non-finite coordinates", str(m.n_nonfinite))]
+    if m.rdkit_validity is not None:
+        rows.append(("validity (RDKit's own bonds)", pct(m.rdkit_validity)))
+    if m.strain is not None:
+        st = m.strain
+        rows.append(("MMFF94 strain, median / p90", "n/a" if st["median_kcal_mol"] is None else
+                     f"{st['median_kcal_mol']:.1f} / {st['p90_kcal_mol']:.1f} kcal/mol ({st['n_molecules']:,})"))
+        rows.append(("relaxation RMSD (heavy, median)",
+                     "n/a" if st["median_heavy_rmsd"] is None else f"{st['median_heavy_rmsd']:.3f} Å"))
+    rows += fidelity_rows(m.fidelity) if m.fidelity else []
     for k, v in rows:
         t.add_row(k, v)
     ref = m.reference_type_fractions
@@ -65,6 +74,20 @@ def metrics_table(m, title: str, fragment_kept: float | None = None) -> Table:
     if fragment_kept is not None:
         t.add_row("fragment kept (its bond graph)", pct(fragment_kept))
     return t
+
+
+def fidelity_rows(f: dict) -> list[tuple[str, str]]:
+    """The distances to QM9's test split (molgen.fidelity) as table rows."""
+
+    def num(v, fmt):
+        return "n/a" if v is None else format(v, fmt)
+
+    return [("vs QM9 test: atom types TV", num(f["atom_types_tv"], ".4f")),
+            ("vs QM9 test: sizes TV", num(f["sizes_tv"], ".4f")),
+            ("vs QM9 test: bond types TV", num(f["bond_types_tv"], ".4f")),
+            ("vs QM9 test: valency TV", num(f["valency_tv"], ".4f")),
+            ("vs QM9 test: bond lengths W1", num(f["bond_lengths_w1"], ".4f") + " Å"),
+            ("vs QM9 test: bond angles W1", num(f["bond_angles_w1"], ".2f") + " °")]
 
 
 def evaluation_report(metrics, title: str, errors: list[str]) -> None:

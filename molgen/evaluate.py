@@ -8,7 +8,9 @@ Definitions (as EDM's evaluation code):
 * uniqueness: distinct SMILES among the valid ones; "valid & unique" = distinct valid / all molecules;
 * novelty: distinct valid SMILES absent from the training split's SMILES (built by the same route).
 Also: connected fraction (one fragment), atom-type mix, mean size, and molecules with non-finite coordinates
-(failed: unstable and invalid, never dropped).
+(failed: unstable and invalid, never dropped); validity by RDKit's own bond perception and, on request, the
+MMFF94 strain of the RDKit-valid molecules (:mod:`molgen.chem.forcefield`); distribution distances to QM9's
+test split when a reference is given (:mod:`molgen.fidelity`).
 """
 
 from __future__ import annotations
@@ -35,6 +37,9 @@ class PerMolecule:
     smiles: str
     n_fragments: int
     finite: bool
+    rdkit_valid: bool = False
+    strain: float | None = None  # kcal/mol
+    relax_rmsd: float | None = None  # Å, heavy atoms
 
 
 @dataclass
@@ -53,6 +58,9 @@ class Metrics:
     type_fractions: dict[str, float]
     reference_type_fractions: dict[str, float] | None = None
     novelty_note: str = ""
+    rdkit_validity: float | None = None
+    strain: dict | None = None
+    fidelity: dict | None = None
     per_molecule: list[PerMolecule] = field(default_factory=list, repr=False)
 
     def to_dict(self, per_molecule: bool = False) -> dict:
@@ -62,9 +70,11 @@ class Metrics:
         return d
 
 
-def _per_molecule(positions, types, progress=None) -> tuple[list[PerMolecule], np.ndarray]:
-    """Each molecule's stability, validity and SMILES (EDM's route), and the counts of each atom type."""
+def _per_molecule(positions, types, progress=None, with_strain: bool = False) -> tuple[list[PerMolecule], np.ndarray]:
+    """Each molecule's stability, validity and SMILES (EDM's route), RDKit's validity (and strain), and the counts
+    of each atom type."""
     from molgen.chem.bonds import bond_orders
+    from molgen.chem.forcefield import perceive, strain
     from molgen.chem.rdkit_utils import build_molecule, validity_smiles
 
     per: list[PerMolecule] = []
@@ -80,8 +90,10 @@ def _per_molecule(positions, types, progress=None) -> tuple[list[PerMolecule], n
             type_counts += np.bincount(t, minlength=N_TYPES)
             finite = bool(np.all(np.isfinite(pos[k, :n])))
             smi, nfrag = validity_smiles(build_molecule(t, orders[k, :n, :n])) if finite else (None, 0)
+            rd = perceive(t, positions[s + k]) if finite else None
+            relaxed = strain(rd) if with_strain and rd is not None else None
             per.append(PerMolecule(n, int(atom_ok[k, :n].sum()), bool(mol_ok[k]), smi is not None, smi or "", nfrag,
-                                   finite))
+                                   finite, rd is not None, *(relaxed or (None, None))))
             if progress:
                 progress(1)
     return per, type_counts
@@ -93,11 +105,15 @@ def evaluate_molecules(
     train_smiles: set[str] | None = None,
     reference_type_fractions: np.ndarray | None = None,
     progress: Callable[[int], None] | None = None,
+    reference_stats=None,
+    with_strain: bool = False,
 ) -> Metrics:
+    """The metrics of a set of molecules; ``reference_stats`` (:class:`molgen.fidelity.Stats`): add the distances
+    to it; ``with_strain``: add the MMFF94 strain of the RDKit-valid molecules."""
     m = len(types)
     if m == 0:
         raise ValueError("no molecules to evaluate")
-    per, type_counts = _per_molecule(positions, types, progress)
+    per, type_counts = _per_molecule(positions, types, progress, with_strain)
     total_atoms = sum(len(t) for t in types)
     valid = [p.smiles for p in per if p.valid]
     unique = set(valid)
@@ -120,8 +136,25 @@ def evaluate_molecules(
         type_fractions={SYMBOLS[i]: float(fr[i]) for i in range(N_TYPES)},
         reference_type_fractions={SYMBOLS[i]: float(ref[i]) for i in range(N_TYPES)} if ref is not None else None,
         novelty_note=note,
+        rdkit_validity=float(np.mean([p.rdkit_valid for p in per])),
+        strain=_strain_summary(per) if with_strain else None,
+        fidelity=_fidelity(positions, types, reference_stats) if reference_stats is not None else None,
         per_molecule=per,
     )
+
+
+def _strain_summary(per: list[PerMolecule]) -> dict:
+    e = np.array([p.strain for p in per if p.strain is not None])
+    r = np.array([p.relax_rmsd for p in per if p.relax_rmsd is not None])
+    return {"n_molecules": len(e), "median_kcal_mol": float(np.median(e)) if len(e) else None,
+            "p90_kcal_mol": float(np.percentile(e, 90)) if len(e) else None,
+            "median_heavy_rmsd": float(np.median(r)) if len(r) else None}
+
+
+def _fidelity(positions, types, reference_stats) -> dict:
+    from molgen.fidelity import distances, statistics
+
+    return distances(statistics(positions, types), reference_stats)
 
 
 def training_smiles(data_dir: Path | str | None = None, remove_h: bool = False,
@@ -170,10 +203,14 @@ def write_per_molecule_csv(path: Path | str, metrics: Metrics, names: list[str] 
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(["index", "name", "n_atoms", "stable_atoms", "mol_stable", "valid", "n_fragments", "finite",
-                "smiles"])
+                "smiles", "rdkit_valid", "strain_kcal_mol", "relax_rmsd"])
+
+    def num(v):
+        return "" if v is None else f"{v:.4f}"
+
     for k, p in enumerate(metrics.per_molecule):
         w.writerow([k, (names[k] if names else ""), p.n_atoms, p.stable_atoms, int(p.stable), int(p.valid),
-                    p.n_fragments, int(p.finite), p.smiles])
+                    p.n_fragments, int(p.finite), p.smiles, int(p.rdkit_valid), num(p.strain), num(p.relax_rmsd)])
     atomic_write_text(path, buf.getvalue())
 
 
@@ -205,9 +242,10 @@ def annotate(molecules, data_dir=None, remove_h: bool = False, novelty: bool = F
 
 
 def evaluate_files(files, fmt=None, skip_invalid: bool = False, reference=None, remove_h: bool = False,
-                   novelty: bool = True, progress=None):
+                   novelty: bool = True, progress=None, fidelity: bool = True, with_strain: bool = False):
     """(metrics, molecules, errors) of the molecules in SDF / XYZ files or folders: ``errors`` names what could
-    not be read (with ``skip_invalid``; else the first unreadable molecule is an error)."""
+    not be read (with ``skip_invalid``; else the first unreadable molecule is an error). ``fidelity``: distances to
+    QM9's test split when the QM9 cache exists (with hydrogens only); ``with_strain``: MMFF94 strain."""
     from molgen import MolgenError
     from molgen.chem.io import read_molecules
 
@@ -216,8 +254,12 @@ def evaluate_files(files, fmt=None, skip_invalid: bool = False, reference=None, 
         mols += read_molecules(f, fmt, skip_invalid, errors)
     if not mols:
         raise MolgenError("no readable molecules in the input")
+    from molgen.fidelity import reference_statistics
+
     smiles, fr = reference_for(reference, remove_h, novelty)
-    metrics = evaluate_molecules([m.positions for m in mols], [m.types for m in mols], smiles, fr, progress)
+    stats = reference_statistics(reference) if fidelity and not remove_h else None
+    metrics = evaluate_molecules([m.positions for m in mols], [m.types for m in mols], smiles, fr, progress, stats,
+                                 with_strain)
     if not novelty:
         metrics.novelty_note = "skipped (--no-novelty)"
     return metrics, mols, errors

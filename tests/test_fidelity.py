@@ -1,0 +1,194 @@
+"""What the molecules are: distribution distances (exact on hand-built sets, near zero between two samples of QM9),
+RDKit's validity and MMFF94 strain, and the pictures (`molgen evaluate --plots`, `molgen view`, `molgen plot`)."""
+
+import json
+import xml.etree.ElementTree as ET
+
+import numpy as np
+import pytest
+from conftest import cli, one_line_error, random_rotation
+
+from molgen.chem.forcefield import kabsch_rmsd, perceive, strain
+from molgen.chem.io import Molecule, write_sdf
+from molgen.data import qm9
+from molgen.evaluate import evaluate_molecules
+from molgen.fidelity import (ANGLE_BIN, LENGTH_BIN, REFERENCE_NAME, Stats, distances, reference_statistics,
+                             statistics, total_variation, wasserstein1)
+
+TETRA = np.array([[1, 1, 1], [1, -1, -1], [-1, 1, -1], [-1, -1, 1]], np.float64) / np.sqrt(3)
+
+
+def methane(ch, rng):
+    """Methane with C-H bonds of length ``ch``, randomly turned and placed."""
+    pos = np.vstack([[0, 0, 0], TETRA * ch]) @ random_rotation(rng).T + rng.normal(size=3)
+    return pos, np.array([1, 0, 0, 0, 0])
+
+
+def water(angle_deg, rng):
+    a = np.radians(angle_deg)
+    pos = np.array([[0, 0, 0], [0.96, 0, 0], [0.96 * np.cos(a), 0.96 * np.sin(a), 0]]) @ random_rotation(rng).T
+    return pos, np.array([3, 0, 0])
+
+
+def _stats(mols):
+    return statistics([p for p, _ in mols], [t for _, t in mols])
+
+
+def test_distances_are_exact_on_hand_built_sets():
+    rng = np.random.default_rng(0)
+    a = _stats([methane(1.09, rng) for _ in range(20)] + [water(104.5, rng) for _ in range(10)])
+    b = _stats([methane(1.11, rng) for _ in range(20)] + [water(109.5, rng) for _ in range(10)])
+    assert a.types.tolist() == [100, 20, 0, 10, 0] and a.orders.tolist() == [100, 0, 0]
+    assert a.valency[1, 4] == 20 and a.valency[0, 1] == 100 and a.valency[3, 2] == 10
+    assert a.angles[1].sum() == 20 * 6 and a.angles[3].sum() == 10
+    d = distances(b, a)
+    assert d["atom_types_tv"] == 0 and d["sizes_tv"] == 0 and d["bond_types_tv"] == 0 and d["valency_tv"] == 0
+    # C-H 0.02 Å longer (80 bonds), O-H unchanged (20 bonds): the weighted mean is 0.8 x 0.02
+    assert d["bond_lengths_w1_by_type"]["C-H1"] == pytest.approx(0.02, abs=LENGTH_BIN)
+    assert d["bond_lengths_w1_by_type"]["O-H1"] == pytest.approx(0.0, abs=LENGTH_BIN)
+    assert d["bond_lengths_w1"] == pytest.approx(0.8 * 0.02, abs=LENGTH_BIN)
+    # angles at C unchanged (tetrahedral), at O 5 degrees wider: weighted by 120 and 10 angles
+    assert d["bond_angles_w1_by_element"]["O"] == pytest.approx(5.0, abs=ANGLE_BIN)
+    assert d["bond_angles_w1_by_element"]["C"] == pytest.approx(0.0, abs=ANGLE_BIN)
+    assert d["bond_angles_w1"] == pytest.approx(5.0 * 10 / 130, abs=ANGLE_BIN)
+    assert distances(a, a)["bond_lengths_w1"] == 0 and distances(a, a)["bond_angles_w1"] == 0
+    only_water = _stats([water(104.5, rng) for _ in range(4)])
+    d = distances(only_water, a)
+    assert d["atom_types_tv"] == pytest.approx(0.5 * (abs(8 / 12 - 100 / 130) + abs(0 - 20 / 130) + abs(4 / 12 - 10 / 130)))
+    assert d["sizes_tv"] == pytest.approx(20 / 30)  # every methane-sized molecule is missing
+
+
+def test_total_variation_and_w1_basics():
+    assert total_variation([1, 0], [0, 3]) == 1.0 and total_variation([2, 2], [1, 1]) == 0.0
+    assert total_variation([0, 0], [1, 1]) == 1.0
+    p, q = np.zeros(100), np.zeros(100)
+    p[10], q[30] = 5, 2
+    assert wasserstein1(p, q, 0.5) == pytest.approx(10.0)
+    assert wasserstein1(p, np.zeros(100), 0.5) is None
+
+
+def test_statistics_add_up_and_drop_non_finite_molecules():
+    rng = np.random.default_rng(1)
+    a, b = [methane(1.09, rng) for _ in range(3)], [water(104.5, rng) for _ in range(2)]
+    both = _stats(a + b)
+    sa, sb = _stats(a), _stats(b)
+    for k in Stats().__dict__:
+        np.testing.assert_array_equal(getattr(both, k), getattr(sa, k) + getattr(sb, k))
+    bad = (np.full((3, 3), np.nan), np.array([3, 0, 0]))
+    np.testing.assert_array_equal(_stats(a + [bad]).types, sa.types)
+
+
+def test_two_halves_of_qm9_are_close_and_noise_is_seen(mini_ds):
+    """Calibration on the fixture's 59 QM9 molecules: half against half is close; the same molecules with
+    0.1 Å of noise on every coordinate are far in bond lengths and strain."""
+    mols = [mini_ds.molecule(i) for i in range(len(mini_ds))]
+    pos, typ = [p.astype(np.float64) for p, _ in mols], [t for _, t in mols]
+    ref, half = statistics(pos[::2], typ[::2]), statistics(pos[1::2], typ[1::2])
+    d = distances(half, ref)
+    # 29 small molecules against 30 others: close in geometry (their sizes differ: the fixture is QM9's first 59)
+    assert d["bond_lengths_w1"] < 0.01 and d["bond_angles_w1"] < 2.0 and d["atom_types_tv"] < 0.05
+    rng = np.random.default_rng(0)
+    noisy = [p + rng.normal(scale=0.1, size=p.shape) for p in pos]
+    dn = distances(statistics(noisy[1::2], typ[1::2]), ref)
+    assert dn["bond_lengths_w1"] > 5 * d["bond_lengths_w1"] and dn["bond_angles_w1"] > 3 * d["bond_angles_w1"]
+    assert dn["valency_tv"] > 10 * d["valency_tv"]
+    clean = evaluate_molecules(pos, typ, with_strain=True)
+    rough = evaluate_molecules(noisy, typ, with_strain=True)
+    assert clean.rdkit_validity > 0.9 and clean.strain["median_kcal_mol"] < 15
+    assert clean.strain["n_molecules"] == sum(p.rdkit_valid for p in clean.per_molecule)
+    assert rough.strain["median_kcal_mol"] > 10 * clean.strain["median_kcal_mol"]
+
+
+def test_rdkit_perception_and_strain_on_known_molecules():
+    rng = np.random.default_rng(2)
+    pos, typ = methane(1.09, rng)
+    mol = perceive(typ, pos)
+    assert mol is not None and mol.GetNumBonds() == 4
+    e, rmsd = strain(mol)
+    p2, t2 = methane(1.25, rng)
+    stretched = perceive(t2, p2)
+    e2, _ = strain(stretched)
+    assert 0 <= e < 1.0 and rmsd < 1e-6 + 1e-3 and e2 > e + 5  # ideal methane barely relaxes; stretched bonds do
+    five = np.vstack([[0, 0, 0], TETRA * 1.09, [[0, 0, 1.09]]])  # a carbon with five hydrogens: refused
+    assert perceive(np.array([1, 0, 0, 0, 0, 0]), five) is None
+    assert perceive(np.array([1, 0]), np.array([[0, 0, 0], [np.nan, 0, 0]])) is None
+    q = random_rotation(rng)
+    pts = rng.normal(size=(6, 3))
+    assert kabsch_rmsd(pts, pts @ q.T + 3.0) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_reference_is_cached_beside_the_data(data_dir):
+    first = reference_statistics(data_dir)
+    assert (data_dir / REFERENCE_NAME).exists()
+    again = reference_statistics(data_dir)
+    for k in Stats().__dict__:
+        np.testing.assert_array_equal(getattr(first, k), getattr(again, k))
+    assert first.types.sum() == sum(len(qm9.load_qm9(data_dir).molecule(int(i))[1]) for i in
+                                    qm9.load_qm9(data_dir).split("test"))
+    assert reference_statistics(data_dir / "nothing") is None
+
+
+def _png_size(path):
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+
+
+@pytest.fixture(scope="module")
+def sdf(tmp_path_factory, mini_ds):
+    path = tmp_path_factory.mktemp("fid") / "m.sdf"
+    write_sdf(path, [Molecule(t.astype(np.int8), p.astype(np.float64), f"m{i}") for i, (p, t) in
+                     enumerate(mini_ds.molecule(i) for i in range(20))])
+    return path
+
+
+def test_evaluate_reports_fidelity_strain_and_plots(tmp_path, sdf, data_dir):
+    res = cli("evaluate", sdf, "--reference", data_dir, "--strain", "--plots", tmp_path / "plots", "--json",
+              tmp_path / "r.json", "--per-molecule", tmp_path / "r.csv")
+    assert res.exit_code == 0, res.output
+    assert "RDKit" in res.output and "bond lengths W1" in res.output and "MMFF94 strain" in res.output
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert set(data["fidelity"]) >= {"atom_types_tv", "sizes_tv", "bond_types_tv", "valency_tv", "bond_lengths_w1",
+                                     "bond_angles_w1"}
+    assert data["rdkit_validity"] > 0.8 and data["strain"]["n_molecules"] > 10
+    header = (tmp_path / "r.csv").read_text().splitlines()[0]
+    assert header.endswith("rdkit_valid,strain_kcal_mol,relax_rmsd")
+    for name in ("atom_types", "bond_lengths", "bond_angles"):
+        w, h = _png_size(tmp_path / "plots" / f"{name}.png")
+        assert 300 < w < 2000 and 200 < h < 1500
+    res = cli("evaluate", sdf, "--reference", data_dir, "--no-fidelity", "--json", tmp_path / "n.json")
+    assert res.exit_code == 0 and json.loads((tmp_path / "n.json").read_text())["fidelity"] is None
+    (tmp_path / "afile").write_text("x")
+    one_line_error(cli("evaluate", sdf, "--plots", tmp_path / "afile"), "is a file")
+    one_line_error(cli("evaluate", sdf, "--plots", tmp_path / "p2", "--reference", tmp_path / "none"),
+                   "molgen download")
+
+
+def test_view_draws_a_grid_of_n_molecules(tmp_path, sdf):
+    res = cli("view", sdf, "-n", "7", "--per-row", "3", "-o", tmp_path / "g.png")
+    assert res.exit_code == 0 and "wrote 7 molecules" in res.output, res.output
+    assert _png_size(tmp_path / "g.png") == (3 * 220, 3 * 220)  # 7 molecules: 3 per row, 3 rows
+    res = cli("view", sdf, "-n", "4", "-o", tmp_path / "g.svg")
+    assert res.exit_code == 0, res.output
+    root = ET.parse(tmp_path / "g.svg").getroot()
+    assert root.tag.endswith("svg") and int(float(root.get("width").rstrip("px"))) == 4 * 220
+    one_line_error(cli("view", sdf, "-o", tmp_path / "g.jpg"), ".png or .svg")
+    one_line_error(cli("view", sdf, "-n", "0", "-o", tmp_path / "g.png"), "-n must be")
+    one_line_error(cli("view", tmp_path / "missing.sdf", "-o", tmp_path / "g.png"), "missing.sdf")
+
+
+def test_plot_draws_the_training_curves(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    lines = [{"step": s, "loss": 1.0 / s, "loss_x": 0.5 / s, "lr": 1e-4, "grad_norm": 2.0} for s in range(25, 501, 25)]
+    lines += [{"step": 500, "val_loss": 0.003}]
+    (run / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    res = cli("plot", run)
+    assert res.exit_code == 0 and "loss, loss_x, val_loss" in res.output, res.output
+    w, h = _png_size(run / "curves.png")
+    assert 600 < w < 1500 and 400 < h < 1200
+    one_line_error(cli("plot", tmp_path), "no metrics.jsonl")
+    (run / "metrics.jsonl").write_text("not json\n")
+    one_line_error(cli("plot", run, "-o", tmp_path / "c.png"), "line 1 is not JSON")
+    assert not (tmp_path / "c.png").exists()
+
