@@ -95,17 +95,16 @@ class Ancestral(Sampler):
         zx, zh = sample_noise(k0, graph, nf)
         zx, zh = temp * zx, temp * zh
         for t, s in zip(levels[:-1], levels[1:]):
-            t, s = jnp.float32(t), jnp.float32(s)
-            rounds = 1 + (resample if fix is not None and s > 0 else 0)
-            for r in range(rounds):
+            tj, sj = jnp.float32(t), jnp.float32(s)
+            for r in range(1 + (resample if fix is not None and s > 0 else 0)):
                 if r:  # RePaint: back up to level t by the forward process, then the step again
                     key, k = jax.random.split(key)
-                    zx, zh = forward(zx, zh, t, s, graph, k, temp)
+                    zx, zh = forward(zx, zh, tj, sj, graph, k, temp)
                 key, k = jax.random.split(key)
-                zx, zh = step(params, zx, zh, t, s, graph, k, temp)
+                zx, zh = step(params, zx, zh, tj, sj, graph, k, temp)
                 tick()
                 if fix is not None:  # z_s = alpha_s (x + (sigma_s / alpha_s) eps); the last step's output is clean
-                    g = float(gammas[int(round(float(s) * (len(gammas) - 1)))])
+                    g = float(gammas[int(round(s * (len(gammas) - 1)))])
                     alpha, sigma = np.sqrt(1 / (1 + np.exp(g))), np.sqrt(1 / (1 + np.exp(-g)))
                     zx, zh = fix(zx, zh, 0.0 if s <= 0 else sigma / alpha, 1.0 if s <= 0 else alpha)
         return zx, zh
