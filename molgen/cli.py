@@ -229,7 +229,7 @@ def evaluate(
     if plots is not None:
         from molgen.plots import fidelity_plots
 
-        st = statistics([m.positions for m in mols], [m.types for m in mols])
+        st = metrics.stats or statistics([m.positions for m in mols], [m.types for m in mols])
         written = fidelity_plots(st, ref, plots, Path(files[0]).name if len(files) == 1 else "molecules")
         console.print(f"wrote {', '.join(str(w) for w in written)}")
 

@@ -62,9 +62,11 @@ class Metrics:
     strain: dict | None = None
     fidelity: dict | None = None
     per_molecule: list[PerMolecule] = field(default_factory=list, repr=False)
+    stats: object = field(default=None, repr=False)  # molgen.fidelity.Stats behind ``fidelity`` (for plots)
 
     def to_dict(self, per_molecule: bool = False) -> dict:
         d = asdict(self)
+        d.pop("stats")
         if not per_molecule:
             d.pop("per_molecule")
         return d
@@ -110,10 +112,13 @@ def evaluate_molecules(
 ) -> Metrics:
     """The metrics of a set of molecules; ``reference_stats`` (:class:`molgen.fidelity.Stats`): add the distances
     to it; ``with_strain``: add the MMFF94 strain of the RDKit-valid molecules."""
+    from molgen.fidelity import distances, statistics
+
     m = len(types)
     if m == 0:
         raise ValueError("no molecules to evaluate")
     per, type_counts = _per_molecule(positions, types, progress, with_strain)
+    stats = statistics(positions, types) if reference_stats is not None else None
     total_atoms = sum(len(t) for t in types)
     valid = [p.smiles for p in per if p.valid]
     unique = set(valid)
@@ -138,8 +143,9 @@ def evaluate_molecules(
         novelty_note=note,
         rdkit_validity=float(np.mean([p.rdkit_valid for p in per])),
         strain=_strain_summary(per) if with_strain else None,
-        fidelity=_fidelity(positions, types, reference_stats) if reference_stats is not None else None,
+        fidelity=distances(stats, reference_stats) if stats is not None else None,
         per_molecule=per,
+        stats=stats,
     )
 
 
@@ -150,11 +156,6 @@ def _strain_summary(per: list[PerMolecule]) -> dict:
             "p90_kcal_mol": float(np.percentile(e, 90)) if len(e) else None,
             "median_heavy_rmsd": float(np.median(r)) if len(r) else None}
 
-
-def _fidelity(positions, types, reference_stats) -> dict:
-    from molgen.fidelity import distances, statistics
-
-    return distances(statistics(positions, types), reference_stats)
 
 
 def training_smiles(data_dir: Path | str | None = None, remove_h: bool = False,
