@@ -1,15 +1,18 @@
 """Training throughput of `molgen train`'s own loop: molecules/s of the jitted chunk of steps (batches assembled on
 the device from the device-resident training set, forward, backward, Adam, EMA), per preset, batch size and
-precision, with the FLOPs done and the fraction of the device's measured bf16 matrix peak.
+precision and batch layout (packed or grouped, molgen.data.device), with the FLOPs done and the fraction of the
+device's measured bf16 matrix peak.
 
     python benchmarks/train_step.py [--presets small,edm] [--batch-sizes 64,512] [--precisions bf16,tf32]
-                                    [--chunk 50] [--repeats 5] [--budget SECONDS] [--devices N] [--profile DIR]
+                                    [--layouts packed,grouped] [--chunk 50] [--repeats 5] [--budget SECONDS]
+                                    [--devices N] [--profile DIR]
 
 One line per measurement, first its figure in a fixed form, then the details:
 
-    RESULT molgen <preset> batch=<B> molecules_per_s=<X> precision=<p> steps_per_s=... tflops=... peak_fraction=...
+    RESULT molgen <preset> batch=<B> molecules_per_s=<X> precision=<p> layout=<l> steps_per_s=... tflops=... ...
 
-FLOPs: the exact count of the matrix products over the batches' real atoms and pairs
+FLOPs: the exact count of the matrix products over the batches' real atoms and pairs (useful work: the grouped
+layout's padding pairs are not counted)
 (:func:`molgen.nn.egnn.forward_flops`, x3 for forward + backward), and XLA's own count of one step as a check.
 The peak is measured here (a bf16 8192^3 product, median of 10) unless --peak-tflops is given. Timings are the
 median over --repeats chunks after one chunk that compiles. --budget skips the remaining measurements once
@@ -45,9 +48,10 @@ def main():
     ap.add_argument("--presets", default="small,edm")
     ap.add_argument("--batch-sizes", default="64,512")
     ap.add_argument("--precisions", default="auto", help="comma-separated: auto, float32, tf32, bf16")
+    ap.add_argument("--layouts", default="auto", help="comma-separated: auto, packed, grouped")
     ap.add_argument("--runs", default=None,
-                    help="measurements in this order instead of presets x batch sizes x precisions: "
-                         "comma-separated PRESET:BATCH:PRECISION, e.g. edm:512:bf16,edm:64:bf16")
+                    help="measurements in this order instead of presets x batch sizes x precisions x layouts: "
+                         "comma-separated PRESET:BATCH:PRECISION[:LAYOUT], e.g. edm:512:tf32:grouped,edm:64:bf16")
     ap.add_argument("--chunk", type=int, default=50, help="optimiser steps per jitted call")
     ap.add_argument("--repeats", type=int, default=5, help="timed chunks per measurement")
     ap.add_argument("--data-dir", default=None)
@@ -65,13 +69,13 @@ def main():
 
     from molgen.config import RunConfig
     from molgen.data.batching import BatchSampler
-    from molgen.data.device import ShapePlan, dense_set, put
+    from molgen.data.device import dense_set, make_plan, put
     from molgen.data.qm9 import load_qm9
     from molgen.nn.egnn import PRESETS, forward_flops
     from molgen.config import OptimConfig
     from molgen.networks import resolve_precision
     from molgen.state import init_state
-    from molgen.train import make_mesh, make_step, make_train_chunk
+    from molgen.train import make_mesh, make_step, make_train_chunk, resolve_layout
     from jax.sharding import NamedSharding, PartitionSpec as P
 
     t_start = time.time()
@@ -90,31 +94,33 @@ def main():
     print(f"device: {dev.device_kind} x{n_shards} ({dev.platform}), jax {jax.__version__}, chunk {args.chunk}, "
           f"diffusion objective, bf16 peak {'%.0f TFLOP/s' % peak if peak else 'not measured'}", flush=True)
     if args.runs:
-        runs = [(p, int(b), q) for p, b, q in (r.split(":") for r in args.runs.split(","))]
+        runs = [(f[0], int(f[1]), f[2], f[3] if len(f) > 3 else "auto")
+                for f in (r.split(":") for r in args.runs.split(","))]
     else:
-        runs = [(p, int(b), q) for p in args.presets.split(",") for b in args.batch_sizes.split(",")
-                for q in args.precisions.split(",")]
-    for name, bs, prec in runs:
-        prec = resolve_precision(prec)
-        tag = f"{name} batch={bs} precision={prec}"
+        runs = [(p, int(b), q, lay) for p in args.presets.split(",") for b in args.batch_sizes.split(",")
+                for q in args.precisions.split(",") for lay in args.layouts.split(",")]
+    for name, bs, prec, layout in runs:
+        prec, layout = resolve_precision(prec), resolve_layout(layout)
+        tag = f"{name} batch={bs} precision={prec} layout={layout}"
         if args.budget is not None and time.time() - t_start > args.budget:
             print(f"SKIPPED molgen {tag} (budget of {args.budget:.0f} s spent)", flush=True)
             continue
-        cfg = RunConfig(model=PRESETS[name], optim=OptimConfig(batch_size=bs, precision=prec))
+        cfg = RunConfig(model=PRESETS[name], optim=OptimConfig(batch_size=bs, precision=prec, layout=layout))
         sampler = BatchSampler(ids, bs, seed=0)
         k = args.chunk
         n_chunks = args.repeats + 1
-        plan = ShapePlan(ds.n_atoms, sampler, n_shards, 0, k * n_chunks)
+        plan = make_plan(layout, ds.n_atoms, sampler, n_shards, 0, k * n_chunks)
         idx = np.stack([sampler.indices(s) for s in range(k * n_chunks)])
-        rows = row_of[idx].reshape(len(idx), -1, n_shards).transpose(0, 2, 1).astype(np.int32)
-        chunk = make_train_chunk(cfg, mesh, *plan.shape)
+        by_shard = idx.reshape(len(idx), -1, n_shards).transpose(0, 2, 1)
+        rows = plan.arrange(row_of[by_shard], by_shard).astype(np.int32)
+        chunk = make_train_chunk(cfg, mesh, plan.shape)
         state = jax.device_put(init_state(cfg), repl)  # as train() does: no recompilation later
         key = jax.random.PRNGKey(0)
         times = []
         for c in range(n_chunks):
             r = jax.device_put(rows[c * k : (c + 1) * k], NamedSharding(mesh, P(None, "data")))
             if args.profile and c == 1:
-                jax.profiler.start_trace(f"{args.profile}/{name}_{bs}_{prec}")
+                jax.profiler.start_trace(f"{args.profile}/{name}_{bs}_{prec}_{layout}")
             t0 = time.perf_counter()
             state, m = chunk(state, dset, r, jnp.int32(k), key)
             jax.block_until_ready(m["loss"])
@@ -127,10 +133,8 @@ def main():
         step_flops = 3 * forward_flops(cfg.model, nodes * bs, edges * bs)
         tflops = step_flops * k / med / 1e12
         # XLA's count of one step on one device's graphs (lowered, not compiled): a check of the count.
-        from molgen.data.device import assemble
-
         step_fn, _ = make_step(cfg)
-        one = jax.jit(lambda st, rr: step_fn(st, jax.vmap(lambda i: assemble(dset, i, *plan.shape))(rr), key))
+        one = jax.jit(lambda st, rr: step_fn(st, jax.vmap(lambda i: plan.assemble(dset, i, plan.shape))(rr), key))
         try:
             ca = one.lower(state, r[0]).cost_analysis()
             ca = ca[0] if isinstance(ca, list) else ca
@@ -139,10 +143,12 @@ def main():
             xla_gflop = float("nan")
         mps = k * bs / med
         frac = f"{tflops / peak:.4f}" if peak else "nan"
-        print(f"RESULT molgen {name} batch={bs} molecules_per_s={mps:.0f} precision={prec} "
+        shape = "x".join(map(str, plan.shape)) if layout == "packed" else \
+            "+".join(f"{m}x{a}" for m, a in plan.shape)
+        print(f"RESULT molgen {name} batch={bs} molecules_per_s={mps:.0f} precision={prec} layout={layout} "
               f"steps_per_s={k / med:.2f} tflops={tflops:.3f} peak_fraction={frac} "
               f"gflop_per_step={step_flops / 1e9:.1f} xla_gflop_per_step_padded={xla_gflop:.1f} "
-              f"shape={plan.shape[0]}x{plan.shape[1]} compile_s={compile_s:.1f} "
+              f"shape={shape} compile_s={compile_s:.1f} "
               f"median_chunk_s={med:.4f} chunks={len(times) - 1}", flush=True)
         del state, chunk
 

@@ -31,7 +31,8 @@ class OptimConfig:
     steps: int = 10000  # optimiser steps of the whole run
     ema: float = 0.999  # decay of the evaluation (and shipped) parameters
     clip: float = 1.0  # gradient clipping by global norm
-    precision: str = "auto"  # molgen.train.PRECISIONS, or auto (per platform)
+    precision: str = "auto"  # molgen.networks.PRECISIONS, or auto (per platform)
+    layout: str = "auto"  # of a batch on the device: molgen.data.device.LAYOUTS, or auto (per platform)
     ckpt_every: int = 500
     eval_every: int = 1000  # validation loss of the EMA parameters (0: never)
     keep: int = 3  # checkpoints kept

@@ -38,6 +38,21 @@ from molgen.state import (CONFIG_NAME, METRICS_NAME, TrainState, checkpoint_mana
                           make_optimizer, restore_checkpoint, save_checkpoint)
 
 
+# The layout `auto` picks per platform (docs/performance.md).
+AUTO_LAYOUT = {"cpu": "packed", "gpu": "packed"}
+
+
+def resolve_layout(layout: str, platform: str | None = None) -> str:
+    """``auto`` -> the platform's entry of :data:`AUTO_LAYOUT`; anything else must be one of LAYOUTS."""
+    from molgen.data.device import LAYOUTS
+
+    if layout == "auto":
+        return AUTO_LAYOUT.get(platform or jax.default_backend(), "packed")
+    if layout not in LAYOUTS:
+        raise MolgenError(f"layout must be auto, {', '.join(LAYOUTS)}; got {layout!r}")
+    return layout
+
+
 def is_main() -> bool:
     """The process that writes the run's files (config, log); every process writes its part of checkpoints."""
     return jax.process_index() == 0
@@ -113,21 +128,23 @@ def make_train_step(cfg: RunConfig, mesh: Mesh, anchor_params=None):
     return step, evaluate
 
 
-def make_train_chunk(cfg: RunConfig, mesh: Mesh, n_nodes: int, n_edges: int, anchor_params=None):
+def make_train_chunk(cfg: RunConfig, mesh: Mesh, shape, anchor_params=None):
     """``chunk(state, dset, ids, n_active, base_key) -> (state, metrics)``, jitted: the steps of ``ids``
     [K, devices, batch / devices] (row indices of the device-resident ``dset``), each batch assembled on the
-    device into graphs of ``n_nodes`` / ``n_edges`` rows per device; only the first ``n_active`` steps run (the
-    rest leave the state as it is and report zeros). Step s uses the key ``fold_in(base_key, s)``. ``metrics``
-    holds one row per step."""
-    from molgen.data.device import assemble
+    device in the run's layout (``cfg.optim.layout``, resolved) with the static ``shape`` of its plan (packed:
+    (nodes, edges) per device; grouped: the groups); only the first ``n_active`` steps run (the rest leave the
+    state as it is and report zeros). Step s uses the key ``fold_in(base_key, s)``. ``metrics`` holds one row
+    per step."""
+    from molgen.data.device import GroupPlan, ShapePlan
 
+    assemble = (GroupPlan if resolve_layout(cfg.optim.layout) == "grouped" else ShapePlan).assemble
     step_fn, _ = make_step(cfg, anchor_params)
     repl = NamedSharding(mesh, P())
     data = NamedSharding(mesh, P(None, "data"))
 
     def chunk(state, dset, ids, n_active, base_key):
         def one(state, ids_k):
-            graphs = jax.vmap(lambda i: assemble(dset, i, n_nodes, n_edges))(ids_k)
+            graphs = jax.vmap(lambda i: assemble(dset, i, shape))(ids_k)
             return step_fn(state, graphs, jax.random.fold_in(base_key, state.step))
 
         zeros = jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype),
@@ -191,7 +208,7 @@ def open_run(cfg: RunConfig, run_dir: Path, resume: bool, init_params=None, log=
     written before the checks pass; a resumed run's metrics.jsonl is cut back to its checkpoint's step."""
     run_dir = Path(run_dir)
     check_run_dir(run_dir, resume)
-    cfg = cfg.with_optim(precision=resolve_precision(cfg.optim.precision))
+    cfg = cfg.with_optim(precision=resolve_precision(cfg.optim.precision), layout=resolve_layout(cfg.optim.layout))
     run_dir.mkdir(parents=True, exist_ok=True)
     mgr = checkpoint_manager(run_dir, cfg.optim.keep)
     state = init_state(cfg, init_params)
@@ -223,8 +240,8 @@ def _cut_metrics(path: Path, step: int) -> None:
 class Feed:
     """The run's training molecules on the device and, per chunk, the rows of its steps' batches."""
 
-    def __init__(self, ds, cfg: RunConfig, mesh: Mesh, start: int, end: int, chunk: int):
-        from molgen.data.device import ShapePlan, dense_set
+    def __init__(self, ds, cfg: RunConfig, mesh: Mesh, start: int, end: int, chunk: int, plan_state=None):
+        from molgen.data.device import dense_set, make_plan
 
         ids = ds.split("train")
         self.n_shards, self.chunk, self.end = mesh.devices.size, chunk, end
@@ -232,32 +249,67 @@ class Feed:
         self.dset = global_put(dense_set(ds, ids), NamedSharding(mesh, P()))
         self.row_of = np.full(len(ds.n_atoms), -1, np.int64)  # data-set index -> row of the dense set
         self.row_of[ids] = np.arange(len(ids))
-        self.plan = ShapePlan(ds.n_atoms, self.sampler, self.n_shards, start, end)
+        self.plan = make_plan(resolve_layout(cfg.optim.layout), ds.n_atoms, self.sampler, self.n_shards, start, end,
+                              plan_state)
         self.sharding = NamedSharding(mesh, P(None, "data"))
 
     def prepare(self, first: int):
-        """(steps, padded shape, rows on the device) of the chunk starting at step ``first``."""
+        """(steps, static shape, rows on the device) of the chunk starting at step ``first``."""
         n = min(self.chunk - first % self.chunk, self.end - first)  # chunks end on multiples of `chunk`
         idx = np.stack([self.sampler.indices(first + min(k, n - 1)) for k in range(self.chunk)])
-        rows = self.row_of[idx].reshape(self.chunk, -1, self.n_shards).transpose(0, 2, 1)  # shard d: ids[d::D]
+        by_shard = idx.reshape(self.chunk, -1, self.n_shards).transpose(0, 2, 1)  # shard d: ids[d::D]
+        rows = self.plan.arrange(self.row_of[by_shard], by_shard)
         return n, self.plan.shape_for(idx[:n]), global_put(rows.astype(np.int32), self.sharding)
 
 
+VAL_MOLECULES, VAL_BATCH = 1024, 256
+
+
+PLAN_NAME = "plan.json"
+
+
+def save_plan(run_dir: Path, step: int, plan) -> None:
+    """The batch shape plan at a checkpoint's step, so that a run resumed there assembles its batches in the same
+    shapes (the grouped layout's noise rows depend on them): plan.json maps a step to the plan's state; the
+    latest 10 are kept. Written before the checkpoint."""
+    if not is_main():
+        return
+    from molgen.io_utils import atomic_write_text
+
+    path = Path(run_dir) / PLAN_NAME
+    plans = json.loads(path.read_text()) if path.exists() else {}
+    plans[str(step)] = plan.state()
+    keep = sorted(plans, key=int)[-10:]
+    atomic_write_text(path, json.dumps({k: plans[k] for k in keep}))
+
+
+def saved_plan(run_dir: Path, step: int):
+    """The plan state saved at ``step`` (None when there is none: the run plans its shapes afresh)."""
+    path = Path(run_dir) / PLAN_NAME
+    try:
+        return json.loads(path.read_text()).get(str(step))
+    except (OSError, ValueError):
+        return None
+
+
 class Validation:
-    """The validation loss of the EMA parameters on a few fixed batches packed once."""
+    """The validation loss of the EMA parameters: the first ``VAL_MOLECULES`` validation molecules in fixed
+    batches of ``VAL_BATCH``, each with its own fixed key, so the figure depends on the parameters alone (runs
+    with different batch sizes compare directly)."""
 
     def __init__(self, ds, cfg: RunConfig, mesh: Mesh, anchor_params=None):
-        b = cfg.optim.batch_size
-        ids = ds.split("valid")[: max(b * 4, 1)] if len(ds.split("valid")) else ds.split("train")[:64]
+        ids = ds.split("valid")[:VAL_MOLECULES] if len(ds.split("valid")) else ds.split("train")[:64]
         n = mesh.devices.size
+        b = max(n, min(VAL_BATCH, len(ids)) // n * n)
         self.batches = [put_batch(make_batch(ds, ids[k : k + b], n), mesh) for k in range(0, len(ids) - b + 1, b)]
         self.batches = self.batches or [put_batch(make_batch(ds, ids, n), mesh)]
         self.evaluate = make_train_step(cfg, mesh, anchor_params)[1]
         self.repl = NamedSharding(mesh, P())
 
     def __call__(self, params) -> float:
-        key = global_put(jax.random.PRNGKey(12345), self.repl)
-        return float(np.mean([local_value(self.evaluate(params, vb, key)) for vb in self.batches]))
+        keys = [global_put(jax.random.fold_in(jax.random.PRNGKey(12345), k), self.repl)
+                for k in range(len(self.batches))]
+        return float(np.mean([local_value(self.evaluate(params, vb, key)) for vb, key in zip(self.batches, keys)]))
 
 
 class StopOnSignals:
@@ -303,9 +355,9 @@ def train(cfg: RunConfig, run_dir: Path, ds, resume: bool = False, init_params=N
     state = global_put(state, repl)
     start = int(local_value(state.step))
     end = min(cfg.optim.steps, stop_at) if stop_at is not None else cfg.optim.steps
-    feed = Feed(ds, cfg, mesh, start, end, chunk)
+    feed = Feed(ds, cfg, mesh, start, end, chunk, saved_plan(run_dir, start) if resume else None)
     validation = Validation(ds, cfg, mesh, anchor_params)
-    chunk_fns: dict[tuple[int, int], Callable] = {}
+    chunk_fns: dict[object, Callable] = {}
     base_key = global_put(jax.random.PRNGKey(cfg.seed), repl)
     ckpt_every, eval_every = _aligned(cfg.optim.ckpt_every, chunk), _aligned(cfg.optim.eval_every, chunk)
     metrics = MetricsLog(Path(run_dir), start, end, progress if is_main() else None, log, cfg.objective, is_main())
@@ -316,7 +368,7 @@ def train(cfg: RunConfig, run_dir: Path, ds, resume: bool = False, init_params=N
             while pending is not None:
                 n, shape, rows = pending
                 if shape not in chunk_fns:
-                    chunk_fns[shape] = make_train_chunk(cfg, mesh, *shape, anchor_params)
+                    chunk_fns[shape] = make_train_chunk(cfg, mesh, shape, anchor_params)
                 state, out = chunk_fns[shape](state, feed.dset, rows, global_put(np.int32(n), repl), base_key)
                 first, step = step, step + n
                 over = max_seconds is not None and time.time() - t0 > max_seconds
@@ -326,6 +378,7 @@ def train(cfg: RunConfig, run_dir: Path, ds, resume: bool = False, init_params=N
                 evaluate = eval_every and (step % eval_every == 0 or step == end)
                 metrics.write(first, out, validation(state.ema) if evaluate else None)
                 if ckpt_every and step % ckpt_every == 0:
+                    save_plan(run_dir, step, feed.plan)
                     save_checkpoint(mgr, state)
                 if stop.requested:
                     raise KeyboardInterrupt
@@ -340,6 +393,7 @@ def train(cfg: RunConfig, run_dir: Path, ds, resume: bool = False, init_params=N
         log(f"stopped inside a chunk: the last checkpoint (step {mgr.latest_step() or 0}) is kept")
         last = init_state(cfg, init_params)
         return TrainResult(restore_checkpoint(mgr, last) if mgr.latest_step() is not None else last, True, 0.0)
+    save_plan(run_dir, step, feed.plan)
     save_checkpoint(mgr, state)
     elapsed = time.time() - t0
     return TrainResult(state, interrupted, (int(local_value(state.step)) - start) / elapsed if elapsed > 0 else 0.0)

@@ -12,14 +12,15 @@
 #   bash scripts/gpu_teacher.sh [DEADLINE_S=570]
 #
 # Environment: TEACHER (edm-diffusion), MODEL (edm: the preset of a new teacher), BATCH (512), LR (3e-4),
-# WARMUP (500; 2000 for a new teacher), PRECISION (tf32), BENCH_S (100: seconds for molgen's benchmarks),
+# WARMUP (500; 2000 for a new teacher), PRECISION and LAYOUT (default: the fastest pair measured in 1. at batch
+# 1024; tf32 and packed without a measurement), BENCH_S (130: seconds for molgen's benchmarks),
 # SAMPLE_S (75: seconds kept for export and sampling), SEED (the run's seed; default: the number of earlier
 # GPU runs, so each run draws new batches).
 set -uo pipefail
 t_start=$(date +%s)
 deadline=${1:-570}
 teacher=${TEACHER:-edm-diffusion}; model=${MODEL:-edm}; batch=${BATCH:-512}; lr=${LR:-3e-4}
-precision=${PRECISION:-tf32}; bench_s=${BENCH_S:-100}; sample_s=${SAMPLE_S:-75}
+bench_s=${BENCH_S:-130}; sample_s=${SAMPLE_S:-75}
 out=${OUT:-/tmp/out}; mkdir -p "$out" runs
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 MOLGEN_HOME=$PWD/.gpu/qm9 MOLGEN_JAX_CACHE=/tmp/jaxcache
 if [ -d .whl ] && ! python3 -c "import ase" 2>/dev/null; then
@@ -31,17 +32,19 @@ runs_before=$(python3 -c "import json,sys; print(len(json.load(open('weights/$te
 seed=${SEED:-$runs_before}
 
 if [ "${DRY:-0}" = 1 ]; then  # the CPU rehearsal: every step, tiny sizes
-  bench_runs=tiny:16:float32,tiny:16:bf16; edm_args="--presets small --batch-sizes 8 --device cpu --repeats 1 --warmup 1"
+  bench_runs=tiny:16:float32:packed,tiny:16:float32:grouped,tiny:16:bf16:grouped; fastest_at=16
+  edm_args="--presets small --batch-sizes 8 --device cpu --repeats 1 --warmup 1"
   model=tiny; batch=16; n_mol=8; calls=10; train_extra="--steps 60 --set optim.ckpt_every=50"
 else
-  bench_runs=edm:512:tf32,edm:64:tf32,edm:1024:tf32,edm:512:bf16
-  edm_args="--presets edm --batch-sizes 64,256,1024 --device cuda --repeats 10 --warmup 3"
+  bench_runs=edm:1024:tf32:grouped,edm:1024:bf16:grouped,edm:1024:tf32:packed,edm:64:tf32:grouped,edm:64:tf32:packed
+  fastest_at=1024
+  edm_args="--presets edm --batch-sizes 64,1024,256 --device cuda --repeats 10 --warmup 3"
   n_mol=1000; calls=1000; train_extra="--steps 100000000 --set optim.ckpt_every=2000"
 fi
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "no GPU"
   python3 -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, jax.devices())"
 } 2>&1 | grep -v WARNING | tee -a "$out/pipeline.txt"
-log "teacher $teacher (earlier GPU runs: $runs_before), seed $seed, batch $batch, lr $lr, precision $precision"
+log "teacher $teacher (earlier GPU runs: $runs_before), seed $seed, batch $batch, lr $lr"
 
 # 1. Benchmarks: EDM's code (first, so that it is measured whatever happens later), then molgen's, on the same
 #    GPU (BENCH_S=0: none).
@@ -49,7 +52,7 @@ bench="$out/bench.log"
 if [ "$bench_s" -gt 0 ]; then
 if [ -d .edm ] && python3 -c "import torch" 2>/dev/null; then
   echo "# $(date -u +%FT%TZ) benchmarks/edm_pytorch.py $edm_args --no-sampling" >>"$bench"
-  timeout 120 python3 benchmarks/edm_pytorch.py --edm-repo .edm --cache .gpu/qm9/qm9_v1.npz $edm_args --no-sampling \
+  timeout 150 python3 benchmarks/edm_pytorch.py --edm-repo .edm --cache .gpu/qm9/qm9_v1.npz $edm_args --no-sampling \
     2>&1 | grep -E "^RESULT|^torch|Error" | tee -a "$bench"
   log "EDM benchmark done"
 else
@@ -60,6 +63,22 @@ timeout $((bench_s + 90)) python3 benchmarks/train_step.py --runs "$bench_runs" 
   --budget "$bench_s" 2>&1 | grep -v -E "^WARNING|^I0000|^E0000" | tee -a "$bench"
 log "molgen benchmark done"
 fi
+# The fastest (precision, layout) measured at batch $fastest_at, unless PRECISION / LAYOUT say otherwise.
+read -r best_precision best_layout < <(python3 - "$bench" "$fastest_at" <<'EOF'
+import re, sys
+best = (0.0, "tf32", "packed")
+try:
+    for line in open(sys.argv[1]):
+        m = re.match(r"RESULT molgen \S+ batch=(\d+) molecules_per_s=(\d+) precision=(\S+) layout=(\S+)", line)
+        if m and m.group(1) == sys.argv[2]:
+            best = max(best, (float(m.group(2)), m.group(3), m.group(4)))
+except OSError:
+    pass
+print(best[1], best[2])
+EOF
+)
+precision=${PRECISION:-$best_precision}; layout=${LAYOUT:-$best_layout}
+log "training precision $precision, layout $layout"
 
 # 2. The teacher.
 run=runs/teacher
@@ -71,24 +90,28 @@ else
 fi
 log "training $run for $train_min min: $start"
 python3 -m molgen train --recipe diffusion $start --batch-size "$batch" --lr "$lr" --set optim.precision="$precision" \
-  --seed "$seed" --set optim.eval_every=0 $train_extra --out "$run" --max-minutes "$train_min" >"$out/train.txt" 2>&1
+  --set optim.layout="$layout" --seed "$seed" --set optim.eval_every=0 $train_extra --out "$run" \
+  --max-minutes "$train_min" >"$out/train.txt" 2>&1
 log "train rc $?: $(tail -1 "$out/train.txt")"
-if [ -z "$(ls "$run/checkpoints" 2>/dev/null)" ] && [ "$precision" != tf32 ]; then  # a failed start: once more, tf32
+if [ -z "$(ls "$run/checkpoints" 2>/dev/null)" ] && [ "$precision/$layout" != tf32/packed ]; then
+  # a failed start: once more with the settings of the earlier runs
   rm -rf "$run"; train_min=$(python3 -c "print(max(0.3, ($(left) - $sample_s) / 60))")
-  log "no checkpoint: again with --precision tf32 for $train_min min"
+  log "no checkpoint: again with tf32, packed for $train_min min"
   python3 -m molgen train --recipe diffusion $start --batch-size "$batch" --lr "$lr" --set optim.precision=tf32 \
-    --seed "$seed" --set optim.eval_every=0 $train_extra --out "$run" --max-minutes "$train_min" >>"$out/train.txt" 2>&1
+    --set optim.layout=packed --seed "$seed" --set optim.eval_every=0 $train_extra --out "$run" \
+    --max-minutes "$train_min" >>"$out/train.txt" 2>&1
   log "train rc $?: $(tail -1 "$out/train.txt")"
 fi
 cp "$run/metrics.jsonl" "$out/metrics.jsonl" 2>/dev/null
 
 # 3. Export and sample on the GPU.
 python3 -m molgen export "$run" "runs/w_$teacher" >>"$out/train.txt" 2>&1 || log "export failed"
-python3 - "$run" "runs/w_$teacher" "$teacher" "$seed" "$batch" "$lr" "$precision" "$start" <<'EOF' >>"$out/train.txt" 2>&1
+python3 - "$run" "runs/w_$teacher" "$teacher" "$seed" "$batch" "$lr" "$start" <<'EOF' >>"$out/train.txt" 2>&1
 import json, sys, time
 import jax
-run, dest, name, seed, batch, lr, precision, start = sys.argv[1:]
-precision = json.load(open(f"{run}/config.json")).get("precision", precision)
+run, dest, name, seed, batch, lr, start = sys.argv[1:]
+optim = json.load(open(f"{run}/config.json"))["optim"]
+precision, layout = optim["precision"], optim.get("layout", "packed")
 lines = [json.loads(l) for l in open(f"{run}/metrics.jsonl")]
 meta_old = {}
 try:
@@ -100,7 +123,7 @@ rates = sorted(l["steps_per_s"] for l in lines[1:]) or [0]
 runs.append({"date": time.strftime("%Y-%m-%d", time.gmtime()), "device": jax.devices()[0].device_kind,
              "steps": lines[-1]["step"], "seconds": lines[-1]["time"], "median_steps_per_s": rates[len(rates) // 2],
              "seed": int(seed), "last_loss": lines[-1]["loss"], "batch": int(batch), "lr": float(lr),
-             "precision": precision, "start": start, "epochs": round(lines[-1]["step"] * int(batch) / 100000, 1)})
+             "precision": precision, "layout": layout, "start": start, "epochs": round(lines[-1]["step"] * int(batch) / 100000, 1)})
 meta = json.load(open(f"{dest}/meta.json"))
 meta["gpu_runs"] = runs
 meta["step"] = sum(r["steps"] for r in runs)

@@ -83,3 +83,71 @@ def test_training_subset_cache_gives_the_same_batches(mini_ds, tmp_path):
         for i, j in zip(full.indices(s), small.indices(s)):
             np.testing.assert_array_equal(mini_ds.molecule(int(i))[0], sub.molecule(int(j))[0])
             np.testing.assert_array_equal(mini_ds.molecule(int(i))[1], sub.molecule(int(j))[1])
+
+
+def test_plan_groups_is_the_cheapest_cut():
+    """Hand-checked: sizes 3,3,3,10 in two groups cost 3*9 + 100; one group 4*100; the exact search over every
+    cut of a short profile agrees with brute force."""
+    from itertools import combinations
+
+    from molgen.data.device import plan_groups
+
+    assert plan_groups(np.array([3, 3, 3, 10]), 2) == ((3, 3), (1, 10))
+    assert plan_groups(np.array([3, 3, 3, 10]), 1) == ((4, 10),)
+    rng = np.random.default_rng(0)
+    w = np.sort(rng.integers(3, 30, size=12))
+    for g in (1, 2, 3, 4):
+        best = min(sum((hi - lo) * int(w[hi - 1]) ** 2 for lo, hi in zip((0,) + c, c + (12,)))
+                   for k in range(g) for c in combinations(range(1, 12), k))
+        groups = plan_groups(w, g)
+        assert len(groups) <= g and sum(m for m, _ in groups) == 12
+        assert sum(m * a * a for m, a in groups) == best
+
+
+def test_assemble_grouped_holds_each_molecule_and_all_its_pairs(mini_ds):
+    from molgen.data.device import assemble_grouped
+
+    dset = dense_set(mini_ds)
+    ids = np.argsort(mini_ds.n_atoms[:10], kind="stable")
+    n = mini_ds.n_atoms[ids].astype(int)
+    groups = ((4, int(n[3])), (6, int(n[9]) + 1))  # the second group with one padding row more than needed
+    g = jax.jit(assemble_grouped, static_argnums=2)(dset, ids, groups)
+    assert g.groups == groups
+    row = 0
+    for k, i in enumerate(ids):
+        a = groups[0][1] if k < 4 else groups[1][1]
+        x, t = mini_ds.molecule(int(i))
+        np.testing.assert_array_equal(np.asarray(g.positions)[row : row + n[k]], x)
+        np.testing.assert_array_equal(np.asarray(g.types)[row : row + n[k]], t)
+        np.testing.assert_array_equal(np.asarray(g.node_mask)[row : row + a], [1.0] * n[k] + [0.0] * (a - n[k]))
+        assert set(np.asarray(g.segment)[row : row + a]) == {k}
+        row += a
+    assert row == len(g.node_mask)
+    np.testing.assert_array_equal(np.asarray(g.n_atoms), list(n) + [0])
+    # real pairs: every ordered pair of distinct real atoms of one molecule, once
+    e = np.asarray(g.edge_mask) > 0
+    r, s = np.asarray(g.receivers)[e], np.asarray(g.senders)[e]
+    seg = np.asarray(g.segment)
+    assert np.all(seg[r] == seg[s]) and np.all(r != s)
+    assert e.sum() == (n * (n - 1)).sum() and len(set(zip(r, s))) == e.sum()
+
+
+def test_group_plan_fits_every_batch_and_grows(mini_ds):
+    from molgen.data.device import GroupPlan
+
+    ids = mini_ds.split("train")
+    sampler = BatchSampler(ids, 8, seed=1)
+    plan = GroupPlan(mini_ds.n_atoms, sampler, 2, 0, 40, n_groups=3)
+    assert sum(m for m, _ in plan.shape) == 4 and len(plan.shape) <= 3
+    for s in range(40):
+        batch = sampler.indices(s)
+        for d in range(2):
+            n = np.sort(mini_ds.n_atoms[batch][d::2])
+            end = 0
+            for m, a in plan.shape:
+                end += m
+                assert n[end - 1] <= a
+    big = np.repeat(np.argsort(mini_ds.n_atoms)[-1:], 8)[None]
+    before = plan.shape
+    grown = plan.shape_for(big)
+    assert grown != before and all(a == mini_ds.n_atoms.max() for _, a in grown) and plan.shape == grown

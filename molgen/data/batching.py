@@ -7,9 +7,12 @@ padding rows belong to an extra dummy graph (index B) and carry mask 0, so they 
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
 from functools import lru_cache
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
+import jax
 import numpy as np
 
 
@@ -27,6 +30,37 @@ class Graph(NamedTuple):
     @property
     def n_graphs(self) -> int:
         return int(self.n_atoms.shape[0]) - 1
+
+
+@dataclass(frozen=True)
+class GroupedGraph:
+    """A batch laid out for the accelerator: molecules sorted by size and cut into groups; group g holds
+    ``groups[g] = (M, A)``: M molecules, each on A node rows (its atoms, then masked padding rows) and all
+    A * A ordered pairs (row-major: receiver, then sender; self pairs and padding masked). The EGNN forms pair
+    arrays by broadcasting and sums over neighbours by reshaping, no gathers or scatters
+    (:class:`molgen.nn.egnn.Pairs`). Same fields and meaning as :class:`Graph` (a padding row's segment is its
+    own molecule, so segments stay sorted; ``n_atoms`` ends with an empty molecule), plus the static
+    ``groups``. Built on the device by :func:`molgen.data.device.assemble_grouped`."""
+
+    positions: Any
+    types: Any
+    node_mask: Any
+    segment: Any
+    senders: Any
+    receivers: Any
+    edge_mask: Any
+    n_atoms: Any
+    groups: tuple[tuple[int, int], ...] = ()
+
+    @property
+    def n_graphs(self) -> int:
+        return int(self.n_atoms.shape[-1]) - 1
+
+    def _replace(self, **kw) -> "GroupedGraph":
+        return dataclasses.replace(self, **kw)
+
+
+jax.tree_util.register_dataclass(GroupedGraph, data_fields=[f for f in Graph._fields], meta_fields=["groups"])
 
 
 def bucket(x: int, fraction_bits: int = 3, granule: int = 8) -> int:

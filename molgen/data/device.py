@@ -8,7 +8,13 @@ the packed graph of :func:`molgen.data.batching.pack` is then built on the devic
 * :func:`assemble` turns a row of molecule indices into the packed graph (real atoms and real ordered atom pairs
   only) with fixed padded sizes, the same rows in the same order as :func:`~molgen.data.batching.pack`;
 * :class:`ShapePlan` picks those padded sizes once per run from the batches the run will draw, so a jitted step
-  compiles once (a batch that does not fit, which is rare, gets a larger shape and one more compilation).
+  compiles once (a batch that does not fit, which is rare, gets a larger shape and one more compilation);
+* :func:`assemble_grouped` and :class:`GroupPlan` do the same for the grouped layout
+  (:class:`molgen.data.batching.GroupedGraph`: molecules sorted by size, groups padded to a common size, all
+  pairs), whose network needs no gathers or scatters.
+
+A plan's ``arrange`` orders each shard's molecules as its layout wants them (sorted by size for the grouped
+one), ``shape_for`` gives the static shape of a chunk's batches and ``assemble`` builds one shard's batch.
 """
 
 from __future__ import annotations
@@ -19,7 +25,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from molgen.data.batching import EDGE_GRANULE, NODE_GRANULE, Graph
+from molgen.data.batching import EDGE_GRANULE, NODE_GRANULE, Graph, GroupedGraph
+
+LAYOUTS = ("packed", "grouped")  # of a training batch on the device: assemble / assemble_grouped
+N_GROUPS = 6  # size groups of a grouped batch
 
 
 class DenseSet(NamedTuple):
@@ -119,7 +128,7 @@ class ShapePlan:
                  horizon_epochs: int = 50):
         self.n_atoms = np.asarray(n_atoms).astype(np.int64)  # by molecule index of the data set
         self.n_shards = n_shards
-        last = min(end, start + horizon_epochs * sampler.steps_per_epoch)
+        last = start + horizon_epochs * sampler.steps_per_epoch  # not cut at `end`: a stopped run plans alike
         need = (0, 0)
         for s in range(start, last, max(1, sampler.steps_per_epoch)):
             # all batches of the epoch that contains step s, at once
@@ -133,6 +142,21 @@ class ShapePlan:
         n = self.n_atoms[ids]
         n = n.reshape(n.shape[0], -1, self.n_shards)  # shard d takes ids[d::n_shards]
         return int(n.sum(1).max()), int((n * (n - 1)).sum(1).max())
+
+    def arrange(self, rows: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        """Rows [steps, shards, b] as they are: a packed batch keeps the sampler's order."""
+        return rows
+
+    def state(self) -> list[int]:
+        return list(self.shape)
+
+    def restore(self, state) -> None:
+        if len(state) == 2:
+            self.shape = (int(state[0]), int(state[1]))
+
+    @staticmethod
+    def assemble(dset: DenseSet, ids, shape):
+        return assemble(dset, ids, *shape)
 
     @staticmethod
     def _fit(need: tuple[int, int]) -> tuple[int, int]:
@@ -148,3 +172,131 @@ class ShapePlan:
 
 def max_pair(a: tuple[int, int], b: tuple[int, int]) -> tuple[int, int]:
     return max(a[0], b[0]), max(a[1], b[1])
+
+
+def assemble_grouped(dset: DenseSet, ids, groups: tuple[tuple[int, int], ...]):
+    """The :class:`~molgen.data.batching.GroupedGraph` of molecules ``ids`` [b] (sorted by size, ascending):
+    group g takes the next M molecules, each on A rows (its atoms first), with all A * A ordered pairs,
+    ``groups[g] = (M, A)``. Jittable; atoms beyond A would be cut (:class:`GroupPlan` never lets that happen).
+    Returns the graph, or (graph, (noise_x, noise_h)) when the set carries noise."""
+    b = ids.shape[0]
+    n = dset.n_atoms[ids]
+    pos, typ, mask, seg, snd, rcv, emask, nx, nh = ([] for _ in range(9))
+    mol, row = 0, 0
+    for m, a in groups:
+        gi = ids[mol : mol + m]
+        real = jnp.arange(a)[None, :] < n[mol : mol + m, None]  # [m, a]
+        fm = real.astype(jnp.float32)
+        pos.append((dset.positions[gi, :a] * fm[..., None]).reshape(m * a, 3))
+        typ.append(jnp.where(real, dset.types[gi, :a], 0).reshape(m * a))
+        mask.append(fm.reshape(m * a))
+        seg.append(jnp.repeat(jnp.arange(mol, mol + m, dtype=jnp.int32), a))
+        base = row + a * jnp.arange(m, dtype=jnp.int32)[:, None, None]
+        i = jnp.arange(a, dtype=jnp.int32)[None, :, None]
+        j = jnp.arange(a, dtype=jnp.int32)[None, None, :]
+        rcv.append(jnp.broadcast_to(base + i, (m, a, a)).reshape(-1))
+        snd.append(jnp.broadcast_to(base + j, (m, a, a)).reshape(-1))
+        emask.append((fm[:, :, None] * fm[:, None, :] * (i != j)).reshape(-1))
+        if dset.noise_x is not None:
+            nx.append((dset.noise_x[gi, :a] * fm[..., None]).reshape(m * a, 3))
+            nh.append((dset.noise_h[gi, :a] * fm[..., None]).reshape(m * a, -1))
+        mol, row = mol + m, row + m * a
+    cat = jnp.concatenate
+    graph = GroupedGraph(cat(pos), cat(typ).astype(jnp.int32), cat(mask), cat(seg), cat(snd), cat(rcv), cat(emask),
+                         cat([n, jnp.zeros(1, n.dtype)]).astype(jnp.int32), tuple(groups))
+    if dset.noise_x is None:
+        return graph
+    return graph, (cat(nx), cat(nh))
+
+
+def plan_groups(widths: np.ndarray, n_groups: int) -> tuple[tuple[int, int], ...]:
+    """Cut positions 0..b-1 of a size-sorted shard into at most ``n_groups`` groups so that the padded pairs,
+    sum over groups of M * A**2 with A the largest ``widths`` in the group, are fewest (exact dynamic programme).
+    ``widths`` [b] is non-decreasing: the largest molecule seen at each sorted position."""
+    w = np.maximum(np.asarray(widths, np.int64), 1)
+    b = len(w)
+    sq = w.astype(np.float64) ** 2
+    cost = np.full(b + 1, np.inf)
+    cost[0] = 0.0
+    back = []
+    for _ in range(max(1, n_groups)):
+        new, arg = np.full(b + 1, np.inf), np.zeros(b + 1, np.int64)
+        new[0] = 0.0
+        for e in range(1, b + 1):
+            c = cost[:e] + (e - np.arange(e)) * sq[e - 1]
+            k = int(np.argmin(c))
+            new[e], arg[e] = c[k], k
+        back.append(arg)
+        cost = new
+    ends, e = [], b
+    for arg in reversed(back):
+        if e == 0:
+            break
+        ends.append(e)
+        e = int(arg[e])
+    ends = sorted(ends)
+    starts = [0] + ends[:-1]
+    return tuple((int(hi - lo), int(w[hi - 1])) for lo, hi in zip(starts, ends) if hi > lo)
+
+
+class GroupPlan:
+    """The groups of a run's grouped batches: from the largest molecule at each size-sorted position of a shard
+    over the batches of the first ``horizon`` epochs, the cut with the fewest padded pairs
+    (:func:`plan_groups`); recomputed, larger, only when a later batch does not fit."""
+
+    def __init__(self, n_atoms: np.ndarray, sampler, n_shards: int, start: int, end: int,
+                 horizon_epochs: int = 50, n_groups: int = N_GROUPS):
+        self.n_atoms = np.asarray(n_atoms).astype(np.int64)
+        self.n_shards, self.n_groups = n_shards, n_groups
+        self.widths = np.ones(sampler.batch_size // n_shards, np.int64)
+        last = start + horizon_epochs * sampler.steps_per_epoch  # not cut at `end`: a stopped run plans alike
+        for s in range(start, last, max(1, sampler.steps_per_epoch)):
+            ids = sampler.epoch_indices(s // sampler.steps_per_epoch)
+            self.widths = np.maximum(self.widths, self._widths(ids.reshape(sampler.steps_per_epoch, -1)))
+        self.shape = plan_groups(self.widths, n_groups)
+
+    def _widths(self, ids: np.ndarray) -> np.ndarray:
+        n = self.n_atoms[ids].reshape(ids.shape[0], -1, self.n_shards)  # shard d takes ids[d::n_shards]
+        return np.sort(n, axis=1).max(axis=(0, 2))
+
+    def arrange(self, rows: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        """Rows [steps, shards, b] of molecules ``ids`` (same shape) sorted by size within each shard."""
+        order = np.argsort(self.n_atoms[ids], axis=-1, kind="stable")
+        return np.take_along_axis(rows, order, axis=-1)
+
+    def state(self) -> list[int]:
+        return [int(w) for w in self.widths]
+
+    def restore(self, state) -> None:
+        """The plan as saved by :meth:`state` (same batch size and shards), in place of the fresh one."""
+        if len(state) == len(self.widths):
+            self.widths = np.asarray(state, np.int64)
+            self.shape = plan_groups(self.widths, self.n_groups)
+
+    def fits(self, widths: np.ndarray) -> bool:
+        end = 0
+        for m, a in self.shape:
+            end += m
+            if widths[end - 1] > a:
+                return False
+        return True
+
+    def shape_for(self, ids: np.ndarray):
+        """The run's groups, or larger ones when these batches [steps, batch] do not fit (kept from then on)."""
+        widths = self._widths(ids)
+        if not self.fits(widths):
+            self.widths = np.maximum(self.widths, widths)
+            self.shape = plan_groups(self.widths, self.n_groups)
+        return self.shape
+
+    @staticmethod
+    def assemble(dset: DenseSet, ids, shape):
+        return assemble_grouped(dset, ids, shape)
+
+
+def make_plan(layout: str, n_atoms: np.ndarray, sampler, n_shards: int, start: int, end: int, state=None):
+    """The shape plan of a layout (:data:`LAYOUTS`), planned afresh or restored from a saved ``state``."""
+    plan = (GroupPlan if layout == "grouped" else ShapePlan)(n_atoms, sampler, n_shards, start, end)
+    if state is not None:
+        plan.restore(state)
+    return plan
