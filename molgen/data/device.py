@@ -179,7 +179,8 @@ def assemble_grouped(dset: DenseSet, ids, groups: tuple[tuple[int, int], ...]):
     group g takes the next M molecules, each on A rows (its atoms first), with all A * A ordered pairs,
     ``groups[g] = (M, A)``. Jittable; atoms beyond A would be cut (:class:`GroupPlan` never lets that happen).
     Returns the graph, or (graph, (noise_x, noise_h)) when the set carries noise."""
-    b = ids.shape[0]
+    if sum(m for m, _ in groups) != ids.shape[0]:
+        raise ValueError(f"groups {groups} hold {sum(m for m, _ in groups)} molecules, not {ids.shape[0]}")
     n = dset.n_atoms[ids]
     pos, typ, mask, seg, snd, rcv, emask, nx, nh = ([] for _ in range(9))
     mol, row = 0, 0
