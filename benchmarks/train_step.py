@@ -57,7 +57,10 @@ def main():
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--devices", type=int, default=1, help="CPU devices (a GPU is used as it is)")
     ap.add_argument("--budget", type=float, default=None, help="seconds; skip what is left after that")
-    ap.add_argument("--profile", default=None, help="folder: write a jax.profiler trace of each measurement's timed chunks")
+    ap.add_argument("--profile", default=None,
+                    help="folder: write a jax.profiler trace of each measurement's last timed chunk and print where "
+                         "its time went (benchmarks/profile_summary.py)")
+    ap.add_argument("--profile-top", type=int, default=25, help="operations listed per profile")
     ap.add_argument("--peak-tflops", type=float, default=None, help="bf16 peak to compare with (default: measure on a GPU)")
     args = ap.parse_args()
     if args.devices > 1:
@@ -119,14 +122,17 @@ def main():
         times = []
         for c in range(n_chunks):
             r = jax.device_put(rows[c * k : (c + 1) * k], NamedSharding(mesh, P(None, "data")))
-            if args.profile and c == 1:
-                jax.profiler.start_trace(f"{args.profile}/{name}_{bs}_{prec}_{layout}")
+            if args.profile and c == n_chunks - 1:  # the last timed chunk (a trace of one chunk stays small)
+                jax.profiler.start_trace(f"{args.profile}/{name}_{bs}_{prec}_{layout}", create_perfetto_trace=True)
             t0 = time.perf_counter()
             state, m = chunk(state, dset, r, jnp.int32(k), key)
             jax.block_until_ready(m["loss"])
             times.append(time.perf_counter() - t0)
         if args.profile:
             jax.profiler.stop_trace()
+            from profile_summary import summarize
+
+            print(summarize(f"{args.profile}/{name}_{bs}_{prec}_{layout}", top=args.profile_top), flush=True)
         compile_s, med = times[0], statistics.median(times[1:])
         n = ds.n_atoms[idx[k:]].astype(np.int64)
         nodes, edges = n.sum() / n.size, (n * (n - 1)).sum() / n.size  # per molecule, real only

@@ -13,14 +13,15 @@
 #
 # Environment: TEACHER (edm-diffusion), MODEL (edm: the preset of a new teacher), BATCH (512), LR (3e-4),
 # WARMUP (500; 2000 for a new teacher), PRECISION and LAYOUT (default: the fastest pair measured in 1. at batch
-# 1024; tf32 and packed without a measurement), BENCH_S (130: seconds for molgen's benchmarks),
+# 1024; tf32 and packed without a measurement), BENCH_S (150: seconds for molgen's benchmarks, each
+# measurement's last chunk profiled: where the time went, in the benchmark log),
 # SAMPLE_S (75: seconds kept for export and sampling), SEED (the run's seed; default: the number of earlier
 # GPU runs, so each run draws new batches).
 set -uo pipefail
 t_start=$(date +%s)
 deadline=${1:-570}
 teacher=${TEACHER:-edm-diffusion}; model=${MODEL:-edm}; batch=${BATCH:-512}; lr=${LR:-3e-4}
-bench_s=${BENCH_S:-130}; sample_s=${SAMPLE_S:-75}
+bench_s=${BENCH_S:-150}; sample_s=${SAMPLE_S:-75}
 out=${OUT:-/tmp/out}; mkdir -p "$out" runs
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 MOLGEN_HOME=$PWD/.gpu/qm9 MOLGEN_JAX_CACHE=/tmp/jaxcache
 if [ -d .whl ] && ! python3 -c "import ase" 2>/dev/null; then
@@ -60,7 +61,7 @@ else
 fi
 echo "# $(date -u +%FT%TZ) benchmarks/train_step.py --runs $bench_runs" >>"$bench"
 timeout $((bench_s + 90)) python3 benchmarks/train_step.py --runs "$bench_runs" --chunk 50 --repeats 4 \
-  --budget "$bench_s" 2>&1 | grep -v -E "^WARNING|^I0000|^E0000" | tee -a "$bench"
+  --budget "$bench_s" --profile /tmp/profile --profile-top 20 2>&1 | grep -v -E "^WARNING|^I0000|^E0000" | tee -a "$bench"
 log "molgen benchmark done"
 fi
 # The fastest (precision, layout) measured at batch $fastest_at, unless PRECISION / LAYOUT say otherwise.
