@@ -152,9 +152,16 @@ class EdgeInput(nn.Module):
             hc = h.astype(dt)
             hr = hc @ kernel[:nf].astype(dt)
             hs = hc @ kernel[nf : 2 * nf].astype(dt)
-            return pairs.combine(hr, hs).astype(jnp.float32) + edge_attr @ kernel[2 * nf :] + bias
-        x = jnp.concatenate([pairs.receiver(h.astype(dt)), pairs.sender(h.astype(dt))], axis=-1)
-        return (x @ kernel[: 2 * nf].astype(dt)).astype(jnp.float32) + edge_attr @ kernel[2 * nf :] + bias
+            node_terms = pairs.combine(hr, hs)
+        else:
+            x = jnp.concatenate([pairs.receiver(h.astype(dt)), pairs.sender(h.astype(dt))], axis=-1)
+            node_terms = x @ kernel[: 2 * nf].astype(dt)
+        w = kernel[2 * nf :]
+        if dt == jnp.float32:
+            return node_terms + edge_attr @ w + bias
+        # bf16: the edge attributes' term element-wise, in float32, fused with the sum instead of a float32
+        # [pairs, features] product of its own
+        return node_terms.astype(jnp.float32) + sum(edge_attr[:, k : k + 1] * w[k] for k in range(ne)) + bias
 
 
 def _dense(features, dtype=jnp.float32, **kw):
