@@ -11,7 +11,8 @@
 #
 #   bash scripts/gpu_teacher.sh [DEADLINE_S=570]
 #
-# Environment: TEACHER (edm-diffusion), MODEL (edm: the preset of a new teacher), BATCH (512), LR (3e-4),
+# Environment: TEACHER (edm-diffusion), MODEL (edm: the preset of a new teacher), BATCH (1024), LR (1e-3;
+# docs/training.md, "Batch size and learning rate per epoch"),
 # WARMUP (500; 2000 for a new teacher), PRECISION and LAYOUT (default: the fastest pair measured in 1. at batch
 # 1024; tf32 and packed without a measurement), BENCH_S (150: seconds for molgen's benchmarks, each
 # measurement's last chunk profiled: where the time went, in the benchmark log),
@@ -20,7 +21,7 @@
 set -uo pipefail
 t_start=$(date +%s)
 deadline=${1:-570}
-teacher=${TEACHER:-edm-diffusion}; model=${MODEL:-edm}; batch=${BATCH:-512}; lr=${LR:-3e-4}
+teacher=${TEACHER:-edm-diffusion}; model=${MODEL:-edm}; batch=${BATCH:-1024}; lr=${LR:-1e-3}
 bench_s=${BENCH_S:-150}; sample_s=${SAMPLE_S:-75}
 out=${OUT:-/tmp/out}; mkdir -p "$out" runs
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 MOLGEN_HOME=$PWD/.gpu/qm9 MOLGEN_JAX_CACHE=/tmp/jaxcache
@@ -40,7 +41,7 @@ else
   bench_runs=edm:1024:tf32:grouped,edm:1024:bf16:grouped,edm:1024:tf32:packed,edm:64:tf32:grouped,edm:64:tf32:packed
   fastest_at=1024
   edm_args="--presets edm --batch-sizes 64,1024,256 --device cuda --repeats 10 --warmup 3"
-  n_mol=1000; calls=1000; train_extra="--steps 100000000 --set optim.ckpt_every=2000"
+  n_mol=1000; calls=1000; train_extra="--steps 100000000 --set optim.ckpt_every=1000"
 fi
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "no GPU"
   python3 -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, jax.devices())"

@@ -213,6 +213,7 @@ def test_bf16_training_runs_resumes_exactly_and_is_recorded(tmp_path, mini_ds):
     # `auto` is resolved and recorded: float32 on a CPU.
     train(_cfg(mini_ds).with_optim(steps=2), tmp_path / "c", mini_ds, **quiet)
     assert RunConfig.load(tmp_path / "c" / "config.json").optim.precision == "float32"
+    assert RunConfig.load(tmp_path / "c" / "config.json").optim.layout == "packed"  # auto, too
     from molgen import MolgenError
 
     with pytest.raises(MolgenError, match="precision"):
@@ -235,8 +236,6 @@ def test_grouped_layout_trains_resumes_exactly_and_is_recorded(tmp_path, mini_ds
 
     rows = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     assert all(np.isfinite(r["loss"]) for r in rows if "loss" in r)
-    train(_cfg(mini_ds).with_optim(steps=2), tmp_path / "c", mini_ds, **quiet)
-    assert RunConfig.load(tmp_path / "c" / "config.json").optim.layout == "packed"  # auto on a CPU
     from molgen import MolgenError
 
     with pytest.raises(MolgenError, match="layout"):
