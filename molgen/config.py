@@ -91,6 +91,21 @@ class RunConfig:
         return cls.from_dict(json.loads(Path(path).read_text()))
 
 
+def resolve_auto(value: str, choices: tuple[str, ...], per_platform: dict[str, str], what: str,
+                 platform: str | None = None) -> str:
+    """A setting that may be ``auto``: the platform's entry of ``per_platform`` (the first choice on an unlisted
+    platform); anything else must be one of ``choices`` (else one line: MolgenError)."""
+    if value == "auto":
+        import jax
+
+        return per_platform.get(platform or jax.default_backend(), choices[0])
+    if value not in choices:
+        from molgen import MolgenError
+
+        raise MolgenError(f"{what} must be auto, {', '.join(choices)}; got {value!r}")
+    return value
+
+
 def from_dict(cls, d):
     """A (nested, frozen) dataclass from a dict: unknown keys are ignored, lists become tuples."""
     if d is None:

@@ -6,8 +6,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from molgen import MolgenError
-from molgen.config import RunConfig
+from molgen.config import RunConfig, resolve_auto
 from molgen.consistency.ict import make_consistency_fn
 from molgen.consistency.stack import make_stacked_fn
 from molgen.diffusion.edm import denoiser
@@ -22,11 +21,7 @@ AUTO_PRECISION = {"cpu": "float32", "gpu": "tf32"}
 
 def resolve_precision(precision: str, platform: str | None = None) -> str:
     """``auto`` -> the platform's entry of :data:`AUTO_PRECISION`; anything else must be one of PRECISIONS."""
-    if precision == "auto":
-        return AUTO_PRECISION.get(platform or jax.default_backend(), "float32")
-    if precision not in PRECISIONS:
-        raise MolgenError(f"precision must be auto, {', '.join(PRECISIONS)}; got {precision!r}")
-    return precision
+    return resolve_auto(precision, PRECISIONS, AUTO_PRECISION, "precision", platform)
 
 
 def network(cfg: RunConfig, precision: str | None = None):

@@ -29,7 +29,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from molgen import MolgenError
-from molgen.config import RunConfig
+from molgen.config import RunConfig, resolve_auto
 from molgen.data.batching import BatchSampler, Graph, make_batch
 from molgen.networks import network, resolve_precision
 from molgen.objectives import get_objective
@@ -46,11 +46,7 @@ def resolve_layout(layout: str, platform: str | None = None) -> str:
     """``auto`` -> the platform's entry of :data:`AUTO_LAYOUT`; anything else must be one of LAYOUTS."""
     from molgen.data.device import LAYOUTS
 
-    if layout == "auto":
-        return AUTO_LAYOUT.get(platform or jax.default_backend(), "packed")
-    if layout not in LAYOUTS:
-        raise MolgenError(f"layout must be auto, {', '.join(LAYOUTS)}; got {layout!r}")
-    return layout
+    return resolve_auto(layout, LAYOUTS, AUTO_LAYOUT, "layout", platform)
 
 
 def is_main() -> bool:

@@ -200,8 +200,11 @@ def test_device_batches_train_like_host_batches(mini_ds):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_bf16_training_runs_resumes_exactly_and_is_recorded(tmp_path, mini_ds):
-    cfg = _cfg(mini_ds).with_optim(precision="bf16", steps=8, ckpt_every=4, eval_every=4)
+@pytest.mark.parametrize("precision,layout", [("bf16", "packed"), ("float32", "grouped")])
+def test_precision_and_layout_resume_exactly_and_are_recorded(tmp_path, mini_ds, precision, layout):
+    """bf16 training and the grouped batch layout: a run resumed from its checkpoint ends bit-equal to a straight
+    run, with finite float32 parameters, and its config records the settings."""
+    cfg = _cfg(mini_ds).with_optim(precision=precision, layout=layout, steps=8, ckpt_every=4, eval_every=4)
     quiet = dict(progress=None, log=lambda s: None)
     straight = train(cfg, tmp_path / "a", mini_ds, chunk=4, **quiet)
     train(cfg, tmp_path / "b", mini_ds, chunk=4, stop_at=4, **quiet)
@@ -209,38 +212,21 @@ def test_bf16_training_runs_resumes_exactly_and_is_recorded(tmp_path, mini_ds):
     for a, b in zip(_leaves(straight.state.params), _leaves(resumed.state.params)):
         np.testing.assert_array_equal(a, b)
     assert all(np.all(np.isfinite(x)) and x.dtype == np.float32 for x in _leaves(straight.state.params))
-    assert RunConfig.load(tmp_path / "a" / "config.json").optim.precision == "bf16"
-    # `auto` is resolved and recorded: float32 on a CPU.
-    train(_cfg(mini_ds).with_optim(steps=2), tmp_path / "c", mini_ds, **quiet)
-    assert RunConfig.load(tmp_path / "c" / "config.json").optim.precision == "float32"
-    assert RunConfig.load(tmp_path / "c" / "config.json").optim.layout == "packed"  # auto, too
+    optim = RunConfig.load(tmp_path / "a" / "config.json").optim
+    assert (optim.precision, optim.layout) == (precision, layout)
+
+
+def test_auto_settings_are_resolved_and_bad_ones_refused(tmp_path, mini_ds):
     from molgen import MolgenError
 
-    with pytest.raises(MolgenError, match="precision"):
-        train(_cfg(mini_ds).with_optim(precision="fp8"), tmp_path / "d", mini_ds, **quiet)
-    assert not (tmp_path / "d").exists()  # refused before anything is written
-
-
-def test_grouped_layout_trains_resumes_exactly_and_is_recorded(tmp_path, mini_ds):
-    """The grouped batch layout: a run resumed from its checkpoint ends bit-equal to a straight run, learns, and
-    records its layout; a misspelt layout is refused before anything is written."""
-    cfg = _cfg(mini_ds).with_optim(layout="grouped", steps=8, ckpt_every=4, eval_every=4)
     quiet = dict(progress=None, log=lambda s: None)
-    straight = train(cfg, tmp_path / "a", mini_ds, chunk=4, **quiet)
-    train(cfg, tmp_path / "b", mini_ds, chunk=4, stop_at=4, **quiet)
-    resumed = train(cfg, tmp_path / "b", mini_ds, resume=True, chunk=4, **quiet)
-    for a, b in zip(_leaves(straight.state.params), _leaves(resumed.state.params)):
-        np.testing.assert_array_equal(a, b)
-    assert RunConfig.load(tmp_path / "a" / "config.json").optim.layout == "grouped"
-    import json
-
-    rows = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
-    assert all(np.isfinite(r["loss"]) for r in rows if "loss" in r)
-    from molgen import MolgenError
-
-    with pytest.raises(MolgenError, match="layout"):
-        train(_cfg(mini_ds).with_optim(layout="dense"), tmp_path / "d", mini_ds, **quiet)
-    assert not (tmp_path / "d").exists()
+    train(_cfg(mini_ds).with_optim(steps=2), tmp_path / "c", mini_ds, **quiet)
+    optim = RunConfig.load(tmp_path / "c" / "config.json").optim
+    assert (optim.precision, optim.layout) == ("float32", "packed")  # `auto` on a CPU, recorded
+    for bad, what in (({"precision": "fp8"}, "precision"), ({"layout": "dense"}, "layout")):
+        with pytest.raises(MolgenError, match=what):
+            train(_cfg(mini_ds).with_optim(**bad), tmp_path / "d", mini_ds, **quiet)
+        assert not (tmp_path / "d").exists()  # refused before anything is written
 
 
 def test_grouped_and_packed_batches_give_the_same_network_output(mini_ds):
