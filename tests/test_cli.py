@@ -166,8 +166,10 @@ def test_distill_from_a_consistency_model_resume_and_sample(tmp_path, trained, e
     stamp = (out / "pairs.npz").stat().st_mtime_ns
     log = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert "position_error" in log[-1] and "val_loss" in log[-1]
-    res = run("train", "--resume", "--steps", 3, "--out", out, "--devices", 1)
+    # resumed in the grouped layout (an optimiser setting): the pairs' noise rows follow the grouped atoms
+    res = run("train", "--resume", "--steps", 3, "--set", "optim.layout=grouped", "--out", out, "--devices", 1)
     assert res.exit_code == 0 and "step 3" in res.output, res.output
+    assert json.loads((out / "config.json").read_text())["optim"]["layout"] == "grouped"
     assert (out / "pairs.npz").stat().st_mtime_ns == stamp  # pairs are made once per run
     res = run("sample", "--checkpoint", out, "-n", 4, "--steps", 1, "-o", tmp_path / "d.sdf", "--no-report")
     assert res.exit_code == 0, res.output

@@ -151,3 +151,24 @@ def test_group_plan_fits_every_batch_and_grows(mini_ds):
     before = plan.shape
     grown = plan.shape_for(big)
     assert grown != before and all(a == mini_ds.n_atoms.max() for _, a in grown) and plan.shape == grown
+
+
+def test_assemble_grouped_carries_the_pairs_noise_in_the_atoms_rows(mini_ds):
+    from molgen.consistency.distill import PairSet
+    from molgen.data.device import assemble_grouped
+
+    rng = np.random.default_rng(1)
+    sub = np.asarray([3, 9, 21, 30])
+    n = mini_ds.n_atoms[sub].astype(np.int64)
+    a = int(n.sum())
+    pos = np.concatenate([mini_ds.molecule(int(i))[0] for i in sub])
+    typ = np.concatenate([mini_ds.molecule(int(i))[1] for i in sub])
+    pairs = PairSet(n, pos, typ, rng.normal(size=(a, 3)).astype(np.float32), rng.normal(size=(a, 6)).astype(np.float32))
+    order = np.argsort(n, kind="stable")
+    groups = ((2, int(n[order[1]])), (2, int(n[order[3]])))
+    g, (nx, nh) = assemble_grouped(dense_set(pairs), order, groups)
+    real = np.asarray(g.node_mask) > 0
+    want = np.concatenate([np.arange(pairs.offsets[k], pairs.offsets[k] + n[k]) for k in order])
+    np.testing.assert_array_equal(np.asarray(nx)[real], pairs.noise_x[want])
+    np.testing.assert_array_equal(np.asarray(nh)[real], pairs.noise_h[want])
+    assert not np.asarray(nx)[~real].any() and not np.asarray(nh)[~real].any()
