@@ -112,7 +112,7 @@ def main():
         sampler = BatchSampler(ids, bs, seed=0)
         k = args.chunk
         n_chunks = args.repeats + 1
-        plan = make_plan(layout, ds.n_atoms, sampler, n_shards, 0, k * n_chunks)
+        plan = make_plan(layout, ds.n_atoms, sampler, n_shards)
         idx = np.stack([sampler.indices(s) for s in range(k * n_chunks)])
         by_shard = idx.reshape(len(idx), -1, n_shards).transpose(0, 2, 1)
         rows = plan.arrange(row_of[by_shard], by_shard).astype(np.int32)

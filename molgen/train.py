@@ -245,7 +245,7 @@ class Feed:
         self.dset = global_put(dense_set(ds, ids), NamedSharding(mesh, P()))
         self.row_of = np.full(len(ds.n_atoms), -1, np.int64)  # data-set index -> row of the dense set
         self.row_of[ids] = np.arange(len(ids))
-        self.plan = make_plan(resolve_layout(cfg.optim.layout), ds.n_atoms, self.sampler, self.n_shards, start, end,
+        self.plan = make_plan(resolve_layout(cfg.optim.layout), ds.n_atoms, self.sampler, self.n_shards, start,
                               plan_state)
         self.sharding = NamedSharding(mesh, P(None, "data"))
 

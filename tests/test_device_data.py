@@ -55,7 +55,7 @@ def test_assemble_of_a_subset_and_noise(mini_ds):
 def test_shape_plan_fits_every_batch_of_the_run(mini_ds):
     ids = mini_ds.split("train")
     sampler = BatchSampler(ids, 8, seed=1)
-    plan = ShapePlan(mini_ds.n_atoms, sampler, 2, 0, 40)
+    plan = ShapePlan(mini_ds.n_atoms, sampler, 2)
     nodes, edges = plan.shape
     assert nodes % 64 == 0 and edges % 1024 == 0
     for s in range(40):
@@ -137,7 +137,7 @@ def test_group_plan_fits_every_batch_and_grows(mini_ds):
 
     ids = mini_ds.split("train")
     sampler = BatchSampler(ids, 8, seed=1)
-    plan = GroupPlan(mini_ds.n_atoms, sampler, 2, 0, 40, n_groups=3)
+    plan = GroupPlan(mini_ds.n_atoms, sampler, 2, n_groups=3)
     assert sum(m for m, _ in plan.shape) == 4 and len(plan.shape) <= 3
     for s in range(40):
         batch = sampler.indices(s)

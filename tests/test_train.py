@@ -192,7 +192,7 @@ def test_device_batches_train_like_host_batches(mini_ds):
         host, _ = step(host, g, jax.random.fold_in(key, s))
     row_of = {int(m): r for r, m in enumerate(ids)}
     rows = np.array([[[row_of[int(i)] for i in sampler.indices(s)]] for s in range(6)], np.int32)
-    shape = ShapePlan(mini_ds.n_atoms, sampler, 1, 0, 6).shape
+    shape = ShapePlan(mini_ds.n_atoms, sampler, 1).shape
     chunk = make_train_chunk(cfg, mesh, shape)
     dev, metrics = chunk(init_state(cfg), put(dense_set(mini_ds, ids)), rows, jnp.int32(6), key)
     assert int(dev.step) == 6 and metrics["loss"].shape == (6,)
@@ -243,7 +243,7 @@ def test_grouped_and_packed_batches_give_the_same_network_output(mini_ds):
     dset = dense_set(mini_ds, ids)
     rows = np.arange(16)
     sampler = BatchSampler(ids, 16, seed=0)
-    plan = GroupPlan(mini_ds.n_atoms, sampler, 1, 0, 4, n_groups=3)
+    plan = GroupPlan(mini_ds.n_atoms, sampler, 1, n_groups=3)
     order = plan.arrange(rows[None, None], ids[rows][None, None])[0, 0]
     n = np.asarray(dset.n_atoms)[order]
     assert np.all(np.diff(n) >= 0)  # sorted by size

@@ -124,11 +124,10 @@ class ShapePlan:
     draw in its first ``horizon`` steps (an epoch-by-epoch scan of the data order, done with numpy), grown only
     when a later batch does not fit."""
 
-    def __init__(self, n_atoms: np.ndarray, sampler, n_shards: int, start: int, end: int,
-                 horizon_epochs: int = 50):
+    def __init__(self, n_atoms: np.ndarray, sampler, n_shards: int, start: int = 0, horizon_epochs: int = 50):
         self.n_atoms = np.asarray(n_atoms).astype(np.int64)  # by molecule index of the data set
         self.n_shards = n_shards
-        last = start + horizon_epochs * sampler.steps_per_epoch  # not cut at `end`: a stopped run plans alike
+        last = start + horizon_epochs * sampler.steps_per_epoch  # whatever the run's length: a stopped run plans alike
         need = (0, 0)
         for s in range(start, last, max(1, sampler.steps_per_epoch)):
             # all batches of the epoch that contains step s, at once
@@ -245,12 +244,12 @@ class GroupPlan:
     over the batches of the first ``horizon`` epochs, the cut with the fewest padded pairs
     (:func:`plan_groups`); recomputed, larger, only when a later batch does not fit."""
 
-    def __init__(self, n_atoms: np.ndarray, sampler, n_shards: int, start: int, end: int,
-                 horizon_epochs: int = 50, n_groups: int = N_GROUPS):
+    def __init__(self, n_atoms: np.ndarray, sampler, n_shards: int, start: int = 0, horizon_epochs: int = 50,
+                 n_groups: int = N_GROUPS):
         self.n_atoms = np.asarray(n_atoms).astype(np.int64)
         self.n_shards, self.n_groups = n_shards, n_groups
         self.widths = np.ones(sampler.batch_size // n_shards, np.int64)
-        last = start + horizon_epochs * sampler.steps_per_epoch  # not cut at `end`: a stopped run plans alike
+        last = start + horizon_epochs * sampler.steps_per_epoch  # whatever the run's length: a stopped run plans alike
         for s in range(start, last, max(1, sampler.steps_per_epoch)):
             ids = sampler.epoch_indices(s // sampler.steps_per_epoch)
             self.widths = np.maximum(self.widths, self._widths(ids.reshape(sampler.steps_per_epoch, -1)))
@@ -295,9 +294,9 @@ class GroupPlan:
         return assemble_grouped(dset, ids, shape)
 
 
-def make_plan(layout: str, n_atoms: np.ndarray, sampler, n_shards: int, start: int, end: int, state=None):
+def make_plan(layout: str, n_atoms: np.ndarray, sampler, n_shards: int, start: int = 0, state=None):
     """The shape plan of a layout (:data:`LAYOUTS`), planned afresh or restored from a saved ``state``."""
-    plan = (GroupPlan if layout == "grouped" else ShapePlan)(n_atoms, sampler, n_shards, start, end)
+    plan = (GroupPlan if layout == "grouped" else ShapePlan)(n_atoms, sampler, n_shards, start)
     if state is not None:
         plan.restore(state)
     return plan
