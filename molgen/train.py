@@ -258,9 +258,6 @@ class Feed:
         return n, self.plan.shape_for(idx[:n]), global_put(rows.astype(np.int32), self.sharding)
 
 
-VAL_MOLECULES, VAL_BATCH = 1024, 256
-
-
 PLAN_NAME = "plan.json"
 
 
@@ -279,13 +276,17 @@ def save_plan(run_dir: Path, step: int, plan) -> None:
     atomic_write_text(path, json.dumps({k: plans[k] for k in keep}))
 
 
-def saved_plan(run_dir: Path, step: int):
+def saved_plan(run_dir: Path, step: int) -> dict | None:
     """The plan state saved at ``step`` (None when there is none: the run plans its shapes afresh)."""
     path = Path(run_dir) / PLAN_NAME
     try:
-        return json.loads(path.read_text()).get(str(step))
-    except (OSError, ValueError):
+        state = json.loads(path.read_text()).get(str(step))
+    except (OSError, ValueError, AttributeError):
         return None
+    return state if isinstance(state, dict) else None
+
+
+VAL_MOLECULES, VAL_BATCH = 1024, 256
 
 
 class Validation:

@@ -146,12 +146,14 @@ class ShapePlan:
         """Rows [steps, shards, b] as they are: a packed batch keeps the sampler's order."""
         return rows
 
-    def state(self) -> list[int]:
-        return list(self.shape)
+    def state(self) -> dict:
+        return {"packed": list(self.shape)}
 
-    def restore(self, state) -> None:
-        if len(state) == 2:
-            self.shape = (int(state[0]), int(state[1]))
+    def restore(self, state: dict) -> None:
+        """The plan as saved by :meth:`state`, in place of the fresh one (a plan of another layout is ignored)."""
+        shape = state.get("packed")
+        if shape is not None:
+            self.shape = (int(shape[0]), int(shape[1]))
 
     @staticmethod
     def assemble(dset: DenseSet, ids, shape):
@@ -264,13 +266,14 @@ class GroupPlan:
         order = np.argsort(self.n_atoms[ids], axis=-1, kind="stable")
         return np.take_along_axis(rows, order, axis=-1)
 
-    def state(self) -> list[int]:
-        return [int(w) for w in self.widths]
+    def state(self) -> dict:
+        return {"grouped": [int(w) for w in self.widths]}
 
-    def restore(self, state) -> None:
-        """The plan as saved by :meth:`state` (same batch size and shards), in place of the fresh one."""
-        if len(state) == len(self.widths):
-            self.widths = np.asarray(state, np.int64)
+    def restore(self, state: dict) -> None:
+        """The plan as saved by :meth:`state` (same layout, batch size and shards), in place of the fresh one."""
+        widths = state.get("grouped")
+        if widths is not None and len(widths) == len(self.widths):
+            self.widths = np.asarray(widths, np.int64)
             self.shape = plan_groups(self.widths, self.n_groups)
 
     def fits(self, widths: np.ndarray) -> bool:
