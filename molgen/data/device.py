@@ -119,6 +119,14 @@ def round_up(x: int, granule: int) -> int:
     return -(-int(x) // granule) * granule
 
 
+def epoch_batches(sampler, start: int, horizon_epochs: int):
+    """The batches [steps_per_epoch, batch] of each epoch from the one holding step ``start`` on, for
+    ``horizon_epochs`` epochs: what a plan is made from, whatever the run's length (a stopped run plans alike)."""
+    first = start // max(1, sampler.steps_per_epoch)
+    for epoch in range(first, first + horizon_epochs):
+        yield sampler.epoch_indices(epoch).reshape(sampler.steps_per_epoch, -1)
+
+
 class ShapePlan:
     """Padded sizes (nodes, edges per shard) for a run's batches: one shape that fits every batch the run will
     draw in its first ``horizon`` steps (an epoch-by-epoch scan of the data order, done with numpy), grown only
@@ -127,14 +135,10 @@ class ShapePlan:
     def __init__(self, n_atoms: np.ndarray, sampler, n_shards: int, start: int = 0, horizon_epochs: int = 50):
         self.n_atoms = np.asarray(n_atoms).astype(np.int64)  # by molecule index of the data set
         self.n_shards = n_shards
-        last = start + horizon_epochs * sampler.steps_per_epoch  # whatever the run's length: a stopped run plans alike
-        need = (0, 0)
-        for s in range(start, last, max(1, sampler.steps_per_epoch)):
-            # all batches of the epoch that contains step s, at once
-            epoch = s // sampler.steps_per_epoch
-            ids = sampler.epoch_indices(epoch)
-            need = max_pair(need, self.counts(ids.reshape(sampler.steps_per_epoch, -1)))
-        self.shape = self._fit(need) if last > start else self._fit((1, 1))
+        need = (1, 1)
+        for ids in epoch_batches(sampler, start, horizon_epochs):
+            need = max_pair(need, self.counts(ids))
+        self.shape = self._fit(need)
 
     def counts(self, ids: np.ndarray) -> tuple[int, int]:
         """Largest (nodes, edges) of any shard of the batches ``ids`` [steps, batch]."""
@@ -251,10 +255,8 @@ class GroupPlan:
         self.n_atoms = np.asarray(n_atoms).astype(np.int64)
         self.n_shards, self.n_groups = n_shards, n_groups
         self.widths = np.ones(sampler.batch_size // n_shards, np.int64)
-        last = start + horizon_epochs * sampler.steps_per_epoch  # whatever the run's length: a stopped run plans alike
-        for s in range(start, last, max(1, sampler.steps_per_epoch)):
-            ids = sampler.epoch_indices(s // sampler.steps_per_epoch)
-            self.widths = np.maximum(self.widths, self._widths(ids.reshape(sampler.steps_per_epoch, -1)))
+        for ids in epoch_batches(sampler, start, horizon_epochs):
+            self.widths = np.maximum(self.widths, self._widths(ids))
         self.shape = plan_groups(self.widths, n_groups)
 
     def _widths(self, ids: np.ndarray) -> np.ndarray:
