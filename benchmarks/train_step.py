@@ -22,6 +22,7 @@ that many seconds have passed (each skipped one prints a SKIPPED line).
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -95,7 +96,8 @@ def main():
     if peak is None and dev.platform == "gpu":
         peak = measure_peak(jax, jnp)
     print(f"device: {dev.device_kind} x{n_shards} ({dev.platform}), jax {jax.__version__}, chunk {args.chunk}, "
-          f"diffusion objective, bf16 peak {'%.0f TFLOP/s' % peak if peak else 'not measured'}", flush=True)
+          f"diffusion objective, bf16 peak {'%.0f TFLOP/s' % peak if peak else 'not measured'}, "
+          f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '') or 'none'}", flush=True)
     if args.runs:
         runs = [(f[0], int(f[1]), f[2], f[3] if len(f) > 3 else "auto")
                 for f in (r.split(":") for r in args.runs.split(","))]

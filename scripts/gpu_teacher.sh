@@ -2,6 +2,9 @@
 # One GPU run of the teacher campaign (docs/training.md, "The teacher"), in one call, to one deadline:
 #   1. benchmarks, side by side on the same GPU: molgen's training loop (benchmarks/train_step.py) and EDM's
 #      own PyTorch training step (benchmarks/edm_pytorch.py, EDM's code carried in .edm/, never committed);
+#      before molgen's, whether XLA's flush-to-zero mode makes scatter-adds native atomics here
+#      (benchmarks/scatter_atomics.py --ab): if it speeds them up >= 1.2x, every molgen process after it runs
+#      with XLA_FLAGS=--xla_gpu_ftz=true;
 #   2. the teacher: continues weights/$TEACHER (its EMA parameters; Adam restarts with a short warm-up) or, the
 #      first time, starts a new one; trains until the deadline leaves time for 3. and 4.;
 #   3. exports it and samples 1000 molecules with 1000 calls on the GPU (XYZ);
@@ -16,7 +19,7 @@
 # WARMUP (500; 2000 for a new teacher), PRECISION and LAYOUT (default: the fastest pair measured in 1. at batch
 # 1024; tf32 and packed without a measurement), BENCH_S (150: seconds for molgen's benchmarks, each
 # measurement's last chunk profiled: where the time went, in the benchmark log),
-# SAMPLE_S (75: seconds kept for export and sampling), SEED (the run's seed; default: the number of earlier
+# SAMPLE_S (75: seconds kept for export and sampling), FTZ (1 / 0: force flush-to-zero on / off instead of measuring), SEED (the run's seed; default: the number of earlier
 # GPU runs, so each run draws new batches).
 set -uo pipefail
 t_start=$(date +%s)
@@ -36,10 +39,13 @@ seed=${SEED:-$runs_before}
 if [ "${DRY:-0}" = 1 ]; then  # the CPU rehearsal: every step, tiny sizes
   bench_runs=tiny:16:float32:packed,tiny:16:float32:grouped,tiny:16:bf16:grouped; fastest_at=16
   edm_args="--presets small --batch-sizes 8 --device cpu --repeats 1 --warmup 1"
+  scatter_args="--molecules 64 --features 32 --repeats 3"
   model=tiny; batch=16; n_mol=8; calls=10; train_extra="--steps 60 --set optim.ckpt_every=50"
 else
-  bench_runs=edm:1024:tf32:grouped,edm:1024:bf16:grouped,edm:1024:tf32:packed,edm:64:tf32:grouped,edm:64:tf32:packed
+  bench_runs=edm:1024:tf32:packed,edm:1024:bf16:packed,edm:1024:tf32:grouped,edm:1024:bf16:grouped
+  bench_runs=$bench_runs,edm:64:tf32:packed,edm:64:tf32:grouped
   fastest_at=1024
+  scatter_args="--molecules 1024 --features 256 --repeats 20"
   edm_args="--presets edm --batch-sizes 64,1024,256 --device cuda --repeats 10 --warmup 3"
   n_mol=1000; calls=1000; train_extra="--steps 100000000 --set optim.ckpt_every=1000"
 fi
@@ -60,11 +66,19 @@ if [ -d .edm ] && python3 -c "import torch" 2>/dev/null; then
 else
   log "EDM benchmark skipped (no .edm or no torch)"
 fi
-echo "# $(date -u +%FT%TZ) benchmarks/train_step.py --runs $bench_runs" >>"$bench"
+echo "# $(date -u +%FT%TZ) benchmarks/scatter_atomics.py --ab $scatter_args" >>"$bench"
+speedup=$(timeout 150 python3 benchmarks/scatter_atomics.py --ab $scatter_args 2>&1 | grep -E "^RESULT|^#|^FTZ" \
+  | tee -a "$bench" | awk '/^FTZ_SPEEDUP/ {print $2}')
+log "scatter-adds with flush-to-zero: ${speedup:-not measured}x"
+if [ -z "${FTZ:-}" ] && python3 -c "import sys; sys.exit(float('${speedup:-1}') < 1.2)"; then FTZ=1; fi
+[ "${FTZ:-0}" = 1 ] && export XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }--xla_gpu_ftz=true"
+echo "# $(date -u +%FT%TZ) benchmarks/train_step.py --runs $bench_runs (XLA_FLAGS=${XLA_FLAGS:-})" >>"$bench"
 timeout $((bench_s + 90)) python3 benchmarks/train_step.py --runs "$bench_runs" --chunk 50 --repeats 4 \
   --budget "$bench_s" --profile /tmp/profile --profile-top 20 2>&1 | grep -v -E "^WARNING|^I0000|^E0000" | tee -a "$bench"
 log "molgen benchmark done"
 fi
+[ "$bench_s" -le 0 ] && [ "${FTZ:-0}" = 1 ] && export XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }--xla_gpu_ftz=true"
+log "XLA_FLAGS for training and sampling: ${XLA_FLAGS:-none}"
 # The fastest (precision, layout) measured at batch $fastest_at, unless PRECISION / LAYOUT say otherwise.
 read -r best_precision best_layout < <(python3 - "$bench" "$fastest_at" <<'EOF'
 import re, sys
@@ -109,7 +123,7 @@ cp "$run/metrics.jsonl" "$out/metrics.jsonl" 2>/dev/null
 # 3. Export and sample on the GPU.
 python3 -m molgen export "$run" "runs/w_$teacher" >>"$out/train.txt" 2>&1 || log "export failed"
 python3 - "$run" "runs/w_$teacher" "$teacher" "$seed" "$batch" "$lr" "$start" <<'EOF' >>"$out/train.txt" 2>&1
-import json, sys, time
+import json, os, sys, time
 import jax
 run, dest, name, seed, batch, lr, start = sys.argv[1:]
 optim = json.load(open(f"{run}/config.json"))["optim"]
@@ -125,7 +139,7 @@ rates = sorted(l["steps_per_s"] for l in lines[1:]) or [0]
 runs.append({"date": time.strftime("%Y-%m-%d", time.gmtime()), "device": jax.devices()[0].device_kind,
              "steps": lines[-1]["step"], "seconds": lines[-1]["time"], "median_steps_per_s": rates[len(rates) // 2],
              "seed": int(seed), "last_loss": lines[-1]["loss"], "batch": int(batch), "lr": float(lr),
-             "precision": precision, "layout": layout, "start": start, "epochs": round(lines[-1]["step"] * int(batch) / 100000, 1)})
+             "precision": precision, "layout": layout, "xla_flags": os.environ.get("XLA_FLAGS", ""), "start": start, "epochs": round(lines[-1]["step"] * int(batch) / 100000, 1)})
 meta = json.load(open(f"{dest}/meta.json"))
 meta["gpu_runs"] = runs
 meta["step"] = sum(r["steps"] for r in runs)

@@ -16,7 +16,8 @@ as ``W_i h_i + W_j h_j + W_e e_ij`` from per-node products (same parameters, sam
 
 Precision: ``EGNN(cfg, dtype=jnp.bfloat16)`` runs the hidden layers' matrix products and the per-edge activations in
 bfloat16 (products accumulate in float32), while the parameters, the residual feature stream, coordinates,
-distances, the coordinate update, every sum over neighbours and the output layer stay float32. The default
+distances, the coordinate update, every sum over neighbours, every gather of node rows into pair rows (so
+that no scatter-add of the backward pass runs in bfloat16) and the output layer stay float32. The default
 (float32) computes everything in float32. The parameters are the same either way.
 """
 
@@ -148,20 +149,23 @@ class EdgeInput(nn.Module):
         kernel = self.param("kernel", torch_like, (2 * nf + ne, self.features))
         bias = self.param("bias", nn.initializers.zeros, (self.features,))
         dt = self.dtype
+        # Node rows go to pair rows in float32 at either precision: the backward pass of that gather is a
+        # scatter-add into the node rows, which a GPU runs with native float32 atomics but as a compare-and-swap
+        # loop in bfloat16.
         if self.split:
             hc = h.astype(dt)
-            hr = hc @ kernel[:nf].astype(dt)
-            hs = hc @ kernel[nf : 2 * nf].astype(dt)
+            hr = (hc @ kernel[:nf].astype(dt)).astype(jnp.float32)
+            hs = (hc @ kernel[nf : 2 * nf].astype(dt)).astype(jnp.float32)
             node_terms = pairs.combine(hr, hs)
         else:
-            x = jnp.concatenate([pairs.receiver(h.astype(dt)), pairs.sender(h.astype(dt))], axis=-1)
-            node_terms = x @ kernel[: 2 * nf].astype(dt)
+            x = jnp.concatenate([pairs.receiver(h), pairs.sender(h)], axis=-1).astype(dt)
+            node_terms = (x @ kernel[: 2 * nf].astype(dt)).astype(jnp.float32)
         w = kernel[2 * nf :]
         if dt == jnp.float32:
             return node_terms + edge_attr @ w + bias
         # bf16: the edge attributes' term element-wise, in float32, fused with the sum instead of a float32
         # [pairs, features] product of its own
-        return node_terms.astype(jnp.float32) + sum(edge_attr[:, k : k + 1] * w[k] for k in range(ne)) + bias
+        return node_terms + sum(edge_attr[:, k : k + 1] * w[k] for k in range(ne)) + bias
 
 
 def _dense(features, dtype=jnp.float32, **kw):

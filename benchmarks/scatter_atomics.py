@@ -1,0 +1,115 @@
+"""The neighbour sums of a packed training batch, alone: are scatter-adds on this GPU native atomics?
+
+A packed batch (the 256 x 9 network at batch 1024: ~18,700 atom rows, ~334,000 pair rows) sums per-pair
+messages into their atoms with scatter-adds, forward (sorted by receiver) and in the backward pass of every gather
+(by receiver, sorted, and by sender, not sorted). On a GPU XLA lowers a float32 scatter-add to the hardware's
+atomic add, unless its code generator emits a compare-and-swap loop instead, which is slow when many pairs add
+into one row (as here: ~18 per atom). That happens for bfloat16 scatter-adds, and for float32 ones in the
+releases whose LLVM keeps the native float32 atomic only for kernels compiled to flush denormals to zero, which
+XLA's `--xla_gpu_ftz=true` does.
+
+    python benchmarks/scatter_atomics.py            # in this process, with this process's XLA_FLAGS
+    python benchmarks/scatter_atomics.py --ab       # the same twice, in child processes: as is and with FTZ
+
+One line per measurement:
+
+    RESULT scatter <op> dtype=<d> ftz=<0|1> ms=<median> GB_per_s=<pair rows read / time>
+
+and with --ab a last line ``FTZ_SPEEDUP <x>``: the ratio of the float32 scatters' summed median times without
+and with FTZ (1.0 where FTZ changes nothing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+FTZ_FLAG = "--xla_gpu_ftz=true"
+
+
+def batch_pairs(n_mol: int, seed: int = 0):
+    """Receivers (sorted) and senders of all ordered pairs of ``n_mol`` molecules of 9-27 atoms (QM9's range)."""
+    sizes = np.random.default_rng(seed).integers(9, 28, n_mol)
+    recv, send, start = [], [], 0
+    for n in sizes:
+        i, j = np.meshgrid(np.arange(n), np.arange(n), indexing="ij")
+        off = i != j
+        recv.append(start + i[off])
+        send.append(start + j[off])
+        start += n
+    return np.concatenate(recv).astype(np.int32), np.concatenate(send).astype(np.int32), int(start)
+
+
+def measure(args) -> None:
+    import jax
+    import jax.numpy as jnp
+
+    ftz = int(FTZ_FLAG in os.environ.get("XLA_FLAGS", ""))
+    recv, send, n_nodes = batch_pairs(args.molecules)
+    recv_d, send_d = jnp.asarray(recv), jnp.asarray(send)
+    print(f"# {jax.devices()[0].device_kind}, jax {jax.__version__}, {n_nodes} atom rows, {len(recv)} pair rows, "
+          f"{args.features} features, ftz={ftz}", flush=True)
+    ops = {
+        "sum_by_receiver": lambda m: jax.ops.segment_sum(m, recv_d, n_nodes, indices_are_sorted=True),
+        "sum_by_sender": lambda m: jax.ops.segment_sum(m, send_d, n_nodes),
+    }
+    for dtype in args.dtypes.split(","):
+        m = jax.random.normal(jax.random.PRNGKey(0), (len(recv), args.features), jnp.dtype(dtype))
+        for name, op in ops.items():
+            f = jax.jit(op)
+            f(m).block_until_ready()
+            times = []
+            for _ in range(args.repeats):
+                t0 = time.perf_counter()
+                f(m).block_until_ready()
+                times.append(time.perf_counter() - t0)
+            med = statistics.median(times)
+            print(f"RESULT scatter {name} dtype={dtype} ftz={ftz} ms={med * 1e3:.3f} "
+                  f"GB_per_s={m.size * m.dtype.itemsize / med / 1e9:.1f}", flush=True)
+
+
+def ab(args) -> float:
+    """Run the measurements without and with FTZ in child processes (XLA reads its flags once per process);
+    return the float32 speed-up."""
+    totals = []
+    for extra in ("", FTZ_FLAG):
+        env = dict(os.environ)
+        flags = " ".join(f for f in env.get("XLA_FLAGS", "").split() if f != FTZ_FLAG)
+        env["XLA_FLAGS"] = f"{flags} {extra}".strip()
+        cmd = [sys.executable, __file__, "--molecules", str(args.molecules), "--features", str(args.features),
+               "--repeats", str(args.repeats), "--dtypes", args.dtypes]
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
+        lines = [line for line in out.stdout.splitlines() if line.startswith(("RESULT", "#"))]
+        print("\n".join(lines), flush=True)
+        if out.returncode:
+            print(f"# child failed (rc {out.returncode}): {out.stderr.strip().splitlines()[-1:]}", flush=True)
+            return 1.0
+        totals.append(sum(float(re.search(r"ms=([\d.]+)", line).group(1)) for line in lines
+                          if line.startswith("RESULT") and "dtype=float32" in line))
+    return totals[0] / totals[1] if totals[1] > 0 else 1.0
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--molecules", type=int, default=1024, help="molecules in the batch")
+    ap.add_argument("--features", type=int, default=256)
+    ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--ab", action="store_true", help="without and with FTZ, in two child processes")
+    ap.add_argument("--timeout", type=float, default=120, help="--ab: seconds per child process")
+    args = ap.parse_args()
+    if args.ab:
+        print(f"FTZ_SPEEDUP {ab(args):.2f}", flush=True)
+    else:
+        measure(args)
+
+
+if __name__ == "__main__":
+    main()
