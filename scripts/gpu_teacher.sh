@@ -20,7 +20,9 @@
 # 1024; tf32 and packed without a measurement), BENCH_S (150: seconds for molgen's benchmarks, each
 # measurement's last chunk profiled: where the time went, in the benchmark log),
 # SAMPLE_S (75: seconds kept for export and sampling), FTZ (1 / 0: force flush-to-zero on / off instead of measuring), SEED (the run's seed; default: the number of earlier
-# GPU runs, so each run draws new batches).
+# GPU runs, so each run draws new batches), RESUME (1: a second call on the same machine, right after the first:
+# no benchmarks; continues runs/teacher exactly, with the first call's XLA flags, then exports and samples again;
+# the teacher's gpu_runs entry then covers both calls).
 set -uo pipefail
 t_start=$(date +%s)
 deadline=${1:-570}
@@ -35,24 +37,30 @@ log() { echo "[$(( $(date +%s) - t_start )) s] $*" | tee -a "$out/pipeline.txt";
 left() { echo $((deadline - ($(date +%s) - t_start))); }
 runs_before=$(python3 -c "import json,sys; print(len(json.load(open('weights/$teacher/meta.json')).get('gpu_runs', [])))" 2>/dev/null || echo 0)
 seed=${SEED:-$runs_before}
+run=runs/teacher
+resume=0
+if [ "${RESUME:-0}" = 1 ] && [ -n "$(ls "$run/checkpoints" 2>/dev/null)" ]; then
+  resume=1; bench_s=0
+  [ -s "$run/xla_flags" ] && export XLA_FLAGS="$(cat "$run/xla_flags")"
+fi
 
 if [ "${DRY:-0}" = 1 ]; then  # the CPU rehearsal: every step, tiny sizes
   bench_runs=tiny:16:float32:packed,tiny:16:float32:grouped,tiny:16:bf16:grouped; fastest_at=16
   edm_args="--presets small --batch-sizes 8 --device cpu --repeats 1 --warmup 1"
   scatter_args="--molecules 64 --features 32 --repeats 3"
-  model=tiny; batch=16; n_mol=8; calls=10; train_extra="--steps 60 --set optim.ckpt_every=50"
+  model=tiny; batch=16; n_mol=8; calls=10; train_extra="--steps 60 --set optim.ckpt_every=50"; resume_extra="--steps 120"
 else
   bench_runs=edm:1024:tf32:packed,edm:1024:bf16:packed,edm:1024:tf32:grouped,edm:1024:bf16:grouped
   bench_runs=$bench_runs,edm:64:tf32:packed,edm:64:tf32:grouped
   fastest_at=1024
   scatter_args="--molecules 1024 --features 256 --repeats 20"
   edm_args="--presets edm --batch-sizes 64,1024,256 --device cuda --repeats 10 --warmup 3"
-  n_mol=1000; calls=1000; train_extra="--steps 100000000 --set optim.ckpt_every=1000"
+  n_mol=1000; calls=1000; train_extra="--steps 100000000 --set optim.ckpt_every=1000"; resume_extra=""
 fi
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "no GPU"
   python3 -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, jax.devices())"
 } 2>&1 | grep -v WARNING | tee -a "$out/pipeline.txt"
-log "teacher $teacher (earlier GPU runs: $runs_before), seed $seed, batch $batch, lr $lr"
+log "teacher $teacher (earlier GPU runs: $runs_before), seed $seed, batch $batch, lr $lr, resume $resume"
 
 # 1. Benchmarks: EDM's code (first, so that it is measured whatever happens later), then molgen's, on the same
 #    GPU (BENCH_S=0: none).
@@ -77,7 +85,7 @@ timeout $((bench_s + 90)) python3 benchmarks/train_step.py --runs "$bench_runs" 
   --budget "$bench_s" --profile /tmp/profile --profile-top 20 2>&1 | grep -v -E "^WARNING|^I0000|^E0000" | tee -a "$bench"
 log "molgen benchmark done"
 fi
-[ "$bench_s" -le 0 ] && [ "${FTZ:-0}" = 1 ] && export XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }--xla_gpu_ftz=true"
+[ "$bench_s" -le 0 ] && [ "$resume" = 0 ] && [ "${FTZ:-0}" = 1 ] && export XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }--xla_gpu_ftz=true"
 log "XLA_FLAGS for training and sampling: ${XLA_FLAGS:-none}"
 # The fastest (precision, layout) measured at batch $fastest_at, unless PRECISION / LAYOUT say otherwise.
 read -r best_precision best_layout < <(python3 - "$bench" "$fastest_at" <<'EOF'
@@ -94,16 +102,21 @@ print(best[1], best[2])
 EOF
 )
 precision=${PRECISION:-$best_precision}; layout=${LAYOUT:-$best_layout}
-log "training precision $precision, layout $layout"
+[ "$resume" = 0 ] && log "training precision $precision, layout $layout"
 
 # 2. The teacher.
-run=runs/teacher
 train_min=$(python3 -c "print(max(0.3, ($(left) - $sample_s) / 60))")
-if [ -f "weights/$teacher/params.msgpack" ]; then
+if [ "$resume" = 1 ]; then
+  start=$(cat "$run/start" 2>/dev/null)
+  log "continuing $run for $train_min min"
+  python3 -m molgen train --resume --out "$run" $resume_extra --max-minutes "$train_min" >"$out/train.txt" 2>&1
+  log "train rc $?: $(tail -1 "$out/train.txt")"
+elif [ -f "weights/$teacher/params.msgpack" ]; then
   start="--init weights/$teacher --set optim.warmup=${WARMUP:-500}"
 else
   start="--model $model --set optim.warmup=${WARMUP:-2000}"
 fi
+if [ "$resume" = 0 ]; then
 log "training $run for $train_min min: $start"
 python3 -m molgen train --recipe diffusion $start --batch-size "$batch" --lr "$lr" --set optim.precision="$precision" \
   --set optim.layout="$layout" --seed "$seed" --set optim.eval_every=0 $train_extra --out "$run" \
@@ -118,9 +131,12 @@ if [ -z "$(ls "$run/checkpoints" 2>/dev/null)" ] && [ "$precision/$layout" != tf
     --max-minutes "$train_min" >>"$out/train.txt" 2>&1
   log "train rc $?: $(tail -1 "$out/train.txt")"
 fi
+[ -d "$run" ] && { echo "$start" >"$run/start"; echo "${XLA_FLAGS:-}" >"$run/xla_flags"; }  # for RESUME=1
+fi
 cp "$run/metrics.jsonl" "$out/metrics.jsonl" 2>/dev/null
 
 # 3. Export and sample on the GPU.
+rm -rf "runs/w_$teacher"
 python3 -m molgen export "$run" "runs/w_$teacher" >>"$out/train.txt" 2>&1 || log "export failed"
 python3 - "$run" "runs/w_$teacher" "$teacher" "$seed" "$batch" "$lr" "$start" <<'EOF' >>"$out/train.txt" 2>&1
 import json, os, sys, time
@@ -136,8 +152,14 @@ except OSError:
     pass
 runs = meta_old.get("gpu_runs", [])
 rates = sorted(l["steps_per_s"] for l in lines[1:]) or [0]
+seconds, last = 0.0, 0.0  # the log's clock restarts with each process of a resumed run
+for l in lines:
+    if l["time"] < last:
+        seconds += last
+    last = l["time"]
+seconds = round(seconds + last, 2)
 runs.append({"date": time.strftime("%Y-%m-%d", time.gmtime()), "device": jax.devices()[0].device_kind,
-             "steps": lines[-1]["step"], "seconds": lines[-1]["time"], "median_steps_per_s": rates[len(rates) // 2],
+             "steps": lines[-1]["step"], "seconds": seconds, "median_steps_per_s": rates[len(rates) // 2],
              "seed": int(seed), "last_loss": lines[-1]["loss"], "batch": int(batch), "lr": float(lr),
              "precision": precision, "layout": layout, "xla_flags": os.environ.get("XLA_FLAGS", ""), "start": start, "epochs": round(lines[-1]["step"] * int(batch) / 100000, 1)})
 meta = json.load(open(f"{dest}/meta.json"))
