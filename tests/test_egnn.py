@@ -226,6 +226,30 @@ def test_bf16_padding_never_changes_real_atoms():
 
 
 @pytest.mark.parametrize("split", [True, False])
+def test_bf16_gradient_scatters_in_float32(split):
+    """Every scatter-add of a bf16 training gradient (the neighbour sums, and the backward pass of the gathers of
+    node rows into pair rows) sums float32 rows: a GPU runs bfloat16 scatter-adds as compare-and-swap loops."""
+    import re
+
+    rng = np.random.default_rng(11)
+    cfg = EGNNConfig(nf=32, n_layers=2, split_edge_layer=split)
+    _, params, g, h, cond = _setup(rng, cfg=cfg)
+    fast = EGNN(cfg, dtype=jnp.bfloat16)
+
+    def loss(p):
+        vel, hout = fast.apply(p, jnp.asarray(g.positions), jnp.asarray(h), jnp.asarray(cond), g)
+        return (vel**2).sum() + (hout**2).sum()
+
+    hlo = jax.jit(jax.grad(loss)).lower(params).as_text(dialect="hlo")
+    scatters = re.findall(r"= (\w+)\[[\d,]*\]\S* scatter\(", hlo)
+    n = int(g.node_mask.shape[0])
+    wide = re.findall(rf"= (\w+)\[{n},32\]\S* scatter\(", hlo)
+    # per block: the forward neighbour sum and, backward, the receiver and sender sums of 2 edge inputs
+    assert len(wide) == cfg.n_layers * (1 + 4)
+    assert scatters and set(scatters) == {"f32"}
+
+
+@pytest.mark.parametrize("split", [True, False])
 def test_forward_flops_is_xla_s_count_of_the_products(rng, split):
     """The exact count of the matrix products equals XLA's own count of the forward pass, up to the element-wise
     work that XLA counts too (a few percent at this width)."""
