@@ -25,6 +25,30 @@ def test_assemble_equals_pack(mini_ds, ids):
         np.testing.assert_array_equal(np.asarray(getattr(got, name)), getattr(want, name), err_msg=name)
 
 
+@pytest.mark.parametrize("pad_rows,pad_edges", [(7, 1000), (1, 50), (40, 3), (7, 8), (5, 0)])
+def test_padding_edges_are_spread_over_the_padding_rows(mini_ds, pad_rows, pad_edges):
+    """Padding edges join padding rows to themselves, at most ceil(edges / rows) on a row, receivers sorted; on
+    the device as on the host. (A GPU adds every edge's message into its row atomically: thousands on one row
+    would run one after another.)"""
+    ids = np.asarray([17, 5, 40, 8])
+    n = mini_ds.n_atoms[ids].astype(int)
+    n_real, e_real = int(n.sum()), int((n * (n - 1)).sum())
+    n_nodes, n_edges = n_real + pad_rows, e_real + pad_edges
+    host = _packed(mini_ds, ids, n_nodes, n_edges)
+    dev = jax.jit(assemble, static_argnums=(2, 3))(dense_set(mini_ds), ids, n_nodes, n_edges)
+    for g in (host, dev):
+        rcv, snd = np.asarray(g.receivers), np.asarray(g.senders)
+        assert np.all(np.diff(rcv) >= 0)
+        pad_r, pad_s = rcv[e_real:], snd[e_real:]
+        np.testing.assert_array_equal(pad_r, pad_s)
+        assert np.all((pad_r >= n_real) & (pad_r < n_nodes))
+        assert np.all(np.asarray(g.edge_mask)[e_real:] == 0) and np.all(np.asarray(g.node_mask)[n_real:] == 0)
+        if pad_edges:
+            counts = np.bincount(pad_r - n_real, minlength=pad_rows)
+            assert counts.max() == -(-pad_edges // pad_rows)
+            assert np.count_nonzero(counts) == -(-pad_edges // counts.max())  # consecutive full runs
+
+
 def test_assemble_of_a_subset_and_noise(mini_ds):
     """Rows of a dense set of a subset map to the subset's molecules; noise rows follow the node rows."""
     from molgen.consistency.distill import PairSet

@@ -2,7 +2,8 @@
 
 A batch of B molecules becomes N node rows and E directed edge rows (every ordered pair i != j inside each
 molecule).  N and E are rounded up to a few bucket sizes so a jitted function compiles once per bucket; the
-padding rows belong to an extra dummy graph (index B) and carry mask 0, so they never touch a real atom.
+padding rows belong to an extra dummy graph (index B) and carry mask 0, so they never touch a real atom; padding
+edges join padding rows to themselves, spread over them (:func:`padding_edge_rows`).
 """
 
 from __future__ import annotations
@@ -74,6 +75,17 @@ def bucket(x: int, fraction_bits: int = 3, granule: int = 8) -> int:
 NODE_GRANULE, EDGE_GRANULE = 64, 1024
 
 
+def padding_edge_rows(q, n_real, n_nodes, n_pad_edges, xp=np):
+    """The node row of padding edge ``q`` (0, 1, ... after the real edges; both ends: self pairs on padding rows,
+    masked): consecutive runs of ceil(n_pad_edges / padding rows) edges on each padding row, in order, so that
+    receivers stay sorted. Spread, not all on one row: a GPU sums messages into their rows with atomic adds, and
+    thousands of adds into one row run one after another. ``xp``: numpy on the host, jax.numpy in a traced
+    :func:`molgen.data.device.assemble`."""
+    rows = xp.maximum(n_nodes - n_real, 1)
+    per = xp.maximum((n_pad_edges + rows - 1) // rows, 1)
+    return xp.clip(n_real + q // per, 0, n_nodes - 1).astype(xp.int32)
+
+
 @lru_cache(maxsize=64)
 def _pairs(n: int) -> tuple[np.ndarray, np.ndarray]:
     i, j = np.nonzero(~np.eye(n, dtype=bool))
@@ -112,8 +124,9 @@ def pack(
     segment = np.full(n_pad, b, np.int32)
     segment[:n_real] = np.repeat(np.arange(b, dtype=np.int32), n)
 
-    senders = np.full(e_pad, n_pad - 1, np.int32)
-    receivers = np.full(e_pad, n_pad - 1, np.int32)
+    senders = np.empty(e_pad, np.int32)
+    receivers = np.empty(e_pad, np.int32)
+    senders[e_real:] = receivers[e_real:] = padding_edge_rows(np.arange(e_pad - e_real), n_real, n_pad, e_pad - e_real)
     edge_mask = np.zeros(e_pad, np.float32)
     if e_real:
         s_list, r_list = [], []

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from molgen.data.batching import EDGE_GRANULE, NODE_GRANULE, Graph, GroupedGraph
+from molgen.data.batching import EDGE_GRANULE, NODE_GRANULE, Graph, GroupedGraph, padding_edge_rows
 
 LAYOUTS = ("packed", "grouped")  # of a training batch on the device: assemble / assemble_grouped
 N_GROUPS = 6  # size groups of a grouped batch
@@ -73,7 +73,7 @@ def assemble(dset: DenseSet, ids, n_nodes: int, n_edges: int):
 
     Jittable with static sizes. Equal to ``pack`` of the same molecules with the same padding: node rows
     molecule after molecule, padding rows in an extra graph b; edges (receiver i <- sender j, i != j) row-major
-    per molecule, padding edges on the last (padding) node. Returns the graph, or (graph, (noise_x, noise_h)) in
+    per molecule, padding edges spread over the padding rows (:func:`~molgen.data.batching.padding_edge_rows`). Returns the graph, or (graph, (noise_x, noise_h)) in
     the graph's node rows when the set carries noise. Batches larger than the sizes are cut (see
     :class:`ShapePlan`, which never lets that happen).
     """
@@ -103,7 +103,7 @@ def assemble(dset: DenseSet, ids, n_nodes: int, n_edges: int):
     i = k // m1
     jj = k - i * m1
     j = jj + (jj >= i)
-    pad = n_nodes - 1
+    pad = padding_edge_rows(e - e_ends[-1], ends[-1], n_nodes, n_edges - e_ends[-1], jnp)
     receivers = jnp.where(ereal, starts[emol_c] + i, pad).astype(jnp.int32)
     senders = jnp.where(ereal, starts[emol_c] + j, pad).astype(jnp.int32)
     graph = Graph(positions, types.astype(jnp.int32), node_mask, mol, senders, receivers,
