@@ -1,10 +1,11 @@
-"""The neighbour sums of a packed training batch, alone: are scatter-adds on this GPU native atomics?
+"""The neighbour sums of a packed training batch, alone: are scatter-adds on this GPU native atomics, and what
+do padding edges on one row cost?
 
 A packed batch (the 256 x 9 network at batch 1024: ~18,700 atom rows, ~334,000 pair rows) sums per-pair
 messages into their atoms with scatter-adds, forward (sorted by receiver) and in the backward pass of every gather
 (by receiver, sorted, and by sender, not sorted). On a GPU XLA lowers a float32 scatter-add to the hardware's
 atomic add, unless its code generator emits a compare-and-swap loop instead, which is slow when many pairs add
-into one row (as here: ~18 per atom). That happens for bfloat16 scatter-adds, and for float32 ones in the
+into one row (as here: up to 28 per atom; and for padding edges all on one row, thousands). That happens for bfloat16 scatter-adds, and for float32 ones in the
 releases whose LLVM keeps the native float32 atomic only for kernels compiled to flush denormals to zero, which
 XLA's `--xla_gpu_ftz=true` does.
 
@@ -15,8 +16,10 @@ One line per measurement:
 
     RESULT scatter <op> dtype=<d> ftz=<0|1> ms=<median> GB_per_s=<pair rows read / time>
 
-and with --ab a last line ``FTZ_SPEEDUP <x>``: the ratio of the float32 scatters' summed median times without
-and with FTZ (1.0 where FTZ changes nothing).
+where <op> is sum_by_receiver or sum_by_sender, with the padding edges spread over the padding rows as molgen
+packs them, or with the suffix _pad_one_row: all on the last row, as molgen packed them before. With --ab a
+last line ``FTZ_SPEEDUP <x>``: the ratio of the float32 (spread) sums' summed median times without and with
+FTZ (1.0 where FTZ changes nothing).
 """
 
 from __future__ import annotations
@@ -28,14 +31,19 @@ import statistics
 import subprocess
 import sys
 import time
+from functools import partial
 
 import numpy as np
 
 FTZ_FLAG = "--xla_gpu_ftz=true"
 
 
-def batch_pairs(n_mol: int, seed: int = 0):
-    """Receivers (sorted) and senders of all ordered pairs of ``n_mol`` molecules of 9-27 atoms (QM9's range)."""
+def batch_pairs(n_mol: int, pad_rows: int, pad_edges: int, seed: int = 0):
+    """Receivers (sorted) and senders of all ordered pairs of ``n_mol`` molecules of 9-27 atoms (QM9's range),
+    then ``pad_edges`` padding edges on ``pad_rows`` padding rows, spread as molgen packs them and, for
+    comparison, all on the last row (as molgen packed them before); and the number of node rows."""
+    from molgen.data.batching import padding_edge_rows
+
     sizes = np.random.default_rng(seed).integers(9, 28, n_mol)
     recv, send, start = [], [], 0
     for n in sizes:
@@ -44,7 +52,13 @@ def batch_pairs(n_mol: int, seed: int = 0):
         recv.append(start + i[off])
         send.append(start + j[off])
         start += n
-    return np.concatenate(recv).astype(np.int32), np.concatenate(send).astype(np.int32), int(start)
+    n_nodes = start + pad_rows
+    spread = padding_edge_rows(np.arange(pad_edges), start, n_nodes, pad_edges)
+    one = np.full(pad_edges, n_nodes - 1)
+    recv, send = np.concatenate(recv), np.concatenate(send)
+    layouts = {"": (np.concatenate([recv, spread]), np.concatenate([send, spread])),
+               "_pad_one_row": (np.concatenate([recv, one]), np.concatenate([send, one]))}
+    return {k: (r.astype(np.int32), s.astype(np.int32)) for k, (r, s) in layouts.items()}, int(n_nodes)
 
 
 def measure(args) -> None:
@@ -52,16 +66,18 @@ def measure(args) -> None:
     import jax.numpy as jnp
 
     ftz = int(FTZ_FLAG in os.environ.get("XLA_FLAGS", ""))
-    recv, send, n_nodes = batch_pairs(args.molecules)
-    recv_d, send_d = jnp.asarray(recv), jnp.asarray(send)
-    print(f"# {jax.devices()[0].device_kind}, jax {jax.__version__}, {n_nodes} atom rows, {len(recv)} pair rows, "
-          f"{args.features} features, ftz={ftz}", flush=True)
-    ops = {
-        "sum_by_receiver": lambda m: jax.ops.segment_sum(m, recv_d, n_nodes, indices_are_sorted=True),
-        "sum_by_sender": lambda m: jax.ops.segment_sum(m, send_d, n_nodes),
-    }
+    layouts, n_nodes = batch_pairs(args.molecules, args.pad_rows, args.pad_edges)
+    n_pairs = len(layouts[""][0])
+    print(f"# {jax.devices()[0].device_kind}, jax {jax.__version__}, {n_nodes} atom rows ({args.pad_rows} padding), "
+          f"{n_pairs} pair rows ({args.pad_edges} padding), {args.features} features, ftz={ftz}", flush=True)
+    ops = {}
+    for tag, (recv, send) in layouts.items():
+        recv_d, send_d = jnp.asarray(recv), jnp.asarray(send)
+        ops[f"sum_by_receiver{tag}"] = partial(jax.ops.segment_sum, segment_ids=recv_d, num_segments=n_nodes,
+                                               indices_are_sorted=True)
+        ops[f"sum_by_sender{tag}"] = partial(jax.ops.segment_sum, segment_ids=send_d, num_segments=n_nodes)
     for dtype in args.dtypes.split(","):
-        m = jax.random.normal(jax.random.PRNGKey(0), (len(recv), args.features), jnp.dtype(dtype))
+        m = jax.random.normal(jax.random.PRNGKey(0), (n_pairs, args.features), jnp.dtype(dtype))
         for name, op in ops.items():
             f = jax.jit(op)
             f(m).block_until_ready()
@@ -84,7 +100,8 @@ def ab(args) -> float:
         flags = " ".join(f for f in env.get("XLA_FLAGS", "").split() if f != FTZ_FLAG)
         env["XLA_FLAGS"] = f"{flags} {extra}".strip()
         cmd = [sys.executable, __file__, "--molecules", str(args.molecules), "--features", str(args.features),
-               "--repeats", str(args.repeats), "--dtypes", args.dtypes]
+               "--repeats", str(args.repeats), "--dtypes", args.dtypes, "--pad-rows", str(args.pad_rows),
+               "--pad-edges", str(args.pad_edges)]
         out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
         lines = [line for line in out.stdout.splitlines() if line.startswith(("RESULT", "#"))]
         print("\n".join(lines), flush=True)
@@ -92,7 +109,7 @@ def ab(args) -> float:
             print(f"# child failed (rc {out.returncode}): {out.stderr.strip().splitlines()[-1:]}", flush=True)
             return 1.0
         totals.append(sum(float(re.search(r"ms=([\d.]+)", line).group(1)) for line in lines
-                          if line.startswith("RESULT") and "dtype=float32" in line))
+                          if line.startswith("RESULT") and "dtype=float32" in line and "pad_one_row" not in line))
     return totals[0] / totals[1] if totals[1] > 0 else 1.0
 
 
@@ -100,6 +117,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--molecules", type=int, default=1024, help="molecules in the batch")
     ap.add_argument("--features", type=int, default=256)
+    ap.add_argument("--pad-rows", type=int, default=300, help="padding node rows (batch 1024's median: ~300)")
+    ap.add_argument("--pad-edges", type=int, default=10541, help="padding edges (batch 1024's median: 10,541)")
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--ab", action="store_true", help="without and with FTZ, in two child processes")

@@ -47,13 +47,13 @@ fi
 if [ "${DRY:-0}" = 1 ]; then  # the CPU rehearsal: every step, tiny sizes
   bench_runs=tiny:16:float32:packed,tiny:16:float32:grouped,tiny:16:bf16:grouped; fastest_at=16
   edm_args="--presets small --batch-sizes 8 --device cpu --repeats 1 --warmup 1"
-  scatter_args="--molecules 64 --features 32 --repeats 3"
+  scatter_args="--molecules 64 --features 32 --repeats 3 --dtypes float32 --pad-rows 20 --pad-edges 700"
   model=tiny; batch=16; n_mol=8; calls=10; train_extra="--steps 60 --set optim.ckpt_every=50"; resume_extra="--steps 120"
 else
   bench_runs=edm:1024:tf32:packed,edm:1024:bf16:packed,edm:1024:tf32:grouped,edm:1024:bf16:grouped
   bench_runs=$bench_runs,edm:64:tf32:packed,edm:64:tf32:grouped
   fastest_at=1024
-  scatter_args="--molecules 1024 --features 256 --repeats 20"
+  scatter_args="--molecules 1024 --features 256 --repeats 20 --dtypes float32"
   edm_args="--presets edm --batch-sizes 64,1024,256 --device cuda --repeats 10 --warmup 3"
   n_mol=1000; calls=1000; train_extra="--steps 100000000 --set optim.ckpt_every=1000"; resume_extra=""
 fi
