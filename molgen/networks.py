@@ -32,7 +32,8 @@ def network(cfg: RunConfig, precision: str | None = None):
         net = EGNN(cfg.model)
         return net, net.apply
     precision = resolve_precision(precision)
-    net = EGNN(cfg.model, dtype=jnp.bfloat16 if precision == "bf16" else jnp.float32)
+    net = EGNN(cfg.model, dtype=jnp.bfloat16 if precision == "bf16" else jnp.float32,
+               fused_attrs=precision == "tf32")
     matmul = {"float32": "float32", "tf32": "tensorfloat32", "bf16": None}[precision]
     if matmul is None:
         return net, net.apply

@@ -226,6 +226,19 @@ def test_bf16_padding_never_changes_real_atoms():
 
 
 @pytest.mark.parametrize("split", [True, False])
+def test_fused_edge_attributes_give_the_same_outputs(rng, split):
+    """``fused_attrs`` (training in TF32) adds the edge attributes' term element-wise: the same function as the
+    product, to float32 rounding, with the same parameters."""
+    cfg = CFG.replace(split_edge_layer=split)
+    model, params, g, h, cond = _setup(rng, cfg=cfg)
+    want = _run(model, params, g, g.positions, h, cond)
+    got = _run(EGNN(cfg, fused_attrs=True), params, g, g.positions, h, cond)
+    for a, b in zip(got, want):
+        assert _scale(b) > 1e-3
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5 * _scale(b))
+
+
+@pytest.mark.parametrize("split", [True, False])
 def test_bf16_gradient_scatters_in_float32(split):
     """Every scatter-add of a bf16 training gradient (the neighbour sums, and the backward pass of the gathers of
     node rows into pair rows) sums float32 rows: a GPU runs bfloat16 scatter-adds as compare-and-swap loops."""

@@ -18,7 +18,10 @@ Precision: ``EGNN(cfg, dtype=jnp.bfloat16)`` runs the hidden layers' matrix prod
 bfloat16 (products accumulate in float32), while the parameters, the residual feature stream, coordinates,
 distances, the coordinate update, every sum over neighbours, every gather of node rows into pair rows (so
 that no scatter-add of the backward pass runs in bfloat16) and the output layer stay float32. The default
-(float32) computes everything in float32. The parameters are the same either way.
+(float32) computes everything in float32. The parameters are the same either way. The first layer of each edge
+MLP adds the edge attributes' term (two attributes) as a product with the pair rows; with bf16, or
+``fused_attrs=True`` (training in TF32), it is computed element-wise in float32 instead: exact, and fused with
+the sum rather than a [pairs, features] array of its own written and read again.
 """
 
 from __future__ import annotations
@@ -142,6 +145,7 @@ class EdgeInput(nn.Module):
     features: int
     split: bool = True
     dtype: jnp.dtype = jnp.float32  # of the node products (the edge attributes' term stays float32)
+    fused_attrs: bool = False  # the edge attributes' term element-wise (always with bf16)
 
     @nn.compact
     def __call__(self, h, edge_attr, pairs: Pairs):
@@ -161,10 +165,10 @@ class EdgeInput(nn.Module):
             x = jnp.concatenate([pairs.receiver(h), pairs.sender(h)], axis=-1).astype(dt)
             node_terms = (x @ kernel[: 2 * nf].astype(dt)).astype(jnp.float32)
         w = kernel[2 * nf :]
-        if dt == jnp.float32:
+        if dt == jnp.float32 and not self.fused_attrs:
             return node_terms + edge_attr @ w + bias
-        # bf16: the edge attributes' term element-wise, in float32, fused with the sum instead of a float32
-        # [pairs, features] product of its own
+        # The edge attributes' term element-wise, in float32 (exact: no TF32 or bf16 rounding of the distances),
+        # fused with the sum instead of a [pairs, features] product of its own that is written and read again
         return node_terms + sum(edge_attr[:, k : k + 1] * w[k] for k in range(ne)) + bias
 
 
@@ -175,11 +179,12 @@ def _dense(features, dtype=jnp.float32, **kw):
 class GCL(nn.Module):
     cfg: EGNNConfig
     dtype: jnp.dtype = jnp.float32
+    fused_attrs: bool = False
 
     @nn.compact
     def __call__(self, h, edge_attr, pairs: Pairs, node_mask, edge_mask):
         c, dt = self.cfg, self.dtype
-        m = nn.silu(EdgeInput(c.nf, c.split_edge_layer, dt, name="edge_in")(h, edge_attr, pairs))
+        m = nn.silu(EdgeInput(c.nf, c.split_edge_layer, dt, self.fused_attrs, name="edge_in")(h, edge_attr, pairs))
         m = nn.silu(_dense(c.nf, dt, name="edge_out")(m))
         if c.attention:
             m = m * nn.sigmoid(_dense(1, dt, name="att")(m))
@@ -193,11 +198,12 @@ class GCL(nn.Module):
 class EquivariantUpdate(nn.Module):
     cfg: EGNNConfig
     dtype: jnp.dtype = jnp.float32
+    fused_attrs: bool = False
 
     @nn.compact
     def __call__(self, h, x, coord_diff, edge_attr, pairs: Pairs, node_mask, edge_mask):
         c, dt = self.cfg, self.dtype
-        m = nn.silu(EdgeInput(c.nf, c.split_edge_layer, dt, name="coord_in")(h, edge_attr, pairs))
+        m = nn.silu(EdgeInput(c.nf, c.split_edge_layer, dt, self.fused_attrs, name="coord_in")(h, edge_attr, pairs))
         m = nn.silu(_dense(c.nf, dt, name="coord_hidden")(m))
         w = nn.Dense(1, use_bias=False, name="coord_out",  # float32: the coordinate update's weight
                      kernel_init=nn.initializers.variance_scaling(1e-6, "fan_avg", "uniform"))(m.astype(jnp.float32))
@@ -211,6 +217,7 @@ class EquivariantUpdate(nn.Module):
 class EquivariantBlock(nn.Module):
     cfg: EGNNConfig
     dtype: jnp.dtype = jnp.float32
+    fused_attrs: bool = False
 
     @nn.compact
     def __call__(self, h, x, edge_attr0, pairs: Pairs, node_mask, edge_mask):
@@ -218,9 +225,9 @@ class EquivariantBlock(nn.Module):
         d2, coord_diff = coord2diff(x, pairs, c.norm_constant)
         edge_attr = jnp.concatenate([d2, edge_attr0], axis=-1)
         for i in range(c.inv_sublayers):
-            h = GCL(c, self.dtype, name=f"gcl_{i}")(h, edge_attr, pairs, node_mask, edge_mask)
-        x = EquivariantUpdate(c, self.dtype, name="update")(h, x, coord_diff, edge_attr, pairs,
-                                                             node_mask, edge_mask)
+            h = GCL(c, self.dtype, self.fused_attrs, name=f"gcl_{i}")(h, edge_attr, pairs, node_mask, edge_mask)
+        x = EquivariantUpdate(c, self.dtype, self.fused_attrs, name="update")(h, x, coord_diff, edge_attr, pairs,
+                                                                               node_mask, edge_mask)
         return h * node_mask[:, None], x
 
 
@@ -229,6 +236,7 @@ class EGNN(nn.Module):
 
     cfg: EGNNConfig
     dtype: jnp.dtype = jnp.float32  # compute type of the hidden layers (module docstring: Precision)
+    fused_attrs: bool = False  # edge attributes' term element-wise (module docstring: Precision); bf16: always
 
     @nn.compact
     def __call__(self, x, h, cond, graph):
@@ -245,7 +253,8 @@ class EGNN(nn.Module):
         hh = _dense(c.nf, self.dtype, name="embedding")(hin).astype(jnp.float32)
         xx = x
         for i in range(c.n_layers):
-            hh, xx = EquivariantBlock(c, self.dtype, name=f"block_{i}")(hh, xx, d2_0, pairs, node_mask, edge_mask)
+            hh, xx = EquivariantBlock(c, self.dtype, self.fused_attrs, name=f"block_{i}")(hh, xx, d2_0, pairs,
+                                                                                    node_mask, edge_mask)
         h_out = _dense(c.in_node_nf + 1, name="embedding_out")(hh) * node_mask[:, None]
         vel = remove_mean(xx - x, node_mask, graph.segment, n_seg)
         return vel, h_out[:, : c.in_node_nf]
