@@ -122,10 +122,11 @@ python3 -m molgen train --recipe diffusion $start --batch-size "$batch" --lr "$l
   --set optim.layout="$layout" --seed "$seed" --set optim.eval_every=0 $train_extra --out "$run" \
   --max-minutes "$train_min" >"$out/train.txt" 2>&1
 log "train rc $?: $(tail -1 "$out/train.txt")"
-if [ -z "$(ls "$run/checkpoints" 2>/dev/null)" ] && [ "$precision/$layout" != tf32/packed ]; then
+if [ -z "$(ls "$run/checkpoints" 2>/dev/null)" ] && { [ "$precision/$layout" != tf32/packed ] || [ "${FTZ:-0}" = 1 ]; }; then
   # a failed start: once more with the settings of the earlier runs
   rm -rf "$run"; train_min=$(python3 -c "print(max(0.3, ($(left) - $sample_s) / 60))")
-  log "no checkpoint: again with tf32, packed for $train_min min"
+  export XLA_FLAGS="$(echo "${XLA_FLAGS:-}" | sed 's/--xla_gpu_ftz=true//')"
+  log "no checkpoint: again with tf32, packed, XLA_FLAGS '${XLA_FLAGS}' for $train_min min"
   python3 -m molgen train --recipe diffusion $start --batch-size "$batch" --lr "$lr" --set optim.precision=tf32 \
     --set optim.layout=packed --seed "$seed" --set optim.eval_every=0 $train_extra --out "$run" \
     --max-minutes "$train_min" >>"$out/train.txt" 2>&1
