@@ -18,7 +18,8 @@ Opt = typer.Option
 
 
 def friendly(fn):
-    """Expected failures -> one line and exit code 2; anything else keeps its traceback."""
+    """Expected failures -> one line and exit code 2; Ctrl-C -> one line and exit code 130 (files are written
+    whole or not at all); anything else keeps its traceback."""
 
     @functools.wraps(fn)
     def wrapper(*a, **kw):
@@ -27,6 +28,9 @@ def friendly(fn):
         except (MolgenError, OSError, UnicodeDecodeError) as e:
             error(e)
             raise typer.Exit(2)
+        except KeyboardInterrupt:
+            say(f"interrupted: molgen {fn.__name__} stopped (a file molgen writes is written whole or not at all)")
+            raise typer.Exit(130)
 
     return wrapper
 

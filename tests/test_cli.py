@@ -398,3 +398,19 @@ def test_recipes_and_overrides(tmp_path, data_dir):
                       (("--steps", 0), "--steps must be at least 1"), (("--seed", -1), "--seed must be in")):
         one_line_error(run("train", *args, "--data-dir", data_dir, "--out", tmp_path / "z"), msg)
     assert not (tmp_path / "z").exists()
+
+
+def test_ctrl_c_while_sampling_keeps_the_old_file(tmp_path, monkeypatch):
+    """Ctrl-C: one line, exit code 130, no traceback, and the output file as it was (written whole at the end)."""
+    import molgen.sample
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(molgen.sample, "sample", interrupted)
+    out = tmp_path / "old.sdf"
+    out.write_text("earlier samples\n")
+    res = run("sample", "-n", 4, "--steps", 1, "-o", out)
+    assert res.exit_code == 130, res.output
+    assert "interrupted" in res.output and "Traceback" not in res.output
+    assert out.read_text() == "earlier samples\n"
