@@ -109,6 +109,8 @@ def train(
     from molgen.launch import Request, launch, resolve_config
     from molgen.train import check_run_dir
 
+    if max_minutes is not None and not max_minutes > 0:
+        raise MolgenError(f"--max-minutes must be positive, got {max_minutes}")
     req = Request(out, recipe, objective, tuple(sets), resume, init, teacher, model, steps, batch_size, lr, seed)
     cfg = resolve_config(req)
     check_run_dir(out, resume)

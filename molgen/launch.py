@@ -15,7 +15,7 @@ from molgen import MolgenError
 from molgen.config import RunConfig
 from molgen.consistency.distill import (PAIR_STREAM, PAIRS_NAME, PairSet, check_pairs, make_pairs, n_held_out,
                                         ode_solver, polish_solver)
-from molgen.models import Model, load_diffusion_model, load_model
+from molgen.models import Model, find_model, load_diffusion_model, load_model
 from molgen.networks import model_fn
 from molgen.objectives import get_objective
 from molgen.recipes import apply_table, merge, parse_set, read_recipe, to_config
@@ -69,6 +69,19 @@ def check_request(req: Request) -> None:
         raise MolgenError(f"--seed must be in 0 .. 2^32 - 1, got {req.seed}")
 
 
+def check_optim(o) -> None:
+    """Refusals of optimiser settings that cannot train (from a recipe, --set or the options)."""
+    bad = [(o.steps >= 1, "optim.steps must be at least 1"), (o.batch_size >= 1, "optim.batch_size must be at least 1"),
+           (o.lr > 0, "optim.lr must be positive"), (o.warmup >= 0, "optim.warmup must be >= 0"),
+           (0 <= o.ema < 1, "optim.ema (the EMA decay) must be in [0, 1)"),
+           (o.clip > 0, "optim.clip (the gradient norm limit) must be positive"),
+           (o.ckpt_every >= 0, "optim.ckpt_every must be >= 0 (0: at the end only)"),
+           (o.eval_every >= 0, "optim.eval_every must be >= 0 (0: never)"), (o.keep >= 1, "optim.keep must be at least 1")]
+    for ok, msg in bad:
+        if not ok:
+            raise MolgenError(msg)
+
+
 def resolve_config(req: Request) -> RunConfig:
     """The run's config before data and models are read: a resumed run's own (steps, batch size and learning
     rate may change), else recipe (default: the objective's shipped recipe) + --set + direct options."""
@@ -84,9 +97,13 @@ def resolve_config(req: Request) -> RunConfig:
     recipe = merge(merge(read_recipe(name), parse_set(list(req.sets))), _direct(req))
     cfg = to_config(recipe)
     get_objective(cfg.objective)  # a known objective
-    if cfg.optim.steps < 1 or cfg.optim.batch_size < 1:
-        raise MolgenError("optim.steps and optim.batch_size must be at least 1")
-    return cfg.replace(init=str(req.init) if req.init else cfg.init)
+    check_optim(cfg.optim)
+    if req.teacher and cfg.objective != "distill":
+        raise MolgenError(f"--teacher names the diffusion model a distill run learns from; objective "
+                          f"{cfg.objective} has none")
+    cfg = cfg.replace(init=str(req.init) if req.init else cfg.init)
+    _check_start(cfg)  # before the data and models are read
+    return cfg
 
 
 def _flat(tables: dict, prefix: str = "") -> dict:
@@ -116,20 +133,34 @@ def _resumed(cfg: RunConfig, req: Request) -> RunConfig:
         if have != want and not (isinstance(have, tuple) and list(have) == want):
             raise MolgenError(f"--resume continues the run in {req.out} as it was configured: its {key} is "
                               f"{have!r}, not {want!r} (only optimiser settings may change)")
-    return cfg.replace(optim=apply_table(type(cfg.optim), "optim", optim, cfg.optim))
+    cfg = cfg.replace(optim=apply_table(type(cfg.optim), "optim", optim, cfg.optim))
+    check_optim(cfg.optim)
+    return cfg
+
+
+def _check_start(cfg: RunConfig) -> bool:
+    """What --init (and a distill run's teacher) must be for the objective, checked without reading a model:
+    whether the run starts from one."""
+    want = get_objective(cfg.objective).init
+    if cfg.distill is not None and cfg.distill.teacher:
+        find_model(cfg.distill.teacher)
+    if want == "none":
+        if cfg.init:
+            raise MolgenError(f"--init: objective {cfg.objective} trains from scratch")
+        return False
+    if not cfg.init:
+        if want == "optional":
+            return False
+        raise MolgenError(f"objective {cfg.objective} needs --init (a {want} model)")
+    find_model(cfg.init)
+    return True
 
 
 def _start_model(cfg: RunConfig) -> Model | None:
     """The model --init names, checked against what the objective wants."""
-    want = get_objective(cfg.objective).init
-    if want == "none":
-        if cfg.init:
-            raise MolgenError(f"--init: objective {cfg.objective} trains from scratch")
+    if not _check_start(cfg):
         return None
-    if not cfg.init:
-        if want == "optional":
-            return None
-        raise MolgenError(f"objective {cfg.objective} needs --init (a {want} model)")
+    want = get_objective(cfg.objective).init
     m = load_model(cfg.init)
     kind = want if want != "optional" else get_objective(cfg.objective).kind
     if m.cfg.kind != kind:

@@ -414,3 +414,20 @@ def test_ctrl_c_while_sampling_keeps_the_old_file(tmp_path, monkeypatch):
     assert res.exit_code == 130, res.output
     assert "interrupted" in res.output and "Traceback" not in res.output
     assert out.read_text() == "earlier samples\n"
+
+
+def test_train_refuses_settings_that_cannot_train_before_any_work(tmp_path, data_dir):
+    out = tmp_path / "z"
+    base = ("--model", "tiny", "--data-dir", data_dir, "--out", out)
+    for setting, says in [("optim.ema=1.5", "optim.ema"), ("optim.warmup=-1", "optim.warmup"),
+                          ("optim.clip=0", "optim.clip"), ("optim.keep=0", "optim.keep"),
+                          ("optim.ckpt_every=-2", "optim.ckpt_every"), ("optim.eval_every=-1", "optim.eval_every")]:
+        res = run("train", *base, "--set", setting)
+        one_line_error(res, says)
+        assert "training" not in res.output  # refused before the header and before any data is read
+    one_line_error(run("train", *base, "--max-minutes", 0), "--max-minutes")
+    one_line_error(run("train", *base, "--teacher", tmp_path), "--teacher", "objective diffusion")
+    res = run("train", "--objective", "ect", "--init", tmp_path / "nothere", "--data-dir", data_dir, "--out", out)
+    one_line_error(res, "nothere")
+    assert len(res.output.strip().splitlines()) == 1
+    assert not out.exists()  # nothing written

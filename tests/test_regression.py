@@ -1,7 +1,11 @@
-"""Every shipped model samples the same molecules as when its weights were committed: coordinates within 1e-4 Å
+"""Every shipped model samples the same molecules as when its weights were committed: coordinates within 1e-3 Å
 and identical atom types, per model and sampler (tests/data/regression_samples.npz, made with the seed, sampler
 and card settings recorded in it). The samples are drawn in a subprocess compiled as `molgen sample` compiles
-(the test session's faster, less optimising XLA flags round differently)."""
+(the test session's faster, less optimising XLA flags round differently).
+
+Other CPUs vectorise differently and round differently: the same samples drawn with XLA limited to AVX differ
+from the recorded ones by at most 7.1e-4 Å (2026-12-01). So every case is a well-conditioned one (molecules of a
+few Å); a 3-step ODE sample, spread over 100 Å, moved by 1.5 Å between two CPUs and is no longer a case."""
 
 import json
 import os
@@ -54,4 +58,4 @@ def test_shipped_model_samples_as_recorded(drawn, case):
     key = case["key"]
     np.testing.assert_array_equal(drawn[key + "_sizes"], DATA[key + "_sizes"])
     np.testing.assert_array_equal(drawn[key + "_types"], DATA[key + "_types"])
-    np.testing.assert_allclose(drawn[key + "_pos"], DATA[key + "_pos"], atol=1e-4, rtol=0)
+    np.testing.assert_allclose(drawn[key + "_pos"], DATA[key + "_pos"], atol=1e-3, rtol=0)
