@@ -1,0 +1,165 @@
+"""Bring one GPU run of the teacher campaign home (docs/training.md, "The teacher"): what
+`scripts/gpu_teacher.sh` left under $OUT becomes the teacher's next shipped state.
+
+    python scripts/gpu_ingest.py OUT [OUT2]      # OUT2: the folder of a RESUME=1 second call on the same machine
+
+1. joins and unpacks the weights (weights.tar.*) of the last folder that has them, and loads them as a model;
+2. evaluates that folder's samples (`molgen evaluate samples.xyz --json`, with novelty against the QM9 cache)
+   and adds the figures to the run's `gpu_runs` entry in meta.json, with the commit and a new headline;
+3. replaces params.msgpack, config.json, meta.json and eval_steps1000.json in the teacher's folder (the card
+   README.md and recipe.toml stay);
+4. copies the benchmark log to benchmarks/results/ (DATE_h200_gpu_runN.log on an H200), redraws the learning curve
+   (scripts/plot_teacher.py) and prints the card's new table row and whether the teacher now beats
+   edm-small-diffusion at 1000 calls (molecule stability, then validity).
+
+Nothing in the repository changes until every step before 3. has succeeded. --weights, --results and --plot
+point elsewhere for a rehearsal on the output of `DRY=1 bash scripts/gpu_teacher.sh` (with --min-samples 8).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+KEEP = ("params.msgpack", "config.json", "meta.json")
+
+
+def fail(msg: str) -> None:
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def unpack(parts: list[Path], into: Path) -> Path:
+    """The model folder inside the joined tar parts (only its three files, checked by name)."""
+    joined = into / "weights.tar"
+    with joined.open("wb") as f:
+        for p in parts:
+            f.write(p.read_bytes())
+    with tarfile.open(joined) as tar:
+        members = [m for m in tar.getmembers() if m.isfile()]
+        tops = {Path(m.name).parts[0] for m in members}
+        names = sorted(Path(m.name).name for m in members)
+        if len(tops) != 1 or names != sorted(KEEP) or any(len(Path(m.name).parts) != 2 for m in members):
+            fail(f"{parts[0]}: expected one folder with {', '.join(KEEP)}, found {[m.name for m in members]}")
+        tar.extractall(into, members=members, filter="data")
+    joined.unlink()
+    return into / tops.pop()
+
+
+def git_commit() -> str:
+    r = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    return r.stdout.strip() or "unknown"
+
+
+def jax_version(folder: Path) -> str:
+    """JAX's version as the run's pipeline log printed it ("jax X flax Y ...")."""
+    for line in (folder / "pipeline.txt").read_text().splitlines() if (folder / "pipeline.txt").exists() else []:
+        words = line.split()
+        if len(words) > 1 and words[0] == "jax":
+            return words[1]
+    return "?"
+
+
+def card_row(n: int, run: dict, ev: dict, jax: str) -> str:
+    pct = lambda x: f"{100 * x:.2f} %" if x is not None else "n/a"  # noqa: E731
+    how = f"{run['batch']}, {run['lr']}, {run['precision']}" + (f" {run['layout']}" if run.get("layout") else "")
+    if run.get("xla_flags"):
+        how += f" ({run['xla_flags']})"
+    return (f"| {n} ({run['start']}, seed {run['seed']}) | {run['date']} | {run['device']}, JAX {jax} | {how} | "
+            f"{run['steps']:,} ({run['epochs']}) | {run['seconds']:.0f} s | {run['median_steps_per_s']} | "
+            f"{pct(ev['atom_stability'])} | {pct(ev['mol_stability'])} | {pct(ev['validity'])} | "
+            f"{pct(ev.get('novelty'))} |")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("out", nargs="+", type=Path, help="what the run brought back, in call order")
+    ap.add_argument("--teacher", default="edm-diffusion")
+    ap.add_argument("--weights", type=Path, help="the teacher's folder (default: weights/TEACHER)")
+    ap.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
+    ap.add_argument("--plot", type=Path, default=ROOT / "docs" / "img" / "teacher_curve.png")
+    ap.add_argument("--min-samples", type=int, default=1000)
+    ap.add_argument("--baseline", default="edm-small-diffusion", help="the teacher to beat")
+    args = ap.parse_args()
+    dest = args.weights or ROOT / "weights" / args.teacher
+    for d in args.out:
+        if not d.is_dir():
+            fail(f"{d}: no such folder")
+    last = next((d for d in reversed(args.out) if (d / "weights.tar.00").exists()), None)
+    if last is None:
+        fail("no weights.tar.00 in " + ", ".join(map(str, args.out)))
+    if not (last / "samples.xyz").exists():
+        fail(f"{last}: no samples.xyz (the run's sampling did not finish)")
+    if not (dest / "meta.json").exists():
+        fail(f"{dest}: no meta.json (not the teacher's folder)")
+
+    sys.path.insert(0, str(ROOT))
+    from molgen.models import load_model
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = unpack(sorted(last.glob("weights.tar.*")), Path(tmp))
+        m = load_model(model_dir)
+        meta = json.loads((model_dir / "meta.json").read_text())
+        runs = meta.get("gpu_runs", [])
+        old = json.loads((dest / "meta.json").read_text()).get("gpu_runs", [])
+        if len(runs) != len(old) + 1 or runs[:-1] != old:
+            fail(f"{last}: its gpu_runs ({len(runs)} entries) do not continue {dest}'s ({len(old)})")
+        run = runs[-1]
+        ev_path = model_dir / "eval_steps1000.json"
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+        r = subprocess.run([sys.executable, "-m", "molgen", "evaluate", "samples.xyz", "--json", str(ev_path)],
+                           capture_output=True, text=True, cwd=last, env=env)  # the JSON names samples.xyz alone
+        if r.returncode != 0:
+            fail(f"molgen evaluate {last / 'samples.xyz'}: {r.stderr.strip().splitlines()[-1:]}")
+        ev = json.loads(ev_path.read_text())
+        if ev["n_molecules"] < args.min_samples:
+            fail(f"{last / 'samples.xyz'}: {ev['n_molecules']} molecules, fewer than --min-samples {args.min_samples}")
+        run["eval_1000_calls"] = {k: round(ev[k], 4) if ev.get(k) is not None else None
+                                  for k in ("atom_stability", "mol_stability", "validity", "novelty")}
+        run["commit"] = git_commit()
+        epochs = round(sum(x["epochs"] for x in runs), 1)
+        steps = sum(x["steps"] for x in runs)
+        meta["step"] = steps
+        meta["trained"] = (f"{steps:,} steps over {len(runs)} GPU runs ({epochs} epochs), last on "
+                           f"{run['date']}: {run['device']}, batch {run['batch']}, {run['precision']}")
+        meta["headline"] = (f"teacher in training (256 x 9): {100 * ev['atom_stability']:.1f} % atom / "
+                            f"{100 * ev['mol_stability']:.1f} % molecule stability at 1000 calls after {epochs:g} epochs")
+        (model_dir / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+        dest.mkdir(parents=True, exist_ok=True)
+        for name in (*KEEP, ev_path.name):
+            shutil.copyfile(model_dir / name, dest / f".{name}.new")
+        for name in (*KEEP, ev_path.name):  # all four written before any replaces the old one
+            (dest / f".{name}.new").replace(dest / name)
+    print(f"{dest}: {m.cfg.model.nf} x {m.cfg.model.n_layers} network, run {len(runs)} of {len(runs)}, "
+          f"{(dest / 'params.msgpack').stat().st_size / 2**20:.1f} MiB")
+
+    bench = next((d / "bench.log" for d in args.out if (d / "bench.log").exists()), None)
+    if bench is not None:
+        args.results.mkdir(parents=True, exist_ok=True)
+        device = run["device"].lower().replace("nvidia ", "").replace(" ", "_")
+        target = args.results / f"{run['date']}_{device}_gpu_run{len(runs)}.log"
+        shutil.copyfile(bench, target)
+        print(f"benchmark log: {target}")
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "plot_teacher.py"), "--model", str(dest), "--out",
+                    str(args.plot)], check=True)
+    print("card row:\n" + card_row(len(runs), run, ev, jax_version(args.out[0])))
+    base = ROOT / "weights" / args.baseline / "eval_steps1000.json"
+    if base.exists():
+        b = json.loads(base.read_text())
+        beats = (ev["mol_stability"], ev["validity"]) > (b["mol_stability"], b["validity"])
+        print(f"against {args.baseline} at 1000 calls: molecules {100 * ev['mol_stability']:.1f} % vs "
+              f"{100 * b['mol_stability']:.1f} %, valid {100 * ev['validity']:.1f} % vs {100 * b['validity']:.1f} %: "
+              + ("better - distil the few-call models from it (scripts/gpu_distill.sh)" if beats else "not better yet"))
+
+
+if __name__ == "__main__":
+    main()
