@@ -155,17 +155,19 @@ def sample(
 ):
     """Generate molecules and write them as SDF or XYZ, then print their stability report."""
     from molgen.chem.io import format_of, write_molecules
+    from molgen.data.qm9 import require_cache
     from molgen.display import metrics_table, progress
     from molgen.evaluate import annotate, write_json
     from molgen.io_utils import check_writable
     from molgen.jax_setup import enable_compilation_cache
     from molgen.models import load_model, polisher_for
     from molgen.fragment import fragment_kept, read_fragment
-    from molgen.sample import parse_levels, plan, sample as draw, size_warning
+    from molgen.sample import nonfinite_warning, parse_levels, plan, sample as draw, size_warning
 
     for path, what in ((out, "-o"), (json_path, "--json")):
         if path is not None:
             check_writable(path, what)
+    require_cache(data_dir, "--data-dir")
     fmt = format_of(out, fmt, strict=True)
     if polisher is not None and not polish:
         raise MolgenError("--polisher names the model that --polish N calls; add --polish N")
@@ -186,6 +188,8 @@ def sample(
     write_molecules(out, res.molecules, fmt)
     console.print(f"wrote {len(res.molecules)} molecules to {out} ({res.description}, {res.seconds:.1f} s sampling)",
                   soft_wrap=True)
+    if warning := nonfinite_warning(res.molecules, fmt):
+        say(warning)
     kept = {} if frag is None else {"fragment_kept": fragment_kept(frag, res.molecules)}
     if report and metrics is not None:
         console.print(metrics_table(metrics, f"samples: {out}", kept.get("fragment_kept")))
@@ -210,6 +214,7 @@ def evaluate(
 ):
     """Stability, validity, uniqueness and novelty (EDM's definitions), RDKit's validity, distances to QM9 and
     optionally strain of molecules in files."""
+    from molgen.data.qm9 import require_cache
     from molgen.display import evaluation_report, progress
     from molgen.evaluate import evaluate_files, write_json, write_per_molecule_csv
     from molgen.fidelity import reference_statistics, statistics
@@ -218,6 +223,7 @@ def evaluate(
     for p, what in ((json_path, "--json"), (per_molecule, "--per-molecule")):
         if p is not None:
             check_writable(p, what)
+    require_cache(reference, "--reference")
     if plots is not None and plots.exists() and not plots.is_dir():
         raise MolgenError(f"--plots {plots} is a file; give a folder")
     ref = reference_statistics(reference) if plots is not None else None

@@ -16,7 +16,7 @@ import numpy as np
 
 from molgen import MolgenError
 from molgen.chem.elements import N_TYPES
-from molgen.chem.io import Molecule
+from molgen.chem.io import MAX_ATOMS, Molecule
 from molgen.consistency.stack import describe_network
 from molgen.data.batching import pack
 from molgen.diffusion.edm import denoiser
@@ -43,8 +43,8 @@ def draw_sizes(cfg, n: int, seed: int, atoms: int | None = None, stream: int = 7
     """Atom counts: ``atoms`` each, or drawn from the training histogram with the random stream (seed, stream),
     restricted to sizes above ``above`` (a fragment's size)."""
     if atoms is not None:
-        if atoms < 1:
-            raise MolgenError("--atoms must be at least 1")
+        if not 1 <= atoms <= MAX_ATOMS:
+            raise MolgenError(f"--atoms must be in 1 .. {MAX_ATOMS} (the largest molecule molgen reads back), got {atoms}")
         if atoms < above:
             raise MolgenError(f"the fragment has {above} atoms, more than --atoms {atoms}")
         return np.full(n, atoms, np.int32)
@@ -188,6 +188,16 @@ def size_warning(model: Model, atoms: int | None) -> str | None:
     if atoms is not None and top and atoms > top:
         return f"warning: this model was trained on molecules of at most {top} atoms; expect poor molecules with --atoms {atoms}"
     return None
+
+
+def nonfinite_warning(molecules: list[Molecule], fmt: str) -> str | None:
+    """A warning when some molecules' coordinates are not finite (the sampler diverged, e.g. at a huge
+    temperature or noise level): SDF cannot hold them."""
+    bad = sum(not np.all(np.isfinite(m.positions)) for m in molecules)
+    if not bad:
+        return None
+    how = "SDF writes their coordinates as 0 and marks them (molgen_nonfinite)" if fmt == "sdf" else "XYZ writes nan"
+    return f"warning: {bad} of {len(molecules)} molecules have non-finite coordinates (the sampler diverged); {how}"
 
 
 def _describe(model: Model, s, settings: dict) -> str:

@@ -168,6 +168,22 @@ def test_sdf_round_trip_and_rdkit_opens_it(tmp_path):
     assert Chem.MolToSmiles(Chem.RemoveHs(rd[1])) == "C#N"
 
 
+def test_non_finite_coordinates_survive_an_sdf_round_trip_as_non_finite(tmp_path):
+    pos, types = hcn()
+    bad = np.array(pos, np.float64)
+    bad[1, 0] = np.nan
+    path = tmp_path / "x.sdf"
+    write_sdf(path, [Molecule(types, pos), Molecule(types, bad)])
+    rd = list(Chem.SDMolSupplier(str(path), removeHs=False, sanitize=False))
+    written = rd[1].GetConformer().GetPositions()
+    assert written[1, 0] == 0 and np.allclose(np.delete(written.ravel(), 3), np.delete(bad.ravel(), 3), atol=1e-4)
+    assert rd[1].HasProp("molgen_nonfinite")
+    assert not rd[0].HasProp("molgen_nonfinite")
+    back = read_molecules(path)
+    assert np.all(np.isfinite(back[0].positions)) and np.all(np.isnan(back[1].positions))
+    assert evaluate_molecules([m.positions for m in back], [m.types for m in back]).n_nonfinite == 1
+
+
 def test_xyz_round_trip_and_ase_opens_it(tmp_path):
     import ase.io
 

@@ -316,6 +316,9 @@ def test_sample_bad_inputs(tmp_path, trained):
     res = run("sample", "--checkpoint", trained, "-n", 1, "--steps", 2, "--atoms", biggest + 1, "-o",
               tmp_path / "big.sdf", "--no-report")
     assert res.exit_code == 0 and f"at most {biggest} atoms; expect poor molecules" in res.output, res.output
+    for atoms in (0, 257, 100000):  # 100000 atoms would ask for ~150 GiB of pair indices
+        one_line_error(run("sample", "--checkpoint", trained, "-o", tmp_path / "x.sdf", "--atoms", atoms),
+                       "--atoms must be in 1 .. 256", f"got {atoms}")
     existing = tmp_path / "keep.sdf"
     existing.write_text("precious")
     one_line_error(run("sample", "--checkpoint", trained, "-o", existing, "--steps", 0), "--steps")
@@ -426,8 +429,19 @@ def test_train_refuses_settings_that_cannot_train_before_any_work(tmp_path, data
         one_line_error(res, says)
         assert "training" not in res.output  # refused before the header and before any data is read
     one_line_error(run("train", *base, "--max-minutes", 0), "--max-minutes")
+    one_line_error(run("train", *base, "--steps", 1, "--batch-size", 10000), "--batch-size 10000 is larger than the "
+                   "training split")
     one_line_error(run("train", *base, "--teacher", tmp_path), "--teacher", "objective diffusion")
     res = run("train", "--objective", "ect", "--init", tmp_path / "nothere", "--data-dir", data_dir, "--out", out)
     one_line_error(res, "nothere")
     assert len(res.output.strip().splitlines()) == 1
     assert not out.exists()  # nothing written
+
+
+def test_a_diverged_sample_is_written_marked_and_warned_about(tmp_path, trained):
+    out = tmp_path / "x.sdf"
+    res = run("sample", "--checkpoint", trained, "-n", 3, "--steps", 2, "--temperature", 1e30, "-o", out,
+              "--no-report")
+    assert res.exit_code == 0, res.output
+    assert "3 of 3 molecules have non-finite coordinates" in res.output and "molgen_nonfinite" in res.output
+    assert out.read_text().count("<molgen_nonfinite>") == 3

@@ -69,6 +69,9 @@ def test_a_resumed_run_logs_each_step_once(ct_run, data_dir, tmp_path):
     (("train", "--steps", -5, "--out", "{tmp}/r"), "--steps must be at least 1"),
     (("download", "--data-dir", "{file}"), "is a file, not a folder"),
     (("download", "--data-dir", "{tmp}/d", "--from", "{tmp}/missing.csv"), "no such file or folder"),
+    (("sample", "--data-dir", "{tmp}/d", "-o", "{tmp}/x.sdf"), "--data-dir {tmp}/d: no QM9 cache there"),
+    (("sample", "--atoms", 300, "-o", "{tmp}/x.sdf"), "--atoms must be in 1 .. 256"),
+    (("evaluate", "{file}", "--reference", "{tmp}"), "--reference {tmp}: no QM9 cache there"),
 ])
 def test_bad_input_is_one_line_before_any_work(tmp_path, args, message, data_dir):
     f = tmp_path / "existing.xyz"
@@ -76,7 +79,7 @@ def test_bad_input_is_one_line_before_any_work(tmp_path, args, message, data_dir
     args = [str(a).format(tmp=tmp_path, file=f) for a in args]
     if args[0] == "train":
         args += ["--data-dir", str(data_dir)]
-    one_line_error(run(*args), message)
+    one_line_error(run(*args), message.format(tmp=tmp_path))
     assert f.read_text() == "1\nH\nH 0 0 0\n" and not (tmp_path / "d").exists() and not (tmp_path / "r").exists()
 
 

@@ -20,6 +20,7 @@ from molgen.chem.elements import SYMBOLS, symbol_to_type
 from molgen.io_utils import atomic_path
 
 FORMATS = ("sdf", "xyz")
+NONFINITE = "molgen_nonfinite"  # the SDF property of a molecule whose coordinates were not finite
 MAX_ATOMS = 256  # the pairwise bond tables are dense; larger inputs are not QM9-like molecules
 
 
@@ -75,12 +76,14 @@ def write_sdf(path: Path | str, molecules: list[Molecule], orders: list[np.ndarr
         writer = Chem.SDWriter(str(tmp))
         writer.SetKekulize(False)
         for k, (m, o) in enumerate(zip(molecules, orders)):
-            pos = np.where(np.isfinite(m.positions), m.positions, 0.0)
-            mol = build_molecule(m.types, o, pos)
+            finite = np.isfinite(m.positions)
+            mol = build_molecule(m.types, o, np.where(finite, m.positions, 0.0))
             mol.UpdatePropertyCache(strict=False)
             mol.SetProp("_Name", m.name or f"molgen_{k}")
             for key, val in m.props.items():
                 mol.SetProp(str(key), str(val))
+            if not finite.all():  # SDF has no way to write NaN or infinity
+                mol.SetProp(NONFINITE, "coordinates not finite, written as 0")
             writer.write(mol)
         writer.close()
 
@@ -200,6 +203,8 @@ def read_sdf(path: Path, skip_invalid: bool = False, errors: list | None = None)
             types = _types(syms, f"{path}: molecule {k}")
             pos = np.array(mol.GetConformer().GetPositions(), np.float64)
             props = {p: mol.GetProp(p) for p in mol.GetPropNames()}
+            if NONFINITE in props:  # written by molgen: the coordinates were not finite
+                pos[:] = np.nan
             name = mol.GetProp("_Name") if mol.HasProp("_Name") else ""
             mols.append(Molecule(types, pos, name=name, props=props))
         except BadMolecule as e:

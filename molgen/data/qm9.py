@@ -216,6 +216,12 @@ def cache_is_valid(data_dir: Path, verify_hash: bool = True) -> bool:
     return not verify_hash or _sha256(npz) == m.get("sha256")
 
 
+def require_cache(data_dir: Path | str | None, option: str) -> None:
+    """A cache folder the user named on the command line must hold a cache (a default one may be missing)."""
+    if data_dir is not None and not cache_is_valid(Path(data_dir), verify_hash=False):
+        raise MolgenError(f"{option} {data_dir}: no QM9 cache there (run `molgen download --data-dir {data_dir}`)")
+
+
 def load_qm9(data_dir: Path | str | None = None, remove_h: bool = False, verify: bool = True) -> QM9:
     """Load the processed cache (run ``molgen download`` first)."""
     data_dir = Path(data_dir) if data_dir else default_data_dir()
