@@ -18,7 +18,7 @@ from molgen.consistency.distill import (PAIR_STREAM, PAIRS_NAME, PairSet, check_
 from molgen.models import Model, find_model, load_diffusion_model, load_model
 from molgen.networks import model_fn
 from molgen.objectives import get_objective
-from molgen.recipes import apply_table, merge, parse_set, read_recipe, to_config
+from molgen.recipes import apply_table, check_settings, merge, parse_set, read_recipe, to_config
 from molgen.state import CONFIG_NAME
 
 
@@ -69,19 +69,6 @@ def check_request(req: Request) -> None:
         raise MolgenError(f"--seed must be in 0 .. 2^32 - 1, got {req.seed}")
 
 
-def check_optim(o) -> None:
-    """Refusals of optimiser settings that cannot train (from a recipe, --set or the options)."""
-    bad = [(o.steps >= 1, "optim.steps must be at least 1"), (o.batch_size >= 1, "optim.batch_size must be at least 1"),
-           (o.lr > 0, "optim.lr must be positive"), (o.warmup >= 0, "optim.warmup must be >= 0"),
-           (0 <= o.ema < 1, "optim.ema (the EMA decay) must be in [0, 1)"),
-           (o.clip > 0, "optim.clip (the gradient norm limit) must be positive"),
-           (o.ckpt_every >= 0, "optim.ckpt_every must be >= 0 (0: at the end only)"),
-           (o.eval_every >= 0, "optim.eval_every must be >= 0 (0: never)"), (o.keep >= 1, "optim.keep must be at least 1")]
-    for ok, msg in bad:
-        if not ok:
-            raise MolgenError(msg)
-
-
 def resolve_config(req: Request) -> RunConfig:
     """The run's config before data and models are read: a resumed run's own (steps, batch size and learning
     rate may change), else recipe (default: the objective's shipped recipe) + --set + direct options."""
@@ -97,7 +84,7 @@ def resolve_config(req: Request) -> RunConfig:
     recipe = merge(merge(read_recipe(name), parse_set(list(req.sets))), _direct(req))
     cfg = to_config(recipe)
     get_objective(cfg.objective)  # a known objective
-    check_optim(cfg.optim)
+    check_settings(cfg)
     if req.teacher and cfg.objective != "distill":
         raise MolgenError(f"--teacher names the diffusion model a distill run learns from; objective "
                           f"{cfg.objective} has none")
@@ -134,7 +121,7 @@ def _resumed(cfg: RunConfig, req: Request) -> RunConfig:
             raise MolgenError(f"--resume continues the run in {req.out} as it was configured: its {key} is "
                               f"{have!r}, not {want!r} (only optimiser settings may change)")
     cfg = cfg.replace(optim=apply_table(type(cfg.optim), "optim", optim, cfg.optim))
-    check_optim(cfg.optim)
+    check_settings(cfg)
     return cfg
 
 

@@ -83,9 +83,55 @@ def apply_table(cls, name: str, table: dict, base):
         elif isinstance(cur, tuple) and isinstance(v, list):
             v = tuple(v)
         elif cur is not None and not isinstance(v, type(cur)):
-            raise MolgenError(f"recipe: {name}.{k} must be a {type(cur).__name__}, got {v!r}")
+            kind = {"int": "an integer", "float": "a number", "str": "a string"}.get(type(cur).__name__, type(cur).__name__)
+            raise MolgenError(f"recipe: {name}.{k} must be {kind}, got {v!r}")
         kw[k] = v
     return dataclasses.replace(base, **kw)
+
+
+def _at_least(lo):
+    return lambda v: v >= lo, f"at least {lo}"
+
+
+def _positive():
+    return lambda v: v > 0, "positive"
+
+
+def _within(lo, hi, closed_hi=False):
+    return (lambda v: lo <= v <= hi) if closed_hi else (lambda v: lo <= v < hi), f"in [{lo}, {hi}{']' if closed_hi else ')'}"
+
+
+# What each numeric setting must be for a run to make sense (checked before any work starts).
+LIMITS: dict[str, dict[str, tuple]] = {
+    "model": {"nf": _at_least(1), "n_layers": _at_least(1), "inv_sublayers": _at_least(1),
+              "coords_range": _positive(), "normalization_factor": _positive(), "norm_constant": _at_least(0)},
+    "diffusion": {"timesteps": _at_least(1), "precision": (lambda v: 0 < v < 0.5, "in (0, 0.5)"),
+                  "power": _positive()},
+    "consistency": {"sigma_min": _positive(), "sigma_max": _positive(), "rho": _positive(),
+                    "sigma_data_x": _positive(), "sigma_data_h": _positive(), "p_std": _positive(),
+                    "s0": _at_least(1), "s1": _at_least(1), "total_steps": _at_least(0), "huber_scale": _positive()},
+    "distill": {"pairs": _at_least(2), "teacher_steps": _at_least(1), "polish_calls": _at_least(0),
+                "pair_temperature": _positive(), "anchor_fraction": _within(0, 1, closed_hi=True),
+                "bond_weight": _at_least(0)},
+    "optim": {"steps": _at_least(1), "batch_size": _at_least(1), "lr": _positive(), "warmup": _at_least(0),
+              "ema": _within(0, 1), "clip": _positive(), "ckpt_every": _at_least(0), "eval_every": _at_least(0),
+              "keep": _at_least(1)},
+}
+
+
+def check_settings(cfg: RunConfig) -> None:
+    """Refuse settings that cannot train (from a recipe, --set or the options), naming the first one."""
+    import math
+
+    for section, limits in LIMITS.items():
+        table = getattr(cfg, section, None)
+        for key, (ok, what) in limits.items() if table is not None else ():
+            v = getattr(table, key)
+            if isinstance(v, float) and not math.isfinite(v) or not ok(v):
+                raise MolgenError(f"{section}.{key} must be {what}, got {v}")
+    c = cfg.consistency
+    if c is not None and not (c.sigma_max > c.sigma_min and c.s1 >= c.s0):
+        raise MolgenError("consistency: sigma_max must exceed sigma_min and s1 must be at least s0")
 
 
 def to_config(recipe: dict) -> RunConfig:

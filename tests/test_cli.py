@@ -394,7 +394,7 @@ def test_recipes_and_overrides(tmp_path, data_dir):
     bad.write_text("objective = [\n")
     for args, msg in ((("--recipe", bad), "not a valid TOML recipe"), (("--recipe", "nope"), "no such recipe"),
                       (("--set", "optim.lr"), "expected section.key=value"),
-                      (("--set", "optim.lr=fast"), "optim.lr must be a float"),
+                      (("--set", "optim.lr=fast"), "optim.lr must be a number"),
                       (("--set", "model.preset=huge"), "model.preset must be one of"),
                       (("--set", "optics.lr=1"), "unknown setting(s) optics"),
                       (("--objective", "gan"), "objective must be one of"),

@@ -8,7 +8,7 @@ import pytest
 from molgen import MolgenError
 from molgen.config import RunConfig
 from molgen.models import shipped_models
-from molgen.recipes import merge, parse_set, read_recipe, shipped_recipes, to_config
+from molgen.recipes import check_settings, merge, parse_set, read_recipe, shipped_recipes, to_config
 
 MODELS = shipped_models()
 
@@ -54,7 +54,8 @@ def test_set_values_are_toml_or_strings_and_merge_table_by_table():
 
 @pytest.mark.parametrize("recipe,message", [
     ({"optim": {"speed": 1}}, "[optim] has no setting 'speed'"),
-    ({"optim": {"steps": "many"}}, "optim.steps must be a int"),
+    ({"optim": {"steps": "many"}}, "optim.steps must be an integer"),
+    ({"optim": {"lr": "fast"}}, "optim.lr must be a number"),
     ({"data": {"remove_h": 1}}, "data.remove_h must be true or false"),
     ({"model": {"preset": "huge"}}, "model.preset must be one of"),
     ({"stack": {"levels": [0.1]}}, "[stack] is made by `molgen export --stack N`"),
@@ -63,3 +64,25 @@ def test_set_values_are_toml_or_strings_and_merge_table_by_table():
 def test_recipe_mistakes_are_named(recipe, message):
     with pytest.raises(MolgenError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
         to_config(recipe)
+
+
+@pytest.mark.parametrize("recipe,message", [
+    ({"model": {"nf": -3}}, "model.nf must be at least 1, got -3"),
+    ({"model": {"n_layers": 0}}, "model.n_layers must be at least 1"),
+    ({"diffusion": {"precision": 0.7}}, "diffusion.precision must be in (0, 0.5)"),
+    ({"optim": {"lr": float("nan")}}, "optim.lr must be positive, got nan"),
+    ({"optim": {"ema": 1.0}}, "optim.ema must be in [0, 1)"),
+    ({"consistency": {"s0": 10, "s1": 5}}, "s1 must be at least s0"),
+    ({"consistency": {"sigma_min": 1.0, "sigma_max": 0.5}}, "sigma_max must exceed sigma_min"),
+    ({"distill": {"anchor_fraction": 1.5}}, "distill.anchor_fraction must be in [0, 1]"),
+])
+def test_settings_that_cannot_train_are_named(recipe, message):
+    with pytest.raises(MolgenError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
+        check_settings(to_config(recipe))
+
+
+def test_every_shipped_recipe_and_model_passes_the_checks():
+    for name in shipped_recipes():
+        check_settings(to_config(read_recipe(name)))
+    for folder in MODELS.values():
+        check_settings(RunConfig.load(folder / "config.json"))
