@@ -63,6 +63,8 @@ def download(
     from molgen.data.sources import download as get
     from molgen.display import progress, progress_factory
 
+    if not timeout > 0:
+        raise MolgenError(f"--timeout must be a positive number of seconds, got {timeout}")
     t0 = time.time()
     with progress() as bar:
         path, did = get(data_dir, source, from_path, force, progress_factory(bar), log=say, timeout=timeout)
@@ -166,7 +168,7 @@ def sample(
 
     for path, what in ((out, "-o"), (json_path, "--json")):
         if path is not None:
-            check_writable(path, what)
+            check_writable(path, what, inputs=(fix,))
     require_cache(data_dir, "--data-dir")
     fmt = format_of(out, fmt, strict=True)
     if polisher is not None and not polish:
@@ -222,7 +224,7 @@ def evaluate(
 
     for p, what in ((json_path, "--json"), (per_molecule, "--per-molecule")):
         if p is not None:
-            check_writable(p, what)
+            check_writable(p, what, inputs=files)
     require_cache(reference, "--reference")
     if plots is not None and plots.exists() and not plots.is_dir():
         raise MolgenError(f"--plots {plots} is a file; give a folder")

@@ -29,11 +29,22 @@ def atomic_path(dest: Path | str):
         raise
 
 
-def check_writable(path: Path | str, what: str = "output") -> None:
-    """Refuse, before any work, an output path that cannot be written: a folder, a missing folder, read-only."""
+MOLECULE_FILES = (".sdf", ".mol", ".xyz", ".extxyz")  # what a folder of molecules is read for
+
+
+def check_writable(path: Path | str, what: str = "output", inputs=()) -> None:
+    """Refuse, before any work, an output path that cannot be written: a folder, a missing folder, read-only,
+    or one of the command's ``inputs`` (it would be overwritten)."""
     from molgen import MolgenError
 
     path = Path(path)
+    for src in inputs:
+        if src is None or not Path(src).exists() or not path.exists():
+            continue
+        src = Path(src)
+        read = path.samefile(src) or (src.is_dir() and path.parent.samefile(src) and path.suffix.lower() in MOLECULE_FILES)
+        if read:
+            raise MolgenError(f"{what} {path} is also an input of this command; writing it would overwrite it")
     if path.is_dir():
         raise MolgenError(f"{what} {path} is a folder; give a file name")
     if not path.parent.is_dir():

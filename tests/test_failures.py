@@ -72,6 +72,10 @@ def test_a_resumed_run_logs_each_step_once(ct_run, data_dir, tmp_path):
     (("sample", "--data-dir", "{tmp}/d", "-o", "{tmp}/x.sdf"), "--data-dir {tmp}/d: no QM9 cache there"),
     (("sample", "--atoms", 300, "-o", "{tmp}/x.sdf"), "--atoms must be in 1 .. 256"),
     (("evaluate", "{file}", "--reference", "{tmp}"), "--reference {tmp}: no QM9 cache there"),
+    (("evaluate", "{file}", "--per-molecule", "{file}"), "is also an input of this command"),
+    (("evaluate", "{tmp}", "--json", "{file}"), "is also an input of this command"),
+    (("sample", "--fix", "{file}", "-o", "{file}"), "is also an input of this command"),
+    (("download", "--timeout", 0, "--data-dir", "{tmp}/d"), "--timeout must be a positive number"),
 ])
 def test_bad_input_is_one_line_before_any_work(tmp_path, args, message, data_dir):
     f = tmp_path / "existing.xyz"
@@ -130,3 +134,11 @@ def test_evaluate_survives_any_bytes(data, cut, fmt, tmp_path_factory):
             assert len(res.output.strip().splitlines()) == 1, res.output
         else:
             assert "atom stability" in res.output
+
+
+def test_a_multi_line_cause_is_still_one_line(tmp_path):
+    junk = tmp_path / "qm9.tar.bz2"
+    junk.write_text("not an archive")
+    res = run("download", "--data-dir", tmp_path / "d", "--from", junk)
+    one_line_error(res, "not a readable tar archive")
+    assert len(res.output.strip().splitlines()) == 1 and not (tmp_path / "d" / "qm9_v1.npz").exists()

@@ -17,7 +17,7 @@ import numpy as np
 
 from molgen import MolgenError
 from molgen.chem.elements import SYMBOLS, symbol_to_type
-from molgen.io_utils import atomic_path
+from molgen.io_utils import MOLECULE_FILES, atomic_path
 
 FORMATS = ("sdf", "xyz")
 NONFINITE = "molgen_nonfinite"  # the SDF property of a molecule whose coordinates were not finite
@@ -222,7 +222,7 @@ def read_molecules(path: Path | str, fmt: str | None = None, skip_invalid: bool 
     if not path.exists():
         raise MolgenError(f"{path}: no such file or folder")
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix.lower() in (".sdf", ".mol", ".xyz", ".extxyz"))
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in MOLECULE_FILES)
         if not files:
             raise MolgenError(f"{path}: folder holds no .sdf or .xyz files")
         return [m for f in files for m in read_molecules(f, fmt, skip_invalid, errors)]
