@@ -223,6 +223,7 @@ def download(
     timeout: float = 10.0,
 ) -> tuple[Path, bool]:
     """Make the processed QM9 cache.  Returns (cache path, whether anything was done)."""
+    named = "--data-dir" if data_dir else ("$MOLGEN_HOME" if os.environ.get("MOLGEN_HOME") else "the cache folder")
     data_dir = Path(data_dir) if data_dir else default_data_dir()
     if from_path is not None:
         source = "file"
@@ -233,7 +234,7 @@ def download(
     if source == "file" and from_path is None:
         raise MolgenError("--source file needs --from PATH")
     if data_dir.exists() and not data_dir.is_dir():
-        raise MolgenError(f"--data-dir {data_dir} is a file, not a folder")
+        raise MolgenError(f"{named} {data_dir} is a file, not a folder")
     made_from = read_manifest(data_dir) or {}
     same_file = from_path is None or made_from.get("source") == f"file:{Path(from_path).resolve()}"
     if not force and same_file and cache_is_valid(data_dir):  # --from another file rebuilds from it
