@@ -129,6 +129,8 @@ def check_settings(cfg: RunConfig) -> None:
             v = getattr(table, key)
             if isinstance(v, float) and not math.isfinite(v) or not ok(v):
                 raise MolgenError(f"{section}.{key} must be {what}, got {v}")
+    if not 0 <= cfg.seed < 2**32:
+        raise MolgenError(f"seed must be in 0 .. 2^32 - 1, got {cfg.seed}")
     c = cfg.consistency
     if c is not None and not (c.sigma_max > c.sigma_min and c.s1 >= c.s0):
         raise MolgenError("consistency: sigma_max must exceed sigma_min and s1 must be at least s0")
@@ -145,10 +147,14 @@ def to_config(recipe: dict) -> RunConfig:
     unknown = set(recipe) - set(SECTIONS) - set(TOP)
     if unknown:
         raise MolgenError(f"recipe: unknown setting(s) {', '.join(sorted(unknown))} (tables: {', '.join(SECTIONS)})")
+    for key, kind, what in (("objective", str, "a string"), ("seed", int, "an integer"), ("init", str, "a string")):
+        v = recipe.get(key)
+        if v is not None and (not isinstance(v, kind) or isinstance(v, bool)):
+            raise MolgenError(f"recipe: {key} must be {what}, got {v!r}")
     cfg = RunConfig(**{k: recipe[k] for k in TOP if k in recipe})
     model = dict(recipe.get("model", {}))
     preset = model.pop("preset", None)
-    if preset is not None and preset not in PRESETS:
+    if preset is not None and (not isinstance(preset, str) or preset not in PRESETS):
         raise MolgenError(f"recipe: model.preset must be one of {', '.join(PRESETS)}, got {preset!r}")
     base_model = PRESETS[preset] if preset else cfg.model
     kw = {"model": apply_table(type(base_model), "model", model, base_model)}
