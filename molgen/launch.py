@@ -221,7 +221,8 @@ def launch(req: Request, data_dir: Path | None = None, progress: str | None = No
             cfg = objective.configure(cfg, ds, start.cfg if start else None)
     n_train = len(ds.split("train"))
     if cfg.optim.batch_size > n_train:
-        raise MolgenError(f"--batch-size {cfg.optim.batch_size} is larger than the training split ({n_train:,} molecules)")
+        raise MolgenError(f"batch size {cfg.optim.batch_size} is larger than the training split ({n_train:,} molecules); "
+                          "give a smaller --batch-size")
     res = train(cfg, req.out, ds, resume=req.resume, init_params=start.params if start else None,
                 anchor_params=_anchor(cfg, start), progress=progress, log=log, max_seconds=max_seconds)
     return cfg, res

@@ -429,7 +429,7 @@ def test_train_refuses_settings_that_cannot_train_before_any_work(tmp_path, data
         one_line_error(res, says)
         assert "training" not in res.output  # refused before the header and before any data is read
     one_line_error(run("train", *base, "--max-minutes", 0), "--max-minutes")
-    one_line_error(run("train", *base, "--steps", 1, "--batch-size", 10000), "--batch-size 10000 is larger than the "
+    one_line_error(run("train", *base, "--steps", 1, "--batch-size", 10000), "batch size 10000 is larger than the "
                    "training split")
     one_line_error(run("train", *base, "--teacher", tmp_path), "--teacher", "objective diffusion")
     res = run("train", "--objective", "ect", "--init", tmp_path / "nothere", "--data-dir", data_dir, "--out", out)
