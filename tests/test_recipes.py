@@ -4,6 +4,8 @@ parse, merge and refuse mistakes."""
 import dataclasses
 import re
 
+import hypothesis
+import hypothesis.strategies
 import pytest
 
 from molgen import MolgenError
@@ -91,3 +93,33 @@ def test_every_shipped_recipe_and_model_passes_the_checks():
         check_settings(to_config(read_recipe(name)))
     for folder in MODELS.values():
         check_settings(RunConfig.load(folder / "config.json"))
+
+
+def _setting_names():
+    cfg = to_config({"diffusion": {}, "consistency": {}, "distill": {}})  # every table built
+    names = ["seed", "objective", "init", "model.preset"]
+    for section in ("model", "diffusion", "consistency", "distill", "optim", "data"):
+        table = getattr(cfg, section)
+        names += [f"{section}.{f.name}" for f in dataclasses.fields(table)]
+    return names
+
+
+@hypothesis.settings(max_examples=300, deadline=None)
+@hypothesis.given(sets=hypothesis.strategies.lists(hypothesis.strategies.tuples(
+    hypothesis.strategies.sampled_from(_setting_names()),
+    hypothesis.strategies.sampled_from(["0", "-1", "1", "2", "1e9", "-1e-9", "nan", "inf", "true", "x", "[1, 2]", "{}",
+                                        "0.5", "1e400", "99999999999999999999", "''"])), min_size=1, max_size=3),
+    objective=hypothesis.strategies.sampled_from(["diffusion", "ct", "ect", "distill"]))
+def test_any_set_either_resolves_or_is_a_one_line_error(tmp_path_factory, sets, objective):
+    from molgen.launch import Request, resolve_config
+
+    out = tmp_path_factory.getbasetemp() / "never-written"
+    req = Request(out, None, objective, tuple(f"{k}={v}" for k, v in sets), False, None, None, None, None, None, None,
+                  None)
+    try:
+        cfg = resolve_config(req)
+    except MolgenError as e:
+        assert "\n" not in str(e) and str(e)
+    else:
+        check_settings(cfg)  # what resolves is within its limits
+    assert not out.exists()
