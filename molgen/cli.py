@@ -164,23 +164,19 @@ def sample(
     from molgen.jax_setup import enable_compilation_cache
     from molgen.models import load_model, polisher_for
     from molgen.fragment import fragment_kept, read_fragment
-    from molgen.sample import nonfinite_warning, parse_levels, plan, sample as draw, size_warning
+    from molgen.sample import nonfinite_warning, parse_levels, plan, sample as draw, sampling_warnings
 
     for path, what in ((out, "-o"), (json_path, "--json")):
-        if path is not None:
-            check_writable(path, what, inputs=(fix,))
+        check_writable(path, what, inputs=(fix,))
     require_cache(data_dir, "--data-dir")
     fmt = format_of(out, fmt, strict=True)
-    if polisher is not None and not polish:
-        raise MolgenError("--polisher names the model that --polish N calls; add --polish N")
     sig = parse_levels(sigmas)
     enable_compilation_cache()
     frag = read_fragment(fix) if fix is not None else None
     m = load_model(checkpoint)
     _, _, settings, _ = plan(m, steps, sampler, sig, temperature, renoise, polish, seed, resample, frag is not None)
-    pol = polisher_for(m, polisher) if polish else None
-    for warning in filter(None, [size_warning(m, atoms), frag and settings["molgen_calls"] == 1 and
-                                 "warning: with one call the fragment is placed after the only call; use --steps 4"]):
+    pol = polisher_for(m, polisher, calls=polish)
+    for warning in sampling_warnings(m, atoms, frag, settings["molgen_calls"]):
         say(warning)
     with progress() as bar:
         task = bar.add_task("sampling (network calls)", total=settings["molgen_calls"] * -(-n // max(batch_size, 1)))
@@ -223,8 +219,7 @@ def evaluate(
     from molgen.io_utils import check_writable
 
     for p, what in ((json_path, "--json"), (per_molecule, "--per-molecule")):
-        if p is not None:
-            check_writable(p, what, inputs=files)
+        check_writable(p, what, inputs=files)
     require_cache(reference, "--reference")
     if plots is not None and plots.exists() and not plots.is_dir():
         raise MolgenError(f"--plots {plots} is a file; give a folder")

@@ -32,11 +32,13 @@ def atomic_path(dest: Path | str):
 MOLECULE_FILES = (".sdf", ".mol", ".xyz", ".extxyz")  # what a folder of molecules is read for
 
 
-def check_writable(path: Path | str, what: str = "output", inputs=()) -> None:
+def check_writable(path: Path | str | None, what: str = "output", inputs=()) -> None:
     """Refuse, before any work, an output path that cannot be written: a folder, a missing folder, read-only,
-    or one of the command's ``inputs`` (it would be overwritten)."""
+    or one of the command's ``inputs`` (it would be overwritten). None: no output, nothing to check."""
     from molgen import MolgenError
 
+    if path is None:
+        return
     path = Path(path)
     for src in inputs:
         if src is None or not Path(src).exists() or not path.exists():

@@ -130,10 +130,15 @@ def diffusion_source(cfg: RunConfig) -> str | None:
     return None
 
 
-def polisher_for(model: Model, name: str | Path | None = None, option: str = "--polisher") -> Model:
+def polisher_for(model: Model, name: str | Path | None = None, option: str = "--polisher",
+                 calls: int | None = None) -> Model | None:
     """The diffusion model `--polish` calls: ``name``, or by default the model itself (diffusion), its
     teacher or the diffusion model it was tuned from. A recorded path that is gone falls back to the shipped
-    model of the same name."""
+    model of the same name. ``calls`` = 0 (no polishing): None, and ``name`` is refused."""
+    if calls == 0:
+        if name is not None:
+            raise MolgenError(f"{option} names the model that --polish N calls; add --polish N")
+        return None
     if name is None:
         if model.cfg.consistency is None:
             return model

@@ -182,12 +182,16 @@ def _fixer(fragment, sizes, graph, nf: int, key):
     return lambda x, h, level, scale: step(known, x, h, graph, np.float32(level), np.float32(scale))
 
 
-def size_warning(model: Model, atoms: int | None) -> str | None:
-    """A warning when ``atoms`` is beyond the sizes the model was trained on."""
+def sampling_warnings(model: Model, atoms: int | None, fragment, calls: int) -> list[str]:
+    """Warnings before sampling: ``atoms`` beyond the sizes the model was trained on; a fragment completed in
+    one call (it can only be placed after that call)."""
+    out = []
     top = max((i for i, c in enumerate(model.cfg.data.size_hist) if c > 0), default=0)
     if atoms is not None and top and atoms > top:
-        return f"warning: this model was trained on molecules of at most {top} atoms; expect poor molecules with --atoms {atoms}"
-    return None
+        out.append(f"warning: this model was trained on molecules of at most {top} atoms; expect poor molecules with --atoms {atoms}")
+    if fragment is not None and calls == 1:
+        out.append("warning: with one call the fragment is placed after the only call; use --steps 4")
+    return out
 
 
 def nonfinite_warning(molecules: list[Molecule], fmt: str) -> str | None:

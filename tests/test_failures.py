@@ -76,6 +76,7 @@ def test_a_resumed_run_logs_each_step_once(ct_run, data_dir, tmp_path):
     (("evaluate", "{tmp}", "--json", "{file}"), "is also an input of this command"),
     (("sample", "--fix", "{file}", "-o", "{file}"), "is also an input of this command"),
     (("download", "--timeout", 0, "--data-dir", "{tmp}/d"), "--timeout must be a positive number"),
+    (("sample", "--polisher", "edm-small-diffusion", "-o", "{tmp}/x.sdf"), "add --polish N"),
 ])
 def test_bad_input_is_one_line_before_any_work(tmp_path, args, message, data_dir):
     f = tmp_path / "existing.xyz"
