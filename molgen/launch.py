@@ -125,31 +125,26 @@ def _resumed(cfg: RunConfig, req: Request) -> RunConfig:
     return cfg
 
 
-def _check_start(cfg: RunConfig) -> bool:
-    """What --init (and a distill run's teacher) must be for the objective, checked without reading a model:
-    whether the run starts from one."""
+def _check_start(cfg: RunConfig) -> None:
+    """What --init (and a distill run's teacher) must be for the objective, checked without reading a model."""
     want = get_objective(cfg.objective).init
     if cfg.distill is not None and cfg.distill.teacher:
         find_model(cfg.distill.teacher)
-    if want == "none":
-        if cfg.init:
-            raise MolgenError(f"--init: objective {cfg.objective} trains from scratch")
-        return False
-    if not cfg.init:
-        if want == "optional":
-            return False
+    if want == "none" and cfg.init:
+        raise MolgenError(f"--init: objective {cfg.objective} trains from scratch")
+    if want not in ("none", "optional") and not cfg.init:
         raise MolgenError(f"objective {cfg.objective} needs --init (a {want} model)")
-    find_model(cfg.init)
-    return True
+    if cfg.init:
+        find_model(cfg.init)
 
 
 def _start_model(cfg: RunConfig) -> Model | None:
-    """The model --init names, checked against what the objective wants."""
-    if not _check_start(cfg):
+    """The model --init names (checked by :func:`resolve_config`), of the kind the objective starts from."""
+    if not cfg.init:
         return None
-    want = get_objective(cfg.objective).init
+    objective = get_objective(cfg.objective)
+    kind = objective.init if objective.init != "optional" else objective.kind
     m = load_model(cfg.init)
-    kind = want if want != "optional" else get_objective(cfg.objective).kind
     if m.cfg.kind != kind:
         raise MolgenError(f"--init {cfg.init}: objective {cfg.objective} starts from a {kind} model, not a {m.cfg.kind} model")
     return m

@@ -10,6 +10,7 @@ section.key=value`` overrides single values (TOML syntax; bare words are strings
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 from pathlib import Path
 
@@ -93,8 +94,7 @@ def _at_least(lo):
     return lambda v: v >= lo, f"at least {lo}"
 
 
-def _positive():
-    return lambda v: v > 0, "positive"
+POSITIVE = (lambda v: v > 0, "positive")
 
 
 def _within(lo, hi, closed_hi=False):
@@ -104,25 +104,23 @@ def _within(lo, hi, closed_hi=False):
 # What each numeric setting must be for a run to make sense (checked before any work starts).
 LIMITS: dict[str, dict[str, tuple]] = {
     "model": {"nf": _at_least(1), "n_layers": _at_least(1), "inv_sublayers": _at_least(1),
-              "coords_range": _positive(), "normalization_factor": _positive(), "norm_constant": _at_least(0)},
+              "coords_range": POSITIVE, "normalization_factor": POSITIVE, "norm_constant": _at_least(0)},
     "diffusion": {"timesteps": _at_least(1), "precision": (lambda v: 0 < v < 0.5, "in (0, 0.5)"),
-                  "power": _positive()},
-    "consistency": {"sigma_min": _positive(), "sigma_max": _positive(), "rho": _positive(),
-                    "sigma_data_x": _positive(), "sigma_data_h": _positive(), "p_std": _positive(),
-                    "s0": _at_least(1), "s1": _at_least(1), "total_steps": _at_least(0), "huber_scale": _positive()},
+                  "power": POSITIVE},
+    "consistency": {"sigma_min": POSITIVE, "sigma_max": POSITIVE, "rho": POSITIVE,
+                    "sigma_data_x": POSITIVE, "sigma_data_h": POSITIVE, "p_std": POSITIVE,
+                    "s0": _at_least(1), "s1": _at_least(1), "total_steps": _at_least(0), "huber_scale": POSITIVE},
     "distill": {"pairs": _at_least(2), "teacher_steps": _at_least(1), "polish_calls": _at_least(0),
-                "pair_temperature": _positive(), "anchor_fraction": _within(0, 1, closed_hi=True),
+                "pair_temperature": POSITIVE, "anchor_fraction": _within(0, 1, closed_hi=True),
                 "bond_weight": _at_least(0)},
-    "optim": {"steps": _at_least(1), "batch_size": _at_least(1), "lr": _positive(), "warmup": _at_least(0),
-              "ema": _within(0, 1), "clip": _positive(), "ckpt_every": _at_least(0), "eval_every": _at_least(0),
+    "optim": {"steps": _at_least(1), "batch_size": _at_least(1), "lr": POSITIVE, "warmup": _at_least(0),
+              "ema": _within(0, 1), "clip": POSITIVE, "ckpt_every": _at_least(0), "eval_every": _at_least(0),
               "keep": _at_least(1)},
 }
 
 
 def check_settings(cfg: RunConfig) -> None:
     """Refuse settings that cannot train (from a recipe, --set or the options), naming the first one."""
-    import math
-
     for section, limits in LIMITS.items():
         table = getattr(cfg, section, None)
         for key, (ok, what) in limits.items() if table is not None else ():

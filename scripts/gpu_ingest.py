@@ -68,8 +68,11 @@ def jax_version(folder: Path) -> str:
     return "?"
 
 
+def pct(x: float | None) -> str:
+    return f"{100 * x:.2f} %" if x is not None else "n/a"
+
+
 def card_row(n: int, run: dict, ev: dict, jax: str) -> str:
-    pct = lambda x: f"{100 * x:.2f} %" if x is not None else "n/a"  # noqa: E731
     how = f"{run['batch']}, {run['lr']}, {run['precision']}" + (f" {run['layout']}" if run.get("layout") else "")
     if run.get("xla_flags"):
         how += f" ({run['xla_flags']})"
