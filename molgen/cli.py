@@ -94,8 +94,9 @@ def train(
     steps: Optional[int] = Opt(None, "--steps", help="Optimiser steps of the whole run."),
     batch_size: Optional[int] = Opt(None, "--batch-size", help="Molecules per optimiser step, split over the devices."),
     lr: Optional[float] = Opt(None, "--lr", help="Adam's learning rate after the warm-up."),
+    precision: Optional[str] = Opt(None, "--precision", metavar="<auto|float32|tf32|bf16>", help="Matrix products in training: auto (the platform's measured choice: float32 on a CPU, tf32 on a GPU), float32, tf32 (TensorFloat-32) or bf16; parameters, optimiser state, coordinates and neighbour sums stay float32."),
     out: Path = Opt(Path("runs/run"), "--out", help="Run folder: config.json, checkpoints, metrics.jsonl."),
-    resume: bool = Opt(False, "--resume", help="Continue the run in --out from its last checkpoint (--steps, --batch-size, --lr may change)."),
+    resume: bool = Opt(False, "--resume", help="Continue the run in --out from its last checkpoint (--steps, --batch-size, --lr, --precision may change)."),
     init: Optional[str] = Opt(None, "--init", help="Model or run to start from: a diffusion model (diffusion warm start, ect), a consistency model (distill)."),
     teacher: Optional[str] = Opt(None, "--teacher", help="distill: the diffusion model whose targets the student learns."),
     seed: Optional[int] = Opt(None, "--seed", help="Seed of initialisation, data order and noise."),
@@ -113,7 +114,8 @@ def train(
 
     if max_minutes is not None and not max_minutes > 0:
         raise MolgenError(f"--max-minutes must be positive, got {max_minutes}")
-    req = Request(out, recipe, objective, tuple(sets), resume, init, teacher, model, steps, batch_size, lr, seed)
+    req = Request(out, recipe, objective, tuple(sets), resume, init, teacher, model, steps, batch_size, lr, seed,
+                  precision)
     cfg = resolve_config(req)
     check_run_dir(out, resume)
     setup_training_devices(cfg.optim.batch_size, devices)

@@ -38,6 +38,7 @@ class Request:
     batch_size: int | None = None
     lr: float | None = None
     seed: int | None = None
+    precision: str | None = None  # of training: auto, float32, tf32, bf16
 
 
 def _direct(req: Request) -> dict:
@@ -49,7 +50,8 @@ def _direct(req: Request) -> dict:
         d["seed"] = req.seed
     if req.model:
         d["model"] = {"preset": req.model}
-    optim = {k: v for k, v in (("steps", req.steps), ("batch_size", req.batch_size), ("lr", req.lr)) if v is not None}
+    given = (("steps", req.steps), ("batch_size", req.batch_size), ("lr", req.lr), ("precision", req.precision))
+    optim = {k: v for k, v in given if v is not None}
     if optim:
         d["optim"] = optim
     if req.teacher:
@@ -101,8 +103,8 @@ def _flat(tables: dict, prefix: str = "") -> dict:
 
 
 def _resumed(cfg: RunConfig, req: Request) -> RunConfig:
-    """A resumed run's own config with the optimiser settings asked for (steps, batch size, lr, --set optim.*).
-    Any other setting given (the same command again, with --resume) must be the run's own."""
+    """A resumed run's own config with the optimiser settings asked for (steps, batch size, lr, precision,
+    --set optim.*). Any other setting given (the same command again, with --resume) must be the run's own."""
     from molgen.nn.egnn import PRESETS
 
     asked = merge(merge(read_recipe(req.recipe) if req.recipe else {}, parse_set(list(req.sets))), _direct(req))

@@ -16,6 +16,8 @@ from pathlib import Path
 
 from molgen import MolgenError
 from molgen.config import RunConfig
+from molgen.data.device import LAYOUTS
+from molgen.networks import PRECISIONS
 from molgen.nn.egnn import PRESETS
 
 RECIPE_DIR = Path(__file__).resolve().parent / "recipes"
@@ -117,6 +119,10 @@ LIMITS: dict[str, dict[str, tuple]] = {
               "ema": _within(0, 1), "clip": POSITIVE, "ckpt_every": _at_least(0), "eval_every": _at_least(0),
               "keep": _at_least(1)},
 }
+# Settings that name one of a few choices (``auto``: the platform's measured fastest; docs/performance.md).
+CHOICES: dict[str, dict[str, tuple[str, ...]]] = {
+    "optim": {"precision": ("auto", *PRECISIONS), "layout": ("auto", *LAYOUTS)},
+}
 
 
 def check_settings(cfg: RunConfig) -> None:
@@ -127,6 +133,11 @@ def check_settings(cfg: RunConfig) -> None:
             v = getattr(table, key)
             if isinstance(v, float) and not math.isfinite(v) or not ok(v):
                 raise MolgenError(f"{section}.{key} must be {what}, got {v}")
+    for section, choices in CHOICES.items():
+        for key, names in choices.items():
+            v = getattr(getattr(cfg, section), key)
+            if v not in names:
+                raise MolgenError(f"{section}.{key} must be one of {', '.join(names)}, got {v!r}")
     if not 0 <= cfg.seed < 2**32:
         raise MolgenError(f"seed must be in 0 .. 2^32 - 1, got {cfg.seed}")
     c = cfg.consistency

@@ -118,7 +118,7 @@ else
 fi
 if [ "$resume" = 0 ]; then
 log "training $run for $train_min min: $start"
-python3 -m molgen train --recipe diffusion $start --batch-size "$batch" --lr "$lr" --set optim.precision="$precision" \
+python3 -m molgen train --recipe diffusion $start --batch-size "$batch" --lr "$lr" --precision "$precision" \
   --set optim.layout="$layout" --seed "$seed" --set optim.eval_every=0 $train_extra --out "$run" \
   --max-minutes "$train_min" >"$out/train.txt" 2>&1
 log "train rc $?: $(tail -1 "$out/train.txt")"
@@ -127,7 +127,7 @@ if [ -z "$(ls "$run/checkpoints" 2>/dev/null)" ] && { [ "$precision/$layout" != 
   rm -rf "$run"; train_min=$(python3 -c "print(max(0.3, ($(left) - $sample_s) / 60))")
   export XLA_FLAGS="$(echo "${XLA_FLAGS:-}" | sed 's/--xla_gpu_ftz=true//')"
   log "no checkpoint: again with tf32, packed, XLA_FLAGS '${XLA_FLAGS}' for $train_min min"
-  python3 -m molgen train --recipe diffusion $start --batch-size "$batch" --lr "$lr" --set optim.precision=tf32 \
+  python3 -m molgen train --recipe diffusion $start --batch-size "$batch" --lr "$lr" --precision tf32 \
     --set optim.layout=packed --seed "$seed" --set optim.eval_every=0 $train_extra --out "$run" \
     --max-minutes "$train_min" >>"$out/train.txt" 2>&1
   log "train rc $?: $(tail -1 "$out/train.txt")"

@@ -24,7 +24,7 @@ def test_help_and_version():
     for cmd in ("train", "sample", "evaluate", "download", "export"):
         assert run(cmd, "--help").exit_code == 0
     options = [ln for ln in run("train", "--help").output.splitlines() if ln.startswith("  --")]
-    assert len(options) <= 17, options  # the common settings; the rest live in recipes (--set)
+    assert len(options) <= 18, options  # the common settings; the rest live in recipes (--set)
 
 
 def test_download_from_file_then_noop_then_info(tmp_path):
@@ -361,18 +361,24 @@ def test_train_on_two_cpu_devices(tmp_path, data_dir):
     assert steps[-1] == 4
 
 
-def test_resume_with_new_learning_rate_and_batch_size(tmp_path, data_dir):
+def test_resume_with_new_learning_rate_batch_size_and_precision(tmp_path, data_dir):
     out = tmp_path / "run"
     base = ("--data-dir", data_dir, "--out", out, *_opt(ckpt_every=2, eval_every=2))
-    assert run("train", "--model", "tiny", "--steps", 2, "--batch-size", 8, "--lr", 1e-3, *base).exit_code == 0
+    one_line_error(run("train", "--model", "tiny", "--precision", "fp8", *base),
+                   "optim.precision must be one of auto, float32, tf32, bf16, got 'fp8'")
+    assert not out.exists()  # refused before anything is written
+    res = run("train", "--model", "tiny", "--steps", 2, "--batch-size", 8, "--lr", 1e-3, "--precision", "bf16", *base)
+    assert res.exit_code == 0 and json.loads((out / "config.json").read_text())["optim"]["precision"] == "bf16"
     one_line_error(run("train", "--resume", "--steps", 3, "--lr", -1, "--data-dir", data_dir, "--out", out),
                    "--lr must be positive")
     one_line_error(run("train", "--resume", "--model", "base", "--data-dir", data_dir, "--out", out),
                    "its model.preset is (32, 2), not (128, 6)")
-    res = run("train", "--resume", "--steps", 3, "--lr", 2e-5, "--batch-size", 4, "--data-dir", data_dir, "--out", out)
+    res = run("train", "--resume", "--steps", 3, "--lr", 2e-5, "--batch-size", 4, "--precision", "float32",
+              "--data-dir", data_dir, "--out", out)
     assert res.exit_code == 0 and "step 3" in res.output, res.output
     cfg = json.loads((out / "config.json").read_text())
     assert (cfg["optim"]["lr"], cfg["optim"]["batch_size"], cfg["optim"]["steps"]) == (2e-5, 4, 3)
+    assert cfg["optim"]["precision"] == "float32"
     assert cfg["model"]["nf"] == 32  # the rest is the run's own
     last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     assert last["step"] == 3 and 0 < last["lr"] <= 2e-5

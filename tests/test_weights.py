@@ -87,3 +87,30 @@ def test_a_regular_wheel_install_carries_and_finds_the_weights(tmp_path):
     assert Path(module).is_relative_to(site) and Path(root) == site / "molgen" / "weights", r.stdout
     assert recipes == "['ct', 'diffusion', 'distill', 'ect']", r.stdout  # the recipes travel in the wheel too
     assert (work / "x.sdf").read_text().count("$$$$") == 5
+
+
+def test_model_folders_in_the_flat_config_format_still_load_as_they_were(tmp_path):
+    """Every shipped model's config.json as molgen wrote it before configs had sections (a flat dict with `mode`,
+    tests/data/old_configs/) reads back as the model's current config, and such a folder samples the same
+    molecules as the shipped one."""
+    import shutil
+    from pathlib import Path
+
+    import numpy as np
+
+    from molgen.config import RunConfig
+    from molgen.sample import sample
+
+    old = sorted((Path(__file__).parent / "data" / "old_configs").glob("*.json"))
+    assert len(old) == 5
+    for path in old:
+        assert "mode" in json.loads(path.read_text())  # the flat format
+        assert RunConfig.load(path) == RunConfig.load(shipped_models()[path.stem] / "config.json"), path.stem
+    folder = tmp_path / "edm-small-distill"
+    shutil.copytree(shipped_models()["edm-small-distill"], folder)
+    shutil.copy(Path(__file__).parent / "data" / "old_configs" / "edm-small-distill.json", folder / "config.json")
+    a = sample(load_model("edm-small-distill"), 6, 1, 0).molecules
+    b = sample(load_model(folder), 6, 1, 0).molecules
+    for x, y in zip(a, b, strict=True):
+        np.testing.assert_array_equal(x.types, y.types)
+        np.testing.assert_array_equal(x.positions, y.positions)
