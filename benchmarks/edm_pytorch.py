@@ -116,34 +116,40 @@ def main() -> None:
         a = edm_args(nf, layers)
         import copy
         for bs in [int(b) for b in args.batch_sizes.split(",")]:
-            model, nodes_dist, _ = get_model(a, device, dataset_info, None)
-            model = model.to(device)  # get_model builds it on the CPU
-            model_ema = copy.deepcopy(model)
-            ema = edm_utils.EMA(a.ema_decay)
-            optim = get_optim(a, model)
-            queue = edm_top_utils.Queue()
-            queue.add(3000)
-            model.train()
-            times = []
-            for r in range(args.warmup + args.repeats):
-                x, h, node_mask, edge_mask = batch(rng.choice(train, bs, replace=False))
-                sync()
-                t0 = time.perf_counter()
-                optim.zero_grad()
-                nll, reg, _ = losses.compute_loss_and_nll(a, model, nodes_dist, x, h, node_mask, edge_mask, None)
-                loss = nll + a.ode_regularization * reg
-                loss.backward()
-                edm_top_utils.gradient_clipping(model, queue)
-                optim.step()
-                ema.update_model_average(model_ema, model)
-                sync()
-                if r >= args.warmup:
-                    times.append(time.perf_counter() - t0)
-            n_params = sum(p.numel() for p in model.parameters())
-            step_s = statistics.median(times)
-            print(f"RESULT edm-pytorch {name} batch={bs} molecules_per_s={bs / step_s:.0f} step_s={step_s:.4f} "
-                  f"params={n_params} device={args.device} repeats={len(times)}", flush=True)
-        if args.no_sampling:
+            try:
+                model, nodes_dist, _ = get_model(a, device, dataset_info, None)
+                model = model.to(device)  # get_model builds it on the CPU
+                model_ema = copy.deepcopy(model)
+                ema = edm_utils.EMA(a.ema_decay)
+                optim = get_optim(a, model)
+                queue = edm_top_utils.Queue()
+                queue.add(3000)
+                model.train()
+                times = []
+                for r in range(args.warmup + args.repeats):
+                    x, h, node_mask, edge_mask = batch(rng.choice(train, bs, replace=False))
+                    sync()
+                    t0 = time.perf_counter()
+                    optim.zero_grad()
+                    nll, reg, _ = losses.compute_loss_and_nll(a, model, nodes_dist, x, h, node_mask, edge_mask, None)
+                    loss = nll + a.ode_regularization * reg
+                    loss.backward()
+                    edm_top_utils.gradient_clipping(model, queue)
+                    optim.step()
+                    ema.update_model_average(model_ema, model)
+                    sync()
+                    if r >= args.warmup:
+                        times.append(time.perf_counter() - t0)
+                n_params = sum(p.numel() for p in model.parameters())
+                step_s = statistics.median(times)
+                print(f"RESULT edm-pytorch {name} batch={bs} molecules_per_s={bs / step_s:.0f} step_s={step_s:.4f} "
+                      f"params={n_params} device={args.device} repeats={len(times)}", flush=True)
+            except torch.cuda.OutOfMemoryError as e:  # a batch too large for the GPU: the next one is still measured
+                first = str(e).splitlines()[0] if str(e) else ""
+                print(f"SKIPPED edm-pytorch {name} batch={bs} (OutOfMemoryError: {first[:120]})", flush=True)
+                model = model_ema = optim = loss = nll = reg = None
+                torch.cuda.empty_cache()
+        if args.no_sampling or model is None:
             continue
 
         model.eval()

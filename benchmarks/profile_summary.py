@@ -29,7 +29,7 @@ def kind(name: str) -> str:
 def load_events(trace_dir: str | Path):
     files = sorted(Path(trace_dir).rglob("perfetto_trace.json.gz"))
     if not files:
-        raise SystemExit(f"no perfetto_trace.json.gz under {trace_dir}")
+        raise FileNotFoundError(f"no perfetto_trace.json.gz under {trace_dir}")
     with gzip.open(files[-1], "rt") as f:
         data = json.load(f)
     return data["traceEvents"] if isinstance(data, dict) else data
@@ -55,6 +55,9 @@ def summarize(trace_dir: str | Path, top: int = 25) -> str:
         if e.get("ph") == "X" and "dur" in e and on_device(e):
             by_name[e["name"]] += float(e["dur"])
             total += float(e["dur"])
+    if total <= 0:
+        names = sorted({n for n in procs.values() if n})
+        return f"PROFILE {trace_dir}: no device operations in the trace (its processes: {', '.join(names) or 'none'})"
     by_kind = defaultdict(float)
     for name, d in by_name.items():
         by_kind[kind(name)] += d
@@ -70,7 +73,10 @@ def main():
     ap.add_argument("trace_dir")
     ap.add_argument("--top", type=int, default=25)
     args = ap.parse_args()
-    print(summarize(args.trace_dir, args.top))
+    try:
+        print(summarize(args.trace_dir, args.top))
+    except FileNotFoundError as e:
+        raise SystemExit(str(e)) from None
 
 
 if __name__ == "__main__":

@@ -16,7 +16,9 @@ layout's padding pairs are not counted)
 (:func:`molgen.nn.egnn.forward_flops`, x3 for forward + backward), and XLA's own count of one step as a check.
 The peak is measured here (a bf16 8192^3 product, median of 10) unless --peak-tflops is given. Timings are the
 median over --repeats chunks after one chunk that compiles. --budget skips the remaining measurements once
-that many seconds have passed (each skipped one prints a SKIPPED line).
+that many seconds have passed (each skipped one prints a SKIPPED line). --profile traces one more chunk after
+the timed ones (not timed) and prints where its time went after the RESULT line. A measurement that fails (out
+of device memory, a profiler that cannot start) prints one FAILED or PROFILE line; the next ones are still made.
 """
 
 from __future__ import annotations
@@ -110,55 +112,100 @@ def main():
         if args.budget is not None and time.time() - t_start > args.budget:
             print(f"SKIPPED molgen {tag} (budget of {args.budget:.0f} s spent)", flush=True)
             continue
-        cfg = RunConfig(model=PRESETS[name], optim=OptimConfig(batch_size=bs, precision=prec, layout=layout))
-        sampler = BatchSampler(ids, bs, seed=0)
-        k = args.chunk
-        n_chunks = args.repeats + 1
-        plan = make_plan(layout, ds.n_atoms, sampler, n_shards)
-        idx = np.stack([sampler.indices(s) for s in range(k * n_chunks)])
-        by_shard = idx.reshape(len(idx), -1, n_shards).transpose(0, 2, 1)
-        rows = plan.arrange(row_of[by_shard], by_shard).astype(np.int32)
-        chunk = make_train_chunk(cfg, mesh, plan.shape)
-        state = jax.device_put(init_state(cfg), repl)  # as train() does: no recompilation later
-        key = jax.random.PRNGKey(0)
-        times = []
-        for c in range(n_chunks):
-            r = jax.device_put(rows[c * k : (c + 1) * k], NamedSharding(mesh, P(None, "data")))
-            if args.profile and c == n_chunks - 1:  # the last timed chunk (a trace of one chunk stays small)
-                jax.profiler.start_trace(f"{args.profile}/{name}_{bs}_{prec}_{layout}", create_perfetto_trace=True)
-            t0 = time.perf_counter()
-            state, m = chunk(state, dset, r, jnp.int32(k), key)
-            jax.block_until_ready(m["loss"])
-            times.append(time.perf_counter() - t0)
-        if args.profile:
-            jax.profiler.stop_trace()
-            from profile_summary import summarize
-
-            print(summarize(f"{args.profile}/{name}_{bs}_{prec}_{layout}", top=args.profile_top), flush=True)
-        compile_s, med = times[0], statistics.median(times[1:])
-        n = ds.n_atoms[idx[k:]].astype(np.int64)
-        nodes, edges = n.sum() / n.size, (n * (n - 1)).sum() / n.size  # per molecule, real only
-        step_flops = 3 * forward_flops(cfg.model, nodes * bs, edges * bs)
-        tflops = step_flops * k / med / 1e12
-        # XLA's count of one step on one device's graphs (lowered, not compiled): a check of the count.
-        step_fn, _ = make_step(cfg)
-        one = jax.jit(lambda st, rr: step_fn(st, jax.vmap(lambda i: plan.assemble(dset, i, plan.shape))(rr), key))
+        trace = None
         try:
-            ca = one.lower(state, r[0]).cost_analysis()
-            ca = ca[0] if isinstance(ca, list) else ca
-            xla_gflop = ca.get("flops", float("nan")) / 1e9
-        except Exception:  # not every backend reports costs
-            xla_gflop = float("nan")
-        mps = k * bs / med
-        frac = f"{tflops / peak:.4f}" if peak else "nan"
-        shape = "x".join(map(str, plan.shape)) if layout == "packed" else \
-            "+".join(f"{m}x{a}" for m, a in plan.shape)
-        print(f"RESULT molgen {name} batch={bs} molecules_per_s={mps:.0f} precision={prec} layout={layout} "
-              f"steps_per_s={k / med:.2f} tflops={tflops:.3f} peak_fraction={frac} "
-              f"gflop_per_step={step_flops / 1e9:.1f} xla_gflop_per_step_padded={xla_gflop:.1f} "
-              f"shape={shape} compile_s={compile_s:.1f} "
-              f"median_chunk_s={med:.4f} chunks={len(times) - 1}", flush=True)
-        del state, chunk
+            cfg = RunConfig(model=PRESETS[name], optim=OptimConfig(batch_size=bs, precision=prec, layout=layout))
+            sampler = BatchSampler(ids, bs, seed=0)
+            k = args.chunk
+            n_chunks = args.repeats + 1  # the first compiles
+            extra = 1 if args.profile else 0  # a last chunk, traced and not timed (tracing slows it)
+            plan = make_plan(layout, ds.n_atoms, sampler, n_shards)
+            idx = np.stack([sampler.indices(s) for s in range(k * (n_chunks + extra))])
+            by_shard = idx.reshape(len(idx), -1, n_shards).transpose(0, 2, 1)
+            rows = plan.arrange(row_of[by_shard], by_shard).astype(np.int32)
+            chunk = make_train_chunk(cfg, mesh, plan.shape)
+            state = jax.device_put(init_state(cfg), repl)  # as train() does: no recompilation later
+            key = jax.random.PRNGKey(0)
+            times, trace_path = [], f"{args.profile}/{name}_{bs}_{prec}_{layout}" if extra else None
+            for c in range(n_chunks + extra):
+                r = jax.device_put(rows[c * k : (c + 1) * k], NamedSharding(mesh, P(None, "data")))
+                if c == n_chunks:
+                    trace = start_trace(trace_path)
+                    if trace is None:
+                        break
+                t0 = time.perf_counter()
+                state, m = chunk(state, dset, r, jnp.int32(k), key)
+                jax.block_until_ready(m["loss"])
+                if c < n_chunks:
+                    times.append(time.perf_counter() - t0)
+            traced, trace = stop_trace(trace), None
+            compile_s, med = times[0], statistics.median(times[1:])
+            n = ds.n_atoms[idx[k : k * n_chunks]].astype(np.int64)  # the timed chunks' molecules
+            nodes, edges = n.sum() / n.size, (n * (n - 1)).sum() / n.size  # per molecule, real only
+            step_flops = 3 * forward_flops(cfg.model, nodes * bs, edges * bs)
+            tflops = step_flops * k / med / 1e12
+            # XLA's count of one step on one device's graphs (lowered, not compiled): a check of the count.
+            step_fn, _ = make_step(cfg)
+            one = jax.jit(lambda st, rr: step_fn(st, jax.vmap(lambda i: plan.assemble(dset, i, plan.shape))(rr), key))
+            try:
+                ca = one.lower(state, r[0]).cost_analysis()
+                ca = ca[0] if isinstance(ca, list) else ca
+                xla_gflop = ca.get("flops", float("nan")) / 1e9
+            except Exception:  # not every backend reports costs
+                xla_gflop = float("nan")
+            mps = k * bs / med
+            frac = f"{tflops / peak:.4f}" if peak else "nan"
+            shape = "x".join(map(str, plan.shape)) if layout == "packed" else \
+                "+".join(f"{m}x{a}" for m, a in plan.shape)
+            print(f"RESULT molgen {name} batch={bs} molecules_per_s={mps:.0f} precision={prec} layout={layout} "
+                  f"steps_per_s={k / med:.2f} tflops={tflops:.3f} peak_fraction={frac} "
+                  f"gflop_per_step={step_flops / 1e9:.1f} xla_gflop_per_step_padded={xla_gflop:.1f} "
+                  f"shape={shape} compile_s={compile_s:.1f} "
+                  f"median_chunk_s={med:.4f} chunks={len(times) - 1}", flush=True)
+            if traced is not None:
+                print(summarize_safely(traced, args.profile_top), flush=True)
+            del state, chunk
+        except Exception as e:  # e.g. out of device memory: this measurement is lost, the next ones are still made
+            msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+            print(f"FAILED molgen {tag} ({type(e).__name__}: {msg})", flush=True)
+            stop_trace(trace)  # one left running (None: none is) would refuse the next
+
+
+def start_trace(path: str | None) -> str | None:
+    """Start a jax.profiler trace into ``path``; None (and one line saying why) when this machine cannot trace."""
+    if path is None:
+        return None
+    import jax
+
+    try:
+        jax.profiler.start_trace(path, create_perfetto_trace=True)
+        return path
+    except Exception as e:  # a profiler that cannot start costs the profile, never the measurement
+        print(f"PROFILE {path}: not traced ({type(e).__name__}: {e})".replace("\n", " "), flush=True)
+        return None
+
+
+def stop_trace(path: str | None) -> str | None:
+    if path is None:
+        return None
+    import jax
+
+    try:
+        jax.profiler.stop_trace()
+        return path
+    except Exception as e:
+        print(f"PROFILE {path}: not traced ({type(e).__name__}: {e})".replace("\n", " "), flush=True)
+        return None
+
+
+def summarize_safely(path: str, top: int) -> str:
+    """The profile's summary, or one line saying why there is none (the RESULT line is printed before it)."""
+    from profile_summary import summarize
+
+    try:
+        return summarize(path, top=top)
+    except Exception as e:
+        return f"PROFILE {path}: no summary ({type(e).__name__}: {e})".replace("\n", " ")
 
 
 if __name__ == "__main__":
