@@ -5,7 +5,8 @@
 
 1. joins and unpacks the weights (weights.tar.*) of the last folder that has them, and loads them as a model;
 2. evaluates that folder's samples (`molgen evaluate samples.xyz --json`, with novelty against the QM9 cache)
-   and adds the figures to the run's `gpu_runs` entry in meta.json, with the commit and a new headline;
+   and adds the figures to the run's `gpu_runs` entry in meta.json, with the commit and a new headline
+   (--no-samples: a run whose sampling did not finish lands its weights without a point on the curve);
 3. replaces params.msgpack, config.json, meta.json and eval_steps1000.json in the teacher's folder (the card
    README.md and recipe.toml stay);
 4. copies the benchmark log to benchmarks/results/ (DATE_h200_gpu_runN.log on an H200), redraws the learning curve
@@ -43,13 +44,16 @@ def unpack(parts: list[Path], into: Path) -> Path:
     with joined.open("wb") as f:
         for p in parts:
             f.write(p.read_bytes())
-    with tarfile.open(joined) as tar:
-        members = [m for m in tar.getmembers() if m.isfile()]
-        tops = {Path(m.name).parts[0] for m in members}
-        names = sorted(Path(m.name).name for m in members)
-        if len(tops) != 1 or names != sorted(KEEP) or any(len(Path(m.name).parts) != 2 for m in members):
-            fail(f"{parts[0]}: expected one folder with {', '.join(KEEP)}, found {[m.name for m in members]}")
-        tar.extractall(into, members=members, filter="data")
+    try:
+        with tarfile.open(joined) as tar:
+            members = [m for m in tar.getmembers() if m.isfile()]
+            tops = {Path(m.name).parts[0] for m in members}
+            names = sorted(Path(m.name).name for m in members)
+            if len(tops) != 1 or names != sorted(KEEP) or any(len(Path(m.name).parts) != 2 for m in members):
+                fail(f"{parts[0]}: expected one folder with {', '.join(KEEP)}, found {[m.name for m in members]}")
+            tar.extractall(into, members=members, filter="data")
+    except (tarfile.TarError, EOFError) as e:
+        fail(f"{', '.join(p.name for p in parts)}: not a whole weights archive ({e}); a part missing or cut short?")
     joined.unlink()
     return into / tops.pop()
 
@@ -72,14 +76,41 @@ def pct(x: float | None) -> str:
     return f"{100 * x:.2f} %" if x is not None else "n/a"
 
 
-def card_row(n: int, run: dict, ev: dict, jax: str) -> str:
+def evaluate(folder: Path, ev_path: Path, min_samples: int) -> dict:
+    """`molgen evaluate` of the run's samples.xyz into ev_path (novelty against the QM9 cache)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    r = subprocess.run([sys.executable, "-m", "molgen", "evaluate", "samples.xyz", "--json", str(ev_path)],
+                       capture_output=True, text=True, cwd=folder, env=env)  # the JSON names samples.xyz alone
+    if r.returncode != 0:
+        fail(f"molgen evaluate {folder / 'samples.xyz'}: {r.stderr.strip().splitlines()[-1:]}")
+    ev = json.loads(ev_path.read_text())
+    if ev["n_molecules"] < min_samples:
+        fail(f"{folder / 'samples.xyz'}: {ev['n_molecules']} molecules, fewer than --min-samples {min_samples}")
+    return ev
+
+
+def headline(runs: list[dict]) -> str:
+    """The card's headline: the last evaluated run's figures, and how long the teacher has trained."""
+    epochs, at, figures = 0.0, 0.0, None
+    for r in runs:
+        epochs += r["epochs"]
+        if r.get("eval_1000_calls"):
+            at, figures = epochs, r["eval_1000_calls"]
+    head = f"teacher in training (256 x 9), {epochs:.1f} epochs"
+    if figures is None:
+        return head + ": not sampled yet"
+    return (head + f": {100 * figures['atom_stability']:.1f} % atom / {100 * figures['mol_stability']:.1f} % molecule "
+            f"stability at 1000 calls" + (f" after {at:.1f} epochs" if at != epochs else ""))
+
+
+def card_row(n: int, run: dict, ev: dict | None, jax: str) -> str:
     how = f"{run['batch']}, {run['lr']}, {run['precision']}" + (f" {run['layout']}" if run.get("layout") else "")
     if run.get("xla_flags"):
         how += f" ({run['xla_flags']})"
     return (f"| {n} ({run['start']}, seed {run['seed']}) | {run['date']} | {run['device']}, JAX {jax} | {how} | "
             f"{run['steps']:,} ({run['epochs']}) | {run['seconds']:.0f} s | {run['median_steps_per_s']} | "
-            f"{pct(ev['atom_stability'])} | {pct(ev['mol_stability'])} | {pct(ev['validity'])} | "
-            f"{pct(ev.get('novelty'))} |")
+            + (f"{pct(ev['atom_stability'])} | {pct(ev['mol_stability'])} | {pct(ev['validity'])} | "
+               f"{pct(ev.get('novelty'))} |" if ev is not None else "not sampled | | | |"))
 
 
 def main() -> None:
@@ -91,6 +122,8 @@ def main() -> None:
     ap.add_argument("--plot", type=Path, default=ROOT / "docs" / "img" / "teacher_curve.png")
     ap.add_argument("--min-samples", type=int, default=1000)
     ap.add_argument("--baseline", default="edm-small-diffusion", help="the teacher to beat")
+    ap.add_argument("--no-samples", action="store_true",
+                    help="land the weights of a run whose sampling did not finish, without a point on the curve")
     args = ap.parse_args()
     dest = args.weights or ROOT / "weights" / args.teacher
     for d in args.out:
@@ -99,8 +132,8 @@ def main() -> None:
     last = next((d for d in reversed(args.out) if (d / "weights.tar.00").exists()), None)
     if last is None:
         fail("no weights.tar.00 in " + ", ".join(map(str, args.out)))
-    if not (last / "samples.xyz").exists():
-        fail(f"{last}: no samples.xyz (the run's sampling did not finish)")
+    if not args.no_samples and not (last / "samples.xyz").exists():
+        fail(f"{last}: no samples.xyz (the run's sampling did not finish); --no-samples lands its weights alone")
     if not (dest / "meta.json").exists():
         fail(f"{dest}: no meta.json (not the teacher's folder)")
 
@@ -116,31 +149,25 @@ def main() -> None:
         if len(runs) != len(old) + 1 or runs[:-1] != old:
             fail(f"{last}: its gpu_runs ({len(runs)} entries) do not continue {dest}'s ({len(old)})")
         run = runs[-1]
-        ev_path = model_dir / "eval_steps1000.json"
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-        r = subprocess.run([sys.executable, "-m", "molgen", "evaluate", "samples.xyz", "--json", str(ev_path)],
-                           capture_output=True, text=True, cwd=last, env=env)  # the JSON names samples.xyz alone
-        if r.returncode != 0:
-            fail(f"molgen evaluate {last / 'samples.xyz'}: {r.stderr.strip().splitlines()[-1:]}")
-        ev = json.loads(ev_path.read_text())
-        if ev["n_molecules"] < args.min_samples:
-            fail(f"{last / 'samples.xyz'}: {ev['n_molecules']} molecules, fewer than --min-samples {args.min_samples}")
-        run["eval_1000_calls"] = {k: round(ev[k], 4) if ev.get(k) is not None else None
-                                  for k in ("atom_stability", "mol_stability", "validity", "novelty")}
+        ev_path, ev = model_dir / "eval_steps1000.json", None
+        if not args.no_samples:
+            ev = evaluate(last, ev_path, args.min_samples)
+            run["eval_1000_calls"] = {k: round(ev[k], 4) if ev.get(k) is not None else None
+                                      for k in ("atom_stability", "mol_stability", "validity", "novelty")}
         run["commit"] = git_commit()
         epochs = round(sum(x["epochs"] for x in runs), 1)
         steps = sum(x["steps"] for x in runs)
         meta["step"] = steps
         meta["trained"] = (f"{steps:,} steps over {len(runs)} GPU runs ({epochs} epochs), last on "
                            f"{run['date']}: {run['device']}, batch {run['batch']}, {run['precision']}")
-        meta["headline"] = (f"teacher in training (256 x 9): {100 * ev['atom_stability']:.1f} % atom / "
-                            f"{100 * ev['mol_stability']:.1f} % molecule stability at 1000 calls after {epochs:g} epochs")
+        meta["headline"] = headline(runs)
         (model_dir / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
 
         dest.mkdir(parents=True, exist_ok=True)
-        for name in (*KEEP, ev_path.name):
+        files = (*KEEP, ev_path.name) if ev is not None else KEEP  # without samples the last evaluation stays
+        for name in files:
             shutil.copyfile(model_dir / name, dest / f".{name}.new")
-        for name in (*KEEP, ev_path.name):  # all four written before any replaces the old one
+        for name in files:  # all written before any replaces the old one
             (dest / f".{name}.new").replace(dest / name)
     print(f"{dest}: {m.cfg.model.nf} x {m.cfg.model.n_layers} network, run {len(runs)} of {len(runs)}, "
           f"{(dest / 'params.msgpack').stat().st_size / 2**20:.1f} MiB")
@@ -156,7 +183,7 @@ def main() -> None:
                     str(args.plot)], check=True)
     print("card row:\n" + card_row(len(runs), run, ev, jax_version(args.out[0])))
     base = ROOT / "weights" / args.baseline / "eval_steps1000.json"
-    if base.exists():
+    if ev is not None and base.exists():
         b = json.loads(base.read_text())
         beats = (ev["mol_stability"], ev["validity"]) > (b["mol_stability"], b["validity"])
         print(f"against {args.baseline} at 1000 calls: molecules {100 * ev['mol_stability']:.1f} % vs "

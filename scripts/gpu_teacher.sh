@@ -7,8 +7,9 @@
 #      with XLA_FLAGS=--xla_gpu_ftz=true;
 #   2. the teacher: continues weights/$TEACHER (its EMA parameters; Adam restarts with a short warm-up) or, the
 #      first time, starts a new one; trains until the deadline leaves time for 3. and 4.;
-#   3. exports it and samples 1000 molecules with 1000 calls on the GPU (XYZ);
-#   4. brings back under $OUT: logs, the benchmark log, the exported weights (split in < 16 MiB parts), samples.
+#   3. exports it and puts its weights under $OUT (split in < 16 MiB parts);
+#   4. samples 1000 molecules with 1000 calls on the GPU (XYZ) until the deadline; logs and the benchmark log
+#      are under $OUT too.
 # Runs ON the device machine, in the repo root, with .gpu (the training split's cache in .gpu/qm9: scripts/gpu_stage.py),
 # .edm and .whl (ase, to write XYZ) carried. On the CPU, DRY=1 runs every step with tiny sizes (a rehearsal).
 #
@@ -136,7 +137,7 @@ fi
 fi
 cp "$run/metrics.jsonl" "$out/metrics.jsonl" 2>/dev/null
 
-# 3. Export and sample on the GPU.
+# 3. Export.
 rm -rf "runs/w_$teacher"
 python3 -m molgen export "$run" "runs/w_$teacher" >>"$out/train.txt" 2>&1 || log "export failed"
 python3 - "$run" "runs/w_$teacher" "$teacher" "$seed" "$batch" "$lr" "$start" <<'EOF' >>"$out/train.txt" 2>&1
@@ -169,12 +170,17 @@ meta["step"] = sum(r["steps"] for r in runs)
 json.dump(meta, open(f"{dest}/meta.json", "w"), indent=2)
 print("gpu_runs", runs[-1])
 EOF
-log "exported; sampling $n_mol molecules with $calls calls"
-python3 -m molgen sample --checkpoint "runs/w_$teacher" -n "$n_mol" --steps "$calls" --seed 0 \
-  -o "$out/samples.xyz" --no-report >>"$out/train.txt" 2>&1
-log "sample rc $?"
-
-# 4. Bring back: the weights folder, split under the 16 MiB limit per file.
+# 4. Bring back the weights folder first (split under the 16 MiB limit per file): if the call's time runs out while
+#    sampling, the training still comes back (scripts/gpu_ingest.py --no-samples lands it without a point).
 tar -C runs -cf - "w_$teacher" | split -b 15m -d - "$out/weights.tar."
+sample_left=$(( $(left) - 5 ))
+if [ "$sample_left" -gt 5 ]; then
+  log "exported, weights in \$OUT; sampling $n_mol molecules with $calls calls (at most $sample_left s)"
+  timeout "$sample_left" python3 -m molgen sample --checkpoint "runs/w_$teacher" -n "$n_mol" --steps "$calls" \
+    --seed 0 -o "$out/samples.xyz" --no-report >>"$out/train.txt" 2>&1
+  log "sample rc $?"
+else
+  log "exported, weights in \$OUT; no time left to sample"
+fi
 nvidia-smi --query-gpu=memory.used --format=csv,noheader >>"$out/pipeline.txt" 2>&1
 log "done; in \$OUT: $(ls "$out" | tr '\n' ' ')"
