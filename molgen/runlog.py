@@ -1,5 +1,6 @@
-"""The log of a training run: metrics.jsonl (every LOG_EVERY steps and at every chunk's end), and the progress
-shown to the user: a bar on a terminal, else a line (step, loss, steps/s, time left) now and then."""
+"""The logs of a training run: metrics.jsonl (every LOG_EVERY steps and at every chunk's end), train.log (the
+run's messages and a progress line now and then, with their times), and the progress shown to the user: a bar on
+a terminal, else the same lines as train.log."""
 
 from __future__ import annotations
 
@@ -13,12 +14,31 @@ from molgen import MolgenError
 from molgen.state import METRICS_NAME
 
 LOG_EVERY = 25  # steps per line of metrics.jsonl
-PROGRESS_LINE_S = 10.0  # without a terminal: a progress line at most this often
+PROGRESS_LINE_S = 10.0  # a progress line (train.log; the terminal without a bar) at most this often
+LOG_NAME = "train.log"
+
+
+class RunText:
+    """train.log in the run folder: each message with its UTC time, appended (a resumed run continues it); calling
+    it also shows the message (``show``). Only the process that writes the run's files writes it."""
+
+    def __init__(self, run_dir: Path, show=print, writes: bool = True):
+        self.path, self.show, self.writes = Path(run_dir) / LOG_NAME, show, writes
+
+    def __call__(self, text: str) -> None:
+        self.write(text)
+        self.show(text)
+
+    def write(self, text: str) -> None:
+        if self.writes and self.path.parent.is_dir():
+            with open(self.path, "a") as f:
+                f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime())}  {text}\n")
 
 
 class MetricsLog:
-    """metrics.jsonl (every LOG_EVERY steps and at every chunk's end) and the progress shown to the user: a
-    bar on a terminal, else a line (step, loss, steps/s, time left) at most every PROGRESS_LINE_S."""
+    """metrics.jsonl (every LOG_EVERY steps and at every chunk's end) and the progress: a line (step, loss,
+    steps/s, time left) at most every PROGRESS_LINE_S into ``log`` (a :class:`RunText`, or any callable), shown
+    too unless a bar (``progress="bar"``) shows it."""
 
     def __init__(self, run_dir: Path, start: int, end: int, progress: str | None, log, mode: str,
                  writes: bool = True):
@@ -56,15 +76,24 @@ class MetricsLog:
         if self.file is not None:
             self.file.flush()
         self._show(done, float(m["loss"][n - 1]), rate, now)
+        if val_loss is not None:
+            self._line(f"step {done}/{self.end}  validation loss (EMA) {val_loss:.4f}")
 
     def _show(self, done: int, loss: float, rate: float, now: float) -> None:
         if self.bar is not None:
             self.bar.update(self.task, completed=done, loss=loss, rate=rate)
-        elif self.display == "lines" and (now - self.t_line >= PROGRESS_LINE_S or done == self.end):
+        if now - self.t_line >= PROGRESS_LINE_S or done == self.end:
             self.t_line = now
             overall = (done - self.start) / max(now - self.t0, 1e-9)
             left = (self.end - done) / max(overall, 1e-9)
-            self.log(f"step {done}/{self.end}  loss {loss:.4f}  {rate:.2f} steps/s  {_hms(left)} left")
+            line = f"step {done}/{self.end}  loss {loss:.4f}  {rate:.2f} steps/s  {_hms(left)} left"
+            self._line(line)
+
+    def _line(self, line: str) -> None:
+        if self.display == "lines":
+            self.log(line)
+        elif isinstance(self.log, RunText):
+            self.log.write(line)
 
     def close(self) -> None:
         if self.file is not None:

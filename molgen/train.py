@@ -28,12 +28,12 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from molgen import MolgenError
+from molgen import MolgenError, __version__
 from molgen.config import RunConfig, resolve_auto
 from molgen.data.batching import BatchSampler, Graph, make_batch
 from molgen.networks import network, resolve_precision
 from molgen.objectives import get_objective
-from molgen.runlog import MetricsLog
+from molgen.runlog import MetricsLog, RunText
 from molgen.state import (CONFIG_NAME, METRICS_NAME, TrainState, checkpoint_manager, grad_norm, init_state,
                           make_optimizer, restore_checkpoint, save_checkpoint)
 
@@ -341,7 +341,7 @@ def train(cfg: RunConfig, run_dir: Path, ds, resume: bool = False, init_params=N
     """Train until ``cfg.optim.steps`` (or ``stop_at``) steps, in jitted chunks of ``chunk`` steps, checkpointing at
     the first chunk boundary at or after every ``ckpt_every`` steps and at the end. ``progress``: "bar", "lines"
     or None."""
-    log = log if is_main() else (lambda s: None)  # one voice for a multi-process run
+    log = RunText(run_dir, log if is_main() else (lambda s: None), is_main())  # one voice; also train.log
     mesh = make_mesh()
     if cfg.optim.batch_size % mesh.devices.size:
         raise MolgenError(f"batch size {cfg.optim.batch_size} is not divisible by the {mesh.devices.size} devices")
@@ -358,6 +358,10 @@ def train(cfg: RunConfig, run_dir: Path, ds, resume: bool = False, init_params=N
     base_key = global_put(jax.random.PRNGKey(cfg.seed), repl)
     ckpt_every, eval_every = _aligned(cfg.optim.ckpt_every, chunk), _aligned(cfg.optim.eval_every, chunk)
     metrics = MetricsLog(Path(run_dir), start, end, progress if is_main() else None, log, cfg.objective, is_main())
+    o = cfg.optim
+    log.write(f"molgen {__version__}, {cfg.objective}: steps {start} -> {end}, batch {o.batch_size}, lr {o.lr}, "
+              f"{o.precision} {o.layout}, seed {cfg.seed}, {mesh.devices.size} {jax.devices()[0].platform} device(s)"
+              + (f", init {cfg.init}" if cfg.init else ""))
     step, interrupted, t0 = start, False, time.time()
     try:
         with StopOnSignals() as stop:
@@ -393,4 +397,6 @@ def train(cfg: RunConfig, run_dir: Path, ds, resume: bool = False, init_params=N
     save_plan(run_dir, step, feed.plan)
     save_checkpoint(mgr, state)
     elapsed = time.time() - t0
-    return TrainResult(state, interrupted, (int(local_value(state.step)) - start) / elapsed if elapsed > 0 else 0.0)
+    rate = (int(local_value(state.step)) - start) / elapsed if elapsed > 0 else 0.0
+    log.write(f"checkpoint at step {int(local_value(state.step))} ({rate:.2f} steps/s over {elapsed:.0f} s)")
+    return TrainResult(state, interrupted, rate)

@@ -104,6 +104,15 @@ def test_train_resume_and_sample(tmp_path, trained, data_dir):
     assert json.loads((trained / "config.json").read_text())["optim"]["steps"] == 4  # the refused run wrote nothing
     res = run("train", "--resume", "--steps", 6, "--data-dir", data_dir, "--out", trained)
     assert res.exit_code == 0 and "step 6" in res.output
+    # train.log: the run's story with UTC times, continued by the resumed run; the refused one wrote nothing
+    log = [ln.split("  ", 1) for ln in (trained / "train.log").read_text().splitlines()]
+    assert all(len(t) == 19 and t[4] == "-" and t[13] == ":" for t, _ in log)
+    said = [text for _, text in log]
+    assert said[0].startswith("molgen 0.1.0, diffusion: steps 0 -> 4, batch 8") and "seed" in said[0]
+    assert [t for t in said if t.startswith("step ") and "loss" in t and "left" in t]  # progress lines
+    i = said.index("resumed from step 4 in " + str(trained))
+    assert "checkpoint at step 4" in said[i - 1] and "steps 4 -> 6" in said[i + 1]
+    assert said[-1].startswith("checkpoint at step 6") and sum("steps 0 ->" in t for t in said) == 1
     out1, out2 = tmp_path / "a.sdf", tmp_path / "b.sdf"
     for o in (out1, out2):
         res = run("sample", "--checkpoint", trained, "-n", 7, "--steps", 3, "-o", o, "--seed", 4,
