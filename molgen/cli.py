@@ -156,6 +156,7 @@ def sample(
     data_dir: Optional[Path] = Opt(None, "--data-dir", help="QM9 cache folder (for novelty and the type mix)."),
     fix: Optional[Path] = Opt(None, "--fix", help="Complete this fragment (SDF, MOL or XYZ, 3D; its first molecule): every output keeps its atoms, types and coordinates."),
     resample: int = Opt(0, "--resample", help="--fix with the ancestral sampler: repeat every step N more times after going back up by the forward process (RePaint); N extra calls per step."),
+    keep: str = Opt("all", "--keep", metavar="<all|valid|stable>", help="Write only valid molecules (EDM's validity, in one piece) or stable ones (valid, and every atom's valence allowed), drawing more until -n are kept (at most 100 x n drawn)."),
 ):
     """Generate molecules and write them as SDF or XYZ, then print their stability report."""
     from molgen.chem.io import format_of, write_molecules
@@ -166,8 +167,10 @@ def sample(
     from molgen.jax_setup import enable_compilation_cache
     from molgen.models import load_model, polisher_for
     from molgen.fragment import fragment_kept, read_fragment
-    from molgen.sample import nonfinite_warning, parse_levels, plan, sample as draw, sampling_warnings
+    from molgen.sample import KEEP, MAX_DRAWS, nonfinite_warning, parse_levels, plan, sample_kept, sampling_warnings
 
+    if keep not in KEEP:
+        raise MolgenError(f"--keep must be one of {', '.join(KEEP)}, got {keep!r}")
     for path, what in ((out, "-o"), (json_path, "--json")):
         check_writable(path, what, inputs=(fix,))
     require_cache(data_dir, "--data-dir")
@@ -181,9 +184,16 @@ def sample(
     for warning in sampling_warnings(m, atoms, frag, settings["molgen_calls"]):
         say(warning)
     with progress() as bar:
-        task = bar.add_task("sampling (network calls)", total=settings["molgen_calls"] * -(-n // max(batch_size, 1)))
-        res = draw(m, n, steps, seed, atoms, batch_size, sampler, sig, temperature, renoise, polish, pol,
-                   lambda k: bar.advance(task, k), fragment=frag, resample=resample)
+        task = bar.add_task("sampling (network calls)", total=0)
+        more = lambda k: bar.update(task, total=bar.tasks[task].total + settings["molgen_calls"] * -(-k // max(batch_size, 1)))  # noqa: E731
+        res = sample_kept(m, n, keep, seed, batch_size, more, steps=steps, atoms=atoms, sampler=sampler, sigmas=sig,
+                          temperature=temperature, renoise=renoise, polish_calls=polish, polisher=pol,
+                          progress=lambda k: bar.advance(task, k), fragment=frag, resample=resample)
+    if not res.molecules:
+        raise MolgenError(f"--keep {keep}: none of the {res.drawn:,} molecules drawn passed; nothing written")
+    if len(res.molecules) < n:
+        say(f"warning: --keep {keep}: {len(res.molecules):,} of the {n:,} molecules asked for passed in "
+            f"{res.drawn:,} drawn (at most {MAX_DRAWS} per molecule asked for)")
     metrics = annotate(res.molecules, data_dir, m.cfg.data.remove_h, novelty) if report or json_path else None
     write_molecules(out, res.molecules, fmt)
     console.print(f"wrote {len(res.molecules)} molecules to {out} ({res.description}, {res.seconds:.1f} s sampling)",
@@ -194,7 +204,8 @@ def sample(
     if report and metrics is not None:
         console.print(metrics_table(metrics, f"samples: {out}", kept.get("fragment_kept")))
     if json_path:
-        write_json(json_path, metrics, {"file": str(out), **res.settings, **kept})
+        write_json(json_path, metrics, {"file": str(out), **res.settings, **kept,
+                                        **({"molgen_drawn": res.drawn} if res.drawn else {})})
 
 
 @app.command()

@@ -101,6 +101,11 @@ def _per_molecule(positions, types, progress=None, with_strain: bool = False) ->
     return per, type_counts
 
 
+def judge(molecules) -> list[PerMolecule]:
+    """Each molecule's own results (stability, validity, fragments, ...), as :func:`evaluate_molecules` finds them."""
+    return _per_molecule([m.positions for m in molecules], [m.types for m in molecules])[0] if molecules else []
+
+
 def evaluate_molecules(
     positions: list[np.ndarray],
     types: list[np.ndarray],

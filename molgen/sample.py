@@ -37,6 +37,17 @@ class Samples:
     calls: int  # network calls per molecule, polishing included
     seconds: float = 0.0
     description: str = field(default="")
+    drawn: int = 0  # molecules drawn to keep these (--keep); 0: all drawn are kept
+
+
+# Which molecules `--keep` keeps (their per-molecule results from molgen.evaluate): `valid` is EDM's validity
+# (RDKit sanitizes the molecule built from its bonds) in one piece; `stable` adds that every atom is stable.
+KEEP = {
+    "all": None,
+    "valid": lambda p: p.valid and p.n_fragments == 1,
+    "stable": lambda p: p.valid and p.n_fragments == 1 and p.stable,
+}
+MAX_DRAWS = 100  # --keep draws at most this many molecules per molecule asked for
 
 
 def draw_sizes(cfg, n: int, seed: int, atoms: int | None = None, stream: int = 7, above: int = 0) -> np.ndarray:
@@ -171,6 +182,52 @@ def sample(model: Model, n: int, steps: int | None = None, seed: int = 0, atoms:
                                  props=dict(settings)))
             o += k
     return Samples(mols, settings, settings["molgen_calls"], time.time() - t0, _describe(model, s, settings))
+
+
+def round_seed(seed: int, r: int) -> int:
+    """The seed of --keep's r-th round of drawing: ``seed`` itself first (so the first round draws what plain
+    sampling draws), then seeds derived from (seed, r)."""
+    return seed if r == 0 else int(np.random.SeedSequence([seed, r]).generate_state(1)[0] % 2**31)
+
+
+def sample_kept(model: Model, n: int, keep: str = "all", seed: int = 0, batch_size: int = 1000,
+                on_round: Callable[[int], None] | None = None, max_draws: int | None = None, **kw) -> Samples:
+    """``n`` molecules that pass ``keep`` (:data:`KEEP`): rounds of :func:`sample` (the first with ``seed``, the
+    next with :func:`round_seed`), each sized by the share kept so far, until ``n`` are kept or ``max_draws``
+    (default MAX_DRAWS x n) are drawn; then fewer are returned (``drawn`` says how many were drawn; ``seconds``
+    counts the judging too).
+    ``on_round(m)`` is told of each round's m molecules before it is drawn; ``kw`` goes to :func:`sample`."""
+    if keep not in KEEP:
+        raise MolgenError(f"--keep must be one of {', '.join(KEEP)}, got {keep!r}")
+    if KEEP[keep] is None:
+        if on_round:
+            on_round(n)
+        return sample(model, n, seed=seed, batch_size=batch_size, **kw)
+    if n < 1:
+        raise MolgenError("-n must be at least 1")
+    from molgen.evaluate import judge
+
+    import time
+
+    test, limit = KEEP[keep], max_draws or MAX_DRAWS * n
+    kept: list[Molecule] = []
+    drawn, r, res, t0 = 0, 0, None, time.time()
+    while len(kept) < n and drawn < limit:
+        need = n - len(kept)
+        share = len(kept) / drawn if drawn else 1.0
+        m = min(limit - drawn, max(need, int(np.ceil(1.2 * need / max(share, 0.01)))))
+        if on_round:
+            on_round(m)
+        res = sample(model, m, seed=round_seed(seed, r), batch_size=batch_size, **kw)
+        kept += [mol for mol, p in zip(res.molecules, judge(res.molecules)) if test(p)]
+        drawn, r = drawn + m, r + 1
+    kept = kept[:n]
+    settings = {**res.settings, "molgen_keep": keep}
+    for i, mol in enumerate(kept):
+        mol.name = f"molgen_{i}"
+        mol.props.update(molgen_keep=keep)
+    how = f"kept {len(kept):,} of {drawn:,} drawn ({keep})"
+    return Samples(kept, settings, res.calls, time.time() - t0, f"{res.description}; {how}", drawn)
 
 
 def _fixer(fragment, sizes, graph, nf: int, key):

@@ -460,3 +460,22 @@ def test_a_diverged_sample_is_written_marked_and_warned_about(tmp_path, trained)
     assert res.exit_code == 0, res.output
     assert "3 of 3 molecules have non-finite coordinates" in res.output and "molgen_nonfinite" in res.output
     assert out.read_text().count("<molgen_nonfinite>") == 3
+
+
+def test_sample_keep_stable_writes_stable_molecules_only(tmp_path, trained, data_dir):
+    out, rep = tmp_path / "stable.sdf", tmp_path / "r.json"
+    res = run("sample", "-n", 6, "--steps", 1, "--keep", "stable", "-o", out, "--json", rep, "--seed", 2)
+    assert res.exit_code == 0, res.output
+    assert "kept 6 of" in res.output and "drawn (stable)" in res.output
+    r = json.loads(rep.read_text())
+    assert r["n_molecules"] == 6 and r["mol_stability"] == 1.0 and r["connected"] == 1.0
+    assert r["molgen_keep"] == "stable" and r["molgen_drawn"] > 6
+    back = run("evaluate", out, "--no-novelty", "--json", tmp_path / "e.json")  # the file itself, read back
+    assert back.exit_code == 0 and json.loads((tmp_path / "e.json").read_text())["mol_stability"] == 1.0
+    one_line_error(run("sample", "-n", 3, "--keep", "pretty", "-o", tmp_path / "p.sdf"),
+                   "--keep must be one of all, valid, stable")
+    # a 4-step tiny model makes no stable molecule in 100 draws: one line, nothing written
+    none = tmp_path / "none.sdf"
+    one_line_error(run("sample", "--checkpoint", trained, "-n", 1, "--steps", 2, "--keep", "stable", "-o", none),
+                   "--keep stable: none of the 100 molecules drawn passed; nothing written")
+    assert not none.exists() and not (tmp_path / "p.sdf").exists()

@@ -275,3 +275,33 @@ def test_curriculum_and_grid():
     assert np.all(dyn[11:] == dyn[10])
     assert multistep_levels(1, cfg) == [80.0] and multistep_levels(2, cfg) == [80.0, 0.2]
     assert len(multistep_levels(4, cfg)) == 4 and np.all(np.diff(multistep_levels(4, cfg)) < 0)
+
+
+def test_keep_writes_only_molecules_that_pass_and_draws_more_until_n():
+    """--keep: every kept molecule passes by molgen.evaluate's own per-molecule results; the first round is plain
+    sampling with the same seed (its kept molecules are a subsequence of it, in order); same settings, same
+    molecules; fewer than n only when the draw limit is reached."""
+    from molgen.evaluate import judge
+    from molgen.models import load_model
+    from molgen.sample import sample_kept
+
+    m = load_model("edm-small-stack2")
+    plain = sample(m, 40, 1, seed=3).molecules
+    res = sample_kept(m, 40, "valid", seed=3)
+    assert len(res.molecules) == 40 and res.drawn > 40 and res.settings["molgen_keep"] == "valid"
+    assert all(p.valid and p.n_fragments == 1 for p in judge(res.molecules))
+    assert [x.name for x in res.molecules] == [f"molgen_{i}" for i in range(40)]
+    ok = [x for x, p in zip(plain, judge(plain)) if p.valid and p.n_fragments == 1]
+    assert 0 < len(ok) < 40  # the first round alone is not enough here
+    for a, b in zip(ok, res.molecules):
+        np.testing.assert_array_equal(a.positions, b.positions)
+    again = sample_kept(m, 40, "valid", seed=3)
+    assert all(np.array_equal(a.positions, b.positions) for a, b in zip(res.molecules, again.molecules))
+    stable = sample_kept(m, 12, "stable", seed=3)
+    assert all(p.stable and p.valid and p.n_fragments == 1 for p in judge(stable.molecules))
+    short = sample_kept(m, 12, "stable", seed=3, max_draws=12)
+    assert short.drawn == 12 and len(short.molecules) < 12
+    assert sum(p.stable and p.n_fragments == 1 for p in judge(sample(m, 12, 1, seed=3).molecules)) == \
+        len(short.molecules)
+    with pytest.raises(MolgenError, match="--keep must be one of all, valid, stable"):
+        sample_kept(m, 5, "pretty")
