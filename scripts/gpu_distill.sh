@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One GPU run of distillation, in one call, to one deadline: a consistency model (INIT) learns from a diffusion
 # teacher (TEACHER) with a recipe (RECIPE), then is exported and sampled (1000 molecules at 1 and at 4 calls, on
-# the GPU), and everything comes back under $OUT: the log, the exported weights (split in < 16 MiB parts), the
-# samples. Runs ON the device machine, in the repo root (no data set needed: the teacher makes the pairs); carry
+# the GPU, until the deadline), and everything comes back under $OUT: the log, the exported weights (split in
+# < 16 MiB parts, put there before sampling), the samples. Runs ON the device machine, in the repo root (no data set needed: the teacher makes the pairs); carry
 # .whl (ase, to write XYZ). On the CPU, DRY=1 rehearses every step with tiny sizes.
 #
 #   INIT=edm-small-stack2 TEACHER=edm-diffusion RECIPE=weights/edm-small-stack2/recipe-1-gpu.toml \
@@ -32,10 +32,13 @@ python3 -m molgen train --recipe "$recipe" --init "$init" --teacher "$teacher" $
 log "train rc $?: $(tail -1 "$out/train.txt")"
 cp "$run/metrics.jsonl" "$out/metrics.jsonl" 2>/dev/null
 python3 -m molgen export "$run" "runs/w_$name" --temperature 0.7 --renoise 0.2 >>"$out/train.txt" 2>&1 || log "export failed"
+# the weights first: a call whose time runs out while sampling still brings the training back
+tar -C runs -cf - "w_$name" | split -b 15m -d - "$out/weights.tar."
 for k in 1 4; do
-  python3 -m molgen sample --checkpoint "runs/w_$name" -n "$n_mol" --steps "$k" --seed 0 -o "$out/samples_k$k.xyz" \
-    --no-report >>"$out/train.txt" 2>&1
+  sample_left=$(( $(left) - 5 ))
+  if [ "$sample_left" -le 5 ]; then log "no time left to sample k=$k"; continue; fi
+  timeout "$sample_left" python3 -m molgen sample --checkpoint "runs/w_$name" -n "$n_mol" --steps "$k" --seed 0 \
+    -o "$out/samples_k$k.xyz" --no-report >>"$out/train.txt" 2>&1
   log "sample k=$k rc $?"
 done
-tar -C runs -cf - "w_$name" | split -b 15m -d - "$out/weights.tar."
 log "done; in \$OUT: $(ls "$out" | tr '\n' ' ')"
