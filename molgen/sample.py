@@ -209,7 +209,7 @@ def sample_kept(model: Model, n: int, keep: str = "all", seed: int = 0, batch_si
 
     import time
 
-    test, limit = KEEP[keep], max_draws or MAX_DRAWS * n
+    test, limit = KEEP[keep], max(1, max_draws or MAX_DRAWS * n)
     kept: list[Molecule] = []
     drawn, r, res, t0 = 0, 0, None, time.time()
     while len(kept) < n and drawn < limit:
