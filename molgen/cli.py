@@ -157,6 +157,7 @@ def sample(
     fix: Optional[Path] = Opt(None, "--fix", help="Complete this fragment (SDF, MOL or XYZ, 3D; its first molecule): every output keeps its atoms, types and coordinates."),
     resample: int = Opt(0, "--resample", help="--fix with the ancestral sampler: repeat every step N more times after going back up by the forward process (RePaint); N extra calls per step."),
     keep: str = Opt("all", "--keep", metavar="<all|valid|stable>", help="Write only valid molecules (EDM's validity, in one piece) or stable ones (valid, and every atom's valence allowed), drawing more until -n are kept (at most 100 x n drawn)."),
+    unique: bool = Opt(False, "--unique", help="With --keep: no two molecules of the same SMILES."),
 ):
     """Generate molecules and write them as SDF or XYZ, then print their stability report."""
     from molgen.chem.io import format_of, write_molecules
@@ -171,6 +172,8 @@ def sample(
 
     if keep not in KEEP:
         raise MolgenError(f"--keep must be one of {', '.join(KEEP)}, got {keep!r}")
+    if unique and KEEP[keep] is None:
+        raise MolgenError("--unique compares SMILES, which only valid molecules have: add --keep valid or stable")
     for path, what in ((out, "-o"), (json_path, "--json")):
         check_writable(path, what, inputs=(fix,))
     require_cache(data_dir, "--data-dir")
@@ -188,11 +191,12 @@ def sample(
         more = lambda k: bar.update(task, total=bar.tasks[task].total + settings["molgen_calls"] * -(-k // max(batch_size, 1)))  # noqa: E731
         res = sample_kept(m, n, keep, seed, batch_size, more, steps=steps, atoms=atoms, sampler=sampler, sigmas=sig,
                           temperature=temperature, renoise=renoise, polish_calls=polish, polisher=pol,
-                          progress=lambda k: bar.advance(task, k), fragment=frag, resample=resample)
+                          progress=lambda k: bar.advance(task, k), fragment=frag, resample=resample, unique=unique)
     if not res.molecules:
-        raise MolgenError(f"--keep {keep}: none of the {res.drawn:,} molecules drawn passed; nothing written")
+        raise MolgenError(f"--keep {res.settings['molgen_keep']}: none of the {res.drawn:,} molecules drawn passed; "
+                          "nothing written")
     if len(res.molecules) < n:
-        say(f"warning: --keep {keep}: {len(res.molecules):,} of the {n:,} molecules asked for passed in "
+        say(f"warning: --keep {res.settings['molgen_keep']}: {len(res.molecules):,} of the {n:,} molecules asked for passed in "
             f"{res.drawn:,} drawn (at most {MAX_DRAWS} per molecule asked for)")
     metrics = annotate(res.molecules, data_dir, m.cfg.data.remove_h, novelty) if report or json_path else None
     write_molecules(out, res.molecules, fmt)

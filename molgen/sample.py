@@ -191,14 +191,19 @@ def round_seed(seed: int, r: int) -> int:
 
 
 def sample_kept(model: Model, n: int, keep: str = "all", seed: int = 0, batch_size: int = 1000,
-                on_round: Callable[[int], None] | None = None, max_draws: int | None = None, **kw) -> Samples:
-    """``n`` molecules that pass ``keep`` (:data:`KEEP`): rounds of :func:`sample` (the first with ``seed``, the
-    next with :func:`round_seed`), each sized by the share kept so far, until ``n`` are kept or ``max_draws``
-    (default MAX_DRAWS x n) are drawn; then fewer are returned (``drawn`` says how many were drawn; ``seconds``
-    counts the judging too).
-    ``on_round(m)`` is told of each round's m molecules before it is drawn; ``kw`` goes to :func:`sample`."""
+                on_round: Callable[[int], None] | None = None, max_draws: int | None = None, unique: bool = False,
+                **kw) -> Samples:
+    """``n`` molecules that pass ``keep`` (:data:`KEEP`), with ``unique`` each of another SMILES (EDM's uniqueness):
+    rounds of :func:`sample` (the first with ``seed``, the next with :func:`round_seed`), each sized by the share
+    kept so far, until ``n`` are kept or ``max_draws`` (default MAX_DRAWS x n) are drawn; then fewer are
+    returned (``drawn`` says how many were drawn; ``seconds`` counts the judging too). ``on_round(m)`` is told
+    of each round's m molecules before it is drawn; ``kw`` goes to :func:`sample`."""
+    import time
+
     if keep not in KEEP:
         raise MolgenError(f"--keep must be one of {', '.join(KEEP)}, got {keep!r}")
+    if unique and KEEP[keep] is None:
+        raise MolgenError("--unique compares SMILES, which only valid molecules have: add --keep valid or stable")
     if KEEP[keep] is None:
         if on_round:
             on_round(n)
@@ -207,10 +212,9 @@ def sample_kept(model: Model, n: int, keep: str = "all", seed: int = 0, batch_si
         raise MolgenError("-n must be at least 1")
     from molgen.evaluate import judge
 
-    import time
-
     test, limit = KEEP[keep], max(1, max_draws or MAX_DRAWS * n)
     kept: list[Molecule] = []
+    seen: set[str] = set()
     drawn, r, res, t0 = 0, 0, None, time.time()
     while len(kept) < n and drawn < limit:
         need = n - len(kept)
@@ -219,14 +223,18 @@ def sample_kept(model: Model, n: int, keep: str = "all", seed: int = 0, batch_si
         if on_round:
             on_round(m)
         res = sample(model, m, seed=round_seed(seed, r), batch_size=batch_size, **kw)
-        kept += [mol for mol, p in zip(res.molecules, judge(res.molecules)) if test(p)]
+        for mol, p in zip(res.molecules, judge(res.molecules)):
+            if test(p) and not (unique and p.smiles in seen):
+                kept.append(mol)
+                seen.add(p.smiles)
         drawn, r = drawn + m, r + 1
     kept = kept[:n]
-    settings = {**res.settings, "molgen_keep": keep}
+    what = keep + (", unique" if unique else "")
+    settings = {**res.settings, "molgen_keep": what}
     for i, mol in enumerate(kept):
         mol.name = f"molgen_{i}"
-        mol.props.update(molgen_keep=keep)
-    how = f"kept {len(kept):,} of {drawn:,} drawn ({keep})"
+        mol.props.update(molgen_keep=what)
+    how = f"kept {len(kept):,} of {drawn:,} drawn ({what})"
     return Samples(kept, settings, res.calls, time.time() - t0, f"{res.description}; {how}", drawn)
 
 

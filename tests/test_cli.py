@@ -474,6 +474,7 @@ def test_sample_keep_stable_writes_stable_molecules_only(tmp_path, trained, data
     assert back.exit_code == 0 and json.loads((tmp_path / "e.json").read_text())["mol_stability"] == 1.0
     one_line_error(run("sample", "-n", 3, "--keep", "pretty", "-o", tmp_path / "p.sdf"),
                    "--keep must be one of all, valid, stable")
+    one_line_error(run("sample", "-n", 3, "--unique", "-o", tmp_path / "p.sdf"), "add --keep valid or stable")
     # a 4-step tiny model makes no stable molecule in 100 draws: one line, nothing written
     none = tmp_path / "none.sdf"
     one_line_error(run("sample", "--checkpoint", trained, "-n", 1, "--steps", 2, "--keep", "stable", "-o", none),

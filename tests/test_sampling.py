@@ -305,3 +305,10 @@ def test_keep_writes_only_molecules_that_pass_and_draws_more_until_n():
         len(short.molecules)
     with pytest.raises(MolgenError, match="--keep must be one of all, valid, stable"):
         sample_kept(m, 5, "pretty")
+    repeated = [p.smiles for p in judge(sample_kept(m, 60, "stable", seed=3).molecules)]
+    assert len(set(repeated)) < 60  # this seed repeats a molecule
+    distinct = sample_kept(m, 60, "stable", seed=3, unique=True)
+    smiles = [p.smiles for p in judge(distinct.molecules)]
+    assert len(set(smiles)) == len(smiles) == 60 and distinct.settings["molgen_keep"] == "stable, unique"
+    with pytest.raises(MolgenError, match="--unique compares SMILES"):
+        sample_kept(m, 5, "all", unique=True)
