@@ -162,20 +162,15 @@ def sample(
     """Generate molecules and write them as SDF or XYZ, then print their stability report."""
     from molgen.chem.io import format_of, write_molecules
     from molgen.data.qm9 import require_cache
-    from molgen.display import metrics_table, progress
+    from molgen.display import metrics_table, sampling_progress
     from molgen.evaluate import annotate, write_json
-    from molgen.io_utils import check_writable
+    from molgen.io_utils import check_outputs
     from molgen.jax_setup import enable_compilation_cache
     from molgen.models import load_model, polisher_for
-    from molgen.fragment import fragment_kept, read_fragment
-    from molgen.sample import KEEP, MAX_DRAWS, nonfinite_warning, parse_levels, plan, sample_kept, sampling_warnings
+    from molgen.fragment import read_fragment
+    from molgen.sample import kept_warning, nonfinite_warning, parse_levels, plan, sample_kept, sampling_warnings
 
-    if keep not in KEEP:
-        raise MolgenError(f"--keep must be one of {', '.join(KEEP)}, got {keep!r}")
-    if unique and KEEP[keep] is None:
-        raise MolgenError("--unique compares SMILES, which only valid molecules have: add --keep valid or stable")
-    for path, what in ((out, "-o"), (json_path, "--json")):
-        check_writable(path, what, inputs=(fix,))
+    check_outputs({"-o": out, "--json": json_path}, inputs=(fix,))
     require_cache(data_dir, "--data-dir")
     fmt = format_of(out, fmt, strict=True)
     sig = parse_levels(sigmas)
@@ -186,30 +181,20 @@ def sample(
     pol = polisher_for(m, polisher, calls=polish)
     for warning in sampling_warnings(m, atoms, frag, settings["molgen_calls"]):
         say(warning)
-    with progress() as bar:
-        task = bar.add_task("sampling (network calls)", total=0)
-        more = lambda k: bar.update(task, total=bar.tasks[task].total + settings["molgen_calls"] * -(-k // max(batch_size, 1)))  # noqa: E731
+    with sampling_progress(settings["molgen_calls"], batch_size) as (more, tick):
         res = sample_kept(m, n, keep, seed, batch_size, more, steps=steps, atoms=atoms, sampler=sampler, sigmas=sig,
                           temperature=temperature, renoise=renoise, polish_calls=polish, polisher=pol,
-                          progress=lambda k: bar.advance(task, k), fragment=frag, resample=resample, unique=unique)
-    if not res.molecules:
-        raise MolgenError(f"--keep {res.settings['molgen_keep']}: none of the {res.drawn:,} molecules drawn passed; "
-                          "nothing written")
-    if len(res.molecules) < n:
-        say(f"warning: --keep {res.settings['molgen_keep']}: {len(res.molecules):,} of the {n:,} molecules asked for passed in "
-            f"{res.drawn:,} drawn (at most {MAX_DRAWS} per molecule asked for)")
-    metrics = annotate(res.molecules, data_dir, m.cfg.data.remove_h, novelty) if report or json_path else None
+                          progress=tick, fragment=frag, resample=resample, unique=unique)
+    metrics = annotate(res.molecules, data_dir, m.cfg.data.remove_h, novelty, frag) if report or json_path else None
     write_molecules(out, res.molecules, fmt)
     console.print(f"wrote {len(res.molecules)} molecules to {out} ({res.description}, {res.seconds:.1f} s sampling)",
                   soft_wrap=True)
-    if warning := nonfinite_warning(res.molecules, fmt):
+    for warning in filter(None, (kept_warning(res, n), nonfinite_warning(res.molecules, fmt))):
         say(warning)
-    kept = {} if frag is None else {"fragment_kept": fragment_kept(frag, res.molecules)}
-    if report and metrics is not None:
-        console.print(metrics_table(metrics, f"samples: {out}", kept.get("fragment_kept")))
+    if report:
+        console.print(metrics_table(metrics, f"samples: {out}"))
     if json_path:
-        write_json(json_path, metrics, {"file": str(out), **res.settings, **kept,
-                                        **({"molgen_drawn": res.drawn} if res.drawn else {})})
+        write_json(json_path, metrics, {"file": str(out), **res.settings})
 
 
 @app.command()
@@ -233,10 +218,9 @@ def evaluate(
     from molgen.display import evaluation_report, progress
     from molgen.evaluate import evaluate_files, write_json, write_per_molecule_csv
     from molgen.fidelity import reference_statistics, statistics
-    from molgen.io_utils import check_writable
+    from molgen.io_utils import check_outputs
 
-    for p, what in ((json_path, "--json"), (per_molecule, "--per-molecule")):
-        check_writable(p, what, inputs=files)
+    check_outputs({"--json": json_path, "--per-molecule": per_molecule}, inputs=files)
     require_cache(reference, "--reference")
     if plots is not None and plots.exists() and not plots.is_dir():
         raise MolgenError(f"--plots {plots} is a file; give a folder")

@@ -4,6 +4,7 @@ and of the shipped models. Output only; no decisions."""
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +45,17 @@ def progress_factory(bar):
     return make
 
 
-def metrics_table(m, title: str, fragment_kept: float | None = None) -> Table:
+@contextmanager
+def sampling_progress(calls: int, batch_size: int):
+    """A bar of network calls for sampling in rounds: yields (on_round(m): add a round of m molecules, drawn in
+    batches of ``batch_size``, each molecule ``calls`` calls; advance(k): k calls done)."""
+    with progress() as bar:
+        task = bar.add_task("sampling (network calls)", total=0)
+        yield (lambda m: bar.update(task, total=bar.tasks[task].total + calls * -(-m // max(batch_size, 1))),
+               lambda k: bar.advance(task, k))
+
+
+def metrics_table(m, title: str) -> Table:
     t = Table(title=title)
     t.add_column("metric")
     t.add_column("value", justify="right")
@@ -72,8 +83,8 @@ def metrics_table(m, title: str, fragment_kept: float | None = None) -> Table:
     ref = m.reference_type_fractions
     mix = "  ".join(f"{k} {v:.3f}" + (f" ({ref[k]:.3f})" if ref else "") for k, v in m.type_fractions.items())
     t.add_row("atom types" + (" (train)" if ref else ""), mix)
-    if fragment_kept is not None:
-        t.add_row("fragment kept (its bond graph)", pct(fragment_kept))
+    if m.fragment_kept is not None:
+        t.add_row("fragment kept (its bond graph)", pct(m.fragment_kept))
     return t
 
 

@@ -61,12 +61,15 @@ class Metrics:
     rdkit_validity: float | None = None
     strain: dict | None = None
     fidelity: dict | None = None
+    fragment_kept: float | None = None  # molgen sample --fix: the share that contains the fragment's bond graph
     per_molecule: list[PerMolecule] = field(default_factory=list, repr=False)
     stats: object = field(default=None, repr=False)  # molgen.fidelity.Stats behind ``fidelity`` (for plots)
 
     def to_dict(self, per_molecule: bool = False) -> dict:
         d = asdict(self)
         d.pop("stats")
+        if d["fragment_kept"] is None:
+            d.pop("fragment_kept")
         if not per_molecule:
             d.pop("per_molecule")
         return d
@@ -237,10 +240,15 @@ def reference_for(data_dir, remove_h: bool, novelty: bool):
     return (training_smiles(d, remove_h) if novelty else None), fr
 
 
-def annotate(molecules, data_dir=None, remove_h: bool = False, novelty: bool = False) -> Metrics:
-    """EDM's metrics of generated molecules, each molecule's own results added to its properties."""
+def annotate(molecules, data_dir=None, remove_h: bool = False, novelty: bool = False, fragment=None) -> Metrics:
+    """EDM's metrics of generated molecules, each molecule's own results added to its properties; with the
+    ``fragment`` they complete (:mod:`molgen.fragment`), the share that contains its bond graph."""
     smiles, fr = reference_for(data_dir, remove_h, novelty)
     metrics = evaluate_molecules([m.positions for m in molecules], [m.types for m in molecules], smiles, fr)
+    if fragment is not None:
+        from molgen.fragment import fragment_kept
+
+        metrics.fragment_kept = fragment_kept(fragment, molecules)
     for mol, p in zip(molecules, metrics.per_molecule):
         mol.props.update({"molgen_stable_atoms": f"{p.stable_atoms}/{p.n_atoms}", "molgen_mol_stable": int(p.stable),
                           "molgen_valid": int(p.valid), "molgen_smiles": p.smiles})

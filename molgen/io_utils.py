@@ -63,3 +63,9 @@ def atomic_write_text(dest: Path | str, text: str) -> None:
 def atomic_write_bytes(dest: Path | str, data: bytes) -> None:
     with atomic_path(dest) as tmp:
         Path(tmp).write_bytes(data)
+
+
+def check_outputs(outputs: dict, inputs=()) -> None:
+    """:func:`check_writable` for each output, named by its option: {"-o": path, "--json": None, ...}."""
+    for what, path in outputs.items():
+        check_writable(path, what, inputs)

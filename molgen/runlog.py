@@ -18,6 +18,15 @@ PROGRESS_LINE_S = 10.0  # a progress line (train.log; the terminal without a bar
 LOG_NAME = "train.log"
 
 
+def run_header(cfg, start: int, end: int, devices: str) -> str:
+    """train.log's line at each start of a run: what trains, from where, with what."""
+    from molgen import __version__
+
+    o = cfg.optim
+    return (f"molgen {__version__}, {cfg.objective}: steps {start} -> {end}, batch {o.batch_size}, lr {o.lr}, "
+            f"{o.precision} {o.layout}, seed {cfg.seed}, {devices}" + (f", init {cfg.init}" if cfg.init else ""))
+
+
 class RunText:
     """train.log in the run folder: each message with its UTC time, appended (a resumed run continues it); calling
     it also shows the message (``show``). Only the process that writes the run's files writes it."""

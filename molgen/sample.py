@@ -184,6 +184,22 @@ def sample(model: Model, n: int, steps: int | None = None, seed: int = 0, atoms:
     return Samples(mols, settings, settings["molgen_calls"], time.time() - t0, _describe(model, s, settings))
 
 
+def check_keep(keep: str, unique: bool = False) -> None:
+    """--keep names one of :data:`KEEP`; --unique needs molecules with SMILES (valid ones)."""
+    if keep not in KEEP:
+        raise MolgenError(f"--keep must be one of {', '.join(KEEP)}, got {keep!r}")
+    if unique and KEEP[keep] is None:
+        raise MolgenError("--unique compares SMILES, which only valid molecules have: add --keep valid or stable")
+
+
+def kept_warning(res: Samples, n: int) -> str | None:
+    """A warning when --keep kept fewer molecules than asked for (the draw limit was reached)."""
+    if not res.drawn or len(res.molecules) >= n:
+        return None
+    return (f"warning: --keep {res.settings['molgen_keep']}: {len(res.molecules):,} of the {n:,} molecules asked for "
+            f"passed in {res.drawn:,} drawn (at most {MAX_DRAWS} per molecule asked for)")
+
+
 def round_seed(seed: int, r: int) -> int:
     """The seed of --keep's r-th round of drawing: ``seed`` itself first (so the first round draws what plain
     sampling draws), then seeds derived from (seed, r)."""
@@ -196,14 +212,11 @@ def sample_kept(model: Model, n: int, keep: str = "all", seed: int = 0, batch_si
     """``n`` molecules that pass ``keep`` (:data:`KEEP`), with ``unique`` each of another SMILES (EDM's uniqueness):
     rounds of :func:`sample` (the first with ``seed``, the next with :func:`round_seed`), each sized by the share
     kept so far, until ``n`` are kept or ``max_draws`` (default MAX_DRAWS x n) are drawn; then fewer are
-    returned (``drawn`` says how many were drawn; ``seconds`` counts the judging too). ``on_round(m)`` is told
-    of each round's m molecules before it is drawn; ``kw`` goes to :func:`sample`."""
+    returned (``drawn`` says how many were drawn; ``seconds`` counts the judging too), none is a MolgenError.
+    ``on_round(m)`` is told of each round's m molecules before it is drawn; ``kw`` goes to :func:`sample`."""
     import time
 
-    if keep not in KEEP:
-        raise MolgenError(f"--keep must be one of {', '.join(KEEP)}, got {keep!r}")
-    if unique and KEEP[keep] is None:
-        raise MolgenError("--unique compares SMILES, which only valid molecules have: add --keep valid or stable")
+    check_keep(keep, unique)
     if KEEP[keep] is None:
         if on_round:
             on_round(n)
@@ -230,7 +243,9 @@ def sample_kept(model: Model, n: int, keep: str = "all", seed: int = 0, batch_si
         drawn, r = drawn + m, r + 1
     kept = kept[:n]
     what = keep + (", unique" if unique else "")
-    settings = {**res.settings, "molgen_keep": what}
+    if not kept:
+        raise MolgenError(f"--keep {what}: none of the {drawn:,} molecules drawn passed; nothing written")
+    settings = {**res.settings, "molgen_keep": what, "molgen_drawn": drawn}
     for i, mol in enumerate(kept):
         mol.name = f"molgen_{i}"
         mol.props.update(molgen_keep=what)

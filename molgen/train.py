@@ -14,6 +14,7 @@ With one device the same code runs unchanged. Precision: :func:`molgen.networks.
 
 from __future__ import annotations
 
+import functools
 import json
 import signal
 import threading
@@ -28,12 +29,12 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from molgen import MolgenError, __version__
+from molgen import MolgenError
 from molgen.config import RunConfig, resolve_auto
 from molgen.data.batching import BatchSampler, Graph, make_batch
 from molgen.networks import network, resolve_precision
 from molgen.objectives import get_objective
-from molgen.runlog import MetricsLog, RunText
+from molgen.runlog import MetricsLog, RunText, run_header
 from molgen.state import (CONFIG_NAME, METRICS_NAME, TrainState, checkpoint_manager, grad_norm, init_state,
                           make_optimizer, restore_checkpoint, save_checkpoint)
 
@@ -354,23 +355,18 @@ def train(cfg: RunConfig, run_dir: Path, ds, resume: bool = False, init_params=N
     end = min(cfg.optim.steps, stop_at) if stop_at is not None else cfg.optim.steps
     feed = Feed(ds, cfg, mesh, start, end, chunk, saved_plan(run_dir, start) if resume else None)
     validation = Validation(ds, cfg, mesh, anchor_params)
-    chunk_fns: dict[object, Callable] = {}
+    chunk_fn = functools.cache(lambda shape: make_train_chunk(cfg, mesh, shape, anchor_params))  # one per shape
     base_key = global_put(jax.random.PRNGKey(cfg.seed), repl)
     ckpt_every, eval_every = _aligned(cfg.optim.ckpt_every, chunk), _aligned(cfg.optim.eval_every, chunk)
     metrics = MetricsLog(Path(run_dir), start, end, progress if is_main() else None, log, cfg.objective, is_main())
-    o = cfg.optim
-    log.write(f"molgen {__version__}, {cfg.objective}: steps {start} -> {end}, batch {o.batch_size}, lr {o.lr}, "
-              f"{o.precision} {o.layout}, seed {cfg.seed}, {mesh.devices.size} {jax.devices()[0].platform} device(s)"
-              + (f", init {cfg.init}" if cfg.init else ""))
+    log.write(run_header(cfg, start, end, f"{mesh.devices.size} {jax.devices()[0].platform} device(s)"))
     step, interrupted, t0 = start, False, time.time()
     try:
         with StopOnSignals() as stop:
             pending = feed.prepare(step) if step < end else None
             while pending is not None:
                 n, shape, rows = pending
-                if shape not in chunk_fns:
-                    chunk_fns[shape] = make_train_chunk(cfg, mesh, shape, anchor_params)
-                state, out = chunk_fns[shape](state, feed.dset, rows, global_put(np.int32(n), repl), base_key)
+                state, out = chunk_fn(shape)(state, feed.dset, rows, global_put(np.int32(n), repl), base_key)
                 first, step = step, step + n
                 over = max_seconds is not None and time.time() - t0 > max_seconds
                 over, stop.requested = agree(over), agree(stop.requested)  # every process stops at the same step
@@ -396,7 +392,6 @@ def train(cfg: RunConfig, run_dir: Path, ds, resume: bool = False, init_params=N
         return TrainResult(restore_checkpoint(mgr, last) if mgr.latest_step() is not None else last, True, 0.0)
     save_plan(run_dir, step, feed.plan)
     save_checkpoint(mgr, state)
+    log.write(f"checkpoint at step {step}")
     elapsed = time.time() - t0
-    rate = (int(local_value(state.step)) - start) / elapsed if elapsed > 0 else 0.0
-    log.write(f"checkpoint at step {int(local_value(state.step))} ({rate:.2f} steps/s over {elapsed:.0f} s)")
-    return TrainResult(state, interrupted, rate)
+    return TrainResult(state, interrupted, (int(local_value(state.step)) - start) / elapsed if elapsed > 0 else 0.0)
