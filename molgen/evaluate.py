@@ -75,9 +75,10 @@ class Metrics:
         return d
 
 
-def _per_molecule(positions, types, progress=None, with_strain: bool = False) -> tuple[list[PerMolecule], np.ndarray]:
-    """Each molecule's stability, validity and SMILES (EDM's route), RDKit's validity (and strain), and the counts
-    of each atom type."""
+def _per_molecule(positions, types, progress=None, with_strain: bool = False,
+                  with_rdkit: bool = True) -> tuple[list[PerMolecule], np.ndarray]:
+    """Each molecule's stability, validity and SMILES (EDM's route), RDKit's validity (unless ``with_rdkit`` is
+    False: then rdkit_valid is False) and strain, and the counts of each atom type."""
     from molgen.chem.bonds import bond_orders
     from molgen.chem.forcefield import perceive, strain
     from molgen.chem.rdkit_utils import build_molecule, validity_smiles
@@ -95,7 +96,7 @@ def _per_molecule(positions, types, progress=None, with_strain: bool = False) ->
             type_counts += np.bincount(t, minlength=N_TYPES)
             finite = bool(np.all(np.isfinite(pos[k, :n])))
             smi, nfrag = validity_smiles(build_molecule(t, orders[k, :n, :n])) if finite else (None, 0)
-            rd = perceive(t, positions[s + k]) if finite else None
+            rd = perceive(t, positions[s + k]) if finite and with_rdkit else None
             relaxed = strain(rd) if with_strain and rd is not None else None
             per.append(PerMolecule(n, int(atom_ok[k, :n].sum()), bool(mol_ok[k]), smi is not None, smi or "", nfrag,
                                    finite, rd is not None, *(relaxed or (None, None))))
@@ -105,8 +106,11 @@ def _per_molecule(positions, types, progress=None, with_strain: bool = False) ->
 
 
 def judge(molecules) -> list[PerMolecule]:
-    """Each molecule's own results (stability, validity, fragments, ...), as :func:`evaluate_molecules` finds them."""
-    return _per_molecule([m.positions for m in molecules], [m.types for m in molecules])[0] if molecules else []
+    """Each molecule's stability, EDM validity, SMILES and fragments, as :func:`evaluate_molecules` finds them
+    (without RDKit's own bond perception: rdkit_valid is not judged)."""
+    if not molecules:
+        return []
+    return _per_molecule([m.positions for m in molecules], [m.types for m in molecules], with_rdkit=False)[0]
 
 
 def evaluate_molecules(
