@@ -3,6 +3,7 @@ EMA) recipes for the same number of molecules and compare the validation loss (E
 1024 validation molecules with fixed noise, so the figures compare across batch sizes) at equal molecules seen.
 
     python benchmarks/batch_recipe.py --preset small --epochs 3 --out runs/batch_recipe
+    python benchmarks/batch_recipe.py --init edm-small-diffusion --epochs 1    # continuing a trained network
 
 A recipe is ``name:batch:lr:warmup:ema``. Warm-up and EMA decay are given per step; for a fair comparison a
 larger batch takes proportionally fewer warm-up steps and a decay with the same horizon in molecules
@@ -24,14 +25,15 @@ EVAL_MOLECULES = 25_600  # a validation point every this many training molecules
 TRAIN_MOLECULES = 100_000  # QM9's training split, rounded
 
 
-def run(name, batch, lr, warmup, ema, args):
+def run(name, batch, lr, warmup, ema, args, steps=None):
     out = Path(args.out) / name
-    every = EVAL_MOLECULES // batch
-    steps = -(-int(args.epochs * TRAIN_MOLECULES) // EVAL_MOLECULES) * every
-    cmd = [sys.executable, "-m", "molgen", "train", "--recipe", "diffusion", "--model", args.preset,
+    every = EVAL_MOLECULES // batch if steps is None else steps
+    steps = steps or -(-int(args.epochs * TRAIN_MOLECULES) // EVAL_MOLECULES) * every
+    cmd = [sys.executable, "-m", "molgen", "train", "--recipe", "diffusion",
            "--out", str(out), "--batch-size", str(batch), "--lr", str(lr), "--steps", str(steps),
            "--seed", str(args.seed), "--set", f"optim.warmup={warmup}", "--set", f"optim.ema={ema}",
            "--set", f"optim.eval_every={every}", "--set", f"optim.ckpt_every={steps}"]
+    cmd += ["--init", args.init] if args.init else ["--model", args.preset]
     if args.data_dir:
         cmd += ["--data-dir", args.data_dir]
     log = out / "metrics.jsonl"
@@ -60,8 +62,14 @@ def main():
     ap.add_argument("--out", default="runs/batch_recipe")
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--reuse", action="store_true", help="read back runs in --out that already finished")
+    ap.add_argument("--init", default=None,
+                    help="continue this diffusion model instead of starting from scratch (its network, not --preset); "
+                         "its own validation loss is printed first")
     args = ap.parse_args()
     curves = {}
+    if args.init:  # the start: one step at a learning rate of 1e-12 leaves the EMA parameters the model's own
+        start = next(iter(run("start", 64, 1e-12, 1, 0.999, args, steps=1).values()))
+        print(f"# start: {args.init}, validation loss (EMA = its parameters) {start:.4f}", flush=True)
     for spec in args.recipes.split(","):
         name, batch, lr, warmup, ema = spec.split(":")
         curves[name] = run(name, int(batch), float(lr), int(warmup), float(ema), args)
