@@ -130,7 +130,8 @@ def main():
             for c in range(n_chunks + extra):
                 r = jax.device_put(rows[c * k : (c + 1) * k], NamedSharding(mesh, P(None, "data")))
                 if c == n_chunks:
-                    trace = start_trace(trace_path)
+                    trace = profiler(lambda: jax.profiler.start_trace(trace_path, create_perfetto_trace=True),
+                                     trace_path)
                     if trace is None:
                         break
                 t0 = time.perf_counter()
@@ -138,7 +139,7 @@ def main():
                 jax.block_until_ready(m["loss"])
                 if c < n_chunks:
                     times.append(time.perf_counter() - t0)
-            traced, trace = stop_trace(trace), None
+            traced, trace = profiler(jax.profiler.stop_trace, trace), None
             compile_s, med = times[0], statistics.median(times[1:])
             n = ds.n_atoms[idx[k : k * n_chunks]].astype(np.int64)  # the timed chunks' molecules
             nodes, edges = n.sum() / n.size, (n * (n - 1)).sum() / n.size  # per molecule, real only
@@ -168,30 +169,16 @@ def main():
         except Exception as e:  # e.g. out of device memory: this measurement is lost, the next ones are still made
             msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
             print(f"FAILED molgen {tag} ({type(e).__name__}: {msg})", flush=True)
-            stop_trace(trace)  # one left running (None: none is) would refuse the next
+            profiler(jax.profiler.stop_trace, trace)  # one left running (None: none is) would refuse the next
 
 
-def start_trace(path: str | None) -> str | None:
-    """Start a jax.profiler trace into ``path``; None (and one line saying why) when this machine cannot trace."""
+def profiler(action, path: str | None) -> str | None:
+    """``action()`` (starting or stopping a jax.profiler trace into ``path``): ``path``, or None (and one line
+    saying why) when this machine cannot trace; a profiler that fails costs the profile, never the measurement."""
     if path is None:
         return None
-    import jax
-
     try:
-        jax.profiler.start_trace(path, create_perfetto_trace=True)
-        return path
-    except Exception as e:  # a profiler that cannot start costs the profile, never the measurement
-        print(f"PROFILE {path}: not traced ({type(e).__name__}: {e})".replace("\n", " "), flush=True)
-        return None
-
-
-def stop_trace(path: str | None) -> str | None:
-    if path is None:
-        return None
-    import jax
-
-    try:
-        jax.profiler.stop_trace()
+        action()
         return path
     except Exception as e:
         print(f"PROFILE {path}: not traced ({type(e).__name__}: {e})".replace("\n", " "), flush=True)
