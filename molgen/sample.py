@@ -9,6 +9,7 @@ alike.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Callable, Sequence
 
 import jax
@@ -28,6 +29,18 @@ from molgen.samplers import get_sampler
 
 
 FRAGMENT_STREAM = 104729  # the fixed noise of a fragment's atoms: its own random stream
+
+
+# The jitted functions of a (sampler, model config), kept so that later calls on the same model (--keep's rounds,
+# a Python caller's loop) reuse their traced and compiled programs instead of compiling them again.
+@lru_cache(maxsize=8)
+def _prepared(s, cfg):
+    return s.prepare(cfg)
+
+
+@lru_cache(maxsize=4)
+def _polish_step(cfg):
+    return jax.jit(make_polish_step(denoiser(network(cfg)[1], cfg.diffusion)))
 
 
 @dataclass
@@ -145,14 +158,12 @@ def sample(model: Model, n: int, steps: int | None = None, seed: int = 0, atoms:
     if polish_calls and polisher is None:
         raise MolgenError("polishing needs a diffusion model (--polisher)")
     sizes = draw_sizes(model.cfg, n, seed, atoms, above=fragment.size if fragment is not None else 0)
-    fns = s.prepare(model.cfg, apply)
+    fns = s.prepare(model.cfg, apply) if apply is not None else _prepared(s, model.cfg)
     if fragment is not None:
         settings["molgen_fixed_atoms"] = fragment.size
     pol = None
     if polish_calls:
-        _, p_apply = network(polisher.cfg)
-        pol = (jax.jit(make_polish_step(denoiser(p_apply, polisher.cfg.diffusion))), polisher.params,
-               low_ladder(polish_calls))
+        pol = (_polish_step(polisher.cfg), polisher.params, low_ladder(polish_calls))
         settings.update(molgen_polish=polish_calls, molgen_polisher=polisher.name)
     tick = (lambda: progress(1)) if progress else (lambda: None)
     base = jax.random.PRNGKey(seed)

@@ -1,6 +1,8 @@
-"""Multi-process training: two processes on 127.0.0.1 (`--distributed`, one CPU device each) train the same
-parameters as one process with the same global batch and seed on two devices, and resume as a pair."""
+"""Training in fresh processes (JAX not started yet): one process trains data-parallel on two CPU devices and
+resumes, printing progress lines off a terminal; two processes on 127.0.0.1 (`--distributed`, one CPU device
+each) train the same parameters with the same global batch and seed, and resume as a pair."""
 
+import json
 import os
 import socket
 import subprocess
@@ -35,7 +37,7 @@ def _same_params(a, b):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-6)
 
 
-def test_two_processes_train_and_resume_as_one(tmp_path, data_dir):
+def test_two_devices_or_two_processes_train_and_resume_alike(tmp_path, data_dir):
     from conftest import FAST_COMPILE
 
     base = dict(os.environ, XLA_FLAGS=FAST_COMPILE, JAX_PLATFORMS="cpu")
@@ -49,12 +51,15 @@ def test_two_processes_train_and_resume_as_one(tmp_path, data_dir):
                 for i in (0, 1)]
         return _finish([_train([*common, *extra, "--devices", 1, "--distributed", "--out", out], e) for e in envs])
 
-    _finish([_train([*common, "--steps", 4, "--devices", 2, "--out", one], base)])
+    out, err = _finish([_train([*common, "--steps", 4, "--devices", 2, "--out", one], base)])[0]
+    assert "devices 2 (cpu)" in err and "step 4" in out
+    assert "step 4/4  loss" in err and "left" in err  # a progress line for the log
+    out, err = _finish([_train([*common, "--steps", 6, "--devices", 2, "--resume", "--out", one], base)])[0]
+    assert "resumed from step 4" in err and "step 6" in out
+    assert [json.loads(line)["step"] for line in (one / "metrics.jsonl").read_text().splitlines()][-1] == 6
     outs = both(["--steps", 4], pair)
     assert "devices 2 (cpu)" in outs[0][1] and "step 4" in outs[0][0]
-    _same_params(one, pair)
     assert (pair / "metrics.jsonl").read_text().count('"step": 4,') == 1  # one process writes the log
-    _finish([_train([*common, "--steps", 6, "--devices", 2, "--resume", "--out", one], base)])
     both(["--steps", 6, "--resume"], pair)
     assert load_model(pair).meta["step"] == 6
     _same_params(one, pair)
