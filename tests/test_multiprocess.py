@@ -54,12 +54,13 @@ def test_two_devices_or_two_processes_train_and_resume_alike(tmp_path, data_dir)
     out, err = _finish([_train([*common, "--steps", 4, "--devices", 2, "--out", one], base)])[0]
     assert "devices 2 (cpu)" in err and "step 4" in out
     assert "step 4/4  loss" in err and "left" in err  # a progress line for the log
+    outs = both(["--steps", 4], pair)
+    assert "devices 2 (cpu)" in outs[0][1] and "step 4" in outs[0][0]
+    _same_params(one, pair)
+    assert (pair / "metrics.jsonl").read_text().count('"step": 4,') == 1  # one process writes the log
     out, err = _finish([_train([*common, "--steps", 6, "--devices", 2, "--resume", "--out", one], base)])[0]
     assert "resumed from step 4" in err and "step 6" in out
     assert [json.loads(line)["step"] for line in (one / "metrics.jsonl").read_text().splitlines()][-1] == 6
-    outs = both(["--steps", 4], pair)
-    assert "devices 2 (cpu)" in outs[0][1] and "step 4" in outs[0][0]
-    assert (pair / "metrics.jsonl").read_text().count('"step": 4,') == 1  # one process writes the log
     both(["--steps", 6, "--resume"], pair)
     assert load_model(pair).meta["step"] == 6
     _same_params(one, pair)
