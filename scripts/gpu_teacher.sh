@@ -46,7 +46,7 @@ if [ "${RESUME:-0}" = 1 ] && [ -n "$(ls "$run/checkpoints" 2>/dev/null)" ]; then
 fi
 
 if [ "${DRY:-0}" = 1 ]; then  # the CPU rehearsal: every step, tiny sizes
-  bench_runs=tiny:16:float32:packed,tiny:16:float32:grouped,tiny:16:bf16:grouped; fastest_at=16
+  bench_runs=tiny:16:float32:packed,tiny:16:float32:grouped,tiny:16:bf16:grouped
   edm_args="--presets small --batch-sizes 8 --device cpu --repeats 1 --warmup 1"
   scatter_args="--molecules 64 --features 32 --repeats 3 --dtypes float32 --pad-rows 20 --pad-edges 700"
   model=tiny; batch=16; n_mol=8; calls=10; train_extra="--steps 60 --set optim.ckpt_every=50"; resume_extra="--steps 120"
@@ -56,7 +56,6 @@ else
   bench_runs=edm:$batch:tf32:packed,edm:$batch:bf16:packed,edm:$batch:tf32:grouped,edm:$batch:bf16:grouped
   [ "$batch" = 1024 ] || bench_runs=$bench_runs,edm:1024:tf32:packed,edm:1024:bf16:packed
   bench_runs=$bench_runs,edm:64:tf32:packed
-  fastest_at=$batch
   scatter_args="--molecules 1024 --features 256 --repeats 20 --dtypes float32"
   edm_args="--presets edm --batch-sizes 64,1024,256 --device cuda --repeats 10 --warmup 3"
   n_mol=1000; calls=1000; train_extra="--steps 100000000 --set optim.ckpt_every=1000"; resume_extra=""
@@ -91,8 +90,8 @@ log "molgen benchmark done"
 fi
 [ "$bench_s" -le 0 ] && [ "$resume" = 0 ] && [ "${FTZ:-0}" = 1 ] && export XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }--xla_gpu_ftz=true"
 log "XLA_FLAGS for training and sampling: ${XLA_FLAGS:-none}"
-# The fastest (precision, layout) measured at batch $fastest_at, unless PRECISION / LAYOUT say otherwise.
-read -r best_precision best_layout < <(python3 - "$bench" "$fastest_at" <<'EOF'
+# The fastest (precision, layout) measured at the training batch, unless PRECISION / LAYOUT say otherwise.
+read -r best_precision best_layout < <(python3 - "$bench" "$batch" <<'EOF'
 import re, sys
 best = (0.0, "tf32", "packed")
 try:
