@@ -46,7 +46,7 @@ def measure_peak(jax, jnp, n: int = 8192, repeats: int = 10) -> float:
     return 2 * n**3 / statistics.median(times) / 1e12
 
 
-def main():
+def parse_args():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--presets", default="small,edm")
     ap.add_argument("--batch-sizes", default="64,512")
@@ -65,111 +65,150 @@ def main():
                          "its time went (benchmarks/profile_summary.py)")
     ap.add_argument("--profile-top", type=int, default=25, help="operations listed per profile")
     ap.add_argument("--peak-tflops", type=float, default=None, help="bf16 peak to compare with (default: measure on a GPU)")
-    args = ap.parse_args()
-    if args.devices > 1:
-        from molgen.jax_setup import configure_cpu_devices
+    return ap.parse_args()
 
-        configure_cpu_devices(args.devices)
-    import jax
-    import jax.numpy as jnp
 
-    from molgen.config import RunConfig
-    from molgen.data.batching import BatchSampler
-    from molgen.data.device import dense_set, make_plan, put
-    from molgen.data.qm9 import load_qm9
-    from molgen.nn.egnn import PRESETS, forward_flops
-    from molgen.config import OptimConfig
-    from molgen.networks import resolve_precision
-    from molgen.state import init_state
-    from molgen.train import make_mesh, make_step, make_train_chunk, resolve_layout
-    from jax.sharding import NamedSharding, PartitionSpec as P
-
-    t_start = time.time()
-    ds = load_qm9(args.data_dir)
-    ids = ds.split("train")
-    mesh = make_mesh()
-    n_shards = mesh.devices.size
-    repl = NamedSharding(mesh, P())
-    dset = put(dense_set(ds, ids), repl)
-    row_of = np.full(len(ds.n_atoms), -1, np.int64)
-    row_of[ids] = np.arange(len(ids))
-    dev = jax.devices()[0]
-    peak = args.peak_tflops
-    if peak is None and dev.platform == "gpu":
-        peak = measure_peak(jax, jnp)
-    print(f"device: {dev.device_kind} x{n_shards} ({dev.platform}), jax {jax.__version__}, chunk {args.chunk}, "
-          f"diffusion objective, bf16 peak {'%.0f TFLOP/s' % peak if peak else 'not measured'}, "
-          f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '') or 'none'}", flush=True)
+def planned_runs(args) -> list[tuple[str, int, str, str]]:
+    """(preset, batch, precision, layout) in the order they are measured."""
     if args.runs:
-        runs = [(f[0], int(f[1]), f[2], f[3] if len(f) > 3 else "auto")
+        return [(f[0], int(f[1]), f[2], f[3] if len(f) > 3 else "auto")
                 for f in (r.split(":") for r in args.runs.split(","))]
-    else:
-        runs = [(p, int(b), q, lay) for p in args.presets.split(",") for b in args.batch_sizes.split(",")
-                for q in args.precisions.split(",") for lay in args.layouts.split(",")]
-    for name, bs, prec, layout in runs:
-        prec, layout = resolve_precision(prec), resolve_layout(layout)
-        tag = f"{name} batch={bs} precision={prec} layout={layout}"
-        if args.budget is not None and time.time() - t_start > args.budget:
-            print(f"SKIPPED molgen {tag} (budget of {args.budget:.0f} s spent)", flush=True)
-            continue
-        trace = None
+    return [(p, int(b), q, lay) for p in args.presets.split(",") for b in args.batch_sizes.split(",")
+            for q in args.precisions.split(",") for lay in args.layouts.split(",")]
+
+
+class Bench:
+    """What every measurement shares: the mesh, the training split on the device and the peak."""
+
+    def __init__(self, args):
+        import jax
+        from jax.sharding import NamedSharding, PartitionSpec as P
+
+        from molgen.data.device import dense_set, put
+        from molgen.data.qm9 import load_qm9
+        from molgen.train import make_mesh
+
+        self.args = args
+        self.ds = load_qm9(args.data_dir)
+        self.ids = self.ds.split("train")
+        self.mesh = make_mesh()
+        self.n_shards = self.mesh.devices.size
+        self.repl = NamedSharding(self.mesh, P())
+        self.rows_sharding = NamedSharding(self.mesh, P(None, "data"))
+        self.dset = put(dense_set(self.ds, self.ids), self.repl)
+        self.row_of = np.full(len(self.ds.n_atoms), -1, np.int64)
+        self.row_of[self.ids] = np.arange(len(self.ids))
+        self.dev = jax.devices()[0]
+        self.peak = args.peak_tflops
+        if self.peak is None and self.dev.platform == "gpu":
+            self.peak = measure_peak(jax, jax.numpy)
+
+    def header(self) -> str:
+        import jax
+
+        peak = "%.0f TFLOP/s" % self.peak if self.peak else "not measured"
+        return (f"device: {self.dev.device_kind} x{self.n_shards} ({self.dev.platform}), jax {jax.__version__}, "
+                f"chunk {self.args.chunk}, diffusion objective, bf16 peak {peak}, "
+                f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '') or 'none'}")
+
+    def measure(self, name: str, bs: int, prec: str, layout: str) -> str:
+        """Time ``repeats`` chunks after one that compiles (and trace one more with --profile): the RESULT line,
+        followed by the profile's summary."""
+        import jax
+        import jax.numpy as jnp
+
+        from molgen.config import OptimConfig, RunConfig
+        from molgen.data.batching import BatchSampler
+        from molgen.data.device import make_plan
+        from molgen.nn.egnn import PRESETS
+        from molgen.state import init_state
+        from molgen.train import make_train_chunk
+
+        args, k = self.args, self.args.chunk
+        cfg = RunConfig(model=PRESETS[name], optim=OptimConfig(batch_size=bs, precision=prec, layout=layout))
+        sampler = BatchSampler(self.ids, bs, seed=0)
+        n_chunks = args.repeats + 1  # the first compiles
+        extra = 1 if args.profile else 0  # a last chunk, traced and not timed (tracing slows it)
+        plan = make_plan(layout, self.ds.n_atoms, sampler, self.n_shards)
+        idx = np.stack([sampler.indices(s) for s in range(k * (n_chunks + extra))])
+        by_shard = idx.reshape(len(idx), -1, self.n_shards).transpose(0, 2, 1)
+        rows = plan.arrange(self.row_of[by_shard], by_shard).astype(np.int32)
+        chunk = make_train_chunk(cfg, self.mesh, plan.shape)
+        state = jax.device_put(init_state(cfg), self.repl)  # as train() does: no recompilation later
+        key = jax.random.PRNGKey(0)
+        times, trace = [], None
+        trace_path = f"{args.profile}/{name}_{bs}_{prec}_{layout}" if extra else None
         try:
-            cfg = RunConfig(model=PRESETS[name], optim=OptimConfig(batch_size=bs, precision=prec, layout=layout))
-            sampler = BatchSampler(ids, bs, seed=0)
-            k = args.chunk
-            n_chunks = args.repeats + 1  # the first compiles
-            extra = 1 if args.profile else 0  # a last chunk, traced and not timed (tracing slows it)
-            plan = make_plan(layout, ds.n_atoms, sampler, n_shards)
-            idx = np.stack([sampler.indices(s) for s in range(k * (n_chunks + extra))])
-            by_shard = idx.reshape(len(idx), -1, n_shards).transpose(0, 2, 1)
-            rows = plan.arrange(row_of[by_shard], by_shard).astype(np.int32)
-            chunk = make_train_chunk(cfg, mesh, plan.shape)
-            state = jax.device_put(init_state(cfg), repl)  # as train() does: no recompilation later
-            key = jax.random.PRNGKey(0)
-            times, trace_path = [], f"{args.profile}/{name}_{bs}_{prec}_{layout}" if extra else None
             for c in range(n_chunks + extra):
-                r = jax.device_put(rows[c * k : (c + 1) * k], NamedSharding(mesh, P(None, "data")))
+                r = jax.device_put(rows[c * k : (c + 1) * k], self.rows_sharding)
                 if c == n_chunks:
                     trace = profiler(lambda: jax.profiler.start_trace(trace_path, create_perfetto_trace=True),
                                      trace_path)
                     if trace is None:
                         break
                 t0 = time.perf_counter()
-                state, m = chunk(state, dset, r, jnp.int32(k), key)
+                state, m = chunk(state, self.dset, r, jnp.int32(k), key)
                 jax.block_until_ready(m["loss"])
                 if c < n_chunks:
                     times.append(time.perf_counter() - t0)
-            traced, trace = profiler(jax.profiler.stop_trace, trace), None
-            compile_s, med = times[0], statistics.median(times[1:])
-            n = ds.n_atoms[idx[k : k * n_chunks]].astype(np.int64)  # the timed chunks' molecules
-            nodes, edges = n.sum() / n.size, (n * (n - 1)).sum() / n.size  # per molecule, real only
-            step_flops = 3 * forward_flops(cfg.model, nodes * bs, edges * bs)
-            tflops = step_flops * k / med / 1e12
-            # XLA's count of one step on one device's graphs (lowered, not compiled): a check of the count.
-            step_fn, _ = make_step(cfg)
-            one = jax.jit(lambda st, rr: step_fn(st, jax.vmap(lambda i: plan.assemble(dset, i, plan.shape))(rr), key))
-            try:
-                ca = one.lower(state, r[0]).cost_analysis()
-                ca = ca[0] if isinstance(ca, list) else ca
-                xla_gflop = ca.get("flops", float("nan")) / 1e9
-            except Exception:  # not every backend reports costs
-                xla_gflop = float("nan")
-            mps = k * bs / med
-            frac = f"{tflops / peak:.4f}" if peak else "nan"
-            shape = "x".join(map(str, plan.shape)) if layout == "packed" else \
-                "+".join(f"{m}x{a}" for m, a in plan.shape)
-            print(f"RESULT molgen {name} batch={bs} molecules_per_s={mps:.0f} precision={prec} layout={layout} "
-                  f"steps_per_s={k / med:.2f} tflops={tflops:.3f} peak_fraction={frac} "
-                  f"gflop_per_step={step_flops / 1e9:.1f} xla_gflop_per_step_padded={xla_gflop:.1f} "
-                  f"shape={shape} compile_s={compile_s:.1f} "
-                  f"median_chunk_s={med:.4f} chunks={len(times) - 1}", flush=True)
-            if traced is not None:
-                print(summarize_safely(traced, args.profile_top), flush=True)
-            del state, chunk
+        finally:  # one left running would refuse the next measurement's trace
+            traced = profiler(jax.profiler.stop_trace, trace)
+        line = self.result_line(name, cfg, plan, idx[k : k * n_chunks], times, state, r[0], key)
+        return line + ("\n" + summarize_safely(traced, args.profile_top) if traced is not None else "")
+
+    def result_line(self, name, cfg, plan, idx, times, state, rows, key) -> str:
+        """The RESULT line: molecules/s, FLOPs (exact count over ``idx``, the timed chunks' molecules, and XLA's
+        count of one step as a check), the fraction of the peak and the padded shape."""
+        import jax
+
+        from molgen.nn.egnn import forward_flops
+        from molgen.train import make_step
+
+        o, k = cfg.optim, self.args.chunk
+        compile_s, med = times[0], statistics.median(times[1:])
+        n = self.ds.n_atoms[idx].astype(np.int64)
+        nodes, edges = n.sum() / n.size, (n * (n - 1)).sum() / n.size  # per molecule, real only
+        step_flops = 3 * forward_flops(cfg.model, nodes * o.batch_size, edges * o.batch_size)
+        tflops = step_flops * k / med / 1e12
+        step_fn, _ = make_step(cfg)  # XLA's count of one step on one device's graphs (lowered, not compiled)
+        one = jax.jit(lambda st, rr: step_fn(st, jax.vmap(lambda i: plan.assemble(self.dset, i, plan.shape))(rr), key))
+        try:
+            ca = one.lower(state, rows).cost_analysis()
+            xla_gflop = (ca[0] if isinstance(ca, list) else ca).get("flops", float("nan")) / 1e9
+        except Exception:  # not every backend reports costs
+            xla_gflop = float("nan")
+        frac = f"{tflops / self.peak:.4f}" if self.peak else "nan"
+        shape = "x".join(map(str, plan.shape)) if o.layout == "packed" else "+".join(f"{m}x{a}" for m, a in plan.shape)
+        return (f"RESULT molgen {name} batch={o.batch_size} molecules_per_s={k * o.batch_size / med:.0f} "
+                f"precision={o.precision} layout={o.layout} steps_per_s={k / med:.2f} tflops={tflops:.3f} "
+                f"peak_fraction={frac} gflop_per_step={step_flops / 1e9:.1f} "
+                f"xla_gflop_per_step_padded={xla_gflop:.1f} shape={shape} compile_s={compile_s:.1f} "
+                f"median_chunk_s={med:.4f} chunks={len(times) - 1}")
+
+
+def main():
+    args = parse_args()
+    if args.devices > 1:
+        from molgen.jax_setup import configure_cpu_devices
+
+        configure_cpu_devices(args.devices)
+    from molgen.networks import resolve_precision
+    from molgen.train import resolve_layout
+
+    t_start = time.time()
+    bench = Bench(args)
+    print(bench.header(), flush=True)
+    for name, bs, prec, layout in planned_runs(args):
+        prec, layout = resolve_precision(prec), resolve_layout(layout)
+        tag = f"{name} batch={bs} precision={prec} layout={layout}"
+        if args.budget is not None and time.time() - t_start > args.budget:
+            print(f"SKIPPED molgen {tag} (budget of {args.budget:.0f} s spent)", flush=True)
+            continue
+        try:
+            print(bench.measure(name, bs, prec, layout), flush=True)
         except Exception as e:  # e.g. out of device memory: this measurement is lost, the next ones are still made
             msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
             print(f"FAILED molgen {tag} ({type(e).__name__}: {msg})", flush=True)
-            profiler(jax.profiler.stop_trace, trace)  # one left running (None: none is) would refuse the next
 
 
 def profiler(action, path: str | None) -> str | None:
