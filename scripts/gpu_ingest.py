@@ -13,8 +13,10 @@
    (scripts/plot_teacher.py) and prints the card's new table row and whether the teacher now beats
    edm-small-diffusion at 1000 calls (molecule stability, then validity).
 
-Nothing in the repository changes until every step before 3. has succeeded. --weights, --results and --plot
-point elsewhere for a rehearsal on the output of `DRY=1 bash scripts/gpu_teacher.sh` (with --min-samples 8).
+Nothing in the repository changes until every step before 3. has succeeded. A run whose atom stability fell by
+more than --max-drop (2 points) below the last point is refused, so a run thrown back does not replace a better
+state (--accept-worse lands it). --weights, --results and --plot
+point elsewhere for a rehearsal on the output of `DRY=1 bash scripts/gpu_teacher.sh` (with --min-samples 8 --accept-worse).
 """
 
 from __future__ import annotations
@@ -113,7 +115,7 @@ def card_row(n: int, run: dict, ev: dict | None, jax: str) -> str:
                f"{pct(ev.get('novelty'))} |" if ev is not None else "not sampled | | | |"))
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("out", nargs="+", type=Path, help="what the run brought back, in call order")
     ap.add_argument("--teacher", default="edm-diffusion")
@@ -124,7 +126,15 @@ def main() -> None:
     ap.add_argument("--baseline", default="edm-small-diffusion", help="the teacher to beat")
     ap.add_argument("--no-samples", action="store_true",
                     help="land the weights of a run whose sampling did not finish, without a point on the curve")
-    args = ap.parse_args()
+    ap.add_argument("--max-drop", type=float, default=0.02,
+                    help="refuse a run whose atom stability fell by more than this below the last point's "
+                         "(a run thrown back, e.g. by a diverging step): the last state stays (default 0.02)")
+    ap.add_argument("--accept-worse", action="store_true", help="land a run that fell by more than --max-drop")
+    return ap.parse_args()
+
+
+def check_inputs(args) -> tuple[Path, Path]:
+    """The teacher's folder and the output folder whose weights land; one-line errors before any work."""
     dest = args.weights or ROOT / "weights" / args.teacher
     for d in args.out:
         if not d.is_dir():
@@ -136,7 +146,19 @@ def main() -> None:
         fail(f"{last}: no samples.xyz (the run's sampling did not finish); --no-samples lands its weights alone")
     if not (dest / "meta.json").exists():
         fail(f"{dest}: no meta.json (not the teacher's folder)")
+    return dest, last
 
+
+def check_not_worse(runs: list[dict], ev: dict, max_drop: float) -> None:
+    """Refuse the run if its atom stability fell by more than ``max_drop`` below the last evaluated run's."""
+    prev = next((r["eval_1000_calls"] for r in reversed(runs[:-1]) if r.get("eval_1000_calls")), None)
+    if prev and ev["atom_stability"] < prev["atom_stability"] - max_drop:
+        fail(f"atom stability fell from {pct(prev['atom_stability'])} to {pct(ev['atom_stability'])} at 1000 calls: "
+             f"the teacher keeps its last state (--accept-worse lands this run anyway)")
+
+
+def land(args, dest: Path, last: Path) -> tuple[list[dict], dict | None]:
+    """Steps 1-3: unpack, load, evaluate and replace the teacher's files; the runs and the evaluation."""
     sys.path.insert(0, str(ROOT))
     from molgen.models import load_model
 
@@ -152,6 +174,8 @@ def main() -> None:
         ev_path, ev = model_dir / "eval_steps1000.json", None
         if not args.no_samples:
             ev = evaluate(last, ev_path, args.min_samples)
+            if not args.accept_worse:
+                check_not_worse(runs, ev, args.max_drop)
             run["eval_1000_calls"] = {k: round(ev[k], 4) if ev.get(k) is not None else None
                                       for k in ("atom_stability", "mol_stability", "validity", "novelty")}
         run["commit"] = git_commit()
@@ -171,7 +195,23 @@ def main() -> None:
             (dest / f".{name}.new").replace(dest / name)
     print(f"{dest}: {m.cfg.model.nf} x {m.cfg.model.n_layers} network, run {len(runs)} of {len(runs)}, "
           f"{(dest / 'params.msgpack').stat().st_size / 2**20:.1f} MiB")
+    return runs, ev
 
+
+def compare(baseline: str, ev: dict) -> str:
+    """Whether the teacher beats ``baseline`` at 1000 calls (molecule stability, then validity)."""
+    b = json.loads((ROOT / "weights" / baseline / "eval_steps1000.json").read_text())
+    beats = (ev["mol_stability"], ev["validity"]) > (b["mol_stability"], b["validity"])
+    return (f"against {baseline} at 1000 calls: molecules {100 * ev['mol_stability']:.1f} % vs "
+            f"{100 * b['mol_stability']:.1f} %, valid {100 * ev['validity']:.1f} % vs {100 * b['validity']:.1f} %: "
+            + ("better - distil the few-call models from it (scripts/gpu_distill.sh)" if beats else "not better yet"))
+
+
+def main() -> None:
+    args = parse_args()
+    dest, last = check_inputs(args)
+    runs, ev = land(args, dest, last)
+    run = runs[-1]
     bench = next((d / "bench.log" for d in args.out if (d / "bench.log").exists()), None)
     if bench is not None:
         args.results.mkdir(parents=True, exist_ok=True)
@@ -182,13 +222,8 @@ def main() -> None:
     subprocess.run([sys.executable, str(ROOT / "scripts" / "plot_teacher.py"), "--model", str(dest), "--out",
                     str(args.plot)], check=True)
     print("card row:\n" + card_row(len(runs), run, ev, jax_version(args.out[0])))
-    base = ROOT / "weights" / args.baseline / "eval_steps1000.json"
-    if ev is not None and base.exists():
-        b = json.loads(base.read_text())
-        beats = (ev["mol_stability"], ev["validity"]) > (b["mol_stability"], b["validity"])
-        print(f"against {args.baseline} at 1000 calls: molecules {100 * ev['mol_stability']:.1f} % vs "
-              f"{100 * b['mol_stability']:.1f} %, valid {100 * ev['validity']:.1f} % vs {100 * b['validity']:.1f} %: "
-              + ("better - distil the few-call models from it (scripts/gpu_distill.sh)" if beats else "not better yet"))
+    if ev is not None and (ROOT / "weights" / args.baseline / "eval_steps1000.json").exists():
+        print(compare(args.baseline, ev))
 
 
 if __name__ == "__main__":
