@@ -42,6 +42,10 @@ def fail(msg: str) -> None:
 
 def unpack(parts: list[Path], into: Path) -> Path:
     """The model folder inside the joined tar parts (only its three files, checked by name)."""
+    numbers = [p.name.rsplit(".", 1)[-1] for p in parts]
+    if numbers != [f"{i:02d}" for i in range(len(parts))]:
+        fail(f"{parts[0].parent}: weights parts {', '.join(numbers)}: not numbered 00 to {len(parts) - 1:02d}, "
+             f"a part is missing")
     joined = into / "weights.tar"
     with joined.open("wb") as f:
         for p in parts:
