@@ -28,6 +28,7 @@ one line each, in the form of benchmarks/train_step.py:
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import sys
 import time
@@ -48,7 +49,7 @@ def edm_args(nf: int, n_layers: int) -> SimpleNamespace:
     )
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--edm-repo", required=True, help="checkout of EDM's public repository")
     ap.add_argument("--cache", required=True, help="molgen's processed QM9 cache (qm9_v1.npz)")
@@ -60,122 +61,149 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    args = ap.parse_args()
+    return ap.parse_args()
 
-    sys.path.insert(0, args.edm_repo)
-    import torch
-    from equivariant_diffusion import utils as edm_utils
-    from qm9 import losses
-    from qm9.models import get_model, get_optim
-    import utils as edm_top_utils
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+class Edm:
+    """EDM's modules (imported from its checkout), the device and molgen's QM9 cache as EDM's batches."""
 
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+    def __init__(self, args):
+        sys.path.insert(0, args.edm_repo)
+        import torch
+        from equivariant_diffusion import utils as edm_utils
+        from qm9 import losses
+        from qm9.models import get_model, get_optim
+        import utils as edm_top_utils
 
-    d = np.load(args.cache)
-    offsets = np.concatenate([[0], np.cumsum(d["n_atoms"].astype(np.int64))])
-    train = d["split_train"]
-    counts = np.bincount(d["n_atoms"][train], minlength=30)
-    dataset_info = {"n_nodes": {int(n): int(c) for n, c in enumerate(counts) if c > 0},
-                    "atom_decoder": ["H", "C", "N", "O", "F"], "max_n_nodes": 29}
-    charge_of = np.array([1, 6, 7, 8, 9])
-    rng = np.random.default_rng(0)
+        self.torch, self.utils, self.losses, self.top_utils = torch, edm_utils, losses, edm_top_utils
+        self.get_model, self.get_optim = get_model, get_optim
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        self.device = torch.device(args.device)
+        self.d = np.load(args.cache)
+        self.offsets = np.concatenate([[0], np.cumsum(self.d["n_atoms"].astype(np.int64))])
+        self.train = self.d["split_train"]
+        counts = np.bincount(self.d["n_atoms"][self.train], minlength=30)
+        self.dataset_info = {"n_nodes": {int(n): int(c) for n, c in enumerate(counts) if c > 0},
+                             "atom_decoder": ["H", "C", "N", "O", "F"], "max_n_nodes": 29}
 
-    def batch(ids):
-        n_max = int(d["n_atoms"][ids].max())
-        b = len(ids)
+    def sync(self):
+        if self.device.type == "cuda":
+            self.torch.cuda.synchronize()
+
+    def batch(self, ids):
+        """EDM's training batch: the molecules padded to the largest, positions centred, one-hot types, charges."""
+        torch, d, device = self.torch, self.d, self.device
+        n_max, b = int(d["n_atoms"][ids].max()), len(ids)
         x = np.zeros((b, n_max, 3), np.float32)
         one_hot = np.zeros((b, n_max, 5), np.float32)
         charges = np.zeros((b, n_max, 1), np.float32)
         mask = np.zeros((b, n_max), np.float32)
         for k, i in enumerate(ids):
-            s, e = offsets[i], offsets[i + 1]
+            s, e = self.offsets[i], self.offsets[i + 1]
             n = e - s
             x[k, :n] = d["positions"][s:e]
             t = d["types"][s:e].astype(np.int64)
             one_hot[k, np.arange(n), t] = 1
-            charges[k, :n, 0] = charge_of[t]
+            charges[k, :n, 0] = CHARGE_OF[t]
             mask[k, :n] = 1
         node_mask = torch.from_numpy(mask).to(device)
         edge_mask = node_mask[:, None, :] * node_mask[:, :, None]
         edge_mask = edge_mask * (~torch.eye(n_max, dtype=torch.bool, device=device))[None]
-        xt = edm_utils.remove_mean_with_mask(torch.from_numpy(x).to(device), node_mask[:, :, None])
-        return xt, {"categorical": torch.from_numpy(one_hot).to(device), "integer": torch.from_numpy(charges).to(device)}, \
-            node_mask[:, :, None], edge_mask
+        xt = self.utils.remove_mean_with_mask(torch.from_numpy(x).to(device), node_mask[:, :, None])
+        h = {"categorical": torch.from_numpy(one_hot).to(device), "integer": torch.from_numpy(charges).to(device)}
+        return xt, h, node_mask[:, :, None], edge_mask
 
-    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+CHARGE_OF = np.array([1, 6, 7, 8, 9])
+
+
+def time_training(edm: Edm, a, bs: int, args, rng) -> tuple:
+    """EDM's training step as its ``train_epoch`` runs it; (median step seconds, set-up seconds, model, nodes_dist)."""
+    t_setup = time.perf_counter()
+    model, nodes_dist, _ = edm.get_model(a, edm.device, edm.dataset_info, None)
+    model = model.to(edm.device)  # get_model builds it on the CPU
+    model_ema = copy.deepcopy(model)
+    ema = edm.utils.EMA(a.ema_decay)
+    optim = edm.get_optim(a, model)
+    queue = edm.top_utils.Queue()
+    queue.add(3000)
+    model.train()
+    times, first = [], None
+    for r in range(args.warmup + args.repeats):
+        x, h, node_mask, edge_mask = edm.batch(rng.choice(edm.train, bs, replace=False))
+        edm.sync()
+        t0 = time.perf_counter()
+        first = first or t0
+        optim.zero_grad()
+        nll, reg, _ = edm.losses.compute_loss_and_nll(a, model, nodes_dist, x, h, node_mask, edge_mask, None)
+        loss = nll + a.ode_regularization * reg
+        loss.backward()
+        edm.top_utils.gradient_clipping(model, queue)
+        optim.step()
+        ema.update_model_average(model_ema, model)
+        edm.sync()
+        if r >= args.warmup:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times), first - t_setup, model, nodes_dist
+
+
+def time_sampling(edm: Edm, model, nodes_dist, args) -> float:
+    """Seconds of one reverse-diffusion call per 1000 molecules, each padded to 29 atoms as EDM's sampler does."""
+    torch, device, bsz = edm.torch, edm.device, args.sample_batch
+    model.eval()
+    sizes = nodes_dist.sample(bsz)
+    node_mask = torch.zeros(bsz, 29, device=device)
+    for k in range(bsz):
+        node_mask[k, : int(sizes[k])] = 1
+    edge_mask = (node_mask[:, None, :] * node_mask[:, :, None] * (~torch.eye(29, dtype=torch.bool, device=device))[None])
+    edge_mask = edge_mask.view(bsz * 29 * 29, 1)
+    node_mask = node_mask[:, :, None]
+    stimes = []
+    with torch.no_grad():
+        z = model.sample_combined_position_feature_noise(bsz, 29, node_mask)
+        for r in range(args.warmup + max(3, args.repeats // 2)):
+            s = torch.full((bsz, 1), 500 / 1000.0, device=device)
+            t = torch.full((bsz, 1), 501 / 1000.0, device=device)
+            edm.sync()
+            t0 = time.perf_counter()
+            z = model.sample_p_zs_given_zt(s, t, z, node_mask, edge_mask, None)
+            edm.sync()
+            if r >= args.warmup:
+                stimes.append(time.perf_counter() - t0)
+    return statistics.median(stimes) * 1000 / bsz
+
+
+def main() -> None:
+    t_start = time.perf_counter()
+    args = parse_args()
+    edm = Edm(args)
+    torch = edm.torch
+    rng = np.random.default_rng(0)
+    dev_name = torch.cuda.get_device_name(edm.device) if edm.device.type == "cuda" else "cpu"
     print(f"torch {torch.__version__}, device {dev_name}, threads {torch.get_num_threads()}, "
-          f"batch sizes {args.batch_sizes}", flush=True)
+          f"batch sizes {args.batch_sizes}, start-up {time.perf_counter() - t_start:.1f} s", flush=True)
     for name in args.presets.split(","):
         nf, layers = PRESETS[name]
         a = edm_args(nf, layers)
-        import copy
+        model = None
         for bs in [int(b) for b in args.batch_sizes.split(",")]:
             try:
-                model, nodes_dist, _ = get_model(a, device, dataset_info, None)
-                model = model.to(device)  # get_model builds it on the CPU
-                model_ema = copy.deepcopy(model)
-                ema = edm_utils.EMA(a.ema_decay)
-                optim = get_optim(a, model)
-                queue = edm_top_utils.Queue()
-                queue.add(3000)
-                model.train()
-                times = []
-                for r in range(args.warmup + args.repeats):
-                    x, h, node_mask, edge_mask = batch(rng.choice(train, bs, replace=False))
-                    sync()
-                    t0 = time.perf_counter()
-                    optim.zero_grad()
-                    nll, reg, _ = losses.compute_loss_and_nll(a, model, nodes_dist, x, h, node_mask, edge_mask, None)
-                    loss = nll + a.ode_regularization * reg
-                    loss.backward()
-                    edm_top_utils.gradient_clipping(model, queue)
-                    optim.step()
-                    ema.update_model_average(model_ema, model)
-                    sync()
-                    if r >= args.warmup:
-                        times.append(time.perf_counter() - t0)
+                step_s, setup_s, model, nodes_dist = time_training(edm, a, bs, args, rng)
                 n_params = sum(p.numel() for p in model.parameters())
-                step_s = statistics.median(times)
                 print(f"RESULT edm-pytorch {name} batch={bs} molecules_per_s={bs / step_s:.0f} step_s={step_s:.4f} "
-                      f"params={n_params} device={args.device} repeats={len(times)}", flush=True)
+                      f"params={n_params} device={args.device} repeats={args.repeats} setup_s={setup_s:.1f} "
+                      f"elapsed_s={time.perf_counter() - t_start:.1f}", flush=True)
             except torch.cuda.OutOfMemoryError as e:  # a batch too large for the GPU: the next one is still measured
                 first = str(e).splitlines()[0] if str(e) else ""
                 print(f"SKIPPED edm-pytorch {name} batch={bs} (OutOfMemoryError: {first[:120]})", flush=True)
-                model = model_ema = optim = loss = nll = reg = None
+                model = None
                 torch.cuda.empty_cache()
         if args.no_sampling or model is None:
             continue
-
-        model.eval()
-        sizes = nodes_dist.sample(args.sample_batch)
-        bsz = args.sample_batch
-        node_mask = torch.zeros(bsz, 29, device=device)
-        for k in range(bsz):
-            node_mask[k, : int(sizes[k])] = 1
-        edge_mask = (node_mask[:, None, :] * node_mask[:, :, None] * (~torch.eye(29, dtype=torch.bool, device=device))[None])
-        edge_mask = edge_mask.view(bsz * 29 * 29, 1)
-        node_mask = node_mask[:, :, None]
-        stimes = []
-        with torch.no_grad():
-            z = model.sample_combined_position_feature_noise(bsz, 29, node_mask)
-            for r in range(args.warmup + max(3, args.repeats // 2)):
-                s = torch.full((bsz, 1), 500 / 1000.0, device=device)
-                t = torch.full((bsz, 1), 501 / 1000.0, device=device)
-                sync()
-                t0 = time.perf_counter()
-                z = model.sample_p_zs_given_zt(s, t, z, node_mask, edge_mask, None)
-                sync()
-                if r >= args.warmup:
-                    stimes.append(time.perf_counter() - t0)
-        call_s = statistics.median(stimes) * 1000 / bsz
+        call_s = time_sampling(edm, model, nodes_dist, args)
         print(f"EDM-pytorch {name:6s} nf={nf} layers={layers} params={n_params:,}  train step {step_s:.3f} s "
-              f"(batch {bs}, median of {len(times)})  sampling: {call_s:.3f} s per network call per 1000 molecules "
+              f"(batch {bs}, median of {args.repeats})  sampling: {call_s:.3f} s per network call per 1000 molecules "
               f"(1000-step sampling of 1000 molecules ~ {call_s * 1000 / 60:.1f} min)", flush=True)
 
 
