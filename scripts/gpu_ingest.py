@@ -15,8 +15,8 @@
 
 Nothing in the repository changes until every step before 3. has succeeded. A run whose atom stability fell by
 more than --max-drop (2 points) below the last point is refused, so a run thrown back does not replace a better
-state (--accept-worse lands it). --weights, --results and --plot
-point elsewhere for a rehearsal on the output of `DRY=1 bash scripts/gpu_teacher.sh` (with --min-samples 8 --accept-worse).
+state (--accept-worse lands it). --weights, --results and --plot point elsewhere for a rehearsal on the output
+of `DRY=1 bash scripts/gpu_teacher.sh` (with --min-samples 8 --accept-worse).
 """
 
 from __future__ import annotations
