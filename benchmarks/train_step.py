@@ -13,7 +13,8 @@ One line per measurement, first its figure in a fixed form, then the details:
 
 FLOPs: the exact count of the matrix products over the batches' real atoms and pairs (useful work: the grouped
 layout's padding pairs are not counted)
-(:func:`molgen.nn.egnn.forward_flops`, x3 for forward + backward), and XLA's own count of one step as a check.
+(:func:`molgen.nn.egnn.forward_flops`, x3 for forward + backward), and on a CPU XLA's own count of one step as a
+check (JAX's GPU backend reported none, and lowering the 256 x 9 step again takes ~4 s).
 The peak is measured here (a bf16 8192^3 product, median of 10) unless --peak-tflops is given. Timings are the
 median over --repeats chunks after one chunk that compiles. --budget skips the remaining measurements once
 that many seconds have passed (each skipped one prints a SKIPPED line). --profile traces one more chunk after
@@ -170,13 +171,16 @@ class Bench:
         nodes, edges = n.sum() / n.size, (n * (n - 1)).sum() / n.size  # per molecule, real only
         step_flops = 3 * forward_flops(cfg.model, nodes * o.batch_size, edges * o.batch_size)
         tflops = step_flops * k / med / 1e12
-        step_fn, _ = make_step(cfg)  # XLA's count of one step on one device's graphs (lowered, not compiled)
-        one = jax.jit(lambda st, rr: step_fn(st, jax.vmap(lambda i: plan.assemble(self.dset, i, plan.shape))(rr), key))
-        try:
-            ca = one.lower(state, rows).cost_analysis()
-            xla_gflop = (ca[0] if isinstance(ca, list) else ca).get("flops", float("nan")) / 1e9
-        except Exception:  # not every backend reports costs
-            xla_gflop = float("nan")
+        xla_gflop = float("nan")
+        if self.dev.platform == "cpu":  # XLA's count of one step (lowered, not compiled); JAX's GPU backend gave none
+            step_fn, _ = make_step(cfg)  # and tracing the step again costs seconds of the GPU's time
+            one = jax.jit(lambda st, rr: step_fn(st, jax.vmap(lambda i: plan.assemble(self.dset, i, plan.shape))(rr),
+                                                 key))
+            try:
+                ca = one.lower(state, rows).cost_analysis()
+                xla_gflop = (ca[0] if isinstance(ca, list) else ca).get("flops", float("nan")) / 1e9
+            except Exception:  # not every release reports costs
+                pass
         frac = f"{tflops / self.peak:.4f}" if self.peak else "nan"
         shape = "x".join(map(str, plan.shape)) if o.layout == "packed" else "+".join(f"{m}x{a}" for m, a in plan.shape)
         return (f"RESULT molgen {name} batch={o.batch_size} molecules_per_s={k * o.batch_size / med:.0f} "
