@@ -87,7 +87,7 @@ class Bench:
 
         from molgen.data.device import dense_set, put
         from molgen.data.qm9 import load_qm9
-        from molgen.train import make_mesh
+        from molgen.parallel import make_mesh
 
         self.args = args
         self.ds = load_qm9(args.data_dir)

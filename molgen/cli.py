@@ -110,7 +110,7 @@ def train(
     from molgen.display import progress, progress_factory
     from molgen.jax_setup import init_distributed, setup_training_devices
     from molgen.launch import Request, launch, resolve_config
-    from molgen.train import check_run_dir
+    from molgen.rundir import check_run_dir
 
     if max_minutes is not None and not max_minutes > 0:
         raise MolgenError(f"--max-minutes must be positive, got {max_minutes}")

@@ -198,7 +198,8 @@ def launch(req: Request, data_dir: Path | None = None, progress: str | None = No
            progress_factory=None, max_seconds: float | None = None):
     """Resolve, check, prepare and run; returns (config, :class:`molgen.train.TrainResult`)."""
     from molgen.data.qm9 import load_qm9
-    from molgen.train import check_run_dir, train
+    from molgen.rundir import check_run_dir
+    from molgen.train import train
 
     cfg = resolve_config(req)
     check_run_dir(req.out, req.resume)  # before anything is read or made

@@ -15,7 +15,6 @@ With one device the same code runs unchanged. Precision: :func:`molgen.networks.
 from __future__ import annotations
 
 import functools
-import json
 import signal
 import threading
 import time
@@ -31,9 +30,11 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from molgen import MolgenError
 from molgen.config import RunConfig, resolve_auto
-from molgen.data.batching import BatchSampler, Graph, make_batch
+from molgen.data.batching import BatchSampler, make_batch
 from molgen.networks import network, resolve_precision
 from molgen.objectives import get_objective
+from molgen.parallel import agree, global_put, is_main, local_value, make_mesh, put_batch
+from molgen.rundir import check_run_dir, cut_metrics, save_plan, saved_plan
 from molgen.runlog import MetricsLog, RunText, run_header
 from molgen.state import (CONFIG_NAME, METRICS_NAME, TrainState, checkpoint_manager, grad_norm, init_state,
                           make_optimizer, restore_checkpoint, save_checkpoint)
@@ -48,42 +49,6 @@ def resolve_layout(layout: str, platform: str | None = None) -> str:
     from molgen.data.device import LAYOUTS
 
     return resolve_auto(layout, LAYOUTS, AUTO_LAYOUT, "layout", platform)
-
-
-def is_main() -> bool:
-    """The process that writes the run's files (config, log); every process writes its part of checkpoints."""
-    return jax.process_index() == 0
-
-
-def global_put(tree, sharding):
-    """Host values (the same on every process) as global arrays with ``sharding``: works alike with one
-    process and with several."""
-
-    def put(x):
-        x = np.asarray(x)
-        return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
-
-    return jax.tree_util.tree_map(put, tree)
-
-
-def local_value(tree):
-    """Replicated (or this process's first) values of global arrays, on the host."""
-    return jax.tree_util.tree_map(lambda a: np.asarray(a.addressable_data(0)) if isinstance(a, jax.Array)
-                                  else np.asarray(a), tree)
-
-
-def agree(flag: bool) -> bool:
-    """Process 0's decision, on every process (one process alone: the flag itself)."""
-    if jax.process_count() == 1:
-        return bool(flag)
-    from jax.experimental import multihost_utils
-
-    return bool(multihost_utils.broadcast_one_to_all(np.asarray(flag)))
-
-
-def make_mesh(devices=None) -> Mesh:
-    devices = jax.devices() if devices is None else devices
-    return Mesh(np.array(devices), ("data",))
 
 
 def make_step(cfg: RunConfig, anchor_params=None):
@@ -157,11 +122,6 @@ def make_train_chunk(cfg: RunConfig, mesh: Mesh, shape, anchor_params=None):
                    donate_argnums=(0,))
 
 
-def put_batch(graphs: Graph, mesh: Mesh) -> Graph:
-    """A batch packed on the host (every process holds all of it), split over the devices on axis 0."""
-    return global_put(graphs, NamedSharding(mesh, P("data")))
-
-
 # ----------------------------------------------------------------------------------------------------------
 # The loop
 # ----------------------------------------------------------------------------------------------------------
@@ -186,20 +146,6 @@ def _aligned(every: int, chunk: int) -> int:
     return max(chunk, -(-every // chunk) * chunk) if every else 0
 
 
-def check_run_dir(run_dir: Path, resume: bool) -> None:
-    """Refuse a run folder that cannot take this run: a file, a new run over checkpoints, a resume without one."""
-    run_dir = Path(run_dir)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise MolgenError(f"{run_dir} is a file, not a run folder")
-    ckpts = run_dir / "checkpoints"
-    has_ckpt = ckpts.is_dir() and any(p.name.isdigit() for p in ckpts.iterdir())
-    if resume and not has_ckpt:
-        what = "does not exist" if not run_dir.exists() else f"holds no finished checkpoint ({_contents(run_dir)})"
-        raise MolgenError(f"--resume: {run_dir} {what}; start a new run without --resume")
-    if not resume and has_ckpt:
-        raise MolgenError(f"{run_dir} already holds checkpoints: pass --resume to continue, or choose another --out")
-
-
 def open_run(cfg: RunConfig, run_dir: Path, resume: bool, init_params=None, log=print):
     """(config, checkpoint manager, state) of a run accepted to start or continue in ``run_dir``. Nothing is
     written before the checks pass; a resumed run's metrics.jsonl is cut back to its checkpoint's step."""
@@ -212,26 +158,11 @@ def open_run(cfg: RunConfig, run_dir: Path, resume: bool, init_params=None, log=
     if resume:
         state = restore_checkpoint(mgr, state)
         if is_main():
-            _cut_metrics(run_dir / METRICS_NAME, int(local_value(state.step)))
+            cut_metrics(run_dir / METRICS_NAME, int(local_value(state.step)))
         log(f"resumed from step {int(local_value(state.step))} in {run_dir}")
     if is_main():
         cfg.save(run_dir / CONFIG_NAME)
     return cfg, mgr, state
-
-
-def _contents(run_dir: Path) -> str:
-    names = sorted(p.name for p in run_dir.iterdir())
-    return "empty" if not names else ", ".join(names[:6]) + (" ..." if len(names) > 6 else "")
-
-
-def _cut_metrics(path: Path, step: int) -> None:
-    """Drop the lines of steps after ``step`` (a run killed after its last checkpoint logged them)."""
-    if not path.exists():
-        return
-    from molgen.io_utils import atomic_write_text
-
-    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
-    atomic_write_text(path, "".join(ln + "\n" for ln in keep))
 
 
 class Feed:
@@ -257,34 +188,6 @@ class Feed:
         by_shard = idx.reshape(self.chunk, -1, self.n_shards).transpose(0, 2, 1)  # shard d: ids[d::D]
         rows = self.plan.arrange(self.row_of[by_shard], by_shard)
         return n, self.plan.shape_for(idx[:n]), global_put(rows.astype(np.int32), self.sharding)
-
-
-PLAN_NAME = "plan.json"
-
-
-def save_plan(run_dir: Path, step: int, plan) -> None:
-    """The batch shape plan at a checkpoint's step, so that a run resumed there assembles its batches in the same
-    shapes (the grouped layout's noise rows depend on them): plan.json maps a step to the plan's state; the
-    latest 10 are kept. Written before the checkpoint."""
-    if not is_main():
-        return
-    from molgen.io_utils import atomic_write_text
-
-    path = Path(run_dir) / PLAN_NAME
-    plans = json.loads(path.read_text()) if path.exists() else {}
-    plans[str(step)] = plan.state()
-    keep = sorted(plans, key=int)[-10:]
-    atomic_write_text(path, json.dumps({k: plans[k] for k in keep}))
-
-
-def saved_plan(run_dir: Path, step: int) -> dict | None:
-    """The plan state saved at ``step`` (None when there is none: the run plans its shapes afresh)."""
-    path = Path(run_dir) / PLAN_NAME
-    try:
-        state = json.loads(path.read_text()).get(str(step))
-    except (OSError, ValueError, AttributeError):
-        return None
-    return state if isinstance(state, dict) else None
 
 
 VAL_MOLECULES, VAL_BATCH = 1024, 256

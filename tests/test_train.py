@@ -72,7 +72,8 @@ def test_loss_falls_on_a_fixed_batch(mini_ds):
 
     from molgen.state import init_state
     from molgen.data.batching import shard_batch
-    from molgen.train import make_mesh, make_train_step, put_batch
+    from molgen.parallel import make_mesh, put_batch
+    from molgen.train import make_train_step
 
     cfg = _cfg(mini_ds).with_optim(lr=3e-3, warmup=1)
     mesh = make_mesh(jax.devices()[:1])
@@ -95,7 +96,8 @@ SCRIPT = textwrap.dedent("""
     from molgen.nn.egnn import PRESETS
     from molgen.state import init_state
     from molgen.data.batching import shard_batch
-    from molgen.train import make_mesh, make_train_step, put_batch
+    from molgen.parallel import make_mesh, put_batch
+    from molgen.train import make_train_step
     assert jax.device_count() == 2, jax.devices()
     ds = qm9.build_dataset(sources.read_qm9pack_csv([{csv!r}]))
     mols = [ds.molecule(i) for i in range(10, 18)]
@@ -178,7 +180,8 @@ def test_device_batches_train_like_host_batches(mini_ds):
     from molgen.data.device import ShapePlan, dense_set, put
     from molgen.state import init_state
     from molgen.data.batching import shard_batch
-    from molgen.train import make_mesh, make_train_chunk, make_train_step, put_batch
+    from molgen.parallel import make_mesh, put_batch
+    from molgen.train import make_train_chunk, make_train_step
 
     cfg = _cfg(mini_ds)
     mesh = make_mesh(jax.devices()[:1])
