@@ -57,6 +57,34 @@ def test_csv_and_archive_parse_to_the_same_molecules(records, archive):
         assert a.smiles == r.smiles
 
 
+def test_folder_of_xyz_files_reads_as_the_archive(tmp_path, records, archive):
+    """The unpacked archive (one .xyz per molecule, uncharacterized.txt beside them) gives the archive's molecules;
+    a directory member in the archive is passed over, and a truncated xyz file is one clear error."""
+    folder = tmp_path / "unpacked"
+    folder.mkdir()
+    with tarfile.open(archive) as tar:
+        tar.extractall(folder, filter="data")
+    got, excluded = sources.read_local(folder)
+    arc, arc_excluded = sources.read_archive(archive)
+    assert excluded == arc_excluded == {3, 5}
+    assert [r.index for r in got] == sorted(r.index for r in arc)
+    by_index = {r.index: r for r in arc}
+    for r in got:
+        np.testing.assert_array_equal(r.types, by_index[r.index].types)
+        np.testing.assert_array_equal(r.positions, by_index[r.index].positions)
+        assert r.smiles == by_index[r.index].smiles
+
+    with_dir = tmp_path / "with_dir.tar"
+    with tarfile.open(with_dir, "w") as tar:
+        tar.add(folder, arcname="dsgdb9nsd")  # a directory member, then its files
+    assert len(sources.read_archive(with_dir)[0]) == len(records)
+
+    text = (folder / f"dsgdb9nsd_{records[0].index:06d}.xyz").read_text()
+    (folder / "dsgdb9nsd_999999.xyz").write_text("\n".join(text.splitlines()[:4]))  # cut after two atoms
+    with pytest.raises(MolgenError, match=r"dsgdb9nsd_999999.xyz: malformed QM9 xyz file"):
+        sources.read_local(folder)
+
+
 def test_methane_record(records):
     r = records[0]
     assert r.index == 1 and r.smiles == "C" and list(r.types) == [1, 0, 0, 0, 0]
