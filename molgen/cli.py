@@ -128,7 +128,12 @@ def train(
     with progress(transient=False) as bar:
         cfg, res = launch(req, data_dir, "bar" if err.is_terminal else "lines", say, progress_factory(bar),
                           max_minutes * 60 if max_minutes else None)
-    console.print(f"stopped at step {res.step} ({res.steps_per_s:.2f} steps/s); checkpoint in {out}")
+    rate = f"{res.steps_per_s:.2f} steps/s"
+    if res.step >= cfg.optim.steps:
+        console.print(f"finished at step {res.step} ({rate}); checkpoint in {out}")
+    else:  # an interruption has said how to resume already
+        hint = "" if res.interrupted else f"; continue with: molgen train --resume --out {out}"
+        console.print(f"stopped at step {res.step} of {cfg.optim.steps} ({rate}); checkpoint in {out}{hint}")
     if res.interrupted:
         raise typer.Exit(130)
 

@@ -1,6 +1,7 @@
 """The command line, end to end on tiny data: errors are one line with exit code 2."""
 
 import json
+import shutil
 
 import jax
 import numpy as np
@@ -102,8 +103,15 @@ def test_train_resume_and_sample(tmp_path, trained, data_dir):
     one_line_error(run("train", "--model", "tiny", "--steps", 6, "--batch-size", 8, "--data-dir", data_dir,
                        "--out", trained), "--resume")
     assert json.loads((trained / "config.json").read_text())["optim"]["steps"] == 4  # the refused run wrote nothing
+    copy = tmp_path / "copy"
+    shutil.copytree(trained, copy)
     res = run("train", "--resume", "--steps", 6, "--data-dir", data_dir, "--out", trained)
-    assert res.exit_code == 0 and "step 6" in res.output
+    assert res.exit_code == 0 and "finished at step 6" in res.output
+    # a time limit stops at the end of a chunk (steps 4 -> 50) and says how to go on
+    res = run("train", "--resume", "--steps", 60, "--max-minutes", 1e-4, "--data-dir", data_dir, "--out", copy)
+    assert res.exit_code == 0 and "stopped at step 50 of 60" in res.output
+    squeezed = "".join(res.output.split())  # however the console wrapped the line
+    assert "".join(f"continue with: molgen train --resume --out {copy}".split()) in squeezed
     # train.log: the run's story with UTC times, continued by the resumed run; the refused one wrote nothing
     log = [ln.split("  ", 1) for ln in (trained / "train.log").read_text().splitlines()]
     assert all(len(t) == 19 and t[4] == "-" and t[13] == ":" for t, _ in log)
