@@ -37,6 +37,7 @@ from types import SimpleNamespace
 import numpy as np
 
 PRESETS = {"small": (64, 4), "base": (128, 6), "edm": (256, 9)}
+CHARGE_OF = np.array([1, 6, 7, 8, 9])  # H, C, N, O, F: EDM's charge channel
 
 
 def edm_args(nf: int, n_layers: int) -> SimpleNamespace:
@@ -113,9 +114,6 @@ class Edm:
         xt = self.utils.remove_mean_with_mask(torch.from_numpy(x).to(device), node_mask[:, :, None])
         h = {"categorical": torch.from_numpy(one_hot).to(device), "integer": torch.from_numpy(charges).to(device)}
         return xt, h, node_mask[:, :, None], edge_mask
-
-
-CHARGE_OF = np.array([1, 6, 7, 8, 9])
 
 
 def time_training(edm: Edm, a, bs: int, args, rng) -> tuple:
