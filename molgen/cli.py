@@ -143,7 +143,7 @@ def train(
 def sample(
     n: int = Opt(1000, "-n", "--n", help="Number of molecules."),
     steps: Optional[int] = Opt(None, "--steps", help="Sampler steps: network calls for ancestral (default 1000), multistep and anneal (default 1); Heun steps for ode (2 calls each, 1 for the last; default 18)."),
-    out: Path = Opt(Path("out.sdf"), "-o", "--out", help="Output file: .sdf or .xyz."),
+    out: Optional[Path] = Opt(None, "-o", "--out", help="Output file: .sdf or .xyz; replaced if it exists (default: out.sdf, or out-2.sdf, out-3.sdf, ... if taken; out.xyz with --format xyz)."),
     checkpoint: Optional[str] = Opt(None, "--checkpoint", help="Shipped model name, model folder or training run folder (default: the shipped default)."),
     atoms: Optional[int] = Opt(None, "--atoms", help="Fix the number of atoms (default: drawn from the training histogram)."),
     seed: int = Opt(0, "--seed", help="Random seed (same seed and --batch-size, same file)."),
@@ -169,12 +169,14 @@ def sample(
     from molgen.data.qm9 import require_cache
     from molgen.display import metrics_table, sampling_progress
     from molgen.evaluate import annotate, write_json
-    from molgen.io_utils import check_outputs
+    from molgen.io_utils import check_outputs, unused_path
     from molgen.jax_setup import enable_compilation_cache
     from molgen.models import load_model, polisher_for
     from molgen.fragment import read_fragment
     from molgen.sample import kept_warning, nonfinite_warning, parse_levels, plan, sample_kept, sampling_warnings
 
+    if out is None:
+        out = unused_path(f"out.{format_of('out', fmt) if fmt else 'sdf'}")
     check_outputs({"-o": out, "--json": json_path}, inputs=(fix,))
     require_cache(data_dir, "--data-dir")
     fmt = format_of(out, fmt, strict=True)

@@ -55,6 +55,17 @@ def check_writable(path: Path | str | None, what: str = "output", inputs=()) -> 
         raise MolgenError(f"{what} {path}: not writable")
 
 
+def unused_path(path: Path | str) -> Path:
+    """``path`` if nothing is there yet, else the first free of stem-2.ext, stem-3.ext, ... beside it: a default
+    output name never replaces a file the user did not name."""
+    path = Path(path)
+    candidate, k = path, 2
+    while candidate.exists() or candidate.is_symlink():
+        candidate = path.with_name(f"{path.stem}-{k}{path.suffix}")
+        k += 1
+    return candidate
+
+
 def atomic_write_text(dest: Path | str, text: str) -> None:
     with atomic_path(dest) as tmp:
         Path(tmp).write_text(text)

@@ -463,3 +463,19 @@ def test_sample_keep_stable_writes_stable_molecules_only(tmp_path, trained, data
     one_line_error(run("sample", "--checkpoint", trained, "-n", 1, "--steps", 2, "--keep", "stable", "-o", none),
                    "--keep stable: none of the 100 molecules drawn passed; nothing written")
     assert not none.exists() and not (tmp_path / "p.sdf").exists()
+
+
+def test_sample_without_o_never_replaces_an_earlier_default_file(tmp_path, trained, monkeypatch):
+    """No -o: out.sdf, then out-2.sdf beside it (the first kept as it was); -o names a file that is replaced."""
+    from molgen.chem.io import read_molecules
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "out.sdf").write_text("earlier samples\n")
+    res = run("sample", "--checkpoint", trained, "-n", 2, "--steps", 1, "--no-report")
+    assert res.exit_code == 0 and "to out-2.sdf" in res.output, res.output
+    assert (tmp_path / "out.sdf").read_text() == "earlier samples\n" and len(read_molecules("out-2.sdf")) == 2
+    res = run("sample", "--checkpoint", trained, "-n", 1, "--steps", 1, "--no-report", "--format", "xyz")
+    assert res.exit_code == 0 and "to out.xyz" in res.output and len(read_molecules("out.xyz")) == 1
+    res = run("sample", "--checkpoint", trained, "-n", 3, "--steps", 1, "--no-report", "-o", "out.sdf")
+    assert res.exit_code == 0 and len(read_molecules("out.sdf")) == 3  # named: replaced
+    assert sorted(p.name for p in tmp_path.glob("out*")) == ["out-2.sdf", "out.sdf", "out.xyz"]
