@@ -165,21 +165,19 @@ def sample(
     unique: bool = Opt(False, "--unique", help="With --keep: no two molecules of the same SMILES."),
 ):
     """Generate molecules and write them as SDF or XYZ, then print their stability report."""
-    from molgen.chem.io import format_of, write_molecules
+    from molgen.chem.io import output_file, write_molecules
     from molgen.data.qm9 import require_cache
     from molgen.display import metrics_table, sampling_progress
     from molgen.evaluate import annotate, write_json
-    from molgen.io_utils import check_outputs, unused_path
+    from molgen.io_utils import check_outputs
     from molgen.jax_setup import enable_compilation_cache
     from molgen.models import load_model, polisher_for
     from molgen.fragment import read_fragment
     from molgen.sample import kept_warning, nonfinite_warning, parse_levels, plan, sample_kept, sampling_warnings
 
-    if out is None:
-        out = unused_path(f"out.{format_of('out', fmt) if fmt else 'sdf'}")
+    out, fmt = output_file(out, fmt)
     check_outputs({"-o": out, "--json": json_path}, inputs=(fix,))
     require_cache(data_dir, "--data-dir")
-    fmt = format_of(out, fmt, strict=True)
     sig = parse_levels(sigmas)
     enable_compilation_cache()
     frag = read_fragment(fix) if fix is not None else None

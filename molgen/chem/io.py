@@ -17,7 +17,7 @@ import numpy as np
 
 from molgen import MolgenError
 from molgen.chem.elements import SYMBOLS, symbol_to_type
-from molgen.io_utils import MOLECULE_FILES, atomic_path
+from molgen.io_utils import MOLECULE_FILES, atomic_path, unused_path
 
 FORMATS = ("sdf", "xyz")
 NONFINITE = "molgen_nonfinite"  # the SDF property of a molecule whose coordinates were not finite
@@ -51,6 +51,15 @@ def format_of(path: Path | str, fmt: str | None = None, strict: bool = False) ->
     if by_suffix is None:
         raise MolgenError(f"{path}: cannot tell the format from the extension; use .sdf or .xyz, or --format")
     return by_suffix
+
+
+def output_file(path: Path | str | None, fmt: str | None = None) -> tuple[Path, str]:
+    """An output's path and format: ``path`` as given (its extension and ``fmt`` must agree), or without one
+    out.sdf (out.xyz for ``fmt`` xyz), or out-2.sdf, out-3.sdf, ... when that exists: a default name never
+    replaces a file the user did not name."""
+    if path is None:
+        path = unused_path(f"out.{format_of('out', fmt) if fmt else 'sdf'}")
+    return Path(path), format_of(path, fmt, strict=True)
 
 
 # ----------------------------------------------------------------------------------------------------------
