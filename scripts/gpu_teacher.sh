@@ -26,12 +26,15 @@
 # SAMPLE_S (75: seconds kept for export and sampling), FTZ (1 / 0: force flush-to-zero on / off instead of measuring), SEED (the run's seed; default: the number of earlier
 # GPU runs, so each run draws new batches), RESUME (1: a second call on the same machine, right after the first:
 # no benchmarks; continues runs/teacher exactly, with the first call's XLA flags, then exports and samples again;
-# the teacher's gpu_runs entry then covers both calls).
+# the teacher's gpu_runs entry then covers both calls), BENCH_ONLY (1: a first call that only benchmarks, with
+# all its time; it leaves its choice of precision, layout and flush-to-zero in runs/bench_choice, which the next
+# call on the same machine trains with, skipping the benchmarks).
 set -uo pipefail
 t_start=$(date +%s)
 deadline=${1:-570}
 teacher=${TEACHER:-edm-diffusion}; model=${MODEL:-edm}; batch=${BATCH:-256}; lr=${LR:-1e-3}
 bench_s=${BENCH_S:-150}; sample_s=${SAMPLE_S:-75}; bench_total=${BENCH_TOTAL_S:-350}
+if [ "${BENCH_ONLY:-0}" = 1 ]; then bench_s=${BENCH_S:-100000}; bench_total=${BENCH_TOTAL_S:-$((deadline - 10))}; fi
 out=${OUT:-/tmp/out}; mkdir -p "$out" runs
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 MOLGEN_HOME=$PWD/.gpu/qm9 MOLGEN_JAX_CACHE=/tmp/jaxcache
 if [ -d .whl ] && ! python3 -c "import ase" 2>/dev/null; then
@@ -48,6 +51,10 @@ resume=0
 if [ "${RESUME:-0}" = 1 ] && [ -n "$(ls "$run/checkpoints" 2>/dev/null)" ]; then
   resume=1; bench_s=0
   [ -s "$run/xla_flags" ] && export XLA_FLAGS="$(cat "$run/xla_flags")"
+elif [ "${BENCH_ONLY:-0}" != 1 ] && [ -z "${BENCH_S:-}" ] && [ -s runs/bench_choice ]; then
+  # a BENCH_ONLY call came first on this machine: train with what it measured
+  read -r c_precision c_layout c_ftz <runs/bench_choice
+  bench_s=0; PRECISION=${PRECISION:-$c_precision}; LAYOUT=${LAYOUT:-$c_layout}; FTZ=${FTZ:-$c_ftz}
 fi
 
 if [ "${DRY:-0}" = 1 ]; then  # the CPU rehearsal: every step, tiny sizes
@@ -59,7 +66,7 @@ else
   # the training batch in each precision and layout (the fastest pair trains), then batch 1024 (the most
   # molecules per second measured so far) and EDM's batch 64; what the budget leaves out is skipped from the end
   bench_runs=edm:$batch:tf32:packed,edm:$batch:bf16:packed,edm:$batch:tf32:grouped,edm:$batch:bf16:grouped
-  [ "$batch" = 1024 ] || bench_runs=$bench_runs,edm:1024:tf32:packed,edm:1024:bf16:packed
+  [ "$batch" = 1024 ] || bench_runs=$bench_runs,edm:1024:tf32:grouped,edm:1024:bf16:grouped,edm:1024:tf32:packed,edm:1024:bf16:packed
   bench_runs=$bench_runs,edm:64:tf32:packed
   scatter_args="--molecules 1024 --features 256 --repeats 20 --dtypes float32"
   edm_args="--presets edm --batch-sizes 64,1024,256 --device cuda --repeats 10 --warmup 3"
@@ -119,6 +126,11 @@ print(best[1], best[2])
 EOF
 )
 precision=${PRECISION:-$best_precision}; layout=${LAYOUT:-$best_layout}
+if [ "${BENCH_ONLY:-0}" = 1 ]; then
+  echo "$precision $layout ${FTZ:-0}" >runs/bench_choice
+  log "benchmarks only: the next call trains with precision $precision, layout $layout, flush-to-zero ${FTZ:-0}"
+  exit 0
+fi
 [ "$resume" = 0 ] && log "training precision $precision, layout $layout"
 
 # 2. The teacher.
