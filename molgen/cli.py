@@ -175,8 +175,8 @@ def sample(
     from molgen.fragment import read_fragment
     from molgen.sample import kept_warning, nonfinite_warning, parse_levels, plan, sample_kept, sampling_warnings
 
-    out, fmt = output_file(out, fmt)
-    check_outputs({"-o": out, "--json": json_path}, inputs=(fix,))
+    out, fmt = output_file(out, fmt, inputs=(fix,))
+    check_outputs({"--json": json_path}, inputs=(fix,))
     require_cache(data_dir, "--data-dir")
     sig = parse_levels(sigmas)
     enable_compilation_cache()
