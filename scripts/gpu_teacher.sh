@@ -81,18 +81,20 @@ log "teacher $teacher (earlier GPU runs: $runs_before), seed $seed, batch $batch
 #    GPU (BENCH_S=0: none).
 bench="$out/bench.log"
 if [ "$bench_s" -gt 0 ]; then
-if [ -d .edm ] && python3 -c "import torch" 2>/dev/null && [ "$(cap 120 230)" -ge 20 ]; then
+edm_s=$(cap 120 230)
+if [ -d .edm ] && python3 -c "import torch" 2>/dev/null && [ "$edm_s" -ge 20 ]; then
   echo "# $(date -u +%FT%TZ) benchmarks/edm_pytorch.py $edm_args --no-sampling" >>"$bench"
-  timeout "$(cap 120 230)" python3 benchmarks/edm_pytorch.py --edm-repo .edm --cache .gpu/qm9/qm9_v1.npz $edm_args --no-sampling \
+  timeout "$edm_s" python3 benchmarks/edm_pytorch.py --edm-repo .edm --cache .gpu/qm9/qm9_v1.npz $edm_args --no-sampling \
     2>&1 | grep -E "^RESULT|^torch|Error" | tee -a "$bench"
   log "EDM benchmark done"
 else
   log "EDM benchmark skipped (no .edm, no torch or no time)"
 fi
 speedup=""
-if [ -z "${FTZ:-}" ] && [ "$(cap 80 150)" -ge 20 ]; then
+scatter_s=$(cap 80 150)
+if [ -z "${FTZ:-}" ] && [ "$scatter_s" -ge 20 ]; then
   echo "# $(date -u +%FT%TZ) benchmarks/scatter_atomics.py --ab $scatter_args" >>"$bench"
-  speedup=$(timeout "$(cap 80 150)" python3 benchmarks/scatter_atomics.py --ab $scatter_args 2>&1 \
+  speedup=$(timeout "$scatter_s" python3 benchmarks/scatter_atomics.py --ab $scatter_args 2>&1 \
     | grep -E "^RESULT|^#|^FTZ" | tee -a "$bench" | awk '/^FTZ_SPEEDUP/ {print $2}')
 fi
 log "scatter-adds with flush-to-zero: $([ -n "$speedup" ] && echo "${speedup}x as fast" || echo "not measured")"
