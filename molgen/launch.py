@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Callable
 
 import jax
-import jax.numpy as jnp
 
 from molgen import MolgenError
 from molgen.config import RunConfig
@@ -160,7 +159,7 @@ def _anchor(cfg: RunConfig, student: Model | None):
     a = student if student is not None and name == cfg.init else load_model(name)
     if a.cfg.model != cfg.model or a.cfg.consistency != cfg.consistency or a.cfg.stack != cfg.stack:
         raise MolgenError(f"anchor {name}: its network or noise levels differ from the student's")
-    return jax.tree_util.tree_map(jnp.array, a.params)  # a copy: the training state's buffers are donated
+    return a.params  # molgen.train puts them on the devices as buffers of their own
 
 
 def prepare_pairs(cfg: RunConfig, run_dir: Path, student: Model | None, progress_factory=None) -> PairSet:

@@ -7,8 +7,9 @@ objective up once.
 * ``distill``: regression of a consistency model's one-call sample onto a diffusion teacher's targets
   (:mod:`molgen.consistency.distill`), with an anchor model's low-noise behaviour kept.
 
-A loss is ``loss(params, batch, key, step) -> (loss, aux)``; the models it needs besides the trained one (the
-distillation anchor) come already loaded.
+A loss is ``loss(params, batch, key, step, anchor) -> (loss, aux)``; the parameters it needs besides the trained
+ones (the distillation anchor's, else None) come loaded, as an argument, so one compiled training program serves
+any anchor of the same shapes.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ class Objective:
         fracs = tuple(float(f) for f in ds.type_fractions("train"))
         return cfg.replace(data=dataclasses.replace(cfg.data, size_hist=hist, type_fractions=fracs))
 
-    def make_loss(self, cfg: RunConfig, apply: Callable, anchor_params=None) -> Callable:
+    def make_loss(self, cfg: RunConfig, apply: Callable) -> Callable:
         raise NotImplementedError
 
 
@@ -61,8 +62,8 @@ class Diffusion(Objective):
             cfg = cfg.replace(model=init_cfg.model, diffusion=init_cfg.diffusion)
         return cfg
 
-    def make_loss(self, cfg, apply, anchor_params=None):
-        return lambda p, g, k, s: diffusion_loss(apply, p, g.positions, features(g), g, k, cfg.diffusion)
+    def make_loss(self, cfg, apply):
+        return lambda p, g, k, s, a: diffusion_loss(apply, p, g.positions, features(g), g, k, cfg.diffusion)
 
 
 class Consistency(Objective):
@@ -78,9 +79,9 @@ class Consistency(Objective):
             cfg = cfg.replace(diffusion=None, consistency=dataclasses.replace(cons, parametrization="ict"))
         return _with_sigma_data(cfg, ds)
 
-    def make_loss(self, cfg, apply, anchor_params=None):
+    def make_loss(self, cfg, apply):
         cfn = model_fn(cfg, apply)
-        return lambda p, g, k, s: consistency_loss(cfn, p, g.positions, features(g), g, k, s, cfg.consistency)
+        return lambda p, g, k, s, a: consistency_loss(cfn, p, g.positions, features(g), g, k, s, cfg.consistency)
 
 
 class Distill(Objective):
@@ -89,10 +90,10 @@ class Distill(Objective):
         return cfg.replace(model=init_cfg.model, diffusion=init_cfg.diffusion, consistency=init_cfg.consistency,
                            stack=init_cfg.stack, distill=cfg.distill or DistillConfig(), data=init_cfg.data)
 
-    def make_loss(self, cfg, apply, anchor_params=None):
+    def make_loss(self, cfg, apply):
         cfn = model_fn(cfg, apply)
-        return lambda p, b, k, s: distill_loss(cfn, p, b[0].positions, features(b[0]), b[1], b[0], cfg.consistency,
-                                               cfg.distill, k, anchor_params)
+        return lambda p, b, k, s, a: distill_loss(cfn, p, b[0].positions, features(b[0]), b[1], b[0], cfg.consistency,
+                                                  cfg.distill, k, a)
 
 
 OBJECTIVES: dict[str, Objective] = {o.name: o for o in (

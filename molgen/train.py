@@ -51,20 +51,22 @@ def resolve_layout(layout: str, platform: str | None = None) -> str:
     return resolve_auto(layout, LAYOUTS, AUTO_LAYOUT, "layout", platform)
 
 
-def make_step(cfg: RunConfig, anchor_params=None):
-    """(step_fn, sharded_loss), pure: ``step_fn(state, graphs, key) -> (state, metrics)`` on a batch of per-device
-    graphs stacked on axis 0; ``sharded_loss(params, graphs, key, step) -> (loss, aux)``."""
+def make_step(cfg: RunConfig):
+    """(step_fn, sharded_loss), pure: ``step_fn(state, graphs, key, anchor=None) -> (state, metrics)`` on a batch of
+    per-device graphs stacked on axis 0; ``sharded_loss(params, graphs, key, step, anchor=None) -> (loss, aux)``.
+    ``anchor``: the parameters the objective's loss needs besides the trained ones (:mod:`molgen.objectives`)."""
     _, apply = network(cfg, cfg.optim.precision)
-    loss_fn = get_objective(cfg.objective).make_loss(cfg, apply, anchor_params)
+    loss_fn = get_objective(cfg.objective).make_loss(cfg, apply)
     tx, sched = make_optimizer(cfg.optim)
 
-    def sharded_loss(params, graphs, key, step):
+    def sharded_loss(params, graphs, key, step, anchor=None):
         keys = jax.random.split(key, jax.tree_util.tree_leaves(graphs)[0].shape[0])
-        losses, aux = jax.vmap(lambda g, k: loss_fn(params, g, k, step))(graphs, keys)
+        losses, aux = jax.vmap(lambda g, k: loss_fn(params, g, k, step, anchor))(graphs, keys)
         return losses.mean(), jax.tree_util.tree_map(jnp.mean, aux)
 
-    def step_fn(state: TrainState, graphs, key):
-        (loss, aux), grads = jax.value_and_grad(sharded_loss, has_aux=True)(state.params, graphs, key, state.step)
+    def step_fn(state: TrainState, graphs, key, anchor=None):
+        (loss, aux), grads = jax.value_and_grad(sharded_loss, has_aux=True)(state.params, graphs, key, state.step,
+                                                                             anchor)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         # EMA with a warm-up (decay grows with the step) so short runs are not dominated by the initial weights.
@@ -76,38 +78,50 @@ def make_step(cfg: RunConfig, anchor_params=None):
     return step_fn, sharded_loss
 
 
-def make_train_step(cfg: RunConfig, mesh: Mesh, anchor_params=None):
-    """(step, evaluate), jitted, on batches packed on the host (:func:`shard_batch`, :func:`put_batch`)."""
-    step_fn, sharded_loss = make_step(cfg, anchor_params)
+def program_config(cfg: RunConfig) -> RunConfig:
+    """What a training step's program depends on: ``cfg`` without the settings that only steer the loop (steps,
+    checkpoint and evaluation intervals, checkpoints kept), the seed (keys are arguments) and the model the run
+    started from. Runs that agree on the rest share their compiled programs within a process."""
+    return cfg.replace(seed=0, init=None).with_optim(steps=0, ckpt_every=0, eval_every=0, keep=0)
+
+
+# The jitted programs of a (program config, mesh[, batch shape]): a later run in the same process (a resumed run,
+# a Python caller's sweep) reuses their traced and compiled programs instead of building them again.
+@functools.lru_cache(maxsize=8)
+def _step_programs(cfg: RunConfig, mesh: Mesh):
+    step_fn, sharded_loss = make_step(cfg)
     repl = NamedSharding(mesh, P())
     data = NamedSharding(mesh, P("data"))
-    step = jax.jit(step_fn, in_shardings=(repl, data, repl), out_shardings=(repl, repl), donate_argnums=(0,))
+    step = jax.jit(step_fn, in_shardings=(repl, data, repl, repl), out_shardings=(repl, repl), donate_argnums=(0,))
 
-    def eval_fn(params, graphs, key):
-        return sharded_loss(params, graphs, key, jnp.asarray(0))[0]
+    def eval_fn(params, graphs, key, anchor):
+        return sharded_loss(params, graphs, key, jnp.asarray(0), anchor)[0]
 
-    evaluate = jax.jit(eval_fn, in_shardings=(repl, data, repl), out_shardings=repl)
+    evaluate = jax.jit(eval_fn, in_shardings=(repl, data, repl, repl), out_shardings=repl)
     return step, evaluate
 
 
-def make_train_chunk(cfg: RunConfig, mesh: Mesh, shape, anchor_params=None):
-    """``chunk(state, dset, ids, n_active, base_key) -> (state, metrics)``, jitted: the steps of ``ids``
-    [K, devices, batch / devices] (row indices of the device-resident ``dset``), each batch assembled on the
-    device in the run's layout (``cfg.optim.layout``, resolved) with the static ``shape`` of its plan (packed:
-    (nodes, edges) per device; grouped: the groups); only the first ``n_active`` steps run (the rest leave the
-    state as it is and report zeros). Step s uses the key ``fold_in(base_key, s)``. ``metrics`` holds one row
-    per step."""
+def make_train_step(cfg: RunConfig, mesh: Mesh, anchor_params=None):
+    """(step, evaluate), jitted, on batches packed on the host (:func:`shard_batch`, :func:`put_batch`):
+    ``step(state, graphs, key)``, ``evaluate(params, graphs, key)``, with ``anchor_params`` for the loss."""
+    step, evaluate = _step_programs(program_config(cfg), mesh)
+    return (lambda state, graphs, key: step(state, graphs, key, anchor_params),
+            lambda params, graphs, key: evaluate(params, graphs, key, anchor_params))
+
+
+@functools.lru_cache(maxsize=32)
+def _chunk_program(cfg: RunConfig, mesh: Mesh, shape):
     from molgen.data.device import GroupPlan, ShapePlan
 
     assemble = (GroupPlan if resolve_layout(cfg.optim.layout) == "grouped" else ShapePlan).assemble
-    step_fn, _ = make_step(cfg, anchor_params)
+    step_fn, _ = make_step(cfg)
     repl = NamedSharding(mesh, P())
     data = NamedSharding(mesh, P(None, "data"))
 
-    def chunk(state, dset, ids, n_active, base_key):
+    def chunk(state, dset, ids, n_active, base_key, anchor):
         def one(state, ids_k):
             graphs = jax.vmap(lambda i: assemble(dset, i, shape))(ids_k)
-            return step_fn(state, graphs, jax.random.fold_in(base_key, state.step))
+            return step_fn(state, graphs, jax.random.fold_in(base_key, state.step), anchor)
 
         zeros = jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype),
                                        jax.eval_shape(one, state, ids[0])[1])
@@ -118,8 +132,19 @@ def make_train_chunk(cfg: RunConfig, mesh: Mesh, shape, anchor_params=None):
 
         return jax.lax.scan(body, state, (ids, jnp.arange(ids.shape[0])))
 
-    return jax.jit(chunk, in_shardings=(repl, repl, data, repl, repl), out_shardings=(repl, repl),
+    return jax.jit(chunk, in_shardings=(repl, repl, data, repl, repl, repl), out_shardings=(repl, repl),
                    donate_argnums=(0,))
+
+
+def make_train_chunk(cfg: RunConfig, mesh: Mesh, shape, anchor_params=None):
+    """``chunk(state, dset, ids, n_active, base_key) -> (state, metrics)``, jitted: the steps of ``ids``
+    [K, devices, batch / devices] (row indices of the device-resident ``dset``), each batch assembled on the
+    device in the run's layout (``cfg.optim.layout``, resolved) with the static ``shape`` of its plan (packed:
+    (nodes, edges) per device; grouped: the groups); only the first ``n_active`` steps run (the rest leave the
+    state as it is and report zeros). Step s uses the key ``fold_in(base_key, s)``; the loss gets
+    ``anchor_params``. ``metrics`` holds one row per step."""
+    fn = _chunk_program(program_config(cfg), mesh, shape)
+    return lambda state, dset, ids, n_active, base_key: fn(state, dset, ids, n_active, base_key, anchor_params)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -257,6 +282,7 @@ def train(cfg: RunConfig, run_dir: Path, ds, resume: bool = False, init_params=N
     start = int(local_value(state.step))
     end = min(cfg.optim.steps, stop_at) if stop_at is not None else cfg.optim.steps
     feed = Feed(ds, cfg, mesh, start, end, chunk, saved_plan(run_dir, start) if resume else None)
+    anchor_params = None if anchor_params is None else global_put(anchor_params, repl)
     validation = Validation(ds, cfg, mesh, anchor_params)
     chunk_fn = functools.cache(lambda shape: make_train_chunk(cfg, mesh, shape, anchor_params))  # one per shape
     base_key = global_put(jax.random.PRNGKey(cfg.seed), repl)

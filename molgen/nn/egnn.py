@@ -27,6 +27,7 @@ the sum rather than a [pairs, features] array of its own written and read again.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 
 import flax.linen as nn
@@ -278,13 +279,18 @@ def forward_flops(cfg: EGNNConfig, n_nodes: int, n_edges: int, split: bool | Non
     return 2 * n * f_in * f + cfg.n_layers * block + 2 * n * f * (cfg.in_node_nf + 1)
 
 
+@functools.lru_cache(maxsize=8)
+def _init_program(cfg: EGNNConfig):
+    return jax.jit(EGNN(cfg).init)
+
+
 def init_params(cfg: EGNNConfig, seed: int):
     """Fresh parameters of an EGNN (initialised on a one-molecule dummy graph; shapes do not depend on it). Jitted:
-    one compiled program instead of one per operation, eagerly (seconds for every new run)."""
+    one compiled program instead of one per operation, eagerly (seconds for every new run), kept per config."""
     import numpy as np
 
     from molgen.data.batching import pack
 
     g = pack([np.zeros((3, 3), np.float32)], [np.zeros(3, np.int32)])
     h = np.zeros((len(g.node_mask), cfg.in_node_nf), np.float32)
-    return jax.jit(EGNN(cfg).init)(jax.random.PRNGKey(seed), g.positions, h, g.node_mask, g)
+    return _init_program(cfg)(jax.random.PRNGKey(seed), g.positions, h, g.node_mask, g)
