@@ -19,7 +19,7 @@ from molgen import MolgenError
 from molgen.chem.elements import N_TYPES
 from molgen.chem.io import MAX_ATOMS, Molecule
 from molgen.consistency.stack import describe_network
-from molgen.data.batching import pack
+from molgen.data.batching import bucket, pack
 from molgen.diffusion.edm import denoiser
 from molgen.diffusion.levels import low_ladder
 from molgen.diffusion.polish import make_polish_step, polish
@@ -171,7 +171,8 @@ def sample(model: Model, n: int, steps: int | None = None, seed: int = 0, atoms:
     t0 = time.time()
     for b, start in enumerate(range(0, n, batch_size)):
         bs = sizes[start : start + batch_size]
-        g = pack(None, [np.zeros(int(k), np.int32) for k in bs])
+        # molecule counts bucketed like the atoms: rounds of --keep and small calls share compiled programs
+        g = pack(None, [np.zeros(int(k), np.int32) for k in bs], pad_graphs=bucket(len(bs) + 1, granule=8))
         fix = None if fragment is None else _fixer(fragment, bs, g, model.cfg.n_features,
                                                    jax.random.fold_in(jax.random.fold_in(base, FRAGMENT_STREAM), b))
         x, h = s.run(fns, model.params, g, model.cfg.n_features, jax.random.fold_in(base, b), levels,

@@ -1,6 +1,6 @@
-"""Training in fresh processes (JAX not started yet): one process trains data-parallel on two CPU devices and
-resumes, printing progress lines off a terminal; two processes on 127.0.0.1 (`--distributed`, one CPU device
-each) train the same parameters with the same global batch and seed, and resume as a pair."""
+"""Training in fresh processes (JAX not started yet): one process trains data-parallel on two CPU devices,
+printing progress lines off a terminal; two processes on 127.0.0.1 (`--distributed`, one CPU device each) with
+the same global batch and seed, stopped and resumed as a pair, end with the same parameters."""
 
 import json
 import os
@@ -51,16 +51,15 @@ def test_two_devices_or_two_processes_train_and_resume_alike(tmp_path, data_dir)
                 for i in (0, 1)]
         return _finish([_train([*common, *extra, "--devices", 1, "--distributed", "--out", out], e) for e in envs])
 
-    out, err = _finish([_train([*common, "--steps", 4, "--devices", 2, "--out", one], base)])[0]
-    assert "devices 2 (cpu)" in err and "step 4" in out
-    assert "step 4/4  loss" in err and "left" in err  # a progress line for the log
+    # one process on two devices, straight to step 6; the pair to step 4, then resumed to 6: the same parameters
+    out, err = _finish([_train([*common, "--steps", 6, "--devices", 2, "--out", one], base)])[0]
+    assert "devices 2 (cpu)" in err and "step 6" in out
+    assert "step 6/6  loss" in err and "left" in err  # a progress line for the log
     outs = both(["--steps", 4], pair)
     assert "devices 2 (cpu)" in outs[0][1] and "step 4" in outs[0][0]
-    _same_params(one, pair)
     assert (pair / "metrics.jsonl").read_text().count('"step": 4,') == 1  # one process writes the log
-    out, err = _finish([_train([*common, "--steps", 6, "--devices", 2, "--resume", "--out", one], base)])[0]
-    assert "resumed from step 4" in err and "step 6" in out
-    assert [json.loads(line)["step"] for line in (one / "metrics.jsonl").read_text().splitlines()][-1] == 6
-    both(["--steps", 6, "--resume"], pair)
+    outs = both(["--steps", 6, "--resume"], pair)
+    assert "resumed from step 4" in outs[0][1] and "step 6" in outs[0][0]
+    assert [json.loads(line)["step"] for line in (pair / "metrics.jsonl").read_text().splitlines()][-1] == 6
     assert load_model(pair).meta["step"] == 6
     _same_params(one, pair)

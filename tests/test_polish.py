@@ -17,7 +17,7 @@ from molgen.diffusion.polish import make_polish_step
 from molgen.models import Model, polisher_for, save_model
 from molgen.networks import init_params, network
 from molgen.nn.egnn import PRESETS
-from molgen.sample import plan, sample
+from molgen.sample import _polish_step, plan, sample
 
 HIST = DataConfig(size_hist=(0, 0, 0, 2, 3, 5, 1))  # molecules of 3-6 atoms
 CONS = ConsistencyConfig(sigma_data_x=1.4, sigma_data_h=0.2)
@@ -114,9 +114,11 @@ def test_polish_adds_n_calls_of_the_polisher(rng, monkeypatch):
     polisher = Model(dm.cfg, dm.params, dm.meta)
     counted_d = _counting(dm.cfg, calls, "diffusion")
     monkeypatch.setattr("molgen.sample.network", lambda cfg, precision=None: (None, counted_d))  # the polisher's
+    _polish_step.cache_clear()  # built again, with the counting network (an earlier test may have kept one)
     res = sample(cm, n=6, steps=2, seed=4, batch_size=6, polish_calls=3, polisher=polisher,
                  apply=_counting(cm.cfg, calls, "ct"))
     monkeypatch.undo()
+    _polish_step.cache_clear()
     assert calls.count("ct") == 2 and calls.count("diffusion") == 3 and res.calls == 5
     assert res.settings["molgen_polish"] == 3 and res.settings["molgen_polisher"] == "d"
     for a, b in zip(base, res.molecules):

@@ -15,7 +15,6 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 DATA = np.load(Path(__file__).parent / "data" / "regression_samples.npz")
 SPEC = json.loads(str(DATA["spec"]))
@@ -42,20 +41,18 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-@pytest.fixture(scope="module")
-def drawn(tmp_path_factory):
-    path = tmp_path_factory.mktemp("regression") / "drawn.npz"
+def test_shipped_models_sample_as_recorded(tmp_path):
+    """All cases in one test, so that one worker of a parallel run draws them (a module fixture would be drawn
+    again by every worker that runs one of its tests)."""
+    path = tmp_path / "drawn.npz"
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env["JAX_PLATFORMS"] = "cpu"
     r = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(SPEC), str(path)], env=env,
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    return np.load(path)
-
-
-@pytest.mark.parametrize("case", SPEC, ids=[c["key"] for c in SPEC])
-def test_shipped_model_samples_as_recorded(drawn, case):
-    key = case["key"]
-    np.testing.assert_array_equal(drawn[key + "_sizes"], DATA[key + "_sizes"])
-    np.testing.assert_array_equal(drawn[key + "_types"], DATA[key + "_types"])
-    np.testing.assert_allclose(drawn[key + "_pos"], DATA[key + "_pos"], atol=1e-3, rtol=0)
+    drawn = np.load(path)
+    for case in SPEC:
+        key = case["key"]
+        np.testing.assert_array_equal(drawn[key + "_sizes"], DATA[key + "_sizes"], err_msg=key)
+        np.testing.assert_array_equal(drawn[key + "_types"], DATA[key + "_types"], err_msg=key)
+        np.testing.assert_allclose(drawn[key + "_pos"], DATA[key + "_pos"], atol=1e-3, rtol=0, err_msg=key)

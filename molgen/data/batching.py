@@ -97,11 +97,14 @@ def pack(
     types: list[np.ndarray],
     pad_nodes: int | None = None,
     pad_edges: int | None = None,
+    pad_graphs: int | None = None,
 ) -> Graph:
     """Pack molecules (lists of [n_i, 3] positions and [n_i] types) into one padded graph.
 
     Pass ``positions=None`` to get zero positions (e.g. to fill with noise when sampling).  Without explicit
     ``pad_nodes``/``pad_edges`` the sizes are bucketed (there is always at least one padding node).
+    ``pad_graphs``: the length of ``n_atoms`` (default: molecules + 1); the molecules after the real ones are
+    empty, so batches of different molecule counts can share a shape (and a compiled program).
     """
     n = np.array([len(t) for t in types], dtype=np.int32)
     b = len(n)
@@ -137,7 +140,11 @@ def pack(
         receivers[:e_real] = np.concatenate(r_list)
         senders[:e_real] = np.concatenate(s_list)
         edge_mask[:e_real] = 1.0
-    n_atoms = np.concatenate([n, [0]]).astype(np.int32)
+    n_segments = pad_graphs if pad_graphs is not None else b + 1
+    if n_segments <= b:
+        raise ValueError(f"padding too small: {n_segments} graphs for {b} molecules and the padding")
+    n_atoms = np.zeros(n_segments, np.int32)
+    n_atoms[:b] = n
     return Graph(pos, typ, node_mask, segment, senders, receivers, edge_mask, n_atoms)
 
 
