@@ -122,6 +122,20 @@ def test_padding_never_changes_real_atoms(rng):
     assert np.all(np.asarray(vel2)[n_real:] == 0)
 
 
+def test_empty_molecules_after_the_real_ones_change_nothing(rng):
+    """pack(pad_graphs=...) (sampling buckets the molecule count): the same outputs, bit for bit."""
+    pos, typ = random_molecules(rng, (5, 9, 3))
+    model, params, g, h, cond = _setup(rng)
+    g = pack(pos, typ)
+    g8 = pack(pos, typ, pad_graphs=8)
+    assert list(g8.n_atoms) == [5, 9, 3, 0, 0, 0, 0, 0] and np.array_equal(g8.segment, g.segment)
+    vel, hout = _run(model, params, g, g.positions, h, cond)
+    vel8, hout8 = _run(model, params, g8, g8.positions, h, cond)
+    assert np.array_equal(np.asarray(vel8), np.asarray(vel)) and np.array_equal(np.asarray(hout8), np.asarray(hout))
+    with pytest.raises(ValueError, match="padding too small"):
+        pack(pos, typ, pad_graphs=3)
+
+
 def test_zero_com_output(rng):
     model, params, g, h, cond = _setup(rng)
     vel, _ = _run(model, params, g, g.positions, h, cond)

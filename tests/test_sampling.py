@@ -124,6 +124,20 @@ def test_same_seed_same_molecules(rng, kind):
                for x, z in zip(a, c))
 
 
+def test_calls_of_a_few_molecules_share_one_compiled_step(rng):
+    """2, 3 and 7 molecules of 5 atoms fit one bucket of atoms and of molecules: one compiled program; each
+    molecule is the same as when sampled alone with its batch's seed (the molecule count is padding only)."""
+    from molgen.sample import _prepared
+
+    m = _model("consistency", rng)
+    step = _prepared(get_sampler(m.cfg), m.cfg)
+    before = step._cache_size()
+    runs = {n: sample(m, n=n, steps=1, seed=2, atoms=5).molecules for n in (2, 3, 7)}
+    assert step._cache_size() - before <= 1
+    first = [x.positions for x in runs[2]]
+    assert all(np.array_equal(a, b.positions) for a, b in zip(first, runs[3][:2]))  # the same noise rows
+
+
 @pytest.mark.parametrize("kind,sampler", [("consistency", "multistep"), ("consistency", "anneal"),
                                           ("diffusion", "ancestral"), ("diffusion", "ode")])
 def test_temperature_scales_the_starting_noise(rng, kind, sampler):
