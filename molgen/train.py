@@ -284,7 +284,6 @@ def train(cfg: RunConfig, run_dir: Path, ds, resume: bool = False, init_params=N
     feed = Feed(ds, cfg, mesh, start, end, chunk, saved_plan(run_dir, start) if resume else None)
     anchor_params = None if anchor_params is None else global_put(anchor_params, repl)
     validation = Validation(ds, cfg, mesh, anchor_params)
-    chunk_fn = functools.cache(lambda shape: make_train_chunk(cfg, mesh, shape, anchor_params))  # one per shape
     base_key = global_put(jax.random.PRNGKey(cfg.seed), repl)
     ckpt_every, eval_every = _aligned(cfg.optim.ckpt_every, chunk), _aligned(cfg.optim.eval_every, chunk)
     metrics = MetricsLog(Path(run_dir), start, end, progress if is_main() else None, log, cfg.objective, is_main())
@@ -295,7 +294,8 @@ def train(cfg: RunConfig, run_dir: Path, ds, resume: bool = False, init_params=N
             pending = feed.prepare(step) if step < end else None
             while pending is not None:
                 n, shape, rows = pending
-                state, out = chunk_fn(shape)(state, feed.dset, rows, global_put(np.int32(n), repl), base_key)
+                chunk_fn = make_train_chunk(cfg, mesh, shape, anchor_params)  # compiled once per shape
+                state, out = chunk_fn(state, feed.dset, rows, global_put(np.int32(n), repl), base_key)
                 first, step = step, step + n
                 over = max_seconds is not None and time.time() - t0 > max_seconds
                 over, stop.requested = agree(over), agree(stop.requested)  # every process stops at the same step
