@@ -27,12 +27,16 @@ def _leaves(tree):
 
 @pytest.mark.parametrize("objective", ["diffusion", "ct"])
 def test_resume_is_exact(tmp_path, mini_ds, objective):
+    from molgen.train import _step_programs
+
     cfg = _cfg(mini_ds, objective)
     straight = train(cfg, tmp_path / "a", mini_ds, progress=None, log=lambda s: None)
+    built = _step_programs.cache_info().misses
     first = train(cfg, tmp_path / "b", mini_ds, progress=None, log=lambda s: None, stop_at=10)
     assert int(first.state.step) == 10
     resumed = train(cfg, tmp_path / "b", mini_ds, resume=True, progress=None, log=lambda s: None)
     assert int(resumed.state.step) == int(straight.state.step) == 20
+    assert _step_programs.cache_info().misses == built  # the later runs reused the first one's programs
     for a, b in zip(_leaves(straight.state.params), _leaves(resumed.state.params)):
         np.testing.assert_array_equal(a, b)
     for a, b in zip(_leaves(straight.state.ema), _leaves(resumed.state.ema)):
