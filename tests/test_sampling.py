@@ -125,8 +125,8 @@ def test_same_seed_same_molecules(rng, kind):
 
 
 def test_calls_of_a_few_molecules_share_one_compiled_step(rng):
-    """2, 3 and 7 molecules of 5 atoms fit one bucket of atoms and of molecules: one compiled program; each
-    molecule is the same as when sampled alone with its batch's seed (the molecule count is padding only)."""
+    """2, 3 and 7 molecules of 5 atoms fit one bucket of atoms and of molecules: one compiled program; the first
+    molecules of a call are the same whatever the count (the molecule count only pads)."""
     from molgen.sample import _prepared
 
     m = _model("consistency", rng)
