@@ -165,7 +165,7 @@ def sample(
     unique: bool = Opt(False, "--unique", help="With --keep: no two molecules of the same SMILES."),
 ):
     """Generate molecules and write them as SDF or XYZ, then print their stability report."""
-    from molgen.chem.io import output_file, write_molecules
+    from molgen.chem.io import format_of, output_file, write_molecules
     from molgen.data.qm9 import require_cache
     from molgen.display import metrics_table, sampling_progress
     from molgen.evaluate import annotate, write_json
@@ -175,8 +175,9 @@ def sample(
     from molgen.fragment import read_fragment
     from molgen.sample import kept_warning, nonfinite_warning, parse_levels, plan, sample_kept, sampling_warnings
 
-    out, fmt = output_file(out, fmt, inputs=(fix,))
-    check_outputs({"--json": json_path}, inputs=(fix,))
+    out = output_file(out, fmt)
+    check_outputs({"-o": out, "--json": json_path}, inputs=(fix,))
+    fmt = format_of(out, fmt, strict=True)
     require_cache(data_dir, "--data-dir")
     sig = parse_levels(sigmas)
     enable_compilation_cache()

@@ -77,6 +77,16 @@ def atomic_write_bytes(dest: Path | str, data: bytes) -> None:
 
 
 def check_outputs(outputs: dict, inputs=()) -> None:
-    """:func:`check_writable` for each output, named by its option: {"-o": path, "--json": None, ...}."""
+    """:func:`check_writable` for each output, named by its option: {"-o": path, "--json": None, ...}; two options
+    naming the same file are refused (the second written would replace the first)."""
+    from molgen import MolgenError
+
+    seen: dict[Path, str] = {}
     for what, path in outputs.items():
         check_writable(path, what, inputs)
+        if path is None:
+            continue
+        key = Path(path).resolve()
+        if key in seen:
+            raise MolgenError(f"{seen[key]} and {what} name the same file {path}; give each its own")
+        seen[key] = what

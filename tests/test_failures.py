@@ -75,6 +75,9 @@ def test_a_resumed_run_logs_each_step_once(ct_run, data_dir, tmp_path):
     (("evaluate", "{file}", "--per-molecule", "{file}"), "is also an input of this command"),
     (("evaluate", "{tmp}", "--json", "{file}"), "is also an input of this command"),
     (("sample", "--fix", "{file}", "-o", "{file}"), "is also an input of this command"),
+    (("sample", "-o", "{file}", "--json", "{file}"), "-o and --json name the same file"),
+    (("evaluate", "{file}", "--json", "{tmp}/r.csv", "--per-molecule", "{tmp}/./r.csv"),
+     "--json and --per-molecule name the same file"),
     (("download", "--timeout", 0, "--data-dir", "{tmp}/d"), "--timeout must be a positive number"),
     (("sample", "--polisher", "edm-small-diffusion", "-o", "{tmp}/x.sdf"), "add --polish N"),
 ])

@@ -17,7 +17,7 @@ import numpy as np
 
 from molgen import MolgenError
 from molgen.chem.elements import SYMBOLS, symbol_to_type
-from molgen.io_utils import MOLECULE_FILES, atomic_path, check_writable, unused_path
+from molgen.io_utils import MOLECULE_FILES, atomic_path, unused_path
 
 FORMATS = ("sdf", "xyz")
 NONFINITE = "molgen_nonfinite"  # the SDF property of a molecule whose coordinates were not finite
@@ -53,14 +53,12 @@ def format_of(path: Path | str, fmt: str | None = None, strict: bool = False) ->
     return by_suffix
 
 
-def output_file(path: Path | str | None, fmt: str | None = None, inputs=()) -> tuple[Path, str]:
-    """A molecule file to write, checked before any work: ``path`` as given (writable, not one of the command's
-    ``inputs``, its extension agreeing with ``fmt``), or without one out.sdf (out.xyz for ``fmt`` xyz), or
-    out-2.sdf, out-3.sdf, ... when that exists: a default name never replaces a file the user did not name."""
+def output_file(path: Path | str | None, fmt: str | None = None) -> Path:
+    """A molecule file to write: ``path`` as given, or without one out.sdf (out.xyz for ``fmt`` xyz), or out-2.sdf,
+    out-3.sdf, ... when that exists: a default name never replaces a file the user did not name."""
     if path is None:
         path = unused_path(f"out.{format_of('out', fmt) if fmt else 'sdf'}")
-    check_writable(path, "-o", inputs)
-    return Path(path), format_of(path, fmt, strict=True)
+    return Path(path)
 
 
 # ----------------------------------------------------------------------------------------------------------
