@@ -63,20 +63,33 @@ KEEP = {
 MAX_DRAWS = 100  # --keep draws at most this many molecules per molecule asked for
 
 
-def draw_sizes(cfg, n: int, seed: int, atoms: int | None = None, stream: int = 7, above: int = 0) -> np.ndarray:
-    """Atom counts: ``atoms`` each, or drawn from the training histogram with the random stream (seed, stream),
-    restricted to sizes above ``above`` (a fragment's size)."""
+def check_request(cfg, n: int, batch_size: int, atoms: int | None = None, above: int = 0) -> np.ndarray | None:
+    """Check a request's counts before any work; return the atom-count histogram to draw from (None with
+    ``atoms``), restricted to sizes above ``above`` (a fragment's size)."""
+    if n < 1:
+        raise MolgenError("-n must be at least 1")
+    if batch_size < 1:
+        raise MolgenError("--batch-size must be at least 1")
     if atoms is not None:
         if not 1 <= atoms <= MAX_ATOMS:
             raise MolgenError(f"--atoms must be in 1 .. {MAX_ATOMS} (the largest molecule molgen reads back), got {atoms}")
         if atoms < above:
             raise MolgenError(f"the fragment has {above} atoms, more than --atoms {atoms}")
-        return np.full(n, atoms, np.int32)
+        return None
     hist = np.asarray(cfg.data.size_hist, np.float64)
     hist[: above + 1] = 0.0 if above else hist[: above + 1]
     if hist.sum() <= 0:
         raise MolgenError("the model has no atom-count histogram; pass --atoms" if not above else
                           f"the model was trained on no molecule larger than the fragment's {above} atoms; pass --atoms")
+    return hist
+
+
+def draw_sizes(cfg, n: int, seed: int, atoms: int | None = None, stream: int = 7, above: int = 0) -> np.ndarray:
+    """Atom counts: ``atoms`` each, or drawn from the training histogram with the random stream (seed, stream),
+    restricted to sizes above ``above`` (a fragment's size)."""
+    hist = check_request(cfg, n, 1, atoms, above)
+    if hist is None:
+        return np.full(n, atoms, np.int32)
     rng = np.random.default_rng([seed, stream])
     return rng.choice(len(hist), size=n, p=hist / hist.sum()).astype(np.int32)
 
@@ -149,10 +162,7 @@ def sample(model: Model, n: int, steps: int | None = None, seed: int = 0, atoms:
     step (ancestral sampler)."""
     import time
 
-    if n < 1:
-        raise MolgenError("-n must be at least 1")
-    if batch_size < 1:
-        raise MolgenError("--batch-size must be at least 1")
+    check_request(model.cfg, n, batch_size, atoms, fragment.size if fragment is not None else 0)
     s, levels, settings, renoise = plan(model, steps, sampler, sigmas, temperature, renoise, polish_calls, seed,
                                         resample, fragment is not None)
     if polish_calls and polisher is None:

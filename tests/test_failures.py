@@ -71,6 +71,8 @@ def test_a_resumed_run_logs_each_step_once(ct_run, data_dir, tmp_path):
     (("download", "--data-dir", "{tmp}/d", "--from", "{tmp}/missing.csv"), "no such file or folder"),
     (("sample", "--data-dir", "{tmp}/d", "-o", "{tmp}/x.sdf"), "--data-dir {tmp}/d: no QM9 cache there"),
     (("sample", "--atoms", 300, "-o", "{tmp}/x.sdf"), "--atoms must be in 1 .. 256"),
+    (("sample", "--fix", "{file}", "--atoms", 300, "-o", "{tmp}/x.sdf"), "--atoms must be in 1 .. 256"),
+    (("sample", "-n", 0, "--atoms", 40, "-o", "{tmp}/x.sdf"), "-n must be at least 1"),
     (("evaluate", "{file}", "--reference", "{tmp}"), "--reference {tmp}: no QM9 cache there"),
     (("evaluate", "{file}", "--per-molecule", "{file}"), "is also an input of this command"),
     (("evaluate", "{tmp}", "--json", "{file}"), "is also an input of this command"),
@@ -87,7 +89,9 @@ def test_bad_input_is_one_line_before_any_work(tmp_path, args, message, data_dir
     args = [str(a).format(tmp=tmp_path, file=f) for a in args]
     if args[0] == "train":
         args += ["--data-dir", str(data_dir)]
-    one_line_error(run(*args), message.format(tmp=tmp_path))
+    res = run(*args)
+    one_line_error(res, message.format(tmp=tmp_path))
+    assert "warning" not in res.output  # no advice on a request that is refused
     assert f.read_text() == "1\nH\nH 0 0 0\n" and not (tmp_path / "d").exists() and not (tmp_path / "r").exists()
 
 
