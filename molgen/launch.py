@@ -126,29 +126,31 @@ def _resumed(cfg: RunConfig, req: Request) -> RunConfig:
     return cfg
 
 
+def _kind_of(name: str) -> str:
+    """What a model or run computes (diffusion or consistency), from its config alone."""
+    return RunConfig.load(find_model(name) / CONFIG_NAME).kind
+
+
 def _check_start(cfg: RunConfig) -> None:
-    """What --init (and a distill run's teacher) must be for the objective, checked without reading a model."""
-    want = get_objective(cfg.objective).init
-    if cfg.distill is not None and cfg.distill.teacher:
-        find_model(cfg.distill.teacher)
+    """What --init (and a distill run's teacher) must be for the objective, checked from their configs before
+    any parameters or data are read."""
+    objective = get_objective(cfg.objective)
+    want = objective.init
+    if cfg.distill is not None and cfg.distill.teacher and _kind_of(cfg.distill.teacher) != "diffusion":
+        raise MolgenError(f"--teacher {cfg.distill.teacher}: must be a diffusion model, not a consistency model")
     if want == "none" and cfg.init:
         raise MolgenError(f"--init: objective {cfg.objective} trains from scratch")
     if want not in ("none", "optional") and not cfg.init:
         raise MolgenError(f"objective {cfg.objective} needs --init (a {want} model)")
-    if cfg.init:
-        find_model(cfg.init)
+    kind = want if want != "optional" else objective.kind
+    if cfg.init and _kind_of(cfg.init) != kind:
+        raise MolgenError(f"--init {cfg.init}: objective {cfg.objective} starts from a {kind} model, not a "
+                          f"{_kind_of(cfg.init)} model")
 
 
 def _start_model(cfg: RunConfig) -> Model | None:
-    """The model --init names (checked by :func:`resolve_config`), of the kind the objective starts from."""
-    if not cfg.init:
-        return None
-    objective = get_objective(cfg.objective)
-    kind = objective.init if objective.init != "optional" else objective.kind
-    m = load_model(cfg.init)
-    if m.cfg.kind != kind:
-        raise MolgenError(f"--init {cfg.init}: objective {cfg.objective} starts from a {kind} model, not a {m.cfg.kind} model")
-    return m
+    """The model --init names (of the kind the objective starts from: checked by :func:`resolve_config`)."""
+    return load_model(cfg.init) if cfg.init else None
 
 
 def _anchor(cfg: RunConfig, student: Model | None):

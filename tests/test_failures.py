@@ -82,6 +82,10 @@ def test_a_resumed_run_logs_each_step_once(ct_run, data_dir, tmp_path):
      "--json and --per-molecule name the same file"),
     (("download", "--timeout", 0, "--data-dir", "{tmp}/d"), "--timeout must be a positive number"),
     (("sample", "--polisher", "edm-small-diffusion", "-o", "{tmp}/x.sdf"), "add --polish N"),
+    (("train", "--init", "edm-small-stack2", "--out", "{tmp}/r", "--steps", 2),
+     "objective diffusion starts from a diffusion model, not a consistency model"),
+    (("train", "--objective", "distill", "--init", "edm-small-distill", "--teacher", "edm-small-stack2", "--out",
+      "{tmp}/r", "--steps", 2), "--teacher edm-small-stack2: must be a diffusion model"),
 ])
 def test_bad_input_is_one_line_before_any_work(tmp_path, args, message, data_dir):
     f = tmp_path / "existing.xyz"
@@ -91,7 +95,7 @@ def test_bad_input_is_one_line_before_any_work(tmp_path, args, message, data_dir
         args += ["--data-dir", str(data_dir)]
     res = run(*args)
     one_line_error(res, message.format(tmp=tmp_path))
-    assert "warning" not in res.output  # no advice on a request that is refused
+    assert len(res.output.strip().splitlines()) == 1  # no advice or header before a refusal
     assert f.read_text() == "1\nH\nH 0 0 0\n" and not (tmp_path / "d").exists() and not (tmp_path / "r").exists()
 
 
