@@ -10,7 +10,7 @@ from typing import List, Optional
 import typer
 
 from molgen import MolgenError, __version__
-from molgen.display import console, err, error, say
+from molgen.display import console, count, err, error, say
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
                   help="Generate 3D molecules with E(3)-equivariant diffusion and consistency models (QM9).")
@@ -194,7 +194,7 @@ def sample(
                           progress=tick, fragment=frag, resample=resample, unique=unique)
     metrics = annotate(res.molecules, data_dir, m.cfg.data.remove_h, novelty, frag) if report or json_path else None
     write_molecules(out, res.molecules, fmt)
-    console.print(f"wrote {len(res.molecules)} molecules to {out} ({res.description}, {res.seconds:.1f} s sampling)",
+    console.print(f"wrote {count(len(res.molecules), 'molecule')} to {out} ({res.description}, {res.seconds:.1f} s sampling)",
                   soft_wrap=True)
     for warning in filter(None, (kept_warning(res, n), nonfinite_warning(res.molecules, fmt))):
         say(warning)
@@ -273,7 +273,7 @@ def view(
     mols = read_molecules(file)[:n]
     if not mols:
         raise MolgenError(f"{file}: no molecules")
-    console.print(f"wrote {grid(mols, out, per_row)} molecules to {out}")
+    console.print(f"wrote {count(grid(mols, out, per_row), 'molecule')} to {out}")
 
 
 @app.command()

@@ -16,6 +16,11 @@ console = Console()
 err = Console(stderr=True)
 
 
+def count(n: int, noun: str) -> str:
+    """``n`` and the noun, plural unless n is 1: "1 molecule", "1,000 molecules"."""
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
+
+
 def say(msg: str) -> None:
     err.print(escape(msg), highlight=False, soft_wrap=True)
 

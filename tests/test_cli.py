@@ -480,3 +480,10 @@ def test_sample_without_o_never_replaces_an_earlier_default_file(tmp_path, train
     res = run("sample", "--checkpoint", trained, "-n", 3, "--steps", 1, "--no-report", "-o", "out.sdf")
     assert res.exit_code == 0 and len(read_molecules("out.sdf")) == 3  # named: replaced
     assert sorted(p.name for p in tmp_path.glob("out*")) == ["out-2.sdf", "out.sdf", "out.xyz"]
+
+
+def test_counts_read_as_english():
+    from molgen.display import count
+
+    assert (count(1, "molecule"), count(0, "molecule"), count(10000, "molecule")) == \
+        ("1 molecule", "0 molecules", "10,000 molecules")
