@@ -173,7 +173,7 @@ def sample(
     from molgen.jax_setup import enable_compilation_cache
     from molgen.models import load_model, polisher_for
     from molgen.fragment import read_fragment
-    from molgen.sample import check_request, kept_warning, nonfinite_warning, parse_levels, plan, sample_kept, sampling_warnings
+    from molgen.sample import kept_warning, nonfinite_warning, parse_levels, plan, preflight, sample_kept
 
     out = output_file(out, fmt)
     check_outputs({"-o": out, "--json": json_path}, inputs=(fix,))
@@ -185,8 +185,7 @@ def sample(
     m = load_model(checkpoint)
     _, _, settings, _ = plan(m, steps, sampler, sig, temperature, renoise, polish, seed, resample, frag is not None)
     pol = polisher_for(m, polisher, calls=polish)
-    check_request(m.cfg, n, batch_size, atoms, frag.size if frag is not None else 0)
-    for warning in sampling_warnings(m, atoms, frag, settings["molgen_calls"]):
+    for warning in preflight(m, n, batch_size, atoms, frag, settings["molgen_calls"]):
         say(warning)
     with sampling_progress(settings["molgen_calls"], batch_size) as (more, tick):
         res = sample_kept(m, n, keep, seed, batch_size, more, steps=steps, atoms=atoms, sampler=sampler, sigmas=sig,

@@ -284,9 +284,11 @@ def _fixer(fragment, sizes, graph, nf: int, key):
     return lambda x, h, level, scale: step(known, x, h, graph, np.float32(level), np.float32(scale))
 
 
-def sampling_warnings(model: Model, atoms: int | None, fragment, calls: int) -> list[str]:
-    """Warnings before sampling: ``atoms`` beyond the sizes the model was trained on; a fragment completed in
-    one call (it can only be placed after that call)."""
+def preflight(model: Model, n: int, batch_size: int, atoms: int | None, fragment, calls: int) -> list[str]:
+    """Before sampling: refuse counts that cannot be sampled (:func:`check_request`), then the warnings:
+    ``atoms`` beyond the sizes the model was trained on; a fragment completed in one call (it can only be placed
+    after that call)."""
+    check_request(model.cfg, n, batch_size, atoms, fragment.size if fragment is not None else 0)
     out = []
     top = max((i for i, c in enumerate(model.cfg.data.size_hist) if c > 0), default=0)
     if atoms is not None and top and atoms > top:
