@@ -192,6 +192,9 @@ class Bench:
 
 def main():
     args = parse_args()
+    from molgen.jax_setup import add_cpu_training_flags
+
+    add_cpu_training_flags()  # as `molgen train` does (a ynn_fusion_type in XLA_FLAGS overrides it)
     if args.devices > 1:
         from molgen.jax_setup import configure_cpu_devices
 

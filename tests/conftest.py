@@ -8,7 +8,10 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 # with one test process per core. Subprocesses add FAST_COMPILE too.
 FAST_COMPILE = ("--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true "
                 "--xla_cpu_use_fusion_emitters=false --xla_cpu_parallel_codegen_split_count=1")
-os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip()
+# molgen train's CPU flags are added here too: in-process, only a first training call could still add them.
+from molgen.jax_setup import cpu_training_flags  # noqa: E402
+
+os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE} {cpu_training_flags()}".strip()
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402

@@ -487,3 +487,46 @@ def test_counts_read_as_english():
 
     assert (count(1, "molecule"), count(0, "molecule"), count(10000, "molecule")) == \
         ("1 molecule", "0 molecules", "10,000 molecules")
+
+
+def test_cpu_training_flags_only_where_known(monkeypatch):
+    """molgen train's extra XLA flags: only with the jaxlib release they were measured with and no GPU plugin (XLA
+    aborts on a flag it does not know), added before the backends start and never over XLA_FLAGS' own choice;
+    and this install's XLA runs with them."""
+    import os
+    import subprocess
+    import sys
+    from importlib import metadata
+
+    from molgen import jax_setup
+
+    real = metadata.version
+
+    def installed(**versions):
+        def version(dist):
+            if dist in versions:
+                return versions[dist]
+            if dist in jax_setup.GPU_PLUGINS:
+                raise metadata.PackageNotFoundError(dist)
+            return real(dist)
+        return version
+
+    for versions, want in (({"jaxlib": "0.10.2"}, jax_setup.YNN_REDUCE_OFF), ({"jaxlib": "0.11.2"}, ""),
+                           ({"jaxlib": "0.10.2", "jax-cuda12-plugin": "0.10.2"}, "")):
+        monkeypatch.setattr(metadata, "version", installed(**versions))
+        assert jax_setup.cpu_training_flags() == want, versions
+    monkeypatch.setattr(metadata, "version", installed(jaxlib="0.10.2"))
+    monkeypatch.setenv("XLA_FLAGS", "")
+    import jax
+
+    jax.devices()  # this process's backends have started: too late to add flags
+    jax_setup.add_cpu_training_flags()
+    assert os.environ["XLA_FLAGS"] == ""
+    script = ("import os; from molgen.jax_setup import add_cpu_training_flags as add, cpu_training_flags as want; "
+              "given = os.environ['XLA_FLAGS']; add(); flags = os.environ['XLA_FLAGS']; "
+              "assert flags == (given if 'ynn' in given else want()), flags; "
+              "import jax.numpy as jnp; print(float(jnp.ones((64, 64)).sum(1).sum()))")
+    for given in ("", "--xla_cpu_experimental_ynn_fusion_type=+LIBRARY_FUSION_TYPE_REDUCE"):
+        r = subprocess.run([sys.executable, "-c", script], env=dict(os.environ, XLA_FLAGS=given, JAX_PLATFORMS="cpu"),
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0 and r.stdout.strip() == "4096.0", r.stderr[-2000:]
