@@ -193,8 +193,7 @@ def sample(
                           progress=tick, fragment=frag, resample=resample, unique=unique)
     metrics = annotate(res.molecules, data_dir, m.cfg.data.remove_h, novelty, frag) if report or json_path else None
     write_molecules(out, res.molecules, fmt)
-    console.print(f"wrote {count(len(res.molecules), 'molecule')} to {out} ({res.description}, {res.seconds:.1f} s sampling)",
-                  soft_wrap=True)
+    console.print(f"wrote {count(len(res.molecules), 'molecule')} to {out} ({res.description}, {res.seconds:.1f} s sampling)", soft_wrap=True)
     for warning in filter(None, (kept_warning(res, n), nonfinite_warning(res.molecules, fmt))):
         say(warning)
     if report:
