@@ -148,9 +148,14 @@ def test_evaluate_survives_any_bytes(data, cut, fmt, tmp_path_factory):
             assert "atom stability" in res.output
 
 
-def test_a_multi_line_cause_is_still_one_line(tmp_path):
+def test_a_multi_line_cause_is_still_one_line(tmp_path, capsys):
+    from molgen import MolgenError
+    from molgen.display import error
+
+    error(MolgenError("x.tar: could not be opened successfully:\n- method gz: not a gzip file\n- method tar: bad"))
+    assert capsys.readouterr().err == "error: x.tar: could not be opened successfully: - method gz: not a gzip file - method tar: bad\n"
     junk = tmp_path / "qm9.tar.bz2"
     junk.write_text("not an archive")
     res = run("download", "--data-dir", tmp_path / "d", "--from", junk)
-    one_line_error(res, "not a readable tar archive")
-    assert len(res.output.strip().splitlines()) == 1 and not (tmp_path / "d" / "qm9_v1.npz").exists()
+    one_line_error(res, "not a tar archive; --from takes QM9's archive")
+    assert not (tmp_path / "d").exists()  # nor the folder it would have been written to

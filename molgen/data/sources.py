@@ -96,6 +96,9 @@ def read_archive(path: Path, progress: Progress | None = None) -> tuple[list[Rec
                 elif base == "uncharacterized.txt":
                     excluded = parse_excluded(f.read().decode())
     except (tarfile.TarError, EOFError, OSError) as e:
+        if "could not be opened successfully" in str(e):  # not compressed tar data at all
+            raise MolgenError(f"{path}: not a tar archive; --from takes QM9's archive (.tar.bz2, .tar.gz, .tar), "
+                              "qm9pack CSV files, QM9 .xyz files or a folder of them") from None
         raise MolgenError(f"{path}: not a readable tar archive ({e})") from None
     side = path.parent / "uncharacterized.txt"
     if excluded is None and side.exists():
@@ -239,9 +242,20 @@ def download(
     same_file = from_path is None or made_from.get("source") == f"file:{Path(from_path).resolve()}"
     if not force and same_file and cache_is_valid(data_dir):  # --from another file rebuilds from it
         return data_dir / CACHE_NAME, False
+    created = not data_dir.exists()
     data_dir.mkdir(parents=True, exist_ok=True)
-    if not os.access(data_dir, os.W_OK):
-        raise MolgenError(f"--data-dir {data_dir} is not writable")
+    try:
+        if not os.access(data_dir, os.W_OK):
+            raise MolgenError(f"--data-dir {data_dir} is not writable")
+        return _build(data_dir, source, from_path, progress, log, timeout)
+    except BaseException:  # a refused or interrupted download leaves no empty folder of its own behind
+        if created and data_dir.is_dir() and not any(data_dir.iterdir()):
+            data_dir.rmdir()
+        raise
+
+
+def _build(data_dir: Path, source, from_path, progress, log, timeout) -> tuple[Path, bool]:
+    """Read the first source that answers (``source``, else the archive, then qm9pack) and save the cache."""
     errors: list[str] = []
     for src in [source] if source else ["archive", "qm9pack"]:
         got = _read_source(src, data_dir, from_path, progress, log, timeout, errors)
