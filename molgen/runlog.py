@@ -5,6 +5,7 @@ a terminal, else the same lines as train.log."""
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -19,12 +20,17 @@ LOG_NAME = "train.log"
 
 
 def run_header(cfg, start: int, end: int, devices: str) -> str:
-    """train.log's line at each start of a run: what trains, from where, with what."""
+    """train.log's line at each start of a run: what trains, from where, with what (and JAX's version and
+    XLA_FLAGS, which decide how the step compiles)."""
+    import jax
+
     from molgen import __version__
 
     o = cfg.optim
+    flags = os.environ.get("XLA_FLAGS", "").strip()
     return (f"molgen {__version__}, {cfg.objective}: steps {start} -> {end}, batch {o.batch_size}, lr {o.lr}, "
-            f"{o.precision} {o.layout}, seed {cfg.seed}, {devices}" + (f", init {cfg.init}" if cfg.init else ""))
+            f"{o.precision} {o.layout}, seed {cfg.seed}, {devices}" + (f", init {cfg.init}" if cfg.init else "")
+            + f", jax {jax.__version__}" + (f", XLA_FLAGS {flags}" if flags else ""))
 
 
 class RunText:

@@ -1,6 +1,7 @@
 """The command line, end to end on tiny data: errors are one line with exit code 2."""
 
 import json
+import os
 import shutil
 
 import jax
@@ -118,6 +119,7 @@ def test_train_resume_and_sample(tmp_path, trained, data_dir):
     assert all(len(t) == 19 and t[4] == "-" and t[13] == ":" for t, _ in log)
     said = [text for _, text in log]
     assert said[0].startswith("molgen 0.1.0, diffusion: steps 0 -> 4, batch 8") and "seed" in said[0]
+    assert f"jax {jax.__version__}, XLA_FLAGS {os.environ['XLA_FLAGS'].strip()}" in said[0]  # how it compiled
     assert [t for t in said if t.startswith("step ") and "loss" in t and "left" in t]  # progress lines
     i = said.index("resumed from step 4 in " + str(trained))
     assert "checkpoint at step 4" in said[i - 1] and "steps 4 -> 6" in said[i + 1]
@@ -493,7 +495,6 @@ def test_cpu_training_flags_only_where_known(monkeypatch):
     """molgen train's extra XLA flags: only with the jaxlib release they were measured with and no GPU plugin (XLA
     aborts on a flag it does not know), added before the backends start and never over XLA_FLAGS' own choice;
     and this install's XLA runs with them."""
-    import os
     import subprocess
     import sys
     from importlib import metadata
