@@ -142,10 +142,9 @@ def _check_start(cfg: RunConfig) -> None:
         raise MolgenError(f"--init: objective {cfg.objective} trains from scratch")
     if want not in ("none", "optional") and not cfg.init:
         raise MolgenError(f"objective {cfg.objective} needs --init (a {want} model)")
-    kind = want if want != "optional" else objective.kind
-    if cfg.init and _kind_of(cfg.init) != kind:
-        raise MolgenError(f"--init {cfg.init}: objective {cfg.objective} starts from a {kind} model, not a "
-                          f"{_kind_of(cfg.init)} model")
+    kind, have = (want if want != "optional" else objective.kind), cfg.init and _kind_of(cfg.init)
+    if have and have != kind:
+        raise MolgenError(f"--init {cfg.init}: objective {cfg.objective} starts from a {kind} model, not a {have} model")
 
 
 def _start_model(cfg: RunConfig) -> Model | None:

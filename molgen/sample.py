@@ -63,7 +63,7 @@ KEEP = {
 MAX_DRAWS = 100  # --keep draws at most this many molecules per molecule asked for
 
 
-def check_request(cfg, n: int, batch_size: int, atoms: int | None = None, above: int = 0) -> np.ndarray | None:
+def check_request(cfg, n: int, batch_size: int = 1, atoms: int | None = None, above: int = 0) -> np.ndarray | None:
     """Check a request's counts before any work; return the atom-count histogram to draw from (None with
     ``atoms``), restricted to sizes above ``above`` (a fragment's size)."""
     if n < 1:
@@ -87,7 +87,7 @@ def check_request(cfg, n: int, batch_size: int, atoms: int | None = None, above:
 def draw_sizes(cfg, n: int, seed: int, atoms: int | None = None, stream: int = 7, above: int = 0) -> np.ndarray:
     """Atom counts: ``atoms`` each, or drawn from the training histogram with the random stream (seed, stream),
     restricted to sizes above ``above`` (a fragment's size)."""
-    hist = check_request(cfg, n, 1, atoms, above)
+    hist = check_request(cfg, n, atoms=atoms, above=above)
     if hist is None:
         return np.full(n, atoms, np.int32)
     rng = np.random.default_rng([seed, stream])
