@@ -61,7 +61,11 @@ def make_step(cfg: RunConfig):
 
     def sharded_loss(params, graphs, key, step, anchor=None):
         keys = jax.random.split(key, jax.tree_util.tree_leaves(graphs)[0].shape[0])
-        losses, aux = jax.vmap(lambda g, k: loss_fn(params, g, k, step, anchor))(graphs, keys)
+        if keys.shape[0] == 1:  # one device: no batch axis of size 1 in every product (XLA transposed the
+            # [pairs, features] arrays around it on a GPU, docs/performance.md); the same values
+            losses, aux = loss_fn(params, jax.tree_util.tree_map(lambda a: a[0], graphs), keys[0], step, anchor)
+        else:
+            losses, aux = jax.vmap(lambda g, k: loss_fn(params, g, k, step, anchor))(graphs, keys)
         return losses.mean(), jax.tree_util.tree_map(jnp.mean, aux)
 
     def step_fn(state: TrainState, graphs, key, anchor=None):

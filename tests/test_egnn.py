@@ -255,7 +255,8 @@ def test_fused_edge_attributes_give_the_same_outputs(rng, split):
 @pytest.mark.parametrize("split", [True, False])
 def test_bf16_gradient_scatters_in_float32(split):
     """Every scatter-add of a bf16 training gradient (the neighbour sums, and the backward pass of the gathers of
-    node rows into pair rows) sums float32 rows: a GPU runs bfloat16 scatter-adds as compare-and-swap loops."""
+    node rows into pair rows) sums into float32 rows; the backward ones add a bfloat16 gradient, converted (half
+    the memory a float32 [pairs, features] gradient would cost the four passes that read it)."""
     import re
 
     rng = np.random.default_rng(11)
@@ -274,6 +275,15 @@ def test_bf16_gradient_scatters_in_float32(split):
     # per block: the forward neighbour sum and, backward, the receiver and sender sums of 2 edge inputs
     assert len(wide) == cfg.n_layers * (1 + 4)
     assert scatters and set(scatters) == {"f32"}
+    defs = {m[0]: m[1:] for m in re.findall(r"^\s*(?:ROOT )?(\S+) = (\w+)\[\S* (\w[\w-]*)\((\S+?)[,)]", hlo, re.M)}
+
+    def source(name):  # (type, operation) of a scatter's updates, through a slice (the unsplit layer's halves)
+        _, op, arg = defs[name]
+        return source(arg) if op == "slice" else (defs[arg][0], op)
+
+    updates = re.findall(rf"= f32\[{n},32\]\S* scatter\([^,]+, [^,]+, (\S+?)\)", hlo)
+    backward = [source(u) for u in updates if defs[u][1] != "multiply"]  # the forward sums add masked messages
+    assert backward == [("bf16", "convert")] * cfg.n_layers * 4
 
 
 @pytest.mark.parametrize("split", [True, False])
