@@ -286,6 +286,36 @@ def test_bf16_gradient_scatters_in_float32(split):
     assert backward == [("bf16", "convert")] * cfg.n_layers * 4
 
 
+def test_bf16_one_output_layers_are_elementwise_sums(rng):
+    """With bf16 the attention gate's logit and the coordinate weight (one output per pair) are float32 sums of
+    element-wise products: no matrix product with one column, forward or in the gradient, while the parameters
+    are nn.Dense's and float32 computes them as nn.Dense does."""
+    import re
+
+    import flax.linen as nn
+
+    from molgen.nn.egnn import PairScalar
+
+    x = jnp.asarray(rng.normal(size=(7, 32)), jnp.float32)
+    dense, pair, fast = nn.Dense(1), PairScalar(1), PairScalar(1, elementwise=True)
+    params = dense.init(jax.random.PRNGKey(0), x)
+    assert jax.tree_util.tree_structure(pair.init(jax.random.PRNGKey(0), x)) == jax.tree_util.tree_structure(params)
+    np.testing.assert_array_equal(pair.apply(params, x), dense.apply(params, x))
+    np.testing.assert_allclose(fast.apply(params, x), dense.apply(params, x), rtol=1e-5, atol=1e-6)
+
+    cfg = EGNNConfig(nf=32, n_layers=2)
+    _, params, g, h, cond = _setup(rng, cfg=cfg)
+
+    def loss(p):
+        vel, hout = EGNN(cfg, dtype=jnp.bfloat16).apply(p, jnp.asarray(g.positions), jnp.asarray(h),
+                                                        jnp.asarray(cond), g)
+        return (vel**2).sum() + (hout**2).sum()
+
+    hlo = jax.jit(jax.grad(loss)).lower(params).as_text(dialect="hlo")
+    products = re.findall(r"= \w+\[([\d,]*)\]\S* dot\(", hlo)
+    assert products and not [s for s in products if s.endswith(",1") or s.startswith("1,")], products
+
+
 @pytest.mark.parametrize("split", [True, False])
 def test_forward_flops_is_xla_s_count_of_the_products(rng, split):
     """The exact count of the matrix products equals XLA's own count of the forward pass, up to the element-wise

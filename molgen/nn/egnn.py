@@ -173,6 +173,26 @@ class EdgeInput(nn.Module):
         return node_terms + sum(edge_attr[:, k : k + 1] * w[k] for k in range(ne)) + bias
 
 
+class PairScalar(nn.Dense):
+    """A dense layer to one output per pair (the attention gate's logit, the coordinate update's weight), with
+    nn.Dense's parameters. ``elementwise`` (bf16 training): the product as a float32 sum of element-wise products
+    over the features, which XLA fuses into one pass over the pair rows; as a matrix product with one column, XLA
+    on a GPU padded and converted the [pairs, features] rows for it and for its weight's gradient (~15 GB a
+    256 x 9 step at batch 1024, docs/performance.md)."""
+
+    elementwise: bool = False
+
+    @nn.compact
+    def __call__(self, x):
+        if not self.elementwise:
+            return super().__call__(x)
+        kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), self.param_dtype)
+        y = jnp.sum(x.astype(jnp.float32) * kernel[:, 0], axis=-1, keepdims=True)
+        if self.use_bias:
+            y = y + self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+        return y.astype(self.dtype or jnp.float32)
+
+
 def _dense(features, dtype=jnp.float32, **kw):
     return nn.Dense(features, kernel_init=torch_like, dtype=dtype, param_dtype=jnp.float32, **kw)
 
@@ -191,7 +211,8 @@ class GCL(nn.Module):
                                                                                                pairs).astype(dt))
         m = nn.silu(_dense(c.nf, dt, name="edge_out")(m))
         if c.attention:
-            m = m * nn.sigmoid(_dense(1, dt, name="att")(m))
+            m = m * nn.sigmoid(PairScalar(1, kernel_init=torch_like, dtype=dt, elementwise=dt != jnp.float32,
+                                          name="att")(m))
         m = m.astype(jnp.float32) * edge_mask[:, None]  # neighbour sums in float32
         agg = pairs.sum(m) / c.normalization_factor
         out = _dense(c.nf, dt, name="node_in")(jnp.concatenate([h, agg], axis=-1))
@@ -210,8 +231,8 @@ class EquivariantUpdate(nn.Module):
         m = nn.silu(EdgeInput(c.nf, c.split_edge_layer, dt, self.fused_attrs, name="coord_in")(h, edge_attr,
                                                                                                 pairs).astype(dt))
         m = nn.silu(_dense(c.nf, dt, name="coord_hidden")(m))
-        w = nn.Dense(1, use_bias=False, name="coord_out",  # float32: the coordinate update's weight
-                     kernel_init=nn.initializers.variance_scaling(1e-6, "fan_avg", "uniform"))(m.astype(jnp.float32))
+        w = PairScalar(1, use_bias=False, name="coord_out", elementwise=dt != jnp.float32,  # float32 weight
+                       kernel_init=nn.initializers.variance_scaling(1e-6, "fan_avg", "uniform"))(m.astype(jnp.float32))
         if c.tanh:
             w = jnp.tanh(w) * (c.coords_range / c.n_layers)
         trans = coord_diff * w * edge_mask[:, None]
