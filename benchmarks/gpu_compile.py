@@ -152,8 +152,11 @@ class Program:
 
     def step(self) -> list[dict]:
         """The kernels of the computation that moves the most bytes: the training step, the body of the chunk's
-        loop (the loop runs it once per step)."""
-        return max((self.kernels(c) for c in self.comps), key=lambda ks: sum(k["bytes"] for k in ks))
+        loop (the loop runs it once per step). Computations inside kernels (fused ones, reducers) are not
+        candidates."""
+        inside = {name for c in self.comps.values() for ins in c
+                  for name in re.findall(r"(?:calls|to_apply)=%([^\s,}]+)", ins["attrs"])}
+        return max((self.kernels(c) for c in self.comps if c not in inside), key=lambda ks: sum(k["bytes"] for k in ks))
 
 
 def bound_s(kernels) -> float:
