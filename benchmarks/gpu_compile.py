@@ -14,11 +14,13 @@ Needs JAX with its CUDA plugin (JAX 0.11 needs Python >= 3.12), no GPU and no CU
 One line per compiled program:
 
     ESTIMATE molgen <preset> batch=<B> precision=<p> layout=<l> kernels=<n> traffic_gb=<X> gflop=<Y> bound_ms=<Z>
+             memory_gb=<M>
 
 traffic_gb: the bytes every kernel of one step reads and writes, summed (operands and results; an operand a kernel
 only slices or updates in place counts as the slice or not at all); caches are ignored, so it is an upper bound
 of the step's HBM traffic. gflop: the matrix products'. bound_ms: each kernel at the slower of 80 % of 4.8 TB/s
-and 400 TFLOP/s, summed, plus 3 us a kernel: a floor in the roofline sense, not a prediction. --top lists the
+and 400 TFLOP/s, summed, plus 3 us a kernel: a floor in the roofline sense, not a prediction. memory_gb: the
+device memory XLA plans for the chunk (its arguments and temporaries; the H200 has 139 GiB). --top lists the
 kinds of kernel and the largest kernels; --atomics compiles a float32 and a bfloat16 neighbour sum and prints
 the atomic instructions of their PTX (whether XLA adds with native atomics or a compare-and-swap loop).
 The kernels' tile sizes are XLA's defaults: without a GPU there is no autotuning.
@@ -163,8 +165,9 @@ def bound_s(kernels) -> float:
     return sum(max(k["bytes"] / BANDWIDTH, k["flops"] / FLOPS) + LAUNCH_S for k in kernels)
 
 
-def compile_chunk(name: str, bs: int, precision: str, layout: str, data_dir=None) -> str:
-    """The optimised HLO text of `molgen train`'s chunk (4 steps) for one H200."""
+def compile_chunk(name: str, bs: int, precision: str, layout: str, data_dir=None) -> tuple[str, float]:
+    """The optimised HLO text of `molgen train`'s chunk (4 steps) for one H200, and the bytes of device memory
+    it plans for (arguments and temporaries)."""
     import jax
     import jax.numpy as jnp
     from jax.experimental import topologies
@@ -194,7 +197,9 @@ def compile_chunk(name: str, bs: int, precision: str, layout: str, data_dir=None
     k = 4
     ids_spec = jax.ShapeDtypeStruct((k, 1, bs), np.int32, sharding=rows)  # the steps' rows [steps, shards, batch]
     fn = _chunk_program(program_config(cfg), mesh, plan.shape)
-    return fn.lower(state, dset, ids_spec, spec(jnp.int32(0)), spec(jax.random.PRNGKey(0)), None).compile().as_text()
+    compiled = fn.lower(state, dset, ids_spec, spec(jnp.int32(0)), spec(jax.random.PRNGKey(0)), None).compile()
+    memory = compiled.memory_analysis()
+    return compiled.as_text(), float(memory.argument_size_in_bytes + memory.temp_size_in_bytes)
 
 
 def atomics() -> str:
@@ -222,11 +227,12 @@ def atomics() -> str:
     return "\n".join(lines)
 
 
-def report(name, bs, precision, layout, text: str, top: int) -> str:
+def report(name, bs, precision, layout, text: str, top: int, memory: float | None = None) -> str:
     ks = Program(text).step()
     gb, gflop = sum(k["bytes"] for k in ks) / 1e9, sum(k["flops"] for k in ks) / 1e9
     out = [f"ESTIMATE molgen {name} batch={bs} precision={precision} layout={layout} kernels={len(ks)} "
-           f"traffic_gb={gb:.2f} gflop={gflop:.0f} bound_ms={bound_s(ks) * 1e3:.1f}"]
+           f"traffic_gb={gb:.2f} gflop={gflop:.0f} bound_ms={bound_s(ks) * 1e3:.1f}"
+           + (f" memory_gb={memory / 1e9:.1f}" if memory is not None else "")]
     if top:
         by_kind = collections.defaultdict(lambda: [0, 0])
         for k in ks:
@@ -257,12 +263,13 @@ def main():
     for run in args.runs.split(","):
         name, bs, precision, layout = run.split(":")
         t0 = time.time()
-        text = compile_chunk(name, int(bs), precision, layout, args.data_dir)
+        text, memory = compile_chunk(name, int(bs), precision, layout, args.data_dir)
         if args.save_hlo:
             os.makedirs(args.save_hlo, exist_ok=True)
             with open(os.path.join(args.save_hlo, f"{name}_{bs}_{precision}_{layout}.hlo"), "w") as f:
                 f.write(text)
-        print(report(name, bs, precision, layout, text, args.top) + f"\n  (compiled in {time.time() - t0:.0f} s)",
+        print(report(name, bs, precision, layout, text, args.top, memory)
+              + f"\n  (compiled in {time.time() - t0:.0f} s)",
               flush=True)
 
 
