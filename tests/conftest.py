@@ -5,9 +5,14 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 # The tests run tiny programs, so XLA's compilation is most of their time; without LLVM's optimisation passes
 # it takes half as long (the same programs, rounded slightly differently), and the classic fusion code generator
 # in one thread (not the MLIR fusion emitters, split over threads) saves another ~30 % of CPU time, which matters
-# with one test process per core. Subprocesses add FAST_COMPILE too.
+# with one test process per core (jaxlib 0.10; later releases have no classic generator, and XLA aborts on a
+# flag it does not know). Subprocesses add FAST_COMPILE too.
+from importlib import metadata  # noqa: E402
+
+_CLASSIC_EMITTERS = tuple(int(p) for p in metadata.version("jaxlib").split(".")[:2]) < (0, 11)
 FAST_COMPILE = ("--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true "
-                "--xla_cpu_use_fusion_emitters=false --xla_cpu_parallel_codegen_split_count=1")
+                + ("--xla_cpu_use_fusion_emitters=false " if _CLASSIC_EMITTERS else "")
+                + "--xla_cpu_parallel_codegen_split_count=1")
 # molgen train's CPU flags are added here too: in-process, only a first training call could still add them.
 from molgen.jax_setup import cpu_training_flags  # noqa: E402
 
