@@ -2,7 +2,7 @@
 # One GPU run of the teacher campaign (docs/training.md, "The teacher"), in one call, to one deadline:
 #   1. benchmarks, side by side on the same GPU: molgen's training loop (benchmarks/train_step.py) and EDM's
 #      own PyTorch training step (benchmarks/edm_pytorch.py, EDM's code carried in .edm/, never committed);
-#      before molgen's, with a JAX other than 0.11 (whose atomics are native either way), whether XLA's
+#      before molgen's, with a JAX before 0.11 (0.11 and 0.12 write native atomics either way), whether XLA's
 #      flush-to-zero mode makes scatter-adds native atomics here (benchmarks/scatter_atomics.py --ab): if it
 #      speeds them up >= 1.2x, every molgen process after it runs with XLA_FLAGS=--xla_gpu_ftz=true;
 #   2. the teacher: continues weights/$TEACHER (its EMA parameters; Adam restarts with a short warm-up) or, the
@@ -94,9 +94,10 @@ else
   log "EDM benchmark skipped (no .edm, no torch or no time)"
 fi
 speedup=""
-# JAX 0.11's compiler writes native float32 atomic adds (4 values an instruction) for a scatter-add on an H200
-# without flush-to-zero (benchmarks/gpu_compile.py --atomics): nothing to measure with that release
-[ -z "${FTZ:-}" ] && python3 -c "import jax, sys; sys.exit(not jax.__version__.startswith('0.11.'))" 2>/dev/null && FTZ=0
+# JAX 0.11's and 0.12's compilers write native float32 atomic adds (4 values an instruction) for a scatter-add on
+# an H200 without flush-to-zero (benchmarks/gpu_compile.py --atomics): nothing to measure from 0.11 on
+[ -z "${FTZ:-}" ] && python3 -c "import jax, sys; sys.exit(tuple(map(int, jax.__version__.split('.')[:2])) < (0, 11))" \
+  2>/dev/null && FTZ=0
 scatter_s=$(cap 80 150)
 if [ -z "${FTZ:-}" ] && [ "$scatter_s" -ge 20 ]; then
   echo "# $(date -u +%FT%TZ) benchmarks/scatter_atomics.py --ab $scatter_args" >>"$bench"
