@@ -17,7 +17,8 @@ One line per compiled program:
              memory_gb=<M>
 
 traffic_gb: the bytes every kernel of one step reads and writes, summed (operands and results; an operand a kernel
-only slices or updates in place counts as the slice or not at all); caches are ignored, so it is an upper bound
+only slices (also after converting it) or updates in place counts as the slice or not at all); caches are
+ignored, so it is an upper bound
 of the step's HBM traffic. gflop: the matrix products'. bound_ms: each kernel at the slower of 80 % of 4.8 TB/s
 and 400 TFLOP/s, summed, plus 3 us a kernel: a floor in the roofline sense, not a prediction. memory_gb: the
 device memory XLA plans for the chunk (its arguments and temporaries; the H200 has 139 GiB). --top lists the
@@ -60,6 +61,8 @@ DTYPE_BYTES = {"f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "pred": 1, "s8
 SHAPE = re.compile(r"\b(%s)\[([0-9,]*)\]" % "|".join(DTYPE_BYTES))
 INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%(\S+)\s*=\s*(.*?)\s([a-z][a-z0-9\-]*)\((.*)$")
 COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%(\S+)\s*\(.*\)\s*->\s*.*\{\s*$")
+# Element-wise operations of one operand through which a slice still reads only its part of a fused parameter.
+PASS_THROUGH = {"convert", "bitcast", "copy", "reshape", "negate", "bitcast-convert"}
 NOT_KERNELS = {"parameter", "get-tuple-element", "tuple", "constant", "bitcast", "while", "conditional", "call",
                "after-all", "partition-id", "replica-id", "opt-barrier", "copy-start", "copy-done", "async-start",
                "async-done", "add-dependency"}
@@ -105,18 +108,42 @@ class Program:
         m = re.search(r"calls=%([^\s,]+)", ins["attrs"])
         return self.comps.get(m.group(1), []) if m else []
 
+    @staticmethod
+    def _sliced_elements(body, name) -> int | None:
+        """Elements read of value ``name`` inside a fused computation when every path from it ends in a slice,
+        dynamic slice or gather of it, through element-wise conversions and reshapes (XLA converts a
+        bfloat16 array to float32 and then slices it); None if any use reads it whole."""
+        users = [x for x in body if name in x["operands"]]
+        if not users:
+            return None
+        total = 0
+        for u in users:
+            if u["op"] in ("dynamic-slice", "gather", "slice") and u["operands"][0] == name:
+                total += sum(elements(dims) for _, dims in SHAPE.findall(u["type"]))
+            elif u["op"] in PASS_THROUGH and len(u["operands"]) == 1:
+                inner = Program._sliced_elements(body, u["name"])
+                if inner is None:
+                    return None
+                total += inner
+            else:
+                return None
+        return total
+
     def operand_bytes(self, ins) -> int:
-        """A fusion's parameter that is only sliced or gathered from counts as what is read of it; one that is
-        only updated in place (scatter, dynamic-update-slice) not at all."""
+        """A fusion's parameter that is only sliced or gathered from (directly or after element-wise
+        conversions) counts as what is read of it; one that is only updated in place (scatter,
+        dynamic-update-slice) not at all."""
         body = self.called(ins) if ins["op"] == "fusion" else []
         params = {int(re.search(r"parameter\((\d+)", x["line"]).group(1)): x["name"] for x in body
                   if x["op"] == "parameter"}
         total = 0
         for k, name in enumerate(ins["operands"]):
-            size, p = nbytes(self.types.get(name, "")), params.get(k)
+            type_text = self.types.get(name, "")
+            size, p = nbytes(type_text), params.get(k)
             users = [x for x in body if p in x["operands"]] if p else []
-            if users and all(u["op"] in ("dynamic-slice", "gather", "slice") and u["operands"][0] == p for u in users):
-                size = min(size, sum(nbytes(u["type"]) for u in users))
+            read = self._sliced_elements(body, p) if users else None
+            if read is not None and len(SHAPE.findall(type_text)) == 1:
+                size = min(size, read * DTYPE_BYTES[SHAPE.search(type_text).group(1)])
             elif users and all(u["op"] in ("scatter", "dynamic-update-slice") and u["operands"][0] == p
                                for u in users):
                 size = 0

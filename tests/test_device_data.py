@@ -154,6 +154,12 @@ def test_assemble_grouped_holds_each_molecule_and_all_its_pairs(mini_ds):
     seg = np.asarray(g.segment)
     assert np.all(seg[r] == seg[s]) and np.all(r != s)
     assert e.sum() == (n * (n - 1)).sum() and len(set(zip(r, s))) == e.sum()
+    # after the groups' pairs, masked rows up to a pair count that is a multiple of EDGE_GRANULE
+    from molgen.data.batching import EDGE_GRANULE
+
+    n_group_pairs = sum(m * a * a for m, a in groups)
+    assert len(g.edge_mask) % EDGE_GRANULE == 0 and 0 <= len(g.edge_mask) - n_group_pairs < EDGE_GRANULE
+    assert len(g.senders) == len(g.receivers) == len(g.edge_mask) and not e[n_group_pairs:].any()
 
 
 def test_group_plan_fits_every_batch_and_grows(mini_ds):

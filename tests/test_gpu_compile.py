@@ -91,3 +91,37 @@ def test_report_line(gpu_compile):
     assert line.startswith("ESTIMATE molgen edm batch=64 precision=bf16 layout=packed kernels=3 "
                            f"traffic_gb={total / 1e9:.2f} gflop=0 ")
     assert line.endswith("bound_ms=0.0")  # three launches of 3 us
+
+
+CONVERTED = """HloModule c
+
+%fused_part (p0: bf16[1000,8]) -> f32[10,8] {
+  %p0 = bf16[1000,8]{1,0} parameter(0)
+  %f = f32[1000,8]{1,0} convert(%p0)
+  %r = f32[10,100,8]{2,1,0} bitcast(%f)
+  ROOT %s = f32[1,100,8]{2,1,0} slice(%r), slice={[2:3], [0:100], [0:8]}
+}
+
+%fused_whole (p0: bf16[1000,8]) -> (f32[1,100,8], f32[1000,8]) {
+  %p0 = bf16[1000,8]{1,0} parameter(0)
+  %f = f32[1000,8]{1,0} convert(%p0)
+  %r = f32[10,100,8]{2,1,0} bitcast(%f)
+  %s = f32[1,100,8]{2,1,0} slice(%r), slice={[2:3], [0:100], [0:8]}
+  ROOT %t = (f32[1,100,8]{2,1,0}, f32[1000,8]{1,0}) tuple(%s, %f)
+}
+
+ENTRY %main (x: bf16[1000,8]) -> (f32[1,100,8], (f32[1,100,8], f32[1000,8])) {
+  %x = bf16[1000,8]{1,0} parameter(0)
+  %part = f32[1,100,8]{2,1,0} fusion(%x), kind=kLoop, calls=%fused_part
+  %whole = (f32[1,100,8]{2,1,0}, f32[1000,8]{1,0}) fusion(%x), kind=kLoop, calls=%fused_whole
+  ROOT %o = (f32[1,100,8]{2,1,0}, (f32[1,100,8]{2,1,0}, f32[1000,8]{1,0})) tuple(%part, %whole)
+}
+"""
+
+
+def test_slice_after_conversion_reads_the_slice(gpu_compile):
+    """XLA converts a bfloat16 pair array to float32 and then slices one group's rows out of it: the kernel
+    reads those rows only (100 x 8 bfloat16), unless the converted array is also used whole."""
+    kernels = {k["name"]: k for k in gpu_compile.Program(CONVERTED).step()}
+    assert kernels["part"]["bytes"] == 100 * 8 * 2 + 100 * 8 * 4
+    assert kernels["whole"]["bytes"] == 1000 * 8 * 2 + 100 * 8 * 4 + 1000 * 8 * 4

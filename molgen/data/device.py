@@ -182,7 +182,8 @@ def max_pair(a: tuple[int, int], b: tuple[int, int]) -> tuple[int, int]:
 def assemble_grouped(dset: DenseSet, ids, groups: tuple[tuple[int, int], ...]):
     """The :class:`~molgen.data.batching.GroupedGraph` of molecules ``ids`` [b] (sorted by size, ascending):
     group g takes the next M molecules, each on A rows (its atoms first), with all A * A ordered pairs,
-    ``groups[g] = (M, A)``. Jittable; atoms beyond A would be cut (:class:`GroupPlan` never lets that happen).
+    ``groups[g] = (M, A)``, then masked pair rows up to a multiple of EDGE_GRANULE. Jittable; atoms beyond A
+    would be cut (:class:`GroupPlan` never lets that happen).
     Returns the graph, or (graph, (noise_x, noise_h)) when the set carries noise."""
     if sum(m for m, _ in groups) != ids.shape[0]:
         raise ValueError(f"groups {groups} hold {sum(m for m, _ in groups)} molecules, not {ids.shape[0]}")
@@ -207,6 +208,12 @@ def assemble_grouped(dset: DenseSet, ids, groups: tuple[tuple[int, int], ...]):
             nx.append((dset.noise_x[gi, :a] * fm[..., None]).reshape(m * a, 3))
             nh.append((dset.noise_h[gi, :a] * fm[..., None]).reshape(m * a, -1))
         mol, row = mol + m, row + m * a
+    # Masked pair rows after the groups, up to a multiple of EDGE_GRANULE (as packed batches have): on a GPU XLA
+    # copied every [pairs, features] array of another length into a padded one for the weights' gradients
+    pad = -sum(m * a * a for m, a in groups) % EDGE_GRANULE
+    rcv.append(jnp.zeros(pad, jnp.int32))
+    snd.append(jnp.zeros(pad, jnp.int32))
+    emask.append(jnp.zeros(pad, jnp.float32))
     cat = jnp.concatenate
     graph = GroupedGraph(cat(pos), cat(typ).astype(jnp.int32), cat(mask), cat(seg), cat(snd), cat(rcv), cat(emask),
                          cat([n, jnp.zeros(1, n.dtype)]).astype(jnp.int32), tuple(groups))

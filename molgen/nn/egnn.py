@@ -99,6 +99,8 @@ class Pairs:
         self.groups = getattr(graph, "groups", ())
         self.senders, self.receivers = graph.senders, graph.receivers
         self.n_nodes = graph.node_mask.shape[0]
+        # grouped: masked pair rows after the groups' (a pair count that suits the GPU's matrix products)
+        self.pad = graph.senders.shape[0] - sum(m * k * k for m, k in self.groups)
 
     def combine(self, a, b):
         """a_i + b_j for every pair: a at the receiver, b at the sender; [N, F] x 2 -> [E, F]."""
@@ -109,6 +111,8 @@ class Pairs:
             ag, bg = a[row : row + m * k].reshape(m, k, 1, -1), b[row : row + m * k].reshape(m, 1, k, -1)
             out.append((ag + bg).reshape(m * k * k, -1))
             row += m * k
+        if self.pad:
+            out.append(jnp.zeros((self.pad, out[0].shape[-1]), out[0].dtype))
         return jnp.concatenate(out) if len(out) > 1 else out[0]
 
     def receiver(self, a):
