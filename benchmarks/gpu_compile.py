@@ -61,8 +61,10 @@ DTYPE_BYTES = {"f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "pred": 1, "s8
 SHAPE = re.compile(r"\b(%s)\[([0-9,]*)\]" % "|".join(DTYPE_BYTES))
 INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%(\S+)\s*=\s*(.*?)\s([a-z][a-z0-9\-]*)\((.*)$")
 COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%(\S+)\s*\(.*\)\s*->\s*.*\{\s*$")
-# Element-wise operations of one operand through which a slice still reads only its part of a fused parameter.
-PASS_THROUGH = {"convert", "bitcast", "copy", "reshape", "negate", "bitcast-convert"}
+# Operations through which a slice of their result reads only the same part of a fused parameter.
+ELEMENTWISE = {"convert", "bitcast", "copy", "reshape", "bitcast-convert", "negate", "abs", "exponential", "log",
+               "tanh", "logistic", "sqrt", "rsqrt", "add", "subtract", "multiply", "divide", "maximum", "minimum",
+               "power", "select", "compare", "and", "or", "not"}
 NOT_KERNELS = {"parameter", "get-tuple-element", "tuple", "constant", "bitcast", "while", "conditional", "call",
                "after-all", "partition-id", "replica-id", "opt-barrier", "copy-start", "copy-done", "async-start",
                "async-done", "add-dependency"}
@@ -70,6 +72,25 @@ NOT_KERNELS = {"parameter", "get-tuple-element", "tuple", "constant", "bitcast",
 
 def elements(dims: str) -> int:
     return int(np.prod([int(d) for d in dims.split(",") if d], dtype=np.int64))
+
+
+def dims_of(type_text: str) -> list[int]:
+    return [int(d) for d in SHAPE.search(type_text).group(2).split(",") if d]
+
+
+def count(type_text: str) -> int:
+    """Elements of an HLO type (a shape or a tuple of shapes)."""
+    return sum(elements(dims) for _, dims in SHAPE.findall(type_text))
+
+
+def leading_rows_only(ins, source_type: str) -> bool:
+    """Whether a slice or dynamic slice of an array of ``source_type`` keeps every dimension but the first whole."""
+    full = dims_of(source_type)[1:]
+    if ins["op"] == "slice":
+        spans = re.findall(r"\[(\d+):(\d+)(?::\d+)?\]", ins["attrs"])
+        return [int(b) - int(a) for a, b in spans[1:]] == full
+    m = re.search(r"dynamic_slice_sizes=\{([0-9,]*)\}", ins["attrs"]) if ins["op"] == "dynamic-slice" else None
+    return bool(m) and [int(d) for d in m.group(1).split(",")][1:] == full
 
 
 def nbytes(type_text: str) -> int:
@@ -109,24 +130,33 @@ class Program:
         return self.comps.get(m.group(1), []) if m else []
 
     @staticmethod
-    def _sliced_elements(body, name) -> int | None:
-        """Elements read of value ``name`` inside a fused computation when every path from it ends in a slice,
-        dynamic slice or gather of it, through element-wise conversions and reshapes (XLA converts a
-        bfloat16 array to float32 and then slices it); None if any use reads it whole."""
+    def _read_fraction(body, name, rows_only=False) -> float | None:
+        """The fraction of value ``name`` that a fused computation reads when every path from it ends in a slice,
+        dynamic slice or gather, through element-wise operations, reshapes and broadcasts into new trailing
+        dimensions (XLA converts or scales a pair array, then slices one group's rows out of it); None if any
+        path reads it whole. After such a broadcast only slices of leading rows count (``rows_only``)."""
+        types = {x["name"]: x["type"] for x in body}
+        own = count(types[name])
         users = [x for x in body if name in x["operands"]]
-        if not users:
+        if not users or not own:
             return None
-        total = 0
+        total = 0.0
         for u in users:
             if u["op"] in ("dynamic-slice", "gather", "slice") and u["operands"][0] == name:
-                total += sum(elements(dims) for _, dims in SHAPE.findall(u["type"]))
-            elif u["op"] in PASS_THROUGH and len(u["operands"]) == 1:
-                inner = Program._sliced_elements(body, u["name"])
-                if inner is None:
+                if rows_only and not leading_rows_only(u, types[name]):
                     return None
-                total += inner
+                total += count(u["type"]) / own
+                continue
+            m = re.search(r"dimensions=\{([0-9,]*)\}", u["attrs"]) if u["op"] == "broadcast" else None
+            if u["op"] in ELEMENTWISE and count(u["type"]) == own:
+                inner = Program._read_fraction(body, u["name"], rows_only)
+            elif m and [int(d) for d in m.group(1).split(",") if d] == list(range(len(dims_of(types[name])))):
+                inner = Program._read_fraction(body, u["name"], True)
             else:
                 return None
+            if inner is None:
+                return None
+            total += inner
         return total
 
     def operand_bytes(self, ins) -> int:
@@ -141,9 +171,9 @@ class Program:
             type_text = self.types.get(name, "")
             size, p = nbytes(type_text), params.get(k)
             users = [x for x in body if p in x["operands"]] if p else []
-            read = self._sliced_elements(body, p) if users else None
-            if read is not None and len(SHAPE.findall(type_text)) == 1:
-                size = min(size, read * DTYPE_BYTES[SHAPE.search(type_text).group(1)])
+            read = self._read_fraction(body, p) if users and len(SHAPE.findall(type_text)) == 1 else None
+            if read is not None:
+                size = min(size, round(read * size))
             elif users and all(u["op"] in ("scatter", "dynamic-update-slice") and u["operands"][0] == p
                                for u in users):
                 size = 0

@@ -66,7 +66,7 @@ else
   # the packed layout at the training batch in each precision (the fastest measured pair trains), at batch 1024
   # (the most molecules per second measured so far), bf16 at 2048 (the highest floor of the compiled programs,
   # benchmarks/gpu_compile.py) and tf32 at EDM's batch 64, then the grouped layout, whose compiled step moves
-  # 1.15x the packed one's bytes but no scatter-adds; what the budget leaves out is skipped from the end
+  # 1.04x the packed one's bytes (bf16) but no scatter-adds; what the budget leaves out is skipped from the end
   bench_runs=edm:$batch:tf32:packed,edm:$batch:bf16:packed
   [ "$batch" = 1024 ] || bench_runs=$bench_runs,edm:1024:tf32:packed,edm:1024:bf16:packed
   bench_runs=$bench_runs,edm:2048:bf16:packed,edm:64:tf32:packed,edm:$batch:tf32:grouped,edm:$batch:bf16:grouped

@@ -125,3 +125,41 @@ def test_slice_after_conversion_reads_the_slice(gpu_compile):
     kernels = {k["name"]: k for k in gpu_compile.Program(CONVERTED).step()}
     assert kernels["part"]["bytes"] == 100 * 8 * 2 + 100 * 8 * 4
     assert kernels["whole"]["bytes"] == 1000 * 8 * 2 + 100 * 8 * 4 + 1000 * 8 * 4
+
+
+SCALED = """HloModule s
+
+%fused_rows (p0: bf16[1000,8], p1: f32[1000]) -> f32[100,8] {
+  %p0 = bf16[1000,8]{1,0} parameter(0)
+  %p1 = f32[1000]{0} parameter(1)
+  %f = f32[1000,8]{1,0} convert(%p0)
+  %b = f32[1000,8]{1,0} broadcast(%p1), dimensions={0}
+  %m = f32[1000,8]{1,0} multiply(%f, %b)
+  ROOT %s = f32[100,8]{1,0} slice(%m), slice={[100:200], [0:8]}
+}
+
+%fused_columns (p0: bf16[1000,8], p1: f32[1000]) -> f32[1000,2] {
+  %p0 = bf16[1000,8]{1,0} parameter(0)
+  %p1 = f32[1000]{0} parameter(1)
+  %f = f32[1000,8]{1,0} convert(%p0)
+  %b = f32[1000,8]{1,0} broadcast(%p1), dimensions={0}
+  %m = f32[1000,8]{1,0} multiply(%f, %b)
+  ROOT %s = f32[1000,2]{1,0} slice(%m), slice={[0:1000], [0:2]}
+}
+
+ENTRY %main (x: bf16[1000,8], y: f32[1000]) -> (f32[100,8], f32[1000,2]) {
+  %x = bf16[1000,8]{1,0} parameter(0)
+  %y = f32[1000]{0} parameter(1)
+  %rows = f32[100,8]{1,0} fusion(%x, %y), kind=kLoop, calls=%fused_rows
+  %columns = f32[1000,2]{1,0} fusion(%x, %y), kind=kLoop, calls=%fused_columns
+  ROOT %o = (f32[100,8]{1,0}, f32[1000,2]{1,0}) tuple(%rows, %columns)
+}
+"""
+
+
+def test_slice_of_a_scaled_array_reads_the_rows_of_each_operand(gpu_compile):
+    """A pair array scaled by a per-pair factor (broadcast along the features), then one group's rows sliced:
+    both operands are read in those rows only. A slice of columns reads every row of the per-pair factor."""
+    kernels = {k["name"]: k for k in gpu_compile.Program(SCALED).step()}
+    assert kernels["rows"]["bytes"] == 100 * 8 * 2 + 100 * 4 + 100 * 8 * 4
+    assert kernels["columns"]["bytes"] == 1000 * 2 * 2 + 1000 * 4 + 1000 * 2 * 4
