@@ -99,8 +99,8 @@ class Pairs:
         self.groups = getattr(graph, "groups", ())
         self.senders, self.receivers = graph.senders, graph.receivers
         self.n_nodes = graph.node_mask.shape[0]
-        # grouped: masked pair rows after the groups' (a pair count that suits the GPU's matrix products)
-        self.pad = graph.senders.shape[0] - sum(m * k * k for m, k in self.groups)
+        # grouped: masked pair rows after the groups' pairs (a pair count that suits a GPU's matrix products)
+        self.pad = graph.senders.shape[0] - sum(m * k * k for m, k in self.groups) if self.groups else 0
 
     def combine(self, a, b):
         """a_i + b_j for every pair: a at the receiver, b at the sender; [N, F] x 2 -> [E, F]."""
