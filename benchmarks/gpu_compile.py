@@ -17,8 +17,8 @@ One line per compiled program:
              memory_gb=<M>
 
 traffic_gb: the bytes every kernel of one step reads and writes, summed (operands and results; an operand a kernel
-only slices (also after converting it) or updates in place counts as the slice or not at all); caches are
-ignored, so it is an upper bound
+only slices (also after element-wise operations on it) or updates in place counts as the slice or not at all);
+caches are ignored, so it is an upper bound
 of the step's HBM traffic. gflop: the matrix products'. bound_ms: each kernel at the slower of 80 % of 4.8 TB/s
 and 400 TFLOP/s, summed, plus 3 us a kernel: a floor in the roofline sense, not a prediction. memory_gb: the
 device memory XLA plans for the chunk (its arguments and temporaries; the H200 has 139 GiB). --top lists the
@@ -160,8 +160,8 @@ class Program:
         return total
 
     def operand_bytes(self, ins) -> int:
-        """A fusion's parameter that is only sliced or gathered from (directly or after element-wise
-        conversions) counts as what is read of it; one that is only updated in place (scatter,
+        """A fusion's parameter that is only sliced or gathered from (directly or after element-wise operations,
+        :meth:`_read_fraction`) counts as what is read of it; one that is only updated in place (scatter,
         dynamic-update-slice) not at all."""
         body = self.called(ins) if ins["op"] == "fusion" else []
         params = {int(re.search(r"parameter\((\d+)", x["line"]).group(1)): x["name"] for x in body
