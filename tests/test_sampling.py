@@ -59,7 +59,8 @@ def test_k_steps_make_k_network_calls(rng, kind, sampler, steps):
     assert len(res.molecules) == 12
     for mol in res.molecules:
         assert np.isfinite(mol.positions).all() and 3 <= len(mol.types) <= 6
-        np.testing.assert_allclose(mol.positions.mean(0), 0, atol=1e-4)
+        # zero centre of mass to float32 rounding of the coordinates (an untrained network spreads some widely)
+        np.testing.assert_allclose(mol.positions.mean(0), 0, atol=1e-5 * max(1.0, np.abs(mol.positions).max()))
         assert mol.props["molgen_sampler"] == sampler and mol.props["molgen_calls"] == steps
 
 
@@ -76,7 +77,7 @@ def test_ode_sampler_calls_zero_com_and_determinism(rng, steps):
     again = sample(m, n=8, steps=steps, seed=2, sampler="ode").molecules
     for a, b in zip(mols, again):
         assert np.isfinite(a.positions).all() and 3 <= len(a.types) <= 6
-        np.testing.assert_allclose(a.positions.mean(0), 0, atol=1e-4)
+        np.testing.assert_allclose(a.positions.mean(0), 0, atol=1e-5 * max(1.0, np.abs(a.positions).max()))
         np.testing.assert_array_equal(a.positions, b.positions)  # deterministic given the seed's noise
 
 
