@@ -126,7 +126,7 @@ def test_export_refuses_a_folder_that_holds_something(tmp_path, ct_run):
     assert (tmp_path / "dest" / "notes.txt").read_text() == "keep" and len(list((tmp_path / "dest").iterdir())) == 1
 
 
-@hypothesis.settings(max_examples=60, deadline=None)
+@hypothesis.settings(max_examples=30, deadline=None)
 @hypothesis.given(data=hypothesis.strategies.binary(max_size=600),
                   cut=hypothesis.strategies.integers(min_value=0, max_value=400),
                   fmt=hypothesis.strategies.sampled_from(["xyz", "sdf"]))
