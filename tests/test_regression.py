@@ -1,6 +1,6 @@
 """Every shipped model samples the same molecules as when its weights were committed: coordinates within 3e-3 Å
 and identical atom types, per model and sampler (tests/data/regression_samples.npz, made by `molgen sample` with the
-seed, sampler and card settings recorded in it). The samples are drawn in a subprocess with the test session's
+seed, sampler and card settings recorded in it). The samples are drawn in a subprocess with the tests'
 faster, less optimising XLA flags (half the compile time), which round differently from `molgen sample`'s.
 
 Measured against the recording (2026-12-02, an AMD EPYC): with these flags at most 1.1e-3 Å (20 ancestral steps
