@@ -1,6 +1,6 @@
 """Training throughput of `molgen train`'s own loop: molecules/s of the jitted chunk of steps (batches assembled on
 the device from the device-resident training set, forward, backward, Adam, EMA), per preset, batch size and
-precision and batch layout (packed or grouped, molgen.data.device), with the FLOPs done and the fraction of the
+precision and batch layout (packed, grouped or fused, molgen.data.device), with the FLOPs done and the fraction of the
 device's measured bf16 matrix peak.
 
     python benchmarks/train_step.py [--presets small,edm] [--batch-sizes 64,512] [--precisions bf16,tf32]
@@ -52,7 +52,7 @@ def parse_args():
     ap.add_argument("--presets", default="small,edm")
     ap.add_argument("--batch-sizes", default="64,512")
     ap.add_argument("--precisions", default="auto", help="comma-separated: auto, float32, tf32, bf16")
-    ap.add_argument("--layouts", default="auto", help="comma-separated: auto, packed, grouped")
+    ap.add_argument("--layouts", default="auto", help="comma-separated: auto, packed, grouped, fused")
     ap.add_argument("--runs", default=None,
                     help="measurements in this order instead of presets x batch sizes x precisions x layouts: "
                          "comma-separated PRESET:BATCH:PRECISION[:LAYOUT], e.g. edm:512:tf32:grouped,edm:64:bf16")
@@ -182,7 +182,7 @@ class Bench:
             except Exception:  # not every release reports costs
                 pass
         frac = f"{tflops / self.peak:.4f}" if self.peak else "nan"
-        shape = "x".join(map(str, plan.shape)) if o.layout == "packed" else "+".join(f"{m}x{a}" for m, a in plan.shape)
+        shape = "x".join(map(str, plan.shape)) if o.layout != "grouped" else "+".join(f"{m}x{a}" for m, a in plan.shape)
         return (f"RESULT molgen {name} batch={o.batch_size} molecules_per_s={k * o.batch_size / med:.0f} "
                 f"precision={o.precision} layout={o.layout} steps_per_s={k / med:.2f} tflops={tflops:.3f} "
                 f"peak_fraction={frac} gflop_per_step={step_flops / 1e9:.1f} "

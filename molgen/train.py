@@ -51,11 +51,25 @@ def resolve_layout(layout: str, platform: str | None = None) -> str:
     return resolve_auto(layout, LAYOUTS, AUTO_LAYOUT, "layout", platform)
 
 
+def check_devices(cfg: RunConfig, n_devices: int) -> None:
+    """The batch splits evenly over the devices; the fused layout's kernels take one device's batch and compute
+    in bf16 (else one line: MolgenError)."""
+    if cfg.optim.batch_size % n_devices:
+        raise MolgenError(f"batch size {cfg.optim.batch_size} is not divisible by the {n_devices} devices")
+    if resolve_layout(cfg.optim.layout) != "fused":
+        return
+    if n_devices > 1:
+        raise MolgenError(f"the fused layout trains on one device, not {n_devices}: add --devices 1")
+    precision = resolve_precision(cfg.optim.precision)
+    if precision != "bf16":
+        raise MolgenError(f"the fused layout computes in bf16, not {precision}: add --precision bf16")
+
+
 def make_step(cfg: RunConfig):
     """(step_fn, sharded_loss), pure: ``step_fn(state, graphs, key, anchor=None) -> (state, metrics)`` on a batch of
     per-device graphs stacked on axis 0; ``sharded_loss(params, graphs, key, step, anchor=None) -> (loss, aux)``.
     ``anchor``: the parameters the objective's loss needs besides the trained ones (:mod:`molgen.objectives`)."""
-    _, apply = network(cfg, cfg.optim.precision)
+    _, apply = network(cfg, cfg.optim.precision, pair_kernel=resolve_layout(cfg.optim.layout) == "fused")
     loss_fn = get_objective(cfg.objective).make_loss(cfg, apply)
     tx, sched = make_optimizer(cfg.optim)
 
@@ -276,8 +290,7 @@ def train(cfg: RunConfig, run_dir: Path, ds, resume: bool = False, init_params=N
     or None."""
     log = RunText(run_dir, log if is_main() else (lambda s: None), is_main())  # one voice; also train.log
     mesh = make_mesh()
-    if cfg.optim.batch_size % mesh.devices.size:
-        raise MolgenError(f"batch size {cfg.optim.batch_size} is not divisible by the {mesh.devices.size} devices")
+    check_devices(cfg, mesh.devices.size)
     if chunk < 1:
         raise MolgenError("the chunk length must be at least 1 step")
     cfg, mgr, state = open_run(cfg, run_dir, resume, init_params, log)

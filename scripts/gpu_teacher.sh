@@ -23,7 +23,8 @@
 # benchmarks together end by then, counted from the start, so that the teacher trains at least
 # DEADLINE - BENCH_TOTAL_S - SAMPLE_S seconds; EDM's benchmark gets at most 120 s and the scatter-adds' 80 s, each
 # leaving molgen's at least 150 s; one that would get under 20 s is skipped),
-# SAMPLE_S (75: seconds kept for export and sampling), FTZ (1 / 0: force flush-to-zero on / off instead of measuring), SEED (the run's seed; default: the number of earlier
+# MEASURE_S (110: the most seconds one measurement of molgen's may take; a process of its own), MIN_MEASURE_S (50:
+# a measurement that would get less is skipped), SAMPLE_S (75: seconds kept for export and sampling), FTZ (1 / 0: force flush-to-zero on / off instead of measuring), SEED (the run's seed; default: the number of earlier
 # GPU runs, so each run draws new batches), RESUME (1: a second call on the same machine, right after the first:
 # no benchmarks; continues runs/teacher exactly, with the first call's XLA flags, then exports and samples again;
 # the teacher's gpu_runs entry then covers both calls), BENCH_ONLY (1: a first call that only benchmarks, with
@@ -58,23 +59,28 @@ elif [ "${BENCH_ONLY:-0}" != 1 ] && [ -z "${BENCH_S:-}" ] && [ -s runs/bench_cho
 fi
 
 if [ "${DRY:-0}" = 1 ]; then  # the CPU rehearsal: every step, tiny sizes
-  bench_runs=tiny:16:float32:packed,tiny:16:float32:grouped,tiny:16:bf16:grouped
+  bench_runs=tiny:16:float32:packed,tiny:16:float32:grouped,tiny:16:bf16:fused,tiny:16:bf16:grouped
   edm_args="--presets small --batch-sizes 8 --device cpu --repeats 1 --warmup 1"
   scatter_args="--molecules 64 --features 32 --repeats 3 --dtypes float32 --pad-rows 20 --pad-edges 700"
   model=tiny; batch=16; n_mol=8; calls=10; train_extra="--steps 60 --set optim.ckpt_every=50"; resume_extra="--steps 120"
+  bench_chunk="--chunk 5 --repeats 2"  # the fused layout's kernels run in Pallas's interpreter on a CPU: slow
 else
-  # the packed layout at the training batch in each precision (the fastest measured pair trains), bf16 at 2048 and
-  # 4096 (the highest floors of the compiled programs, benchmarks/gpu_compile.py: the 40,000 molecules/s target),
-  # tf32 at EDM's batch 64 (the ratio to EDM's code at its batch), both precisions at 1024, then the grouped layout,
-  # whose compiled step moves 1.04x the packed one's bytes (bf16) but no scatter-adds; what the budget leaves out
-  # is skipped from the end; a measurement listed twice (the training batch among the others) runs once
-  bench_runs=edm:$batch:tf32:packed,edm:$batch:bf16:packed,edm:2048:bf16:packed,edm:4096:bf16:packed
-  bench_runs=$bench_runs,edm:64:tf32:packed,edm:1024:bf16:packed,edm:1024:tf32:packed
+  # In this order, as far as the time goes (each measurement a process of its own, so that one that fails, a
+  # kernel that faults included, costs only itself): bf16 at 2048 in the fused layout (the pair MLPs in fused
+  # kernels: the lowest floor of the compiled programs, benchmarks/gpu_compile.py) and packed (the 40,000
+  # molecules/s target); the training batch in tf32 and fused bf16 (the fastest measured at the training batch
+  # trains); tf32 at EDM's batch 64 (the ratio to EDM's code at its batch); bf16 packed at 4096 and at the training
+  # batch; both precisions at 1024; then the grouped layout (1.04x the packed step's bytes, no scatter-adds).
+  # A measurement listed twice (the training batch among the others) runs once.
+  bench_runs=edm:2048:bf16:fused,edm:2048:bf16:packed,edm:$batch:tf32:packed,edm:$batch:bf16:fused
+  bench_runs=$bench_runs,edm:64:tf32:packed,edm:4096:bf16:packed,edm:$batch:bf16:packed,edm:1024:bf16:fused
+  bench_runs=$bench_runs,edm:1024:bf16:packed,edm:1024:tf32:packed
   bench_runs=$bench_runs,edm:$batch:tf32:grouped,edm:$batch:bf16:grouped,edm:1024:tf32:grouped,edm:1024:bf16:grouped
   bench_runs=$(echo "$bench_runs" | tr , '\n' | awk '!seen[$0]++' | paste -sd, -)
   scatter_args="--molecules 1024 --features 256 --repeats 20 --dtypes float32"
   edm_args="--presets edm --batch-sizes 64,1024,256 --device cuda --repeats 10 --warmup 3"
   n_mol=1000; calls=1000; train_extra="--steps 100000000 --set optim.ckpt_every=1000"; resume_extra=""
+  bench_chunk="--chunk 50 --repeats 4"
 fi
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "no GPU"
   python3 -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, jax.devices())"
@@ -108,16 +114,17 @@ fi
 log "scatter-adds with flush-to-zero: $([ -n "$speedup" ] && echo "${speedup}x as fast" || echo "not measured")"
 if [ -z "${FTZ:-}" ] && python3 -c "import sys; sys.exit(float('${speedup:-1}') < 1.2)"; then FTZ=1; fi
 [ "${FTZ:-0}" = 1 ] && export XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }--xla_gpu_ftz=true"
-molgen_s=$(cap $((bench_s + 90)))  # 90 s beyond its budget: start-up and the last measurement's overrun
-if [ "$molgen_s" -ge 110 ]; then
-  echo "# $(date -u +%FT%TZ) benchmarks/train_step.py --runs $bench_runs (XLA_FLAGS=${XLA_FLAGS:-})" >>"$bench"
-  timeout "$molgen_s" python3 benchmarks/train_step.py --runs "$bench_runs" --chunk 50 --repeats 4 \
-    --budget "$((molgen_s - 90))" --profile /tmp/profile --profile-top 20 2>&1 \
-    | grep -v -E "^WARNING|^I0000|^E0000" | tee -a "$bench"
-  log "molgen benchmark done"
-else
-  log "molgen benchmark skipped (BENCH_TOTAL_S spent)"
-fi
+molgen_end=$(( $(date +%s) - t_start + $(cap $((bench_s + 90))) ))  # molgen's benchmarks end by then (s from the start)
+echo "# $(date -u +%FT%TZ) benchmarks/train_step.py, one process a measurement: $bench_runs (XLA_FLAGS=${XLA_FLAGS:-})" >>"$bench"
+for r in $(echo "$bench_runs" | tr , ' '); do
+  m_s=$(( molgen_end - ($(date +%s) - t_start) )); [ "$m_s" -gt "${MEASURE_S:-110}" ] && m_s=${MEASURE_S:-110}
+  if [ "$m_s" -lt "${MIN_MEASURE_S:-50}" ]; then echo "SKIPPED molgen $r (benchmark time spent)" | tee -a "$bench"; continue; fi
+  timeout "$m_s" python3 benchmarks/train_step.py --runs "$r" $bench_chunk \
+    --profile /tmp/profile --profile-top 20 2>&1 | grep -v -E "^WARNING|^I0000|^E0000" | tee -a "$bench"
+  rc=${PIPESTATUS[0]}; why="exit $rc"; [ "$rc" = 124 ] && why="timeout after $m_s s"
+  [ "$rc" != 0 ] && echo "FAILED molgen $r ($why)" | tee -a "$bench"
+done
+log "molgen benchmark done"
 fi
 [ "$bench_s" -le 0 ] && [ "$resume" = 0 ] && [ "${FTZ:-0}" = 1 ] && export XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }--xla_gpu_ftz=true"
 log "XLA_FLAGS for training and sampling: ${XLA_FLAGS:-none}"
