@@ -78,8 +78,9 @@ def test_translation_invariance_of_raw_input(rng):
     vel, hout = _run(model, params, g, g.positions, h, cond)
     shift = (rng.normal(size=3) * 3 * g.node_mask[:, None]).astype(np.float32)
     vel2, hout2 = _run(model, params, g, g.positions + shift, h, cond)
-    np.testing.assert_allclose(np.asarray(vel2), np.asarray(vel), atol=2e-4)
-    np.testing.assert_allclose(np.asarray(hout2), np.asarray(hout), atol=2e-4)
+    # float32 rounding grows with the outputs (feature outputs of ~150 differed by 5e-4 once): scaled
+    for a, b in ((vel2, vel), (hout2, hout)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-4 + 1e-5 * _scale(b))
 
 
 def test_permutation_equivariance(rng):
