@@ -125,24 +125,33 @@ def _apply(net, params, g, x, h, cond):
     return jax.jit(net.apply)(params, jnp.asarray(x), jnp.asarray(h), jnp.asarray(cond), g)
 
 
+def _max_err(a, b):
+    return float(np.abs(np.asarray(a) - np.asarray(b)).max())
+
+
 def test_egnn_with_pair_kernels_has_the_same_parameters_and_outputs():
-    """The same parameter tree and fresh values; outputs and gradients as the bf16 EGNN without the kernels (both
-    round to bfloat16, at places that differ in the gradient; measured: outputs 0.7 %, gradients 1.2 % of the
-    largest value apart, each as far from float32's); masks and equivariance hold."""
+    """The same parameter tree and fresh values; outputs and gradients as the bf16 EGNN without the kernels, and as
+    close to float32's within a factor 2 (both round to bfloat16, at places that differ in the gradient; measured,
+    as a fraction of the largest value: kernels against plain bf16 1.6 % and 0.35 % (outputs), 0.85 % (worst
+    gradient); against float32 0.46 %, 0.27 %, 1.3 %, where plain bf16 is 2.0 %, 0.29 %, 1.6 % off); masks and
+    equivariance hold."""
     rng = np.random.default_rng(5)
     params, g, h, cond = _setup(rng)
+    exact = EGNN(CFG)
     plain, fused = EGNN(CFG, dtype=jnp.bfloat16), EGNN(CFG, dtype=jnp.bfloat16, pair_kernel=True)
-    fresh = [net.init(jax.random.PRNGKey(3), g.positions, h, cond, g) for net in (EGNN(CFG), fused)]
+    fresh = [net.init(jax.random.PRNGKey(3), g.positions, h, cond, g) for net in (exact, fused)]
     assert jax.tree_util.tree_structure(fresh[0]) == jax.tree_util.tree_structure(fresh[1])
     for a, b in zip(jax.tree_util.tree_leaves(fresh[0]), jax.tree_util.tree_leaves(fresh[1])):
         np.testing.assert_array_equal(a, b)
 
-    vel, hout = _apply(fused, params, g, g.positions, h, cond)
-    ref_v, ref_h = _apply(plain, params, g, g.positions, h, cond)
-    scale_v, scale_h = float(np.abs(ref_v).max()), float(np.abs(ref_h).max())
-    assert scale_v > 1e-3
-    np.testing.assert_allclose(vel, ref_v, atol=2e-2 * scale_v)
-    np.testing.assert_allclose(hout, ref_h, atol=2e-2 * scale_h)
+    got, ref, f32 = (_apply(net, params, g, g.positions, h, cond) for net in (fused, plain, exact))
+    for a, b, c in zip(got, ref, f32):
+        scale = float(np.abs(c).max())
+        assert scale > 1e-3
+        np.testing.assert_allclose(a, b, atol=3e-2 * scale)
+        assert _max_err(a, c) <= 2 * _max_err(b, c) + 1e-6 * scale
+    vel, hout = got
+    scale_v, scale_h = float(np.abs(vel).max()), float(np.abs(hout).max())
     n_real = int(g.node_mask.sum())
     assert np.all(np.asarray(vel)[n_real:] == 0) and np.all(np.asarray(hout)[n_real:] == 0)
 
@@ -157,10 +166,13 @@ def test_egnn_with_pair_kernels_has_the_same_parameters_and_outputs():
         v, o = net.apply(p, jnp.asarray(g.positions), jnp.asarray(h), jnp.asarray(cond), g)
         return (v**2).sum() + (o**2).sum()
 
-    g_fused = jax.jit(jax.grad(lambda p: loss(fused, p)))(params)
-    g_plain = jax.jit(jax.grad(lambda p: loss(plain, p)))(params)
-    flat_f = jax.tree_util.tree_leaves_with_path(g_fused)
-    flat_p = jax.tree_util.tree_leaves(g_plain)
-    for (path, a), b in zip(flat_f, flat_p):
-        scale = float(np.abs(b).max())
-        np.testing.assert_allclose(a, b, atol=3e-2 * scale + 1e-8, err_msg=jax.tree_util.keystr(path))
+    grads = [jax.tree_util.tree_leaves(jax.jit(jax.grad(lambda p, n=n: loss(n, p)))(params))
+             for n in (fused, plain, exact)]
+    paths = [jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_leaves_with_path(params)]
+    worst = {"fused": 0.0, "plain": 0.0}  # the largest error of any parameter's gradient against float32's
+    for path, a, b, c in zip(paths, *grads):
+        scale = float(np.abs(c).max())
+        np.testing.assert_allclose(a, b, atol=3e-2 * scale + 1e-8, err_msg=path)
+        worst["fused"] = max(worst["fused"], _max_err(a, c) / scale)
+        worst["plain"] = max(worst["plain"], _max_err(b, c) / scale)
+    assert worst["fused"] <= 2 * worst["plain"], worst
