@@ -255,10 +255,16 @@ class GCL(nn.Module):
             w2, b2 = DenseParams((c.nf, c.nf), name="edge_out")()
             v, bv = DenseParams((c.nf, 1), name="att")()
             agg = pair_mlp_sum(hr, hs, edge_attr[:, 0], edge_attr[:, 1], w_attr, b1, w2.astype(dt), b2, v[:, 0], bv,
-                               pairs.receivers, pairs.senders, edge_mask) / c.normalization_factor
-            out = _dense(c.nf, dt, name="node_in")(jnp.concatenate([h, agg], axis=-1))
-            out = h + _dense(c.nf, dt, name="node_out")(nn.silu(out)).astype(jnp.float32)
-            return out * node_mask[:, None]
+                               pairs.receivers, pairs.senders, edge_mask)
+        else:
+            agg = pairs.sum(self._messages(h, edge_attr, pairs, edge_mask))
+        agg = agg / c.normalization_factor
+        out = _dense(c.nf, dt, name="node_in")(jnp.concatenate([h, agg], axis=-1))
+        out = h + _dense(c.nf, dt, name="node_out")(nn.silu(out)).astype(jnp.float32)
+        return out * node_mask[:, None]
+
+    def _messages(self, h, edge_attr, pairs: Pairs, edge_mask):
+        c, dt = self.cfg, self.dtype
         # The first layer's sum in the compute type: with bf16 its gradient, read by the two scatter-adds and two
         # sums of the backward pass, is a bfloat16 array (half the memory traffic of a float32 one)
         m = nn.silu(EdgeInput(c.nf, c.split_edge_layer, dt, self.fused_attrs, name="edge_in")(h, edge_attr,
@@ -267,11 +273,7 @@ class GCL(nn.Module):
         if c.attention:
             m = m * nn.sigmoid(PairScalar(1, kernel_init=torch_like, dtype=dt, elementwise=dt != jnp.float32,
                                           name="att")(m))
-        m = m.astype(jnp.float32) * edge_mask[:, None]  # neighbour sums in float32
-        agg = pairs.sum(m) / c.normalization_factor
-        out = _dense(c.nf, dt, name="node_in")(jnp.concatenate([h, agg], axis=-1))
-        out = h + _dense(c.nf, dt, name="node_out")(nn.silu(out)).astype(jnp.float32)
-        return out * node_mask[:, None]
+        return m.astype(jnp.float32) * edge_mask[:, None]  # neighbour sums in float32
 
 
 COORD_OUT_INIT = nn.initializers.variance_scaling(1e-6, "fan_avg", "uniform")
