@@ -32,7 +32,6 @@ import jax.numpy as jnp
 TILE = 64  # pairs a kernel instance takes (a multiple of 16, the tensor cores' tile; the pair count is padded)
 COLS = 64  # the second layer's output columns a product takes at a time (registers: see the kernels)
 WARPS = 8
-RECOMPUTE_PRE1 = True
 INTERPRET: bool | None = None  # None: the interpreter where JAX's default backend is not a GPU
 
 
@@ -136,7 +135,7 @@ def _backward_kernel(r_ref, s_ref, d2_ref, d0_ref, mask_ref, hr_ref, hs_ref, we_
 
     del zr_ref, zs_ref  # aliased to dhr_ref / dhs_ref
     i = pl.program_id(0)
-    rows, r, s, d2, d0, pre1, s1 = _first_layer(i, r_ref, s_ref, d2_ref, d0_ref, hr_ref, hs_ref, we_ref, b1_ref,
+    rows, r, s, d2, d0, _, s1 = _first_layer(i, r_ref, s_ref, d2_ref, d0_ref, hr_ref, hs_ref, we_ref, b1_ref,
                                                 cdt)
     s1_ref[rows, :] = s1
     mask = mask_ref[rows]
@@ -169,8 +168,9 @@ def _backward_kernel(r_ref, s_ref, d2_ref, d0_ref, mask_ref, hr_ref, hs_ref, we_
         return ds1 + jnp.dot(dpre2c, w2t_ref[cols, :], preferred_element_type=jnp.float32)
 
     ds1 = jax.lax.fori_loop(0, _n_blocks(nf), grad_block, jnp.zeros((TILE, nf), jnp.float32))
-    if RECOMPUTE_PRE1:  # the first layer again (its gathers mostly from cache) rather than kept in registers
-        pre1 = _first_layer(i, r_ref, s_ref, d2_ref, d0_ref, hr_ref, hs_ref, we_ref, b1_ref, cdt)[5]
+    # the first layer again (its gathers mostly from cache) rather than kept in registers across the loop (ptxas:
+    # 28 bytes spilled a thread instead of 768)
+    pre1 = _first_layer(i, r_ref, s_ref, d2_ref, d0_ref, hr_ref, hs_ref, we_ref, b1_ref, cdt)[5]
     dpre1 = ds1 * _dsilu(pre1)
     _add_rows(dhr_ref, r, slice(None), dpre1, interpret)
     _add_rows(dhs_ref, s, slice(None), dpre1, interpret)
