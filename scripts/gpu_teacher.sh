@@ -119,7 +119,14 @@ echo "# $(date -u +%FT%TZ) benchmarks/train_step.py, one process a measurement: 
 for r in $(echo "$bench_runs" | tr , ' '); do
   m_s=$(( molgen_end - ($(date +%s) - t_start) )); [ "$m_s" -gt "${MEASURE_S:-110}" ] && m_s=${MEASURE_S:-110}
   if [ "$m_s" -lt "${MIN_MEASURE_S:-50}" ]; then echo "SKIPPED molgen $r (benchmark time spent)" | tee -a "$bench"; continue; fi
-  timeout "$m_s" python3 benchmarks/train_step.py --runs "$r" $bench_chunk \
+  # the fused kernels' loss and gradients against the packed layout's, until one measurement has checked them: a
+  # measurement whose check fails has no RESULT line (so the layout is not chosen), and the later fused ones are skipped
+  check=""
+  if [ "${r##*:}" = fused ] && ! grep -q "^CHECK fused .* ok$" "$bench"; then
+    if grep -q "^FAILED .*CHECK fused" "$bench"; then echo "SKIPPED molgen $r (fused kernels disagree)" | tee -a "$bench"; continue; fi
+    check=--check-fused
+  fi
+  timeout "$m_s" python3 benchmarks/train_step.py --runs "$r" $bench_chunk $check \
     --profile /tmp/profile --profile-top 20 2>&1 | grep -v -E "^WARNING|^I0000|^E0000" | tee -a "$bench"
   rc=${PIPESTATUS[0]}; why="exit $rc"; [ "$rc" = 124 ] && why="timeout after $m_s s"
   [ "$rc" != 0 ] && echo "FAILED molgen $r ($why)" | tee -a "$bench"

@@ -27,7 +27,11 @@ def _compilation_cache(tmp_path_factory):
     """Identical programs compiled by several tests (or train() calls) are compiled once per session."""
     from molgen.jax_setup import enable_compilation_cache
 
-    path = tmp_path_factory.mktemp("jax_cache")
+    # under pytest-xdist the workers share one cache (a partly written entry read by another worker is a
+    # warning and a recompilation, never a wrong program: entries are compressed and checked)
+    base = tmp_path_factory.getbasetemp()
+    path = base.parent / "jax_cache" if os.environ.get("PYTEST_XDIST_WORKER") else base / "jax_cache"
+    path.mkdir(exist_ok=True)
     os.environ["MOLGEN_JAX_CACHE"] = str(path)  # the CLI commands called by tests use the same cache
     enable_compilation_cache(path)
 

@@ -2,11 +2,14 @@
 against the plain formulation, padding, and the EGNN with them against the EGNN without (same parameters).
 Their speed on a GPU is measured by benchmarks/train_step.py (layout fused), not here."""
 
+import importlib.util
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import random_molecules, random_rotation
+from conftest import random_molecules, random_rotation, tiny_config
 
 from molgen.data.batching import pack
 from molgen.data.features import type_features
@@ -176,3 +179,42 @@ def test_egnn_with_pair_kernels_has_the_same_parameters_and_outputs():
         worst["fused"] = max(worst["fused"], _max_err(a, c) / scale)
         worst["plain"] = max(worst["plain"], _max_err(b, c) / scale)
     assert worst["fused"] <= 2 * worst["plain"], worst
+
+
+def _train_step_benchmark():
+    path = Path(__file__).parents[1] / "benchmarks" / "train_step.py"
+    spec = importlib.util.spec_from_file_location("train_step_benchmark", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_the_gpu_benchmarks_check_of_the_fused_layout_passes_and_catches_a_lost_sum(mini_ds, monkeypatch):
+    """benchmarks/train_step.py --check-fused: the fused layout's loss and gradients on one batch against the packed
+    layout's; the GPU run trains in the fused layout only after it passed. A kernel that loses half its atomic adds
+    fails it."""
+    from molgen.data.batching import BatchSampler
+    from molgen.data.device import dense_set, make_plan, put
+    from molgen.state import init_state
+
+    bench = _train_step_benchmark()
+    cfg = tiny_config(mini_ds, batch_size=4, precision="bf16", layout="fused")
+    ids = mini_ds.split("train")
+    sampler = BatchSampler(ids, 4, seed=0)
+    plan = make_plan("fused", mini_ds.n_atoms, sampler, 1)
+    idx = sampler.indices(0)[None, :]  # [devices, batch]
+    row_of = np.zeros(len(mini_ds.n_atoms), np.int32)
+    row_of[ids] = np.arange(len(ids))  # dense_set's row of each molecule
+    rows = jnp.asarray(plan.arrange(row_of[idx], idx))
+    args = (cfg, plan, put(dense_set(mini_ds, ids)), rows, init_state(cfg).params, jax.random.PRNGKey(0), "tiny")
+    line = bench.check_fused(*args)
+    assert line.startswith("CHECK fused tiny batch=4 loss_rel=") and line.endswith(" ok"), line
+    agree = dict(kv.split("=") for kv in line.split()[4:7])
+    assert float(agree["loss_rel"]) < bench.FUSED_TOLERANCE["loss"] / 10
+    assert float(agree["grad_rel_all"]) < bench.FUSED_TOLERANCE["grad_all"] / 5
+    assert float(agree["grad_rel_max"]) < bench.FUSED_TOLERANCE["grad_max"] / 2
+
+    add_rows = pk._add_rows
+    monkeypatch.setattr(pk, "_add_rows", lambda ref, r, c, val, interpret: add_rows(ref, r, c, val.at[::2].set(0), interpret))
+    with pytest.raises(RuntimeError, match="CHECK fused kernels disagree with the packed layout: tiny batch=4"):
+        bench.check_fused(*args)
