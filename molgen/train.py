@@ -136,17 +136,19 @@ def _chunk_program(cfg: RunConfig, mesh: Mesh, shape):
     repl = NamedSharding(mesh, P())
     data = NamedSharding(mesh, P(None, "data"))
 
-    def chunk(state, dset, ids, n_active, base_key, anchor):
-        def one(state, ids_k):
-            graphs = jax.vmap(lambda i: assemble(dset, i, shape))(ids_k)
-            return step_fn(state, graphs, jax.random.fold_in(base_key, state.step), anchor)
+    @jax.jit  # traced once: the shapes of its metrics (for the steps that do not run), then its program
+    def one(state, ids_k, dset, base_key, anchor):
+        graphs = jax.vmap(lambda i: assemble(dset, i, shape))(ids_k)
+        return step_fn(state, graphs, jax.random.fold_in(base_key, state.step), anchor)
 
+    def chunk(state, dset, ids, n_active, base_key, anchor):
         zeros = jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype),
-                                       jax.eval_shape(one, state, ids[0])[1])
+                                       jax.eval_shape(one, state, ids[0], dset, base_key, anchor)[1])
 
         def body(state, xs):
             ids_k, k = xs
-            return jax.lax.cond(k < n_active, one, lambda s, _: (s, zeros), state, ids_k)
+            return jax.lax.cond(k < n_active, lambda s, i: one(s, i, dset, base_key, anchor),
+                                lambda s, _: (s, zeros), state, ids_k)
 
         return jax.lax.scan(body, state, (ids, jnp.arange(ids.shape[0])))
 
