@@ -222,11 +222,16 @@ def layout_agreement(cfg, plan, dset, rows, params, key, other: str = "packed") 
         _, sharded_loss = make_step(c)
         return jax.jit(jax.value_and_grad(lambda p: sharded_loss(p, graphs, key, jnp.asarray(0))[0]))(params)
 
+    def squares(tree):
+        return [float(jnp.sum(jnp.square(x.astype(jnp.float32)))) for x in jax.tree_util.tree_leaves(tree)]
+
+    def ratio(d, r):  # sqrt(d / r); an array whose gradient is zero in ``other`` must be zero here too
+        return (d / r) ** 0.5 if r > 0 else (0.0 if d == 0 else float("inf"))
+
     (la, ga), (lb, gb) = loss_and_grads(cfg), loss_and_grads(cfg.with_optim(layout=other))
-    sq = lambda t: [float(jnp.sum(jnp.square(x.astype(jnp.float32)))) for x in jax.tree_util.tree_leaves(t)]  # noqa: E731
-    diff, ref = sq(jax.tree_util.tree_map(jnp.subtract, ga, gb)), sq(gb)
-    return {"loss": abs(float(la) - float(lb)) / abs(float(lb)), "grad_all": (sum(diff) / sum(ref)) ** 0.5,
-            "grad_max": max((d / r) ** 0.5 for d, r in zip(diff, ref))}
+    diff, ref = squares(jax.tree_util.tree_map(jnp.subtract, ga, gb)), squares(gb)
+    return {"loss": abs(float(la) - float(lb)) / abs(float(lb)), "grad_all": ratio(sum(diff), sum(ref)),
+            "grad_max": max(ratio(d, r) for d, r in zip(diff, ref))}
 
 
 def check_fused(cfg, plan, dset, rows, params, key, name: str) -> str:
