@@ -96,12 +96,12 @@ def main() -> None:
     import jax
     import numpy as np
 
-    from molgen.state import CONFIG_NAME, checkpoint_manager, init_state, restore_checkpoint
+    from molgen.state import CONFIG_NAME, checkpoint_manager, restore_checkpoint, state_shapes
     from molgen.config import RunConfig
 
     def state_of(run):
         cfg = RunConfig.load(run / CONFIG_NAME)
-        return restore_checkpoint(checkpoint_manager(run, cfg.optim.keep), init_state(cfg))
+        return restore_checkpoint(checkpoint_manager(run, cfg.optim.keep), state_shapes(cfg))
 
     a, b = state_of(work / "straight"), state_of(out)
     equal = all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in

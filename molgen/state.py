@@ -48,6 +48,14 @@ def init_state(cfg: RunConfig, params=None) -> TrainState:
     return TrainState(jnp.zeros((), jnp.int32), params, jax.tree_util.tree_map(jnp.copy, params), tx.init(params))
 
 
+def state_shapes(cfg: RunConfig) -> TrainState:
+    """What :func:`init_state` returns for ``cfg`` as shapes, dtypes and placement (this process's first device),
+    without computing it (seconds for a large network): the target a checkpoint is restored into."""
+    here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=here),
+                                  jax.eval_shape(lambda: init_state(cfg)))
+
+
 def checkpoint_manager(run_dir: Path, keep: int = 3):
     import orbax.checkpoint as ocp
 
@@ -80,5 +88,5 @@ def load_ema_params(run_dir: Path) -> tuple[RunConfig, Any, int]:
     mgr = checkpoint_manager(run_dir, cfg.optim.keep)
     if mgr.latest_step() is None:
         raise MolgenError(f"{run_dir}: no checkpoint in this run folder")
-    state = restore_checkpoint(mgr, init_state(cfg))
+    state = restore_checkpoint(mgr, state_shapes(cfg))
     return cfg, state.ema, int(state.step)

@@ -37,7 +37,7 @@ from molgen.parallel import agree, global_put, is_main, local_value, make_mesh, 
 from molgen.rundir import check_run_dir, cut_metrics, save_plan, saved_plan
 from molgen.runlog import MetricsLog, RunText, run_header
 from molgen.state import (CONFIG_NAME, METRICS_NAME, TrainState, checkpoint_manager, grad_norm, init_state,
-                          make_optimizer, restore_checkpoint, save_checkpoint)
+                          make_optimizer, restore_checkpoint, save_checkpoint, state_shapes)
 
 
 # The layout `auto` picks per platform (docs/performance.md).
@@ -199,12 +199,13 @@ def open_run(cfg: RunConfig, run_dir: Path, resume: bool, init_params=None, log=
     cfg = cfg.with_optim(precision=resolve_precision(cfg.optim.precision), layout=resolve_layout(cfg.optim.layout))
     run_dir.mkdir(parents=True, exist_ok=True)
     mgr = checkpoint_manager(run_dir, cfg.optim.keep)
-    state = init_state(cfg, init_params)
     if resume:
-        state = restore_checkpoint(mgr, state)
+        state = restore_checkpoint(mgr, state_shapes(cfg))
         if is_main():
             cut_metrics(run_dir / METRICS_NAME, int(local_value(state.step)))
         log(f"resumed from step {int(local_value(state.step))} in {run_dir}")
+    else:
+        state = init_state(cfg, init_params)
     if is_main():
         cfg.save(run_dir / CONFIG_NAME)
     return cfg, mgr, state
@@ -336,8 +337,9 @@ def train(cfg: RunConfig, run_dir: Path, ds, resume: bool = False, init_params=N
         metrics.close()
     if any(getattr(a, "is_deleted", lambda: False)() for a in jax.tree_util.tree_leaves(state)):
         log(f"stopped inside a chunk: the last checkpoint (step {mgr.latest_step() or 0}) is kept")
-        last = init_state(cfg, init_params)
-        return TrainResult(restore_checkpoint(mgr, last) if mgr.latest_step() is not None else last, True, 0.0)
+        saved = mgr.latest_step() is not None
+        last = restore_checkpoint(mgr, state_shapes(cfg)) if saved else init_state(cfg, init_params)
+        return TrainResult(last, True, 0.0)
     save_plan(run_dir, step, feed.plan)
     save_checkpoint(mgr, state)
     log.write(f"checkpoint at step {step}")
