@@ -25,6 +25,17 @@ def _leaves(tree):
     return [np.asarray(x) for x in jax.tree_util.tree_leaves(tree)]
 
 
+def test_a_checkpoint_is_restored_into_the_shapes_of_a_fresh_state(mini_ds):
+    """state_shapes: init_state's tree, shapes, dtypes and device, without computing it."""
+    from molgen.state import init_state, state_shapes
+
+    for cfg in (_cfg(mini_ds), _cfg(mini_ds, "ct")):
+        fresh, shapes = init_state(cfg), state_shapes(cfg)
+        assert jax.tree_util.tree_structure(fresh) == jax.tree_util.tree_structure(shapes)
+        for a, b in zip(jax.tree_util.tree_leaves(fresh), jax.tree_util.tree_leaves(shapes)):
+            assert (a.shape, a.dtype, a.sharding) == (b.shape, b.dtype, b.sharding)
+
+
 @pytest.mark.parametrize("objective", ["diffusion", "ct"])
 def test_resume_is_exact(tmp_path, mini_ds, objective):
     from molgen.train import _step_programs
