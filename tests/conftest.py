@@ -63,6 +63,17 @@ def random_molecules(rng, sizes, scale=1.5):
 DATA_CSV = __import__("pathlib").Path(__file__).parent / "data" / "qm9pack_mini.csv"
 
 
+def load_script(relpath: str):
+    """A script of the repository that is not part of the package (benchmarks/, scripts/), as a module."""
+    import importlib.util
+
+    path = DATA_CSV.parents[2] / relpath
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.fixture(scope="session")
 def mini_ds():
     from molgen.data import qm9, sources

@@ -1,10 +1,8 @@
 """benchmarks/gpu_compile.py's reading of an optimised HLO program: which computation is the step, and the bytes
 and FLOPs it counts per kernel, on a hand-written module (no GPU plugin needed)."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
+from conftest import load_script
 
 HLO = """HloModule m
 
@@ -63,11 +61,7 @@ ENTRY %main (e: (s32[], f32[1000,8], f32[8,16], s32[10,1], f32[50,16])) -> (s32[
 
 @pytest.fixture(scope="module")
 def gpu_compile():
-    path = Path(__file__).parents[1] / "benchmarks" / "gpu_compile.py"
-    spec = importlib.util.spec_from_file_location("gpu_compile", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/gpu_compile.py")
 
 
 def test_step_kernels_bytes_and_flops(gpu_compile):

@@ -1,17 +1,15 @@
 """scripts/gpu_ingest.py, the step that lands a teacher's GPU run: its guards and the card's text, on hand-built
 runs and archives (no GPU, no network)."""
 
-import importlib.util
 import io
 import tarfile
 from pathlib import Path
 
 import pytest
+from conftest import load_script
 
 ROOT = Path(__file__).resolve().parent.parent
-_spec = importlib.util.spec_from_file_location("gpu_ingest", ROOT / "scripts" / "gpu_ingest.py")
-ingest = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(ingest)
+ingest = load_script("scripts/gpu_ingest.py")
 
 
 def run(epochs, atom=None, mol=None):

@@ -2,14 +2,11 @@
 against the plain formulation, padding, and the EGNN with them against the EGNN without (same parameters).
 Their speed on a GPU is measured by benchmarks/train_step.py (layout fused), not here."""
 
-import importlib.util
-from pathlib import Path
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import random_molecules, random_rotation, tiny_config
+from conftest import load_script, random_molecules, random_rotation, tiny_config
 
 from molgen.data.batching import pack
 from molgen.data.features import type_features
@@ -181,14 +178,6 @@ def test_egnn_with_pair_kernels_has_the_same_parameters_and_outputs():
     assert worst["fused"] <= 2 * worst["plain"], worst
 
 
-def _train_step_benchmark():
-    path = Path(__file__).parents[1] / "benchmarks" / "train_step.py"
-    spec = importlib.util.spec_from_file_location("train_step_benchmark", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_the_gpu_benchmarks_check_of_the_fused_layout_passes_and_catches_a_lost_sum(mini_ds, monkeypatch):
     """benchmarks/train_step.py --check-fused: the fused layout's loss and gradients on one batch against the packed
     layout's; the GPU run trains in the fused layout only after it passed. A kernel that loses half its atomic adds
@@ -197,7 +186,7 @@ def test_the_gpu_benchmarks_check_of_the_fused_layout_passes_and_catches_a_lost_
     from molgen.data.device import dense_set, make_plan, put
     from molgen.state import init_state
 
-    bench = _train_step_benchmark()
+    bench = load_script("benchmarks/train_step.py")
     cfg = tiny_config(mini_ds, batch_size=4, precision="bf16", layout="fused")
     ids = mini_ds.split("train")
     sampler = BatchSampler(ids, 4, seed=0)
