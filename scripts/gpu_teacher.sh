@@ -4,7 +4,9 @@
 #      own PyTorch training step (benchmarks/edm_pytorch.py, EDM's code carried in .edm/, never committed);
 #      before molgen's, with a JAX before 0.11 (0.11 and 0.12 write native atomics either way), whether XLA's
 #      flush-to-zero mode makes scatter-adds native atomics here (benchmarks/scatter_atomics.py --ab): if it
-#      speeds them up >= 1.2x, every molgen process after it runs with XLA_FLAGS=--xla_gpu_ftz=true;
+#      speeds them up >= 1.2x, every molgen process after it runs with XLA_FLAGS=--xla_gpu_ftz=true; the fused
+#      layout is measured (and can be chosen) only after its loss and gradients on one batch agreed with the
+#      packed layout's (benchmarks/train_step.py --check-fused);
 #   2. the teacher: continues weights/$TEACHER (its EMA parameters; Adam restarts with a short warm-up) or, the
 #      first time, starts a new one; trains until the deadline leaves time for 3. and 4.;
 #   3. exports it and puts its weights under $OUT (split in < 16 MiB parts);
