@@ -169,7 +169,7 @@ def sample(
     """Generate molecules and write them as SDF or XYZ, then print their stability report."""
     from molgen.chem.io import format_of, output_file, write_molecules
     from molgen.data.qm9 import require_cache
-    from molgen.display import metrics_table, sampling_progress
+    from molgen.display import metrics_table, progress, progress_factory, sampling_progress
     from molgen.evaluate import annotate, write_json
     from molgen.io_utils import check_outputs
     from molgen.jax_setup import enable_compilation_cache
@@ -193,7 +193,10 @@ def sample(
         res = sample_kept(m, n, keep, seed, batch_size, more, steps=steps, atoms=atoms, sampler=sampler, sigmas=sig,
                           temperature=temperature, renoise=renoise, polish_calls=polish, polisher=pol,
                           progress=tick, fragment=frag, resample=resample, unique=unique)
-    metrics = annotate(res.molecules, data_dir, m.cfg.data.remove_h, novelty, frag) if report or json_path else None
+    metrics = None
+    if report or json_path:
+        with progress() as bar:
+            metrics = annotate(res.molecules, data_dir, m.cfg.data.remove_h, novelty, frag, progress_factory(bar))
     write_molecules(out, res.molecules, fmt)
     console.print(f"wrote {count(len(res.molecules), 'molecule')} to {out} ({res.description}, {res.seconds:.1f} s sampling)", soft_wrap=True)
     for warning in filter(None, (kept_warning(res, n), nonfinite_warning(res.molecules, fmt))):
@@ -222,7 +225,7 @@ def evaluate(
     """Stability, validity, uniqueness and novelty (EDM's definitions), RDKit's validity, distances to QM9 and
     optionally strain of molecules in files."""
     from molgen.data.qm9 import require_cache
-    from molgen.display import evaluation_report, progress
+    from molgen.display import evaluation_report, progress, progress_factory
     from molgen.evaluate import evaluate_files, write_json, write_per_molecule_csv
     from molgen.fidelity import reference_statistics, statistics
     from molgen.io_utils import check_outputs
@@ -235,9 +238,8 @@ def evaluate(
     if plots is not None and ref is None:
         raise MolgenError("--plots compares with QM9's test split: run `molgen download` or pass --reference DIR")
     with progress() as bar:
-        task = bar.add_task("evaluating", total=None)
         metrics, mols, errors = evaluate_files(files, fmt, skip_invalid, reference, remove_h, not no_novelty,
-                                               lambda k: bar.advance(task, k), fidelity, strain)
+                                               progress_factory(bar), fidelity, strain)
     evaluation_report(metrics, ", ".join(str(f) for f in files), errors)
     if json_path:
         write_json(json_path, metrics, {"files": [str(f) for f in files], "skipped": errors})

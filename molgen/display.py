@@ -1,10 +1,12 @@
-"""What the command line shows: progress bars (or nothing off a terminal), tables of metrics, of the QM9 cache
-and of the shipped models. Output only; no decisions."""
+"""What the command line shows: progress bars (off a terminal, a progress line now and then), tables of metrics,
+of the QM9 cache and of the shipped models. Output only; no decisions."""
 
 from __future__ import annotations
 
 import json
+import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -32,12 +34,97 @@ def error(e: Exception) -> None:
     err.print(f"[bold red]error:[/] {escape(msg)}", highlight=False, soft_wrap=True)
 
 
+LINE_EVERY_S = 10.0  # off a terminal, a progress line at most this often (training's train.log too)
+
+
+def hms(seconds: float) -> str:
+    """A duration as h:mm:ss (capped at 99:59:59)."""
+    seconds = int(min(max(seconds, 0), 359999))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
 def progress(transient: bool = True):
-    """A progress display on stderr with elapsed and remaining time (disabled off a terminal)."""
+    """Progress on stderr: a bar with elapsed and remaining time on a terminal; off one (a log file, a batch
+    job), :class:`ProgressLines`."""
+    if not err.is_terminal:
+        return ProgressLines()
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    TimeRemainingColumn(), console=err, transient=transient, disable=not err.is_terminal)
+                    TimeRemainingColumn(), console=err, transient=transient)
+
+
+@dataclass
+class _Task:
+    description: str
+    total: float | None
+    completed: float = 0
+    start: float = 0.0
+    last_line: float = 0.0
+    lines: int = 0
+    ended: bool = False
+
+
+class ProgressLines:
+    """Progress as plain lines (what a log file can hold), with the part of rich's Progress that molgen uses
+    (``add_task``, ``advance``, ``update``, ``tasks``): a line for a task at most every ``every`` seconds, the
+    first only once it has run that long (short work prints none), and, for a task that printed one, a last line
+    with its total time when it reaches its total (or, without one, when the work ends without an error)."""
+
+    def __init__(self, show=None, every: float | None = None, clock=time.monotonic):
+        self.tasks: list[_Task] = []
+        self.show, self.every, self.clock = show or say, LINE_EVERY_S if every is None else every, clock
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, *_):
+        if kind is None:
+            for t in self.tasks:
+                self._done(t)
+        return False
+
+    def add_task(self, description: str, total: float | None = None, **_) -> int:
+        now = self.clock()
+        self.tasks.append(_Task(description, total, start=now, last_line=now))
+        return len(self.tasks) - 1
+
+    def update(self, task: int, total: float | None = None, completed: float | None = None,
+               advance: float | None = None, **_) -> None:
+        t = self.tasks[task]
+        if total is not None:
+            t.total = total
+            t.ended = t.ended and total <= t.completed  # more work added (another round): not done yet
+        if completed is not None:
+            t.completed = completed
+        if advance:
+            t.completed += advance
+        if t.total and t.completed >= t.total:
+            self._done(t)
+        else:
+            self._line(t)
+
+    def advance(self, task: int, n: float = 1) -> None:
+        self.update(task, advance=n)
+
+    def _done(self, t: _Task) -> None:
+        if t.lines and not t.ended:
+            t.ended = True
+            done = f"{t.completed:,.0f}" + (f"/{t.total:,.0f}" if t.total else "")
+            self.show(f"{t.description}: {done}, done in {hms(self.clock() - t.start)}")
+
+    def _line(self, t: _Task) -> None:
+        now = self.clock()
+        if t.ended or now - t.last_line < self.every:
+            return
+        t.last_line, t.lines = now, t.lines + 1
+        elapsed = now - t.start
+        if t.total:
+            left = (t.total - t.completed) * elapsed / t.completed if t.completed else None
+            self.show(f"{t.description}: {t.completed:,.0f}/{t.total:,.0f} ({100 * t.completed / t.total:.0f} %), "
+                      f"{hms(elapsed)} elapsed" + (f", {hms(left)} left" if left is not None else ""))
+        else:
+            self.show(f"{t.description}: {t.completed:,.0f} done, {hms(elapsed)} elapsed")
 
 
 def progress_factory(bar):

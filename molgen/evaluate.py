@@ -233,22 +233,26 @@ def write_json(path: Path | str, metrics: Metrics, extra: dict | None = None) ->
     atomic_write_text(path, json.dumps({**metrics.to_dict(), **(extra or {})}, indent=2))
 
 
-def reference_for(data_dir, remove_h: bool, novelty: bool):
-    """(training SMILES or None, training type fractions or None) from the QM9 cache, when there is one."""
+def reference_for(data_dir, remove_h: bool, novelty: bool, progress=None):
+    """(training SMILES or None, training type fractions or None) from the QM9 cache, when there is one.
+    ``progress``: the library's progress protocol, (description, total) -> tick(n) (:func:`training_smiles`)."""
     from molgen.data.qm9 import cache_is_valid, default_data_dir, load_qm9
 
     d = data_dir or default_data_dir()
     if not cache_is_valid(d, verify_hash=False):
         return None, None
     fr = load_qm9(d, remove_h=remove_h, verify=False).type_fractions("train")
-    return (training_smiles(d, remove_h) if novelty else None), fr
+    return (training_smiles(d, remove_h, progress) if novelty else None), fr
 
 
-def annotate(molecules, data_dir=None, remove_h: bool = False, novelty: bool = False, fragment=None) -> Metrics:
+def annotate(molecules, data_dir=None, remove_h: bool = False, novelty: bool = False, fragment=None,
+             progress=None) -> Metrics:
     """EDM's metrics of generated molecules, each molecule's own results added to its properties; with the
-    ``fragment`` they complete (:mod:`molgen.fragment`), the share that contains its bond graph."""
-    smiles, fr = reference_for(data_dir, remove_h, novelty)
-    metrics = evaluate_molecules([m.positions for m in molecules], [m.types for m in molecules], smiles, fr)
+    ``fragment`` they complete (:mod:`molgen.fragment`), the share that contains its bond graph. ``progress``:
+    (description, total) -> tick(n)."""
+    smiles, fr = reference_for(data_dir, remove_h, novelty, progress)
+    metrics = evaluate_molecules([m.positions for m in molecules], [m.types for m in molecules], smiles, fr,
+                                 progress("evaluating", len(molecules)) if progress else None)
     if fragment is not None:
         from molgen.fragment import fragment_kept
 
@@ -263,7 +267,8 @@ def evaluate_files(files, fmt=None, skip_invalid: bool = False, reference=None, 
                    novelty: bool = True, progress=None, fidelity: bool = True, with_strain: bool = False):
     """(metrics, molecules, errors) of the molecules in SDF / XYZ files or folders: ``errors`` names what could
     not be read (with ``skip_invalid``; else the first unreadable molecule is an error). ``fidelity``: distances to
-    QM9's test split when the QM9 cache exists (with hydrogens only); ``with_strain``: MMFF94 strain."""
+    QM9's test split when the QM9 cache exists (with hydrogens only); ``with_strain``: MMFF94 strain.
+    ``progress``: the library's progress protocol, (description, total) -> tick(n)."""
     from molgen import MolgenError
     from molgen.chem.io import read_molecules
 
@@ -274,9 +279,10 @@ def evaluate_files(files, fmt=None, skip_invalid: bool = False, reference=None, 
         raise MolgenError("no readable molecules in the input")
     from molgen.fidelity import reference_statistics
 
-    smiles, fr = reference_for(reference, remove_h, novelty)
+    smiles, fr = reference_for(reference, remove_h, novelty, progress)
     stats = reference_statistics(reference) if fidelity and not remove_h else None
-    metrics = evaluate_molecules([m.positions for m in mols], [m.types for m in mols], smiles, fr, progress, stats,
+    tick = progress("evaluating", len(mols)) if progress else None
+    metrics = evaluate_molecules([m.positions for m in mols], [m.types for m in mols], smiles, fr, tick, stats,
                                  with_strain)
     if not novelty:
         metrics.novelty_note = "skipped (--no-novelty)"

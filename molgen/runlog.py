@@ -12,10 +12,11 @@ from pathlib import Path
 import numpy as np
 
 from molgen import MolgenError
+from molgen.display import LINE_EVERY_S, hms
 from molgen.state import METRICS_NAME
 
 LOG_EVERY = 25  # steps per line of metrics.jsonl
-PROGRESS_LINE_S = 10.0  # a progress line (train.log; the terminal without a bar) at most this often
+PROGRESS_LINE_S = LINE_EVERY_S  # a progress line (train.log; the terminal without a bar) at most this often
 LOG_NAME = "train.log"
 
 
@@ -101,7 +102,7 @@ class MetricsLog:
             self.t_line = now
             overall = (done - self.start) / max(now - self.t0, 1e-9)
             left = (self.end - done) / max(overall, 1e-9)
-            line = f"step {done}/{self.end}  loss {loss:.4f}  {rate:.2f} steps/s  {_hms(left)} left"
+            line = f"step {done}/{self.end}  loss {loss:.4f}  {rate:.2f} steps/s  {hms(left)} left"
             self._line(line)
 
     def _line(self, line: str) -> None:
@@ -115,9 +116,4 @@ class MetricsLog:
             self.file.close()
         if self.bar is not None:
             self.bar.stop()
-
-
-def _hms(seconds: float) -> str:
-    seconds = int(min(seconds, 359999))
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 

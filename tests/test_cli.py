@@ -531,3 +531,60 @@ def test_cpu_training_flags_only_where_known(monkeypatch):
         r = subprocess.run([sys.executable, "-c", script], env=dict(os.environ, XLA_FLAGS=given, JAX_PLATFORMS="cpu"),
                            capture_output=True, text=True, timeout=300)
         assert r.returncode == 0 and r.stdout.strip() == "4096.0", r.stderr[-2000:]
+
+
+def test_progress_off_a_terminal_is_a_line_now_and_then():
+    """Off a terminal (a log file) progress is plain lines: none for short work, then at most one every `every`
+    seconds with the share done and the time left, and a last line with the total time."""
+    from molgen.display import ProgressLines
+
+    now, lines = [0.0], []
+    with ProgressLines(show=lines.append, every=10, clock=lambda: now[0]) as bar:
+        quick, slow, open_ended = bar.add_task("quick", total=3), bar.add_task("sampling", total=0), bar.add_task("reading")
+        bar.advance(quick, 3)  # done before any line was due: nothing
+        bar.update(slow, total=100)
+        for _ in range(4):  # 4 calls in 8 s: no line yet
+            now[0] += 2
+            bar.advance(slow, 1)
+        now[0] += 2
+        bar.advance(slow, 1)  # 10 s: 5 of 100 done
+        bar.advance(slow, 1)  # same moment: no second line
+        now[0] = 40
+        bar.advance(slow, 14)
+        bar.advance(open_ended, 7)
+        now[0] = 50
+        bar.update(slow, total=100, completed=100)
+        bar.update(slow, total=150)  # another round of work: the task runs on (a line: 10 s since the last)
+        now[0] = 65
+        bar.advance(slow, 10)
+        bar.advance(open_ended, 1)
+    assert lines == ["sampling: 5/100 (5 %), 0:00:10 elapsed, 0:03:10 left",
+                     "sampling: 20/100 (20 %), 0:00:40 elapsed, 0:02:40 left",
+                     "reading: 7 done, 0:00:40 elapsed",
+                     "sampling: 100/100, done in 0:00:50",
+                     "sampling: 100/150 (67 %), 0:00:50 elapsed, 0:00:25 left",
+                     "sampling: 110/150 (73 %), 0:01:05 elapsed, 0:00:23 left",
+                     "reading: 8 done, 0:01:05 elapsed",
+                     "sampling: 110/150, done in 0:01:05",
+                     "reading: 8, done in 0:01:05"]
+    lines.clear()
+    try:  # work that fails says no "done"
+        with ProgressLines(show=lines.append, every=0, clock=lambda: now[0]) as bar:
+            bar.advance(bar.add_task("reading"), 1)
+            raise KeyError
+    except KeyError:
+        pass
+    assert lines == ["reading: 1 done, 0:00:00 elapsed"]
+
+
+def test_sample_and_evaluate_show_progress_lines_off_a_terminal(tmp_path, trained, data_dir, monkeypatch):
+    from molgen import display
+
+    monkeypatch.setattr(display, "LINE_EVERY_S", 0.0)  # a line at every step
+    out = tmp_path / "s.sdf"
+    res = run("sample", "--checkpoint", trained, "-n", 2, "--steps", 3, "-o", out, "--data-dir", data_dir)
+    assert res.exit_code == 0, res.output
+    assert "sampling (network calls): 1/3 (33 %)" in res.output and "sampling (network calls): 3/3, done in" in res.output
+    assert "evaluating: 1/2 (50 %)" in res.output and "evaluating: 2/2, done in" in res.output
+    res = run("evaluate", out, "--reference", data_dir)
+    assert res.exit_code == 0 and "evaluating: 2/2, done in" in res.output, res.output
