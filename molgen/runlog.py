@@ -53,13 +53,15 @@ class RunText:
 
 class MetricsLog:
     """metrics.jsonl (every LOG_EVERY steps and at every chunk's end) and the progress: a line (step, loss,
-    steps/s, time left) at most every PROGRESS_LINE_S into ``log`` (a :class:`RunText`, or any callable), shown
-    too unless a bar (``progress="bar"``) shows it."""
+    steps/s, time left: to the last step, or to the end of the time budget ``max_seconds`` if that comes first)
+    at most every PROGRESS_LINE_S into ``log`` (a :class:`RunText`, or any callable), shown too unless a bar
+    (``progress="bar"``) shows it."""
 
     def __init__(self, run_dir: Path, start: int, end: int, progress: str | None, log, mode: str,
-                 writes: bool = True):
+                 writes: bool = True, max_seconds: float | None = None):
         self.file = open(run_dir / METRICS_NAME, "a") if writes else None
         self.t0 = self.t_last = self.t_line = time.time()
+        self.stop_by = None if max_seconds is None else self.t0 + max_seconds  # the run's time budget, if any
         self.s_last, self.start, self.end, self.log, self.display = start, start, end, log, progress
         self.bar = self.task = None
         if progress == "bar":
@@ -101,8 +103,10 @@ class MetricsLog:
         if now - self.t_line >= PROGRESS_LINE_S or done == self.end:
             self.t_line = now
             overall = (done - self.start) / max(now - self.t0, 1e-9)
-            left = (self.end - done) / max(overall, 1e-9)
-            line = f"step {done}/{self.end}  loss {loss:.4f}  {rate:.2f} steps/s  {hms(left)} left"
+            left, why = (self.end - done) / max(overall, 1e-9), ""
+            if self.stop_by is not None and self.stop_by - now < left:
+                left, why = self.stop_by - now, " (time budget)"
+            line = f"step {done}/{self.end}  loss {loss:.4f}  {rate:.2f} steps/s  {hms(left)} left{why}"
             self._line(line)
 
     def _line(self, line: str) -> None:

@@ -288,3 +288,21 @@ def test_grouped_and_packed_batches_give_the_same_network_output(mini_ds):
         out.append((np.asarray(vel)[real], np.asarray(hh)[real]))
     np.testing.assert_allclose(out[0][0], out[1][0], atol=2e-5)
     np.testing.assert_allclose(out[0][1], out[1][1], atol=2e-5)
+
+
+def test_progress_line_counts_time_left_to_the_time_budget_when_that_comes_first(tmp_path, monkeypatch):
+    """A run of 1000 steps at 0.5 steps/s has 33 minutes to go, but one stopped by a 60-s budget (--max-minutes)
+    has 40 s left after 20."""
+    import types
+
+    from molgen import runlog
+
+    now = [1000.0]
+    monkeypatch.setattr(runlog, "time", types.SimpleNamespace(time=lambda: now[0]))
+    for budget, expect in ((None, "0:33:00 left"), (60.0, "0:00:40 left (time budget)"), (3600.0, "0:33:00 left")):
+        said = []
+        log = runlog.MetricsLog(tmp_path, 0, 1000, "lines", said.append, "diffusion", writes=False, max_seconds=budget)
+        now[0] += 20
+        log.write(0, {"loss": np.full(10, 0.5)})
+        log.close()
+        assert said == [f"step 10/1000  loss 0.5000  0.50 steps/s  {expect}"], said
