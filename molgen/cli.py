@@ -169,7 +169,7 @@ def sample(
     """Generate molecules and write them as SDF or XYZ, then print their stability report."""
     from molgen.chem.io import format_of, output_file, write_molecules
     from molgen.data.qm9 import require_cache
-    from molgen.display import metrics_table, progress, progress_factory, sampling_progress
+    from molgen.display import metrics_table, sampling_progress
     from molgen.evaluate import annotate, write_json
     from molgen.io_utils import check_outputs
     from molgen.jax_setup import enable_compilation_cache
@@ -189,14 +189,11 @@ def sample(
     pol = polisher_for(m, polisher, calls=polish)
     for warning in preflight(m, n, batch_size, atoms, frag, settings["molgen_calls"]):
         say(warning)
-    with sampling_progress(settings["molgen_calls"], batch_size) as (more, tick):
+    with sampling_progress(settings["molgen_calls"], batch_size) as (more, tick, tasks):
         res = sample_kept(m, n, keep, seed, batch_size, more, steps=steps, atoms=atoms, sampler=sampler, sigmas=sig,
                           temperature=temperature, renoise=renoise, polish_calls=polish, polisher=pol,
                           progress=tick, fragment=frag, resample=resample, unique=unique)
-    metrics = None
-    if report or json_path:
-        with progress() as bar:
-            metrics = annotate(res.molecules, data_dir, m.cfg.data.remove_h, novelty, frag, progress_factory(bar))
+        metrics = annotate(res.molecules, data_dir, m.cfg.data.remove_h, novelty, frag, tasks) if report or json_path else None
     write_molecules(out, res.molecules, fmt)
     console.print(f"wrote {count(len(res.molecules), 'molecule')} to {out} ({res.description}, {res.seconds:.1f} s sampling)", soft_wrap=True)
     for warning in filter(None, (kept_warning(res, n), nonfinite_warning(res.molecules, fmt))):

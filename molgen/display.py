@@ -140,11 +140,12 @@ def progress_factory(bar):
 @contextmanager
 def sampling_progress(calls: int, batch_size: int):
     """A bar of network calls for sampling in rounds: yields (on_round(m): add a round of m molecules, drawn in
-    batches of ``batch_size``, each molecule ``calls`` calls; advance(k): k calls done)."""
+    batches of ``batch_size``, each molecule ``calls`` calls; advance(k): k calls done; the library's progress
+    protocol on the same display, for the work that follows, e.g. the report)."""
     with progress() as bar:
         task = bar.add_task("sampling (network calls)", total=0)
         yield (lambda m: bar.update(task, total=bar.tasks[task].total + calls * -(-m // max(batch_size, 1))),
-               lambda k: bar.advance(task, k))
+               lambda k: bar.advance(task, k), progress_factory(bar))
 
 
 def metrics_table(m, title: str) -> Table:

@@ -55,16 +55,17 @@ class MetricsLog:
     """metrics.jsonl (every LOG_EVERY steps and at every chunk's end) and the progress: a line (step, loss,
     steps/s, time left: to the last step, or to the end of the time budget ``max_seconds`` if that comes first)
     at most every PROGRESS_LINE_S into ``log`` (a :class:`RunText`, or any callable), shown too unless a bar
-    (``progress="bar"``) shows it."""
+    (``progress="bar"``) shows it. Only the process that writes the run's files (``writes``) shows progress."""
 
     def __init__(self, run_dir: Path, start: int, end: int, progress: str | None, log, mode: str,
                  writes: bool = True, max_seconds: float | None = None):
         self.file = open(run_dir / METRICS_NAME, "a") if writes else None
         self.t0 = self.t_last = self.t_line = time.time()
         self.stop_by = None if max_seconds is None else self.t0 + max_seconds  # the run's time budget, if any
-        self.s_last, self.start, self.end, self.log, self.display = start, start, end, log, progress
+        self.s_last, self.start, self.end, self.log = start, start, end, log
+        self.display = progress if writes else None
         self.bar = self.task = None
-        if progress == "bar":
+        if self.display == "bar":
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
             self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),

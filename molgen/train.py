@@ -306,8 +306,7 @@ def train(cfg: RunConfig, run_dir: Path, ds, resume: bool = False, init_params=N
     validation = Validation(ds, cfg, mesh, anchor_params)
     base_key = global_put(jax.random.PRNGKey(cfg.seed), repl)
     ckpt_every, eval_every = _aligned(cfg.optim.ckpt_every, chunk), _aligned(cfg.optim.eval_every, chunk)
-    metrics = MetricsLog(Path(run_dir), start, end, progress if is_main() else None, log, cfg.objective, is_main(),
-                         max_seconds)
+    metrics = MetricsLog(Path(run_dir), start, end, progress, log, cfg.objective, is_main(), max_seconds)
     log.write(run_header(cfg, start, end, f"{mesh.devices.size} {jax.devices()[0].platform} device(s)"))
     step, interrupted, t0 = start, False, time.time()
     try:

@@ -301,7 +301,7 @@ def test_progress_line_counts_time_left_to_the_time_budget_when_that_comes_first
     monkeypatch.setattr(runlog, "time", types.SimpleNamespace(time=lambda: now[0]))
     for budget, expect in ((None, "0:33:00 left"), (60.0, "0:00:40 left (time budget)"), (3600.0, "0:33:00 left")):
         said = []
-        log = runlog.MetricsLog(tmp_path, 0, 1000, "lines", said.append, "diffusion", writes=False, max_seconds=budget)
+        log = runlog.MetricsLog(tmp_path, 0, 1000, "lines", said.append, "diffusion", max_seconds=budget)
         now[0] += 20
         log.write(0, {"loss": np.full(10, 0.5)})
         log.close()
