@@ -16,7 +16,6 @@ from molgen.display import LINE_EVERY_S, hms
 from molgen.state import METRICS_NAME
 
 LOG_EVERY = 25  # steps per line of metrics.jsonl
-PROGRESS_LINE_S = LINE_EVERY_S  # a progress line (train.log; the terminal without a bar) at most this often
 LOG_NAME = "train.log"
 
 
@@ -54,8 +53,8 @@ class RunText:
 class MetricsLog:
     """metrics.jsonl (every LOG_EVERY steps and at every chunk's end) and the progress: a line (step, loss,
     steps/s, time left: to the last step, or to the end of the time budget ``max_seconds`` if that comes first)
-    at most every PROGRESS_LINE_S into ``log`` (a :class:`RunText`, or any callable), shown too unless a bar
-    (``progress="bar"``) shows it. Only the process that writes the run's files (``writes``) shows progress."""
+    at most every LINE_EVERY_S (molgen.display) into ``log`` (a :class:`RunText`, or any callable), shown too
+    unless a bar (``progress="bar"``) shows it. Only the process that writes the run's files (``writes``) shows progress."""
 
     def __init__(self, run_dir: Path, start: int, end: int, progress: str | None, log, mode: str,
                  writes: bool = True, max_seconds: float | None = None):
@@ -101,7 +100,7 @@ class MetricsLog:
     def _show(self, done: int, loss: float, rate: float, now: float) -> None:
         if self.bar is not None:
             self.bar.update(self.task, completed=done, loss=loss, rate=rate)
-        if now - self.t_line >= PROGRESS_LINE_S or done == self.end:
+        if now - self.t_line >= LINE_EVERY_S or done == self.end:
             self.t_line = now
             overall = (done - self.start) / max(now - self.t0, 1e-9)
             left, why = (self.end - done) / max(overall, 1e-9), ""
