@@ -223,6 +223,7 @@ def evaluate(
     optionally strain of molecules in files."""
     from molgen.data.qm9 import require_cache
     from molgen.display import evaluation_report, progress, progress_factory
+    from molgen.chem.io import flat_warning
     from molgen.evaluate import evaluate_files, write_json, write_per_molecule_csv
     from molgen.fidelity import reference_statistics, statistics
     from molgen.io_utils import check_outputs
@@ -237,6 +238,8 @@ def evaluate(
     with progress() as bar:
         metrics, mols, errors = evaluate_files(files, fmt, skip_invalid, reference, remove_h, not no_novelty,
                                                progress_factory(bar), fidelity, strain)
+    if warning := flat_warning(mols):
+        say(warning)
     evaluation_report(metrics, ", ".join(str(f) for f in files), errors)
     if json_path:
         write_json(json_path, metrics, {"files": [str(f) for f in files], "skipped": errors})
@@ -261,7 +264,7 @@ def view(
     """Draw molecules as a grid of 2D depictions, bonds as EDM perceives them; legend: formula, S (every atom
     stable), V (valid), fragments (largest highlighted)."""
     from molgen.chem.depict import MAX_GRID, grid
-    from molgen.chem.io import read_molecules
+    from molgen.chem.io import flat_warning, read_molecules
     from molgen.io_utils import check_writable
 
     if out.suffix.lower() not in (".png", ".svg"):
@@ -272,6 +275,8 @@ def view(
     mols = read_molecules(file)[:n]
     if not mols:
         raise MolgenError(f"{file}: no molecules")
+    if warning := flat_warning(mols):
+        say(warning)
     console.print(f"wrote {count(grid(mols, out, per_row), 'molecule')} to {out}")
 
 

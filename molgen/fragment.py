@@ -61,7 +61,7 @@ class Fragment:
 
 def read_fragment(path: Path | str) -> Fragment:
     """The first molecule of an SDF / MOL / XYZ file with 3D coordinates, as a fragment (H, C, N, O, F only)."""
-    from molgen.chem.io import read_molecules
+    from molgen.chem.io import is_flat, read_molecules
 
     mols = read_molecules(Path(path))
     if not mols:
@@ -70,7 +70,7 @@ def read_fragment(path: Path | str) -> Fragment:
     pos = np.asarray(m.positions, np.float64)
     if not np.all(np.isfinite(pos)):
         raise MolgenError(f"--fix {path}: the fragment has non-finite coordinates")
-    if len(pos) > 2 and np.all(pos[:, 2] == 0):
+    if is_flat(pos):
         raise MolgenError(f"--fix {path}: the fragment has 2D coordinates only (all z = 0); give 3D coordinates")
     return Fragment(np.asarray(m.types, np.int32), pos)
 

@@ -85,6 +85,25 @@ def test_evaluate_bad_inputs(tmp_path):
     one_line_error(run("evaluate", _xyz(tmp_path / "a.pdb", "x")), "cannot tell the format")
 
 
+def test_evaluate_and_view_warn_of_flat_molecules(tmp_path):
+    """A 2D drawing (every z = 0) is evaluated, with a warning that its bonds are read as drawn; 3D ones are not
+    warned about."""
+    from rdkit import Chem
+    from rdkit.Chem import AllChem
+
+    mol = Chem.AddHs(Chem.MolFromSmiles("CCO"))
+    AllChem.Compute2DCoords(mol)  # a depiction: z = 0
+    with Chem.SDWriter(str(tmp_path / "drawn.sdf")) as w:
+        w.write(mol)
+    three_d = _xyz(tmp_path / "m.xyz", METHANE)
+    for cmd in (("evaluate", "--no-novelty"), ("view", "-o", tmp_path / "grid.png")):
+        res = run(cmd[0], tmp_path / "drawn.sdf", *cmd[1:])
+        assert res.exit_code == 0, res.output
+        assert "warning: 1 of 1 molecules have every z = 0" in " ".join(res.output.split()), res.output
+        res = run(cmd[0], three_d, *cmd[1:])
+        assert res.exit_code == 0 and "warning" not in res.output, res.output
+
+
 def _opt(**kw):
     """--set optim.KEY=VALUE arguments."""
     return [a for k, v in kw.items() for a in ("--set", f"optim.{k}={v}")]

@@ -223,6 +223,22 @@ def read_sdf(path: Path, skip_invalid: bool = False, errors: list | None = None)
     return mols
 
 
+def is_flat(positions) -> bool:
+    """More than two atoms and every z exactly 0: a 2D drawing (or a record without coordinates), not a 3D
+    structure."""
+    pos = np.asarray(positions)
+    return len(pos) > 2 and bool(np.all(pos[:, 2] == 0))
+
+
+def flat_warning(molecules: list[Molecule]) -> str | None:
+    """A warning when some molecules are flat (:func:`is_flat`): bonds are read from 3D distances."""
+    bad = sum(is_flat(m.positions) for m in molecules)
+    if not bad:
+        return None
+    return (f"warning: {bad:,} of {len(molecules):,} molecules have every z = 0 (2D drawings?); bonds and "
+            "stability are read from 3D distances, so they describe those molecules as drawn flat")
+
+
 def read_molecules(path: Path | str, fmt: str | None = None, skip_invalid: bool = False,
                    errors: list | None = None) -> list[Molecule]:
     """Read a file (SDF or XYZ) or every .sdf/.xyz file in a folder (sorted by name)."""
