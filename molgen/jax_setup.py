@@ -23,7 +23,7 @@ def enable_compilation_cache(path: Path | str | None = None) -> None:
     try:
         Path(path).mkdir(parents=True, exist_ok=True)
         jax.config.update("jax_compilation_cache_dir", str(path))
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)  # all: small ones too (~0.5 s a run)
         jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     except (OSError, AttributeError):  # read-only home or an older JAX: run without the cache
         pass
