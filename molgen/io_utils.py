@@ -4,19 +4,30 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 from glob import escape as glob_escape
 from contextlib import contextmanager
 from pathlib import Path
 
 
+STALE_S = 3600.0  # a temporary file untouched this long was left by a write that never ended (a killed process)
+
+
 @contextmanager
 def atomic_path(dest: Path | str):
     """Yield a temporary path beside ``dest``; on success it is renamed to ``dest``, on error removed. Temporary
-    files that an interrupted earlier write to the same place left behind (a killed process) are removed."""
+    files that an interrupted earlier write to the same place left behind (a killed process: untouched for
+    STALE_S) are removed; a younger one may be another process's write in progress (two jobs filling one
+    cache) and is left to it."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
+    now = time.time()
     for stale in dest.parent.glob("." + glob_escape(dest.name) + ".*.tmp"):
-        stale.unlink(missing_ok=True)
+        try:
+            if now - stale.stat().st_mtime > STALE_S:
+                stale.unlink()
+        except FileNotFoundError:  # its writer finished (or another cleaned it) meanwhile
+            pass
     fd, tmp = tempfile.mkstemp(prefix="." + dest.name + ".", suffix=".tmp", dir=dest.parent)
     os.close(fd)
     os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; outputs are ordinary files

@@ -254,11 +254,34 @@ def test_xyz_frames_keep_their_names_when_a_value_is_empty(tmp_path):
 
 
 def test_a_write_removes_what_an_interrupted_write_left(tmp_path):
-    from molgen.io_utils import atomic_write_text
+    import os
+    import time
+
+    from molgen.io_utils import STALE_S, atomic_write_text
 
     stale = tmp_path / ".out.sdf.abc123.tmp"  # as a killed writer leaves it
     stale.write_text("half")
+    old = time.time() - STALE_S - 60
+    os.utime(stale, (old, old))
     (tmp_path / ".other.sdf.x.tmp").write_text("not ours")
+    os.utime(tmp_path / ".other.sdf.x.tmp", (old, old))
     atomic_write_text(tmp_path / "out.sdf", "whole")
     assert (tmp_path / "out.sdf").read_text() == "whole" and not stale.exists()
     assert (tmp_path / ".other.sdf.x.tmp").exists()
+
+
+def test_two_writes_to_one_file_at_once_both_finish_whole(tmp_path):
+    """Two processes filling one cache file at the same time (two jobs sharing $MOLGEN_HOME): the second does not
+    take the first's temporary file for a leftover; each rename is whole, the last one stays."""
+    from molgen.io_utils import atomic_path
+
+    dest = tmp_path / "cache.txt"
+    with atomic_path(dest) as first:
+        first.write_text("first, ")
+        with atomic_path(dest) as second:
+            second.write_text("second")
+        assert first.exists() and dest.read_text() == "second"
+        with open(first, "a") as f:
+            f.write("whole")
+    assert dest.read_text() == "first, whole"
+    assert [p.name for p in tmp_path.iterdir()] == ["cache.txt"]
