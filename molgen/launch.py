@@ -197,12 +197,22 @@ def prepare_pairs(cfg: RunConfig, run_dir: Path, student: Model | None, progress
 def launch(req: Request, data_dir: Path | None = None, progress: str | None = None, log: Callable = print,
            progress_factory=None, max_seconds: float | None = None):
     """Resolve, check, prepare and run; returns (config, :class:`molgen.train.TrainResult`)."""
-    from molgen.data.qm9 import load_qm9
-    from molgen.rundir import check_run_dir
-    from molgen.train import train
+    from molgen.parallel import is_main
+    from molgen.rundir import check_run_dir, hold_run
 
     cfg = resolve_config(req)
     check_run_dir(req.out, req.resume)  # before anything is read or made
+    if not is_main():  # the process that writes the run's files holds its folder
+        return _run(cfg, req, data_dir, progress, log, progress_factory, max_seconds)
+    with hold_run(req.out):
+        check_run_dir(req.out, req.resume)  # again: another run may have written a checkpoint meanwhile
+        return _run(cfg, req, data_dir, progress, log, progress_factory, max_seconds)
+
+
+def _run(cfg: RunConfig, req: Request, data_dir, progress, log, progress_factory, max_seconds):
+    from molgen.data.qm9 import load_qm9
+    from molgen.train import train
+
     objective = get_objective(cfg.objective)
     start = None if req.resume else _start_model(cfg)
     if start is not None and req.model:

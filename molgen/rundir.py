@@ -4,6 +4,8 @@ the batch shape plan saved beside each checkpoint."""
 from __future__ import annotations
 
 import json
+import os
+from contextlib import contextmanager
 from pathlib import Path
 
 from molgen import MolgenError
@@ -25,8 +27,43 @@ def check_run_dir(run_dir: Path, resume: bool) -> None:
         raise MolgenError(f"{run_dir} already holds checkpoints: pass --resume to continue, or choose another --out")
 
 
+LOCK_NAME = ".lock"
+
+
+@contextmanager
+def hold_run(run_dir: Path):
+    """Take the run folder for this process while it trains: a second `molgen train` on it (the same command
+    started twice, a --resume while the run still trains) is refused instead of writing into the same files. An
+    OS lock (flock) on run_dir/.lock, let go when the process ends, however it ends; where the OS has no flock,
+    no lock. A folder made here for a run refused before it wrote anything is removed again."""
+    try:
+        import fcntl
+    except ImportError:  # not a POSIX system
+        yield
+        return
+    run_dir = Path(run_dir)
+    made = not run_dir.exists()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(run_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise MolgenError(f"{run_dir} is in use: another molgen train is writing into it; wait for it to end "
+                              "or choose another --out") from None
+        try:
+            yield
+        except BaseException:
+            if made and [p.name for p in run_dir.iterdir()] == [LOCK_NAME]:
+                (run_dir / LOCK_NAME).unlink()
+                run_dir.rmdir()
+            raise
+    finally:
+        os.close(fd)
+
+
 def _contents(run_dir: Path) -> str:
-    names = sorted(p.name for p in run_dir.iterdir())
+    names = sorted(p.name for p in run_dir.iterdir() if p.name != LOCK_NAME)
     return "empty" if not names else ", ".join(names[:6]) + (" ..." if len(names) > 6 else "")
 
 

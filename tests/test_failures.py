@@ -31,6 +31,19 @@ def test_a_refused_run_leaves_the_run_as_it_was(ct_run, data_dir):
     assert json.loads((ct_run / "config.json").read_text())["objective"] == "ct"
 
 
+def test_a_run_folder_in_use_is_refused_and_a_refused_new_run_leaves_no_folder(ct_run, tmp_path, data_dir):
+    from molgen.rundir import hold_run
+
+    before = {p.name: p.read_bytes() for p in ct_run.iterdir() if p.is_file()}
+    with hold_run(ct_run):  # as a `molgen train` still writing into it holds it
+        one_line_error(run("train", "--resume", "--out", ct_run, "--steps", 6, "--data-dir", data_dir), "in use")
+    assert {p.name: p.read_bytes() for p in ct_run.iterdir() if p.is_file()} == before
+    new = tmp_path / "new"
+    one_line_error(run("train", "--objective", "ct", "--model", "tiny", "--batch-size", 100000, "--out", new,
+                       "--data-dir", data_dir), "larger than the training split")
+    assert not new.exists()
+
+
 def test_resume_needs_a_finished_checkpoint(tmp_path, data_dir):
     one_line_error(run("train", "--resume", "--out", tmp_path / "nothing", "--data-dir", data_dir), "holds no run")
     (tmp_path / "half").mkdir()
