@@ -34,8 +34,8 @@ LOCK_NAME = ".lock"
 def hold_run(run_dir: Path):
     """Take the run folder for this process while it trains: a second `molgen train` on it (the same command
     started twice, a --resume while the run still trains) is refused instead of writing into the same files. An
-    OS lock (flock) on run_dir/.lock, let go when the process ends, however it ends; where the OS has no flock,
-    no lock. A folder made here for a run refused before it wrote anything is removed again."""
+    OS lock (flock) on run_dir/.lock, let go when the process ends, however it ends; where the OS or the file
+    system has no flock, no lock. A folder made here for a run refused before it wrote anything is removed again."""
     try:
         import fcntl
     except ImportError:  # not a POSIX system
@@ -51,6 +51,8 @@ def hold_run(run_dir: Path):
         except BlockingIOError:
             raise MolgenError(f"{run_dir} is in use: another molgen train is writing into it; wait for it to end "
                               "or choose another --out") from None
+        except OSError:  # a file system without locks (e.g. Lustre mounted without flock): train unlocked
+            pass
         try:
             yield
         except BaseException:

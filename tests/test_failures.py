@@ -44,6 +44,21 @@ def test_a_run_folder_in_use_is_refused_and_a_refused_new_run_leaves_no_folder(c
     assert not new.exists()
 
 
+def test_a_file_system_without_locks_still_trains(tmp_path, monkeypatch):
+    import errno
+    import fcntl
+
+    from molgen.rundir import hold_run
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with hold_run(tmp_path / "run"):
+        (tmp_path / "run" / "config.json").write_text("{}")
+    assert (tmp_path / "run" / "config.json").exists()
+
+
 def test_resume_needs_a_finished_checkpoint(tmp_path, data_dir):
     one_line_error(run("train", "--resume", "--out", tmp_path / "nothing", "--data-dir", data_dir), "holds no run")
     (tmp_path / "half").mkdir()
