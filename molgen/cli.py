@@ -221,9 +221,9 @@ def evaluate(
 ):
     """Stability, validity, uniqueness and novelty (EDM's definitions), RDKit's validity, distances to QM9 and
     optionally strain of molecules in files."""
+    from molgen.chem.io import flat_warning
     from molgen.data.qm9 import require_cache
     from molgen.display import evaluation_report, progress, progress_factory
-    from molgen.chem.io import flat_warning
     from molgen.evaluate import evaluate_files, write_json, write_per_molecule_csv
     from molgen.fidelity import reference_statistics, statistics
     from molgen.io_utils import check_outputs

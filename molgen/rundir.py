@@ -1,5 +1,5 @@
-"""A training run's folder: which runs it can take (new or resumed), the metrics log cut back to a checkpoint, and
-the batch shape plan saved beside each checkpoint."""
+"""A training run's folder: which runs it can take (new or resumed), the lock a run holds on it while it writes,
+the metrics log cut back to a checkpoint, and the batch shape plan saved beside each checkpoint."""
 
 from __future__ import annotations
 
