@@ -32,11 +32,19 @@ def test_a_refused_run_leaves_the_run_as_it_was(ct_run, data_dir):
 
 
 def test_a_run_folder_in_use_is_refused_and_a_refused_new_run_leaves_no_folder(ct_run, tmp_path, data_dir):
-    from molgen.rundir import hold_run
+    import fcntl
+    import os
 
     before = {p.name: p.read_bytes() for p in ct_run.iterdir() if p.is_file()}
-    with hold_run(ct_run):  # as a `molgen train` still writing into it holds it
-        one_line_error(run("train", "--resume", "--out", ct_run, "--steps", 6, "--data-dir", data_dir), "in use")
+    fd = os.open(ct_run / ".lock", os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # as another process's `molgen train`, still writing into it, holds it
+    try:
+        res = run("train", "--resume", "--out", ct_run, "--steps", 6, "--data-dir", data_dir)
+        one_line_error(res, "in use")
+        assert "training" not in res.output  # refused before it announced a run
+        one_line_error(run("train", "--objective", "ct", "--out", ct_run, "--data-dir", data_dir), "in use")
+    finally:
+        os.close(fd)
     assert {p.name: p.read_bytes() for p in ct_run.iterdir() if p.is_file()} == before
     new = tmp_path / "new"
     one_line_error(run("train", "--objective", "ct", "--model", "tiny", "--batch-size", 100000, "--out", new,
