@@ -110,13 +110,15 @@ def train(
     from molgen.display import progress, progress_factory
     from molgen.jax_setup import init_distributed, setup_training_devices
     from molgen.launch import Request, launch, resolve_config
-    from molgen.rundir import check_run_dir
+    from molgen.rundir import check_run_dir, refuse_if_in_use
 
     if max_minutes is not None and not max_minutes > 0:
         raise MolgenError(f"--max-minutes must be positive, got {max_minutes}")
     req = Request(out, recipe, objective, tuple(sets), resume, init, teacher, model, steps, batch_size, lr, seed,
                   precision)
     cfg = resolve_config(req)
+    if not distributed:  # a multi-process run's folder is held by its main process (molgen.launch)
+        refuse_if_in_use(out)
     check_run_dir(out, resume)
     if devices is None and cfg.optim.layout == "fused":  # its kernels take one device's batch
         devices = 1

@@ -14,13 +14,10 @@ from molgen.parallel import is_main
 
 
 def check_run_dir(run_dir: Path, resume: bool) -> None:
-    """Refuse a run folder that cannot take this run: a file, one that another process's run is writing into, a
-    new run over checkpoints, a resume without one."""
+    """Refuse a run folder that cannot take this run: a file, a new run over checkpoints, a resume without one."""
     run_dir = Path(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise MolgenError(f"{run_dir} is a file, not a run folder")
-    if _in_use(run_dir):
-        raise MolgenError(IN_USE.format(run_dir))
     ckpts = run_dir / "checkpoints"
     has_ckpt = ckpts.is_dir() and any(p.name.isdigit() for p in ckpts.iterdir())
     if resume and not has_ckpt:
@@ -32,13 +29,16 @@ def check_run_dir(run_dir: Path, resume: bool) -> None:
 
 LOCK_NAME = ".lock"
 IN_USE = "{} is in use: another molgen train is writing into it; wait for it to end or choose another --out"
-_HELD: set[Path] = set()  # the run folders this process holds
+
+
+def refuse_if_in_use(run_dir: Path) -> None:
+    """Refuse, before any work, a run folder that another process holds (:func:`hold_run`), asked without taking
+    it. Not for the other processes of a multi-process run, which share their folder with the one that holds it."""
+    if _in_use(Path(run_dir)):
+        raise MolgenError(IN_USE.format(run_dir))
 
 
 def _in_use(run_dir: Path) -> bool:
-    """Whether another process holds the run folder (:func:`hold_run`), asked without taking it."""
-    if Path(run_dir).resolve() in _HELD:
-        return False
     try:
         import fcntl
 
@@ -78,7 +78,6 @@ def hold_run(run_dir: Path):
             raise MolgenError(IN_USE.format(run_dir)) from None
         except OSError:  # a file system without locks (e.g. Lustre mounted without flock): train unlocked
             pass
-        _HELD.add(run_dir.resolve())
         try:
             yield
         except BaseException:
@@ -87,7 +86,6 @@ def hold_run(run_dir: Path):
                 run_dir.rmdir()
             raise
     finally:
-        _HELD.discard(run_dir.resolve())
         os.close(fd)
 
 
