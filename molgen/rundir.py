@@ -34,24 +34,18 @@ IN_USE = "{} is in use: another molgen train is writing into it; wait for it to 
 def refuse_if_in_use(run_dir: Path) -> None:
     """Refuse, before any work, a run folder that another process holds (:func:`hold_run`), asked without taking
     it. Not for the other processes of a multi-process run, which share their folder with the one that holds it."""
-    if _in_use(Path(run_dir)):
-        raise MolgenError(IN_USE.format(run_dir))
-
-
-def _in_use(run_dir: Path) -> bool:
     try:
         import fcntl
 
-        fd = os.open(run_dir / LOCK_NAME, os.O_RDONLY)
+        fd = os.open(Path(run_dir) / LOCK_NAME, os.O_RDONLY)
     except (ImportError, OSError):  # no flock, or no lock file: nobody holds it
-        return False
+        return
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        return False
     except BlockingIOError:
-        return True
+        raise MolgenError(IN_USE.format(run_dir)) from None
     except OSError:  # a file system without locks
-        return False
+        pass
     finally:
         os.close(fd)
 
