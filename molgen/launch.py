@@ -204,8 +204,7 @@ def launch(req: Request, data_dir: Path | None = None, progress: str | None = No
     check_run_dir(req.out, req.resume)  # before anything is read or made
     if not is_main():  # the process that writes the run's files holds its folder
         return _run(cfg, req, data_dir, progress, log, progress_factory, max_seconds)
-    with hold_run(req.out):  # refuses a folder that another process holds
-        check_run_dir(req.out, req.resume)  # again: another run may have written a checkpoint meanwhile
+    with hold_run(req.out):  # refuses a folder that another process holds; train() checks it again inside
         return _run(cfg, req, data_dir, progress, log, progress_factory, max_seconds)
 
 
