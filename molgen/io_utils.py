@@ -40,7 +40,9 @@ def atomic_path(dest: Path | str):
         raise
 
 
-MOLECULE_FILES = (".sdf", ".mol", ".xyz", ".extxyz")  # what a folder of molecules is read for
+# the molecule files molgen reads, by extension, and what a folder of molecules is read for
+MOLECULE_SUFFIXES = {".sdf": "sdf", ".sd": "sdf", ".mol": "sdf", ".xyz": "xyz", ".extxyz": "xyz"}
+MOLECULE_FILES = tuple(MOLECULE_SUFFIXES)
 
 
 def check_writable(path: Path | str | None, what: str = "output", inputs=()) -> None:

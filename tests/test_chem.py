@@ -237,6 +237,27 @@ def test_reader_errors_name_the_place(tmp_path):
         read_molecules(tmp_path.joinpath("a.pdb").resolve()) if (tmp_path / "a.pdb").write_text("x") else None
 
 
+def test_a_folder_of_edm_sample_files_reads_with_format_xyz(tmp_path):
+    """EDM writes each sample as molecule_NNN.txt (XYZ): read with --format xyz, in number order, named by file;
+    without it the error says how; files of known extensions beside them are read by their own format."""
+    water = "3\n\nO 0.0 0.0 0.119262\nH 0.0 0.763239 -0.477047\nH 0.0 -0.763239 -0.477047\n"
+    folder = tmp_path / "molecules"
+    folder.mkdir()
+    ks = (0, 2, 100, 101, 1000)
+    for k in ks:  # each its own second coordinate, to tell them apart
+        (folder / f"molecule_{k:03d}.txt").write_text(water.replace("0.763239", f"{0.76 + k * 1e-5:.6f}"))
+    (folder / "molecule_000.png").write_bytes(b"\x89PNG")  # EDM's drawings lie beside its samples
+    with pytest.raises(MolgenError, match=r"holds no .sdf or .xyz files \(--format xyz reads its 5 .txt files"):
+        read_molecules(folder)
+    mols = read_molecules(folder, fmt="xyz")
+    assert [m.name for m in mols] == [f"molecule_{k:03d}.txt" for k in ks]  # 1000 last, not after 100
+    assert [m.positions[1, 1] for m in mols] == pytest.approx([0.76 + k * 1e-5 for k in ks])
+    assert [m.types.tolist() for m in mols] == [[3, 0, 0]] * len(ks)
+    write_sdf(folder / "other.sdf", [Molecule(mols[0].types, mols[0].positions, "from_sdf")])
+    assert [m.name for m in read_molecules(folder)] == ["from_sdf"]
+    assert [m.name for m in read_molecules(folder, fmt="xyz")][-1] == "from_sdf"  # read as SDF, by its extension
+
+
 def test_xyz_frames_keep_their_names_when_a_value_is_empty(tmp_path):
     """An invalid molecule has no SMILES: the XYZ frame must still read back whole (name included) in ASE."""
     import ase.io

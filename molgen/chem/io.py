@@ -17,7 +17,7 @@ import numpy as np
 
 from molgen import MolgenError
 from molgen.chem.elements import SYMBOLS, symbol_to_type
-from molgen.io_utils import MOLECULE_FILES, atomic_path, unused_path
+from molgen.io_utils import MOLECULE_SUFFIXES, atomic_path, unused_path
 
 FORMATS = ("sdf", "xyz")
 NONFINITE = "molgen_nonfinite"  # the SDF property of a molecule whose coordinates were not finite
@@ -33,8 +33,7 @@ class Molecule:
 
 
 def _format_of_suffix(path: Path | str) -> str | None:
-    suffix = Path(path).suffix.lower().lstrip(".")
-    return "sdf" if suffix in ("sdf", "mol", "sd") else "xyz" if suffix in ("xyz", "extxyz") else None
+    return MOLECULE_SUFFIXES.get(Path(path).suffix.lower())
 
 
 def format_of(path: Path | str, fmt: str | None = None, strict: bool = False) -> str:
@@ -239,17 +238,37 @@ def flat_warning(molecules: list[Molecule]) -> str | None:
             "stability are read from 3D distances, so they describe those molecules as drawn flat")
 
 
+def _natural_key(path: Path) -> list:
+    """Sort key of a file name with its numbers compared as numbers (molecule_99 before molecule_100)."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path.name)]
+
+
+def folder_files(path: Path, fmt: str | None = None) -> list[Path]:
+    """The molecule files of a folder in natural name order: the .sdf / .mol / .xyz / .extxyz ones, and with
+    ``fmt`` "xyz" also the .txt ones (EDM writes each sample as an XYZ file named molecule_NNN.txt)."""
+    suffixes = set(MOLECULE_SUFFIXES) | ({".txt"} if fmt and format_of(path, fmt) == "xyz" else set())
+    files = sorted((p for p in path.iterdir() if p.suffix.lower() in suffixes and p.is_file()), key=_natural_key)
+    if not files:
+        n_txt = sum(p.suffix.lower() == ".txt" for p in path.iterdir())
+        hint = f" (--format xyz reads its {n_txt:,} .txt files as XYZ, as EDM writes its samples)" if n_txt else ""
+        raise MolgenError(f"{path}: folder holds no .sdf or .xyz files{hint}")
+    return files
+
+
 def read_molecules(path: Path | str, fmt: str | None = None, skip_invalid: bool = False,
                    errors: list | None = None) -> list[Molecule]:
-    """Read a file (SDF or XYZ) or every .sdf/.xyz file in a folder (sorted by name)."""
+    """Read a file (SDF or XYZ; ``fmt`` overrides the extension) or the molecule files of a folder
+    (:func:`folder_files`; each read by its extension, the .txt ones as ``fmt``)."""
     path = Path(path)
     if not path.exists():
         raise MolgenError(f"{path}: no such file or folder")
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix.lower() in MOLECULE_FILES)
-        if not files:
-            raise MolgenError(f"{path}: folder holds no .sdf or .xyz files")
-        return [m for f in files for m in read_molecules(f, fmt, skip_invalid, errors)]
+        mols = []
+        for f in folder_files(path, fmt):
+            for m in read_molecules(f, fmt if f.suffix.lower() == ".txt" else None, skip_invalid, errors):
+                m.name = m.name or f.name  # a nameless molecule is named after its file, the link back to it
+                mols.append(m)
+        return mols
     if path.stat().st_size == 0:
         raise MolgenError(f"{path}: file is empty")
     f = format_of(path, fmt)
