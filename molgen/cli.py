@@ -325,10 +325,16 @@ def export(
 
 @app.command()
 @friendly
-def models():
-    """List the shipped models with their cards' headline figures."""
-    from molgen.display import models_table
-    from molgen.models import default_model, shipped_models
+def models(
+    name: Optional[str] = typer.Argument(None, help="One model in full (a shipped name or a model or run folder): how it was trained, its recipes and card."),
+):
+    """List the shipped models with their cards' headline figures, or show one model in full."""
+    from molgen.display import model_table, models_table
+    from molgen.models import default_model, load_model, shipped_models
 
+    if name is not None:
+        m = load_model(name)
+        console.print(model_table(m, default=Path(m.meta["source"]) == shipped_models().get(default_model() or "")))
+        return
     ms = shipped_models()
     console.print(models_table(ms, default_model()) if ms else "no shipped models found")

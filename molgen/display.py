@@ -231,13 +231,43 @@ def models_table(models: dict, default: str | None) -> Table:
     from molgen.config import RunConfig
     from molgen.consistency.stack import describe_network
 
-    t = Table(title="shipped models")
+    t = Table(title="shipped models", caption="molgen models NAME: how one was trained, its recipes and its card")
     t.add_column("name", no_wrap=True)  # names are what users type: never cut (other columns wrap)
-    for c in ("objective", "network", "trained", "headline (1000 samples)"):
+    for c in ("objective", "network", "headline (1000 samples)"):
         t.add_column(c)
     for name, path in models.items():
         cfg = RunConfig.load(path / "config.json")
         meta = json.loads((path / "meta.json").read_text()) if (path / "meta.json").exists() else {}
         t.add_row(name + ("\n(default)" if name == default else ""), cfg.objective, describe_network(cfg),
-                  meta.get("trained", ""), meta.get("headline", ""))
+                  meta.get("headline", ""))
+    return t
+
+
+def model_table(model, default: bool = False) -> Table:
+    """One model (a loaded :class:`molgen.models.Model`) in full: what it is, how it was trained, where its
+    recipes and card are."""
+    import jax
+
+    from molgen.consistency.stack import describe_network
+    from molgen.models import diffusion_source
+
+    cfg, meta, folder = model.cfg, model.meta, Path(model.meta["source"])
+    n_params = sum(int(np.size(a)) for a in jax.tree_util.tree_leaves(model.params))
+    t = Table(title=folder.name + (" (the default)" if default else ""), show_header=False)
+    t.add_column("item", no_wrap=True)
+    t.add_column("value")
+    rows = [("folder", str(folder)), ("objective", cfg.objective),
+            ("network", f"{describe_network(cfg)}, {n_params:,} parameters"),
+            ("data", "QM9 without hydrogens" if cfg.data.remove_h else "QM9 with hydrogens"),
+            ("trained", meta.get("trained") or (f"{meta['step']:,} steps" if "step" in meta else "")),
+            ("headline", meta.get("headline", "")),
+            ("temperature", f"{meta['temperature']:g}" if "temperature" in meta else ""),
+            ("re-noise", f"{meta['renoise']:g}" if "renoise" in meta else ""),
+            ("diffusion model", diffusion_source(cfg) or ""),
+            ("GPU runs", ", ".join(f"{r.get('date', '?')} ({r.get('steps', 0):,} steps)" for r in meta.get("gpu_runs", []))),
+            ("recipes", ", ".join(p.name for p in sorted(folder.glob("recipe*.toml")))),
+            ("card", str(folder / "README.md") if (folder / "README.md").exists() else "")]
+    for item, value in rows:
+        if value:
+            t.add_row(item, escape(value))
     return t

@@ -1,6 +1,9 @@
 """The shipped models: present, small, carded, and usable with no training and no data."""
 
 import json
+from pathlib import Path
+
+import jax
 
 from typer.testing import CliRunner
 
@@ -48,6 +51,14 @@ def test_main_command_with_shipped_default(tmp_path, monkeypatch):
     assert res.exit_code == 0 and "(default)" in res.output
     for name in shipped_models():  # full names, even in an 80-column terminal
         assert name in res.output, res.output
+    # one model in full: its parameter count (the loaded arrays'), its diffusion model, recipes and card
+    model = load_model(None)
+    n_params = sum(a.size for a in jax.tree_util.tree_leaves(model.params))
+    res = runner.invoke(app, ["models", model.name])
+    assert res.exit_code == 0 and f"{model.name} (the default)" in res.output, res.output
+    assert f"{n_params:,} parameters" in res.output and "diffusion model" in res.output
+    recipes = sorted(p.name for p in Path(model.meta["source"]).glob("recipe*.toml"))
+    assert recipes and all(r in res.output for r in recipes) and "README.md" in res.output
 
 
 def test_a_regular_wheel_install_carries_and_finds_the_weights(tmp_path):
