@@ -210,7 +210,7 @@ def sample(
 @friendly
 def evaluate(
     files: List[Path] = typer.Argument(..., help="SDF / XYZ files or folders of them."),
-    fmt: Optional[str] = Opt(None, "--format", help="Force sdf or xyz."),
+    fmt: Optional[str] = Opt(None, "--format", help="Force sdf or xyz (xyz also reads a folder's .txt files: EDM's samples)."),
     json_path: Optional[Path] = Opt(None, "--json", help="Write all metrics as JSON."),
     per_molecule: Optional[Path] = Opt(None, "--per-molecule", help="Write each molecule's results as CSV."),
     reference: Optional[Path] = Opt(None, "--reference", help="QM9 cache folder: its training split for novelty, its test split for the distribution distances."),
@@ -258,10 +258,11 @@ def evaluate(
 @app.command()
 @friendly
 def view(
-    file: Path = typer.Argument(..., help="SDF or XYZ file."),
+    file: Path = typer.Argument(..., help="SDF or XYZ file, or a folder of them."),
     n: int = Opt(24, "-n", help="Molecules to draw (the first N; at most 100)."),
     out: Path = Opt(Path("grid.png"), "-o", "--out", help="Image file: .png or .svg."),
     per_row: int = Opt(6, "--per-row", help="Molecules per row."),
+    fmt: Optional[str] = Opt(None, "--format", help="Force sdf or xyz (xyz also reads a folder's .txt files: EDM's samples)."),
 ):
     """Draw molecules as a grid of 2D depictions, bonds as EDM perceives them; legend: formula, S (every atom
     stable), V (valid), fragments (largest highlighted)."""
@@ -274,7 +275,7 @@ def view(
     if not 1 <= n <= MAX_GRID or per_row < 1:
         raise MolgenError(f"-n must be in 1 .. {MAX_GRID} and --per-row at least 1")
     check_writable(out, "-o")
-    mols = read_molecules(file)[:n]
+    mols = read_molecules(file, fmt)[:n]
     if not mols:
         raise MolgenError(f"{file}: no molecules")
     if warning := flat_warning(mols):

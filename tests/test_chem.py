@@ -256,6 +256,12 @@ def test_a_folder_of_edm_sample_files_reads_with_format_xyz(tmp_path):
     write_sdf(folder / "other.sdf", [Molecule(mols[0].types, mols[0].positions, "from_sdf")])
     assert [m.name for m in read_molecules(folder)] == ["from_sdf"]
     assert [m.name for m in read_molecules(folder, fmt="xyz")][-1] == "from_sdf"  # read as SDF, by its extension
+    from typer.testing import CliRunner
+
+    from molgen.cli import app
+
+    res = CliRunner().invoke(app, ["view", str(folder), "--format", "xyz", "-o", str(tmp_path / "g.png")])
+    assert res.exit_code == 0 and "wrote 6 molecules" in res.output and (tmp_path / "g.png").stat().st_size > 0
 
 
 def test_xyz_frames_keep_their_names_when_a_value_is_empty(tmp_path):

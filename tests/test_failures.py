@@ -113,6 +113,7 @@ def test_a_resumed_run_logs_each_step_once(ct_run, data_dir, tmp_path):
     (("evaluate", "{file}", "--per-molecule", "{file}"), "is also an input of this command"),
     (("evaluate", "{tmp}", "--json", "{file}"), "is also an input of this command"),
     (("sample", "--fix", "{file}", "-o", "{file}"), "is also an input of this command"),
+    (("sample", "--fix", "{tmp}", "-o", "{tmp}/x.sdf"), "--fix {tmp}: give a .sdf, .sd, .mol, .xyz, .extxyz file"),
     (("sample", "-o", "{file}", "--json", "{file}"), "-o and --json name the same file"),
     (("evaluate", "{file}", "--json", "{tmp}/r.csv", "--per-molecule", "{tmp}/./r.csv"),
      "--json and --per-molecule name the same file"),
