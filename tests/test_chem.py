@@ -225,6 +225,14 @@ def test_reader_errors_name_the_place(tmp_path):
     q.write_text("2\nx\nC 0 0 zero\nH 0 0 1\n")
     with pytest.raises(MolgenError, match="bad.xyz:3: bad coordinates"):
         read_molecules(q)
+    short = tmp_path / "short.sdf"  # a third-party SDF whose atom line lacks its columns
+    short.write_text("mol\n  x\n\n  1  0  0  0  0  0  0  0  0  0999 V2000\n    0.0 0.0 0.0 O   0  0\nM  END\n$$$$\n")
+    from rdkit import rdBase
+
+    with pytest.raises(MolgenError) as bad_sdf:
+        read_molecules(short)
+    why = "malformed record (RDKit: Atom line too short" if hasattr(rdBase, "CaptureErrorLog") else "malformed record"
+    assert f"short.sdf: molecule 0: {why}" in str(bad_sdf.value) and "\n" not in str(bad_sdf.value)
     e = tmp_path / "empty.sdf"
     e.write_text("")
     with pytest.raises(MolgenError, match="empty"):

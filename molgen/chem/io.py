@@ -193,6 +193,36 @@ def read_xyz(path: Path, skip_invalid: bool = False, errors: list | None = None)
     return mols
 
 
+class _ParserErrors:
+    """RDKit's parser errors while in scope, kept instead of printed (RDKit >= 2025.09; older releases print
+    them as before): ``reason()`` is the first one, for a one-line message."""
+
+    def __init__(self):
+        from rdkit import rdBase
+
+        capture = getattr(rdBase, "CaptureErrorLog", None)
+        self._capture = capture() if capture else None
+
+    def __enter__(self):
+        if self._capture is not None:
+            self._capture.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self._capture is not None:
+            self._capture.__exit__(*exc)
+
+    def reason(self) -> str:
+        try:
+            text = self._capture.messages if self._capture is not None else ""
+        except UnicodeDecodeError:  # RDKit quotes the bad bytes of a binary file
+            return ""
+        for line in text.splitlines():
+            if "ERROR:" in line:
+                return " (RDKit: " + line.split("ERROR:", 1)[1].strip()[:120] + ")"
+        return ""
+
+
 def read_sdf(path: Path, skip_invalid: bool = False, errors: list | None = None) -> list[Molecule]:
     """Molecules of an SDF file with their 3D coordinates and element symbols (explicit H kept)."""
     from rdkit import Chem
@@ -200,10 +230,11 @@ def read_sdf(path: Path, skip_invalid: bool = False, errors: list | None = None)
     supplier = Chem.SDMolSupplier(str(path), sanitize=False, removeHs=False, strictParsing=True)
     mols = []
     for k in range(len(supplier)):
-        mol = supplier[k]
+        with _ParserErrors() as parser:
+            mol = supplier[k]
         try:
             if mol is None:
-                raise BadMolecule(f"{path}: molecule {k}: malformed record")
+                raise BadMolecule(f"{path}: molecule {k}: malformed record{parser.reason()}")
             if mol.GetNumConformers() == 0:
                 raise BadMolecule(f"{path}: molecule {k}: no coordinates")
             syms = [a.GetSymbol() for a in mol.GetAtoms()]
