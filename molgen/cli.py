@@ -110,7 +110,7 @@ def train(
     from molgen.display import progress, progress_factory
     from molgen.jax_setup import init_distributed, setup_training_devices
     from molgen.launch import Request, launch, resolve_config
-    from molgen.rundir import check_run_dir, refuse_if_in_use
+    from molgen.rundir import check_run_dir, last_checkpoint_step, refuse_if_in_use
 
     if max_minutes is not None and not max_minutes > 0:
         raise MolgenError(f"--max-minutes must be positive, got {max_minutes}")
@@ -120,6 +120,10 @@ def train(
     if not distributed:  # a multi-process run's folder is held by its main process (molgen.launch)
         refuse_if_in_use(out)
     check_run_dir(out, resume)
+    if resume and (done := last_checkpoint_step(out)) >= cfg.optim.steps:  # nothing to train: say so, start nothing
+        console.print(f"{out} has finished its {cfg.optim.steps:,} steps (checkpoint at step {done:,}); "
+                      f"to train further: molgen train --resume --out {out} --steps N, N > {done:,}", soft_wrap=True)
+        return
     if devices is None and cfg.optim.layout == "fused":  # its kernels take one device's batch
         devices = 1
     setup_training_devices(cfg.optim.batch_size, devices)

@@ -18,13 +18,20 @@ def check_run_dir(run_dir: Path, resume: bool) -> None:
     run_dir = Path(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise MolgenError(f"{run_dir} is a file, not a run folder")
-    ckpts = run_dir / "checkpoints"
-    has_ckpt = ckpts.is_dir() and any(p.name.isdigit() for p in ckpts.iterdir())
+    has_ckpt = last_checkpoint_step(run_dir) is not None
     if resume and not has_ckpt:
         what = "does not exist" if not run_dir.exists() else f"holds no finished checkpoint ({_contents(run_dir)})"
         raise MolgenError(f"--resume: {run_dir} {what}; start a new run without --resume")
     if not resume and has_ckpt:
         raise MolgenError(f"{run_dir} already holds checkpoints: pass --resume to continue, or choose another --out")
+
+
+def last_checkpoint_step(run_dir: Path) -> int | None:
+    """The step of a run folder's last finished checkpoint (orbax renames a checkpoint's folder to its step
+    when it is complete), None when it has none."""
+    ckpts = Path(run_dir) / "checkpoints"
+    steps = [int(p.name) for p in ckpts.iterdir() if p.name.isdigit()] if ckpts.is_dir() else []
+    return max(steps, default=None)
 
 
 LOCK_NAME = ".lock"

@@ -28,6 +28,11 @@ def test_a_refused_run_leaves_the_run_as_it_was(ct_run, data_dir):
     before = {p.name: p.read_bytes() for p in ct_run.iterdir() if p.is_file()}
     one_line_error(run("train", "--out", ct_run, "--steps", 5, "--data-dir", data_dir), "--resume")
     assert {p.name: p.read_bytes() for p in ct_run.iterdir() if p.is_file()} == before
+    # resuming a run that has finished its steps trains nothing, says how to go on, and exits 0 before any work
+    res = run("train", "--resume", "--out", ct_run, "--data-dir", data_dir)
+    assert res.exit_code == 0 and "has finished its 4 steps (checkpoint at step 4)" in res.output, res.output
+    assert "--steps N, N > 4" in res.output and "training" not in res.output
+    assert {p.name: p.read_bytes() for p in ct_run.iterdir() if p.is_file()} == before
     assert json.loads((ct_run / "config.json").read_text())["objective"] == "ct"
 
 
