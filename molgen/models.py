@@ -197,4 +197,24 @@ def export_model(run: str | Path, dest: Path, headline: str = "", temperature: f
     if renoise is not None:
         meta["renoise"] = float(renoise)
     save_model(dest, cfg, params, meta)
+    _write_recipes(Path(m.meta["source"]), m.cfg, dest, meta["trained"], stack, stages_from)
     return Model(cfg, params, {**meta, "source": str(dest)})
+
+
+def _write_recipes(source: Path, cfg: RunConfig, dest: Path, trained: str, stack: int, stages_from: str | None):
+    """The recipe files of an exported model, unless ``dest`` has its own: a model folder's are copied; a run's
+    settings are written as recipe.toml (:func:`molgen.recipes.recipe_of`), with the commands that made it."""
+    from molgen import __version__
+    from molgen.io_utils import atomic_write_text
+    from molgen.recipes import recipe_of, to_toml
+
+    if any(dest.glob("recipe*.toml")):  # a --force export into a model folder keeps the recipes its card names
+        return
+    if (source / PARAMS_NAME).exists():
+        for f in sorted(source.glob("recipe*.toml")):
+            atomic_write_text(dest / f.name, f.read_text())
+        return
+    restack = f"\nthen: molgen export RUN {dest.name} --stack {stack}" + (f" --stages-from {stages_from}" if stages_from else "")
+    header = (f"The settings of the training run {source} ({trained}), written by molgen export {__version__}.\n"
+              f"Train it again: molgen train --recipe {dest / 'recipe.toml'} --out runs/{dest.name}" + (restack if stack else ""))
+    atomic_write_text(dest / "recipe.toml", to_toml(recipe_of(cfg), header))

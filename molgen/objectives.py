@@ -39,6 +39,11 @@ class Objective:
     kind: str  # what the trained network computes: "diffusion" or "consistency"
     init: str  # what --init is: "none", "optional" (a warm start of the same kind), "diffusion" or "consistency"
     pairs: bool = False  # trains on teacher-made pairs instead of QM9
+    from_init: tuple[str, ...] = ()  # the config sections a run takes from its --init model, not from its recipe
+
+    def taken_from(self, init_cfg: RunConfig) -> dict:
+        """The sections of ``init_cfg`` this objective's run keeps (:attr:`from_init`)."""
+        return {s: getattr(init_cfg, s) for s in self.from_init}
 
     def configure(self, cfg: RunConfig, ds, init_cfg: RunConfig | None) -> RunConfig:
         """The run's config completed: sections this objective needs, values measured on the data."""
@@ -59,7 +64,7 @@ class Diffusion(Objective):
     def configure(self, cfg, ds, init_cfg):
         cfg = super().configure(cfg, ds, init_cfg).replace(consistency=None, distill=None, stack=None)
         if init_cfg is not None:  # a warm start keeps the network and schedule of the model it starts from
-            cfg = cfg.replace(model=init_cfg.model, diffusion=init_cfg.diffusion)
+            cfg = cfg.replace(**self.taken_from(init_cfg))
         return cfg
 
     def make_loss(self, cfg, apply):
@@ -73,8 +78,7 @@ class Consistency(Objective):
         if cons.total_steps <= 0:  # the curriculum spans the run
             cons = dataclasses.replace(cons, total_steps=cfg.optim.steps)
         if self.init == "diffusion":  # tuning: the diffusion model's network, fed as EDM fed it
-            cfg = cfg.replace(model=init_cfg.model, diffusion=init_cfg.diffusion,
-                              consistency=dataclasses.replace(cons, parametrization="ict-vp"))
+            cfg = cfg.replace(**self.taken_from(init_cfg), consistency=dataclasses.replace(cons, parametrization="ict-vp"))
         else:
             cfg = cfg.replace(diffusion=None, consistency=dataclasses.replace(cons, parametrization="ict"))
         return _with_sigma_data(cfg, ds)
@@ -87,8 +91,7 @@ class Consistency(Objective):
 class Distill(Objective):
     def configure(self, cfg, ds, init_cfg):
         # the student, its network and noise levels are --init's; the data are pairs made for this run
-        return cfg.replace(model=init_cfg.model, diffusion=init_cfg.diffusion, consistency=init_cfg.consistency,
-                           stack=init_cfg.stack, distill=cfg.distill or DistillConfig(), data=init_cfg.data)
+        return cfg.replace(**self.taken_from(init_cfg), distill=cfg.distill or DistillConfig())
 
     def make_loss(self, cfg, apply):
         cfn = model_fn(cfg, apply)
@@ -97,10 +100,11 @@ class Distill(Objective):
 
 
 OBJECTIVES: dict[str, Objective] = {o.name: o for o in (
-    Diffusion("diffusion", "diffusion", "optional"),
+    Diffusion("diffusion", "diffusion", "optional", from_init=("model", "diffusion")),
     Consistency("ct", "consistency", "none"),
-    Consistency("ect", "consistency", "diffusion"),
-    Distill("distill", "consistency", "consistency", pairs=True),
+    Consistency("ect", "consistency", "diffusion", from_init=("model", "diffusion")),
+    Distill("distill", "consistency", "consistency", pairs=True,
+            from_init=("model", "diffusion", "consistency", "stack", "data")),
 )}
 
 

@@ -10,6 +10,7 @@ section.key=value`` overrides single values (TOML syntax; bare words are strings
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import tomllib
 from pathlib import Path
@@ -175,3 +176,48 @@ def to_config(recipe: dict) -> RunConfig:
     if "stack" in recipe:
         raise MolgenError("recipe: [stack] is made by `molgen export --stack N`, not by a recipe")
     return cfg.replace(**kw)
+
+
+# Values a run measures on its data, not settings: a recipe leaves them out.
+MEASURED = {"data": ("size_hist", "type_fractions"), "consistency": ("sigma_data_x", "sigma_data_h")}
+
+
+def recipe_of(cfg: RunConfig) -> dict:
+    """The recipe that trains a run of ``cfg`` again: objective, seed, --init and every setting of the sections the
+    run takes from its recipe (those its objective takes from --init, the stages and measured values left out)."""
+    from molgen.objectives import get_objective
+
+    from_init = set(get_objective(cfg.objective).from_init) if cfg.init else set()
+    out: dict = {"objective": cfg.objective, "seed": cfg.seed}
+    if cfg.init:
+        out["init"] = cfg.init
+    for section in SECTIONS:
+        table = getattr(cfg, section)
+        if table is None or section == "stack" or section in from_init:
+            continue
+        out[section] = {k: v for k, v in dataclasses.asdict(table).items() if k not in MEASURED.get(section, ())}
+    return out
+
+
+def _toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        return repr(v) if math.isfinite(v) else "nan" if v != v else "inf" if v > 0 else "-inf"
+    if isinstance(v, str):
+        return json.dumps(v)  # a TOML basic string: JSON's escapes are TOML's
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(f"no TOML value for {v!r}")
+
+
+def to_toml(recipe: dict, header: str = "") -> str:
+    """A recipe (top-level values, then one table per section) as TOML text, ``header`` as comment lines."""
+    lines = [f"# {line}".rstrip() for line in header.splitlines()]
+    lines += [f"{k} = {_toml_value(v)}" for k, v in recipe.items() if not isinstance(v, dict)]
+    for name, table in recipe.items():
+        if isinstance(table, dict):
+            lines += ["", f"[{name}]"] + [f"{k} = {_toml_value(v)}" for k, v in table.items() if v is not None]
+    return "\n".join(lines) + "\n"

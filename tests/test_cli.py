@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+import tomllib
 
 import jax
 import numpy as np
@@ -245,8 +246,13 @@ def test_distill_from_a_consistency_model_resume_and_sample(tmp_path, trained, e
     res = run("sample", "--checkpoint", tmp_path / "w", "-n", 4, "--steps", 2, "-o", tmp_path / "w.sdf", "--no-report")
     assert res.exit_code == 0 and "temperature 0.8, re-noise 0.3," in res.output, res.output
     assert (tmp_path / "w.sdf").read_text().count("$$$$") == 4
+    recipe = tomllib.loads((tmp_path / "w" / "recipe.toml").read_text())  # the settings that trained it
+    assert recipe["init"] == str(ect) and recipe["distill"]["teacher"] == str(trained)
+    assert recipe["distill"]["targets"] == "polished" and "model" not in recipe  # the network is --init's
     one_line_error(run("export", ref, tmp_path / "w"), "not an empty folder")
+    (tmp_path / "w" / "recipe.toml").write_text("# the card's own\n")
     assert run("export", ref, tmp_path / "w", "--force").exit_code == 0
+    assert (tmp_path / "w" / "recipe.toml").read_text() == "# the card's own\n"  # kept, not replaced
     (tmp_path / "kd2").mkdir()
     (tmp_path / "kd2" / "pairs.npz").write_bytes((out / "pairs.npz").read_bytes())
     one_line_error(run("train", "--objective", "distill", "--init", ect, "--teacher", trained, "--set",
@@ -257,6 +263,25 @@ def test_distill_from_a_consistency_model_resume_and_sample(tmp_path, trained, e
                        tmp_path / "z"), "consistency model")
     one_line_error(run("train", "--objective", "distill", "--init", ect, "--teacher", ect, "--set", "distill.pairs=20",
                        "--batch-size", 4, "--out", tmp_path / "z"), "diffusion model")
+
+
+def test_an_exported_model_carries_the_recipe_that_trains_it_again(tmp_path, trained, data_dir):
+    """molgen export writes the run's settings as recipe.toml; training from it repeats the run exactly (same
+    config, bit-equal parameters); exporting the model folder again copies its recipe."""
+    from molgen.models import load_model
+
+    assert run("export", trained, tmp_path / "m").exit_code == 0  # 4 steps, or 6 after the resume test
+    text = (tmp_path / "m" / "recipe.toml").read_text()
+    steps = json.loads((trained / "config.json").read_text())["optim"]["steps"]
+    assert text.startswith(f"# The settings of the training run {trained} ({steps} steps)")
+    assert "size_hist" not in text and "[model]" in text and "nf = 32" in text  # settings, not measured values
+    res = run("train", "--recipe", tmp_path / "m" / "recipe.toml", "--data-dir", data_dir, "--out", tmp_path / "again")
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "again" / "config.json").read_text()) == json.loads((trained / "config.json").read_text())
+    a, b = load_model(trained).params, load_model(tmp_path / "again").params
+    assert all(np.array_equal(x, y) for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
+    assert run("export", tmp_path / "m", tmp_path / "m2").exit_code == 0
+    assert (tmp_path / "m2" / "recipe.toml").read_text() == text
 
 
 def test_export_stack_samples_as_polish_and_trains(tmp_path, trained, ect, data_dir):
