@@ -228,9 +228,15 @@ def write_per_molecule_csv(path: Path | str, metrics: Metrics, names: list[str] 
 
 
 def write_json(path: Path | str, metrics: Metrics, extra: dict | None = None) -> None:
+    """The metrics as JSON, with ``extra`` (what was evaluated, how it was made), molgen's version and the time."""
+    import datetime
+
+    from molgen import __version__
     from molgen.io_utils import atomic_write_text
 
-    atomic_write_text(path, json.dumps({**metrics.to_dict(), **(extra or {})}, indent=2))
+    stamp = {"molgen_version": __version__,
+             "written_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
+    atomic_write_text(path, json.dumps({**metrics.to_dict(), **(extra or {}), **stamp}, indent=2))
 
 
 def reference_for(data_dir, remove_h: bool, novelty: bool, progress=None):

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import tomllib
 
@@ -70,6 +71,9 @@ def test_evaluate_outputs(tmp_path, data_dir):
     data = json.loads((tmp_path / "m.json").read_text())
     assert data["n_molecules"] == 3 and data["mol_stability"] == 1.0
     assert data["uniqueness"] == 2 / 3 and data["novelty"] == 0.5  # methane is not in this tiny train split
+    from molgen import __version__
+
+    assert data["molgen_version"] == __version__ and re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", data["written_utc"])
     rows = (tmp_path / "m.csv").read_text().splitlines()
     assert len(rows) == 4 and rows[0].startswith("index,")
 
