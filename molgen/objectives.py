@@ -78,7 +78,8 @@ class Consistency(Objective):
         if cons.total_steps <= 0:  # the curriculum spans the run
             cons = dataclasses.replace(cons, total_steps=cfg.optim.steps)
         if self.init == "diffusion":  # tuning: the diffusion model's network, fed as EDM fed it
-            cfg = cfg.replace(**self.taken_from(init_cfg), consistency=dataclasses.replace(cons, parametrization="ict-vp"))
+            cons = dataclasses.replace(cons, parametrization="ict-vp")
+            cfg = cfg.replace(**self.taken_from(init_cfg), consistency=cons)
         else:
             cfg = cfg.replace(diffusion=None, consistency=dataclasses.replace(cons, parametrization="ict"))
         return _with_sigma_data(cfg, ds)
