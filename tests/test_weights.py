@@ -30,6 +30,8 @@ def test_default_model_is_shipped_with_a_card():
 def test_main_command_with_shipped_default(tmp_path, monkeypatch):
     monkeypatch.setenv("MOLGEN_HOME", str(tmp_path / "empty_home"))  # no QM9 cache: still works
     out = tmp_path / "out.sdf"
+    res = runner.invoke(app, ["sample", "-n", "25", "--novelty", "-o", str(out)])  # ... but novelty cannot be had
+    assert res.exit_code == 2 and "--novelty compares with QM9's training split" in res.output and not out.exists()
     res = runner.invoke(app, ["sample", "-n", "25", "--steps", "1", "-o", str(out)])
     assert res.exit_code == 0, res.output
     assert out.read_text().count("$$$$") == 25
