@@ -206,6 +206,16 @@ def evaluation_report(metrics, title: str, errors: list[str]) -> None:
         console.print(f"novelty {metrics.novelty_note}")
 
 
+def setting_table(items: dict) -> Table:
+    """Where molgen runs: one row per item."""
+    t = Table(title="molgen", show_header=False)
+    t.add_column("item", no_wrap=True)
+    t.add_column("value")
+    for k, v in items.items():
+        t.add_row(k, escape(str(v)))
+    return t
+
+
 def cache_tables(data_dir: Path, manifest: dict, ds) -> None:
     t = Table(title=f"QM9 cache: {data_dir}")
     t.add_column("item")

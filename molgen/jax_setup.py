@@ -6,20 +6,26 @@ import os
 from pathlib import Path
 
 
-def enable_compilation_cache(path: Path | str | None = None) -> None:
-    """Cache compiled XLA programs on disk (``$MOLGEN_JAX_CACHE`` or <cache dir>/jax); MOLGEN_JAX_CACHE=off disables."""
-    import jax
-
+def compilation_cache_dir() -> Path | None:
+    """Where compiled XLA programs are kept: ``$MOLGEN_JAX_CACHE``, else <cache dir>/jax; None when
+    MOLGEN_JAX_CACHE=off."""
     env = os.environ.get("MOLGEN_JAX_CACHE")
     if env == "off":
-        return
-    if path is None:
-        if env:
-            path = Path(env)
-        else:
-            from molgen.data.qm9 import default_data_dir
+        return None
+    if env:
+        return Path(env)
+    from molgen.data.qm9 import default_data_dir
 
-            path = default_data_dir() / "jax"
+    return default_data_dir() / "jax"
+
+
+def enable_compilation_cache(path: Path | str | None = None) -> None:
+    """Cache compiled XLA programs on disk (:func:`compilation_cache_dir`); MOLGEN_JAX_CACHE=off disables."""
+    import jax
+
+    path = path or compilation_cache_dir()
+    if path is None:
+        return
     try:
         Path(path).mkdir(parents=True, exist_ok=True)
         jax.config.update("jax_compilation_cache_dir", str(path))

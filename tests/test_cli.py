@@ -41,6 +41,11 @@ def test_download_from_file_then_noop_then_info(tmp_path):
     assert res.exit_code == 0 and "already present" in res.output
     res = run("info", "--data-dir", d)
     assert res.exit_code == 0 and "59" in res.output and "histogram" in res.output
+    from molgen import __version__
+    from molgen.models import default_model
+
+    assert f"{__version__}" in res.output and f"{jax.__version__}, cpu (" in res.output  # where molgen runs
+    assert default_model() in res.output and "compiled programs" in res.output
 
 
 def test_download_without_any_source(tmp_path, monkeypatch):
