@@ -305,6 +305,8 @@ def test_export_stack_samples_as_polish_and_trains(tmp_path, trained, ect, data_
     scfg = json.loads((st / "config.json").read_text())
     assert len(scfg["stack"]["levels"]) == 2 and scfg["stack"]["source"] == trained.name
     assert "2 denoising stages" in json.loads((st / "meta.json").read_text())["trained"]
+    recipe = (st / "recipe.toml").read_text()  # the consistency run's settings, then the stacking command
+    assert f"then: molgen export RUN {st.name} --stack 2\n" in recipe and tomllib.loads(recipe)["objective"] == "ect"
     res = run("sample", "--checkpoint", st, "-n", 5, "--steps", 1, "-o", tmp_path / "s.xyz", "--no-report",
               "--json", tmp_path / "s.json", "--data-dir", data_dir)
     assert res.exit_code == 0 and "network 32x2 + 2 stages of 32x2" in res.output, res.output
