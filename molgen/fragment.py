@@ -62,10 +62,11 @@ class Fragment:
 def read_fragment(path: Path | str) -> Fragment:
     """The first molecule of an SDF / MOL / XYZ file with 3D coordinates, as a fragment (H, C, N, O, F only)."""
     from molgen.chem.io import is_flat, read_molecules
-    from molgen.io_utils import MOLECULE_SUFFIXES
+    from molgen.io_utils import MOLECULE_SUFFIXES, molecule_suffix
 
-    if Path(path).suffix.lower() not in MOLECULE_SUFFIXES:
-        raise MolgenError(f"--fix {path}: give a {', '.join(MOLECULE_SUFFIXES)} file (the format is read from the extension)")
+    if molecule_suffix(path) not in MOLECULE_SUFFIXES:
+        raise MolgenError(f"--fix {path}: give a {', '.join(MOLECULE_SUFFIXES)} file, or one gzipped (.gz) "
+                          "(the format is read from the extension)")
     mols = read_molecules(Path(path))
     if not mols:
         raise MolgenError(f"--fix {path}: no molecule in the file")

@@ -40,9 +40,20 @@ def atomic_path(dest: Path | str):
         raise
 
 
-# the molecule files molgen reads, by extension, and what a folder of molecules is read for
+# the molecule files molgen reads, by extension (each also gzip-compressed, + ".gz"), and what a folder of
+# molecules is read for
 MOLECULE_SUFFIXES = {".sdf": "sdf", ".sd": "sdf", ".mol": "sdf", ".xyz": "xyz", ".extxyz": "xyz"}
 MOLECULE_FILES = tuple(MOLECULE_SUFFIXES)
+
+
+def is_gzipped(path: Path | str) -> bool:
+    return Path(path).suffix.lower() == ".gz"
+
+
+def molecule_suffix(path: Path | str) -> str:
+    """A molecule file's own extension, lower case, under a ".gz" (out.sdf.gz -> ".sdf")."""
+    path = Path(path)
+    return (Path(path.stem) if is_gzipped(path) else path).suffix.lower()
 
 
 def check_writable(path: Path | str | None, what: str = "output", inputs=()) -> None:
@@ -57,7 +68,7 @@ def check_writable(path: Path | str | None, what: str = "output", inputs=()) -> 
         if src is None or not Path(src).exists() or not path.exists():
             continue
         src = Path(src)
-        read = path.samefile(src) or (src.is_dir() and path.parent.samefile(src) and path.suffix.lower() in MOLECULE_FILES)
+        read = path.samefile(src) or (src.is_dir() and path.parent.samefile(src) and molecule_suffix(path) in MOLECULE_FILES)
         if read:
             raise MolgenError(f"{what} {path} is also an input of this command; writing it would overwrite it")
     if path.is_dir():

@@ -272,6 +272,33 @@ def test_a_folder_of_edm_sample_files_reads_with_format_xyz(tmp_path):
     assert res.exit_code == 0 and "wrote 6 molecules" in res.output and (tmp_path / "g.png").stat().st_size > 0
 
 
+def test_gzipped_files_read_as_their_contents_and_outputs_refuse_them(tmp_path):
+    import gzip
+
+    from molgen.chem.io import format_of, write_molecules
+
+    pos, typ = methane()
+    mols = [Molecule(np.asarray(typ, np.int8), pos, f"m{k}") for k in range(3)]
+    for ext, write in (("sdf", write_sdf), ("xyz", write_xyz)):
+        plain = tmp_path / f"m.{ext}"
+        write(plain, mols)
+        packed = tmp_path / "gz" / f"m.{ext}.gz"
+        packed.parent.mkdir(exist_ok=True)
+        packed.write_bytes(gzip.compress(plain.read_bytes()))
+        back = read_molecules(packed)
+        assert [m.name for m in back] == ["m0", "m1", "m2"]
+        np.testing.assert_allclose(back[1].positions, pos, atol=1e-4)
+    assert len(read_molecules(tmp_path / "gz")) == 6  # a folder's gzipped files too
+    (tmp_path / "bad.sdf.gz").write_text("not gzip")
+    with pytest.raises(MolgenError, match="bad.sdf.gz: not a readable gzip file"):
+        read_molecules(tmp_path / "bad.sdf.gz")
+    with pytest.raises(MolgenError, match="writes uncompressed"):
+        format_of(tmp_path / "o.sdf.gz", strict=True)
+    with pytest.raises(MolgenError, match="writes uncompressed"):
+        write_molecules(tmp_path / "o.xyz.gz", mols)
+    assert not (tmp_path / "o.xyz.gz").exists()
+
+
 def test_xyz_frames_keep_their_names_when_a_value_is_empty(tmp_path):
     """An invalid molecule has no SMILES: the XYZ frame must still read back whole (name included) in ASE."""
     import ase.io

@@ -17,7 +17,7 @@ import numpy as np
 
 from molgen import MolgenError
 from molgen.chem.elements import SYMBOLS, symbol_to_type
-from molgen.io_utils import MOLECULE_SUFFIXES, atomic_path, unused_path
+from molgen.io_utils import MOLECULE_SUFFIXES, atomic_path, is_gzipped, molecule_suffix, unused_path
 
 FORMATS = ("sdf", "xyz")
 NONFINITE = "molgen_nonfinite"  # the SDF property of a molecule whose coordinates were not finite
@@ -33,13 +33,15 @@ class Molecule:
 
 
 def _format_of_suffix(path: Path | str) -> str | None:
-    return MOLECULE_SUFFIXES.get(Path(path).suffix.lower())
+    return MOLECULE_SUFFIXES.get(molecule_suffix(path))
 
 
 def format_of(path: Path | str, fmt: str | None = None, strict: bool = False) -> str:
     """The file format: ``fmt`` when given, else the extension's. ``strict`` (for outputs) refuses a ``fmt``
     that contradicts a known extension (an .xyz file holding SDF)."""
     by_suffix = _format_of_suffix(path)
+    if strict and is_gzipped(path):
+        raise MolgenError(f"{path}: molgen writes uncompressed .sdf and .xyz files (gzip it afterwards)")
     if fmt:
         fmt = fmt.lower().lstrip(".")
         if fmt not in FORMATS:
@@ -113,7 +115,7 @@ def write_xyz(path: Path | str, molecules: list[Molecule]) -> None:
 
 
 def write_molecules(path: Path | str, molecules: list[Molecule], fmt: str | None = None) -> str:
-    fmt = format_of(path, fmt)
+    fmt = format_of(path, fmt, strict=True)
     (write_sdf if fmt == "sdf" else write_xyz)(path, molecules)
     return fmt
 
@@ -150,9 +152,22 @@ def _frame_name(comment: str) -> str:
     return (m.group(1) if m and m.group(1) is not None else m.group(2) if m else comment.strip())[:80]
 
 
+def _read_text(path: Path) -> str:
+    """A file's text, gunzipped when its name ends in .gz."""
+    if is_gzipped(path):
+        import gzip
+
+        try:
+            with gzip.open(path, "rt", errors="replace") as f:
+                return f.read()
+        except (OSError, EOFError) as e:  # not gzip data, or cut short
+            raise MolgenError(f"{path}: not a readable gzip file ({e})") from None
+    return Path(path).read_text(errors="replace")
+
+
 def read_xyz(path: Path, skip_invalid: bool = False, errors: list | None = None) -> list[Molecule]:
     """Frames of an XYZ / extended XYZ file: count line, comment line, then ``symbol x y z [...]`` lines."""
-    lines = Path(path).read_text(errors="replace").splitlines()
+    lines = _read_text(path).splitlines()
     mols: list[Molecule] = []
     i, frame = 0, 0
     while i < len(lines):
@@ -227,7 +242,11 @@ def read_sdf(path: Path, skip_invalid: bool = False, errors: list | None = None)
     """Molecules of an SDF file with their 3D coordinates and element symbols (explicit H kept)."""
     from rdkit import Chem
 
-    supplier = Chem.SDMolSupplier(str(path), sanitize=False, removeHs=False, strictParsing=True)
+    if is_gzipped(path):
+        supplier = Chem.SDMolSupplier()
+        supplier.SetData(_read_text(path), sanitize=False, removeHs=False, strictParsing=True)
+    else:
+        supplier = Chem.SDMolSupplier(str(path), sanitize=False, removeHs=False, strictParsing=True)
     mols = []
     for k in range(len(supplier)):
         with _ParserErrors() as parser:
@@ -275,10 +294,10 @@ def _natural_key(path: Path) -> list:
 
 
 def folder_files(path: Path, fmt: str | None = None) -> list[Path]:
-    """The molecule files of a folder in natural name order: the .sdf / .mol / .xyz / .extxyz ones, and with
-    ``fmt`` "xyz" also the .txt ones (EDM writes each sample as an XYZ file named molecule_NNN.txt)."""
+    """The molecule files of a folder in natural name order: the .sdf / .sd / .mol / .xyz / .extxyz ones (also
+    gzipped), and with ``fmt`` "xyz" also the .txt ones (EDM writes each sample as an XYZ file, molecule_NNN.txt)."""
     suffixes = set(MOLECULE_SUFFIXES) | ({".txt"} if fmt and format_of(path, fmt) == "xyz" else set())
-    files = sorted((p for p in path.iterdir() if p.suffix.lower() in suffixes and p.is_file()), key=_natural_key)
+    files = sorted((p for p in path.iterdir() if molecule_suffix(p) in suffixes and p.is_file()), key=_natural_key)
     if not files:
         n_txt = sum(p.suffix.lower() == ".txt" for p in path.iterdir())
         hint = f" (--format xyz reads its {n_txt:,} .txt files as XYZ, as EDM writes its samples)" if n_txt else ""
@@ -296,7 +315,7 @@ def read_molecules(path: Path | str, fmt: str | None = None, skip_invalid: bool 
     if path.is_dir():
         mols = []
         for f in folder_files(path, fmt):
-            for m in read_molecules(f, fmt if f.suffix.lower() == ".txt" else None, skip_invalid, errors):
+            for m in read_molecules(f, fmt if molecule_suffix(f) == ".txt" else None, skip_invalid, errors):
                 m.name = m.name or f.name  # a nameless molecule is named after its file, the link back to it
                 mols.append(m)
         return mols
