@@ -189,7 +189,7 @@ def sample(
 ):
     """Generate molecules and write them as SDF or XYZ, then print their stability report."""
     from molgen.chem.io import format_of, output_file, write_molecules
-    from molgen.data.qm9 import cache_is_valid, default_data_dir, require_cache
+    from molgen.data.qm9 import require_reference
     from molgen.display import metrics_table, sampling_progress
     from molgen.evaluate import annotate, write_json
     from molgen.io_utils import check_outputs
@@ -201,10 +201,7 @@ def sample(
     out = output_file(out, fmt)
     check_outputs({"-o": out, "--json": json_path}, inputs=(fix,))
     fmt = format_of(out, fmt, strict=True)
-    require_cache(data_dir, "--data-dir")
-    if novelty and not cache_is_valid(data_dir or default_data_dir(), verify_hash=False):
-        raise MolgenError(f"--novelty compares with QM9's training split, and {data_dir or default_data_dir()} holds no "
-                          "QM9 cache: run `molgen download` (or name a cache with --data-dir)")
+    require_reference(data_dir, "--novelty compares with QM9's training split" if novelty else None)
     sig = parse_levels(sigmas)
     enable_compilation_cache()
     frag = read_fragment(fix) if fix is not None else None

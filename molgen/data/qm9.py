@@ -222,6 +222,15 @@ def require_cache(data_dir: Path | str | None, option: str) -> None:
         raise MolgenError(f"{option} {data_dir}: no QM9 cache there (run `molgen download --data-dir {data_dir}`)")
 
 
+def require_reference(data_dir: Path | str | None, why: str | None) -> None:
+    """A --data-dir the user named must hold a cache (:func:`require_cache`); when something the user asked for
+    needs one (``why``: what and why), the default cache must too."""
+    require_cache(data_dir, "--data-dir")
+    d = Path(data_dir) if data_dir else default_data_dir()
+    if why and not cache_is_valid(d, verify_hash=False):
+        raise MolgenError(f"{why}, and {d} holds no QM9 cache: run `molgen download` (or name a cache with --data-dir)")
+
+
 def load_qm9(data_dir: Path | str | None = None, remove_h: bool = False, verify: bool = True) -> QM9:
     """Load the processed cache (run ``molgen download`` first)."""
     data_dir = Path(data_dir) if data_dir else default_data_dir()
