@@ -23,7 +23,7 @@ from typing import Callable
 import numpy as np
 
 from molgen.chem.bonds import pad_molecules, stability
-from molgen.chem.elements import N_TYPES, SYMBOLS
+from molgen.chem.elements import N_TYPES, SYMBOLS, formula
 
 TRAIN_SMILES_NAME = "train_smiles_edm_v1.txt"
 
@@ -40,6 +40,7 @@ class PerMolecule:
     rdkit_valid: bool = False
     strain: float | None = None  # kcal/mol
     relax_rmsd: float | None = None  # Å, heavy atoms
+    formula: str = ""  # Hill order, e.g. C2H6O
 
 
 @dataclass
@@ -99,7 +100,7 @@ def _per_molecule(positions, types, progress=None, with_strain: bool = False,
             rd = perceive(t, positions[s + k]) if finite and with_rdkit else None
             relaxed = strain(rd) if with_strain and rd is not None else None
             per.append(PerMolecule(n, int(atom_ok[k, :n].sum()), bool(mol_ok[k]), smi is not None, smi or "", nfrag,
-                                   finite, rd is not None, *(relaxed or (None, None))))
+                                   finite, rd is not None, *(relaxed or (None, None)), formula=formula(t)))
             if progress:
                 progress(1)
     return per, type_counts
@@ -215,15 +216,16 @@ def write_per_molecule_csv(path: Path | str, metrics: Metrics, names: list[str] 
 
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["index", "name", "n_atoms", "stable_atoms", "mol_stable", "valid", "n_fragments", "finite",
-                "smiles", "rdkit_valid", "strain_kcal_mol", "relax_rmsd"])
+    w.writerow(["index", "name", "formula", "n_atoms", "stable_atoms", "mol_stable", "valid", "n_fragments",
+                "finite", "smiles", "rdkit_valid", "strain_kcal_mol", "relax_rmsd"])
 
     def num(v):
         return "" if v is None else f"{v:.4f}"
 
     for k, p in enumerate(metrics.per_molecule):
-        w.writerow([k, (names[k] if names else ""), p.n_atoms, p.stable_atoms, int(p.stable), int(p.valid),
-                    p.n_fragments, int(p.finite), p.smiles, int(p.rdkit_valid), num(p.strain), num(p.relax_rmsd)])
+        w.writerow([k, (names[k] if names else ""), p.formula, p.n_atoms, p.stable_atoms, int(p.stable),
+                    int(p.valid), p.n_fragments, int(p.finite), p.smiles, int(p.rdkit_valid), num(p.strain),
+                    num(p.relax_rmsd)])
     atomic_write_text(path, buf.getvalue())
 
 

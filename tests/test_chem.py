@@ -214,6 +214,15 @@ def test_rdkit_written_sdf_evaluates_as_expected(tmp_path):
     assert m.uniqueness == pytest.approx(3 / 4)
 
 
+@pytest.mark.parametrize("symbols,hill", [
+    ("CCOHHHHHH", "C2H6O"), ("OHH", "H2O"), ("CHHHH", "CH4"), ("FH", "FH"), ("NCH", "CHN"), ("OCONFH", "CHFNO2"),
+])
+def test_formulas_are_in_hill_order(symbols, hill):
+    from molgen.chem.elements import formula
+
+    assert formula(types_from_symbols(symbols)) == hill
+
+
 def test_reader_errors_name_the_place(tmp_path):
     p = tmp_path / "cl.xyz"
     p.write_text("2\nfirst\nC 0 0 0\nH 0 0 1.09\n2\nsecond\nC 0 0 0\nCl 0 0 1.7\n")

@@ -80,7 +80,8 @@ def test_evaluate_outputs(tmp_path, data_dir):
 
     assert data["molgen_version"] == __version__ and re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", data["written_utc"])
     rows = (tmp_path / "m.csv").read_text().splitlines()
-    assert len(rows) == 4 and rows[0].startswith("index,")
+    assert len(rows) == 4 and rows[0].startswith("index,name,formula,n_atoms,")
+    assert rows[1].startswith("0,methane,CH4,5,5,1,1,1,")
 
 
 def test_evaluate_bad_inputs(tmp_path):

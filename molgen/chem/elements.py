@@ -22,3 +22,11 @@ def symbol_to_type(symbol: str) -> int:
 
 def types_from_symbols(symbols) -> np.ndarray:
     return np.array([symbol_to_type(s) for s in symbols], dtype=np.int8)
+
+
+def formula(types) -> str:
+    """The molecular formula of type indices in Hill order: C, then H, then the rest alphabetically (without
+    carbon, all alphabetically), e.g. C2H6O, H2O."""
+    counts = dict(zip(SYMBOLS, np.bincount(np.asarray(types, np.int64), minlength=N_TYPES).tolist()))
+    order = ["C", "H"] + sorted(s for s in SYMBOLS if s not in "CH") if counts["C"] else sorted(SYMBOLS)
+    return "".join(f"{s}{counts[s] if counts[s] > 1 else ''}" for s in order if counts[s])
