@@ -77,8 +77,8 @@ def download(
 @app.command()
 @friendly
 def info(data_dir: Optional[Path] = Opt(None, "--data-dir", help="Cache folder.")):
-    """Show molgen's setting (versions, the devices JAX sees, the default model, where caches are), then where the
-    QM9 cache is, its counts, split sizes and atom-count histogram."""
+    """Show where molgen runs (versions, the devices JAX sees, the default model, cache folders) and the QM9
+    cache: its counts, split sizes and atom-count histogram."""
     import jax
 
     from molgen.data.qm9 import default_data_dir, load_qm9, read_manifest
@@ -334,7 +334,7 @@ def export(
     stages_from: Optional[str] = Opt(None, "--stages-from", help="--stack: the diffusion model whose network the stages use (default: the model's teacher or the model it was tuned from)."),
     force: bool = Opt(False, "--force", help="Write into a destination folder that is not empty."),
 ):
-    """Export a run's EMA parameters (float32) and config as a self-contained model folder."""
+    """Export a run's EMA parameters (float32), config and recipe as a self-contained model folder."""
     from molgen.consistency.stack import describe_network
     from molgen.models import export_model
 
