@@ -153,13 +153,15 @@ def check_inputs(args) -> tuple[Path, Path]:
     return dest, last
 
 
-def check_not_worse(runs: list[dict], ev: dict, max_drop: float) -> None:
-    """Refuse the run if its atom stability fell by more than ``max_drop`` below the last evaluated run's."""
+def check_not_worse(runs: list[dict], ev: dict, max_drop: float) -> dict | None:
+    """Refuse the run if its atom stability fell by more than ``max_drop`` below the last evaluated run's; the
+    evaluation it was compared with (None: no earlier run was evaluated)."""
     prev = next((r["eval_1000_calls"] for r in reversed(runs[:-1]) if r.get("eval_1000_calls")), None)
     if prev and ev["atom_stability"] < prev["atom_stability"] - max_drop:
         fail(f"atom stability fell from {pct(prev['atom_stability'])} to {pct(ev['atom_stability'])} at 1000 calls: "
              f"the teacher keeps its last state (--accept-worse lands this run anyway; the next run would draw the "
              f"same batches: give it another SEED or a lower LR)")
+    return prev
 
 
 def land(args, dest: Path, last: Path) -> tuple[list[dict], dict | None]:

@@ -30,16 +30,17 @@ def test_a_run_thrown_back_is_refused(capsys):
 
 def test_a_small_drop_or_a_gain_lands():
     runs = [run(22.0, 0.7959, 0.023), run(90.0)]
-    ingest.check_not_worse(runs, {"atom_stability": 0.7800}, max_drop=0.02)  # 1.6 points: within the noise
-    ingest.check_not_worse(runs, {"atom_stability": 0.9000}, max_drop=0.02)
-    ingest.check_not_worse([run(22.0)], {"atom_stability": 0.1}, max_drop=0.02)  # nothing to compare with
+    lands = ingest.check_not_worse(runs, {"atom_stability": 0.7800}, max_drop=0.02)  # 1.6 points: within the noise
+    assert lands["atom_stability"] == 0.7959  # compared with the last evaluated run
+    assert ingest.check_not_worse(runs, {"atom_stability": 0.9000}, max_drop=0.02)["atom_stability"] == 0.7959
+    assert ingest.check_not_worse([run(22.0)], {"atom_stability": 0.1}, max_drop=0.02) is None  # nothing to compare
 
 
 def test_the_guard_compares_with_the_last_evaluated_run():
     runs = [run(22.0, 0.70, 0.01), run(40.0, 0.85, 0.10), run(30.0), run(30.0)]  # run 3 landed without samples
     with pytest.raises(SystemExit):
         ingest.check_not_worse(runs, {"atom_stability": 0.80}, max_drop=0.02)
-    ingest.check_not_worse(runs, {"atom_stability": 0.84}, max_drop=0.02)
+    assert ingest.check_not_worse(runs, {"atom_stability": 0.84}, max_drop=0.02)["atom_stability"] == 0.85
 
 
 def test_headline_counts_all_epochs_and_names_the_last_point():
