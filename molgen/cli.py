@@ -239,6 +239,7 @@ def evaluate(
     strain: bool = Opt(False, "--strain", help="MMFF94 strain of the molecules RDKit accepts (energy drop and heavy-atom RMSD of a relaxation; ~2 ms per molecule)."),
     plots: Optional[Path] = Opt(None, "--plots", help="Write histograms of atom types, bond lengths and bond angles against QM9's test split into this folder (PNG)."),
     skip_invalid: bool = Opt(False, "--skip-invalid", help="Report unreadable molecules and evaluate the rest."),
+    each: bool = Opt(False, "--each", help="A report per file or folder given, side by side (default: one report of all their molecules)."),
 ):
     """Stability, validity, uniqueness and novelty (EDM's definitions), RDKit's validity, distances to QM9 and
     optionally strain of molecules in files."""
@@ -256,14 +257,20 @@ def evaluate(
     ref = reference_statistics(reference) if plots is not None else None
     if plots is not None and ref is None:
         raise MolgenError("--plots compares with QM9's test split: run `molgen download` or pass --reference DIR")
+    if each and (per_molecule or plots is not None):
+        raise MolgenError("--each reports each file apart; --per-molecule and --plots describe one set of molecules")
     with progress() as bar:
-        metrics, mols, errors = evaluate_files(files, fmt, skip_invalid, reference, remove_h, not no_novelty,
-                                               progress_factory(bar), fidelity, strain)
+        runs = [evaluate_files(part, fmt, skip_invalid, reference, remove_h, not no_novelty, progress_factory(bar),
+                               fidelity, strain) for part in ([[f] for f in files] if each else [files])]
+    mols, errors = [m for r in runs for m in r[1]], [e for r in runs for e in r[2]]
     if warning := flat_warning(mols):
         say(warning)
-    evaluation_report(metrics, ", ".join(str(f) for f in files), errors)
+    names = [str(f) for f in files] if each else [", ".join(str(f) for f in files)]
+    evaluation_report([(name, r[0]) for name, r in zip(names, runs)], errors)
+    metrics = runs[0][0]
     if json_path:
-        write_json(json_path, metrics, {"files": [str(f) for f in files], "skipped": errors})
+        write_json(json_path, dict(zip(names, (r[0] for r in runs))) if each else metrics,
+                   {"files": [str(f) for f in files], "skipped": errors})
     if per_molecule:
         write_per_molecule_csv(per_molecule, metrics, [m.name for m in mols])
     if plots is not None:

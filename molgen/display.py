@@ -148,10 +148,8 @@ def sampling_progress(calls: int, batch_size: int):
                lambda k: bar.advance(task, k), progress_factory(bar))
 
 
-def metrics_table(m, title: str) -> Table:
-    t = Table(title=title)
-    t.add_column("metric")
-    t.add_column("value", justify="right")
+def metrics_rows(m) -> list[tuple[str, str]]:
+    """A report's rows (metric, value), as `molgen sample` and `molgen evaluate` print them."""
 
     def pct(x):
         return "n/a" if x is None else f"{100 * x:.2f} %"
@@ -171,13 +169,34 @@ def metrics_table(m, title: str) -> Table:
         rows.append(("relaxation RMSD (heavy, median)",
                      "n/a" if st["median_heavy_rmsd"] is None else f"{st['median_heavy_rmsd']:.3f} Å"))
     rows += fidelity_rows(m.fidelity) if m.fidelity else []
-    for k, v in rows:
-        t.add_row(k, v)
     ref = m.reference_type_fractions
     mix = "  ".join(f"{k} {v:.3f}" + (f" ({ref[k]:.3f})" if ref else "") for k, v in m.type_fractions.items())
-    t.add_row("atom types" + (" (train)" if ref else ""), mix)
+    rows.append(("atom types" + (" (train)" if ref else ""), mix))
     if m.fragment_kept is not None:
-        t.add_row("fragment kept (its bond graph)", pct(m.fragment_kept))
+        rows.append(("fragment kept (its bond graph)", pct(m.fragment_kept)))
+    return rows
+
+
+def metrics_table(m, title: str) -> Table:
+    t = Table(title=title)
+    t.add_column("metric")
+    t.add_column("value", justify="right")
+    for k, v in metrics_rows(m):
+        t.add_row(k, v)
+    return t
+
+
+def metrics_columns(reports: list[tuple[str, object]]) -> Table:
+    """Several reports side by side, a column each: (name, metrics) pairs with the same rows. Columns are headed
+    by the files' own names when those differ, else by the names given (wrapped, never cut)."""
+    t = Table(title="molecules by file")
+    t.add_column("metric")
+    short = [Path(name).name for name, _ in reports]
+    for name in short if len(set(short)) == len(short) else [name for name, _ in reports]:
+        t.add_column(escape(name), justify="right", overflow="fold")
+    rows = [metrics_rows(m) for _, m in reports]
+    for k, (label, _) in enumerate(rows[0]):
+        t.add_row(label, *(r[k][1] if k < len(r) else "" for r in rows))
     return t
 
 
@@ -195,13 +214,15 @@ def fidelity_rows(f: dict) -> list[tuple[str, str]]:
             ("vs QM9 test: bond angles W1", num(f["bond_angles_w1"], ".2f") + " °")]
 
 
-def evaluation_report(metrics, title: str, errors: list[str]) -> None:
-    """`molgen evaluate`'s output: what could not be read, the metrics, and why novelty is missing."""
+def evaluation_report(reports: list[tuple[str, object]], errors: list[str]) -> None:
+    """`molgen evaluate`'s output: what could not be read, the metrics (one report, or several side by side:
+    (name, metrics) pairs), and why novelty is missing."""
     for e in errors:
         say(f"skipped: {e}")
-    console.print(metrics_table(metrics, title))
+    console.print(metrics_table(reports[0][1], reports[0][0]) if len(reports) == 1 else metrics_columns(reports))
     if errors:
         console.print(f"{len(errors)} molecule(s) could not be read and were skipped")
+    metrics = reports[0][1]
     if metrics.novelty is None and metrics.novelty_note:
         console.print(f"novelty {metrics.novelty_note}")
 

@@ -229,16 +229,18 @@ def write_per_molecule_csv(path: Path | str, metrics: Metrics, names: list[str] 
     atomic_write_text(path, buf.getvalue())
 
 
-def write_json(path: Path | str, metrics: Metrics, extra: dict | None = None) -> None:
-    """The metrics as JSON, with ``extra`` (what was evaluated, how it was made), molgen's version and the time."""
+def write_json(path: Path | str, metrics: Metrics | dict[str, Metrics], extra: dict | None = None) -> None:
+    """The metrics as JSON (several reports: {name: metrics} under "reports"), with ``extra`` (what was evaluated,
+    how it was made), molgen's version and the time."""
     import datetime
 
     from molgen import __version__
     from molgen.io_utils import atomic_write_text
 
+    body = metrics.to_dict() if isinstance(metrics, Metrics) else {"reports": {k: m.to_dict() for k, m in metrics.items()}}
     stamp = {"molgen_version": __version__,
              "written_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
-    atomic_write_text(path, json.dumps({**metrics.to_dict(), **(extra or {}), **stamp}, indent=2))
+    atomic_write_text(path, json.dumps({**body, **(extra or {}), **stamp}, indent=2))
 
 
 def reference_for(data_dir, remove_h: bool, novelty: bool, progress=None):
@@ -284,7 +286,7 @@ def evaluate_files(files, fmt=None, skip_invalid: bool = False, reference=None, 
     for f in files:
         mols += read_molecules(f, fmt, skip_invalid, errors)
     if not mols:
-        raise MolgenError("no readable molecules in the input")
+        raise MolgenError(f"no readable molecules in {', '.join(str(f) for f in files)}")
     from molgen.fidelity import reference_statistics
 
     smiles, fr = reference_for(reference, remove_h, novelty, progress)

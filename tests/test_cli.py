@@ -64,6 +64,21 @@ def _xyz(path, body):
 METHANE = "5\nmethane\nC 0 0 0\nH 0.6293 0.6293 0.6293\nH 0.6293 -0.6293 -0.6293\nH -0.6293 0.6293 -0.6293\nH -0.6293 -0.6293 0.6293\n"
 
 
+def test_evaluate_each_reports_every_file_apart(tmp_path):
+    """--each: a report per file side by side (JSON: one per name); by default one report of all molecules."""
+    stable = _xyz(tmp_path / "a.xyz", METHANE * 3)
+    broken = _xyz(tmp_path / "b.xyz", METHANE.replace("0.6293 0.6293 0.6293", "2.5 2.5 2.5"))  # an H far away
+    res = run("evaluate", stable, broken, "--each", "--json", tmp_path / "e.json", "--no-fidelity", "--no-novelty")
+    assert res.exit_code == 0 and "a.xyz" in res.output and "b.xyz" in res.output, res.output
+    rep = json.loads((tmp_path / "e.json").read_text())["reports"]
+    assert (rep[str(stable)]["n_molecules"], rep[str(stable)]["mol_stability"]) == (3, 1.0)
+    assert (rep[str(broken)]["n_molecules"], rep[str(broken)]["mol_stability"]) == (1, 0.0)
+    res = run("evaluate", stable, broken, "--json", tmp_path / "p.json", "--no-fidelity", "--no-novelty")
+    pooled = json.loads((tmp_path / "p.json").read_text())
+    assert res.exit_code == 0 and (pooled["n_molecules"], pooled["mol_stability"]) == (4, 0.75)
+    one_line_error(run("evaluate", stable, broken, "--each", "--per-molecule", tmp_path / "m.csv"), "--each")
+
+
 def test_evaluate_outputs(tmp_path, data_dir):
     ds = qm9.load_qm9(data_dir)
     pos, typ = ds.molecule(int(ds.split("train")[0]))  # a training molecule: not novel
