@@ -194,9 +194,9 @@ def metrics_columns(reports: list[tuple[str, object]]) -> Table:
     short = [Path(name).name for name, _ in reports]
     for name in short if len(set(short)) == len(short) else [name for name, _ in reports]:
         t.add_column(escape(name), justify="right", overflow="fold")
-    rows = [metrics_rows(m) for _, m in reports]
-    for k, (label, _) in enumerate(rows[0]):
-        t.add_row(label, *(r[k][1] if k < len(r) else "" for r in rows))
+    rows = [dict(metrics_rows(m)) for _, m in reports]
+    for label in dict.fromkeys(k for r in rows for k in r):  # every row any report has, in order
+        t.add_row(label, *(r.get(label, "") for r in rows))
     return t
 
 
