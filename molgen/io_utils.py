@@ -43,7 +43,6 @@ def atomic_path(dest: Path | str):
 # the molecule files molgen reads, by extension (each also gzip-compressed, + ".gz"), and what a folder of
 # molecules is read for
 MOLECULE_SUFFIXES = {".sdf": "sdf", ".sd": "sdf", ".mol": "sdf", ".xyz": "xyz", ".extxyz": "xyz"}
-MOLECULE_FILES = tuple(MOLECULE_SUFFIXES)
 
 
 def is_gzipped(path: Path | str) -> bool:
@@ -68,7 +67,7 @@ def check_writable(path: Path | str | None, what: str = "output", inputs=()) -> 
         if src is None or not Path(src).exists() or not path.exists():
             continue
         src = Path(src)
-        read = path.samefile(src) or (src.is_dir() and path.parent.samefile(src) and molecule_suffix(path) in MOLECULE_FILES)
+        read = path.samefile(src) or (src.is_dir() and path.parent.samefile(src) and molecule_suffix(path) in MOLECULE_SUFFIXES)
         if read:
             raise MolgenError(f"{what} {path} is also an input of this command; writing it would overwrite it")
     if path.is_dir():
