@@ -158,7 +158,7 @@ def metrics_rows(m) -> list[tuple[str, str]]:
             ("atom stability", pct(m.atom_stability)), ("molecule stability", pct(m.mol_stability)),
             ("validity", pct(m.validity)), ("uniqueness (of valid)", pct(m.uniqueness)),
             ("valid & unique", pct(m.valid_and_unique)),
-            ("novelty (of unique)", pct(m.novelty) if m.novelty is not None else "not computed"),
+            ("novelty (of unique)", pct(m.novelty) if m.novelty is not None else _why_no_novelty(m.novelty_note)),
             ("connected (1 fragment)", pct(m.connected)), ("non-finite coordinates", str(m.n_nonfinite))]
     if m.rdkit_validity is not None:
         rows.append(("validity (RDKit's own bonds)", pct(m.rdkit_validity)))
@@ -214,6 +214,11 @@ def fidelity_rows(f: dict) -> list[tuple[str, str]]:
             ("vs QM9 test: bond angles W1", num(f["bond_angles_w1"], ".2f") + " °")]
 
 
+def _why_no_novelty(note: str) -> str:
+    """The novelty row without a value: the note's short form ("not computed", "skipped (--no-novelty)")."""
+    return note.split(":")[0] or "not computed"
+
+
 def evaluation_report(reports: list[tuple[str, object]], errors: list[str]) -> None:
     """`molgen evaluate`'s output: what could not be read, the metrics (one report, or several side by side:
     (name, metrics) pairs), and why novelty is missing."""
@@ -223,7 +228,7 @@ def evaluation_report(reports: list[tuple[str, object]], errors: list[str]) -> N
     if errors:
         console.print(f"{len(errors)} molecule(s) could not be read and were skipped")
     metrics = reports[0][1]
-    if metrics.novelty is None and metrics.novelty_note:
+    if metrics.novelty is None and metrics.novelty_note != _why_no_novelty(metrics.novelty_note):
         console.print(f"novelty {metrics.novelty_note}")
 
 

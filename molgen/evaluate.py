@@ -263,6 +263,8 @@ def annotate(molecules, data_dir=None, remove_h: bool = False, novelty: bool = F
     smiles, fr = reference_for(data_dir, remove_h, novelty, progress)
     metrics = evaluate_molecules([m.positions for m in molecules], [m.types for m in molecules], smiles, fr,
                                  progress("evaluating", len(molecules)) if progress else None)
+    if not novelty:
+        metrics.novelty_note = "not computed (add --novelty)"
     if fragment is not None:
         from molgen.fragment import fragment_kept
 

@@ -527,8 +527,10 @@ def test_sample_keep_stable_writes_stable_molecules_only(tmp_path, trained, data
     r = json.loads(rep.read_text())
     assert r["n_molecules"] == 6 and r["mol_stability"] == 1.0 and r["connected"] == 1.0
     assert r["molgen_keep"] == "stable" and r["molgen_drawn"] > 6
+    assert r["novelty"] is None and r["novelty_note"] == "not computed (add --novelty)"  # the cache is no reason
     back = run("evaluate", out, "--no-novelty", "--json", tmp_path / "e.json")  # the file itself, read back
     assert back.exit_code == 0 and json.loads((tmp_path / "e.json").read_text())["mol_stability"] == 1.0
+    assert "skipped (--no-novelty)" in back.output
     one_line_error(run("sample", "-n", 3, "--keep", "pretty", "-o", tmp_path / "p.sdf"),
                    "--keep must be one of all, valid, stable")
     one_line_error(run("sample", "-n", 3, "--unique", "-o", tmp_path / "p.sdf"), "add --keep valid or stable")
