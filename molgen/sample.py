@@ -96,7 +96,7 @@ def draw_sizes(cfg, n: int, seed: int, atoms: int | None = None, stream: int = 7
 
 def parse_levels(text: str | None) -> list[float] | None:
     """``--sigmas``: comma-separated noise levels."""
-    if not text:
+    if text is None:
         return None
     try:
         return [float(s) for s in text.split(",")]

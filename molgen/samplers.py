@@ -70,8 +70,12 @@ def _check_sigmas(cfg: RunConfig, steps: int, sigmas) -> list[float] | None:
     s = [float(x) for x in sigmas]
     if len(s) != steps:
         raise MolgenError(f"--sigmas gives {len(s)} levels for --steps {steps}")
-    if any(b >= a for a, b in zip(s, s[1:])) or s[-1] <= cfg.consistency.sigma_min:
-        raise MolgenError("--sigmas must decrease and stay above sigma_min")
+    lo, hi = cfg.consistency.sigma_min, cfg.consistency.sigma_max
+    if not all(lo < x <= hi for x in s):  # NaN too
+        raise MolgenError(f"--sigmas: every level must be above sigma_min {lo:g} and at most sigma_max {hi:g} "
+                          f"(the model's training range), got {','.join(f'{x:g}' for x in s)}")
+    if any(b >= a for a, b in zip(s, s[1:])):
+        raise MolgenError("--sigmas must decrease")
     return s
 
 

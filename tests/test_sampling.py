@@ -17,7 +17,7 @@ from molgen.diffusion.levels import karras, ode_levels
 from molgen.models import Model
 from molgen.networks import init_params, model_fn, network
 from molgen.nn.egnn import PRESETS
-from molgen.sample import plan, sample
+from molgen.sample import parse_levels, plan, sample
 from molgen.samplers import SAMPLERS, get_sampler
 
 HIST = DataConfig(size_hist=(0, 0, 0, 2, 3, 5, 1))  # molecules of 3-6 atoms
@@ -95,6 +95,14 @@ def test_sampler_option_errors(rng):
         plan(c, 2, sigmas=[1.0])
     with pytest.raises(MolgenError, match="must decrease"):
         plan(c, 2, sigmas=[0.5, 1.0])
+    for bad in ([float("nan")], [1e9], [0.002], [-1.0]):  # outside (sigma_min, sigma_max]: refused, NaN too
+        with pytest.raises(MolgenError, match="above sigma_min 0.002 and at most sigma_max 80"):
+            plan(c, 1, sigmas=bad)
+    assert plan(c, 2, sigmas=[80.0, 0.5])[2]["molgen_calls"] == 2
+    for text in ("", " , ", "1,abc"):
+        with pytest.raises(MolgenError, match="expected comma-separated numbers"):
+            parse_levels(text)
+    assert parse_levels(None) is None and parse_levels("2, 0.5") == [2.0, 0.5]
     with pytest.raises(MolgenError, match="--renoise applies to the multistep sampler"):
         plan(d, 2, renoise=0.5)
     with pytest.raises(MolgenError, match="exceeds the model's 1000 diffusion steps"):
