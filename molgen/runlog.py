@@ -50,6 +50,10 @@ class RunText:
                 f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime())}  {text}\n")
 
 
+class Diverged(MolgenError):
+    """The loss is no longer a finite number: the run stops, its last checkpoint kept."""
+
+
 class MetricsLog:
     """metrics.jsonl (every LOG_EVERY steps and at every chunk's end) and the progress: a line (step, loss,
     steps/s, time left: to the last step, or to the end of the time budget ``max_seconds`` if that comes first)
@@ -78,7 +82,7 @@ class MetricsLog:
         n = len(m["loss"])
         bad = np.flatnonzero(~np.isfinite(m["loss"]))
         if len(bad):
-            raise MolgenError(f"loss became {m['loss'][bad[0]]} at step {first + bad[0] + 1}; lower the learning rate or check the data")
+            raise Diverged(f"loss became {m['loss'][bad[0]]} at step {first + bad[0] + 1}")
         now, done = time.time(), first + n
         rate = (done - self.s_last) / max(now - self.t_last, 1e-9)
         self.t_last, self.s_last = now, done

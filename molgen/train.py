@@ -35,7 +35,7 @@ from molgen.networks import network, resolve_precision
 from molgen.objectives import get_objective
 from molgen.parallel import agree, global_put, is_main, local_value, make_mesh, put_batch
 from molgen.rundir import check_run_dir, cut_metrics, save_plan, saved_plan
-from molgen.runlog import MetricsLog, RunText, run_header
+from molgen.runlog import Diverged, MetricsLog, RunText, run_header
 from molgen.state import (CONFIG_NAME, METRICS_NAME, TrainState, checkpoint_manager, grad_norm, init_state,
                           make_optimizer, restore_checkpoint, save_checkpoint, state_shapes)
 
@@ -324,12 +324,13 @@ def train(cfg: RunConfig, run_dir: Path, ds, resume: bool = False, init_params=N
                 evaluate = eval_every and (step % eval_every == 0 or step == end)
                 metrics.write(first, out, validation(state.ema) if evaluate else None)
                 if ckpt_every and step % ckpt_every == 0:
-                    save_plan(run_dir, step, feed.plan)
-                    save_checkpoint(mgr, state)
+                    _checkpoint(run_dir, mgr, state, step, feed.plan)
                 if stop.requested:
                     raise KeyboardInterrupt
                 if over and step < end:
                     log(f"time budget of {max_seconds:.0f} s reached at step {step}")
+    except Diverged as e:
+        raise _diverged(e, mgr, run_dir, log) from None
     except KeyboardInterrupt:
         interrupted = True
         log(f"interrupted: saving a checkpoint; continue with: molgen train --resume --out {run_dir}")
@@ -340,8 +341,22 @@ def train(cfg: RunConfig, run_dir: Path, ds, resume: bool = False, init_params=N
         saved = mgr.latest_step() is not None
         last = restore_checkpoint(mgr, state_shapes(cfg)) if saved else init_state(cfg, init_params)
         return TrainResult(last, True, 0.0)
-    save_plan(run_dir, step, feed.plan)
-    save_checkpoint(mgr, state)
+    _checkpoint(run_dir, mgr, state, step, feed.plan)
     log.write(f"checkpoint at step {step}")
     elapsed = time.time() - t0
     return TrainResult(state, interrupted, (int(local_value(state.step)) - start) / elapsed if elapsed > 0 else 0.0)
+
+
+def _checkpoint(run_dir: Path, mgr, state: TrainState, step: int, plan) -> None:
+    save_plan(run_dir, step, plan)
+    save_checkpoint(mgr, state)
+
+
+def _diverged(e: Diverged, mgr, run_dir: Path, log: RunText) -> Diverged:
+    """The error that stops a run whose loss is no longer finite, with what is kept and how to go on; in
+    train.log too."""
+    kept = mgr.latest_step()
+    what = (f"the checkpoint at step {kept} is kept; continue with a lower learning rate: molgen train --resume "
+            f"--out {run_dir} --lr LR" if kept is not None else "no checkpoint was saved; start again with a lower --lr")
+    log.write(f"stopped: {e}; {what}")
+    return Diverged(f"{e}; {what}")

@@ -1,5 +1,6 @@
 """The training loop: exact resume, Ctrl-C, data parallelism on 2 virtual devices."""
 
+import json
 import os
 import subprocess
 import sys
@@ -80,6 +81,24 @@ def test_ctrl_c_saves_a_checkpoint(tmp_path, mini_ds, monkeypatch):
     res = train(cfg, tmp_path / "c", mini_ds, progress=None, log=lambda s: None, chunk=4)
     assert res.interrupted and int(res.state.step) == 4
     assert load_model(tmp_path / "c").meta["step"] == 4
+
+
+def test_a_run_whose_loss_diverges_stops_with_its_last_checkpoint_kept(tmp_path, mini_ds):
+    """Resumed at step 4 with a learning rate that blows the parameters up: a one-line error that says which
+    checkpoint is kept and how to go on, in train.log too; no non-finite loss logged; the run goes on from step 4."""
+    from molgen.runlog import Diverged
+
+    cfg, run = _cfg(mini_ds).with_optim(steps=8, ckpt_every=4), tmp_path / "d"
+    train(cfg, run, mini_ds, progress=None, log=lambda s: None, chunk=4, stop_at=4)
+    with pytest.raises(Diverged, match=r"loss became nan at step [5-8]; the checkpoint at step 4 is kept; continue "
+                                       r"with a lower learning rate: molgen train --resume --out .* --lr LR"):
+        train(cfg.with_optim(lr=1e12, warmup=1), run, mini_ds, resume=True, progress=None, log=lambda s: None, chunk=4)
+    assert "stopped: loss became nan" in (run / "train.log").read_text()
+    assert all(np.isfinite(json.loads(line)["loss"]) for line in (run / "metrics.jsonl").read_text().splitlines())
+    res = train(cfg, run, mini_ds, resume=True, progress=None, log=lambda s: None, chunk=4)
+    assert int(res.state.step) == 8 and np.isfinite(_leaves(res.state.params)[0]).all()
+    with pytest.raises(Diverged, match="no checkpoint was saved; start again with a lower --lr"):
+        train(cfg.with_optim(lr=1e12, warmup=1), tmp_path / "e", mini_ds, progress=None, log=lambda s: None, chunk=4)
 
 
 def test_loss_falls_on_a_fixed_batch(mini_ds):
