@@ -124,7 +124,9 @@ def train(
     """Train a model on QM9 from a recipe; Ctrl-C saves a checkpoint, --resume continues exactly."""
     from molgen.display import progress, progress_factory
     from molgen.jax_setup import init_distributed, setup_training_devices
+    from molgen.data.qm9 import require_reference
     from molgen.launch import Request, launch, resolve_config
+    from molgen.objectives import get_objective
     from molgen.rundir import check_run_dir, last_checkpoint_step, refuse_if_in_use
 
     if max_minutes is not None and not max_minutes > 0:
@@ -139,6 +141,7 @@ def train(
         console.print(f"{out} has finished its {cfg.optim.steps:,} steps (checkpoint at step {done:,}); "
                       f"to train further: molgen train --resume --out {out} --steps N, N > {done:,}", soft_wrap=True)
         return
+    require_reference(data_dir, None if get_objective(cfg.objective).pairs else f"{cfg.objective} trains on QM9")
     if devices is None and cfg.optim.layout == "fused":  # its kernels take one device's batch
         devices = 1
     setup_training_devices(cfg.optim.batch_size, devices)

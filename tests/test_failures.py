@@ -115,6 +115,7 @@ def test_a_resumed_run_logs_each_step_once(ct_run, data_dir, tmp_path):
     (("sample", "--fix", "{file}", "--atoms", 300, "-o", "{tmp}/x.sdf"), "--atoms must be in 1 .. 256"),
     (("sample", "-n", 0, "--atoms", 40, "-o", "{tmp}/x.sdf"), "-n must be at least 1"),
     (("evaluate", "{file}", "--reference", "{tmp}"), "--reference {tmp}: no QM9 cache there"),
+    (("train", "--data-dir", "{tmp}", "--steps", 2, "--out", "{tmp}/r"), "--data-dir {tmp}: no QM9 cache there"),
     (("evaluate", "{file}", "--per-molecule", "{file}"), "is also an input of this command"),
     (("evaluate", "{tmp}", "--json", "{file}"), "is also an input of this command"),
     (("sample", "--fix", "{file}", "-o", "{file}"), "is also an input of this command"),
@@ -133,7 +134,7 @@ def test_bad_input_is_one_line_before_any_work(tmp_path, args, message, data_dir
     f = tmp_path / "existing.xyz"
     f.write_text("1\nH\nH 0 0 0\n")
     args = [str(a).format(tmp=tmp_path, file=f) for a in args]
-    if args[0] == "train":
+    if args[0] == "train" and "--data-dir" not in args:
         args += ["--data-dir", str(data_dir)]
     res = run(*args)
     one_line_error(res, message.format(tmp=tmp_path))
