@@ -1,5 +1,7 @@
 """Samplers (k network calls, zero CoM, determinism, temperature) and the consistency function's properties."""
 
+import hypothesis
+import hypothesis.strategies
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -334,3 +336,47 @@ def test_keep_writes_only_molecules_that_pass_and_draws_more_until_n():
     assert len(set(smiles)) == len(smiles) == 15 and distinct.settings["molgen_keep"] == "stable, unique"
     with pytest.raises(MolgenError, match="--unique compares SMILES"):
         sample_kept(m, 5, "all", unique=True)
+
+
+_FUZZ_MODELS = {}
+
+
+def _fuzz_model(kind):
+    if kind not in _FUZZ_MODELS:
+        _FUZZ_MODELS[kind] = _model(kind, np.random.default_rng(0))
+    return _FUZZ_MODELS[kind]
+
+
+_NUMBERS = hypothesis.strategies.one_of(
+    hypothesis.strategies.none(), hypothesis.strategies.floats(allow_nan=True, allow_infinity=True),
+    hypothesis.strategies.sampled_from([0.0, -1.0, 0.002, 0.5, 1.0, 80.0, 80.5]))
+
+
+@hypothesis.settings(max_examples=300, deadline=None)
+@hypothesis.given(kind=hypothesis.strategies.sampled_from(["diffusion", "consistency"]),
+                  sampler=hypothesis.strategies.sampled_from([None, "x", *SAMPLERS]),
+                  steps=hypothesis.strategies.one_of(hypothesis.strategies.none(), hypothesis.strategies.integers(-1, 5),
+                                                     hypothesis.strategies.integers(995, 1005)),
+                  sigmas=hypothesis.strategies.one_of(hypothesis.strategies.none(),
+                                                      hypothesis.strategies.lists(_NUMBERS.filter(bool), max_size=4)),
+                  temperature=_NUMBERS, renoise=_NUMBERS,
+                  polish=hypothesis.strategies.integers(-1, 3), resample=hypothesis.strategies.integers(-1, 2),
+                  fixing=hypothesis.strategies.booleans())
+def test_any_sampling_request_is_refused_in_one_error_or_planned_sound(kind, sampler, steps, sigmas, temperature,
+                                                                       renoise, polish, resample, fixing):
+    """Whatever the options, `plan` (which `molgen sample` calls before any work) either refuses them with a
+    MolgenError or returns a plan a sampler can run: finite levels (a consistency sampler's decreasing, inside
+    the model's (sigma_min, sigma_max]), a positive finite temperature, a finite re-noising, at least one call."""
+    model = _fuzz_model(kind)
+    try:
+        s, levels, settings, r = plan(model, steps, sampler, sigmas, temperature, renoise, polish, 0, resample, fixing)
+    except MolgenError as e:
+        assert str(e) and "\n" not in str(e)
+        return
+    assert np.isfinite(levels).all() and len(levels) >= 1 and settings["molgen_calls"] >= 1
+    assert np.isfinite(settings["molgen_temperature"]) and settings["molgen_temperature"] > 0
+    assert r is None or (np.isfinite(r) and r >= 0)
+    if s.kind == "consistency":
+        c = model.cfg.consistency
+        assert all(c.sigma_min < x <= c.sigma_max for x in levels)
+        assert all(b < a for a, b in zip(levels, levels[1:]))
