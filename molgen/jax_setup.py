@@ -135,9 +135,16 @@ def init_distributed() -> None:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     except (AttributeError, ValueError):  # an older JAX without the option
         pass
+    from molgen import MolgenError
+
     kw = {}
-    if os.environ.get("JAX_NUM_PROCESSES"):
-        kw["num_processes"] = int(os.environ["JAX_NUM_PROCESSES"])
-    if os.environ.get("JAX_PROCESS_ID"):
-        kw["process_id"] = int(os.environ["JAX_PROCESS_ID"])
-    jax.distributed.initialize(**kw)
+    for var, key in (("JAX_NUM_PROCESSES", "num_processes"), ("JAX_PROCESS_ID", "process_id")):
+        if os.environ.get(var):
+            if not os.environ[var].strip().isdigit():
+                raise MolgenError(f"--distributed: {var} must be a whole number, got {os.environ[var]!r}")
+            kw[key] = int(os.environ[var])
+    try:
+        jax.distributed.initialize(**kw)
+    except ValueError as e:  # JAX found no cluster and was told no coordinator
+        raise MolgenError(f"--distributed: {str(e).rstrip('.')} (set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID, "
+                          "or run under a cluster manager such as SLURM)") from None

@@ -63,3 +63,21 @@ def test_two_devices_or_two_processes_train_and_resume_alike(tmp_path, data_dir)
     assert [json.loads(line)["step"] for line in (pair / "metrics.jsonl").read_text().splitlines()][-1] == 6
     assert load_model(pair).meta["step"] == 6
     _same_params(one, pair)
+
+
+def test_distributed_without_a_cluster_is_one_line(tmp_path, data_dir):
+    """--distributed with no coordinator to find (no JAX_COORDINATOR_ADDRESS, no cluster manager), or a process
+    count that is not a number: one error line, exit code 2, nothing written."""
+    from conftest import FAST_COMPILE
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_COORDINATOR", "JAX_NUM", "JAX_PROCESS", "SLURM"))}
+    env.update(XLA_FLAGS=FAST_COMPILE, JAX_PLATFORMS="cpu")
+    args = ["--model", "tiny", "--steps", 2, "--data-dir", data_dir, "--distributed", "--out", tmp_path / "r"]
+    for extra, message in (({}, "(set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID, or run under"),
+                           ({"JAX_NUM_PROCESSES": "two"}, "JAX_NUM_PROCESSES must be a whole number, got 'two'")):
+        p = _train(args, dict(env, **extra))
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 2 and "Traceback" not in err, err
+        line = err.strip().splitlines()[-1]  # JAX's own words differ between releases
+        assert line.startswith("error: --distributed: ") and message in line, err
+        assert not (tmp_path / "r").exists()
