@@ -88,7 +88,19 @@ class RunConfig:
 
     @classmethod
     def load(cls, path: Path) -> "RunConfig":
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        """A saved config.json (a damaged or foreign file: one line, MolgenError)."""
+        from molgen import MolgenError
+
+        try:
+            d = json.loads(Path(path).read_text())
+        except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+            raise MolgenError(f"{path}: damaged, not JSON ({e})") from None
+        if not isinstance(d, dict):
+            raise MolgenError(f"{path}: not a molgen config (a JSON {type(d).__name__}, not an object)")
+        try:
+            return cls.from_dict(d)
+        except (TypeError, ValueError, AttributeError) as e:
+            raise MolgenError(f"{path}: not a molgen config ({e})") from None
 
 
 def resolve_auto(value: str, choices: tuple[str, ...], per_platform: dict[str, str], what: str,

@@ -103,13 +103,51 @@ def load_model(name: str | Path | None) -> Model:
     path = find_model(name)
     if (path / PARAMS_NAME).exists():
         cfg = RunConfig.load(path / CONFIG_NAME)
-        params = serialization.msgpack_restore((path / PARAMS_NAME).read_bytes())
-        meta = json.loads((path / META_NAME).read_text()) if (path / META_NAME).exists() else {}
-        return Model(cfg, params, {**meta, "source": str(path)})
+        try:
+            params = serialization.msgpack_restore((path / PARAMS_NAME).read_bytes())
+        except Exception as e:  # msgpack's errors for a truncated or foreign file
+            raise MolgenError(f"{path / PARAMS_NAME}: damaged ({e}); export or download the model again") from None
+        check_params(params, cfg, path / PARAMS_NAME)
+        return Model(cfg, params, {**_read_meta(path / META_NAME), "source": str(path)})
     from molgen.state import load_ema_params
 
     cfg, params, step = load_ema_params(path)
     return Model(cfg, params, {"source": str(path), "step": step})
+
+
+def _read_meta(path: Path) -> dict:
+    if not path.exists():
+        return {}
+    try:
+        meta = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise MolgenError(f"{path}: damaged, not JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise MolgenError(f"{path}: damaged, not a JSON object")
+    return meta
+
+
+def check_params(params, cfg: RunConfig, where) -> None:
+    """The parameters are the arrays the config's network has (names and shapes), else one line naming the first
+    that differs: a params.msgpack from another model, or a config.json edited after training."""
+    from molgen.networks import init_params
+
+    def shapes(tree):
+        flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+        return {"/".join(str(getattr(k, "key", k)) for k in p): tuple(np.shape(a)) for p, a in flat}
+
+    try:
+        want = shapes(jax.eval_shape(lambda: init_params(cfg, 0)))
+    except Exception as e:  # a config.json whose values build no network (edited by hand, say)
+        raise MolgenError(f"{Path(where).parent / CONFIG_NAME}: describes no network molgen can build "
+                          f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    have = shapes(params)
+    for name in sorted(have.keys() | want.keys()):
+        if have.get(name) != want.get(name):
+            got = "absent" if name not in have else f"shape {have[name]}"
+            need = "no such array" if name not in want else f"shape {want[name]}"
+            raise MolgenError(f"{where}: does not fit {CONFIG_NAME}'s network: {name} is {got} in the file, the "
+                              f"network has {need}")
 
 
 def load_diffusion_model(name: str | Path, what: str) -> Model:

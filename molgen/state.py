@@ -74,11 +74,40 @@ def save_checkpoint(mgr, state: TrainState) -> None:
 
 
 def restore_checkpoint(mgr, target: TrainState, step: int | None = None) -> TrainState:
+    """The checkpoint at ``step`` (default: the latest) in the shapes of ``target``; a damaged checkpoint, or one of
+    other shapes, is one line (MolgenError)."""
+    import sys
+    import warnings
+
     import orbax.checkpoint as ocp
 
     step = mgr.latest_step() if step is None else step
     abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, target)
-    return mgr.restore(step, args=ocp.args.StandardRestore(abstract))
+    previous = sys.unraisablehook
+    sys.unraisablehook = _without_closed_loop_errors(previous)
+    try:
+        state = mgr.restore(step, args=ocp.args.StandardRestore(abstract))
+    except (ValueError, KeyError, TypeError) as e:  # arrays of other shapes or names, or a damaged checkpoint
+        # the reads still in flight end in a closed event loop: the hook stays, so they print no tracebacks
+        warnings.filterwarnings("ignore", message="coroutine .* was never awaited", category=RuntimeWarning)
+        first = str(e).strip().splitlines()[0].split(". ")[0] if str(e).strip() else type(e).__name__
+        raise MolgenError(f"{mgr.directory}: the checkpoint at step {step} cannot be read: damaged, or not made for "
+                          f"the model {CONFIG_NAME} describes ({first[:200]})") from None
+    sys.unraisablehook = previous
+    return state
+
+
+def _without_closed_loop_errors(previous):
+    """An unraisable-exception hook that drops what orbax's abandoned reads leave (callbacks into a closed event
+    loop, its read coroutines closed unfinished) and passes on anything else."""
+
+    def hook(u):
+        code = getattr(u.object, "cr_code", None)
+        closed_loop = isinstance(u.exc_value, RuntimeError) and "Event loop is closed" in str(u.exc_value)
+        if not (closed_loop or (code is not None and "orbax" in code.co_filename)):
+            previous(u)
+
+    return hook
 
 
 def load_ema_params(run_dir: Path) -> tuple[RunConfig, Any, int]:

@@ -2,6 +2,7 @@
 resumes are honest, and `molgen evaluate` survives any bytes."""
 
 import errno
+import gc
 import json
 
 import hypothesis
@@ -55,6 +56,62 @@ def test_a_run_folder_in_use_is_refused_and_a_refused_new_run_leaves_no_folder(c
     one_line_error(run("train", "--objective", "ct", "--model", "tiny", "--batch-size", 100000, "--out", new,
                        "--data-dir", data_dir), "larger than the training split")
     assert not new.exists()
+
+
+def _edit_config(folder, **model):
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["model"].update(model)
+    (folder / "config.json").write_text(json.dumps(cfg))
+
+
+def test_a_damaged_model_folder_is_one_line(tmp_path):
+    """A truncated params.msgpack, a config.json or meta.json that is not JSON (or not an object), a config edited
+    after training, another model's parameters: one line naming the file, nothing written."""
+    import shutil
+
+    from molgen.models import shipped_models
+
+    src, other = shipped_models()["edm-small-distill"], shipped_models()["edm-small-stack2"]
+    cases = [
+        (lambda d: (d / "params.msgpack").write_bytes((src / "params.msgpack").read_bytes()[:1000]),
+         "params.msgpack: damaged (", "export or download the model again"),
+        (lambda d: (d / "config.json").write_text("{"), "config.json: damaged, not JSON ("),
+        (lambda d: (d / "config.json").write_text("[1]"), "config.json: not a molgen config (a JSON list"),
+        (lambda d: (d / "meta.json").write_text("{bad"), "meta.json: damaged, not JSON ("),
+        (lambda d: _edit_config(d, nf=48), "params.msgpack: does not fit config.json's network: "
+         "params/block_0/gcl_0/att/kernel is shape (64, 1) in the file, the network has shape (48, 1)"),
+        (lambda d: _edit_config(d, n_layers="four"), "config.json: describes no network molgen can build (TypeError"),
+        (lambda d: shutil.copy(other / "params.msgpack", d / "params.msgpack"),
+         "params.msgpack: does not fit config.json's network: base/", "is shape (1,) in the file, the network has no such array"),
+    ]
+    for k, (damage, *message) in enumerate(cases):
+        d = tmp_path / f"m{k}"
+        shutil.copytree(src, d)
+        damage(d)
+        one_line_error(run("sample", "--checkpoint", d, "-n", 2, "-o", tmp_path / "x.sdf"), *message)
+        assert not (tmp_path / "x.sdf").exists()
+
+
+def test_a_damaged_run_folder_is_one_line(ct_run, tmp_path, data_dir):
+    """A run whose config.json was edited after its checkpoints, or whose checkpoint data is cut short: sampling
+    from it and resuming it are one line each (no traceback, none of the abandoned reads' noise)."""
+    import shutil
+
+    edited, cut = tmp_path / "edited", tmp_path / "cut"
+    shutil.copytree(ct_run, edited)
+    _edit_config(edited, nf=48)
+    shutil.copytree(ct_run, cut)
+    data = [f for f in (cut / "checkpoints").rglob("*") if f.is_file() and f.parent.name == "d"]
+    assert data  # orbax's array data files
+    for f in data:
+        f.write_bytes(f.read_bytes()[:10])
+    for folder, reason in ((edited, "Requested shape"), (cut, "")):
+        message = "the checkpoint at step 4 cannot be read: damaged, or not made for the model config.json describes"
+        one_line_error(run("sample", "--checkpoint", folder, "-n", 2, "-o", tmp_path / "x.sdf"), message, reason)
+        res = run("train", "--resume", "--out", folder, "--steps", 6, "--data-dir", data_dir)
+        one_line_error(res, message, reason)
+        assert "Traceback" not in res.output and "Event loop" not in res.output
+    gc.collect()  # the abandoned reads end here, inside this test
 
 
 def test_a_file_system_without_locks_still_trains(tmp_path, monkeypatch):
