@@ -38,10 +38,15 @@ def read_metrics(run_dir: Path) -> list[dict]:
     if not path.is_file():
         raise MolgenError(f"{run_dir}: no metrics.jsonl (not a training run folder?)")
     rows = []
-    for k, line in enumerate(path.read_text().splitlines()):
+    lines = path.read_text().split("\n")  # the last: "" after a whole line, else one being written (or cut short)
+    for k, line in enumerate(lines):
+        if not line.strip():
+            continue
         try:
             row = json.loads(line)
         except ValueError:
+            if k == len(lines) - 1:
+                break
             raise MolgenError(f"{path}: line {k + 1} is not JSON") from None
         if isinstance(row, dict) and "step" in row:
             rows.append(row)

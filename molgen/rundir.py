@@ -96,10 +96,19 @@ def _contents(run_dir: Path) -> str:
 
 
 def cut_metrics(path: Path, step: int) -> None:
-    """Drop the lines of steps after ``step`` (a run killed after its last checkpoint logged them)."""
+    """Drop the lines of steps after ``step`` (a run killed after its last checkpoint logged them), and any line
+    that is not a JSON record (a kill in the middle of writing one)."""
     if not path.exists():
         return
-    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
+
+    def kept(line: str) -> bool:
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            return False
+        return isinstance(rec, dict) and isinstance(rec.get("step", 0), int) and rec.get("step", 0) <= step
+
+    keep = [ln for ln in path.read_text(errors="replace").splitlines() if kept(ln)]
     atomic_write_text(path, "".join(ln + "\n" for ln in keep))
 
 
@@ -113,7 +122,11 @@ def save_plan(run_dir: Path, step: int, plan) -> None:
     if not is_main():
         return
     path = Path(run_dir) / PLAN_NAME
-    plans = json.loads(path.read_text()) if path.exists() else {}
+    try:
+        plans = json.loads(path.read_text()) if path.exists() else {}
+    except ValueError:  # damaged by hand (molgen writes it whole): start it again
+        plans = {}
+    plans = plans if isinstance(plans, dict) else {}
     plans[str(step)] = plan.state()
     keep = sorted(plans, key=int)[-10:]
     atomic_write_text(path, json.dumps({k: plans[k] for k in keep}))

@@ -114,6 +114,23 @@ def test_a_damaged_run_folder_is_one_line(ct_run, tmp_path, data_dir):
     gc.collect()  # the abandoned reads end here, inside this test
 
 
+def test_a_run_killed_while_writing_its_log_resumes(ct_run, tmp_path, data_dir):
+    """metrics.jsonl ending in half a line (a kill while it was written) and a plan.json damaged by hand: the run
+    resumes; the half line is dropped with the steps after the checkpoint, and the plan is written again."""
+    import shutil
+
+    folder = tmp_path / "killed"
+    shutil.copytree(ct_run, folder)
+    with open(folder / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "loss": 0.')
+    (folder / "plan.json").write_text("{")
+    res = run("train", "--resume", "--out", folder, "--steps", 6, "--data-dir", data_dir)
+    assert res.exit_code == 0 and "finished at step 6" in res.output, res.output
+    steps = [json.loads(line)["step"] for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps)) and steps[-1] == 6
+    assert "6" in json.loads((folder / "plan.json").read_text())
+
+
 def test_a_file_system_without_locks_still_trains(tmp_path, monkeypatch):
     import errno
     import fcntl

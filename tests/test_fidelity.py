@@ -191,4 +191,8 @@ def test_plot_draws_the_training_curves(tmp_path):
     (run / "metrics.jsonl").write_text("not json\n")
     one_line_error(cli("plot", run, "-o", tmp_path / "c.png"), "line 1 is not JSON")
     assert not (tmp_path / "c.png").exists()
+    # a run still writing (or killed while writing) its last line: the whole lines are drawn
+    (run / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + '\n{"step": 525, "lo')
+    res = cli("plot", run, "-o", tmp_path / "c.png")
+    assert res.exit_code == 0 and (tmp_path / "c.png").exists(), res.output
 
