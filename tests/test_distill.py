@@ -119,6 +119,11 @@ def test_pairs_are_deterministic_zero_com_and_round_trip(tmp_path):
     for f in ("n_atoms", "positions", "types", "noise_x", "noise_h"):
         np.testing.assert_array_equal(getattr(r, f), getattr(a, f))
     assert r.n_valid == 1
+    saved = (tmp_path / "p.npz").read_bytes()
+    for damaged in (saved[: len(saved) // 2], b"not a zip file"):  # cut short (a full disk), or something else
+        (tmp_path / "p.npz").write_bytes(damaged)
+        with pytest.raises(MolgenError, match="p.npz: damaged .*; delete it and the run makes its pairs again"):
+            PairSet.load(tmp_path / "p.npz")
 
 
 def test_batches_keep_noise_beside_its_molecule():

@@ -97,11 +97,17 @@ class PairSet:
 
     @classmethod
     def load(cls, path: Path) -> "PairSet":
-        with np.load(path) as z:
-            rounds = int(z["refine_rounds"]) if "refine_rounds" in z.files else 0
-            temp = float(z["temperature"]) if "temperature" in z.files else 1.0
-            return cls(z["n_atoms"], z["positions"], z["types"], z["noise_x"], z["noise_h"], int(z["n_valid"]),
-                       rounds, temp)
+        """The pairs saved in ``path`` (damaged: one line, MolgenError)."""
+        import zipfile
+
+        try:
+            with np.load(path) as z:
+                rounds = int(z["refine_rounds"]) if "refine_rounds" in z.files else 0
+                temp = float(z["temperature"]) if "temperature" in z.files else 1.0
+                return cls(z["n_atoms"], z["positions"], z["types"], z["noise_x"], z["noise_h"], int(z["n_valid"]),
+                           rounds, temp)
+        except (ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+            raise MolgenError(f"{path}: damaged ({e}); delete it and the run makes its pairs again") from None
 
 
 def _noise_batches(sizes: np.ndarray, seed: int, n_features: int, batch_size: int, temperature: float = 1.0):
