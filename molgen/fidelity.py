@@ -21,6 +21,7 @@ difference of the two cumulative distributions. A type absent from the evaluated
 
 from __future__ import annotations
 
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -166,7 +167,10 @@ def reference_statistics(data_dir: Path | str | None = None) -> Stats | None:
         return None
     path = d / REFERENCE_NAME
     if path.exists():
-        return Stats.load(path)
+        try:
+            return Stats.load(path)
+        except (ValueError, KeyError, EOFError, zipfile.BadZipFile):  # damaged: made again below, and replaced
+            pass
     st = split_statistics(load_qm9(d, verify=False), "test")
     st.save(path)
     return st

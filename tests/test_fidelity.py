@@ -128,6 +128,19 @@ def test_reference_is_cached_beside_the_data(data_dir):
     assert reference_statistics(data_dir / "nothing") is None
 
 
+def test_a_damaged_reference_is_made_again(data_dir, tmp_path):
+    import shutil
+
+    d = tmp_path / "cache"
+    shutil.copytree(data_dir, d)
+    first = reference_statistics(d)
+    (d / REFERENCE_NAME).write_bytes((d / REFERENCE_NAME).read_bytes()[:100])  # cut short
+    again = reference_statistics(d)
+    for k in Stats().__dict__:
+        np.testing.assert_array_equal(getattr(first, k), getattr(again, k))
+    Stats.load(d / REFERENCE_NAME)  # and replaced by a whole one
+
+
 def _png_size(path):
     data = path.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
