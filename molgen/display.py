@@ -3,7 +3,6 @@ of the QM9 cache and of the shipped models. Output only; no decisions."""
 
 from __future__ import annotations
 
-import json
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -266,6 +265,7 @@ def cache_tables(data_dir: Path, manifest: dict, ds) -> None:
 def models_table(models: dict, default: str | None) -> Table:
     from molgen.config import RunConfig
     from molgen.consistency.stack import describe_network
+    from molgen.models import read_meta
 
     t = Table(title="shipped models", caption="molgen models NAME: how one was trained, its recipes and its card")
     t.add_column("name", no_wrap=True)  # names are what users type: never cut (other columns wrap)
@@ -273,7 +273,7 @@ def models_table(models: dict, default: str | None) -> Table:
         t.add_column(c)
     for name, path in models.items():
         cfg = RunConfig.load(path / "config.json")
-        meta = json.loads((path / "meta.json").read_text()) if (path / "meta.json").exists() else {}
+        meta = read_meta(path / "meta.json")
         t.add_row(name + ("\n(default)" if name == default else ""), cfg.objective, describe_network(cfg),
                   meta.get("headline", ""))
     return t

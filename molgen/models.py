@@ -108,14 +108,15 @@ def load_model(name: str | Path | None) -> Model:
         except Exception as e:  # msgpack's errors for a truncated or foreign file
             raise MolgenError(f"{path / PARAMS_NAME}: damaged ({e}); export or download the model again") from None
         check_params(params, cfg, path / PARAMS_NAME)
-        return Model(cfg, params, {**_read_meta(path / META_NAME), "source": str(path)})
+        return Model(cfg, params, {**read_meta(path / META_NAME), "source": str(path)})
     from molgen.state import load_ema_params
 
     cfg, params, step = load_ema_params(path)
     return Model(cfg, params, {"source": str(path), "step": step})
 
 
-def _read_meta(path: Path) -> dict:
+def read_meta(path: Path) -> dict:
+    """A model folder's meta.json ({} without one; damaged: one line, MolgenError)."""
     if not path.exists():
         return {}
     try:
