@@ -1,3 +1,3 @@
-from molgen.cli import app
+from molgen.cli import main
 
-app(prog_name="molgen")
+main()

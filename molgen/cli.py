@@ -35,6 +35,28 @@ def friendly(fn):
     return wrapper
 
 
+def main() -> None:
+    """The `molgen` command: the app, with a usage error (an unknown command or option, a value of the wrong type)
+    as one line and exit code 2, like molgen's own errors; Click would print the usage before it."""
+    import sys
+
+    try:
+        code = app(prog_name="molgen", standalone_mode=False)
+    except Exception as e:  # Click's exceptions, known by what they carry (Typer may bring its own copy of Click)
+        if type(e).__name__ == "Abort":
+            err.print("Aborted!")
+            sys.exit(1)
+        if not (hasattr(e, "exit_code") and hasattr(e, "show")):
+            raise
+        if e.exit_code != 2 or type(e).__name__ == "NoArgsIsHelpError":
+            e.show()  # a bare `molgen` shows its help, as before
+            sys.exit(e.exit_code)
+        command = getattr(getattr(e, "ctx", None), "command_path", "molgen")
+        error(MolgenError(f"{e.format_message().rstrip('.')} (see {command} --help)"))
+        sys.exit(2)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
 def _version(value: bool):
     if value:
         console.print(f"molgen {__version__}")
@@ -42,7 +64,7 @@ def _version(value: bool):
 
 
 @app.callback()
-def main(version: bool = Opt(False, "--version", callback=_version, is_eager=True, help="Print the version.")):
+def root(version: bool = Opt(False, "--version", callback=_version, is_eager=True, help="Print the version.")):
     """molgen: QM9 download, training, sampling and evaluation of 3D molecule generators."""
 
 

@@ -173,6 +173,28 @@ def test_a_resumed_run_logs_each_step_once(ct_run, data_dir, tmp_path):
 
 
 @pytest.mark.parametrize("args,message", [
+    (("sample", "-n", "abc"), "error: Invalid value for '-n' / '--n': "),
+    (("sample", "--nosuch"), "error: No such option: --nosuch"),
+    (("train", "--devices", "0"), "error: Invalid value for '--devices': "),
+    (("evaluate",), "error: Missing argument 'files' (see molgen evaluate --help)"),
+    (("nosuchcommand",), "error: No such command 'nosuchcommand' (see molgen --help)"),
+    (("sample", "-n"), "error: Option '-n' requires an argument"),
+])
+def test_the_command_lines_own_usage_errors_are_one_line_too(args, message):
+    """What Click refuses while parsing (an unknown option or command, a value of the wrong type, a missing
+    argument): one line, exit code 2, as molgen's own errors; `molgen` alone still shows its help."""
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-m", "molgen", *args], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and res.stdout == "", res.stdout + res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(message), res.stderr
+    bare = subprocess.run([sys.executable, "-m", "molgen"], capture_output=True, text=True, timeout=120)
+    assert "Commands" in bare.stdout + bare.stderr and "sample" in bare.stdout + bare.stderr
+
+
+@pytest.mark.parametrize("args,message", [
     (("sample", "--seed", -1), "--seed must be in 0 .. 2^32 - 1"),
     (("sample", "--seed", 18446744073709551616), "--seed must be in 0 .. 2^32 - 1"),
     (("sample", "--steps", -5), "--steps must be at least 1"),
