@@ -144,6 +144,10 @@ def test_corrupt_cache_is_rejected(tmp_path, archive):
     assert not qm9.cache_is_valid(d)
     with pytest.raises(MolgenError, match="molgen download"):
         qm9.load_qm9(d)
+    # read without the hash check (evaluation, novelty): the damage is found where it is read, one line too
+    assert qm9.cache_is_valid(d, verify_hash=False)
+    with pytest.raises(MolgenError, match=rf"the QM9 cache in {d} is damaged \(.*\): run `molgen download --data-dir"):
+        qm9.load_qm9(d, verify=False)
 
 
 def test_bad_inputs_give_clear_errors(tmp_path, records):

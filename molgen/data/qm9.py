@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -236,10 +237,14 @@ def load_qm9(data_dir: Path | str | None = None, remove_h: bool = False, verify:
     data_dir = Path(data_dir) if data_dir else default_data_dir()
     if not cache_is_valid(data_dir, verify_hash=verify):
         raise MolgenError(f"no valid QM9 cache in {data_dir}: run `molgen download` first")
-    with np.load(data_dir / CACHE_NAME) as z:
-        ds = QM9(
-            z["positions"], z["types"], z["n_atoms"], z["index"], z["smiles"],
-            {k[6:]: z[k] for k in z.files if k.startswith("split_")},
-        )
+    try:
+        with np.load(data_dir / CACHE_NAME) as z:
+            ds = QM9(
+                z["positions"], z["types"], z["n_atoms"], z["index"], z["smiles"],
+                {k[6:]: z[k] for k in z.files if k.startswith("split_")},
+            )
+    except (ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:  # damaged after it was written whole
+        raise MolgenError(f"the QM9 cache in {data_dir} is damaged ({e}): run `molgen download"
+                          f"{'' if data_dir == default_data_dir() else f' --data-dir {data_dir}'}`") from None
     return ds.remove_h() if remove_h else ds
 
