@@ -187,8 +187,9 @@ def training_smiles(data_dir: Path | str | None = None, remove_h: bool = False,
         return None
     name = TRAIN_SMILES_NAME.replace(".txt", "_noH.txt") if remove_h else TRAIN_SMILES_NAME
     cache = data_dir / name
-    if cache.exists():
-        return set(cache.read_text().split())
+    text = cache.read_text(errors="replace") if cache.exists() else ""
+    if text.endswith("\n"):  # written whole (one line a molecule); cut short, it is made again below
+        return set(text.split())
     ds = load_qm9(data_dir, remove_h=remove_h, verify=False)
     ids = ds.split("train")
     tick = progress("training SMILES (once)", len(ids)) if progress else None

@@ -141,6 +141,23 @@ def test_a_damaged_reference_is_made_again(data_dir, tmp_path):
     Stats.load(d / REFERENCE_NAME)  # and replaced by a whole one
 
 
+def test_training_smiles_cut_short_are_made_again(data_dir, tmp_path):
+    """The novelty reference (training SMILES, cached beside the data): a file cut short would make molecules
+    look novel; it is made again instead."""
+    import shutil
+
+    from molgen.evaluate import TRAIN_SMILES_NAME, training_smiles
+
+    d = tmp_path / "cache"
+    shutil.copytree(data_dir, d)
+    (d / TRAIN_SMILES_NAME).unlink(missing_ok=True)
+    first = training_smiles(d)
+    text = (d / TRAIN_SMILES_NAME).read_text()
+    assert len(first) > 10 and text.endswith("\n")
+    (d / TRAIN_SMILES_NAME).write_text(text[: len(text) // 2].rstrip("\n"))
+    assert training_smiles(d) == first and (d / TRAIN_SMILES_NAME).read_text() == text
+
+
 def _png_size(path):
     data = path.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
