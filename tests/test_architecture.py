@@ -96,6 +96,19 @@ def test_help_starts_without_jax_or_rdkit():
     assert res.stdout.strip() == "[]", res.stdout + res.stderr
 
 
+def test_evaluate_runs_without_jax(tmp_path):
+    """`molgen evaluate` judges molecules with NumPy and RDKit alone: JAX is never imported (nor its start-up
+    paid)."""
+    f = tmp_path / "methane.xyz"
+    f.write_text("5\n\nC 0 0 0\nH 0.63 0.63 0.63\nH -0.63 -0.63 0.63\nH -0.63 0.63 -0.63\nH 0.63 -0.63 -0.63\n")
+    code = ("import sys; from molgen.cli import main; sys.argv = ['molgen', 'evaluate', sys.argv[1], '--no-novelty']\n"
+            "try:\n    main()\nexcept SystemExit as e:\n    assert e.code == 0, e.code\n"
+            "print('loaded', [m for m in ('jax', 'flax', 'optax', 'orbax') if m in sys.modules])")
+    res = subprocess.run([sys.executable, "-c", code, str(f)], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and "100.00 %" in res.stdout, res.stdout + res.stderr
+    assert res.stdout.strip().splitlines()[-1] == "loaded []", res.stdout
+
+
 def _choices(command: str, option: str) -> list[str]:
     from molgen.cli import app
 
@@ -121,3 +134,17 @@ def test_the_command_lines_choices_are_the_librarys():
     assert _choices("sample", "--sampler") == list(SAMPLERS)
     assert _choices("sample", "--keep") == list(KEEP)
     assert _choices("download", "--source") == list(SOURCES)
+
+
+def test_chemistry_and_qm9_files_need_no_jax():
+    """Reading, writing and judging molecules and getting QM9 (layers 1-3 but the device batches) import no JAX,
+    lazily or not: `molgen evaluate` and `molgen download` never start it."""
+    mods = _modules()
+    light = [m for m in mods if m.startswith(("molgen.chem", "molgen.io_utils")) or m in ("molgen.data.qm9",
+                                                                                         "molgen.data.sources")]
+    assert "molgen.chem.bonds" in light and len(light) >= 9
+    for name in light:
+        for node in ast.walk(ast.parse(mods[name].read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            assert not any(n.split(".")[0] in ("jax", "flax", "optax", "orbax") for n in names), (name, names)
