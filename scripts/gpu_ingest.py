@@ -33,6 +33,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 KEEP = ("params.msgpack", "config.json", "meta.json")
+LEFT = ("recipe.toml",)  # written by `molgen export` too; the teacher's folder keeps its own
 
 
 def fail(msg: str) -> None:
@@ -41,7 +42,8 @@ def fail(msg: str) -> None:
 
 
 def unpack(parts: list[Path], into: Path) -> Path:
-    """The model folder inside the joined tar parts (only its three files, checked by name)."""
+    """The model folder inside the joined tar parts: its three files, checked by name, are extracted (an exported
+    recipe.toml, also allowed, is left in the archive)."""
     numbers = [p.name.rsplit(".", 1)[-1] for p in parts]
     if numbers != [f"{i:02d}" for i in range(len(parts))]:
         fail(f"{parts[0].parent}: weights parts {', '.join(numbers)}: not numbered 00 to {len(parts) - 1:02d}, "
@@ -55,9 +57,11 @@ def unpack(parts: list[Path], into: Path) -> Path:
             members = [m for m in tar.getmembers() if m.isfile()]
             tops = {Path(m.name).parts[0] for m in members}
             names = sorted(Path(m.name).name for m in members)
-            if len(tops) != 1 or names != sorted(KEEP) or any(len(Path(m.name).parts) != 2 for m in members):
-                fail(f"{parts[0]}: expected one folder with {', '.join(KEEP)}, found {[m.name for m in members]}")
-            tar.extractall(into, members=members, filter="data")
+            wanted = names in (sorted(KEEP), sorted(KEEP + LEFT))
+            if len(tops) != 1 or not wanted or any(len(Path(m.name).parts) != 2 for m in members):
+                fail(f"{parts[0]}: expected one folder with {', '.join(KEEP)} (and {', '.join(LEFT)}), found "
+                     f"{[m.name for m in members]}")
+            tar.extractall(into, members=[m for m in members if Path(m.name).name in KEEP], filter="data")
     except (tarfile.TarError, EOFError) as e:
         fail(f"{', '.join(p.name for p in parts)}: not a whole weights archive ({e}); a part missing or cut short?")
     joined.unlink()

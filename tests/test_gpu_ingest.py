@@ -67,7 +67,9 @@ def tar_parts(tmp_path, files: dict[str, bytes], part_size: int) -> list[Path]:
 
 
 def test_unpack_joins_the_parts(tmp_path):
-    files = {f"w_teacher/{n}": n.encode() * 100 for n in ingest.KEEP}
+    """As `gpu_teacher.sh` packs what `molgen export` wrote: the three model files and recipe.toml, of which only
+    the model files are taken (the teacher's folder keeps its own recipe)."""
+    files = {f"w_teacher/{n}": n.encode() * 100 for n in ingest.KEEP + ("recipe.toml",)}
     parts = tar_parts(tmp_path, files, part_size=2048)
     assert len(parts) > 1
     (tmp_path / "x").mkdir()
