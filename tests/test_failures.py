@@ -190,8 +190,9 @@ def test_the_command_lines_own_usage_errors_are_one_line_too(args, message):
     assert res.returncode == 2 and res.stdout == "", res.stdout + res.stderr
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(message), res.stderr
-    bare = subprocess.run([sys.executable, "-m", "molgen"], capture_output=True, text=True, timeout=120)
-    assert "Commands" in bare.stdout + bare.stderr and "sample" in bare.stdout + bare.stderr
+    if args == ("sample", "-n", "abc"):  # once: `molgen` alone shows its help
+        bare = subprocess.run([sys.executable, "-m", "molgen"], capture_output=True, text=True, timeout=120)
+        assert "Commands" in bare.stdout + bare.stderr and "sample" in bare.stdout + bare.stderr
 
 
 @pytest.mark.parametrize("args,message", [
