@@ -213,19 +213,16 @@ def sample(
     unique: bool = Opt(False, "--unique", help="With --keep: no two molecules of the same SMILES."),
 ):
     """Generate molecules and write them as SDF or XYZ, then print their stability report."""
-    from molgen.chem.io import format_of, output_file, write_molecules
+    from molgen.chem.io import write_molecules
     from molgen.data.qm9 import require_reference
     from molgen.display import metrics_table, sampling_progress
-    from molgen.evaluate import annotate, write_json
-    from molgen.io_utils import check_outputs
+    from molgen.evaluate import annotate, reference_for, write_json
     from molgen.jax_setup import enable_compilation_cache
     from molgen.models import load_model, polisher_for
     from molgen.fragment import read_fragment
     from molgen.sample import kept_warning, nonfinite_warning, parse_levels, plan, preflight, sample_kept
 
-    out = output_file(out, fmt)
-    check_outputs({"-o": out, "--json": json_path}, inputs=(fix,))
-    fmt = format_of(out, fmt, strict=True)
+    out, fmt = _sample_output(out, fmt, json_path, fix)
     require_reference(data_dir, "--novelty compares with QM9's training split" if novelty else None)
     sig = parse_levels(sigmas)
     enable_compilation_cache()
@@ -236,10 +233,12 @@ def sample(
     for warning in preflight(m, n, batch_size, atoms, frag, settings["molgen_calls"]):
         say(warning)
     with sampling_progress(settings["molgen_calls"], batch_size) as (more, tick, tasks):
+        # QM9's figures for the report are read first: a cache that cannot be read loses no sampling
+        ref = reference_for(data_dir, m.cfg.data.remove_h, novelty, tasks) if report or json_path else None
         res = sample_kept(m, n, keep, seed, batch_size, more, steps=steps, atoms=atoms, sampler=sampler, sigmas=sig,
                           temperature=temperature, renoise=renoise, polish_calls=polish, polisher=pol,
                           progress=tick, fragment=frag, resample=resample, unique=unique)
-        metrics = annotate(res.molecules, data_dir, m.cfg.data.remove_h, novelty, frag, tasks) if report or json_path else None
+        metrics = annotate(res.molecules, ref, novelty, frag, tasks) if ref is not None else None
     write_molecules(out, res.molecules, fmt)
     console.print(f"wrote {count(len(res.molecules), 'molecule')} to {out} ({res.description}, {res.seconds:.1f} s sampling)", soft_wrap=True)
     for warning in filter(None, (kept_warning(res, n), nonfinite_warning(res.molecules, fmt))):
@@ -248,6 +247,16 @@ def sample(
         console.print(metrics_table(metrics, f"samples: {out}"))
     if json_path:
         write_json(json_path, metrics, {"file": str(out), **res.settings})
+
+
+def _sample_output(out: Optional[Path], fmt: Optional[str], json_path: Optional[Path], fix: Optional[Path]):
+    """`molgen sample`'s output file (the default name when none is given) and format, checked before any work."""
+    from molgen.chem.io import format_of, output_file
+    from molgen.io_utils import check_outputs
+
+    out = output_file(out, fmt)
+    check_outputs({"-o": out, "--json": json_path}, inputs=(fix,))
+    return out, format_of(out, fmt, strict=True)
 
 
 @app.command()

@@ -256,12 +256,12 @@ def reference_for(data_dir, remove_h: bool, novelty: bool, progress=None):
     return (training_smiles(d, remove_h, progress) if novelty else None), fr
 
 
-def annotate(molecules, data_dir=None, remove_h: bool = False, novelty: bool = False, fragment=None,
-             progress=None) -> Metrics:
-    """EDM's metrics of generated molecules, each molecule's own results added to its properties; with the
-    ``fragment`` they complete (:mod:`molgen.fragment`), the share that contains its bond graph. ``progress``:
-    (description, total) -> tick(n)."""
-    smiles, fr = reference_for(data_dir, remove_h, novelty, progress)
+def annotate(molecules, reference=(None, None), novelty: bool = False, fragment=None, progress=None) -> Metrics:
+    """EDM's metrics of generated molecules, each molecule's own results added to its properties. ``reference``:
+    (training SMILES, training type fractions), as :func:`reference_for` reads them (None: not compared);
+    ``novelty``: whether it was asked for. With the ``fragment`` they complete (:mod:`molgen.fragment`), the share
+    that contains its bond graph. ``progress``: (description, total) -> tick(n)."""
+    smiles, fr = reference
     metrics = evaluate_molecules([m.positions for m in molecules], [m.types for m in molecules], smiles, fr,
                                  progress("evaluating", len(molecules)) if progress else None)
     if not novelty:

@@ -114,6 +114,24 @@ def test_a_damaged_run_folder_is_one_line(ct_run, tmp_path, data_dir):
     gc.collect()  # the abandoned reads end here, inside this test
 
 
+def test_sample_reads_qm9s_figures_before_it_samples(tmp_path, data_dir, monkeypatch):
+    """A QM9 cache damaged after it was written (a flipped byte, found only where the arrays are read): `molgen
+    sample` refuses before sampling, so no sampling is lost, and writes nothing."""
+    import shutil
+
+    d = tmp_path / "cache"
+    shutil.copytree(data_dir, d)
+    npz = d / "qm9_v1.npz"
+    data = bytearray(npz.read_bytes())
+    data[2000] ^= 0xFF  # inside the first array's data (positions: ~8 KB from byte ~100)
+    npz.write_bytes(bytes(data))
+    monkeypatch.setattr("molgen.sample.sample_kept", lambda *a, **k: pytest.fail("sampled before reading QM9"))
+    out = tmp_path / "x.sdf"
+    one_line_error(run("sample", "-n", 2, "-o", out, "--data-dir", d), f"the QM9 cache in {d} is damaged",
+                   f"run `molgen download --data-dir {d}`")
+    assert not out.exists()
+
+
 def test_a_run_killed_while_writing_its_log_resumes(ct_run, tmp_path, data_dir):
     """metrics.jsonl ending in half a line (a kill while it was written) and a plan.json damaged by hand: the run
     resumes; the half line is dropped with the steps after the checkpoint, and the plan is written again."""
