@@ -101,24 +101,11 @@ def download(
 def info(data_dir: Optional[Path] = Opt(None, "--data-dir", help="Cache folder.")):
     """Show where molgen runs (versions, the devices JAX sees, the default model, cache folders) and the QM9
     cache: its counts, split sizes and atom-count histogram."""
-    import jax
-
     from molgen.data.qm9 import default_data_dir, load_qm9, read_manifest
     from molgen.display import cache_tables, setting_table
-    from molgen.jax_setup import compilation_cache_dir, usable_cores
-    from molgen.models import default_model, weights_root
 
     d = data_dir or default_data_dir()
-    devs = jax.devices()
-    jax_cache = compilation_cache_dir()
-    console.print(setting_table({
-        "molgen": __version__,
-        "JAX": f"{jax.__version__}, " + (f"cpu ({usable_cores()} cores)" if devs[0].platform == "cpu"
-                                         else f"{devs[0].platform}: {len(devs)} x {devs[0].device_kind}"),
-        "default model": f"{default_model() or 'none'} (in {weights_root()})",
-        "QM9 cache": str(d),
-        "compiled programs": str(jax_cache) if jax_cache else "not kept (MOLGEN_JAX_CACHE=off)",
-    }))
+    console.print(setting_table(d))
     cache_tables(d, read_manifest(d) or {}, load_qm9(d))
 
 

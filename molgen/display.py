@@ -231,8 +231,25 @@ def evaluation_report(reports: list[tuple[str, object]], errors: list[str]) -> N
         console.print(f"novelty {metrics.novelty_note}")
 
 
-def setting_table(items: dict) -> Table:
-    """Where molgen runs: one row per item."""
+def setting_table(data_dir: Path) -> Table:
+    """Where molgen runs: its version, JAX's and the devices JAX sees, the default model, the QM9 cache
+    ``data_dir`` and the folder of compiled programs."""
+    import jax
+
+    from molgen import __version__
+    from molgen.jax_setup import compilation_cache_dir, usable_cores
+    from molgen.models import default_model, weights_root
+
+    devs = jax.devices()
+    jax_cache = compilation_cache_dir()
+    items = {
+        "molgen": __version__,
+        "JAX": f"{jax.__version__}, " + (f"cpu ({usable_cores()} cores)" if devs[0].platform == "cpu"
+                                         else f"{devs[0].platform}: {len(devs)} x {devs[0].device_kind}"),
+        "default model": f"{default_model() or 'none'} (in {weights_root()})",
+        "QM9 cache": str(data_dir),
+        "compiled programs": str(jax_cache) if jax_cache else "not kept (MOLGEN_JAX_CACHE=off)",
+    }
     t = Table(title="molgen", show_header=False)
     t.add_column("item", no_wrap=True)
     t.add_column("value")
