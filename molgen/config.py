@@ -90,13 +90,9 @@ class RunConfig:
     def load(cls, path: Path) -> "RunConfig":
         """A saved config.json (a damaged or foreign file: one line, MolgenError)."""
         from molgen import MolgenError
+        from molgen.io_utils import read_json_object
 
-        try:
-            d = json.loads(Path(path).read_text())
-        except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
-            raise MolgenError(f"{path}: damaged, not JSON ({e})") from None
-        if not isinstance(d, dict):
-            raise MolgenError(f"{path}: not a molgen config (a JSON {type(d).__name__}, not an object)")
+        d = read_json_object(path, "a molgen config")
         try:
             return cls.from_dict(d)
         except (TypeError, ValueError, AttributeError) as e:

@@ -21,7 +21,6 @@ difference of the two cumulative distributions. A type absent from the evaluated
 
 from __future__ import annotations
 
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +28,7 @@ import numpy as np
 
 from molgen.chem.bonds import bond_orders, pad_molecules
 from molgen.chem.elements import N_TYPES, SYMBOLS
+from molgen.io_utils import NPZ_DAMAGE
 
 MAX_ATOMS = 64  # sizes histogram; larger molecules share the last bin
 MAX_VALENCE = 8
@@ -169,7 +169,7 @@ def reference_statistics(data_dir: Path | str | None = None) -> Stats | None:
     if path.exists():
         try:
             return Stats.load(path)
-        except (ValueError, KeyError, EOFError, zipfile.BadZipFile):  # damaged: made again below, and replaced
+        except NPZ_DAMAGE:  # damaged: made again below, and replaced
             pass
     st = split_statistics(load_qm9(d, verify=False), "test")
     st.save(path)

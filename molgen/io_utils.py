@@ -1,13 +1,32 @@
-"""Atomic file writes: write to a temporary file in the same folder, then rename over the target."""
+"""Atomic file writes (write to a temporary file in the same folder, then rename over the target), and reading
+back what molgen wrote: a damaged file is one line (MolgenError)."""
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 import time
+import zipfile
 from glob import escape as glob_escape
 from contextlib import contextmanager
 from pathlib import Path
+
+
+NPZ_DAMAGE = (ValueError, KeyError, EOFError, zipfile.BadZipFile)  # what reading a damaged .npz raises
+
+
+def read_json_object(path: Path | str, what: str = "a JSON object") -> dict:
+    """A JSON file holding one object (a damaged one, or another kind of JSON: one line, MolgenError)."""
+    from molgen import MolgenError
+
+    try:
+        d = json.loads(Path(path).read_text())
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+        raise MolgenError(f"{path}: damaged, not JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise MolgenError(f"{path}: not {what} (a JSON {type(d).__name__}, not an object)")
+    return d
 
 
 STALE_S = 3600.0  # a temporary file untouched this long was left by a write that never ended (a killed process)

@@ -117,15 +117,9 @@ def load_model(name: str | Path | None) -> Model:
 
 def read_meta(path: Path) -> dict:
     """A model folder's meta.json ({} without one; damaged: one line, MolgenError)."""
-    if not path.exists():
-        return {}
-    try:
-        meta = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as e:
-        raise MolgenError(f"{path}: damaged, not JSON ({e})") from None
-    if not isinstance(meta, dict):
-        raise MolgenError(f"{path}: damaged, not a JSON object")
-    return meta
+    from molgen.io_utils import read_json_object
+
+    return read_json_object(path, "a model's meta.json") if path.exists() else {}
 
 
 def check_params(params, cfg: RunConfig, where) -> None:

@@ -98,7 +98,7 @@ class PairSet:
     @classmethod
     def load(cls, path: Path) -> "PairSet":
         """The pairs saved in ``path`` (damaged: one line, MolgenError)."""
-        import zipfile
+        from molgen.io_utils import NPZ_DAMAGE
 
         try:
             with np.load(path) as z:
@@ -106,7 +106,7 @@ class PairSet:
                 temp = float(z["temperature"]) if "temperature" in z.files else 1.0
                 return cls(z["n_atoms"], z["positions"], z["types"], z["noise_x"], z["noise_h"], int(z["n_valid"]),
                            rounds, temp)
-        except (ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+        except NPZ_DAMAGE as e:
             raise MolgenError(f"{path}: damaged ({e}); delete it and the run makes its pairs again") from None
 
 

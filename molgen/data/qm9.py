@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -19,7 +18,7 @@ import numpy as np
 
 from molgen import MolgenError
 from molgen.chem.elements import SYMBOLS
-from molgen.io_utils import atomic_path, atomic_write_text
+from molgen.io_utils import NPZ_DAMAGE, atomic_path, atomic_write_text
 
 N_RAW = 133_885
 N_EXCLUDED = 3_054
@@ -243,7 +242,7 @@ def load_qm9(data_dir: Path | str | None = None, remove_h: bool = False, verify:
                 z["positions"], z["types"], z["n_atoms"], z["index"], z["smiles"],
                 {k[6:]: z[k] for k in z.files if k.startswith("split_")},
             )
-    except (ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:  # damaged after it was written whole
+    except NPZ_DAMAGE as e:  # damaged after it was written whole
         raise MolgenError(f"the QM9 cache in {data_dir} is damaged ({e}): run `molgen download"
                           f"{'' if data_dir == default_data_dir() else f' --data-dir {data_dir}'}`") from None
     return ds.remove_h() if remove_h else ds
