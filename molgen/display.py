@@ -202,15 +202,15 @@ def metrics_columns(reports: list[tuple[str, object]]) -> Table:
 def fidelity_rows(f: dict) -> list[tuple[str, str]]:
     """The distances to QM9's test split (molgen.fidelity) as table rows."""
 
-    def num(v, fmt):
-        return "n/a" if v is None else format(v, fmt)
+    def num(v, fmt, unit=""):
+        return "n/a" if v is None else format(v, fmt) + unit
 
     return [("vs QM9 test: atom types TV", num(f["atom_types_tv"], ".4f")),
             ("vs QM9 test: sizes TV", num(f["sizes_tv"], ".4f")),
             ("vs QM9 test: bond types TV", num(f["bond_types_tv"], ".4f")),
             ("vs QM9 test: valency TV", num(f["valency_tv"], ".4f")),
-            ("vs QM9 test: bond lengths W1", num(f["bond_lengths_w1"], ".4f") + " Å"),
-            ("vs QM9 test: bond angles W1", num(f["bond_angles_w1"], ".2f") + " °")]
+            ("vs QM9 test: bond lengths W1", num(f["bond_lengths_w1"], ".4f", " Å")),
+            ("vs QM9 test: bond angles W1", num(f["bond_angles_w1"], ".2f", " °"))]
 
 
 def _why_no_novelty(note: str) -> str:
@@ -227,7 +227,7 @@ def evaluation_report(reports: list[tuple[str, object]], errors: list[str]) -> N
     if errors:
         console.print(f"{len(errors)} molecule(s) could not be read and were skipped")
     metrics = reports[0][1]
-    if metrics.novelty is None and metrics.novelty_note != _why_no_novelty(metrics.novelty_note):
+    if metrics.novelty is None and metrics.novelty_note not in ("", _why_no_novelty(metrics.novelty_note)):
         console.print(f"novelty {metrics.novelty_note}")
 
 

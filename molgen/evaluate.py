@@ -136,7 +136,8 @@ def evaluate_molecules(
     valid = [p.smiles for p in per if p.valid]
     unique = set(valid)
     novelty = len(unique - train_smiles) / len(unique) if train_smiles is not None and unique else None
-    note = "not computed: no training SMILES (run `molgen download`)" if train_smiles is None else ""
+    note = ("not computed: no training SMILES (run `molgen download`)" if train_smiles is None
+            else "" if unique else "n/a")  # novelty is a share of the unique valid molecules
     fr = type_counts / max(type_counts.sum(), 1)
     ref = reference_type_fractions
     return Metrics(

@@ -48,6 +48,18 @@ def test_download_from_file_then_noop_then_info(tmp_path):
     assert default_model() in res.output and "compiled programs" in res.output
 
 
+def test_info_on_a_fresh_install_and_a_wrong_data_dir(tmp_path, monkeypatch):
+    """Without a QM9 cache `molgen info` still shows where molgen runs, and says how to make one; a --data-dir
+    that holds none is refused before anything is shown."""
+    monkeypatch.setenv("MOLGEN_HOME", str(tmp_path / "home"))
+    res = run("info")
+    assert res.exit_code == 0 and "default model" in res.output, res.output
+    assert f"no QM9 cache in {tmp_path / 'home'} yet" in res.output and "molgen download" in res.output
+    res = run("info", "--data-dir", tmp_path / "none")
+    one_line_error(res, "--data-dir", "molgen download --data-dir")
+    assert "default model" not in res.output
+
+
 def test_download_without_any_source(tmp_path, monkeypatch):
     monkeypatch.setattr(sources, "qm9pack_csvs", lambda: None)
     monkeypatch.setattr(sources, "_download", lambda *a, **k: (_ for _ in ()).throw(OSError("offline")))
@@ -97,6 +109,19 @@ def test_evaluate_outputs(tmp_path, data_dir):
     rows = (tmp_path / "m.csv").read_text().splitlines()
     assert len(rows) == 4 and rows[0].startswith("index,name,formula,n_atoms,")
     assert rows[1].startswith("0,methane,CH4,5,5,1,1,1,")
+
+
+def test_evaluate_without_a_valid_molecule_says_novelty_is_not_applicable(tmp_path, data_dir):
+    """Novelty is a share of the unique valid molecules: with none it is n/a (like uniqueness), not "not
+    computed", and no empty note follows the table."""
+    lost = _xyz(tmp_path / "lost.xyz", "2\nlost\nC nan 0 0\nH 1 0 0\n")  # no finite geometry: not valid
+    res = run("evaluate", lost, "--reference", data_dir, "--json", tmp_path / "f.json", "--no-fidelity")
+    assert res.exit_code == 0, res.output
+    row = next(ln for ln in res.output.splitlines() if "novelty" in ln)
+    assert row.split("│")[-2].strip() == "n/a", res.output
+    assert not any(ln.strip().startswith("novelty") for ln in res.output.splitlines()), res.output
+    data = json.loads((tmp_path / "f.json").read_text())
+    assert (data["validity"], data["novelty"], data["novelty_note"]) == (0.0, None, "n/a")
 
 
 def test_evaluate_bad_inputs(tmp_path):
