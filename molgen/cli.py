@@ -213,7 +213,7 @@ def sample(
     from molgen.fragment import read_fragment
     from molgen.sample import kept_warning, nonfinite_warning, parse_levels, plan, preflight, sample_kept
 
-    out, fmt = _sample_output(out, fmt, json_path, fix)
+    out, fmt = _sample_output(out, fmt, json_path, fix, report or json_path is not None, novelty)
     require_reference(data_dir, "--novelty compares with QM9's training split" if novelty else None)
     sig = parse_levels(sigmas)
     enable_compilation_cache()
@@ -240,11 +240,15 @@ def sample(
         write_json(json_path, metrics, {"file": str(out), **res.settings})
 
 
-def _sample_output(out: Optional[Path], fmt: Optional[str], json_path: Optional[Path], fix: Optional[Path]):
-    """`molgen sample`'s output file (the default name when none is given) and format, checked before any work."""
+def _sample_output(out: Optional[Path], fmt: Optional[str], json_path: Optional[Path], fix: Optional[Path],
+                   reported: bool, novelty: bool):
+    """`molgen sample`'s output file (the default name when none is given) and format, checked before any work,
+    with the report's: novelty is a figure of the report (printed or ``--json``), so without one it is refused."""
     from molgen.chem.io import format_of, output_file
     from molgen.io_utils import check_outputs
 
+    if novelty and not reported:
+        raise MolgenError("--novelty is a figure of the report: drop --no-report, or add --json FILE")
     out = output_file(out, fmt)
     check_outputs({"-o": out, "--json": json_path}, inputs=(fix,))
     return out, format_of(out, fmt, strict=True)

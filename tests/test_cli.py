@@ -424,6 +424,8 @@ def test_sample_bad_inputs(tmp_path, trained):
                    "--temperature must be a positive number")
     one_line_error(run("sample", "--checkpoint", trained, "-o", tmp_path / "x.sdf", "--renoise", 0.5),
                    "--renoise applies to the multistep sampler of consistency models")
+    one_line_error(run("sample", "--checkpoint", trained, "-o", tmp_path / "x.sdf", "--novelty", "--no-report"),
+                   "--novelty is a figure of the report")  # it would be computed for nothing
     one_line_error(run("export", trained, tmp_path / "w", "--renoise", 0.5), "--renoise applies to consistency")
     one_line_error(run("export", trained, tmp_path / "w", "--temperature", -1), "--temperature must be a positive number")
     assert not (tmp_path / "w").exists()
