@@ -158,12 +158,8 @@ def train(
     if devices is None and cfg.optim.layout == "fused":  # its kernels take one device's batch
         devices = 1
     setup_training_devices(cfg.optim.batch_size, devices)
-    import jax
-
     if distributed:
         init_distributed()
-    say(f"training {cfg.objective} | batch {cfg.optim.batch_size} | {cfg.optim.steps} steps | devices {jax.device_count()} "
-        f"({jax.devices()[0].platform}) | {out}")
     with progress(transient=False) as bar:
         cfg, res = launch(req, data_dir, "bar" if err.is_terminal else "lines", say, progress_factory(bar),
                           max_minutes * 60 if max_minutes else None)

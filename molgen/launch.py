@@ -177,8 +177,6 @@ def prepare_pairs(cfg: RunConfig, run_dir: Path, student: Model | None, progress
     teacher = load_diffusion_model(dcfg.teacher, "--teacher")
     if teacher.cfg.model.in_node_nf != cfg.model.in_node_nf:
         raise MolgenError(f"--teacher {dcfg.teacher}: its atom features do not match the student's")
-    if dcfg.targets not in ("ode", "polished"):
-        raise MolgenError(f"distill.targets must be ode or polished, got {dcfg.targets!r}")
     sizes = draw_sizes(cfg, dcfg.pairs, cfg.seed, stream=PAIR_STREAM)
     denoise = jax.jit(model_fn(teacher.cfg))
     if dcfg.targets == "polished":
@@ -199,9 +197,13 @@ def launch(req: Request, data_dir: Path | None = None, progress: str | None = No
     """Resolve, check, prepare and run; returns (config, :class:`molgen.train.TrainResult`)."""
     from molgen.parallel import is_main
     from molgen.rundir import check_run_dir, hold_run
+    from molgen.train import check_devices
 
     cfg = resolve_config(req)
     check_run_dir(req.out, req.resume)  # before anything is read or made
+    check_devices(cfg, jax.device_count())  # before a distillation's pairs are made, say
+    log(f"training {cfg.objective} | batch {cfg.optim.batch_size} | {cfg.optim.steps} steps | devices "
+        f"{jax.device_count()} ({jax.devices()[0].platform}) | {req.out}")
     if not is_main():  # the process that writes the run's files holds its folder
         return _run(cfg, req, data_dir, progress, log, progress_factory, max_seconds)
     with hold_run(req.out):  # refuses a folder that another process holds; train() checks it again inside
