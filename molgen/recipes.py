@@ -17,6 +17,7 @@ from pathlib import Path
 
 from molgen import MolgenError
 from molgen.config import RunConfig
+from molgen.consistency.distill import TARGETS
 from molgen.data.device import LAYOUTS
 from molgen.networks import PRECISIONS
 from molgen.nn.egnn import PRESETS
@@ -123,6 +124,7 @@ LIMITS: dict[str, dict[str, tuple]] = {
 # Settings that name one of a few choices (``auto``: the platform's measured fastest; docs/performance.md).
 CHOICES: dict[str, dict[str, tuple[str, ...]]] = {
     "optim": {"precision": ("auto", *PRECISIONS), "layout": ("auto", *LAYOUTS)},
+    "distill": {"targets": TARGETS},
 }
 
 
@@ -135,8 +137,9 @@ def check_settings(cfg: RunConfig) -> None:
             if isinstance(v, float) and not math.isfinite(v) or not ok(v):
                 raise MolgenError(f"{section}.{key} must be {what}, got {v}")
     for section, choices in CHOICES.items():
-        for key, names in choices.items():
-            v = getattr(getattr(cfg, section), key)
+        table = getattr(cfg, section, None)
+        for key, names in choices.items() if table is not None else ():
+            v = getattr(table, key)
             if v not in names:
                 raise MolgenError(f"{section}.{key} must be one of {', '.join(names)}, got {v!r}")
     if not 0 <= cfg.seed < 2**32:

@@ -8,7 +8,6 @@ SYMBOLS: tuple[str, ...] = ("H", "C", "N", "O", "F")
 CHARGES: np.ndarray = np.array([1, 6, 7, 8, 9], dtype=np.int32)  # atomic numbers Z
 N_TYPES = len(SYMBOLS)
 TYPE_OF_SYMBOL = {s: i for i, s in enumerate(SYMBOLS)}
-TYPE_OF_Z = {int(z): i for i, z in enumerate(CHARGES)}
 # Allowed valences used by EDM's stability metric.
 VALENCE = np.array([1, 4, 3, 2, 1], dtype=np.int32)
 

@@ -33,7 +33,7 @@ from molgen.diffusion.polish import make_polish_step, polish
 
 PAIRS_NAME = "pairs.npz"
 PAIR_STREAM = 7919  # pairs use their own random stream: `molgen sample --seed S` never reuses their noise
-TARGETS = ("ode", "polished")
+TARGETS = ("ode", "polished")  # what the student learns to reach (DistillConfig.targets)
 ANCHOR_SIGMAS = (0.08, 0.5)  # the levels multistep sampling re-noises to (0.4 ... 0.1, and 0.2)
 BOND_CUTOFF = 2.0  # Å: target atom pairs closer than this (bonds, and short 1-3 pairs) enter the bond term
 

@@ -29,7 +29,7 @@ from molgen import MolgenError
 from molgen.data.features import straight_through_features
 from molgen.diffusion.edm import DiffusionConfig, denoiser
 from molgen.diffusion.levels import low_ladder
-from molgen.nn.egnn import EGNN, EGNNConfig
+from molgen.nn.egnn import EGNNConfig
 
 TYPE_TEMPERATURE = 0.02  # softmax temperature of the straight-through type read-out (type logits are ~0.25 apart)
 
@@ -92,10 +92,6 @@ def restack(cfg, params, n_stages: int):
     if n_stages < 1:
         raise MolgenError("--stack must be at least 1")
     return cfg.replace(stack=dataclasses.replace(cfg.stack, levels=tuple(low_ladder(n_stages)))), params
-
-
-def stage_network(stack: StackConfig, dtype=jnp.float32) -> EGNN:
-    return EGNN(stack.model, dtype=dtype)
 
 
 def describe_network(cfg) -> str:

@@ -12,7 +12,6 @@ from molgen.chem.elements import CHARGES, N_TYPES
 
 ONEHOT_SCALE = 0.25
 CHARGE_SCALE = 0.1
-N_FEATURES = N_TYPES + 1
 
 
 def type_features(types, node_mask, xp=jnp):
