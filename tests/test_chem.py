@@ -7,7 +7,7 @@ from rdkit.Chem import AllChem
 
 from molgen import MolgenError
 from molgen.chem.bonds import THRESHOLDS, bond_orders, pad_molecules, stability
-from molgen.chem.elements import types_from_symbols
+from molgen.chem.elements import SYMBOLS, types_from_symbols
 from molgen.chem.io import Molecule, read_molecules, write_sdf, write_xyz
 from molgen.evaluate import evaluate_molecules
 
@@ -212,6 +212,25 @@ def test_rdkit_written_sdf_evaluates_as_expected(tmp_path):
     m = evaluate_molecules([x.positions for x in mols], [x.types for x in mols])
     assert m.mol_stability == 1.0 and m.validity == 1.0
     assert m.uniqueness == pytest.approx(3 / 4)
+
+
+def test_sdf_atoms_are_read_by_atomic_number_and_others_named(tmp_path):
+    """SDF atom types come from RDKit's atomic numbers (deuterium is hydrogen); an element molgen does not model,
+    below, inside or above H..F's numbers, is named in one line."""
+    path = tmp_path / "d.sdf"
+    with Chem.SDWriter(str(path)) as w:
+        m = Chem.AddHs(Chem.MolFromSmiles("[2H]C(F)=O"))
+        AllChem.EmbedMolecule(m, randomSeed=1)
+        w.write(m)
+    (mol,) = read_molecules(path)
+    assert [SYMBOLS[t] for t in mol.types] == [a.GetSymbol() for a in m.GetAtoms()] == ["H", "C", "F", "O"]
+    for smi, name in (("C*", "R"), ("CCl", "Cl"), ("C[U]", "U"), ("[Li]C", "Li")):
+        m = Chem.AddHs(Chem.MolFromSmiles(smi))
+        AllChem.Compute2DCoords(m)
+        with Chem.SDWriter(str(tmp_path / "x.sdf")) as w:
+            w.write(m)
+        with pytest.raises(MolgenError, match=f"x.sdf: molecule 0: unknown element '{name}'"):
+            read_molecules(tmp_path / "x.sdf")
 
 
 @pytest.mark.parametrize("symbols,hill", [

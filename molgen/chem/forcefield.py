@@ -13,7 +13,6 @@ from __future__ import annotations
 import numpy as np
 from rdkit import Chem, RDLogger
 from rdkit.Chem import rdDetermineBonds, rdForceFieldHelpers
-from rdkit.Geometry import Point3D
 
 from molgen.chem.elements import SYMBOLS, VALENCE
 
@@ -26,17 +25,14 @@ def perceive(types: np.ndarray, positions: np.ndarray) -> Chem.Mol | None:
     n = len(types)
     if n == 0 or not np.all(np.isfinite(positions)):
         return None
-    rw = Chem.RWMol()
-    for t in types:
-        rw.AddAtom(Chem.Atom(SYMBOLS[int(t)]))
-    conf = Chem.Conformer(n)
-    for k in range(n):
-        conf.SetAtomPosition(k, Point3D(*(float(v) for v in positions[k])))
-    rw.AddConformer(conf, assignId=True)
-    mol = rw.GetMol()
+    # one XYZ block parsed by RDKit builds the atoms and their conformer (repr: the coordinates exactly)
+    block = "".join(f"{SYMBOLS[int(t)]} {x!r} {y!r} {z!r}\n" for t, (x, y, z) in zip(types, positions.tolist()))
+    mol = Chem.MolFromXYZBlock(f"{n}\n\n{block}")
+    if mol is None:
+        return None
     try:
         rdDetermineBonds.DetermineConnectivity(mol)
-        if any(a.GetDegree() > VALENCE[int(types[a.GetIdx()])] for a in mol.GetAtoms()):
+        if (Chem.GetAdjacencyMatrix(mol).sum(axis=1) > VALENCE[np.asarray(types, np.int64)]).any():
             return None
         rdDetermineBonds.DetermineBondOrders(mol, charge=0)
         Chem.SanitizeMol(mol)

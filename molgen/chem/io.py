@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from molgen import MolgenError
-from molgen.chem.elements import SYMBOLS, symbol_to_type
+from molgen.chem.elements import CHARGES, SYMBOLS, symbol_to_type
 from molgen.io_utils import MOLECULE_SUFFIXES, atomic_path, is_gzipped, molecule_suffix, unused_path
 
 FORMATS = ("sdf", "xyz")
@@ -136,6 +136,24 @@ def _types(symbols, where: str) -> np.ndarray:
             out[k] = symbol_to_type(s)
         except KeyError:
             raise BadMolecule(f"{where}: unknown element {s!r} (molgen models {', '.join(SYMBOLS)})") from None
+    return _counted(out, where)
+
+
+_TYPE_OF_Z = np.full(int(CHARGES.max()) + 2, -1, np.int8)  # atomic number -> type; -1 (the last too): not modelled
+_TYPE_OF_Z[CHARGES] = np.arange(len(CHARGES))
+
+
+def _rdkit_types(mol, where: str) -> np.ndarray:
+    """An RDKit molecule's atom types, from the atomic numbers (an element molgen does not model: named, as
+    :func:`_types` names it)."""
+    z = np.fromiter((a.GetAtomicNum() for a in mol.GetAtoms()), np.int64, mol.GetNumAtoms())
+    out = _TYPE_OF_Z[np.minimum(z, len(_TYPE_OF_Z) - 1)]
+    if (out < 0).any():
+        return _types([a.GetSymbol() for a in mol.GetAtoms()], where)
+    return _counted(out, where)
+
+
+def _counted(out: np.ndarray, where: str) -> np.ndarray:
     if len(out) > MAX_ATOMS:
         raise BadMolecule(f"{where}: {len(out)} atoms, more than the {MAX_ATOMS} molgen evaluates")
     if len(out) == 0:
@@ -256,8 +274,7 @@ def read_sdf(path: Path, skip_invalid: bool = False, errors: list | None = None)
                 raise BadMolecule(f"{path}: molecule {k}: malformed record{parser.reason()}")
             if mol.GetNumConformers() == 0:
                 raise BadMolecule(f"{path}: molecule {k}: no coordinates")
-            syms = [a.GetSymbol() for a in mol.GetAtoms()]
-            types = _types(syms, f"{path}: molecule {k}")
+            types = _rdkit_types(mol, f"{path}: molecule {k}")
             pos = np.array(mol.GetConformer().GetPositions(), np.float64)
             props = {p: mol.GetProp(p) for p in mol.GetPropNames()}
             if NONFINITE in props:  # written by molgen: the coordinates were not finite
