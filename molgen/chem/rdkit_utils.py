@@ -45,8 +45,8 @@ def validity_smiles(mol) -> tuple[str | None, int]:
     """EDM's validity: SMILES of the largest fragment if the whole molecule sanitises, and the fragment count."""
     n_frags = len(Chem.GetMolFrags(mol)) if mol.GetNumAtoms() else 0
     smiles = mol_to_smiles(mol)
-    if smiles is None:
-        return None, n_frags
+    if smiles is None or n_frags == 1:  # one piece: its own SMILES, already made
+        return smiles, n_frags
     frags = Chem.GetMolFrags(mol, asMols=True, sanitizeFrags=False)
     largest = max(frags, default=mol, key=lambda m: m.GetNumAtoms())
     return mol_to_smiles(Chem.Mol(largest)), n_frags
