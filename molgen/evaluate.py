@@ -77,12 +77,15 @@ class Metrics:
 
 
 def _per_molecule(positions, types, progress=None, with_strain: bool = False,
-                  with_rdkit: bool = True) -> tuple[list[PerMolecule], np.ndarray]:
+                  with_rdkit: bool = True, stats=None) -> tuple[list[PerMolecule], np.ndarray]:
     """Each molecule's stability, validity and SMILES (EDM's route), RDKit's validity (unless ``with_rdkit`` is
-    False: then rdkit_valid is False) and strain, and the counts of each atom type."""
+    False: then rdkit_valid is False) and strain, and the counts of each atom type; with ``stats``
+    (:class:`molgen.fidelity.Stats`) the molecules' counts are added to it, as :func:`molgen.fidelity.statistics`
+    counts them (the bond orders found here, not again)."""
     from molgen.chem.bonds import bond_orders
     from molgen.chem.forcefield import perceive, strain
     from molgen.chem.rdkit_utils import build_molecule, validity_smiles
+    from molgen.fidelity import add_counts
 
     per: list[PerMolecule] = []
     type_counts = np.zeros(N_TYPES, np.int64)
@@ -91,6 +94,9 @@ def _per_molecule(positions, types, progress=None, with_strain: bool = False,
         pos, typ, mask = pad_molecules(positions[s : s + chunk], types[s : s + chunk])
         orders = bond_orders(pos, typ, mask)
         atom_ok, mol_ok, _ = stability(pos, typ, mask, orders=orders)
+        if stats is not None:  # the molecules statistics() counts: finite, with atoms
+            rows = np.isfinite(pos).all(axis=(1, 2)) & mask.any(axis=1)
+            add_counts(stats, pos[rows], typ[rows], mask[rows], orders[rows])
         for k in range(len(typ)):
             n = int(mask[k].sum())
             t = typ[k, :n]
@@ -125,13 +131,13 @@ def evaluate_molecules(
 ) -> Metrics:
     """The metrics of a set of molecules; ``reference_stats`` (:class:`molgen.fidelity.Stats`): add the distances
     to it; ``with_strain``: add the MMFF94 strain of the RDKit-valid molecules."""
-    from molgen.fidelity import distances, statistics
+    from molgen.fidelity import Stats, distances
 
     m = len(types)
     if m == 0:
         raise ValueError("no molecules to evaluate")
-    per, type_counts = _per_molecule(positions, types, progress, with_strain)
-    stats = statistics(positions, types) if reference_stats is not None else None
+    stats = Stats() if reference_stats is not None else None
+    per, type_counts = _per_molecule(positions, types, progress, with_strain, stats=stats)
     total_atoms = sum(len(t) for t in types)
     valid = [p.smiles for p in per if p.valid]
     unique = set(valid)

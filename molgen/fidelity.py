@@ -76,11 +76,14 @@ def statistics(positions: list[np.ndarray], types: list[np.ndarray], chunk: int 
     for s in range(0, len(keep), chunk):
         ids = keep[s : s + chunk]
         pos, typ, mask = pad_molecules([positions[k] for k in ids], [np.asarray(types[k]) for k in ids])
-        _add(st, pos.astype(np.float64), typ, mask, bond_orders(pos, typ, mask))
+        add_counts(st, pos, typ, mask, bond_orders(pos, typ, mask))
     return st
 
 
-def _add(st: Stats, pos, typ, mask, orders) -> None:
+def add_counts(st: Stats, pos, typ, mask, orders) -> None:
+    """Add padded molecules (:func:`molgen.chem.bonds.pad_molecules`, finite, at least one atom each) and their
+    bond orders to the counts ``st``."""
+    pos = pos.astype(np.float64)
     n_atoms = mask.sum(1)
     st.types += np.bincount(typ[mask], minlength=N_TYPES)
     st.sizes += np.bincount(np.minimum(n_atoms, MAX_ATOMS), minlength=MAX_ATOMS + 1)

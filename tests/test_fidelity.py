@@ -78,6 +78,23 @@ def test_statistics_add_up_and_drop_non_finite_molecules():
     np.testing.assert_array_equal(_stats(a + [bad]).types, sa.types)
 
 
+def test_evaluation_counts_as_statistics_does(mini_ds):
+    """evaluate_molecules counts the molecules for the distances with the bond orders it finds for stability:
+    the same counts as statistics(), non-finite molecules left out, over chunks of molecules."""
+    from molgen.evaluate import _per_molecule
+
+    mols = [mini_ds.molecule(i) for i in range(len(mini_ds))] * 20  # > one chunk of 1024
+    mols[3] = (np.where(np.arange(len(mols[3][0]))[:, None] == 1, np.nan, mols[3][0]), mols[3][1])
+    pos, typ = [m[0] for m in mols], [m[1] for m in mols]
+    want, got = statistics(pos, typ), Stats()
+    _per_molecule(pos, typ, with_rdkit=False, stats=got)
+    for k in Stats().__dict__:
+        np.testing.assert_array_equal(getattr(got, k), getattr(want, k))
+    assert got.sizes.sum() == len(mols) - 1
+    m = evaluate_molecules(pos[:50], typ[:50], reference_stats=want)
+    np.testing.assert_array_equal(m.stats.lengths, statistics(pos[:50], typ[:50]).lengths)
+
+
 def test_two_halves_of_qm9_are_close_and_noise_is_seen(mini_ds):
     """Calibration on the fixture's 59 QM9 molecules: half against half is close; the same molecules with
     0.1 Å of noise on every coordinate are far in bond lengths and strain."""
