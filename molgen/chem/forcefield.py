@@ -26,7 +26,8 @@ def perceive(types: np.ndarray, positions: np.ndarray) -> Chem.Mol | None:
     if n == 0 or not np.all(np.isfinite(positions)):
         return None
     # one XYZ block parsed by RDKit builds the atoms and their conformer (repr: the coordinates exactly)
-    block = "".join(f"{SYMBOLS[int(t)]} {x!r} {y!r} {z!r}\n" for t, (x, y, z) in zip(types, positions.tolist()))
+    xyz = np.asarray(positions, np.float64).tolist()
+    block = "".join(f"{SYMBOLS[int(t)]} {x!r} {y!r} {z!r}\n" for t, (x, y, z) in zip(types, xyz))
     mol = Chem.MolFromXYZBlock(f"{n}\n\n{block}")
     if mol is None:
         return None

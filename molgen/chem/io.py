@@ -139,7 +139,8 @@ def _types(symbols, where: str) -> np.ndarray:
     return _counted(out, where)
 
 
-_TYPE_OF_Z = np.full(int(CHARGES.max()) + 2, -1, np.int8)  # atomic number -> type; -1 (the last too): not modelled
+# atomic number -> type; -1: an element molgen does not model (every number above F's reads the last entry)
+_TYPE_OF_Z = np.full(int(CHARGES.max()) + 2, -1, np.int8)
 _TYPE_OF_Z[CHARGES] = np.arange(len(CHARGES))
 
 
