@@ -326,7 +326,7 @@ def view(
     if not 1 <= n <= MAX_GRID or per_row < 1:
         raise MolgenError(f"-n must be in 1 .. {MAX_GRID} and --per-row at least 1")
     check_writable(out, "-o")
-    mols = read_molecules(file, fmt)[:n]
+    mols = read_molecules(file, fmt, limit=n)  # the rest of a large file is not read
     if not mols:
         raise MolgenError(f"{file}: no molecules")
     if warning := flat_warning(mols):

@@ -67,7 +67,7 @@ def read_fragment(path: Path | str) -> Fragment:
     if molecule_suffix(path) not in MOLECULE_SUFFIXES:
         raise MolgenError(f"--fix {path}: give a {', '.join(MOLECULE_SUFFIXES)} file, or one gzipped (.gz) "
                           "(the format is read from the extension)")
-    mols = read_molecules(Path(path))
+    mols = read_molecules(Path(path), limit=1)  # its first molecule: the rest is not read
     if not mols:
         raise MolgenError(f"--fix {path}: no molecule in the file")
     m = mols[0]

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from conftest import cli
 from rdkit import Chem
 from rdkit.Chem import AllChem
 
@@ -271,6 +272,37 @@ def test_reader_errors_name_the_place(tmp_path):
         read_molecules(big)
     with pytest.raises(MolgenError, match="cannot tell the format"):
         read_molecules(tmp_path.joinpath("a.pdb").resolve()) if (tmp_path / "a.pdb").write_text("x") else None
+
+
+def test_reading_the_first_molecules_stops_before_the_rest(tmp_path):
+    """limit: the first molecules of an SDF or XYZ file, or of a folder's files in order, as a full read gives
+    them; what follows (here a broken record) is not read. `molgen view` draws a large file's first N that way."""
+    mols = [Molecule(np.array([1, 0, 0, 0, 0], np.int8), np.random.default_rng(k).normal(size=(5, 3)), f"m{k}")
+            for k in range(5)]
+    folder = tmp_path / "f"
+    folder.mkdir()
+    for fmt, writer in (("sdf", write_sdf), ("xyz", write_xyz)):
+        path = folder / f"a.{fmt}"
+        writer(path, mols)
+        whole = read_molecules(path)
+        with open(path, "a") as f:
+            f.write("garbage\n" if fmt == "sdf" else "3\nbroken\nC 0 0\n")
+        with pytest.raises(MolgenError):
+            read_molecules(path)
+        first = read_molecules(path, limit=3)
+        assert [m.name for m in first] == ["m0", "m1", "m2"]
+        for a, b in zip(first, whole):
+            np.testing.assert_array_equal(a.positions, b.positions)
+    clean = tmp_path / "clean"
+    clean.mkdir()
+    write_sdf(clean / "a.sdf", mols)
+    write_xyz(clean / "b.xyz", mols)
+    with open(clean / "b.xyz", "a") as f:
+        f.write("3\nbroken\nC 0 0\n")
+    got = read_molecules(clean, limit=7)  # a.sdf's five, then b.xyz's first two
+    assert [m.name for m in got] == [f"m{k}" for k in range(5)] + ["m0", "m1"]
+    res = cli("view", folder / "a.sdf", "-n", 2, "-o", tmp_path / "g.png")
+    assert res.exit_code == 0 and "wrote 2 molecules" in res.output, res.output
 
 
 def test_a_folder_of_edm_sample_files_reads_with_format_xyz(tmp_path):

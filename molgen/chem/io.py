@@ -184,12 +184,14 @@ def _read_text(path: Path) -> str:
     return Path(path).read_text(errors="replace")
 
 
-def read_xyz(path: Path, skip_invalid: bool = False, errors: list | None = None) -> list[Molecule]:
-    """Frames of an XYZ / extended XYZ file: count line, comment line, then ``symbol x y z [...]`` lines."""
+def read_xyz(path: Path, skip_invalid: bool = False, errors: list | None = None,
+             limit: int | None = None) -> list[Molecule]:
+    """Frames of an XYZ / extended XYZ file: count line, comment line, then ``symbol x y z [...]`` lines (the first
+    ``limit`` molecules only, when given)."""
     lines = _read_text(path).splitlines()
     mols: list[Molecule] = []
     i, frame = 0, 0
-    while i < len(lines):
+    while i < len(lines) and (limit is None or len(mols) < limit):
         if not lines[i].strip():
             i += 1
             continue
@@ -257,8 +259,10 @@ class _ParserErrors:
         return ""
 
 
-def read_sdf(path: Path, skip_invalid: bool = False, errors: list | None = None) -> list[Molecule]:
-    """Molecules of an SDF file with their 3D coordinates and element symbols (explicit H kept)."""
+def read_sdf(path: Path, skip_invalid: bool = False, errors: list | None = None,
+             limit: int | None = None) -> list[Molecule]:
+    """Molecules of an SDF file with their 3D coordinates and element symbols (explicit H kept; the first
+    ``limit`` molecules only, when given)."""
     from rdkit import Chem
 
     if is_gzipped(path):
@@ -268,6 +272,8 @@ def read_sdf(path: Path, skip_invalid: bool = False, errors: list | None = None)
         supplier = Chem.SDMolSupplier(str(path), sanitize=False, removeHs=False, strictParsing=True)
     mols = []
     for k in range(len(supplier)):
+        if limit is not None and len(mols) >= limit:
+            break
         with _ParserErrors() as parser:
             mol = supplier[k]
         try:
@@ -324,23 +330,27 @@ def folder_files(path: Path, fmt: str | None = None) -> list[Path]:
 
 
 def read_molecules(path: Path | str, fmt: str | None = None, skip_invalid: bool = False,
-                   errors: list | None = None) -> list[Molecule]:
+                   errors: list | None = None, limit: int | None = None) -> list[Molecule]:
     """Read a file (SDF or XYZ; ``fmt`` overrides the extension) or the molecule files of a folder
-    (:func:`folder_files`; each read by its extension, the .txt ones as ``fmt``)."""
+    (:func:`folder_files`; each read by its extension, the .txt ones as ``fmt``); with ``limit``, only the first
+    molecules, as many (what comes after them is not read)."""
     path = Path(path)
     if not path.exists():
         raise MolgenError(f"{path}: no such file or folder")
     if path.is_dir():
         mols = []
         for f in folder_files(path, fmt):
-            for m in read_molecules(f, fmt if molecule_suffix(f) == ".txt" else None, skip_invalid, errors):
+            if limit is not None and len(mols) >= limit:
+                break
+            left = None if limit is None else limit - len(mols)
+            for m in read_molecules(f, fmt if molecule_suffix(f) == ".txt" else None, skip_invalid, errors, left):
                 m.name = m.name or f.name  # a nameless molecule is named after its file, the link back to it
                 mols.append(m)
         return mols
     if path.stat().st_size == 0:
         raise MolgenError(f"{path}: file is empty")
     f = format_of(path, fmt)
-    mols = read_sdf(path, skip_invalid, errors) if f == "sdf" else read_xyz(path, skip_invalid, errors)
+    mols = (read_sdf if f == "sdf" else read_xyz)(path, skip_invalid, errors, limit)
     if not mols and not (errors and skip_invalid):
         raise MolgenError(f"{path}: no molecules found")
     return mols
