@@ -211,6 +211,20 @@ def test_evaluate_reports_fidelity_strain_and_plots(tmp_path, sdf, data_dir):
                    "molgen download")
 
 
+def test_the_evaluation_benchmark_reports_its_parts(sdf, data_dir, capsys, monkeypatch):
+    """benchmarks/evaluate.py: one EVAL line with the read, judge and distance times of the file's molecules."""
+    import re
+    import sys
+
+    from conftest import load_script
+
+    monkeypatch.setattr(sys, "argv", ["evaluate.py", str(sdf), "--repeat", "2", "--data-dir", str(data_dir)])
+    load_script("benchmarks/evaluate.py").main()
+    out = capsys.readouterr().out
+    assert len(re.findall(r"^# run: read ", out, re.M)) == 2
+    assert re.search(r"^EVAL read_s=\d+\.\d\d judge_s=\d+\.\d\d distances_s=-?\d+\.\d\d molecules=20$", out, re.M), out
+
+
 def test_view_draws_a_grid_of_n_molecules(tmp_path, sdf):
     res = cli("view", sdf, "-n", "7", "--per-row", "3", "-o", tmp_path / "g.png")
     assert res.exit_code == 0 and "wrote 7 molecules" in res.output, res.output
