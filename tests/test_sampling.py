@@ -10,15 +10,15 @@ from conftest import random_molecules, random_rotation
 
 from molgen import MolgenError
 from molgen.config import DataConfig, RunConfig
-from molgen.consistency.ict import (ConsistencyConfig, make_consistency_fn, multistep_levels, n_discretisation,
-                                    training_levels)
+from molgen.consistency.ict import (ConsistencyConfig, ict_scalings, make_consistency_fn, multistep_levels,
+                                    n_discretisation, training_levels)
 from molgen.data.batching import pack
 from molgen.data.features import type_features
 from molgen.diffusion.edm import DiffusionConfig, denoiser
 from molgen.diffusion.levels import karras, ode_levels
 from molgen.models import Model
 from molgen.networks import init_params, model_fn, network
-from molgen.nn.egnn import PRESETS
+from molgen.nn.egnn import PRESETS, remove_mean
 from molgen.sample import parse_levels, plan, sample
 from molgen.samplers import SAMPLERS, get_sampler
 
@@ -267,7 +267,8 @@ def test_consistency_function_is_equivariant(rng, parametrization):
 
 def test_denoiser_is_edms_clean_estimate(rng):
     """At EDM's grid time t with VE level s = sigma_t / alpha_t: D(y, s) = y - s eps_hat(alpha_t y, t), and
-    EDM's own x0 estimate of the VP state alpha_t y; ict-vp at small s is that denoiser, up to sigma_min."""
+    EDM's own x0 estimate of the VP state alpha_t y; ict-vp is the same network call, rescaled:
+    f(y, s) = c_skip(s) y - c_out(s) eps_hat, which at small s is that denoiser up to sigma_min."""
     m = _model("diffusion", rng)
     apply = network(m.cfg)[1]
     D = denoiser(apply, m.cfg.diffusion)
@@ -281,11 +282,17 @@ def test_denoiser_is_edms_clean_estimate(rng):
     np.testing.assert_allclose(np.asarray(dx), g.positions - s * np.asarray(ex), atol=2e-4)
     cons = ConsistencyConfig(parametrization="ict-vp", sigma_data_x=1.4, sigma_data_h=0.2)
     f = make_consistency_fn(apply, cons, m.cfg.diffusion)
-    small = jnp.full(g.node_mask.shape, 0.05, jnp.float32)  # f - D ~ sigma_min eps_hat, D - y = -s eps_hat
+    s_small = 0.05
+    small = jnp.full(g.node_mask.shape, s_small, jnp.float32)
     fx, _ = f(m.params, g.positions, h, small, g)
     dx2, _ = D(m.params, g.positions, h, small, g)
-    moved = np.abs(np.asarray(dx2) - g.positions).max()
-    assert moved > 1e-3 and np.abs(np.asarray(fx) - np.asarray(dx2)).max() < 0.1 * moved
+    eps = (g.positions - np.asarray(dx2)) / s_small  # D - y = -s eps_hat
+    c_skip, c_out, _ = ict_scalings(s_small, cons.sigma_data_x, cons.sigma_min)
+    assert abs(c_skip - 1) < 2e-3 and abs(c_out - (s_small - cons.sigma_min)) < 1e-4  # small s: the denoiser
+    want = remove_mean(jnp.asarray(c_skip * g.positions - c_out * eps, jnp.float32), jnp.asarray(g.node_mask),
+                       jnp.asarray(g.segment), g.n_atoms.shape[0])
+    assert np.abs(eps).max() > 1e-2  # the network moves the molecules
+    np.testing.assert_allclose(np.asarray(fx), np.asarray(want), atol=2e-5)
 
 
 def test_curriculum_and_grid():
