@@ -15,7 +15,7 @@ from molgen.consistency.ict import (ConsistencyConfig, ict_scalings, make_consis
 from molgen.data.batching import pack
 from molgen.data.features import type_features
 from molgen.diffusion.edm import DiffusionConfig, denoiser
-from molgen.diffusion.levels import karras, ode_levels
+from molgen.diffusion.levels import karras_grid, ode_levels
 from molgen.models import Model
 from molgen.networks import init_params, model_fn, network
 from molgen.nn.egnn import PRESETS, remove_mean
@@ -299,7 +299,7 @@ def test_curriculum_and_grid():
     cfg = ConsistencyConfig(s0=10, s1=80, total_steps=400)
     ns = [int(n_discretisation(k, cfg)) for k in (0, 99, 100, 200, 399)]
     assert ns == [11, 11, 21, 41, 81]
-    sig = karras(11, 0.002, 80.0)
+    sig = karras_grid(np.arange(11, dtype=np.float64), 11, 0.002, 80.0)
     assert sig[0] == pytest.approx(0.002) and sig[-1] == pytest.approx(80.0, rel=1e-9)
     assert np.all(np.diff(sig) > 0)
     dyn = np.asarray(training_levels(jnp.int32(11), cfg, 20))  # traced length, padded by repeating the last

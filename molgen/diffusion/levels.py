@@ -20,13 +20,6 @@ def karras_grid(i, n, sigma_min: float, sigma_max: float, rho: float = 7.0):
     return (a + i / (n - 1) * (b - a)) ** rho
 
 
-def karras(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> np.ndarray:
-    """n >= 2 increasing levels on the Karras grid."""
-    if n < 2:
-        raise ValueError("the Karras grid needs at least 2 levels")
-    return karras_grid(np.arange(n, dtype=np.float64), n, sigma_min, sigma_max, rho)
-
-
 def ode_levels(n_steps: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> list[float]:
     """n_steps + 1 decreasing levels for an ODE solve: sigma_max ... sigma_min on the Karras grid, then 0."""
     if n_steps < 1:

@@ -282,20 +282,3 @@ def pair_mlp_scalar(hr, hs, d2, d0, w_attr, b1, w2, b2, v, receivers, senders):
     c = jnp.zeros((1,), jnp.float32)
     return _pair_mlp(False, hr.shape[0], r, s, mask, hr, hs, d2, d0, w_attr, b1, w2, b2, v, c)[:n]
 
-
-def reference_sum(hr, hs, d2, d0, w_attr, b1, w2, b2, v, c, receivers, senders, edge_mask):
-    """:func:`pair_mlp_sum` as plain array operations (for tests)."""
-    m = _reference_m(hr, hs, d2, d0, w_attr, b1, w2, b2, receivers, senders)
-    g = jax.nn.sigmoid(m @ v + c[0]) * edge_mask
-    return jax.ops.segment_sum(m * g[:, None], receivers, num_segments=hr.shape[0])
-
-
-def reference_scalar(hr, hs, d2, d0, w_attr, b1, w2, b2, v, receivers, senders):
-    """:func:`pair_mlp_scalar` as plain array operations (for tests)."""
-    return _reference_m(hr, hs, d2, d0, w_attr, b1, w2, b2, receivers, senders) @ v
-
-
-def _reference_m(hr, hs, d2, d0, w_attr, b1, w2, b2, receivers, senders):
-    pre1 = hr[receivers] + hs[senders] + d2[:, None] * w_attr[0] + d0[:, None] * w_attr[1] + b1
-    s1 = _silu(pre1.astype(w2.dtype).astype(jnp.float32)).astype(w2.dtype)
-    return _silu(jnp.dot(s1, w2, preferred_element_type=jnp.float32) + b2)
