@@ -10,8 +10,8 @@ from molgen.chem.elements import SYMBOLS
 
 RDLogger.DisableLog("rdApp.*")
 
-# RDKit copies the atom it is given (AddAtom), so one prototype per element serves every molecule; built from a
-# symbol each time, atoms cost ~40 % of a molecule's construction.
+# RDKit copies the atom it is given (AddAtom), so one prototype per element serves every molecule: with an atom
+# made from its symbol each time and the bond orders read one NumPy scalar at a time, construction took 1.7x as long.
 ATOMS = tuple(Chem.Atom(s) for s in SYMBOLS)
 BOND_TYPES = (None, Chem.BondType.SINGLE, Chem.BondType.DOUBLE, Chem.BondType.TRIPLE)  # by bond order
 
