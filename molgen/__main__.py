@@ -1,3 +1,4 @@
 from molgen.cli import main
 
-main()
+if __name__ == "__main__":  # not when a worker process (molgen.workers) starts from this module
+    main()

@@ -208,8 +208,10 @@ def sample(
     from molgen.models import load_model, polisher_for
     from molgen.fragment import read_fragment
     from molgen.sample import kept_warning, nonfinite_warning, parse_levels, plan, preflight, sample_kept
+    from molgen.workers import default_workers
 
     out, fmt = _sample_output(out, fmt, json_path, fix, report or json_path is not None, novelty)
+    workers = default_workers()
     require_reference(data_dir, "--novelty compares with QM9's training split" if novelty else None)
     sig = parse_levels(sigmas)
     enable_compilation_cache()
@@ -221,11 +223,11 @@ def sample(
         say(warning)
     with sampling_progress(settings["molgen_calls"], batch_size) as (more, tick, tasks):
         # QM9's figures for the report are read first: a cache that cannot be read loses no sampling
-        ref = reference_for(data_dir, m.cfg.data.remove_h, novelty, tasks) if report or json_path else None
+        ref = reference_for(data_dir, m.cfg.data.remove_h, novelty, tasks, workers) if report or json_path else None
         res = sample_kept(m, n, keep, seed, batch_size, more, steps=steps, atoms=atoms, sampler=sampler, sigmas=sig,
                           temperature=temperature, renoise=renoise, polish_calls=polish, polisher=pol,
                           progress=tick, fragment=frag, resample=resample, unique=unique)
-        metrics = annotate(res.molecules, ref, novelty, frag, tasks) if ref is not None else None
+        metrics = annotate(res.molecules, ref, novelty, frag, tasks, workers) if ref is not None else None
     write_molecules(out, res.molecules, fmt)
     console.print(f"wrote {count(len(res.molecules), 'molecule')} to {out} ({res.description}, {res.seconds:.1f} s sampling)", soft_wrap=True)
     for warning in filter(None, (kept_warning(res, n), nonfinite_warning(res.molecules, fmt))):
@@ -274,8 +276,10 @@ def evaluate(
     from molgen.evaluate import evaluate_files, write_json, write_per_molecule_csv
     from molgen.fidelity import reference_statistics, statistics
     from molgen.io_utils import check_outputs
+    from molgen.workers import default_workers
 
     check_outputs({"--json": json_path, "--per-molecule": per_molecule}, inputs=files)
+    workers = default_workers()
     require_cache(reference, "--reference")
     if plots is not None and plots.exists() and not plots.is_dir():
         raise MolgenError(f"--plots {plots} is a file; give a folder")
@@ -286,7 +290,7 @@ def evaluate(
         raise MolgenError("--each reports each file apart; --per-molecule and --plots describe one set of molecules")
     with progress() as bar:
         runs = [evaluate_files(part, fmt, skip_invalid, reference, remove_h, not no_novelty, progress_factory(bar),
-                               fidelity, strain) for part in ([[f] for f in files] if each else [files])]
+                               fidelity, strain, workers) for part in ([[f] for f in files] if each else [files])]
     mols, errors = [m for r in runs for m in r[1]], [e for r in runs for e in r[2]]
     if warning := flat_warning(mols):
         say(warning)

@@ -233,15 +233,17 @@ def evaluation_report(reports: list[tuple[str, object]], errors: list[str]) -> N
 
 def setting_table(data_dir: Path) -> Table:
     """Where molgen runs: its version, JAX's and the devices JAX sees, the default model, the QM9 cache
-    ``data_dir`` and the folder of compiled programs."""
+    ``data_dir``, the folder of compiled programs and the processes evaluation may use."""
     import jax
 
     from molgen import __version__
-    from molgen.jax_setup import compilation_cache_dir, usable_cores
+    from molgen.jax_setup import compilation_cache_dir
     from molgen.models import default_model, weights_root
+    from molgen.workers import MIN_PER_WORKER, default_workers, usable_cores
 
     devs = jax.devices()
     jax_cache = compilation_cache_dir()
+    workers = default_workers()
     items = {
         "molgen": __version__,
         "JAX": f"{jax.__version__}, " + (f"cpu ({usable_cores()} cores)" if devs[0].platform == "cpu"
@@ -249,6 +251,8 @@ def setting_table(data_dir: Path) -> Table:
         "default model": f"{default_model() or 'none'} (in {weights_root()})",
         "QM9 cache": str(data_dir),
         "compiled programs": str(jax_cache) if jax_cache else "not kept (MOLGEN_JAX_CACHE=off)",
+        "evaluation": f"{workers} process{'' if workers == 1 else 'es'} at most (MOLGEN_WORKERS), one per "
+                      f"{MIN_PER_WORKER:,} molecules",
     }
     t = Table(title="molgen", show_header=False)
     t.add_column("item", no_wrap=True)

@@ -26,6 +26,7 @@ from molgen.chem.bonds import pad_molecules, stability
 from molgen.chem.elements import N_TYPES, SYMBOLS, formula
 
 TRAIN_SMILES_NAME = "train_smiles_edm_v1.txt"
+CHUNK = 256  # molecules judged together: bond orders of a padded batch, one task of a worker process
 
 
 @dataclass
@@ -76,40 +77,57 @@ class Metrics:
         return d
 
 
-def _per_molecule(positions, types, progress=None, with_strain: bool = False,
-                  with_rdkit: bool = True, stats=None) -> tuple[list[PerMolecule], np.ndarray]:
+def _per_molecule(positions, types, progress=None, with_strain: bool = False, with_rdkit: bool = True,
+                  stats=None, workers: int | None = 1) -> tuple[list[PerMolecule], np.ndarray]:
     """Each molecule's stability, validity and SMILES (EDM's route), RDKit's validity (unless ``with_rdkit`` is
     False: then rdkit_valid is False) and strain, and the counts of each atom type; with ``stats``
     (:class:`molgen.fidelity.Stats`) the molecules' counts are added to it, as :func:`molgen.fidelity.statistics`
-    counts them (the bond orders found here, not again)."""
+    counts them (the bond orders found here, not again). ``workers``: processes at most
+    (:func:`molgen.workers.workers_for`); ``progress`` ticks once a chunk of molecules."""
+    from molgen.workers import map_chunks, workers_for
+
+    chunks = ((positions[s : s + CHUNK], types[s : s + CHUNK], with_strain, with_rdkit, stats is not None)
+              for s in range(0, len(types), CHUNK))
+    per: list[PerMolecule] = []
+    type_counts = np.zeros(N_TYPES, np.int64)
+    for part, counts, part_stats in map_chunks(_judge_chunk, chunks, workers_for(len(types), workers)):
+        per += part
+        type_counts += counts
+        if stats is not None:
+            stats.add(part_stats)
+        if progress:
+            progress(len(part))
+    return per, type_counts
+
+
+def _judge_chunk(positions, types, with_strain: bool, with_rdkit: bool, count_stats: bool):
+    """:func:`_per_molecule` of a few molecules: (their results, their atom type counts, their
+    :class:`molgen.fidelity.Stats` or None)."""
     from molgen.chem.bonds import bond_orders
     from molgen.chem.forcefield import perceive, strain
     from molgen.chem.rdkit_utils import build_molecule, validity_smiles
-    from molgen.fidelity import add_counts
+    from molgen.fidelity import Stats, add_counts
 
     per: list[PerMolecule] = []
     type_counts = np.zeros(N_TYPES, np.int64)
-    chunk = 1024
-    for s in range(0, len(types), chunk):
-        pos, typ, mask = pad_molecules(positions[s : s + chunk], types[s : s + chunk])
-        orders = bond_orders(pos, typ, mask)
-        atom_ok, mol_ok, _ = stability(pos, typ, mask, orders=orders)
-        if stats is not None:  # the molecules statistics() counts: finite, with atoms
-            rows = np.isfinite(pos).all(axis=(1, 2)) & mask.any(axis=1)
-            add_counts(stats, pos[rows], typ[rows], mask[rows], orders[rows])
-        for k in range(len(typ)):
-            n = int(mask[k].sum())
-            t = typ[k, :n]
-            type_counts += np.bincount(t, minlength=N_TYPES)
-            finite = bool(np.all(np.isfinite(pos[k, :n])))
-            smi, nfrag = validity_smiles(build_molecule(t, orders[k, :n, :n])) if finite else (None, 0)
-            rd = perceive(t, positions[s + k]) if finite and with_rdkit else None
-            relaxed = strain(rd) if with_strain and rd is not None else None
-            per.append(PerMolecule(n, int(atom_ok[k, :n].sum()), bool(mol_ok[k]), smi is not None, smi or "", nfrag,
-                                   finite, rd is not None, *(relaxed or (None, None)), formula=formula(t)))
-            if progress:
-                progress(1)
-    return per, type_counts
+    stats = Stats() if count_stats else None
+    pos, typ, mask = pad_molecules(positions, types)
+    orders = bond_orders(pos, typ, mask)
+    atom_ok, mol_ok, _ = stability(pos, typ, mask, orders=orders)
+    if stats is not None:  # the molecules statistics() counts: finite, with atoms
+        rows = np.isfinite(pos).all(axis=(1, 2)) & mask.any(axis=1)
+        add_counts(stats, pos[rows], typ[rows], mask[rows], orders[rows])
+    for k in range(len(typ)):
+        n = int(mask[k].sum())
+        t = typ[k, :n]
+        type_counts += np.bincount(t, minlength=N_TYPES)
+        finite = bool(np.all(np.isfinite(pos[k, :n])))
+        smi, nfrag = validity_smiles(build_molecule(t, orders[k, :n, :n])) if finite else (None, 0)
+        rd = perceive(t, positions[k]) if finite and with_rdkit else None
+        relaxed = strain(rd) if with_strain and rd is not None else None
+        per.append(PerMolecule(n, int(atom_ok[k, :n].sum()), bool(mol_ok[k]), smi is not None, smi or "", nfrag,
+                               finite, rd is not None, *(relaxed or (None, None)), formula=formula(t)))
+    return per, type_counts, stats
 
 
 def judge(molecules) -> list[PerMolecule]:
@@ -128,16 +146,18 @@ def evaluate_molecules(
     progress: Callable[[int], None] | None = None,
     reference_stats=None,
     with_strain: bool = False,
+    workers: int | None = 1,
 ) -> Metrics:
     """The metrics of a set of molecules; ``reference_stats`` (:class:`molgen.fidelity.Stats`): add the distances
-    to it; ``with_strain``: add the MMFF94 strain of the RDKit-valid molecules."""
+    to it; ``with_strain``: add the MMFF94 strain of the RDKit-valid molecules; ``workers``: judge them in this many
+    processes at most (None: :func:`molgen.workers.default_workers`; :func:`molgen.workers.workers_for`)."""
     from molgen.fidelity import Stats, distances
 
     m = len(types)
     if m == 0:
         raise ValueError("no molecules to evaluate")
     stats = Stats() if reference_stats is not None else None
-    per, type_counts = _per_molecule(positions, types, progress, with_strain, stats=stats)
+    per, type_counts = _per_molecule(positions, types, progress, with_strain, stats=stats, workers=workers)
     total_atoms = sum(len(t) for t in types)
     valid = [p.smiles for p in per if p.valid]
     unique = set(valid)
@@ -179,15 +199,16 @@ def _strain_summary(per: list[PerMolecule]) -> dict:
 
 
 def training_smiles(data_dir: Path | str | None = None, remove_h: bool = False,
-                    progress: Callable[[str, int], Callable[[int], None]] | None = None) -> set[str] | None:
-    """SMILES of the training split built from its 3D structures by EDM's route; cached beside the data.
+                    progress: Callable[[str, int], Callable[[int], None]] | None = None,
+                    workers: int | None = 1) -> set[str] | None:
+    """SMILES of the training split built from its 3D structures by EDM's route; cached beside the data. Made in
+    ``workers`` processes at most (as :func:`evaluate_molecules`).
 
     Returns None when there is no QM9 cache.
     """
-    from molgen.chem.bonds import bond_orders
-    from molgen.chem.rdkit_utils import build_molecule, mol_to_smiles
     from molgen.data.qm9 import cache_is_valid, default_data_dir, load_qm9
     from molgen.io_utils import atomic_write_text
+    from molgen.workers import map_chunks, workers_for
 
     data_dir = Path(data_dir) if data_dir else default_data_dir()
     if not cache_is_valid(data_dir, verify_hash=False):
@@ -200,20 +221,25 @@ def training_smiles(data_dir: Path | str | None = None, remove_h: bool = False,
     ds = load_qm9(data_dir, remove_h=remove_h, verify=False)
     ids = ds.split("train")
     tick = progress("training SMILES (once)", len(ids)) if progress else None
+    chunks = (tuple(zip(*ds.molecules(ids[s : s + CHUNK]))) for s in range(0, len(ids), CHUNK))
     out = []
-    for s in range(0, len(ids), 1024):
-        mols = [ds.molecule(int(i)) for i in ids[s : s + 1024]]
-        pos, typ, mask = pad_molecules([p for p, _ in mols], [t for _, t in mols])
-        orders = bond_orders(pos, typ, mask)
-        for k, (_, t) in enumerate(mols):
-            n = len(t)
-            smi = mol_to_smiles(build_molecule(t, orders[k, :n, :n]))
-            if smi is not None:
-                out.append(smi)
+    for smiles, n in map_chunks(_smiles_chunk, chunks, workers_for(len(ids), workers)):
+        out += smiles
         if tick:
-            tick(len(mols))
+            tick(n)
     atomic_write_text(cache, "\n".join(out) + "\n")
     return set(out)
+
+
+def _smiles_chunk(positions, types) -> tuple[list[str], int]:
+    """The SMILES of a few molecules (those RDKit sanitises), and how many molecules there were."""
+    from molgen.chem.bonds import bond_orders
+    from molgen.chem.rdkit_utils import build_molecule, mol_to_smiles
+
+    pos, typ, mask = pad_molecules(positions, types)
+    orders = bond_orders(pos, typ, mask)
+    smiles = (mol_to_smiles(build_molecule(t, orders[k, : len(t), : len(t)])) for k, t in enumerate(types))
+    return [s for s in smiles if s is not None], len(types)
 
 
 def write_per_molecule_csv(path: Path | str, metrics: Metrics, names: list[str] | None = None) -> None:
@@ -251,26 +277,29 @@ def write_json(path: Path | str, metrics: Metrics | dict[str, Metrics], extra: d
     atomic_write_text(path, json.dumps({**body, **(extra or {}), **stamp}, indent=2))
 
 
-def reference_for(data_dir, remove_h: bool, novelty: bool, progress=None):
+def reference_for(data_dir, remove_h: bool, novelty: bool, progress=None, workers: int | None = 1):
     """(training SMILES or None, training type fractions or None) from the QM9 cache, when there is one.
-    ``progress``: the library's progress protocol, (description, total) -> tick(n) (:func:`training_smiles`)."""
+    ``progress``: the library's progress protocol, (description, total) -> tick(n); ``workers``: processes at most
+    (:func:`training_smiles`)."""
     from molgen.data.qm9 import cache_is_valid, default_data_dir, load_qm9
 
     d = data_dir or default_data_dir()
     if not cache_is_valid(d, verify_hash=False):
         return None, None
     fr = load_qm9(d, remove_h=remove_h, verify=False).type_fractions("train")
-    return (training_smiles(d, remove_h, progress) if novelty else None), fr
+    return (training_smiles(d, remove_h, progress, workers) if novelty else None), fr
 
 
-def annotate(molecules, reference=(None, None), novelty: bool = False, fragment=None, progress=None) -> Metrics:
+def annotate(molecules, reference=(None, None), novelty: bool = False, fragment=None, progress=None,
+             workers: int | None = 1) -> Metrics:
     """EDM's metrics of generated molecules, each molecule's own results added to its properties. ``reference``:
     (training SMILES, training type fractions), as :func:`reference_for` reads them (None: not compared);
     ``novelty``: whether it was asked for. With the ``fragment`` they complete (:mod:`molgen.fragment`), the share
-    that contains its bond graph. ``progress``: (description, total) -> tick(n)."""
+    that contains its bond graph. ``progress``: (description, total) -> tick(n); ``workers``: processes at most
+    (:func:`evaluate_molecules`)."""
     smiles, fr = reference
     metrics = evaluate_molecules([m.positions for m in molecules], [m.types for m in molecules], smiles, fr,
-                                 progress("evaluating", len(molecules)) if progress else None)
+                                 progress("evaluating", len(molecules)) if progress else None, workers=workers)
     if not novelty:
         metrics.novelty_note = "not computed (add --novelty)"
     if fragment is not None:
@@ -284,11 +313,13 @@ def annotate(molecules, reference=(None, None), novelty: bool = False, fragment=
 
 
 def evaluate_files(files, fmt=None, skip_invalid: bool = False, reference=None, remove_h: bool = False,
-                   novelty: bool = True, progress=None, fidelity: bool = True, with_strain: bool = False):
+                   novelty: bool = True, progress=None, fidelity: bool = True, with_strain: bool = False,
+                   workers: int | None = 1):
     """(metrics, molecules, errors) of the molecules in SDF / XYZ files or folders: ``errors`` names what could
     not be read (with ``skip_invalid``; else the first unreadable molecule is an error). ``fidelity``: distances to
     QM9's test split when the QM9 cache exists (with hydrogens only); ``with_strain``: MMFF94 strain.
-    ``progress``: the library's progress protocol, (description, total) -> tick(n)."""
+    ``progress``: the library's progress protocol, (description, total) -> tick(n); ``workers``: processes at most
+    (:func:`evaluate_molecules`)."""
     from molgen import MolgenError
     from molgen.chem.io import read_molecules
 
@@ -299,11 +330,11 @@ def evaluate_files(files, fmt=None, skip_invalid: bool = False, reference=None, 
         raise MolgenError(f"no readable molecules in {', '.join(str(f) for f in files)}")
     from molgen.fidelity import reference_statistics
 
-    smiles, fr = reference_for(reference, remove_h, novelty, progress)
+    smiles, fr = reference_for(reference, remove_h, novelty, progress, workers)
     stats = reference_statistics(reference) if fidelity and not remove_h else None
     tick = progress("evaluating", len(mols)) if progress else None
     metrics = evaluate_molecules([m.positions for m in mols], [m.types for m in mols], smiles, fr, tick, stats,
-                                 with_strain)
+                                 with_strain, workers)
     if not novelty:
         metrics.novelty_note = "skipped (--no-novelty)"
     return metrics, mols, errors

@@ -57,6 +57,11 @@ class Stats:
     lengths: np.ndarray = field(default_factory=lambda: np.zeros((N_TYPES, N_TYPES, 3, N_LEN), np.int64))
     angles: np.ndarray = field(default_factory=lambda: np.zeros((N_TYPES, N_ANG), np.int64))
 
+    def add(self, other: Stats) -> None:
+        """Add the counts of another set (the counts of both sets together)."""
+        for name, counts in self.__dict__.items():
+            counts += getattr(other, name)
+
     def save(self, path: Path) -> None:
         from molgen.io_utils import atomic_path
 

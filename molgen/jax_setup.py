@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from molgen.workers import usable_cores
+
 
 def compilation_cache_dir() -> Path | None:
     """Where compiled XLA programs are kept: ``$MOLGEN_JAX_CACHE``, else <cache dir>/jax; None when
@@ -33,13 +35,6 @@ def enable_compilation_cache(path: Path | str | None = None) -> None:
         jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     except (OSError, AttributeError):  # read-only home or an older JAX: run without the cache
         pass
-
-
-def usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 def auto_cpu_devices(batch_size: int, cores: int | None = None, max_devices: int = 8, min_per_device: int = 8) -> int:

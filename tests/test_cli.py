@@ -681,9 +681,10 @@ def test_progress_off_a_terminal_is_a_line_now_and_then():
 
 
 def test_sample_and_evaluate_show_progress_lines_off_a_terminal(tmp_path, trained, data_dir, monkeypatch):
-    from molgen import display
+    from molgen import display, evaluate
 
     monkeypatch.setattr(display, "LINE_EVERY_S", 0.0)  # a line at every step
+    monkeypatch.setattr(evaluate, "CHUNK", 1)  # evaluation ticks once a chunk of molecules
     out = tmp_path / "s.sdf"
     res = run("sample", "--checkpoint", trained, "-n", 2, "--steps", 3, "-o", out, "--data-dir", data_dir)
     assert res.exit_code == 0, res.output

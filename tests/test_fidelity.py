@@ -83,7 +83,7 @@ def test_evaluation_counts_as_statistics_does(mini_ds):
     the same counts as statistics(), non-finite molecules left out, over chunks of molecules."""
     from molgen.evaluate import _per_molecule
 
-    mols = [mini_ds.molecule(i) for i in range(len(mini_ds))] * 20  # > one chunk of 1024
+    mols = [mini_ds.molecule(i) for i in range(len(mini_ds))] * 20  # several chunks
     mols[3] = (np.where(np.arange(len(mols[3][0]))[:, None] == 1, np.nan, mols[3][0]), mols[3][1])
     pos, typ = [m[0] for m in mols], [m[1] for m in mols]
     want, got = statistics(pos, typ), Stats()

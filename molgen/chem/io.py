@@ -147,7 +147,8 @@ _TYPE_OF_Z[CHARGES] = np.arange(len(CHARGES))
 def _rdkit_types(mol, where: str) -> np.ndarray:
     """An RDKit molecule's atom types, from the atomic numbers (an element molgen does not model: named, as
     :func:`_types` names it)."""
-    z = np.fromiter((a.GetAtomicNum() for a in mol.GetAtoms()), np.int64, mol.GetNumAtoms())
+    n = mol.GetNumAtoms()  # by index: twice as fast as RDKit's atom iterator
+    z = np.fromiter((mol.GetAtomWithIdx(i).GetAtomicNum() for i in range(n)), np.int64, n)
     out = _TYPE_OF_Z[np.minimum(z, len(_TYPE_OF_Z) - 1)]
     if (out < 0).any():
         return _types([a.GetSymbol() for a in mol.GetAtoms()], where)
