@@ -1,10 +1,11 @@
 """Per-molecule work (bond perception, RDKit, MMFF94) spread over processes: the same results, in the same order,
 as one process gives.
 
-Workers are fresh processes (spawned, never forked: a process that runs JAX holds threads a fork would copy
-half-way) that import only numpy, RDKit and molgen's chemistry. Starting one costs ~0.4 s and judging a molecule
-~1 ms, so a worker is started for every ``MIN_PER_WORKER`` molecules at most. ``MOLGEN_WORKERS`` caps their
-number (default: one per usable core; 1 keeps all work in the calling process)."""
+Workers are never forked from the calling process (one that runs JAX holds threads a fork would copy half-way):
+they are forked from a server process that starts fresh and imports numpy, RDKit and molgen's chemistry once
+(``PRELOAD``; spawned one by one where the system has no fork server). The server costs ~0.5 s to start and
+judging a molecule ~0.5-1 ms, so a worker is started for every ``MIN_PER_WORKER`` molecules at most.
+``MOLGEN_WORKERS`` caps their number (default: one per usable core; 1 keeps all work in the calling process)."""
 
 from __future__ import annotations
 
@@ -51,23 +52,50 @@ def _ignore_interrupt() -> None:
 def map_chunks(fn: Callable, chunks: Iterable[tuple], workers: int = 1) -> Iterator:
     """``fn(*chunk)`` for every chunk, yielded in the chunks' order: in this process when ``workers`` <= 1, else in
     that many worker processes (``fn`` must then be a module-level function, its arguments and results picklable).
-    A chunk's exception is raised here; when the caller stops early, the chunks not started are dropped."""
-    if workers <= 1:
+    Where no process can be started (no shared memory, no writable temporary folder) the work stays in this
+    process. A chunk's exception is raised here; a worker that dies is a :class:`MolgenError`; when the caller
+    stops early, the chunks not started are dropped."""
+    chunks = list(chunks) if workers > 1 else chunks
+    pool = _pool(workers) if workers > 1 else None
+    futures = _submit(pool, fn, chunks) if pool is not None else None
+    if futures is None:
         for chunk in chunks:
             yield fn(*chunk)
         return
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
 
-    ctx = multiprocessing.get_context("forkserver" if "forkserver" in multiprocessing.get_all_start_methods()
-                                      else "spawn")
-    if ctx.get_start_method() == "forkserver":
-        ctx.set_forkserver_preload(PRELOAD)
-    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_ignore_interrupt) as pool:
-        futures = [pool.submit(fn, *chunk) for chunk in chunks]
+    with pool:
         try:
             for f in futures:
                 yield f.result()
+        except BrokenProcessPool:
+            raise MolgenError("a worker process ended without its results (out of memory?); MOLGEN_WORKERS=1 "
+                              "keeps the work in one process") from None
         finally:
             for f in futures:
                 f.cancel()
+
+
+def _pool(workers: int):
+    """A pool of ``workers`` processes forked from a server that has imported ``PRELOAD`` (spawned where the system
+    has no fork server); None where processes cannot be made."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+    ctx = multiprocessing.get_context(method)
+    if method == "forkserver":
+        ctx.set_forkserver_preload(PRELOAD)
+    try:
+        return ProcessPoolExecutor(workers, mp_context=ctx, initializer=_ignore_interrupt)
+    except (OSError, ImportError, NotImplementedError):
+        return None
+
+
+def _submit(pool, fn: Callable, chunks: list) -> list | None:
+    """The futures of every chunk; None (the pool shut down) where its processes cannot be started."""
+    try:
+        return [pool.submit(fn, *chunk) for chunk in chunks]
+    except OSError:
+        pool.shutdown(wait=False, cancel_futures=True)
+        return None

@@ -27,6 +27,36 @@ def test_an_error_in_a_worker_is_raised_in_the_caller():
             list(map_chunks(int, [("1",), ("x",)], workers))
 
 
+def test_a_worker_that_dies_is_one_error():
+    import os
+
+    from molgen import MolgenError
+    from molgen.workers import map_chunks
+
+    with pytest.raises(MolgenError, match="worker process ended"):
+        list(map_chunks(os._exit, [(3,), (4,)], 2))
+
+
+def test_where_no_process_can_start_the_work_stays_in_this_process(monkeypatch):
+    """No shared memory or temporary folder for a pool (some containers): the pool cannot be made, or its processes
+    cannot be started; the chunks are worked through here instead."""
+    import concurrent.futures
+
+    from molgen.workers import map_chunks
+
+    class NoPool:
+        def __init__(self, *a, **kw):
+            raise OSError(38, "Function not implemented")
+
+    class NoStart(concurrent.futures.ProcessPoolExecutor):
+        def submit(self, *a, **kw):
+            raise OSError(13, "Permission denied")
+
+    for pool in (NoPool, NoStart):
+        monkeypatch.setattr(concurrent.futures, "ProcessPoolExecutor", pool)
+        assert list(map_chunks(pow, [(2, 3), (3, 2)], 2)) == [8, 9]
+
+
 def test_worker_count_follows_the_work_the_cap_and_the_environment(monkeypatch):
     from molgen import MolgenError
     from molgen.workers import MIN_PER_WORKER, default_workers, workers_for
