@@ -281,12 +281,12 @@ def reference_for(data_dir, remove_h: bool, novelty: bool, progress=None, worker
     """(training SMILES or None, training type fractions or None) from the QM9 cache, when there is one.
     ``progress``: the library's progress protocol, (description, total) -> tick(n); ``workers``: processes at most
     (:func:`training_smiles`)."""
-    from molgen.data.qm9 import cache_is_valid, default_data_dir, load_qm9
+    from molgen.data.qm9 import cache_is_valid, default_data_dir, training_type_fractions
 
     d = data_dir or default_data_dir()
     if not cache_is_valid(d, verify_hash=False):
         return None, None
-    fr = load_qm9(d, remove_h=remove_h, verify=False).type_fractions("train")
+    fr = training_type_fractions(d, remove_h)
     return (training_smiles(d, remove_h, progress, workers) if novelty else None), fr
 
 

@@ -105,6 +105,21 @@ def test_build_dataset_centres_sorts_and_splits(records):
     np.testing.assert_allclose(no_h.molecule(5)[0].mean(0), 0, atol=1e-5)
 
 
+def test_training_type_fractions_read_from_the_cache_equal_the_loaded_ones(tmp_path, archive):
+    """The report's type mix is read from the cache's types, sizes and split alone: the same numbers as the
+    whole data set's, with and without hydrogens."""
+    d = tmp_path / "cache"
+    sources.download(d, from_path=archive)
+    ds = qm9.load_qm9(d)
+    ids = ds.split("train")
+    counts = np.bincount(np.concatenate([ds.molecule(int(i))[1] for i in ids]), minlength=5)
+    np.testing.assert_array_equal(qm9.training_type_fractions(d), counts / counts.sum())
+    np.testing.assert_array_equal(ds.type_fractions("train"), counts / counts.sum())
+    heavy = counts * (np.arange(5) != 0)
+    np.testing.assert_array_equal(qm9.training_type_fractions(d, remove_h=True), heavy / heavy.sum())
+    np.testing.assert_array_equal(qm9.load_qm9(d, remove_h=True).type_fractions("train"), heavy / heavy.sum())
+
+
 def test_edm_split_sizes_and_reproducibility():
     assert qm9.split_sizes(qm9.N_KEPT) == qm9.EDM_SPLIT
     s1, s2 = qm9.edm_split(qm9.N_KEPT), qm9.edm_split(qm9.N_KEPT)

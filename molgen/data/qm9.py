@@ -17,7 +17,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from molgen import MolgenError
-from molgen.chem.elements import SYMBOLS
+from molgen.chem.elements import SYMBOLS, TYPE_OF_SYMBOL
 from molgen.io_utils import NPZ_DAMAGE, atomic_path, atomic_write_text
 
 N_RAW = 133_885
@@ -96,12 +96,7 @@ class QM9:
         return np.bincount(n, minlength=(max_atoms or int(self.n_atoms.max())) + 1)
 
     def type_fractions(self, split: str = "train") -> np.ndarray:
-        ids = self.split(split)
-        mask = np.zeros(len(self.types), bool)
-        for i in ids:
-            mask[self.offsets[i] : self.offsets[i] + self.n_atoms[i]] = True
-        counts = np.bincount(self.types[mask], minlength=len(SYMBOLS))
-        return counts / max(counts.sum(), 1)
+        return _type_fractions(self.types, self.n_atoms, self.split(split))
 
     def training_subset(self) -> "QM9":
         """The training split alone, in split order, as its own data set (split "train" = all of it, no SMILES):
@@ -233,17 +228,40 @@ def require_reference(data_dir: Path | str | None, why: str | None) -> None:
 
 def load_qm9(data_dir: Path | str | None = None, remove_h: bool = False, verify: bool = True) -> QM9:
     """Load the processed cache (run ``molgen download`` first)."""
+    ds = _read_cache(data_dir, verify, lambda z: QM9(
+        z["positions"], z["types"], z["n_atoms"], z["index"], z["smiles"],
+        {k[6:]: z[k] for k in z.files if k.startswith("split_")},
+    ))
+    return ds.remove_h() if remove_h else ds
+
+
+def training_type_fractions(data_dir: Path | str | None = None, remove_h: bool = False) -> np.ndarray:
+    """The training split's atom-type fractions, as :meth:`QM9.type_fractions` gives them for the loaded cache,
+    read from the cache's types, sizes and split alone (~10x faster than loading it all)."""
+    return _read_cache(data_dir, False, lambda z: _type_fractions(z["types"], z["n_atoms"], z["split_train"],
+                                                                  drop_h=remove_h))
+
+
+def _read_cache(data_dir: Path | str | None, verify: bool, read: Callable):
+    """``read`` of the opened cache file (an :class:`numpy.lib.npyio.NpzFile`); a missing or damaged cache is a
+    :class:`MolgenError` that says how to make it."""
     data_dir = Path(data_dir) if data_dir else default_data_dir()
     if not cache_is_valid(data_dir, verify_hash=verify):
         raise MolgenError(f"no valid QM9 cache in {data_dir}: run `molgen download` first")
     try:
         with np.load(data_dir / CACHE_NAME) as z:
-            ds = QM9(
-                z["positions"], z["types"], z["n_atoms"], z["index"], z["smiles"],
-                {k[6:]: z[k] for k in z.files if k.startswith("split_")},
-            )
+            return read(z)
     except NPZ_DAMAGE as e:  # damaged after it was written whole
         raise MolgenError(f"the QM9 cache in {data_dir} is damaged ({e}): run `molgen download"
                           f"{'' if data_dir == default_data_dir() else f' --data-dir {data_dir}'}`") from None
-    return ds.remove_h() if remove_h else ds
+
+
+def _type_fractions(types: np.ndarray, n_atoms: np.ndarray, ids: np.ndarray, drop_h: bool = False) -> np.ndarray:
+    """The fractions of each atom type among the atoms of molecules ``ids`` (of packed ``types``, molecule after
+    molecule, ``n_atoms`` each), hydrogens left out with ``drop_h``."""
+    member = np.zeros(len(n_atoms), bool)
+    member[ids] = True
+    t = types[np.repeat(member, n_atoms)]
+    counts = np.bincount(t[t != TYPE_OF_SYMBOL["H"]] if drop_h else t, minlength=len(SYMBOLS))
+    return counts / max(counts.sum(), 1)
 
