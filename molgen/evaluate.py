@@ -325,7 +325,7 @@ def evaluate_files(files, fmt=None, skip_invalid: bool = False, reference=None, 
 
     mols, errors = [], []
     for f in files:
-        mols += read_molecules(f, fmt, skip_invalid, errors)
+        mols += read_molecules(f, fmt, skip_invalid, errors, workers=workers)
     if not mols:
         raise MolgenError(f"no readable molecules in {', '.join(str(f) for f in files)}")
     from molgen.fidelity import reference_statistics

@@ -9,7 +9,10 @@ judging a molecule ~0.5-1 ms, so a worker is started for every ``MIN_PER_WORKER`
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
+import types
 from typing import Callable, Iterable, Iterator
 
 from molgen import MolgenError
@@ -52,12 +55,16 @@ def _ignore_interrupt() -> None:
 def map_chunks(fn: Callable, chunks: Iterable[tuple], workers: int = 1) -> Iterator:
     """``fn(*chunk)`` for every chunk, yielded in the chunks' order: in this process when ``workers`` <= 1, else in
     that many worker processes (``fn`` must then be a module-level function, its arguments and results picklable).
+    ``fn`` must not live in the calling program's main module (:func:`_main_module_hidden`).
     Where no process can be started (no shared memory, no writable temporary folder) the work stays in this
     process. A chunk's exception is raised here; a worker that dies is a :class:`MolgenError`; when the caller
     stops early, the chunks not started are dropped."""
     chunks = list(chunks) if workers > 1 else chunks
-    pool = _pool(workers) if workers > 1 else None
-    futures = _submit(pool, fn, chunks) if pool is not None else None
+    pool = futures = None
+    if workers > 1:
+        with _main_module_hidden():
+            pool = _pool(workers)
+            futures = _submit(pool, fn, chunks) if pool is not None else None
     if futures is None:
         for chunk in chunks:
             yield fn(*chunk)
@@ -74,6 +81,19 @@ def map_chunks(fn: Callable, chunks: Iterable[tuple], workers: int = 1) -> Itera
         finally:
             for f in futures:
                 f.cancel()
+
+
+@contextlib.contextmanager
+def _main_module_hidden():
+    """While workers start, the calling program's main module is out of multiprocessing's sight: it would import
+    it again in every worker (a script read from standard input cannot be), and the workers run molgen's own
+    functions only. The processes start in ``_pool`` and ``_submit``, in this thread."""
+    main = sys.modules.get("__main__")
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        yield
+    finally:
+        sys.modules["__main__"] = main
 
 
 def _pool(workers: int):

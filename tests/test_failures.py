@@ -116,14 +116,18 @@ def test_a_damaged_run_folder_is_one_line(ct_run, tmp_path, data_dir):
 
 def test_sample_reads_qm9s_figures_before_it_samples(tmp_path, data_dir, monkeypatch):
     """A QM9 cache damaged after it was written (a flipped byte, found only where the arrays are read): `molgen
-    sample` refuses before sampling, so no sampling is lost, and writes nothing."""
+    sample` refuses before sampling, so no sampling is lost, and writes nothing. The report reads the atom types
+    (the training type mix), so a byte of theirs is flipped."""
     import shutil
+    import zipfile
 
     d = tmp_path / "cache"
     shutil.copytree(data_dir, d)
     npz = d / "qm9_v1.npz"
+    with zipfile.ZipFile(npz) as z:
+        info = z.getinfo("types.npy")
     data = bytearray(npz.read_bytes())
-    data[2000] ^= 0xFF  # inside the first array's data (positions: ~8 KB from byte ~100)
+    data[info.header_offset + 30 + len(info.filename) + len(info.extra) + info.compress_size // 2] ^= 0xFF
     npz.write_bytes(bytes(data))
     monkeypatch.setattr("molgen.sample.sample_kept", lambda *a, **k: pytest.fail("sampled before reading QM9"))
     out = tmp_path / "x.sdf"

@@ -5,6 +5,7 @@ import json
 import subprocess
 import sys
 from dataclasses import asdict
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -161,3 +162,68 @@ def test_python_m_molgen_starts_its_workers(tmp_path, mini_ds):
         assert res.returncode == 0, res.stderr
         outs.append({k: v for k, v in json.loads(out.read_text()).items() if k != "written_utc"})
     assert outs[0] == outs[1] and outs[0]["n_molecules"] == 2 * MIN_PER_WORKER
+
+
+def test_record_ends_are_the_lines_that_start_with_four_dollars():
+    import re
+
+    from molgen.chem.io import _record_ends
+
+    for text in ("", "a\n$$$$\n", "$$$$\nx\n$$$$", "a\n$$$$ x\n$$$$\n", "a$$$$\nb\n$$$$\r\nc\n$$$$", "$$$$$$$$\n"):
+        want = [m.end() for m in re.finditer(r"^\$\$\$\$[^\n]*(?:\n|$)", text, re.M)]
+        assert _record_ends(text) == want, text
+
+
+def test_an_sdf_file_read_in_two_processes_reads_as_in_one(tmp_path, mini_ds, monkeypatch, pool_sizes):
+    """Every molecule (types, coordinates, name, properties) in order, and a bad record named by its place in the
+    file: skipped with --skip-invalid, else the one error, as one process says it."""
+    import molgen.chem.io
+    import molgen.workers
+    from molgen import MolgenError
+    from molgen.chem.io import Molecule, _record_ends, read_molecules, write_molecules
+
+    monkeypatch.setattr(molgen.chem.io, "SDF_MIN_BYTES", 0)
+    monkeypatch.setattr(molgen.chem.io, "SDF_CHUNK", 16)
+    monkeypatch.setattr(molgen.workers, "MIN_PER_WORKER", 20)
+    mols = [Molecule(*mini_ds.molecule(i)[::-1], name=f"m{i}", props={"k": str(i)}) for i in range(len(mini_ds))]
+    path = tmp_path / "many.sdf"
+    write_molecules(path, mols, "sdf")
+    text = path.read_text()
+    cut = _record_ends(text)[39]  # molecule 40: an atom line cut short
+    bad = text[:cut] + "broken\n  x\n\n  1  0  0  0  0  0  0  0  0  0999 V2000\n    0.0 0.0 0.0 O   0  0\nM  END\n$$$$\n" + text[cut:]
+    for content in (text, bad):
+        path.write_text(content)
+        runs = []
+        for workers in (1, 2):
+            errors = []
+            got = read_molecules(path, skip_invalid=True, errors=errors, workers=workers)
+            runs.append(([(m.types.tolist(), m.positions.tolist(), m.name, m.props) for m in got], errors))
+        assert runs[0] == runs[1] and len(runs[0][0]) == len(mols)
+    assert len(runs[0][1]) == 1 and "many.sdf: molecule 40: malformed record" in runs[0][1][0]
+    messages = []
+    for workers in (1, 2):
+        with pytest.raises(MolgenError) as e:
+            read_molecules(path, workers=workers)
+        messages.append(str(e.value))
+    line = bad[:cut].count("\n") + 5  # the atom line: RDKit names it, counted in the whole file by both
+    assert messages[0] == messages[1] and "molecule 40" in messages[0], messages
+    assert f"on line {line}" in messages[0] or "RDKit" not in messages[0]
+    assert pool_sizes == [1, 2] * 3
+
+
+def test_a_script_read_from_standard_input_can_use_workers(tmp_path, mini_ds):
+    """Workers never import the calling program's main module (multiprocessing would, and a script read from
+    standard input has no file to import)."""
+    script = (
+        "import sys; sys.path.insert(0, sys.argv[1])\n"
+        "import molgen.workers\n"
+        "molgen.workers.MIN_PER_WORKER = 1\n"
+        "from molgen.evaluate import evaluate_molecules\n"
+        "import numpy as np\n"
+        "pos = [np.array([[0, 0, 0], [0, 0, 1.09], [1.03, 0, -0.36], [-0.51, 0.89, -0.36], [-0.51, -0.89, -0.36]])]\n"
+        "m = evaluate_molecules(pos * 600, [np.array([1, 0, 0, 0, 0])] * 600, workers=2)\n"
+        "print('stable', m.mol_stability)\n"
+    )
+    root = str(Path(__file__).resolve().parents[1])
+    res = subprocess.run([sys.executable, "-", root], input=script, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and res.stdout.strip() == "stable 1.0", res.stderr

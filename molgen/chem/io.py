@@ -9,6 +9,7 @@ MolgenError naming the file and the line or molecule.
 
 from __future__ import annotations
 
+import itertools
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -249,52 +250,103 @@ class _ParserErrors:
         if self._capture is not None:
             self._capture.__exit__(*exc)
 
-    def reason(self) -> str:
+    def reason(self, lines_before: int = 0) -> str:
+        """``lines_before``: lines of the file before the text RDKit parsed, added to the line it names."""
         try:
             text = self._capture.messages if self._capture is not None else ""
         except UnicodeDecodeError:  # RDKit quotes the bad bytes of a binary file
             return ""
         for line in text.splitlines():
             if "ERROR:" in line:
-                return " (RDKit: " + line.split("ERROR:", 1)[1].strip()[:120] + ")"
+                why = re.sub(r"\bline (\d+)", lambda m: f"line {int(m.group(1)) + lines_before}",
+                             line.split("ERROR:", 1)[1].strip())
+                return " (RDKit: " + why[:120] + ")"
         return ""
 
 
+SDF_CHUNK = 256  # records a worker process reads at a time
+SDF_MIN_BYTES = 1 << 20  # smaller files are read in the calling process without looking further
+
+
 def read_sdf(path: Path, skip_invalid: bool = False, errors: list | None = None,
-             limit: int | None = None) -> list[Molecule]:
+             limit: int | None = None, workers: int | None = 1) -> list[Molecule]:
     """Molecules of an SDF file with their 3D coordinates and element symbols (explicit H kept; the first
-    ``limit`` molecules only, when given)."""
+    ``limit`` molecules only, when given). ``workers``: processes at most (:func:`molgen.workers.workers_for`;
+    a file then is read whole into memory and its records are parsed a chunk at a time, in order)."""
+    from molgen.workers import map_chunks, workers_for
+
+    chunks: list[tuple] = [(str(path), None, 0, skip_invalid, limit)]
+    w = 1
+    if workers != 1 and limit is None and path.stat().st_size >= SDF_MIN_BYTES:
+        text = _read_text(path)
+        ends = _record_ends(text)
+        cuts = [0, *ends[SDF_CHUNK - 1 :: SDF_CHUNK]]
+        cuts += [len(text)] if cuts[-1] < len(text) else []
+        spans = list(zip(cuts, cuts[1:]))
+        lines_before = itertools.accumulate((text.count("\n", a, b) for a, b in spans[:-1]), initial=0)
+        chunks = [(str(path), text[a:b], k * SDF_CHUNK, skip_invalid, None, n)
+                  for k, ((a, b), n) in enumerate(zip(spans, lines_before))]
+        w = workers_for(len(ends), workers)
+    mols = []
+    for part, bad in map_chunks(_read_sdf_records, chunks, w):
+        mols += part
+        if errors is not None:
+            errors += bad
+    return mols
+
+
+def _record_ends(text: str) -> list[int]:
+    """Where each record of SDF text ends: after each line that starts with ``$$$$``."""
+    ends, i = [], 0
+    while (i := text.find("$$$$", i)) >= 0:
+        if i and text[i - 1] != "\n":  # inside a line
+            i += 4
+            continue
+        i = text.find("\n", i) + 1 or len(text)
+        ends.append(i)
+    return ends
+
+
+def _read_sdf_records(path: str, text: str | None, first: int, skip_invalid: bool, limit: int | None,
+                      lines_before: int = 0):
+    """(molecules, errors) of an SDF file's records, or of ``text``: the part of it that starts with record
+    ``first``, after ``lines_before`` lines."""
     from rdkit import Chem
 
-    if is_gzipped(path):
+    if text is None and is_gzipped(Path(path)):
+        text = _read_text(Path(path))
+    if text is not None:
         supplier = Chem.SDMolSupplier()
-        supplier.SetData(_read_text(path), sanitize=False, removeHs=False, strictParsing=True)
+        supplier.SetData(text, sanitize=False, removeHs=False, strictParsing=True)
     else:
-        supplier = Chem.SDMolSupplier(str(path), sanitize=False, removeHs=False, strictParsing=True)
-    mols = []
+        supplier = Chem.SDMolSupplier(path, sanitize=False, removeHs=False, strictParsing=True)
+    mols, errors = [], []
     for k in range(len(supplier)):
         if limit is not None and len(mols) >= limit:
             break
         with _ParserErrors() as parser:
             mol = supplier[k]
         try:
-            if mol is None:
-                raise BadMolecule(f"{path}: molecule {k}: malformed record{parser.reason()}")
-            if mol.GetNumConformers() == 0:
-                raise BadMolecule(f"{path}: molecule {k}: no coordinates")
-            types = _rdkit_types(mol, f"{path}: molecule {k}")
-            pos = np.array(mol.GetConformer().GetPositions(), np.float64)
-            props = {p: mol.GetProp(p) for p in mol.GetPropNames()}
-            if NONFINITE in props:  # written by molgen: the coordinates were not finite
-                pos[:] = np.nan
-            name = mol.GetProp("_Name") if mol.HasProp("_Name") else ""
-            mols.append(Molecule(types, pos, name=name, props=props))
+            mols.append(_sdf_molecule(mol, f"{path}: molecule {first + k}", parser, lines_before))
         except BadMolecule as e:
             if not skip_invalid:
                 raise
-            if errors is not None:
-                errors.append(str(e))
-    return mols
+            errors.append(str(e))
+    return mols, errors
+
+
+def _sdf_molecule(mol, where: str, parser: _ParserErrors, lines_before: int = 0) -> Molecule:
+    """A molecule from one record RDKit parsed (None: it could not)."""
+    if mol is None:
+        raise BadMolecule(f"{where}: malformed record{parser.reason(lines_before)}")
+    if mol.GetNumConformers() == 0:
+        raise BadMolecule(f"{where}: no coordinates")
+    types = _rdkit_types(mol, where)
+    pos = np.array(mol.GetConformer().GetPositions(), np.float64)
+    props = {p: mol.GetProp(p) for p in mol.GetPropNames()}
+    if NONFINITE in props:  # written by molgen: the coordinates were not finite
+        pos[:] = np.nan
+    return Molecule(types, pos, name=mol.GetProp("_Name") if mol.HasProp("_Name") else "", props=props)
 
 
 def is_flat(positions) -> bool:
@@ -331,10 +383,11 @@ def folder_files(path: Path, fmt: str | None = None) -> list[Path]:
 
 
 def read_molecules(path: Path | str, fmt: str | None = None, skip_invalid: bool = False,
-                   errors: list | None = None, limit: int | None = None) -> list[Molecule]:
+                   errors: list | None = None, limit: int | None = None, workers: int | None = 1) -> list[Molecule]:
     """Read a file (SDF or XYZ; ``fmt`` overrides the extension) or the molecule files of a folder
     (:func:`folder_files`; each read by its extension, the .txt ones as ``fmt``); with ``limit``, only the first
-    molecules, as many (what comes after them is not read)."""
+    molecules, as many (what comes after them is not read). ``workers``: SDF files in this many processes at most
+    (:func:`read_sdf`)."""
     path = Path(path)
     if not path.exists():
         raise MolgenError(f"{path}: no such file or folder")
@@ -344,14 +397,16 @@ def read_molecules(path: Path | str, fmt: str | None = None, skip_invalid: bool 
             if limit is not None and len(mols) >= limit:
                 break
             left = None if limit is None else limit - len(mols)
-            for m in read_molecules(f, fmt if molecule_suffix(f) == ".txt" else None, skip_invalid, errors, left):
+            for m in read_molecules(f, fmt if molecule_suffix(f) == ".txt" else None, skip_invalid, errors, left,
+                                    workers):
                 m.name = m.name or f.name  # a nameless molecule is named after its file, the link back to it
                 mols.append(m)
         return mols
     if path.stat().st_size == 0:
         raise MolgenError(f"{path}: file is empty")
     f = format_of(path, fmt)
-    mols = (read_sdf if f == "sdf" else read_xyz)(path, skip_invalid, errors, limit)
+    mols = read_sdf(path, skip_invalid, errors, limit, workers) if f == "sdf" else read_xyz(path, skip_invalid,
+                                                                                            errors, limit)
     if not mols and not (errors and skip_invalid):
         raise MolgenError(f"{path}: no molecules found")
     return mols
