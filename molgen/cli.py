@@ -200,19 +200,15 @@ def sample(
     unique: bool = Opt(False, "--unique", help="With --keep: no two molecules of the same SMILES."),
 ):
     """Generate molecules and write them as SDF or XYZ, then print their stability report."""
-    from molgen.chem.io import write_molecules
-    from molgen.data.qm9 import require_reference
+    from molgen.chem.write import write_molecules
     from molgen.display import metrics_table, sampling_progress
     from molgen.evaluate import annotate, reference_for, write_json
     from molgen.jax_setup import enable_compilation_cache
     from molgen.models import load_model, polisher_for
     from molgen.fragment import read_fragment
     from molgen.sample import kept_warning, nonfinite_warning, parse_levels, plan, preflight, sample_kept
-    from molgen.workers import default_workers
 
-    out, fmt = _sample_output(out, fmt, json_path, fix, report or json_path is not None, novelty)
-    workers = default_workers()
-    require_reference(data_dir, "--novelty compares with QM9's training split" if novelty else None)
+    out, fmt, workers = _sample_output(out, fmt, json_path, fix, report or json_path is not None, novelty, data_dir)
     sig = parse_levels(sigmas)
     enable_compilation_cache()
     frag = read_fragment(fix) if fix is not None else None
@@ -239,17 +235,22 @@ def sample(
 
 
 def _sample_output(out: Optional[Path], fmt: Optional[str], json_path: Optional[Path], fix: Optional[Path],
-                   reported: bool, novelty: bool):
+                   reported: bool, novelty: bool, data_dir: Optional[Path]):
     """`molgen sample`'s output file (the default name when none is given) and format, checked before any work,
-    with the report's: novelty is a figure of the report (printed or ``--json``), so without one it is refused."""
+    with the report's: novelty is a figure of the report (printed or ``--json``), so without one it is refused,
+    and needs the QM9 cache; the report is judged in (at most) the processes returned third."""
     from molgen.chem.io import format_of, output_file
+    from molgen.data.qm9 import require_reference
     from molgen.io_utils import check_outputs
+    from molgen.workers import default_workers
 
     if novelty and not reported:
         raise MolgenError("--novelty is a figure of the report: drop --no-report, or add --json FILE")
     out = output_file(out, fmt)
     check_outputs({"-o": out, "--json": json_path}, inputs=(fix,))
-    return out, format_of(out, fmt, strict=True)
+    fmt = format_of(out, fmt, strict=True)
+    require_reference(data_dir, "--novelty compares with QM9's training split" if novelty else None)
+    return out, fmt, default_workers()
 
 
 @app.command()

@@ -9,7 +9,8 @@ from rdkit.Chem import AllChem
 from molgen import MolgenError
 from molgen.chem.bonds import THRESHOLDS, bond_orders, pad_molecules, stability
 from molgen.chem.elements import SYMBOLS, types_from_symbols
-from molgen.chem.io import Molecule, read_molecules, write_sdf, write_xyz
+from molgen.chem.io import Molecule, read_molecules
+from molgen.chem.write import write_sdf, write_xyz
 from molgen.evaluate import evaluate_molecules
 
 TET = np.array([[1, 1, 1], [1, -1, -1], [-1, 1, -1], [-1, -1, 1]]) / np.sqrt(3)
@@ -335,7 +336,8 @@ def test_a_folder_of_edm_sample_files_reads_with_format_xyz(tmp_path):
 def test_gzipped_files_read_as_their_contents_and_outputs_refuse_them(tmp_path):
     import gzip
 
-    from molgen.chem.io import format_of, write_molecules
+    from molgen.chem.io import format_of
+    from molgen.chem.write import write_molecules
 
     pos, typ = methane()
     mols = [Molecule(np.asarray(typ, np.int8), pos, f"m{k}") for k in range(3)]
@@ -363,7 +365,8 @@ def test_xyz_frames_keep_their_names_when_a_value_is_empty(tmp_path):
     """An invalid molecule has no SMILES: the XYZ frame must still read back whole (name included) in ASE."""
     import ase.io
 
-    from molgen.chem.io import Molecule, read_molecules, write_xyz
+    from molgen.chem.io import Molecule, read_molecules
+    from molgen.chem.write import write_xyz
 
     pos = np.array([[0.0, 0, 0], [1.09, 0, 0]])
     mols = [Molecule(np.array([1, 0], np.int8), pos, "molgen_0", {"molgen_smiles": "", "molgen_valid": 0}),

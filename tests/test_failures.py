@@ -265,7 +265,7 @@ def test_a_read_only_file_system_is_one_line(tmp_path, monkeypatch):
     def read_only(*a, **k):
         raise OSError(errno.EROFS, "Read-only file system", str(tmp_path / "out.sdf"))
 
-    monkeypatch.setattr("molgen.chem.io.atomic_path", read_only)
+    monkeypatch.setattr("molgen.chem.write.atomic_path", read_only)
     one_line_error(run("sample", "-n", 2, "-o", tmp_path / "out.sdf", "--no-report"), "Read-only file system")
 
 

@@ -9,7 +9,8 @@ import pytest
 from conftest import cli, one_line_error, random_rotation
 
 from molgen.chem.forcefield import kabsch_rmsd, perceive, strain
-from molgen.chem.io import Molecule, write_sdf
+from molgen.chem.io import Molecule
+from molgen.chem.write import write_sdf
 from molgen.data import qm9
 from molgen.evaluate import evaluate_molecules
 from molgen.fidelity import (ANGLE_BIN, LENGTH_BIN, REFERENCE_NAME, Stats, distances, reference_statistics,

@@ -87,7 +87,8 @@ def test_sizes_and_refusals(tmp_path):
 
 
 def test_cli_writes_the_completions_and_reports_the_fragment(tmp_path):
-    from molgen.chem.io import read_molecules, write_xyz
+    from molgen.chem.io import read_molecules
+    from molgen.chem.write import write_xyz
     from molgen.chem.io import Molecule
     from molgen.cli import app
 

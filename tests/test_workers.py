@@ -147,7 +147,8 @@ def test_python_m_molgen_starts_its_workers(tmp_path, mini_ds):
     command again, and the report is the one a single process makes."""
     import os
 
-    from molgen.chem.io import Molecule, write_molecules
+    from molgen.chem.io import Molecule
+    from molgen.chem.write import write_molecules
     from molgen.workers import MIN_PER_WORKER
 
     mols = [Molecule(*mini_ds.molecule(i)[::-1]) for i in range(len(mini_ds))]
@@ -180,7 +181,8 @@ def test_an_sdf_file_read_in_two_processes_reads_as_in_one(tmp_path, mini_ds, mo
     import molgen.chem.io
     import molgen.workers
     from molgen import MolgenError
-    from molgen.chem.io import Molecule, _record_ends, read_molecules, write_molecules
+    from molgen.chem.io import Molecule, _record_ends, read_molecules
+    from molgen.chem.write import write_molecules
 
     monkeypatch.setattr(molgen.chem.io, "SDF_MIN_BYTES", 0)
     monkeypatch.setattr(molgen.chem.io, "SDF_CHUNK", 16)
