@@ -5,7 +5,7 @@ device's measured bf16 matrix peak.
 
     python benchmarks/train_step.py [--presets small,edm] [--batch-sizes 64,512] [--precisions bf16,tf32]
                                     [--layouts packed,grouped] [--chunk 50] [--repeats 5] [--budget SECONDS]
-                                    [--devices N] [--profile DIR] [--check-fused]
+                                    [--devices N] [--profile DIR] [--check-fused] [--cache DIR] [--compile-only]
 
 One line per measurement, first its figure in a fixed form, then the details:
 
@@ -22,6 +22,10 @@ the timed ones (not timed) and prints where its time went after the RESULT line.
 of device memory, a profiler that cannot start) prints one FAILED or PROFILE line; the next ones are still made.
 --check-fused first compares a fused measurement's loss and gradients on its first batch with the packed
 layout's (a CHECK line; beyond :data:`FUSED_TOLERANCE` the measurement fails instead of being timed).
+--cache keeps compiled programs in a JAX compilation cache folder; --compile-only compiles each measurement's
+program into it and times nothing (a COMPILED line each): benchmarks/precompile.py does that for all measurements
+in parallel, and each measurement then loads its program (its compile_s, the first chunk, then holds no
+compilation; the RESULT line ends with cache=on).
 """
 
 from __future__ import annotations
@@ -71,6 +75,11 @@ def parse_args():
                     help="before timing a measurement in the fused layout, compare its loss and gradients on the "
                          "first batch with the packed layout's (a CHECK line; disagreement fails the measurement)")
     ap.add_argument("--peak-tflops", type=float, default=None, help="bf16 peak to compare with (default: measure on a GPU)")
+    ap.add_argument("--cache", default=None,
+                    help="folder: JAX's persistent compilation cache (default: none, so compile_s is a compilation)")
+    ap.add_argument("--compile-only", action="store_true",
+                    help="compile each measurement's program into --cache and time nothing (a COMPILED line each): "
+                         "benchmarks/precompile.py runs these in parallel before the measurements")
     return ap.parse_args()
 
 
@@ -106,7 +115,7 @@ class Bench:
         self.row_of[self.ids] = np.arange(len(self.ids))
         self.dev = jax.devices()[0]
         self.peak = args.peak_tflops
-        if self.peak is None and self.dev.platform == "gpu":
+        if self.peak is None and self.dev.platform == "gpu" and not args.compile_only:
             self.peak = measure_peak(jax, jax.numpy)
 
     def header(self) -> str:
@@ -117,28 +126,52 @@ class Bench:
                 f"chunk {self.args.chunk}, diffusion objective, bf16 peak {peak}, "
                 f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '') or 'none'}")
 
+    def batches(self, name: str, bs: int, prec: str, layout: str, n_chunks: int):
+        """(config, plan, molecule indices, device rows) of ``n_chunks`` chunks of one measurement: the same in
+        every process (seed 0), so a program compiled by ``--compile-only`` is the one the measurement runs."""
+        from molgen.config import OptimConfig, RunConfig
+        from molgen.data.batching import BatchSampler
+        from molgen.data.device import make_plan
+        from molgen.nn.egnn import PRESETS
+
+        cfg = RunConfig(model=PRESETS[name], optim=OptimConfig(batch_size=bs, precision=prec, layout=layout))
+        sampler = BatchSampler(self.ids, bs, seed=0)
+        plan = make_plan(layout, self.ds.n_atoms, sampler, self.n_shards)
+        idx = np.stack([sampler.indices(s) for s in range(self.args.chunk * n_chunks)])
+        by_shard = idx.reshape(len(idx), -1, self.n_shards).transpose(0, 2, 1)
+        return cfg, plan, idx, plan.arrange(self.row_of[by_shard], by_shard).astype(np.int32)
+
+    def compile_only(self, name: str, bs: int, prec: str, layout: str) -> str:
+        """Compile the measurement's chunk into the compilation cache (--cache) without running it: the COMPILED
+        line. The program is the one :meth:`measure` calls (same config, shapes, shardings and arguments)."""
+        import jax
+        import jax.numpy as jnp
+
+        from molgen.state import init_state
+        from molgen.train import make_train_chunk
+
+        t0 = time.perf_counter()
+        cfg, plan, _, rows = self.batches(name, bs, prec, layout, 1)
+        state = jax.device_put(init_state(cfg), self.repl)
+        r = jax.device_put(rows, self.rows_sharding)
+        make_train_chunk(cfg, self.mesh, plan.shape).lower(state, self.dset, r, jnp.int32(self.args.chunk),
+                                                          jax.random.PRNGKey(0)).compile()
+        return (f"COMPILED molgen {name} batch={bs} precision={prec} layout={layout} "
+                f"compile_s={time.perf_counter() - t0:.1f}")
+
     def measure(self, name: str, bs: int, prec: str, layout: str) -> str:
         """Time ``repeats`` chunks after one that compiles (and trace one more with --profile): the RESULT line,
         followed by the profile's summary."""
         import jax
         import jax.numpy as jnp
 
-        from molgen.config import OptimConfig, RunConfig
-        from molgen.data.batching import BatchSampler
-        from molgen.data.device import make_plan
-        from molgen.nn.egnn import PRESETS
         from molgen.state import init_state
         from molgen.train import make_train_chunk
 
         args, k = self.args, self.args.chunk
-        cfg = RunConfig(model=PRESETS[name], optim=OptimConfig(batch_size=bs, precision=prec, layout=layout))
-        sampler = BatchSampler(self.ids, bs, seed=0)
         n_chunks = args.repeats + 1  # the first compiles
         extra = 1 if args.profile else 0  # a last chunk, traced and not timed (tracing slows it)
-        plan = make_plan(layout, self.ds.n_atoms, sampler, self.n_shards)
-        idx = np.stack([sampler.indices(s) for s in range(k * (n_chunks + extra))])
-        by_shard = idx.reshape(len(idx), -1, self.n_shards).transpose(0, 2, 1)
-        rows = plan.arrange(self.row_of[by_shard], by_shard).astype(np.int32)
+        cfg, plan, idx, rows = self.batches(name, bs, prec, layout, n_chunks + extra)
         chunk = make_train_chunk(cfg, self.mesh, plan.shape)
         state = jax.device_put(init_state(cfg), self.repl)  # as train() does: no recompilation later
         key = jax.random.PRNGKey(0)
@@ -195,7 +228,7 @@ class Bench:
                 f"precision={o.precision} layout={o.layout} steps_per_s={k / med:.2f} tflops={tflops:.3f} "
                 f"peak_fraction={frac} gflop_per_step={step_flops / 1e9:.1f} "
                 f"xla_gflop_per_step_padded={xla_gflop:.1f} shape={shape} compile_s={compile_s:.1f} "
-                f"median_chunk_s={med:.4f} chunks={len(times) - 1}")
+                f"median_chunk_s={med:.4f} chunks={len(times) - 1} cache={'on' if self.args.cache else 'off'}")
 
 
 # The fused kernels against the plain layers (bf16 both), one batch of real molecules, fresh parameters. Measured
@@ -249,6 +282,10 @@ def main():
     from molgen.jax_setup import add_cpu_training_flags
 
     add_cpu_training_flags()  # as `molgen train` does (a ynn_fusion_type in XLA_FLAGS overrides it)
+    if args.cache:
+        from molgen.jax_setup import enable_compilation_cache
+
+        enable_compilation_cache(args.cache)
     if args.devices > 1:
         from molgen.jax_setup import configure_cpu_devices
 
@@ -258,7 +295,8 @@ def main():
 
     t_start = time.time()
     bench = Bench(args)
-    print(bench.header(), flush=True)
+    if not args.compile_only:
+        print(bench.header(), flush=True)
     for name, bs, prec, layout in planned_runs(args):
         prec, layout = resolve_precision(prec), resolve_layout(layout)
         tag = f"{name} batch={bs} precision={prec} layout={layout}"
@@ -266,7 +304,7 @@ def main():
             print(f"SKIPPED molgen {tag} (budget of {args.budget:.0f} s spent)", flush=True)
             continue
         try:
-            print(bench.measure(name, bs, prec, layout), flush=True)
+            print((bench.compile_only if args.compile_only else bench.measure)(name, bs, prec, layout), flush=True)
         except Exception as e:  # e.g. out of device memory: this measurement is lost, the next ones are still made
             msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
             print(f"FAILED molgen {tag} ({type(e).__name__}: {msg})", flush=True)

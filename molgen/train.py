@@ -162,9 +162,16 @@ def make_train_chunk(cfg: RunConfig, mesh: Mesh, shape, anchor_params=None):
     device in the run's layout (``cfg.optim.layout``, resolved) with the static ``shape`` of its plan (packed:
     (nodes, edges) per device; grouped: the groups); only the first ``n_active`` steps run (the rest leave the
     state as it is and report zeros). Step s uses the key ``fold_in(base_key, s)``; the loss gets
-    ``anchor_params``. ``metrics`` holds one row per step."""
+    ``anchor_params``. ``metrics`` holds one row per step. ``chunk.lower`` (same arguments) lowers the same
+    program, for compiling it ahead of time (``.compile()``; with a compilation cache, another process then
+    loads it instead of compiling)."""
     fn = _chunk_program(program_config(cfg), mesh, shape)
-    return lambda state, dset, ids, n_active, base_key: fn(state, dset, ids, n_active, base_key, anchor_params)
+
+    def chunk(state, dset, ids, n_active, base_key):
+        return fn(state, dset, ids, n_active, base_key, anchor_params)
+
+    chunk.lower = lambda *args: fn.lower(*args, anchor_params)
+    return chunk
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -6,7 +6,8 @@
 #      flush-to-zero mode makes scatter-adds native atomics here (benchmarks/scatter_atomics.py --ab): if it
 #      speeds them up >= 1.2x, every molgen process after it runs with XLA_FLAGS=--xla_gpu_ftz=true; the fused
 #      layout is measured (and can be chosen) only after its loss and gradients on one batch agreed with the
-#      packed layout's (benchmarks/train_step.py --check-fused);
+#      packed layout's (benchmarks/train_step.py --check-fused); molgen's programs are compiled first, several
+#      at once, and each measurement loads its own from the compilation cache (benchmarks/precompile.py);
 #   2. the teacher: continues weights/$TEACHER (its EMA parameters; Adam restarts with a short warm-up) or, the
 #      first time, starts a new one; trains until the deadline leaves time for 3. and 4.;
 #   3. exports it and puts its weights under $OUT (split in < 16 MiB parts);
@@ -31,7 +32,10 @@
 # no benchmarks; continues runs/teacher exactly, with the first call's XLA flags, then exports and samples again;
 # the teacher's gpu_runs entry then covers both calls), BENCH_ONLY (1: a first call that only benchmarks, with
 # all its time; it leaves its choice of precision, layout and flush-to-zero in runs/bench_choice, which the next
-# call on the same machine trains with, skipping the benchmarks).
+# call on the same machine trains with, skipping the benchmarks), PRECOMPILE_JOBS (6: processes that compile
+# molgen's measurements, all before the first is timed, into the cache the measurements load from:
+# benchmarks/precompile.py; 0: each measurement compiles its own), PRECOMPILE_S (90: the most seconds they take,
+# and at most a third of the time left for molgen's benchmarks).
 set -uo pipefail
 t_start=$(date +%s)
 deadline=${1:-570}
@@ -66,6 +70,7 @@ if [ "${DRY:-0}" = 1 ]; then  # the CPU rehearsal: every step, tiny sizes
   scatter_args="--molecules 64 --features 32 --repeats 3 --dtypes float32 --pad-rows 20 --pad-edges 700"
   model=tiny; batch=16; n_mol=8; calls=10; train_extra="--steps 60 --set optim.ckpt_every=50"; resume_extra="--steps 120"
   bench_chunk="--chunk 5 --repeats 2"  # the fused layout's kernels run in Pallas's interpreter on a CPU: slow
+  pc_jobs=${PRECOMPILE_JOBS:-2}
 else
   # In this order, as far as the time goes (each measurement a process of its own, so that one that fails, a
   # kernel that faults included, costs only itself): bf16 at 2048 in the fused layout (the pair MLPs in fused
@@ -83,6 +88,7 @@ else
   edm_args="--presets edm --batch-sizes 64,1024,256 --device cuda --repeats 10 --warmup 3"
   n_mol=1000; calls=1000; train_extra="--steps 100000000 --set optim.ckpt_every=1000"; resume_extra=""
   bench_chunk="--chunk 50 --repeats 4"
+  pc_jobs=${PRECOMPILE_JOBS:-6}
 fi
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "no GPU"
   python3 -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, jax.devices())"
@@ -117,6 +123,17 @@ log "scatter-adds with flush-to-zero: $([ -n "$speedup" ] && echo "${speedup}x a
 if [ -z "${FTZ:-}" ] && python3 -c "import sys; sys.exit(float('${speedup:-1}') < 1.2)"; then FTZ=1; fi
 [ "${FTZ:-0}" = 1 ] && export XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }--xla_gpu_ftz=true"
 molgen_end=$(( $(date +%s) - t_start + $(cap $((bench_s + 90))) ))  # molgen's benchmarks end by then (s from the start)
+# The measurements' programs compiled first, several at once, into the compilation cache that each measurement
+# then loads from (benchmarks/precompile.py; nothing is timed meanwhile); what is not compiled within its time
+# compiles in its own measurement, as with PRECOMPILE_JOBS=0.
+pc_s=$(( (molgen_end - ($(date +%s) - t_start)) / 3 )); [ "$pc_s" -gt "${PRECOMPILE_S:-90}" ] && pc_s=${PRECOMPILE_S:-90}
+if [ "$pc_jobs" -gt 0 ] && [ "$pc_s" -ge 20 ]; then
+  echo "# $(date -u +%FT%TZ) benchmarks/precompile.py --jobs $pc_jobs --budget $pc_s (XLA_FLAGS=${XLA_FLAGS:-})" >>"$bench"
+  timeout $((pc_s + 20)) python3 benchmarks/precompile.py --runs "$bench_runs" --cache "$MOLGEN_JAX_CACHE" \
+    --jobs "$pc_jobs" --budget "$pc_s" $bench_chunk 2>&1 | grep -E "^(COMPILED|STOPPED|SKIPPED|FAILED|PRECOMPILED)" \
+    | tee -a "$bench"
+  log "precompiled: $(grep '^PRECOMPILED' "$bench" | tail -1)"
+fi
 echo "# $(date -u +%FT%TZ) benchmarks/train_step.py, one process a measurement: $bench_runs (XLA_FLAGS=${XLA_FLAGS:-})" >>"$bench"
 for r in $(echo "$bench_runs" | tr , ' '); do
   m_s=$(( molgen_end - ($(date +%s) - t_start) )); [ "$m_s" -gt "${MEASURE_S:-110}" ] && m_s=${MEASURE_S:-110}
@@ -128,7 +145,7 @@ for r in $(echo "$bench_runs" | tr , ' '); do
     if grep -q "^FAILED .*CHECK fused" "$bench"; then echo "SKIPPED molgen $r (fused kernels disagree)" | tee -a "$bench"; continue; fi
     check=--check-fused
   fi
-  timeout "$m_s" python3 benchmarks/train_step.py --runs "$r" $bench_chunk $check \
+  timeout "$m_s" python3 benchmarks/train_step.py --runs "$r" $bench_chunk $check --cache "$MOLGEN_JAX_CACHE" \
     --profile /tmp/profile --profile-top 20 2>&1 | grep -v -E "^WARNING|^I0000|^E0000" | tee -a "$bench"
   rc=${PIPESTATUS[0]}; why="exit $rc"; [ "$rc" = 124 ] && why="timeout after $m_s s"
   [ "$rc" != 0 ] && echo "FAILED molgen $r ($why)" | tee -a "$bench"
