@@ -143,7 +143,9 @@ class Bench:
 
     def compile_only(self, name: str, bs: int, prec: str, layout: str) -> str:
         """Compile the measurement's chunk into the compilation cache (--cache) without running it: the COMPILED
-        line. The program is the one :meth:`measure` calls (same config, shapes, shardings and arguments)."""
+        line. The program is the one :meth:`measure` calls (same config, shapes, shardings and arguments). With
+        --check-fused a fused measurement's check runs too (one batch), so that its programs are cached as well;
+        the measurement checks again."""
         import jax
         import jax.numpy as jnp
 
@@ -154,10 +156,19 @@ class Bench:
         cfg, plan, _, rows = self.batches(name, bs, prec, layout, 1)
         state = jax.device_put(init_state(cfg), self.repl)
         r = jax.device_put(rows, self.rows_sharding)
+        key = jax.random.PRNGKey(0)
         make_train_chunk(cfg, self.mesh, plan.shape).lower(state, self.dset, r, jnp.int32(self.args.chunk),
-                                                          jax.random.PRNGKey(0)).compile()
+                                                          key).compile()
+        check = ""
+        if self.args.check_fused and layout == "fused":
+            try:
+                check_fused(cfg, plan, self.dset, jax.device_put(rows[:1], self.rows_sharding)[0], state.params, key,
+                            name)
+                check = " check=ok"
+            except RuntimeError:
+                check = " check=disagrees"
         return (f"COMPILED molgen {name} batch={bs} precision={prec} layout={layout} "
-                f"compile_s={time.perf_counter() - t0:.1f}")
+                f"compile_s={time.perf_counter() - t0:.1f}{check}")
 
     def measure(self, name: str, bs: int, prec: str, layout: str) -> str:
         """Time ``repeats`` chunks after one that compiles (and trace one more with --profile): the RESULT line,

@@ -130,7 +130,7 @@ pc_s=$(( (molgen_end - ($(date +%s) - t_start)) / 3 )); [ "$pc_s" -gt "${PRECOMP
 if [ "$pc_jobs" -gt 0 ] && [ "$pc_s" -ge 20 ]; then
   echo "# $(date -u +%FT%TZ) benchmarks/precompile.py --jobs $pc_jobs --budget $pc_s (XLA_FLAGS=${XLA_FLAGS:-})" >>"$bench"
   timeout $((pc_s + 20)) python3 benchmarks/precompile.py --runs "$bench_runs" --cache "$MOLGEN_JAX_CACHE" \
-    --jobs "$pc_jobs" --budget "$pc_s" $bench_chunk 2>&1 | grep -E "^(COMPILED|STOPPED|SKIPPED|FAILED|PRECOMPILED)" \
+    --jobs "$pc_jobs" --budget "$pc_s" $bench_chunk --check-fused 2>&1 | grep -E "^(COMPILED|STOPPED|SKIPPED|FAILED|PRECOMPILED)" \
     | tee -a "$bench"
   log "precompiled: $(grep '^PRECOMPILED' "$bench" | tail -1)"
 fi
