@@ -1,7 +1,7 @@
 """Compile benchmarks/train_step.py's measurements before they run, in parallel processes, into one JAX compilation
 cache: each measurement (a process of its own, one after another) then loads its program instead of compiling it.
-On an H200 a 256 x 9 chunk took 18-24 s to compile (benchmarks/results/2026-11-30_h200_train_step.log), about
-half of what a measurement cost; the GPU machine's 16 cores compile several programs at once.
+On an H200 a 256 x 9 measurement's first chunk took 18-24 s, tracing and compiling included
+(benchmarks/results/2026-11-30_h200_train_step.log); the GPU machine's 16 cores compile several programs at once.
 
     python benchmarks/precompile.py --runs edm:2048:bf16:fused,edm:256:tf32:packed --cache DIR \\
         [--jobs 6] [--budget 90] [train_step.py's options, e.g. --chunk 50]
