@@ -10,7 +10,7 @@ from typing import List, Optional
 import typer
 
 from molgen import MolgenError, __version__
-from molgen.display import console, count, err, error, say
+from molgen.display import console, count, err, error, report_to_stderr, say
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
                   help="Generate 3D molecules with E(3)-equivariant diffusion and consistency models (QM9).")
@@ -31,6 +31,8 @@ def friendly(fn):
         except KeyboardInterrupt:
             say(f"interrupted: molgen {fn.__name__} stopped (a file molgen writes is written whole or not at all)")
             raise typer.Exit(130)
+        finally:
+            report_to_stderr(False)
 
     return wrapper
 
@@ -178,7 +180,7 @@ def train(
 def sample(
     n: int = Opt(1000, "-n", "--n", help="Number of molecules."),
     steps: Optional[int] = Opt(None, "--steps", help="Sampler steps: network calls for ancestral (default 1000), multistep and anneal (default 1); Heun steps for ode (2 calls each, 1 for the last; default 18)."),
-    out: Optional[Path] = Opt(None, "-o", "--out", help="Output file: .sdf or .xyz; replaced if it exists (default: out.sdf, or out-2.sdf, out-3.sdf, ... if taken; out.xyz with --format xyz)."),
+    out: Optional[Path] = Opt(None, "-o", "--out", help="Output file: .sdf or .xyz, replaced if it exists, or - for standard output (SDF unless --format xyz; the report then goes to stderr). Default: out.sdf, or out-2.sdf, out-3.sdf, ... if taken; out.xyz with --format xyz."),
     checkpoint: Optional[str] = Opt(None, "--checkpoint", help="Shipped model name, model folder or training run folder (default: the shipped default)."),
     atoms: Optional[int] = Opt(None, "--atoms", help="Fix the number of atoms (default: drawn from the training histogram)."),
     seed: int = Opt(0, "--seed", help="Random seed (same seed and --batch-size, same file)."),
@@ -225,11 +227,12 @@ def sample(
                           progress=tick, fragment=frag, resample=resample, unique=unique)
         metrics = annotate(res.molecules, ref, novelty, frag, tasks, workers) if ref is not None else None
     write_molecules(out, res.molecules, fmt)
-    console.print(f"wrote {count(len(res.molecules), 'molecule')} to {out} ({res.description}, {res.seconds:.1f} s sampling)", soft_wrap=True)
+    where = "standard output" if str(out) == "-" else out
+    console.print(f"wrote {count(len(res.molecules), 'molecule')} to {where} ({res.description}, {res.seconds:.1f} s sampling)", soft_wrap=True)
     for warning in filter(None, (kept_warning(res, n), nonfinite_warning(res.molecules, fmt))):
         say(warning)
     if report:
-        console.print(metrics_table(metrics, f"samples: {out}"))
+        console.print(metrics_table(metrics, f"samples: {where}"))
     if json_path:
         write_json(json_path, metrics, {"file": str(out), **res.settings})
 
@@ -241,24 +244,34 @@ def _sample_output(out: Optional[Path], fmt: Optional[str], json_path: Optional[
     and needs the QM9 cache; the report is judged in (at most) the processes returned third."""
     from molgen.chem.io import format_of, output_file
     from molgen.data.qm9 import require_reference
-    from molgen.io_utils import check_outputs
+    from molgen.io_utils import writes_stdout
     from molgen.workers import default_workers
 
     if novelty and not reported:
         raise MolgenError("--novelty is a figure of the report: drop --no-report, or add --json FILE")
     out = output_file(out, fmt)
-    check_outputs({"-o": out, "--json": json_path}, inputs=(fix,))
-    fmt = format_of(out, fmt, strict=True)
+    _check_outputs({"-o": out, "--json": json_path}, inputs=(fix,))
+    fmt = format_of(out, fmt or ("sdf" if writes_stdout(out) else None), strict=True)
     require_reference(data_dir, "--novelty compares with QM9's training split" if novelty else None)
     return out, fmt, default_workers()
+
+
+def _check_outputs(outputs: dict, inputs=()) -> None:
+    """The outputs checked before any work (:func:`molgen.io_utils.check_outputs`); when one is standard output
+    (``-``), the command's report goes to stderr."""
+    from molgen.io_utils import check_outputs, writes_stdout
+
+    check_outputs(outputs, inputs)
+    if any(writes_stdout(p) for p in outputs.values()):
+        report_to_stderr()
 
 
 @app.command()
 @friendly
 def evaluate(
-    files: List[Path] = typer.Argument(..., help="SDF / XYZ files or folders of them."),
+    files: List[Path] = typer.Argument(..., help="SDF / XYZ files or folders of them; - reads standard input (its format from --format, else from what it holds)."),
     fmt: Optional[str] = Opt(None, "--format", help="Force sdf or xyz (xyz also reads a folder's .txt files: EDM's samples)."),
-    json_path: Optional[Path] = Opt(None, "--json", help="Write all metrics as JSON."),
+    json_path: Optional[Path] = Opt(None, "--json", help="Write all metrics as JSON (- : to standard output, the report to stderr)."),
     per_molecule: Optional[Path] = Opt(None, "--per-molecule", help="Write each molecule's results as CSV."),
     reference: Optional[Path] = Opt(None, "--reference", help="QM9 cache folder: its training split for novelty, its test split for the distribution distances."),
     remove_h: bool = Opt(False, "--remove-h", help="Compare against the training set without hydrogens."),
@@ -276,10 +289,9 @@ def evaluate(
     from molgen.display import evaluation_report, progress, progress_factory
     from molgen.evaluate import evaluate_files, write_json, write_per_molecule_csv
     from molgen.fidelity import reference_statistics, statistics
-    from molgen.io_utils import check_outputs
     from molgen.workers import default_workers
 
-    check_outputs({"--json": json_path, "--per-molecule": per_molecule}, inputs=files)
+    _check_outputs({"--json": json_path, "--per-molecule": per_molecule}, inputs=files)
     workers = default_workers()
     require_cache(reference, "--reference")
     if plots is not None and plots.exists() and not plots.is_dir():

@@ -17,6 +17,12 @@ console = Console()
 err = Console(stderr=True)
 
 
+def report_to_stderr(on: bool = True) -> None:
+    """What the commands print goes to stderr (``on``) or to stdout again: a command whose output file is standard
+    output must not mix its report into it."""
+    console.stderr = on
+
+
 def count(n: int, noun: str) -> str:
     """``n`` and the noun, plural unless n is 1: "1 molecule", "1,000 molecules"."""
     return f"{n:,} {noun}{'' if n == 1 else 's'}"

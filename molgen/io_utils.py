@@ -1,10 +1,14 @@
 """Atomic file writes (write to a temporary file in the same folder, then rename over the target), and reading
-back what molgen wrote: a damaged file is one line (MolgenError)."""
+back what molgen wrote: a damaged file is one line (MolgenError). Standard input and output (``-``), pipes and
+devices such as /dev/null are read and written in place: a stream cannot be replaced."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import stat
+import sys
 import tempfile
 import time
 import zipfile
@@ -14,6 +18,31 @@ from pathlib import Path
 
 
 NPZ_DAMAGE = (ValueError, KeyError, EOFError, zipfile.BadZipFile)  # what reading a damaged .npz raises
+STDIO = "-"  # as a file name: standard input (read) or standard output (write)
+
+
+def is_stream(path: Path | str) -> bool:
+    """``-``, or a path that exists as neither a regular file nor a folder: a pipe, a terminal, /dev/stdout,
+    /dev/null. Such a file is read or written in place, never replaced."""
+    if str(path) == STDIO:
+        return True
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:  # nothing there (yet), or a link to nothing
+        return False
+    return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
+
+
+def writes_stdout(path: Path | str | None) -> bool:
+    """Whether writing ``path`` writes this process's standard output (``-``, /dev/stdout, /dev/fd/1, ...)."""
+    if path is None:
+        return False
+    if str(path) == STDIO:
+        return True
+    try:
+        return os.path.samestat(os.stat(path), os.fstat(1))
+    except (OSError, ValueError):  # no such file, or no standard output
+        return False
 
 
 def read_json_object(path: Path | str, what: str = "a JSON object") -> dict:
@@ -37,8 +66,20 @@ def atomic_path(dest: Path | str):
     """Yield a temporary path beside ``dest``; on success it is renamed to ``dest``, on error removed. Temporary
     files that an interrupted earlier write to the same place left behind (a killed process: untouched for
     STALE_S) are removed; a younger one may be another process's write in progress (two jobs filling one
-    cache) and is left to it."""
-    dest = Path(dest)
+    cache) and is left to it. ``-``: the temporary file is copied to standard output on success (whole or not at
+    all, as a file); another stream (:func:`is_stream`) is yielded itself, to be written in place. A link to a file
+    keeps pointing to it; the file it names is replaced."""
+    if str(dest) == STDIO:
+        with tempfile.TemporaryDirectory(prefix="molgen-") as folder:
+            yield Path(folder) / "out"
+            with open(Path(folder) / "out", "rb") as f:
+                shutil.copyfileobj(f, sys.stdout.buffer)
+            sys.stdout.flush()
+        return
+    if is_stream(dest):
+        yield Path(dest)
+        return
+    dest = Path(os.path.realpath(dest)) if Path(dest).is_symlink() else Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     now = time.time()
     for stale in dest.parent.glob("." + glob_escape(dest.name) + ".*.tmp"):
@@ -81,7 +122,11 @@ def check_writable(path: Path | str | None, what: str = "output", inputs=()) -> 
 
     if path is None:
         return
-    path = Path(path)
+    if is_stream(path):  # written in place
+        if str(path) != STDIO and not os.access(path, os.W_OK):
+            raise MolgenError(f"{what} {path}: not writable")
+        return
+    path = Path(os.path.realpath(path)) if Path(path).is_symlink() else Path(path)
     for src in inputs:
         if src is None or not Path(src).exists() or not path.exists():
             continue
@@ -123,12 +168,12 @@ def check_outputs(outputs: dict, inputs=()) -> None:
     naming the same file are refused (the second written would replace the first)."""
     from molgen import MolgenError
 
-    seen: dict[Path, str] = {}
+    seen: dict = {}
     for what, path in outputs.items():
         check_writable(path, what, inputs)
         if path is None:
             continue
-        key = Path(path).resolve()
+        key = "standard output" if writes_stdout(path) else Path(path).resolve()
         if key in seen:
             raise MolgenError(f"{seen[key]} and {what} name the same file {path}; give each its own")
         seen[key] = what

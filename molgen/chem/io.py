@@ -1,14 +1,16 @@
 """Molecules in files: the :class:`Molecule` record, file formats, and reading (writing: :mod:`molgen.chem.write`).
 
 Readers: SDF (any tool's; the file's own bonds are ignored by the metrics, which re-perceive them from the
-geometry), XYZ / extended XYZ with any number of frames, and folders of such files.  Bad input raises a
-MolgenError naming the file and the line or molecule.
+geometry), XYZ / extended XYZ with any number of frames, and folders of such files; ``-`` or a pipe is read whole
+first (gzipped or not; its format from --format, else from what it holds).  Bad input raises a MolgenError naming
+the file and the line or molecule.
 """
 
 from __future__ import annotations
 
 import itertools
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,7 +18,7 @@ import numpy as np
 
 from molgen import MolgenError
 from molgen.chem.elements import CHARGES, SYMBOLS, symbol_to_type
-from molgen.io_utils import MOLECULE_SUFFIXES, is_gzipped, molecule_suffix, unused_path
+from molgen.io_utils import MOLECULE_SUFFIXES, STDIO, is_gzipped, is_stream, molecule_suffix, unused_path
 
 FORMATS = ("sdf", "xyz")
 NONFINITE = "molgen_nonfinite"  # the SDF property of a molecule whose coordinates were not finite
@@ -126,11 +128,35 @@ def _read_text(path: Path) -> str:
     return Path(path).read_text(errors="replace")
 
 
+def _read_stream(path: Path) -> str:
+    """All text of standard input (``-``) or a pipe, gunzipped when it is gzip data."""
+    import gzip
+
+    data = sys.stdin.buffer.read() if str(path) == STDIO else Path(path).read_bytes()
+    if data[:2] == b"\x1f\x8b":
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError) as e:
+            raise MolgenError(f"{path}: not readable gzip data ({e})") from None
+    return data.decode(errors="replace")
+
+
+def _sniffed_format(text: str, path: Path) -> str:
+    """The format of molecules read from a stream (no extension to go by): SDF when a molfile ends in it, XYZ
+    when its first line is an atom count."""
+    if "M  END" in text or "$$$$" in text:
+        return "sdf"
+    first = next((ln.split()[0] for ln in text.splitlines() if ln.strip()), "")
+    if first.isdigit():
+        return "xyz"
+    raise MolgenError(f"{path}: neither SDF nor XYZ by what it holds; give --format")
+
+
 def read_xyz(path: Path, skip_invalid: bool = False, errors: list | None = None,
-             limit: int | None = None) -> list[Molecule]:
-    """Frames of an XYZ / extended XYZ file: count line, comment line, then ``symbol x y z [...]`` lines (the first
-    ``limit`` molecules only, when given)."""
-    lines = _read_text(path).splitlines()
+             limit: int | None = None, text: str | None = None) -> list[Molecule]:
+    """Frames of an XYZ / extended XYZ file (or of ``text``, read from it): count line, comment line, then
+    ``symbol x y z [...]`` lines (the first ``limit`` molecules only, when given)."""
+    lines = (_read_text(path) if text is None else text).splitlines()
     mols: list[Molecule] = []
     i, frame = 0, 0
     while i < len(lines) and (limit is None or len(mols) < limit):
@@ -209,16 +235,18 @@ SDF_MIN_BYTES = 1 << 20  # smaller files are read in the calling process without
 
 
 def read_sdf(path: Path, skip_invalid: bool = False, errors: list | None = None,
-             limit: int | None = None, workers: int | None = 1) -> list[Molecule]:
-    """Molecules of an SDF file with their 3D coordinates and element symbols (explicit H kept; the first
-    ``limit`` molecules only, when given). ``workers``: processes at most (:func:`molgen.workers.workers_for`;
-    a file then is read whole into memory and its records are parsed a chunk at a time, in order)."""
+             limit: int | None = None, workers: int | None = 1, text: str | None = None) -> list[Molecule]:
+    """Molecules of an SDF file (or of ``text``, read from it) with their 3D coordinates and element symbols
+    (explicit H kept; the first ``limit`` molecules only, when given). ``workers``: processes at most
+    (:func:`molgen.workers.workers_for`; a file then is read whole into memory and its records are parsed a chunk
+    at a time, in order)."""
     from molgen.workers import map_chunks, workers_for
 
-    chunks: list[tuple] = [(str(path), None, 0, skip_invalid, limit)]
+    chunks: list[tuple] = [(str(path), text, 0, skip_invalid, limit)]
     w = 1
-    if workers != 1 and limit is None and path.stat().st_size >= SDF_MIN_BYTES:
-        text = _read_text(path)
+    size = path.stat().st_size if text is None else len(text)
+    if workers != 1 and limit is None and size >= SDF_MIN_BYTES:
+        text = _read_text(path) if text is None else text
         ends = _record_ends(text)
         cuts = [0, *ends[SDF_CHUNK - 1 :: SDF_CHUNK]]
         cuts += [len(text)] if cuts[-1] < len(text) else []
@@ -329,7 +357,7 @@ def read_molecules(path: Path | str, fmt: str | None = None, skip_invalid: bool 
     molecules, as many (what comes after them is not read). ``workers``: SDF files in this many processes at most
     (:func:`read_sdf`)."""
     path = Path(path)
-    if not path.exists():
+    if str(path) != STDIO and not path.exists():
         raise MolgenError(f"{path}: no such file or folder")
     if path.is_dir():
         mols = []
@@ -342,11 +370,18 @@ def read_molecules(path: Path | str, fmt: str | None = None, skip_invalid: bool 
                 m.name = m.name or f.name  # a nameless molecule is named after its file, the link back to it
                 mols.append(m)
         return mols
-    if path.stat().st_size == 0:
+    text = None
+    if is_stream(path):  # standard input or a pipe: read once, whole
+        text = _read_stream(path)
+        if not text.strip():
+            raise MolgenError(f"{path}: nothing to read")
+        f = format_of(path, fmt) if fmt or _format_of_suffix(path) else _sniffed_format(text, path)
+    elif path.stat().st_size == 0:
         raise MolgenError(f"{path}: file is empty")
-    f = format_of(path, fmt)
-    mols = read_sdf(path, skip_invalid, errors, limit, workers) if f == "sdf" else read_xyz(path, skip_invalid,
-                                                                                            errors, limit)
+    else:
+        f = format_of(path, fmt)
+    mols = (read_sdf(path, skip_invalid, errors, limit, workers, text) if f == "sdf"
+            else read_xyz(path, skip_invalid, errors, limit, text))
     if not mols and not (errors and skip_invalid):
         raise MolgenError(f"{path}: no molecules found")
     return mols

@@ -1,0 +1,111 @@
+"""Standard input and output (``-``), pipes and links: molecules go through them, and molgen never replaces a
+stream or a link with a file of its own."""
+
+import gzip
+import json
+import os
+import stat
+import threading
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from molgen.chem.io import Molecule, read_molecules
+from molgen.chem.write import write_molecules
+from molgen.cli import app
+from molgen.io_utils import atomic_write_text, check_writable, is_stream, writes_stdout
+
+from conftest import one_line_error, random_molecules
+
+
+def invoke(*args, stdin=None):
+    """Run the command line in-process with ``stdin`` (bytes) as standard input; stdout and stderr apart."""
+    return CliRunner().invoke(app, [str(a) for a in args], input=stdin, catch_exceptions=False)
+
+
+@pytest.fixture
+def molecules(rng):
+    pos, types = random_molecules(rng, [5, 9, 12])
+    return [Molecule(np.asarray(t), np.asarray(p, float), name=f"m{k}") for k, (p, t) in enumerate(zip(pos, types))]
+
+
+def test_sample_writes_sdf_to_standard_output_and_its_report_to_stderr(tmp_path):
+    from rdkit import Chem
+
+    res = invoke("sample", "-n", 4, "--steps", 1, "-o", "-", "--seed", 3)
+    assert res.exit_code == 0, res.output
+    supplier = Chem.SDMolSupplier()
+    supplier.SetData(res.stdout, sanitize=False, removeHs=False)
+    assert len(supplier) == 4 and all(m is not None and m.GetNumConformers() == 1 for m in supplier)
+    assert "wrote 4 molecules to standard output" in res.stderr and "atom stability" in res.stderr
+    assert "atom stability" not in res.stdout
+    # the same text as a file of the same seed holds
+    same = invoke("sample", "-n", 4, "--steps", 1, "-o", tmp_path / "same.sdf", "--seed", 3)
+    assert same.exit_code == 0 and (tmp_path / "same.sdf").read_text() == res.stdout
+
+
+def test_evaluate_reads_standard_input_plain_or_gzipped_sdf_or_xyz(tmp_path, molecules):
+    write_molecules(tmp_path / "a.sdf", molecules)
+    write_molecules(tmp_path / "a.xyz", molecules)
+    want = invoke("evaluate", tmp_path / "a.sdf", "--no-novelty", "--no-fidelity", "--json", tmp_path / "w.json")
+    assert want.exit_code == 0, want.output
+    want = json.loads((tmp_path / "w.json").read_text())
+    want.pop("files")
+    for data in [(tmp_path / "a.sdf").read_bytes(), gzip.compress((tmp_path / "a.sdf").read_bytes()),
+                 (tmp_path / "a.xyz").read_bytes()]:  # the format is read off what comes in
+        res = invoke("evaluate", "-", "--no-novelty", "--no-fidelity", "--json", "-", stdin=data)
+        assert res.exit_code == 0, res.output
+        got = json.loads(res.stdout)  # the JSON alone: the report went to stderr
+        assert got.pop("files") == ["-"] and got == want
+        assert "atom stability" in res.stderr
+
+
+def test_bad_standard_input_is_one_line(tmp_path):
+    one_line_error(invoke("evaluate", "-", stdin=b""), "-: nothing to read")
+    one_line_error(invoke("evaluate", "-", stdin=b"hello\nworld\n"), "neither SDF nor XYZ", "--format")
+    one_line_error(invoke("evaluate", "-", "--format", "xyz", stdin=b"hello\n"), "expected an atom count")
+    one_line_error(invoke("sample", "-n", 2, "-o", "-", "--json", "-"), "name the same file")
+
+
+def test_a_pipe_is_written_in_place_and_read_back(tmp_path, molecules):
+    fifo = tmp_path / "pipe.sdf"
+    os.mkfifo(fifo)
+    got = {}
+    reader = threading.Thread(target=lambda: got.update(text=fifo.read_text()), daemon=True)
+    reader.start()
+    check_writable(fifo, "-o")
+    write_molecules(fifo, molecules)
+    reader.join(timeout=30)
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode)  # still the pipe, not a file put in its place
+    (tmp_path / "b.sdf").write_text(got["text"])
+    assert [len(m.types) for m in read_molecules(tmp_path / "b.sdf")] == [5, 9, 12]
+    # and read from one: whole, once, with the format from its extension
+    writer = threading.Thread(target=lambda: fifo.write_text(got["text"]), daemon=True)
+    writer.start()
+    assert [m.name for m in read_molecules(fifo)] == ["m0", "m1", "m2"]
+    writer.join(timeout=30)
+
+
+def test_a_link_keeps_pointing_to_the_file_it_names(tmp_path):
+    (tmp_path / "real.json").write_text("old")
+    link = tmp_path / "link.json"
+    link.symlink_to("real.json")
+    check_writable(link, "--json")
+    atomic_write_text(link, "new")
+    assert link.is_symlink() and (tmp_path / "real.json").read_text() == "new"
+
+
+def test_what_counts_as_a_stream(tmp_path):
+    (tmp_path / "f").write_text("x")
+    assert is_stream("-") and is_stream("/dev/null")
+    assert not is_stream(tmp_path / "f") and not is_stream(tmp_path) and not is_stream(tmp_path / "none")
+    assert writes_stdout("-") and not writes_stdout(tmp_path / "f") and not writes_stdout(None)
+    with open(tmp_path / "out", "w") as f:  # a file this process's standard output is sent to
+        saved = os.dup(1)
+        os.dup2(f.fileno(), 1)
+        try:
+            assert writes_stdout(tmp_path / "out") and not writes_stdout(tmp_path / "f")
+        finally:
+            os.dup2(saved, 1)
+            os.close(saved)
