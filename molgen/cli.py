@@ -239,31 +239,20 @@ def sample(
 
 def _sample_output(out: Optional[Path], fmt: Optional[str], json_path: Optional[Path], fix: Optional[Path],
                    reported: bool, novelty: bool, data_dir: Optional[Path]):
-    """`molgen sample`'s output file (the default name when none is given) and format, checked before any work,
-    with the report's: novelty is a figure of the report (printed or ``--json``), so without one it is refused,
-    and needs the QM9 cache; the report is judged in (at most) the processes returned third."""
+    """`molgen sample`'s output file (a default name when none is given), format and report, checked before any
+    work (novelty, a figure of the report, needs one and the QM9 cache); third: the processes to judge it in."""
     from molgen.chem.io import format_of, output_file
     from molgen.data.qm9 import require_reference
-    from molgen.io_utils import writes_stdout
+    from molgen.io_utils import check_outputs, writes_stdout
     from molgen.workers import default_workers
 
     if novelty and not reported:
         raise MolgenError("--novelty is a figure of the report: drop --no-report, or add --json FILE")
     out = output_file(out, fmt)
-    _check_outputs({"-o": out, "--json": json_path}, inputs=(fix,))
+    report_to_stderr(check_outputs({"-o": out, "--json": json_path}, inputs=(fix,)))  # when one is standard output
     fmt = format_of(out, fmt or ("sdf" if writes_stdout(out) else None), strict=True)
     require_reference(data_dir, "--novelty compares with QM9's training split" if novelty else None)
     return out, fmt, default_workers()
-
-
-def _check_outputs(outputs: dict, inputs=()) -> None:
-    """The outputs checked before any work (:func:`molgen.io_utils.check_outputs`); when one is standard output
-    (``-``), the command's report goes to stderr."""
-    from molgen.io_utils import check_outputs, writes_stdout
-
-    check_outputs(outputs, inputs)
-    if any(writes_stdout(p) for p in outputs.values()):
-        report_to_stderr()
 
 
 @app.command()
@@ -289,9 +278,10 @@ def evaluate(
     from molgen.display import evaluation_report, progress, progress_factory
     from molgen.evaluate import evaluate_files, write_json, write_per_molecule_csv
     from molgen.fidelity import reference_statistics, statistics
+    from molgen.io_utils import check_outputs
     from molgen.workers import default_workers
 
-    _check_outputs({"--json": json_path, "--per-molecule": per_molecule}, inputs=files)
+    report_to_stderr(check_outputs({"--json": json_path, "--per-molecule": per_molecule}, inputs=files))
     workers = default_workers()
     require_cache(reference, "--reference")
     if plots is not None and plots.exists() and not plots.is_dir():

@@ -163,9 +163,10 @@ def atomic_write_bytes(dest: Path | str, data: bytes) -> None:
         Path(tmp).write_bytes(data)
 
 
-def check_outputs(outputs: dict, inputs=()) -> None:
+def check_outputs(outputs: dict, inputs=()) -> bool:
     """:func:`check_writable` for each output, named by its option: {"-o": path, "--json": None, ...}; two options
-    naming the same file are refused (the second written would replace the first)."""
+    naming the same file are refused (the second written would replace the first). True when one of them is
+    standard output (a command's report then goes elsewhere)."""
     from molgen import MolgenError
 
     seen: dict = {}
@@ -177,3 +178,4 @@ def check_outputs(outputs: dict, inputs=()) -> None:
         if key in seen:
             raise MolgenError(f"{seen[key]} and {what} name the same file {path}; give each its own")
         seen[key] = what
+    return "standard output" in seen
