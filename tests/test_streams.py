@@ -109,3 +109,12 @@ def test_what_counts_as_a_stream(tmp_path):
         finally:
             os.dup2(saved, 1)
             os.close(saved)
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs Linux's /dev/full (a device whose writes fail)")
+@pytest.mark.parametrize("fmt", ["sdf", "xyz"])
+def test_a_failed_write_is_an_error_not_a_success(fmt, molecules, tmp_path):
+    with pytest.raises(OSError, match="No space left"):  # RDKit's own file writer said nothing of it
+        write_molecules("/dev/full", molecules, fmt)
+    one_line_error(invoke("evaluate", "-", "--json", "/dev/full", "--no-novelty", "--no-fidelity",
+                          stdin=b"1\n\nC 0 0 0\n"), "No space left on device")

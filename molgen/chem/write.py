@@ -26,8 +26,8 @@ def write_sdf(path: Path | str, molecules: list[Molecule], orders: list[np.ndarr
             pos, typ, mask = pad_molecules([m.positions for m in chunk], [m.types for m in chunk])
             o = bond_orders(pos, typ, mask)
             orders += [o[k, : len(m.types), : len(m.types)] for k, m in enumerate(chunk)]
-    with atomic_path(path) as tmp:
-        writer = Chem.SDWriter(str(tmp))
+    with atomic_path(path) as tmp, open(tmp, "w") as f:  # through Python's file: a failed write is an error
+        writer = Chem.SDWriter(f)
         writer.SetKekulize(False)
         for k, (m, o) in enumerate(zip(molecules, orders)):
             finite = np.isfinite(m.positions)
