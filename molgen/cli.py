@@ -10,7 +10,7 @@ from typing import List, Optional
 import typer
 
 from molgen import MolgenError, __version__
-from molgen.display import console, count, err, error, report_to_stderr, say
+from molgen.display import console, count, err, error, report_to_stderr, say, silence_stdout
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
                   help="Generate 3D molecules with E(3)-equivariant diffusion and consistency models (QM9).")
@@ -25,6 +25,9 @@ def friendly(fn):
     def wrapper(*a, **kw):
         try:
             return fn(*a, **kw)
+        except BrokenPipeError:  # standard output's reader stopped early (`| head`): quietly, as `cat` does
+            silence_stdout()
+            raise typer.Exit(141)
         except (MolgenError, OSError, UnicodeDecodeError) as e:
             error(e)
             raise typer.Exit(2)
@@ -328,11 +331,9 @@ def view(
     from molgen.chem.io import flat_warning, read_molecules
     from molgen.io_utils import check_writable
 
-    if out.suffix.lower() not in (".png", ".svg"):
-        raise MolgenError(f"-o {out}: give a .png or .svg file")
     if not 1 <= n <= MAX_GRID or per_row < 1:
         raise MolgenError(f"-n must be in 1 .. {MAX_GRID} and --per-row at least 1")
-    check_writable(out, "-o")
+    check_writable(out, "-o", suffixes=(".png", ".svg"))
     mols = read_molecules(file, fmt, limit=n)  # the rest of a large file is not read
     if not mols:
         raise MolgenError(f"{file}: no molecules")
@@ -354,9 +355,7 @@ def plot(
     if not (Path(run_dir) / "metrics.jsonl").is_file():
         raise MolgenError(f"{run_dir}: no metrics.jsonl (not a training run folder?)")
     out = out or Path(run_dir) / "curves.png"
-    if out.suffix.lower() not in (".png", ".svg"):
-        raise MolgenError(f"-o {out}: give a .png or .svg file")
-    check_writable(out, "-o")
+    check_writable(out, "-o", suffixes=(".png", ".svg"))
     series = training_curves(run_dir, out)
     console.print(f"wrote {out} ({', '.join(series)})")
 

@@ -23,6 +23,17 @@ def report_to_stderr(on: bool = True) -> None:
     console.stderr = on
 
 
+def silence_stdout() -> None:
+    """Standard output goes nowhere from now on: its reader has gone, and flushing at exit would fail again."""
+    import os
+    import sys
+
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # no file descriptor behind it (a test's captured output)
+        pass
+
+
 def count(n: int, noun: str) -> str:
     """``n`` and the noun, plural unless n is 1: "1 molecule", "1,000 molecules"."""
     return f"{n:,} {noun}{'' if n == 1 else 's'}"

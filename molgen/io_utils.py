@@ -115,13 +115,16 @@ def molecule_suffix(path: Path | str) -> str:
     return (Path(path.stem) if is_gzipped(path) else path).suffix.lower()
 
 
-def check_writable(path: Path | str | None, what: str = "output", inputs=()) -> None:
+def check_writable(path: Path | str | None, what: str = "output", inputs=(), suffixes=()) -> None:
     """Refuse, before any work, an output path that cannot be written: a folder, a missing folder, read-only,
-    or one of the command's ``inputs`` (it would be overwritten). None: no output, nothing to check."""
+    one of the command's ``inputs`` (it would be overwritten), or without one of ``suffixes`` when they are given.
+    None: no output, nothing to check."""
     from molgen import MolgenError
 
     if path is None:
         return
+    if suffixes and Path(path).suffix.lower() not in suffixes:
+        raise MolgenError(f"{what} {path}: give a {' or '.join(suffixes)} file")
     if is_stream(path):  # written in place
         if str(path) != STDIO and not os.access(path, os.W_OK):
             raise MolgenError(f"{what} {path}: not writable")

@@ -118,3 +118,17 @@ def test_a_failed_write_is_an_error_not_a_success(fmt, molecules, tmp_path):
         write_molecules("/dev/full", molecules, fmt)
     one_line_error(invoke("evaluate", "-", "--json", "/dev/full", "--no-novelty", "--no-fidelity",
                           stdin=b"1\n\nC 0 0 0\n"), "No space left on device")
+
+
+def test_a_reader_that_stops_early_ends_the_command_quietly(tmp_path):
+    """`molgen sample -o - | head`: the command ends as a writer killed by SIGPIPE does (exit 141), no error."""
+    import subprocess
+    import sys
+
+    p = subprocess.Popen([sys.executable, "-m", "molgen", "sample", "-n", "200", "-o", "-", "--no-report"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path)
+    first = p.stdout.readline()
+    p.stdout.close()  # 200 molecules are ~400 KB: more than a pipe holds, so the writer meets the closed end
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=120) == 141 and first.strip() == b"molgen_0", err
+    assert "rror" not in err and "Traceback" not in err and "Exception" not in err, err
