@@ -1,5 +1,6 @@
-"""Standard input and output (``-``), pipes and links: molecules go through them, and molgen never replaces a
-stream or a link with a file of its own."""
+"""How molecules come in and go out besides plain files: standard input and output (``-``), pipes, links, and
+text written elsewhere (Windows line ends, a byte-order mark). molgen never replaces a stream or a link with a file
+of its own."""
 
 import gzip
 import json
@@ -132,3 +133,21 @@ def test_a_reader_that_stops_early_ends_the_command_quietly(tmp_path):
     err = p.stderr.read().decode()
     assert p.wait(timeout=120) == 141 and first.strip() == b"molgen_0", err
     assert "rror" not in err and "Traceback" not in err and "Exception" not in err, err
+
+
+@pytest.mark.parametrize("fmt", ["sdf", "xyz"])
+def test_windows_line_ends_and_a_byte_order_mark_read_as_the_plain_file(fmt, molecules, tmp_path):
+    plain = tmp_path / f"plain.{fmt}"
+    write_molecules(plain, molecules)
+    text = plain.read_text()
+    variants = {"crlf": text.replace("\n", "\r\n").encode(), "bom": b"\xef\xbb\xbf" + text.encode()}
+    want = read_molecules(plain)
+    for name, data in variants.items():
+        (tmp_path / f"{name}.{fmt}").write_bytes(data)
+        (tmp_path / f"{name}.{fmt}.gz").write_bytes(gzip.compress(data))
+        for path in (tmp_path / f"{name}.{fmt}", tmp_path / f"{name}.{fmt}.gz"):
+            got = read_molecules(path)
+            assert [m.name for m in got] == [m.name for m in want], path
+            for g, w in zip(got, want):
+                np.testing.assert_array_equal(g.types, w.types)
+                np.testing.assert_array_equal(g.positions, w.positions)

@@ -121,11 +121,11 @@ def _read_text(path: Path) -> str:
         import gzip
 
         try:
-            with gzip.open(path, "rt", errors="replace") as f:
+            with gzip.open(path, "rt", encoding="utf-8-sig", errors="replace") as f:
                 return f.read()
         except (OSError, EOFError) as e:  # not gzip data, or cut short
             raise MolgenError(f"{path}: not a readable gzip file ({e})") from None
-    return Path(path).read_text(errors="replace")
+    return Path(path).read_text(encoding="utf-8-sig", errors="replace")
 
 
 def _read_stream(path: Path) -> str:
@@ -138,7 +138,7 @@ def _read_stream(path: Path) -> str:
             data = gzip.decompress(data)
         except (OSError, EOFError) as e:
             raise MolgenError(f"{path}: not readable gzip data ({e})") from None
-    return data.decode(errors="replace")
+    return data.decode("utf-8-sig", errors="replace")
 
 
 def _sniffed_format(text: str, path: Path) -> str:
@@ -314,7 +314,8 @@ def _sdf_molecule(mol, where: str, parser: _ParserErrors, lines_before: int = 0)
     props = {p: mol.GetProp(p) for p in mol.GetPropNames()}
     if NONFINITE in props:  # written by molgen: the coordinates were not finite
         pos[:] = np.nan
-    return Molecule(types, pos, name=mol.GetProp("_Name") if mol.HasProp("_Name") else "", props=props)
+    name = mol.GetProp("_Name").lstrip("\ufeff") if mol.HasProp("_Name") else ""  # a file's byte-order mark
+    return Molecule(types, pos, name=name, props=props)
 
 
 def is_flat(positions) -> bool:
