@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from molgen import MolgenError
 from molgen.chem.io import Molecule, read_molecules
 from molgen.chem.write import write_molecules
 from molgen.cli import app
@@ -151,3 +152,16 @@ def test_windows_line_ends_and_a_byte_order_mark_read_as_the_plain_file(fmt, mol
             for g, w in zip(got, want):
                 np.testing.assert_array_equal(g.types, w.types)
                 np.testing.assert_array_equal(g.positions, w.positions)
+
+
+def test_xyz_with_atomic_numbers_reads_as_with_symbols(tmp_path):
+    symbols = "4\n\nC 0 0 0\nh 1.09 0 0\nO -0.7 1.1 0\nF 0 0 1.3\n"
+    numbers = "4\n\n6 0 0 0\n1 1.09 0 0\n8 -0.7 1.1 0\n9 0 0 1.3\n"
+    (tmp_path / "s.xyz").write_text(symbols)
+    (tmp_path / "n.xyz").write_text(numbers)
+    (a,), (b,) = read_molecules(tmp_path / "s.xyz"), read_molecules(tmp_path / "n.xyz")
+    assert a.types.tolist() == b.types.tolist() == [1, 0, 3, 4]
+    np.testing.assert_array_equal(a.positions, b.positions)
+    (tmp_path / "cl.xyz").write_text("1\n\n17 0 0 0\n")
+    with pytest.raises(MolgenError, match="unknown element '17'"):
+        read_molecules(tmp_path / "cl.xyz")

@@ -13,8 +13,11 @@ VALENCE = np.array([1, 4, 3, 2, 1], dtype=np.int32)
 
 
 def symbol_to_type(symbol: str) -> int:
-    """Map an element symbol (any case) to molgen's type index; raises KeyError for others."""
+    """Map an element symbol (any case) or atomic number (as some XYZ writers give it) to molgen's type index;
+    raises KeyError for others."""
     s = symbol.strip()
+    if s.isdigit() and int(s) in CHARGES:
+        return int(np.flatnonzero(CHARGES == int(s))[0])
     s = s[:1].upper() + s[1:].lower()
     return TYPE_OF_SYMBOL[s]
 
