@@ -13,8 +13,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-console = Console()
-err = Console(stderr=True)
+console = Console(markup=False, emoji=False)  # what it prints holds file names: "[/x]" or ":smile:" are text
+err = Console(stderr=True)  # markup for "error:"; what it prints of the user's is escaped
 
 
 def report_to_stderr(on: bool = True) -> None:
@@ -209,7 +209,7 @@ def metrics_columns(reports: list[tuple[str, object]]) -> Table:
     t.add_column("metric")
     short = [Path(name).name for name, _ in reports]
     for name in short if len(set(short)) == len(short) else [name for name, _ in reports]:
-        t.add_column(escape(name), justify="right", overflow="fold")
+        t.add_column(name, justify="right", overflow="fold")
     rows = [dict(metrics_rows(m)) for _, m in reports]
     for label in dict.fromkeys(k for r in rows for k in r):  # every row any report has, in order
         t.add_row(label, *(r.get(label, "") for r in rows))
@@ -275,7 +275,7 @@ def setting_table(data_dir: Path) -> Table:
     t.add_column("item", no_wrap=True)
     t.add_column("value")
     for k, v in items.items():
-        t.add_row(k, escape(str(v)))
+        t.add_row(k, str(v))
     return t
 
 
@@ -343,5 +343,5 @@ def model_table(model, default: bool = False) -> Table:
             ("card", str(folder / "README.md") if (folder / "README.md").exists() else "")]
     for item, value in rows:
         if value:
-            t.add_row(item, escape(value))
+            t.add_row(item, value)
     return t

@@ -165,3 +165,17 @@ def test_xyz_with_atomic_numbers_reads_as_with_symbols(tmp_path):
     (tmp_path / "cl.xyz").write_text("1\n\n17 0 0 0\n")
     with pytest.raises(MolgenError, match="unknown element '17'"):
         read_molecules(tmp_path / "cl.xyz")
+
+
+def test_file_names_that_look_like_markup_are_printed_as_they_are(tmp_path, molecules):
+    folder = tmp_path / "runs[" / "x]"
+    folder.mkdir(parents=True)
+    path = folder / "[bold]:smile:[/].sdf"  # rich's markup and emoji codes, as a user may name files
+    write_molecules(path, molecules)
+    res = invoke("evaluate", path, "--no-novelty", "--no-fidelity")
+    assert res.exit_code == 0, res.output
+    assert "[bold]:smile:[/].sdf" in res.stdout.replace("\n", "").replace(" ", "")
+    res = invoke("sample", "-n", 2, "-o", folder / "out.sdf")  # the path holds "[/x]", a closing tag to rich
+    assert res.exit_code == 0, res.output
+    assert f"wrote 2 molecules to {folder / 'out.sdf'}" in res.stdout
+    one_line_error(invoke("evaluate", folder / "[red]none.sdf"), "[/x]/[red]none.sdf: no such file")
