@@ -40,7 +40,7 @@ def read_recipe(recipe: str | Path) -> dict:
             raise MolgenError(f"{recipe}: no such recipe file or shipped recipe (shipped: {', '.join(shipped)})")
         path = shipped[str(recipe)]
     try:
-        return tomllib.loads(path.read_text())
+        return tomllib.loads(path.read_text(encoding="utf-8-sig"))  # a byte-order mark, as some editors save
     except tomllib.TOMLDecodeError as e:
         raise MolgenError(f"{path}: not a valid TOML recipe ({e})") from None
 

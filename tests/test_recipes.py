@@ -73,6 +73,14 @@ def test_shipped_objective_recipes_and_their_defaults():
     assert to_config(read_recipe("distill")).optim.lr == 2e-4  # distillation's smaller default step
 
 
+def test_a_recipe_saved_with_a_byte_order_mark_or_windows_line_ends_reads_as_itself(tmp_path):
+    text = shipped_recipes()["diffusion"].read_text()
+    (tmp_path / "bom.toml").write_bytes(b"\xef\xbb\xbf" + text.encode())
+    (tmp_path / "crlf.toml").write_bytes(text.replace("\n", "\r\n").encode())
+    want = read_recipe("diffusion")
+    assert read_recipe(tmp_path / "bom.toml") == want and read_recipe(tmp_path / "crlf.toml") == want
+
+
 def test_set_values_are_toml_or_strings_and_merge_table_by_table():
     got = parse_set(["optim.lr=1e-3", "model.preset=tiny", "distill.targets=polished", "seed=4", "data.remove_h=true"])
     assert got == {"optim": {"lr": 1e-3}, "model": {"preset": "tiny"}, "distill": {"targets": "polished"}, "seed": 4,
