@@ -133,7 +133,9 @@ def test_a_reader_that_stops_early_ends_the_command_quietly(tmp_path):
     p.stdout.close()  # 200 molecules are ~400 KB: more than a pipe holds, so the writer meets the closed end
     err = p.stderr.read().decode()
     assert p.wait(timeout=120) == 141 and first.strip() == b"molgen_0", err
-    assert "rror" not in err and "Traceback" not in err and "Exception" not in err, err
+    # nothing of molgen's or Python's about the closed pipe (JAX may warn of a cache entry another test writes)
+    assert not any(line.startswith("error:") for line in err.splitlines()), err
+    assert "Traceback" not in err and "Broken pipe" not in err and "BrokenPipeError" not in err, err
 
 
 @pytest.mark.parametrize("fmt", ["sdf", "xyz"])
