@@ -47,20 +47,25 @@ def test_sample_writes_sdf_to_standard_output_and_its_report_to_stderr(tmp_path)
     assert same.exit_code == 0 and (tmp_path / "same.sdf").read_text() == res.stdout
 
 
-def test_evaluate_reads_standard_input_plain_or_gzipped_sdf_or_xyz(tmp_path, molecules):
+def test_evaluate_reads_standard_input_plain_or_gzipped_sdf_or_xyz(tmp_path, molecules, monkeypatch):
     write_molecules(tmp_path / "a.sdf", molecules)
     write_molecules(tmp_path / "a.xyz", molecules)
     want = invoke("evaluate", tmp_path / "a.sdf", "--no-novelty", "--no-fidelity", "--json", tmp_path / "w.json")
     assert want.exit_code == 0, want.output
     want = json.loads((tmp_path / "w.json").read_text())
     want.pop("files"), want.pop("written_utc")
-    for data in [(tmp_path / "a.sdf").read_bytes(), gzip.compress((tmp_path / "a.sdf").read_bytes()),
-                 (tmp_path / "a.xyz").read_bytes()]:  # the format is read off what comes in
+    variants = [(tmp_path / "a.sdf").read_bytes(), gzip.compress((tmp_path / "a.sdf").read_bytes()),
+                (tmp_path / "a.xyz").read_bytes()]
+    for data in variants:  # the format is read off what comes in
         res = invoke("evaluate", "-", "--no-novelty", "--no-fidelity", "--json", "-", stdin=data)
         assert res.exit_code == 0, res.output
         got = json.loads(res.stdout)  # the JSON alone: the report went to stderr
         assert got.pop("files") == ["-"] and got.pop("written_utc") and got == want
         assert "atom stability" in res.stderr
+    (tmp_path / "-").mkdir()  # a folder named "-" where molgen runs: "-" is still standard input and output
+    monkeypatch.chdir(tmp_path)
+    res = invoke("evaluate", "-", "--no-novelty", "--no-fidelity", "--json", "-", stdin=variants[0])
+    assert res.exit_code == 0 and json.loads(res.stdout)["n_molecules"] == 3, res.output
 
 
 def test_bad_standard_input_is_one_line(tmp_path):

@@ -360,7 +360,7 @@ def read_molecules(path: Path | str, fmt: str | None = None, skip_invalid: bool 
     path = Path(path)
     if str(path) != STDIO and not path.exists():
         raise MolgenError(f"{path}: no such file or folder")
-    if path.is_dir():
+    if str(path) != STDIO and path.is_dir():  # "-" is standard input, even beside a folder of that name
         mols = []
         for f in folder_files(path, fmt):
             if limit is not None and len(mols) >= limit:
