@@ -60,11 +60,12 @@ class Fragment:
 
 
 def read_fragment(path: Path | str) -> Fragment:
-    """The first molecule of an SDF / MOL / XYZ file with 3D coordinates, as a fragment (H, C, N, O, F only)."""
+    """The first molecule of an SDF / MOL / XYZ file (or of standard input, ``-``) with 3D coordinates, as a
+    fragment (H, C, N, O, F only)."""
     from molgen.chem.io import is_flat, read_molecules
-    from molgen.io_utils import MOLECULE_SUFFIXES, molecule_suffix
+    from molgen.io_utils import MOLECULE_SUFFIXES, is_stream, molecule_suffix
 
-    if molecule_suffix(path) not in MOLECULE_SUFFIXES:
+    if not is_stream(path) and molecule_suffix(path) not in MOLECULE_SUFFIXES:  # "-": from what it holds
         raise MolgenError(f"--fix {path}: give a {', '.join(MOLECULE_SUFFIXES)} file, or one gzipped (.gz) "
                           "(the format is read from the extension)")
     mols = read_molecules(Path(path), limit=1)  # its first molecule: the rest is not read

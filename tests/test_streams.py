@@ -186,3 +186,14 @@ def test_file_names_that_look_like_markup_are_printed_as_they_are(tmp_path, mole
     assert res.exit_code == 0, res.output
     assert f"wrote 2 molecules to {folder / 'out.sdf'}" in res.stdout
     one_line_error(invoke("evaluate", folder / "[red]none.sdf"), "[/x]/[red]none.sdf: no such file")
+
+
+def test_a_fragment_from_standard_input(tmp_path):
+    frag = "4\nammonia\nN 0 0 0\nH 1.01 0 0\nH -0.34 0.95 0\nH -0.34 -0.47 0.83\n"
+    res = invoke("sample", "--fix", "-", "-n", 2, "--steps", 2, "-o", tmp_path / "w.xyz", "--no-report",
+                 stdin=frag.encode())
+    assert res.exit_code == 0, res.output
+    for m in read_molecules(tmp_path / "w.xyz"):
+        assert m.types[:4].tolist() == [2, 0, 0, 0]  # N, H, H, H first, where the fragment put them
+        np.testing.assert_allclose(m.positions[:4], [[0, 0, 0], [1.01, 0, 0], [-0.34, 0.95, 0], [-0.34, -0.47, 0.83]],
+                                   atol=1e-5)
