@@ -319,7 +319,7 @@ def evaluate(
 @app.command()
 @friendly
 def view(
-    file: Path = typer.Argument(..., help="SDF or XYZ file, or a folder of them."),
+    file: Path = typer.Argument(..., help="SDF or XYZ file, a folder of them, or - for standard input."),
     n: int = Opt(24, "-n", help="Molecules to draw (the first N; at most 100)."),
     out: Path = Opt(Path("grid.png"), "-o", "--out", help="Image file: .png or .svg."),
     per_row: int = Opt(6, "--per-row", help="Molecules per row."),
