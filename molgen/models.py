@@ -14,6 +14,7 @@ import numpy as np
 
 from molgen import MolgenError
 from molgen.config import RunConfig
+from molgen.io_utils import STDIO, atomic_write_bytes, atomic_write_text, read_json_object
 
 CONFIG_NAME = "config.json"
 PARAMS_NAME = "params.msgpack"
@@ -68,8 +69,6 @@ def save_model(out_dir: Path, cfg: RunConfig, params, meta: dict | None = None) 
     """Write a model folder: config.json, params.msgpack (float32) and meta.json, each atomically."""
     from flax import serialization
 
-    from molgen.io_utils import atomic_write_bytes, atomic_write_text
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     params = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float32), params)
@@ -117,8 +116,6 @@ def load_model(name: str | Path | None) -> Model:
 
 def read_meta(path: Path) -> dict:
     """A model folder's meta.json ({} without one; damaged: one line, MolgenError)."""
-    from molgen.io_utils import read_json_object
-
     return read_json_object(path, "a model's meta.json") if path.exists() else {}
 
 
@@ -203,6 +200,8 @@ def export_model(run: str | Path, dest: Path, headline: str = "", temperature: f
     if renoise is not None and not (np.isfinite(renoise) and renoise >= 0):
         raise MolgenError(f"--renoise must be a number >= 0, got {renoise}")
     dest = Path(dest)
+    if str(dest) == STDIO:
+        raise MolgenError("export to -: a model is a folder and cannot go to standard output; give a folder's name")
     if dest.exists() and (not dest.is_dir() or (any(dest.iterdir()) and not force)):
         raise MolgenError(f"{dest} exists and is not an empty folder; choose another destination or pass --force")
     m = load_model(run)
@@ -238,7 +237,6 @@ def _write_recipes(source: Path, cfg: RunConfig, dest: Path, trained: str, stack
     """The recipe files of an exported model, unless ``dest`` has its own: a model folder's are copied; a run's
     settings are written as recipe.toml (:func:`molgen.recipes.recipe_of`), with the commands that made it."""
     from molgen import __version__
-    from molgen.io_utils import atomic_write_text
     from molgen.recipes import recipe_of, to_toml
 
     if any(dest.glob("recipe*.toml")):  # a --force export into a model folder keeps the recipes its card names

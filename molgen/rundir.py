@@ -9,13 +9,15 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from molgen import MolgenError
-from molgen.io_utils import atomic_write_text
+from molgen.io_utils import STDIO, atomic_write_text
 from molgen.parallel import is_main
 
 
 def check_run_dir(run_dir: Path, resume: bool) -> None:
     """Refuse a run folder that cannot take this run: a file, a new run over checkpoints, a resume without one."""
     run_dir = Path(run_dir)
+    if str(run_dir) == STDIO:
+        raise MolgenError("--out -: a run is a folder and cannot go to standard output; give a folder's name")
     if run_dir.exists() and not run_dir.is_dir():
         raise MolgenError(f"{run_dir} is a file, not a run folder")
     has_ckpt = last_checkpoint_step(run_dir) is not None

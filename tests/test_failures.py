@@ -227,6 +227,8 @@ def test_the_command_lines_own_usage_errors_are_one_line_too(args, message):
     (("evaluate", "{file}", "--json", "{file}/x.json"), "does not exist"),
     (("train", "--out", "{file}", "--steps", 2), "is a file, not a run folder"),
     (("train", "--steps", -5, "--out", "{tmp}/r"), "--steps must be at least 1"),
+    (("train", "--out", "-", "--steps", 2), "--out -: a run is a folder and cannot go to standard output"),
+    (("export", "edm-small-distill", "-"), "export to -: a model is a folder and cannot go to standard output"),
     (("download", "--data-dir", "{file}"), "is a file, not a folder"),
     (("download", "--data-dir", "{tmp}/d", "--from", "{tmp}/missing.csv"), "no such file or folder"),
     (("sample", "--data-dir", "{tmp}/d", "-o", "{tmp}/x.sdf"), "--data-dir {tmp}/d: no QM9 cache there"),
@@ -249,7 +251,8 @@ def test_the_command_lines_own_usage_errors_are_one_line_too(args, message):
     (("train", "--objective", "distill", "--init", "edm-small-distill", "--teacher", "edm-small-stack2", "--out",
       "{tmp}/r", "--steps", 2), "--teacher edm-small-stack2: must be a diffusion model"),
 ])
-def test_bad_input_is_one_line_before_any_work(tmp_path, args, message, data_dir):
+def test_bad_input_is_one_line_before_any_work(tmp_path, args, message, data_dir, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # where a run or model named - would land
     f = tmp_path / "existing.xyz"
     f.write_text("1\nH\nH 0 0 0\n")
     args = [str(a).format(tmp=tmp_path, file=f) for a in args]
@@ -259,6 +262,7 @@ def test_bad_input_is_one_line_before_any_work(tmp_path, args, message, data_dir
     one_line_error(res, message.format(tmp=tmp_path))
     assert len(res.output.strip().splitlines()) == 1  # no advice or header before a refusal
     assert f.read_text() == "1\nH\nH 0 0 0\n" and not (tmp_path / "d").exists() and not (tmp_path / "r").exists()
+    assert not (tmp_path / "-").exists()
 
 
 def test_a_read_only_file_system_is_one_line(tmp_path, monkeypatch):
