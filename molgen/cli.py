@@ -205,6 +205,7 @@ def sample(
     unique: bool = Opt(False, "--unique", help="With --keep: no two molecules of the same SMILES."),
 ):
     """Generate molecules and write them as SDF or XYZ, then print their stability report."""
+    from molgen.chem.io import DECIMALS
     from molgen.chem.write import write_molecules
     from molgen.display import metrics_table, sampling_progress
     from molgen.evaluate import annotate, reference_for, write_json
@@ -227,7 +228,7 @@ def sample(
         ref = reference_for(data_dir, m.cfg.data.remove_h, novelty, tasks, workers) if report or json_path else None
         res = sample_kept(m, n, keep, seed, batch_size, more, steps=steps, atoms=atoms, sampler=sampler, sigmas=sig,
                           temperature=temperature, renoise=renoise, polish_calls=polish, polisher=pol,
-                          progress=tick, fragment=frag, resample=resample, unique=unique)
+                          progress=tick, fragment=frag, resample=resample, unique=unique, decimals=DECIMALS)
         metrics = annotate(res.molecules, ref, novelty, frag, tasks, workers) if ref is not None else None
     write_molecules(out, res.molecules, fmt)
     where = "standard output" if str(out) == "-" else out

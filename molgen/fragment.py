@@ -128,9 +128,12 @@ def constrain(known: Known, x, h, graph, level, scale):
 
 def to_input_frame(fragment: Fragment, positions: np.ndarray) -> np.ndarray:
     """A completed molecule (its first k atoms the fragment's, in the fragment's own frame) moved onto the
-    fragment's input coordinates: translated, and rotated back from the fragment's frame."""
+    fragment's input coordinates: translated, and rotated back from the fragment's frame. Its first k atoms are
+    then the input's coordinates exactly (they differed by the network's float32 rounding, < 1e-4 Angstrom)."""
     k = fragment.size
-    return (positions - positions[:k].mean(0)) @ fragment.frame + fragment.positions.mean(0)
+    out = (positions - positions[:k].mean(0)) @ fragment.frame + fragment.positions.mean(0)
+    out[:k] = fragment.positions
+    return out
 
 
 def contains_fragment(fragment: Fragment, molecules) -> np.ndarray:

@@ -153,13 +153,14 @@ def sample(model: Model, n: int, steps: int | None = None, seed: int = 0, atoms:
            batch_size: int = 1000, sampler: str | None = None, sigmas: Sequence[float] | None = None,
            temperature: float | None = None, renoise: float | None = None, polish_calls: int = 0,
            polisher: Model | None = None, progress: Callable[[int], None] | None = None,
-           apply: Callable | None = None, fragment=None, resample: int = 0) -> Samples:
+           apply: Callable | None = None, fragment=None, resample: int = 0, decimals: int | None = None) -> Samples:
     """``n`` molecules in ``steps`` sampler steps (default: the sampler's), then ``polish_calls`` calls of the
     diffusion model ``polisher`` on the low ladder. ``progress(k)`` is told of every k network calls done on
     a batch (the total is calls x batches). ``apply``: the network's apply function (default: the model's).
     ``fragment`` (:class:`molgen.fragment.Fragment`): every molecule completes it, its first atoms being the
     fragment's, in the fragment's own frame (:mod:`molgen.fragment`); ``resample``: RePaint's resampling rounds per
-    step (ancestral sampler)."""
+    step (ancestral sampler). ``decimals``: coordinates rounded to as many decimals (`molgen sample` rounds them to
+    what its file holds, :data:`molgen.chem.io.DECIMALS`, so that its report describes the file)."""
     import time
 
     check_request(model.cfg, n, batch_size, atoms, fragment.size if fragment is not None else 0)
@@ -200,6 +201,8 @@ def sample(model: Model, n: int, steps: int | None = None, seed: int = 0, atoms:
                 from molgen.fragment import to_input_frame
 
                 pos = to_input_frame(fragment, pos)
+            if decimals is not None:
+                pos = np.round(pos, decimals)
             mols.append(Molecule(types[o : o + k].astype(np.int8), pos, name=f"molgen_{len(mols)}",
                                  props=dict(settings)))
             o += k

@@ -23,6 +23,7 @@ from molgen.io_utils import MOLECULE_SUFFIXES, STDIO, is_gzipped, is_stream, mol
 FORMATS = ("sdf", "xyz")
 NONFINITE = "molgen_nonfinite"  # the SDF property of a molecule whose coordinates were not finite
 MAX_ATOMS = 256  # the pairwise bond tables are dense; larger inputs are not QM9-like molecules
+DECIMALS = 4  # of a coordinate in Angstrom, as an SDF file (V2000) holds it
 
 
 @dataclass
