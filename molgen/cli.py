@@ -1,43 +1,21 @@
 """molgen's command line: commands only. Each parses its options, calls the library and prints; every expected
-failure (bad input, unreadable or unwritable files) is one line on stderr and exit code 2."""
+failure (bad input, unreadable or unwritable files, memory that runs out) is one line on stderr and exit code 2
+(:func:`molgen.failures.friendly`)."""
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 
 from molgen import MolgenError, __version__
-from molgen.display import console, count, err, error, report_to_stderr, say, silence_stdout
+from molgen.display import console, count, err, error, report_to_stderr, say
+from molgen.failures import friendly
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
                   help="Generate 3D molecules with E(3)-equivariant diffusion and consistency models (QM9).")
 Opt = typer.Option
-
-
-def friendly(fn):
-    """Expected failures -> one line and exit code 2; Ctrl-C -> one line and exit code 130 (files are written
-    whole or not at all); anything else keeps its traceback."""
-
-    @functools.wraps(fn)
-    def wrapper(*a, **kw):
-        try:
-            return fn(*a, **kw)
-        except BrokenPipeError:  # standard output's reader stopped early (`| head`): quietly, as `cat` does
-            silence_stdout()
-            raise typer.Exit(141)
-        except (MolgenError, OSError, UnicodeDecodeError) as e:
-            error(e)
-            raise typer.Exit(2)
-        except KeyboardInterrupt:
-            say(f"interrupted: molgen {fn.__name__} stopped (a file molgen writes is written whole or not at all)")
-            raise typer.Exit(130)
-        finally:
-            report_to_stderr(False)
-
-    return wrapper
 
 
 def main() -> None:

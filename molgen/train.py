@@ -336,8 +336,8 @@ def train(cfg: RunConfig, run_dir: Path, ds, resume: bool = False, init_params=N
                     raise KeyboardInterrupt
                 if over and step < end:
                     log(f"time budget of {max_seconds:.0f} s reached at step {step}")
-    except Diverged as e:
-        raise _diverged(e, mgr, run_dir, log) from None
+    except (Diverged, RuntimeError) as e:  # a loss no longer finite, or JAX out of memory: said in train.log too
+        raise _stopped(e, cfg, mgr, run_dir, log) from None
     except KeyboardInterrupt:
         interrupted = True
         log(f"interrupted: saving a checkpoint; continue with: molgen train --resume --out {run_dir}")
@@ -357,6 +357,18 @@ def train(cfg: RunConfig, run_dir: Path, ds, resume: bool = False, init_params=N
 def _checkpoint(run_dir: Path, mgr, state: TrainState, step: int, plan) -> None:
     save_plan(run_dir, step, plan)
     save_checkpoint(mgr, state)
+
+
+def _stopped(e: Exception, cfg: RunConfig, mgr, run_dir: Path, log: RunText) -> Exception:
+    """The error that stops a run, told to train.log: a loss no longer finite (:func:`_diverged`), or JAX out of
+    memory (the command line says it in one line, :func:`molgen.failures.out_of_memory`); others as they are."""
+    if isinstance(e, Diverged):
+        return _diverged(e, mgr, run_dir, log)
+    if str(e).startswith("RESOURCE_EXHAUSTED"):
+        kept = mgr.latest_step()
+        log.write(f"stopped, out of memory at batch size {cfg.optim.batch_size} ({str(e).splitlines()[0]}); " +
+                  (f"the checkpoint at step {kept} is kept" if kept is not None else "no checkpoint was saved"))
+    return e
 
 
 def _diverged(e: Diverged, mgr, run_dir: Path, log: RunText) -> Diverged:

@@ -273,6 +273,39 @@ def test_a_read_only_file_system_is_one_line(tmp_path, monkeypatch):
     one_line_error(run("sample", "-n", 2, "-o", tmp_path / "out.sdf", "--no-report"), "Read-only file system")
 
 
+def _out_of_memory(*a, **k):
+    import jax.numpy as jnp
+
+    jnp.zeros((2**40,), jnp.float32).block_until_ready()  # 4 TiB: JAX's own RESOURCE_EXHAUSTED error
+
+
+def test_running_out_of_memory_is_one_line_that_says_what_to_change(tmp_path, monkeypatch, data_dir):
+    monkeypatch.setattr("molgen.sample.sample_kept", _out_of_memory)
+    res = run("sample", "-n", 2, "-o", tmp_path / "out.sdf", "--no-report")
+    one_line_error(res, "out of memory (Out of memory allocating 4096.0 GiB); sample fewer molecules at a time: "
+                        "a smaller --batch-size")
+    assert not (tmp_path / "out.sdf").exists()
+    tiny = ("--model", "tiny", "--batch-size", 8, "--data-dir", data_dir)
+    assert run("train", *tiny, "--steps", 2, "--out", tmp_path / "kept").exit_code == 0
+    monkeypatch.setattr("molgen.train.make_train_chunk", lambda *a, **k: _out_of_memory)
+    for out, resume, kept in (("r", (), "no checkpoint was saved"), ("kept", ("--resume",), "the checkpoint at step 2 "
+                                                                                            "is kept")):
+        res = run("train", *tiny, "--steps", 4, "--out", tmp_path / out, *resume)
+        one_line_error(res, "out of memory (Out of memory allocating 4096.0 GiB); train with a smaller --batch-size")
+        log = (tmp_path / out / "train.log").read_text()
+        assert "stopped, out of memory at batch size 8 (RESOURCE_EXHAUSTED: Out of memory allocating 4398046511104 " \
+               f"bytes.); {kept}" in log
+    monkeypatch.setattr("molgen.sample.sample_kept", lambda *a, **k: jax_error("INTERNAL: something else"))
+    with pytest.raises(RuntimeError, match="INTERNAL: something else"):  # any other failure keeps its traceback
+        run("sample", "-n", 2, "-o", tmp_path / "out.sdf", "--no-report")
+
+
+def jax_error(text):
+    import jax
+
+    raise jax.errors.JaxRuntimeError(text)
+
+
 def test_download_from_another_file_rebuilds_and_garbage_is_refused(tmp_path):
     from conftest import DATA_CSV
 
