@@ -16,13 +16,17 @@ MEMORY_HINTS = {"sample": "sample fewer molecules at a time: a smaller --batch-s
                 "train": "train with a smaller --batch-size"}
 
 
+def is_out_of_memory(e: BaseException) -> bool:
+    """JAX's out-of-memory error: RESOURCE_EXHAUSTED, the device or a memory limit set on the process refused an
+    array."""
+    return isinstance(e, RuntimeError) and str(e).strip().startswith("RESOURCE_EXHAUSTED")
+
+
 def out_of_memory(e: BaseException, command: str) -> MolgenError | None:
-    """JAX's out-of-memory error (RESOURCE_EXHAUSTED: the device, or a memory limit set on the process, refused an
-    array) as one line that says what to change; None for any other error."""
-    text = str(e).strip()
-    if not (isinstance(e, RuntimeError) and text.startswith("RESOURCE_EXHAUSTED")):
+    """JAX's out-of-memory error as one line that says what to change; None for any other error."""
+    if not is_out_of_memory(e):
         return None
-    what = text.splitlines()[0].removeprefix("RESOURCE_EXHAUSTED:").strip().rstrip(".")
+    what = str(e).strip().splitlines()[0].removeprefix("RESOURCE_EXHAUSTED:").strip().rstrip(".")
     what = re.sub(r"(\d{7,}) bytes", lambda m: f"{int(m.group(1)) / 2**30:.1f} GiB", what)
     return MolgenError(f"out of memory ({what}); {MEMORY_HINTS.get(command, 'use smaller inputs')}")
 

@@ -31,6 +31,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from molgen import MolgenError
 from molgen.config import RunConfig, resolve_auto
 from molgen.data.batching import BatchSampler, make_batch
+from molgen.failures import is_out_of_memory
 from molgen.networks import network, resolve_precision
 from molgen.objectives import get_objective
 from molgen.parallel import agree, global_put, is_main, local_value, make_mesh, put_batch
@@ -364,7 +365,7 @@ def _stopped(e: Exception, cfg: RunConfig, mgr, run_dir: Path, log: RunText) -> 
     memory (the command line says it in one line, :func:`molgen.failures.out_of_memory`); others as they are."""
     if isinstance(e, Diverged):
         return _diverged(e, mgr, run_dir, log)
-    if str(e).startswith("RESOURCE_EXHAUSTED"):
+    if is_out_of_memory(e):
         kept = mgr.latest_step()
         log.write(f"stopped, out of memory at batch size {cfg.optim.batch_size} ({str(e).splitlines()[0]}); " +
                   (f"the checkpoint at step {kept} is kept" if kept is not None else "no checkpoint was saved"))
