@@ -4,7 +4,7 @@ import json
 from pathlib import Path
 
 import jax
-
+import numpy as np
 from typer.testing import CliRunner
 
 from molgen.cli import app
@@ -32,9 +32,17 @@ def test_main_command_with_shipped_default(tmp_path, monkeypatch):
     out = tmp_path / "out.sdf"
     res = runner.invoke(app, ["sample", "-n", "25", "--novelty", "-o", str(out)])  # ... but novelty cannot be had
     assert res.exit_code == 2 and "--novelty compares with QM9's training split" in res.output and not out.exists()
+    import molgen.sample
+
+    judged, sample_kept = [], molgen.sample.sample_kept
+    monkeypatch.setattr(molgen.sample, "sample_kept", lambda *a, **k: judged.append(sample_kept(*a, **k)) or judged[-1])
     res = runner.invoke(app, ["sample", "-n", "25", "--steps", "1", "-o", str(out)])
     assert res.exit_code == 0, res.output
     assert out.read_text().count("$$$$") == 25
+    from molgen.chem.io import read_molecules
+
+    for a, b in zip(judged[0].molecules, read_molecules(out), strict=True):  # the report judged the file's molecules
+        assert np.array_equal(a.positions, b.positions) and np.array_equal(a.types, b.types)
     assert "atom stability" in res.output
     # the default samples at the temperature its card recommends (meta.json), and the file says so
     temp = load_model(None).meta["temperature"]
