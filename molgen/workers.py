@@ -46,10 +46,39 @@ def workers_for(n_items: int, workers: int | None = 1) -> int:
     return max(1, min(cap, n_items // MIN_PER_WORKER))
 
 
-def _ignore_interrupt() -> None:
+def _start_worker(owner: int) -> None:
+    """In each worker, first: Ctrl-C is the calling process's to handle; and the worker ends as soon as the process
+    that made the pool (``owner``) has ended, however it ended. Killed (SIGTERM, SIGKILL), that process cannot shut
+    its pool down, and its workers would wait on their task queue for ever, keeping the fork server alive too."""
     import signal
+    import threading
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the calling process's to handle
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    threading.Thread(target=_end_with, args=(owner,), daemon=True, name="molgen-owner-watch").start()
+
+
+def _end_with(pid: int) -> None:
+    """Return never: end this process once process ``pid`` has ended (a pidfd where the system has them, else
+    asking every half second)."""
+    import select
+    import time
+
+    try:
+        fd = os.pidfd_open(pid)
+    except (AttributeError, OSError):  # not Linux >= 5.3, or the owner has already gone
+        fd = None
+    if fd is not None:
+        select.select([fd], [], [])  # readable once the process has ended
+    else:
+        while True:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            except OSError:  # alive, not ours to signal
+                pass
+            time.sleep(0.5)
+    os._exit(1)
 
 
 def map_chunks(fn: Callable, chunks: Iterable[tuple], workers: int = 1) -> Iterator:
@@ -107,7 +136,7 @@ def _pool(workers: int):
     if method == "forkserver":
         ctx.set_forkserver_preload(PRELOAD)
     try:
-        return ProcessPoolExecutor(workers, mp_context=ctx, initializer=_ignore_interrupt)
+        return ProcessPoolExecutor(workers, mp_context=ctx, initializer=_start_worker, initargs=(os.getpid(),))
     except (OSError, ImportError, NotImplementedError):
         return None
 

@@ -1,9 +1,13 @@
 """Per-molecule work in worker processes (molgen.workers): the same results in the same order as one process,
 errors raised in the caller, the worker count bounded by the work and by MOLGEN_WORKERS."""
 
+import contextlib
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -229,3 +233,52 @@ def test_a_script_read_from_standard_input_can_use_workers(tmp_path, mini_ds):
     root = str(Path(__file__).resolve().parents[1])
     res = subprocess.run([sys.executable, "-", root], input=script, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0 and res.stdout.strip() == "stable 1.0", res.stderr
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie, ended but not yet reaped by its new parent, does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _descendants(pid: int) -> set[int]:
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            pass
+    found, todo = set(), [pid]
+    while todo:
+        parent = todo.pop()
+        kids = [p for p, pp in parents.items() if pp == parent and p not in found]
+        found.update(kids)
+        todo += kids
+    return found
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGKILL"])
+def test_killing_the_caller_ends_its_worker_processes(sig):
+    """A killed caller cannot shut its pool down: its workers (and the fork server they keep alive) must still end,
+    not wait on their task queue for ever. (The process tree is read from /proc: Linux.)"""
+    code = "from molgen.workers import map_chunks; import time; list(map_chunks(time.sleep, [(60,), (60,)], 2))"
+    caller, helpers = subprocess.Popen([sys.executable, "-c", code]), set()
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline and len(helpers) < 3:  # the fork server (or none) and its two workers
+            time.sleep(0.2)
+            helpers = _descendants(caller.pid)
+        assert len(helpers) >= 2, helpers
+        caller.send_signal(getattr(signal, sig))
+        caller.wait(30)
+        deadline = time.time() + 20
+        while time.time() < deadline and any(_alive(p) for p in helpers):
+            time.sleep(0.2)
+        assert not [p for p in helpers if _alive(p)]
+    finally:
+        caller.kill()
+        for p in helpers:  # what a failure left running
+            with contextlib.suppress(OSError):
+                os.kill(p, signal.SIGKILL)
