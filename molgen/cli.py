@@ -23,6 +23,9 @@ def main() -> None:
     as one line and exit code 2, like molgen's own errors; Click would print the usage before it."""
     import sys
 
+    for stream in (sys.stdout, sys.stderr):  # a terminal that cannot show a character (Å, °) shows "?" instead
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="replace")
     try:
         code = app(prog_name="molgen", standalone_mode=False)
     except Exception as e:  # Click's exceptions, known by what they carry (Typer may bring its own copy of Click)

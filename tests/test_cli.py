@@ -111,6 +111,19 @@ def test_evaluate_outputs(tmp_path, data_dir):
     assert rows[1].startswith("0,methane,CH4,5,5,1,1,1,")
 
 
+def test_a_terminal_that_cannot_show_a_character_gets_a_question_mark_not_a_traceback(tmp_path, data_dir):
+    import subprocess
+    import sys
+
+    f = _xyz(tmp_path / "m.xyz", METHANE * 2)
+    env = {**os.environ, "PYTHONIOENCODING": "ascii"}  # as a terminal set to an ASCII-only locale
+    res = subprocess.run([sys.executable, "-m", "molgen", "evaluate", str(f), "--reference", str(data_dir),
+                          "--no-novelty"], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    row = next(ln for ln in res.stdout.splitlines() if "bond lengths W1" in ln)
+    assert row.split("|")[-2].strip().endswith(" ?"), res.stdout  # Å
+
+
 def test_evaluate_without_a_valid_molecule_says_novelty_is_not_applicable(tmp_path, data_dir):
     """Novelty is a share of the unique valid molecules: with none it is n/a (like uniqueness), not "not
     computed", and no empty note follows the table."""
