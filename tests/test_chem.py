@@ -138,6 +138,26 @@ def test_non_finite_molecules_count_as_failed():
     assert m.mol_stability == 0.5 and m.validity == 0.5 and m.atom_stability == 5 / 10
 
 
+def test_coordinates_beyond_float32_make_no_bond_and_no_warning(tmp_path):
+    """A coordinate too large for float32 (EDM's distances) becomes inf: the atom bonds to nothing, quietly, and the
+    molecule counts as one whose coordinates are not finite."""
+    import warnings
+
+    from molgen.chem.bonds import bond_orders, pad_molecules
+    from molgen.chem.depict import grid
+
+    p, t = methane()
+    far = p.copy()
+    far[1] = [1e300, 0.0, -1e39]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        orders = bond_orders(*pad_molecules([p, far], [t, t]))
+        grid([Molecule(t, p, "m"), Molecule(t, far, "far")], tmp_path / "g.png", 2)
+    assert orders[0, 0].sum() == 4 and orders[1, 0].sum() == 3 and orders[1, 1].sum() == 0
+    m = metrics((p, t), (far, t))
+    assert m.n_nonfinite == 1 and m.atom_stability == 5 / 10 and m.mol_stability == 0.5
+
+
 def test_stability_vectorised_equals_single(rng):
     mols = [methane(), hcn(), kekule_benzene(), pentavalent()]
     pos, typ, mask = pad_molecules([p for p, _ in mols], [t for _, t in mols])

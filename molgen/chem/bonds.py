@@ -45,7 +45,8 @@ def pad_molecules(positions: list[np.ndarray], types: list[np.ndarray]):
     mask = np.zeros((m, n_max), bool)
     for k, (p, t) in enumerate(zip(positions, types)):
         n = len(t)
-        pos[k, :n] = p
+        with np.errstate(over="ignore"):  # beyond float32: inf, which makes no bond
+            pos[k, :n] = p
         typ[k, :n] = t
         mask[k, :n] = True
     return pos, typ, mask
@@ -53,9 +54,10 @@ def pad_molecules(positions: list[np.ndarray], types: list[np.ndarray]):
 
 def bond_orders(pos: np.ndarray, typ: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """[M, n, n] int8 bond orders (0-3) for padded molecules; distances in float32 as EDM computes them."""
-    pos = pos.astype(np.float32)
-    diff = pos[:, :, None, :] - pos[:, None, :, :]
-    d = np.sqrt(np.sum(diff * diff, axis=-1, dtype=np.float32)) * np.float32(100.0)
+    with np.errstate(over="ignore", invalid="ignore"):  # beyond float32 (inf - inf): no bond, not a warning
+        pos = pos.astype(np.float32)
+        diff = pos[:, :, None, :] - pos[:, None, :, :]
+        d = np.sqrt(np.sum(diff * diff, axis=-1, dtype=np.float32)) * np.float32(100.0)
     ti, tj = typ[:, :, None], typ[:, None, :]
     order = np.zeros(d.shape, np.int8)
     for k in range(3):

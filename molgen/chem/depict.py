@@ -34,7 +34,7 @@ def grid(molecules, out: Path, per_row: int = 6, size: int = 220) -> int:
     from molgen.io_utils import atomic_path
 
     mols = list(molecules)[:MAX_GRID]
-    pos, typ, mask = pad_molecules([np.asarray(m.positions, np.float32) for m in mols], [np.asarray(m.types) for m in mols])
+    pos, typ, mask = pad_molecules([m.positions for m in mols], [np.asarray(m.types) for m in mols])
     orders = bond_orders(pos, typ, mask)
     _, mol_ok, _ = stability(pos, typ, mask, orders=orders)
     drawn, legends, highlights = [], [], []
