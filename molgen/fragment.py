@@ -59,6 +59,9 @@ class Fragment:
         return (self.positions - self.positions.mean(0)) @ self.frame.T
 
 
+MIN_APART = 0.5  # Å: a fragment's atoms closer than this are an error (the closest pair in QM9: 0.96 Å, O-H)
+
+
 def read_fragment(path: Path | str) -> Fragment:
     """The first molecule of an SDF / MOL / XYZ file (or of standard input, ``-``) with 3D coordinates, as a
     fragment (H, C, N, O, F only)."""
@@ -77,6 +80,12 @@ def read_fragment(path: Path | str) -> Fragment:
         raise MolgenError(f"--fix {path}: the fragment has non-finite coordinates")
     if is_flat(pos):
         raise MolgenError(f"--fix {path}: the fragment has 2D coordinates only (all z = 0); give 3D coordinates")
+    if len(pos) > 1:  # atoms on top of each other: a line repeated, or coordinates in nm
+        d = np.linalg.norm(pos[:, None] - pos[None], axis=-1) + np.diag(np.full(len(pos), np.inf))
+        i, j = sorted(np.unravel_index(np.argmin(d), d.shape))
+        if d[i, j] < MIN_APART:
+            raise MolgenError(f"--fix {path}: atoms {i + 1} and {j + 1} are {d[i, j]:.2f} Å apart; a fragment's atoms "
+                              f"are at least {MIN_APART} Å apart (are the coordinates in Å?)")
     return Fragment(np.asarray(m.types, np.int32), pos)
 
 

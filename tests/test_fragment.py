@@ -79,11 +79,16 @@ def test_sizes_and_refusals(tmp_path):
     big = Fragment(np.zeros(10, np.int32), np.random.default_rng(0).normal(size=(10, 3)))
     with pytest.raises(MolgenError, match="trained on no molecule larger than the fragment's 10 atoms"):
         sample(C, 2, 1, fragment=big)
-    files = {"flat": "C 0 0 0\nO 1.4 0 0\nH -0.4 1.0 0", "solid": "C 0 0 0\nO 1.4 0 0.1\nH -0.4 1.0 0"}
+    files = {"flat": "C 0 0 0\nO 1.4 0 0\nH -0.4 1.0 0", "solid": "C 0 0 0\nO 1.4 0 0.1\nH -0.4 1.0 0",
+             "nm": "C 0 0 0\nO 0.14 0 0.01\nH -0.04 0.1 0", "twice": "C 0 0 0\nO 1.4 0 0.1\nO 1.4 0 0.1"}
     for name, body in files.items():
         (tmp_path / f"{name}.xyz").write_text(f"3\n{name}\n{body}\n")
     with pytest.raises(MolgenError, match="2D coordinates only"):
         read_fragment(tmp_path / "flat.xyz")
+    with pytest.raises(MolgenError, match=r"atoms 1 and 3 are 0.11 Å apart; a fragment's atoms are at least 0.5 Å"):
+        read_fragment(tmp_path / "nm.xyz")  # in nm, not Å
+    with pytest.raises(MolgenError, match="atoms 2 and 3 are 0.00 Å apart"):
+        read_fragment(tmp_path / "twice.xyz")
     assert read_fragment(tmp_path / "solid.xyz").size == 3
 
 
