@@ -229,6 +229,8 @@ def test_the_command_lines_own_usage_errors_are_one_line_too(args, message):
     (("train", "--steps", -5, "--out", "{tmp}/r"), "--steps must be at least 1"),
     (("train", "--out", "-", "--steps", 2), "--out -: a run is a folder and cannot go to standard output"),
     (("export", "edm-small-distill", "-"), "export to -: a model is a folder and cannot go to standard output"),
+    (("evaluate", "{file}", "--plots", "-"), "--plots -: the plots are files in a folder; give a folder's name"),
+    (("evaluate", "{file}", "--plots", "{file}"), "the plots are files in a folder; give a folder's name"),
     (("download", "--data-dir", "{file}"), "is a file, not a folder"),
     (("download", "--data-dir", "{tmp}/d", "--from", "{tmp}/missing.csv"), "no such file or folder"),
     (("sample", "--data-dir", "{tmp}/d", "-o", "{tmp}/x.sdf"), "--data-dir {tmp}/d: no QM9 cache there"),
