@@ -12,21 +12,27 @@ from molgen import MolgenError
 from molgen.display import error, report_to_stderr, say, silence_stdout
 
 # What to change when JAX runs out of memory, by command; the arrays a call needs grow with its batch
-MEMORY_HINTS = {"sample": "sample fewer molecules at a time: a smaller --batch-size",
+MEMORY_HINTS = {"sample": "sample fewer molecules (-n), or fewer at a time (a smaller --batch-size)",
                 "train": "train with a smaller --batch-size"}
 
 
 def is_out_of_memory(e: BaseException) -> bool:
-    """JAX's out-of-memory error: RESOURCE_EXHAUSTED, the device or a memory limit set on the process refused an
-    array."""
-    return isinstance(e, RuntimeError) and str(e).strip().startswith("RESOURCE_EXHAUSTED")
+    """Python's MemoryError, or JAX's out-of-memory error (RESOURCE_EXHAUSTED): the device, the machine or a memory
+    limit set on the process refused an array."""
+    return isinstance(e, MemoryError) or (isinstance(e, RuntimeError) and
+                                          str(e).strip().startswith("RESOURCE_EXHAUSTED"))
+
+
+def first_line(e: BaseException) -> str:
+    """An error's first line of text (its type's name when it has none)."""
+    return (str(e).strip() or type(e).__name__).splitlines()[0]
 
 
 def out_of_memory(e: BaseException, command: str) -> MolgenError | None:
-    """JAX's out-of-memory error as one line that says what to change; None for any other error."""
+    """An out-of-memory error as one line that says what to change; None for any other error."""
     if not is_out_of_memory(e):
         return None
-    what = str(e).strip().splitlines()[0].removeprefix("RESOURCE_EXHAUSTED:").strip().rstrip(".")
+    what = first_line(e).removeprefix("RESOURCE_EXHAUSTED:").strip().rstrip(".")
     what = re.sub(r"(\d{7,}) bytes", lambda m: f"{int(m.group(1)) / 2**30:.1f} GiB", what)
     return MolgenError(f"out of memory ({what}); {MEMORY_HINTS.get(command, 'use smaller inputs')}")
 
@@ -44,7 +50,7 @@ def friendly(fn):
         except (MolgenError, OSError, UnicodeDecodeError) as e:
             error(e)
             raise SystemExit(2)
-        except RuntimeError as e:
+        except (RuntimeError, MemoryError) as e:
             if (oom := out_of_memory(e, fn.__name__)) is None:
                 raise
             error(oom)

@@ -31,7 +31,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from molgen import MolgenError
 from molgen.config import RunConfig, resolve_auto
 from molgen.data.batching import BatchSampler, make_batch
-from molgen.failures import is_out_of_memory
+from molgen.failures import first_line, is_out_of_memory
 from molgen.networks import network, resolve_precision
 from molgen.objectives import get_objective
 from molgen.parallel import agree, global_put, is_main, local_value, make_mesh, put_batch
@@ -337,7 +337,7 @@ def train(cfg: RunConfig, run_dir: Path, ds, resume: bool = False, init_params=N
                     raise KeyboardInterrupt
                 if over and step < end:
                     log(f"time budget of {max_seconds:.0f} s reached at step {step}")
-    except (Diverged, RuntimeError) as e:  # a loss no longer finite, or JAX out of memory: said in train.log too
+    except (Diverged, RuntimeError, MemoryError) as e:  # a loss no longer finite, or out of memory: in train.log too
         raise _stopped(e, cfg, mgr, run_dir, log) from None
     except KeyboardInterrupt:
         interrupted = True
@@ -367,7 +367,7 @@ def _stopped(e: Exception, cfg: RunConfig, mgr, run_dir: Path, log: RunText) -> 
         return _diverged(e, mgr, run_dir, log)
     if is_out_of_memory(e):
         kept = mgr.latest_step()
-        log.write(f"stopped, out of memory at batch size {cfg.optim.batch_size} ({str(e).splitlines()[0]}); " +
+        log.write(f"stopped, out of memory at batch size {cfg.optim.batch_size} ({first_line(e)}); " +
                   (f"the checkpoint at step {kept} is kept" if kept is not None else "no checkpoint was saved"))
     return e
 

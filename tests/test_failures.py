@@ -7,6 +7,7 @@ import json
 
 import hypothesis
 import hypothesis.strategies
+import numpy as np
 import pytest
 from conftest import cli, one_line_error
 from typer.testing import CliRunner
@@ -284,9 +285,13 @@ def _out_of_memory(*a, **k):
 def test_running_out_of_memory_is_one_line_that_says_what_to_change(tmp_path, monkeypatch, data_dir):
     monkeypatch.setattr("molgen.sample.sample_kept", _out_of_memory)
     res = run("sample", "-n", 2, "-o", tmp_path / "out.sdf", "--no-report")
-    one_line_error(res, "out of memory (Out of memory allocating 4096.0 GiB); sample fewer molecules at a time: "
-                        "a smaller --batch-size")
+    one_line_error(res, "out of memory (Out of memory allocating 4096.0 GiB); sample fewer molecules (-n), or fewer "
+                        "at a time (a smaller --batch-size)")
     assert not (tmp_path / "out.sdf").exists()
+    monkeypatch.setattr("molgen.sample.sample_kept", lambda *a, **k: np.zeros(2**50))  # Python's MemoryError
+    res = run("sample", "-n", 2, "-o", tmp_path / "out.sdf", "--no-report")
+    one_line_error(res, "out of memory (Unable to allocate 8.00 PiB for an array with shape (1125899906842624,) and "
+                        "data type float64); sample fewer molecules (-n)")
     tiny = ("--model", "tiny", "--batch-size", 8, "--data-dir", data_dir)
     assert run("train", *tiny, "--steps", 2, "--out", tmp_path / "kept").exit_code == 0
     monkeypatch.setattr("molgen.train.make_train_chunk", lambda *a, **k: _out_of_memory)
