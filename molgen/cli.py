@@ -270,7 +270,8 @@ def evaluate(
     workers = default_workers()
     require_cache(reference, "--reference")
     if plots is not None and (str(plots) == "-" or plots.exists() and not plots.is_dir()):
-        raise MolgenError(f"--plots {plots}: the plots are files in a folder; give a folder's name")
+        raise MolgenError(f"--plots {plots}: " + ("is a file" if str(plots) != "-" else "the plots are files") +
+                          "; give a folder")
     ref = reference_statistics(reference) if plots is not None else None
     if plots is not None and ref is None:
         raise MolgenError("--plots compares with QM9's test split: run `molgen download` or pass --reference DIR")
