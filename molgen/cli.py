@@ -258,7 +258,7 @@ def evaluate(
 ):
     """Stability, validity, uniqueness and novelty (EDM's definitions), RDKit's validity, distances to QM9 and
     optionally strain of molecules in files."""
-    from molgen.chem.io import flat_warning
+    from molgen.chem.io import input_warnings
     from molgen.data.qm9 import require_cache
     from molgen.display import evaluation_report, progress, progress_factory
     from molgen.evaluate import evaluate_files, write_json, write_per_molecule_csv
@@ -281,7 +281,7 @@ def evaluate(
         runs = [evaluate_files(part, fmt, skip_invalid, reference, remove_h, not no_novelty, progress_factory(bar),
                                fidelity, strain, workers) for part in ([[f] for f in files] if each else [files])]
     mols, errors = [m for r in runs for m in r[1]], [e for r in runs for e in r[2]]
-    if warning := flat_warning(mols):
+    for warning in input_warnings(mols, hydrogens=not remove_h):
         say(warning)
     names = [str(f) for f in files] if each else [", ".join(str(f) for f in files)]
     evaluation_report([(name, r[0]) for name, r in zip(names, runs)], errors)
@@ -311,7 +311,7 @@ def view(
     """Draw molecules as a grid of 2D depictions, bonds as EDM perceives them; legend: formula, S (every atom
     stable), V (valid), fragments (largest highlighted)."""
     from molgen.chem.depict import MAX_GRID, grid
-    from molgen.chem.io import flat_warning, read_molecules
+    from molgen.chem.io import input_warnings, read_molecules
     from molgen.io_utils import check_writable
 
     if not 1 <= n <= MAX_GRID or per_row < 1:
@@ -320,7 +320,7 @@ def view(
     mols = read_molecules(file, fmt, limit=n)  # the rest of a large file is not read
     if not mols:
         raise MolgenError(f"{file}: no molecules")
-    if warning := flat_warning(mols):
+    for warning in input_warnings(mols):
         say(warning)
     console.print(f"wrote {count(grid(mols, out, per_row), 'molecule')} to {out}")
 

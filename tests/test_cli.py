@@ -168,6 +168,20 @@ def test_evaluate_and_view_warn_of_flat_molecules(tmp_path):
         assert res.exit_code == 0 and "warning" not in res.output, res.output
 
 
+def test_molecules_without_hydrogens_are_warned_about(tmp_path):
+    """A file written with implicit hydrogens: its heavy atoms count as unstable, so say why; not with
+    --remove-h, and not when any molecule has a hydrogen."""
+    heavy = _xyz(tmp_path / "heavy.xyz", "3\nethanol\nC 0 0 0\nC 1.52 0 0\nO 2.0 1.35 0.1\n")
+    both = _xyz(tmp_path / "both.xyz", (tmp_path / "heavy.xyz").read_text() + METHANE)
+    warned = "warning: no molecule has a hydrogen atom; stability counts bonds to the atoms in the file"
+    for args in (("evaluate", heavy, "--no-novelty"), ("view", heavy, "-o", tmp_path / "grid.png")):
+        res = run(*args)
+        assert res.exit_code == 0 and warned in " ".join(res.output.split()), res.output
+    for args in (("evaluate", heavy, "--no-novelty", "--remove-h"), ("evaluate", both, "--no-novelty")):
+        res = run(*args)
+        assert res.exit_code == 0 and "warning" not in res.output, res.output
+
+
 def _opt(**kw):
     """--set optim.KEY=VALUE arguments."""
     return [a for k, v in kw.items() for a in ("--set", f"optim.{k}={v}")]

@@ -335,6 +335,21 @@ def flat_warning(molecules: list[Molecule]) -> str | None:
             "stability are read from 3D distances, so they describe those molecules as drawn flat")
 
 
+def hydrogen_warning(molecules: list[Molecule]) -> str | None:
+    """A warning when no molecule has a hydrogen atom (a file written with implicit hydrogens): EDM's stability
+    counts the bonds to the atoms in the file."""
+    if not molecules or any((np.asarray(m.types) == SYMBOLS.index("H")).any() for m in molecules):
+        return None
+    return ("warning: no molecule has a hydrogen atom; stability counts bonds to the atoms in the file, so an atom "
+            "whose hydrogens are implicit counts as unstable: write the hydrogens with their coordinates")
+
+
+def input_warnings(molecules: list[Molecule], hydrogens: bool = True) -> list[str]:
+    """What to tell about molecules read from files before judging them: flat ones; with ``hydrogens`` (QM9 with
+    hydrogens, as molgen's models are trained), none with a hydrogen atom."""
+    return [w for w in (flat_warning(molecules), hydrogen_warning(molecules) if hydrogens else None) if w]
+
+
 def _natural_key(path: Path) -> list:
     """Sort key of a file name with its numbers compared as numbers (molecule_99 before molecule_100)."""
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path.name)]
