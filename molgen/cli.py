@@ -269,9 +269,10 @@ def evaluate(
     report_to_stderr(check_outputs({"--json": json_path, "--per-molecule": per_molecule}, inputs=files))
     workers = default_workers()
     require_cache(reference, "--reference")
-    if plots is not None and (str(plots) == "-" or plots.exists() and not plots.is_dir()):
-        raise MolgenError(f"--plots {plots}: " + ("is a file" if str(plots) != "-" else "the plots are files") +
-                          "; give a folder")
+    if plots is not None and str(plots) == "-":
+        raise MolgenError("--plots -: the plots are files; give a folder")
+    if plots is not None and plots.exists() and not plots.is_dir():
+        raise MolgenError(f"--plots {plots}: is a file; give a folder")
     ref = reference_statistics(reference) if plots is not None else None
     if plots is not None and ref is None:
         raise MolgenError("--plots compares with QM9's test split: run `molgen download` or pass --reference DIR")

@@ -58,7 +58,7 @@ def _start_worker(owner: int) -> None:
 
 
 def _end_with(pid: int) -> None:
-    """Return never: end this process once process ``pid`` has ended (a pidfd where the system has them, else
+    """Never returns: ends this process once process ``pid`` has ended (a pidfd where the system has them, else
     asking every half second)."""
     import select
     import time
