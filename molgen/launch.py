@@ -82,7 +82,11 @@ def resolve_config(req: Request) -> RunConfig:
     if req.objective:
         get_objective(req.objective)  # a known one, before its recipe is looked for
     name = req.recipe or req.objective or "diffusion"
-    recipe = merge(merge(read_recipe(name), parse_set(list(req.sets))), _direct(req))
+    base = read_recipe(name)
+    if req.objective and req.recipe and base.get("objective", req.objective) != req.objective:
+        raise MolgenError(f"--objective {req.objective} contradicts recipe {req.recipe}, whose objective is "
+                          f"{base['objective']}; give one of them")
+    recipe = merge(merge(base, parse_set(list(req.sets))), _direct(req))
     cfg = to_config(recipe)
     get_objective(cfg.objective)  # a known objective
     check_settings(cfg)

@@ -230,6 +230,8 @@ def test_the_command_lines_own_usage_errors_are_one_line_too(args, message):
     (("train", "--steps", -5, "--out", "{tmp}/r"), "--steps must be at least 1"),
     (("train", "--out", "-", "--steps", 2), "--out -: a run is a folder and cannot go to standard output"),
     (("export", "edm-small-distill", "-"), "export to -: a model is a folder and cannot go to standard output"),
+    (("train", "--recipe", "diffusion", "--objective", "ct", "--out", "{tmp}/r"),
+     "--objective ct contradicts recipe diffusion, whose objective is diffusion; give one of them"),
     (("evaluate", "{file}", "--plots", "-"), "--plots -: the plots are files; give a folder"),
     (("evaluate", "{file}", "--plots", "{file}"), "existing.xyz: is a file; give a folder"),
     (("download", "--data-dir", "{file}"), "is a file, not a folder"),
