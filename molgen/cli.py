@@ -258,7 +258,7 @@ def evaluate(
 ):
     """Stability, validity, uniqueness and novelty (EDM's definitions), RDKit's validity, distances to QM9 and
     optionally strain of molecules in files."""
-    from molgen.chem.io import input_warnings
+    from molgen.chem.checks import input_warnings
     from molgen.data.qm9 import require_cache
     from molgen.display import evaluation_report, progress, progress_factory
     from molgen.evaluate import evaluate_files, write_json, write_per_molecule_csv
@@ -312,7 +312,8 @@ def view(
     """Draw molecules as a grid of 2D depictions, bonds as EDM perceives them; legend: formula, S (every atom
     stable), V (valid), fragments (largest highlighted)."""
     from molgen.chem.depict import MAX_GRID, grid
-    from molgen.chem.io import input_warnings, read_molecules
+    from molgen.chem.checks import input_warnings
+    from molgen.chem.io import read_molecules
     from molgen.io_utils import check_writable
 
     if not 1 <= n <= MAX_GRID or per_row < 1:

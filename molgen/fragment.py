@@ -65,7 +65,8 @@ MIN_APART = 0.5  # Å: a fragment's atoms closer than this are an error (the clo
 def read_fragment(path: Path | str) -> Fragment:
     """The first molecule of an SDF / MOL / XYZ file (or of standard input, ``-``) with 3D coordinates, as a
     fragment (H, C, N, O, F only)."""
-    from molgen.chem.io import is_flat, read_molecules
+    from molgen.chem.checks import is_flat
+    from molgen.chem.io import read_molecules
     from molgen.io_utils import MOLECULE_SUFFIXES, is_stream, molecule_suffix
 
     if not is_stream(path) and molecule_suffix(path) not in MOLECULE_SUFFIXES:  # "-": from what it holds

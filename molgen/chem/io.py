@@ -319,37 +319,6 @@ def _sdf_molecule(mol, where: str, parser: _ParserErrors, lines_before: int = 0)
     return Molecule(types, pos, name=name, props=props)
 
 
-def is_flat(positions) -> bool:
-    """More than two atoms and every z exactly 0: a 2D drawing (or a record without coordinates), not a 3D
-    structure."""
-    pos = np.asarray(positions)
-    return len(pos) > 2 and bool(np.all(pos[:, 2] == 0))
-
-
-def flat_warning(molecules: list[Molecule]) -> str | None:
-    """A warning when some molecules are flat (:func:`is_flat`): bonds are read from 3D distances."""
-    bad = sum(is_flat(m.positions) for m in molecules)
-    if not bad:
-        return None
-    return (f"warning: {bad:,} of {len(molecules):,} molecules have every z = 0 (2D drawings?); bonds and "
-            "stability are read from 3D distances, so they describe those molecules as drawn flat")
-
-
-def hydrogen_warning(molecules: list[Molecule]) -> str | None:
-    """A warning when no molecule has a hydrogen atom (a file written with implicit hydrogens): EDM's stability
-    counts the bonds to the atoms in the file."""
-    if not molecules or any((np.asarray(m.types) == SYMBOLS.index("H")).any() for m in molecules):
-        return None
-    return ("warning: no molecule has a hydrogen atom; stability counts bonds to the atoms in the file, so an atom "
-            "whose hydrogens are implicit counts as unstable: write the hydrogens with their coordinates")
-
-
-def input_warnings(molecules: list[Molecule], hydrogens: bool = True) -> list[str]:
-    """What to tell about molecules read from files before judging them: flat ones; with ``hydrogens`` (QM9 with
-    hydrogens, as molgen's models are trained), none with a hydrogen atom."""
-    return [w for w in (flat_warning(molecules), hydrogen_warning(molecules) if hydrogens else None) if w]
-
-
 def _natural_key(path: Path) -> list:
     """Sort key of a file name with its numbers compared as numbers (molecule_99 before molecule_100)."""
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path.name)]
