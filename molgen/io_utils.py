@@ -168,14 +168,14 @@ def atomic_write_bytes(dest: Path | str, data: bytes) -> None:
 
 def check_outputs(outputs: dict, inputs=()) -> bool:
     """:func:`check_writable` for each output, named by its option: {"-o": path, "--json": None, ...}; two options
-    naming the same file are refused (the second written would replace the first). True when one of them is
-    standard output (a command's report then goes elsewhere)."""
+    naming the same file are refused (the second written would replace the first), but for /dev/null, which keeps
+    nothing. True when one of them is standard output (a command's report then goes elsewhere)."""
     from molgen import MolgenError
 
     seen: dict = {}
     for what, path in outputs.items():
         check_writable(path, what, inputs)
-        if path is None:
+        if path is None or str(path) == os.devnull:
             continue
         key = "standard output" if writes_stdout(path) else Path(path).resolve()
         if key in seen:

@@ -16,7 +16,7 @@ from molgen import MolgenError
 from molgen.chem.io import Molecule, read_molecules
 from molgen.chem.write import write_molecules
 from molgen.cli import app
-from molgen.io_utils import atomic_write_text, check_writable, is_stream, writes_stdout
+from molgen.io_utils import atomic_write_text, check_outputs, check_writable, is_stream, writes_stdout
 
 from conftest import one_line_error, random_molecules
 
@@ -102,6 +102,13 @@ def test_a_link_keeps_pointing_to_the_file_it_names(tmp_path):
     check_writable(link, "--json")
     atomic_write_text(link, "new")
     assert link.is_symlink() and (tmp_path / "real.json").read_text() == "new"
+
+
+def test_dev_null_may_take_every_output(tmp_path):
+    """Two outputs into one file: refused (the second would replace the first), but for /dev/null."""
+    assert check_outputs({"-o": "/dev/null", "--json": "/dev/null", "--per-molecule": None}) is False
+    with pytest.raises(MolgenError, match="-o and --json name the same file"):
+        check_outputs({"-o": tmp_path / "x.sdf", "--json": tmp_path / "x.sdf"})
 
 
 def test_what_counts_as_a_stream(tmp_path):
