@@ -293,9 +293,10 @@ def preflight(model: Model, n: int, batch_size: int, atoms: int | None, fragment
     after that call)."""
     check_request(model.cfg, n, batch_size, atoms, fragment.size if fragment is not None else 0)
     out = []
-    top = max((i for i, c in enumerate(model.cfg.data.size_hist) if c > 0), default=0)
-    if atoms is not None and top and atoms > top:
-        out.append(f"warning: this model was trained on molecules of at most {top} atoms; expect poor molecules with --atoms {atoms}")
+    sizes = [i for i, c in enumerate(model.cfg.data.size_hist) if c > 0]
+    if atoms is not None and sizes and not sizes[0] <= atoms <= sizes[-1]:
+        out.append(f"warning: this model was trained on molecules of {sizes[0]}-{sizes[-1]} atoms; expect poor "
+                   f"molecules with --atoms {atoms}")
     if fragment is not None and calls == 1:
         out.append("warning: with one call the fragment is placed after the only call; use --steps 4")
     return out

@@ -457,10 +457,15 @@ def test_sample_bad_inputs(tmp_path, trained):
     one_line_error(run("export", trained, tmp_path / "w", "--temperature", -1), "--temperature must be a positive number")
     assert not (tmp_path / "w").exists()
     assert not (tmp_path / "x.sdf").exists()
-    biggest = max(i for i, c in enumerate(json.loads((trained / "config.json").read_text())["data"]["size_hist"]) if c)
-    res = run("sample", "--checkpoint", trained, "-n", 1, "--steps", 2, "--atoms", biggest + 1, "-o",
-              tmp_path / "big.sdf", "--no-report")
-    assert res.exit_code == 0 and f"at most {biggest} atoms; expect poor molecules" in res.output, res.output
+    sizes = [i for i, c in enumerate(json.loads((trained / "config.json").read_text())["data"]["size_hist"]) if c]
+    for atoms in (sizes[-1] + 1, sizes[0] - 1):  # above and below the sizes it was trained on
+        res = run("sample", "--checkpoint", trained, "-n", 1, "--steps", 2, "--atoms", atoms, "-o",
+                  tmp_path / "odd.sdf", "--no-report")
+        warned = f"trained on molecules of {sizes[0]}-{sizes[-1]} atoms; expect poor molecules with --atoms {atoms}"
+        assert res.exit_code == 0 and warned in " ".join(res.output.split()), res.output
+    res = run("sample", "--checkpoint", trained, "-n", 1, "--steps", 2, "--atoms", sizes[0], "-o", tmp_path / "odd.sdf",
+              "--no-report")
+    assert res.exit_code == 0 and "warning" not in res.output, res.output
     for atoms in (0, 257, 100000):  # 100000 atoms would ask for ~150 GiB of pair indices
         one_line_error(run("sample", "--checkpoint", trained, "-o", tmp_path / "x.sdf", "--atoms", atoms),
                        "--atoms must be in 1 .. 256", f"got {atoms}")
