@@ -165,7 +165,7 @@ def sample(
     n: int = Opt(1000, "-n", "--n", help="Number of molecules."),
     steps: Optional[int] = Opt(None, "--steps", help="Sampler steps: network calls for ancestral (default 1000), multistep and anneal (default 1); Heun steps for ode (2 calls each, 1 for the last; default 18)."),
     out: Optional[Path] = Opt(None, "-o", "--out", help="Output file: .sdf or .xyz, replaced if it exists, or - for standard output (SDF unless --format xyz; the report then goes to stderr). Default: out.sdf, or out-2.sdf, out-3.sdf, ... if taken; out.xyz with --format xyz."),
-    checkpoint: Optional[str] = Opt(None, "--checkpoint", help="Shipped model name, model folder or training run folder (default: the shipped default)."),
+    checkpoint: Optional[str] = Opt(None, "--checkpoint", "--model", help="Shipped model name (molgen models lists them), model folder or training run folder (default: the shipped default)."),
     atoms: Optional[int] = Opt(None, "--atoms", help="Fix the number of atoms (default: drawn from the training histogram)."),
     seed: int = Opt(0, "--seed", help="Random seed (same seed and --batch-size, same file)."),
     batch_size: int = Opt(1000, "--batch-size", help="Molecules generated together (less memory when smaller; the noise is drawn per batch, so another batch size draws other molecules of the same sizes)."),
@@ -263,7 +263,7 @@ def evaluate(
     from molgen.display import evaluation_report, progress, progress_factory
     from molgen.evaluate import evaluate_files, write_json, write_per_molecule_csv
     from molgen.fidelity import reference_statistics, statistics
-    from molgen.io_utils import check_outputs
+    from molgen.io_utils import check_folder, check_outputs
     from molgen.workers import default_workers
 
     report_to_stderr(check_outputs({"--json": json_path, "--per-molecule": per_molecule}, inputs=files))
@@ -271,8 +271,8 @@ def evaluate(
     require_cache(reference, "--reference")
     if plots is not None and str(plots) == "-":
         raise MolgenError("--plots -: the plots are files; give a folder")
-    if plots is not None and plots.exists() and not plots.is_dir():
-        raise MolgenError(f"--plots {plots}: is a file; give a folder")
+    if plots is not None:
+        check_folder(plots, "--plots")
     ref = reference_statistics(reference) if plots is not None else None
     if plots is not None and ref is None:
         raise MolgenError("--plots compares with QM9's test split: run `molgen download` or pass --reference DIR")

@@ -88,7 +88,10 @@ def atomic_path(dest: Path | str):
                 stale.unlink()
         except FileNotFoundError:  # its writer finished (or another cleaned it) meanwhile
             pass
-    fd, tmp = tempfile.mkstemp(prefix="." + dest.name + ".", suffix=".tmp", dir=dest.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix="." + dest.name + ".", suffix=".tmp", dir=dest.parent)
+    except OSError as e:  # name the file asked for, not the temporary one
+        raise OSError(e.errno, e.strerror, str(dest)) from None
     os.close(fd)
     os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; outputs are ordinary files
     try:
@@ -143,6 +146,31 @@ def check_writable(path: Path | str | None, what: str = "output", inputs=(), suf
         raise MolgenError(f"{what} {path}: the folder {path.parent} does not exist")
     if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
         raise MolgenError(f"{what} {path}: not writable")
+    try:  # what access() cannot tell (a superuser in a read-only folder such as /proc): make the temporary file
+        fd, probe = tempfile.mkstemp(prefix="." + path.name + ".", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise MolgenError(f"{what} {path}: cannot write into {path.parent} ({e.strerror})") from None
+    os.close(fd)
+    os.unlink(probe)
+
+
+def check_folder(path: Path | str, what: str) -> None:
+    """Refuse, before any work, an output folder that could not be made or written into: a file, under a file, or
+    in a folder molgen cannot write (tried with a temporary folder, which also catches what access() cannot tell,
+    e.g. a superuser in /proc)."""
+    from molgen import MolgenError
+
+    path = base = Path(path)
+    if path.exists() and not path.is_dir():
+        raise MolgenError(f"{what} {path}: is a file; give a folder")
+    while not base.exists() and base != base.parent:
+        base = base.parent
+    if not base.is_dir():
+        raise MolgenError(f"{what} {path}: {base} is a file, not a folder")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".molgen-", dir=base))
+    except OSError as e:
+        raise MolgenError(f"{what} {path}: cannot write into {base} ({e.strerror})") from None
 
 
 def unused_path(path: Path | str) -> Path:

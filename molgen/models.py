@@ -14,7 +14,7 @@ import numpy as np
 
 from molgen import MolgenError
 from molgen.config import RunConfig
-from molgen.io_utils import STDIO, atomic_write_bytes, atomic_write_text, read_json_object
+from molgen.io_utils import STDIO, atomic_write_bytes, atomic_write_text, check_folder, read_json_object
 
 CONFIG_NAME = "config.json"
 PARAMS_NAME = "params.msgpack"
@@ -204,6 +204,7 @@ def export_model(run: str | Path, dest: Path, headline: str = "", temperature: f
         raise MolgenError("export to -: a model is a folder and cannot go to standard output; give a folder's name")
     if dest.exists() and (not dest.is_dir() or (any(dest.iterdir()) and not force)):
         raise MolgenError(f"{dest} exists and is not an empty folder; choose another destination or pass --force")
+    check_folder(dest, "destination")
     m = load_model(run)
     cfg, params = m.cfg, m.params
     if renoise is not None and cfg.consistency is None:

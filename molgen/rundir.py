@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from molgen import MolgenError
-from molgen.io_utils import STDIO, atomic_write_text
+from molgen.io_utils import STDIO, atomic_write_text, check_folder
 from molgen.parallel import is_main
 
 
@@ -20,6 +20,7 @@ def check_run_dir(run_dir: Path, resume: bool) -> None:
         raise MolgenError("--out -: a run is a folder and cannot go to standard output; give a folder's name")
     if run_dir.exists() and not run_dir.is_dir():
         raise MolgenError(f"{run_dir} is a file, not a run folder")
+    check_folder(run_dir, "--out")
     has_ckpt = last_checkpoint_step(run_dir) is not None
     if resume and not has_ckpt:
         what = "does not exist" if not run_dir.exists() else f"holds no finished checkpoint ({_contents(run_dir)})"

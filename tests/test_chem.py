@@ -430,3 +430,22 @@ def test_two_writes_to_one_file_at_once_both_finish_whole(tmp_path):
             f.write("whole")
     assert dest.read_text() == "first, whole"
     assert [p.name for p in tmp_path.iterdir()] == ["cache.txt"]
+
+
+def test_a_file_that_cannot_be_made_is_named_as_asked_not_by_its_temporary_name(tmp_path, monkeypatch):
+    """Writes go through a temporary file beside the destination; when even that cannot be made (a full disk, a
+    folder that takes no files), the error names the file the user asked for."""
+    import errno
+    import tempfile
+    from pathlib import Path
+
+    from molgen.io_utils import atomic_write_text
+
+    def full(*a, dir=None, **k):
+        raise OSError(errno.ENOSPC, "No space left on device", str(Path(dir) / ".out.sdf.x1y2.tmp"))
+
+    monkeypatch.setattr(tempfile, "mkstemp", full)
+    with pytest.raises(OSError) as e:
+        atomic_write_text(tmp_path / "out.sdf", "x")
+    assert e.value.errno == errno.ENOSPC and e.value.filename == str(tmp_path / "out.sdf")
+    assert list(tmp_path.iterdir()) == []

@@ -222,8 +222,8 @@ def test_train_resume_and_sample(tmp_path, trained, data_dir):
     assert "checkpoint at step 4" in said[i - 1] and "steps 4 -> 6" in said[i + 1]
     assert said[-1].startswith("checkpoint at step 6") and sum("steps 0 ->" in t for t in said) == 1
     out1, out2 = tmp_path / "a.sdf", tmp_path / "b.sdf"
-    for o in (out1, out2):
-        res = run("sample", "--checkpoint", trained, "-n", 7, "--steps", 3, "-o", o, "--seed", 4,
+    for o, flag in ((out1, "--checkpoint"), (out2, "--model")):  # --model: the same option's other name
+        res = run("sample", flag, trained, "-n", 7, "--steps", 3, "-o", o, "--seed", 4,
                   "--data-dir", data_dir, "--json", tmp_path / "r.json")
         assert res.exit_code == 0, res.output
     assert out1.read_bytes() == out2.read_bytes()  # same checkpoint, seed, options -> same file

@@ -234,6 +234,12 @@ def test_the_command_lines_own_usage_errors_are_one_line_too(args, message):
      "--objective ct contradicts recipe diffusion, whose objective is diffusion; give one of them"),
     (("evaluate", "{file}", "--plots", "-"), "--plots -: the plots are files; give a folder"),
     (("evaluate", "{file}", "--plots", "{file}"), "existing.xyz: is a file; give a folder"),
+    # folders that cannot be made: under a file, or where nothing can be written (/proc, even for a superuser)
+    (("train", "--out", "{file}/r", "--steps", 2), "--out {file}/r: {file} is a file, not a folder"),
+    (("train", "--out", "/proc/r", "--steps", 2), "--out /proc/r: cannot write into /proc"),
+    (("evaluate", "{file}", "--plots", "/proc/p"), "--plots /proc/p: cannot write into /proc"),
+    (("export", "edm-small-distill", "/proc/m"), "destination /proc/m: cannot write into /proc"),
+    (("sample", "-o", "/proc/x.sdf"), "-o /proc/x.sdf: "),
     (("download", "--data-dir", "{file}"), "is a file, not a folder"),
     (("download", "--data-dir", "{tmp}/d", "--from", "{tmp}/missing.csv"), "no such file or folder"),
     (("sample", "--data-dir", "{tmp}/d", "-o", "{tmp}/x.sdf"), "--data-dir {tmp}/d: no QM9 cache there"),
@@ -264,7 +270,7 @@ def test_bad_input_is_one_line_before_any_work(tmp_path, args, message, data_dir
     if args[0] == "train" and "--data-dir" not in args:
         args += ["--data-dir", str(data_dir)]
     res = run(*args)
-    one_line_error(res, message.format(tmp=tmp_path))
+    one_line_error(res, message.format(tmp=tmp_path, file=f))
     assert len(res.output.strip().splitlines()) == 1  # no advice or header before a refusal
     assert f.read_text() == "1\nH\nH 0 0 0\n" and not (tmp_path / "d").exists() and not (tmp_path / "r").exists()
     assert not (tmp_path / "-").exists()
