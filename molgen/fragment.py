@@ -65,7 +65,6 @@ MIN_APART = 0.5  # Å: a fragment's atoms closer than this are an error (the clo
 def read_fragment(path: Path | str) -> Fragment:
     """The first molecule of an SDF / MOL / XYZ file (or of standard input, ``-``) with 3D coordinates, as a
     fragment (H, C, N, O, F only)."""
-    from molgen.chem.checks import is_flat
     from molgen.chem.io import read_molecules
     from molgen.io_utils import MOLECULE_SUFFIXES, is_stream, molecule_suffix
 
@@ -79,8 +78,9 @@ def read_fragment(path: Path | str) -> Fragment:
     pos = np.asarray(m.positions, np.float64)
     if not np.all(np.isfinite(pos)):
         raise MolgenError(f"--fix {path}: the fragment has non-finite coordinates")
-    if is_flat(pos):
-        raise MolgenError(f"--fix {path}: the fragment has 2D coordinates only (all z = 0); give 3D coordinates")
+    if m.drawn:  # a planar fragment with 3D coordinates (an XYZ file, a record marked 3D) may well have z = 0
+        raise MolgenError(f"--fix {path}: the fragment is a 2D drawing (every z = 0, the record not marked 3D); "
+                          "give 3D coordinates")
     if len(pos) > 1:  # atoms on top of each other: a line repeated, or coordinates in nm
         d = np.linalg.norm(pos[:, None] - pos[None], axis=-1) + np.diag(np.full(len(pos), np.inf))
         i, j = sorted(np.unravel_index(np.argmin(d), d.shape))

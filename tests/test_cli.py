@@ -150,8 +150,8 @@ def test_evaluate_bad_inputs(tmp_path):
 
 
 def test_evaluate_and_view_warn_of_flat_molecules(tmp_path):
-    """A 2D drawing (every z = 0) is evaluated, with a warning that its bonds are read as drawn; 3D ones are not
-    warned about."""
+    """A 2D drawing (every z = 0, the record not marked 3D) is evaluated, with a warning that its bonds are read as
+    drawn; 3D ones are not warned about, nor planar and linear ones whose 3D coordinates have z = 0."""
     from rdkit import Chem
     from rdkit.Chem import AllChem
 
@@ -159,13 +159,26 @@ def test_evaluate_and_view_warn_of_flat_molecules(tmp_path):
     AllChem.Compute2DCoords(mol)  # a depiction: z = 0
     with Chem.SDWriter(str(tmp_path / "drawn.sdf")) as w:
         w.write(mol)
+    blank = Chem.MolToMolBlock(mol).splitlines()
+    blank[1] = blank[1].replace("2D", "  ")  # no dimension given, every z = 0: drawn too
+    (tmp_path / "blank.sdf").write_text("\n".join(blank) + "\n$$$$\n")
+    hcn = Chem.AddHs(Chem.MolFromSmiles("C#N"))
+    hcn.AddConformer(Chem.Conformer(3))
+    for i, x in enumerate((-1.066, 0.0, 1.156)):  # linear along x: every z = 0, marked 3D
+        hcn.GetConformer().SetAtomPosition(i, (x, 0.0, 0.0))
+    hcn.GetConformer().Set3D(True)
+    with Chem.SDWriter(str(tmp_path / "hcn.sdf")) as w:
+        w.write(hcn)
+    planar = _xyz(tmp_path / "planar.xyz", "4\nformaldehyde\nC 0 0 0\nO 1.21 0 0\nH -0.55 0.94 0\nH -0.55 -0.94 0\n")
     three_d = _xyz(tmp_path / "m.xyz", METHANE)
     for cmd in (("evaluate", "--no-novelty"), ("view", "-o", tmp_path / "grid.png")):
-        res = run(cmd[0], tmp_path / "drawn.sdf", *cmd[1:])
-        assert res.exit_code == 0, res.output
-        assert "warning: 1 of 1 molecules have every z = 0" in " ".join(res.output.split()), res.output
-        res = run(cmd[0], three_d, *cmd[1:])
-        assert res.exit_code == 0 and "warning" not in res.output, res.output
+        for drawn in ("drawn.sdf", "blank.sdf"):
+            res = run(cmd[0], tmp_path / drawn, *cmd[1:])
+            assert res.exit_code == 0, res.output
+            assert "warning: 1 of 1 molecules are 2D drawings" in " ".join(res.output.split()), res.output
+        for solid in (three_d, planar, tmp_path / "hcn.sdf"):
+            res = run(cmd[0], solid, *cmd[1:])
+            assert res.exit_code == 0 and "warning" not in res.output, res.output
 
 
 def test_molecules_without_hydrogens_are_warned_about(tmp_path):

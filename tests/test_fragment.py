@@ -83,8 +83,16 @@ def test_sizes_and_refusals(tmp_path):
              "nm": "C 0 0 0\nO 0.14 0 0.01\nH -0.04 0.1 0", "twice": "C 0 0 0\nO 1.4 0 0.1\nO 1.4 0 0.1"}
     for name, body in files.items():
         (tmp_path / f"{name}.xyz").write_text(f"3\n{name}\n{body}\n")
-    with pytest.raises(MolgenError, match="2D coordinates only"):
-        read_fragment(tmp_path / "flat.xyz")
+    assert read_fragment(tmp_path / "flat.xyz").size == 3  # any three atoms lie in a plane; XYZ is 3D
+    from rdkit import Chem
+    from rdkit.Chem import AllChem
+
+    drawn = Chem.AddHs(Chem.MolFromSmiles("CO"))
+    AllChem.Compute2DCoords(drawn)  # a depiction: z = 0, the record marked 2D
+    with Chem.SDWriter(str(tmp_path / "drawn.sdf")) as w:
+        w.write(drawn)
+    with pytest.raises(MolgenError, match="the fragment is a 2D drawing"):
+        read_fragment(tmp_path / "drawn.sdf")
     with pytest.raises(MolgenError, match=r"atoms 1 and 3 are 0.11 Å apart; a fragment's atoms are at least 0.5 Å"):
         read_fragment(tmp_path / "nm.xyz")  # in nm, not Å
     with pytest.raises(MolgenError, match="atoms 2 and 3 are 0.00 Å apart"):

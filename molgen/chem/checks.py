@@ -1,4 +1,4 @@
-"""What to tell about molecules read from files before they are judged: 2D drawings (every z = 0) and files
+"""What to tell about molecules read from files before they are judged: 2D drawings and files
 without hydrogen atoms, whose bonds and stability would mislead without a word."""
 
 from __future__ import annotations
@@ -13,20 +13,14 @@ if TYPE_CHECKING:
     from molgen.chem.io import Molecule
 
 
-def is_flat(positions) -> bool:
-    """More than two atoms and every z exactly 0: a 2D drawing (or a record without coordinates), not a 3D
-    structure."""
-    pos = np.asarray(positions)
-    return len(pos) > 2 and bool(np.all(pos[:, 2] == 0))
-
-
 def flat_warning(molecules: list[Molecule]) -> str | None:
-    """A warning when some molecules are flat (:func:`is_flat`): bonds are read from 3D distances."""
-    bad = sum(is_flat(m.positions) for m in molecules)
+    """A warning when some molecules are 2D drawings (``Molecule.drawn``): bonds are read from 3D distances. A
+    planar or linear molecule with 3D coordinates that happen to have z = 0 is not one."""
+    bad = sum(m.drawn for m in molecules)
     if not bad:
         return None
-    return (f"warning: {bad:,} of {len(molecules):,} molecules have every z = 0 (2D drawings?); bonds and "
-            "stability are read from 3D distances, so they describe those molecules as drawn flat")
+    return (f"warning: {bad:,} of {len(molecules):,} molecules are 2D drawings (every z = 0, the record not marked "
+            "3D); bonds and stability are read from 3D distances, so they describe those molecules as drawn flat")
 
 
 def hydrogen_warning(molecules: list[Molecule]) -> str | None:

@@ -32,6 +32,7 @@ class Molecule:
     positions: np.ndarray  # float [n, 3], Angstrom
     name: str = ""
     props: dict = field(default_factory=dict)
+    drawn: bool = False  # a 2D drawing: an SDF/MOL record not marked 3D with every z = 0 (XYZ is 3D by definition)
 
 
 def _format_of_suffix(path: Path | str) -> str | None:
@@ -316,7 +317,7 @@ def _sdf_molecule(mol, where: str, parser: _ParserErrors, lines_before: int = 0)
     if NONFINITE in props:  # written by molgen: the coordinates were not finite
         pos[:] = np.nan
     name = mol.GetProp("_Name").lstrip("\ufeff") if mol.HasProp("_Name") else ""  # a file's byte-order mark
-    return Molecule(types, pos, name=name, props=props)
+    return Molecule(types, pos, name=name, props=props, drawn=not mol.GetConformer().Is3D())
 
 
 def _natural_key(path: Path) -> list:
