@@ -115,13 +115,16 @@ def _resumed(cfg: RunConfig, req: Request) -> RunConfig:
         asked["init"] = str(req.init)
     optim = asked.pop("optim", {})
     for key, want in _flat(asked).items():
-        if key == "model.preset":
-            have, want = (cfg.model.nf, cfg.model.n_layers), (PRESETS[want].nf, PRESETS[want].n_layers) \
-                if want in PRESETS else want
-        else:
-            have = cfg
-            for part in key.split("."):
-                have = getattr(have, part, None) if have is not None else None
+        if key == "model.preset":  # a run records its network's size, not the preset's name
+            have, p = f"{cfg.model.nf}x{cfg.model.n_layers}", PRESETS.get(want)
+            if p is None or f"{p.nf}x{p.n_layers}" != have:
+                raise MolgenError(f"--resume continues the run in {req.out} as it was configured: its network is "
+                                  f"{have}, not {want}{f' ({p.nf}x{p.n_layers})' if p else ''} (only optimiser "
+                                  "settings may change)")
+            continue
+        have = cfg
+        for part in key.split("."):
+            have = getattr(have, part, None) if have is not None else None
         if have != want and not (isinstance(have, tuple) and list(have) == want):
             raise MolgenError(f"--resume continues the run in {req.out} as it was configured: its {key} is "
                               f"{have!r}, not {want!r} (only optimiser settings may change)")

@@ -510,7 +510,9 @@ def test_resume_with_new_learning_rate_batch_size_and_precision(tmp_path, data_d
     one_line_error(run("train", "--resume", "--steps", 3, "--lr", -1, "--data-dir", data_dir, "--out", out),
                    "--lr must be positive")
     one_line_error(run("train", "--resume", "--model", "base", "--data-dir", data_dir, "--out", out),
-                   "its model.preset is (32, 2), not (128, 6)")
+                   "its network is 32x2, not base (128x6)")
+    one_line_error(run("train", "--resume", "--set", "model.preset=huge", "--data-dir", data_dir, "--out", out),
+                   "its network is 32x2, not huge (only")
     res = run("train", "--resume", "--steps", 3, "--lr", 2e-5, "--batch-size", 4, "--precision", "float32",
               "--data-dir", data_dir, "--out", out)
     assert res.exit_code == 0 and "step 3" in res.output, res.output
