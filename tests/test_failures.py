@@ -240,6 +240,7 @@ def test_the_command_lines_own_usage_errors_are_one_line_too(args, message):
     (("evaluate", "{file}", "--plots", "/proc/p"), "--plots /proc/p: cannot write into /proc"),
     (("export", "edm-small-distill", "/proc/m"), "destination /proc/m: cannot write into /proc"),
     (("sample", "-o", "/proc/x.sdf"), "-o /proc/x.sdf: "),
+    (("download", "--data-dir", "/proc/q"), "--data-dir /proc/q: cannot write into /proc"),
     (("download", "--data-dir", "{file}"), "is a file, not a folder"),
     (("download", "--data-dir", "{tmp}/d", "--from", "{tmp}/missing.csv"), "no such file or folder"),
     (("sample", "--data-dir", "{tmp}/d", "-o", "{tmp}/x.sdf"), "--data-dir {tmp}/d: no QM9 cache there"),

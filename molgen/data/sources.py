@@ -24,6 +24,7 @@ from molgen import MolgenError
 from molgen.chem.elements import SYMBOLS, symbol_to_type
 from molgen.data.qm9 import (CACHE_NAME, N_EXCLUDED, N_KEPT, N_RAW, Progress, Record, build_dataset, cache_is_valid,
                              default_data_dir, read_manifest, save_cache)
+from molgen.io_utils import check_folder
 
 ARCHIVE_URL = "https://springernature.figshare.com/ndownloader/files/3195389"
 EXCLUDED_URL = "https://springernature.figshare.com/ndownloader/files/3195404"
@@ -263,11 +264,10 @@ def download(
     same_file = from_path is None or made_from.get("source") == f"file:{Path(from_path).resolve()}"
     if not force and same_file and cache_is_valid(data_dir):  # --from another file rebuilds from it
         return data_dir / CACHE_NAME, False
+    check_folder(data_dir, named)  # one that could not be made or written: before any download
     created = not data_dir.exists()
     data_dir.mkdir(parents=True, exist_ok=True)
     try:
-        if not os.access(data_dir, os.W_OK):
-            raise MolgenError(f"--data-dir {data_dir} is not writable")
         return _build(data_dir, source, from_path, progress, log, timeout)
     except BaseException:  # a refused or interrupted download leaves no empty folder of its own behind
         if created and data_dir.is_dir() and not any(data_dir.iterdir()):
