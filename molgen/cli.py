@@ -305,7 +305,7 @@ def evaluate(
 def view(
     file: Path = typer.Argument(..., help="SDF or XYZ file, a folder of them, or - for standard input."),
     n: int = Opt(24, "-n", help="Molecules to draw (the first N; at most 100)."),
-    out: Path = Opt(Path("grid.png"), "-o", "--out", help="Image file: .png or .svg."),
+    out: Optional[Path] = Opt(None, "-o", "--out", help="Image file: .png or .svg, replaced if it exists. Default: grid.png, or grid-2.png, ... if taken."),
     per_row: int = Opt(6, "--per-row", help="Molecules per row."),
     fmt: Optional[str] = Opt(None, "--format", help="Force sdf or xyz (xyz also reads a folder's .txt files: EDM's samples)."),
 ):
@@ -314,10 +314,11 @@ def view(
     from molgen.chem.depict import MAX_GRID, grid
     from molgen.chem.checks import input_warnings
     from molgen.chem.io import read_molecules
-    from molgen.io_utils import check_writable
+    from molgen.io_utils import check_writable, unused_path
 
     if not 1 <= n <= MAX_GRID or per_row < 1:
         raise MolgenError(f"-n must be in 1 .. {MAX_GRID} and --per-row at least 1")
+    out = out or unused_path("grid.png")  # a default name never replaces a file
     check_writable(out, "-o", suffixes=(".png", ".svg"))
     mols = read_molecules(file, fmt, limit=n)  # the rest of a large file is not read
     if not mols:

@@ -239,6 +239,18 @@ def test_view_draws_a_grid_of_n_molecules(tmp_path, sdf):
     one_line_error(cli("view", tmp_path / "missing.sdf", "-o", tmp_path / "g.png"), "missing.sdf")
 
 
+def test_view_without_o_never_replaces_a_file(tmp_path, sdf, monkeypatch):
+    """The default name is grid.png, or grid-2.png, ... when taken (as `molgen sample`'s out.sdf); a name given
+    with -o is replaced."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "grid.png").write_bytes(b"mine")
+    res = cli("view", sdf, "-n", "2")
+    assert res.exit_code == 0 and "to grid-2.png" in res.output, res.output
+    assert (tmp_path / "grid.png").read_bytes() == b"mine" and _png_size(tmp_path / "grid-2.png") == (2 * 220, 220)
+    res = cli("view", sdf, "-n", "2", "-o", "grid.png")
+    assert res.exit_code == 0 and _png_size(tmp_path / "grid.png") == (2 * 220, 220)
+
+
 def test_plot_draws_the_training_curves(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
