@@ -170,7 +170,7 @@ def sample(
     seed: int = Opt(0, "--seed", help="Random seed (same seed and --batch-size, same file)."),
     batch_size: int = Opt(1000, "--batch-size", help="Molecules generated together (less memory when smaller; the noise is drawn per batch, so another batch size draws other molecules of the same sizes)."),
     sampler: Optional[str] = Opt(None, "--sampler", metavar="<ancestral|ode|multistep|anneal>", help="Diffusion models: ancestral (EDM's, default) or ode (probability-flow ODE, Heun). Consistency models: multistep (re-noise to each next level, default) or anneal (f on the molecule itself at levels 0.4 -> 0.1, no re-noising)."),
-    sigmas: Optional[str] = Opt(None, "--sigmas", help="multistep / anneal: comma-separated noise levels, one per step."),
+    sigmas: Optional[str] = Opt(None, "--sigmas", help="multistep / anneal: comma-separated noise levels, one per step (--steps: their number)."),
     temperature: Optional[float] = Opt(None, "--temperature", help="Scale every Gaussian the sampler draws (default: the model card's, else 1)."),
     renoise: Optional[float] = Opt(None, "--renoise", help="multistep: scale of the noise added before each call after the first (default: the card's, else the temperature)."),
     polish: int = Opt(0, "--polish", min=0, help="After sampling, N calls of a diffusion model's denoiser on each molecule at levels 0.4 -> 0.1 (no noise added)."),

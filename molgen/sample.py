@@ -118,7 +118,8 @@ def plan(model: Model, steps: int | None = None, sampler: str | None = None, sig
     if not 0 <= seed < 2**32:
         raise MolgenError(f"--seed must be in 0 .. 2^32 - 1, got {seed}")
     s = get_sampler(model.cfg, sampler)
-    steps = s.default_steps if steps is None else steps
+    if steps is None:  # levels given: one step each
+        steps = len(sigmas) if sigmas and s.takes_sigmas else s.default_steps
     if steps < 1:
         raise MolgenError("--steps must be at least 1")
     if sigmas and not s.takes_sigmas:

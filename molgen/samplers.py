@@ -69,7 +69,7 @@ def _check_sigmas(cfg: RunConfig, steps: int, sigmas) -> list[float] | None:
         return None
     s = [float(x) for x in sigmas]
     if len(s) != steps:
-        raise MolgenError(f"--sigmas gives {len(s)} levels for --steps {steps}")
+        raise MolgenError(f"--sigmas gives {len(s)} level{'s' * (len(s) != 1)} for --steps {steps}")
     lo, hi = cfg.consistency.sigma_min, cfg.consistency.sigma_max
     if not all(lo < x <= hi for x in s):  # NaN too
         raise MolgenError(f"--sigmas: every level must be above sigma_min {lo:g} and at most sigma_max {hi:g} "

@@ -93,7 +93,7 @@ def test_sampler_option_errors(rng):
         plan(d, 2, "heun")
     with pytest.raises(MolgenError, match="--sigmas applies to the consistency samplers"):
         plan(d, 2, "ode", sigmas=[1.0, 0.5])
-    with pytest.raises(MolgenError, match="--sigmas gives 1 levels for --steps 2"):
+    with pytest.raises(MolgenError, match="--sigmas gives 1 level for --steps 2"):
         plan(c, 2, sigmas=[1.0])
     with pytest.raises(MolgenError, match="must decrease"):
         plan(c, 2, sigmas=[0.5, 1.0])
@@ -101,6 +101,8 @@ def test_sampler_option_errors(rng):
         with pytest.raises(MolgenError, match="above sigma_min 0.002 and at most sigma_max 80"):
             plan(c, 1, sigmas=bad)
     assert plan(c, 2, sigmas=[80.0, 0.5])[2]["molgen_calls"] == 2
+    _, levels, settings, _ = plan(c, None, sigmas=[80.0, 0.5, 0.1])  # no --steps: one per level given
+    assert levels == [80.0, 0.5, 0.1] and settings["molgen_steps"] == settings["molgen_calls"] == 3
     for text in ("", " , ", "1,abc"):
         with pytest.raises(MolgenError, match="expected comma-separated numbers"):
             parse_levels(text)
