@@ -449,3 +449,20 @@ def test_a_file_that_cannot_be_made_is_named_as_asked_not_by_its_temporary_name(
         atomic_write_text(tmp_path / "out.sdf", "x")
     assert e.value.errno == errno.ENOSPC and e.value.filename == str(tmp_path / "out.sdf")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_rdkit_warnings_while_reading_are_not_shown(tmp_path):
+    """A record marked 2D with a z != 0 is read as 3D, as RDKit does, without RDKit's own warning line on stderr
+    (a fresh process: nothing else has silenced RDKit yet)."""
+    import subprocess
+    import sys
+
+    m = Chem.AddHs(Chem.MolFromSmiles("CO"))
+    AllChem.EmbedMolecule(m, randomSeed=1)
+    block = Chem.MolToMolBlock(m).splitlines()
+    block[1] = block[1].replace("3D", "2D")
+    (tmp_path / "tagged.sdf").write_text("\n".join(block) + "\n$$$$\n")
+    code = "import sys; from molgen.chem.io import read_molecules; print(read_molecules(sys.argv[1])[0].drawn)"
+    res = subprocess.run([sys.executable, "-c", code, str(tmp_path / "tagged.sdf")], capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0 and res.stdout.strip() == "False" and res.stderr == "", res.stderr

@@ -201,11 +201,13 @@ def read_xyz(path: Path, skip_invalid: bool = False, errors: list | None = None,
 
 class _ParserErrors:
     """RDKit's parser errors while in scope, kept instead of printed (RDKit >= 2025.09; older releases print
-    them as before): ``reason()`` is the first one, for a one-line message."""
+    them as before): ``reason()`` is the first one, for a one-line message. RDKit's warnings are not shown (as
+    everywhere in molgen, :mod:`molgen.chem.rdkit_utils`): e.g. a record marked 2D with z != 0, read as 3D."""
 
     def __init__(self):
         from rdkit import rdBase
 
+        rdBase.DisableLog("rdApp.warning")
         capture = getattr(rdBase, "CaptureErrorLog", None)
         self._capture = capture() if capture else None
 
