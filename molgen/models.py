@@ -218,13 +218,16 @@ def export_model(run: str | Path, dest: Path, headline: str = "", temperature: f
                               "leave out --stages-from")
         old = len(cfg.stack.levels)
         cfg, params = restack(cfg, params, stack)
-        meta["trained"] += f", then its {old} stages re-spread over {stack} levels (not trained further)"
+        meta["trained"] += f", then its {old} stages re-spread over {stack} level{'s' * (stack != 1)} (not trained further)"
     elif stack:
         if cfg.consistency is None:
             raise MolgenError("--stack: the model must be a consistency model, not a diffusion model")
         src = polisher_for(m, stages_from, "--stages-from")
         cfg, params = stack_model(cfg, params, src.cfg, src.params, stack, source=src.name)
         meta["trained"] += f", then {stack} denoising stages of {src.name} appended (not trained further)"
+    # a model folder's sampling defaults go with it unless others are given (a run has none)
+    temperature = m.meta.get("temperature") if temperature is None else temperature
+    renoise = m.meta.get("renoise") if renoise is None else renoise
     if temperature is not None:
         meta["temperature"] = float(temperature)
     if renoise is not None:

@@ -419,7 +419,9 @@ def test_export_stack_samples_as_polish_and_trains(tmp_path, trained, ect, data_
     res = run("export", st, st1, "--stack", 1)
     assert res.exit_code == 0, res.output
     assert json.loads((st1 / "config.json").read_text())["stack"]["levels"] == [0.1]
-    assert "2 stages re-spread over 1 levels" in json.loads((st1 / "meta.json").read_text())["trained"]
+    meta1 = json.loads((st1 / "meta.json").read_text())
+    assert "2 stages re-spread over 1 level (" in meta1["trained"]
+    assert meta1["temperature"] == 0.9  # the exported model's sampling default goes with it
     for args, out in (((st1,), "s1.xyz"), ((ect, "--polish", 1), "r1.xyz")):
         res = run("sample", "--checkpoint", *args, "-n", 5, "--steps", 1, "--temperature", 0.9, "-o", tmp_path / out,
                   "--no-report")

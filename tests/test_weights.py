@@ -138,3 +138,22 @@ def test_model_folders_in_the_flat_config_format_still_load_as_they_were(tmp_pat
     for x, y in zip(a, b, strict=True):
         np.testing.assert_array_equal(x.types, y.types)
         np.testing.assert_array_equal(x.positions, y.positions)
+
+
+def test_an_exported_copy_of_a_shipped_model_keeps_its_sampling_defaults(tmp_path):
+    """`molgen export MODEL DEST` of a model folder carries its card's temperature and re-noising, so the copy
+    samples the same molecules as the original; given ones replace them."""
+    runner = CliRunner()
+    for dest, extra in ((tmp_path / "copy", []), (tmp_path / "hot", ["--temperature", "1.0"])):
+        res = runner.invoke(app, ["export", "edm-small-stack2", str(dest), *extra])
+        assert res.exit_code == 0, res.output
+    meta = json.loads((tmp_path / "copy" / "meta.json").read_text())
+    assert (meta["temperature"], meta["renoise"]) == (0.7, 0.2)
+    assert json.loads((tmp_path / "hot" / "meta.json").read_text())["temperature"] == 1.0
+    for name in ("edm-small-stack2", tmp_path / "copy"):
+        out = tmp_path / f"{Path(name).name}.sdf"
+        res = runner.invoke(app, ["sample", "--checkpoint", str(name), "-n", "4", "--steps", "2", "--no-report",
+                                  "-o", str(out)])
+        assert res.exit_code == 0, res.output
+    assert (tmp_path / "copy.sdf").read_text().replace("copy", "x") == \
+        (tmp_path / "edm-small-stack2.sdf").read_text().replace("edm-small-stack2", "x")
