@@ -146,18 +146,23 @@ def check_writable(path: Path | str | None, what: str = "output", inputs=(), suf
         raise MolgenError(f"{what} {path}: the folder {path.parent} does not exist")
     if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
         raise MolgenError(f"{what} {path}: not writable")
-    try:  # what access() cannot tell (a superuser in a read-only folder such as /proc): make the temporary file
-        fd, probe = tempfile.mkstemp(prefix="." + path.name + ".", suffix=".tmp", dir=path.parent)
+    if (why := _cannot_write_into(path.parent)) is not None:
+        raise MolgenError(f"{what} {path}: cannot write into {path.parent} ({why})")
+
+
+def _cannot_write_into(folder: Path) -> str | None:
+    """Why nothing can be made in ``folder``, None when something can: tried with a temporary folder, which also
+    tells what access() cannot (a superuser in a folder such as /proc)."""
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".molgen-", dir=folder))
     except OSError as e:
-        raise MolgenError(f"{what} {path}: cannot write into {path.parent} ({e.strerror})") from None
-    os.close(fd)
-    os.unlink(probe)
+        return e.strerror
+    return None
 
 
 def check_folder(path: Path | str, what: str) -> None:
     """Refuse, before any work, an output folder that could not be made or written into: a file, under a file, or
-    in a folder molgen cannot write (tried with a temporary folder, which also catches what access() cannot tell,
-    e.g. a superuser in /proc)."""
+    in a folder molgen cannot write (:func:`_cannot_write_into`)."""
     from molgen import MolgenError
 
     path = base = Path(path)
@@ -167,10 +172,8 @@ def check_folder(path: Path | str, what: str) -> None:
         base = base.parent
     if not base.is_dir():
         raise MolgenError(f"{what} {path}: {base} is a file, not a folder")
-    try:
-        os.rmdir(tempfile.mkdtemp(prefix=".molgen-", dir=base))
-    except OSError as e:
-        raise MolgenError(f"{what} {path}: cannot write into {base} ({e.strerror})") from None
+    if (why := _cannot_write_into(base)) is not None:
+        raise MolgenError(f"{what} {path}: cannot write into {base} ({why})")
 
 
 def unused_path(path: Path | str) -> Path:
