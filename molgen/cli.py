@@ -269,9 +269,9 @@ def evaluate(
     report_to_stderr(check_outputs({"--json": json_path, "--per-molecule": per_molecule}, inputs=files))
     workers = default_workers()
     require_cache(reference, "--reference")
-    if plots is not None and str(plots) == "-":
-        raise MolgenError("--plots -: the plots are files; give a folder")
     if plots is not None:
+        if str(plots) == "-":
+            raise MolgenError("--plots -: the plots are files; give a folder")
         check_folder(plots, "--plots")
     ref = reference_statistics(reference) if plots is not None else None
     if plots is not None and ref is None:
