@@ -14,11 +14,13 @@ from molgen import MolgenError
 from molgen.config import RunConfig
 from molgen.consistency.distill import (PAIR_STREAM, PAIRS_NAME, PairSet, check_pairs, make_pairs, n_held_out,
                                         ode_solver, polish_solver)
-from molgen.models import Model, find_model, load_diffusion_model, load_model
+from molgen.models import Model, find_model, load_diffusion_model, load_model, read_params, write_params
 from molgen.networks import model_fn
 from molgen.objectives import get_objective
 from molgen.recipes import apply_table, check_settings, merge, parse_set, read_recipe, to_config
 from molgen.state import CONFIG_NAME
+
+ANCHOR_NAME = "anchor.msgpack"  # a distillation run's copy of its anchor's parameters
 
 
 @dataclass
@@ -159,14 +161,20 @@ def _start_model(cfg: RunConfig) -> Model | None:
     return load_model(cfg.init) if cfg.init else None
 
 
-def _anchor(cfg: RunConfig, student: Model | None):
-    """The distillation anchor's parameters (None without an anchor share)."""
+def _anchor(cfg: RunConfig, student: Model | None, run_dir: Path, resume: bool):
+    """The distillation anchor's parameters (None without an anchor share). A new run keeps a copy in its folder
+    (``anchor.msgpack``), which a resumed run reads: it needs neither the anchor's folder nor the directory a
+    relative ``--init`` was given from."""
     if cfg.distill is None or cfg.distill.anchor_fraction <= 0:
         return None
-    name = cfg.distill.anchor or cfg.init
+    name, kept = cfg.distill.anchor or cfg.init, Path(run_dir) / ANCHOR_NAME
+    if resume and kept.exists():
+        return read_params(kept, cfg, f"delete it to read the anchor {name} again")
     a = student if student is not None and name == cfg.init else load_model(name)
     if a.cfg.model != cfg.model or a.cfg.consistency != cfg.consistency or a.cfg.stack != cfg.stack:
         raise MolgenError(f"anchor {name}: its network or noise levels differ from the student's")
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    write_params(kept, a.params)
     return a.params  # molgen.train puts them on the devices as buffers of their own
 
 
@@ -240,5 +248,5 @@ def _run(cfg: RunConfig, req: Request, data_dir, progress, log, progress_factory
         raise MolgenError(f"batch size {cfg.optim.batch_size} is larger than the training split ({n_train:,} molecules); "
                           "give a smaller --batch-size")
     res = train(cfg, req.out, ds, resume=req.resume, init_params=start.params if start else None,
-                anchor_params=_anchor(cfg, start), progress=progress, log=log, max_seconds=max_seconds)
+                anchor_params=_anchor(cfg, start, req.out, req.resume), progress=progress, log=log, max_seconds=max_seconds)
     return cfg, res

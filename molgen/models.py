@@ -65,14 +65,32 @@ def default_model() -> str | None:
     return next(iter(shipped_models()), None)
 
 
-def save_model(out_dir: Path, cfg: RunConfig, params, meta: dict | None = None) -> None:
-    """Write a model folder: config.json, params.msgpack (float32) and meta.json, each atomically."""
+def write_params(path: Path, params) -> None:
+    """Parameters as float32 arrays in flax's msgpack format, written atomically."""
     from flax import serialization
 
+    params = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float32), params)
+    atomic_write_bytes(path, serialization.msgpack_serialize(params))
+
+
+def read_params(path: Path, cfg: RunConfig, remedy: str = "export or download the model again"):
+    """Parameters written by :func:`write_params`, checked against the network ``cfg`` describes; a damaged or
+    foreign file: one line, MolgenError."""
+    from flax import serialization
+
+    try:
+        params = serialization.msgpack_restore(Path(path).read_bytes())
+    except Exception as e:  # msgpack's errors for a truncated or foreign file
+        raise MolgenError(f"{path}: damaged ({e}); {remedy}") from None
+    check_params(params, cfg, path)
+    return params
+
+
+def save_model(out_dir: Path, cfg: RunConfig, params, meta: dict | None = None) -> None:
+    """Write a model folder: config.json, params.msgpack (float32) and meta.json, each atomically."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    params = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float32), params)
-    atomic_write_bytes(out_dir / PARAMS_NAME, serialization.msgpack_serialize(params))
+    write_params(out_dir / PARAMS_NAME, params)
     cfg.save(out_dir / CONFIG_NAME)
     if meta is not None:
         atomic_write_text(out_dir / META_NAME, json.dumps(meta, indent=2))
@@ -97,16 +115,10 @@ def find_model(name: str | Path | None) -> Path:
 
 def load_model(name: str | Path | None) -> Model:
     """A shipped model by name, a model folder, or a training run folder (its latest checkpoint's EMA)."""
-    from flax import serialization
-
     path = find_model(name)
     if (path / PARAMS_NAME).exists():
         cfg = RunConfig.load(path / CONFIG_NAME)
-        try:
-            params = serialization.msgpack_restore((path / PARAMS_NAME).read_bytes())
-        except Exception as e:  # msgpack's errors for a truncated or foreign file
-            raise MolgenError(f"{path / PARAMS_NAME}: damaged ({e}); export or download the model again") from None
-        check_params(params, cfg, path / PARAMS_NAME)
+        params = read_params(path / PARAMS_NAME, cfg)
         return Model(cfg, params, {**read_meta(path / META_NAME), "source": str(path)})
     from molgen.state import load_ema_params
 

@@ -5,6 +5,7 @@ import os
 import re
 import shutil
 import tomllib
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -353,6 +354,30 @@ def test_distill_from_a_consistency_model_resume_and_sample(tmp_path, trained, e
                        tmp_path / "z"), "consistency model")
     one_line_error(run("train", "--objective", "distill", "--init", ect, "--teacher", ect, "--set", "distill.pairs=20",
                        "--batch-size", 4, "--out", tmp_path / "z"), "diffusion model")
+
+
+def test_a_distill_run_with_a_relative_init_resumes_from_any_directory(tmp_path, trained, ect, monkeypatch):
+    """A distillation run keeps its anchor's parameters (--init's) in its folder: resuming it from another
+    directory, where the relative --init names nothing, continues the run; a damaged copy is one line."""
+    from molgen.models import load_model, read_params
+
+    out = tmp_path / "kd_rel"
+    monkeypatch.chdir(ect.parent)
+    res = run("train", "--objective", "distill", "--init", ect.name, "--teacher", trained, "--set", "distill.pairs=20",
+              "--set", "distill.teacher_steps=2", "--batch-size", 4, "--steps", 1, *_opt(ckpt_every=1), "--devices", 1,
+              "--out", out)
+    assert res.exit_code == 0, res.output
+    assert json.loads((out / "config.json").read_text())["init"] == ect.name  # as given
+    kept = read_params(out / "anchor.msgpack", load_model(ect).cfg)
+    for a, b in zip(jax.tree_util.tree_leaves(kept), jax.tree_util.tree_leaves(load_model(ect).params)):
+        np.testing.assert_array_equal(a, b)
+    monkeypatch.chdir(tmp_path)
+    assert not Path(ect.name).exists()
+    res = run("train", "--resume", "--steps", 2, "--out", out, "--devices", 1)
+    assert res.exit_code == 0 and "step 2" in res.output, res.output
+    (out / "anchor.msgpack").write_bytes(b"\x93not msgpack")
+    one_line_error(run("train", "--resume", "--steps", 3, "--out", out, "--devices", 1),
+                   "anchor.msgpack: damaged", "delete it to read the anchor ect again")
 
 
 def test_an_exported_model_carries_the_recipe_that_trains_it_again(tmp_path, trained, data_dir):
