@@ -181,6 +181,7 @@ def sample(
     novelty: bool = Opt(False, "--novelty", help="Also compute novelty (needs the QM9 cache)."),
     data_dir: Optional[Path] = Opt(None, "--data-dir", help="QM9 cache folder (for novelty and the type mix)."),
     fix: Optional[Path] = Opt(None, "--fix", help="Complete this fragment (SDF, MOL or XYZ, 3D; its first molecule; - reads standard input): every output keeps its atoms, types and coordinates."),
+    formula: Optional[str] = Opt(None, "--formula", help="Every molecule has this formula, e.g. C7H10O2 (H, C, N, O, F; consistency models, 4 or more calls): after each call its atoms take the formula's types, where they fit best."),
     resample: int = Opt(0, "--resample", help="--fix with the ancestral sampler: repeat every step N more times after going back up by the forward process (RePaint); N extra calls per step."),
     keep: str = Opt("all", "--keep", metavar="<all|valid|stable>", help="Write only valid molecules (EDM's validity, in one piece) or stable ones (valid, and every atom's valence allowed), drawing more until -n are kept (at most 100 x n drawn)."),
     unique: bool = Opt(False, "--unique", help="With --keep: no two molecules of the same SMILES."),
@@ -192,6 +193,7 @@ def sample(
     from molgen.evaluate import annotate, reference_for, write_json
     from molgen.jax_setup import enable_compilation_cache
     from molgen.models import load_model, polisher_for
+    from molgen.formula import parse_formula
     from molgen.fragment import read_fragment
     from molgen.sample import kept_warning, nonfinite_warning, parse_levels, plan, preflight, sample_kept
 
@@ -199,17 +201,20 @@ def sample(
     sig = parse_levels(sigmas)
     enable_compilation_cache()
     frag = read_fragment(fix) if fix is not None else None
+    form = parse_formula(formula) if formula is not None else None
     m = load_model(checkpoint)
-    _, _, settings, _ = plan(m, steps, sampler, sig, temperature, renoise, polish, seed, resample, frag is not None)
+    _, _, settings, _ = plan(m, steps, sampler, sig, temperature, renoise, polish, seed, resample, frag is not None,
+                             form is not None)
     pol = polisher_for(m, polisher, calls=polish)
-    for warning in preflight(m, n, batch_size, atoms, frag, settings["molgen_calls"]):
+    for warning in preflight(m, n, batch_size, atoms, frag, settings["molgen_calls"], form):
         say(warning)
     with sampling_progress(settings["molgen_calls"], batch_size) as (more, tick, tasks):
         # QM9's figures for the report are read first: a cache that cannot be read loses no sampling
         ref = reference_for(data_dir, m.cfg.data.remove_h, novelty, tasks, workers) if report or json_path else None
         res = sample_kept(m, n, keep, seed, batch_size, more, steps=steps, atoms=atoms, sampler=sampler, sigmas=sig,
                           temperature=temperature, renoise=renoise, polish_calls=polish, polisher=pol,
-                          progress=tick, fragment=frag, resample=resample, unique=unique, decimals=DECIMALS)
+                          progress=tick, fragment=frag, resample=resample, unique=unique, decimals=DECIMALS,
+                          formula=form)
         metrics = annotate(res.molecules, ref, novelty, frag, tasks, workers) if ref is not None else None
     write_molecules(out, res.molecules, fmt)
     where = "standard output" if str(out) == "-" else out

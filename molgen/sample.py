@@ -112,9 +112,10 @@ def check_positive(name: str, value: float, zero_ok: bool = False) -> float:
 
 def plan(model: Model, steps: int | None = None, sampler: str | None = None, sigmas: Sequence[float] | None = None,
          temperature: float | None = None, renoise: float | None = None, polish_calls: int = 0, seed: int = 0,
-         resample: int = 0, fixing: bool = False):
+         resample: int = 0, fixing: bool = False, formula: bool = False):
     """(sampler, levels, settings, renoise): every choice checked and resolved (the card's defaults) before any
-    work. ``fixing``: a fragment will be completed (``resample`` needs one)."""
+    work. ``fixing``: a fragment will be completed (``resample`` needs one); ``formula``: molecules of a formula
+    (a consistency sampler's, whose calls end on clean molecules: :mod:`molgen.formula`)."""
     if not 0 <= seed < 2**32:
         raise MolgenError(f"--seed must be in 0 .. 2^32 - 1, got {seed}")
     s = get_sampler(model.cfg, sampler)
@@ -130,6 +131,9 @@ def plan(model: Model, steps: int | None = None, sampler: str | None = None, sig
         raise MolgenError("--resample must be >= 0")
     if resample and not fixing:
         raise MolgenError("--resample applies when completing a fragment; add --fix FILE")
+    if formula and s.kind != "consistency":
+        raise MolgenError(f"--formula needs a consistency model (each call ends on a clean molecule, whose atoms take "
+                          f"the formula's types); {model.name} is a {s.kind} model")
     if resample and not s.takes_resample:
         raise MolgenError(f"--resample applies to the ancestral sampler of diffusion models, not {s.name}")
     temperature = check_positive("--temperature", model.temperature if temperature is None else temperature)
@@ -154,25 +158,30 @@ def sample(model: Model, n: int, steps: int | None = None, seed: int = 0, atoms:
            batch_size: int = 1000, sampler: str | None = None, sigmas: Sequence[float] | None = None,
            temperature: float | None = None, renoise: float | None = None, polish_calls: int = 0,
            polisher: Model | None = None, progress: Callable[[int], None] | None = None,
-           apply: Callable | None = None, fragment=None, resample: int = 0, decimals: int | None = None) -> Samples:
+           apply: Callable | None = None, fragment=None, resample: int = 0, decimals: int | None = None,
+           formula=None) -> Samples:
     """``n`` molecules in ``steps`` sampler steps (default: the sampler's), then ``polish_calls`` calls of the
     diffusion model ``polisher`` on the low ladder. ``progress(k)`` is told of every k network calls done on
     a batch (the total is calls x batches). ``apply``: the network's apply function (default: the model's).
     ``fragment`` (:class:`molgen.fragment.Fragment`): every molecule completes it, its first atoms being the
     fragment's, in the fragment's own frame (:mod:`molgen.fragment`); ``resample``: RePaint's resampling rounds per
     step (ancestral sampler). ``decimals``: coordinates rounded to as many decimals (`molgen sample` rounds them to
-    what its file holds, :data:`molgen.chem.io.DECIMALS`, so that its report describes the file)."""
+    what its file holds, :data:`molgen.chem.io.DECIMALS`, so that its report describes the file). ``formula``
+    (:class:`molgen.formula.Formula`): every molecule has it (:mod:`molgen.formula`)."""
     import time
 
+    atoms = formula_atoms(formula, atoms, fragment)
     check_request(model.cfg, n, batch_size, atoms, fragment.size if fragment is not None else 0)
     s, levels, settings, renoise = plan(model, steps, sampler, sigmas, temperature, renoise, polish_calls, seed,
-                                        resample, fragment is not None)
+                                        resample, fragment is not None, formula is not None)
     if polish_calls and polisher is None:
         raise MolgenError("polishing needs a diffusion model (--polisher)")
     sizes = draw_sizes(model.cfg, n, seed, atoms, above=fragment.size if fragment is not None else 0)
     fns = s.prepare(model.cfg, apply) if apply is not None else _prepared(s, model.cfg)
     if fragment is not None:
         settings["molgen_fixed_atoms"] = fragment.size
+    if formula is not None:
+        settings["molgen_formula"] = str(formula)
     pol = None
     if polish_calls:
         pol = (_polish_step(polisher.cfg), polisher.params, low_ladder(polish_calls))
@@ -185,14 +194,15 @@ def sample(model: Model, n: int, steps: int | None = None, seed: int = 0, atoms:
         bs = sizes[start : start + batch_size]
         # molecule counts bucketed like the atoms: rounds of --keep and small calls share compiled programs
         g = pack(None, [np.zeros(int(k), np.int32) for k in bs], pad_graphs=bucket(len(bs) + 1, granule=8))
-        fix = None if fragment is None else _fixer(fragment, bs, g, model.cfg.n_features,
-                                                   jax.random.fold_in(jax.random.fold_in(base, FRAGMENT_STREAM), b))
+        fix = _fixer(fragment, formula, bs, g, model.cfg.n_features,
+                     jax.random.fold_in(jax.random.fold_in(base, FRAGMENT_STREAM), b))
         x, h = s.run(fns, model.params, g, model.cfg.n_features, jax.random.fold_in(base, b), levels,
                      settings["molgen_temperature"], renoise, tick, fix, resample)
         if pol is not None:
             step, p_params, p_levels = pol
             for lv in p_levels:
                 x, h = polish(step, p_params, x, h, g, [lv])
+                x, h = (x, h) if formula is None else fix(x, h, 0.0, 1.0)  # a polishing call ends on a clean molecule
                 tick()
         x, types = np.asarray(x), np.argmax(np.asarray(h)[:, :N_TYPES], axis=-1)
         o = 0
@@ -279,8 +289,28 @@ def sample_kept(model: Model, n: int, keep: str = "all", seed: int = 0, batch_si
     return Samples(kept, settings, res.calls, time.time() - t0, f"{res.description}; {how}", drawn)
 
 
-def _fixer(fragment, sizes, graph, nf: int, key):
-    """fix(x, h, level, scale) for one batch: its known atoms are the fragment's (molgen.fragment)."""
+def formula_atoms(formula, atoms: int | None, fragment=None) -> int | None:
+    """The atom count to sample: ``atoms``, or with a formula its size (``atoms``, when given, must agree)."""
+    if formula is None:
+        return atoms
+    if fragment is not None:
+        raise MolgenError("--formula and --fix: give one of them")
+    if formula.size > MAX_ATOMS:
+        raise MolgenError(f"--formula {formula}: {formula.size} atoms, more than the {MAX_ATOMS} molgen reads back")
+    if atoms is not None and atoms != formula.size:
+        raise MolgenError(f"--atoms {atoms} contradicts --formula {formula} ({formula.size} atoms); drop --atoms")
+    return formula.size
+
+
+def _fixer(fragment, formula, sizes, graph, nf: int, key):
+    """fix(x, h, level, scale) for one batch (None without a constraint): its known atoms are the fragment's
+    (molgen.fragment), or its atoms take the formula's types (molgen.formula)."""
+    if formula is not None:
+        from molgen.formula import formula_fixer
+
+        return formula_fixer(formula, len(sizes), graph)
+    if fragment is None:
+        return None
     from molgen.fragment import constrain, known_rows
 
     known = known_rows(fragment, np.asarray(sizes), len(graph.node_mask), nf, key)
@@ -288,18 +318,23 @@ def _fixer(fragment, sizes, graph, nf: int, key):
     return lambda x, h, level, scale: step(known, x, h, graph, np.float32(level), np.float32(scale))
 
 
-def preflight(model: Model, n: int, batch_size: int, atoms: int | None, fragment, calls: int) -> list[str]:
+def preflight(model: Model, n: int, batch_size: int, atoms: int | None, fragment, calls: int,
+              formula=None) -> list[str]:
     """Before sampling: refuse counts that cannot be sampled (:func:`check_request`), then the warnings:
     ``atoms`` beyond the sizes the model was trained on; a fragment completed in one call (it can only be placed
-    after that call)."""
+    after that call); a formula given in one call."""
+    given, atoms = atoms, formula_atoms(formula, atoms, fragment)
     check_request(model.cfg, n, batch_size, atoms, fragment.size if fragment is not None else 0)
     out = []
     sizes = [i for i, c in enumerate(model.cfg.data.size_hist) if c > 0]
     if atoms is not None and sizes and not sizes[0] <= atoms <= sizes[-1]:
         out.append(f"warning: this model was trained on molecules of {sizes[0]}-{sizes[-1]} atoms; expect poor "
-                   f"molecules with --atoms {atoms}")
+                   f"molecules with " + (f"--atoms {atoms}" if given is not None else f"--formula {formula}"))
     if fragment is not None and calls == 1:
         out.append("warning: with one call the fragment is placed after the only call; use --steps 4")
+    if formula is not None and calls == 1:
+        out.append("warning: with one call the formula's types are given after the only call, to a molecule made "
+                   "without them; use --steps 4")
     return out
 
 
@@ -323,6 +358,8 @@ def _describe(model: Model, s, settings: dict) -> str:
         parts.append(f"temperature {settings['molgen_temperature']:g}")
     if "molgen_renoise" in settings and settings["molgen_renoise"] != settings["molgen_temperature"]:
         parts.append(f"re-noise {settings['molgen_renoise']:g}")
+    if "molgen_formula" in settings:
+        parts.append(f"formula {settings['molgen_formula']}")
     if "molgen_resample" in settings:
         parts.append(f"{settings['molgen_resample']} resampling rounds per step")
     if "molgen_polish" in settings:

@@ -107,6 +107,34 @@ def tiny_config(ds, objective="diffusion", **optim):
     return get_objective(objective).configure(cfg, ds, None)
 
 
+def tiny_models(size_hist=(0, 0, 0, 0, 0, 0, 2, 3, 5, 1)):
+    """Untrained tiny models for sampling tests (their parameters perturbed, so that no output is trivially
+    zero): a diffusion model, a consistency model, and the consistency model stacked with two of the diffusion
+    model's stages; molecules of the sizes ``size_hist`` holds (default 6-9 atoms)."""
+    import jax
+    import jax.numpy as jnp
+
+    from molgen.config import DataConfig, RunConfig
+    from molgen.consistency.ict import ConsistencyConfig
+    from molgen.consistency.stack import stack_model
+    from molgen.models import Model
+    from molgen.networks import init_params
+    from molgen.nn.egnn import PRESETS
+
+    def noisy(cfg, seed):
+        r = np.random.default_rng(seed)
+        p = init_params(cfg, seed)
+        return jax.tree_util.tree_map(lambda a: a + 0.05 * jnp.asarray(r.normal(size=a.shape), a.dtype), p)
+
+    hist = DataConfig(size_hist=tuple(size_hist))
+    diff = RunConfig(model=PRESETS["tiny"], data=hist)
+    cons = RunConfig(objective="ct", model=PRESETS["tiny"], consistency=ConsistencyConfig(sigma_data_x=1.4,
+                     sigma_data_h=0.2), diffusion=None, data=hist)
+    d, c = Model(diff, noisy(diff, 0)), Model(cons, noisy(cons, 1))
+    scfg, sparams = stack_model(cons, c.params, diff, d.params, 2)
+    return d, c, Model(scfg, sparams)
+
+
 def cli(*args):
     """Run the command line in-process: the result (exit code, output)."""
     from typer.testing import CliRunner

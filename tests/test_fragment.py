@@ -5,43 +5,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import random_rotation
+from conftest import random_rotation, tiny_models
 from typer.testing import CliRunner
 
 from molgen import MolgenError
 from molgen.chem.io import DECIMALS
-from molgen.config import DataConfig, RunConfig
-from molgen.consistency.ict import ConsistencyConfig
-from molgen.consistency.stack import stack_model
 from molgen.fragment import Fragment, contains_fragment, read_fragment
-from molgen.models import Model
-from molgen.networks import init_params
-from molgen.nn.egnn import PRESETS
 from molgen.sample import sample
 
-HIST = DataConfig(size_hist=(0, 0, 0, 0, 0, 0, 2, 3, 5, 1))  # molecules of 6-9 atoms
 # a methanol-like fragment (C, O and two H), off the origin and turned
 FRAG = Fragment(np.array([1, 3, 0, 0], np.int32),
                 np.array([[0.0, 0.0, 0.0], [1.43, 0.0, 0.0], [-0.36, 1.03, 0.0], [-0.36, -0.5, 0.9]]) @
                 random_rotation(np.random.default_rng(1)).T + np.array([4.0, -1.0, 2.5]))
 
 
-def _noisy(cfg, seed=0):
-    rng = np.random.default_rng(seed)
-    p = init_params(cfg, seed)
-    return jax.tree_util.tree_map(lambda a: a + 0.05 * jnp.asarray(rng.normal(size=a.shape), a.dtype), p)
-
-
-def _models():
-    diff = RunConfig(model=PRESETS["tiny"], data=HIST)
-    cons = RunConfig(objective="ct", model=PRESETS["tiny"], consistency=ConsistencyConfig(sigma_data_x=1.4,
-                     sigma_data_h=0.2), diffusion=None, data=HIST)
-    d, c = Model(diff, _noisy(diff)), Model(cons, _noisy(cons, 1))
-    scfg, sparams = stack_model(cons, c.params, diff, d.params, 2)
-    return d, c, Model(scfg, sparams)
-
-
-D, C, S = _models()
+D, C, S = tiny_models()  # molecules of 6-9 atoms
 CASES = [(D, "ancestral", 6), (D, "ode", 3), (C, "multistep", 1), (C, "multistep", 3), (C, "anneal", 3),
          (S, "multistep", 2)]
 

@@ -1,0 +1,108 @@
+"""Molecules of a given formula: parsed as chemists write it, every output has it exactly, the types go where
+the network puts them, and the requests that cannot be done are one-line errors."""
+
+import numpy as np
+import pytest
+from conftest import one_line_error, tiny_models
+from typer.testing import CliRunner
+
+from molgen import MolgenError
+from molgen.chem.elements import formula as hill
+from molgen.formula import assign_types, parse_formula
+from molgen.sample import plan, preflight, sample
+
+D, C, S = tiny_models((0,) * 6 + (2, 3, 5, 1))  # molecules of 6-9 atoms
+
+
+@pytest.mark.parametrize("text,counts,shown", [
+    ("C7H10O2", (10, 7, 0, 2, 0), "C7H10O2"),
+    ("CH3CH2OH", (6, 2, 0, 1, 0), "C2H6O"),  # an element may recur
+    ("H2O", (2, 0, 0, 1, 0), "H2O"),
+    ("FC(F)F", None, None),
+])
+def test_formulas_parse_as_chemists_write_them(text, counts, shown):
+    if counts is None:
+        with pytest.raises(MolgenError, match="write elements and counts"):
+            parse_formula(text)
+        return
+    f = parse_formula(text)
+    assert f.counts == counts and str(f) == shown and f.size == sum(counts)
+    assert hill(f.types) == shown and np.bincount(f.types, minlength=5).tolist() == list(counts)
+
+
+@pytest.mark.parametrize("text,message", [
+    ("", "write elements and counts"), ("c7h10", "write elements and counts"), ("C7 H10", "write elements"),
+    ("C6H5Cl", "Cl is not an element molgen's models know (H, C, N, O, F)"), ("C7X2", "X is not an element"),
+    ("C0H4", "a count of 0 (C0)"),
+])
+def test_bad_formulas_say_what_is_wrong(text, message):
+    with pytest.raises(MolgenError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        parse_formula(text)
+
+
+def test_the_types_go_to_the_atoms_that_fit_them_best():
+    types = parse_formula("CH2O").types  # H, H, C, O
+    scores = np.array([[0.0, 0.9, 0.0, 0.1, 0.0],  # a carbon
+                       [0.8, 0.0, 0.0, 0.0, 0.0],  # hydrogens
+                       [0.7, 0.0, 0.0, 0.0, 0.0],
+                       [0.0, 0.6, 0.0, 0.5, 0.0]])  # C or O: O, the carbon is taken by a better atom
+    np.testing.assert_array_equal(assign_types(scores, types), [1, 0, 0, 3])
+    # four atoms that all look like carbon: one gets C, the others what the formula has left, all counted
+    got = assign_types(np.tile([0.0, 1.0, 0.0, 0.0, 0.0], (4, 1)) + np.arange(4)[:, None] * 0.01, types)
+    assert sorted(got) == sorted(types) and got[3] == 1  # the most carbon-like one
+
+
+@pytest.mark.parametrize("model,sampler,steps,polish", [(C, "multistep", 1, 0), (C, "multistep", 3, 0),
+                                                        (C, "anneal", 2, 0), (S, "multistep", 2, 0),
+                                                        (C, "multistep", 1, 2)])
+def test_every_molecule_has_the_formula(model, sampler, steps, polish):
+    f = parse_formula("C2H4O")
+    res = sample(model, 10, steps, seed=3, batch_size=4, sampler=sampler, formula=f, polish_calls=polish,
+                 polisher=D if polish else None)
+    assert res.settings["molgen_formula"] == "C2H4O" and "formula C2H4O" in res.description
+    for m in res.molecules:
+        assert hill(m.types) == "C2H4O" and np.isfinite(m.positions).all() and m.props["molgen_formula"] == "C2H4O"
+
+
+def test_one_call_places_the_molecule_as_without_a_formula_and_relabels_it():
+    """With one call the formula only relabels the call's output: the same positions as sampling with
+    --atoms at the formula's size, and each atom's type the best fit of what the network predicted."""
+    f = parse_formula("C2H4O")
+    free = sample(C, 8, 1, seed=5, atoms=f.size)
+    fixed = sample(C, 8, 1, seed=5, formula=f)
+    for a, b in zip(free.molecules, fixed.molecules):
+        np.testing.assert_array_equal(a.positions, b.positions)
+        if hill(a.types) == "C2H4O":  # the network's own types already make the formula: kept as they are
+            np.testing.assert_array_equal(a.types, b.types)
+    assert any(hill(a.types) != "C2H4O" for a in free.molecules)  # the formula changed some
+
+
+def test_requests_that_cannot_be_done_are_refused():
+    f = parse_formula("C2H4O")
+    with pytest.raises(MolgenError, match="--formula needs a consistency model .* is a diffusion model"):
+        plan(D, 10, formula=True)
+    with pytest.raises(MolgenError, match="--atoms 9 contradicts --formula C2H4O \\(7 atoms\\); drop --atoms"):
+        sample(C, 2, 2, atoms=9, formula=f)
+    assert hill(sample(C, 2, 2, atoms=7, formula=f).molecules[0].types) == "C2H4O"  # --atoms that agrees
+    with pytest.raises(MolgenError, match="--formula C100H202: 302 atoms, more than the 256 molgen reads back"):
+        sample(C, 2, 2, formula=parse_formula("C100H202"))
+    warnings = preflight(C, 2, 2, None, None, 1, f)
+    assert len(warnings) == 1 and "with one call the formula's types are given after the only call" in warnings[0]
+    big = preflight(C, 2, 2, None, None, 4, parse_formula("C5H12"))  # 17 atoms: larger than the model's 6-9
+    assert big == ["warning: this model was trained on molecules of 6-9 atoms; expect poor molecules with "
+                   "--formula C5H12"]
+
+
+def test_the_command_line_refuses_before_any_work(tmp_path):
+    from molgen.cli import app
+
+    run = CliRunner().invoke
+    one_line_error(run(app, ["sample", "--formula", "C6H5Cl", "-o", str(tmp_path / "x.sdf")]), "Cl is not an element")
+    one_line_error(run(app, ["sample", "--formula", "C2H6O", "--fix", str(tmp_path / "f.xyz"), "-o",
+                             str(tmp_path / "x.sdf")]), "no such file")
+    (tmp_path / "f.xyz").write_text("2\n\nC 0 0 0\nO 1.4 0 0\n")
+    one_line_error(run(app, ["sample", "--formula", "C2H6O", "--fix", str(tmp_path / "f.xyz"), "-o",
+                             str(tmp_path / "x.sdf")]), "--formula and --fix: give one of them")
+    one_line_error(run(app, ["sample", "--formula", "C2H6O", "--checkpoint", "edm-small-diffusion", "-o",
+                             str(tmp_path / "x.sdf")]), "--formula needs a consistency model")
+    assert not list(tmp_path.glob("x*"))
