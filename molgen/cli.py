@@ -188,14 +188,13 @@ def sample(
 ):
     """Generate molecules and write them as SDF or XYZ, then print their stability report."""
     from molgen.chem.io import DECIMALS
-    from molgen.chem.write import write_molecules
-    from molgen.display import metrics_table, sampling_progress
-    from molgen.evaluate import annotate, reference_for, write_json
-    from molgen.jax_setup import enable_compilation_cache
-    from molgen.models import load_model, polisher_for
+    from molgen.display import sampling_progress
+    from molgen.evaluate import annotate, reference_for
     from molgen.formula import parse_formula
     from molgen.fragment import read_fragment
-    from molgen.sample import kept_warning, nonfinite_warning, parse_levels, plan, preflight, sample_kept
+    from molgen.jax_setup import enable_compilation_cache
+    from molgen.models import load_model, polisher_for
+    from molgen.sample import parse_levels, plan, preflight, sample_kept
 
     out, fmt, workers = _sample_output(out, fmt, json_path, fix, report or json_path is not None, novelty, data_dir)
     sig = parse_levels(sigmas)
@@ -216,6 +215,16 @@ def sample(
                           progress=tick, fragment=frag, resample=resample, unique=unique, decimals=DECIMALS,
                           formula=form)
         metrics = annotate(res.molecules, ref, novelty, frag, tasks, workers) if ref is not None else None
+    _write_samples(res, n, out, fmt, metrics, report, json_path)
+
+
+def _write_samples(res, n: int, out: Path, fmt: str, metrics, report: bool, json_path: Optional[Path]) -> None:
+    """`molgen sample`'s file, then what it says: where the molecules went, warnings, the report, the JSON."""
+    from molgen.chem.write import write_molecules
+    from molgen.display import metrics_table
+    from molgen.evaluate import write_json
+    from molgen.sample import kept_warning, nonfinite_warning
+
     write_molecules(out, res.molecules, fmt)
     where = "standard output" if str(out) == "-" else out
     console.print(f"wrote {count(len(res.molecules), 'molecule')} to {where} ({res.description}, {res.seconds:.1f} s sampling)", soft_wrap=True)

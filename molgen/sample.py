@@ -204,20 +204,27 @@ def sample(model: Model, n: int, steps: int | None = None, seed: int = 0, atoms:
                 x, h = polish(step, p_params, x, h, g, [lv])
                 x, h = (x, h) if formula is None else fix(x, h, 0.0, 1.0)  # a polishing call ends on a clean molecule
                 tick()
-        x, types = np.asarray(x), np.argmax(np.asarray(h)[:, :N_TYPES], axis=-1)
-        o = 0
-        for k in bs:
-            pos = x[o : o + k].astype(np.float64)
-            if fragment is not None:
-                from molgen.fragment import to_input_frame
-
-                pos = to_input_frame(fragment, pos)
-            if decimals is not None:
-                pos = np.round(pos, decimals)
-            mols.append(Molecule(types[o : o + k].astype(np.int8), pos, name=f"molgen_{len(mols)}",
-                                 props=dict(settings)))
-            o += k
+        mols += _molecules(x, h, bs, len(mols), settings, fragment, decimals)
     return Samples(mols, settings, settings["molgen_calls"], time.time() - t0, _describe(model, s, settings))
+
+
+def _molecules(x, h, sizes, first: int, settings: dict, fragment=None, decimals: int | None = None) -> list[Molecule]:
+    """A packed batch's molecules (named from ``molgen_{first}`` on): positions in the fragment's input frame when
+    completing one, rounded to ``decimals``; types read from ``h``."""
+    x, types = np.asarray(x), np.argmax(np.asarray(h)[:, :N_TYPES], axis=-1)
+    out, o = [], 0
+    for k in sizes:
+        pos = x[o : o + k].astype(np.float64)
+        if fragment is not None:
+            from molgen.fragment import to_input_frame
+
+            pos = to_input_frame(fragment, pos)
+        if decimals is not None:
+            pos = np.round(pos, decimals)
+        out.append(Molecule(types[o : o + k].astype(np.int8), pos, name=f"molgen_{first + len(out)}",
+                            props=dict(settings)))
+        o += k
+    return out
 
 
 def check_keep(keep: str, unique: bool = False) -> None:
