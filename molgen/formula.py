@@ -19,7 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from molgen import MolgenError
-from molgen.chem.elements import N_TYPES, SYMBOLS, TYPE_OF_SYMBOL, formula
+from molgen.chem.elements import N_TYPES, SYMBOLS, TYPE_OF_SYMBOL, hill_formula
+from molgen.chem.io import MAX_ATOMS
 from molgen.data.features import type_features
 
 _TERM = re.compile(r"([A-Z][a-z]?)(\d*)")
@@ -39,7 +40,7 @@ class Formula:
         return int(sum(self.counts))
 
     def __str__(self) -> str:
-        return formula(self.types)
+        return hill_formula(self.counts)
 
 
 def parse_formula(text: str) -> Formula:
@@ -52,12 +53,15 @@ def parse_formula(text: str) -> Formula:
     counts = [0] * N_TYPES
     for element, n in terms:
         if element not in TYPE_OF_SYMBOL:
-            raise MolgenError(f"--formula {text}: {element} is not an element molgen's models know "
+            raise MolgenError(f"--formula {s}: {element} is not an element molgen's models know "
                               f"({', '.join(SYMBOLS)})")
         if n and int(n) == 0:
-            raise MolgenError(f"--formula {text}: a count of 0 ({element}0); leave the element out")
+            raise MolgenError(f"--formula {s}: a count of 0 ({element}0); leave the element out")
         counts[TYPE_OF_SYMBOL[element]] += int(n or 1)
-    return Formula(tuple(counts))
+    f = Formula(tuple(counts))
+    if f.size > MAX_ATOMS:
+        raise MolgenError(f"--formula {s}: {f.size} atoms, more than the {MAX_ATOMS} molgen reads back")
+    return f
 
 
 def assign_types(scores: np.ndarray, types: np.ndarray) -> np.ndarray:

@@ -302,8 +302,6 @@ def formula_atoms(formula, atoms: int | None, fragment=None) -> int | None:
         return atoms
     if fragment is not None:
         raise MolgenError("--formula and --fix: give one of them")
-    if formula.size > MAX_ATOMS:
-        raise MolgenError(f"--formula {formula}: {formula.size} atoms, more than the {MAX_ATOMS} molgen reads back")
     if atoms is not None and atoms != formula.size:
         raise MolgenError(f"--atoms {atoms} contradicts --formula {formula} ({formula.size} atoms); drop --atoms")
     return formula.size

@@ -4,6 +4,8 @@ the network puts them, and the requests that cannot be done are one-line errors.
 import numpy as np
 import pytest
 from conftest import one_line_error, tiny_models
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from molgen import MolgenError
@@ -33,7 +35,8 @@ def test_formulas_parse_as_chemists_write_them(text, counts, shown):
 @pytest.mark.parametrize("text,message", [
     ("", "write elements and counts"), ("c7h10", "write elements and counts"), ("C7 H10", "write elements"),
     ("C6H5Cl", "Cl is not an element molgen's models know (H, C, N, O, F)"), ("C7X2", "X is not an element"),
-    ("C0H4", "a count of 0 (C0)"),
+    ("C0H4", "a count of 0 (C0)"), ("C100H202", "--formula C100H202: 302 atoms, more than the 256 molgen reads back"),
+    ("C99999999999999999999", "99999999999999999999 atoms, more than"),
 ])
 def test_bad_formulas_say_what_is_wrong(text, message):
     with pytest.raises(MolgenError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -84,8 +87,6 @@ def test_requests_that_cannot_be_done_are_refused():
     with pytest.raises(MolgenError, match="--atoms 9 contradicts --formula C2H4O \\(7 atoms\\); drop --atoms"):
         sample(C, 2, 2, atoms=9, formula=f)
     assert hill(sample(C, 2, 2, atoms=7, formula=f).molecules[0].types) == "C2H4O"  # --atoms that agrees
-    with pytest.raises(MolgenError, match="--formula C100H202: 302 atoms, more than the 256 molgen reads back"):
-        sample(C, 2, 2, formula=parse_formula("C100H202"))
     warnings = preflight(C, 2, 2, None, None, 1, f)
     assert len(warnings) == 1 and "with one call the formula's types are given after the only call" in warnings[0]
     big = preflight(C, 2, 2, None, None, 4, parse_formula("C5H12"))  # 17 atoms: larger than the model's 6-9
@@ -106,3 +107,14 @@ def test_the_command_line_refuses_before_any_work(tmp_path):
     one_line_error(run(app, ["sample", "--formula", "C2H6O", "--checkpoint", "edm-small-diffusion", "-o",
                              str(tmp_path / "x.sdf")]), "--formula needs a consistency model")
     assert not list(tmp_path.glob("x*"))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet="CHNOFSclx0123456789 ()", max_size=12))
+def test_any_text_is_a_formula_or_one_error(text):
+    try:
+        f = parse_formula(text)
+    except MolgenError as e:
+        assert str(e).startswith(f"--formula {text.strip()}") or str(e).startswith(f"--formula {text!r}")
+        return
+    assert f.size >= 1 and str(parse_formula(str(f))) == str(f)  # its Hill form reads back as itself

@@ -29,6 +29,11 @@ def types_from_symbols(symbols) -> np.ndarray:
 def formula(types) -> str:
     """The molecular formula of type indices in Hill order: C, then H, then the rest alphabetically (without
     carbon, all alphabetically), e.g. C2H6O, H2O."""
-    counts = dict(zip(SYMBOLS, np.bincount(np.asarray(types, np.int64), minlength=N_TYPES).tolist()))
+    return hill_formula(np.bincount(np.asarray(types, np.int64), minlength=N_TYPES).tolist())
+
+
+def hill_formula(counts) -> str:
+    """:func:`formula` of the atom counts of each type (H, C, N, O, F)."""
+    counts = dict(zip(SYMBOLS, counts))
     order = ["C", "H"] + sorted(s for s in SYMBOLS if s not in "CH") if counts["C"] else sorted(SYMBOLS)
     return "".join(f"{s}{counts[s] if counts[s] > 1 else ''}" for s in order if counts[s])
