@@ -3,6 +3,7 @@
 import re
 from pathlib import Path
 
+from molgen.chem.elements import formula
 from molgen.chem.io import read_molecules
 
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -24,3 +25,4 @@ def test_readme_python_example_runs(tmp_path, monkeypatch, capsys):
     m = scope["m"]
     assert 0 < len(scope["mols"]) <= 100
     assert len(scope["mols"]) >= round(m.validity * 100) * 0.9  # RDKit reads back about the valid share
+    assert len(scope["isomers"]) == 10 and {formula(x.types) for x in scope["isomers"]} == {"C7H10O2"}
