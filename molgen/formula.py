@@ -83,15 +83,17 @@ def formula_fixer(f: Formula, n_mols: int, graph):
     rows = n_mols * k
     mask = np.asarray(graph.node_mask)
 
-    @jax.jit
-    def put(h, given):
-        return jnp.where(mask[:, None] > 0, given, h)
-
     def fix(x, h, level, scale):
         assert level == 0 and scale == 1, "the formula is imposed on clean molecules only"
         scores = np.asarray(h)[:rows, :N_TYPES].reshape(n_mols, k, N_TYPES)
         t = np.zeros(len(mask), np.int32)
         t[:rows] = np.concatenate([assign_types(s, types) for s in scores])
-        return x, put(h, type_features(t, mask, np))
+        return x, _put(h, type_features(t, mask, np), mask)
 
     return fix
+
+
+@jax.jit
+def _put(h, given, mask):
+    """``h`` with the real atoms' rows (``mask``) replaced by ``given``, its feature columns; padding rows kept."""
+    return jnp.where(mask[:, None] > 0, given, h)
