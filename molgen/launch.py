@@ -217,12 +217,31 @@ def launch(req: Request, data_dir: Path | None = None, progress: str | None = No
     cfg = resolve_config(req)
     check_run_dir(req.out, req.resume)  # before anything is read or made
     check_devices(cfg, jax.device_count())  # before a distillation's pairs are made, say
+    _check_data(cfg, data_dir)
     log(f"training {cfg.objective} | batch {cfg.optim.batch_size} | {cfg.optim.steps} steps | devices "
         f"{jax.device_count()} ({jax.devices()[0].platform}) | {req.out}")
     if not is_main():  # the process that writes the run's files holds its folder
         return _run(cfg, req, data_dir, progress, log, progress_factory, max_seconds)
     with hold_run(req.out):  # refuses a folder that another process holds; train() checks it again inside
         return _run(cfg, req, data_dir, progress, log, progress_factory, max_seconds)
+
+
+def _check_data(cfg: RunConfig, data_dir) -> None:
+    """A run on QM9: the batch fits its training split (the cache's manifest says how large), checked before the
+    run is announced."""
+    from molgen.data.qm9 import default_data_dir, read_manifest
+
+    if get_objective(cfg.objective).pairs:  # a distillation's pairs are checked when made or read
+        return
+    manifest = read_manifest(Path(data_dir) if data_dir else default_data_dir())
+    if manifest is not None:  # without one, reading the cache says what to do
+        _check_batch(cfg, int(manifest["splits"]["train"]))
+
+
+def _check_batch(cfg: RunConfig, n_train: int) -> None:
+    if cfg.optim.batch_size > n_train:
+        raise MolgenError(f"batch size {cfg.optim.batch_size} is larger than the training split ({n_train:,} molecules); "
+                          "give a smaller --batch-size")
 
 
 def _run(cfg: RunConfig, req: Request, data_dir, progress, log, progress_factory, max_seconds):
@@ -243,10 +262,7 @@ def _run(cfg: RunConfig, req: Request, data_dir, progress, log, progress_factory
         ds = load_qm9(data_dir, remove_h=cfg.data.remove_h)
         if not req.resume:
             cfg = objective.configure(cfg, ds, start.cfg if start else None)
-    n_train = len(ds.split("train"))
-    if cfg.optim.batch_size > n_train:
-        raise MolgenError(f"batch size {cfg.optim.batch_size} is larger than the training split ({n_train:,} molecules); "
-                          "give a smaller --batch-size")
+    _check_batch(cfg, len(ds.split("train")))
     res = train(cfg, req.out, ds, resume=req.resume, init_params=start.params if start else None,
                 anchor_params=_anchor(cfg, start, req.out, req.resume), progress=progress, log=log, max_seconds=max_seconds)
     return cfg, res

@@ -38,7 +38,8 @@ def test_a_refused_run_leaves_the_run_as_it_was(ct_run, data_dir):
     assert json.loads((ct_run / "config.json").read_text())["objective"] == "ct"
 
 
-def test_a_run_folder_in_use_is_refused_and_a_refused_new_run_leaves_no_folder(ct_run, tmp_path, data_dir):
+def test_a_run_folder_in_use_is_refused_and_a_refused_new_run_leaves_no_folder(ct_run, tmp_path, data_dir,
+                                                                              monkeypatch):
     import fcntl
     import os
 
@@ -54,9 +55,15 @@ def test_a_run_folder_in_use_is_refused_and_a_refused_new_run_leaves_no_folder(c
         os.close(fd)
     assert {p.name: p.read_bytes() for p in ct_run.iterdir() if p.is_file()} == before
     new = tmp_path / "new"
-    one_line_error(run("train", "--objective", "ct", "--model", "tiny", "--batch-size", 100000, "--out", new,
-                       "--data-dir", data_dir), "larger than the training split")
+    res = run("train", "--objective", "ct", "--model", "tiny", "--batch-size", 100000, "--out", new, "--data-dir",
+              data_dir)
+    one_line_error(res, "larger than the training split")
+    assert "training" not in res.output.replace("training split", "")  # refused before it announced a run
     assert not new.exists()
+    monkeypatch.setenv("MOLGEN_HOME", str(tmp_path / "empty"))  # the default cache folder, without a cache
+    res = run("train", "--model", "tiny", "--out", new)
+    one_line_error(res, "holds no QM9 cache: run `molgen download`")
+    assert "training" not in res.output and not new.exists()
 
 
 def _edit_config(folder, **model):
