@@ -96,6 +96,8 @@ def resolve_config(req: Request) -> RunConfig:
         raise MolgenError(f"--teacher names the diffusion model a distill run learns from; objective "
                           f"{cfg.objective} has none")
     cfg = cfg.replace(init=str(req.init) if req.init else cfg.init)
+    if cfg.init and req.model:
+        raise MolgenError(f"--model: the run takes its network from --init {cfg.init}")
     _check_start(cfg)  # before the data and models are read
     return cfg
 
@@ -250,8 +252,6 @@ def _run(cfg: RunConfig, req: Request, data_dir, progress, log, progress_factory
 
     objective = get_objective(cfg.objective)
     start = None if req.resume else _start_model(cfg)
-    if start is not None and req.model:
-        raise MolgenError(f"--model: the run takes its network from --init {cfg.init}")
     if objective.pairs:
         if start is not None:
             cfg = objective.configure(cfg, None, start.cfg)
