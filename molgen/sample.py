@@ -133,7 +133,7 @@ def plan(model: Model, steps: int | None = None, sampler: str | None = None, sig
         raise MolgenError("--resample applies when completing a fragment; add --fix FILE")
     if formula and s.kind != "consistency":
         raise MolgenError(f"--formula needs a consistency model (each call ends on a clean molecule, whose atoms take "
-                          f"the formula's types); {model.name} is a {s.kind} model")
+                          f"the formula's types); {model.name} is a {s.kind} model (molgen models lists the others)")
     if resample and not s.takes_resample:
         raise MolgenError(f"--resample applies to the ancestral sampler of diffusion models, not {s.name}")
     temperature = check_positive("--temperature", model.temperature if temperature is None else temperature)
