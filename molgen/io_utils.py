@@ -77,7 +77,8 @@ def atomic_path(dest: Path | str):
             sys.stdout.flush()
         return
     if is_stream(dest):
-        yield Path(dest)
+        with _naming(dest):
+            yield Path(dest)
         return
     dest = Path(os.path.realpath(dest)) if Path(dest).is_symlink() else Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -95,12 +96,25 @@ def atomic_path(dest: Path | str):
     os.close(fd)
     os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; outputs are ordinary files
     try:
-        yield Path(tmp)
-        os.replace(tmp, dest)
+        with _naming(dest, tmp):
+            yield Path(tmp)
+            os.replace(tmp, dest)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+@contextmanager
+def _naming(dest, tmp=None):
+    """A file system error in writing ``dest`` names ``dest``: a failed write (a full disk) names no file, and a
+    failure on the temporary file ``tmp`` names that one."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename not in (None, tmp, str(tmp)):
+            raise
+        raise OSError(e.errno, e.strerror or str(e), str(dest)) from None
 
 
 # the molecule files molgen reads, by extension (each also gzip-compressed, + ".gz"), and what a folder of

@@ -451,6 +451,37 @@ def test_a_file_that_cannot_be_made_is_named_as_asked_not_by_its_temporary_name(
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_write_that_fails_names_the_file_asked_for_and_leaves_nothing(tmp_path):
+    """A disk that fills while a file is written: the error names the destination (the failed write names no file,
+    or the temporary one), nothing half-written is left, and an earlier file of that name is kept; a device written
+    in place (/dev/full) is named too."""
+    import errno
+    import os
+
+    from molgen.io_utils import atomic_path
+
+    (tmp_path / "out.sdf").write_text("earlier")
+    for failure in (OSError(errno.ENOSPC, "No space left on device"),
+                    OSError(errno.ENOSPC, "No space left on device", "TMP")):
+        with pytest.raises(OSError) as e:
+            with atomic_path(tmp_path / "out.sdf") as tmp:
+                tmp.write_text("half")
+                if failure.filename == "TMP":
+                    failure.filename = str(tmp)
+                raise failure
+        assert (e.value.errno, e.value.filename) == (errno.ENOSPC, str(tmp_path / "out.sdf"))
+        assert [p.name for p in tmp_path.iterdir()] == ["out.sdf"] and (tmp_path / "out.sdf").read_text() == "earlier"
+    with pytest.raises(OSError, match="another file") as e:  # an error about another file keeps its name
+        with atomic_path(tmp_path / "out.sdf"):
+            raise OSError(errno.ENOENT, "No such file or directory", "another file")
+    if os.path.exists("/dev/full"):
+        with pytest.raises(OSError) as e:
+            with atomic_path("/dev/full") as dev:
+                with open(dev, "w") as f:
+                    f.write("x")
+        assert (e.value.errno, e.value.filename) == (errno.ENOSPC, "/dev/full")
+
+
 def test_rdkit_warnings_while_reading_are_not_shown(tmp_path):
     """A record marked 2D with a z != 0 is read as 3D, as RDKit does, without RDKit's own warning line on stderr
     (a fresh process: nothing else has silenced RDKit yet)."""
