@@ -223,15 +223,15 @@ def _write_samples(res, n: int, out: Path, fmt: str, metrics, report: bool, json
     from molgen.chem.write import write_molecules
     from molgen.display import metrics_table
     from molgen.evaluate import write_json
+    from molgen.io_utils import where
     from molgen.sample import kept_warning, nonfinite_warning
 
     write_molecules(out, res.molecules, fmt)
-    where = "standard output" if str(out) == "-" else out
-    console.print(f"wrote {count(len(res.molecules), 'molecule')} to {where} ({res.description}, {res.seconds:.1f} s sampling)", soft_wrap=True)
+    console.print(f"wrote {count(len(res.molecules), 'molecule')} to {where(out)} ({res.description}, {res.seconds:.1f} s sampling)", soft_wrap=True)
     for warning in filter(None, (kept_warning(res, n), nonfinite_warning(res.molecules, fmt))):
         say(warning)
     if report:
-        console.print(metrics_table(metrics, f"samples: {where}"))
+        console.print(metrics_table(metrics, f"samples: {where(out)}"))
     if json_path:
         write_json(json_path, metrics, {"file": str(out), **res.settings})
 
@@ -319,7 +319,7 @@ def evaluate(
 def view(
     file: Path = typer.Argument(..., help="SDF or XYZ file, a folder of them, or - for standard input."),
     n: int = Opt(24, "-n", help="Molecules to draw (the first N; at most 100)."),
-    out: Optional[Path] = Opt(None, "-o", "--out", help="Image file: .png or .svg, replaced if it exists. Default: grid.png, or grid-2.png, ... if taken."),
+    out: Optional[Path] = Opt(None, "-o", "--out", help="Image file: .png or .svg, replaced if it exists; - writes PNG to standard output. Default: grid.png, or grid-2.png, ... if taken."),
     per_row: int = Opt(6, "--per-row", help="Molecules per row."),
     fmt: Optional[str] = Opt(None, "--format", help="Force sdf or xyz (xyz also reads a folder's .txt files: EDM's samples)."),
 ):
@@ -328,36 +328,37 @@ def view(
     from molgen.chem.depict import MAX_GRID, grid
     from molgen.chem.checks import input_warnings
     from molgen.chem.io import read_molecules
-    from molgen.io_utils import check_writable, unused_path
+    from molgen.io_utils import check_writable, unused_path, where, writes_stdout
 
     if not 1 <= n <= MAX_GRID or per_row < 1:
         raise MolgenError(f"-n must be in 1 .. {MAX_GRID} and --per-row at least 1")
     out = out or unused_path("grid.png")  # a default name never replaces a file
     check_writable(out, "-o", suffixes=(".png", ".svg"))
+    report_to_stderr(writes_stdout(out))
     mols = read_molecules(file, fmt, limit=n)  # the rest of a large file is not read
     if not mols:
         raise MolgenError(f"{file}: no molecules")
     for warning in input_warnings(mols):
         say(warning)
-    console.print(f"wrote {count(grid(mols, out, per_row), 'molecule')} to {out}")
+    console.print(f"wrote {count(grid(mols, out, per_row), 'molecule')} to {where(out)}")
 
 
 @app.command()
 @friendly
 def plot(
     run_dir: Path = typer.Argument(..., help="Training run folder (its metrics.jsonl)."),
-    out: Path = Opt(None, "-o", "--out", help="Image file, .png or .svg (default: RUN/curves.png)."),
+    out: Path = Opt(None, "-o", "--out", help="Image file, .png or .svg (default: RUN/curves.png); - writes PNG to standard output."),
 ):
     """Training and validation loss (and their parts) against step, log scale, with the learning rate."""
-    from molgen.io_utils import check_writable
+    from molgen.io_utils import check_writable, where, writes_stdout
     from molgen.plots import training_curves
 
     if not (Path(run_dir) / "metrics.jsonl").is_file():
         raise MolgenError(f"{run_dir}: no metrics.jsonl (not a training run folder?)")
     out = out or Path(run_dir) / "curves.png"
     check_writable(out, "-o", suffixes=(".png", ".svg"))
-    series = training_curves(run_dir, out)
-    console.print(f"wrote {out} ({', '.join(series)})")
+    report_to_stderr(writes_stdout(out))
+    console.print(f"drew {', '.join(training_curves(run_dir, out))} to {where(out)}")
 
 
 @app.command()

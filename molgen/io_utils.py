@@ -45,6 +45,11 @@ def writes_stdout(path: Path | str | None) -> bool:
         return False
 
 
+def where(path: Path | str) -> str:
+    """An output's name in what a command says: "standard output" for ``-`` (or /dev/stdout), else the path."""
+    return "standard output" if writes_stdout(path) else str(path)
+
+
 def read_json_object(path: Path | str, what: str = "a JSON object") -> dict:
     """A JSON file holding one object (a damaged one, or another kind of JSON: one line, MolgenError)."""
     from molgen import MolgenError
@@ -134,13 +139,13 @@ def molecule_suffix(path: Path | str) -> str:
 
 def check_writable(path: Path | str | None, what: str = "output", inputs=(), suffixes=()) -> None:
     """Refuse, before any work, an output path that cannot be written: a folder, a missing folder, read-only,
-    one of the command's ``inputs`` (it would be overwritten), or without one of ``suffixes`` when they are given.
-    None: no output, nothing to check."""
+    one of the command's ``inputs`` (it would be overwritten), or a file without one of ``suffixes`` when they are
+    given (a stream, such as standard output, takes the first one's format). None: no output, nothing to check."""
     from molgen import MolgenError
 
     if path is None:
         return
-    if suffixes and Path(path).suffix.lower() not in suffixes:
+    if suffixes and Path(path).suffix.lower() not in suffixes and not is_stream(path):
         raise MolgenError(f"{what} {path}: give a {' or '.join(suffixes)} file")
     if is_stream(path):  # written in place
         if str(path) != STDIO and not os.access(path, os.W_OK):

@@ -270,3 +270,20 @@ def test_plot_draws_the_training_curves(tmp_path):
     res = cli("plot", run, "-o", tmp_path / "c.png")
     assert res.exit_code == 0 and (tmp_path / "c.png").exists(), res.output
 
+
+def test_view_and_plot_write_png_to_standard_output(tmp_path, sdf):
+    """`-o -`: the image's bytes on standard output, what the command says on stderr."""
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in (1, 2, 3)))
+    for args, said in ((["view", str(sdf), "-n", "3", "-o", "-"], "wrote 3 molecules to standard output"),
+                       (["plot", str(run), "-o", "-"], "drew loss to standard output")):
+        res = subprocess.run([sys.executable, "-m", "molgen", *args], capture_output=True, timeout=300)
+        assert res.returncode == 0 and said in res.stderr.decode(), res.stderr.decode()
+        (tmp_path / "out.png").write_bytes(res.stdout)
+        assert _png_size(tmp_path / "out.png")[0] > 200
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.png", "run"]  # no grid.png, no curves.png
+
