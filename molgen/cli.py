@@ -185,6 +185,7 @@ def sample(
     resample: int = Opt(0, "--resample", help="--fix with the ancestral sampler: repeat every step N more times after going back up by the forward process (RePaint); N extra calls per step."),
     keep: str = Opt("all", "--keep", metavar="<all|valid|stable>", help="Write only valid molecules (EDM's validity, in one piece) or stable ones (valid, and every atom's valence allowed), drawing more until -n are kept (at most 100 x n drawn)."),
     unique: bool = Opt(False, "--unique", help="With --keep: no two molecules of the same SMILES."),
+    type_bias: Optional[str] = Opt(None, "--type-bias", help="Add BIAS to the network's last output for ELEMENT before each atom's type is read from it, e.g. N=0.2,O=0.2 (each from 0 to below 0.25, so an atom the network typed with certainty keeps its type; 0: none). Default: the model card's, from 2 calls on."),
 ):
     """Generate molecules and write them as SDF or XYZ, then print their stability report."""
     from molgen.chem.io import DECIMALS
@@ -194,16 +195,16 @@ def sample(
     from molgen.fragment import read_fragment
     from molgen.jax_setup import enable_compilation_cache
     from molgen.models import load_model, polisher_for
-    from molgen.sample import parse_levels, plan, preflight, sample_kept
+    from molgen.sample import parse_levels, parse_type_bias, plan, preflight, sample_kept
 
     out, fmt, workers = _sample_output(out, fmt, json_path, fix, report or json_path is not None, novelty, data_dir)
-    sig = parse_levels(sigmas)
+    sig, bias = parse_levels(sigmas), parse_type_bias(type_bias)
     enable_compilation_cache()
     frag = read_fragment(fix) if fix is not None else None
     form = parse_formula(formula) if formula is not None else None
     m = load_model(checkpoint)
     _, _, settings, _ = plan(m, steps, sampler, sig, temperature, renoise, polish, seed, resample, frag is not None,
-                             form is not None)
+                             form is not None, bias)
     pol = polisher_for(m, polisher, calls=polish)
     for warning in preflight(m, n, batch_size, atoms, frag, settings["molgen_calls"], form):
         say(warning)
@@ -213,7 +214,7 @@ def sample(
         res = sample_kept(m, n, keep, seed, batch_size, more, steps=steps, atoms=atoms, sampler=sampler, sigmas=sig,
                           temperature=temperature, renoise=renoise, polish_calls=polish, polisher=pol,
                           progress=tick, fragment=frag, resample=resample, unique=unique, decimals=DECIMALS,
-                          formula=form)
+                          formula=form, type_bias=bias)
         metrics = annotate(res.molecules, ref, novelty, frag, tasks, workers) if ref is not None else None
     _write_samples(res, n, out, fmt, metrics, report, json_path)
 

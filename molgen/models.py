@@ -44,6 +44,11 @@ class Model:
         r = self.meta.get("renoise")
         return None if r is None else float(r)
 
+    @property
+    def type_bias(self) -> dict[str, float]:
+        """The card's recommended type bias, by element, for molecules of two or more calls (none: {})."""
+        return {str(k): float(v) for k, v in self.meta.get("type_bias", {}).items()}
+
 
 def weights_root() -> Path:
     """The folder of shipped models: inside the installed package, or ``weights/`` of a source checkout."""
@@ -237,13 +242,15 @@ def export_model(run: str | Path, dest: Path, headline: str = "", temperature: f
         src = polisher_for(m, stages_from, "--stages-from")
         cfg, params = stack_model(cfg, params, src.cfg, src.params, stack, source=src.name)
         meta["trained"] += f", then {stack} denoising stages of {src.name} appended (not trained further)"
-    # a model folder's sampling defaults go with it unless others are given (a run has none)
+    # a model folder's sampling defaults go with it unless others are given (a run has none; a type bias is kept)
     temperature = m.meta.get("temperature") if temperature is None else temperature
     renoise = m.meta.get("renoise") if renoise is None else renoise
     if temperature is not None:
         meta["temperature"] = float(temperature)
     if renoise is not None:
         meta["renoise"] = float(renoise)
+    if m.type_bias:
+        meta["type_bias"] = m.type_bias
     save_model(dest, cfg, params, meta)
     _write_recipes(Path(m.meta["source"]), m.cfg, dest, meta["trained"], stack, stages_from)
     return Model(cfg, params, {**meta, "source": str(dest)})

@@ -16,10 +16,11 @@ import jax
 import numpy as np
 
 from molgen import MolgenError
-from molgen.chem.elements import N_TYPES
+from molgen.chem.elements import N_TYPES, SYMBOLS, TYPE_OF_SYMBOL
 from molgen.chem.io import MAX_ATOMS, Molecule
 from molgen.consistency.stack import describe_network
 from molgen.data.batching import bucket, pack
+from molgen.data.features import ONEHOT_SCALE
 from molgen.diffusion.edm import denoiser
 from molgen.diffusion.levels import low_ladder
 from molgen.diffusion.polish import make_polish_step, polish
@@ -104,6 +105,32 @@ def parse_levels(text: str | None) -> list[float] | None:
         raise MolgenError(f"--sigmas: expected comma-separated numbers, got {text!r}") from None
 
 
+def parse_type_bias(text: str | None) -> dict[str, float] | None:
+    """``--type-bias N=0.2,O=0.2`` as {element: bias}; ``0`` or ``none``: no bias ({}); None: the card's. Each bias
+    is at least 0 and below ONEHOT_SCALE, the network's output for a type it is sure of, so no atom that the network
+    typed with certainty changes type (a formula's or a fragment's atoms included)."""
+    if text is None:
+        return None
+    if text.strip().lower() in ("0", "none"):
+        return {}
+    out: dict[str, float] = {}
+    for part in text.split(","):
+        element, eq, value = part.strip().partition("=")
+        try:
+            b = float(value)
+        except ValueError:
+            b = float("nan")
+        if not eq or element not in TYPE_OF_SYMBOL or not 0 <= b < ONEHOT_SCALE:
+            raise MolgenError(f"--type-bias {text!r}: give ELEMENT=BIAS pairs, e.g. N=0.2,O=0.2 (elements "
+                              f"{', '.join(SYMBOLS)}; each bias at least 0 and below {ONEHOT_SCALE:g}), or 0 for none")
+        out[element] = b
+    return out
+
+
+def bias_text(bias: dict[str, float]) -> str:
+    return ",".join(f"{e}={b:g}" for e, b in bias.items())
+
+
 def check_positive(name: str, value: float, zero_ok: bool = False) -> float:
     if not (np.isfinite(value) and (value >= 0 if zero_ok else value > 0)):
         raise MolgenError(f"{name} must be a {'number >= 0' if zero_ok else 'positive number'}, got {value}")
@@ -112,10 +139,11 @@ def check_positive(name: str, value: float, zero_ok: bool = False) -> float:
 
 def plan(model: Model, steps: int | None = None, sampler: str | None = None, sigmas: Sequence[float] | None = None,
          temperature: float | None = None, renoise: float | None = None, polish_calls: int = 0, seed: int = 0,
-         resample: int = 0, fixing: bool = False, formula: bool = False):
+         resample: int = 0, fixing: bool = False, formula: bool = False, type_bias: dict | None = None):
     """(sampler, levels, settings, renoise): every choice checked and resolved (the card's defaults) before any
     work. ``fixing``: a fragment will be completed (``resample`` needs one); ``formula``: molecules of a formula
-    (a consistency sampler's, whose calls end on clean molecules: :mod:`molgen.formula`)."""
+    (a consistency sampler's, whose calls end on clean molecules: :mod:`molgen.formula`); ``type_bias``
+    (:func:`parse_type_bias`; None: the card's, from two calls on) is recorded as ``molgen_type_bias``."""
     if not 0 <= seed < 2**32:
         raise MolgenError(f"--seed must be in 0 .. 2^32 - 1, got {seed}")
     s = get_sampler(model.cfg, sampler)
@@ -151,6 +179,12 @@ def plan(model: Model, steps: int | None = None, sampler: str | None = None, sig
         settings["molgen_network"] = describe_network(model.cfg)
     if s.takes_renoise and steps > 1:
         settings["molgen_renoise"] = renoise
+    if formula and type_bias:
+        raise MolgenError("--type-bias with --formula: the formula gives every atom's type")
+    if type_bias is None:  # the card's, where it was measured to help: molecules of two or more calls
+        type_bias = model.type_bias if settings["molgen_calls"] > 1 and not formula else {}
+    if any(type_bias.values()):
+        settings["molgen_type_bias"] = bias_text(type_bias)
     return s, levels, settings, renoise
 
 
@@ -159,7 +193,7 @@ def sample(model: Model, n: int, steps: int | None = None, seed: int = 0, atoms:
            temperature: float | None = None, renoise: float | None = None, polish_calls: int = 0,
            polisher: Model | None = None, progress: Callable[[int], None] | None = None,
            apply: Callable | None = None, fragment=None, resample: int = 0, decimals: int | None = None,
-           formula=None) -> Samples:
+           formula=None, type_bias: dict | None = None) -> Samples:
     """``n`` molecules in ``steps`` sampler steps (default: the sampler's), then ``polish_calls`` calls of the
     diffusion model ``polisher`` on the low ladder. ``progress(k)`` is told of every k network calls done on
     a batch (the total is calls x batches). ``apply``: the network's apply function (default: the model's).
@@ -167,13 +201,15 @@ def sample(model: Model, n: int, steps: int | None = None, seed: int = 0, atoms:
     fragment's, in the fragment's own frame (:mod:`molgen.fragment`); ``resample``: RePaint's resampling rounds per
     step (ancestral sampler). ``decimals``: coordinates rounded to as many decimals (`molgen sample` rounds them to
     what its file holds, :data:`molgen.chem.io.DECIMALS`, so that its report describes the file). ``formula``
-    (:class:`molgen.formula.Formula`): every molecule has it (:mod:`molgen.formula`)."""
+    (:class:`molgen.formula.Formula`): every molecule has it (:mod:`molgen.formula`). ``type_bias``
+    ({element: bias}, :func:`parse_type_bias`; None: the card's): added to the network's last type outputs before
+    each atom's type is read from them."""
     import time
 
     atoms = formula_atoms(formula, atoms, fragment)
     check_request(model.cfg, n, batch_size, atoms, fragment.size if fragment is not None else 0)
     s, levels, settings, renoise = plan(model, steps, sampler, sigmas, temperature, renoise, polish_calls, seed,
-                                        resample, fragment is not None, formula is not None)
+                                        resample, fragment is not None, formula is not None, type_bias)
     if polish_calls and polisher is None:
         raise MolgenError("polishing needs a diffusion model (--polisher)")
     sizes = draw_sizes(model.cfg, n, seed, atoms, above=fragment.size if fragment is not None else 0)
@@ -210,8 +246,11 @@ def sample(model: Model, n: int, steps: int | None = None, seed: int = 0, atoms:
 
 def _molecules(x, h, sizes, first: int, settings: dict, fragment=None, decimals: int | None = None) -> list[Molecule]:
     """A packed batch's molecules (named from ``molgen_{first}`` on): positions in the fragment's input frame when
-    completing one, rounded to ``decimals``; types read from ``h``."""
-    x, types = np.asarray(x), np.argmax(np.asarray(h)[:, :N_TYPES], axis=-1)
+    completing one, rounded to ``decimals``; types read from ``h``, plus the settings' type bias."""
+    bias = np.zeros(N_TYPES, np.float32)
+    for element, b in parse_type_bias(settings.get("molgen_type_bias", "0")).items():
+        bias[TYPE_OF_SYMBOL[element]] = b
+    x, types = np.asarray(x), np.argmax(np.asarray(h)[:, :N_TYPES] + bias, axis=-1)
     out, o = [], 0
     for k in sizes:
         pos = x[o : o + k].astype(np.float64)
@@ -365,6 +404,8 @@ def _describe(model: Model, s, settings: dict) -> str:
         parts.append(f"re-noise {settings['molgen_renoise']:g}")
     if "molgen_formula" in settings:
         parts.append(f"formula {settings['molgen_formula']}")
+    if "molgen_type_bias" in settings:
+        parts.append(f"type bias {settings['molgen_type_bias']}")
     if "molgen_resample" in settings:
         parts.append(f"{settings['molgen_resample']} resampling rounds per step")
     if "molgen_polish" in settings:

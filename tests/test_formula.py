@@ -109,6 +109,52 @@ def test_the_command_line_refuses_before_any_work(tmp_path):
     assert not list(tmp_path.glob("x*"))
 
 
+def test_a_type_bias_reads_each_atom_s_type_with_the_bias_added():
+    """--type-bias adds to the network's last type outputs before the argmax: an atom whose output for N is within
+    the bias of its best type becomes N; an atom typed with certainty (a formula's, a fragment's: ONEHOT_SCALE on
+    its type, 0 elsewhere) never changes, as every bias is below that."""
+    from molgen.sample import _molecules, parse_type_bias
+
+    h = np.array([[0.25, 0, 0, 0, 0, 0],  # sure: H
+                  [0.02, 0.12, 0.0, 0.01, 0, 0],  # a C, N 0.12 behind it: N with a bias above 0.12
+                  [0.0, 0.2, 0.05, 0.0, 0, 0],  # a C, N 0.15 behind
+                  [0.0, 0.0, 0.0, 0.2, 0.0, 0]], np.float32)  # an O
+    x = np.zeros((4, 3), np.float32)
+    for text, types in (("0", [0, 1, 1, 3]), ("N=0.13", [0, 2, 1, 3]), ("N=0.16,O=0.1", [0, 2, 2, 3]),
+                        ("N=0.24,O=0.24,H=0.24,C=0.24,F=0.24", [0, 1, 1, 3])):
+        settings = {"molgen_type_bias": text} if parse_type_bias(text) else {}
+        got = _molecules(x, h, [4], 0, settings)[0].types
+        assert got.tolist() == types, text
+    for bad in ("N=0.25", "N=-0.1", "Cl=0.1", "N=0.1,", "N", "N=x"):
+        with pytest.raises(MolgenError, match="--type-bias .*: give ELEMENT=BIAS pairs"):
+            parse_type_bias(bad)
+    assert parse_type_bias("none") == {} and parse_type_bias(None) is None
+
+
+def test_the_card_s_type_bias_applies_from_two_calls_and_never_to_a_formula():
+    from dataclasses import replace
+
+    card = replace(C, meta={**C.meta, "type_bias": {"N": 0.2, "O": 0.2}})
+    given = {"N": 0.1}
+    cases = [(dict(steps=1), None), (dict(steps=2), "N=0.2,O=0.2"), (dict(steps=1, polish_calls=2), "N=0.2,O=0.2"),
+             (dict(steps=1, type_bias=given), "N=0.1"), (dict(steps=4, type_bias={}), None),
+             (dict(steps=4, formula=True), None)]
+    for kw, recorded in cases:
+        settings = plan(card, **kw)[2]
+        assert settings.get("molgen_type_bias") == recorded, kw
+    with pytest.raises(MolgenError, match="--type-bias with --formula"):
+        plan(card, 4, formula=True, type_bias=given)
+    res = sample(card, 6, 3, seed=2, formula=parse_formula("C2H4O"))  # the card's bias leaves the formula alone
+    assert all(hill(m.types) == "C2H4O" for m in res.molecules) and "molgen_type_bias" not in res.settings
+    biased = sample(card, 6, 3, seed=2, atoms=7)
+    plain = sample(card, 6, 3, seed=2, atoms=7, type_bias={})
+    assert "type bias N=0.2,O=0.2" in biased.description and biased.molecules[0].props["molgen_type_bias"] == "N=0.2,O=0.2"
+    for a, b in zip(biased.molecules, plain.molecules):  # the same molecules, some atoms read as N or O
+        np.testing.assert_array_equal(a.positions, b.positions)
+        changed = a.types != b.types
+        assert set(a.types[changed].tolist()) <= {2, 3}
+
+
 @settings(max_examples=300, deadline=None)
 @given(st.text(alphabet="CHNOFSclx0123456789 ()", max_size=12))
 def test_any_text_is_a_formula_or_one_error(text):

@@ -1,6 +1,7 @@
 """Every shipped model samples the same molecules as when its weights were committed: coordinates within 3e-3 Å
 and identical atom types, per model and sampler (tests/data/regression_samples.npz, made by `molgen sample` with the
-seed, sampler and card settings recorded in it). The samples are drawn in a subprocess with the tests'
+seed, sampler and card settings recorded in it; a case that records no type bias is drawn without one, as it was
+recorded before the default's card had one). The samples are drawn in a subprocess with the tests'
 faster, less optimising XLA flags (half the compile time), which round differently from `molgen sample`'s.
 
 Measured against the recording (2026-12-02, an AMD EPYC): with these flags at most 1.1e-3 Å (20 ancestral steps
@@ -33,7 +34,8 @@ SCRIPT = textwrap.dedent("""
         sampler = {"ancestral": None, "refine": "anneal"}.get(case["sampler"], case["sampler"])
         pol = polisher_for(m) if case["refine"] else None
         mols = sample(m, case["n"], case["steps"], 0, sampler=sampler, temperature=case["temperature"],
-                      renoise=case["renoise"], polish_calls=case["refine"], polisher=pol).molecules
+                      renoise=case["renoise"], polish_calls=case["refine"], polisher=pol,
+                      type_bias=case.get("type_bias", {})).molecules
         k = case["key"]
         out[k + "_pos"] = np.concatenate([m.positions for m in mols])
         out[k + "_types"] = np.concatenate([m.types for m in mols])
