@@ -16,16 +16,15 @@ import jax
 import numpy as np
 
 from molgen import MolgenError
-from molgen.chem.elements import N_TYPES, SYMBOLS, TYPE_OF_SYMBOL
 from molgen.chem.io import MAX_ATOMS, Molecule
 from molgen.consistency.stack import describe_network
 from molgen.data.batching import bucket, pack
-from molgen.data.features import ONEHOT_SCALE
 from molgen.diffusion.edm import denoiser
 from molgen.diffusion.levels import low_ladder
 from molgen.diffusion.polish import make_polish_step, polish
 from molgen.models import Model
 from molgen.networks import network
+from molgen.readout import bias_text, parse_type_bias, read_types
 from molgen.samplers import get_sampler
 
 
@@ -103,32 +102,6 @@ def parse_levels(text: str | None) -> list[float] | None:
         return [float(s) for s in text.split(",")]
     except ValueError:
         raise MolgenError(f"--sigmas: expected comma-separated numbers, got {text!r}") from None
-
-
-def parse_type_bias(text: str | None) -> dict[str, float] | None:
-    """``--type-bias N=0.2,O=0.2`` as {element: bias}; ``0`` or ``none``: no bias ({}); None: the card's. Each bias
-    is at least 0 and below ONEHOT_SCALE, the network's output for a type it is sure of, so no atom that the network
-    typed with certainty changes type (a formula's or a fragment's atoms included)."""
-    if text is None:
-        return None
-    if text.strip().lower() in ("0", "none"):
-        return {}
-    out: dict[str, float] = {}
-    for part in text.split(","):
-        element, eq, value = part.strip().partition("=")
-        try:
-            b = float(value)
-        except ValueError:
-            b = float("nan")
-        if not eq or element not in TYPE_OF_SYMBOL or not 0 <= b < ONEHOT_SCALE:
-            raise MolgenError(f"--type-bias {text!r}: give ELEMENT=BIAS pairs, e.g. N=0.2,O=0.2 (elements "
-                              f"{', '.join(SYMBOLS)}; each bias at least 0 and below {ONEHOT_SCALE:g}), or 0 for none")
-        out[element] = b
-    return out
-
-
-def bias_text(bias: dict[str, float]) -> str:
-    return ",".join(f"{e}={b:g}" for e, b in bias.items())
 
 
 def check_positive(name: str, value: float, zero_ok: bool = False) -> float:
@@ -247,10 +220,7 @@ def sample(model: Model, n: int, steps: int | None = None, seed: int = 0, atoms:
 def _molecules(x, h, sizes, first: int, settings: dict, fragment=None, decimals: int | None = None) -> list[Molecule]:
     """A packed batch's molecules (named from ``molgen_{first}`` on): positions in the fragment's input frame when
     completing one, rounded to ``decimals``; types read from ``h``, plus the settings' type bias."""
-    bias = np.zeros(N_TYPES, np.float32)
-    for element, b in parse_type_bias(settings.get("molgen_type_bias", "0")).items():
-        bias[TYPE_OF_SYMBOL[element]] = b
-    x, types = np.asarray(x), np.argmax(np.asarray(h)[:, :N_TYPES] + bias, axis=-1)
+    x, types = np.asarray(x), read_types(h, parse_type_bias(settings.get("molgen_type_bias", "0")))
     out, o = [], 0
     for k in sizes:
         pos = x[o : o + k].astype(np.float64)

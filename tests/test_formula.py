@@ -113,7 +113,8 @@ def test_a_type_bias_reads_each_atom_s_type_with_the_bias_added():
     """--type-bias adds to the network's last type outputs before the argmax: an atom whose output for N is within
     the bias of its best type becomes N; an atom typed with certainty (a formula's, a fragment's: ONEHOT_SCALE on
     its type, 0 elsewhere) never changes, as every bias is below that."""
-    from molgen.sample import _molecules, parse_type_bias
+    from molgen.readout import parse_type_bias
+    from molgen.sample import _molecules
 
     h = np.array([[0.25, 0, 0, 0, 0, 0],  # sure: H
                   [0.02, 0.12, 0.0, 0.01, 0, 0],  # a C, N 0.12 behind it: N with a bias above 0.12
