@@ -47,7 +47,14 @@ class Model:
     @property
     def type_bias(self) -> dict[str, float]:
         """The card's recommended type bias, by element, for molecules of two or more calls (none: {})."""
-        return {str(k): float(v) for k, v in self.meta.get("type_bias", {}).items()}
+        from molgen.readout import parse_type_bias
+
+        given = self.meta.get("type_bias") or {}
+        try:
+            return parse_type_bias(",".join(f"{k}={v}" for k, v in given.items())) if given else {}
+        except (MolgenError, AttributeError):
+            raise MolgenError(f"{self.name}: meta.json's type_bias must map elements to biases from 0 to below 0.25, "
+                              f'e.g. {{"N": 0.2}}, got {given!r}') from None
 
 
 def weights_root() -> Path:

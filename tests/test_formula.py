@@ -145,6 +145,9 @@ def test_the_card_s_type_bias_applies_from_two_calls_and_never_to_a_formula():
         assert settings.get("molgen_type_bias") == recorded, kw
     with pytest.raises(MolgenError, match="--type-bias with --formula"):
         plan(card, 4, formula=True, type_bias=given)
+    for bad in ({"N": 0.3}, "N=0.2", {"Cl": 0.1}):  # a card edited by hand: one line, not a traceback
+        with pytest.raises(MolgenError, match="meta.json's type_bias must map elements to biases"):
+            plan(replace(C, meta={**C.meta, "type_bias": bad}), 4)
     res = sample(card, 6, 3, seed=2, formula=parse_formula("C2H4O"))  # the card's bias leaves the formula alone
     assert all(hill(m.types) == "C2H4O" for m in res.molecules) and "molgen_type_bias" not in res.settings
     biased = sample(card, 6, 3, seed=2, atoms=7)
