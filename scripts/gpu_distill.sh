@@ -5,7 +5,7 @@
 # < 16 MiB parts, put there before sampling), the samples. Runs ON the device machine, in the repo root (no data set needed: the teacher makes the pairs); carry
 # .whl (ase, to write XYZ). On the CPU, DRY=1 rehearses every step with tiny sizes.
 #
-#   INIT=edm-small-stack2 TEACHER=edm-diffusion RECIPE=weights/edm-small-stack2/recipe-1-gpu.toml \
+#   INIT=edm-small-stack TEACHER=edm-diffusion RECIPE=weights/edm-small-stack/recipe.toml \
 #     bash scripts/gpu_distill.sh [DEADLINE_S=560]
 #
 # Environment: INIT, TEACHER, RECIPE (as above), NAME (distilled: the folder and file names), SETS (more
@@ -13,8 +13,8 @@
 set -uo pipefail
 t_start=$(date +%s)
 deadline=${1:-560}
-init=${INIT:-edm-small-stack2}; teacher=${TEACHER:-edm-small-diffusion}
-recipe=${RECIPE:-weights/edm-small-stack2/recipe-1-gpu.toml}; name=${NAME:-distilled}; sample_s=${SAMPLE_S:-120}
+init=${INIT:-edm-small-stack}; teacher=${TEACHER:-edm-small-diffusion}
+recipe=${RECIPE:-weights/edm-small-stack/recipe.toml}; name=${NAME:-distilled}; sample_s=${SAMPLE_S:-120}
 out=${OUT:-/tmp/out}; mkdir -p "$out" runs
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 MOLGEN_JAX_CACHE=/tmp/jaxcache
 if [ -d .whl ] && ! python3 -c "import ase" 2>/dev/null; then
