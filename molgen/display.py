@@ -337,8 +337,9 @@ def model_table(model, default: bool = False) -> Table:
             ("headline", meta.get("headline", "")),
             ("temperature", f"{meta['temperature']:g}" if "temperature" in meta else ""),
             ("re-noise", f"{meta['renoise']:g}" if "renoise" in meta else ""),
-            ("type bias", ", ".join(f"{e} {b:g}" for e, b in meta.get("type_bias", {}).items()) + " (2 or more calls)"
-             if meta.get("type_bias") else ""),
+            ("type bias", "; ".join(", ".join(f"{e} {b:g}" for e, b in meta[key].items()) + f" ({calls})"
+                                    for key, calls in (("type_bias_one_call", "1 call"), ("type_bias", "2 or more calls"))
+                                    if meta.get(key))),
             ("diffusion model", diffusion_source(cfg) or ""),
             ("GPU runs", ", ".join(f"{r.get('date', '?')} ({r.get('steps', 0):,} steps)" for r in meta.get("gpu_runs", []))),
             ("recipes", ", ".join(p.name for p in sorted(folder.glob("recipe*.toml")))),

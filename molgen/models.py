@@ -47,13 +47,21 @@ class Model:
     @property
     def type_bias(self) -> dict[str, float]:
         """The card's recommended type bias, by element, for molecules of two or more calls (none: {})."""
+        return self._card_bias("type_bias")
+
+    @property
+    def type_bias_one_call(self) -> dict[str, float]:
+        """The card's recommended type bias for molecules of one call (none: {})."""
+        return self._card_bias("type_bias_one_call")
+
+    def _card_bias(self, key: str) -> dict[str, float]:
         from molgen.readout import parse_type_bias
 
-        given = self.meta.get("type_bias") or {}
+        given = self.meta.get(key) or {}
         try:
             return parse_type_bias(",".join(f"{k}={v}" for k, v in given.items())) if given else {}
         except (MolgenError, AttributeError):
-            raise MolgenError(f"{self.name}: meta.json's type_bias must map elements to biases from 0 to below 0.25, "
+            raise MolgenError(f"{self.name}: meta.json's {key} must map elements to biases from 0 to below 0.25, "
                               f'e.g. {{"N": 0.2}}, got {given!r}') from None
 
 
@@ -256,8 +264,9 @@ def export_model(run: str | Path, dest: Path, headline: str = "", temperature: f
         meta["temperature"] = float(temperature)
     if renoise is not None:
         meta["renoise"] = float(renoise)
-    if m.type_bias:
-        meta["type_bias"] = m.type_bias
+    for key, bias in (("type_bias", m.type_bias), ("type_bias_one_call", m.type_bias_one_call)):
+        if bias:
+            meta[key] = bias
     save_model(dest, cfg, params, meta)
     _write_recipes(Path(m.meta["source"]), m.cfg, dest, meta["trained"], stack, stages_from)
     return Model(cfg, params, {**meta, "source": str(dest)})

@@ -116,7 +116,7 @@ def plan(model: Model, steps: int | None = None, sampler: str | None = None, sig
     """(sampler, levels, settings, renoise): every choice checked and resolved (the card's defaults) before any
     work. ``fixing``: a fragment will be completed (``resample`` needs one); ``formula``: molecules of a formula
     (a consistency sampler's, whose calls end on clean molecules: :mod:`molgen.formula`); ``type_bias``
-    (:func:`parse_type_bias`; None: the card's, from two calls on) is recorded as ``molgen_type_bias``."""
+    (:func:`parse_type_bias`; None: the card's for that many calls) is recorded as ``molgen_type_bias``."""
     if not 0 <= seed < 2**32:
         raise MolgenError(f"--seed must be in 0 .. 2^32 - 1, got {seed}")
     s = get_sampler(model.cfg, sampler)
@@ -154,8 +154,9 @@ def plan(model: Model, steps: int | None = None, sampler: str | None = None, sig
         settings["molgen_renoise"] = renoise
     if formula and type_bias:
         raise MolgenError("--type-bias with --formula: the formula gives every atom's type")
-    if type_bias is None:  # the card's, where it was measured to help: molecules of two or more calls
-        type_bias = model.type_bias if settings["molgen_calls"] > 1 and not formula else {}
+    if type_bias is None:  # the card's, where it was measured to help (its own for one call), never a formula's
+        one = settings["molgen_calls"] == 1
+        type_bias = {} if formula else model.type_bias_one_call if one else model.type_bias
     if any(type_bias.values()):
         settings["molgen_type_bias"] = bias_text(type_bias)
     return s, levels, settings, renoise

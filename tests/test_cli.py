@@ -334,9 +334,13 @@ def test_distill_from_a_consistency_model_resume_and_sample(tmp_path, trained, e
     assert res.exit_code == 0, res.output
     wmeta = json.loads((tmp_path / "w" / "meta.json").read_text())
     assert wmeta["temperature"] == 0.8 and wmeta["renoise"] == 0.3  # the sampling defaults it recommends
-    (tmp_path / "w" / "meta.json").write_text(json.dumps({**wmeta, "type_bias": {"N": 0.2}}))
+    (tmp_path / "w" / "meta.json").write_text(json.dumps({**wmeta, "type_bias": {"N": 0.2},
+                                                          "type_bias_one_call": {"O": 0.1}}))
     assert run("export", tmp_path / "w", tmp_path / "w2").exit_code == 0  # a model folder's card goes with it
-    assert json.loads((tmp_path / "w2" / "meta.json").read_text())["type_bias"] == {"N": 0.2}
+    w2 = json.loads((tmp_path / "w2" / "meta.json").read_text())
+    assert (w2["type_bias"], w2["type_bias_one_call"]) == ({"N": 0.2}, {"O": 0.1})
+    shown = run("models", tmp_path / "w2").output
+    assert "O 0.1 (1 call); N 0.2 (2 or more calls)" in " ".join(shown.split()), shown
     res = run("sample", "--checkpoint", tmp_path / "w", "-n", 4, "--steps", 2, "-o", tmp_path / "w.sdf", "--no-report")
     assert res.exit_code == 0 and "temperature 0.8, re-noise 0.3," in res.output, res.output
     assert (tmp_path / "w.sdf").read_text().count("$$$$") == 4

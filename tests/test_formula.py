@@ -132,22 +132,27 @@ def test_a_type_bias_reads_each_atom_s_type_with_the_bias_added():
     assert parse_type_bias("none") == {} and parse_type_bias(None) is None
 
 
-def test_the_card_s_type_bias_applies_from_two_calls_and_never_to_a_formula():
+def test_the_card_s_type_bias_applies_from_two_calls_its_one_call_bias_at_one_and_never_to_a_formula():
     from dataclasses import replace
 
     card = replace(C, meta={**C.meta, "type_bias": {"N": 0.2, "O": 0.2}})
+    both = replace(C, meta={**card.meta, "type_bias_one_call": {"N": 0.1, "O": 0.1}})
     given = {"N": 0.1}
-    cases = [(dict(steps=1), None), (dict(steps=2), "N=0.2,O=0.2"), (dict(steps=1, polish_calls=2), "N=0.2,O=0.2"),
-             (dict(steps=1, type_bias=given), "N=0.1"), (dict(steps=4, type_bias={}), None),
-             (dict(steps=4, formula=True), None)]
-    for kw, recorded in cases:
-        settings = plan(card, **kw)[2]
-        assert settings.get("molgen_type_bias") == recorded, kw
+    cases = [(card, dict(steps=1), None), (card, dict(steps=2), "N=0.2,O=0.2"),
+             (card, dict(steps=1, polish_calls=2), "N=0.2,O=0.2"), (card, dict(steps=1, type_bias=given), "N=0.1"),
+             (card, dict(steps=4, type_bias={}), None), (card, dict(steps=4, formula=True), None),
+             (both, dict(steps=1), "N=0.1,O=0.1"), (both, dict(steps=2), "N=0.2,O=0.2"),
+             (both, dict(steps=1, type_bias={"O": 0.05}), "O=0.05"), (both, dict(steps=1, type_bias={}), None),
+             (both, dict(steps=1, formula=True), None)]
+    for model, kw, recorded in cases:
+        settings = plan(model, **kw)[2]
+        assert settings.get("molgen_type_bias") == recorded, (model.meta, kw)
     with pytest.raises(MolgenError, match="--type-bias with --formula"):
         plan(card, 4, formula=True, type_bias=given)
-    for bad in ({"N": 0.3}, "N=0.2", {"Cl": 0.1}):  # a card edited by hand: one line, not a traceback
-        with pytest.raises(MolgenError, match="meta.json's type_bias must map elements to biases"):
-            plan(replace(C, meta={**C.meta, "type_bias": bad}), 4)
+    for key, calls in (("type_bias", 4), ("type_bias_one_call", 1)):
+        for bad in ({"N": 0.3}, "N=0.2", {"Cl": 0.1}):  # a card edited by hand: one line, not a traceback
+            with pytest.raises(MolgenError, match=f"meta.json's {key} must map elements to biases"):
+                plan(replace(C, meta={**C.meta, key: bad}), calls)
     res = sample(card, 6, 3, seed=2, formula=parse_formula("C2H4O"))  # the card's bias leaves the formula alone
     assert all(hill(m.types) == "C2H4O" for m in res.molecules) and "molgen_type_bias" not in res.settings
     biased = sample(card, 6, 3, seed=2, atoms=7)
