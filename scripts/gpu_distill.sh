@@ -26,6 +26,8 @@ extra=${SETS:-}; n_mol=1000
 if [ "${DRY:-0}" = 1 ]; then extra="$extra --set distill.pairs=64 --set distill.teacher_steps=2 --batch-size 16 --steps 20"; n_mol=8; fi
 run=runs/$name
 log "distill $init from $teacher with $recipe $extra"
+# a run folder left by an earlier call on this machine is moved aside, not exported again
+if [ -e "$run" ]; then mv "$run" "$run.before-$t_start" && log "moved an earlier $run aside to $run.before-$t_start"; fi
 train_min=$(python3 -c "print(max(0.3, ($(left) - $sample_s) / 60))")
 python3 -m molgen train --recipe "$recipe" --init "$init" --teacher "$teacher" $extra --out "$run" \
   --max-minutes "$train_min" >"$out/train.txt" 2>&1

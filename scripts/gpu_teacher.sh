@@ -176,7 +176,11 @@ if [ "${BENCH_ONLY:-0}" = 1 ]; then
 fi
 [ "$resume" = 0 ] && log "training precision $precision, layout $layout"
 
-# 2. The teacher.
+# 2. The teacher. A run folder left by an earlier call on this machine is moved aside, not exported again
+# (RESUME=1 continues one).
+if [ "$resume" = 0 ] && [ -e "$run" ]; then
+  mv "$run" "$run.before-$t_start" && log "moved an earlier $run aside to $run.before-$t_start (RESUME=1 continues it)"
+fi
 train_min=$(python3 -c "print(max(0.3, ($(left) - $sample_s) / 60))")
 if [ "$resume" = 1 ]; then
   start=$(cat "$run/start" 2>/dev/null)
