@@ -185,7 +185,7 @@ def sample(
     resample: int = Opt(0, "--resample", help="--fix with the ancestral sampler: repeat every step N more times after going back up by the forward process (RePaint); N extra calls per step."),
     keep: str = Opt("all", "--keep", metavar="<all|valid|stable>", help="Write only valid molecules (EDM's validity, in one piece) or stable ones (valid, and every atom's valence allowed), drawing more until -n are kept (at most 100 x n drawn)."),
     unique: bool = Opt(False, "--unique", help="With --keep: no two molecules of the same SMILES."),
-    type_bias: Optional[str] = Opt(None, "--type-bias", help="Add BIAS to the network's last output for ELEMENT before each atom's type is read from it, e.g. N=0.2,O=0.2 (each from 0 to below 0.25, so an atom the network typed with certainty keeps its type; 0: none). Default: the model card's, from 2 calls on."),
+    type_bias: Optional[str] = Opt(None, "--type-bias", help="Add BIAS to the network's last output for ELEMENT before each atom's type is read from it, e.g. N=0.2,O=0.2 (each from 0 to below 0.25, so an atom the network typed with certainty keeps its type; 0: none). Default: the model card's for that many calls (molgen models NAME shows it)."),
 ):
     """Generate molecules and write them as SDF or XYZ, then print their stability report."""
     from molgen.chem.io import DECIMALS
