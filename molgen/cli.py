@@ -185,6 +185,7 @@ def sample(
     resample: int = Opt(0, "--resample", help="--fix with the ancestral sampler: repeat every step N more times after going back up by the forward process (RePaint); N extra calls per step."),
     keep: str = Opt("all", "--keep", metavar="<all|valid|stable>", help="Write only valid molecules (EDM's validity, in one piece) or stable ones (valid, and every atom's valence allowed), drawing more until -n are kept (at most 100 x n drawn)."),
     unique: bool = Opt(False, "--unique", help="With --keep: no two molecules of the same SMILES."),
+    novel: bool = Opt(False, "--novel", help="With --keep: no molecule whose SMILES is among QM9's training split's (needs the QM9 cache; the report then shows novelty)."),
     type_bias: Optional[str] = Opt(None, "--type-bias", help="Add BIAS to the network's last output for ELEMENT before each atom's type is read from it, e.g. N=0.2,O=0.2 (each from 0 to below 0.25, so an atom the network typed with certainty keeps its type; 0: none). Default: the model card's for that many calls (molgen models NAME shows it)."),
 ):
     """Generate molecules and write them as SDF or XYZ, then print their stability report."""
@@ -195,10 +196,13 @@ def sample(
     from molgen.fragment import read_fragment
     from molgen.jax_setup import enable_compilation_cache
     from molgen.models import load_model, polisher_for
-    from molgen.sample import parse_levels, parse_type_bias, plan, preflight, sample_kept
+    from molgen.outputs import sample_output, write_samples
+    from molgen.sample import check_keep, parse_levels, parse_type_bias, plan, preflight, sample_kept
 
-    out, fmt, workers = _sample_output(out, fmt, json_path, fix, report or json_path is not None, novelty, data_dir)
-    sig, bias = parse_levels(sigmas), parse_type_bias(type_bias)
+    check_keep(keep, unique, novel)
+    reported = report or json_path is not None
+    out, fmt, workers = sample_output(out, fmt, json_path, fix, reported, novelty, data_dir, novel)
+    sig, bias, novelty = parse_levels(sigmas), parse_type_bias(type_bias), novelty or novel
     enable_compilation_cache()
     frag = read_fragment(fix) if fix is not None else None
     form = parse_formula(formula) if formula is not None else None
@@ -210,49 +214,13 @@ def sample(
         say(warning)
     with sampling_progress(settings["molgen_calls"], batch_size) as (more, tick, tasks):
         # QM9's figures for the report are read first: a cache that cannot be read loses no sampling
-        ref = reference_for(data_dir, m.cfg.data.remove_h, novelty, tasks, workers) if report or json_path else None
+        ref = reference_for(data_dir, m.cfg.data.remove_h, novelty, tasks, workers) if reported or novel else None
         res = sample_kept(m, n, keep, seed, batch_size, more, steps=steps, atoms=atoms, sampler=sampler, sigmas=sig,
                           temperature=temperature, renoise=renoise, polish_calls=polish, polisher=pol,
                           progress=tick, fragment=frag, resample=resample, unique=unique, decimals=DECIMALS,
-                          formula=form, type_bias=bias)
-        metrics = annotate(res.molecules, ref, novelty, frag, tasks, workers) if ref is not None else None
-    _write_samples(res, n, out, fmt, metrics, report, json_path)
-
-
-def _write_samples(res, n: int, out: Path, fmt: str, metrics, report: bool, json_path: Optional[Path]) -> None:
-    """`molgen sample`'s file, then what it says: where the molecules went, warnings, the report, the JSON."""
-    from molgen.chem.write import write_molecules
-    from molgen.display import metrics_table
-    from molgen.evaluate import write_json
-    from molgen.io_utils import where
-    from molgen.sample import kept_warning, nonfinite_warning
-
-    write_molecules(out, res.molecules, fmt)
-    console.print(f"wrote {count(len(res.molecules), 'molecule')} to {where(out)} ({res.description}, {res.seconds:.1f} s sampling)", soft_wrap=True)
-    for warning in filter(None, (kept_warning(res, n), nonfinite_warning(res.molecules, fmt))):
-        say(warning)
-    if report:
-        console.print(metrics_table(metrics, f"samples: {where(out)}"))
-    if json_path:
-        write_json(json_path, metrics, {"file": str(out), **res.settings})
-
-
-def _sample_output(out: Optional[Path], fmt: Optional[str], json_path: Optional[Path], fix: Optional[Path],
-                   reported: bool, novelty: bool, data_dir: Optional[Path]):
-    """`molgen sample`'s output file (a default name when none is given), format and report, checked before any
-    work (novelty, a figure of the report, needs one and the QM9 cache); third: the processes to judge it in."""
-    from molgen.chem.io import format_of, output_file
-    from molgen.data.qm9 import require_reference
-    from molgen.io_utils import check_outputs, writes_stdout
-    from molgen.workers import default_workers
-
-    if novelty and not reported:
-        raise MolgenError("--novelty is a figure of the report: drop --no-report, or add --json FILE")
-    out = output_file(out, fmt)
-    report_to_stderr(check_outputs({"-o": out, "--json": json_path}, inputs=(fix,)))  # when one is standard output
-    fmt = format_of(out, fmt or ("sdf" if writes_stdout(out) else None), strict=True)
-    require_reference(data_dir, "--novelty compares with QM9's training split" if novelty else None)
-    return out, fmt, default_workers()
+                          formula=form, type_bias=bias, known=ref[0] if novel else None)
+        metrics = annotate(res.molecules, ref, novelty, frag, tasks, workers) if reported else None
+    write_samples(res, n, out, fmt, metrics, report, json_path)
 
 
 @app.command()

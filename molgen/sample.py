@@ -237,12 +237,13 @@ def _molecules(x, h, sizes, first: int, settings: dict, fragment=None, decimals:
     return out
 
 
-def check_keep(keep: str, unique: bool = False) -> None:
-    """--keep names one of :data:`KEEP`; --unique needs molecules with SMILES (valid ones)."""
+def check_keep(keep: str, unique: bool = False, novel: bool = False) -> None:
+    """--keep names one of :data:`KEEP`; --unique and --novel need molecules with SMILES (valid ones)."""
     if keep not in KEEP:
         raise MolgenError(f"--keep must be one of {', '.join(KEEP)}, got {keep!r}")
-    if unique and KEEP[keep] is None:
-        raise MolgenError("--unique compares SMILES, which only valid molecules have: add --keep valid or stable")
+    for name, given in (("--unique", unique), ("--novel", novel)):
+        if given and KEEP[keep] is None:
+            raise MolgenError(f"{name} compares SMILES, which only valid molecules have: add --keep valid or stable")
 
 
 def kept_warning(res: Samples, n: int) -> str | None:
@@ -261,15 +262,17 @@ def round_seed(seed: int, r: int) -> int:
 
 def sample_kept(model: Model, n: int, keep: str = "all", seed: int = 0, batch_size: int = 1000,
                 on_round: Callable[[int], None] | None = None, max_draws: int | None = None, unique: bool = False,
-                **kw) -> Samples:
-    """``n`` molecules that pass ``keep`` (:data:`KEEP`), with ``unique`` each of another SMILES (EDM's uniqueness):
-    rounds of :func:`sample` (the first with ``seed``, the next with :func:`round_seed`), each sized by the share
-    kept so far, until ``n`` are kept or ``max_draws`` (default MAX_DRAWS x n) are drawn; then fewer are
-    returned (``drawn`` says how many were drawn; ``seconds`` counts the judging too), none is a MolgenError.
-    ``on_round(m)`` is told of each round's m molecules before it is drawn; ``kw`` goes to :func:`sample`."""
+                known: set[str] | None = None, **kw) -> Samples:
+    """``n`` molecules that pass ``keep`` (:data:`KEEP`), with ``unique`` each of another SMILES (EDM's uniqueness)
+    and with ``known`` (SMILES, e.g. the training split's for ``--novel``) none of those: rounds of :func:`sample`
+    (the first with ``seed``, the next with :func:`round_seed`), each sized by the share kept so far, until ``n``
+    are kept or ``max_draws`` (default MAX_DRAWS x n) are drawn; then fewer are returned (``drawn`` says how many
+    were drawn; ``seconds`` counts the judging too), none is a MolgenError. ``on_round(m)`` is told of each
+    round's m molecules before it is drawn; ``kw`` goes to :func:`sample`."""
     import time
 
-    check_keep(keep, unique)
+    novel = known is not None
+    check_keep(keep, unique, novel)
     if KEEP[keep] is None:
         if on_round:
             on_round(n)
@@ -281,6 +284,7 @@ def sample_kept(model: Model, n: int, keep: str = "all", seed: int = 0, batch_si
     test, limit = KEEP[keep], max(1, max_draws or MAX_DRAWS * n)
     kept: list[Molecule] = []
     seen: set[str] = set()
+    known = known or set()
     drawn, r, res, t0 = 0, 0, None, time.time()
     while len(kept) < n and drawn < limit:
         need = n - len(kept)
@@ -290,12 +294,12 @@ def sample_kept(model: Model, n: int, keep: str = "all", seed: int = 0, batch_si
             on_round(m)
         res = sample(model, m, seed=round_seed(seed, r), batch_size=batch_size, **kw)
         for mol, p in zip(res.molecules, judge(res.molecules)):
-            if test(p) and not (unique and p.smiles in seen):
+            if test(p) and not (unique and p.smiles in seen) and p.smiles not in known:
                 kept.append(mol)
                 seen.add(p.smiles)
         drawn, r = drawn + m, r + 1
     kept = kept[:n]
-    what = keep + (", unique" if unique else "")
+    what = keep + (", unique" if unique else "") + (", novel" if novel else "")
     if not kept:
         raise MolgenError(f"--keep {what}: none of the {drawn:,} molecules drawn passed; nothing written")
     settings = {**res.settings, "molgen_keep": what, "molgen_drawn": drawn}

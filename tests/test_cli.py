@@ -652,6 +652,26 @@ def test_sample_keep_stable_writes_stable_molecules_only(tmp_path, trained, data
     assert not none.exists() and not (tmp_path / "p.sdf").exists()
 
 
+def test_sample_keep_novel_checks_before_sampling_and_reports_novelty(tmp_path, data_dir, monkeypatch):
+    """--novel keeps no molecule of the training split's SMILES; it needs --keep and a QM9 cache, both checked
+    before the model is loaded (nothing written), and the report then shows novelty."""
+    out, rep = tmp_path / "novel.sdf", tmp_path / "r.json"
+    res = run("sample", "-n", 4, "--keep", "valid", "--novel", "--no-report", "--json", rep, "-o", out,
+              "--data-dir", data_dir, "--seed", 1)
+    assert res.exit_code == 0, res.output
+    r = json.loads(rep.read_text())
+    assert r["n_molecules"] == 4 and r["novelty"] == 1.0 and r["molgen_keep"] == "valid, novel"
+    assert re.findall(r"<molgen_keep>.*\n(.*)\n", out.read_text()) == ["valid, novel"] * 4
+    monkeypatch.setenv("MOLGEN_HOME", str(tmp_path / "home"))  # no cache there
+    monkeypatch.setattr("molgen.models.load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    bad = tmp_path / "bad.sdf"
+    one_line_error(run("sample", "-n", 3, "--novel", "-o", bad, "--data-dir", data_dir), "--novel compares SMILES",
+                   "add --keep valid or stable")
+    one_line_error(run("sample", "-n", 3, "--keep", "stable", "--novel", "-o", bad),
+                   "--novel compares with QM9's training split", "molgen download")
+    assert not bad.exists()
+
+
 def test_sample_without_o_never_replaces_an_earlier_default_file(tmp_path, trained, monkeypatch):
     """No -o: out.sdf, then out-2.sdf beside it (the first kept as it was); -o names a file that is replaced."""
     from molgen.chem.io import read_molecules

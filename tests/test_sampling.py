@@ -345,6 +345,15 @@ def test_keep_writes_only_molecules_that_pass_and_draws_more_until_n():
     assert len(set(smiles)) == len(smiles) == 15 and distinct.settings["molgen_keep"] == "stable, unique"
     with pytest.raises(MolgenError, match="--unique compares SMILES"):
         sample_kept(m, 5, "all", unique=True)
+    # --novel: SMILES of a known set (here the first 5 distinct ones, as if QM9's training split held them) are
+    # never kept, so the same seed keeps others in their place
+    known = set(smiles[:5])
+    novel = sample_kept(m, 15, "stable", seed=1, unique=True, known=known)
+    got = [p.smiles for p in judge(novel.molecules)]
+    assert len(set(got)) == 15 and not known & set(got) and set(got) & set(smiles[5:])
+    assert novel.settings["molgen_keep"] == "stable, unique, novel" and novel.drawn >= distinct.drawn
+    with pytest.raises(MolgenError, match="--novel compares SMILES"):
+        sample_kept(m, 5, "all", known=known)
 
 
 _FUZZ_MODELS = {}

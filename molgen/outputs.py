@@ -1,0 +1,48 @@
+"""What `molgen sample` writes: its output file, report and JSON, checked before any work and written after it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+from molgen import MolgenError
+from molgen.display import console, count, report_to_stderr, say
+
+
+def sample_output(out: Optional[Path], fmt: Optional[str], json_path: Optional[Path], fix: Optional[Path],
+                  reported: bool, novelty: bool, data_dir: Optional[Path], novel: bool = False):
+    """`molgen sample`'s output file (a default name when none is given), format and report, checked before any
+    work (novelty, a figure of the report, needs one and the QM9 cache; so does --novel); third: the processes to
+    judge it in."""
+    from molgen.chem.io import format_of, output_file
+    from molgen.data.qm9 import require_reference
+    from molgen.io_utils import check_outputs, writes_stdout
+    from molgen.workers import default_workers
+
+    if novelty and not reported:
+        raise MolgenError("--novelty is a figure of the report: drop --no-report, or add --json FILE")
+    out = output_file(out, fmt)
+    report_to_stderr(check_outputs({"-o": out, "--json": json_path}, inputs=(fix,)))  # when one is standard output
+    fmt = format_of(out, fmt or ("sdf" if writes_stdout(out) else None), strict=True)
+    why = "--novel compares with" if novel else "--novelty compares with" if novelty else None
+    require_reference(data_dir, f"{why} QM9's training split" if why else None)
+    return out, fmt, default_workers()
+
+
+def write_samples(res, n: int, out: Path, fmt: str, metrics, report: bool, json_path: Optional[Path]) -> None:
+    """`molgen sample`'s file, then what it says: where the molecules went, warnings, the report, the JSON."""
+    from molgen.chem.write import write_molecules
+    from molgen.display import metrics_table
+    from molgen.evaluate import write_json
+    from molgen.io_utils import where
+    from molgen.sample import kept_warning, nonfinite_warning
+
+    write_molecules(out, res.molecules, fmt)
+    console.print(f"wrote {count(len(res.molecules), 'molecule')} to {where(out)} ({res.description}, "
+                  f"{res.seconds:.1f} s sampling)", soft_wrap=True)
+    for warning in filter(None, (kept_warning(res, n), nonfinite_warning(res.molecules, fmt))):
+        say(warning)
+    if report:
+        console.print(metrics_table(metrics, f"samples: {where(out)}"))
+    if json_path:
+        write_json(json_path, metrics, {"file": str(out), **res.settings})
