@@ -28,7 +28,7 @@ from molgen.models import Model, load_model
 from molgen.networks import init_params
 from molgen.nn.egnn import PRESETS
 from molgen.data.batching import pack
-from molgen.sample import draw_sizes
+from molgen.sizes import draw_sizes
 from molgen.samplers import get_sampler
 
 QM9_HIST = (0, 0, 0, 1, 4, 5, 9, 16, 49, 124, 362, 807, 1689, 3060, 5136, 7796, 10644, 13025, 13364, 13832, 9482,

@@ -183,7 +183,7 @@ def _anchor(cfg: RunConfig, student: Model | None, run_dir: Path, resume: bool):
 def prepare_pairs(cfg: RunConfig, run_dir: Path, student: Model | None, progress_factory=None) -> PairSet:
     """The run's pairs: loaded from ``run_dir/pairs.npz``, or made with the teacher (and for polished targets,
     the student) and saved there."""
-    from molgen.sample import draw_sizes
+    from molgen.sizes import draw_sizes
 
     path = Path(run_dir) / PAIRS_NAME
     dcfg = cfg.distill

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 
 from molgen import MolgenError
-from molgen.chem.io import MAX_ATOMS, Molecule
+from molgen.chem.io import Molecule
 from molgen.consistency.stack import describe_network
 from molgen.data.batching import bucket, pack
 from molgen.diffusion.edm import denoiser
@@ -25,6 +25,7 @@ from molgen.diffusion.polish import make_polish_step, polish
 from molgen.models import Model
 from molgen.networks import network
 from molgen.readout import bias_text, parse_type_bias, read_types
+from molgen.sizes import check_request, draw_sizes
 from molgen.samplers import get_sampler
 
 
@@ -61,37 +62,6 @@ KEEP = {
     "stable": lambda p: p.valid and p.n_fragments == 1 and p.stable,
 }
 MAX_DRAWS = 100  # --keep draws at most this many molecules per molecule asked for
-
-
-def check_request(cfg, n: int, batch_size: int = 1, atoms: int | None = None, above: int = 0) -> np.ndarray | None:
-    """Check a request's counts before any work; return the atom-count histogram to draw from (None with
-    ``atoms``), restricted to sizes above ``above`` (a fragment's size)."""
-    if n < 1:
-        raise MolgenError("-n must be at least 1")
-    if batch_size < 1:
-        raise MolgenError("--batch-size must be at least 1")
-    if atoms is not None:
-        if not 1 <= atoms <= MAX_ATOMS:
-            raise MolgenError(f"--atoms must be in 1 .. {MAX_ATOMS} (the largest molecule molgen reads back), got {atoms}")
-        if atoms < above:
-            raise MolgenError(f"the fragment has {above} atoms, more than --atoms {atoms}")
-        return None
-    hist = np.asarray(cfg.data.size_hist, np.float64)
-    hist[: above + 1] = 0.0 if above else hist[: above + 1]
-    if hist.sum() <= 0:
-        raise MolgenError("the model has no atom-count histogram; pass --atoms" if not above else
-                          f"the model was trained on no molecule larger than the fragment's {above} atoms; pass --atoms")
-    return hist
-
-
-def draw_sizes(cfg, n: int, seed: int, atoms: int | None = None, stream: int = 7, above: int = 0) -> np.ndarray:
-    """Atom counts: ``atoms`` each, or drawn from the training histogram with the random stream (seed, stream),
-    restricted to sizes above ``above`` (a fragment's size)."""
-    hist = check_request(cfg, n, atoms=atoms, above=above)
-    if hist is None:
-        return np.full(n, atoms, np.int32)
-    rng = np.random.default_rng([seed, stream])
-    return rng.choice(len(hist), size=n, p=hist / hist.sum()).astype(np.int32)
 
 
 def parse_levels(text: str | None) -> list[float] | None:
@@ -162,7 +132,7 @@ def plan(model: Model, steps: int | None = None, sampler: str | None = None, sig
     return s, levels, settings, renoise
 
 
-def sample(model: Model, n: int, steps: int | None = None, seed: int = 0, atoms: int | None = None,
+def sample(model: Model, n: int, steps: int | None = None, seed: int = 0, atoms: int | tuple[int, int] | None = None,
            batch_size: int = 1000, sampler: str | None = None, sigmas: Sequence[float] | None = None,
            temperature: float | None = None, renoise: float | None = None, polish_calls: int = 0,
            polisher: Model | None = None, progress: Callable[[int], None] | None = None,
@@ -310,14 +280,17 @@ def sample_kept(model: Model, n: int, keep: str = "all", seed: int = 0, batch_si
     return Samples(kept, settings, res.calls, time.time() - t0, f"{res.description}; {how}", drawn)
 
 
-def formula_atoms(formula, atoms: int | None, fragment=None) -> int | None:
-    """The atom count to sample: ``atoms``, or with a formula its size (``atoms``, when given, must agree)."""
+def formula_atoms(formula, atoms: int | tuple[int, int] | None, fragment=None) -> int | tuple[int, int] | None:
+    """The atom count (or range) to sample: ``atoms``, or with a formula its size (``atoms``, when given, must
+    agree)."""
     if formula is None:
         return atoms
     if fragment is not None:
         raise MolgenError("--formula and --fix: give one of them")
-    if atoms is not None and atoms != formula.size:
-        raise MolgenError(f"--atoms {atoms} contradicts --formula {formula} ({formula.size} atoms); drop --atoms")
+    lo, hi = atoms if isinstance(atoms, tuple) else (atoms, atoms) if atoms is not None else (0, formula.size)
+    if not lo <= formula.size <= hi:
+        given = f"{lo}" if lo == hi else f"{lo}-{hi}"
+        raise MolgenError(f"--atoms {given} contradicts --formula {formula} ({formula.size} atoms); drop --atoms")
     return formula.size
 
 
@@ -337,7 +310,7 @@ def _fixer(fragment, formula, sizes, graph, nf: int, key):
     return lambda x, h, level, scale: step(known, x, h, graph, np.float32(level), np.float32(scale))
 
 
-def preflight(model: Model, n: int, batch_size: int, atoms: int | None, fragment, calls: int,
+def preflight(model: Model, n: int, batch_size: int, atoms: int | tuple[int, int] | None, fragment, calls: int,
               formula=None) -> list[str]:
     """Before sampling: refuse counts that cannot be sampled (:func:`check_request`), then the warnings:
     ``atoms`` beyond the sizes the model was trained on; a fragment completed in one call (it can only be placed
@@ -346,7 +319,7 @@ def preflight(model: Model, n: int, batch_size: int, atoms: int | None, fragment
     check_request(model.cfg, n, batch_size, atoms, fragment.size if fragment is not None else 0)
     out = []
     sizes = [i for i, c in enumerate(model.cfg.data.size_hist) if c > 0]
-    if atoms is not None and sizes and not sizes[0] <= atoms <= sizes[-1]:
+    if isinstance(atoms, int) and sizes and not sizes[0] <= atoms <= sizes[-1]:
         out.append(f"warning: this model was trained on molecules of {sizes[0]}-{sizes[-1]} atoms; expect poor "
                    f"molecules with " + (f"--atoms {atoms}" if given is not None else f"--formula {formula}"))
     if fragment is not None and calls == 1:

@@ -485,6 +485,8 @@ def test_diffusion_warm_start_keeps_weights_and_shape(tmp_path, trained, data_di
 
 
 def test_sample_bad_inputs(tmp_path, trained):
+    from molgen.chem.io import read_molecules
+
     one_line_error(run("sample", "--checkpoint", tmp_path / "none", "-o", tmp_path / "x.sdf"), "no such model")
     one_line_error(run("sample", "--checkpoint", trained, "-o", tmp_path / "x.pdb"), "cannot tell the format")
     one_line_error(run("sample", "--checkpoint", trained, "-o", tmp_path / "x.sdf", "--steps", 0), "--steps")
@@ -513,9 +515,17 @@ def test_sample_bad_inputs(tmp_path, trained):
     res = run("sample", "--checkpoint", trained, "-n", 1, "--steps", 2, "--atoms", sizes[0], "-o", tmp_path / "odd.sdf",
               "--no-report")
     assert res.exit_code == 0 and "warning" not in res.output, res.output
-    for atoms in (0, 257, 100000):  # 100000 atoms would ask for ~150 GiB of pair indices
+    for atoms in (0, 257, 100000, "250-300"):  # 100000 atoms would ask for ~150 GiB of pair indices
         one_line_error(run("sample", "--checkpoint", trained, "-o", tmp_path / "x.sdf", "--atoms", atoms),
                        "--atoms must be in 1 .. 256", f"got {atoms}")
+    for atoms, msg in (("x", "--atoms: give a count (e.g. 19) or a range (e.g. 15-20), got 'x'"),
+                       ("9-4", "a range goes from the smaller count"),
+                       (f"{sizes[-1] + 1}-{sizes[-1] + 5}", f"the model was trained on no molecule of {sizes[-1] + 1}")):
+        one_line_error(run("sample", "--checkpoint", trained, "-o", tmp_path / "x.sdf", "--atoms", atoms), msg)
+    res = run("sample", "--checkpoint", trained, "-n", 6, "--steps", 2, "--atoms", f"{sizes[0]}-{sizes[1]}", "-o",
+              tmp_path / "range.xyz", "--no-report")
+    assert res.exit_code == 0 and "warning" not in res.output, res.output
+    assert {len(m.types) for m in read_molecules(tmp_path / "range.xyz")} <= {sizes[0], sizes[1]}
     existing = tmp_path / "keep.sdf"
     existing.write_text("precious")
     one_line_error(run("sample", "--checkpoint", trained, "-o", existing, "--steps", 0), "--steps")

@@ -87,6 +87,9 @@ def test_requests_that_cannot_be_done_are_refused():
     with pytest.raises(MolgenError, match="--atoms 9 contradicts --formula C2H4O \\(7 atoms\\); drop --atoms"):
         sample(C, 2, 2, atoms=9, formula=f)
     assert hill(sample(C, 2, 2, atoms=7, formula=f).molecules[0].types) == "C2H4O"  # --atoms that agrees
+    assert hill(sample(C, 2, 2, atoms=(5, 9), formula=f).molecules[0].types) == "C2H4O"  # a range that holds it
+    with pytest.raises(MolgenError, match="--atoms 8-9 contradicts --formula C2H4O \\(7 atoms\\); drop --atoms"):
+        sample(C, 2, 2, atoms=(8, 9), formula=f)
     warnings = preflight(C, 2, 2, None, None, 1, f)
     assert len(warnings) == 1 and "with one call the formula's types are given after the only call" in warnings[0]
     big = preflight(C, 2, 2, None, None, 4, parse_formula("C5H12"))  # 17 atoms: larger than the model's 6-9

@@ -1,5 +1,7 @@
 """Samplers (k network calls, zero CoM, determinism, temperature) and the consistency function's properties."""
 
+import re
+
 import hypothesis
 import hypothesis.strategies
 import jax
@@ -124,6 +126,35 @@ def test_batches_multiply_calls_and_sizes_follow_histogram(rng):
     assert all(3 <= len(x.types) <= 6 for x in res.molecules)
     fixed = sample(m, n=3, steps=1, seed=0, atoms=9).molecules
     assert all(len(x.types) == 9 for x in fixed)
+
+
+def test_an_atom_range_draws_the_training_histogram_within_it():
+    """--atoms A-B: sizes drawn from the training histogram restricted to A..B (renormalised), the same draws
+    as the whole histogram gives where it puts all its weight in the range; bad ranges are one line each."""
+    from types import SimpleNamespace
+
+    from molgen.sizes import draw_sizes, parse_atoms
+
+    assert parse_atoms("19") == 19 and parse_atoms("15-20") == (15, 20) and parse_atoms(" 7 - 7") == 7
+    assert parse_atoms(None) is None
+    for bad, msg in (("x", "give a count"), ("3-", "give a count"), ("1-2-3", "give a count"),
+                     ("-4", "give a count"), ("9-4", "a range goes from the smaller count to the larger (4-9)")):
+        with pytest.raises(MolgenError, match=re.escape(msg)):
+            parse_atoms(bad)
+    cfg = SimpleNamespace(data=SimpleNamespace(size_hist=[0, 0, 0, 1, 3, 0, 6, 2]))  # sizes 3, 4, 6, 7
+    sizes = draw_sizes(cfg, 20000, seed=1, atoms=(4, 6))
+    assert set(np.unique(sizes)) == {4, 6}
+    assert np.mean(sizes == 4) == pytest.approx(3 / 9, abs=0.02)  # 3 : 6 within the range
+    np.testing.assert_array_equal(draw_sizes(cfg, 50, seed=1, atoms=(3, 7)), draw_sizes(cfg, 50, seed=1))
+    assert set(draw_sizes(cfg, 200, seed=0, atoms=(4, 200), above=4)) == {6, 7}  # a fragment of 4 atoms
+    for atoms, above, msg in (((1, 2), 0, "--atoms 1-2: the model was trained on no molecule of 1 to 2 atoms "
+                                          "(its sizes: 3-7); give a count or another range"),
+                              ((5, 5), 0, "no molecule of 5 to 5"),
+                              ((0, 4), 0, "--atoms must be in 1 .. 256 (the largest molecule molgen reads back), got 0-4"),
+                              ((3, 4), 5, "the fragment has 5 atoms, more than --atoms 3-4"),
+                              ((3, 4), 4, "no molecule of 3 to 4 atoms larger than the fragment's 4")):
+        with pytest.raises(MolgenError, match=re.escape(msg)):
+            draw_sizes(cfg, 5, seed=0, atoms=atoms, above=above)
 
 
 @pytest.mark.parametrize("kind", ["diffusion", "consistency"])
