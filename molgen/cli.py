@@ -197,14 +197,12 @@ def sample(
     from molgen.jax_setup import enable_compilation_cache
     from molgen.models import load_model, polisher_for
     from molgen.outputs import sample_output, write_samples
-    from molgen.sample import check_keep, parse_levels, parse_type_bias, plan, preflight, sample_kept
+    from molgen.sample import parse_levels, parse_type_bias, plan, preflight, sample_kept
     from molgen.sizes import parse_atoms
 
-    check_keep(keep, unique, novel)
-    atoms = parse_atoms(atoms)
     reported = report or json_path is not None
-    out, fmt, workers = sample_output(out, fmt, json_path, fix, reported, novelty, data_dir, novel)
-    sig, bias, novelty = parse_levels(sigmas), parse_type_bias(type_bias), novelty or novel
+    out, fmt, workers = sample_output(out, fmt, json_path, fix, reported, novelty, data_dir, (keep, unique, novel))
+    sig, bias, atoms, novelty = parse_levels(sigmas), parse_type_bias(type_bias), parse_atoms(atoms), novelty or novel
     enable_compilation_cache()
     frag = read_fragment(fix) if fix is not None else None
     form = parse_formula(formula) if formula is not None else None

@@ -10,15 +10,18 @@ from molgen.display import console, count, report_to_stderr, say
 
 
 def sample_output(out: Optional[Path], fmt: Optional[str], json_path: Optional[Path], fix: Optional[Path],
-                  reported: bool, novelty: bool, data_dir: Optional[Path], novel: bool = False):
+                  reported: bool, novelty: bool, data_dir: Optional[Path], keep=("all", False, False)):
     """`molgen sample`'s output file (a default name when none is given), format and report, checked before any
-    work (novelty, a figure of the report, needs one and the QM9 cache; so does --novel); third: the processes to
-    judge it in."""
+    work with what it keeps (``keep``: --keep, --unique, --novel); novelty, a figure of the report, needs one and
+    the QM9 cache, and so does --novel. Third: the processes to judge it in."""
     from molgen.chem.io import format_of, output_file
     from molgen.data.qm9 import require_reference
     from molgen.io_utils import check_outputs, writes_stdout
+    from molgen.sample import check_keep
     from molgen.workers import default_workers
 
+    check_keep(*keep)
+    novel = keep[2]
     if novelty and not reported:
         raise MolgenError("--novelty is a figure of the report: drop --no-report, or add --json FILE")
     out = output_file(out, fmt)
