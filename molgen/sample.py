@@ -25,8 +25,8 @@ from molgen.diffusion.polish import make_polish_step, polish
 from molgen.models import Model
 from molgen.networks import network
 from molgen.readout import bias_text, parse_type_bias, read_types
-from molgen.sizes import check_request, draw_sizes
 from molgen.samplers import get_sampler
+from molgen.sizes import check_request, draw_sizes
 
 
 FRAGMENT_STREAM = 104729  # the fixed noise of a fragment's atoms: its own random stream
@@ -140,10 +140,11 @@ def sample(model: Model, n: int, steps: int | None = None, seed: int = 0, atoms:
            formula=None, type_bias: dict | None = None) -> Samples:
     """``n`` molecules in ``steps`` sampler steps (default: the sampler's), then ``polish_calls`` calls of the
     diffusion model ``polisher`` on the low ladder. ``progress(k)`` is told of every k network calls done on
-    a batch (the total is calls x batches). ``apply``: the network's apply function (default: the model's).
-    ``fragment`` (:class:`molgen.fragment.Fragment`): every molecule completes it, its first atoms being the
-    fragment's, in the fragment's own frame (:mod:`molgen.fragment`); ``resample``: RePaint's resampling rounds per
-    step (ancestral sampler). ``decimals``: coordinates rounded to as many decimals (`molgen sample` rounds them to
+    a batch (the total is calls x batches). ``atoms``: every molecule's atom count, or a range (lo, hi) to draw
+    them from the training histogram within (default: the whole histogram). ``apply``: the network's apply
+    function (default: the model's). ``fragment`` (:class:`molgen.fragment.Fragment`): every molecule completes
+    it, its first atoms being the fragment's, in the fragment's own frame (:mod:`molgen.fragment`); ``resample``:
+    RePaint's resampling rounds per step (ancestral sampler). ``decimals``: coordinates rounded to as many decimals (`molgen sample` rounds them to
     what its file holds, :data:`molgen.chem.io.DECIMALS`, so that its report describes the file). ``formula``
     (:class:`molgen.formula.Formula`): every molecule has it (:mod:`molgen.formula`). ``type_bias``
     ({element: bias}, :func:`parse_type_bias`; None: the card's): added to the network's last type outputs before
