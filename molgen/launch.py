@@ -13,8 +13,7 @@ import jax
 from molgen import MolgenError
 from molgen.config import RunConfig
 from molgen.consistency.distill import (PAIR_STREAM, PAIRS_NAME, PairSet, check_pairs, make_pairs, n_held_out,
-                                        ode_solver, polish_solver, self_solver)
-from molgen.consistency.ict import make_multistep_step
+                                        ode_solver, polish_solver)
 from molgen.models import Model, find_model, load_diffusion_model, load_model, read_params, write_params
 from molgen.networks import model_fn
 from molgen.objectives import get_objective
@@ -182,43 +181,32 @@ def _anchor(cfg: RunConfig, student: Model | None, run_dir: Path, resume: bool):
 
 
 def prepare_pairs(cfg: RunConfig, run_dir: Path, student: Model | None, progress_factory=None) -> PairSet:
-    """The run's pairs: loaded from ``run_dir/pairs.npz``, or made (with the teacher and, for polished targets, the
-    student; for ``self`` targets with the student alone) and saved there."""
+    """The run's pairs: loaded from ``run_dir/pairs.npz``, or made with the teacher (and for polished targets,
+    the student) and saved there."""
     from molgen.sizes import draw_sizes
 
     path = Path(run_dir) / PAIRS_NAME
     dcfg = cfg.distill
     if path.exists():
         return check_pairs(PairSet.load(path), path, dcfg)
-    sizes = draw_sizes(cfg, dcfg.pairs, cfg.seed, stream=PAIR_STREAM)
-    solve = _solver(cfg, student)
-    progress = progress_factory(f"{dcfg.targets} targets", dcfg.pairs) if progress_factory else None
-    pairs = make_pairs(solve, sizes, cfg.seed, cfg.n_features, n_held_out(dcfg.pairs, cfg.optim.batch_size), progress,
-                       dcfg.polish_calls if dcfg.targets == "polished" else 0, dcfg.pair_temperature,
-                       self_calls=dcfg.self_calls if dcfg.targets == "self" else 0)
-    Path(run_dir).mkdir(parents=True, exist_ok=True)
-    pairs.save(path)
-    return pairs
-
-
-def _solver(cfg: RunConfig, student: Model | None):
-    """solve(graph, T z_x, T z_h) -> the target molecules of a distillation's ``targets``."""
-    dcfg = cfg.distill
-    if dcfg.targets == "self":
-        fn = model_fn(student.cfg)
-        step = jax.jit(make_multistep_step(fn, cfg.consistency))
-        return self_solver(jax.jit(fn), student.params, step, dcfg.self_calls, dcfg.self_renoise, cfg.consistency,
-                           cfg.seed)
     if not dcfg.teacher:
         raise MolgenError("objective distill needs --teacher (a diffusion model)")
     teacher = load_diffusion_model(dcfg.teacher, "--teacher")
     if teacher.cfg.model.in_node_nf != cfg.model.in_node_nf:
         raise MolgenError(f"--teacher {dcfg.teacher}: its atom features do not match the student's")
+    sizes = draw_sizes(cfg, dcfg.pairs, cfg.seed, stream=PAIR_STREAM)
     denoise = jax.jit(model_fn(teacher.cfg))
     if dcfg.targets == "polished":
-        return polish_solver(jax.jit(model_fn(student.cfg)), student.params, denoise, teacher.params,
-                             dcfg.polish_calls, cfg.consistency)
-    return ode_solver(denoise, teacher.params, dcfg.teacher_steps, cfg.consistency)
+        solve = polish_solver(jax.jit(model_fn(student.cfg)), student.params, denoise, teacher.params,
+                              dcfg.polish_calls, cfg.consistency)
+    else:
+        solve = ode_solver(denoise, teacher.params, dcfg.teacher_steps, cfg.consistency)
+    progress = progress_factory(f"{dcfg.targets} targets", dcfg.pairs) if progress_factory else None
+    pairs = make_pairs(solve, sizes, cfg.seed, cfg.n_features, n_held_out(dcfg.pairs, cfg.optim.batch_size), progress,
+                       dcfg.polish_calls if dcfg.targets == "polished" else 0, dcfg.pair_temperature)
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    pairs.save(path)
+    return pairs
 
 
 def launch(req: Request, data_dir: Path | None = None, progress: str | None = None, log: Callable = print,

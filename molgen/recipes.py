@@ -116,7 +116,7 @@ LIMITS: dict[str, dict[str, tuple]] = {
                     "s0": _at_least(1), "s1": _at_least(1), "total_steps": _at_least(0), "huber_scale": POSITIVE},
     "distill": {"pairs": _at_least(2), "teacher_steps": _at_least(1), "polish_calls": _at_least(0),
                 "pair_temperature": POSITIVE, "anchor_fraction": _within(0, 1, closed_hi=True),
-                "bond_weight": _at_least(0), "self_calls": _at_least(1), "self_renoise": _at_least(0)},
+                "bond_weight": _at_least(0)},
     "optim": {"steps": _at_least(1), "batch_size": _at_least(1), "lr": POSITIVE, "warmup": _at_least(0),
               "ema": _within(0, 1), "clip": POSITIVE, "ckpt_every": _at_least(0), "eval_every": _at_least(0),
               "keep": _at_least(1)},

@@ -330,15 +330,6 @@ def test_distill_from_a_consistency_model_resume_and_sample(tmp_path, trained, e
         assert int(z["refine_rounds"]) == 2 and z["n_atoms"].shape == (20,) and float(z["temperature"]) == 0.5
     with np.load(out / "pairs.npz") as z:  # the same seed's noise, drawn at half the temperature
         assert np.allclose(0.5 * z["noise_x"], np.load(ref / "pairs.npz")["noise_x"], atol=1e-6)
-    # self targets: --init's own 2-call molecules, no teacher needed
-    own = tmp_path / "kd_self"
-    res = run("train", "--objective", "distill", "--init", ect, "--set", "distill.pairs=20", "--set",
-              "distill.targets=self", "--batch-size", 4, "--steps", 1, *_opt(ckpt_every=1), "--devices", 1, "--out", own)
-    assert res.exit_code == 0, res.output
-    dcfg = json.loads((own / "config.json").read_text())["distill"]
-    assert (dcfg["targets"], dcfg["self_calls"], dcfg["self_renoise"], dcfg["teacher"]) == ("self", 2, 0.2, "")
-    with np.load(own / "pairs.npz") as z:
-        assert int(z["self_calls"]) == 2 and int(z["refine_rounds"]) == 0 and z["n_atoms"].shape == (20,)
     res = run("export", ref, tmp_path / "w", "--temperature", 0.8, "--renoise", 0.3)
     assert res.exit_code == 0, res.output
     wmeta = json.loads((tmp_path / "w" / "meta.json").read_text())

@@ -11,8 +11,8 @@ from molgen import MolgenError
 from molgen.chem.elements import N_TYPES
 from molgen.config import DataConfig, RunConfig
 from molgen.consistency.distill import (BOND_CUTOFF, DistillConfig, PairSet, check_pairs, distill_loss, make_pairs,
-                                        ode_solver, polish_solver, self_solver)
-from molgen.consistency.ict import ConsistencyConfig, make_consistency_fn, make_multistep_step
+                                        ode_solver, polish_solver)
+from molgen.consistency.ict import ConsistencyConfig, make_consistency_fn
 from molgen.data.batching import pack
 from molgen.data.features import type_features
 from molgen.diffusion.levels import low_ladder, ode_levels
@@ -262,55 +262,6 @@ def test_polished_targets_are_the_students_answers_polished_by_the_teacher(tmp_p
     back = PairSet.load(tmp_path / "p.npz")
     assert back.polish_calls == 2 and back.n_valid == 1
     np.testing.assert_array_equal(back.positions, two.positions)
-
-
-def test_self_targets_are_the_students_own_multistep_molecules(tmp_path):
-    """self_solver: one call gives the student's one-call molecule (polished targets without a teacher call); a
-    second call without re-noising is f(x, 0.2) on that molecule, molecule by molecule; re-noised, the targets are
-    drawn from the pairs' own stream (the same seed, the same targets); the call count survives a save and load,
-    and a run that wants other targets refuses them."""
-    tcfg, tparams = _teacher()
-    scfg = _student_cfg()
-    sparams = init_params(scfg, seed=3)
-    sizes = np.array([3, 5, 2, 4, 3], np.int32)
-    fn = model_fn(scfg)
-    s_fn, step = jax.jit(fn), jax.jit(make_multistep_step(fn, CC))
-
-    def pairs(calls, renoise, seed=4):
-        return make_pairs(self_solver(s_fn, sparams, step, calls, renoise, CC, seed), sizes, seed, 6, 1,
-                          batch_size=2, self_calls=calls)
-
-    one = pairs(1, 0.2)
-    polished0 = make_pairs(polish_solver(s_fn, sparams, jax.jit(model_fn(tcfg)), tparams, 0, CC), sizes, 4, 6,
-                           batch_size=2)
-    np.testing.assert_array_equal(one.positions, polished0.positions)
-    np.testing.assert_array_equal(one.types, polished0.types)
-    still = pairs(2, 0.0)
-    for i, n in enumerate(sizes):  # each molecule alone: f(one-call molecule, 0.2), types read from its output
-        g = _graph([int(n)])
-        x = np.zeros(g.positions.shape, np.float32)
-        h = np.zeros((len(g.node_mask), 6), np.float32)
-        zx, zh = one.noise(i)
-        x[:n], h[:n] = zx, zh
-        full = lambda v: jnp.full(g.node_mask.shape, v, jnp.float32)  # noqa: E731
-        x1, h1 = s_fn(sparams, CC.sigma_max * x, CC.sigma_max * h, full(CC.sigma_max), g)
-        x2, h2 = s_fn(sparams, x1, h1, full(0.2), g)
-        np.testing.assert_allclose(still.molecule(i)[0], np.asarray(x2)[:n], atol=2e-4)
-        np.testing.assert_array_equal(still.molecule(i)[1], np.argmax(np.asarray(h2)[:n, :N_TYPES], -1))
-        np.testing.assert_allclose(still.molecule(i)[0].mean(0), 0.0, atol=1e-4)
-    noisy, again, other = pairs(2, 0.2), pairs(2, 0.2), pairs(2, 0.2, seed=5)
-    np.testing.assert_array_equal(noisy.positions, again.positions)
-    assert not np.allclose(noisy.positions, still.positions, atol=1e-4)  # the re-noising moved them
-    assert not np.allclose(noisy.noise_x, other.noise_x)
-    noisy.save(tmp_path / "p.npz")
-    back = PairSet.load(tmp_path / "p.npz")
-    assert back.self_calls == 2 and back.polish_calls == 0 and back.n_valid == 1
-    want = DistillConfig(pairs=5, targets="self", self_calls=2)
-    assert check_pairs(back, tmp_path / "p.npz", want) is back
-    with pytest.raises(MolgenError, match="targets of 2 calls of the student's own, the run wants 3"):
-        check_pairs(back, tmp_path / "p.npz", dataclasses.replace(want, self_calls=3))
-    with pytest.raises(MolgenError, match="targets of 2 calls of the student's own, the run wants 0"):
-        check_pairs(back, tmp_path / "p.npz", DistillConfig(pairs=5))
 
 
 def test_pairs_at_a_temperature_start_the_teachers_ode_from_scaled_noise(tmp_path):

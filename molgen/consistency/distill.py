@@ -6,9 +6,7 @@ f(s_max z, s_max) is regressed onto a target made by a diffusion teacher from th
    * ``ode``: the end of the teacher's probability-flow ODE from s_max T z (Heun, :mod:`molgen.diffusion.ode`),
    * ``polished``: the student's own one-call molecule from T z, polished by the teacher's denoiser at the low
      ladder's levels (:mod:`molgen.diffusion.polish`): targets near the student's answers, with the bond
-     lengths the teacher holds clean;
-   * ``self``: the student's own multistep molecule from T z (``self_calls`` calls, as `molgen sample --steps`
-     makes it, no teacher): one call learns what a few of its own calls make.
+     lengths the teacher holds clean.
 2. The loss: the pseudo-Huber distance (iCT's, scaled by the molecule's size) between the student's one-call
    output and the target (positions, and EDM's clean features of the target's atom types), plus a term on
    the target's short interatomic distances (bond lengths decide stability). Regression at s_max alone also
@@ -17,7 +15,6 @@ f(s_max z, s_max) is regressed onto a target made by a diffusion teacher from th
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -28,8 +25,7 @@ import numpy as np
 
 from molgen import MolgenError
 from molgen.chem.elements import N_TYPES
-from molgen.consistency.ict import (ConsistencyConfig, mean_over_molecules, molecule_distance, multistep_levels,
-                                   pseudo_huber)
+from molgen.consistency.ict import ConsistencyConfig, mean_over_molecules, molecule_distance, pseudo_huber
 from molgen.diffusion.levels import low_ladder, ode_levels
 from molgen.diffusion.noise import sample_noise
 from molgen.diffusion.ode import heun_solve
@@ -37,8 +33,7 @@ from molgen.diffusion.polish import make_polish_step, polish
 
 PAIRS_NAME = "pairs.npz"
 PAIR_STREAM = 7919  # pairs use their own random stream: `molgen sample --seed S` never reuses their noise
-TARGETS = ("ode", "polished", "self")  # what the student learns to reach (DistillConfig.targets)
-SELF_STREAM = 99991  # "self" targets re-noise their later calls from their own random stream
+TARGETS = ("ode", "polished")  # what the student learns to reach (DistillConfig.targets)
 ANCHOR_SIGMAS = (0.08, 0.5)  # the levels multistep sampling re-noises to (0.4 ... 0.1, and 0.2)
 BOND_CUTOFF = 2.0  # Å: target atom pairs closer than this (bonds, and short 1-3 pairs) enter the bond term
 
@@ -50,8 +45,6 @@ class DistillConfig:
     targets: str = "ode"  # TARGETS
     teacher_steps: int = 18  # "ode": Heun steps of the teacher's ODE (2 calls each, 1 for the last)
     polish_calls: int = 4  # "polished": teacher calls on each one-call molecule (low-ladder levels)
-    self_calls: int = 2  # "self": the student's own calls (the multistep sampler's levels)
-    self_renoise: float = 0.2  # "self": scale of the noise added before each call after the first
     pair_temperature: float = 1.0  # the pairs' noise is T z: the student learns where `--temperature T` samples
     anchor: str = ""  # the consistency model whose low-noise f is kept (default: the run's --init)
     anchor_fraction: float = 0.25  # share of each batch trained at the anchor's low levels (0: one-call only)
@@ -70,7 +63,6 @@ class PairSet:
     n_valid: int = 0  # the last n_valid pairs are held out (validation loss on unseen noise)
     polish_calls: int = 0  # 0: targets are the teacher's ODE ends; R > 0: polished one-call molecules
     temperature: float = 1.0
-    self_calls: int = 0  # K > 0: the student's own K-call molecules
 
     def __post_init__(self) -> None:
         self.offsets = np.concatenate([[0], np.cumsum(self.n_atoms)]).astype(np.int64)
@@ -101,7 +93,7 @@ class PairSet:
             with open(tmp, "wb") as fh:
                 np.savez(fh, n_atoms=self.n_atoms, positions=self.positions, types=self.types,
                          noise_x=self.noise_x, noise_h=self.noise_h, n_valid=self.n_valid,
-                         refine_rounds=self.polish_calls, temperature=self.temperature, self_calls=self.self_calls)
+                         refine_rounds=self.polish_calls, temperature=self.temperature)
 
     @classmethod
     def load(cls, path: Path) -> "PairSet":
@@ -112,9 +104,8 @@ class PairSet:
             with np.load(path) as z:
                 rounds = int(z["refine_rounds"]) if "refine_rounds" in z.files else 0
                 temp = float(z["temperature"]) if "temperature" in z.files else 1.0
-                own = int(z["self_calls"]) if "self_calls" in z.files else 0
                 return cls(z["n_atoms"], z["positions"], z["types"], z["noise_x"], z["noise_h"], int(z["n_valid"]),
-                           rounds, temp, own)
+                           rounds, temp)
         except NPZ_DAMAGE as e:
             raise MolgenError(f"{path}: damaged ({e}); delete it and the run makes its pairs again") from None
 
@@ -133,7 +124,7 @@ def _noise_batches(sizes: np.ndarray, seed: int, n_features: int, batch_size: in
 
 def make_pairs(solve: Callable, sizes: np.ndarray, seed: int, n_features: int, n_valid: int = 0,
                progress: Callable[[int], None] | None = None, polish_calls: int = 0, temperature: float = 1.0,
-               batch_size: int = 1000, self_calls: int = 0) -> PairSet:
+               batch_size: int = 1000) -> PairSet:
     """Pairs (T z, target) for molecules of the given sizes, target = solve(graph, T z_x, T z_h) per noise batch."""
     xs, ts, zxs, zhs = [], [], [], []
     for g, zx, zh in _noise_batches(sizes, seed, n_features, batch_size, temperature):
@@ -147,7 +138,7 @@ def make_pairs(solve: Callable, sizes: np.ndarray, seed: int, n_features: int, n
             progress(int((g.n_atoms > 0).sum()))
     return PairSet(np.asarray(sizes, np.int32), np.concatenate(xs).astype(np.float32), np.concatenate(ts),
                    np.concatenate(zxs).astype(np.float32), np.concatenate(zhs).astype(np.float32), n_valid,
-                   polish_calls, float(temperature), self_calls)
+                   polish_calls, float(temperature))
 
 
 def ode_solver(teacher_denoise: Callable, teacher_params, ode_steps: int, cfg: ConsistencyConfig) -> Callable:
@@ -171,26 +162,6 @@ def polish_solver(student_fn: Callable, student_params, teacher_denoise: Callabl
     return solve
 
 
-def self_solver(student_fn: Callable, student_params, step: Callable, calls: int, renoise: float,
-                cfg: ConsistencyConfig, seed: int) -> Callable:
-    """solve(graph, T z_x, T z_h): the student's own ``calls``-call multistep molecule from T z: its one call on
-    s_max T z, then each next call re-noised by ``renoise`` (what `molgen sample --steps calls --renoise renoise`
-    makes from that noise), the re-noising drawn from (seed, SELF_STREAM) call after call. ``student_fn`` and the
-    multistep ``step`` (:func:`molgen.consistency.ict.make_multistep_step`) jitted by the caller."""
-    levels = multistep_levels(calls, cfg)
-    s_max = float(cfg.sigma_max)
-    key, count = jax.random.fold_in(jax.random.PRNGKey(seed), SELF_STREAM), itertools.count(1)
-
-    def solve(g, zx, zh):
-        x, h = student_fn(student_params, s_max * zx, s_max * zh, jnp.full(g.node_mask.shape, s_max, jnp.float32), g)
-        for s in levels[1:]:
-            x, h = step(student_params, x, h, jnp.float32(s), jnp.bool_(False), g, jax.random.fold_in(key, next(count)),
-                        jnp.float32(renoise))
-        return x, h
-
-    return solve
-
-
 def n_held_out(n_pairs: int, batch_size: int) -> int:
     return min(max(n_pairs // 32, 1), 1000) if n_pairs >= 2 * batch_size else 0
 
@@ -198,15 +169,11 @@ def n_held_out(n_pairs: int, batch_size: int) -> int:
 def check_pairs(pairs: PairSet, path: Path, cfg: DistillConfig) -> PairSet:
     """The run's saved pairs, refused when they were made for other settings."""
     want_polish = cfg.polish_calls if cfg.targets == "polished" else 0
-    want_self = cfg.self_calls if cfg.targets == "self" else 0
     if len(pairs) != cfg.pairs:
         raise MolgenError(f"{path} holds {len(pairs)} pairs, the run wants {cfg.pairs}; remove it or fix the pairs setting")
     if pairs.polish_calls != want_polish:
         raise MolgenError(f"{path} holds targets of {pairs.polish_calls} polishing calls, the run wants "
                           f"{want_polish}; remove it or fix the targets setting")
-    if pairs.self_calls != want_self:
-        raise MolgenError(f"{path} holds targets of {pairs.self_calls} calls of the student's own, the run wants "
-                          f"{want_self}; remove it or fix the targets setting")
     if not np.isclose(pairs.temperature, cfg.pair_temperature):
         raise MolgenError(f"{path} holds pairs at temperature {pairs.temperature:g}, the run wants "
                           f"{cfg.pair_temperature:g}; remove it or fix the pair temperature")
