@@ -166,7 +166,7 @@ def sample(
     steps: Optional[int] = Opt(None, "--steps", help="Sampler steps: network calls for ancestral (default 1000), multistep and anneal (default 1); Heun steps for ode (2 calls each, 1 for the last; default 18)."),
     out: Optional[Path] = Opt(None, "-o", "--out", help="Output file: .sdf or .xyz, replaced if it exists, or - for standard output (SDF unless --format xyz; the report then goes to stderr). Default: out.sdf, or out-2.sdf, out-3.sdf, ... if taken; out.xyz with --format xyz."),
     checkpoint: Optional[str] = Opt(None, "--checkpoint", "--model", help="Shipped model name (molgen models lists them), model folder or training run folder (default: the shipped default)."),
-    atoms: Optional[str] = Opt(None, "--atoms", help="Atoms per molecule: N, or a range A-B drawn from the training histogram within it (default: drawn from the whole histogram)."),
+    atoms: Optional[str] = Opt(None, "--atoms", metavar="<n|a-b>", help="Atoms per molecule: N, or a range A-B drawn from the training histogram within it (default: drawn from the whole histogram)."),
     seed: int = Opt(0, "--seed", help="Random seed (same seed and --batch-size, same file)."),
     batch_size: int = Opt(1000, "--batch-size", help="Molecules generated together (less memory when smaller; the noise is drawn per batch, so another batch size draws other molecules of the same sizes)."),
     sampler: Optional[str] = Opt(None, "--sampler", metavar="<ancestral|ode|multistep|anneal>", help="Diffusion models: ancestral (EDM's, default) or ode (probability-flow ODE, Heun). Consistency models: multistep (re-noise to each next level, default) or anneal (f on the molecule itself at levels 0.4 -> 0.1, no re-noising)."),
