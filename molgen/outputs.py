@@ -21,7 +21,7 @@ def sample_output(out: Optional[Path], fmt: Optional[str], json_path: Optional[P
     from molgen.workers import default_workers
 
     check_keep(*keep)
-    novel = keep[2]
+    _, _, novel = keep
     if novelty and not reported:
         raise MolgenError("--novelty is a figure of the report: drop --no-report, or add --json FILE")
     out = output_file(out, fmt)

@@ -26,7 +26,7 @@ from molgen.models import Model
 from molgen.networks import network
 from molgen.readout import bias_text, parse_type_bias, read_types
 from molgen.samplers import get_sampler
-from molgen.sizes import check_request, draw_sizes
+from molgen.sizes import atoms_text, check_request, draw_sizes
 
 
 FRAGMENT_STREAM = 104729  # the fixed noise of a fragment's atoms: its own random stream
@@ -290,8 +290,8 @@ def formula_atoms(formula, atoms: int | tuple[int, int] | None, fragment=None) -
         raise MolgenError("--formula and --fix: give one of them")
     lo, hi = atoms if isinstance(atoms, tuple) else (atoms, atoms) if atoms is not None else (0, formula.size)
     if not lo <= formula.size <= hi:
-        given = f"{lo}" if lo == hi else f"{lo}-{hi}"
-        raise MolgenError(f"--atoms {given} contradicts --formula {formula} ({formula.size} atoms); drop --atoms")
+        raise MolgenError(f"--atoms {atoms_text(lo, hi)} contradicts --formula {formula} ({formula.size} atoms); "
+                          "drop --atoms")
     return formula.size
 
 

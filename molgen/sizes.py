@@ -22,6 +22,11 @@ def parse_atoms(text: str | None) -> int | tuple[int, int] | None:
     return lo if lo == hi else (lo, hi)
 
 
+def atoms_text(lo: int, hi: int) -> str:
+    """How ``--atoms`` reads for a count (lo == hi) or a range."""
+    return f"{lo}" if lo == hi else f"{lo}-{hi}"
+
+
 def check_request(cfg, n: int, batch_size: int = 1, atoms: int | tuple[int, int] | None = None,
                   above: int = 0) -> np.ndarray | None:
     """Check a request's counts before any work; return the atom-count histogram to draw from (None with a count
@@ -31,9 +36,10 @@ def check_request(cfg, n: int, batch_size: int = 1, atoms: int | tuple[int, int]
     if batch_size < 1:
         raise MolgenError("--batch-size must be at least 1")
     lo, hi = atoms if isinstance(atoms, tuple) else (atoms, atoms) if atoms is not None else (0, MAX_ATOMS)
-    what = f"--atoms {lo}" if lo == hi else f"--atoms {lo}-{hi}"
+    what = f"--atoms {atoms_text(lo, hi)}"
     if atoms is not None and not 1 <= lo <= hi <= MAX_ATOMS:
-        raise MolgenError(f"--atoms must be in 1 .. {MAX_ATOMS} (the largest molecule molgen reads back), got {what[8:]}")
+        raise MolgenError(f"--atoms must be in 1 .. {MAX_ATOMS} (the largest molecule molgen reads back), got "
+                          f"{atoms_text(lo, hi)}")
     if hi < above:
         raise MolgenError(f"the fragment has {above} atoms, more than {what}")
     if isinstance(atoms, int):
