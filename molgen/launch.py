@@ -12,8 +12,8 @@ import jax
 
 from molgen import MolgenError
 from molgen.config import RunConfig
-from molgen.consistency.distill import (PAIR_STREAM, PAIRS_NAME, PairSet, check_pairs, make_pairs, n_held_out,
-                                        ode_solver, polish_solver)
+from molgen.consistency.distill import (PAIR_STREAM, PAIRS_NAME, PairSet, check_pairs, keep_stable, make_pairs,
+                                        n_held_out, ode_solver, polish_solver)
 from molgen.models import Model, find_model, load_diffusion_model, load_model, read_params, write_params
 from molgen.networks import model_fn
 from molgen.objectives import get_objective
@@ -204,6 +204,8 @@ def prepare_pairs(cfg: RunConfig, run_dir: Path, student: Model | None, progress
     progress = progress_factory(f"{dcfg.targets} targets", dcfg.pairs) if progress_factory else None
     pairs = make_pairs(solve, sizes, cfg.seed, cfg.n_features, n_held_out(dcfg.pairs, cfg.optim.batch_size), progress,
                        dcfg.polish_calls if dcfg.targets == "polished" else 0, dcfg.pair_temperature)
+    if dcfg.keep == "stable":  # a batch larger than what is kept is refused after the pairs are saved
+        pairs = keep_stable(pairs)
     Path(run_dir).mkdir(parents=True, exist_ok=True)
     pairs.save(path)
     return pairs
@@ -262,6 +264,9 @@ def _run(cfg: RunConfig, req: Request, data_dir, progress, log, progress_factory
         ds = load_qm9(data_dir, remove_h=cfg.data.remove_h)
         if not req.resume:
             cfg = objective.configure(cfg, ds, start.cfg if start else None)
+    if objective.pairs and ds.kept == "stable" and len(ds.split("train")) < cfg.optim.batch_size:
+        raise MolgenError(f"{ds.drawn:,} pairs drawn, {len(ds):,} with a stable target: too few for batch size "
+                          f"{cfg.optim.batch_size}; draw more (distill.pairs) or give a smaller --batch-size")
     _check_batch(cfg, len(ds.split("train")))
     res = train(cfg, req.out, ds, resume=req.resume, init_params=start.params if start else None,
                 anchor_params=_anchor(cfg, start, req.out, req.resume), progress=progress, log=log, max_seconds=max_seconds)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from molgen import MolgenError
 from molgen.config import RunConfig
-from molgen.consistency.distill import TARGETS
+from molgen.consistency.distill import KEEPS, TARGETS
 from molgen.data.device import LAYOUTS
 from molgen.networks import PRECISIONS
 from molgen.nn.egnn import PRESETS
@@ -124,7 +124,7 @@ LIMITS: dict[str, dict[str, tuple]] = {
 # Settings that name one of a few choices (``auto``: the platform's measured fastest; docs/performance.md).
 CHOICES: dict[str, dict[str, tuple[str, ...]]] = {
     "optim": {"precision": ("auto", *PRECISIONS), "layout": ("auto", *LAYOUTS)},
-    "distill": {"targets": TARGETS},
+    "distill": {"targets": TARGETS, "keep": KEEPS},
 }
 
 

@@ -356,6 +356,12 @@ def test_distill_from_a_consistency_model_resume_and_sample(tmp_path, trained, e
     one_line_error(run("train", "--objective", "distill", "--init", ect, "--teacher", trained, "--set",
                        "distill.pairs=20", "--set", "distill.pair_temperature=0.5", "--batch-size", 4, "--devices", 1,
                        "--out", tmp_path / "kd2"), "temperature 1, the run wants 0.5")
+    # keep = stable: a tiny network's targets are not stable molecules, so none is kept; the pairs stay saved
+    one_line_error(run("train", "--objective", "distill", "--init", ect, "--teacher", trained, "--set",
+                       "distill.pairs=20", "--set", "distill.keep=stable", "--batch-size", 4, "--devices", 1,
+                       "--out", tmp_path / "kd3"), "20 pairs drawn, 0 with a stable target: too few for batch size 4")
+    with np.load(tmp_path / "kd3" / "pairs.npz") as z:
+        assert (int(z["drawn"]), str(z["kept"]), z["n_atoms"].shape) == (20, "stable", (0,))
     one_line_error(run("train", "--objective", "distill", "--init", ect, "--out", tmp_path / "z"), "--teacher")
     one_line_error(run("train", "--objective", "distill", "--init", trained, "--teacher", trained, "--out",
                        tmp_path / "z"), "consistency model")

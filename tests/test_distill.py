@@ -10,8 +10,8 @@ import pytest
 from molgen import MolgenError
 from molgen.chem.elements import N_TYPES
 from molgen.config import DataConfig, RunConfig
-from molgen.consistency.distill import (BOND_CUTOFF, DistillConfig, PairSet, check_pairs, distill_loss, make_pairs,
-                                        ode_solver, polish_solver)
+from molgen.consistency.distill import (BOND_CUTOFF, DistillConfig, PairSet, check_pairs, distill_loss, keep_stable,
+                                       make_pairs, ode_solver, polish_solver)
 from molgen.consistency.ict import ConsistencyConfig, make_consistency_fn
 from molgen.data.batching import pack
 from molgen.data.features import type_features
@@ -302,3 +302,28 @@ def test_a_run_refuses_pairs_made_for_other_targets(tmp_path):
     with pytest.raises(MolgenError, match="holds 2 pairs, the run wants 5"):
         check_pairs(pairs, tmp_path / "pairs.npz", DistillConfig(pairs=5))
     assert len(check_pairs(pairs, tmp_path / "pairs.npz", DistillConfig(pairs=2))) == 2
+
+
+def test_keep_stable_keeps_the_pairs_whose_target_is_a_stable_molecule(tmp_path):
+    # targets: H2 (each H one bond: stable), CH (carbon with one bond: not), H2 again, HF (stable)
+    mols = [([[0, 0, 0], [0.74, 0, 0]], [0, 0]), ([[0, 0, 0], [1.09, 0, 0]], [1, 0]),
+            ([[0, 0, 0], [0, 0.74, 0]], [0, 0]), ([[0, 0, 0], [0.92, 0, 0]], [0, 4])]
+    n = np.array([2, 2, 2, 2], np.int32)
+    noise = np.arange(8 * 3, dtype=np.float32).reshape(8, 3)
+    pairs = PairSet(n, np.concatenate([np.float32(p) for p, _ in mols]), np.int8([t for _, ts in mols for t in ts]),
+                    noise, -noise[:, :2], n_valid=1, polish_calls=4, temperature=0.7)
+    kept = keep_stable(pairs)
+    assert (len(kept), kept.drawn, kept.kept, kept.n_valid) == (3, 4, "stable", 1)
+    for k, i in enumerate([0, 2, 3]):  # in their order, each noise beside its own target
+        np.testing.assert_array_equal(kept.molecule(k)[0], pairs.molecule(i)[0])
+        np.testing.assert_array_equal(kept.noise(k)[0], pairs.noise(i)[0])
+    assert list(kept.split("train")) == [0, 1] and list(kept.split("valid")) == [2]
+    kept.save(tmp_path / "pairs.npz")
+    back = PairSet.load(tmp_path / "pairs.npz")
+    assert (len(back), back.drawn, back.kept, back.polish_calls) == (3, 4, "stable", 4)
+    want = DistillConfig(pairs=4, targets="polished", pair_temperature=0.7, keep="stable")
+    assert check_pairs(back, tmp_path / "pairs.npz", want) is back
+    with pytest.raises(MolgenError, match="keeps stable targets, the run wants all"):
+        check_pairs(back, tmp_path / "pairs.npz", dataclasses.replace(want, keep="all"))
+    with pytest.raises(MolgenError, match="holds 4 pairs, the run wants 3"):
+        check_pairs(back, tmp_path / "pairs.npz", dataclasses.replace(want, pairs=3))

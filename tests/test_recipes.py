@@ -121,6 +121,7 @@ def test_recipe_mistakes_are_named(recipe, message):
     ({"optim": {"precision": "fp16"}}, "optim.precision must be one of auto, float32, tf32, bf16, got 'fp16'"),
     ({"optim": {"layout": "dense"}}, "optim.layout must be one of auto, packed, grouped, fused, got 'dense'"),
     ({"distill": {"targets": "odes"}}, "distill.targets must be one of ode, polished, got 'odes'"),
+    ({"distill": {"keep": "valid"}}, "distill.keep must be one of all, stable, got 'valid'"),
 ])
 def test_settings_that_cannot_train_are_named(recipe, message):
     with pytest.raises(MolgenError, match=re.escape(message)):

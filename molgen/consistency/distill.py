@@ -6,7 +6,9 @@ f(s_max z, s_max) is regressed onto a target made by a diffusion teacher from th
    * ``ode``: the end of the teacher's probability-flow ODE from s_max T z (Heun, :mod:`molgen.diffusion.ode`),
    * ``polished``: the student's own one-call molecule from T z, polished by the teacher's denoiser at the low
      ladder's levels (:mod:`molgen.diffusion.polish`): targets near the student's answers, with the bond
-     lengths the teacher holds clean.
+     lengths the teacher holds clean;
+   with ``keep = "stable"`` only the pairs whose target is a stable molecule (EDM's molecule stability) are kept:
+   the student learns from the noise that reaches stable molecules, and nothing from the rest.
 2. The loss: the pseudo-Huber distance (iCT's, scaled by the molecule's size) between the student's one-call
    output and the target (positions, and EDM's clean features of the target's atom types), plus a term on
    the target's short interatomic distances (bond lengths decide stability). Regression at s_max alone also
@@ -34,6 +36,7 @@ from molgen.diffusion.polish import make_polish_step, polish
 PAIRS_NAME = "pairs.npz"
 PAIR_STREAM = 7919  # pairs use their own random stream: `molgen sample --seed S` never reuses their noise
 TARGETS = ("ode", "polished")  # what the student learns to reach (DistillConfig.targets)
+KEEPS = ("all", "stable")  # which of the drawn pairs a run learns from (DistillConfig.keep)
 ANCHOR_SIGMAS = (0.08, 0.5)  # the levels multistep sampling re-noises to (0.4 ... 0.1, and 0.2)
 BOND_CUTOFF = 2.0  # Å: target atom pairs closer than this (bonds, and short 1-3 pairs) enter the bond term
 
@@ -41,8 +44,9 @@ BOND_CUTOFF = 2.0  # Å: target atom pairs closer than this (bonds, and short 1-
 @dataclass(frozen=True)
 class DistillConfig:
     teacher: str = ""  # the diffusion model the targets come from (as named when the run started)
-    pairs: int = 32000  # noise -> target pairs (1/32 held out for validation, at most 1000)
+    pairs: int = 32000  # noise -> target pairs drawn (1/32 held out for validation, at most 1000)
     targets: str = "ode"  # TARGETS
+    keep: str = "all"  # KEEPS: "stable" keeps only the drawn pairs whose target is a stable molecule
     teacher_steps: int = 18  # "ode": Heun steps of the teacher's ODE (2 calls each, 1 for the last)
     polish_calls: int = 4  # "polished": teacher calls on each one-call molecule (low-ladder levels)
     pair_temperature: float = 1.0  # the pairs' noise is T z: the student learns where `--temperature T` samples
@@ -63,8 +67,11 @@ class PairSet:
     n_valid: int = 0  # the last n_valid pairs are held out (validation loss on unseen noise)
     polish_calls: int = 0  # 0: targets are the teacher's ODE ends; R > 0: polished one-call molecules
     temperature: float = 1.0
+    drawn: int = 0  # pairs drawn, of which these were kept (0: all of them)
+    kept: str = "all"  # KEEPS
 
     def __post_init__(self) -> None:
+        self.drawn = self.drawn or len(self.n_atoms)
         self.offsets = np.concatenate([[0], np.cumsum(self.n_atoms)]).astype(np.int64)
 
     def __len__(self) -> int:
@@ -93,7 +100,8 @@ class PairSet:
             with open(tmp, "wb") as fh:
                 np.savez(fh, n_atoms=self.n_atoms, positions=self.positions, types=self.types,
                          noise_x=self.noise_x, noise_h=self.noise_h, n_valid=self.n_valid,
-                         refine_rounds=self.polish_calls, temperature=self.temperature)
+                         refine_rounds=self.polish_calls, temperature=self.temperature, drawn=self.drawn,
+                         kept=self.kept)
 
     @classmethod
     def load(cls, path: Path) -> "PairSet":
@@ -104,8 +112,9 @@ class PairSet:
             with np.load(path) as z:
                 rounds = int(z["refine_rounds"]) if "refine_rounds" in z.files else 0
                 temp = float(z["temperature"]) if "temperature" in z.files else 1.0
+                drawn, kept = (int(z["drawn"]), str(z["kept"])) if "drawn" in z.files else (0, "all")
                 return cls(z["n_atoms"], z["positions"], z["types"], z["noise_x"], z["noise_h"], int(z["n_valid"]),
-                           rounds, temp)
+                           rounds, temp, drawn, kept)
         except NPZ_DAMAGE as e:
             raise MolgenError(f"{path}: damaged ({e}); delete it and the run makes its pairs again") from None
 
@@ -162,6 +171,20 @@ def polish_solver(student_fn: Callable, student_params, teacher_denoise: Callabl
     return solve
 
 
+def keep_stable(pairs: PairSet) -> PairSet:
+    """The pairs whose target is a stable molecule (every atom's valence allowed, EDM's bonds), in their order;
+    the last ``pairs.n_valid`` of them (at most half) held out."""
+    from molgen.chem.bonds import pad_molecules, stability
+
+    idx = np.arange(len(pairs))
+    pos, typ, mask = pad_molecules([pairs.molecule(i)[0] for i in idx], [pairs.molecule(i)[1] for i in idx])
+    keep = np.flatnonzero(stability(pos, typ, mask)[1])
+    rows = np.concatenate([np.arange(pairs.offsets[i], pairs.offsets[i + 1]) for i in keep] or [np.zeros(0, int)])
+    return PairSet(pairs.n_atoms[keep], pairs.positions[rows], pairs.types[rows], pairs.noise_x[rows],
+                   pairs.noise_h[rows], min(pairs.n_valid, len(keep) // 2), pairs.polish_calls, pairs.temperature,
+                   pairs.drawn, "stable")
+
+
 def n_held_out(n_pairs: int, batch_size: int) -> int:
     return min(max(n_pairs // 32, 1), 1000) if n_pairs >= 2 * batch_size else 0
 
@@ -169,8 +192,10 @@ def n_held_out(n_pairs: int, batch_size: int) -> int:
 def check_pairs(pairs: PairSet, path: Path, cfg: DistillConfig) -> PairSet:
     """The run's saved pairs, refused when they were made for other settings."""
     want_polish = cfg.polish_calls if cfg.targets == "polished" else 0
-    if len(pairs) != cfg.pairs:
-        raise MolgenError(f"{path} holds {len(pairs)} pairs, the run wants {cfg.pairs}; remove it or fix the pairs setting")
+    if pairs.drawn != cfg.pairs:
+        raise MolgenError(f"{path} holds {pairs.drawn} pairs, the run wants {cfg.pairs}; remove it or fix the pairs setting")
+    if pairs.kept != cfg.keep:
+        raise MolgenError(f"{path} keeps {pairs.kept} targets, the run wants {cfg.keep}; remove it or fix the keep setting")
     if pairs.polish_calls != want_polish:
         raise MolgenError(f"{path} holds targets of {pairs.polish_calls} polishing calls, the run wants "
                           f"{want_polish}; remove it or fix the targets setting")
