@@ -5,16 +5,17 @@
 # < 16 MiB parts, put there before sampling), the samples. Runs ON the device machine, in the repo root (no data set needed: the teacher makes the pairs); carry
 # .whl (ase, to write XYZ). On the CPU, DRY=1 rehearses every step with tiny sizes.
 #
-#   INIT=edm-small-stack TEACHER=edm-diffusion RECIPE=weights/edm-small-stack/recipe.toml \
+#   INIT=edm-small-stack TEACHER=edm-diffusion RECIPE=weights/edm-small-stack/recipe-2-gpu.toml \
 #     bash scripts/gpu_distill.sh [DEADLINE_S=560]
 #
-# Environment: INIT, TEACHER, RECIPE (as above), NAME (distilled: the folder and file names), SETS (more
-# `--set` arguments, e.g. "--set distill.pairs=100000"), SAMPLE_S (120: seconds kept for export and sampling).
+# Environment: INIT, TEACHER, RECIPE (as above: the default model's GPU stage, batch 512 at the platform's
+# precision), NAME (distilled: the folder and file names), SETS (more `--set` arguments, e.g. "--set
+# distill.pairs=100000" or "--set distill.keep=stable"), SAMPLE_S (120: seconds kept for export and sampling).
 set -uo pipefail
 t_start=$(date +%s)
 deadline=${1:-560}
 init=${INIT:-edm-small-stack}; teacher=${TEACHER:-edm-small-diffusion}
-recipe=${RECIPE:-weights/edm-small-stack/recipe.toml}; name=${NAME:-distilled}; sample_s=${SAMPLE_S:-120}
+recipe=${RECIPE:-weights/edm-small-stack/recipe-2-gpu.toml}; name=${NAME:-distilled}; sample_s=${SAMPLE_S:-120}
 out=${OUT:-/tmp/out}; mkdir -p "$out" runs
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 MOLGEN_JAX_CACHE=/tmp/jaxcache
 if [ -d .whl ] && ! python3 -c "import ase" 2>/dev/null; then
@@ -26,8 +27,10 @@ extra=${SETS:-}; n_mol=1000
 if [ "${DRY:-0}" = 1 ]; then extra="$extra --set distill.pairs=64 --set distill.teacher_steps=2 --batch-size 16 --steps 20"; n_mol=8; fi
 run=runs/$name
 log "distill $init from $teacher with $recipe $extra"
-# a run folder left by an earlier call on this machine is moved aside, not exported again
-if [ -e "$run" ]; then mv "$run" "$run.before-$t_start" && log "moved an earlier $run aside to $run.before-$t_start"; fi
+# a run folder and its export left by an earlier call on this machine are moved aside, not exported or sent again
+for d in "$run" "runs/w_$name"; do
+  if [ -e "$d" ]; then mv "$d" "$d.before-$t_start" && log "moved an earlier $d aside to $d.before-$t_start"; fi
+done
 train_min=$(python3 -c "print(max(0.3, ($(left) - $sample_s) / 60))")
 python3 -m molgen train --recipe "$recipe" --init "$init" --teacher "$teacher" $extra --out "$run" \
   --max-minutes "$train_min" >"$out/train.txt" 2>&1
