@@ -242,7 +242,11 @@ def _check_data(cfg: RunConfig, data_dir) -> None:
         _check_batch(cfg, int(manifest["splits"]["train"]))
 
 
-def _check_batch(cfg: RunConfig, n_train: int) -> None:
+def _check_batch(cfg: RunConfig, n_train: int, kept: str | None = None) -> None:
+    """The batch fits the training split; ``kept``: a distillation's pairs were filtered (what was kept)."""
+    if cfg.optim.batch_size > n_train and kept:
+        raise MolgenError(f"{kept}: too few for batch size {cfg.optim.batch_size}; draw more (distill.pairs) or give "
+                          "a smaller --batch-size")
     if cfg.optim.batch_size > n_train:
         raise MolgenError(f"batch size {cfg.optim.batch_size} is larger than the training split ({n_train:,} molecules); "
                           "give a smaller --batch-size")
@@ -264,10 +268,9 @@ def _run(cfg: RunConfig, req: Request, data_dir, progress, log, progress_factory
         ds = load_qm9(data_dir, remove_h=cfg.data.remove_h)
         if not req.resume:
             cfg = objective.configure(cfg, ds, start.cfg if start else None)
-    if objective.pairs and ds.kept == "stable" and len(ds.split("train")) < cfg.optim.batch_size:
-        raise MolgenError(f"{ds.drawn:,} pairs drawn, {len(ds):,} with a stable target: too few for batch size "
-                          f"{cfg.optim.batch_size}; draw more (distill.pairs) or give a smaller --batch-size")
-    _check_batch(cfg, len(ds.split("train")))
+    filtered = objective.pairs and ds.kept == "stable"
+    kept = f"{ds.drawn:,} pairs drawn, {len(ds):,} with a stable target" if filtered else None
+    _check_batch(cfg, len(ds.split("train")), kept)
     res = train(cfg, req.out, ds, resume=req.resume, init_params=start.params if start else None,
                 anchor_params=_anchor(cfg, start, req.out, req.resume), progress=progress, log=log, max_seconds=max_seconds)
     return cfg, res

@@ -176,10 +176,9 @@ def keep_stable(pairs: PairSet) -> PairSet:
     the last ``pairs.n_valid`` of them (at most half) held out."""
     from molgen.chem.bonds import pad_molecules, stability
 
-    idx = np.arange(len(pairs))
-    pos, typ, mask = pad_molecules([pairs.molecule(i)[0] for i in idx], [pairs.molecule(i)[1] for i in idx])
-    keep = np.flatnonzero(stability(pos, typ, mask)[1])
-    rows = np.concatenate([np.arange(pairs.offsets[i], pairs.offsets[i + 1]) for i in keep] or [np.zeros(0, int)])
+    cut = pairs.offsets[1:-1]
+    stable = stability(*pad_molecules(np.split(pairs.positions, cut), np.split(pairs.types, cut)))[1]
+    keep, rows = np.flatnonzero(stable), np.repeat(stable, pairs.n_atoms)  # the molecules, and their atoms' rows
     return PairSet(pairs.n_atoms[keep], pairs.positions[rows], pairs.types[rows], pairs.noise_x[rows],
                    pairs.noise_h[rows], min(pairs.n_valid, len(keep) // 2), pairs.polish_calls, pairs.temperature,
                    pairs.drawn, "stable")
