@@ -244,12 +244,11 @@ def _check_data(cfg: RunConfig, data_dir) -> None:
 
 def _check_batch(cfg: RunConfig, n_train: int, kept: str | None = None) -> None:
     """The batch fits the training split; ``kept``: a distillation's pairs were filtered (what was kept)."""
-    if cfg.optim.batch_size > n_train and kept:
-        raise MolgenError(f"{kept}: too few for batch size {cfg.optim.batch_size}; draw more (distill.pairs) or give "
-                          "a smaller --batch-size")
-    if cfg.optim.batch_size > n_train:
-        raise MolgenError(f"batch size {cfg.optim.batch_size} is larger than the training split ({n_train:,} molecules); "
-                          "give a smaller --batch-size")
+    b = cfg.optim.batch_size
+    if b > n_train:
+        why = (f"{kept}: too few for batch size {b}; draw more (distill.pairs) or" if kept else
+               f"batch size {b} is larger than the training split ({n_train:,} molecules);")
+        raise MolgenError(f"{why} give a smaller --batch-size")
 
 
 def _run(cfg: RunConfig, req: Request, data_dir, progress, log, progress_factory, max_seconds):
