@@ -1,12 +1,14 @@
 """Completing fragments: molecules of the QM9 test split with ~40 % of their atoms removed, completed by a model
 (`molgen sample --fix`), against unconstrained sampling at the same sizes.
 
-    python benchmarks/fragments.py [--molecules 20] [--n 100] [--runs edm-small-stack:1,edm-small-diffusion:100:4]
+    python benchmarks/fragments.py [--molecules 20] [--n 100] [--runs edm-small-inpaint:100,edm-small-diffusion:100:4]
 
 Two fragments per molecule: "branch" (the molecule minus a branch: heavy atoms removed from a leaf of the
 heavy-atom graph outwards, with their hydrogens, until ~40 % of the atoms are gone) and "random" (a random 60 %
 of the atoms kept). Each model run (model:steps, or model:steps:r with r rounds of RePaint's resampling) completes
-every fragment --n times at the molecule's own size. One line per run and fragment kind:
+every fragment --n times at the molecule's own size, with the model's own way for fragments (the ``inpaint``
+sampler for a model trained to complete them, else replacement after each call: molgen.fragment). One line per
+run and fragment kind:
 
     FRAGMENTS <model>:<steps>[:r] <kind> max_dev=... kept=...% atom=...% mol=...% valid=...% unique=...% recovered=...%
 
@@ -56,7 +58,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--molecules", type=int, default=20)
     ap.add_argument("--n", type=int, default=100)
-    ap.add_argument("--runs", default="edm-small-stack:1,edm-small-stack:4,edm-small-diffusion:100")
+    ap.add_argument("--runs", default="edm-small-inpaint:100,edm-small-stack:4,edm-small-diffusion:100")
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()

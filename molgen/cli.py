@@ -102,8 +102,8 @@ def info(data_dir: Optional[Path] = Opt(None, "--data-dir", help="Cache folder."
 @app.command()
 @friendly
 def train(
-    recipe: Optional[str] = Opt(None, "--recipe", help="Recipe file (TOML), or the name of a shipped recipe: diffusion, ct, ect, distill. Default: --objective's."),
-    objective: Optional[str] = Opt(None, "--objective", "--mode", metavar="<diffusion|ct|ect|distill>", help="diffusion (EDM), ct (consistency training), ect (consistency tuning of --init), distill (one-call regression of --init onto --teacher)."),
+    recipe: Optional[str] = Opt(None, "--recipe", help="Recipe file (TOML), or the name of a shipped recipe: diffusion, inpaint, ct, ect, distill. Default: --objective's."),
+    objective: Optional[str] = Opt(None, "--objective", "--mode", metavar="<diffusion|inpaint|ct|ect|distill>", help="diffusion (EDM), inpaint (EDM's, completing fragments given clean), ct (consistency training), ect (consistency tuning of --init), distill (one-call regression of --init onto --teacher)."),
     model: Optional[str] = Opt(None, "--model", metavar="<tiny|small|base|edm>", help="Network preset: tiny 32x2, small 64x4, base 128x6, edm 256x9."),
     steps: Optional[int] = Opt(None, "--steps", help="Optimiser steps of the whole run."),
     batch_size: Optional[int] = Opt(None, "--batch-size", help="Molecules per optimiser step, split over the devices."),
@@ -165,11 +165,11 @@ def sample(
     n: int = Opt(1000, "-n", "--n", help="Number of molecules."),
     steps: Optional[int] = Opt(None, "--steps", help="Sampler steps: network calls for ancestral (default 1000), multistep and anneal (default 1); Heun steps for ode (2 calls each, 1 for the last; default 18)."),
     out: Optional[Path] = Opt(None, "-o", "--out", help="Output file: .sdf or .xyz, replaced if it exists, or - for standard output (SDF unless --format xyz; the report then goes to stderr). Default: out.sdf, or out-2.sdf, out-3.sdf, ... if taken; out.xyz with --format xyz."),
-    checkpoint: Optional[str] = Opt(None, "--checkpoint", "--model", help="Shipped model name (molgen models lists them), model folder or training run folder (default: the shipped default)."),
+    checkpoint: Optional[str] = Opt(None, "--checkpoint", "--model", help="Shipped model name (molgen models lists them), model folder or training run folder (default: the shipped default; with --fix, the shipped fragment completer)."),
     atoms: Optional[str] = Opt(None, "--atoms", metavar="<n|a-b>", help="Atoms per molecule: N, or a range A-B drawn from the training histogram within it (default: drawn from the whole histogram)."),
     seed: int = Opt(0, "--seed", help="Random seed (same seed and --batch-size, same file)."),
     batch_size: int = Opt(1000, "--batch-size", help="Molecules generated together (less memory when smaller; the noise is drawn per batch, so another batch size draws other molecules of the same sizes)."),
-    sampler: Optional[str] = Opt(None, "--sampler", metavar="<ancestral|ode|multistep|anneal>", help="Diffusion models: ancestral (EDM's, default) or ode (probability-flow ODE, Heun). Consistency models: multistep (re-noise to each next level, default) or anneal (f on the molecule itself at levels 0.4 -> 0.1, no re-noising)."),
+    sampler: Optional[str] = Opt(None, "--sampler", metavar="<ancestral|ode|inpaint|multistep|anneal>", help="Diffusion models: ancestral (EDM's, default), ode (probability-flow ODE, Heun) or inpaint (--fix with a model trained to complete fragments: its default there). Consistency models: multistep (re-noise to each next level, default) or anneal (f on the molecule itself at levels 0.4 -> 0.1, no re-noising)."),
     sigmas: Optional[str] = Opt(None, "--sigmas", help="multistep / anneal: comma-separated noise levels, one per step (--steps: their number)."),
     temperature: Optional[float] = Opt(None, "--temperature", help="Scale every Gaussian the sampler draws (default: the model card's, else 1)."),
     renoise: Optional[float] = Opt(None, "--renoise", help="multistep: scale of the noise added before each call after the first (default: the card's, else the temperature)."),
@@ -195,7 +195,7 @@ def sample(
     from molgen.formula import parse_formula
     from molgen.fragment import read_fragment
     from molgen.jax_setup import enable_compilation_cache
-    from molgen.models import load_model, polisher_for
+    from molgen.models import default_model, load_model, polisher_for
     from molgen.outputs import sample_output, write_samples
     from molgen.sample import parse_levels, parse_type_bias, plan, preflight, sample_kept
     from molgen.sizes import parse_atoms
@@ -206,7 +206,7 @@ def sample(
     enable_compilation_cache()
     frag = read_fragment(fix) if fix is not None else None
     form = parse_formula(formula) if formula is not None else None
-    m = load_model(checkpoint)
+    m = load_model(checkpoint if checkpoint is not None or frag is None else default_model(fix=True))
     _, _, settings, _ = plan(m, steps, sampler, sig, temperature, renoise, polish, seed, resample, frag is not None,
                              form is not None, bias)
     pol = polisher_for(m, polisher, calls=polish)

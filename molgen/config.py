@@ -4,7 +4,8 @@ and in every model folder, so that a checkpoint alone rebuilds its model and say
 
 A model's config.json holds the sections that apply to it: ``diffusion`` (EDM's noise schedule: diffusion
 models, and consistency models built on an EDM network), ``consistency`` (consistency models), ``stack``
-(stacked models), ``distill`` (models trained by distillation).
+(stacked models), ``distill`` (models trained by distillation), ``inpaint`` (diffusion models trained to
+complete fragments).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from molgen.consistency.distill import DistillConfig
 from molgen.consistency.ict import ConsistencyConfig
 from molgen.consistency.stack import StackConfig
 from molgen.diffusion.edm import DiffusionConfig
+from molgen.diffusion.inpaint import InpaintConfig
 from molgen.nn.egnn import EGNNConfig
 
 
@@ -53,6 +55,7 @@ class RunConfig:
     consistency: ConsistencyConfig | None = None
     stack: StackConfig | None = None
     distill: DistillConfig | None = None
+    inpaint: InpaintConfig | None = None  # trained to complete fragments (molgen.diffusion.inpaint)
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
     seed: int = 0

@@ -265,7 +265,8 @@ def setting_table(data_dir: Path) -> Table:
         "molgen": __version__,
         "JAX": f"{jax.__version__}, " + (f"cpu ({usable_cores()} cores)" if devs[0].platform == "cpu"
                                          else f"{devs[0].platform}: {len(devs)} x {devs[0].device_kind}"),
-        "default model": f"{default_model() or 'none'} (in {weights_root()})",
+        "default model": f"{default_model() or 'none'} (in {weights_root()}); with --fix: "
+                         f"{default_model(fix=True) or 'none'}",
         "QM9 cache": str(data_dir),
         "compiled programs": str(jax_cache) if jax_cache else "not kept (MOLGEN_JAX_CACHE=off)",
         "evaluation": f"{workers} process{'' if workers == 1 else 'es'} at most (MOLGEN_WORKERS), one per "

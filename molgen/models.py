@@ -78,10 +78,13 @@ def shipped_models() -> dict[str, Path]:
     return {p.parent.name: p.parent for p in sorted(weights_root().glob(f"*/{PARAMS_NAME}"))}
 
 
-def default_model() -> str | None:
-    f = weights_root() / "DEFAULT"
-    if f.exists():
-        return f.read_text().strip()
+def default_model(fix: bool = False) -> str | None:
+    """The shipped model ``molgen sample`` uses without ``--checkpoint`` (weights/DEFAULT); with ``fix``, the one
+    it completes a fragment with (weights/DEFAULT-FIX, else the same)."""
+    for name in ("DEFAULT-FIX", "DEFAULT") if fix else ("DEFAULT",):
+        f = weights_root() / name
+        if f.exists():
+            return f.read_text().strip()
     return next(iter(shipped_models()), None)
 
 

@@ -4,6 +4,8 @@ objective up once.
 * ``diffusion``: EDM's epsilon objective (:func:`molgen.diffusion.edm.diffusion_loss`);
 * ``ct``: consistency training from scratch (iCT, ``ict`` parametrisation, :mod:`molgen.consistency.ict`);
 * ``ect``: consistency tuning of a diffusion model (``--init``; ``ict-vp`` parametrisation);
+* ``inpaint``: EDM's objective with a random fragment of most molecules given clean: a diffusion model that
+  completes fragments (:mod:`molgen.diffusion.inpaint`);
 * ``distill``: regression of a consistency model's one-call sample onto a diffusion teacher's targets
   (:mod:`molgen.consistency.distill`), with an anchor model's low-noise behaviour kept.
 
@@ -26,6 +28,7 @@ from molgen.consistency.distill import DistillConfig, distill_loss
 from molgen.consistency.ict import ConsistencyConfig, consistency_loss, measure_sigma_data
 from molgen.data.features import type_features
 from molgen.diffusion.edm import diffusion_loss
+from molgen.diffusion.inpaint import InpaintConfig, inpaint_loss
 from molgen.networks import model_fn
 
 
@@ -62,7 +65,7 @@ def _with_sigma_data(cfg: RunConfig, ds) -> RunConfig:
 
 class Diffusion(Objective):
     def configure(self, cfg, ds, init_cfg):
-        cfg = super().configure(cfg, ds, init_cfg).replace(consistency=None, distill=None, stack=None)
+        cfg = super().configure(cfg, ds, init_cfg).replace(consistency=None, distill=None, stack=None, inpaint=None)
         if init_cfg is not None:  # a warm start keeps the network and schedule of the model it starts from
             cfg = cfg.replace(**self.taken_from(init_cfg))
         return cfg
@@ -71,9 +74,17 @@ class Diffusion(Objective):
         return lambda p, g, k, s, a: diffusion_loss(apply, p, g.positions, features(g), g, k, cfg.diffusion)
 
 
+class Inpaint(Diffusion):
+    def configure(self, cfg, ds, init_cfg):
+        return super().configure(cfg, ds, init_cfg).replace(inpaint=cfg.inpaint or InpaintConfig())
+
+    def make_loss(self, cfg, apply):
+        return lambda p, g, k, s, a: inpaint_loss(apply, p, g.positions, features(g), g, k, cfg.diffusion, cfg.inpaint)
+
+
 class Consistency(Objective):
     def configure(self, cfg, ds, init_cfg):
-        cfg = super().configure(cfg, ds, init_cfg).replace(distill=None, stack=None)
+        cfg = super().configure(cfg, ds, init_cfg).replace(distill=None, stack=None, inpaint=None)
         cons = cfg.consistency or ConsistencyConfig()
         if cons.total_steps <= 0:  # the curriculum spans the run
             cons = dataclasses.replace(cons, total_steps=cfg.optim.steps)
@@ -102,6 +113,7 @@ class Distill(Objective):
 
 OBJECTIVES: dict[str, Objective] = {o.name: o for o in (
     Diffusion("diffusion", "diffusion", "optional", from_init=("model", "diffusion")),
+    Inpaint("inpaint", "diffusion", "optional", from_init=("model", "diffusion")),
     Consistency("ct", "consistency", "none"),
     Consistency("ect", "consistency", "diffusion", from_init=("model", "diffusion")),
     Distill("distill", "consistency", "consistency", pairs=True,

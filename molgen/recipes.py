@@ -2,8 +2,8 @@
 
 A recipe holds ``objective`` and ``seed`` at the top and one table per section of :class:`molgen.config.RunConfig`:
 ``[model]`` (``preset`` = tiny | small | base | edm, and/or any EGNN field), ``[diffusion]``, ``[consistency]``,
-``[distill]``, ``[optim]``, ``[data]``. What a recipe leaves out keeps its default. ``molgen train --recipe R``
-takes a file or the name of a recipe shipped in ``molgen/recipes/`` (one per objective); ``--set
+``[distill]``, ``[inpaint]``, ``[optim]``, ``[data]``. What a recipe leaves out keeps its default. ``molgen train
+--recipe R`` takes a file or the name of a recipe shipped in ``molgen/recipes/`` (one per objective); ``--set
 section.key=value`` overrides single values (TOML syntax; bare words are strings). Unknown keys are errors.
 """
 
@@ -23,7 +23,7 @@ from molgen.networks import PRECISIONS
 from molgen.nn.egnn import PRESETS
 
 RECIPE_DIR = Path(__file__).resolve().parent / "recipes"
-SECTIONS = ("model", "diffusion", "consistency", "stack", "distill", "optim", "data")
+SECTIONS = ("model", "diffusion", "consistency", "stack", "distill", "inpaint", "optim", "data")
 TOP = ("objective", "seed", "init")
 
 
@@ -117,6 +117,8 @@ LIMITS: dict[str, dict[str, tuple]] = {
     "distill": {"pairs": _at_least(2), "teacher_steps": _at_least(1), "polish_calls": _at_least(0),
                 "pair_temperature": POSITIVE, "anchor_fraction": _within(0, 1, closed_hi=True),
                 "bond_weight": _at_least(0)},
+    "inpaint": {"share": _within(0, 1, closed_hi=True), "kept_min": _within(0, 1), "kept_max": _within(0, 1),
+                "contiguous": _within(0, 1, closed_hi=True)},
     "optim": {"steps": _at_least(1), "batch_size": _at_least(1), "lr": POSITIVE, "warmup": _at_least(0),
               "ema": _within(0, 1), "clip": POSITIVE, "ckpt_every": _at_least(0), "eval_every": _at_least(0),
               "keep": _at_least(1)},
@@ -147,6 +149,8 @@ def check_settings(cfg: RunConfig) -> None:
     c = cfg.consistency
     if c is not None and not (c.sigma_max > c.sigma_min and c.s1 >= c.s0):
         raise MolgenError("consistency: sigma_max must exceed sigma_min and s1 must be at least s0")
+    if cfg.inpaint is not None and cfg.inpaint.kept_min > cfg.inpaint.kept_max:
+        raise MolgenError("inpaint: kept_min must be at most kept_max")
 
 
 def to_config(recipe: dict) -> RunConfig:
@@ -156,6 +160,7 @@ def to_config(recipe: dict) -> RunConfig:
     from molgen.consistency.distill import DistillConfig
     from molgen.consistency.ict import ConsistencyConfig
     from molgen.diffusion.edm import DiffusionConfig
+    from molgen.diffusion.inpaint import InpaintConfig
 
     unknown = set(recipe) - set(SECTIONS) - set(TOP)
     if unknown:
@@ -172,7 +177,7 @@ def to_config(recipe: dict) -> RunConfig:
     base_model = PRESETS[preset] if preset else cfg.model
     kw = {"model": apply_table(type(base_model), "model", model, base_model)}
     classes = {"diffusion": DiffusionConfig, "consistency": ConsistencyConfig, "distill": DistillConfig,
-               "optim": OptimConfig, "data": DataConfig}
+               "inpaint": InpaintConfig, "optim": OptimConfig, "data": DataConfig}
     for name, cls in classes.items():
         if name in recipe:
             kw[name] = apply_table(cls, name, recipe[name], getattr(cfg, name) or cls())

@@ -29,6 +29,7 @@ from molgen.samplers import get_sampler
 from molgen.sizes import atoms_text, check_request, draw_sizes
 
 
+FEW_DIFFUSION_CALLS = 50  # a fragment completed by a diffusion model in fewer calls is warned of
 FRAGMENT_STREAM = 104729  # the fixed noise of a fragment's atoms: its own random stream
 
 
@@ -89,7 +90,15 @@ def plan(model: Model, steps: int | None = None, sampler: str | None = None, sig
     (:func:`parse_type_bias`; None: the card's for that many calls) is recorded as ``molgen_type_bias``."""
     if not 0 <= seed < 2**32:
         raise MolgenError(f"--seed must be in 0 .. 2^32 - 1, got {seed}")
+    if fixing and formula:
+        raise MolgenError("--formula and --fix: give one of them")
+    if sampler is None and fixing and model.cfg.inpaint is not None:
+        sampler = "inpaint"  # a model trained to complete fragments completes them so
     s = get_sampler(model.cfg, sampler)
+    if s.name == "inpaint" and not (fixing and model.cfg.inpaint is not None):
+        why = "is not" if model.cfg.inpaint is None else "needs --fix"
+        raise MolgenError(f"--sampler inpaint completes a fragment (--fix FILE) with a model trained to (objective "
+                          f"inpaint); {model.name} {why}")
     if steps is None:  # levels given: one step each
         steps = len(sigmas) if sigmas and s.takes_sigmas else s.default_steps
     if steps < 1:
@@ -176,7 +185,7 @@ def sample(model: Model, n: int, steps: int | None = None, seed: int = 0, atoms:
         # molecule counts bucketed like the atoms: rounds of --keep and small calls share compiled programs
         g = pack(None, [np.zeros(int(k), np.int32) for k in bs], pad_graphs=bucket(len(bs) + 1, granule=8))
         fix = _fixer(fragment, formula, bs, g, model.cfg.n_features,
-                     jax.random.fold_in(jax.random.fold_in(base, FRAGMENT_STREAM), b))
+                     jax.random.fold_in(jax.random.fold_in(base, FRAGMENT_STREAM), b), s.name == "inpaint")
         x, h = s.run(fns, model.params, g, model.cfg.n_features, jax.random.fold_in(base, b), levels,
                      settings["molgen_temperature"], renoise, tick, fix, resample)
         if pol is not None:
@@ -295,9 +304,10 @@ def formula_atoms(formula, atoms: int | tuple[int, int] | None, fragment=None) -
     return formula.size
 
 
-def _fixer(fragment, formula, sizes, graph, nf: int, key):
+def _fixer(fragment, formula, sizes, graph, nf: int, key, rows: bool = False):
     """fix(x, h, level, scale) for one batch (None without a constraint): its known atoms are the fragment's
-    (molgen.fragment), or its atoms take the formula's types (molgen.formula)."""
+    (molgen.fragment), or its atoms take the formula's types (molgen.formula). ``rows``: the fragment's known rows
+    themselves (:class:`molgen.fragment.Known`), for the ``inpaint`` sampler."""
     if formula is not None:
         from molgen.formula import formula_fixer
 
@@ -307,6 +317,8 @@ def _fixer(fragment, formula, sizes, graph, nf: int, key):
     from molgen.fragment import constrain, known_rows
 
     known = known_rows(fragment, np.asarray(sizes), len(graph.node_mask), nf, key)
+    if rows:
+        return known
     step = jax.jit(constrain)
     return lambda x, h, level, scale: step(known, x, h, graph, np.float32(level), np.float32(scale))
 
@@ -315,7 +327,7 @@ def preflight(model: Model, n: int, batch_size: int, atoms: int | tuple[int, int
               formula=None) -> list[str]:
     """Before sampling: refuse counts that cannot be sampled (:func:`check_request`), then the warnings:
     ``atoms`` beyond the sizes the model was trained on; a fragment completed in one call (it can only be placed
-    after that call); a formula given in one call."""
+    after that call; a diffusion model's, in few calls); a formula given in one call."""
     given, atoms = atoms, formula_atoms(formula, atoms, fragment)
     check_request(model.cfg, n, batch_size, atoms, fragment.size if fragment is not None else 0)
     out = []
@@ -323,8 +335,11 @@ def preflight(model: Model, n: int, batch_size: int, atoms: int | tuple[int, int
     if isinstance(atoms, int) and sizes and not sizes[0] <= atoms <= sizes[-1]:
         out.append(f"warning: this model was trained on molecules of {sizes[0]}-{sizes[-1]} atoms; expect poor "
                    f"molecules with " + (f"--atoms {atoms}" if given is not None else f"--formula {formula}"))
-    if fragment is not None and calls == 1:
+    if fragment is not None and calls == 1 and model.cfg.kind == "consistency":
         out.append("warning: with one call the fragment is placed after the only call; use --steps 4")
+    if fragment is not None and model.cfg.kind == "diffusion" and calls < FEW_DIFFUSION_CALLS:
+        out.append(f"warning: a diffusion model completes fragments poorly in {calls} calls; its card measures 100 "
+                   "and 1000 (--steps)")
     if formula is not None and calls == 1:
         out.append("warning: with one call the formula's types are given after the only call, to a molecule made "
                    "without them; use --steps 4")

@@ -3,6 +3,9 @@
 * ``ancestral`` (diffusion models): EDM's stochastic sampler on a respaced time grid; k steps = k calls (with a
   fragment and ``resample`` r, RePaint's resampling: every step but the last is repeated r times after going back
   up by the forward process, (k - 1)(r + 1) + 1 calls);
+* ``inpaint`` (diffusion models trained with the ``inpaint`` objective, and a fragment to complete; the default
+  then): the ancestral steps of the free atoms only, the fragment's atoms given clean at time 0
+  (:mod:`molgen.diffusion.inpaint`); k steps = k calls;
 * ``ode`` (diffusion models): the probability-flow ODE, Heun's method on Karras levels from 80 to 0.002, then 0;
   k steps = 2k - 1 calls;
 * ``multistep`` (consistency models): x = f(sigma_max z), then for each further level x = f(x + renoise
@@ -27,6 +30,7 @@ from molgen import MolgenError
 from molgen.config import RunConfig
 from molgen.consistency.ict import make_multistep_step, multistep_levels
 from molgen.diffusion.edm import make_forward_step, make_sampler_step, respaced_times
+from molgen.diffusion.inpaint import make_inpaint_step
 from molgen.diffusion.levels import low_ladder, ode_levels
 from molgen.diffusion.noise import sample_noise
 from molgen.diffusion.ode import heun_solve, n_calls
@@ -59,7 +63,8 @@ class Sampler:
             tick: Callable, fix: Callable | None = None, resample: int = 0):
         """(x, h) of one packed batch (``nf`` features per atom); ``tick()`` after every network call. ``fix(x, h,
         level, scale)``, when given, imposes known atoms on the state after every network call (level: the state's
-        variance-exploding noise level, 0 for a clean molecule; scale: alpha_t for a variance-preserving state).
+        variance-exploding noise level, 0 for a clean molecule; scale: alpha_t for a variance-preserving state);
+        the ``inpaint`` sampler takes the batch's known rows instead (:class:`molgen.fragment.Known`).
         ``resample``: rounds of RePaint's resampling per step (samplers with ``takes_resample``)."""
         raise NotImplementedError
 
@@ -111,6 +116,31 @@ class Ancestral(Sampler):
                     g = float(gammas[int(round(s * (len(gammas) - 1)))])
                     alpha, sigma = np.sqrt(1 / (1 + np.exp(g))), np.sqrt(1 / (1 + np.exp(-g)))
                     zx, zh = fix(zx, zh, 0.0 if s <= 0 else sigma / alpha, 1.0 if s <= 0 else alpha)
+        return zx, zh
+
+
+class Inpaint(Sampler):
+    def levels(self, cfg, steps, sigmas=None):
+        return SAMPLERS["ancestral"].levels(cfg, steps)
+
+    def calls(self, levels, resample=0):
+        return len(levels) - 1
+
+    def prepare(self, cfg, apply=None):
+        return jax.jit(make_inpaint_step(apply or network(cfg)[1], cfg.diffusion))
+
+    def run(self, step, params, graph, nf, key, levels, temperature, renoise, tick, fix=None, resample=0):
+        known = fix  # the fragment's rows, centred at 0: the frame of the whole sample
+        k0, key = jax.random.split(key)
+        kx, kh = jax.random.split(k0)
+        temp = jnp.float32(temperature)
+        m, f = graph.node_mask[:, None], known.mask[:, None] > 0
+        zx = jnp.where(f, known.x, temp * jax.random.normal(kx, graph.positions.shape)) * m
+        zh = jnp.where(f, known.h, temp * jax.random.normal(kh, (len(graph.node_mask), nf))) * m
+        for t, s in zip(levels[:-1], levels[1:]):
+            key, k = jax.random.split(key)
+            zx, zh = step(params, zx, zh, jnp.float32(t), jnp.float32(s), graph, k, temp, known.mask)
+            tick()
         return zx, zh
 
 
@@ -190,6 +220,7 @@ def _zeros(graph, nf: int):
 SAMPLERS: dict[str, Sampler] = {s.name: s for s in (
     Ancestral("ancestral", "diffusion", 1000, takes_resample=True),
     Ode("ode", "diffusion", 18),
+    Inpaint("inpaint", "diffusion", 1000),
     Multistep("multistep", "consistency", 1, takes_sigmas=True, takes_renoise=True),
     Anneal("anneal", "consistency", 1, takes_sigmas=True),
 )}

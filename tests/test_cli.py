@@ -47,6 +47,7 @@ def test_download_from_file_then_noop_then_info(tmp_path):
 
     assert f"{__version__}" in res.output and f"{jax.__version__}, cpu (" in res.output  # where molgen runs
     assert default_model() in res.output and "compiled programs" in res.output
+    assert f"with --fix: {default_model(fix=True)}" in " ".join(res.output.replace("│", " ").split())  # the fragment completer
 
 
 def test_info_on_a_fresh_install_and_a_wrong_data_dir(tmp_path, monkeypatch):

@@ -66,7 +66,7 @@ def test_a_configuration_written_as_a_recipe_reads_back_as_itself(name):
 
 
 def test_shipped_objective_recipes_and_their_defaults():
-    assert set(shipped_recipes()) == {"diffusion", "ct", "ect", "distill"}
+    assert set(shipped_recipes()) == {"diffusion", "inpaint", "ct", "ect", "distill"}
     for name in shipped_recipes():
         cfg = to_config(read_recipe(name))
         assert cfg.objective == name
@@ -137,7 +137,7 @@ def test_every_shipped_recipe_and_model_passes_the_checks():
     for folder in MODELS.values():
         check_settings(RunConfig.load(folder / "config.json"))
         checked.append(folder.name)
-    assert sorted(checked[:4]) == ["ct", "diffusion", "distill", "ect"] and len(checked) == 4 + len(MODELS)
+    assert sorted(checked[:5]) == ["ct", "diffusion", "distill", "ect", "inpaint"] and len(checked) == 5 + len(MODELS)
 
 
 def _setting_names():

@@ -115,7 +115,7 @@ def test_sampler_option_errors(rng):
         plan(d, 1001)
     with pytest.raises(MolgenError, match="--steps must be at least 1"):
         plan(c, 0)
-    assert set(SAMPLERS) == {"ancestral", "ode", "multistep", "anneal"}
+    assert set(SAMPLERS) == {"ancestral", "inpaint", "ode", "multistep", "anneal"}
 
 
 def test_batches_multiply_calls_and_sizes_follow_histogram(rng):

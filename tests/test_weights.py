@@ -71,6 +71,26 @@ def test_main_command_with_shipped_default(tmp_path, monkeypatch):
     assert recipes and all(r in res.output for r in recipes) and "README.md" in res.output
 
 
+def test_a_fragment_without_a_model_named_is_completed_by_the_shipped_completer(tmp_path):
+    """`molgen sample --fix` without --checkpoint samples with weights/DEFAULT-FIX's model, a diffusion model
+    trained to complete fragments, with its own sampler; few calls are warned of, and the fragment is kept."""
+    from molgen.chem.io import read_molecules
+
+    name = default_model(fix=True)
+    assert name in shipped_models() and name != default_model()
+    assert load_model(name).cfg.inpaint is not None and load_model(name).cfg.kind == "diffusion"
+    frag = tmp_path / "frag.xyz"
+    frag.write_text("4\n\nC 0 0 0\nO 1.43 0 0\nH -0.36 1.03 0\nH -0.36 -0.5 0.9\n")
+    out = tmp_path / "out.sdf"
+    res = runner.invoke(app, ["sample", "--fix", str(frag), "-n", "3", "--steps", "10", "--seed", "0", "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "completes fragments poorly in 10 calls" in res.output and "inpaint sampler" in res.output
+    mols = read_molecules(out)
+    assert len(mols) == 3 and all(list(m.types[:4]) == [1, 3, 0, 0] for m in mols)
+    for m in mols:
+        np.testing.assert_allclose(m.positions[:2], [[0, 0, 0], [1.43, 0, 0]], atol=1e-4)
+
+
 def test_a_regular_wheel_install_carries_and_finds_the_weights(tmp_path):
     """Build the wheel (from a copy of the sources), unpack it as site-packages would hold it, and sample with the
     shipped default from there: the weights travel inside the package, not only in a source checkout."""
@@ -95,6 +115,8 @@ def test_a_regular_wheel_install_carries_and_finds_the_weights(tmp_path):
     zipfile.ZipFile(wheel).extractall(site)
     default = (repo / "weights" / "DEFAULT").read_text().strip()
     assert (site / "molgen" / "weights" / default / "params.msgpack").exists()
+    fix = (repo / "weights" / "DEFAULT-FIX").read_text().strip()  # the fragment completer travels too
+    assert (site / "molgen" / "weights" / "DEFAULT-FIX").exists() and (site / "molgen" / "weights" / fix).is_dir()
     env = {k: v for k, v in __import__("os").environ.items() if k != "PYTHONPATH"}
     env.update(PYTHONPATH=str(site), MOLGEN_HOME=str(tmp_path / "home"))
     work = tmp_path / "elsewhere"
@@ -106,7 +128,7 @@ def test_a_regular_wheel_install_carries_and_finds_the_weights(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:] + r.stdout[-2000:]
     module, root, recipes = r.stdout.splitlines()[:3]
     assert Path(module).is_relative_to(site) and Path(root) == site / "molgen" / "weights", r.stdout
-    assert recipes == "['ct', 'diffusion', 'distill', 'ect']", r.stdout  # the recipes travel in the wheel too
+    assert recipes == "['ct', 'diffusion', 'distill', 'ect', 'inpaint']", r.stdout  # the recipes travel in the wheel too
     assert (work / "x.sdf").read_text().count("$$$$") == 5
 
 

@@ -89,6 +89,20 @@ def respaced_times(k: int) -> np.ndarray:
     return np.linspace(1.0, 0.0, k + 1)
 
 
+def ancestral_update(zx, zh, ex, eh, g_t, g_s, nx, nh, last):
+    """EDM's ancestral step z_t -> z_s from the predicted noise (ex, eh) and fresh noise (nx, nh), or, where
+    ``last``, the denoised estimate x0 = (z_t - sigma_t eps) / alpha_t (no noise)."""
+    alpha_t, sigma_t = alpha_sigma(g_t)
+    x0x, x0h = (zx - sigma_t * ex) / alpha_t, (zh - sigma_t * eh) / alpha_t
+    sigma2_ts = -jnp.expm1(jax.nn.softplus(g_s) - jax.nn.softplus(g_t))
+    alpha_ts = jnp.exp(0.5 * (jax.nn.log_sigmoid(-g_t) - jax.nn.log_sigmoid(-g_s)))
+    sigma_s = jnp.sqrt(jax.nn.sigmoid(g_s))
+    c = sigma2_ts / alpha_ts / sigma_t
+    std = jnp.sqrt(sigma2_ts) * sigma_s / sigma_t  # EDM's sample_p_zs_given_zt
+    out_x = jnp.where(last, x0x, zx / alpha_ts - c * ex + std * nx)
+    return out_x, jnp.where(last, x0h, zh / alpha_ts - c * eh + std * nh)
+
+
 def make_sampler_step(apply_fn, cfg: DiffusionConfig):
     """One reverse step z_t -> z_s (s < t), or, when s == 0, the final denoised estimate of [x, h].
 
@@ -103,21 +117,8 @@ def make_sampler_step(apply_fn, cfg: DiffusionConfig):
         g_t, g_s = gamma_at(t), gamma_at(s)
         cond = jnp.full(graph.node_mask.shape, t, jnp.float32) * graph.node_mask
         ex, eh = apply_fn(params, zx, zh, cond, graph)
-        alpha_t, sigma_t = alpha_sigma(g_t)
-        # Final step: x0 = (z_t - sigma_t eps) / alpha_t, no noise.
-        x0x, x0h = (zx - sigma_t * ex) / alpha_t, (zh - sigma_t * eh) / alpha_t
-        # Ancestral step of EDM (sample_p_zs_given_zt).
-        sigma2_ts = -jnp.expm1(jax.nn.softplus(g_s) - jax.nn.softplus(g_t))
-        alpha_ts = jnp.exp(0.5 * (jax.nn.log_sigmoid(-g_t) - jax.nn.log_sigmoid(-g_s)))
-        sigma_s = jnp.sqrt(jax.nn.sigmoid(g_s))
-        c = sigma2_ts / alpha_ts / sigma_t
-        mux, muh = zx / alpha_ts - c * ex, zh / alpha_ts - c * eh
-        std = jnp.sqrt(sigma2_ts) * sigma_s / sigma_t
         nx, nh = sample_noise(key, graph, zh.shape[-1])
-        nx, nh = temp * nx, temp * nh  # the sampling temperature (1: EDM's sampler)
-        last = s <= 0
-        out_x = jnp.where(last, x0x, mux + std * nx)
-        out_h = jnp.where(last, x0h, muh + std * nh)
+        out_x, out_h = ancestral_update(zx, zh, ex, eh, g_t, g_s, temp * nx, temp * nh, s <= 0)
         out_x = remove_mean(out_x, graph.node_mask, graph.segment, graph.n_atoms.shape[0])
         return out_x, out_h * graph.node_mask[:, None]
 
