@@ -3,11 +3,11 @@
 * ``ancestral`` (diffusion models): EDM's stochastic sampler on a respaced time grid; k steps = k calls (with a
   fragment and ``resample`` r, RePaint's resampling: every step but the last is repeated r times after going back
   up by the forward process, (k - 1)(r + 1) + 1 calls);
+* ``ode`` (diffusion models): the probability-flow ODE, Heun's method on Karras levels from 80 to 0.002, then 0;
+  k steps = 2k - 1 calls;
 * ``inpaint`` (diffusion models trained with the ``inpaint`` objective, and a fragment to complete; the default
   then): the ancestral steps of the free atoms only, the fragment's atoms given clean at time 0
   (:mod:`molgen.diffusion.inpaint`); k steps = k calls;
-* ``ode`` (diffusion models): the probability-flow ODE, Heun's method on Karras levels from 80 to 0.002, then 0;
-  k steps = 2k - 1 calls;
 * ``multistep`` (consistency models): x = f(sigma_max z), then for each further level x = f(x + renoise
   sqrt(s^2 - sigma_min^2) z, s); k steps = k calls;
 * ``anneal`` (consistency models): the same first call, then f(x, s) on the molecule itself at the low
