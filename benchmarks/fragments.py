@@ -10,11 +10,12 @@ every fragment --n times at the molecule's own size, with the model's own way fo
 sampler for a model trained to complete them, else replacement after each call: molgen.fragment). One line per
 run and fragment kind:
 
-    FRAGMENTS <model>:<steps>[:r] <kind> max_dev=... kept=...% atom=...% mol=...% valid=...% unique=...% recovered=...%
+    FRAGMENTS <model>:<steps>[:r] <kind> max_dev=... kept=...% atom=...% mol=...% valid=...% unique=...% recovered=...% connected=...%
 
 max_dev: the largest distance of a fragment atom from its input position (Å); kept: completions holding the
 fragment's bond graph; unique: distinct valid SMILES among the valid ones, per fragment, averaged; recovered:
-completions whose SMILES is the original molecule's (EDM's bond perception and RDKit both ways).
+completions whose SMILES is the original molecule's (EDM's bond perception and RDKit both ways); connected:
+completions in one piece (EDM's validity and stability do not ask for it).
 """
 
 from __future__ import annotations
@@ -90,7 +91,7 @@ def main() -> None:
         model = load_model(name)
         for kind in ("branch", "random") + (() if resample else ("none",)):
             t0 = time.time()
-            dev, kept, atom, mol, valid, unique, rec = [], [], [], [], [], [], []
+            dev, kept, atom, mol, valid, unique, rec, conn = [], [], [], [], [], [], [], []
             for k, (pos, typ) in enumerate(mols):
                 frag = kinds["branch"][k] if kind == "none" else kinds[kind][k]
                 res = sample(model, args.n, int(steps), seed=k, atoms=len(typ),
@@ -104,6 +105,7 @@ def main() -> None:
                 atom.append(met.atom_stability)
                 mol.append(met.mol_stability)
                 valid.append(met.validity)
+                conn.append(np.mean([p.n_fragments == 1 for p in met.per_molecule]))
                 unique.append(len(set(smi)) / max(len(smi), 1))
                 rec.append(sum(s == originals[k] for s in smi) / len(out) if originals[k] else 0.0)
             def pct(v):
@@ -112,7 +114,7 @@ def main() -> None:
             head = f"FRAGMENTS {run} {kind}"
             frag_part = f"max_dev={max(dev):.1e} kept={pct(kept)} " if kind != "none" else ""
             print(f"{head} {frag_part}atom={pct(atom)} mol={pct(mol)} valid={pct(valid)} unique={pct(unique)} "
-                  f"recovered={pct(rec)} seconds={time.time() - t0:.0f}", flush=True)
+                  f"recovered={pct(rec)} connected={pct(conn)} seconds={time.time() - t0:.0f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -365,4 +365,4 @@ def models(
         console.print(model_table(m, default=Path(m.meta["source"]) == shipped_models().get(default_model() or "")))
         return
     ms = shipped_models()
-    console.print(models_table(ms, default_model()) if ms else "no shipped models found")
+    console.print(models_table(ms, default_model(), default_model(fix=True)) if ms else "no shipped models found")

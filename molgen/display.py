@@ -301,7 +301,8 @@ def cache_tables(data_dir: Path, manifest: dict, ds) -> None:
     console.print(h)
 
 
-def models_table(models: dict, default: str | None) -> Table:
+def models_table(models: dict, default: str | None, fix_default: str | None = None) -> Table:
+    """The shipped models, a row each; ``default`` and ``fix_default`` (the one ``--fix`` uses) marked."""
     from molgen.config import RunConfig
     from molgen.consistency.stack import describe_network
     from molgen.models import read_meta
@@ -313,7 +314,8 @@ def models_table(models: dict, default: str | None) -> Table:
     for name, path in models.items():
         cfg = RunConfig.load(path / "config.json")
         meta = read_meta(path / "meta.json")
-        t.add_row(name + ("\n(default)" if name == default else ""), cfg.objective, describe_network(cfg),
+        mark = "\n(default)" if name == default else "\n(with --fix)" if name == fix_default else ""
+        t.add_row(name + mark, cfg.objective, describe_network(cfg),
                   meta.get("headline", ""))
     return t
 

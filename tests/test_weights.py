@@ -58,7 +58,7 @@ def test_main_command_with_shipped_default(tmp_path, monkeypatch):
     mol = next(iter(Chem.SDMolSupplier(str(out), removeHs=False, sanitize=False)))
     assert float(mol.GetProp("molgen_renoise")) == renoise
     res = runner.invoke(app, ["models"])
-    assert res.exit_code == 0 and "(default)" in res.output
+    assert res.exit_code == 0 and "(default)" in res.output and "(with --fix)" in res.output
     for name in shipped_models():  # full names, even in an 80-column terminal
         assert name in res.output, res.output
     # one model in full: its parameter count (the loaded arrays'), its diffusion model, recipes and card
