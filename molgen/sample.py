@@ -338,8 +338,7 @@ def preflight(model: Model, n: int, batch_size: int, atoms: int | tuple[int, int
     if fragment is not None and calls == 1 and model.cfg.kind == "consistency":
         out.append("warning: with one call the fragment is placed after the only call; use --steps 4")
     if fragment is not None and model.cfg.kind == "diffusion" and calls < FEW_DIFFUSION_CALLS:
-        out.append(f"warning: a diffusion model completes fragments poorly in {calls} calls; its card measures 100 "
-                   "and 1000 (--steps)")
+        out.append(f"warning: a diffusion model completes fragments poorly in {calls} calls; use --steps 100 or more")
     if formula is not None and calls == 1:
         out.append("warning: with one call the formula's types are given after the only call, to a molecule made "
                    "without them; use --steps 4")

@@ -89,6 +89,12 @@ def respaced_times(k: int) -> np.ndarray:
     return np.linspace(1.0, 0.0, k + 1)
 
 
+def gamma_lookup(cfg: DiffusionConfig):
+    """gamma(t) read from EDM's table at the integer step nearest t * T."""
+    gammas = jnp.asarray(cfg.gammas())
+    return lambda t: gammas[jnp.round(t * cfg.timesteps).astype(jnp.int32)]
+
+
 def ancestral_update(zx, zh, ex, eh, g_t, g_s, nx, nh, last):
     """EDM's ancestral step z_t -> z_s from the predicted noise (ex, eh) and fresh noise (nx, nh), or, where
     ``last``, the denoised estimate x0 = (z_t - sigma_t eps) / alpha_t (no noise)."""
@@ -107,11 +113,7 @@ def make_sampler_step(apply_fn, cfg: DiffusionConfig):
     """One reverse step z_t -> z_s (s < t), or, when s == 0, the final denoised estimate of [x, h].
 
     ``temp`` scales the step's fresh noise (the sampling temperature; 1 is EDM's sampler)."""
-    gammas = jnp.asarray(cfg.gammas())
-    T = cfg.timesteps
-
-    def gamma_at(t):
-        return gammas[jnp.round(t * T).astype(jnp.int32)]
+    gamma_at = gamma_lookup(cfg)
 
     def step(params, zx, zh, t, s, graph, key, temp=1.0):
         g_t, g_s = gamma_at(t), gamma_at(s)
@@ -128,11 +130,10 @@ def make_sampler_step(apply_fn, cfg: DiffusionConfig):
 def make_forward_step(cfg: DiffusionConfig):
     """z_s -> z_t (s < t) by the forward process q(z_t | z_s): alpha_ts z_s + sigma_ts eps (positions' noise on the
     zero-CoM subspace; ``temp`` scales it). RePaint's resampling goes back up one step with it."""
-    gammas = jnp.asarray(cfg.gammas())
-    T = cfg.timesteps
+    gamma_at = gamma_lookup(cfg)
 
     def forward(zx, zh, t, s, graph, key, temp=1.0):
-        g_t, g_s = gammas[jnp.round(t * T).astype(jnp.int32)], gammas[jnp.round(s * T).astype(jnp.int32)]
+        g_t, g_s = gamma_at(t), gamma_at(s)
         alpha_ts = jnp.exp(0.5 * (jax.nn.log_sigmoid(-g_t) - jax.nn.log_sigmoid(-g_s)))
         sigma_ts = jnp.sqrt(-jnp.expm1(jax.nn.softplus(g_s) - jax.nn.softplus(g_t)))
         nx, nh = sample_noise(key, graph, zh.shape[-1])

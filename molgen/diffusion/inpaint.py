@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 
-from molgen.diffusion.edm import DiffusionConfig, alpha_sigma, ancestral_update
+from molgen.diffusion.edm import DiffusionConfig, alpha_sigma, ancestral_update, gamma_lookup
 from molgen.diffusion.noise import per_molecule_sum, sample_noise
 from molgen.nn.egnn import segment_sum
 
@@ -116,11 +116,7 @@ def inpaint_loss(apply_fn, params, x, h, graph, key, cfg: DiffusionConfig, icfg:
 def make_inpaint_step(apply_fn, cfg: DiffusionConfig):
     """One ancestral step z_t -> z_s of the free atoms (s == 0: their denoised estimate), the fixed atoms (mask
     ``fixed`` [N]) kept as they are, clean, at time 0. No re-centring: the fragment holds the frame."""
-    gammas = jnp.asarray(cfg.gammas())
-    T = cfg.timesteps
-
-    def gamma_at(t):
-        return gammas[jnp.round(t * T).astype(jnp.int32)]
+    gamma_at = gamma_lookup(cfg)
 
     def step(params, zx, zh, t, s, graph, key, temp, fixed):
         g_t, g_s = gamma_at(t), gamma_at(s)
