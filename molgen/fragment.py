@@ -1,8 +1,10 @@
 """Generating around a fragment (inpainting): the fragment's atoms keep their types and relative positions while
-a sampler completes the molecule. One mechanism serves every sampler: after each network call the known atoms
-are replaced by the fragment, noised to the state's noise level (variance-exploding level s, scaled by the
-state's factor: alpha_t for EDM's variance-preserving states, 1 otherwise), placed at the known atoms' current
-centre, and the molecule is re-centred (RePaint for diffusion; "replace, then re-noise" for consistency models).
+a sampler completes the molecule. A model trained to complete fragments (objective ``inpaint``) is given them
+clean by its own sampler (:mod:`molgen.diffusion.inpaint`), from the rows :func:`known_rows` lays out; every
+other sampler uses replacement: after each network call the known atoms are replaced by the fragment, noised to
+the state's noise level (variance-exploding level s, scaled by the state's factor: alpha_t for EDM's
+variance-preserving states, 1 otherwise), placed at the known atoms' current centre, and the molecule is
+re-centred (RePaint for diffusion; "replace, then re-noise" for consistency models).
 Every replacement moves the fragment as a whole, so its internal geometry is exact at the end.
 
 Frame: molgen's models work on the zero-centre-of-mass subspace of the whole molecule, whose centre is unknown
