@@ -1,16 +1,17 @@
 """Completing fragments: molecules of the QM9 test split with ~40 % of their atoms removed, completed by a model
 (`molgen sample --fix`), against unconstrained sampling at the same sizes.
 
-    python benchmarks/fragments.py [--molecules 20] [--n 100] [--runs edm-small-inpaint:100,edm-small-diffusion:100:4]
+    python benchmarks/fragments.py [--molecules 20] [--n 100] [--runs edm-small-inpaint:100,edm-small-inpaint:50+8,edm-small-diffusion:100:4]
 
 Two fragments per molecule: "branch" (the molecule minus a branch: heavy atoms removed from a leaf of the
 heavy-atom graph outwards, with their hydrogens, until ~40 % of the atoms are gone) and "random" (a random 60 %
-of the atoms kept). Each model run (model:steps, or model:steps:r with r rounds of RePaint's resampling) completes
+of the atoms kept). Each model run (model:steps, model:steps+p with p polishing calls after the sampler's steps, or
+model:steps:r with r rounds of RePaint's resampling) completes
 every fragment --n times at the molecule's own size, with the model's own way for fragments (the ``inpaint``
 sampler for a model trained to complete them, else replacement after each call: molgen.fragment). One line per
 run and fragment kind:
 
-    FRAGMENTS <model>:<steps>[:r] <kind> max_dev=... kept=...% atom=...% mol=...% valid=...% unique=...% recovered=...% connected=...%
+    FRAGMENTS <model>:<steps>[+p][:r] <kind> max_dev=... kept=...% atom=...% mol=...% valid=...% unique=...% recovered=...% connected=...%
 
 max_dev: the largest distance of a fragment atom from its input position (Å); kept: completions holding the
 fragment's bond graph; unique: distinct valid SMILES among the valid ones, per fragment, averaged; recovered:
@@ -69,7 +70,7 @@ def main() -> None:
 
     enable_compilation_cache()
     from molgen.fragment import Fragment, contains_fragment
-    from molgen.models import load_model
+    from molgen.models import load_model, polisher_for
     from molgen.sample import sample
 
     ds = load_qm9(args.data_dir)
@@ -87,15 +88,18 @@ def main() -> None:
           f" (random) atoms on average", flush=True)
     for run in args.runs.split(","):
         name, steps, *more = run.split(":")
+        steps, _, polish = steps.partition("+")
         resample = int(more[0]) if more else 0
         model = load_model(name)
+        polisher = polisher_for(model, calls=int(polish or 0))
         for kind in ("branch", "random") + (() if resample else ("none",)):
             t0 = time.time()
             dev, kept, atom, mol, valid, unique, rec, conn = [], [], [], [], [], [], [], []
             for k, (pos, typ) in enumerate(mols):
                 frag = kinds["branch"][k] if kind == "none" else kinds[kind][k]
                 res = sample(model, args.n, int(steps), seed=k, atoms=len(typ),
-                             fragment=None if kind == "none" else frag, resample=resample)
+                             fragment=None if kind == "none" else frag, resample=resample,
+                             polish_calls=int(polish or 0), polisher=polisher)
                 out = res.molecules
                 met = evaluate_molecules([m.positions for m in out], [m.types for m in out])
                 smi = [p.smiles for p in met.per_molecule if p.valid]

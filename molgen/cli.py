@@ -173,7 +173,7 @@ def sample(
     sigmas: Optional[str] = Opt(None, "--sigmas", help="multistep / anneal: comma-separated noise levels, one per step (--steps: their number)."),
     temperature: Optional[float] = Opt(None, "--temperature", help="Scale every Gaussian the sampler draws (default: the model card's, else 1)."),
     renoise: Optional[float] = Opt(None, "--renoise", help="multistep: scale of the noise added before each call after the first (default: the card's, else the temperature)."),
-    polish: int = Opt(0, "--polish", min=0, help="After sampling, N calls of a diffusion model's denoiser on each molecule at levels 0.4 -> 0.1 (no noise added)."),
+    polish: int = Opt(0, "--polish", min=0, help="After sampling, N calls of a diffusion model's denoiser on each molecule at levels 0.4 -> 0.1 (no noise added; with --fix, a model trained to complete fragments keeps the fragment as it polishes)."),
     polisher: Optional[str] = Opt(None, "--polisher", help="--polish: the diffusion model to call (default: the model itself, its teacher or the model it was tuned from)."),
     fmt: Optional[str] = Opt(None, "--format", help="sdf or xyz (default: from the extension)."),
     report: bool = Opt(True, "--report/--no-report", help="Print the stability report of the samples."),
@@ -210,7 +210,7 @@ def sample(
     _, _, settings, _ = plan(m, steps, sampler, sig, temperature, renoise, polish, seed, resample, frag is not None,
                              form is not None, bias)
     pol = polisher_for(m, polisher, calls=polish)
-    for warning in preflight(m, n, batch_size, atoms, frag, settings["molgen_calls"], form):
+    for warning in preflight(m, n, batch_size, atoms, frag, settings["molgen_calls"], form, polish):
         say(warning)
     with sampling_progress(settings["molgen_calls"], batch_size) as (more, tick, tasks):
         # QM9's figures for the report are read first: a cache that cannot be read loses no sampling

@@ -21,7 +21,8 @@ from molgen.consistency.stack import describe_network
 from molgen.data.batching import bucket, pack
 from molgen.diffusion.edm import denoiser
 from molgen.diffusion.levels import low_ladder
-from molgen.diffusion.polish import make_polish_step, polish
+from molgen.diffusion.inpaint import make_inpaint_polish_step
+from molgen.diffusion.polish import make_polish_step
 from molgen.models import Model
 from molgen.networks import network
 from molgen.readout import bias_text, parse_type_bias, read_types
@@ -29,7 +30,8 @@ from molgen.samplers import get_sampler
 from molgen.sizes import atoms_text, check_request, draw_sizes
 
 
-FEW_DIFFUSION_CALLS = 50  # a fragment completed by a diffusion model in fewer calls is warned of
+FEW_DIFFUSION_STEPS = (50, 30)  # a fragment completed by a diffusion model in fewer sampler steps (without, with
+#                               --polish) is warned of (docs/models.md, "Completing a fragment")
 FRAGMENT_STREAM = 104729  # the fixed noise of a fragment's atoms: its own random stream
 
 
@@ -41,8 +43,15 @@ def _prepared(s, cfg):
 
 
 @lru_cache(maxsize=4)
-def _polish_step(cfg):
-    return jax.jit(make_polish_step(denoiser(network(cfg)[1], cfg.diffusion)))
+def _polish_step(cfg, keeps_fragment: bool = False):
+    """A polishing step of the diffusion model ``cfg``: step(params, x, h, sigma, graph, fixed); ``keeps_fragment``
+    (a model trained to complete fragments, given one): the fragment's atoms are given clean and kept
+    (:func:`molgen.diffusion.inpaint.make_inpaint_polish_step`), else ``fixed`` is ignored."""
+    apply = network(cfg)[1]
+    if keeps_fragment:
+        return jax.jit(make_inpaint_polish_step(apply, cfg.diffusion))
+    step = make_polish_step(denoiser(apply, cfg.diffusion))
+    return jax.jit(lambda params, x, h, sigma, graph, fixed: step(params, x, h, sigma, graph))
 
 
 @dataclass
@@ -174,7 +183,8 @@ def sample(model: Model, n: int, steps: int | None = None, seed: int = 0, atoms:
         settings["molgen_formula"] = str(formula)
     pol = None
     if polish_calls:
-        pol = (_polish_step(polisher.cfg), polisher.params, low_ladder(polish_calls))
+        keeps = fragment is not None and polisher.cfg.inpaint is not None
+        pol = (_polish_step(polisher.cfg, keeps), polisher.params, low_ladder(polish_calls), keeps)
         settings.update(molgen_polish=polish_calls, molgen_polisher=polisher.name)
     tick = (lambda: progress(1)) if progress else (lambda: None)
     base = jax.random.PRNGKey(seed)
@@ -189,13 +199,22 @@ def sample(model: Model, n: int, steps: int | None = None, seed: int = 0, atoms:
         x, h = s.run(fns, model.params, g, model.cfg.n_features, jax.random.fold_in(base, b), levels,
                      settings["molgen_temperature"], renoise, tick, fix, resample)
         if pol is not None:
-            step, p_params, p_levels = pol
+            step, p_params, p_levels, keeps = pol
+            fixed = _first_rows(fragment.size if keeps else 0, bs, len(g.node_mask))
             for lv in p_levels:
-                x, h = polish(step, p_params, x, h, g, [lv])
+                x, h = step(p_params, x, h, np.float32(lv), g, fixed)
                 x, h = (x, h) if formula is None else fix(x, h, 0.0, 1.0)  # a polishing call ends on a clean molecule
                 tick()
         mols += _molecules(x, h, bs, len(mols), settings, fragment, decimals)
     return Samples(mols, settings, settings["molgen_calls"], time.time() - t0, _describe(model, s, settings))
+
+
+def _first_rows(k: int, sizes, n_rows: int) -> np.ndarray:
+    """float [n_rows]: 1 on the first ``k`` rows of each molecule of a packed batch of ``sizes``."""
+    out = np.zeros(n_rows, np.float32)
+    for start in np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64):
+        out[start : start + k] = 1.0
+    return out
 
 
 def _molecules(x, h, sizes, first: int, settings: dict, fragment=None, decimals: int | None = None) -> list[Molecule]:
@@ -324,10 +343,11 @@ def _fixer(fragment, formula, sizes, graph, nf: int, key, rows: bool = False):
 
 
 def preflight(model: Model, n: int, batch_size: int, atoms: int | tuple[int, int] | None, fragment, calls: int,
-              formula=None) -> list[str]:
+              formula=None, polish: int = 0) -> list[str]:
     """Before sampling: refuse counts that cannot be sampled (:func:`check_request`), then the warnings:
     ``atoms`` beyond the sizes the model was trained on; a fragment completed in one call (it can only be placed
-    after that call; a diffusion model's, in few calls); a formula given in one call."""
+    after that call; a diffusion model's, in few sampler steps); a formula given in one call. ``calls``: per
+    molecule, ``polish`` polishing calls included."""
     given, atoms = atoms, formula_atoms(formula, atoms, fragment)
     check_request(model.cfg, n, batch_size, atoms, fragment.size if fragment is not None else 0)
     out = []
@@ -337,8 +357,10 @@ def preflight(model: Model, n: int, batch_size: int, atoms: int | tuple[int, int
                    f"molecules with " + (f"--atoms {atoms}" if given is not None else f"--formula {formula}"))
     if fragment is not None and calls == 1 and model.cfg.kind == "consistency":
         out.append("warning: with one call the fragment is placed after the only call; use --steps 4")
-    if fragment is not None and model.cfg.kind == "diffusion" and calls < FEW_DIFFUSION_CALLS:
-        out.append(f"warning: a diffusion model completes fragments poorly in {calls} calls; use --steps 100 or more")
+    steps = calls - polish
+    if fragment is not None and model.cfg.kind == "diffusion" and steps < FEW_DIFFUSION_STEPS[polish > 0]:
+        out.append(f"warning: a diffusion model completes fragments poorly in {steps} sampler steps; use --steps 100, "
+                   f"or --steps 50 --polish 8")
     if formula is not None and calls == 1:
         out.append("warning: with one call the formula's types are given after the only call, to a molecule made "
                    "without them; use --steps 4")

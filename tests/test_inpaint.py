@@ -13,15 +13,17 @@ from molgen import MolgenError
 from molgen.data.batching import pack
 from molgen.data.features import type_features
 from molgen.diffusion.edm import DiffusionConfig
-from molgen.diffusion.inpaint import InpaintConfig, fragment_mask, inpaint_loss, make_inpaint_step
+from molgen.diffusion.inpaint import (InpaintConfig, fragment_mask, inpaint_loss, make_inpaint_polish_step,
+                                      make_inpaint_step)
 from molgen.fragment import Fragment, contains_fragment
 from molgen.models import Model
 from molgen.networks import network
 from molgen.objectives import get_objective
 from molgen.recipes import check_settings
-from molgen.sample import sample
+from molgen.sample import preflight, sample
 
 D, C, _ = tiny_models()  # molecules of 6-9 atoms
+APPLY = network(D.cfg)[1]
 INPAINT = Model(D.cfg.replace(objective="inpaint", inpaint=InpaintConfig()), D.params)
 FRAG = Fragment(np.array([1, 3, 0, 0], np.int32),
                 np.array([[0.0, 0.0, 0.0], [1.43, 0.0, 0.0], [-0.36, 1.03, 0.0], [-0.36, -0.5, 0.9]]) + 2.0)
@@ -34,6 +36,17 @@ def _batch(rng, sizes=(5, 9, 12, 7, 3, 10)):
 
 def _counts(mask, g):
     return np.asarray(jax.ops.segment_sum(mask, g.segment, g.n_atoms.shape[0]))
+
+
+def _spied():
+    """(seen, spy): the tiny model's network, which records the positions and times it is given in ``seen``."""
+    seen = {}
+
+    def spy(params, zx, zh, t, graph):
+        seen.update(zx=zx, t=t)
+        return APPLY(params, zx, zh, t, graph)
+
+    return seen, spy
 
 
 def test_fragments_are_real_atoms_and_never_a_whole_or_empty_molecule(rng):
@@ -57,12 +70,7 @@ def test_fragments_are_real_atoms_and_never_a_whole_or_empty_molecule(rng):
 def test_the_network_sees_the_fragment_clean_at_time_0_and_is_scored_on_the_free_atoms(rng):
     g = _batch(rng)
     h = type_features(g.types, g.node_mask)
-    seen = {}
-    _, apply = network(D.cfg)
-
-    def spy(params, zx, zh, t, graph):
-        seen.update(zx=zx, t=t)
-        return apply(params, zx, zh, t, graph)
+    seen, spy = _spied()
 
     cfg, icfg = DiffusionConfig(), InpaintConfig(share=1.0)
     key = jax.random.PRNGKey(3)
@@ -80,7 +88,7 @@ def test_the_network_sees_the_fragment_clean_at_time_0_and_is_scored_on_the_free
         np.testing.assert_allclose(zx[rows], x - x.mean(0), atol=1e-5)
 
     def moved_on_fixed(params, zx, zh, t, graph):  # outputs on the fixed atoms changed: the loss is not
-        ex, eh = apply(params, zx, zh, t, graph)
+        ex, eh = APPLY(params, zx, zh, t, graph)
         return ex + 5.0 * jnp.asarray(fixed)[:, None], eh - 3.0 * jnp.asarray(fixed)[:, None]
 
     loss2, _ = inpaint_loss(moved_on_fixed, D.params, jnp.asarray(g.positions), h, g, key, cfg, icfg)
@@ -109,6 +117,59 @@ def test_the_last_step_keeps_the_fragment_and_turns_with_it(rng):
     cx, _ = step(D.params, zx, zh, 0.5, 0.4, g, key, 1.0, jnp.asarray(fixed))  # a noisy step moves the free atoms
     free = ~f & (np.asarray(g.node_mask) > 0)
     assert np.abs(np.asarray(cx)[free] - np.asarray(zx)[free]).max() > 1e-3
+
+
+def test_polishing_keeps_the_fragment_clean_at_time_0_and_turns_with_it(rng):
+    g = _batch(rng, sizes=(8, 6, 9))
+    fixed = np.zeros(len(g.node_mask), np.float32)
+    fixed[[0, 1, 2, 8, 9]] = 1.0
+    f, free = fixed > 0, (fixed == 0) & (np.asarray(g.node_mask) > 0)
+    x = jnp.asarray(g.positions)
+    h = type_features(g.types, g.node_mask)
+    seen, spy = _spied()
+
+    step = make_inpaint_polish_step(spy, D.cfg.diffusion)
+    px, ph = step(D.params, x, h, 0.4, g, jnp.asarray(fixed))
+    t, zx = np.asarray(seen["t"]), np.asarray(seen["zx"])
+    assert not t[f].any() and (t[free] > 0).all()  # the fragment at time 0, the free atoms at the level's time
+    seg, xs = np.asarray(g.segment), np.asarray(x)
+    centre = np.stack([xs[f & (seg == seg[i])].mean(0) if (f & (seg == seg[i])).any() else xs[seg == seg[i]].mean(0)
+                       for i in range(len(seg))])  # each molecule's fragment (or, without one, all its atoms)
+    np.testing.assert_allclose(zx[f], (xs - centre)[f], atol=1e-5)  # given clean, unscaled, centred on it
+    np.testing.assert_allclose(zx[free], (xs - centre)[free] / np.sqrt(1 + 0.4**2), atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(px)[f], np.asarray(x)[f])
+    np.testing.assert_array_equal(np.asarray(ph)[f], np.asarray(h)[f])
+    assert np.abs(np.asarray(px)[free] - np.asarray(x)[free]).max() > 1e-3
+    assert not np.asarray(px)[np.asarray(g.node_mask) == 0].any()
+    q = jnp.asarray(random_rotation(rng), jnp.float32)
+    jstep = jax.jit(make_inpaint_polish_step(APPLY, D.cfg.diffusion))
+    ax, ah = jstep(D.params, x, h, 0.2, g, jnp.asarray(fixed))
+    bx, bh = jstep(D.params, x @ q.T + 1.5, h, 0.2, g, jnp.asarray(fixed))
+    np.testing.assert_allclose(np.asarray(bx), (np.asarray(ax) @ np.asarray(q).T + 1.5) * np.asarray(g.node_mask)[:, None],
+                               atol=2e-4)
+    np.testing.assert_allclose(np.asarray(bh), np.asarray(ah), atol=2e-4)
+
+
+def test_polishing_a_completion_keeps_the_fragment_with_a_model_trained_to():
+    plain = sample(INPAINT, 4, 5, seed=2, fragment=FRAG)
+    res = sample(INPAINT, 4, 5, seed=2, fragment=FRAG, polish_calls=3, polisher=INPAINT)
+    assert res.settings["molgen_calls"] == 8 and res.settings["molgen_polish"] == 3
+    moved = 0.0
+    for a, b in zip(plain.molecules, res.molecules, strict=True):
+        np.testing.assert_array_equal(b.positions[:4], FRAG.positions)
+        np.testing.assert_array_equal(b.types[:4], FRAG.types)
+        assert np.isfinite(b.positions).all()
+        moved = max(moved, float(np.abs(b.positions[4:] - a.positions[4:]).max()))
+    assert moved > 1e-3  # the free atoms were polished
+
+
+def test_few_sampler_steps_for_a_fragment_are_warned_of_fewer_with_polishing():
+    def warned(calls, polish=0):
+        return any("completes fragments poorly" in w for w in preflight(INPAINT, 2, 2, None, FRAG, calls, None, polish))
+
+    assert warned(49) and not warned(50) and not warned(1000)
+    assert warned(29 + 8, 8) and not warned(30 + 8, 8) and warned(20 + 16, 16)
+    assert not any("poorly" in w for w in preflight(INPAINT, 2, 2, None, None, 10))  # no fragment: no warning
 
 
 def test_a_model_trained_to_complete_fragments_samples_them_with_the_fragment_given():

@@ -84,7 +84,7 @@ def test_a_fragment_without_a_model_named_is_completed_by_the_shipped_completer(
     out = tmp_path / "out.sdf"
     res = runner.invoke(app, ["sample", "--fix", str(frag), "-n", "3", "--steps", "10", "--seed", "0", "-o", str(out)])
     assert res.exit_code == 0, res.output
-    assert "completes fragments poorly in 10 calls" in res.output and "inpaint sampler" in res.output
+    assert "completes fragments poorly in 10 sampler steps" in res.output and "inpaint sampler" in res.output
     mols = read_molecules(out)
     assert len(mols) == 3 and all(list(m.types[:4]) == [1, 3, 0, 0] for m in mols)
     for m in mols:

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 
-from molgen.diffusion.edm import DiffusionConfig, alpha_sigma, ancestral_update, gamma_lookup
+from molgen.data.features import clean_features
+from molgen.diffusion.edm import DiffusionConfig, alpha_sigma, ancestral_update, edm_time, gamma_lookup, vp_input
 from molgen.diffusion.noise import per_molecule_sum, sample_noise
 from molgen.nn.egnn import segment_sum
 
@@ -128,5 +129,30 @@ def make_inpaint_step(apply_fn, cfg: DiffusionConfig):
         f = fixed[:, None] > 0
         m = graph.node_mask[:, None]
         return jnp.where(f, zx, out_x) * m, jnp.where(f, zh, out_h) * m
+
+    return step
+
+
+def make_inpaint_polish_step(apply_fn, cfg: DiffusionConfig):
+    """step(params, x, h, sigma, graph, fixed) -> (x, h): one polishing step (:mod:`molgen.diffusion.polish`) that
+    keeps a fragment: the free atoms are read as a state at the variance-exploding level ``sigma`` and moved to the
+    model's estimate of the clean molecule, x - sigma eps_hat, their types re-read first; the fixed atoms (mask
+    ``fixed``) are given clean, at time 0, and kept as they are. The network sees each molecule centred on its
+    fragment, as in training (the free atoms' scaling to the latent is about that centre), so the step is
+    E(3)-equivariant; a molecule without fixed atoms is centred on all its atoms."""
+
+    def step(params, x, h, sigma, graph, fixed):
+        m = graph.node_mask[:, None]
+        n_seg = graph.n_atoms.shape[0]
+        has = segment_sum(fixed, graph.segment, n_seg, sorted_ids=True) > 0
+        anchor = jnp.where(_per_atom(has, graph), fixed, 1.0) * graph.node_mask
+        xc = fragment_centred(x, anchor, graph)
+        f = fixed[:, None] > 0
+        hc = jnp.where(f, h, clean_features(h, graph.node_mask))
+        c = vp_input(sigma)
+        free = (1.0 - fixed) * graph.node_mask
+        ex, eh = apply_fn(params, jnp.where(f, xc, c * xc), jnp.where(f, hc, c * hc), edm_time(sigma, cfg) * free,
+                          graph)
+        return jnp.where(f, x, x - sigma * ex) * m, jnp.where(f, hc, hc - sigma * eh) * m  # x - xc: a shift
 
     return step
