@@ -102,13 +102,20 @@ class Known(NamedTuple):
     noise_h: jax.Array  # [N, F]
 
 
+def first_rows(k: int, sizes, n_rows: int) -> np.ndarray:
+    """float [n_rows]: 1 on the first ``k`` rows of each molecule of a packed batch of ``sizes`` (a fragment's)."""
+    out = np.zeros(n_rows, np.float32)
+    for start in np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64):
+        out[start : start + k] = 1.0
+    return out
+
+
 def known_rows(fragment: Fragment, sizes: np.ndarray, n_rows: int, nf: int, key) -> Known:
     """The fragment placed in the first k rows of every molecule of a packed batch of ``sizes``."""
     k = fragment.size
     starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
     rows = (starts[:, None] + np.arange(k)[None, :]).reshape(-1)
-    mask = np.zeros(n_rows, np.float32)
-    mask[rows] = 1.0
+    mask = first_rows(k, sizes, n_rows)
     centred = fragment.canonical().astype(np.float32)
     x = np.zeros((n_rows, 3), np.float32)
     x[rows] = np.tile(centred, (len(sizes), 1))

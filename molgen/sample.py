@@ -23,6 +23,7 @@ from molgen.diffusion.edm import denoiser
 from molgen.diffusion.levels import low_ladder
 from molgen.diffusion.inpaint import make_inpaint_polish_step
 from molgen.diffusion.polish import make_polish_step
+from molgen.fragment import first_rows
 from molgen.models import Model
 from molgen.networks import network
 from molgen.readout import bias_text, parse_type_bias, read_types
@@ -194,27 +195,22 @@ def sample(model: Model, n: int, steps: int | None = None, seed: int = 0, atoms:
         bs = sizes[start : start + batch_size]
         # molecule counts bucketed like the atoms: rounds of --keep and small calls share compiled programs
         g = pack(None, [np.zeros(int(k), np.int32) for k in bs], pad_graphs=bucket(len(bs) + 1, granule=8))
-        fix = _fixer(fragment, formula, bs, g, model.cfg.n_features,
-                     jax.random.fold_in(jax.random.fold_in(base, FRAGMENT_STREAM), b), s.name == "inpaint")
-        x, h = s.run(fns, model.params, g, model.cfg.n_features, jax.random.fold_in(base, b), levels,
+        nf, key = model.cfg.n_features, jax.random.fold_in(jax.random.fold_in(base, FRAGMENT_STREAM), b)
+        fix = _fixer(fragment, formula, bs, g, nf, key, s.name == "inpaint")
+        x, h = s.run(fns, model.params, g, nf, jax.random.fold_in(base, b), levels,
                      settings["molgen_temperature"], renoise, tick, fix, resample)
         if pol is not None:
             step, p_params, p_levels, keeps = pol
-            fixed = _first_rows(fragment.size if keeps else 0, bs, len(g.node_mask))
+            fixed = first_rows(fragment.size if keeps else 0, bs, len(g.node_mask))
+            # a polisher not trained with fragments moves the whole molecule: the fragment (or the formula's
+            # types) is put back after each call, as the replacement method does on a clean molecule
+            put = None if keeps or fix is None else fix if callable(fix) else _fixer(fragment, None, bs, g, nf, key)
             for lv in p_levels:
                 x, h = step(p_params, x, h, np.float32(lv), g, fixed)
-                x, h = (x, h) if formula is None else fix(x, h, 0.0, 1.0)  # a polishing call ends on a clean molecule
+                x, h = (x, h) if put is None else put(x, h, 0.0, 1.0)
                 tick()
         mols += _molecules(x, h, bs, len(mols), settings, fragment, decimals)
     return Samples(mols, settings, settings["molgen_calls"], time.time() - t0, _describe(model, s, settings))
-
-
-def _first_rows(k: int, sizes, n_rows: int) -> np.ndarray:
-    """float [n_rows]: 1 on the first ``k`` rows of each molecule of a packed batch of ``sizes``."""
-    out = np.zeros(n_rows, np.float32)
-    for start in np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64):
-        out[start : start + k] = 1.0
-    return out
 
 
 def _molecules(x, h, sizes, first: int, settings: dict, fragment=None, decimals: int | None = None) -> list[Molecule]:

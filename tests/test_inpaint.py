@@ -172,6 +172,30 @@ def test_few_sampler_steps_for_a_fragment_are_warned_of_fewer_with_polishing():
     assert not any("poorly" in w for w in preflight(INPAINT, 2, 2, None, None, 10))  # no fragment: no warning
 
 
+def test_a_polisher_not_trained_with_fragments_gets_the_fragment_put_back_after_each_call(monkeypatch):
+    import molgen.sample as sampling
+
+    states = []
+    real = sampling._molecules
+
+    def spy(x, h, sizes, *a, **k):  # the batch's positions before they are moved onto the fragment's input frame
+        states.append((np.asarray(x), np.asarray(sizes)))
+        return real(x, h, sizes, *a, **k)
+
+    monkeypatch.setattr(sampling, "_molecules", spy)
+
+    def pair_distances(p):
+        return np.linalg.norm(p[:, None] - p[None], axis=-1)
+
+    want = pair_distances(FRAG.positions)
+    for model, sampler in ((INPAINT, None), (D, "ancestral")):
+        states.clear()
+        sample(model, 3, 5, seed=2, fragment=FRAG, sampler=sampler, polish_calls=3, polisher=D)
+        x, sizes = states[0]
+        for start in np.concatenate([[0], np.cumsum(sizes)[:-1]]):
+            np.testing.assert_allclose(pair_distances(x[start : start + 4]), want, atol=1e-4)
+
+
 def test_a_model_trained_to_complete_fragments_samples_them_with_the_fragment_given():
     res = sample(INPAINT, 6, 8, seed=1, fragment=FRAG)
     assert res.settings["molgen_sampler"] == "inpaint" and res.settings["molgen_calls"] == 8
