@@ -11,12 +11,13 @@ every fragment --n times at the molecule's own size, with the model's own way fo
 sampler for a model trained to complete them, else replacement after each call: molgen.fragment). One line per
 run and fragment kind:
 
-    FRAGMENTS <model>:<steps>[+p][:r] <kind> max_dev=... kept=...% atom=...% mol=...% valid=...% unique=...% recovered=...% connected=...%
+    FRAGMENTS <model>:<steps>[+p][:r] <kind> max_dev=... kept=...% atom=...% mol=...% valid=...% unique=...% recovered=...% connected=...% distinct_stable=...%
 
 max_dev: the largest distance of a fragment atom from its input position (Å); kept: completions holding the
 fragment's bond graph; unique: distinct valid SMILES among the valid ones, per fragment, averaged; recovered:
 completions whose SMILES is the original molecule's (EDM's bond perception and RDKit both ways); connected:
-completions in one piece (EDM's validity and stability do not ask for it).
+completions in one piece (EDM's validity and stability do not ask for it); distinct_stable: distinct SMILES among
+the stable valid completions, per completion made (what `--keep stable --unique` can collect per draw).
 """
 
 from __future__ import annotations
@@ -94,7 +95,7 @@ def main() -> None:
         polisher = polisher_for(model, calls=int(polish or 0))
         for kind in ("branch", "random") + (() if resample else ("none",)):
             t0 = time.time()
-            dev, kept, atom, mol, valid, unique, rec, conn = [], [], [], [], [], [], [], []
+            dev, kept, atom, mol, valid, unique, rec, conn, distinct = [], [], [], [], [], [], [], [], []
             for k, (pos, typ) in enumerate(mols):
                 frag = kinds["branch"][k] if kind == "none" else kinds[kind][k]
                 res = sample(model, args.n, int(steps), seed=k, atoms=len(typ),
@@ -111,6 +112,7 @@ def main() -> None:
                 valid.append(met.validity)
                 conn.append(np.mean([p.n_fragments == 1 for p in met.per_molecule]))
                 unique.append(len(set(smi)) / max(len(smi), 1))
+                distinct.append(len({p.smiles for p in met.per_molecule if p.valid and p.stable}) / len(out))
                 rec.append(sum(s == originals[k] for s in smi) / len(out) if originals[k] else 0.0)
             def pct(v):
                 return f"{100 * np.mean(v):.1f}%"
@@ -118,7 +120,8 @@ def main() -> None:
             head = f"FRAGMENTS {run} {kind}"
             frag_part = f"max_dev={max(dev):.1e} kept={pct(kept)} " if kind != "none" else ""
             print(f"{head} {frag_part}atom={pct(atom)} mol={pct(mol)} valid={pct(valid)} unique={pct(unique)} "
-                  f"recovered={pct(rec)} connected={pct(conn)} seconds={time.time() - t0:.0f}", flush=True)
+                  f"recovered={pct(rec)} connected={pct(conn)} distinct_stable={pct(distinct)} "
+                  f"seconds={time.time() - t0:.0f}", flush=True)
 
 
 if __name__ == "__main__":
