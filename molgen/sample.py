@@ -356,7 +356,7 @@ def preflight(model: Model, n: int, batch_size: int, atoms: int | tuple[int, int
     steps = calls - polish
     if fragment is not None and model.cfg.kind == "diffusion" and steps < FEW_DIFFUSION_STEPS[polish > 0]:
         out.append(f"warning: a diffusion model completes fragments poorly in {steps} sampler steps; use --steps 100, "
-                   f"or --steps 50 --polish 8")
+                   f"or --steps 50 --polish 16")
     if formula is not None and calls == 1:
         out.append("warning: with one call the formula's types are given after the only call, to a molecule made "
                    "without them; use --steps 4")

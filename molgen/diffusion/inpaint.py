@@ -153,6 +153,8 @@ def make_inpaint_polish_step(apply_fn, cfg: DiffusionConfig):
         free = (1.0 - fixed) * graph.node_mask
         ex, eh = apply_fn(params, jnp.where(f, xc, c * xc), jnp.where(f, hc, c * hc), edm_time(sigma, cfg) * free,
                           graph)
-        return jnp.where(f, x, x - sigma * ex) * m, jnp.where(f, hc, hc - sigma * eh) * m  # x - xc: a shift
+        # x and xc differ by a shift per molecule: the free atoms' update is the same in either frame, and the
+        # fixed atoms keep their coordinates exactly
+        return jnp.where(f, x, x - sigma * ex) * m, jnp.where(f, hc, hc - sigma * eh) * m
 
     return step
