@@ -64,10 +64,17 @@ def main() -> None:
     ap.add_argument("--runs", default="edm-small-inpaint:100,edm-small-stack:4,edm-small-diffusion:100")
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--kinds", default="branch,random,none", help="fragment kinds to run; none: no fragment")
+    ap.add_argument("--spacing", type=float, default=None,
+                    help="respaced diffusion steps at t = (i / k)^SPACING (default: molgen's, edm.SPACING)")
     args = ap.parse_args()
+    import molgen.diffusion.edm as edm
     from molgen.data.qm9 import load_qm9
     from molgen.evaluate import evaluate_molecules
     from molgen.jax_setup import enable_compilation_cache
+
+    if args.spacing is not None:
+        edm.SPACING = args.spacing
 
     enable_compilation_cache()
     from molgen.fragment import Fragment, contains_fragment
@@ -93,7 +100,7 @@ def main() -> None:
         resample = int(more[0]) if more else 0
         model = load_model(name)
         polisher = polisher_for(model, calls=int(polish or 0))
-        for kind in ("branch", "random") + (() if resample else ("none",)):
+        for kind in [k for k in args.kinds.split(",") if not (resample and k == "none")]:
             t0 = time.time()
             dev, kept, atom, mol, valid, unique, rec, conn, distinct = [], [], [], [], [], [], [], [], []
             for k, (pos, typ) in enumerate(mols):

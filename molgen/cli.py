@@ -163,7 +163,7 @@ def train(
 @friendly
 def sample(
     n: int = Opt(1000, "-n", "--n", help="Number of molecules."),
-    steps: Optional[int] = Opt(None, "--steps", help="Sampler steps: network calls for ancestral (default 1000), multistep and anneal (default 1); Heun steps for ode (2 calls each, 1 for the last; default 18)."),
+    steps: Optional[int] = Opt(None, "--steps", help="Sampler steps: network calls for ancestral (default 1000; fewer are respaced, denser at low noise), inpaint (default 100), multistep and anneal (default 1); Heun steps for ode (2 calls each, 1 for the last; default 18)."),
     out: Optional[Path] = Opt(None, "-o", "--out", help="Output file: .sdf or .xyz, replaced if it exists, or - for standard output (SDF unless --format xyz; the report then goes to stderr). Default: out.sdf, or out-2.sdf, out-3.sdf, ... if taken; out.xyz with --format xyz."),
     checkpoint: Optional[str] = Opt(None, "--checkpoint", "--model", help="Shipped model name (molgen models lists them), model folder or training run folder (default: the shipped default; with --fix, the shipped fragment completer)."),
     atoms: Optional[str] = Opt(None, "--atoms", metavar="<n|a-b>", help="Atoms per molecule: N, or a range A-B drawn from the training histogram within it (default: drawn from the whole histogram)."),

@@ -88,7 +88,7 @@ class Ancestral(Sampler):
     def levels(self, cfg, steps, sigmas=None):
         if steps > cfg.diffusion.timesteps:
             raise MolgenError(f"--steps {steps} exceeds the model's {cfg.diffusion.timesteps} diffusion steps")
-        return [float(t) for t in respaced_times(steps)]
+        return [float(t) for t in respaced_times(steps, cfg.diffusion.timesteps)]
 
     def calls(self, levels, resample=0):
         return len(levels) - 1 + resample * max(len(levels) - 2, 0)
@@ -220,7 +220,7 @@ def _zeros(graph, nf: int):
 SAMPLERS: dict[str, Sampler] = {s.name: s for s in (
     Ancestral("ancestral", "diffusion", 1000, takes_resample=True),
     Ode("ode", "diffusion", 18),
-    Inpaint("inpaint", "diffusion", 1000),
+    Inpaint("inpaint", "diffusion", 100),  # 1000 calls add ~2 points of stable completions (docs/models.md)
     Multistep("multistep", "consistency", 1, takes_sigmas=True, takes_renoise=True),
     Anneal("anneal", "consistency", 1, takes_sigmas=True),
 )}

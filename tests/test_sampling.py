@@ -16,7 +16,7 @@ from molgen.consistency.ict import (ConsistencyConfig, ict_scalings, make_consis
                                     n_discretisation, training_levels)
 from molgen.data.batching import pack
 from molgen.data.features import type_features
-from molgen.diffusion.edm import DiffusionConfig, denoiser
+from molgen.diffusion.edm import DiffusionConfig, denoiser, respaced_times
 from molgen.diffusion.levels import karras_grid, ode_levels
 from molgen.models import Model
 from molgen.networks import init_params, model_fn, network
@@ -340,6 +340,24 @@ def test_curriculum_and_grid():
     assert np.all(dyn[11:] == dyn[10])
     assert multistep_levels(1, cfg) == [80.0] and multistep_levels(2, cfg) == [80.0, 0.2]
     assert len(multistep_levels(4, cfg)) == 4 and np.all(np.diff(multistep_levels(4, cfg)) < 0)
+
+
+def test_respaced_times_are_distinct_integer_steps_denser_at_low_noise():
+    np.testing.assert_array_equal(respaced_times(4), [1.0, 0.65, 0.354, 0.125, 0.0])  # (i / 4)^1.5 of 1000, rounded
+    np.testing.assert_array_equal(respaced_times(3, spacing=1.0), [1.0, 0.667, 0.333, 0.0])  # EDM's uniform spacing
+    np.testing.assert_array_equal(respaced_times(1000), np.arange(1000, -1, -1) / 1000)  # EDM's own sampler
+    for timesteps, spacing in ((1000, None), (37, 1.0), (37, 1.5), (37, 3.0)):
+        for k in range(1, timesteps + 1):
+            t = respaced_times(k, timesteps, spacing)
+            ints = np.round(t * timesteps)
+            assert len(t) == k + 1 and t[0] == 1.0 and t[-1] == 0.0 and np.all(np.diff(ints) < 0), (k, spacing)
+            np.testing.assert_allclose(t * timesteps, ints, atol=1e-9)  # on the integer grid
+    t = respaced_times(50)
+    assert np.sum(t < 0.3) > 1.3 * np.sum(np.linspace(1, 0, 51) < 0.3)  # more of the steps at low noise
+    cfg = _cfg("diffusion")
+    assert SAMPLERS["ancestral"].levels(cfg, 4) == SAMPLERS["inpaint"].levels(cfg, 4) == [1.0, 0.65, 0.354, 0.125, 0.0]
+    with pytest.raises(ValueError):
+        respaced_times(0)
 
 
 def test_keep_writes_only_molecules_that_pass_and_draws_more_until_n():

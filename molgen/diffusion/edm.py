@@ -84,9 +84,22 @@ def denoiser(apply_fn, cfg: DiffusionConfig):
     return denoise
 
 
-def respaced_times(k: int) -> np.ndarray:
-    """k + 1 times from 1 down to 0 on EDM's integer grid (k network calls)."""
-    return np.linspace(1.0, 0.0, k + 1)
+# Respaced sampling (k < T calls) takes its steps at t_i = (i / k)^SPACING on EDM's integer grid: more of them at
+# low noise, where the polynomial_2 schedule's sigma_t ~ sqrt(2) t changes slowly, than EDM's uniform spacing
+# (SPACING 1) takes. Measured in docs/models.md ("Samplers and their settings"). At k = T every step is taken.
+SPACING = 1.5
+
+
+def respaced_times(k: int, timesteps: int = 1000, spacing: float | None = None) -> np.ndarray:
+    """k + 1 distinct times from 1 down to 0 on EDM's integer grid t_int / T, k <= T network calls, spaced as
+    t_i = (i / k)^spacing (default :data:`SPACING`)."""
+    if not 1 <= k <= timesteps:
+        raise ValueError(f"respacing {timesteps} steps to {k}")
+    power = SPACING if spacing is None else spacing
+    ints = np.round(timesteps * (np.arange(k + 1) / k) ** power).astype(np.int64)
+    for i in range(1, k + 1):  # strictly increasing; for power >= 1 the curve keeps ints[i] <= T - (k - i)
+        ints[i] = max(ints[i], ints[i - 1] + 1)
+    return ints[::-1] / timesteps
 
 
 def gamma_lookup(cfg: DiffusionConfig):
