@@ -86,7 +86,7 @@ def denoiser(apply_fn, cfg: DiffusionConfig):
 
 # Respaced sampling (k < T calls) takes its steps at t_i = (i / k)^SPACING on EDM's integer grid: more of them at
 # low noise, where the polynomial_2 schedule's sigma_t ~ sqrt(2) t changes slowly, than EDM's uniform spacing
-# (SPACING 1) takes. Measured in docs/models.md ("Samplers and their settings"). At k = T every step is taken.
+# (SPACING 1) takes. Measured in docs/models.md ("Respaced steps"). At k = T every step is taken.
 SPACING = 1.5
 
 
