@@ -1,11 +1,11 @@
 """Respaced ancestral sampling: a diffusion model's molecules at k calls with the steps at t_i = (i / k)^p on EDM's
 integer grid, for several p (1: EDM's uniform respacing; molgen's default: molgen.diffusion.edm.SPACING).
 
-    python benchmarks/respacing.py [--model edm-small-diffusion] [--steps 25,50,100] [--spacings 1,1.5,2] [--n 1000]
+    python benchmarks/respacing.py [--model edm-small-diffusion] [--steps 25,50,100] [--spacings 1,1.5,2] [--n 1000] [--temperature T]
 
 One line per (steps, p), seed --seed, EDM's metrics of the molecules (connected: in one piece):
 
-    RESPACING <model>:<steps> p=<p> n=... atom=...% mol=...% valid=...% valid_unique=...% connected=...% seconds=...
+    RESPACING <model>:<steps> p=<p> T=<temperature> n=... atom=...% mol=...% valid=...% valid_unique=...% connected=...% seconds=...
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ def main() -> None:
     ap.add_argument("--spacings", default="1,1.5,2")
     ap.add_argument("--n", type=int, default=1000)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--temperature", type=float, default=None, help="default: the model card's")
     args = ap.parse_args()
     import molgen.diffusion.edm as edm
     from molgen.evaluate import evaluate_molecules
@@ -32,9 +33,9 @@ def main() -> None:
     for steps in [int(k) for k in args.steps.split(",")]:
         for p in [float(x) for x in args.spacings.split(",")]:
             edm.SPACING = p
-            s = sample(model, args.n, steps=steps, seed=args.seed)
+            s = sample(model, args.n, steps=steps, seed=args.seed, temperature=args.temperature)
             r = evaluate_molecules([m.positions for m in s.molecules], [m.types for m in s.molecules], workers=None)
-            print(f"RESPACING {args.model}:{steps} p={p:g} n={args.n} atom={100 * r.atom_stability:.1f}% "
+            print(f"RESPACING {args.model}:{steps} p={p:g} T={s.settings.get('molgen_temperature', '')} n={args.n} atom={100 * r.atom_stability:.1f}% "
                   f"mol={100 * r.mol_stability:.1f}% valid={100 * r.validity:.1f}% "
                   f"valid_unique={100 * r.valid_and_unique:.1f}% connected={100 * r.connected:.1f}% "
                   f"seconds={s.seconds:.0f}", flush=True)
