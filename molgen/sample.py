@@ -203,8 +203,11 @@ def sample(model: Model, n: int, steps: int | None = None, seed: int = 0, atoms:
             step, p_params, p_levels, keeps = pol
             fixed = first_rows(fragment.size if keeps else 0, bs, len(g.node_mask))
             # a polisher not trained with fragments moves the whole molecule: the fragment (or the formula's
-            # types) is put back after each call, as the replacement method does on a clean molecule
-            put = None if keeps or fix is None else fix if callable(fix) else _fixer(fragment, None, bs, g, nf, key)
+            # types) is put back after each call, as the replacement method does on a clean molecule (the inpaint
+            # sampler's fix is its known rows, not a replacement: one is made for the polishing calls)
+            put = None
+            if fix is not None and not keeps:
+                put = fix if callable(fix) else _fixer(fragment, None, bs, g, nf, key)
             for lv in p_levels:
                 x, h = step(p_params, x, h, np.float32(lv), g, fixed)
                 x, h = (x, h) if put is None else put(x, h, 0.0, 1.0)
