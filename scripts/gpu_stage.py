@@ -1,6 +1,7 @@
-"""Stage the data a GPU run of `scripts/gpu_teacher.sh` carries: the QM9 cache's training split alone (no SMILES,
-no validation or test molecules), written as a regular molgen cache to .gpu/qm9 (about half the full cache's
-size, so that it travels together with the teacher's weights).
+"""Stage the data a GPU run of `scripts/gpu_teacher.sh` carries: the QM9 cache's training split and the validation
+molecules whose loss `molgen train` logs (the first 1024; no SMILES, no test molecules), written as a regular
+molgen cache to .gpu/qm9 (about half the full cache's size, so that it travels together with the teacher's
+weights).
 
     python scripts/gpu_stage.py [--data-dir DIR] [--out .gpu/qm9]
 """
@@ -11,6 +12,7 @@ import argparse
 from pathlib import Path
 
 from molgen.data.qm9 import load_qm9, save_cache
+from molgen.train import VAL_MOLECULES
 
 
 def main() -> None:
@@ -20,9 +22,9 @@ def main() -> None:
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    ds = load_qm9(args.data_dir).training_subset()
+    ds = load_qm9(args.data_dir).training_subset(VAL_MOLECULES)
     npz = save_cache(ds, out, source="training split of the full cache")
-    print(f"{npz}: {len(ds)} molecules, {npz.stat().st_size / 2**20:.1f} MiB")
+    print(f"{npz}: {len(ds.split('train'))} training and {len(ds.split('valid'))} validation molecules, {npz.stat().st_size / 2**20:.1f} MiB")
 
 
 if __name__ == "__main__":

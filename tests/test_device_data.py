@@ -95,12 +95,18 @@ def test_shape_plan_fits_every_batch_of_the_run(mini_ds):
 
 
 def test_training_subset_cache_gives_the_same_batches(mini_ds, tmp_path):
-    """The GPU's staged cache (training split only) round-trips and draws the full set's batches."""
+    """The GPU's staged cache (the training split and the first validation molecules) round-trips, draws the full
+    set's batches and holds the full set's first validation molecules."""
     from molgen.data.qm9 import load_qm9, save_cache
 
-    save_cache(mini_ds.training_subset(), tmp_path, source="test")
+    assert len(mini_ds.training_subset().split("valid")) == 0
+    save_cache(mini_ds.training_subset(3), tmp_path, source="test")
     sub = load_qm9(tmp_path)
-    assert len(sub) == len(mini_ds.split("train")) and len(sub.split("valid")) == 0
+    assert len(sub.split("train")) == len(mini_ds.split("train")) and len(sub.split("test")) == 0
+    assert len(sub) == len(mini_ds.split("train")) + 3 and len(sub.split("valid")) == 3
+    for i, j in zip(mini_ds.split("valid")[:3], sub.split("valid")):
+        for a, b in zip(mini_ds.molecule(int(i)), sub.molecule(int(j))):
+            np.testing.assert_array_equal(a, b)
     full = BatchSampler(mini_ds.split("train"), 8, seed=4)
     small = BatchSampler(sub.split("train"), 8, seed=4)
     for s in (0, 3, 11):

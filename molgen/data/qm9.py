@@ -98,15 +98,17 @@ class QM9:
     def type_fractions(self, split: str = "train") -> np.ndarray:
         return _type_fractions(self.types, self.n_atoms, self.split(split))
 
-    def training_subset(self) -> "QM9":
-        """The training split alone, in split order, as its own data set (split "train" = all of it, no SMILES):
-        the smallest cache that `molgen train` needs; its batches are the full set's, molecule for molecule."""
-        ids = self.split("train")
+    def training_subset(self, n_valid: int = 0) -> "QM9":
+        """The training split, in split order, and the first ``n_valid`` molecules of the validation split, as a
+        data set of their own (no SMILES, no test split): the smallest cache that `molgen train` needs, its
+        validation loss included; its batches are the full set's, molecule for molecule."""
+        train, valid = self.split("train"), self.split("valid")[:n_valid]
+        ids = np.concatenate([train, valid])
         rows = np.concatenate([np.arange(self.offsets[i], self.offsets[i] + self.n_atoms[i]) for i in ids])
-        empty = np.zeros(0, np.int32)
         return QM9(self.positions[rows], self.types[rows], self.n_atoms[ids], self.index[ids],
                    np.full(len(ids), "", dtype="<U1"),
-                   {"train": np.arange(len(ids), dtype=np.int32), "valid": empty, "test": empty})
+                   {"train": np.arange(len(train), dtype=np.int32),
+                    "valid": np.arange(len(train), len(ids), dtype=np.int32), "test": np.zeros(0, np.int32)})
 
     def remove_h(self) -> "QM9":
         """The same molecules without hydrogens, re-centred."""
