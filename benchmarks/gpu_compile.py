@@ -19,8 +19,7 @@ One line per compiled program:
 traffic_gb: the bytes every kernel of one step reads and writes, summed (operands and results; an operand a kernel
 only slices (also after element-wise operations on it) or updates in place counts as the slice or not at all);
 caches are ignored, so it is an upper bound
-of the step's HBM traffic. gflop: the matrix products' (those of the fused layout's Pallas kernels, which XLA
-sees as custom calls, counted from their names: molgen.nn.pairkernel.PRODUCTS). bound_ms: each kernel at the slower of 80 % of 4.8 TB/s
+of the step's HBM traffic. gflop: the matrix products'. bound_ms: each kernel at the slower of 80 % of 4.8 TB/s
 and 400 TFLOP/s, summed, plus 3 us a kernel: a floor in the roofline sense, not a prediction. memory_gb: the
 device memory XLA plans for the chunk (its arguments and temporaries; the H200 has 139 GiB). --top lists the
 kinds of kernel and the largest kernels; --atomics compiles a float32 and a bfloat16 neighbour sum and prints
@@ -32,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import contextlib
 import os
 import re
 import sys
@@ -120,21 +118,6 @@ def parse_hlo(text: str) -> dict[str, list[dict]]:
     return comps
 
 
-def pallas_flops(ins) -> int:
-    """The products of one of molgen's fused pair kernels (molgen.nn.pairkernel), which XLA sees as a custom call:
-    PRODUCTS[name] [pairs, F] x [F, F] products; 0 for any other custom call."""
-    from molgen.nn.pairkernel import PRODUCTS
-
-    name = re.search(r'\bname = \\?"(\w+)', ins["attrs"])
-    if not name or name.group(1) not in PRODUCTS:
-        return 0
-    shapes = re.search(r"operand_layout_constraints=\{(.*?)\}, (?:output|api)", ins["attrs"]).group(1)
-    pairs = dims_of(shapes)[0]  # the receivers, one per pair
-    nf = max(d[0] for d in (dims_of(s) for s in re.findall(r"bf16\[[0-9,]+\]|f32\[[0-9,]+\]", shapes))
-             if len(d) == 2 and d[0] == d[1])  # W2, [F, F]
-    return PRODUCTS[name.group(1)] * 2 * pairs * nf * nf
-
-
 class Program:
     """The kernels of an optimised HLO module, with each one's bytes moved and matrix-product FLOPs."""
 
@@ -198,8 +181,6 @@ class Program:
         return total
 
     def product_flops(self, ins) -> int:
-        if ins["op"] == "custom-call":
-            return pallas_flops(ins)
         flops = 0
         for x in self.called(ins) if ins["op"] == "fusion" else [ins]:
             if x["op"] != "dot":
@@ -273,34 +254,9 @@ def compile_chunk(name: str, bs: int, precision: str, layout: str, data_dir=None
     k = 4
     ids_spec = jax.ShapeDtypeStruct((k, 1, bs), np.int32, sharding=rows)  # the steps' rows [steps, shards, batch]
     fn = _chunk_program(program_config(cfg), mesh, plan.shape)
-    with _pallas_for_h200(layout):
-        lowered = fn.lower(state, dset, ids_spec, spec(jnp.int32(0)), spec(jax.random.PRNGKey(0)), None)
-    compiled = lowered.compile()
+    compiled = fn.lower(state, dset, ids_spec, spec(jnp.int32(0)), spec(jax.random.PRNGKey(0)), None).compile()
     memory = compiled.memory_analysis()
     return compiled.as_text(), float(memory.argument_size_in_bytes + memory.temp_size_in_bytes)
-
-
-@contextlib.contextmanager
-def _pallas_for_h200(layout: str):
-    """The fused layout's Pallas kernels lowered for the H200 (Triton), not for the interpreter that a machine
-    without a GPU would run them in: Pallas reads the target from an abstract mesh that names the device."""
-    if layout != "fused":
-        yield
-        return
-    import jax
-    from jax._src.mesh import AbstractDevice  # JAX 0.11: how a mesh names a device it does not have
-    from jax.sharding import AbstractMesh, AxisType
-
-    from molgen.nn import pairkernel
-
-    mesh = AbstractMesh((1,), ("d",), axis_types=(AxisType.Auto,),
-                        abstract_device=AbstractDevice("NVIDIA H200", 132, "gpu"))
-    before, pairkernel.INTERPRET = pairkernel.INTERPRET, False
-    try:
-        with jax.sharding.use_abstract_mesh(mesh):
-            yield
-    finally:
-        pairkernel.INTERPRET = before
 
 
 def atomics() -> str:

@@ -1,11 +1,11 @@
 """Training throughput of `molgen train`'s own loop: molecules/s of the jitted chunk of steps (batches assembled on
 the device from the device-resident training set, forward, backward, Adam, EMA), per preset, batch size and
-precision and batch layout (packed, grouped or fused, molgen.data.device), with the FLOPs done and the fraction of the
+precision and batch layout (packed or grouped, molgen.data.device), with the FLOPs done and the fraction of the
 device's measured bf16 matrix peak.
 
     python benchmarks/train_step.py [--presets small,edm] [--batch-sizes 64,512] [--precisions bf16,tf32]
                                     [--layouts packed,grouped] [--chunk 50] [--repeats 5] [--budget SECONDS]
-                                    [--devices N] [--profile DIR] [--check-fused] [--cache DIR] [--compile-only]
+                                    [--devices N] [--profile DIR] [--cache DIR]
 
 One line per measurement, first its figure in a fixed form, then the details:
 
@@ -20,12 +20,8 @@ median over --repeats chunks after one chunk that compiles. --budget skips the r
 that many seconds have passed (each skipped one prints a SKIPPED line). --profile traces one more chunk after
 the timed ones (not timed) and prints where its time went after the RESULT line. A measurement that fails (out
 of device memory, a profiler that cannot start) prints one FAILED or PROFILE line; the next ones are still made.
---check-fused first compares a fused measurement's loss and gradients on its first batch with the packed
-layout's (a CHECK line; beyond :data:`FUSED_TOLERANCE` the measurement fails instead of being timed).
---cache keeps compiled programs in a JAX compilation cache folder; --compile-only compiles each measurement's
-program into it and times nothing (a COMPILED line each): benchmarks/precompile.py does that for all measurements
-in parallel, and each measurement then loads its program (its compile_s, the first chunk, then holds no
-compilation; the RESULT line ends with cache=on).
+--cache keeps compiled programs in a JAX compilation cache folder (a measurement that finds its program there
+loads it instead of compiling it; the RESULT line ends with cache=on).
 """
 
 from __future__ import annotations
@@ -58,7 +54,7 @@ def parse_args():
     ap.add_argument("--presets", default="small,edm")
     ap.add_argument("--batch-sizes", default="64,512")
     ap.add_argument("--precisions", default="auto", help="comma-separated: auto, float32, tf32, bf16")
-    ap.add_argument("--layouts", default="auto", help="comma-separated: auto, packed, grouped, fused")
+    ap.add_argument("--layouts", default="auto", help="comma-separated: auto, packed, grouped")
     ap.add_argument("--runs", default=None,
                     help="measurements in this order instead of presets x batch sizes x precisions x layouts: "
                          "comma-separated PRESET:BATCH:PRECISION[:LAYOUT], e.g. edm:512:tf32:grouped,edm:64:bf16")
@@ -71,15 +67,9 @@ def parse_args():
                     help="folder: write a jax.profiler trace of each measurement's last timed chunk and print where "
                          "its time went (benchmarks/profile_summary.py)")
     ap.add_argument("--profile-top", type=int, default=25, help="operations listed per profile")
-    ap.add_argument("--check-fused", action="store_true",
-                    help="before timing a measurement in the fused layout, compare its loss and gradients on the "
-                         "first batch with the packed layout's (a CHECK line; disagreement fails the measurement)")
     ap.add_argument("--peak-tflops", type=float, default=None, help="bf16 peak to compare with (default: measure on a GPU)")
     ap.add_argument("--cache", default=None,
                     help="folder: JAX's persistent compilation cache (default: none, so compile_s is a compilation)")
-    ap.add_argument("--compile-only", action="store_true",
-                    help="compile each measurement's program into --cache and time nothing (a COMPILED line each): "
-                         "benchmarks/precompile.py runs these in parallel before the measurements")
     return ap.parse_args()
 
 
@@ -115,7 +105,7 @@ class Bench:
         self.row_of[self.ids] = np.arange(len(self.ids))
         self.dev = jax.devices()[0]
         self.peak = args.peak_tflops
-        if self.peak is None and self.dev.platform == "gpu" and not args.compile_only:
+        if self.peak is None and self.dev.platform == "gpu":
             self.peak = measure_peak(jax, jax.numpy)
 
     def header(self) -> str:
@@ -128,7 +118,7 @@ class Bench:
 
     def batches(self, name: str, bs: int, prec: str, layout: str, n_chunks: int):
         """(config, plan, molecule indices, device rows) of ``n_chunks`` chunks of one measurement: the same in
-        every process (seed 0), so a program compiled by ``--compile-only`` is the one the measurement runs."""
+        every process (seed 0), so that a program in the compilation cache (--cache) is the one it runs."""
         from molgen.config import OptimConfig, RunConfig
         from molgen.data.batching import BatchSampler
         from molgen.data.device import make_plan
@@ -140,35 +130,6 @@ class Bench:
         idx = np.stack([sampler.indices(s) for s in range(self.args.chunk * n_chunks)])
         by_shard = idx.reshape(len(idx), -1, self.n_shards).transpose(0, 2, 1)
         return cfg, plan, idx, plan.arrange(self.row_of[by_shard], by_shard).astype(np.int32)
-
-    def compile_only(self, name: str, bs: int, prec: str, layout: str) -> str:
-        """Compile the measurement's chunk into the compilation cache (--cache) without running it: the COMPILED
-        line. The program is the one :meth:`measure` calls (same config, shapes, shardings and arguments). With
-        --check-fused a fused measurement's check runs too (one batch), so that its programs are cached as well;
-        the measurement checks again."""
-        import jax
-        import jax.numpy as jnp
-
-        from molgen.state import init_state
-        from molgen.train import make_train_chunk
-
-        t0 = time.perf_counter()
-        cfg, plan, _, rows = self.batches(name, bs, prec, layout, 1)
-        state = jax.device_put(init_state(cfg), self.repl)
-        r = jax.device_put(rows, self.rows_sharding)
-        key = jax.random.PRNGKey(0)
-        make_train_chunk(cfg, self.mesh, plan.shape).lower(state, self.dset, r, jnp.int32(self.args.chunk),
-                                                          key).compile()
-        check = ""
-        if self.args.check_fused and layout == "fused":
-            try:
-                check_fused(cfg, plan, self.dset, jax.device_put(rows[:1], self.rows_sharding)[0], state.params, key,
-                            name)
-                check = " check=ok"
-            except RuntimeError:
-                check = " check=disagrees"
-        return (f"COMPILED molgen {name} batch={bs} precision={prec} layout={layout} "
-                f"compile_s={time.perf_counter() - t0:.1f}{check}")
 
     def measure(self, name: str, bs: int, prec: str, layout: str) -> str:
         """Time ``repeats`` chunks after one that compiles (and trace one more with --profile): the RESULT line,
@@ -186,9 +147,6 @@ class Bench:
         chunk = make_train_chunk(cfg, self.mesh, plan.shape)
         state = jax.device_put(init_state(cfg), self.repl)  # as train() does: no recompilation later
         key = jax.random.PRNGKey(0)
-        if args.check_fused and layout == "fused":
-            print(check_fused(cfg, plan, self.dset, jax.device_put(rows[:1], self.rows_sharding)[0], state.params, key,
-                              name), flush=True)
         times, trace = [], None
         trace_path = f"{args.profile}/{name}_{bs}_{prec}_{layout}" if extra else None
         try:
@@ -242,52 +200,6 @@ class Bench:
                 f"median_chunk_s={med:.4f} chunks={len(times) - 1} cache={'on' if self.args.cache else 'off'}")
 
 
-# The fused kernels against the plain layers (bf16 both), one batch of real molecules, fresh parameters. Measured
-# on the CPU (Pallas's interpreter, 2026-12-02): loss within 3e-5; all gradients together within 1.2e-3 (tiny,
-# small and 256 x 9 networks); the farthest single parameter array 4.7 % (tiny network, batch 4; small 2.4 % at
-# batch 8, 256 x 9 1.4 % at batch 16: a gate's bias or weights, small sums of many pairs). A wrong gather, lost
-# atomic adds or a mask read wrongly are far off: losing half the adds (tests/test_pairkernel.py) moved the tiny
-# network's loss by 4.1e-3, all gradients by 3.1 % and one array by 216 %.
-FUSED_TOLERANCE = {"loss": 1e-3, "grad_all": 0.01, "grad_max": 0.25}
-
-
-def layout_agreement(cfg, plan, dset, rows, params, key, other: str = "packed") -> dict[str, float]:
-    """How far one batch's loss and gradients in ``cfg``'s layout are from those in layout ``other`` (same
-    parameters, batch and key), each relative to ``other``'s: the loss; all gradients as one vector (Euclidean
-    norms); the farthest parameter array. ``rows``: one step's batch rows per device."""
-    import jax
-    import jax.numpy as jnp
-
-    from molgen.train import make_step
-
-    graphs = jax.jit(jax.vmap(lambda i: plan.assemble(dset, i, plan.shape)))(rows)
-
-    def loss_and_grads(c):
-        _, sharded_loss = make_step(c)
-        return jax.jit(jax.value_and_grad(lambda p: sharded_loss(p, graphs, key, jnp.asarray(0))[0]))(params)
-
-    def squares(tree):
-        return [float(jnp.sum(jnp.square(x.astype(jnp.float32)))) for x in jax.tree_util.tree_leaves(tree)]
-
-    def ratio(d, r):  # sqrt(d / r); an array whose gradient is zero in ``other`` must be zero here too
-        return (d / r) ** 0.5 if r > 0 else (0.0 if d == 0 else float("inf"))
-
-    (la, ga), (lb, gb) = loss_and_grads(cfg), loss_and_grads(cfg.with_optim(layout=other))
-    diff, ref = squares(jax.tree_util.tree_map(jnp.subtract, ga, gb)), squares(gb)
-    return {"loss": abs(float(la) - float(lb)) / abs(float(lb)), "grad_all": ratio(sum(diff), sum(ref)),
-            "grad_max": max(ratio(d, r) for d, r in zip(diff, ref))}
-
-
-def check_fused(cfg, plan, dset, rows, params, key, name: str) -> str:
-    """The CHECK line of the fused layout against the packed one; RuntimeError when they disagree."""
-    d = layout_agreement(cfg, plan, dset, rows, params, key)
-    tag = (f"{name} batch={cfg.optim.batch_size} loss_rel={d['loss']:.2e} grad_rel_all={d['grad_all']:.2e} "
-           f"grad_rel_max={d['grad_max']:.2e}")
-    if any(d[k] > FUSED_TOLERANCE[k] for k in d):
-        raise RuntimeError(f"CHECK fused kernels disagree with the packed layout: {tag}")
-    return f"CHECK fused {tag} ok"
-
-
 def main():
     args = parse_args()
     from molgen.jax_setup import add_cpu_training_flags
@@ -306,8 +218,7 @@ def main():
 
     t_start = time.time()
     bench = Bench(args)
-    if not args.compile_only:
-        print(bench.header(), flush=True)
+    print(bench.header(), flush=True)
     for name, bs, prec, layout in planned_runs(args):
         prec, layout = resolve_precision(prec), resolve_layout(layout)
         tag = f"{name} batch={bs} precision={prec} layout={layout}"
@@ -315,7 +226,7 @@ def main():
             print(f"SKIPPED molgen {tag} (budget of {args.budget:.0f} s spent)", flush=True)
             continue
         try:
-            print((bench.compile_only if args.compile_only else bench.measure)(name, bs, prec, layout), flush=True)
+            print(bench.measure(name, bs, prec, layout), flush=True)
         except Exception as e:  # e.g. out of device memory: this measurement is lost, the next ones are still made
             msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
             print(f"FAILED molgen {tag} ({type(e).__name__}: {msg})", flush=True)

@@ -117,7 +117,7 @@ def train(
     sets: List[str] = Opt([], "--set", help="Override one recipe setting, e.g. --set optim.warmup=200 (repeatable)."),
     data_dir: Optional[Path] = Opt(None, "--data-dir", help="QM9 cache folder."),
     max_minutes: Optional[float] = Opt(None, "--max-minutes", help="Stop with a checkpoint after this wall time."),
-    devices: Optional[int] = Opt(None, "--devices", min=1, help="Without a GPU: split the CPU into N devices (default: one per core, up to 8; one in the fused layout)."),
+    devices: Optional[int] = Opt(None, "--devices", min=1, help="Without a GPU: split the CPU into N devices (default: one per core, up to 8)."),
     distributed: bool = Opt(False, "--distributed", help="Multi-process training: jax.distributed.initialize() (SLURM, or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID)."),
 ):
     """Train a model on QM9 from a recipe; Ctrl-C saves a checkpoint, --resume continues exactly."""
@@ -141,8 +141,6 @@ def train(
                       f"to train further: molgen train --resume --out {out} --steps N, N > {done:,}", soft_wrap=True)
         return
     require_reference(data_dir, None if get_objective(cfg.objective).pairs else f"{cfg.objective} trains on QM9")
-    if devices is None and cfg.optim.layout == "fused":  # its kernels take one device's batch
-        devices = 1
     setup_training_devices(cfg.optim.batch_size, devices)
     if distributed:
         init_distributed()

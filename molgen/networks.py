@@ -24,17 +24,16 @@ def resolve_precision(precision: str, platform: str | None = None) -> str:
     return resolve_auto(precision, PRECISIONS, AUTO_PRECISION, "precision", platform)
 
 
-def network(cfg: RunConfig, precision: str | None = None, pair_kernel: bool = False):
+def network(cfg: RunConfig, precision: str | None = None):
     """(EGNN module, apply function). ``precision`` None leaves matrix products at JAX's default (sampling);
     else a training precision: ``float32`` (full float32 products), ``tf32`` (TensorFloat-32 products) or
-    ``bf16`` (bfloat16 hidden products and edge activations; :mod:`molgen.nn.egnn`). ``pair_kernel``: the pair
-    MLPs in fused GPU kernels (the ``fused`` layout; :mod:`molgen.nn.pairkernel`)."""
+    ``bf16`` (bfloat16 hidden products and edge activations; :mod:`molgen.nn.egnn`)."""
     if precision is None:
         net = EGNN(cfg.model)
         return net, net.apply
     precision = resolve_precision(precision)
     net = EGNN(cfg.model, dtype=jnp.bfloat16 if precision == "bf16" else jnp.float32,
-               fused_attrs=precision == "tf32", pair_kernel=pair_kernel)
+               fused_attrs=precision == "tf32")
     matmul = {"float32": "float32", "tf32": "tensorfloat32", "bf16": None}[precision]
     if matmul is None:
         return net, net.apply

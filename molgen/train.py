@@ -53,24 +53,16 @@ def resolve_layout(layout: str, platform: str | None = None) -> str:
 
 
 def check_devices(cfg: RunConfig, n_devices: int) -> None:
-    """The batch splits evenly over the devices; the fused layout's kernels take one device's batch and compute
-    in bf16 (else one line: MolgenError)."""
+    """The batch splits evenly over the devices (else one line: MolgenError)."""
     if cfg.optim.batch_size % n_devices:
         raise MolgenError(f"batch size {cfg.optim.batch_size} is not divisible by the {n_devices} devices")
-    if resolve_layout(cfg.optim.layout) != "fused":
-        return
-    if n_devices > 1:
-        raise MolgenError(f"the fused layout trains on one device, not {n_devices}: add --devices 1")
-    precision = resolve_precision(cfg.optim.precision)
-    if precision != "bf16":
-        raise MolgenError(f"the fused layout computes in bf16, not {precision}: add --precision bf16")
 
 
 def make_step(cfg: RunConfig):
     """(step_fn, sharded_loss), pure: ``step_fn(state, graphs, key, anchor=None) -> (state, metrics)`` on a batch of
     per-device graphs stacked on axis 0; ``sharded_loss(params, graphs, key, step, anchor=None) -> (loss, aux)``.
     ``anchor``: the parameters the objective's loss needs besides the trained ones (:mod:`molgen.objectives`)."""
-    _, apply = network(cfg, cfg.optim.precision, pair_kernel=resolve_layout(cfg.optim.layout) == "fused")
+    _, apply = network(cfg, cfg.optim.precision)
     loss_fn = get_objective(cfg.objective).make_loss(cfg, apply)
     tx, sched = make_optimizer(cfg.optim)
 

@@ -625,9 +625,10 @@ def test_train_refuses_settings_that_cannot_train_before_any_work(tmp_path, data
         res = run("train", *base, "--set", setting)
         one_line_error(res, says)
         assert "training" not in res.output  # refused before the header and before any data is read
-    res = run("train", *base, "--set", "optim.layout=fused", "--precision", "tf32")
-    one_line_error(res, "the fused layout computes in bf16, not tf32")
-    assert "training" not in res.output  # the devices and precision are checked before the header too
+    for setting, says in ((("--set", "optim.layout=dense"), "layout"), (("--precision", "fp8"), "precision")):
+        res = run("train", *base, *setting)
+        one_line_error(res, says)
+        assert "training" not in res.output  # the layout and precision are checked before the header too
     one_line_error(run("train", *base, "--max-minutes", 0), "--max-minutes")
     one_line_error(run("train", *base, "--steps", 1, "--batch-size", 10000), "batch size 10000 is larger than the "
                    "training split")

@@ -157,28 +157,3 @@ def test_slice_of_a_scaled_array_reads_the_rows_of_each_operand(gpu_compile):
     kernels = {k["name"]: k for k in gpu_compile.Program(SCALED).step()}
     assert kernels["rows"]["bytes"] == 100 * 8 * 2 + 100 * 4 + 100 * 8 * 4
     assert kernels["columns"]["bytes"] == 1000 * 2 * 2 + 1000 * 4 + 1000 * 2 * 4
-
-
-PALLAS = """HloModule p
-
-ENTRY %main (r: s32[2048], s: s32[2048], hr: f32[100,64], w2: bf16[64,64], z: f32[100,64]) -> f32[100,64] {
-  %r = s32[2048]{0} parameter(0)
-  %s = s32[2048]{0} parameter(1)
-  %hr = f32[100,64]{1,0} parameter(2)
-  %w2 = bf16[64,64]{1,0} parameter(3)
-  %z = f32[100,64]{1,0} parameter(4)
-  ROOT %pallas_call.1 = f32[100,64]{1,0} custom-call(%r, %s, %hr, %w2, %z), custom_call_target="__gpu$xla.gpu.triton", operand_layout_constraints={s32[2048]{0}, s32[2048]{0}, f32[100,64]{1,0}, bf16[64,64]{1,0}, f32[100,64]{1,0}}, output_to_operand_aliasing={{}: (4, {})}, api_version=API_VERSION_TYPED_FFI, metadata={op_name="jit(f)/pair_sum_backward/pallas_call"}, backend_config={debug = false, grid_x = 32 : i32, grid_y = 1 : i32, grid_z = 1 : i32, ir = "ML\\EFR", name = "pair_sum_backward", num_stages = 1 : i32, num_warps = 8 : i32}
-}
-"""
-
-
-def test_fused_pair_kernels_count_their_products(gpu_compile):
-    """A fused pair kernel (molgen.nn.pairkernel) is a custom call to XLA: its products are counted from its name
-    (PRODUCTS: 3 [pairs, F] x [F, F] products per pair for the gated sum's backward pass), its bytes as any
-    kernel's (operands and result)."""
-    (k,) = gpu_compile.Program(PALLAS).step()
-    assert k["kind"] == "custom-call"
-    assert k["flops"] == 3 * 2 * 2048 * 64 * 64
-    assert k["bytes"] == 2 * 2048 * 4 + 2 * 100 * 64 * 4 + 64 * 64 * 2 + 100 * 64 * 4
-    other = PALLAS.replace('name = "pair_sum_backward"', 'name = "someone_elses"')
-    assert gpu_compile.Program(other).step()[0]["flops"] == 0

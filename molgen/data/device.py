@@ -27,9 +27,7 @@ import numpy as np
 
 from molgen.data.batching import EDGE_GRANULE, NODE_GRANULE, Graph, GroupedGraph, padding_edge_rows
 
-# of a training batch on the device: assemble / assemble_grouped; "fused" is packed, its network's pair MLPs in
-# fused GPU kernels (molgen.nn.pairkernel)
-LAYOUTS = ("packed", "grouped", "fused")
+LAYOUTS = ("packed", "grouped")  # of a training batch on the device: assemble / assemble_grouped
 N_GROUPS = 6  # size groups of a grouped batch
 
 

@@ -23,11 +23,6 @@ MLP adds the edge attributes' term (two attributes) as a product with the pair r
 ``fused_attrs=True`` (training in TF32), it is computed element-wise in float32 instead: exact, and fused with
 the sum rather than a [pairs, features] array of its own written and read again. With bf16 the layers with one
 output per pair (attention logit, coordinate weight) are float32 sums of element-wise products (PairScalar).
-
-``pair_kernel=True`` (training in the ``fused`` layout: packed batches, bf16) computes each block's two pair MLPs
-in fused GPU kernels (:mod:`molgen.nn.pairkernel`) with the same parameters and the bf16 arithmetic above; it needs
-the split edge layer, the attention gate and a feature width that is a power of two (the presets), else the MLPs
-are computed as above.
 """
 
 from __future__ import annotations
@@ -207,58 +202,15 @@ def _dense(features, dtype=jnp.float32, **kw):
     return nn.Dense(features, kernel_init=torch_like, dtype=dtype, param_dtype=jnp.float32, **kw)
 
 
-class DenseParams(nn.Module):
-    """A dense layer's parameters under nn.Dense's names and initialisers, for the fused pair kernels (the same
-    parameter tree, and fresh values, as the layers they stand for)."""
-
-    shape: tuple[int, int]
-    kernel_init: object = torch_like
-    use_bias: bool = True
-
-    @nn.compact
-    def __call__(self):
-        kernel = self.param("kernel", self.kernel_init, self.shape)
-        bias = self.param("bias", nn.initializers.zeros, (self.shape[1],)) if self.use_bias else None
-        return kernel, bias
-
-
-def _fused(cfg: EGNNConfig, pair_kernel: bool, pairs: Pairs) -> bool:
-    from molgen.nn.pairkernel import supported
-
-    return pair_kernel and not pairs.groups and cfg.split_edge_layer and cfg.attention and supported(cfg.nf)
-
-
-def _node_products(module_name, h, edge_attr, features, dt):
-    """The first pair layer's parameters and its per-node products (hr, hs) in float32, as EdgeInput computes
-    them; called inside a module's compact method."""
-    nf = h.shape[-1]
-    kernel, bias = DenseParams((2 * nf + edge_attr.shape[-1], features), name=module_name)()
-    hc = h.astype(dt)
-    hr = (hc @ kernel[:nf].astype(dt)).astype(jnp.float32)
-    hs = (hc @ kernel[nf : 2 * nf].astype(dt)).astype(jnp.float32)
-    return hr, hs, kernel[2 * nf :], bias
-
-
 class GCL(nn.Module):
     cfg: EGNNConfig
     dtype: jnp.dtype = jnp.float32
     fused_attrs: bool = False
-    pair_kernel: bool = False
 
     @nn.compact
     def __call__(self, h, edge_attr, pairs: Pairs, node_mask, edge_mask):
         c, dt = self.cfg, self.dtype
-        if _fused(c, self.pair_kernel, pairs):
-            from molgen.nn.pairkernel import pair_mlp_sum
-
-            hr, hs, w_attr, b1 = _node_products("edge_in", h, edge_attr, c.nf, dt)
-            w2, b2 = DenseParams((c.nf, c.nf), name="edge_out")()
-            v, bv = DenseParams((c.nf, 1), name="att")()
-            agg = pair_mlp_sum(hr, hs, edge_attr[:, 0], edge_attr[:, 1], w_attr, b1, w2.astype(dt), b2, v[:, 0], bv,
-                               pairs.receivers, pairs.senders, edge_mask)
-        else:
-            agg = pairs.sum(self._messages(h, edge_attr, pairs, edge_mask))
-        agg = agg / c.normalization_factor
+        agg = pairs.sum(self._messages(h, edge_attr, pairs, edge_mask)) / c.normalization_factor
         out = _dense(c.nf, dt, name="node_in")(jnp.concatenate([h, agg], axis=-1))
         out = h + _dense(c.nf, dt, name="node_out")(nn.silu(out)).astype(jnp.float32)
         return out * node_mask[:, None]
@@ -283,20 +235,10 @@ class EquivariantUpdate(nn.Module):
     cfg: EGNNConfig
     dtype: jnp.dtype = jnp.float32
     fused_attrs: bool = False
-    pair_kernel: bool = False
 
     @nn.compact
     def __call__(self, h, x, coord_diff, edge_attr, pairs: Pairs, node_mask, edge_mask):
         c, dt = self.cfg, self.dtype
-        if _fused(c, self.pair_kernel, pairs):
-            from molgen.nn.pairkernel import pair_mlp_scalar
-
-            hr, hs, w_attr, b1 = _node_products("coord_in", h, edge_attr, c.nf, dt)
-            w2, b2 = DenseParams((c.nf, c.nf), name="coord_hidden")()
-            v, _ = DenseParams((c.nf, 1), COORD_OUT_INIT, use_bias=False, name="coord_out")()
-            w = pair_mlp_scalar(hr, hs, edge_attr[:, 0], edge_attr[:, 1], w_attr, b1, w2.astype(dt), b2, v[:, 0],
-                                pairs.receivers, pairs.senders)[:, None]
-            return self._move(x, w, coord_diff, pairs, node_mask, edge_mask)
         m = nn.silu(EdgeInput(c.nf, c.split_edge_layer, dt, self.fused_attrs, name="coord_in")(h, edge_attr,
                                                                                                 pairs).astype(dt))
         m = nn.silu(_dense(c.nf, dt, name="coord_hidden")(m))
@@ -317,7 +259,6 @@ class EquivariantBlock(nn.Module):
     cfg: EGNNConfig
     dtype: jnp.dtype = jnp.float32
     fused_attrs: bool = False
-    pair_kernel: bool = False
 
     @nn.compact
     def __call__(self, h, x, edge_attr0, pairs: Pairs, node_mask, edge_mask):
@@ -325,9 +266,8 @@ class EquivariantBlock(nn.Module):
         d2, coord_diff = coord2diff(x, pairs, c.norm_constant)
         edge_attr = jnp.concatenate([d2, edge_attr0], axis=-1)
         for i in range(c.inv_sublayers):
-            h = GCL(c, self.dtype, self.fused_attrs, self.pair_kernel, name=f"gcl_{i}")(h, edge_attr, pairs,
-                                                                                         node_mask, edge_mask)
-        x = EquivariantUpdate(c, self.dtype, self.fused_attrs, self.pair_kernel, name="update")(
+            h = GCL(c, self.dtype, self.fused_attrs, name=f"gcl_{i}")(h, edge_attr, pairs, node_mask, edge_mask)
+        x = EquivariantUpdate(c, self.dtype, self.fused_attrs, name="update")(
             h, x, coord_diff, edge_attr, pairs, node_mask, edge_mask)
         return h * node_mask[:, None], x
 
@@ -338,7 +278,6 @@ class EGNN(nn.Module):
     cfg: EGNNConfig
     dtype: jnp.dtype = jnp.float32  # compute type of the hidden layers (module docstring: Precision)
     fused_attrs: bool = False  # edge attributes' term element-wise (module docstring: Precision); bf16: always
-    pair_kernel: bool = False  # the pair MLPs in fused GPU kernels (module docstring)
 
     @nn.compact
     def __call__(self, x, h, cond, graph):
@@ -355,7 +294,7 @@ class EGNN(nn.Module):
         hh = _dense(c.nf, self.dtype, name="embedding")(hin).astype(jnp.float32)
         xx = x
         for i in range(c.n_layers):
-            hh, xx = EquivariantBlock(c, self.dtype, self.fused_attrs, self.pair_kernel, name=f"block_{i}")(
+            hh, xx = EquivariantBlock(c, self.dtype, self.fused_attrs, name=f"block_{i}")(
                 hh, xx, d2_0, pairs, node_mask, edge_mask)
         h_out = _dense(c.in_node_nf + 1, name="embedding_out")(hh) * node_mask[:, None]
         vel = remove_mean(xx - x, node_mask, graph.segment, n_seg)
