@@ -1,13 +1,13 @@
 """Sampling: N molecules from a model, in batches packed as one graph each.
 
 Atom counts come from the training histogram stored in the model's config (or are fixed). Every batch's random
-key is ``fold_in(seed, batch)``, so the same model, seed and settings give the same molecules. Settings left
-out are the model card's (meta.json: temperature, re-noising), so Python callers and the command line sample
-alike.
+key is ``fold_in(seed, batch)``, so the same model, seed and settings give the same molecules. Settings left out
+are the model card's (meta.json: temperature, re-noising), so Python callers and the command line sample alike.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Callable, Sequence
@@ -158,18 +158,16 @@ def sample(model: Model, n: int, steps: int | None = None, seed: int = 0, atoms:
            apply: Callable | None = None, fragment=None, resample: int = 0, decimals: int | None = None,
            formula=None, type_bias: dict | None = None) -> Samples:
     """``n`` molecules in ``steps`` sampler steps (default: the sampler's), then ``polish_calls`` calls of the
-    diffusion model ``polisher`` on the low ladder. ``progress(k)`` is told of every k network calls done on
-    a batch (the total is calls x batches). ``atoms``: every molecule's atom count, or a range (lo, hi) to draw
-    them from the training histogram within (default: the whole histogram). ``apply``: the network's apply
-    function (default: the model's). ``fragment`` (:class:`molgen.fragment.Fragment`): every molecule completes
-    it, its first atoms being the fragment's, in the fragment's own frame (:mod:`molgen.fragment`); ``resample``:
-    RePaint's resampling rounds per step (ancestral sampler). ``decimals``: coordinates rounded to as many decimals (`molgen sample` rounds them to
-    what its file holds, :data:`molgen.chem.io.DECIMALS`, so that its report describes the file). ``formula``
-    (:class:`molgen.formula.Formula`): every molecule has it (:mod:`molgen.formula`). ``type_bias``
+    diffusion model ``polisher`` on the low ladder. ``progress(k)`` is told of every k network calls done on a batch
+    (the total is calls x batches). ``atoms``: every molecule's atom count, or a range (lo, hi) to draw them from
+    the training histogram within (default: the whole histogram). ``apply``: the network's apply function (default:
+    the model's). ``fragment`` (:class:`molgen.fragment.Fragment`): every molecule completes it, its first atoms
+    being the fragment's, in the fragment's own frame (:mod:`molgen.fragment`); ``resample``: RePaint's resampling
+    rounds per step (ancestral sampler). ``decimals``: coordinates rounded to as many decimals (`molgen sample`
+    rounds them to what its file holds, :data:`molgen.chem.io.DECIMALS`, so that its report describes the file).
+    ``formula`` (:class:`molgen.formula.Formula`): every molecule has it (:mod:`molgen.formula`). ``type_bias``
     ({element: bias}, :func:`parse_type_bias`; None: the card's): added to the network's last type outputs before
     each atom's type is read from them."""
-    import time
-
     atoms = formula_atoms(formula, atoms, fragment)
     check_request(model.cfg, n, batch_size, atoms, fragment.size if fragment is not None else 0)
     s, levels, settings, renoise = plan(model, steps, sampler, sigmas, temperature, renoise, polish_calls, seed,
@@ -200,20 +198,25 @@ def sample(model: Model, n: int, steps: int | None = None, seed: int = 0, atoms:
         x, h = s.run(fns, model.params, g, nf, jax.random.fold_in(base, b), levels,
                      settings["molgen_temperature"], renoise, tick, fix, resample)
         if pol is not None:
-            step, p_params, p_levels, keeps = pol
-            fixed = first_rows(fragment.size if keeps else 0, bs, len(g.node_mask))
-            # a polisher not trained with fragments moves the whole molecule: the fragment (or the formula's
-            # types) is put back after each call, as the replacement method does on a clean molecule (the inpaint
-            # sampler's fix is its known rows, not a replacement: one is made for the polishing calls)
-            put = None
-            if fix is not None and not keeps:
-                put = fix if callable(fix) else _fixer(fragment, None, bs, g, nf, key)
-            for lv in p_levels:
-                x, h = step(p_params, x, h, np.float32(lv), g, fixed)
-                x, h = (x, h) if put is None else put(x, h, 0.0, 1.0)
-                tick()
+            x, h = _polish(pol, x, h, g, bs, fragment, fix, nf, key, tick)
         mols += _molecules(x, h, bs, len(mols), settings, fragment, decimals)
     return Samples(mols, settings, settings["molgen_calls"], time.time() - t0, _describe(model, s, settings))
+
+
+def _polish(pol, x, h, g, sizes, fragment, fix, nf: int, key, tick):
+    """A batch after the polishing calls ``pol`` = (step, parameters, levels, keeps the fragment). A polisher not
+    trained with fragments moves the whole molecule: the fragment (or formula) is put back after each call, as
+    replacement does (the inpaint sampler's fix is its known rows, not a replacement: one is made here)."""
+    step, params, levels, keeps = pol
+    fixed = first_rows(fragment.size if keeps else 0, sizes, len(g.node_mask))
+    put = None
+    if fix is not None and not keeps:
+        put = fix if callable(fix) else _fixer(fragment, None, sizes, g, nf, key)
+    for lv in levels:
+        x, h = step(params, x, h, np.float32(lv), g, fixed)
+        x, h = (x, h) if put is None else put(x, h, 0.0, 1.0)
+        tick()
+    return x, h
 
 
 def _molecules(x, h, sizes, first: int, settings: dict, fragment=None, decimals: int | None = None) -> list[Molecule]:
@@ -267,8 +270,6 @@ def sample_kept(model: Model, n: int, keep: str = "all", seed: int = 0, batch_si
     are kept or ``max_draws`` (default MAX_DRAWS x n) are drawn; then fewer are returned (``drawn`` says how many
     were drawn; ``seconds`` counts the judging too), none is a MolgenError. ``on_round(m)`` is told of each
     round's m molecules before it is drawn; ``kw`` goes to :func:`sample`."""
-    import time
-
     novel = known is not None
     check_keep(keep, unique, novel)
     if KEEP[keep] is None:
