@@ -23,7 +23,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     ds = load_qm9(args.data_dir).training_subset(VAL_MOLECULES)
-    npz = save_cache(ds, out, source="training split of the full cache")
+    npz = save_cache(ds, out, source=f"training split and first {VAL_MOLECULES} validation molecules of the full cache")
     print(f"{npz}: {len(ds.split('train'))} training and {len(ds.split('valid'))} validation molecules, {npz.stat().st_size / 2**20:.1f} MiB")
 
 
