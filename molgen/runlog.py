@@ -77,7 +77,7 @@ class MetricsLog:
             self.bar.start()
             self.task = self.bar.add_task(f"train {mode}", total=end, completed=start, loss=float("nan"), rate=0.0)
 
-    def write(self, first: int, metrics, val_loss: float | None = None) -> None:
+    def write(self, first: int, metrics, val_loss: float | None = None, val_loss_trained: float | None = None) -> None:
         m = {k: np.asarray(v) for k, v in metrics.items()}
         n = len(m["loss"])
         bad = np.flatnonzero(~np.isfinite(m["loss"]))
@@ -93,13 +93,16 @@ class MetricsLog:
                    **{name: float(v[k]) for name, v in m.items()}}
             if k == n - 1 and val_loss is not None:
                 rec["val_loss"] = val_loss
+            if k == n - 1 and val_loss_trained is not None:
+                rec["val_loss_trained"] = val_loss_trained
             if self.file is not None:
                 self.file.write(json.dumps(rec) + "\n")
         if self.file is not None:
             self.file.flush()
         self._show(done, float(m["loss"][n - 1]), rate, now)
         if val_loss is not None:
-            self._line(f"step {done}/{self.end}  validation loss (EMA) {val_loss:.4f}")
+            trained = "" if val_loss_trained is None else f", trained parameters {val_loss_trained:.4f}"
+            self._line(f"step {done}/{self.end}  validation loss (EMA) {val_loss:.4f}{trained}")
 
     def _show(self, done: int, loss: float, rate: float, now: float) -> None:
         if self.bar is not None:

@@ -233,8 +233,9 @@ def main() -> None:
     subprocess.run([sys.executable, str(ROOT / "scripts" / "plot_teacher.py"), "--model", str(dest), "--out",
                     str(args.plot)], check=True)
     print("card row:\n" + card_row(len(runs), run, ev, jax_version(args.out[0])))
-    if run.get("val_loss"):
-        print("validation loss of the EMA parameters, first and last logged: %.4f -> %.4f" % tuple(run["val_loss"]))
+    for key, whose in (("val_loss", "the EMA parameters"), ("val_loss_trained", "the trained parameters")):
+        if run.get(key):
+            print(f"validation loss of {whose}, first and last logged: %.4f -> %.4f" % tuple(run[key]))
     if ev is not None and (ROOT / "weights" / args.baseline / "eval_steps1000.json").exists():
         print(compare(args.baseline, ev))
 

@@ -205,6 +205,7 @@ except OSError:
 runs = meta_old.get("gpu_runs", [])
 rates = sorted(l["steps_per_s"] for l in lines[1:]) or [0]
 vals = [round(l["val_loss"], 4) for l in lines if "val_loss" in l]  # the EMA parameters', first and last
+trained = [round(l["val_loss_trained"], 4) for l in lines if "val_loss_trained" in l]  # the trained ones'
 seconds, last = 0.0, 0.0  # the log's clock restarts with each process of a resumed run
 for l in lines:
     if l["time"] < last:
@@ -214,7 +215,8 @@ seconds = round(seconds + last, 2)
 runs.append({"date": time.strftime("%Y-%m-%d", time.gmtime()), "device": jax.devices()[0].device_kind,
              "steps": lines[-1]["step"], "seconds": seconds, "median_steps_per_s": rates[len(rates) // 2],
              "seed": int(seed), "last_loss": lines[-1]["loss"], "batch": int(batch), "lr": float(lr),
-             "precision": precision, "layout": layout, "val_loss": [vals[0], vals[-1]] if vals else None, "xla_flags": os.environ.get("XLA_FLAGS", ""), "start": start, "epochs": round(lines[-1]["step"] * int(batch) / 100000, 1)})
+             "precision": precision, "layout": layout, "val_loss": [vals[0], vals[-1]] if vals else None,
+             "val_loss_trained": [trained[0], trained[-1]] if trained else None, "xla_flags": os.environ.get("XLA_FLAGS", ""), "start": start, "epochs": round(lines[-1]["step"] * int(batch) / 100000, 1)})
 meta = json.load(open(f"{dest}/meta.json"))
 meta["gpu_runs"] = runs
 meta["step"] = sum(r["steps"] for r in runs)

@@ -321,3 +321,23 @@ def test_progress_line_counts_time_left_to_the_time_budget_when_that_comes_first
         log.write(0, {"loss": np.full(10, 0.5)})
         log.close()
         assert said == [f"step 10/1000  loss 0.5000  0.50 steps/s  {expect}"], said
+
+
+def test_validation_logs_the_ema_and_the_trained_parameters(tmp_path, mini_ds):
+    """Each evaluation logs the EMA parameters' validation loss and the trained parameters' beside it, each the
+    loss that Validation gives those parameters (fixed molecules and noise), in metrics.jsonl and in train.log."""
+    from molgen.parallel import make_mesh
+    from molgen.train import Validation
+
+    cfg = _cfg(mini_ds).with_optim(steps=8, eval_every=4, ckpt_every=4)
+    res = train(cfg, tmp_path / "r", mini_ds, chunk=4, progress=None, log=lambda s: None)
+    recs = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    vals = [r for r in recs if "val_loss" in r]
+    assert [r["step"] for r in vals] == [4, 8] and all("val_loss_trained" in r for r in vals)
+    validation = Validation(mini_ds, RunConfig.load(tmp_path / "r" / "config.json"), make_mesh())
+    assert vals[-1]["val_loss"] == pytest.approx(validation(res.state.ema), rel=1e-5)
+    assert vals[-1]["val_loss_trained"] == pytest.approx(validation(res.state.params), rel=1e-5)
+    assert vals[-1]["val_loss"] != vals[-1]["val_loss_trained"]  # 8 steps: the EMA still lags
+    text = (tmp_path / "r" / "train.log").read_text()
+    assert f"validation loss (EMA) {vals[-1]['val_loss']:.4f}, trained parameters " \
+           f"{vals[-1]['val_loss_trained']:.4f}" in text
