@@ -242,7 +242,8 @@ VAL_MOLECULES, VAL_BATCH = 1024, 256
 class Validation:
     """The validation loss of a run's parameters (its EMA's, and the trained ones'): the first ``VAL_MOLECULES``
     validation molecules in fixed batches of ``VAL_BATCH``, each with its own fixed key, so the figure depends on
-    the parameters alone (runs with different batch sizes compare directly)."""
+    the parameters alone (runs with different batch sizes compare directly). The two side by side show an EMA
+    (what is exported) that averages weights which move too fast to be averaged: its loss above the trained one."""
 
     def __init__(self, ds, cfg: RunConfig, mesh: Mesh, anchor_params=None):
         ids = ds.split("valid")[:VAL_MOLECULES] if len(ds.split("valid")) else ds.split("train")[:64]
@@ -322,8 +323,6 @@ def train(cfg: RunConfig, run_dir: Path, ds, resume: bool = False, init_params=N
                 pending = feed.prepare(step) if step < end and not over and not stop.requested else None
                 out = jax.tree_util.tree_map(lambda a: a[:n], local_value(out))  # the device runs the next chunk
                 evaluate = eval_every and (step % eval_every == 0 or step == end)
-                # the EMA parameters' (what is exported) and the trained ones': an EMA that averages weights which
-                # move too fast to be averaged shows as an EMA loss above the trained parameters'
                 metrics.write(first, out, *((validation(state.ema), validation(state.params)) if evaluate else ()))
                 if ckpt_every and step % ckpt_every == 0:
                     _checkpoint(run_dir, mgr, state, step, feed.plan)
