@@ -20,7 +20,9 @@
 # docs/training.md, "The teacher campaign"), EVAL_EVERY (2000: steps between validation losses; the staged cache
 # holds the first 1024 validation molecules),
 # WARMUP (500; 2000 for a new teacher), PRECISION and LAYOUT (default: the fastest pair measured in 1. at the
-# training batch; tf32 and packed without a measurement), BENCH_S (150: seconds for molgen's benchmarks, each
+# training batch; tf32 and packed without a measurement), BENCH_RUNS (molgen's measurements, preset:batch:precision:layout,
+# comma-separated, in order; default below), EDM_BATCHES (64,256,1024: EDM's code's), EDM_S (120: the most seconds
+# for EDM's), MOLGEN_BENCH_MIN_S (230: the seconds EDM's leaves to molgen's), BENCH_S (150: seconds for molgen's benchmarks, each
 # measurement's last chunk profiled: where the time went, in the benchmark log), BENCH_TOTAL_S (350: all the
 # benchmarks together end by then, counted from the start, so that the teacher trains at least
 # DEADLINE - BENCH_TOTAL_S - SAMPLE_S seconds; EDM's benchmark gets at most 120 s and the scatter-adds' 80 s, each
@@ -76,9 +78,10 @@ else
   # then the rest. A measurement listed twice runs once.
   bench_runs=edm:4096:bf16:packed,edm:2048:bf16:grouped,edm:64:tf32:packed,edm:1024:bf16:packed
   bench_runs=$bench_runs,edm:$batch:bf16:packed,edm:$batch:tf32:packed,edm:$batch:tf32:grouped,edm:4096:bf16:grouped
+  bench_runs=${BENCH_RUNS:-$bench_runs}
   bench_runs=$(echo "$bench_runs" | tr , '\n' | awk '!seen[$0]++' | paste -sd, -)
   scatter_args="--molecules 1024 --features 256 --repeats 20 --dtypes float32"
-  edm_args="--presets edm --batch-sizes 64,256,1024 --device cuda --repeats 10 --warmup 3"
+  edm_args="--presets edm --batch-sizes ${EDM_BATCHES:-64,256,1024} --device cuda --repeats 10 --warmup 3"
   n_mol=1000; calls=1000; resume_extra=""
   train_extra="--steps 100000000 --set optim.ckpt_every=4000 --set optim.eval_every=${EVAL_EVERY:-2000}"
   bench_chunk="--chunk 50 --repeats 4"
@@ -92,7 +95,7 @@ log "teacher $teacher (earlier GPU runs: $runs_before), seed $seed, batch $batch
 #    GPU (BENCH_S=0: none).
 bench="$out/bench.log"
 if [ "$bench_s" -gt 0 ]; then
-edm_s=$(cap 120 230)
+edm_s=$(cap "${EDM_S:-120}" "${MOLGEN_BENCH_MIN_S:-230}")
 if [ -d .edm ] && python3 -c "import torch" 2>/dev/null && [ "$edm_s" -ge 20 ]; then
   echo "# $(date -u +%FT%TZ) benchmarks/edm_pytorch.py $edm_args --no-sampling" >>"$bench"
   timeout "$edm_s" python3 benchmarks/edm_pytorch.py --edm-repo .edm --cache .gpu/qm9/qm9_v1.npz $edm_args --no-sampling \
