@@ -218,6 +218,16 @@ def compare(baseline: str, ev: dict) -> str:
             + ("better - distil the few-call models from it (scripts/gpu_distill.sh)" if beats else "not better yet"))
 
 
+def bench_target(results: Path, date: str, device_kind: str, kept: int) -> Path:
+    """Where a run's benchmark log goes: DATE_DEVICE_gpu_runN.log, N the kept runs, or the next free number (a run
+    that was not kept filed its log too), so that no log is overwritten."""
+    device = device_kind.lower().replace("nvidia ", "").replace(" ", "_")
+    n = kept
+    while (target := results / f"{date}_{device}_gpu_run{n}.log").exists():
+        n += 1
+    return target
+
+
 def main() -> None:
     args = parse_args()
     dest, last = check_inputs(args)
@@ -226,8 +236,7 @@ def main() -> None:
     bench = next((d / "bench.log" for d in args.out if (d / "bench.log").exists()), None)
     if bench is not None:
         args.results.mkdir(parents=True, exist_ok=True)
-        device = run["device"].lower().replace("nvidia ", "").replace(" ", "_")
-        target = args.results / f"{run['date']}_{device}_gpu_run{len(runs)}.log"
+        target = bench_target(args.results, run["date"], run["device"], len(runs))
         shutil.copyfile(bench, target)
         print(f"benchmark log: {target}")
     subprocess.run([sys.executable, str(ROOT / "scripts" / "plot_teacher.py"), "--model", str(dest), "--out",

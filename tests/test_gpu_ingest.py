@@ -97,3 +97,12 @@ def test_unpack_refuses_a_missing_part_or_other_files(tmp_path, capsys):
         ingest.unpack(parts, tmp_path / "y")
     assert e.value.code == 2 and "evil.sh" in capsys.readouterr().err
     assert not (tmp_path / "y" / "w_teacher").exists()
+
+
+def test_the_benchmark_log_never_overwrites_an_earlier_one(tmp_path):
+    first = ingest.bench_target(tmp_path, "2026-12-04", "NVIDIA H200", 2)
+    assert first.name == "2026-12-04_h200_gpu_run2.log"
+    first.write_text("a run that was not kept\n")
+    (tmp_path / "2026-12-04_h200_gpu_run3.log").write_text("another\n")
+    assert ingest.bench_target(tmp_path, "2026-12-04", "NVIDIA H200", 2).name == "2026-12-04_h200_gpu_run4.log"
+    assert first.read_text() == "a run that was not kept\n"
