@@ -14,7 +14,7 @@
 set -uo pipefail
 t_start=$(date +%s)
 deadline=${1:-560}
-init=${INIT:-edm-small-stack}; teacher=${TEACHER:-edm-small-diffusion}
+init=${INIT:-edm-small-stack}; teacher=${TEACHER:-edm-diffusion}
 recipe=${RECIPE:-weights/edm-small-stack/recipe-2-gpu.toml}; name=${NAME:-distilled}; sample_s=${SAMPLE_S:-120}
 out=${OUT:-/tmp/out}; mkdir -p "$out" runs
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 MOLGEN_JAX_CACHE=/tmp/jaxcache
