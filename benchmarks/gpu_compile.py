@@ -9,7 +9,7 @@ Needs JAX with its CUDA plugin (JAX 0.11 needs Python >= 3.12), no GPU and no CU
         "jax-cuda12-pjrt==0.11.2" nvidia-cuda-nvcc-cu12 flax optax orbax-checkpoint typer rich numpy \\
         && .aotenv/bin/pip install --no-deps -e .
     JAX_PLATFORMS=cpu JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1 .aotenv/bin/python benchmarks/gpu_compile.py \\
-        --runs edm:1024:tf32:packed,edm:1024:bf16:packed [--top 20] [--atomics]
+        --runs edm:1024:tf32:packed,edm:1024:bf16:packed [--top 20] [--atomics] [--scatters]
 
 One line per compiled program:
 
@@ -24,6 +24,8 @@ and 400 TFLOP/s, summed, plus 3 us a kernel: a floor in the roofline sense, not 
 device memory XLA plans for the chunk (its arguments and temporaries; the H200 has 139 GiB). --top lists the
 kinds of kernel and the largest kernels; --atomics compiles a float32 and a bfloat16 neighbour sum and prints
 the atomic instructions of their PTX (whether XLA adds with native atomics or a compare-and-swap loop).
+--scatters counts the step's scatter-adds, those XLA is told have sorted indices (it then adds each run of equal
+indices in registers before one atomic add) and those that read their rows through a gather, and its sorts.
 The kernels' tile sizes are XLA's defaults: without a GPU there is no autotuning.
 """
 
@@ -303,6 +305,21 @@ def report(name, bs, precision, layout, text: str, top: int, memory: float | Non
     return "\n".join(out)
 
 
+def scatters(text: str) -> str:
+    """The program's scatter-adds: how many tell XLA their indices are sorted (XLA's GPU scatter then adds each run
+    of equal indices in registers before one atomic add, instead of one atomic add per element), how many sum
+    [rows, 256] arrays, and how many of those read their rows through a gather (the reversed pairs); and its sorts."""
+    sc = [line for line in text.splitlines() if re.search(r"\bscatter\(", line)]
+    wide = [line for line in sc if re.search(r"= f32\[\d+,256\]", line)]
+    bodies = re.findall(r"^%fused_scatter\S* .*?^\}", text, re.M | re.S)
+    gathered = sum(1 for b in bodies if "256]" in b.splitlines()[0] and "gather(" in b)
+    n_sorts = sum(1 for line in text.splitlines() if re.search(r"\bsort\(", line))
+    is_sorted = "indices_are_sorted=true"
+    return (f"  scatter-adds {len(sc)} ({sum(is_sorted in line for line in sc)} sorted); 256 wide {len(wide)} "
+            f"({sum(is_sorted in line for line in wide)} sorted, {gathered} reading their rows through a gather); "
+            f"sorts {n_sorts}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs", default="edm:1024:tf32:packed,edm:1024:bf16:packed",
@@ -311,6 +328,7 @@ def main():
     ap.add_argument("--atomics", action="store_true", help="the atomic instructions of a neighbour sum's PTX")
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--save-hlo", default=None, help="folder: write each optimised program's text there")
+    ap.add_argument("--scatters", action="store_true", help="count the scatter-adds (sorted or not) and sorts")
     args = ap.parse_args()
     import jax
 
@@ -326,7 +344,7 @@ def main():
             with open(os.path.join(args.save_hlo, f"{name}_{bs}_{precision}_{layout}.hlo"), "w") as f:
                 f.write(text)
         print(report(name, bs, precision, layout, text, args.top, memory)
-              + f"\n  (compiled in {time.time() - t0:.0f} s)",
+              + (f"\n{scatters(text)}" if args.scatters else "") + f"\n  (compiled in {time.time() - t0:.0f} s)",
               flush=True)
 
 

@@ -11,15 +11,20 @@ XLA's `--xla_gpu_ftz=true` does.
 
     python benchmarks/scatter_atomics.py            # in this process, with this process's XLA_FLAGS
     python benchmarks/scatter_atomics.py --ab       # the same twice, in child processes: as is and with FTZ
+    python benchmarks/scatter_atomics.py --molecules 4096 --dtypes bfloat16 --accumulate float32 --spread-only
 
 One line per measurement:
 
     RESULT scatter <op> dtype=<d> ftz=<0|1> ms=<median> GB_per_s=<pair rows read / time>
 
-where <op> is sum_by_receiver or sum_by_sender, with the padding edges spread over the padding rows as molgen
-packs them, or with the suffix _pad_one_row: all on the last row, as molgen packed them before. With --ab a
-last line ``FTZ_SPEEDUP <x>``: the ratio of the float32 (spread) sums' summed median times without and with
-FTZ (1.0 where FTZ changes nothing).
+where <op> is sum_by_receiver (indices sorted, as XLA is told: it adds each run of rows in registers before one
+atomic add), sum_by_sender (not sorted: an atomic add per element), or sum_by_sender_reversed (the same sums as
+sum_by_sender, as the training step's backward pass makes them: the rows taken in the order of the reversed
+pairs and summed by sorted receivers, molgen.nn.egnn.sender_rows), with the padding edges spread over the
+padding rows as molgen packs them, or with the suffix _pad_one_row: all on the last row, as molgen packed them
+before (not with --spread-only). --accumulate float32: the rows are converted to float32 before the sum, as the
+training step's bf16 gradients are. With --ab a last line ``FTZ_SPEEDUP <x>``: the ratio of the float32 (spread)
+sums' summed median times without and with FTZ (1.0 where FTZ changes nothing).
 """
 
 from __future__ import annotations
@@ -70,16 +75,25 @@ def measure(args) -> None:
     n_pairs = len(layouts[""][0])
     print(f"# {jax.devices()[0].device_kind}, jax {jax.__version__}, {n_nodes} atom rows ({args.pad_rows} padding), "
           f"{n_pairs} pair rows ({args.pad_edges} padding), {args.features} features, ftz={ftz}", flush=True)
+    from molgen.nn.egnn import reverse_pairs
+
     ops = {}
     for tag, (recv, send) in layouts.items():
+        if tag and args.spread_only:
+            continue
         recv_d, send_d = jnp.asarray(recv), jnp.asarray(send)
+        rev = reverse_pairs(send_d)
         ops[f"sum_by_receiver{tag}"] = partial(jax.ops.segment_sum, segment_ids=recv_d, num_segments=n_nodes,
                                                indices_are_sorted=True)
         ops[f"sum_by_sender{tag}"] = partial(jax.ops.segment_sum, segment_ids=send_d, num_segments=n_nodes)
+        ops[f"sum_by_sender_reversed{tag}"] = partial(
+            lambda m, r, s: jax.ops.segment_sum(m[r], s, num_segments=n_nodes, indices_are_sorted=True),
+            r=rev, s=recv_d)
+    acc = jnp.dtype(args.accumulate) if args.accumulate else None
     for dtype in args.dtypes.split(","):
         m = jax.random.normal(jax.random.PRNGKey(0), (n_pairs, args.features), jnp.dtype(dtype))
         for name, op in ops.items():
-            f = jax.jit(op)
+            f = jax.jit(op if acc is None else (lambda x, op=op: op(x.astype(acc))))
             f(m).block_until_ready()
             times = []
             for _ in range(args.repeats):
@@ -87,7 +101,8 @@ def measure(args) -> None:
                 f(m).block_until_ready()
                 times.append(time.perf_counter() - t0)
             med = statistics.median(times)
-            print(f"RESULT scatter {name} dtype={dtype} ftz={ftz} ms={med * 1e3:.3f} "
+            dt = dtype if acc is None else f"{dtype}>{acc.name}"
+            print(f"RESULT scatter {name} dtype={dt} ftz={ftz} ms={med * 1e3:.3f} "
                   f"GB_per_s={m.size * m.dtype.itemsize / med / 1e9:.1f}", flush=True)
 
 
@@ -121,6 +136,8 @@ def main():
     ap.add_argument("--pad-edges", type=int, default=10541, help="padding edges (batch 1024's median: 10,541)")
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--accumulate", default=None, help="convert the rows to this type before summing (float32)")
+    ap.add_argument("--spread-only", action="store_true", help="only the padding edges spread as molgen packs them")
     ap.add_argument("--ab", action="store_true", help="without and with FTZ, in two child processes")
     ap.add_argument("--timeout", type=float, default=120, help="--ab: seconds per child process")
     args = ap.parse_args()

@@ -4,7 +4,8 @@
 #      own PyTorch training step (benchmarks/edm_pytorch.py, EDM's code carried in .edm/, never committed);
 #      before molgen's, with a JAX before 0.11 (0.11 and 0.12 write native atomics either way), whether XLA's
 #      flush-to-zero mode makes scatter-adds native atomics here (benchmarks/scatter_atomics.py --ab): if it
-#      speeds them up >= 1.2x, every molgen process after it runs with XLA_FLAGS=--xla_gpu_ftz=true;
+#      speeds them up >= 1.2x, every molgen process after it runs with XLA_FLAGS=--xla_gpu_ftz=true; then the
+#      neighbour sums of a batch-4096 step alone (by sorted receivers, by senders, by reversed pairs);
 #   2. the teacher: continues weights/$TEACHER (its EMA parameters; Adam restarts with a short warm-up) or, the
 #      first time, starts a new one; trains until the deadline leaves time for 3. and 4., logging the EMA
 #      parameters' validation loss every EVAL_EVERY steps;
@@ -25,8 +26,9 @@
 # for EDM's), MOLGEN_BENCH_MIN_S (230: the seconds EDM's leaves to molgen's), BENCH_S (150: seconds for molgen's benchmarks, each
 # measurement's last chunk profiled: where the time went, in the benchmark log), BENCH_TOTAL_S (350: all the
 # benchmarks together end by then, counted from the start, so that the teacher trains at least
-# DEADLINE - BENCH_TOTAL_S - SAMPLE_S seconds; EDM's benchmark gets at most 120 s and the scatter-adds' 80 s, each
-# leaving molgen's at least 150 s; one that would get under 20 s is skipped),
+# DEADLINE - BENCH_TOTAL_S - SAMPLE_S seconds; EDM's benchmark gets at most 120 s, the scatter-adds'
+# flush-to-zero test 80 s and their sums 40 s, each leaving molgen's at least 150 s; one that would get under 20 s
+# (the sums: 15 s) is skipped),
 # MEASURE_S (110: the most seconds one measurement of molgen's may take; a process of its own), MIN_MEASURE_S (50:
 # a measurement that would get less is skipped), SAMPLE_S (75: seconds kept for export and sampling), FTZ (1 / 0: force flush-to-zero on / off instead of measuring), SEED (the run's seed; default: the number of earlier
 # GPU runs, so each run draws new batches), RESUME (1: a second call on the same machine, right after the first:
@@ -66,21 +68,24 @@ if [ "${DRY:-0}" = 1 ]; then  # the CPU rehearsal: every step, tiny sizes
   bench_runs=tiny:16:float32:packed,tiny:16:float32:grouped,tiny:16:bf16:packed,tiny:16:bf16:grouped
   edm_args="--presets small --batch-sizes 8 --device cpu --repeats 1 --warmup 1"
   scatter_args="--molecules 64 --features 32 --repeats 3 --dtypes float32 --pad-rows 20 --pad-edges 700"
+  sums_args="--molecules 64 --features 32 --repeats 3 --dtypes bfloat16 --accumulate float32 --spread-only --pad-rows 20 --pad-edges 700"
   model=tiny; batch=16; n_mol=8; calls=10; resume_extra="--steps 120"
   train_extra="--steps 60 --set optim.ckpt_every=50 --set optim.eval_every=${EVAL_EVERY:-50}"
   bench_chunk="--chunk 5 --repeats 2"
 else
   # In this order, as far as the time goes (each measurement a process of its own, so that one that fails, a
-  # kernel that faults included, costs only itself): bf16 and tf32 at the training batch (the teacher trains with
-  # the faster; tf32 made 17,514 at 256 on 2026-12-04, bf16 is not measured there with today's code), tf32 and
-  # bf16 at EDM's batch 64 (the ratio to EDM's code at its batch), then bf16 at 4096 (37,294 on 2026-12-04, the
-  # best so far) and the rest. A measurement listed twice runs once. Compiling takes 33-43 s a measurement on a
-  # fresh machine: ~60-70 s each.
-  bench_runs=edm:$batch:bf16:packed,edm:$batch:tf32:packed,edm:64:tf32:packed,edm:64:bf16:packed
-  bench_runs=$bench_runs,edm:4096:bf16:packed,edm:1024:bf16:packed,edm:2048:bf16:grouped
+  # kernel that faults included, costs only itself): bf16 at 4096 (37,294 on 2026-12-04 before the gathers'
+  # gradients were summed by sorted indices: the 40,000 target), bf16 and tf32 at the training batch (the teacher
+  # trains with the faster; tf32 made 17,514 at 256 on 2026-12-04), tf32 and bf16 at EDM's batch 64 (the ratio
+  # to EDM's code at its batch), then the rest. A measurement listed twice runs once. Compiling takes 33-43 s a
+  # measurement on a fresh machine: ~60-70 s each.
+  bench_runs=edm:4096:bf16:packed,edm:$batch:bf16:packed,edm:$batch:tf32:packed,edm:64:tf32:packed
+  bench_runs=$bench_runs,edm:64:bf16:packed,edm:2048:bf16:packed,edm:1024:bf16:packed,edm:2048:bf16:grouped
   bench_runs=${BENCH_RUNS:-$bench_runs}
   bench_runs=$(echo "$bench_runs" | tr , '\n' | awk '!seen[$0]++' | paste -sd, -)
   scatter_args="--molecules 1024 --features 256 --repeats 20 --dtypes float32"
+  # the neighbour sums of a batch-4096 step alone: by sorted receivers, by senders, by reversed pairs
+  sums_args="--molecules 4096 --features 256 --repeats 20 --dtypes bfloat16 --accumulate float32 --spread-only --pad-rows 900 --pad-edges 10000"
   edm_args="--presets edm --batch-sizes ${EDM_BATCHES:-64,256,1024} --device cuda --repeats 10 --warmup 3"
   n_mol=1000; calls=1000; resume_extra=""
   train_extra="--steps 100000000 --set optim.ckpt_every=4000 --set optim.eval_every=${EVAL_EVERY:-2000}"
@@ -117,6 +122,11 @@ if [ -z "${FTZ:-}" ] && [ "$scatter_s" -ge 20 ]; then
 fi
 log "scatter-adds with flush-to-zero: $([ -n "$speedup" ] && echo "${speedup}x as fast" || echo "not measured")"
 if [ -z "${FTZ:-}" ] && python3 -c "import sys; sys.exit(float('${speedup:-1}') < 1.2)"; then FTZ=1; fi
+sums_s=$(cap 40 150)
+if [ "$sums_s" -ge 15 ]; then
+  echo "# $(date -u +%FT%TZ) benchmarks/scatter_atomics.py $sums_args" >>"$bench"
+  timeout "$sums_s" python3 benchmarks/scatter_atomics.py $sums_args 2>&1 | grep -E "^RESULT|^#" | tee -a "$bench"
+fi
 [ "${FTZ:-0}" = 1 ] && export XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }--xla_gpu_ftz=true"
 molgen_end=$(( $(date +%s) - t_start + $(cap $((bench_s + 90))) ))  # molgen's benchmarks end by then (s from the start)
 echo "# $(date -u +%FT%TZ) benchmarks/train_step.py, one process a measurement: $bench_runs (XLA_FLAGS=${XLA_FLAGS:-})" >>"$bench"

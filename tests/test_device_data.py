@@ -1,11 +1,13 @@
 """Batches assembled on the device equal the host's packed batches; the run's shape plan fits its batches."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from molgen.data.batching import BatchSampler, pack
 from molgen.data.device import ShapePlan, assemble, dense_set
+from molgen.nn.egnn import reverse_pairs
 
 
 def _packed(ds, ids, n_nodes, n_edges):
@@ -43,6 +45,11 @@ def test_padding_edges_are_spread_over_the_padding_rows(mini_ds, pad_rows, pad_e
         np.testing.assert_array_equal(pad_r, pad_s)
         assert np.all((pad_r >= n_real) & (pad_r < n_nodes))
         assert np.all(np.asarray(g.edge_mask)[e_real:] == 0) and np.all(np.asarray(g.node_mask)[n_real:] == 0)
+        # symmetric and sorted by (receiver, sender): the reversed pairs are a permutation of the rows
+        rev = np.asarray(reverse_pairs(jnp.asarray(snd)))
+        np.testing.assert_array_equal(np.sort(rev), np.arange(len(snd)))
+        np.testing.assert_array_equal(rcv[rev], snd)
+        np.testing.assert_array_equal(snd[rev], rcv)
         if pad_edges:
             counts = np.bincount(pad_r - n_real, minlength=pad_rows)
             assert counts.max() == -(-pad_edges // pad_rows)
