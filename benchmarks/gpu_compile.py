@@ -238,7 +238,7 @@ def compile_chunk(name: str, bs: int, precision: str, layout: str, data_dir=None
     from molgen.data.qm9 import load_qm9
     from molgen.nn.egnn import PRESETS
     from molgen.state import init_state
-    from molgen.train import _chunk_program, program_config
+    from molgen.steps import _chunk_program, program_config
 
     topology = topologies.get_topology_desc(platform="cuda", target_config=H200, topology="1x1x1")
     mesh = Mesh(np.array(topology.devices), ("data",))

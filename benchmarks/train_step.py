@@ -138,7 +138,7 @@ class Bench:
         import jax.numpy as jnp
 
         from molgen.state import init_state
-        from molgen.train import make_train_chunk
+        from molgen.steps import make_train_chunk
 
         args, k = self.args, self.args.chunk
         n_chunks = args.repeats + 1  # the first compiles
@@ -173,7 +173,7 @@ class Bench:
         import jax
 
         from molgen.nn.egnn import forward_flops
-        from molgen.train import make_step
+        from molgen.steps import make_step
 
         o, k = cfg.optim, self.args.chunk
         compile_s, med = times[0], statistics.median(times[1:])
@@ -214,7 +214,7 @@ def main():
 
         configure_cpu_devices(args.devices)
     from molgen.networks import resolve_precision
-    from molgen.train import resolve_layout
+    from molgen.steps import resolve_layout
 
     t_start = time.time()
     bench = Bench(args)

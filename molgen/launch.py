@@ -216,7 +216,7 @@ def launch(req: Request, data_dir: Path | None = None, progress: str | None = No
     """Resolve, check, prepare and run; returns (config, :class:`molgen.train.TrainResult`)."""
     from molgen.parallel import is_main
     from molgen.rundir import check_run_dir, hold_run
-    from molgen.train import check_devices
+    from molgen.steps import check_devices
 
     cfg = resolve_config(req)
     check_run_dir(req.out, req.resume)  # before anything is read or made

@@ -14,7 +14,6 @@ With one device the same code runs unchanged. Precision: :func:`molgen.networks.
 
 from __future__ import annotations
 
-import functools
 import signal
 import threading
 import time
@@ -23,148 +22,20 @@ from pathlib import Path
 from typing import Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from molgen import MolgenError
-from molgen.config import RunConfig, resolve_auto
+from molgen.config import RunConfig
 from molgen.data.batching import BatchSampler, make_batch
 from molgen.failures import first_line, is_out_of_memory
-from molgen.networks import network, resolve_precision
-from molgen.objectives import get_objective
+from molgen.networks import resolve_precision
 from molgen.parallel import agree, global_put, is_main, local_value, make_mesh, put_batch
 from molgen.rundir import check_run_dir, cut_metrics, save_plan, saved_plan
 from molgen.runlog import Diverged, MetricsLog, RunText, run_header
-from molgen.state import (CONFIG_NAME, METRICS_NAME, TrainState, checkpoint_manager, grad_norm, init_state,
-                          make_optimizer, restore_checkpoint, save_checkpoint, state_shapes)
-
-
-# The layout `auto` picks per platform (docs/performance.md).
-AUTO_LAYOUT = {"cpu": "packed", "gpu": "packed"}
-
-
-def resolve_layout(layout: str, platform: str | None = None) -> str:
-    """``auto`` -> the platform's entry of :data:`AUTO_LAYOUT`; anything else must be one of LAYOUTS."""
-    from molgen.data.device import LAYOUTS
-
-    return resolve_auto(layout, LAYOUTS, AUTO_LAYOUT, "layout", platform)
-
-
-def check_devices(cfg: RunConfig, n_devices: int) -> None:
-    """The batch splits evenly over the devices (else one line: MolgenError)."""
-    if cfg.optim.batch_size % n_devices:
-        raise MolgenError(f"batch size {cfg.optim.batch_size} is not divisible by the {n_devices} devices")
-
-
-def make_step(cfg: RunConfig):
-    """(step_fn, sharded_loss), pure: ``step_fn(state, graphs, key, anchor=None) -> (state, metrics)`` on a batch of
-    per-device graphs stacked on axis 0; ``sharded_loss(params, graphs, key, step, anchor=None) -> (loss, aux)``.
-    ``anchor``: the parameters the objective's loss needs besides the trained ones (:mod:`molgen.objectives`)."""
-    _, apply = network(cfg, cfg.optim.precision)
-    loss_fn = get_objective(cfg.objective).make_loss(cfg, apply)
-    tx, sched = make_optimizer(cfg.optim)
-
-    def sharded_loss(params, graphs, key, step, anchor=None):
-        keys = jax.random.split(key, jax.tree_util.tree_leaves(graphs)[0].shape[0])
-        if keys.shape[0] == 1:  # one device: no batch axis of size 1 in every product (XLA transposed the
-            # [pairs, features] arrays around it on a GPU, docs/performance.md); the same values
-            losses, aux = loss_fn(params, jax.tree_util.tree_map(lambda a: a[0], graphs), keys[0], step, anchor)
-        else:
-            losses, aux = jax.vmap(lambda g, k: loss_fn(params, g, k, step, anchor))(graphs, keys)
-        return losses.mean(), jax.tree_util.tree_map(jnp.mean, aux)
-
-    def step_fn(state: TrainState, graphs, key, anchor=None):
-        (loss, aux), grads = jax.value_and_grad(sharded_loss, has_aux=True)(state.params, graphs, key, state.step,
-                                                                             anchor)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        # EMA with a warm-up (decay grows with the step) so short runs are not dominated by the initial weights.
-        d = jnp.minimum(cfg.optim.ema, (1.0 + state.step) / (10.0 + state.step))
-        ema = jax.tree_util.tree_map(lambda e, p: d * e + (1 - d) * p, state.ema, params)
-        metrics = {"loss": loss, "grad_norm": grad_norm(grads), "lr": sched(state.step), **aux}
-        return TrainState(state.step + 1, params, ema, opt_state), metrics
-
-    return step_fn, sharded_loss
-
-
-def program_config(cfg: RunConfig) -> RunConfig:
-    """What a training step's program depends on: ``cfg`` without the settings that only steer the loop (steps,
-    checkpoint and evaluation intervals, checkpoints kept), the seed (keys are arguments) and the model the run
-    started from. Runs that agree on the rest share their compiled programs within a process."""
-    return cfg.replace(seed=0, init=None).with_optim(steps=0, ckpt_every=0, eval_every=0, keep=0)
-
-
-# The jitted programs of a (program config, mesh[, batch shape]): a later run in the same process (a resumed run,
-# a Python caller's sweep) reuses their traced and compiled programs instead of building them again.
-@functools.lru_cache(maxsize=8)
-def _step_programs(cfg: RunConfig, mesh: Mesh):
-    step_fn, sharded_loss = make_step(cfg)
-    repl = NamedSharding(mesh, P())
-    data = NamedSharding(mesh, P("data"))
-    step = jax.jit(step_fn, in_shardings=(repl, data, repl, repl), out_shardings=(repl, repl), donate_argnums=(0,))
-
-    def eval_fn(params, graphs, key, anchor):
-        return sharded_loss(params, graphs, key, jnp.asarray(0), anchor)[0]
-
-    evaluate = jax.jit(eval_fn, in_shardings=(repl, data, repl, repl), out_shardings=repl)
-    return step, evaluate
-
-
-def make_train_step(cfg: RunConfig, mesh: Mesh, anchor_params=None):
-    """(step, evaluate), jitted, on batches packed on the host (:func:`shard_batch`, :func:`put_batch`):
-    ``step(state, graphs, key)``, ``evaluate(params, graphs, key)``, with ``anchor_params`` for the loss."""
-    step, evaluate = _step_programs(program_config(cfg), mesh)
-    return (lambda state, graphs, key: step(state, graphs, key, anchor_params),
-            lambda params, graphs, key: evaluate(params, graphs, key, anchor_params))
-
-
-@functools.lru_cache(maxsize=32)
-def _chunk_program(cfg: RunConfig, mesh: Mesh, shape):
-    from molgen.data.device import GroupPlan, ShapePlan
-
-    assemble = (GroupPlan if resolve_layout(cfg.optim.layout) == "grouped" else ShapePlan).assemble
-    step_fn, _ = make_step(cfg)
-    repl = NamedSharding(mesh, P())
-    data = NamedSharding(mesh, P(None, "data"))
-
-    @jax.jit  # traced once: the shapes of its metrics (for the steps that do not run), then its program
-    def one(state, ids_k, dset, base_key, anchor):
-        graphs = jax.vmap(lambda i: assemble(dset, i, shape))(ids_k)
-        return step_fn(state, graphs, jax.random.fold_in(base_key, state.step), anchor)
-
-    def chunk(state, dset, ids, n_active, base_key, anchor):
-        zeros = jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype),
-                                       jax.eval_shape(one, state, ids[0], dset, base_key, anchor)[1])
-
-        def body(state, xs):
-            ids_k, k = xs
-            return jax.lax.cond(k < n_active, lambda s, i: one(s, i, dset, base_key, anchor),
-                                lambda s, _: (s, zeros), state, ids_k)
-
-        return jax.lax.scan(body, state, (ids, jnp.arange(ids.shape[0])))
-
-    return jax.jit(chunk, in_shardings=(repl, repl, data, repl, repl, repl), out_shardings=(repl, repl),
-                   donate_argnums=(0,))
-
-
-def make_train_chunk(cfg: RunConfig, mesh: Mesh, shape, anchor_params=None):
-    """``chunk(state, dset, ids, n_active, base_key) -> (state, metrics)``, jitted: the steps of ``ids``
-    [K, devices, batch / devices] (row indices of the device-resident ``dset``), each batch assembled on the
-    device in the run's layout (``cfg.optim.layout``, resolved) with the static ``shape`` of its plan (packed:
-    (nodes, edges) per device; grouped: the groups); only the first ``n_active`` steps run (the rest leave the
-    state as it is and report zeros). Step s uses the key ``fold_in(base_key, s)``; the loss gets
-    ``anchor_params``. ``metrics`` holds one row per step. ``chunk.lower`` (same arguments) lowers the same
-    program, for compiling it ahead of time (``.compile()``; with a compilation cache, another process then
-    loads it instead of compiling)."""
-    fn = _chunk_program(program_config(cfg), mesh, shape)
-
-    def chunk(state, dset, ids, n_active, base_key):
-        return fn(state, dset, ids, n_active, base_key, anchor_params)
-
-    chunk.lower = lambda *args: fn.lower(*args, anchor_params)
-    return chunk
+from molgen.state import (CONFIG_NAME, METRICS_NAME, TrainState, checkpoint_manager, init_state,
+                          restore_checkpoint, save_checkpoint, state_shapes)
+from molgen.steps import check_devices, make_train_chunk, program_config, resolve_layout, step_programs
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -251,13 +122,40 @@ class Validation:
         b = max(n, min(VAL_BATCH, len(ids)) // n * n)
         self.batches = [put_batch(make_batch(ds, ids[k : k + b], n), mesh) for k in range(0, len(ids) - b + 1, b)]
         self.batches = self.batches or [put_batch(make_batch(ds, ids, n), mesh)]
-        self.evaluate = make_train_step(cfg, mesh, anchor_params)[1]
         self.repl = NamedSharding(mesh, P())
+        self.keys = [global_put(jax.random.fold_in(jax.random.PRNGKey(12345), k), self.repl)
+                     for k in range(len(self.batches))]
+        self.program, self.anchor = step_programs(program_config(cfg), mesh)[1], anchor_params
+        self.shapes = [tuple(a.shape for a in jax.tree_util.tree_leaves(vb)) for vb in self.batches]
+        self.compiled, self.compiling = {}, None
+
+    def compile_aside(self, params):
+        """Compile the loss's programs (one per batch shape) from the parameters' shapes and shardings in a thread of
+        their own while the device trains (on a GPU the 256 x 9 network's took 23 s of training at the first one)."""
+        like = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), params)
+
+        def work():
+            for vb, key, shape in zip(self.batches, self.keys, self.shapes):
+                try:
+                    if shape not in self.compiled:
+                        self.compiled[shape] = self.program.lower(like, vb, key, self.anchor).compile()
+                except Exception:  # noqa: BLE001
+                    return
+        self.compiling = threading.Thread(target=work, name="validation-compile", daemon=True)
+        self.compiling.start()
 
     def __call__(self, params) -> float:
-        keys = [global_put(jax.random.fold_in(jax.random.PRNGKey(12345), k), self.repl)
-                for k in range(len(self.batches))]
-        return float(np.mean([local_value(self.evaluate(params, vb, key)) for vb, key in zip(self.batches, keys)]))
+        if self.compiling is not None:
+            self.compiling.join()
+            self.compiling = None
+        return float(np.mean([local_value(self._loss(params, vb, key, shape))
+                              for vb, key, shape in zip(self.batches, self.keys, self.shapes)]))
+
+    def _loss(self, params, vb, key, shape):
+        try:  # a program compiled aside (strict about its arguments' shardings), or else the jitted one
+            return self.compiled[shape](params, vb, key, self.anchor)
+        except (KeyError, TypeError, ValueError):
+            return self.program(params, vb, key, self.anchor)
 
 
 class StopOnSignals:
@@ -317,6 +215,8 @@ def train(cfg: RunConfig, run_dir: Path, ds, resume: bool = False, init_params=N
                 n, shape, rows = pending
                 chunk_fn = make_train_chunk(cfg, mesh, shape, anchor_params)  # compiled once per shape
                 state, out = chunk_fn(state, feed.dset, rows, global_put(np.int32(n), repl), base_key)
+                if step == start and eval_every:  # compiled, and dispatched: the device trains meanwhile
+                    validation.compile_aside(state.ema)
                 first, step = step, step + n
                 over = max_seconds is not None and time.time() - t0 > max_seconds
                 over, stop.requested = agree(over), agree(stop.requested)  # every process stops at the same step

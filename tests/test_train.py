@@ -39,16 +39,16 @@ def test_a_checkpoint_is_restored_into_the_shapes_of_a_fresh_state(mini_ds):
 
 @pytest.mark.parametrize("objective", ["diffusion", "ct"])
 def test_resume_is_exact(tmp_path, mini_ds, objective):
-    from molgen.train import _step_programs
+    from molgen.steps import step_programs
 
     cfg = _cfg(mini_ds, objective)
     straight = train(cfg, tmp_path / "a", mini_ds, progress=None, log=lambda s: None)
-    built = _step_programs.cache_info().misses
+    built = step_programs.cache_info().misses
     first = train(cfg, tmp_path / "b", mini_ds, progress=None, log=lambda s: None, stop_at=10)
     assert int(first.state.step) == 10
     resumed = train(cfg, tmp_path / "b", mini_ds, resume=True, progress=None, log=lambda s: None)
     assert int(resumed.state.step) == int(straight.state.step) == 20
-    assert _step_programs.cache_info().misses == built  # the later runs reused the first one's programs
+    assert step_programs.cache_info().misses == built  # the later runs reused the first one's programs
     for a, b in zip(_leaves(straight.state.params), _leaves(resumed.state.params)):
         np.testing.assert_array_equal(a, b)
     for a, b in zip(_leaves(straight.state.ema), _leaves(resumed.state.ema)):
@@ -107,7 +107,7 @@ def test_loss_falls_on_a_fixed_batch(mini_ds):
     from molgen.state import init_state
     from molgen.data.batching import shard_batch
     from molgen.parallel import make_mesh, put_batch
-    from molgen.train import make_train_step
+    from molgen.steps import make_train_step
 
     cfg = _cfg(mini_ds).with_optim(lr=3e-3, warmup=1)
     mesh = make_mesh(jax.devices()[:1])
@@ -131,7 +131,7 @@ SCRIPT = textwrap.dedent("""
     from molgen.state import init_state
     from molgen.data.batching import shard_batch
     from molgen.parallel import make_mesh, put_batch
-    from molgen.train import make_train_step
+    from molgen.steps import make_train_step
     assert jax.device_count() == 2, jax.devices()
     ds = qm9.build_dataset(sources.read_qm9pack_csv([{csv!r}]))
     mols = [ds.molecule(i) for i in range(10, 18)]
@@ -215,7 +215,7 @@ def test_device_batches_train_like_host_batches(mini_ds):
     from molgen.state import init_state
     from molgen.data.batching import shard_batch
     from molgen.parallel import make_mesh, put_batch
-    from molgen.train import make_train_chunk, make_train_step
+    from molgen.steps import make_train_chunk, make_train_step
 
     cfg = _cfg(mini_ds)
     mesh = make_mesh(jax.devices()[:1])
@@ -264,7 +264,7 @@ def test_auto_settings_are_resolved_and_bad_ones_refused(tmp_path, mini_ds):
         with pytest.raises(MolgenError, match=what):
             train(_cfg(mini_ds).with_optim(**bad), tmp_path / "d", mini_ds, **quiet)
         assert not (tmp_path / "d").exists()  # refused before anything is written
-    from molgen.train import check_devices
+    from molgen.steps import check_devices
 
     with pytest.raises(MolgenError, match="batch size 8 is not divisible by the 3 devices"):
         check_devices(_cfg(mini_ds).with_optim(batch_size=8), 3)
@@ -341,3 +341,20 @@ def test_validation_logs_the_ema_and_the_trained_parameters(tmp_path, mini_ds):
     text = (tmp_path / "r" / "train.log").read_text()
     assert f"validation loss (EMA) {vals[-1]['val_loss']:.4f}, trained parameters " \
            f"{vals[-1]['val_loss_trained']:.4f}" in text
+
+
+def test_validation_compiled_aside_gives_the_same_loss(tmp_path, mini_ds):
+    """The validation's programs compiled in a thread beside the training (from the parameters' shapes) are the
+    ones the first evaluation would compile: one per batch shape, the same loss."""
+    from molgen.parallel import make_mesh
+    from molgen.state import init_state
+    from molgen.train import Validation
+
+    cfg = _cfg(mini_ds)
+    params = init_state(cfg).ema
+    mesh = make_mesh()
+    aside = Validation(mini_ds, cfg, mesh)
+    aside.compile_aside(jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), params))
+    loss = aside(params)
+    assert aside.compiling is None and set(aside.compiled) == set(aside.shapes)
+    assert loss == Validation(mini_ds, cfg, mesh)(params)
