@@ -22,8 +22,11 @@ caches are ignored, so it is an upper bound
 of the step's HBM traffic. gflop: the matrix products'. bound_ms: each kernel at the slower of 80 % of 4.8 TB/s
 and 400 TFLOP/s, summed, plus 3 us a kernel: a floor in the roofline sense, not a prediction. memory_gb: the
 device memory XLA plans for the chunk (its arguments and temporaries; the H200 has 139 GiB). --top lists the
-kinds of kernel and the largest kernels; --atomics compiles a float32 and a bfloat16 neighbour sum and prints
-the atomic instructions of their PTX (whether XLA adds with native atomics or a compare-and-swap loop).
+kinds of kernel and the largest kernels; --atomics compiles neighbour sums (float32 and bfloat16, sorted;
+bfloat16 rows summed into float32, sorted, also through a gather as by the reversed pairs; float32 not sorted)
+and prints the atomic instructions of their PTX (native atomics or a compare-and-swap loop; a sorted sum writes
+its runs' sums at several places, an unsorted one adds every element at one) and its local memory accesses
+(registers spilled: XLA's sorted scatter has been slow where its accumulators spill).
 --scatters counts the step's scatter-adds, those XLA is told have sorted indices (it then adds each run of equal
 indices in registers before one atomic add) and those that read their rows through a gather, and its sorts.
 The kernels' tile sizes are XLA's defaults: without a GPU there is no autotuning.
@@ -270,19 +273,29 @@ def atomics() -> str:
 
     topology = topologies.get_topology_desc(platform="cuda", target_config=H200, topology="1x1x1")
     repl = NamedSharding(Mesh(np.array(topology.devices), ("d",)), P())
+    def sums(v, i, sorted_ids):
+        return jax.ops.segment_sum(v.astype(jnp.float32) if v.dtype == jnp.bfloat16 and sorted_ids == "f32" else v,
+                                   i, num_segments=1000, indices_are_sorted=bool(sorted_ids))
+
+    # (name, dtype, function of (rows, indices)): the neighbour sums as the training step has them
+    cases = [("float32 scatter-add", jnp.float32, lambda v, i: sums(v, i, True)),
+             ("bfloat16 scatter-add", jnp.bfloat16, lambda v, i: sums(v, i, True)),
+             ("bfloat16>float32 sorted", jnp.bfloat16, lambda v, i: sums(v, i, "f32")),
+             ("bfloat16>float32 by reversed pairs", jnp.bfloat16, lambda v, i: sums(v[(i * 7919) % 20000], i, "f32")),
+             ("float32 not sorted", jnp.float32, lambda v, i: sums(v, i, False))]
     lines = []
-    for dtype in (jnp.float32, jnp.bfloat16):
+    for name, dtype, f in cases:
         with tempfile.TemporaryDirectory() as dump:  # (XLA writes the PTX only with all of these)
             options = {"xla_dump_to": dump, "xla_gpu_dump_llvmir": True, "xla_dump_emitter_re": ".*",
                        "xla_gpu_experimental_dump_gpu_executable": True}
             x = jax.ShapeDtypeStruct((20000, 256), dtype, sharding=repl)
             idx = jax.ShapeDtypeStruct((20000,), jnp.int32, sharding=repl)
-            fn = jax.jit(lambda v, i: jax.ops.segment_sum(v, i, num_segments=1000, indices_are_sorted=True))
-            fn.lower(x, idx).compile(compiler_options=options)
+            jax.jit(f).lower(x, idx).compile(compiler_options=options)
             ptx = "".join(open(os.path.join(dump, f)).read() for f in os.listdir(dump) if f.endswith(".ptx"))
         found = collections.Counter(re.findall(r"\batom\.[a-z0-9.]+", ptx))
-        lines.append(f"ATOMICS {jnp.dtype(dtype).name} scatter-add: "
-                     + (", ".join(f"{n} x {a}" for a, n in sorted(found.items())) or "no PTX written"))
+        spills = len(re.findall(r"\b(?:ld|st)\.local", ptx))  # a sorted sum's registers spilled to memory
+        lines.append(f"ATOMICS {name}: " + (", ".join(f"{n} x {a}" for a, n in sorted(found.items()))
+                                            or "no PTX written") + f"; local memory accesses {spills}")
     return "\n".join(lines)
 
 
