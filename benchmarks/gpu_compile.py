@@ -273,16 +273,17 @@ def atomics() -> str:
 
     topology = topologies.get_topology_desc(platform="cuda", target_config=H200, topology="1x1x1")
     repl = NamedSharding(Mesh(np.array(topology.devices), ("d",)), P())
-    def sums(v, i, sorted_ids):
-        return jax.ops.segment_sum(v.astype(jnp.float32) if v.dtype == jnp.bfloat16 and sorted_ids == "f32" else v,
-                                   i, num_segments=1000, indices_are_sorted=bool(sorted_ids))
+    def sums(v, i, sorted_ids=True):
+        return jax.ops.segment_sum(v, i, num_segments=1000, indices_are_sorted=sorted_ids)
 
+    f32 = jnp.float32
     # (name, dtype, function of (rows, indices)): the neighbour sums as the training step has them
-    cases = [("float32 scatter-add", jnp.float32, lambda v, i: sums(v, i, True)),
-             ("bfloat16 scatter-add", jnp.bfloat16, lambda v, i: sums(v, i, True)),
-             ("bfloat16>float32 sorted", jnp.bfloat16, lambda v, i: sums(v, i, "f32")),
-             ("bfloat16>float32 by reversed pairs", jnp.bfloat16, lambda v, i: sums(v[(i * 7919) % 20000], i, "f32")),
-             ("float32 not sorted", jnp.float32, lambda v, i: sums(v, i, False))]
+    cases = [("float32 scatter-add", f32, sums),
+             ("bfloat16 scatter-add", jnp.bfloat16, sums),
+             ("bfloat16>float32 sorted", jnp.bfloat16, lambda v, i: sums(v.astype(f32), i)),
+             ("bfloat16>float32 by reversed pairs", jnp.bfloat16,
+              lambda v, i: sums(v[(i * 7919) % 20000].astype(f32), i)),
+             ("float32 not sorted", f32, lambda v, i: sums(v, i, False))]
     lines = []
     for name, dtype, f in cases:
         with tempfile.TemporaryDirectory() as dump:  # (XLA writes the PTX only with all of these)

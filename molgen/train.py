@@ -238,14 +238,19 @@ def train(cfg: RunConfig, run_dir: Path, ds, resume: bool = False, init_params=N
     finally:
         metrics.close()
     if any(getattr(a, "is_deleted", lambda: False)() for a in jax.tree_util.tree_leaves(state)):
-        log(f"stopped inside a chunk: the last checkpoint (step {mgr.latest_step() or 0}) is kept")
-        saved = mgr.latest_step() is not None
-        last = restore_checkpoint(mgr, state_shapes(cfg)) if saved else init_state(cfg, init_params)
-        return TrainResult(last, True, 0.0)
+        return _last_kept(cfg, mgr, init_params, log)
     _checkpoint(run_dir, mgr, state, step, feed.plan)
     log.write(f"checkpoint at step {step}")
     elapsed = time.time() - t0
     return TrainResult(state, interrupted, (int(local_value(state.step)) - start) / elapsed if elapsed > 0 else 0.0)
+
+
+def _last_kept(cfg: RunConfig, mgr, init_params, log: RunText) -> TrainResult:
+    """A run stopped inside a chunk (its donated state deleted): the last checkpoint, or else the starting state."""
+    log(f"stopped inside a chunk: the last checkpoint (step {mgr.latest_step() or 0}) is kept")
+    saved = mgr.latest_step() is not None
+    return TrainResult(restore_checkpoint(mgr, state_shapes(cfg)) if saved else init_state(cfg, init_params),
+                       True, 0.0)
 
 
 def _checkpoint(run_dir: Path, mgr, state: TrainState, step: int, plan) -> None:

@@ -112,12 +112,12 @@ def reverse_pairs(senders):
 
 
 def _sender_rows_fwd(b, senders, receivers):
-    return b[senders], (reverse_pairs(senders), receivers, jnp.zeros((b.shape[0], 0), b.dtype))
+    return b[senders], (reverse_pairs(senders), receivers, jnp.zeros((b.shape[0], 0)))  # (the node count)
 
 
 def _sender_rows_bwd(res, g):
     reverse, receivers, like = res
-    return segment_sum(_rows(g, reverse), receivers, like.shape[0], sorted_ids=True).astype(like.dtype), None, None
+    return segment_sum(_rows(g, reverse), receivers, like.shape[0], sorted_ids=True), None, None
 
 
 sender_rows.defvjp(_sender_rows_fwd, _sender_rows_bwd)
