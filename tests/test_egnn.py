@@ -263,7 +263,7 @@ def test_bf16_gradient_scatters_in_float32(split):
     rng = np.random.default_rng(11)
     cfg = EGNNConfig(nf=32, n_layers=2, split_edge_layer=split)
     _, params, g, h, cond = _setup(rng, cfg=cfg)
-    fast = EGNN(cfg, dtype=jnp.bfloat16)
+    fast = EGNN(cfg, dtype=jnp.bfloat16, sorted_grads=True)  # as training builds it
 
     def loss(p):
         vel, hout = fast.apply(p, jnp.asarray(g.positions), jnp.asarray(h), jnp.asarray(cond), g)
@@ -288,42 +288,41 @@ def test_bf16_gradient_scatters_in_float32(split):
 
 
 @pytest.mark.parametrize("split", [True, False])
-def test_gradients_equal_those_of_plain_gathers(rng, split, monkeypatch):
-    """The sender gathers' gradient, summed by sorted receivers in the order of the reversed pairs, is the
-    gradient of a plain gather (summed by senders): same parameter gradients, float32, up to summation order;
-    padding rows, empty molecules after the real ones and one-atom molecules included."""
-    import molgen.nn.egnn as egnn
-
+def test_sorted_gradients_equal_those_of_plain_gathers(rng, split):
+    """With ``sorted_grads`` (training) the sender gathers' gradient, summed by sorted receivers in the order of
+    the reversed pairs, is the gradient of a plain gather (summed by senders): the same outputs and parameter
+    gradients, float32, up to summation order; padding rows, empty molecules after the real ones and one-atom
+    molecules included. Without it the network also takes forward-mode derivatives."""
     cfg = EGNNConfig(nf=16, n_layers=2, split_edge_layer=split)
     pos, typ = random_molecules(rng, (5, 1, 9, 3))
     g = pack(pos, typ, pad_graphs=6)
-    model = EGNN(cfg)
     h = _features(g.types, g.node_mask)
     cond = np.where(g.node_mask > 0, rng.uniform(size=g.node_mask.shape), 0).astype(np.float32)
-    params = model.init(jax.random.PRNGKey(3), g.positions, h, cond, g)
+    params = EGNN(cfg).init(jax.random.PRNGKey(3), g.positions, h, cond, g)
     params = jax.tree_util.tree_map(lambda p: p + 0.05 * jnp.asarray(rng.normal(size=p.shape), p.dtype), params)
 
-    def grads():
-        def loss(p):
-            vel, hout = model.apply(p, jnp.asarray(g.positions), jnp.asarray(h), jnp.asarray(cond), g)
-            return (vel**2).sum() + (hout**2).sum()
-        return jax.jit(jax.grad(loss))(params)
+    def loss(model, p, x):
+        vel, hout = model.apply(p, x, jnp.asarray(h), jnp.asarray(cond), g)
+        return (vel**2).sum() + (hout**2).sum()
 
-    fast = grads()
-    monkeypatch.setattr(egnn, "sender_rows", lambda b, senders, receivers: b[senders])
-    plain = grads()
-    for a, b in zip(jax.tree_util.tree_leaves(fast), jax.tree_util.tree_leaves(plain)):
+    x = jnp.asarray(g.positions)
+    fast = jax.jit(jax.value_and_grad(lambda p: loss(EGNN(cfg, sorted_grads=True), p, x)))(params)
+    plain = jax.jit(jax.value_and_grad(lambda p: loss(EGNN(cfg), p, x)))(params)
+    assert float(fast[0]) == float(plain[0])
+    for a, b in zip(jax.tree_util.tree_leaves(fast[1]), jax.tree_util.tree_leaves(plain[1])):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=1e-6)
-    assert max(float(jnp.abs(a).max()) for a in jax.tree_util.tree_leaves(fast)) > 1e-3
+    assert max(float(jnp.abs(a).max()) for a in jax.tree_util.tree_leaves(fast[1])) > 1e-3
+    _, tangent = jax.jvp(lambda x: loss(EGNN(cfg), params, x), (x,), (jnp.ones_like(x) * g.node_mask[:, None],))
+    assert np.isfinite(float(tangent))
 
 
 def test_every_neighbour_sum_of_the_gradient_has_sorted_indices(rng):
-    """XLA is told that every scatter-add of a training step's gradient has sorted indices (on a GPU it then adds
+    """With ``sorted_grads`` XLA is told that every scatter-add of a training step's gradient has sorted indices (on a GPU it then adds
     each run of rows in registers before one atomic add, instead of an atomic add per element)."""
     import re
 
     _, params, g, h, cond = _setup(rng)
-    model = EGNN(CFG, dtype=jnp.bfloat16)
+    model = EGNN(CFG, dtype=jnp.bfloat16, sorted_grads=True)
 
     def loss(p):
         vel, hout = model.apply(p, jnp.asarray(g.positions), jnp.asarray(h), jnp.asarray(cond), g)

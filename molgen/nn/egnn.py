@@ -3,9 +3,10 @@
 Works on packed graphs (:mod:`molgen.data.batching`): node rows, directed edge rows (receiver <- sender),
 masks, and a segment id per node; or on grouped graphs (molecules of similar size padded to a common size,
 all pairs), whose pair arrays need no gathers or scatters (:class:`Pairs`).  Only real atoms and real pairs
-contribute: every message is multiplied by its edge mask and every node update by its node mask. Every sum over
-pair rows, forward and in the gradient, is a scatter-add by sorted indices (:func:`sender_rows`), which a GPU
-adds run by run instead of with an atomic add per element.
+contribute: every message is multiplied by its edge mask and every node update by its node mask. With
+``sorted_grads`` (training) every sum over pair rows, forward and in the gradient, is a scatter-add by sorted
+indices (:func:`sender_rows`), which a GPU adds run by run instead of with an atomic add per element; without it
+(sampling) the network also takes forward-mode derivatives (``jax.jvp``), which :func:`sender_rows` does not.
 
 Layout, as in EDM's ``EGNN``: an input embedding, ``n_layers`` equivariant blocks, each with
 ``inv_sublayers`` graph-convolution sub-layers (edge MLP, optional attention gate, sum aggregation divided
@@ -100,7 +101,7 @@ def sender_rows(b, senders, receivers):
     atomic add per element; a sum by sorted receivers adds each run of rows in registers first (XLA's
     scatter for sorted indices). Needs pair rows sorted by receiver, then by sender, in a symmetric list: as
     :func:`molgen.data.batching.pack` and :func:`molgen.data.device.assemble` make them (padding pairs are
-    self pairs)."""
+    self pairs). Reverse mode only (a custom VJP): ``jax.jvp`` through it fails."""
     return b[senders]
 
 
@@ -133,8 +134,8 @@ class Pairs:
     over senders a reshape and a sum over one axis: no gather or scatter, which an accelerator runs at the
     speed of its memory. The same parameters give the same result either way (tests/test_egnn.py)."""
 
-    def __init__(self, graph):
-        self.groups = getattr(graph, "groups", ())
+    def __init__(self, graph, sorted_grads=False):
+        self.groups, self.sorted_grads = getattr(graph, "groups", ()), sorted_grads
         self.senders, self.receivers = graph.senders, graph.receivers
         self.n_nodes = graph.node_mask.shape[0]
         # grouped: masked pair rows after the groups' pairs (a pair count that suits a GPU's matrix products)
@@ -162,7 +163,7 @@ class Pairs:
     def sender(self, b):
         """b_j for every pair."""
         if not self.groups:
-            return sender_rows(b, self.senders, self.receivers)
+            return sender_rows(b, self.senders, self.receivers) if self.sorted_grads else b[self.senders]
         return self.combine(jnp.zeros_like(b), b)
 
     def sum(self, m):
@@ -316,6 +317,7 @@ class EGNN(nn.Module):
     cfg: EGNNConfig
     dtype: jnp.dtype = jnp.float32  # compute type of the hidden layers (module docstring: Precision)
     fused_attrs: bool = False  # edge attributes' term element-wise (module docstring: Precision); bf16: always
+    sorted_grads: bool = False  # training: the gathers by sender summed back by sorted receivers (sender_rows)
 
     @nn.compact
     def __call__(self, x, h, cond, graph):
@@ -325,7 +327,7 @@ class EGNN(nn.Module):
         """
         c = self.cfg
         node_mask, edge_mask = graph.node_mask, graph.edge_mask
-        pairs = Pairs(graph)
+        pairs = Pairs(graph, self.sorted_grads)
         n_seg = graph.n_atoms.shape[0]
         hin = jnp.concatenate([h, cond[:, None]], axis=-1) * node_mask[:, None]
         d2_0, _ = coord2diff(x, pairs, c.norm_constant)
