@@ -2,8 +2,10 @@
 # One GPU run of distillation, in one call, to one deadline: a consistency model (INIT) learns from a diffusion
 # teacher (TEACHER) with a recipe (RECIPE), then is exported and sampled (1000 molecules at 1 and at 4 calls, on
 # the GPU, until the deadline), and everything comes back under $OUT: the log, the exported weights (split in
-# < 16 MiB parts, put there before sampling), the samples. Runs ON the device machine, in the repo root (no data set needed: the teacher makes the pairs); carry
-# .whl (ase, to write XYZ). On the CPU, DRY=1 rehearses every step with tiny sizes.
+# < 16 MiB parts, put there before sampling), the samples, XLA's autotuning results (scripts/gpu_autotune.sh).
+# Runs ON the device machine, in the repo root (no data set needed: the teacher makes the pairs); carry .whl (ase,
+# to write XYZ) and .gpu (for .gpu/autotune; the data there is not read). On the CPU, DRY=1 rehearses every step
+# with tiny sizes.
 #
 #   INIT=edm-small-stack TEACHER=edm-diffusion RECIPE=weights/edm-small-stack/recipe-2-gpu.toml \
 #     bash scripts/gpu_distill.sh [DEADLINE_S=560]
@@ -27,6 +29,7 @@ extra=${SETS:-}; n_mol=1000
 if [ "${DRY:-0}" = 1 ]; then extra="$extra --set distill.pairs=64 --set distill.teacher_steps=2 --batch-size 16 --steps 20"; n_mol=8; fi
 run=runs/$name
 log "distill $init from $teacher with $recipe $extra"
+. scripts/gpu_autotune.sh && autotune_on && trap autotune_back EXIT
 # a run folder and its export left by an earlier call on this machine are moved aside, not exported or sent again
 for d in "$run" "runs/w_$name"; do
   if [ -e "$d" ]; then mv "$d" "$d.before-$t_start" && log "moved an earlier $d aside to $d.before-$t_start"; fi

@@ -95,6 +95,7 @@ fi
   python3 -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, jax.devices())"
 } 2>&1 | grep -v WARNING | tee -a "$out/pipeline.txt"
 log "teacher $teacher (earlier GPU runs: $runs_before), seed $seed, batch $batch, lr $lr, resume $resume"
+. scripts/gpu_autotune.sh && autotune_on && trap autotune_back EXIT
 
 # 1. Benchmarks: EDM's code (first, so that it is measured whatever happens later), then molgen's, on the same
 #    GPU (BENCH_S=0: none).
