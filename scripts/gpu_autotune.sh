@@ -3,7 +3,7 @@
 # training step took 33-43 s a process on a fresh H200 machine, much of it autotuning; with the results of an
 # earlier run for the same fusions XLA reads them instead. They live in .gpu/autotune (carried with .gpu; not in
 # git); each call brings its copy back as $OUT/autotune.tar, to unpack there again after the run:
-#   mkdir -p .gpu/autotune && tar -xf OUT/autotune.tar -C .gpu/autotune
+#   mkdir -p .gpu/autotune && tar -xf autotune.tar -C .gpu/autotune     (autotune.tar: one call's copy)
 autotune_dir=$PWD/.gpu/autotune
 
 autotune_on() {  # every process after this reads and adds to the folder, if this XLA takes the flag
