@@ -122,8 +122,8 @@ class Validation:
         b = max(n, min(VAL_BATCH, len(ids)) // n * n)
         self.batches = [put_batch(make_batch(ds, ids[k : k + b], n), mesh) for k in range(0, len(ids) - b + 1, b)]
         self.batches = self.batches or [put_batch(make_batch(ds, ids, n), mesh)]
-        self.repl = NamedSharding(mesh, P())
-        self.keys = [global_put(jax.random.fold_in(jax.random.PRNGKey(12345), k), self.repl)
+        repl = NamedSharding(mesh, P())
+        self.keys = [global_put(jax.random.fold_in(jax.random.PRNGKey(12345), k), repl)
                      for k in range(len(self.batches))]
         self.program, self.anchor = step_programs(program_config(cfg), mesh)[1], anchor_params
         self.shapes = [tuple(a.shape for a in jax.tree_util.tree_leaves(vb)) for vb in self.batches]
