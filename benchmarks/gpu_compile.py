@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import os
 import re
 import sys
@@ -259,9 +260,34 @@ def compile_chunk(name: str, bs: int, precision: str, layout: str, data_dir=None
     k = 4
     ids_spec = jax.ShapeDtypeStruct((k, 1, bs), np.int32, sharding=rows)  # the steps' rows [steps, shards, batch]
     fn = _chunk_program(program_config(cfg), mesh, plan.shape)
-    compiled = fn.lower(state, dset, ids_spec, spec(jnp.int32(0)), spec(jax.random.PRNGKey(0)), None).compile()
+    with _pallas_for_h200(layout):
+        lowered = fn.lower(state, dset, ids_spec, spec(jnp.int32(0)), spec(jax.random.PRNGKey(0)), None)
+    compiled = lowered.compile()
     memory = compiled.memory_analysis()
     return compiled.as_text(), float(memory.argument_size_in_bytes + memory.temp_size_in_bytes)
+
+
+@contextlib.contextmanager
+def _pallas_for_h200(layout: str):
+    """The packed-kernel layout's Pallas kernel lowered for the H200 (Triton), not for the interpreter that a
+    machine without a GPU would run it in: Pallas reads the target from an abstract mesh that names the device."""
+    if layout != "packed-kernel":
+        yield
+        return
+    import jax
+    from jax._src.mesh import AbstractDevice  # JAX 0.11: how a mesh names a device it does not have
+    from jax.sharding import AbstractMesh, AxisType
+
+    from molgen.nn import pairgrad
+
+    mesh = AbstractMesh((1,), ("d",), axis_types=(AxisType.Auto,),
+                        abstract_device=AbstractDevice("NVIDIA H200", 132, "gpu"))
+    before, pairgrad.INTERPRET = pairgrad.INTERPRET, False
+    try:
+        with jax.sharding.use_abstract_mesh(mesh):
+            yield
+    finally:
+        pairgrad.INTERPRET = before
 
 
 def atomics() -> str:

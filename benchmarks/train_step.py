@@ -1,6 +1,6 @@
 """Training throughput of `molgen train`'s own loop: molecules/s of the jitted chunk of steps (batches assembled on
 the device from the device-resident training set, forward, backward, Adam, EMA), per preset, batch size and
-precision and batch layout (packed or grouped, molgen.data.device), with the FLOPs done and the fraction of the
+precision and batch layout (packed, grouped or packed-kernel, molgen.data.device), with the FLOPs done and the fraction of the
 device's measured bf16 matrix peak.
 
     python benchmarks/train_step.py [--presets small,edm] [--batch-sizes 64,512] [--precisions bf16,tf32]
@@ -54,7 +54,7 @@ def parse_args():
     ap.add_argument("--presets", default="small,edm")
     ap.add_argument("--batch-sizes", default="64,512")
     ap.add_argument("--precisions", default="auto", help="comma-separated: auto, float32, tf32, bf16")
-    ap.add_argument("--layouts", default="auto", help="comma-separated: auto, packed, grouped")
+    ap.add_argument("--layouts", default="auto", help="comma-separated: auto, packed, grouped, packed-kernel")
     ap.add_argument("--runs", default=None,
                     help="measurements in this order instead of presets x batch sizes x precisions x layouts: "
                          "comma-separated PRESET:BATCH:PRECISION[:LAYOUT], e.g. edm:512:tf32:grouped,edm:64:bf16")

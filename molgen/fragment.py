@@ -26,7 +26,8 @@ import numpy as np
 
 from molgen import MolgenError
 from molgen.data.features import type_features
-from molgen.nn.egnn import remove_mean, segment_sum
+from molgen.nn.egnn import remove_mean
+from molgen.nn.pairs import segment_sum
 
 
 @dataclass

@@ -24,17 +24,18 @@ def resolve_precision(precision: str, platform: str | None = None) -> str:
     return resolve_auto(precision, PRECISIONS, AUTO_PRECISION, "precision", platform)
 
 
-def network(cfg: RunConfig, precision: str | None = None):
+def network(cfg: RunConfig, precision: str | None = None, pair_kernel: bool = False):
     """(EGNN module, apply function). ``precision`` None leaves matrix products at JAX's default (sampling);
     else a training precision: ``float32`` (full float32 products), ``tf32`` (TensorFloat-32 products) or
     ``bf16`` (bfloat16 hidden products and edge activations; :mod:`molgen.nn.egnn`), with the gradient's
-    neighbour sums by sorted indices (``EGNN.sorted_grads``)."""
+    neighbour sums by sorted indices (``EGNN.sorted_grads``). ``pair_kernel``: the pair MLPs' gradients in GPU
+    kernels (the ``packed-kernel`` layout; :mod:`molgen.nn.pairgrad`)."""
     if precision is None:
         net = EGNN(cfg.model)
         return net, net.apply
     precision = resolve_precision(precision)
     net = EGNN(cfg.model, dtype=jnp.bfloat16 if precision == "bf16" else jnp.float32,
-               fused_attrs=precision == "tf32", sorted_grads=True)
+               fused_attrs=precision == "tf32", sorted_grads=True, pair_kernel=pair_kernel)
     matmul = {"float32": "float32", "tf32": "tensorfloat32", "bf16": None}[precision]
     if matmul is None:
         return net, net.apply

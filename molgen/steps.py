@@ -14,7 +14,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from molgen import MolgenError
 from molgen.config import RunConfig, resolve_auto
-from molgen.networks import network
+from molgen.networks import network, resolve_precision
 from molgen.objectives import get_objective
 from molgen.state import TrainState, grad_norm, make_optimizer
 
@@ -30,17 +30,27 @@ def resolve_layout(layout: str, platform: str | None = None) -> str:
     return resolve_auto(layout, LAYOUTS, AUTO_LAYOUT, "layout", platform)
 
 
-def check_devices(cfg: RunConfig, n_devices: int) -> None:
-    """The batch splits evenly over the devices (else one line: MolgenError)."""
+def check_devices(cfg: RunConfig, n_devices: int, platform: str | None = None) -> None:
+    """The batch splits evenly over the devices; the packed-kernel layout's kernels run on a GPU and take the
+    bf16 or tf32 arithmetic (else one line: MolgenError)."""
     if cfg.optim.batch_size % n_devices:
         raise MolgenError(f"batch size {cfg.optim.batch_size} is not divisible by the {n_devices} devices")
+    if resolve_layout(cfg.optim.layout, platform) != "packed-kernel":
+        return
+    platform = platform or jax.default_backend()
+    if platform != "gpu":
+        raise MolgenError(f"the packed-kernel layout runs its kernels on a GPU, not on a {platform}: use --set "
+                          "optim.layout=packed")
+    if resolve_precision(cfg.optim.precision, platform) not in ("bf16", "tf32"):
+        raise MolgenError(f"the packed-kernel layout trains in bf16 or tf32, not {cfg.optim.precision}: add "
+                          "--precision bf16")
 
 
 def make_step(cfg: RunConfig):
     """(step_fn, sharded_loss), pure: ``step_fn(state, graphs, key, anchor=None) -> (state, metrics)`` on a batch of
     per-device graphs stacked on axis 0; ``sharded_loss(params, graphs, key, step, anchor=None) -> (loss, aux)``.
     ``anchor``: the parameters the objective's loss needs besides the trained ones (:mod:`molgen.objectives`)."""
-    _, apply = network(cfg, cfg.optim.precision)
+    _, apply = network(cfg, cfg.optim.precision, pair_kernel=resolve_layout(cfg.optim.layout) == "packed-kernel")
     loss_fn = get_objective(cfg.objective).make_loss(cfg, apply)
     tx, sched = make_optimizer(cfg.optim)
 

@@ -65,7 +65,7 @@ elif [ "${BENCH_ONLY:-0}" != 1 ] && [ -z "${BENCH_S:-}" ] && [ -s runs/bench_cho
 fi
 
 if [ "${DRY:-0}" = 1 ]; then  # the CPU rehearsal: every step, tiny sizes
-  bench_runs=tiny:16:float32:packed,tiny:16:float32:grouped,tiny:16:bf16:packed,tiny:16:bf16:grouped
+  bench_runs=tiny:16:float32:packed,tiny:16:float32:grouped,tiny:16:bf16:packed,tiny:16:bf16:grouped,tiny:16:bf16:packed-kernel
   edm_args="--presets small --batch-sizes 8 --device cpu --repeats 1 --warmup 1"
   scatter_args="--molecules 64 --features 32 --repeats 3 --dtypes float32 --pad-rows 20 --pad-edges 700"
   sums_args="--molecules 64 --features 32 --repeats 3 --dtypes bfloat16 --accumulate float32 --spread-only --pad-rows 20 --pad-edges 700"
@@ -75,12 +75,14 @@ if [ "${DRY:-0}" = 1 ]; then  # the CPU rehearsal: every step, tiny sizes
 else
   # In this order, as far as the time goes (each measurement a process of its own, so that one that fails, a
   # kernel that faults included, costs only itself): bf16 at 4096 (37,294 on 2026-12-04 before the gathers'
-  # gradients were summed by sorted indices: the 40,000 target), bf16 and tf32 at the training batch (the teacher
-  # trains with the faster; tf32 made 17,514 at 256 on 2026-12-04), tf32 and bf16 at EDM's batch 64 (the ratio
-  # to EDM's code at its batch), then the rest. A measurement listed twice runs once. Compiling takes 33-43 s a
-  # measurement on a fresh machine: ~60-70 s each.
-  bench_runs=edm:4096:bf16:packed,edm:$batch:bf16:packed,edm:$batch:tf32:packed,edm:64:tf32:packed
-  bench_runs=$bench_runs,edm:64:bf16:packed,edm:2048:bf16:packed,edm:1024:bf16:packed,edm:2048:bf16:grouped
+  # gradients were summed by sorted indices: the 40,000 target), the same with the pair MLPs' gradient kernels
+  # (packed-kernel), tf32 with and without it and bf16 at the training batch (the teacher trains with the
+  # fastest; tf32 made 17,514 at 256 on 2026-12-04), tf32 and bf16 at EDM's batch 64 (the ratio to EDM's code
+  # at its batch), then the rest. A measurement listed twice runs once. Compiling takes 33-43 s a measurement on
+  # a fresh machine: ~60-70 s each.
+  bench_runs=edm:4096:bf16:packed,edm:4096:bf16:packed-kernel,edm:$batch:tf32:packed-kernel,edm:$batch:tf32:packed
+  bench_runs=$bench_runs,edm:$batch:bf16:packed,edm:64:tf32:packed,edm:64:bf16:packed,edm:2048:bf16:packed
+  bench_runs=$bench_runs,edm:1024:bf16:packed,edm:2048:bf16:grouped
   bench_runs=${BENCH_RUNS:-$bench_runs}
   bench_runs=$(echo "$bench_runs" | tr , '\n' | awk '!seen[$0]++' | paste -sd, -)
   scatter_args="--molecules 1024 --features 256 --repeats 20 --dtypes float32"

@@ -7,7 +7,7 @@ import pytest
 
 from molgen.data.batching import BatchSampler, pack
 from molgen.data.device import ShapePlan, assemble, dense_set
-from molgen.nn.egnn import reverse_pairs
+from molgen.nn.pairs import reverse_pairs
 
 
 def _packed(ds, ids, n_nodes, n_edges):

@@ -119,7 +119,7 @@ def test_recipe_mistakes_are_named(recipe, message):
     ({"distill": {"anchor_fraction": 1.5}}, "distill.anchor_fraction must be in [0, 1]"),
     ({"seed": -1}, "seed must be in 0 .. 2^32 - 1"),
     ({"optim": {"precision": "fp16"}}, "optim.precision must be one of auto, float32, tf32, bf16, got 'fp16'"),
-    ({"optim": {"layout": "dense"}}, "optim.layout must be one of auto, packed, grouped, got 'dense'"),
+    ({"optim": {"layout": "dense"}}, "optim.layout must be one of auto, packed, grouped, packed-kernel, got 'dense'"),
     ({"distill": {"targets": "odes"}}, "distill.targets must be one of ode, polished, got 'odes'"),
     ({"distill": {"keep": "valid"}}, "distill.keep must be one of all, stable, got 'valid'"),
 ])

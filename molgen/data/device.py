@@ -27,7 +27,9 @@ import numpy as np
 
 from molgen.data.batching import EDGE_GRANULE, NODE_GRANULE, Graph, GroupedGraph, padding_edge_rows
 
-LAYOUTS = ("packed", "grouped")  # of a training batch on the device: assemble / assemble_grouped
+# of a training batch on the device: assemble / assemble_grouped; "packed-kernel" is packed, with the pair MLPs'
+# gradients in GPU kernels (molgen.nn.pairgrad)
+LAYOUTS = ("packed", "grouped", "packed-kernel")
 N_GROUPS = 6  # size groups of a grouped batch
 
 

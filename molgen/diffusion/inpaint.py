@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from molgen.data.features import clean_features
 from molgen.diffusion.edm import DiffusionConfig, alpha_sigma, ancestral_update, edm_time, gamma_lookup, vp_input
 from molgen.diffusion.noise import per_molecule_sum, sample_noise
-from molgen.nn.egnn import segment_sum
+from molgen.nn.pairs import segment_sum
 
 
 @dataclass(frozen=True)

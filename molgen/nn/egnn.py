@@ -2,11 +2,14 @@
 
 Works on packed graphs (:mod:`molgen.data.batching`): node rows, directed edge rows (receiver <- sender),
 masks, and a segment id per node; or on grouped graphs (molecules of similar size padded to a common size,
-all pairs), whose pair arrays need no gathers or scatters (:class:`Pairs`).  Only real atoms and real pairs
-contribute: every message is multiplied by its edge mask and every node update by its node mask. With
+all pairs), whose pair arrays need no gathers or scatters (:class:`molgen.nn.pairs.Pairs`).  Only real atoms and
+real pairs contribute: every message is multiplied by its edge mask and every node update by its node mask. With
 ``sorted_grads`` (training) every sum over pair rows, forward and in the gradient, is a scatter-add by sorted
-indices (:func:`sender_rows`), which a GPU adds run by run instead of with an atomic add per element; without it
-(sampling) the network also takes forward-mode derivatives (``jax.jvp``), which :func:`sender_rows` does not.
+indices (:func:`molgen.nn.pairs.sender_rows`), which a GPU adds run by run instead of with an atomic add per
+element; without it (sampling) the network also takes forward-mode derivatives (``jax.jvp``), which
+:func:`~molgen.nn.pairs.sender_rows` does not. With ``pair_kernel`` (training on a GPU in bf16 or TF32, packed
+batches) the backward passes of the pair MLPs' first layers and of the gated messages' sums are GPU kernels
+(:mod:`molgen.nn.pairgrad`).
 
 Layout, as in EDM's ``EGNN``: an input embedding, ``n_layers`` equivariant blocks, each with
 ``inv_sublayers`` graph-convolution sub-layers (edge MLP, optional attention gate, sum aggregation divided
@@ -37,6 +40,9 @@ from dataclasses import dataclass
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from molgen.nn.pairgrad import gated_sum, pair_layer, supported
+from molgen.nn.pairs import Pairs, gather_rows, segment_sum
 
 # PyTorch's nn.Linear default (uniform, variance 1/(3 fan_in)), which EDM's released models were trained with.
 torch_like = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
@@ -75,106 +81,13 @@ PRESETS: dict[str, EGNNConfig] = {
 }
 
 
-def segment_sum(data, segment_ids, num_segments, sorted_ids=False):
-    return jax.ops.segment_sum(data, segment_ids, num_segments=num_segments, indices_are_sorted=sorted_ids)
-
-
-def _rows(a, index, sorted_ids=False):
-    """``a[index]``; ``sorted_ids`` tells XLA that ``index`` is sorted, and so the scatter-add of its gradient."""
-    return jnp.asarray(a).at[index].get(indices_are_sorted=sorted_ids, mode="promise_in_bounds")
-
-
 def remove_mean(x, node_mask, segment, n_segments):
     """Subtract each molecule's mean over its real atoms; padding rows stay zero."""
     x = x * node_mask[:, None]
     total = segment_sum(x, segment, n_segments, sorted_ids=True)
     count = segment_sum(node_mask, segment, n_segments, sorted_ids=True)
     mean = total / jnp.maximum(count, 1.0)[:, None]
-    return (x - _rows(mean, segment, sorted_ids=True)) * node_mask[:, None]
-
-
-@jax.custom_vjp
-def sender_rows(b, senders, receivers):
-    """``b[senders]``, with the gradient of a gather by receivers: the pair rows' gradient taken in the order of
-    the reversed pairs (row of j <- i for row i <- j) and summed into the nodes by their sorted receivers. Same
-    sums as the scatter-add of ``b[senders]``'s own gradient (by unsorted senders), which a GPU runs with an
-    atomic add per element; a sum by sorted receivers adds each run of rows in registers first (XLA's
-    scatter for sorted indices). Needs pair rows sorted by receiver, then by sender, in a symmetric list: as
-    :func:`molgen.data.batching.pack` and :func:`molgen.data.device.assemble` make them (padding pairs are
-    self pairs). Reverse mode only (a custom VJP): ``jax.jvp`` through it fails."""
-    return b[senders]
-
-
-def reverse_pairs(senders):
-    """The row of pair (j <- i) for each row (i <- j) of a symmetric pair list sorted by receiver, then sender:
-    a stable sort by sender orders the rows by (sender, receiver), which is the list itself with the ends
-    exchanged."""
-    return jnp.argsort(senders, stable=True).astype(jnp.int32)
-
-
-def _sender_rows_fwd(b, senders, receivers):
-    return b[senders], (reverse_pairs(senders), receivers, jnp.zeros((b.shape[0], 0)))  # (the node count)
-
-
-def _sender_rows_bwd(res, g):
-    reverse, receivers, like = res
-    return segment_sum(_rows(g, reverse), receivers, like.shape[0], sorted_ids=True), None, None
-
-
-sender_rows.defvjp(_sender_rows_fwd, _sender_rows_bwd)
-
-
-class Pairs:
-    """How a batch's node rows become rows of ordered pairs (receiver i, sender j), and back.
-
-    A packed :class:`~molgen.data.batching.Graph` lists its pairs: node values are gathered into pair rows and
-    messages summed into their receivers by a segment sum. A
-    :class:`~molgen.data.batching.GroupedGraph` holds every molecule of group g on A rows with all A * A pairs,
-    so a pair value is a broadcast of two node arrays reshaped to [M, A, 1, F] and [M, 1, A, F], and the sum
-    over senders a reshape and a sum over one axis: no gather or scatter, which an accelerator runs at the
-    speed of its memory. The same parameters give the same result either way (tests/test_egnn.py)."""
-
-    def __init__(self, graph, sorted_grads=False):
-        self.groups, self.sorted_grads = getattr(graph, "groups", ()), sorted_grads
-        self.senders, self.receivers = graph.senders, graph.receivers
-        self.n_nodes = graph.node_mask.shape[0]
-        # grouped: masked pair rows after the groups' pairs (a pair count that suits a GPU's matrix products)
-        self.pad = graph.senders.shape[0] - sum(m * k * k for m, k in self.groups) if self.groups else 0
-
-    def combine(self, a, b):
-        """a_i + b_j for every pair: a at the receiver, b at the sender; [N, F] x 2 -> [E, F]."""
-        if not self.groups:
-            return self.receiver(a) + self.sender(b)
-        out, row = [], 0
-        for m, k in self.groups:
-            ag, bg = a[row : row + m * k].reshape(m, k, 1, -1), b[row : row + m * k].reshape(m, 1, k, -1)
-            out.append((ag + bg).reshape(m * k * k, -1))
-            row += m * k
-        if self.pad:
-            out.append(jnp.zeros((self.pad, out[0].shape[-1]), out[0].dtype))
-        return jnp.concatenate(out) if len(out) > 1 else out[0]
-
-    def receiver(self, a):
-        """a_i for every pair."""
-        if not self.groups:
-            return _rows(a, self.receivers, sorted_ids=True)
-        return self.combine(a, jnp.zeros_like(a))
-
-    def sender(self, b):
-        """b_j for every pair."""
-        if not self.groups:
-            return sender_rows(b, self.senders, self.receivers) if self.sorted_grads else b[self.senders]
-        return self.combine(jnp.zeros_like(b), b)
-
-    def sum(self, m):
-        """sum_j m_ij for every receiver i: [E, F] -> [N, F]."""
-        if not self.groups:
-            return segment_sum(m, self.receivers, self.n_nodes, sorted_ids=True)
-        out, row = [], 0
-        for g, k in self.groups:
-            out.append(m[row : row + g * k * k].reshape(g, k, k, -1).sum(axis=2).reshape(g * k, -1))
-            row += g * k * k
-        return jnp.concatenate(out) if len(out) > 1 else out[0]
+    return (x - gather_rows(mean, segment, sorted_ids=True)) * node_mask[:, None]
 
 
 def coord2diff(x, pairs: Pairs, norm_constant):
@@ -185,7 +98,8 @@ def coord2diff(x, pairs: Pairs, norm_constant):
 
 
 class EdgeInput(nn.Module):
-    """Dense layer on concat(h_receiver, h_sender, edge_attr), plain or split into per-node products."""
+    """Dense layer on concat(h_receiver, h_sender, edge_attr), plain or split into per-node products, and its SiLU
+    (the sum rounded to the compute type first)."""
 
     features: int
     split: bool = True
@@ -203,18 +117,20 @@ class EdgeInput(nn.Module):
         # write 4 values per instruction, its bfloat16 ones 1). With bf16 the caller rounds the sum to bfloat16.
         if self.split:
             hc = h.astype(dt)
-            hr = (hc @ kernel[:nf].astype(dt)).astype(jnp.float32)
-            hs = (hc @ kernel[nf : 2 * nf].astype(dt)).astype(jnp.float32)
-            node_terms = pairs.combine(hr, hs)
+            hr, hs = hc @ kernel[:nf].astype(dt), hc @ kernel[nf : 2 * nf].astype(dt)
+            if pairs.kernel and (dt != jnp.float32 or self.fused_attrs) and supported(pairs.receivers.shape[0],
+                                                                                      self.features, ne):
+                return pair_layer(hr, hs, edge_attr, kernel[2 * nf :], bias, pairs.index(), dt)
+            node_terms = pairs.combine(hr.astype(jnp.float32), hs.astype(jnp.float32))
         else:
             x = jnp.concatenate([pairs.receiver(h), pairs.sender(h)], axis=-1).astype(dt)
             node_terms = (x @ kernel[: 2 * nf].astype(dt)).astype(jnp.float32)
         w = kernel[2 * nf :]
         if dt == jnp.float32 and not self.fused_attrs:
-            return node_terms + edge_attr @ w + bias
+            return nn.silu(node_terms + edge_attr @ w + bias)
         # The edge attributes' term element-wise, in float32 (exact: no TF32 or bf16 rounding of the distances),
         # fused with the sum instead of a [pairs, features] product of its own that is written and read again
-        return node_terms + sum(edge_attr[:, k : k + 1] * w[k] for k in range(ne)) + bias
+        return nn.silu((node_terms + sum(edge_attr[:, k : k + 1] * w[k] for k in range(ne)) + bias).astype(dt))
 
 
 class PairScalar(nn.Dense):
@@ -241,6 +157,18 @@ def _dense(features, dtype=jnp.float32, **kw):
     return nn.Dense(features, kernel_init=torch_like, dtype=dtype, param_dtype=jnp.float32, **kw)
 
 
+class DenseParams(nn.Module):
+    """A dense layer's parameters under nn.Dense's names and initialisers (the same parameter tree, and fresh
+    values, as the layer), for :func:`molgen.nn.pairgrad.gated_sum`."""
+
+    shape: tuple[int, int]
+
+    @nn.compact
+    def __call__(self):
+        return self.param("kernel", torch_like, self.shape), self.param("bias", nn.initializers.zeros,
+                                                                        (self.shape[1],))
+
+
 class GCL(nn.Module):
     cfg: EGNNConfig
     dtype: jnp.dtype = jnp.float32
@@ -249,7 +177,15 @@ class GCL(nn.Module):
     @nn.compact
     def __call__(self, h, edge_attr, pairs: Pairs, node_mask, edge_mask):
         c, dt = self.cfg, self.dtype
-        agg = pairs.sum(self._messages(h, edge_attr, pairs, edge_mask)) / c.normalization_factor
+        if pairs.kernel and c.attention and (dt != jnp.float32 or self.fused_attrs) and supported(
+                pairs.receivers.shape[0], c.nf, edge_attr.shape[-1]):
+            m = EdgeInput(c.nf, c.split_edge_layer, dt, self.fused_attrs, name="edge_in")(h, edge_attr, pairs)
+            w2, b2 = DenseParams((c.nf, c.nf), name="edge_out")()
+            v, bv = DenseParams((c.nf, 1), name="att")()
+            agg = gated_sum(m @ w2.astype(dt), b2, v[:, 0], bv, edge_mask, pairs.receivers, pairs.n_nodes, dt)
+        else:
+            agg = pairs.sum(self._messages(h, edge_attr, pairs, edge_mask))
+        agg = agg / c.normalization_factor
         out = _dense(c.nf, dt, name="node_in")(jnp.concatenate([h, agg], axis=-1))
         out = h + _dense(c.nf, dt, name="node_out")(nn.silu(out)).astype(jnp.float32)
         return out * node_mask[:, None]
@@ -258,8 +194,7 @@ class GCL(nn.Module):
         c, dt = self.cfg, self.dtype
         # The first layer's sum in the compute type: with bf16 its gradient, read by the two scatter-adds and two
         # sums of the backward pass, is a bfloat16 array (half the memory traffic of a float32 one)
-        m = nn.silu(EdgeInput(c.nf, c.split_edge_layer, dt, self.fused_attrs, name="edge_in")(h, edge_attr,
-                                                                                               pairs).astype(dt))
+        m = EdgeInput(c.nf, c.split_edge_layer, dt, self.fused_attrs, name="edge_in")(h, edge_attr, pairs)
         m = nn.silu(_dense(c.nf, dt, name="edge_out")(m))
         if c.attention:
             m = m * nn.sigmoid(PairScalar(1, kernel_init=torch_like, dtype=dt, elementwise=dt != jnp.float32,
@@ -278,8 +213,7 @@ class EquivariantUpdate(nn.Module):
     @nn.compact
     def __call__(self, h, x, coord_diff, edge_attr, pairs: Pairs, node_mask, edge_mask):
         c, dt = self.cfg, self.dtype
-        m = nn.silu(EdgeInput(c.nf, c.split_edge_layer, dt, self.fused_attrs, name="coord_in")(h, edge_attr,
-                                                                                                pairs).astype(dt))
+        m = EdgeInput(c.nf, c.split_edge_layer, dt, self.fused_attrs, name="coord_in")(h, edge_attr, pairs)
         m = nn.silu(_dense(c.nf, dt, name="coord_hidden")(m))
         w = PairScalar(1, use_bias=False, name="coord_out", elementwise=dt != jnp.float32,  # float32 weight
                        kernel_init=COORD_OUT_INIT)(m.astype(jnp.float32))
@@ -318,6 +252,7 @@ class EGNN(nn.Module):
     dtype: jnp.dtype = jnp.float32  # compute type of the hidden layers (module docstring: Precision)
     fused_attrs: bool = False  # edge attributes' term element-wise (module docstring: Precision); bf16: always
     sorted_grads: bool = False  # training: the gathers by sender summed back by sorted receivers (sender_rows)
+    pair_kernel: bool = False  # training, packed: the pair MLPs' gradients in GPU kernels (pairgrad)
 
     @nn.compact
     def __call__(self, x, h, cond, graph):
@@ -327,7 +262,7 @@ class EGNN(nn.Module):
         """
         c = self.cfg
         node_mask, edge_mask = graph.node_mask, graph.edge_mask
-        pairs = Pairs(graph, self.sorted_grads)
+        pairs = Pairs(graph, self.sorted_grads, self.pair_kernel)
         n_seg = graph.n_atoms.shape[0]
         hin = jnp.concatenate([h, cond[:, None]], axis=-1) * node_mask[:, None]
         d2_0, _ = coord2diff(x, pairs, c.norm_constant)

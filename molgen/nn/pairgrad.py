@@ -1,0 +1,235 @@
+"""The pair MLPs' gradients as GPU kernels of molgen's own (Pallas, Triton back end), for training on packed
+batches (``optim.layout = "packed-kernel"``). Both are memory-bound passes over [pairs, features] arrays, without
+matrix products; XLA does each in several passes (docs/performance.md).
+
+**The first layer** of each of a block's two pair MLPs (:class:`molgen.nn.egnn.EdgeInput`, split) is
+
+    m = silu(pre),  pre = hr[i] + hs[j] + a0_ij w0 + a1_ij w1 + b      (rounded to the compute type before silu)
+
+with hr = h W_r and hs = h W_s per node and two edge attributes a0, a1 (squared distances). Its backward pass
+takes the gradient ``g`` of m to ``gp = g * silu'(pre)`` and from it to the node rows' gradients (sums of ``gp``
+by receiver and, over the reversed pairs, by sender: XLA's scatter-adds by sorted indices,
+:func:`molgen.nn.pairs.sender_rows`), the bias' and the attribute weights' gradients (sums over the pair rows of
+``gp``, ``gp a0``, ``gp a1``) and the attributes' (sums over the features of ``gp w0``, ``gp w1``). XLA makes
+``gp`` with the bias' sums in one pass, then sums it again for the weights and for the attributes;
+:func:`first_layer_grad` reads ``g``, computes ``pre`` again from the node rows and writes ``gp``, the
+attributes' gradients and each tile's column sums (which XLA adds up) in one pass.
+
+**The edge MLP's gated messages** summed into their receivers (:func:`gated_sum`, :class:`molgen.nn.egnn.GCL`
+with attention): ``m = silu(p + b)`` from the second layer's product ``p``, the gate
+``sigmoid(m . v + c)``. Its forward pass is XLA's, writing no messages (the sums compute them again from ``p``);
+its backward pass, :func:`gated_sum_grad`, computes the gate's logit and gradient over each tile's features,
+then the gradient of ``p`` and the column sums of ``b`` and ``v``.
+
+Off a GPU the kernels run in Pallas's interpreter (slow; for tests): tests/test_pairgrad.py compares them with
+their array formulations (:func:`first_layer_grad_xla`; autodiff of :func:`gated_sum`'s forward pass).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from molgen.nn.pairs import gather_rows, segment_sum
+
+TILE = 128  # pair rows a kernel instance takes (the pair count must be a multiple)
+COLS = 32  # features a tile computes at a time: [TILE, COLS] arrays in registers (128 a thread, no spills)
+WARPS = 4
+INTERPRET: bool | None = None  # None: Pallas's interpreter where JAX's default backend is not a GPU
+
+
+def supported(n_pairs: int, features: int, n_attrs: int) -> bool:
+    """Whether the kernel takes these shapes (else the caller keeps XLA's gradient)."""
+    return n_pairs % TILE == 0 and features % COLS == 0 and n_attrs == 2
+
+
+def _dsilu(x):
+    s = jax.nn.sigmoid(x)
+    return s * (1.0 + x * (1.0 - s))
+
+
+def _kernel(g_ref, r_ref, s_ref, a0_ref, a1_ref, hr_ref, hs_ref, w_ref, b_ref,
+            gp_ref, da0_ref, da1_ref, sb_ref, sw0_ref, sw1_ref, *, cdt):
+    from jax.experimental import pallas as pl
+
+    i = pl.program_id(0)
+    rows = pl.ds(pl.multiple_of(i * TILE, TILE), TILE)
+    r, s = r_ref[rows], s_ref[rows]
+    a0, a1 = a0_ref[rows], a1_ref[rows]
+
+    def block(k, carry):
+        cols = pl.ds(pl.multiple_of(k * COLS, COLS), COLS)
+        w0, w1 = w_ref[0, cols], w_ref[1, cols]
+        pre = (hr_ref[r, cols].astype(jnp.float32) + hs_ref[s, cols].astype(jnp.float32)
+               + a0[:, None] * w0[None, :] + a1[:, None] * w1[None, :] + b_ref[cols][None, :])
+        pre = pre.astype(cdt).astype(jnp.float32)  # the forward pass's rounding
+        gp = (g_ref[rows, cols].astype(jnp.float32) * _dsilu(pre)).astype(cdt)
+        gp_ref[rows, cols] = gp
+        gf = gp.astype(jnp.float32)
+        sb_ref[i, cols] = jnp.sum(gf, axis=0)
+        sw0_ref[i, cols] = jnp.sum(gf * a0[:, None], axis=0)
+        sw1_ref[i, cols] = jnp.sum(gf * a1[:, None], axis=0)
+        return carry[0] + jnp.sum(gf * w0[None, :], axis=1), carry[1] + jnp.sum(gf * w1[None, :], axis=1)
+
+    zero = jnp.zeros((TILE,), jnp.float32)
+    d0, d1 = jax.lax.fori_loop(0, g_ref.shape[1] // COLS, block, (zero, zero))
+    da0_ref[rows] = d0
+    da1_ref[rows] = d1
+
+
+def first_layer_grad(g, hr, hs, attrs, w, b, receivers, senders, interpret: bool | None = None):
+    """(gp [P, F] in g's dtype, attributes' gradient [P, 2], weights' [2, F], bias' [F]) of the first pair layer
+    (module docstring), from ``g`` [P, F] (the gradient of its output, in the compute type), the node products
+    ``hr``, ``hs`` [N, F] (float32 or the compute type), ``attrs`` [P, 2], its attribute weights ``w`` [2, F]
+    and bias ``b`` [F]. ``interpret``: Pallas's interpreter (None: :data:`INTERPRET`)."""
+    from jax.experimental import pallas as pl
+
+    if interpret is None:
+        interpret = jax.default_backend() != "gpu" if INTERPRET is None else INTERPRET
+    n_pairs, nf = g.shape
+    tiles = n_pairs // TILE
+    f32 = jnp.float32
+    out_shape = (jax.ShapeDtypeStruct((n_pairs, nf), g.dtype), jax.ShapeDtypeStruct((n_pairs,), f32),
+                 jax.ShapeDtypeStruct((n_pairs,), f32), *[jax.ShapeDtypeStruct((tiles, nf), f32)] * 3)
+    kw = {"name": "first_pair_layer_grad"}
+    if not interpret:
+        from jax.experimental.pallas import triton as plgpu
+
+        kw["compiler_params"] = plgpu.CompilerParams(num_warps=WARPS, num_stages=1)
+    gp, da0, da1, sb, sw0, sw1 = pl.pallas_call(
+        functools.partial(_kernel, cdt=g.dtype), out_shape=out_shape, grid=(tiles,), interpret=interpret, **kw)(
+        g, receivers, senders, attrs[:, 0].astype(f32), attrs[:, 1].astype(f32), hr, hs,
+        w.astype(f32), b.astype(f32))
+    return gp, jnp.stack([da0, da1], axis=-1), jnp.stack([sw0.sum(0), sw1.sum(0)]), sb.sum(0)
+
+
+def first_layer_grad_xla(g, hr, hs, attrs, w, b, receivers, senders):
+    """:func:`first_layer_grad` as array operations (its reference)."""
+    f32 = jnp.float32
+    pre = hr[receivers].astype(f32) + hs[senders].astype(f32) + attrs[:, :1] * w[0] + attrs[:, 1:] * w[1] + b
+    pre = pre.astype(g.dtype).astype(f32)
+    gp = (g.astype(f32) * _dsilu(pre)).astype(g.dtype)
+    gf = gp.astype(f32)
+    da = jnp.stack([jnp.sum(gf * w[0], axis=1), jnp.sum(gf * w[1], axis=1)], axis=-1)
+    return gp, da, jnp.stack([jnp.sum(gf * attrs[:, :1], 0), jnp.sum(gf * attrs[:, 1:], 0)]), gf.sum(0)
+
+
+def _first_layer_sum(hr, hs, attrs, w, b, index):
+    receivers, senders, _ = index  # as EdgeInput adds them up (the same rounding)
+    hr, hs = hr.astype(jnp.float32), hs.astype(jnp.float32)
+    return gather_rows(hr, receivers, sorted_ids=True) + hs[senders] + sum(
+        attrs[:, k : k + 1] * w[k] for k in range(attrs.shape[-1])) + b
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def pair_layer(hr, hs, attrs, w, b, index, dtype):
+    """``silu(pre)``, ``pre`` (module docstring) rounded to ``dtype``, whose gradient is :func:`first_layer_grad`'s
+    kernel and the node rows' sums by sorted receivers. ``index``: (receivers, senders, reversed pairs) of a
+    packed graph (:meth:`molgen.nn.pairs.Pairs.index`)."""
+    return jax.nn.silu(_first_layer_sum(hr, hs, attrs, w, b, index).astype(dtype))
+
+
+def _pair_layer_fwd(hr, hs, attrs, w, b, index, dtype):
+    return pair_layer(hr, hs, attrs, w, b, index, dtype), (hr, hs, attrs, w, b, index)
+
+
+def _pair_layer_bwd(dtype, res, g):
+    hr, hs, attrs, w, b, (receivers, senders, reverse) = res
+    gp, d_attrs, d_w, d_b = first_layer_grad(g.astype(dtype), hr, hs, attrs, w, b, receivers, senders)
+    gf, n = gp.astype(jnp.float32), hr.shape[0]
+    d_hr = segment_sum(gf, receivers, n, sorted_ids=True)
+    d_hs = segment_sum(gather_rows(gf, reverse), receivers, n, sorted_ids=True)
+    return d_hr.astype(hr.dtype), d_hs.astype(hs.dtype), d_attrs.astype(attrs.dtype), d_w, d_b, None
+
+
+pair_layer.defvjp(_pair_layer_fwd, _pair_layer_bwd)
+
+
+def _gated_kernel(p_ref, r_ref, mask_ref, ga_ref, b_ref, v_ref, c_ref, gp_ref, sb_ref, sv_ref, sc_ref, *, cdt):
+    """The backward pass of a tile of :func:`gated_sum`: a first pass over the column blocks for the gate's
+    logit and its gradient (sums over all features), a second for the rows' gradient and the column sums."""
+    from jax.experimental import pallas as pl
+
+    i = pl.program_id(0)
+    rows = pl.ds(pl.multiple_of(i * TILE, TILE), TILE)
+    r, mask = r_ref[rows], mask_ref[rows]
+    f32, blocks = jnp.float32, p_ref.shape[1] // COLS
+
+    def message(k):
+        cols = pl.ds(pl.multiple_of(k * COLS, COLS), COLS)
+        pre = (p_ref[rows, cols].astype(f32) + b_ref[cols][None, :]).astype(cdt).astype(f32)
+        m = (pre * jax.nn.sigmoid(pre)).astype(cdt).astype(f32)
+        return cols, pre, m, ga_ref[r, cols] * mask[:, None]
+
+    def gate_block(k, carry):
+        cols, _, m, gm = message(k)
+        return carry[0] + jnp.sum(m * v_ref[cols][None, :], axis=1), carry[1] + jnp.sum(gm * m, axis=1)
+
+    zero = jnp.zeros((TILE,), f32)
+    logit, dgate = jax.lax.fori_loop(0, blocks, gate_block, (zero, zero))
+    gate = jax.nn.sigmoid((logit + c_ref[0]).astype(cdt).astype(f32))
+    dlogit = dgate * gate * (1.0 - gate)
+
+    def grad_block(k, carry):
+        cols, pre, m, gm = message(k)
+        gp = ((gm * gate[:, None] + dlogit[:, None] * v_ref[cols][None, :]) * _dsilu(pre)).astype(cdt)
+        gp_ref[rows, cols] = gp
+        sb_ref[i, cols] = jnp.sum(gp.astype(f32), axis=0)
+        sv_ref[i, cols] = jnp.sum(dlogit[:, None] * m, axis=0)
+        return carry
+
+    jax.lax.fori_loop(0, blocks, grad_block, 0)
+    sc_ref[i] = jnp.sum(dlogit)
+
+
+def gated_sum_grad(p, b, v, c, mask, receivers, g_agg, interpret: bool | None = None):
+    """(gradient of ``p`` [P, F] in p's dtype, of ``b`` [F], ``v`` [F], ``c`` [1]) of :func:`gated_sum`, given
+    the gradient ``g_agg`` [N, F] of its sums."""
+    from jax.experimental import pallas as pl
+
+    if interpret is None:
+        interpret = jax.default_backend() != "gpu" if INTERPRET is None else INTERPRET
+    n_pairs, nf = p.shape
+    tiles, f32 = n_pairs // TILE, jnp.float32
+    out_shape = (jax.ShapeDtypeStruct((n_pairs, nf), p.dtype), *[jax.ShapeDtypeStruct((tiles, nf), f32)] * 2,
+                 jax.ShapeDtypeStruct((tiles,), f32))
+    kw = {"name": "gated_sum_grad"}
+    if not interpret:
+        from jax.experimental.pallas import triton as plgpu
+
+        kw["compiler_params"] = plgpu.CompilerParams(num_warps=WARPS, num_stages=1)
+    gp, sb, sv, sc = pl.pallas_call(
+        functools.partial(_gated_kernel, cdt=p.dtype), out_shape=out_shape, grid=(tiles,), interpret=interpret,
+        **kw)(p, receivers, mask.astype(f32), g_agg.astype(f32), b.astype(f32), v.astype(f32), c.astype(f32))
+    return gp, sb.sum(0), sv.sum(0), sc.sum(0, keepdims=True)
+
+
+def _gated_messages(p, b, v, c, mask, dtype):
+    m = jax.nn.silu(p + b.astype(dtype))
+    logit = (jnp.sum(m.astype(jnp.float32) * v, axis=-1, keepdims=True) + c).astype(dtype)
+    return (m * jax.nn.sigmoid(logit)).astype(jnp.float32) * mask[:, None]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+def gated_sum(p, b, v, c, mask, receivers, n_nodes, dtype):
+    """The edge MLP's gated messages summed into their receivers: ``sum_j m_ij sigmoid(m_ij . v + c) mask_ij``,
+    ``m = silu(p + b)`` in ``dtype`` (``p``: the second layer's product, [P, F] in ``dtype``; receivers sorted),
+    as :class:`molgen.nn.egnn.GCL` computes them; [N, F] float32. Its gradient is one kernel
+    (:func:`gated_sum_grad`), which computes ``m`` and the gate again instead of reading them: the forward pass
+    writes no [pairs, features] array."""
+    return segment_sum(_gated_messages(p, b, v, c, mask, dtype), receivers, n_nodes, sorted_ids=True)
+
+
+def _gated_sum_fwd(p, b, v, c, mask, receivers, n_nodes, dtype):
+    return gated_sum(p, b, v, c, mask, receivers, n_nodes, dtype), (p, b, v, c, mask, receivers)
+
+
+def _gated_sum_bwd(n_nodes, dtype, res, g):
+    p, b, v, c, mask, receivers = res
+    gp, gb, gv, gc = gated_sum_grad(p, b, v, c, mask, receivers, g)
+    return gp, gb.astype(b.dtype), gv.astype(v.dtype), gc.astype(c.dtype), jnp.zeros_like(mask), None
+
+
+gated_sum.defvjp(_gated_sum_fwd, _gated_sum_bwd)

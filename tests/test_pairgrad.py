@@ -1,0 +1,130 @@
+"""The pair MLPs' gradient kernels (molgen.nn.pairgrad), run in Pallas's interpreter on a CPU: the same values as
+their array formulations, and in the EGNN the same gradient as XLA's, where its shapes allow them."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import random_molecules
+
+from molgen import MolgenError
+from molgen.data.batching import pack
+from molgen.data.features import type_features
+from molgen.nn.egnn import EGNN, EGNNConfig
+from molgen.nn.pairgrad import TILE, first_layer_grad, first_layer_grad_xla, gated_sum, supported
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_kernel_equals_its_array_formulation(dtype):
+    """Sorted receivers with runs and gaps, senders in any order, node products in the compute type: the same
+    gradient of the pair rows (bitwise), the same attribute, weight and bias gradients (to float32 summation
+    order)."""
+    rng = np.random.default_rng(5)
+    n, p, f = 40, 2 * TILE, 64
+    g = jnp.asarray(rng.normal(size=(p, f)), dtype)
+    hr, hs = (jnp.asarray(rng.normal(size=(n, f)), dtype) for _ in range(2))
+    attrs = jnp.asarray(rng.uniform(0, 9, size=(p, 2)), jnp.float32)
+    w, b = jnp.asarray(rng.normal(size=(2, f)), jnp.float32), jnp.asarray(rng.normal(size=f), jnp.float32)
+    receivers = jnp.asarray(np.sort(rng.integers(0, n, p)), jnp.int32)
+    senders = jnp.asarray(rng.integers(0, n, p), jnp.int32)
+    got = jax.jit(first_layer_grad)(g, hr, hs, attrs, w, b, receivers, senders)
+    want = jax.jit(first_layer_grad_xla)(g, hr, hs, attrs, w, b, receivers, senders)
+    assert got[0].dtype == dtype and got[0].shape == (p, f)
+    np.testing.assert_array_equal(np.asarray(got[0], np.float32), np.asarray(want[0], np.float32))
+    for a, e in zip(got[1:], want[1:]):
+        assert a.shape == e.shape and float(jnp.abs(e).max()) > 1.0
+        np.testing.assert_allclose(np.asarray(a), np.asarray(e), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_gated_sum_gradient_equals_autodiff_of_its_forward_pass(dtype):
+    """The gated messages' sum: its kernel gradient (one pass, the gate and messages computed again) against
+    JAX's autodiff of the same function, with masked pairs and nodes without pairs."""
+    from molgen.nn.pairgrad import _gated_messages
+    from molgen.nn.pairs import segment_sum
+
+    rng = np.random.default_rng(8)
+    n, p, f = 30, 2 * TILE, 64
+    args = (jnp.asarray(rng.normal(size=(p, f)), dtype), jnp.asarray(rng.normal(size=f), jnp.float32),
+            jnp.asarray(0.3 * rng.normal(size=f), jnp.float32), jnp.asarray([0.2], jnp.float32))
+    mask = jnp.asarray(rng.uniform(size=p) < 0.8, jnp.float32)
+    receivers = jnp.asarray(np.sort(rng.integers(0, n - 3, p)), jnp.int32)
+    g = jnp.asarray(rng.normal(size=(n, f)), jnp.float32)
+
+    def plain(*a):
+        return segment_sum(_gated_messages(*a, mask, dtype), receivers, n, sorted_ids=True)
+
+    out, vjp = jax.vjp(lambda *a: gated_sum(*a, mask, receivers, n, dtype), *args)
+    want_out, want_vjp = jax.vjp(plain, *args)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(want_out))
+    for a, e in zip(jax.jit(vjp)(g), jax.jit(want_vjp)(g)):
+        assert a.dtype == e.dtype and a.shape == e.shape and float(jnp.abs(e.astype(jnp.float32)).max()) > 0.1
+        tol = 2e-2 if dtype == jnp.bfloat16 else 1e-5  # bf16: silu' in float32 here, in bfloat16 there
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(e, np.float32), rtol=tol,
+                                   atol=tol * float(jnp.abs(e.astype(jnp.float32)).max()))
+
+
+def _setup(nf, sizes=(5, 1, 9, 3)):
+    rng = np.random.default_rng(2)
+    cfg = EGNNConfig(nf=nf, n_layers=2)
+    pos, typ = random_molecules(rng, sizes)
+    g = pack(pos, typ, pad_graphs=6)
+    h = jnp.asarray(type_features(g.types, g.node_mask, np))
+    cond = jnp.asarray(np.where(g.node_mask > 0, rng.uniform(size=g.node_mask.shape), 0), jnp.float32)
+    params = EGNN(cfg).init(jax.random.PRNGKey(3), g.positions, h, cond, g)
+    params = jax.tree_util.tree_map(lambda p: p + 0.05 * jnp.asarray(rng.normal(size=p.shape), p.dtype), params)
+
+    def value_and_grad(**kw):
+        def loss(p, x):
+            vel, hout = EGNN(cfg, sorted_grads=True, **kw).apply(p, x, h, cond, g)
+            return (vel**2).sum() + (hout**2).sum()
+
+        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(params, jnp.asarray(g.positions))
+
+    return cfg, g, value_and_grad
+
+
+def _errors(got, want):
+    return [float(np.linalg.norm(np.asarray(a, np.float64) - np.asarray(b, np.float64)) / np.linalg.norm(b))
+            for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want))]
+
+
+def test_network_gradient_with_the_kernel_equals_xla_s():
+    """Both kernels (the first pair layers and the edge MLP's gated sums). TF32 training's arithmetic (float32
+    here, edge attributes element-wise): the same loss and, to float32 rounding, the same gradients of every
+    parameter and of the coordinates. bf16: a loss and gradients as close to float32's as XLA's bf16 ones (the
+    kernels' forward pass rounds as XLA's does, their gradient computes silu' in float32, XLA's in bfloat16)."""
+    cfg, g, value_and_grad = _setup(64)
+    assert supported(g.senders.shape[0], cfg.nf, 2)
+    fast, plain = value_and_grad(fused_attrs=True, pair_kernel=True), value_and_grad(fused_attrs=True)
+    assert float(fast[0]) == pytest.approx(float(plain[0]), rel=1e-6)  # (XLA may fuse the sum differently)
+    assert max(_errors(fast[1], plain[1])) < 2e-5
+    ref_loss, reference = float(plain[0]), plain[1]
+    fast, plain = value_and_grad(dtype=jnp.bfloat16, pair_kernel=True), value_and_grad(dtype=jnp.bfloat16)
+    assert abs(float(fast[0]) - ref_loss) <= 2 * abs(float(plain[0]) - ref_loss) + 1e-3 * ref_loss
+    kernel_err, xla_err = _errors(fast[1], reference), _errors(plain[1], reference)
+    assert np.median(kernel_err) < 0.02 and np.median(kernel_err) <= 1.5 * np.median(xla_err)
+
+
+def test_shapes_the_kernels_do_not_take_keep_xla_s_gradient():
+    """A feature width that is not a multiple of the kernels' column block: the layers keep XLA's gradient, the
+    very same numbers."""
+    cfg, g, value_and_grad = _setup(16, sizes=(4, 6))
+    assert not supported(g.senders.shape[0], cfg.nf, 2)
+    fast, plain = value_and_grad(dtype=jnp.bfloat16, pair_kernel=True), value_and_grad(dtype=jnp.bfloat16)
+    for a, b in zip(jax.tree_util.tree_leaves(fast), jax.tree_util.tree_leaves(plain)):
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+
+
+def test_the_layout_is_refused_where_the_kernel_cannot_run(mini_ds):
+    from conftest import tiny_config
+
+    from molgen.steps import check_devices
+
+    cfg = tiny_config(mini_ds, "diffusion", batch_size=8, steps=2).with_optim(layout="packed-kernel")
+    with pytest.raises(MolgenError, match="runs its kernels on a GPU, not on a cpu"):
+        check_devices(cfg, 1)
+    with pytest.raises(MolgenError, match="trains in bf16 or tf32, not float32"):
+        check_devices(cfg.with_optim(precision="float32"), 1, platform="gpu")
+    check_devices(cfg.with_optim(precision="bf16"), 1, platform="gpu")
+    check_devices(cfg.with_optim(precision="auto"), 1, platform="gpu")  # auto: tf32 on a GPU
