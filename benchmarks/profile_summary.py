@@ -1,7 +1,7 @@
 """Where a traced chunk's time went: the durations in a jax.profiler trace (the ``perfetto_trace.json.gz`` that
 ``jax.profiler.start_trace(..., create_perfetto_trace=True)`` writes), summed by operation name on the device's
 own timelines (a GPU's streams; on a CPU, the XLA threads), largest first, with the share of the total and a
-coarse kind (matrix product, gather, scatter / segment sum, reduction, copy, other fusion).
+coarse kind (matrix product, gather, scatter / segment sum, reduction, copy, molgen's pair kernels, other fusion).
 
     python benchmarks/profile_summary.py TRACE_DIR [--top 25]
 """
@@ -17,7 +17,8 @@ from pathlib import Path
 
 def kind(name: str) -> str:
     n = name.lower()
-    for key, label in (("gemm", "matmul"), ("cublas", "matmul"), ("cutlass", "matmul"), ("dot", "matmul"),
+    for key, label in (("first_pair_layer_grad", "pair kernel"), ("gated_sum_grad", "pair kernel"),
+                       ("gemm", "matmul"), ("cublas", "matmul"), ("cutlass", "matmul"), ("dot", "matmul"),
                        ("matmul", "matmul"), ("triton", "fusion"), ("scatter", "scatter"), ("gather", "gather"),
                        ("reduce", "reduction"), ("copy", "copy"), ("memcpy", "copy"), ("memset", "copy"),
                        ("fusion", "fusion"), ("loop_", "fusion"), ("input_", "fusion")):
