@@ -201,11 +201,12 @@ def _scale(a):
     return float(np.abs(np.asarray(a)).max())
 
 
-@pytest.mark.parametrize("reflect", [False, True])
-def test_bf16_rotation_reflection_translation_and_masks(reflect):
+@pytest.mark.parametrize("reflect,kernel", [(False, False), (True, False), (False, True)])
+def test_bf16_rotation_reflection_translation_and_masks(reflect, kernel):
+    """bf16, also as training builds it with the pair kernels (their forward pass is XLA's own arrangement)."""
     rng = np.random.default_rng(3 + reflect)  # fixed draws: the bound vs float32 is statistical
     model, params, g, h, cond = _setup(rng)
-    fast = EGNN(CFG, dtype=jnp.bfloat16)
+    fast = EGNN(CFG, dtype=jnp.bfloat16, sorted_grads=kernel, pair_kernel=kernel)
     vel, hout = _run(fast, params, g, g.positions, h, cond)
     assert vel.dtype == jnp.float32 and hout.dtype == jnp.float32  # outputs stay float32
     ref_v, ref_h = _run(model, params, g, g.positions, h, cond)
@@ -228,10 +229,11 @@ def test_bf16_rotation_reflection_translation_and_masks(reflect):
         o += n
 
 
-def test_bf16_padding_never_changes_real_atoms():
+@pytest.mark.parametrize("kernel", [False, True])
+def test_bf16_padding_never_changes_real_atoms(kernel):
     rng = np.random.default_rng(7)
     _, params, g, h, cond = _setup(rng)
-    fast = EGNN(CFG, dtype=jnp.bfloat16)
+    fast = EGNN(CFG, dtype=jnp.bfloat16, sorted_grads=kernel, pair_kernel=kernel)
     vel, hout = _run(fast, params, g, g.positions, h, cond)
     g2, x2, h2, c2, n_real = _repacked(g, h, cond, rng)
     vel2, hout2 = _run(fast, params, g2, x2, h2, c2)

@@ -74,12 +74,13 @@ def _setup(nf, sizes=(5, 1, 9, 3)):
     params = EGNN(cfg).init(jax.random.PRNGKey(3), g.positions, h, cond, g)
     params = jax.tree_util.tree_map(lambda p: p + 0.05 * jnp.asarray(rng.normal(size=p.shape), p.dtype), params)
 
-    def value_and_grad(**kw):
+    def value_and_grad(rotate=None, **kw):
         def loss(p, x):
             vel, hout = EGNN(cfg, sorted_grads=True, **kw).apply(p, x, h, cond, g)
             return (vel**2).sum() + (hout**2).sum()
 
-        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(params, jnp.asarray(g.positions))
+        x = g.positions if rotate is None else (g.positions @ rotate.T).astype(np.float32)
+        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(params, jnp.asarray(x))
 
     return cfg, g, value_and_grad
 
@@ -104,6 +105,20 @@ def test_network_gradient_with_the_kernel_equals_xla_s():
     assert abs(float(fast[0]) - ref_loss) <= 2 * abs(float(plain[0]) - ref_loss) + 1e-3 * ref_loss
     kernel_err, xla_err = _errors(fast[1], reference), _errors(plain[1], reference)
     assert np.median(kernel_err) < 0.02 and np.median(kernel_err) <= 1.5 * np.median(xla_err)
+
+
+def test_gradient_through_the_kernels_is_equivariant():
+    """An invariant loss's gradient with respect to the coordinates rotates (and reflects) with them, through
+    both kernels, in bf16."""
+    from conftest import random_rotation
+
+    cfg, g, value_and_grad = _setup(64)
+    rng = np.random.default_rng(4)
+    q = random_rotation(rng, True)
+    (_, (_, gx)), (_, (_, gx2)) = (value_and_grad(dtype=jnp.bfloat16, pair_kernel=True, rotate=r) for r in (None, q))
+    scale = float(jnp.abs(gx).max())
+    assert scale > 1e-2
+    np.testing.assert_allclose(np.asarray(gx2), np.asarray(gx) @ q.T, atol=2e-2 * scale)
 
 
 def test_shapes_the_kernels_do_not_take_keep_xla_s_gradient():
