@@ -20,6 +20,8 @@ median over --repeats chunks after one chunk that compiles. --budget skips the r
 that many seconds have passed (each skipped one prints a SKIPPED line). --profile traces one more chunk after
 the timed ones (not timed) and prints where its time went after the RESULT line. A measurement that fails (out
 of device memory, a profiler that cannot start) prints one FAILED or PROFILE line; the next ones are still made.
+A packed-kernel measurement first checks the kernels against their array formulations (a CHECK line; if they
+disagree, the measurement FAILED).
 --cache keeps compiled programs in a JAX compilation cache folder (a measurement that finds its program there
 loads it instead of compiling it; the RESULT line ends with cache=on).
 """
@@ -144,6 +146,14 @@ class Bench:
         n_chunks = args.repeats + 1  # the first compiles
         extra = 1 if args.profile else 0  # a last chunk, traced and not timed (tracing slows it)
         cfg, plan, idx, rows = self.batches(name, bs, prec, layout, n_chunks + extra)
+        if layout == "packed-kernel":  # the kernels against their array formulations first (a CHECK line)
+            from molgen.steps import check_pair_kernels
+
+            t0 = time.perf_counter()
+            err = check_pair_kernels(prec, cfg.model.nf)  # disagreement: MolgenError, a FAILED line
+            print(f"CHECK pair kernels {name} precision={prec} largest_relative_error="
+                  f"{'unused' if err is None else f'{err:.1e}'} "
+                  f"check_s={time.perf_counter() - t0:.1f}", flush=True)
         chunk = make_train_chunk(cfg, self.mesh, plan.shape)
         state = jax.device_put(init_state(cfg), self.repl)  # as train() does: no recompilation later
         key = jax.random.PRNGKey(0)

@@ -31,8 +31,9 @@ def resolve_layout(layout: str, platform: str | None = None) -> str:
 
 
 def check_devices(cfg: RunConfig, n_devices: int, platform: str | None = None) -> None:
-    """The batch splits evenly over the devices; the packed-kernel layout's kernels run on a GPU and take the
-    bf16 or tf32 arithmetic (else one line: MolgenError)."""
+    """The batch splits evenly over the devices; the packed-kernel layout's kernels run on a GPU, take the bf16 or
+    tf32 arithmetic and, where this process runs them (``platform`` None), agree with their array formulations
+    (:func:`molgen.nn.pairgrad.check_kernels`, once a process; else one line: MolgenError)."""
     if cfg.optim.batch_size % n_devices:
         raise MolgenError(f"batch size {cfg.optim.batch_size} is not divisible by the {n_devices} devices")
     if resolve_layout(cfg.optim.layout, platform) != "packed-kernel":
@@ -41,9 +42,26 @@ def check_devices(cfg: RunConfig, n_devices: int, platform: str | None = None) -
     if platform != "gpu":
         raise MolgenError(f"the packed-kernel layout runs its kernels on a GPU, not on a {platform}: use --set "
                           "optim.layout=packed")
-    if resolve_precision(cfg.optim.precision, platform) not in ("bf16", "tf32"):
+    precision = resolve_precision(cfg.optim.precision, platform)
+    if precision not in ("bf16", "tf32"):
         raise MolgenError(f"the packed-kernel layout trains in bf16 or tf32, not {cfg.optim.precision}: add "
                           "--precision bf16")
+    if platform == jax.default_backend():
+        check_pair_kernels(precision, cfg.model.nf)
+
+
+@functools.lru_cache(maxsize=4)
+def check_pair_kernels(precision: str, features: int) -> float | None:
+    """The pair kernels checked at this feature width and precision where they run: the largest relative error
+    (None where the layers do not use them); MolgenError if they disagree."""
+    from molgen.nn.pairgrad import TILE, check_kernels, supported
+
+    if not supported(4 * TILE, features, 2):
+        return None
+    try:
+        return max(check_kernels(jnp.bfloat16 if precision == "bf16" else jnp.float32, features).values())
+    except RuntimeError as e:
+        raise MolgenError(f"{e}: train with --set optim.layout=packed") from None
 
 
 def make_step(cfg: RunConfig):

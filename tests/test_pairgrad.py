@@ -143,3 +143,23 @@ def test_the_layout_is_refused_where_the_kernel_cannot_run(mini_ds):
         check_devices(cfg.with_optim(precision="float32"), 1, platform="gpu")
     check_devices(cfg.with_optim(precision="bf16"), 1, platform="gpu")
     check_devices(cfg.with_optim(precision="auto"), 1, platform="gpu")  # auto: tf32 on a GPU
+
+
+def test_the_kernel_check_passes_and_names_a_kernel_that_disagrees(monkeypatch):
+    """What `molgen train` runs once before training in the packed-kernel layout: both kernels agree with their
+    array formulations; a kernel whose rows' gradient is 10 % off is named, and the run refused in one line."""
+    from molgen.nn import pairgrad
+    from molgen.steps import check_pair_kernels
+
+    errors = pairgrad.check_kernels(jnp.bfloat16, 64)
+    assert len(errors) == 8 and max(errors.values()) < pairgrad.CHECK_TOLERANCE["bf16"]
+    assert max(pairgrad.check_kernels(jnp.float32, 64).values()) < 1e-5
+    check_pair_kernels.cache_clear()
+    assert check_pair_kernels("tf32", 16) is None  # a width the layers do not use them at
+    real = pairgrad.first_layer_grad
+    monkeypatch.setattr(pairgrad, "first_layer_grad", lambda *a: (real(*a)[0] * 1.1, *real(*a)[1:]))
+    with pytest.raises(RuntimeError, match=r"disagree with their array formulations: first_layer.pairs 1\.0\de-01"):
+        pairgrad.check_kernels(jnp.bfloat16, 64)
+    with pytest.raises(MolgenError, match="first_layer.pairs .* train with --set optim.layout=packed"):
+        check_pair_kernels("bf16", 64)
+    check_pair_kernels.cache_clear()
