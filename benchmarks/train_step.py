@@ -1,7 +1,7 @@
 """Training throughput of `molgen train`'s own loop: molecules/s of the jitted chunk of steps (batches assembled on
 the device from the device-resident training set, forward, backward, Adam, EMA), per preset, batch size and
-precision and batch layout (packed, grouped or packed-kernel, molgen.data.device), with the FLOPs done and the fraction of the
-device's measured bf16 matrix peak.
+precision and batch layout (packed, grouped or packed-kernel, molgen.data.device), with the FLOPs done and the
+fraction of the device's measured bf16 matrix peak.
 
     python benchmarks/train_step.py [--presets small,edm] [--batch-sizes 64,512] [--precisions bf16,tf32]
                                     [--layouts packed,grouped] [--chunk 50] [--repeats 5] [--budget SECONDS]
