@@ -97,6 +97,14 @@ def coord2diff(x, pairs: Pairs, norm_constant):
     return radial, diff / (norm + norm_constant)
 
 
+def _kernels(pairs: Pairs, dt, fused_attrs: bool, features: int, n_attrs: int) -> bool:
+    """Whether a pair MLP takes its gradient from :mod:`molgen.nn.pairgrad`'s kernels: asked for (``Pairs.kernel``,
+    packed batches), the arithmetic of bf16 or TF32 training (the edge attributes' term element-wise), and
+    shapes the kernels take."""
+    return pairs.kernel and (dt != jnp.float32 or fused_attrs) and supported(pairs.receivers.shape[0], features,
+                                                                            n_attrs)
+
+
 class EdgeInput(nn.Module):
     """Dense layer on concat(h_receiver, h_sender, edge_attr), plain or split into per-node products, and its SiLU
     (the sum rounded to the compute type first)."""
@@ -114,12 +122,12 @@ class EdgeInput(nn.Module):
         dt = self.dtype
         # Node rows go to pair rows in float32 at either precision: the backward pass of that gather is a
         # scatter-add into the node rows, which accumulates in float32 (on an H200, XLA's float32 atomic adds
-        # write 4 values per instruction, its bfloat16 ones 1). With bf16 the caller rounds the sum to bfloat16.
+        # write 4 values per instruction, its bfloat16 ones 1). With bf16 the sum is rounded to bfloat16 before the
+        # SiLU.
         if self.split:
             hc = h.astype(dt)
             hr, hs = hc @ kernel[:nf].astype(dt), hc @ kernel[nf : 2 * nf].astype(dt)
-            if pairs.kernel and (dt != jnp.float32 or self.fused_attrs) and supported(pairs.receivers.shape[0],
-                                                                                      self.features, ne):
+            if _kernels(pairs, dt, self.fused_attrs, self.features, ne):
                 return pair_layer(hr, hs, edge_attr, kernel[2 * nf :], bias, pairs.index(), dt)
             node_terms = pairs.combine(hr.astype(jnp.float32), hs.astype(jnp.float32))
         else:
@@ -177,8 +185,7 @@ class GCL(nn.Module):
     @nn.compact
     def __call__(self, h, edge_attr, pairs: Pairs, node_mask, edge_mask):
         c, dt = self.cfg, self.dtype
-        if pairs.kernel and c.attention and (dt != jnp.float32 or self.fused_attrs) and supported(
-                pairs.receivers.shape[0], c.nf, edge_attr.shape[-1]):
+        if c.attention and _kernels(pairs, dt, self.fused_attrs, c.nf, edge_attr.shape[-1]):
             m = EdgeInput(c.nf, c.split_edge_layer, dt, self.fused_attrs, name="edge_in")(h, edge_attr, pairs)
             w2, b2 = DenseParams((c.nf, c.nf), name="edge_out")()
             v, bv = DenseParams((c.nf, 1), name="att")()

@@ -50,6 +50,21 @@ def _dsilu(x):
     return s * (1.0 + x * (1.0 - s))
 
 
+def _call(kernel, name: str, out_shape, tiles: int, interpret: bool | None):
+    """The kernel over ``tiles`` tiles of pair rows: compiled by Triton, or run in Pallas's interpreter
+    (``interpret``; None: :data:`INTERPRET`)."""
+    from jax.experimental import pallas as pl
+
+    if interpret is None:
+        interpret = jax.default_backend() != "gpu" if INTERPRET is None else INTERPRET
+    kw = {}
+    if not interpret:
+        from jax.experimental.pallas import triton as plgpu
+
+        kw["compiler_params"] = plgpu.CompilerParams(num_warps=WARPS, num_stages=1)
+    return pl.pallas_call(kernel, out_shape=out_shape, grid=(tiles,), interpret=interpret, name=name, **kw)
+
+
 def _kernel(g_ref, r_ref, s_ref, a0_ref, a1_ref, hr_ref, hs_ref, w_ref, b_ref,
             gp_ref, da0_ref, da1_ref, sb_ref, sw0_ref, sw1_ref, *, cdt):
     from jax.experimental import pallas as pl
@@ -84,24 +99,15 @@ def first_layer_grad(g, hr, hs, attrs, w, b, receivers, senders, interpret: bool
     (module docstring), from ``g`` [P, F] (the gradient of its output, in the compute type), the node products
     ``hr``, ``hs`` [N, F] (float32 or the compute type), ``attrs`` [P, 2], its attribute weights ``w`` [2, F]
     and bias ``b`` [F]. ``interpret``: Pallas's interpreter (None: :data:`INTERPRET`)."""
-    from jax.experimental import pallas as pl
-
-    if interpret is None:
-        interpret = jax.default_backend() != "gpu" if INTERPRET is None else INTERPRET
     n_pairs, nf = g.shape
     tiles = n_pairs // TILE
     f32 = jnp.float32
     out_shape = (jax.ShapeDtypeStruct((n_pairs, nf), g.dtype), jax.ShapeDtypeStruct((n_pairs,), f32),
                  jax.ShapeDtypeStruct((n_pairs,), f32), *[jax.ShapeDtypeStruct((tiles, nf), f32)] * 3)
-    kw = {"name": "first_pair_layer_grad"}
-    if not interpret:
-        from jax.experimental.pallas import triton as plgpu
-
-        kw["compiler_params"] = plgpu.CompilerParams(num_warps=WARPS, num_stages=1)
-    gp, da0, da1, sb, sw0, sw1 = pl.pallas_call(
-        functools.partial(_kernel, cdt=g.dtype), out_shape=out_shape, grid=(tiles,), interpret=interpret, **kw)(
-        g, receivers, senders, attrs[:, 0].astype(f32), attrs[:, 1].astype(f32), hr, hs,
-        w.astype(f32), b.astype(f32))
+    gp, da0, da1, sb, sw0, sw1 = _call(functools.partial(_kernel, cdt=g.dtype), "first_pair_layer_grad", out_shape,
+                                       tiles, interpret)(
+        g, receivers, senders, attrs[:, 0].astype(f32), attrs[:, 1].astype(f32), hr, hs, w.astype(f32),
+        b.astype(f32))
     return gp, jnp.stack([da0, da1], axis=-1), jnp.stack([sw0.sum(0), sw1.sum(0)]), sb.sum(0)
 
 
@@ -187,22 +193,13 @@ def _gated_kernel(p_ref, r_ref, mask_ref, ga_ref, b_ref, v_ref, c_ref, gp_ref, s
 def gated_sum_grad(p, b, v, c, mask, receivers, g_agg, interpret: bool | None = None):
     """(gradient of ``p`` [P, F] in p's dtype, of ``b`` [F], ``v`` [F], ``c`` [1]) of :func:`gated_sum`, given
     the gradient ``g_agg`` [N, F] of its sums."""
-    from jax.experimental import pallas as pl
-
-    if interpret is None:
-        interpret = jax.default_backend() != "gpu" if INTERPRET is None else INTERPRET
     n_pairs, nf = p.shape
     tiles, f32 = n_pairs // TILE, jnp.float32
     out_shape = (jax.ShapeDtypeStruct((n_pairs, nf), p.dtype), *[jax.ShapeDtypeStruct((tiles, nf), f32)] * 2,
                  jax.ShapeDtypeStruct((tiles,), f32))
-    kw = {"name": "gated_sum_grad"}
-    if not interpret:
-        from jax.experimental.pallas import triton as plgpu
-
-        kw["compiler_params"] = plgpu.CompilerParams(num_warps=WARPS, num_stages=1)
-    gp, sb, sv, sc = pl.pallas_call(
-        functools.partial(_gated_kernel, cdt=p.dtype), out_shape=out_shape, grid=(tiles,), interpret=interpret,
-        **kw)(p, receivers, mask.astype(f32), g_agg.astype(f32), b.astype(f32), v.astype(f32), c.astype(f32))
+    gp, sb, sv, sc = _call(functools.partial(_gated_kernel, cdt=p.dtype), "gated_sum_grad", out_shape, tiles,
+                           interpret)(p, receivers, mask.astype(f32), g_agg.astype(f32), b.astype(f32),
+                                      v.astype(f32), c.astype(f32))
     return gp, sb.sum(0), sv.sum(0), sc.sum(0, keepdims=True)
 
 
