@@ -29,7 +29,9 @@ its runs' sums at several places, an unsorted one adds every element at one) and
 (registers spilled: XLA's sorted scatter has been slow where its accumulators spill).
 --scatters counts the step's scatter-adds, those XLA is told have sorted indices (it then adds each run of equal
 indices in registers before one atomic add) and those that read their rows through a gather, and its sorts.
-The kernels' tile sizes are XLA's defaults: without a GPU there is no autotuning.
+The kernels' tile sizes are XLA's defaults: without a GPU there is no autotuning. In the packed-kernel layout
+molgen's Pallas kernels (molgen.nn.pairgrad) are lowered for the H200 too (Triton), and count as custom calls:
+their operands and results, whole (a kernel reading part of an array twice counts it once), and no FLOPs.
 """
 
 from __future__ import annotations
