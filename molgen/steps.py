@@ -30,10 +30,11 @@ def resolve_layout(layout: str, platform: str | None = None) -> str:
     return resolve_auto(layout, LAYOUTS, AUTO_LAYOUT, "layout", platform)
 
 
-def check_devices(cfg: RunConfig, n_devices: int, platform: str | None = None) -> None:
+def check_devices(cfg: RunConfig, n_devices: int, platform: str | None = None, max_atoms: int | None = None) -> None:
     """The batch splits evenly over the devices; the packed-kernel layout's kernels run on a GPU, take the bf16 or
-    tf32 arithmetic and, where this process runs them (``platform`` None), agree with their array formulations
-    (:func:`molgen.nn.pairgrad.check_kernels`, once a process; else one line: MolgenError)."""
+    tf32 arithmetic, molecules of the data's size (``max_atoms``, where known) and, where this process runs them
+    (``platform`` None), agree with their array formulations (:func:`molgen.nn.pairgrad.check_kernels`, once a
+    process; else one line: MolgenError)."""
     if cfg.optim.batch_size % n_devices:
         raise MolgenError(f"batch size {cfg.optim.batch_size} is not divisible by the {n_devices} devices")
     if resolve_layout(cfg.optim.layout, platform) != "packed-kernel":
@@ -46,6 +47,11 @@ def check_devices(cfg: RunConfig, n_devices: int, platform: str | None = None) -
     if precision not in ("bf16", "tf32"):
         raise MolgenError(f"the packed-kernel layout trains in bf16 or tf32, not {cfg.optim.precision}: add "
                           "--precision bf16")
+    from molgen.nn.pairgrad import MAX_ATOMS
+
+    if max_atoms is not None and max_atoms > MAX_ATOMS:
+        raise MolgenError(f"the packed-kernel layout takes molecules of up to {MAX_ATOMS} atoms, the data has "
+                          f"{max_atoms}: use --set optim.layout=packed")
     if platform == jax.default_backend():
         check_pair_kernels(precision, cfg.model.nf)
 

@@ -192,7 +192,7 @@ def train(cfg: RunConfig, run_dir: Path, ds, resume: bool = False, init_params=N
     or None."""
     log = RunText(run_dir, log if is_main() else (lambda s: None), is_main())  # one voice; also train.log
     mesh = make_mesh()
-    check_devices(cfg, mesh.devices.size)
+    check_devices(cfg, mesh.devices.size, max_atoms=int(np.max(ds.n_atoms, initial=0)))
     if chunk < 1:
         raise MolgenError("the chunk length must be at least 1 step")
     cfg, mgr, state = open_run(cfg, run_dir, resume, init_params, log)

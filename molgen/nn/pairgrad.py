@@ -1,6 +1,6 @@
 """The pair MLPs' gradients as GPU kernels of molgen's own (Pallas, Triton back end), for training on packed
 batches (``optim.layout = "packed-kernel"``). Both are memory-bound passes over [pairs, features] arrays, without
-matrix products; XLA does each in several passes (docs/performance.md).
+matrix products, where XLA makes several (docs/performance.md).
 
 **The first layer** of each of a block's two pair MLPs (:class:`molgen.nn.egnn.EdgeInput`, split) is
 
@@ -8,12 +8,14 @@ matrix products; XLA does each in several passes (docs/performance.md).
 
 with hr = h W_r and hs = h W_s per node and two edge attributes a0, a1 (squared distances). Its backward pass
 takes the gradient ``g`` of m to ``gp = g * silu'(pre)`` and from it to the node rows' gradients (sums of ``gp``
-by receiver and, over the reversed pairs, by sender: XLA's scatter-adds by sorted indices,
-:func:`molgen.nn.pairs.sender_rows`), the bias' and the attribute weights' gradients (sums over the pair rows of
-``gp``, ``gp a0``, ``gp a1``) and the attributes' (sums over the features of ``gp w0``, ``gp w1``). XLA makes
-``gp`` with the bias' sums in one pass, then sums it again for the weights and for the attributes;
-:func:`first_layer_grad` reads ``g``, computes ``pre`` again from the node rows and writes ``gp``, the
-attributes' gradients and each tile's column sums (which XLA adds up) in one pass.
+by receiver and by sender), the bias' and the attribute weights' gradients (sums over the pair rows of ``gp``,
+``gp a0``, ``gp a1``) and the attributes' (sums over the features of ``gp w0``, ``gp w1``). XLA writes ``gp``,
+then reads it four times: for the weights' sums, the attributes' gradients and the two scatter-adds into the
+node rows (the senders' over the reversed pairs, :func:`molgen.nn.pairs.sender_rows`). :func:`first_layer_grad`
+reads ``g`` once and writes no [pairs, features] array: a program takes one molecule (its pairs are rows
+(i, j), j != i, by receiver, then sender, after the molecules before it) and :data:`COLS` features, computes
+``pre`` again from the node rows, writes each receiver's sum as it goes and the senders' sums at the end, with
+no atomic adds (every node row belongs to one molecule).
 
 **The edge MLP's gated messages** summed into their receivers (:func:`gated_sum`, :class:`molgen.nn.egnn.GCL`
 with attention): ``m = silu(p + b)`` from the second layer's product ``p``, the gate
@@ -32,16 +34,18 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from molgen.nn.pairs import gather_rows, segment_sum
+from molgen.nn.pairs import gather_rows, molecule_index, segment_sum
 
-TILE = 128  # pair rows a kernel instance takes (the pair count must be a multiple)
-COLS = 32  # features a tile computes at a time: [TILE, COLS] arrays in registers (128 a thread, no spills)
+MAX_ATOMS = 32  # the first layer's kernel: atoms a molecule may have (a receiver's pairs are one tile's rows)
+TILE = 128  # the gated sums' kernel: pair rows a kernel instance takes (the pair count must be a multiple)
+COLS = 32  # features a tile computes at a time (registers: [TILE, COLS] float32 arrays, 128 a thread, no spills)
 WARPS = 4
+LAYER_WARPS = 2  # the first layer's kernel: [MAX_ATOMS, COLS] tiles, 127 registers a thread, no spills
 INTERPRET: bool | None = None  # None: Pallas's interpreter where JAX's default backend is not a GPU
 
 
 def supported(n_pairs: int, features: int, n_attrs: int) -> bool:
-    """Whether the kernel takes these shapes (else the caller keeps XLA's gradient)."""
+    """Whether the kernels take these shapes (else the caller keeps XLA's gradient)."""
     return n_pairs % TILE == 0 and features % COLS == 0 and n_attrs == 2
 
 
@@ -50,9 +54,9 @@ def _dsilu(x):
     return s * (1.0 + x * (1.0 - s))
 
 
-def _call(kernel, name: str, out_shape, tiles: int, interpret: bool | None):
-    """The kernel over ``tiles`` tiles of pair rows: compiled by Triton, or run in Pallas's interpreter
-    (``interpret``; None: :data:`INTERPRET`)."""
+def _call(kernel, name: str, out_shape, grid: tuple[int, ...], interpret: bool | None, warps: int = WARPS):
+    """The kernel over ``grid``: compiled by Triton, or run in Pallas's interpreter (``interpret``; None:
+    :data:`INTERPRET`)."""
     from jax.experimental import pallas as pl
 
     if interpret is None:
@@ -61,65 +65,100 @@ def _call(kernel, name: str, out_shape, tiles: int, interpret: bool | None):
     if not interpret:
         from jax.experimental.pallas import triton as plgpu
 
-        kw["compiler_params"] = plgpu.CompilerParams(num_warps=WARPS, num_stages=1)
-    return pl.pallas_call(kernel, out_shape=out_shape, grid=(tiles,), interpret=interpret, name=name, **kw)
+        kw["compiler_params"] = plgpu.CompilerParams(num_warps=warps, num_stages=1)
+    return pl.pallas_call(kernel, out_shape=out_shape, grid=grid, interpret=interpret, name=name, **kw)
 
 
-def _kernel(g_ref, r_ref, s_ref, a0_ref, a1_ref, hr_ref, hs_ref, w_ref, b_ref,
-            gp_ref, da0_ref, da1_ref, sb_ref, sw0_ref, sw1_ref, *, cdt):
+def _layer_kernel(n_ref, ns_ref, ps_ref, g_ref, a0_ref, a1_ref, hr_ref, hs_ref, w_ref, b_ref,
+                  dhr_ref, dhs_ref, da0_ref, da1_ref, sb_ref, sw0_ref, sw1_ref, *, cdt):
+    """The first layer's backward pass over one molecule's pairs and :data:`COLS` features: a receiver i at a
+    time, its pair rows gathered into a tile of :data:`MAX_ATOMS` rows by sender (row j: pair (i, j); row i
+    and rows from n on masked), its sum written at once, the senders' sums (the tiles' sum) kept in registers
+    until the molecule is done; the program of the last (padding) graph writes zeros after the molecules."""
     from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as plgpu
 
-    i = pl.program_id(0)
-    rows = pl.ds(pl.multiple_of(i * TILE, TILE), TILE)
-    r, s = r_ref[rows], s_ref[rows]
-    a0, a1 = a0_ref[rows], a1_ref[rows]
+    m, c = pl.program_id(0), pl.program_id(1)
+    n, ns, ps = n_ref[m], ns_ref[m], ps_ref[m]
+    (n_pairs, _), n_nodes, f32 = g_ref.shape, hs_ref.shape[0], jnp.float32
+    cols = pl.ds(pl.multiple_of(c * COLS, COLS), COLS)
+    col_ids = c * COLS + jax.lax.broadcasted_iota(jnp.int32, (1, COLS), 1)
+    k = jax.lax.broadcasted_iota(jnp.int32, (MAX_ATOMS,), 0)
+    w0, w1, bias = w_ref[0, cols], w_ref[1, cols], b_ref[cols]
+    senders = jnp.minimum(ns + k, n_nodes - 1)
 
-    def block(k, carry):
-        cols = pl.ds(pl.multiple_of(k * COLS, COLS), COLS)
-        w0, w1 = w_ref[0, cols], w_ref[1, cols]
-        pre = (hr_ref[r, cols].astype(jnp.float32) + hs_ref[s, cols].astype(jnp.float32)
-               + a0[:, None] * w0[None, :] + a1[:, None] * w1[None, :] + b_ref[cols][None, :])
-        pre = pre.astype(cdt).astype(jnp.float32)  # the forward pass's rounding
-        gp = (g_ref[rows, cols].astype(jnp.float32) * _dsilu(pre)).astype(cdt)
-        gp_ref[rows, cols] = gp
-        gf = gp.astype(jnp.float32)
-        sb_ref[i, cols] = jnp.sum(gf, axis=0)
-        sw0_ref[i, cols] = jnp.sum(gf * a0[:, None], axis=0)
-        sw1_ref[i, cols] = jnp.sum(gf * a1[:, None], axis=0)
-        return carry[0] + jnp.sum(gf * w0[None, :], axis=1), carry[1] + jnp.sum(gf * w1[None, :], axis=1)
+    def receiver(i, acc):
+        total_s, sb, sw0, sw1 = acc
+        valid = (k < n) & (k != i)
+        rows = jnp.where(valid, ps + i * (n - 1) + k - (k > i).astype(jnp.int32), n_pairs + k)  # masked: beyond
+        a0 = plgpu.load(a0_ref.at[rows], mask=valid, other=0.0)
+        a1 = plgpu.load(a1_ref.at[rows], mask=valid, other=0.0)
+        pre = (hr_ref[ns + i, cols].astype(f32)[None, :] + hs_ref[senders, cols].astype(f32)
+               + a0[:, None] * w0[None, :] + a1[:, None] * w1[None, :] + bias[None, :])
+        pre = pre.astype(cdt).astype(f32)  # the forward pass's rounding
+        tile_valid = jnp.broadcast_to(valid[:, None], (MAX_ATOMS, COLS))
+        g = plgpu.load(g_ref.at[rows[:, None], col_ids], mask=tile_valid, other=0.0).astype(f32)
+        gp = jnp.where(tile_valid, (g * _dsilu(pre)).astype(cdt).astype(f32), 0.0)
+        total = jnp.sum(gp, axis=0)
+        dhr_ref[ns + i, cols] = total
+        plgpu.store(da0_ref.at[c, rows], jnp.sum(gp * w0[None, :], axis=1), mask=valid)
+        plgpu.store(da1_ref.at[c, rows], jnp.sum(gp * w1[None, :], axis=1), mask=valid)
+        return (total_s + gp, sb + total, sw0 + jnp.sum(gp * a0[:, None], axis=0),
+                sw1 + jnp.sum(gp * a1[:, None], axis=0))
 
-    zero = jnp.zeros((TILE,), jnp.float32)
-    d0, d1 = jax.lax.fori_loop(0, g_ref.shape[1] // COLS, block, (zero, zero))
-    da0_ref[rows] = d0
-    da1_ref[rows] = d1
+    zero, zc = jnp.zeros((MAX_ATOMS, COLS), f32), jnp.zeros((COLS,), f32)
+    total_s, sb, sw0, sw1 = jax.lax.fori_loop(0, n, receiver, (zero, zc, zc, zc))
+    plgpu.store(dhs_ref.at[pl.ds(ns, MAX_ATOMS), cols], total_s,
+                mask=jnp.broadcast_to((k < n)[:, None], (MAX_ATOMS, COLS)))
+    sb_ref[m, cols], sw0_ref[m, cols], sw1_ref[m, cols] = sb, sw0, sw1
+
+    @pl.when(m == pl.num_programs(0) - 1)
+    def _():  # zeros after the last molecule's node rows and pair rows (padding)
+        def node_rows(t, carry):
+            start = ns + n + t * MAX_ATOMS
+            mask = jnp.broadcast_to((start + k < n_nodes)[:, None], (MAX_ATOMS, COLS))
+            plgpu.store(dhr_ref.at[pl.ds(start, MAX_ATOMS), cols], zero, mask=mask)
+            plgpu.store(dhs_ref.at[pl.ds(start, MAX_ATOMS), cols], zero, mask=mask)
+            return carry
+
+        def pair_rows(t, carry):
+            start, zeros = ps + n * (n - 1) + t * MAX_ATOMS, jnp.zeros((MAX_ATOMS,), f32)
+            plgpu.store(da0_ref.at[c, pl.ds(start, MAX_ATOMS)], zeros, mask=start + k < n_pairs)
+            plgpu.store(da1_ref.at[c, pl.ds(start, MAX_ATOMS)], zeros, mask=start + k < n_pairs)
+            return carry
+
+        jax.lax.fori_loop(0, pl.cdiv(n_nodes - ns - n, MAX_ATOMS), node_rows, 0)
+        jax.lax.fori_loop(0, pl.cdiv(n_pairs - ps - n * (n - 1), MAX_ATOMS), pair_rows, 0)
 
 
-def first_layer_grad(g, hr, hs, attrs, w, b, receivers, senders, interpret: bool | None = None):
-    """(gp [P, F] in g's dtype, attributes' gradient [P, 2], weights' [2, F], bias' [F]) of the first pair layer
-    (module docstring), from ``g`` [P, F] (the gradient of its output, in the compute type), the node products
-    ``hr``, ``hs`` [N, F] (float32 or the compute type), ``attrs`` [P, 2], its attribute weights ``w`` [2, F]
-    and bias ``b`` [F]. ``interpret``: Pallas's interpreter (None: :data:`INTERPRET`)."""
-    n_pairs, nf = g.shape
-    tiles = n_pairs // TILE
-    f32 = jnp.float32
-    out_shape = (jax.ShapeDtypeStruct((n_pairs, nf), g.dtype), jax.ShapeDtypeStruct((n_pairs,), f32),
-                 jax.ShapeDtypeStruct((n_pairs,), f32), *[jax.ShapeDtypeStruct((tiles, nf), f32)] * 3)
-    gp, da0, da1, sb, sw0, sw1 = _call(functools.partial(_kernel, cdt=g.dtype), "first_pair_layer_grad", out_shape,
-                                       tiles, interpret)(
-        g, receivers, senders, attrs[:, 0].astype(f32), attrs[:, 1].astype(f32), hr, hs, w.astype(f32),
-        b.astype(f32))
-    return gp, jnp.stack([da0, da1], axis=-1), jnp.stack([sw0.sum(0), sw1.sum(0)]), sb.sum(0)
+def first_layer_grad(g, hr, hs, attrs, w, b, molecules, interpret: bool | None = None):
+    """(receivers' gradient [N, F], senders' [N, F], both float32; the attributes' [P, 2], weights' [2, F],
+    bias' [F]) of the first pair layer (module docstring), from ``g`` [P, F] (the gradient of its output, in the
+    compute type; zero on padding pairs), the node products ``hr``, ``hs`` [N, F] (float32 or the compute type),
+    ``attrs`` [P, 2], its attribute weights ``w`` [2, F], bias ``b`` [F] and ``molecules``
+    (:func:`molgen.nn.pairs.molecule_index` of a packed graph whose last graph is empty, molecules of at most
+    :data:`MAX_ATOMS` atoms). ``interpret``: Pallas's interpreter (None: :data:`INTERPRET`)."""
+    (n_pairs, nf), n_nodes, n_graphs, f32 = g.shape, hr.shape[0], molecules[0].shape[0], jnp.float32
+    out_shape = (*[jax.ShapeDtypeStruct((n_nodes, nf), f32)] * 2,
+                 *[jax.ShapeDtypeStruct((nf // COLS, n_pairs), f32)] * 2,
+                 *[jax.ShapeDtypeStruct((n_graphs, nf), f32)] * 3)
+    d_hr, d_hs, da0, da1, sb, sw0, sw1 = _call(
+        functools.partial(_layer_kernel, cdt=g.dtype), "first_pair_layer_grad", out_shape, (n_graphs, nf // COLS),
+        interpret, LAYER_WARPS)(*molecules, g, attrs[:, 0].astype(f32), attrs[:, 1].astype(f32), hr, hs,
+                                w.astype(f32), b.astype(f32))
+    return d_hr, d_hs, jnp.stack([da0.sum(0), da1.sum(0)], -1), jnp.stack([sw0.sum(0), sw1.sum(0)]), sb.sum(0)
 
 
 def first_layer_grad_xla(g, hr, hs, attrs, w, b, receivers, senders):
-    """:func:`first_layer_grad` as array operations (its reference)."""
+    """:func:`first_layer_grad` as array operations (its reference), on any pair list."""
     f32 = jnp.float32
     pre = hr[receivers].astype(f32) + hs[senders].astype(f32) + attrs[:, :1] * w[0] + attrs[:, 1:] * w[1] + b
     pre = pre.astype(g.dtype).astype(f32)
-    gp = (g.astype(f32) * _dsilu(pre)).astype(g.dtype)
-    gf = gp.astype(f32)
+    gf = (g.astype(f32) * _dsilu(pre)).astype(g.dtype).astype(f32)
     da = jnp.stack([jnp.sum(gf * w[0], axis=1), jnp.sum(gf * w[1], axis=1)], axis=-1)
-    return gp, da, jnp.stack([jnp.sum(gf * attrs[:, :1], 0), jnp.sum(gf * attrs[:, 1:], 0)]), gf.sum(0)
+    n = hr.shape[0]
+    return (segment_sum(gf, receivers, n), segment_sum(gf, senders, n), da,
+            jnp.stack([jnp.sum(gf * attrs[:, :1], 0), jnp.sum(gf * attrs[:, 1:], 0)]), gf.sum(0))
 
 
 def _first_layer_sum(hr, hs, attrs, w, b, index):
@@ -132,21 +171,17 @@ def _first_layer_sum(hr, hs, attrs, w, b, index):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
 def pair_layer(hr, hs, attrs, w, b, index, dtype):
     """``silu(pre)``, ``pre`` (module docstring) rounded to ``dtype``, whose gradient is :func:`first_layer_grad`'s
-    kernel and the node rows' sums by sorted receivers. ``index``: (receivers, senders, reversed pairs) of a
-    packed graph (:meth:`molgen.nn.pairs.Pairs.index`)."""
+    kernel. ``index``: (receivers, senders, molecules) of a packed graph (:meth:`molgen.nn.pairs.Pairs.index`)."""
     return jax.nn.silu(_first_layer_sum(hr, hs, attrs, w, b, index).astype(dtype))
 
 
 def _pair_layer_fwd(hr, hs, attrs, w, b, index, dtype):
-    return pair_layer(hr, hs, attrs, w, b, index, dtype), (hr, hs, attrs, w, b, index)
+    return pair_layer(hr, hs, attrs, w, b, index, dtype), (hr, hs, attrs, w, b, index[2])
 
 
 def _pair_layer_bwd(dtype, res, g):
-    hr, hs, attrs, w, b, (receivers, senders, reverse) = res
-    gp, d_attrs, d_w, d_b = first_layer_grad(g.astype(dtype), hr, hs, attrs, w, b, receivers, senders)
-    gf, n = gp.astype(jnp.float32), hr.shape[0]
-    d_hr = segment_sum(gf, receivers, n, sorted_ids=True)
-    d_hs = segment_sum(gather_rows(gf, reverse), receivers, n, sorted_ids=True)
+    hr, hs, attrs, w, b, molecules = res
+    d_hr, d_hs, d_attrs, d_w, d_b = first_layer_grad(g.astype(dtype), hr, hs, attrs, w, b, molecules)
     return d_hr.astype(hr.dtype), d_hs.astype(hs.dtype), d_attrs.astype(attrs.dtype), d_w, d_b, None
 
 
@@ -197,7 +232,7 @@ def gated_sum_grad(p, b, v, c, mask, receivers, g_agg, interpret: bool | None = 
     tiles, f32 = n_pairs // TILE, jnp.float32
     out_shape = (jax.ShapeDtypeStruct((n_pairs, nf), p.dtype), *[jax.ShapeDtypeStruct((tiles, nf), f32)] * 2,
                  jax.ShapeDtypeStruct((tiles,), f32))
-    gp, sb, sv, sc = _call(functools.partial(_gated_kernel, cdt=p.dtype), "gated_sum_grad", out_shape, tiles,
+    gp, sb, sv, sc = _call(functools.partial(_gated_kernel, cdt=p.dtype), "gated_sum_grad", out_shape, (tiles,),
                            interpret)(p, receivers, mask.astype(f32), g_agg.astype(f32), b.astype(f32),
                                       v.astype(f32), c.astype(f32))
     return gp, sb.sum(0), sv.sum(0), sc.sum(0, keepdims=True)
@@ -240,16 +275,19 @@ def check_kernels(dtype=jnp.bfloat16, features: int = 256, seed: int = 0) -> dic
     import numpy as np
 
     rng = np.random.default_rng(seed)
-    n, p, f32 = 100, 4 * TILE, jnp.float32
-    receivers = jnp.asarray(np.sort(rng.integers(0, n - 5, p)), jnp.int32)
-    senders = jnp.asarray(rng.integers(0, n, p), jnp.int32)
+    f32 = jnp.float32
+    sizes = np.concatenate([[MAX_ATOMS, 1, 2], rng.integers(1, MAX_ATOMS + 1, 9), [0, 0]])
+    receivers, senders, n_atoms, n_real = packed_pairs(sizes, TILE)
+    n, p = int(receivers.max()) + 1, len(receivers)
+    receivers, senders = jnp.asarray(receivers), jnp.asarray(senders)
     hr, hs = (jnp.asarray(rng.normal(size=(n, features)), dtype) for _ in range(2))
     attrs = jnp.asarray(rng.uniform(0, 9, size=(p, 2)), f32)
     w, b = jnp.asarray(0.3 * rng.normal(size=(2, features)), f32), jnp.asarray(rng.normal(size=features), f32)
-    g = jnp.asarray(rng.normal(size=(p, features)), dtype)
-    got = jax.jit(first_layer_grad)(g, hr, hs, attrs, w, b, receivers, senders)
+    g = jnp.asarray(rng.normal(size=(p, features)) * (np.arange(p) < n_real)[:, None], dtype)  # padding: 0
+    got = jax.jit(first_layer_grad)(g, hr, hs, attrs, w, b, molecule_index(n_atoms))
     want = jax.jit(first_layer_grad_xla)(g, hr, hs, attrs, w, b, receivers, senders)
-    names = ["first_layer.pairs", "first_layer.attrs", "first_layer.weights", "first_layer.bias"]
+    names = ["first_layer.receivers", "first_layer.senders", "first_layer.attrs", "first_layer.weights",
+             "first_layer.bias"]
     errors = dict(zip(names, map(_relative_error, got, want)))
     args = (g, b, jnp.asarray(0.3 * rng.normal(size=features), f32), jnp.asarray([0.2], f32))
     mask = jnp.asarray(rng.uniform(size=p) < 0.9, f32)
@@ -273,6 +311,24 @@ def check_kernels(dtype=jnp.bfloat16, features: int = 256, seed: int = 0) -> dic
 # Measured in Pallas's interpreter (2026-12-04): bf16 up to 7e-3 (the gated sums against float32's gradient),
 # float32 below 1e-6.
 CHECK_TOLERANCE = {"bf16": 3e-2, "float32": 1e-4}
+
+
+def packed_pairs(sizes, multiple: int = 1):
+    """(receivers, senders, atom counts, real pairs) of molecules of these sizes packed as
+    :func:`molgen.data.batching.pack` packs them, in numpy: the pairs (i, j), j != i, of each molecule by receiver,
+    then sender; then padding pairs up to a multiple of ``multiple``, self pairs on the padding node after the
+    atoms."""
+    import numpy as np
+
+    rows, start = [], 0
+    for n in sizes:
+        i, j = np.nonzero(~np.eye(n, dtype=bool))
+        rows.append(np.stack([i, j]) + start)
+        start += n
+    pairs = np.concatenate(rows, axis=1) if rows else np.zeros((2, 0), int)
+    pad = -pairs.shape[1] % multiple
+    pairs = np.concatenate([pairs, np.full((2, pad), start)], axis=1).astype(np.int32)
+    return pairs[0], pairs[1], np.asarray(sizes, np.int32), pairs.shape[1] - pad
 
 
 def _relative_error(a, b) -> float:

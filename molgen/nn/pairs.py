@@ -49,6 +49,14 @@ def _sender_rows_bwd(res, g):
 sender_rows.defvjp(_sender_rows_fwd, _sender_rows_bwd)
 
 
+def molecule_index(n_atoms):
+    """(atoms, first node row, first pair row) of each molecule of a packed graph, int32 [G] each, from its atom
+    counts (padding graphs: 0); a molecule's pairs are rows (i, j), j != i, by receiver i, then sender j."""
+    n = jnp.asarray(n_atoms, jnp.int32)
+    pairs = n * (n - 1)
+    return n, jnp.cumsum(n) - n, jnp.cumsum(pairs) - pairs
+
+
 class Pairs:
     """How a batch's node rows become rows of ordered pairs (receiver i, sender j), and back.
 
@@ -63,7 +71,7 @@ class Pairs:
         self.groups, self.sorted_grads = getattr(graph, "groups", ()), sorted_grads
         self.kernel = kernel and sorted_grads and not self.groups  # the pair MLPs' gradient kernels (pairgrad)
         self.senders, self.receivers = graph.senders, graph.receivers
-        self.n_nodes = graph.node_mask.shape[0]
+        self.n_nodes, self.n_atoms = graph.node_mask.shape[0], graph.n_atoms
         # grouped: masked pair rows after the groups' pairs (a pair count that suits a GPU's matrix products)
         self.pad = graph.senders.shape[0] - sum(m * k * k for m, k in self.groups) if self.groups else 0
 
@@ -81,8 +89,8 @@ class Pairs:
         return jnp.concatenate(out) if len(out) > 1 else out[0]
 
     def index(self):
-        """(receivers, senders, reversed pairs) of a packed graph (:func:`molgen.nn.pairgrad.pair_layer`)."""
-        return self.receivers, self.senders, reverse_pairs(self.senders)
+        """(receivers, senders, :func:`molecule_index`) of a packed graph (:func:`molgen.nn.pairgrad.pair_layer`)."""
+        return self.receivers, self.senders, molecule_index(self.n_atoms)
 
     def receiver(self, a):
         """a_i for every pair."""
