@@ -33,7 +33,7 @@ def resolve_layout(layout: str, platform: str | None = None) -> str:
 def check_devices(cfg: RunConfig, n_devices: int, platform: str | None = None, max_atoms: int | None = None) -> None:
     """The batch splits evenly over the devices; the packed-kernel layout's kernels run on a GPU, take the bf16 or
     tf32 arithmetic, molecules of the data's size (``max_atoms``, where known) and, where this process runs them
-    (``platform`` None), agree with their array formulations (:func:`molgen.nn.pairgrad.check_kernels`, once a
+    (``platform`` None), agree with their array formulations (:func:`molgen.nn.kernelcheck.check_kernels`, once a
     process; else one line: MolgenError)."""
     if cfg.optim.batch_size % n_devices:
         raise MolgenError(f"batch size {cfg.optim.batch_size} is not divisible by the {n_devices} devices")
@@ -60,7 +60,8 @@ def check_devices(cfg: RunConfig, n_devices: int, platform: str | None = None, m
 def check_pair_kernels(precision: str, features: int) -> float | None:
     """The pair kernels checked at this feature width and precision where they run: the largest relative error
     (None where the layers do not use them); MolgenError if they disagree."""
-    from molgen.nn.pairgrad import TILE, check_kernels, supported
+    from molgen.nn.kernelcheck import check_kernels
+    from molgen.nn.pairgrad import TILE, supported
 
     if not supported(4 * TILE, features, 2):
         return None

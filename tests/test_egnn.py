@@ -106,7 +106,7 @@ def _repacked(g, h, cond, rng):
     pos, typ, o = [], [], 0
     for n in g.n_atoms[:-1]:
         pos.append(g.positions[o : o + n]); typ.append(g.types[o : o + n]); o += n
-    g2 = pack(pos, typ, pad_nodes=len(g.node_mask) + 37, pad_edges=len(g.edge_mask) + 500)
+    g2 = pack(pos, typ, pad_nodes=len(g.node_mask) + 37, pad_edges=len(g.edge_mask) + 512)  # (the kernels' 128s)
     x2 = g2.positions.copy(); x2[n_real:] = rng.normal(size=(len(x2) - n_real, 3)) * 100
     h2 = _features(g2.types, g2.node_mask); h2[n_real:] = rng.normal(size=(len(h2) - n_real, 6))
     c2 = np.zeros(len(x2), np.float32); c2[:n_real] = cond[:n_real]; c2[n_real:] = 7.0
@@ -236,6 +236,10 @@ def test_bf16_padding_never_changes_real_atoms(kernel):
     fast = EGNN(CFG, dtype=jnp.bfloat16, sorted_grads=kernel, pair_kernel=kernel)
     vel, hout = _run(fast, params, g, g.positions, h, cond)
     g2, x2, h2, c2, n_real = _repacked(g, h, cond, rng)
+    if kernel:  # both through the kernels (shapes they take)
+        from molgen.nn.pairgrad import supported
+
+        assert supported(len(g.senders), CFG.nf, 2) and supported(len(g2.senders), CFG.nf, 2)
     vel2, hout2 = _run(fast, params, g2, x2, h2, c2)
     np.testing.assert_allclose(np.asarray(vel2)[:n_real], np.asarray(vel)[:n_real], atol=1e-3 * _scale(vel))
     np.testing.assert_allclose(np.asarray(hout2)[:n_real], np.asarray(hout)[:n_real], atol=1e-3 * _scale(hout))

@@ -19,12 +19,15 @@ no atomic adds (every node row belongs to one molecule).
 
 **The edge MLP's gated messages** summed into their receivers (:func:`gated_sum`, :class:`molgen.nn.egnn.GCL`
 with attention): ``m = silu(p + b)`` from the second layer's product ``p``, the gate
-``sigmoid(m . v + c)``. Its forward pass is XLA's, writing no messages (the sums compute them again from ``p``);
-its backward pass, :func:`gated_sum_grad`, computes the gate's logit and gradient over each tile's features,
-then the gradient of ``p`` and the column sums of ``b`` and ``v``.
+``sigmoid(m . v + c)``, computed in float32 from ``p`` in both passes, never written (XLA's bf16 rounds m and the
+gate). The forward pass, :func:`gated_sums`, takes a molecule a program and a receiver at a time (its pairs are
+consecutive rows): the gate's logit over the features, then the sums, where XLA writes the logits and sums the
+messages with a scatter-add. The backward pass, :func:`gated_sum_grad`, computes the gate's logit and gradient
+over each tile's features, then the gradient of ``p`` and the column sums of ``b`` and ``v``.
 
 Off a GPU the kernels run in Pallas's interpreter (slow; for tests): tests/test_pairgrad.py compares them with
-their array formulations (:func:`first_layer_grad_xla`; autodiff of :func:`gated_sum`'s forward pass).
+their array formulations (:mod:`molgen.nn.kernelcheck`), which :func:`molgen.nn.kernelcheck.check_kernels` also
+does on a GPU before training.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from molgen.nn.pairs import gather_rows, molecule_index, segment_sum
+from molgen.nn.pairs import gather_rows
 
 MAX_ATOMS = 32  # the first layer's kernel: atoms a molecule may have (a receiver's pairs are one tile's rows)
 TILE = 128  # the gated sums' kernel: pair rows a kernel instance takes (the pair count must be a multiple)
@@ -49,7 +52,8 @@ def supported(n_pairs: int, features: int, n_attrs: int) -> bool:
     return n_pairs % TILE == 0 and features % COLS == 0 and n_attrs == 2
 
 
-def _dsilu(x):
+def dsilu(x):
+    """The derivative of silu at x."""
     s = jax.nn.sigmoid(x)
     return s * (1.0 + x * (1.0 - s))
 
@@ -98,7 +102,7 @@ def _layer_kernel(n_ref, ns_ref, ps_ref, g_ref, a0_ref, a1_ref, hr_ref, hs_ref, 
         pre = pre.astype(cdt).astype(f32)  # the forward pass's rounding
         tile_valid = jnp.broadcast_to(valid[:, None], (MAX_ATOMS, COLS))
         g = plgpu.load(g_ref.at[rows[:, None], col_ids], mask=tile_valid, other=0.0).astype(f32)
-        gp = jnp.where(tile_valid, (g * _dsilu(pre)).astype(cdt).astype(f32), 0.0)
+        gp = jnp.where(tile_valid, (g * dsilu(pre)).astype(cdt).astype(f32), 0.0)
         total = jnp.sum(gp, axis=0)
         dhr_ref[ns + i, cols] = total
         plgpu.store(da0_ref.at[c, rows], jnp.sum(gp * w0[None, :], axis=1), mask=valid)
@@ -149,18 +153,6 @@ def first_layer_grad(g, hr, hs, attrs, w, b, molecules, interpret: bool | None =
     return d_hr, d_hs, jnp.stack([da0.sum(0), da1.sum(0)], -1), jnp.stack([sw0.sum(0), sw1.sum(0)]), sb.sum(0)
 
 
-def first_layer_grad_xla(g, hr, hs, attrs, w, b, receivers, senders):
-    """:func:`first_layer_grad` as array operations (its reference), on any pair list."""
-    f32 = jnp.float32
-    pre = hr[receivers].astype(f32) + hs[senders].astype(f32) + attrs[:, :1] * w[0] + attrs[:, 1:] * w[1] + b
-    pre = pre.astype(g.dtype).astype(f32)
-    gf = (g.astype(f32) * _dsilu(pre)).astype(g.dtype).astype(f32)
-    da = jnp.stack([jnp.sum(gf * w[0], axis=1), jnp.sum(gf * w[1], axis=1)], axis=-1)
-    n = hr.shape[0]
-    return (segment_sum(gf, receivers, n), segment_sum(gf, senders, n), da,
-            jnp.stack([jnp.sum(gf * attrs[:, :1], 0), jnp.sum(gf * attrs[:, 1:], 0)]), gf.sum(0))
-
-
 def _first_layer_sum(hr, hs, attrs, w, b, index):
     receivers, senders, _ = index  # as EdgeInput adds them up (the same rounding)
     hr, hs = hr.astype(jnp.float32), hs.astype(jnp.float32)
@@ -200,9 +192,8 @@ def _gated_kernel(p_ref, r_ref, mask_ref, ga_ref, b_ref, v_ref, c_ref, gp_ref, s
 
     def message(k):
         cols = pl.ds(pl.multiple_of(k * COLS, COLS), COLS)
-        pre = (p_ref[rows, cols].astype(f32) + b_ref[cols][None, :]).astype(cdt).astype(f32)
-        m = (pre * jax.nn.sigmoid(pre)).astype(cdt).astype(f32)
-        return cols, pre, m, ga_ref[r, cols] * mask[:, None]
+        pre = p_ref[rows, cols].astype(f32) + b_ref[cols][None, :]
+        return cols, pre, pre * jax.nn.sigmoid(pre), ga_ref[r, cols] * mask[:, None]
 
     def gate_block(k, carry):
         cols, _, m, gm = message(k)
@@ -210,12 +201,12 @@ def _gated_kernel(p_ref, r_ref, mask_ref, ga_ref, b_ref, v_ref, c_ref, gp_ref, s
 
     zero = jnp.zeros((TILE,), f32)
     logit, dgate = jax.lax.fori_loop(0, blocks, gate_block, (zero, zero))
-    gate = jax.nn.sigmoid((logit + c_ref[0]).astype(cdt).astype(f32))
+    gate = jax.nn.sigmoid(logit + c_ref[0])
     dlogit = dgate * gate * (1.0 - gate)
 
     def grad_block(k, carry):
         cols, pre, m, gm = message(k)
-        gp = ((gm * gate[:, None] + dlogit[:, None] * v_ref[cols][None, :]) * _dsilu(pre)).astype(cdt)
+        gp = ((gm * gate[:, None] + dlogit[:, None] * v_ref[cols][None, :]) * dsilu(pre)).astype(cdt)
         gp_ref[rows, cols] = gp
         sb_ref[i, cols] = jnp.sum(gp.astype(f32), axis=0)
         sv_ref[i, cols] = jnp.sum(dlogit[:, None] * m, axis=0)
@@ -238,24 +229,71 @@ def gated_sum_grad(p, b, v, c, mask, receivers, g_agg, interpret: bool | None = 
     return gp, sb.sum(0), sv.sum(0), sc.sum(0, keepdims=True)
 
 
-def _gated_messages(p, b, v, c, mask, dtype):
-    m = jax.nn.silu(p + b.astype(dtype))
-    logit = (jnp.sum(m.astype(jnp.float32) * v, axis=-1, keepdims=True) + c).astype(dtype)
-    return (m * jax.nn.sigmoid(logit)).astype(jnp.float32) * mask[:, None]
+def _sums_kernel(n_ref, ns_ref, ps_ref, p_ref, mask_ref, b_ref, v_ref, c_ref, out_ref):
+    """The gated messages of one molecule's pairs summed into its receivers, in float32 from the product's rows: a
+    receiver at a time (its n - 1 pair rows, a tile of :data:`MAX_ATOMS` rows), a first pass over the features
+    for the gate's logit, a second for the sums; the program of the last (padding) graph writes zeros after the
+    molecules."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as plgpu
+
+    m = pl.program_id(0)
+    n, ns, ps = n_ref[m], ns_ref[m], ps_ref[m]
+    (_, nf), n_nodes, f32 = p_ref.shape, out_ref.shape[0], jnp.float32
+    blocks = [pl.ds(q * COLS, COLS) for q in range(nf // COLS)]
+    k = jax.lax.broadcasted_iota(jnp.int32, (MAX_ATOMS,), 0)
+
+    def receiver(i, carry):
+        rows, valid = pl.ds(ps + i * (n - 1), MAX_ATOMS), k < n - 1
+        tile_valid = jnp.broadcast_to(valid[:, None], (MAX_ATOMS, COLS))
+        mask = plgpu.load(mask_ref.at[rows], mask=valid, other=0.0)
+
+        def message(cols):  # in float32 from the product's rows
+            pre = plgpu.load(p_ref.at[rows, cols], mask=tile_valid, other=0.0).astype(f32) + b_ref[cols][None, :]
+            return pre * jax.nn.sigmoid(pre)
+
+        logit = sum(jnp.sum(message(cols) * v_ref[cols][None, :], axis=1) for cols in blocks)
+        gate = jax.nn.sigmoid(logit + c_ref[0])
+        for cols in blocks:
+            msg = message(cols) * (gate * mask)[:, None]
+            out_ref[ns + i, cols] = jnp.sum(jnp.where(tile_valid, msg, 0.0), axis=0)
+        return carry
+
+    jax.lax.fori_loop(0, n, receiver, 0)
+
+    @pl.when(m == pl.num_programs(0) - 1)
+    def _():
+        def node_rows(t, carry):
+            start = ns + n + t * MAX_ATOMS
+            mask = jnp.broadcast_to((start + k < n_nodes)[:, None], (MAX_ATOMS, COLS))
+            for cols in blocks:
+                plgpu.store(out_ref.at[pl.ds(start, MAX_ATOMS), cols], jnp.zeros((MAX_ATOMS, COLS), f32), mask=mask)
+            return carry
+
+        jax.lax.fori_loop(0, pl.cdiv(n_nodes - ns - n, MAX_ATOMS), node_rows, 0)
+
+
+def gated_sums(p, b, v, c, mask, molecules, n_nodes: int, interpret: bool | None = None):
+    """:func:`gated_sum`'s value as one kernel (a program a molecule): [n_nodes, F] float32."""
+    f32 = jnp.float32
+    out_shape = jax.ShapeDtypeStruct((n_nodes, p.shape[1]), f32)
+    call = _call(_sums_kernel, "gated_sums", out_shape, (molecules[0].shape[0],), interpret, LAYER_WARPS)
+    return call(*molecules, p, mask.astype(f32), b.astype(f32), v.astype(f32), c.astype(f32))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
-def gated_sum(p, b, v, c, mask, receivers, n_nodes, dtype):
+def gated_sum(p, b, v, c, mask, index, n_nodes, dtype):
     """The edge MLP's gated messages summed into their receivers: ``sum_j m_ij sigmoid(m_ij . v + c) mask_ij``,
-    ``m = silu(p + b)`` in ``dtype`` (``p``: the second layer's product, [P, F] in ``dtype``; receivers sorted),
-    as :class:`molgen.nn.egnn.GCL` computes them; [N, F] float32. Its gradient is one kernel
-    (:func:`gated_sum_grad`), which computes ``m`` and the gate again instead of reading them: the forward pass
-    writes no [pairs, features] array."""
-    return segment_sum(_gated_messages(p, b, v, c, mask, dtype), receivers, n_nodes, sorted_ids=True)
+    ``m = silu(p + b)`` (``p``: the second layer's product, [P, F] in ``dtype``), as :class:`molgen.nn.egnn.GCL`
+    computes them (in float32 here); [N, F] float32. ``index``: (receivers, senders, molecules) of a
+    packed graph (:meth:`molgen.nn.pairs.Pairs.index`). Both passes are kernels (:func:`gated_sums`,
+    :func:`gated_sum_grad`), which compute ``m`` and the gate from ``p`` instead of writing them: no
+    [pairs, features] array is written but the gradient of ``p``."""
+    return gated_sums(p, b, v, c, mask, index[2], n_nodes)
 
 
-def _gated_sum_fwd(p, b, v, c, mask, receivers, n_nodes, dtype):
-    return gated_sum(p, b, v, c, mask, receivers, n_nodes, dtype), (p, b, v, c, mask, receivers)
+def _gated_sum_fwd(p, b, v, c, mask, index, n_nodes, dtype):
+    return gated_sum(p, b, v, c, mask, index, n_nodes, dtype), (p, b, v, c, mask, index[0])
 
 
 def _gated_sum_bwd(n_nodes, dtype, res, g):
@@ -265,72 +303,3 @@ def _gated_sum_bwd(n_nodes, dtype, res, g):
 
 
 gated_sum.defvjp(_gated_sum_fwd, _gated_sum_bwd)
-
-
-def check_kernels(dtype=jnp.bfloat16, features: int = 256, seed: int = 0) -> dict[str, float]:
-    """Both kernels against their array formulations on a small random problem of this feature width and compute
-    type, where they will run (on a GPU: the compiled kernels; a few seconds): each output's error relative to the
-    reference (Euclidean norms), by name. RuntimeError if one is beyond :data:`CHECK_TOLERANCE` (a wrong gather,
-    a lost row or a miscompiled kernel is off by order one)."""
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    f32 = jnp.float32
-    sizes = np.concatenate([[MAX_ATOMS, 1, 2], rng.integers(1, MAX_ATOMS + 1, 9), [0, 0]])
-    receivers, senders, n_atoms, n_real = packed_pairs(sizes, TILE)
-    n, p = int(receivers.max()) + 1, len(receivers)
-    receivers, senders = jnp.asarray(receivers), jnp.asarray(senders)
-    hr, hs = (jnp.asarray(rng.normal(size=(n, features)), dtype) for _ in range(2))
-    attrs = jnp.asarray(rng.uniform(0, 9, size=(p, 2)), f32)
-    w, b = jnp.asarray(0.3 * rng.normal(size=(2, features)), f32), jnp.asarray(rng.normal(size=features), f32)
-    g = jnp.asarray(rng.normal(size=(p, features)) * (np.arange(p) < n_real)[:, None], dtype)  # padding: 0
-    got = jax.jit(first_layer_grad)(g, hr, hs, attrs, w, b, molecule_index(n_atoms))
-    want = jax.jit(first_layer_grad_xla)(g, hr, hs, attrs, w, b, receivers, senders)
-    names = ["first_layer.receivers", "first_layer.senders", "first_layer.attrs", "first_layer.weights",
-             "first_layer.bias"]
-    errors = dict(zip(names, map(_relative_error, got, want)))
-    args = (g, b, jnp.asarray(0.3 * rng.normal(size=features), f32), jnp.asarray([0.2], f32))
-    mask = jnp.asarray(rng.uniform(size=p) < 0.9, f32)
-    g_agg = jnp.asarray(rng.normal(size=(n, features)), f32)
-    _, vjp = jax.vjp(lambda *a: gated_sum(*a, mask, receivers, n, dtype), *args)
-
-    def plain(p, *a):  # in float32: XLA's bf16 gradient computes silu' in bfloat16, further from it
-        return segment_sum(_gated_messages(p.astype(f32), *a, mask, f32), receivers, n, sorted_ids=True)
-
-    _, want_vjp = jax.vjp(plain, *args)
-    names = ["gated_sum.pairs", "gated_sum.bias", "gated_sum.gate_weights", "gated_sum.gate_bias"]
-    errors.update(zip(names, map(_relative_error, jax.jit(vjp)(g_agg), jax.jit(want_vjp)(g_agg))))
-    tol = CHECK_TOLERANCE["bf16" if dtype == jnp.bfloat16 else "float32"]
-    bad = {k: v for k, v in errors.items() if not v <= tol}
-    if bad:
-        raise RuntimeError("the pair kernels disagree with their array formulations: "
-                           + ", ".join(f"{k} {v:.2e}" for k, v in bad.items()) + f" (tolerance {tol:.0e})")
-    return errors
-
-
-# Measured in Pallas's interpreter (2026-12-04): bf16 up to 7e-3 (the gated sums against float32's gradient),
-# float32 below 1e-6.
-CHECK_TOLERANCE = {"bf16": 3e-2, "float32": 1e-4}
-
-
-def packed_pairs(sizes, multiple: int = 1):
-    """(receivers, senders, atom counts, real pairs) of molecules of these sizes packed as
-    :func:`molgen.data.batching.pack` packs them, in numpy: the pairs (i, j), j != i, of each molecule by receiver,
-    then sender; then padding pairs up to a multiple of ``multiple``, self pairs on the padding node after the
-    atoms."""
-    import numpy as np
-
-    rows, start = [], 0
-    for n in sizes:
-        i, j = np.nonzero(~np.eye(n, dtype=bool))
-        rows.append(np.stack([i, j]) + start)
-        start += n
-    pairs = np.concatenate(rows, axis=1) if rows else np.zeros((2, 0), int)
-    pad = -pairs.shape[1] % multiple
-    pairs = np.concatenate([pairs, np.full((2, pad), start)], axis=1).astype(np.int32)
-    return pairs[0], pairs[1], np.asarray(sizes, np.int32), pairs.shape[1] - pad
-
-
-def _relative_error(a, b) -> float:
-    a, b = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
-    return float(jnp.linalg.norm(a - b) / jnp.maximum(jnp.linalg.norm(b), 1e-30))

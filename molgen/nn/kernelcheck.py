@@ -1,0 +1,115 @@
+"""The pair kernels' array formulations (:mod:`molgen.nn.pairgrad`: the same arithmetic and rounding as XLA
+operations) and the check that the kernels agree with them where they run, which training in the packed-kernel
+layout runs once a process before it starts (:func:`molgen.steps.check_pair_kernels`)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from molgen.nn import pairgrad
+from molgen.nn.pairgrad import dsilu
+from molgen.nn.pairs import molecule_index, segment_sum
+
+
+def first_layer_grad_xla(g, hr, hs, attrs, w, b, receivers, senders):
+    """:func:`~molgen.nn.pairgrad.first_layer_grad` as array operations (its reference), on any pair list."""
+    f32 = jnp.float32
+    pre = hr[receivers].astype(f32) + hs[senders].astype(f32) + attrs[:, :1] * w[0] + attrs[:, 1:] * w[1] + b
+    pre = pre.astype(g.dtype).astype(f32)
+    gf = (g.astype(f32) * dsilu(pre)).astype(g.dtype).astype(f32)
+    da = jnp.stack([jnp.sum(gf * w[0], axis=1), jnp.sum(gf * w[1], axis=1)], axis=-1)
+    n = hr.shape[0]
+    return (segment_sum(gf, receivers, n), segment_sum(gf, senders, n), da,
+            jnp.stack([jnp.sum(gf * attrs[:, :1], 0), jnp.sum(gf * attrs[:, 1:], 0)]), gf.sum(0))
+
+
+def gated_sums_xla(p, b, v, c, mask, receivers, n_nodes: int):
+    """:func:`~molgen.nn.pairgrad.gated_sums` as array operations (its reference)."""
+    pre = p.astype(jnp.float32) + b
+    m = pre * jax.nn.sigmoid(pre)
+    msg = m * (jax.nn.sigmoid(jnp.sum(m * v, axis=1) + c[0]) * mask)[:, None]
+    return segment_sum(msg, receivers, n_nodes, sorted_ids=True)
+
+
+def gated_sum_grad_xla(p, b, v, c, mask, receivers, g_agg):
+    """:func:`~molgen.nn.pairgrad.gated_sum_grad` as array operations, with its rounding (its reference)."""
+    cdt, f32 = p.dtype, jnp.float32
+    pre = p.astype(f32) + b
+    m = pre * jax.nn.sigmoid(pre)
+    gm = g_agg.astype(f32)[receivers] * mask[:, None]
+    gate = jax.nn.sigmoid(jnp.sum(m * v, axis=1) + c[0])
+    dlogit = jnp.sum(gm * m, axis=1) * gate * (1.0 - gate)
+    gp = ((gm * gate[:, None] + dlogit[:, None] * v) * dsilu(pre)).astype(cdt)
+    return gp, gp.astype(f32).sum(0), jnp.sum(dlogit[:, None] * m, axis=0), jnp.sum(dlogit, keepdims=True)
+
+
+def gated_messages_xla(p, b, v, c, mask, dtype):
+    """The gated messages as :class:`molgen.nn.egnn.GCL` computes them without the kernels (XLA's rounding)."""
+    m = jax.nn.silu(p + b.astype(dtype))
+    logit = (jnp.sum(m.astype(jnp.float32) * v, axis=-1, keepdims=True) + c).astype(dtype)
+    return (m * jax.nn.sigmoid(logit)).astype(jnp.float32) * mask[:, None]
+
+
+def check_kernels(dtype=jnp.bfloat16, features: int = 256, seed: int = 0) -> dict[str, float]:
+    """The kernels against their array formulations (the same rounding) on small random molecules of this feature
+    width and compute type, where they will run (on a GPU: the compiled kernels; a few seconds): each output's
+    error relative to the reference (Euclidean norms), by name. RuntimeError if one is beyond
+    :data:`CHECK_TOLERANCE` (a wrong gather, a lost row or a miscompiled kernel is off by order one)."""
+    rng = np.random.default_rng(seed)
+    f32 = jnp.float32
+    sizes = np.concatenate([[pairgrad.MAX_ATOMS, 1, 2], rng.integers(1, pairgrad.MAX_ATOMS + 1, 9), [0, 0]])
+    receivers, senders, n_atoms, n_real = packed_pairs(sizes, pairgrad.TILE)
+    n, p = int(receivers.max()) + 1, len(receivers)
+    receivers, senders = jnp.asarray(receivers), jnp.asarray(senders)
+    hr, hs = (jnp.asarray(rng.normal(size=(n, features)), dtype) for _ in range(2))
+    attrs = jnp.asarray(rng.uniform(0, 9, size=(p, 2)), f32)
+    w, b = jnp.asarray(0.3 * rng.normal(size=(2, features)), f32), jnp.asarray(rng.normal(size=features), f32)
+    g = jnp.asarray(rng.normal(size=(p, features)) * (np.arange(p) < n_real)[:, None], dtype)  # padding: 0
+    got = jax.jit(pairgrad.first_layer_grad)(g, hr, hs, attrs, w, b, molecule_index(n_atoms))
+    want = jax.jit(first_layer_grad_xla)(g, hr, hs, attrs, w, b, receivers, senders)
+    names = ["first_layer.receivers", "first_layer.senders", "first_layer.attrs", "first_layer.weights",
+             "first_layer.bias"]
+    errors = dict(zip(names, map(_relative_error, got, want)))
+    mask = jnp.asarray((rng.uniform(size=p) < 0.9) & (np.arange(p) < n_real), f32)  # padding pairs masked
+    g_agg = jnp.asarray(rng.normal(size=(n, features)), f32)
+    args = (g, b, jnp.asarray(0.3 * rng.normal(size=features), f32), jnp.asarray([0.2], f32), mask)
+    got = jax.jit(pairgrad.gated_sums, static_argnums=6)(*args, molecule_index(n_atoms), n)
+    errors["gated_sum.sums"] = _relative_error(got, jax.jit(gated_sums_xla, static_argnums=6)(*args, receivers, n))
+    got = jax.jit(pairgrad.gated_sum_grad)(*args, receivers, g_agg)
+    want = jax.jit(gated_sum_grad_xla)(*args, receivers, g_agg)
+    names = ["gated_sum.pairs", "gated_sum.bias", "gated_sum.gate_weights", "gated_sum.gate_bias"]
+    errors.update(zip(names, map(_relative_error, got, want)))
+    tol = CHECK_TOLERANCE["bf16" if dtype == jnp.bfloat16 else "float32"]
+    bad = {k: v for k, v in errors.items() if not v <= tol}
+    if bad:
+        raise RuntimeError("the pair kernels disagree with their array formulations: "
+                           + ", ".join(f"{k} {v:.2e}" for k, v in bad.items()) + f" (tolerance {tol:.0e})")
+    return errors
+
+
+# Measured in Pallas's interpreter (2026-12-04, 32, 64 and 256 features): bf16 up to 3e-5 (the rows' gradients
+# rounded to bfloat16 after float32 sums in another order), float32 below 1e-6.
+CHECK_TOLERANCE = {"bf16": 3e-2, "float32": 1e-4}
+
+
+def packed_pairs(sizes, multiple: int = 1):
+    """(receivers, senders, atom counts, real pairs) of molecules of these sizes packed as
+    :func:`molgen.data.batching.pack` packs them, in numpy: the pairs (i, j), j != i, of each molecule by receiver,
+    then sender; then padding pairs up to a multiple of ``multiple``, self pairs on the padding node after the
+    atoms."""
+    rows, start = [], 0
+    for n in sizes:
+        i, j = np.nonzero(~np.eye(n, dtype=bool))
+        rows.append(np.stack([i, j]) + start)
+        start += n
+    pairs = np.concatenate(rows, axis=1) if rows else np.zeros((2, 0), int)
+    pad = -pairs.shape[1] % multiple
+    pairs = np.concatenate([pairs, np.full((2, pad), start)], axis=1).astype(np.int32)
+    return pairs[0], pairs[1], np.asarray(sizes, np.int32), pairs.shape[1] - pad
+
+
+def _relative_error(a, b) -> float:
+    a, b = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
+    return float(jnp.linalg.norm(a - b) / jnp.maximum(jnp.linalg.norm(b), 1e-30))
