@@ -40,10 +40,11 @@ import jax.numpy as jnp
 from molgen.nn.pairs import gather_rows
 
 MAX_ATOMS = 32  # the first layer's kernel: atoms a molecule may have (a receiver's pairs are one tile's rows)
-TILE = 128  # the gated sums' kernel: pair rows a kernel instance takes (the pair count must be a multiple)
+TILE = 128  # the gated gradient's kernel: pair rows a kernel instance takes (the pair count must be a multiple)
 COLS = 32  # features a tile computes at a time (registers: [TILE, COLS] float32 arrays, 128 a thread, no spills)
 WARPS = 4
-LAYER_WARPS = 2  # the first layer's kernel: [MAX_ATOMS, COLS] tiles, 127 registers a thread, no spills
+RECEIVERS = 2  # the first layer's kernel: receivers whose tiles it loads at once
+LAYER_WARPS = 2  # the first layer's and the gated sums' kernels ([MAX_ATOMS, COLS] tiles)
 INTERPRET: bool | None = None  # None: Pallas's interpreter where JAX's default backend is not a GPU
 
 
@@ -75,10 +76,11 @@ def _call(kernel, name: str, out_shape, grid: tuple[int, ...], interpret: bool |
 
 def _layer_kernel(n_ref, ns_ref, ps_ref, g_ref, a0_ref, a1_ref, hr_ref, hs_ref, w_ref, b_ref,
                   dhr_ref, dhs_ref, da0_ref, da1_ref, sb_ref, sw0_ref, sw1_ref, *, cdt):
-    """The first layer's backward pass over one molecule's pairs and :data:`COLS` features: a receiver i at a
-    time, its pair rows gathered into a tile of :data:`MAX_ATOMS` rows by sender (row j: pair (i, j); row i
-    and rows from n on masked), its sum written at once, the senders' sums (the tiles' sum) kept in registers
-    until the molecule is done; the program of the last (padding) graph writes zeros after the molecules."""
+    """The first layer's backward pass over one molecule's pairs and :data:`COLS` features: :data:`RECEIVERS`
+    receivers at a time (their loads in flight together), receiver i's pair rows gathered into a tile of
+    :data:`MAX_ATOMS` rows by sender (row j: pair (i, j); row i and rows from n on masked), its sum written at
+    once, the senders' sums (the tiles' sum) kept in registers until the molecule is done; the program of the
+    last (padding) graph writes zeros after the molecules."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as plgpu
 
@@ -91,27 +93,36 @@ def _layer_kernel(n_ref, ns_ref, ps_ref, g_ref, a0_ref, a1_ref, hr_ref, hs_ref, 
     w0, w1, bias = w_ref[0, cols], w_ref[1, cols], b_ref[cols]
     senders = jnp.minimum(ns + k, n_nodes - 1)
 
-    def receiver(i, acc):
-        total_s, sb, sw0, sw1 = acc
-        valid = (k < n) & (k != i)
+    def tile(i):  # receiver i's loads (none where i >= n)
+        valid = (k < n) & (k != i) & (i < n)
         rows = jnp.where(valid, ps + i * (n - 1) + k - (k > i).astype(jnp.int32), n_pairs + k)  # masked: beyond
-        a0 = plgpu.load(a0_ref.at[rows], mask=valid, other=0.0)
-        a1 = plgpu.load(a1_ref.at[rows], mask=valid, other=0.0)
-        pre = (hr_ref[ns + i, cols].astype(f32)[None, :] + hs_ref[senders, cols].astype(f32)
+        tile_valid = jnp.broadcast_to(valid[:, None], (MAX_ATOMS, COLS))
+        return (i, valid, rows, tile_valid, plgpu.load(a0_ref.at[rows], mask=valid, other=0.0),
+                plgpu.load(a1_ref.at[rows], mask=valid, other=0.0),
+                plgpu.load(g_ref.at[rows[:, None], col_ids], mask=tile_valid, other=0.0),
+                hr_ref[jnp.minimum(ns + i, n_nodes - 1), cols])
+
+    def receiver(acc, loaded):
+        total_s, sb, sw0, sw1 = acc
+        i, valid, rows, tile_valid, a0, a1, g, hr = loaded
+        pre = (hr.astype(f32)[None, :] + hs_ref[senders, cols].astype(f32)
                + a0[:, None] * w0[None, :] + a1[:, None] * w1[None, :] + bias[None, :])
         pre = pre.astype(cdt).astype(f32)  # the forward pass's rounding
-        tile_valid = jnp.broadcast_to(valid[:, None], (MAX_ATOMS, COLS))
-        g = plgpu.load(g_ref.at[rows[:, None], col_ids], mask=tile_valid, other=0.0).astype(f32)
-        gp = jnp.where(tile_valid, (g * dsilu(pre)).astype(cdt).astype(f32), 0.0)
+        gp = jnp.where(tile_valid, (g.astype(f32) * dsilu(pre)).astype(cdt).astype(f32), 0.0)
         total = jnp.sum(gp, axis=0)
-        dhr_ref[ns + i, cols] = total
+        plgpu.store(dhr_ref.at[ns + i, cols], total, mask=jnp.broadcast_to(i < n, (COLS,)))
         plgpu.store(da0_ref.at[c, rows], jnp.sum(gp * w0[None, :], axis=1), mask=valid)
         plgpu.store(da1_ref.at[c, rows], jnp.sum(gp * w1[None, :], axis=1), mask=valid)
         return (total_s + gp, sb + total, sw0 + jnp.sum(gp * a0[:, None], axis=0),
                 sw1 + jnp.sum(gp * a1[:, None], axis=0))
 
+    def receivers(t, acc):  # RECEIVERS at a time: their loads first, in flight together
+        for loaded in [tile(t * RECEIVERS + u) for u in range(RECEIVERS)]:
+            acc = receiver(acc, loaded)
+        return acc
+
     zero, zc = jnp.zeros((MAX_ATOMS, COLS), f32), jnp.zeros((COLS,), f32)
-    total_s, sb, sw0, sw1 = jax.lax.fori_loop(0, n, receiver, (zero, zc, zc, zc))
+    total_s, sb, sw0, sw1 = jax.lax.fori_loop(0, pl.cdiv(n, RECEIVERS), receivers, (zero, zc, zc, zc))
     plgpu.store(dhs_ref.at[pl.ds(ns, MAX_ATOMS), cols], total_s,
                 mask=jnp.broadcast_to((k < n)[:, None], (MAX_ATOMS, COLS)))
     sb_ref[m, cols], sw0_ref[m, cols], sw1_ref[m, cols] = sb, sw0, sw1
@@ -230,20 +241,21 @@ def gated_sum_grad(p, b, v, c, mask, receivers, g_agg, interpret: bool | None = 
 
 
 def _sums_kernel(n_ref, ns_ref, ps_ref, p_ref, mask_ref, b_ref, v_ref, c_ref, out_ref):
-    """The gated messages of one molecule's pairs summed into its receivers, in float32 from the product's rows: a
-    receiver at a time (its n - 1 pair rows, a tile of :data:`MAX_ATOMS` rows), a first pass over the features
-    for the gate's logit, a second for the sums; the program of the last (padding) graph writes zeros after the
+    """The gated messages of receiver i of molecule m (the program's ids) summed, in float32 from the product's
+    rows: its n - 1 pair rows, a tile of :data:`MAX_ATOMS` rows, a first pass over the features for the gate's
+    logit, a second for the sums (no work where i >= n); program (last graph, 0) writes zeros after the
     molecules."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as plgpu
 
-    m = pl.program_id(0)
+    m, i = pl.program_id(0), pl.program_id(1)
     n, ns, ps = n_ref[m], ns_ref[m], ps_ref[m]
     (_, nf), n_nodes, f32 = p_ref.shape, out_ref.shape[0], jnp.float32
     blocks = [pl.ds(q * COLS, COLS) for q in range(nf // COLS)]
     k = jax.lax.broadcasted_iota(jnp.int32, (MAX_ATOMS,), 0)
 
-    def receiver(i, carry):
+    @pl.when(i < n)
+    def _():
         rows, valid = pl.ds(ps + i * (n - 1), MAX_ATOMS), k < n - 1
         tile_valid = jnp.broadcast_to(valid[:, None], (MAX_ATOMS, COLS))
         mask = plgpu.load(mask_ref.at[rows], mask=valid, other=0.0)
@@ -257,11 +269,8 @@ def _sums_kernel(n_ref, ns_ref, ps_ref, p_ref, mask_ref, b_ref, v_ref, c_ref, ou
         for cols in blocks:
             msg = message(cols) * (gate * mask)[:, None]
             out_ref[ns + i, cols] = jnp.sum(jnp.where(tile_valid, msg, 0.0), axis=0)
-        return carry
 
-    jax.lax.fori_loop(0, n, receiver, 0)
-
-    @pl.when(m == pl.num_programs(0) - 1)
+    @pl.when((m == pl.num_programs(0) - 1) & (i == 0))
     def _():
         def node_rows(t, carry):
             start = ns + n + t * MAX_ATOMS
@@ -274,10 +283,11 @@ def _sums_kernel(n_ref, ns_ref, ps_ref, p_ref, mask_ref, b_ref, v_ref, c_ref, ou
 
 
 def gated_sums(p, b, v, c, mask, molecules, n_nodes: int, interpret: bool | None = None):
-    """:func:`gated_sum`'s value as one kernel (a program a molecule): [n_nodes, F] float32."""
+    """:func:`gated_sum`'s value as one kernel (a program a receiver, molecule by molecule): [n_nodes, F]
+    float32."""
     f32 = jnp.float32
     out_shape = jax.ShapeDtypeStruct((n_nodes, p.shape[1]), f32)
-    call = _call(_sums_kernel, "gated_sums", out_shape, (molecules[0].shape[0],), interpret, LAYER_WARPS)
+    call = _call(_sums_kernel, "gated_sums", out_shape, (molecules[0].shape[0], MAX_ATOMS), interpret, LAYER_WARPS)
     return call(*molecules, p, mask.astype(f32), b.astype(f32), v.astype(f32), c.astype(f32))
 
 
