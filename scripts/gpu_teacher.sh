@@ -74,13 +74,13 @@ if [ "${DRY:-0}" = 1 ]; then  # the CPU rehearsal: every step, tiny sizes
   bench_chunk="--chunk 5 --repeats 2"
 else
   # In this order, as far as the time goes (each measurement a process of its own, so that one that fails, a
-  # kernel that faults included, costs only itself): bf16 at 4096 (37,294 on 2026-12-04 before the gathers'
-  # gradients were summed by sorted indices: the 40,000 target), the same with the pair MLPs' gradient kernels
-  # (packed-kernel), tf32 with and without it and bf16 at the training batch (the teacher trains with the
+  # kernel that faults included, costs only itself): bf16 at 4096 with the pair MLPs' kernels (packed-kernel; the
+  # 40,000 target), the same without them (37,294 on 2026-12-04 before the gathers' gradients were summed by
+  # sorted indices), tf32 with and without them and bf16 at the training batch (the teacher trains with the
   # fastest; tf32 made 17,514 at 256 on 2026-12-04), tf32 and bf16 at EDM's batch 64 (the ratio to EDM's code
   # at its batch), then the rest. A measurement listed twice runs once. Compiling takes 33-43 s a measurement on
   # a fresh machine: ~60-70 s each.
-  bench_runs=edm:4096:bf16:packed,edm:4096:bf16:packed-kernel,edm:$batch:tf32:packed-kernel,edm:$batch:tf32:packed
+  bench_runs=edm:4096:bf16:packed-kernel,edm:4096:bf16:packed,edm:$batch:tf32:packed-kernel,edm:$batch:tf32:packed
   bench_runs=$bench_runs,edm:$batch:bf16:packed,edm:64:tf32:packed,edm:64:bf16:packed,edm:2048:bf16:packed
   bench_runs=$bench_runs,edm:1024:bf16:packed,edm:2048:bf16:grouped
   bench_runs=${BENCH_RUNS:-$bench_runs}
