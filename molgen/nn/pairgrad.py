@@ -74,6 +74,25 @@ def _call(kernel, name: str, out_shape, grid: tuple[int, ...], interpret: bool |
     return pl.pallas_call(kernel, out_shape=out_shape, grid=grid, interpret=interpret, name=name, **kw)
 
 
+def _zeros_after(start, n_rows, views):
+    """Zeros in rows ``start`` to ``n_rows`` of outputs: ``views`` map a ``pl.ds`` of rows to a ref's view
+    ([rows] or [rows, COLS])."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as plgpu
+
+    k = jax.lax.broadcasted_iota(jnp.int32, (MAX_ATOMS,), 0)
+
+    def rows(t, carry):
+        first = start + t * MAX_ATOMS
+        for view in views:
+            ref = view(pl.ds(first, MAX_ATOMS))
+            mask = jnp.broadcast_to((first + k < n_rows).reshape(MAX_ATOMS, *[1] * (ref.ndim - 1)), ref.shape)
+            plgpu.store(ref, jnp.zeros(ref.shape, jnp.float32), mask=mask)
+        return carry
+
+    jax.lax.fori_loop(0, pl.cdiv(n_rows - start, MAX_ATOMS), rows, 0)
+
+
 def _layer_kernel(n_ref, ns_ref, ps_ref, g_ref, a0_ref, a1_ref, hr_ref, hs_ref, w_ref, b_ref,
                   dhr_ref, dhs_ref, da0_ref, da1_ref, sb_ref, sw0_ref, sw1_ref, *, cdt):
     """The first layer's backward pass over one molecule's pairs and :data:`COLS` features: :data:`RECEIVERS`
@@ -129,21 +148,8 @@ def _layer_kernel(n_ref, ns_ref, ps_ref, g_ref, a0_ref, a1_ref, hr_ref, hs_ref, 
 
     @pl.when(m == pl.num_programs(0) - 1)
     def _():  # zeros after the last molecule's node rows and pair rows (padding)
-        def node_rows(t, carry):
-            start = ns + n + t * MAX_ATOMS
-            mask = jnp.broadcast_to((start + k < n_nodes)[:, None], (MAX_ATOMS, COLS))
-            plgpu.store(dhr_ref.at[pl.ds(start, MAX_ATOMS), cols], zero, mask=mask)
-            plgpu.store(dhs_ref.at[pl.ds(start, MAX_ATOMS), cols], zero, mask=mask)
-            return carry
-
-        def pair_rows(t, carry):
-            start, zeros = ps + n * (n - 1) + t * MAX_ATOMS, jnp.zeros((MAX_ATOMS,), f32)
-            plgpu.store(da0_ref.at[c, pl.ds(start, MAX_ATOMS)], zeros, mask=start + k < n_pairs)
-            plgpu.store(da1_ref.at[c, pl.ds(start, MAX_ATOMS)], zeros, mask=start + k < n_pairs)
-            return carry
-
-        jax.lax.fori_loop(0, pl.cdiv(n_nodes - ns - n, MAX_ATOMS), node_rows, 0)
-        jax.lax.fori_loop(0, pl.cdiv(n_pairs - ps - n * (n - 1), MAX_ATOMS), pair_rows, 0)
+        _zeros_after(ns + n, n_nodes, [lambda r: dhr_ref.at[r, cols], lambda r: dhs_ref.at[r, cols]])
+        _zeros_after(ps + n * (n - 1), n_pairs, [lambda r: da0_ref.at[c, r], lambda r: da1_ref.at[c, r]])
 
 
 def first_layer_grad(g, hr, hs, attrs, w, b, molecules, interpret: bool | None = None):
@@ -250,7 +256,7 @@ def _sums_kernel(n_ref, ns_ref, ps_ref, p_ref, mask_ref, b_ref, v_ref, c_ref, ou
 
     m, i = pl.program_id(0), pl.program_id(1)
     n, ns, ps = n_ref[m], ns_ref[m], ps_ref[m]
-    (_, nf), n_nodes, f32 = p_ref.shape, out_ref.shape[0], jnp.float32
+    nf, f32 = p_ref.shape[1], jnp.float32
     blocks = [pl.ds(q * COLS, COLS) for q in range(nf // COLS)]
     k = jax.lax.broadcasted_iota(jnp.int32, (MAX_ATOMS,), 0)
 
@@ -271,15 +277,8 @@ def _sums_kernel(n_ref, ns_ref, ps_ref, p_ref, mask_ref, b_ref, v_ref, c_ref, ou
             out_ref[ns + i, cols] = jnp.sum(jnp.where(tile_valid, msg, 0.0), axis=0)
 
     @pl.when((m == pl.num_programs(0) - 1) & (i == 0))
-    def _():
-        def node_rows(t, carry):
-            start = ns + n + t * MAX_ATOMS
-            mask = jnp.broadcast_to((start + k < n_nodes)[:, None], (MAX_ATOMS, COLS))
-            for cols in blocks:
-                plgpu.store(out_ref.at[pl.ds(start, MAX_ATOMS), cols], jnp.zeros((MAX_ATOMS, COLS), f32), mask=mask)
-            return carry
-
-        jax.lax.fori_loop(0, pl.cdiv(n_nodes - ns - n, MAX_ATOMS), node_rows, 0)
+    def _():  # zeros after the last molecule's node rows (padding)
+        _zeros_after(ns + n, out_ref.shape[0], [lambda r, cols=cols: out_ref.at[r, cols] for cols in blocks])
 
 
 def gated_sums(p, b, v, c, mask, molecules, n_nodes: int, interpret: bool | None = None):
