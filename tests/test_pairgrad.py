@@ -60,7 +60,7 @@ def test_gated_sum_gradient_equals_autodiff_of_its_forward_pass(dtype):
     def plain(*a):
         return segment_sum(gated_messages_xla(*a, mask, dtype), index[0], n, sorted_ids=True)
 
-    out, vjp = jax.vjp(lambda *a: gated_sum(*a, mask, index, n, dtype), *args)
+    out, vjp = jax.vjp(lambda *a: gated_sum(*a, mask, index, n), *args)
     want_out, want_vjp = jax.vjp(plain, *args)
     scale = float(jnp.abs(want_out).max())
     assert scale > 1.0 and not np.any(np.asarray(out[sum(sizes):]))  # padding rows: zeros (not NaN, not unset)

@@ -189,7 +189,7 @@ class GCL(nn.Module):
             m = EdgeInput(c.nf, c.split_edge_layer, dt, self.fused_attrs, name="edge_in")(h, edge_attr, pairs)
             w2, b2 = DenseParams((c.nf, c.nf), name="edge_out")()
             v, bv = DenseParams((c.nf, 1), name="att")()
-            agg = gated_sum(m @ w2.astype(dt), b2, v[:, 0], bv, edge_mask, pairs.index(), pairs.n_nodes, dt)
+            agg = gated_sum(m @ w2.astype(dt), b2, v[:, 0], bv, edge_mask, pairs.index(), pairs.n_nodes)
         else:
             agg = pairs.sum(self._messages(h, edge_attr, pairs, edge_mask))
         agg = agg / c.normalization_factor

@@ -290,22 +290,22 @@ def gated_sums(p, b, v, c, mask, molecules, n_nodes: int, interpret: bool | None
     return call(*molecules, p, mask.astype(f32), b.astype(f32), v.astype(f32), c.astype(f32))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
-def gated_sum(p, b, v, c, mask, index, n_nodes, dtype):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def gated_sum(p, b, v, c, mask, index, n_nodes):
     """The edge MLP's gated messages summed into their receivers: ``sum_j m_ij sigmoid(m_ij . v + c) mask_ij``,
-    ``m = silu(p + b)`` (``p``: the second layer's product, [P, F] in ``dtype``), as :class:`molgen.nn.egnn.GCL`
-    computes them (in float32 here); [N, F] float32. ``index``: (receivers, senders, molecules) of a
-    packed graph (:meth:`molgen.nn.pairs.Pairs.index`). Both passes are kernels (:func:`gated_sums`,
+    ``m = silu(p + b)`` (``p``: the second layer's product, [P, F] in the compute type), as
+    :class:`molgen.nn.egnn.GCL` computes them (in float32 here); [N, F] float32. ``index``: (receivers, senders,
+    molecules) of a packed graph (:meth:`molgen.nn.pairs.Pairs.index`). Both passes are kernels (:func:`gated_sums`,
     :func:`gated_sum_grad`), which compute ``m`` and the gate from ``p`` instead of writing them: no
     [pairs, features] array is written but the gradient of ``p``."""
     return gated_sums(p, b, v, c, mask, index[2], n_nodes)
 
 
-def _gated_sum_fwd(p, b, v, c, mask, index, n_nodes, dtype):
-    return gated_sum(p, b, v, c, mask, index, n_nodes, dtype), (p, b, v, c, mask, index[0])
+def _gated_sum_fwd(p, b, v, c, mask, index, n_nodes):
+    return gated_sum(p, b, v, c, mask, index, n_nodes), (p, b, v, c, mask, index[0])
 
 
-def _gated_sum_bwd(n_nodes, dtype, res, g):
+def _gated_sum_bwd(n_nodes, res, g):
     p, b, v, c, mask, receivers = res
     gp, gb, gv, gc = gated_sum_grad(p, b, v, c, mask, receivers, g)
     return gp, gb.astype(b.dtype), gv.astype(v.dtype), gc.astype(c.dtype), jnp.zeros_like(mask), None
