@@ -17,7 +17,7 @@ from pathlib import Path
 
 def kind(name: str) -> str:
     n = name.lower()
-    for key, label in (("first_pair_layer_grad", "pair kernel"), ("gated_sum", "pair kernel"),
+    for key, label in (("first_pair_layer_grad", "pair kernel"), ("gated_sum_grad", "pair kernel"),
                        ("gemm", "matmul"), ("cublas", "matmul"), ("cutlass", "matmul"), ("dot", "matmul"),
                        ("matmul", "matmul"), ("triton", "fusion"), ("scatter", "scatter"), ("gather", "gather"),
                        ("reduce", "reduction"), ("copy", "copy"), ("memcpy", "copy"), ("memset", "copy"),

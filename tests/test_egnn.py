@@ -203,8 +203,7 @@ def _scale(a):
 
 @pytest.mark.parametrize("reflect,kernel", [(False, False), (True, False), (False, True)])
 def test_bf16_rotation_reflection_translation_and_masks(reflect, kernel):
-    """bf16, also as training builds it with the pair kernels (the gated messages' sums a kernel of molgen's own,
-    in Pallas's interpreter here)."""
+    """bf16, also as training builds it with the pair kernels (their forward pass is XLA's own arrangement)."""
     from molgen.nn.pairgrad import supported
 
     rng = np.random.default_rng(3 + reflect)  # fixed draws: the bound vs float32 is statistical

@@ -8,8 +8,8 @@ real pairs contribute: every message is multiplied by its edge mask and every no
 indices (:func:`molgen.nn.pairs.sender_rows`), which a GPU adds run by run instead of with an atomic add per
 element; without it (sampling) the network also takes forward-mode derivatives (``jax.jvp``), which
 :func:`~molgen.nn.pairs.sender_rows` does not. With ``pair_kernel`` (training on a GPU in bf16 or TF32, packed
-batches of molecules of up to 32 atoms) the backward passes of the pair MLPs' first layers, and the gated
-messages' sums and their backward pass, are GPU kernels (:mod:`molgen.nn.pairgrad`).
+batches of molecules of up to 32 atoms) the backward passes of the pair MLPs' first layers and of the gated
+messages' sums are GPU kernels (:mod:`molgen.nn.pairgrad`).
 
 Layout, as in EDM's ``EGNN``: an input embedding, ``n_layers`` equivariant blocks, each with
 ``inv_sublayers`` graph-convolution sub-layers (edge MLP, optional attention gate, sum aggregation divided
@@ -189,7 +189,7 @@ class GCL(nn.Module):
             m = EdgeInput(c.nf, c.split_edge_layer, dt, self.fused_attrs, name="edge_in")(h, edge_attr, pairs)
             w2, b2 = DenseParams((c.nf, c.nf), name="edge_out")()
             v, bv = DenseParams((c.nf, 1), name="att")()
-            agg = gated_sum(m @ w2.astype(dt), b2, v[:, 0], bv, edge_mask, pairs.index(), pairs.n_nodes)
+            agg = gated_sum(m @ w2.astype(dt), b2, v[:, 0], bv, edge_mask, pairs.receivers, pairs.n_nodes, dt)
         else:
             agg = pairs.sum(self._messages(h, edge_attr, pairs, edge_mask))
         agg = agg / c.normalization_factor

@@ -25,31 +25,16 @@ def first_layer_grad_xla(g, hr, hs, attrs, w, b, receivers, senders):
             jnp.stack([jnp.sum(gf * attrs[:, :1], 0), jnp.sum(gf * attrs[:, 1:], 0)]), gf.sum(0))
 
 
-def gated_sums_xla(p, b, v, c, mask, receivers, n_nodes: int):
-    """:func:`~molgen.nn.pairgrad.gated_sums` as array operations (its reference)."""
-    pre = p.astype(jnp.float32) + b
-    m = pre * jax.nn.sigmoid(pre)
-    msg = m * (jax.nn.sigmoid(jnp.sum(m * v, axis=1) + c[0]) * mask)[:, None]
-    return segment_sum(msg, receivers, n_nodes, sorted_ids=True)
-
-
 def gated_sum_grad_xla(p, b, v, c, mask, receivers, g_agg):
     """:func:`~molgen.nn.pairgrad.gated_sum_grad` as array operations, with its rounding (its reference)."""
     cdt, f32 = p.dtype, jnp.float32
-    pre = p.astype(f32) + b
-    m = pre * jax.nn.sigmoid(pre)
+    pre = (p.astype(f32) + b).astype(cdt).astype(f32)
+    m = (pre * jax.nn.sigmoid(pre)).astype(cdt).astype(f32)
     gm = g_agg.astype(f32)[receivers] * mask[:, None]
-    gate = jax.nn.sigmoid(jnp.sum(m * v, axis=1) + c[0])
+    gate = jax.nn.sigmoid((jnp.sum(m * v, axis=1) + c[0]).astype(cdt).astype(f32))
     dlogit = jnp.sum(gm * m, axis=1) * gate * (1.0 - gate)
     gp = ((gm * gate[:, None] + dlogit[:, None] * v) * dsilu(pre)).astype(cdt)
     return gp, gp.astype(f32).sum(0), jnp.sum(dlogit[:, None] * m, axis=0), jnp.sum(dlogit, keepdims=True)
-
-
-def gated_messages_xla(p, b, v, c, mask, dtype):
-    """The gated messages as :class:`molgen.nn.egnn.GCL` computes them without the kernels (XLA's rounding)."""
-    m = jax.nn.silu(p + b.astype(dtype))
-    logit = (jnp.sum(m.astype(jnp.float32) * v, axis=-1, keepdims=True) + c).astype(dtype)
-    return (m * jax.nn.sigmoid(logit)).astype(jnp.float32) * mask[:, None]
 
 
 def check_kernels(dtype=jnp.bfloat16, features: int = 256, seed: int = 0) -> dict[str, float]:
@@ -75,8 +60,6 @@ def check_kernels(dtype=jnp.bfloat16, features: int = 256, seed: int = 0) -> dic
     mask = jnp.asarray((rng.uniform(size=p) < 0.9) & (np.arange(p) < n_real), f32)  # padding pairs masked
     g_agg = jnp.asarray(rng.normal(size=(n, features)), f32)
     args = (g, b, jnp.asarray(0.3 * rng.normal(size=features), f32), jnp.asarray([0.2], f32), mask)
-    got = jax.jit(pairgrad.gated_sums, static_argnums=6)(*args, molecule_index(n_atoms), n)
-    errors["gated_sum.sums"] = _relative_error(got, jax.jit(gated_sums_xla, static_argnums=6)(*args, receivers, n))
     got = jax.jit(pairgrad.gated_sum_grad)(*args, receivers, g_agg)
     want = jax.jit(gated_sum_grad_xla)(*args, receivers, g_agg)
     names = ["gated_sum.pairs", "gated_sum.bias", "gated_sum.gate_weights", "gated_sum.gate_bias"]
@@ -89,8 +72,8 @@ def check_kernels(dtype=jnp.bfloat16, features: int = 256, seed: int = 0) -> dic
     return errors
 
 
-# Measured in Pallas's interpreter (2026-12-04, 32, 64 and 256 features): bf16 up to 3e-5 (the rows' gradients
-# rounded to bfloat16 after float32 sums in another order), float32 below 1e-6.
+# Measured in Pallas's interpreter (2026-12-04, 32, 64 and 256 features): bf16 up to 2.5e-3 (the gate's weights:
+# a logit summed in another order rounds to the next bfloat16 in a few rows), float32 below 1e-6.
 CHECK_TOLERANCE = {"bf16": 3e-2, "float32": 1e-4}
 
 

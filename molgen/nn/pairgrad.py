@@ -18,12 +18,11 @@ reads ``g`` once and writes no [pairs, features] array: a program takes one mole
 no atomic adds (every node row belongs to one molecule).
 
 **The edge MLP's gated messages** summed into their receivers (:func:`gated_sum`, :class:`molgen.nn.egnn.GCL`
-with attention): ``m = silu(p + b)`` from the second layer's product ``p``, the gate
-``sigmoid(m . v + c)``, computed in float32 from ``p`` in both passes, never written (XLA's bf16 rounds m and the
-gate). The forward pass, :func:`gated_sums`, takes a molecule a program and a receiver at a time (its pairs are
-consecutive rows): the gate's logit over the features, then the sums, where XLA writes the logits and sums the
-messages with a scatter-add. The backward pass, :func:`gated_sum_grad`, computes the gate's logit and gradient
-over each tile's features, then the gradient of ``p`` and the column sums of ``b`` and ``v``.
+with attention): ``m = silu(p + b)`` from the second layer's product ``p``, the gate ``sigmoid(m . v + c)``.
+The forward pass is XLA's, writing no messages (the logits, then the sums with a scatter-add, the messages
+computed again from ``p``); the backward pass, :func:`gated_sum_grad`, computes the gate's logit and gradient
+over each tile's features with the forward pass's rounding, then the gradient of ``p`` and the column sums of
+``b`` and ``v``.
 
 Off a GPU the kernels run in Pallas's interpreter (slow; for tests): tests/test_pairgrad.py compares them with
 their array formulations (:mod:`molgen.nn.kernelcheck`), which :func:`molgen.nn.kernelcheck.check_kernels` also
@@ -37,14 +36,14 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from molgen.nn.pairs import gather_rows
+from molgen.nn.pairs import gather_rows, segment_sum
 
 MAX_ATOMS = 32  # the first layer's kernel: atoms a molecule may have (a receiver's pairs are one tile's rows)
 TILE = 128  # the gated gradient's kernel: pair rows a kernel instance takes (the pair count must be a multiple)
 COLS = 32  # features a tile computes at a time (registers: [TILE, COLS] float32 arrays, 128 a thread, no spills)
 WARPS = 4
 RECEIVERS = 2  # the first layer's kernel: receivers whose tiles it loads at once
-LAYER_WARPS = 2  # the first layer's and the gated sums' kernels ([MAX_ATOMS, COLS] tiles)
+LAYER_WARPS = 2  # the first layer's kernel ([MAX_ATOMS, COLS] tiles)
 INTERPRET: bool | None = None  # None: Pallas's interpreter where JAX's default backend is not a GPU
 
 
@@ -209,8 +208,9 @@ def _gated_kernel(p_ref, r_ref, mask_ref, ga_ref, b_ref, v_ref, c_ref, gp_ref, s
 
     def message(k):
         cols = pl.ds(pl.multiple_of(k * COLS, COLS), COLS)
-        pre = p_ref[rows, cols].astype(f32) + b_ref[cols][None, :]
-        return cols, pre, pre * jax.nn.sigmoid(pre), ga_ref[r, cols] * mask[:, None]
+        pre = (p_ref[rows, cols].astype(f32) + b_ref[cols][None, :]).astype(cdt).astype(f32)
+        m = (pre * jax.nn.sigmoid(pre)).astype(cdt).astype(f32)  # the forward pass's rounding
+        return cols, pre, m, ga_ref[r, cols] * mask[:, None]
 
     def gate_block(k, carry):
         cols, _, m, gm = message(k)
@@ -218,7 +218,7 @@ def _gated_kernel(p_ref, r_ref, mask_ref, ga_ref, b_ref, v_ref, c_ref, gp_ref, s
 
     zero = jnp.zeros((TILE,), f32)
     logit, dgate = jax.lax.fori_loop(0, blocks, gate_block, (zero, zero))
-    gate = jax.nn.sigmoid(logit + c_ref[0])
+    gate = jax.nn.sigmoid((logit + c_ref[0]).astype(cdt).astype(f32))
     dlogit = dgate * gate * (1.0 - gate)
 
     def grad_block(k, carry):
@@ -246,66 +246,28 @@ def gated_sum_grad(p, b, v, c, mask, receivers, g_agg, interpret: bool | None = 
     return gp, sb.sum(0), sv.sum(0), sc.sum(0, keepdims=True)
 
 
-def _sums_kernel(n_ref, ns_ref, ps_ref, p_ref, mask_ref, b_ref, v_ref, c_ref, out_ref):
-    """The gated messages of receiver i of molecule m (the program's ids) summed, in float32 from the product's
-    rows: its n - 1 pair rows, a tile of :data:`MAX_ATOMS` rows, a first pass over the features for the gate's
-    logit, a second for the sums (no work where i >= n); program (last graph, 0) writes zeros after the
-    molecules."""
-    from jax.experimental import pallas as pl
-    from jax.experimental.pallas import triton as plgpu
-
-    m, i = pl.program_id(0), pl.program_id(1)
-    n, ns, ps = n_ref[m], ns_ref[m], ps_ref[m]
-    nf, f32 = p_ref.shape[1], jnp.float32
-    blocks = [pl.ds(q * COLS, COLS) for q in range(nf // COLS)]
-    k = jax.lax.broadcasted_iota(jnp.int32, (MAX_ATOMS,), 0)
-
-    @pl.when(i < n)
-    def _():
-        rows, valid = pl.ds(ps + i * (n - 1), MAX_ATOMS), k < n - 1
-        tile_valid = jnp.broadcast_to(valid[:, None], (MAX_ATOMS, COLS))
-        mask = plgpu.load(mask_ref.at[rows], mask=valid, other=0.0)
-
-        def message(cols):  # in float32 from the product's rows
-            pre = plgpu.load(p_ref.at[rows, cols], mask=tile_valid, other=0.0).astype(f32) + b_ref[cols][None, :]
-            return pre * jax.nn.sigmoid(pre)
-
-        logit = sum(jnp.sum(message(cols) * v_ref[cols][None, :], axis=1) for cols in blocks)
-        gate = jax.nn.sigmoid(logit + c_ref[0])
-        for cols in blocks:
-            msg = message(cols) * (gate * mask)[:, None]
-            out_ref[ns + i, cols] = jnp.sum(jnp.where(tile_valid, msg, 0.0), axis=0)
-
-    @pl.when((m == pl.num_programs(0) - 1) & (i == 0))
-    def _():  # zeros after the last molecule's node rows (padding)
-        _zeros_after(ns + n, out_ref.shape[0], [lambda r, cols=cols: out_ref.at[r, cols] for cols in blocks])
+def gated_messages(p, b, v, c, mask, dtype):
+    """The gated messages ``m sigmoid(m . v + c) mask``, ``m = silu(p + b)`` in ``dtype`` from the second layer's
+    product ``p`` [P, F] (XLA fuses them with their sums and never writes them)."""
+    m = jax.nn.silu(p + b.astype(dtype))
+    logit = (jnp.sum(m.astype(jnp.float32) * v, axis=-1, keepdims=True) + c).astype(dtype)
+    return (m * jax.nn.sigmoid(logit)).astype(jnp.float32) * mask[:, None]
 
 
-def gated_sums(p, b, v, c, mask, molecules, n_nodes: int, interpret: bool | None = None):
-    """:func:`gated_sum`'s value as one kernel (a program a receiver, molecule by molecule): [n_nodes, F]
-    float32."""
-    f32 = jnp.float32
-    out_shape = jax.ShapeDtypeStruct((n_nodes, p.shape[1]), f32)
-    call = _call(_sums_kernel, "gated_sums", out_shape, (molecules[0].shape[0], MAX_ATOMS), interpret, LAYER_WARPS)
-    return call(*molecules, p, mask.astype(f32), b.astype(f32), v.astype(f32), c.astype(f32))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+def gated_sum(p, b, v, c, mask, receivers, n_nodes, dtype):
+    """The edge MLP's gated messages (:func:`gated_messages`) summed into their (sorted) receivers, as
+    :class:`molgen.nn.egnn.GCL` computes them; [N, F] float32. Its gradient is one kernel
+    (:func:`gated_sum_grad`), which computes the messages and the gate again from ``p`` instead of reading them:
+    the forward pass writes no [pairs, features] array."""
+    return segment_sum(gated_messages(p, b, v, c, mask, dtype), receivers, n_nodes, sorted_ids=True)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def gated_sum(p, b, v, c, mask, index, n_nodes):
-    """The edge MLP's gated messages summed into their receivers: ``sum_j m_ij sigmoid(m_ij . v + c) mask_ij``,
-    ``m = silu(p + b)`` (``p``: the second layer's product, [P, F] in the compute type), as
-    :class:`molgen.nn.egnn.GCL` computes them (in float32 here); [N, F] float32. ``index``: (receivers, senders,
-    molecules) of a packed graph (:meth:`molgen.nn.pairs.Pairs.index`). Both passes are kernels (:func:`gated_sums`,
-    :func:`gated_sum_grad`), which compute ``m`` and the gate from ``p`` instead of writing them: no
-    [pairs, features] array is written but the gradient of ``p``."""
-    return gated_sums(p, b, v, c, mask, index[2], n_nodes)
+def _gated_sum_fwd(p, b, v, c, mask, receivers, n_nodes, dtype):
+    return gated_sum(p, b, v, c, mask, receivers, n_nodes, dtype), (p, b, v, c, mask, receivers)
 
 
-def _gated_sum_fwd(p, b, v, c, mask, index, n_nodes):
-    return gated_sum(p, b, v, c, mask, index, n_nodes), (p, b, v, c, mask, index[0])
-
-
-def _gated_sum_bwd(n_nodes, res, g):
+def _gated_sum_bwd(n_nodes, dtype, res, g):
     p, b, v, c, mask, receivers = res
     gp, gb, gv, gc = gated_sum_grad(p, b, v, c, mask, receivers, g)
     return gp, gb.astype(b.dtype), gv.astype(v.dtype), gc.astype(c.dtype), jnp.zeros_like(mask), None
