@@ -13,9 +13,10 @@ by receiver and by sender), the bias' and the attribute weights' gradients (sums
 then reads it four times: for the weights' sums, the attributes' gradients and the two scatter-adds into the
 node rows (the senders' over the reversed pairs, :func:`molgen.nn.pairs.sender_rows`). :func:`first_layer_grad`
 reads ``g`` once and writes no [pairs, features] array: a program takes one molecule (its pairs are rows
-(i, j), j != i, by receiver, then sender, after the molecules before it) and :data:`COLS` features, computes
-``pre`` again from the node rows, writes each receiver's sum as it goes and the senders' sums at the end, with
-no atomic adds (every node row belongs to one molecule).
+(i, j), j != i, by receiver, then sender, after the molecules before it) and :data:`COLS` features, a tile of
+consecutive pair rows at a time, computes ``pre`` again from the node rows and adds the tile into the receivers'
+and the senders' sums with one-hot products (tensor cores), written when the molecule is done: no atomic adds
+(every node row belongs to one molecule).
 
 **The edge MLP's gated messages** summed into their receivers (:func:`gated_sum`, :class:`molgen.nn.egnn.GCL`
 with attention): ``m = silu(p + b)`` from the second layer's product ``p``, the gate ``sigmoid(m . v + c)``.
@@ -38,12 +39,11 @@ import jax.numpy as jnp
 
 from molgen.nn.pairs import gather_rows, segment_sum
 
-MAX_ATOMS = 32  # the first layer's kernel: atoms a molecule may have (a receiver's pairs are one tile's rows)
+MAX_ATOMS = 32  # the first layer's kernel: atoms a molecule may have, and pair rows a tile takes
 TILE = 128  # the gated gradient's kernel: pair rows a kernel instance takes (the pair count must be a multiple)
 COLS = 32  # features a tile computes at a time (registers: [TILE, COLS] float32 arrays, 128 a thread, no spills)
 WARPS = 4
-RECEIVERS = 2  # the first layer's kernel: receivers whose tiles it loads at once
-LAYER_WARPS = 2  # the first layer's kernel ([MAX_ATOMS, COLS] tiles)
+LAYER_WARPS = 4  # the first layer's kernel ([MAX_ATOMS, COLS] tiles: 128 registers a thread, no spills)
 INTERPRET: bool | None = None  # None: Pallas's interpreter where JAX's default backend is not a GPU
 
 
@@ -94,56 +94,58 @@ def _zeros_after(start, n_rows, views):
 
 def _layer_kernel(n_ref, ns_ref, ps_ref, g_ref, a0_ref, a1_ref, hr_ref, hs_ref, w_ref, b_ref,
                   dhr_ref, dhs_ref, da0_ref, da1_ref, sb_ref, sw0_ref, sw1_ref, *, cdt):
-    """The first layer's backward pass over one molecule's pairs and :data:`COLS` features: :data:`RECEIVERS`
-    receivers at a time (their loads in flight together), receiver i's pair rows gathered into a tile of
-    :data:`MAX_ATOMS` rows by sender (row j: pair (i, j); row i and rows from n on masked), its sum written at
-    once, the senders' sums (the tiles' sum) kept in registers until the molecule is done; the program of the
-    last (padding) graph writes zeros after the molecules."""
+    """The first layer's backward pass over one molecule's pairs and :data:`COLS` features, a tile of
+    :data:`MAX_ATOMS` consecutive pair rows at a time (pair (i, j) by receiver i, then sender j != i): the tiles'
+    sums by receiver and by sender as products with one-hot matrices [atoms, rows] (tensor cores; float32 rows
+    split into three bfloat16 parts, which the products add exactly), kept in registers until the molecule is
+    done; the program of the last (padding) graph writes zeros after the molecules."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as plgpu
 
     m, c = pl.program_id(0), pl.program_id(1)
     n, ns, ps = n_ref[m], ns_ref[m], ps_ref[m]
-    (n_pairs, _), n_nodes, f32 = g_ref.shape, hs_ref.shape[0], jnp.float32
+    (n_pairs, _), n_nodes, f32, bf16 = g_ref.shape, hs_ref.shape[0], jnp.float32, jnp.bfloat16
     cols = pl.ds(pl.multiple_of(c * COLS, COLS), COLS)
-    col_ids = c * COLS + jax.lax.broadcasted_iota(jnp.int32, (1, COLS), 1)
     k = jax.lax.broadcasted_iota(jnp.int32, (MAX_ATOMS,), 0)
     w0, w1, bias = w_ref[0, cols], w_ref[1, cols], b_ref[cols]
-    senders = jnp.minimum(ns + k, n_nodes - 1)
+    others = jnp.maximum(n - 1, 1)
 
-    def tile(i):  # receiver i's loads (none where i >= n)
-        valid = (k < n) & (k != i) & (i < n)
-        rows = jnp.where(valid, ps + i * (n - 1) + k - (k > i).astype(jnp.int32), n_pairs + k)  # masked: beyond
-        tile_valid = jnp.broadcast_to(valid[:, None], (MAX_ATOMS, COLS))
-        return (i, valid, rows, tile_valid, plgpu.load(a0_ref.at[rows], mask=valid, other=0.0),
-                plgpu.load(a1_ref.at[rows], mask=valid, other=0.0),
-                plgpu.load(g_ref.at[rows[:, None], col_ids], mask=tile_valid, other=0.0),
-                hr_ref[jnp.minimum(ns + i, n_nodes - 1), cols])
-
-    def receiver(acc, loaded):
-        total_s, sb, sw0, sw1 = acc
-        i, valid, rows, tile_valid, a0, a1, g, hr = loaded
-        pre = (hr.astype(f32)[None, :] + hs_ref[senders, cols].astype(f32)
+    def tile(t, acc):
+        by_receiver, by_sender, sw0, sw1 = acc
+        pair = t * MAX_ATOMS + k  # within the molecule
+        valid = pair < n * (n - 1)
+        rows, tile_valid = pl.ds(ps + t * MAX_ATOMS, MAX_ATOMS), jnp.broadcast_to(valid[:, None], (MAX_ATOMS, COLS))
+        i = pair // others
+        j = pair - i * others
+        j = j + (j >= i).astype(jnp.int32)
+        a0 = plgpu.load(a0_ref.at[rows], mask=valid, other=0.0)
+        a1 = plgpu.load(a1_ref.at[rows], mask=valid, other=0.0)
+        g = plgpu.load(g_ref.at[rows, cols], mask=tile_valid, other=0.0).astype(f32)
+        pre = (hr_ref[jnp.minimum(ns + i, n_nodes - 1), cols].astype(f32)
+               + hs_ref[jnp.minimum(ns + j, n_nodes - 1), cols].astype(f32)
                + a0[:, None] * w0[None, :] + a1[:, None] * w1[None, :] + bias[None, :])
         pre = pre.astype(cdt).astype(f32)  # the forward pass's rounding
-        gp = jnp.where(tile_valid, (g.astype(f32) * dsilu(pre)).astype(cdt).astype(f32), 0.0)
-        total = jnp.sum(gp, axis=0)
-        plgpu.store(dhr_ref.at[ns + i, cols], total, mask=jnp.broadcast_to(i < n, (COLS,)))
+        gp = jnp.where(tile_valid, (g * dsilu(pre)).astype(cdt).astype(f32), 0.0)
         plgpu.store(da0_ref.at[c, rows], jnp.sum(gp * w0[None, :], axis=1), mask=valid)
         plgpu.store(da1_ref.at[c, rows], jnp.sum(gp * w1[None, :], axis=1), mask=valid)
-        return (total_s + gp, sb + total, sw0 + jnp.sum(gp * a0[:, None], axis=0),
-                sw1 + jnp.sum(gp * a1[:, None], axis=0))
+        at_i = ((i[None, :] == k[:, None]) & valid[None, :]).astype(bf16)  # [atom, row]
+        at_j = ((j[None, :] == k[:, None]) & valid[None, :]).astype(bf16)
+        rest = gp
+        for _ in range(1 if cdt == jnp.bfloat16 else 3):  # bf16 parts of the rows: exact in sum
+            part = rest.astype(bf16)
+            rest = rest - part.astype(f32)
+            by_receiver = by_receiver + jnp.dot(at_i, part, preferred_element_type=f32)
+            by_sender = by_sender + jnp.dot(at_j, part, preferred_element_type=f32)
+        return by_receiver, by_sender, sw0 + gp * a0[:, None], sw1 + gp * a1[:, None]
 
-    def receivers(t, acc):  # RECEIVERS at a time: their loads first, in flight together
-        for loaded in [tile(t * RECEIVERS + u) for u in range(RECEIVERS)]:
-            acc = receiver(acc, loaded)
-        return acc
-
-    zero, zc = jnp.zeros((MAX_ATOMS, COLS), f32), jnp.zeros((COLS,), f32)
-    total_s, sb, sw0, sw1 = jax.lax.fori_loop(0, pl.cdiv(n, RECEIVERS), receivers, (zero, zc, zc, zc))
-    plgpu.store(dhs_ref.at[pl.ds(ns, MAX_ATOMS), cols], total_s,
-                mask=jnp.broadcast_to((k < n)[:, None], (MAX_ATOMS, COLS)))
-    sb_ref[m, cols], sw0_ref[m, cols], sw1_ref[m, cols] = sb, sw0, sw1
+    zero = jnp.zeros((MAX_ATOMS, COLS), f32)
+    by_receiver, by_sender, sw0, sw1 = jax.lax.fori_loop(0, pl.cdiv(n * (n - 1), MAX_ATOMS), tile,
+                                                         (zero, zero, zero, zero))
+    atoms = jnp.broadcast_to((k < n)[:, None], (MAX_ATOMS, COLS))
+    plgpu.store(dhr_ref.at[pl.ds(ns, MAX_ATOMS), cols], by_receiver, mask=atoms)
+    plgpu.store(dhs_ref.at[pl.ds(ns, MAX_ATOMS), cols], by_sender, mask=atoms)
+    sb_ref[m, cols] = jnp.sum(by_receiver, axis=0)
+    sw0_ref[m, cols], sw1_ref[m, cols] = jnp.sum(sw0, axis=0), jnp.sum(sw1, axis=0)
 
     @pl.when(m == pl.num_programs(0) - 1)
     def _():  # zeros after the last molecule's node rows and pair rows (padding)
