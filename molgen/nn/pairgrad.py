@@ -42,8 +42,7 @@ from molgen.nn.pairs import gather_rows, segment_sum
 MAX_ATOMS = 32  # the first layer's kernel: atoms a molecule may have, and pair rows a tile takes
 TILE = 128  # the gated gradient's kernel: pair rows a kernel instance takes (the pair count must be a multiple)
 COLS = 32  # features a tile computes at a time (registers: [TILE, COLS] float32 arrays, 128 a thread, no spills)
-WARPS = 4
-LAYER_WARPS = 4  # the first layer's kernel ([MAX_ATOMS, COLS] tiles: 128 registers a thread, no spills)
+WARPS = 4  # (the first layer's kernel: [MAX_ATOMS, COLS] tiles, 128 registers a thread, no spills)
 INTERPRET: bool | None = None  # None: Pallas's interpreter where JAX's default backend is not a GPU
 
 
@@ -58,7 +57,7 @@ def dsilu(x):
     return s * (1.0 + x * (1.0 - s))
 
 
-def _call(kernel, name: str, out_shape, grid: tuple[int, ...], interpret: bool | None, warps: int = WARPS):
+def _call(kernel, name: str, out_shape, grid: tuple[int, ...], interpret: bool | None):
     """The kernel over ``grid``: compiled by Triton, or run in Pallas's interpreter (``interpret``; None:
     :data:`INTERPRET`)."""
     from jax.experimental import pallas as pl
@@ -69,7 +68,7 @@ def _call(kernel, name: str, out_shape, grid: tuple[int, ...], interpret: bool |
     if not interpret:
         from jax.experimental.pallas import triton as plgpu
 
-        kw["compiler_params"] = plgpu.CompilerParams(num_warps=warps, num_stages=1)
+        kw["compiler_params"] = plgpu.CompilerParams(num_warps=WARPS, num_stages=1)
     return pl.pallas_call(kernel, out_shape=out_shape, grid=grid, interpret=interpret, name=name, **kw)
 
 
@@ -166,7 +165,7 @@ def first_layer_grad(g, hr, hs, attrs, w, b, molecules, interpret: bool | None =
                  *[jax.ShapeDtypeStruct((n_graphs, nf), f32)] * 3)
     d_hr, d_hs, da0, da1, sb, sw0, sw1 = _call(
         functools.partial(_layer_kernel, cdt=g.dtype), "first_pair_layer_grad", out_shape, (n_graphs, nf // COLS),
-        interpret, LAYER_WARPS)(*molecules, g, attrs[:, 0].astype(f32), attrs[:, 1].astype(f32), hr, hs,
+        interpret)(*molecules, g, attrs[:, 0].astype(f32), attrs[:, 1].astype(f32), hr, hs,
                                 w.astype(f32), b.astype(f32))
     return d_hr, d_hs, jnp.stack([da0.sum(0), da1.sum(0)], -1), jnp.stack([sw0.sum(0), sw1.sum(0)]), sb.sum(0)
 
