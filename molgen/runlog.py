@@ -55,8 +55,9 @@ class Diverged(MolgenError):
 
 
 class MetricsLog:
-    """metrics.jsonl (every LOG_EVERY steps and at every chunk's end) and the progress: a line (step, loss,
-    steps/s, time left: to the last step, or to the end of the time budget ``max_seconds`` if that comes first)
+    """metrics.jsonl (every LOG_EVERY steps and at every chunk's end; steps/s there is the chunk's, checkpoints
+    and evaluations at its start included) and the progress: a line (step, loss, steps/s since the line before,
+    time left: to the last step, or to the end of the time budget ``max_seconds`` if that comes first)
     at most every LINE_EVERY_S (molgen.display) into ``log`` (a :class:`RunText`, or any callable), shown too
     unless a bar (``progress="bar"``) shows it. Only the process that writes the run's files (``writes``) shows progress."""
 
@@ -64,6 +65,7 @@ class MetricsLog:
                  writes: bool = True, max_seconds: float | None = None):
         self.file = open(run_dir / METRICS_NAME, "a") if writes else None
         self.t0 = self.t_last = self.t_line = time.time()
+        self.s_line = start  # the step of the line before: a line's rate is the mean since then, not one chunk's
         self.stop_by = None if max_seconds is None else self.t0 + max_seconds  # the run's time budget, if any
         self.s_last, self.start, self.end, self.log = start, start, end, log
         self.display = progress if writes else None
@@ -108,7 +110,8 @@ class MetricsLog:
         if self.bar is not None:
             self.bar.update(self.task, completed=done, loss=loss, rate=rate)
         if now - self.t_line >= LINE_EVERY_S or done == self.end:
-            self.t_line = now
+            rate = (done - self.s_line) / max(now - self.t_line, 1e-9)
+            self.t_line, self.s_line = now, done
             overall = (done - self.start) / max(now - self.t0, 1e-9)
             left, why = (self.end - done) / max(overall, 1e-9), ""
             if self.stop_by is not None and self.stop_by - now < left:

@@ -323,6 +323,30 @@ def test_progress_line_counts_time_left_to_the_time_budget_when_that_comes_first
         assert said == [f"step 10/1000  loss 0.5000  0.50 steps/s  {expect}"], said
 
 
+def test_progress_line_rate_is_the_mean_since_the_line_before(tmp_path, monkeypatch):
+    """Chunks of 10 steps at 100 steps/s and one that waited 2 s more for a checkpoint: the line after them says
+    the mean rate since the line before (5 chunks, 50 steps in 2.5 s: 20 steps/s), not the slow chunk's 4.76;
+    metrics.jsonl keeps each chunk's own rate."""
+    import json
+    import types
+
+    from molgen import runlog
+
+    now = [1000.0]
+    monkeypatch.setattr(runlog, "time", types.SimpleNamespace(time=lambda: now[0]))
+    monkeypatch.setattr(runlog, "LINE_EVERY_S", 2.0)
+    said = []
+    log = runlog.MetricsLog(tmp_path, 0, 1000, "lines", said.append, "diffusion")
+    for k, seconds in enumerate((0.1, 0.1, 0.1, 0.1, 2.1)):
+        now[0] += seconds
+        log.write(10 * k, {"loss": np.full(10, 0.5)})
+    log.close()
+    assert said[0].startswith("step 50/1000  loss 0.5000  20.00 steps/s"), said
+    recs = [json.loads(line) for line in (tmp_path / runlog.METRICS_NAME).read_text().splitlines()]
+    rates = {r["step"]: r["steps_per_s"] for r in recs}
+    assert rates == {10: 100.0, 20: 100.0, 25: 100.0, 30: 100.0, 40: 100.0, 50: round(10 / 2.1, 3)}, rates
+
+
 def test_validation_logs_the_ema_and_the_trained_parameters(tmp_path, mini_ds):
     """Each evaluation logs the EMA parameters' validation loss and the trained parameters' beside it, each the
     loss that Validation gives those parameters (fixed molecules and noise), in metrics.jsonl and in train.log."""
