@@ -11,7 +11,7 @@ from molgen import MolgenError
 from molgen.data.batching import pack
 from molgen.data.features import type_features
 from molgen.nn.egnn import EGNN, EGNNConfig
-from molgen.nn.kernelcheck import first_layer_grad_xla, packed_pairs
+from molgen.nn.kernelcheck import first_layer_grad_xla, packed_graph
 from molgen.nn.pairgrad import MAX_ATOMS, TILE, first_layer_grad, gated_messages, gated_sum, supported
 from molgen.nn.pairs import molecule_index
 
@@ -24,9 +24,10 @@ def test_kernel_equals_its_array_formulation(dtype):
     interpreter fills an output with NaN where a kernel writes nothing)."""
     rng = np.random.default_rng(5)
     sizes = [7, MAX_ATOMS, 1, 0, 2, 13, 0, 0]
-    receivers, senders, n_atoms, n_real = packed_pairs(sizes, TILE)
-    n, p, f = sum(sizes) + 3, len(receivers), 64
-    receivers[n_real:] = senders[n_real:] = np.repeat(np.arange(sum(sizes), n), -(-(p - n_real) // 3))[:p - n_real]
+    graph = packed_graph(sizes, TILE)
+    receivers, senders, n_atoms, n_real = graph.receivers, graph.senders, graph.n_atoms, int(graph.edge_mask.sum())
+    n, p, f = len(graph.node_mask), len(receivers), 64
+    assert n > sum(sizes) + 1 and len(set(receivers[n_real:])) > 1  # padding nodes, padding pairs spread over them
     g = jnp.asarray(rng.normal(size=(p, f)) * (np.arange(p) < n_real)[:, None], dtype)
     hr, hs = (jnp.asarray(rng.normal(size=(n, f)), dtype) for _ in range(2))
     attrs = jnp.asarray(rng.uniform(0, 9, size=(p, 2)), jnp.float32)
@@ -49,8 +50,9 @@ def test_gated_sum_gradient_equals_autodiff_of_its_forward_pass(dtype):
 
     rng = np.random.default_rng(8)
     sizes = [9, 1, 0, MAX_ATOMS, 4, 0]
-    receivers, _, _, n_real = packed_pairs(sizes, TILE)
-    n, p, f = sum(sizes) + 2, len(receivers), 64
+    graph = packed_graph(sizes, TILE)
+    receivers, n_real = graph.receivers, int(graph.edge_mask.sum())
+    n, p, f = len(graph.node_mask), len(receivers), 64
     args = (jnp.asarray(rng.normal(size=(p, f)), dtype), jnp.asarray(rng.normal(size=f), jnp.float32),
             jnp.asarray(0.3 * rng.normal(size=f), jnp.float32), jnp.asarray([0.2], jnp.float32))
     mask = jnp.asarray((rng.uniform(size=p) < 0.8) & (np.arange(p) < n_real), jnp.float32)

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from molgen.data.batching import pack
 from molgen.nn import pairgrad
 from molgen.nn.pairgrad import dsilu
 from molgen.nn.pairs import molecule_index, segment_sum
@@ -45,14 +46,14 @@ def check_kernels(dtype=jnp.bfloat16, features: int = 256, seed: int = 0) -> dic
     rng = np.random.default_rng(seed)
     f32 = jnp.float32
     sizes = np.concatenate([[pairgrad.MAX_ATOMS, 1, 2], rng.integers(1, pairgrad.MAX_ATOMS + 1, 9), [0, 0]])
-    receivers, senders, n_atoms, n_real = packed_pairs(sizes, pairgrad.TILE)
-    n, p = int(receivers.max()) + 1, len(receivers)
-    receivers, senders = jnp.asarray(receivers), jnp.asarray(senders)
+    graph = packed_graph(sizes, pairgrad.TILE)
+    n, p, n_real = len(graph.node_mask), len(graph.receivers), int(graph.edge_mask.sum())
+    receivers, senders = jnp.asarray(graph.receivers), jnp.asarray(graph.senders)
     hr, hs = (jnp.asarray(rng.normal(size=(n, features)), dtype) for _ in range(2))
     attrs = jnp.asarray(rng.uniform(0, 9, size=(p, 2)), f32)
     w, b = jnp.asarray(0.3 * rng.normal(size=(2, features)), f32), jnp.asarray(rng.normal(size=features), f32)
     g = jnp.asarray(rng.normal(size=(p, features)) * (np.arange(p) < n_real)[:, None], dtype)  # padding: 0
-    got = jax.jit(pairgrad.first_layer_grad)(g, hr, hs, attrs, w, b, molecule_index(n_atoms))
+    got = jax.jit(pairgrad.first_layer_grad)(g, hr, hs, attrs, w, b, molecule_index(graph.n_atoms))
     want = jax.jit(first_layer_grad_xla)(g, hr, hs, attrs, w, b, receivers, senders)
     names = ["first_layer.receivers", "first_layer.senders", "first_layer.attrs", "first_layer.weights",
              "first_layer.bias"]
@@ -77,20 +78,13 @@ def check_kernels(dtype=jnp.bfloat16, features: int = 256, seed: int = 0) -> dic
 CHECK_TOLERANCE = {"bf16": 3e-2, "float32": 1e-4}
 
 
-def packed_pairs(sizes, multiple: int = 1):
-    """(receivers, senders, atom counts, real pairs) of molecules of these sizes packed as
-    :func:`molgen.data.batching.pack` packs them, in numpy: the pairs (i, j), j != i, of each molecule by receiver,
-    then sender; then padding pairs up to a multiple of ``multiple``, self pairs on the padding node after the
-    atoms."""
-    rows, start = [], 0
-    for n in sizes:
-        i, j = np.nonzero(~np.eye(n, dtype=bool))
-        rows.append(np.stack([i, j]) + start)
-        start += n
-    pairs = np.concatenate(rows, axis=1) if rows else np.zeros((2, 0), int)
-    pad = -pairs.shape[1] % multiple
-    pairs = np.concatenate([pairs, np.full((2, pad), start)], axis=1).astype(np.int32)
-    return pairs[0], pairs[1], np.asarray(sizes, np.int32), pairs.shape[1] - pad
+def packed_graph(sizes, multiple: int = 1):
+    """Molecules of these sizes (no positions) packed as training packs them (:func:`molgen.data.batching.pack`:
+    the pairs (i, j), j != i, of each molecule by receiver, then sender, then padding pairs on the padding nodes),
+    their pairs padded to a multiple of ``multiple``."""
+    sizes = np.asarray(sizes, np.int64)
+    real = int((sizes * (sizes - 1)).sum())
+    return pack(None, [np.zeros(int(n), np.int32) for n in sizes], pad_edges=-(-real // multiple) * multiple)
 
 
 def _relative_error(a, b) -> float:
