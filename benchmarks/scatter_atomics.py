@@ -75,7 +75,7 @@ def measure(args) -> None:
     n_pairs = len(layouts[""][0])
     print(f"# {jax.devices()[0].device_kind}, jax {jax.__version__}, {n_nodes} atom rows ({args.pad_rows} padding), "
           f"{n_pairs} pair rows ({args.pad_edges} padding), {args.features} features, ftz={ftz}", flush=True)
-    from molgen.nn.egnn import reverse_pairs
+    from molgen.nn.pairs import reverse_pairs
 
     ops = {}
     for tag, (recv, send) in layouts.items():

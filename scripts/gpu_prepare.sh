@@ -48,6 +48,11 @@ for s in gpu_teacher.sh gpu_distill.sh; do
   out="$tmp/out-$s"
   (cd "$tmp/repo" && PATH="$bin:$PATH" DRY=1 OUT="$out" bash "scripts/$s" > "$tmp/$s.log" 2>&1) || true
   # the scripts go on past a failed step (to bring back what they have): a rehearsal passes on what came out
+  # every benchmark ran too: none failed, none missing from the log (a failed one is a line there, not an exit)
+  failed=$(grep -E "FAILED|failed|Error|SKIPPED" "$out/bench.log" 2>/dev/null | head -5)
+  if [ -n "$failed" ]; then
+    echo "rehearsal: DRY=1 bash scripts/$s: a benchmark failed or was skipped:" >&2; echo "$failed" >&2; exit 1
+  fi
   if [ -s "$out/weights.tar.00" ] && ls "$out"/samples*.xyz >/dev/null 2>&1 && ! grep -q " rc [1-9]" "$out/pipeline.txt"; then
     echo "rehearsal: DRY=1 bash scripts/$s: weights and samples written ($(tail -1 "$out/pipeline.txt" | cut -c1-60)...)"
   else
