@@ -147,13 +147,14 @@ class Bench:
         extra = 1 if args.profile else 0  # a last chunk, traced and not timed (tracing slows it)
         cfg, plan, idx, rows = self.batches(name, bs, prec, layout, n_chunks + extra)
         if layout == "packed-kernel":  # the kernels against their array formulations first (a CHECK line)
+            from molgen.nn.pairgrad import tuning
             from molgen.steps import check_pair_kernels
 
             t0 = time.perf_counter()
             err = check_pair_kernels(prec, cfg.model.nf)  # disagreement: MolgenError, a FAILED line
             print(f"CHECK pair kernels {name} precision={prec} largest_relative_error="
                   f"{'unused' if err is None else f'{err:.1e}'} "
-                  f"check_s={time.perf_counter() - t0:.1f}", flush=True)
+                  f"check_s={time.perf_counter() - t0:.1f} tuning={tuning().text()}", flush=True)
         chunk = make_train_chunk(cfg, self.mesh, plan.shape)
         state = jax.device_put(init_state(cfg), self.repl)  # as train() does: no recompilation later
         key = jax.random.PRNGKey(0)

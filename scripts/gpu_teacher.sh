@@ -2,10 +2,13 @@
 # One GPU run of the teacher campaign (docs/training.md, "The teacher"), in one call, to one deadline:
 #   1. benchmarks, side by side on the same GPU: molgen's training loop (benchmarks/train_step.py) and EDM's
 #      own PyTorch training step (benchmarks/edm_pytorch.py, EDM's code carried in .edm/, never committed);
-#      before molgen's, with a JAX before 0.11 (0.11 and 0.12 write native atomics either way), whether XLA's
-#      flush-to-zero mode makes scatter-adds native atomics here (benchmarks/scatter_atomics.py --ab): if it
-#      speeds them up >= 1.2x, every molgen process after it runs with XLA_FLAGS=--xla_gpu_ftz=true; then the
-#      neighbour sums of a batch-4096 step alone (by sorted receivers, by senders, by reversed pairs);
+#      before molgen's: the pair MLPs' gradient kernels alone at batch 4096 in several launch settings
+#      (benchmarks/pair_kernels.py; the fastest that agrees with their array formulations is exported as
+#      MOLGEN_PAIR_KERNELS to every molgen process after it; skipped where MOLGEN_PAIR_KERNELS is set or no
+#      measurement is packed-kernel); with a JAX before 0.11 (0.11 and 0.12 write native atomics either way),
+#      whether XLA's flush-to-zero mode makes scatter-adds native atomics here (benchmarks/scatter_atomics.py
+#      --ab): if it speeds them up >= 1.2x, every molgen process after it runs with XLA_FLAGS=--xla_gpu_ftz=true;
+#      then the neighbour sums of a batch-4096 step alone (by sorted receivers, by senders, by reversed pairs);
 #   2. the teacher: continues weights/$TEACHER (its EMA parameters; Adam restarts with a short warm-up) or, the
 #      first time, starts a new one; trains until the deadline leaves time for 3. and 4., logging the EMA
 #      parameters' validation loss every EVAL_EVERY steps;
@@ -23,19 +26,21 @@
 # WARMUP (500; 2000 for a new teacher), PRECISION and LAYOUT (default: the fastest pair measured in 1. at the
 # training batch; tf32 and packed without a measurement), BENCH_RUNS (molgen's measurements, preset:batch:precision:layout,
 # comma-separated, in order; default below), EDM_BATCHES (64,256,1024: EDM's code's), EDM_S (120: the most seconds
-# for EDM's), MOLGEN_BENCH_MIN_S (230: the seconds EDM's leaves to molgen's), BENCH_S (150: seconds for molgen's benchmarks, each
+# for EDM's), PAIR_S (60: the most seconds for the pair kernels' settings), MOLGEN_BENCH_MIN_S (230: the seconds
+# EDM's, the pair kernels' and the neighbour sums' benchmarks leave to molgen's), BENCH_S (150: seconds for molgen's benchmarks, each
 # measurement's last chunk profiled: where the time went, in the benchmark log), BENCH_TOTAL_S (350: all the
 # benchmarks together end by then, counted from the start, so that the teacher trains at least
-# DEADLINE - BENCH_TOTAL_S - SAMPLE_S seconds; EDM's benchmark gets at most 120 s, the scatter-adds'
-# flush-to-zero test 80 s and their sums 40 s, each leaving molgen's at least 150 s; one that would get under 20 s
-# (the sums: 15 s) is skipped),
+# DEADLINE - BENCH_TOTAL_S - SAMPLE_S seconds; EDM's benchmark gets at most EDM_S, leaving MOLGEN_BENCH_MIN_S
+# and PAIR_S; the pair kernels' at most PAIR_S and the neighbour sums' 40 s, each leaving MOLGEN_BENCH_MIN_S; the
+# scatter-adds' flush-to-zero test 80 s, leaving 150 s; one that would get under 20 s (the pair kernels': 25 s;
+# the sums: 15 s) is skipped),
 # MEASURE_S (110: the most seconds one measurement of molgen's may take; a process of its own), MIN_MEASURE_S (50:
 # a measurement that would get less is skipped), SAMPLE_S (75: seconds kept for export and sampling), FTZ (1 / 0: force flush-to-zero on / off instead of measuring), SEED (the run's seed; default: the number of earlier
 # GPU runs, so each run draws new batches), RESUME (1: a second call on the same machine, right after the first:
 # no benchmarks; continues runs/teacher exactly, with the first call's XLA flags, then exports and samples again;
 # the teacher's gpu_runs entry then covers both calls), BENCH_ONLY (1: a first call that only benchmarks, with
-# all its time; it leaves its choice of precision, layout and flush-to-zero in runs/bench_choice, which the next
-# call on the same machine trains with, skipping the benchmarks).
+# all its time; it leaves its choice of precision, layout, flush-to-zero and pair kernels' settings in
+# runs/bench_choice, which the next call on the same machine trains with, skipping the benchmarks).
 set -uo pipefail
 t_start=$(date +%s)
 deadline=${1:-570}
@@ -58,10 +63,12 @@ resume=0
 if [ "${RESUME:-0}" = 1 ] && [ -n "$(ls "$run/checkpoints" 2>/dev/null)" ]; then
   resume=1; bench_s=0
   [ -s "$run/xla_flags" ] && export XLA_FLAGS="$(cat "$run/xla_flags")"
+  [ -s "$run/pair_kernels" ] && export MOLGEN_PAIR_KERNELS="$(cat "$run/pair_kernels")"
 elif [ "${BENCH_ONLY:-0}" != 1 ] && [ -z "${BENCH_S:-}" ] && [ -s runs/bench_choice ]; then
   # a BENCH_ONLY call came first on this machine: train with what it measured
-  read -r c_precision c_layout c_ftz <runs/bench_choice
+  read -r c_precision c_layout c_ftz c_tune <runs/bench_choice
   bench_s=0; PRECISION=${PRECISION:-$c_precision}; LAYOUT=${LAYOUT:-$c_layout}; FTZ=${FTZ:-$c_ftz}
+  [ -z "${MOLGEN_PAIR_KERNELS:-}" ] && [ "${c_tune:--}" != - ] && export MOLGEN_PAIR_KERNELS=$c_tune
 fi
 
 if [ "${DRY:-0}" = 1 ]; then  # the CPU rehearsal: every step, tiny sizes
@@ -69,6 +76,7 @@ if [ "${DRY:-0}" = 1 ]; then  # the CPU rehearsal: every step, tiny sizes
   edm_args="--presets small --batch-sizes 8 --device cpu --repeats 1 --warmup 1"
   scatter_args="--molecules 64 --features 32 --repeats 3 --dtypes float32 --pad-rows 20 --pad-edges 700"
   sums_args="--molecules 64 --features 32 --repeats 3 --dtypes bfloat16 --accumulate float32 --spread-only --pad-rows 20 --pad-edges 700"
+  pair_args="--batch 8 --features 64 --repeats 2"
   model=tiny; batch=16; n_mol=8; calls=10; resume_extra="--steps 120"
   train_extra="--steps 60 --set optim.ckpt_every=50 --set optim.eval_every=${EVAL_EVERY:-50}"
   bench_chunk="--chunk 5 --repeats 2"
@@ -88,6 +96,8 @@ else
   scatter_args="--molecules 1024 --features 256 --repeats 20 --dtypes float32"
   # the neighbour sums of a batch-4096 step alone: by sorted receivers, by senders, by reversed pairs
   sums_args="--molecules 4096 --features 256 --repeats 20 --dtypes bfloat16 --accumulate float32 --spread-only --pad-rows 900 --pad-edges 10000"
+  # the pair kernels of a batch-4096 bf16 step alone, in each launch setting (the script's list)
+  pair_args="--batch 4096 --features 256 --repeats 20"
   edm_args="--presets edm --batch-sizes ${EDM_BATCHES:-64,256,1024} --device cuda --repeats 10 --warmup 3"
   n_mol=1000; calls=1000; resume_extra=""
   train_extra="--steps 100000000 --set optim.ckpt_every=4000 --set optim.eval_every=${EVAL_EVERY:-2000}"
@@ -103,7 +113,8 @@ log "teacher $teacher (earlier GPU runs: $runs_before), seed $seed, batch $batch
 #    GPU (BENCH_S=0: none).
 bench="$out/bench.log"
 if [ "$bench_s" -gt 0 ]; then
-edm_s=$(cap "${EDM_S:-120}" "${MOLGEN_BENCH_MIN_S:-230}")
+pair_on=0; [ -z "${MOLGEN_PAIR_KERNELS:-}" ] && [[ $bench_runs == *packed-kernel* ]] && pair_on=1
+edm_s=$(cap "${EDM_S:-120}" $(( ${MOLGEN_BENCH_MIN_S:-230} + pair_on * ${PAIR_S:-60} )))
 if [ -d .edm ] && python3 -c "import torch" 2>/dev/null && [ "$edm_s" -ge 20 ]; then
   echo "# $(date -u +%FT%TZ) benchmarks/edm_pytorch.py $edm_args --no-sampling" >>"$bench"
   timeout "$edm_s" python3 benchmarks/edm_pytorch.py --edm-repo .edm --cache .gpu/qm9/qm9_v1.npz $edm_args --no-sampling \
@@ -112,6 +123,14 @@ if [ -d .edm ] && python3 -c "import torch" 2>/dev/null && [ "$edm_s" -ge 20 ]; 
 else
   log "EDM benchmark skipped (no .edm, no torch or no time)"
 fi
+pair_s=$(cap "${PAIR_S:-60}" "${MOLGEN_BENCH_MIN_S:-230}")
+if [ "$pair_on" = 1 ] && [ "$pair_s" -ge 25 ]; then
+  echo "# $(date -u +%FT%TZ) benchmarks/pair_kernels.py $pair_args --budget $((pair_s - 20))" >>"$bench"
+  tune=$(timeout "$pair_s" python3 benchmarks/pair_kernels.py $pair_args --budget $((pair_s - 20)) 2>&1 \
+    | grep -E "^RESULT|^#|^FAILED|^SKIPPED|^BEST|Error" | tee -a "$bench" | sed -n 's/^BEST MOLGEN_PAIR_KERNELS=//p')
+  [ -n "$tune" ] && export MOLGEN_PAIR_KERNELS=$tune
+fi
+log "pair kernels' settings: ${MOLGEN_PAIR_KERNELS:-the defaults}"
 speedup=""
 # JAX 0.11's and 0.12's compilers write native float32 atomic adds (4 values an instruction) for a scatter-add on
 # an H200 without flush-to-zero (benchmarks/gpu_compile.py --atomics): nothing to measure from 0.11 on
@@ -125,14 +144,14 @@ if [ -z "${FTZ:-}" ] && [ "$scatter_s" -ge 20 ]; then
 fi
 log "scatter-adds with flush-to-zero: $([ -n "$speedup" ] && echo "${speedup}x as fast" || echo "not measured")"
 if [ -z "${FTZ:-}" ] && python3 -c "import sys; sys.exit(float('${speedup:-1}') < 1.2)"; then FTZ=1; fi
-sums_s=$(cap 40 150)
+sums_s=$(cap 40 "${MOLGEN_BENCH_MIN_S:-230}")
 if [ "$sums_s" -ge 15 ]; then
   echo "# $(date -u +%FT%TZ) benchmarks/scatter_atomics.py $sums_args" >>"$bench"
   timeout "$sums_s" python3 benchmarks/scatter_atomics.py $sums_args 2>&1 | grep -E "^RESULT|^#" | tee -a "$bench"
 fi
 [ "${FTZ:-0}" = 1 ] && export XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }--xla_gpu_ftz=true"
 molgen_end=$(( $(date +%s) - t_start + $(cap $((bench_s + 90))) ))  # molgen's benchmarks end by then (s from the start)
-echo "# $(date -u +%FT%TZ) benchmarks/train_step.py, one process a measurement: $bench_runs (XLA_FLAGS=${XLA_FLAGS:-})" >>"$bench"
+echo "# $(date -u +%FT%TZ) benchmarks/train_step.py, one process a measurement: $bench_runs (XLA_FLAGS=${XLA_FLAGS:-}, MOLGEN_PAIR_KERNELS=${MOLGEN_PAIR_KERNELS:-})" >>"$bench"
 for r in $(echo "$bench_runs" | tr , ' '); do
   m_s=$(( molgen_end - ($(date +%s) - t_start) )); [ "$m_s" -gt "${MEASURE_S:-110}" ] && m_s=${MEASURE_S:-110}
   if [ "$m_s" -lt "${MIN_MEASURE_S:-50}" ]; then echo "SKIPPED molgen $r (benchmark time spent)" | tee -a "$bench"; continue; fi
@@ -161,8 +180,9 @@ EOF
 )
 precision=${PRECISION:-$best_precision}; layout=${LAYOUT:-$best_layout}
 if [ "${BENCH_ONLY:-0}" = 1 ]; then
-  echo "$precision $layout ${FTZ:-0}" >runs/bench_choice
-  log "benchmarks only: the next call trains with precision $precision, layout $layout, flush-to-zero ${FTZ:-0}"
+  echo "$precision $layout ${FTZ:-0} ${MOLGEN_PAIR_KERNELS:--}" >runs/bench_choice
+  log "benchmarks only: the next call trains with precision $precision, layout $layout, flush-to-zero ${FTZ:-0}," \
+    "pair kernels ${MOLGEN_PAIR_KERNELS:-default}"
   exit 0
 fi
 [ "$resume" = 0 ] && log "training precision $precision, layout $layout"
@@ -199,7 +219,8 @@ if [ -z "$(ls "$run/checkpoints" 2>/dev/null)" ] && { [ "$precision/$layout" != 
     --max-minutes "$train_min" >>"$out/train.txt" 2>&1
   log "train rc $?: $(tail -1 "$out/train.txt")"
 fi
-[ -d "$run" ] && { echo "$start" >"$run/start"; echo "${XLA_FLAGS:-}" >"$run/xla_flags"; }  # for RESUME=1
+[ -d "$run" ] && { echo "$start" >"$run/start"; echo "${XLA_FLAGS:-}" >"$run/xla_flags"
+  echo "${MOLGEN_PAIR_KERNELS:-}" >"$run/pair_kernels"; }  # for RESUME=1
 fi
 cp "$run/metrics.jsonl" "$out/metrics.jsonl" 2>/dev/null
 
@@ -232,7 +253,8 @@ runs.append({"date": time.strftime("%Y-%m-%d", time.gmtime()), "device": jax.dev
              "steps": lines[-1]["step"], "seconds": seconds, "median_steps_per_s": rates[len(rates) // 2],
              "seed": int(seed), "last_loss": lines[-1]["loss"], "batch": int(batch), "lr": float(lr),
              "precision": precision, "layout": layout, "val_loss": [vals[0], vals[-1]] if vals else None,
-             "val_loss_trained": [trained[0], trained[-1]] if trained else None, "xla_flags": os.environ.get("XLA_FLAGS", ""), "start": start, "epochs": round(lines[-1]["step"] * int(batch) / 100000, 1)})
+             "val_loss_trained": [trained[0], trained[-1]] if trained else None, "xla_flags": os.environ.get("XLA_FLAGS", ""),
+             "pair_kernels": os.environ.get("MOLGEN_PAIR_KERNELS", "") if layout == "packed-kernel" else "", "start": start, "epochs": round(lines[-1]["step"] * int(batch) / 100000, 1)})
 meta = json.load(open(f"{dest}/meta.json"))
 meta["gpu_runs"] = runs
 meta["step"] = sum(r["steps"] for r in runs)

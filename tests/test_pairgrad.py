@@ -174,3 +174,70 @@ def test_the_kernel_check_passes_and_names_a_kernel_that_disagrees(monkeypatch):
     with pytest.raises(MolgenError, match="first_layer.receivers .* train with --set optim.layout=packed"):
         check_pair_kernels("bf16", 64)
     check_pair_kernels.cache_clear()
+
+
+def test_launch_settings_change_the_tiles_not_the_results(monkeypatch):
+    """$MOLGEN_PAIR_KERNELS: another tile width (16 and 64 features at a time) gives both kernels' results as
+    their array formulations, to float32 summation order; a width the features are not a multiple of keeps
+    XLA's gradient (not supported)."""
+    from molgen.nn import kernelcheck, pairgrad
+
+    monkeypatch.setenv(pairgrad.TUNING_ENV, "first_cols=64,gated_cols=64,first_warps=8,gated_stages=2")
+    assert pairgrad.tuning() == pairgrad.Tuning(first_cols=64, first_warps=8, gated_cols=64, gated_stages=2)
+    assert max(kernelcheck.check_kernels(jnp.float32, 64).values()) < 1e-5
+    assert not supported(4 * TILE, 32, 2) and supported(4 * TILE, 128, 2)
+    monkeypatch.setenv(pairgrad.TUNING_ENV, "first_cols=16,gated_cols=16")
+    assert max(kernelcheck.check_kernels(jnp.float32, 32).values()) < 1e-5
+
+
+@pytest.mark.parametrize("text, message", [
+    ("first_cols=48", "first_cols must be one of 16, 32, 64, 128, got 48"),
+    ("gated_warps=3", "gated_warps must be one of 1, 2, 4, 8, 16, got 3"),
+    ("first_stages=0", "first_stages must be one of 1, 2, 3, 4, got 0"),
+    ("cols=32", "expected key=number pairs with keys first_cols, .*; got 'cols=32'"),
+    ("first_warps=eight", "expected .*; got 'first_warps=eight'"),
+    ("first_warps", "expected .*; got 'first_warps'"),
+])
+def test_bad_launch_settings_are_one_line_errors(monkeypatch, text, message):
+    from molgen.nn import pairgrad
+
+    monkeypatch.setenv(pairgrad.TUNING_ENV, text)
+    with pytest.raises(MolgenError, match=f"^MOLGEN_PAIR_KERNELS: {message}"):
+        pairgrad.tuning()
+
+
+def test_launch_settings_round_trip_through_their_text():
+    from molgen.nn.pairgrad import Tuning, parse_tuning
+
+    t = Tuning(first_cols=64, first_warps=8, first_stages=2, gated_cols=16, gated_warps=2, gated_stages=3)
+    assert parse_tuning(t.text()) == t and parse_tuning("") == Tuning() and parse_tuning(" first_warps = 8 ,") \
+        == Tuning(first_warps=8)
+
+
+def test_the_pair_kernel_benchmark_names_the_fastest_setting_that_agrees(capsys, monkeypatch, tmp_path):
+    """benchmarks/pair_kernels.py (in the interpreter here): a RESULT line for each setting and for each array
+    formulation, a FAILED line for a width the features are not a multiple of, and a BEST line that scripts
+    export; where no setting agrees with the array formulation, BEST keeps the defaults."""
+    import re
+
+    from conftest import load_script
+
+    from molgen.nn import kernelcheck, pairgrad
+
+    bench = load_script("benchmarks/pair_kernels.py")
+    args = ["--batch", "3", "--features", "32", "--repeats", "1", "--data-dir", str(tmp_path),
+            "--first", "32:4:1,64:8:1,16:8:2", "--gated", "32:4:1,16:2:1"]
+    assert bench.main(args) == 0
+    out = capsys.readouterr().out
+    assert "(uniform-3-29)" in out  # no QM9 cache there
+    assert len(re.findall(r"^RESULT pair-kernel first_layer_grad batch=3 ms=[\d.]+ .* error=", out, re.M)) == 2
+    assert len(re.findall(r"^RESULT pair-kernel gated_sum_grad ", out, re.M)) == 2
+    assert len(re.findall(r"^RESULT pair-xla ", out, re.M)) == 2
+    assert re.search(r"^FAILED pair-kernel first_layer_grad cols=64 .*32 features are not a multiple of 64", out, re.M)
+    best = re.search(r"^BEST MOLGEN_PAIR_KERNELS=(\S+)$", out, re.M).group(1)
+    tune = pairgrad.parse_tuning(best)
+    assert (tune.first_cols, tune.first_warps) in ((32, 4), (16, 8)) and tune.gated_cols in (32, 16)
+    monkeypatch.setitem(kernelcheck.CHECK_TOLERANCE, "bf16", -1.0)  # nothing agrees
+    bench.main(args)
+    out = capsys.readouterr().out
+    assert "never chosen" in out and f"BEST MOLGEN_PAIR_KERNELS={pairgrad.Tuning().text()}\n" in out

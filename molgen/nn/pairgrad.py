@@ -13,7 +13,7 @@ by receiver and by sender), the bias' and the attribute weights' gradients (sums
 then reads it four times: for the weights' sums, the attributes' gradients and the two scatter-adds into the
 node rows (the senders' over the reversed pairs, :func:`molgen.nn.pairs.sender_rows`). :func:`first_layer_grad`
 reads ``g`` once and writes no [pairs, features] array: a program takes one molecule (its pairs are rows
-(i, j), j != i, by receiver, then sender, after the molecules before it) and :data:`COLS` features, a tile of
+(i, j), j != i, by receiver, then sender, after the molecules before it) and 32 features (:class:`Tuning`), a tile of
 consecutive pair rows at a time, computes ``pre`` again from the node rows and adds the tile into the receivers'
 and the senders' sums with one-hot products (tensor cores), written when the molecule is done: no atomic adds
 (every node row belongs to one molecule).
@@ -32,23 +32,72 @@ does on a GPU before training.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
 
+from molgen import MolgenError
 from molgen.nn.pairs import gather_rows, segment_sum
 
 MAX_ATOMS = 32  # the first layer's kernel: atoms a molecule may have, and pair rows a tile takes
 TILE = 128  # the gated gradient's kernel: pair rows a kernel instance takes (the pair count must be a multiple)
-COLS = 32  # features a tile computes at a time (registers: [TILE, COLS] float32 arrays, 128 a thread, no spills)
-WARPS = 4  # (the first layer's kernel: [MAX_ATOMS, COLS] tiles, 128 registers a thread, no spills)
 INTERPRET: bool | None = None  # None: Pallas's interpreter where JAX's default backend is not a GPU
+TUNING_ENV = "MOLGEN_PAIR_KERNELS"
 
 
-def supported(n_pairs: int, features: int, n_attrs: int) -> bool:
+@dataclasses.dataclass(frozen=True)
+class Tuning:
+    """How the kernels are launched, not what they compute: the features a program's tile takes at a time
+    (``*_cols``), its warps and Triton's software-pipelining stages, for the first layer's kernel and the gated
+    gradient's. The defaults: [32, 32] tiles (first layer) and [128, 32] tiles (gated gradient) with 4 warps use
+    128 registers a thread without spilling (``ptxas -v`` for an H200). ``$MOLGEN_PAIR_KERNELS`` overrides them,
+    e.g. ``first_warps=8,first_stages=2`` (:func:`tuning`; benchmarks/pair_kernels.py measures them)."""
+
+    first_cols: int = 32
+    first_warps: int = 4
+    first_stages: int = 1
+    gated_cols: int = 32
+    gated_warps: int = 4
+    gated_stages: int = 1
+
+    def __post_init__(self):
+        for name, value in dataclasses.asdict(self).items():
+            allowed = {"cols": (16, 32, 64, 128), "warps": (1, 2, 4, 8, 16), "stages": (1, 2, 3, 4)}
+            if value not in allowed[name.split("_")[1]]:
+                raise MolgenError(f"{TUNING_ENV}: {name} must be one of "
+                                  f"{', '.join(map(str, allowed[name.split('_')[1]]))}, got {value}")
+
+    def text(self) -> str:
+        """The form ``$MOLGEN_PAIR_KERNELS`` takes (every field)."""
+        return ",".join(f"{k}={v}" for k, v in dataclasses.asdict(self).items())
+
+
+def parse_tuning(text: str) -> Tuning:
+    """A :class:`Tuning` from ``key=value`` pairs separated by commas (missing keys keep their defaults)."""
+    names, kw = {f.name for f in dataclasses.fields(Tuning)}, {}
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        key, eq, value = (s.strip() for s in item.partition("="))
+        if not eq or key not in names or not value.isdigit():
+            raise MolgenError(f"{TUNING_ENV}: expected key=number pairs with keys {', '.join(sorted(names))}; "
+                              f"got {item!r}")
+        kw[key] = int(value)
+    return Tuning(**kw)
+
+
+def tuning() -> Tuning:
+    """The kernels' launch settings: ``$MOLGEN_PAIR_KERNELS`` over :class:`Tuning`'s defaults (read when a
+    network is traced)."""
+    return parse_tuning(os.environ.get(TUNING_ENV, ""))
+
+
+def supported(n_pairs: int, features: int, n_attrs: int, tune: Tuning | None = None) -> bool:
     """Whether the kernels take these shapes (else the caller keeps XLA's gradient)."""
-    return n_pairs % TILE == 0 and features % COLS == 0 and n_attrs == 2
+    tune = tune or tuning()
+    return (n_pairs % TILE == 0 and features % tune.first_cols == 0 and features % tune.gated_cols == 0
+            and n_attrs == 2)
 
 
 def dsilu(x):
@@ -57,9 +106,9 @@ def dsilu(x):
     return s * (1.0 + x * (1.0 - s))
 
 
-def _call(kernel, name: str, out_shape, grid: tuple[int, ...], interpret: bool | None):
-    """The kernel over ``grid``: compiled by Triton, or run in Pallas's interpreter (``interpret``; None:
-    :data:`INTERPRET`)."""
+def _call(kernel, name: str, out_shape, grid: tuple[int, ...], interpret: bool | None, warps: int, stages: int):
+    """The kernel over ``grid``: compiled by Triton with ``warps`` and ``stages``, or run in Pallas's interpreter
+    (``interpret``; None: :data:`INTERPRET`)."""
     from jax.experimental import pallas as pl
 
     if interpret is None:
@@ -68,13 +117,13 @@ def _call(kernel, name: str, out_shape, grid: tuple[int, ...], interpret: bool |
     if not interpret:
         from jax.experimental.pallas import triton as plgpu
 
-        kw["compiler_params"] = plgpu.CompilerParams(num_warps=WARPS, num_stages=1)
+        kw["compiler_params"] = plgpu.CompilerParams(num_warps=warps, num_stages=stages)
     return pl.pallas_call(kernel, out_shape=out_shape, grid=grid, interpret=interpret, name=name, **kw)
 
 
 def _zeros_after(start, n_rows, views):
     """Zeros in rows ``start`` to ``n_rows`` of outputs: ``views`` map a ``pl.ds`` of rows to a ref's view
-    ([rows] or [rows, COLS])."""
+    ([rows] or [rows, columns])."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as plgpu
 
@@ -92,8 +141,8 @@ def _zeros_after(start, n_rows, views):
 
 
 def _layer_kernel(n_ref, ns_ref, ps_ref, g_ref, a0_ref, a1_ref, hr_ref, hs_ref, w_ref, b_ref,
-                  dhr_ref, dhs_ref, da0_ref, da1_ref, sb_ref, sw0_ref, sw1_ref, *, cdt):
-    """The first layer's backward pass over one molecule's pairs and :data:`COLS` features, a tile of
+                  dhr_ref, dhs_ref, da0_ref, da1_ref, sb_ref, sw0_ref, sw1_ref, *, cdt, width):
+    """The first layer's backward pass over one molecule's pairs and ``width`` features, a tile of
     :data:`MAX_ATOMS` consecutive pair rows at a time (pair (i, j) by receiver i, then sender j != i): the tiles'
     sums by receiver and by sender as products with one-hot matrices [atoms, rows] (tensor cores; float32 rows
     split into three bfloat16 parts, which the products add exactly), kept in registers until the molecule is
@@ -104,7 +153,7 @@ def _layer_kernel(n_ref, ns_ref, ps_ref, g_ref, a0_ref, a1_ref, hr_ref, hs_ref, 
     m, c = pl.program_id(0), pl.program_id(1)
     n, ns, ps = n_ref[m], ns_ref[m], ps_ref[m]
     (n_pairs, _), n_nodes, f32, bf16 = g_ref.shape, hs_ref.shape[0], jnp.float32, jnp.bfloat16
-    cols = pl.ds(pl.multiple_of(c * COLS, COLS), COLS)
+    cols = pl.ds(pl.multiple_of(c * width, width), width)
     k = jax.lax.broadcasted_iota(jnp.int32, (MAX_ATOMS,), 0)
     w0, w1, bias = w_ref[0, cols], w_ref[1, cols], b_ref[cols]
     others = jnp.maximum(n - 1, 1)
@@ -113,7 +162,7 @@ def _layer_kernel(n_ref, ns_ref, ps_ref, g_ref, a0_ref, a1_ref, hr_ref, hs_ref, 
         by_receiver, by_sender, sw0, sw1 = acc
         pair = t * MAX_ATOMS + k  # within the molecule
         valid = pair < n * (n - 1)
-        rows, tile_valid = pl.ds(ps + t * MAX_ATOMS, MAX_ATOMS), jnp.broadcast_to(valid[:, None], (MAX_ATOMS, COLS))
+        rows, tile_valid = pl.ds(ps + t * MAX_ATOMS, MAX_ATOMS), jnp.broadcast_to(valid[:, None], (MAX_ATOMS, width))
         i = pair // others
         j = pair - i * others
         j = j + (j >= i).astype(jnp.int32)
@@ -137,10 +186,10 @@ def _layer_kernel(n_ref, ns_ref, ps_ref, g_ref, a0_ref, a1_ref, hr_ref, hs_ref, 
             by_sender = by_sender + jnp.dot(at_j, part, preferred_element_type=f32)
         return by_receiver, by_sender, sw0 + gp * a0[:, None], sw1 + gp * a1[:, None]
 
-    zero = jnp.zeros((MAX_ATOMS, COLS), f32)
+    zero = jnp.zeros((MAX_ATOMS, width), f32)
     by_receiver, by_sender, sw0, sw1 = jax.lax.fori_loop(0, pl.cdiv(n * (n - 1), MAX_ATOMS), tile,
                                                          (zero, zero, zero, zero))
-    atoms = jnp.broadcast_to((k < n)[:, None], (MAX_ATOMS, COLS))
+    atoms = jnp.broadcast_to((k < n)[:, None], (MAX_ATOMS, width))
     plgpu.store(dhr_ref.at[pl.ds(ns, MAX_ATOMS), cols], by_receiver, mask=atoms)
     plgpu.store(dhs_ref.at[pl.ds(ns, MAX_ATOMS), cols], by_sender, mask=atoms)
     sb_ref[m, cols] = jnp.sum(by_receiver, axis=0)
@@ -152,21 +201,24 @@ def _layer_kernel(n_ref, ns_ref, ps_ref, g_ref, a0_ref, a1_ref, hr_ref, hs_ref, 
         _zeros_after(ps + n * (n - 1), n_pairs, [lambda r: da0_ref.at[c, r], lambda r: da1_ref.at[c, r]])
 
 
-def first_layer_grad(g, hr, hs, attrs, w, b, molecules, interpret: bool | None = None):
+def first_layer_grad(g, hr, hs, attrs, w, b, molecules, interpret: bool | None = None, tune: Tuning | None = None):
     """(receivers' gradient [N, F], senders' [N, F], both float32; the attributes' [P, 2], weights' [2, F],
     bias' [F]) of the first pair layer (module docstring), from ``g`` [P, F] (the gradient of its output, in the
     compute type; zero on padding pairs), the node products ``hr``, ``hs`` [N, F] (float32 or the compute type),
     ``attrs`` [P, 2], its attribute weights ``w`` [2, F], bias ``b`` [F] and ``molecules``
     (:func:`molgen.nn.pairs.molecule_index` of a packed graph whose last graph is empty, molecules of at most
-    :data:`MAX_ATOMS` atoms). ``interpret``: Pallas's interpreter (None: :data:`INTERPRET`)."""
+    :data:`MAX_ATOMS` atoms). ``interpret``: Pallas's interpreter (None: :data:`INTERPRET`); ``tune``: launch
+    settings (None: :func:`tuning`)."""
     (n_pairs, nf), n_nodes, n_graphs, f32 = g.shape, hr.shape[0], molecules[0].shape[0], jnp.float32
+    tune = tune or tuning()
+    width = tune.first_cols
     out_shape = (*[jax.ShapeDtypeStruct((n_nodes, nf), f32)] * 2,
-                 *[jax.ShapeDtypeStruct((nf // COLS, n_pairs), f32)] * 2,
+                 *[jax.ShapeDtypeStruct((nf // width, n_pairs), f32)] * 2,
                  *[jax.ShapeDtypeStruct((n_graphs, nf), f32)] * 3)
     d_hr, d_hs, da0, da1, sb, sw0, sw1 = _call(
-        functools.partial(_layer_kernel, cdt=g.dtype), "first_pair_layer_grad", out_shape, (n_graphs, nf // COLS),
-        interpret)(*molecules, g, attrs[:, 0].astype(f32), attrs[:, 1].astype(f32), hr, hs,
-                                w.astype(f32), b.astype(f32))
+        functools.partial(_layer_kernel, cdt=g.dtype, width=width), "first_pair_layer_grad", out_shape,
+        (n_graphs, nf // width), interpret, tune.first_warps, tune.first_stages,
+    )(*molecules, g, attrs[:, 0].astype(f32), attrs[:, 1].astype(f32), hr, hs, w.astype(f32), b.astype(f32))
     return d_hr, d_hs, jnp.stack([da0.sum(0), da1.sum(0)], -1), jnp.stack([sw0.sum(0), sw1.sum(0)]), sb.sum(0)
 
 
@@ -197,7 +249,7 @@ def _pair_layer_bwd(dtype, res, g):
 pair_layer.defvjp(_pair_layer_fwd, _pair_layer_bwd)
 
 
-def _gated_kernel(p_ref, r_ref, mask_ref, ga_ref, b_ref, v_ref, c_ref, gp_ref, sb_ref, sv_ref, sc_ref, *, cdt):
+def _gated_kernel(p_ref, r_ref, mask_ref, ga_ref, b_ref, v_ref, c_ref, gp_ref, sb_ref, sv_ref, sc_ref, *, cdt, width):
     """The backward pass of a tile of :func:`gated_sum`: a first pass over the column blocks for the gate's
     logit and its gradient (sums over all features), a second for the rows' gradient and the column sums."""
     from jax.experimental import pallas as pl
@@ -205,10 +257,10 @@ def _gated_kernel(p_ref, r_ref, mask_ref, ga_ref, b_ref, v_ref, c_ref, gp_ref, s
     i = pl.program_id(0)
     rows = pl.ds(pl.multiple_of(i * TILE, TILE), TILE)
     r, mask = r_ref[rows], mask_ref[rows]
-    f32, blocks = jnp.float32, p_ref.shape[1] // COLS
+    f32, blocks = jnp.float32, p_ref.shape[1] // width
 
     def message(k):
-        cols = pl.ds(pl.multiple_of(k * COLS, COLS), COLS)
+        cols = pl.ds(pl.multiple_of(k * width, width), width)
         pre = (p_ref[rows, cols].astype(f32) + b_ref[cols][None, :]).astype(cdt).astype(f32)
         m = (pre * jax.nn.sigmoid(pre)).astype(cdt).astype(f32)  # the forward pass's rounding
         return cols, pre, m, ga_ref[r, cols] * mask[:, None]
@@ -234,16 +286,17 @@ def _gated_kernel(p_ref, r_ref, mask_ref, ga_ref, b_ref, v_ref, c_ref, gp_ref, s
     sc_ref[i] = jnp.sum(dlogit)
 
 
-def gated_sum_grad(p, b, v, c, mask, receivers, g_agg, interpret: bool | None = None):
+def gated_sum_grad(p, b, v, c, mask, receivers, g_agg, interpret: bool | None = None, tune: Tuning | None = None):
     """(gradient of ``p`` [P, F] in p's dtype, of ``b`` [F], ``v`` [F], ``c`` [1]) of :func:`gated_sum`, given
-    the gradient ``g_agg`` [N, F] of its sums."""
+    the gradient ``g_agg`` [N, F] of its sums; ``tune`` as :func:`first_layer_grad`'s."""
     n_pairs, nf = p.shape
-    tiles, f32 = n_pairs // TILE, jnp.float32
+    tiles, f32, tune = n_pairs // TILE, jnp.float32, tune or tuning()
     out_shape = (jax.ShapeDtypeStruct((n_pairs, nf), p.dtype), *[jax.ShapeDtypeStruct((tiles, nf), f32)] * 2,
                  jax.ShapeDtypeStruct((tiles,), f32))
-    gp, sb, sv, sc = _call(functools.partial(_gated_kernel, cdt=p.dtype), "gated_sum_grad", out_shape, (tiles,),
-                           interpret)(p, receivers, mask.astype(f32), g_agg.astype(f32), b.astype(f32),
-                                      v.astype(f32), c.astype(f32))
+    gp, sb, sv, sc = _call(
+        functools.partial(_gated_kernel, cdt=p.dtype, width=tune.gated_cols), "gated_sum_grad", out_shape, (tiles,),
+        interpret, tune.gated_warps, tune.gated_stages,
+    )(p, receivers, mask.astype(f32), g_agg.astype(f32), b.astype(f32), v.astype(f32), c.astype(f32))
     return gp, sb.sum(0), sv.sum(0), sc.sum(0, keepdims=True)
 
 
