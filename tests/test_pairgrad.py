@@ -168,7 +168,7 @@ def test_the_kernel_check_passes_and_names_a_kernel_that_disagrees(monkeypatch):
     check_pair_kernels.cache_clear()
     assert check_pair_kernels("tf32", 16) is None  # a width the layers do not use them at
     real = pairgrad.first_layer_grad
-    monkeypatch.setattr(pairgrad, "first_layer_grad", lambda *a: (real(*a)[0] * 1.1, *real(*a)[1:]))
+    monkeypatch.setattr(pairgrad, "first_layer_grad", lambda *a, **kw: (real(*a, **kw)[0] * 1.1, *real(*a, **kw)[1:]))
     with pytest.raises(RuntimeError, match=r"array formulations: first_layer.receivers 1\.0\de-01"):
         kernelcheck.check_kernels(jnp.bfloat16, 64)
     with pytest.raises(MolgenError, match="first_layer.receivers .* train with --set optim.layout=packed"):
@@ -241,3 +241,27 @@ def test_the_pair_kernel_benchmark_names_the_fastest_setting_that_agrees(capsys,
     bench.main(args)
     out = capsys.readouterr().out
     assert "never chosen" in out and f"BEST MOLGEN_PAIR_KERNELS={pairgrad.Tuning().text()}\n" in out
+
+
+def test_the_sigmoid_through_tanh_is_taken_in_bf16_only(monkeypatch):
+    """``*_tanh = 1``: in bf16 both kernels' sigmoid goes through tanh (``jnp.tanh`` in the interpreter, the GPU's
+    tanh.approx when compiled) and still agrees with the array formulations within the check's tolerance; in
+    float32 (TF32 training) the setting is not taken."""
+    from molgen.nn import kernelcheck, pairgrad
+
+    fast = pairgrad.Tuning(first_tanh=1, gated_tanh=1)
+    x = jnp.linspace(-30.0, 30.0, 101)
+    np.testing.assert_allclose(pairgrad._sigmoid(True, True)(x), jax.nn.sigmoid(x), atol=1e-6)
+    asked = []
+
+    def spy(tanh, interpret):
+        asked.append(bool(tanh))
+        return real(tanh, interpret)
+
+    real = pairgrad._sigmoid
+    monkeypatch.setattr(pairgrad, "_sigmoid", spy)
+    monkeypatch.setenv(pairgrad.TUNING_ENV, fast.text())
+    errors = kernelcheck.check_kernels(jnp.bfloat16, 32)
+    assert asked == [True, True] and max(errors.values()) < kernelcheck.CHECK_TOLERANCE["bf16"]
+    asked.clear()
+    assert max(kernelcheck.check_kernels(jnp.float32, 32).values()) < 1e-5 and asked == [False, False]

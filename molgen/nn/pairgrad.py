@@ -52,20 +52,24 @@ TUNING_ENV = "MOLGEN_PAIR_KERNELS"
 class Tuning:
     """How the kernels are launched, not what they compute: the features a program's tile takes at a time
     (``*_cols``), its warps and Triton's software-pipelining stages, for the first layer's kernel and the gated
-    gradient's. The defaults: [32, 32] tiles (first layer) and [128, 32] tiles (gated gradient) with 4 warps use
+    gradient's; ``*_tanh`` = 1: in bf16 training, silu's sigmoid as ``0.5 + 0.5 tanh(x / 2)`` with the GPU's
+    ``tanh.approx.f32`` (one instruction instead of a precise exponential and division; relative error ~5e-4,
+    under bfloat16's rounding; in Pallas's interpreter ``jnp.tanh``). The defaults: [32, 32] tiles (first layer) and [128, 32] tiles (gated gradient) with 4 warps use
     128 registers a thread without spilling (``ptxas -v`` for an H200). ``$MOLGEN_PAIR_KERNELS`` overrides them,
     e.g. ``first_warps=8,first_stages=2`` (:func:`tuning`; benchmarks/pair_kernels.py measures them)."""
 
     first_cols: int = 32
     first_warps: int = 4
     first_stages: int = 1
+    first_tanh: int = 0
     gated_cols: int = 32
     gated_warps: int = 4
     gated_stages: int = 1
+    gated_tanh: int = 0
 
     def __post_init__(self):
         for name, value in dataclasses.asdict(self).items():
-            allowed = {"cols": (16, 32, 64, 128), "warps": (1, 2, 4, 8, 16), "stages": (1, 2, 3, 4)}
+            allowed = {"cols": (16, 32, 64, 128), "warps": (1, 2, 4, 8, 16), "stages": (1, 2, 3, 4), "tanh": (0, 1)}
             if value not in allowed[name.split("_")[1]]:
                 raise MolgenError(f"{TUNING_ENV}: {name} must be one of "
                                   f"{', '.join(map(str, allowed[name.split('_')[1]]))}, got {value}")
@@ -100,10 +104,27 @@ def supported(n_pairs: int, features: int, n_attrs: int, tune: Tuning | None = N
             and n_attrs == 2)
 
 
-def dsilu(x):
+def dsilu(x, sigmoid=jax.nn.sigmoid):
     """The derivative of silu at x."""
-    s = jax.nn.sigmoid(x)
+    s = sigmoid(x)
     return s * (1.0 + x * (1.0 - s))
+
+
+def _sigmoid(tanh: bool, interpret: bool):
+    """The kernels' sigmoid: precise, or through tanh (:class:`Tuning`)."""
+    if not tanh:
+        return jax.nn.sigmoid
+    if interpret:
+        return lambda x: 0.5 + 0.5 * jnp.tanh(0.5 * x)
+    from jax.experimental.pallas import triton as plgpu
+
+    return lambda x: 0.5 + 0.5 * plgpu.approx_tanh(0.5 * x)
+
+
+def _interpret(interpret: bool | None) -> bool:
+    if interpret is None:
+        return jax.default_backend() != "gpu" if INTERPRET is None else INTERPRET
+    return interpret
 
 
 def _call(kernel, name: str, out_shape, grid: tuple[int, ...], interpret: bool | None, warps: int, stages: int):
@@ -111,9 +132,7 @@ def _call(kernel, name: str, out_shape, grid: tuple[int, ...], interpret: bool |
     (``interpret``; None: :data:`INTERPRET`)."""
     from jax.experimental import pallas as pl
 
-    if interpret is None:
-        interpret = jax.default_backend() != "gpu" if INTERPRET is None else INTERPRET
-    kw = {}
+    interpret, kw = _interpret(interpret), {}
     if not interpret:
         from jax.experimental.pallas import triton as plgpu
 
@@ -141,7 +160,7 @@ def _zeros_after(start, n_rows, views):
 
 
 def _layer_kernel(n_ref, ns_ref, ps_ref, g_ref, a0_ref, a1_ref, hr_ref, hs_ref, w_ref, b_ref,
-                  dhr_ref, dhs_ref, da0_ref, da1_ref, sb_ref, sw0_ref, sw1_ref, *, cdt, width):
+                  dhr_ref, dhs_ref, da0_ref, da1_ref, sb_ref, sw0_ref, sw1_ref, *, cdt, width, sigmoid):
     """The first layer's backward pass over one molecule's pairs and ``width`` features, a tile of
     :data:`MAX_ATOMS` consecutive pair rows at a time (pair (i, j) by receiver i, then sender j != i): the tiles'
     sums by receiver and by sender as products with one-hot matrices [atoms, rows] (tensor cores; float32 rows
@@ -173,7 +192,7 @@ def _layer_kernel(n_ref, ns_ref, ps_ref, g_ref, a0_ref, a1_ref, hr_ref, hs_ref, 
                + hs_ref[jnp.minimum(ns + j, n_nodes - 1), cols].astype(f32)
                + a0[:, None] * w0[None, :] + a1[:, None] * w1[None, :] + bias[None, :])
         pre = pre.astype(cdt).astype(f32)  # the forward pass's rounding
-        gp = jnp.where(tile_valid, (g * dsilu(pre)).astype(cdt).astype(f32), 0.0)
+        gp = jnp.where(tile_valid, (g * dsilu(pre, sigmoid)).astype(cdt).astype(f32), 0.0)
         plgpu.store(da0_ref.at[c, rows], jnp.sum(gp * w0[None, :], axis=1), mask=valid)
         plgpu.store(da1_ref.at[c, rows], jnp.sum(gp * w1[None, :], axis=1), mask=valid)
         at_i = ((i[None, :] == k[:, None]) & valid[None, :]).astype(bf16)  # [atom, row]
@@ -216,7 +235,9 @@ def first_layer_grad(g, hr, hs, attrs, w, b, molecules, interpret: bool | None =
                  *[jax.ShapeDtypeStruct((nf // width, n_pairs), f32)] * 2,
                  *[jax.ShapeDtypeStruct((n_graphs, nf), f32)] * 3)
     d_hr, d_hs, da0, da1, sb, sw0, sw1 = _call(
-        functools.partial(_layer_kernel, cdt=g.dtype, width=width), "first_pair_layer_grad", out_shape,
+        functools.partial(_layer_kernel, cdt=g.dtype, width=width,
+                          sigmoid=_sigmoid(tune.first_tanh and g.dtype == jnp.bfloat16, _interpret(interpret))),
+        "first_pair_layer_grad", out_shape,
         (n_graphs, nf // width), interpret, tune.first_warps, tune.first_stages,
     )(*molecules, g, attrs[:, 0].astype(f32), attrs[:, 1].astype(f32), hr, hs, w.astype(f32), b.astype(f32))
     return d_hr, d_hs, jnp.stack([da0.sum(0), da1.sum(0)], -1), jnp.stack([sw0.sum(0), sw1.sum(0)]), sb.sum(0)
@@ -249,7 +270,8 @@ def _pair_layer_bwd(dtype, res, g):
 pair_layer.defvjp(_pair_layer_fwd, _pair_layer_bwd)
 
 
-def _gated_kernel(p_ref, r_ref, mask_ref, ga_ref, b_ref, v_ref, c_ref, gp_ref, sb_ref, sv_ref, sc_ref, *, cdt, width):
+def _gated_kernel(p_ref, r_ref, mask_ref, ga_ref, b_ref, v_ref, c_ref, gp_ref, sb_ref, sv_ref, sc_ref, *, cdt, width,
+                  sigmoid):
     """The backward pass of a tile of :func:`gated_sum`: a first pass over the column blocks for the gate's
     logit and its gradient (sums over all features), a second for the rows' gradient and the column sums."""
     from jax.experimental import pallas as pl
@@ -262,7 +284,7 @@ def _gated_kernel(p_ref, r_ref, mask_ref, ga_ref, b_ref, v_ref, c_ref, gp_ref, s
     def message(k):
         cols = pl.ds(pl.multiple_of(k * width, width), width)
         pre = (p_ref[rows, cols].astype(f32) + b_ref[cols][None, :]).astype(cdt).astype(f32)
-        m = (pre * jax.nn.sigmoid(pre)).astype(cdt).astype(f32)  # the forward pass's rounding
+        m = (pre * sigmoid(pre)).astype(cdt).astype(f32)  # the forward pass's rounding
         return cols, pre, m, ga_ref[r, cols] * mask[:, None]
 
     def gate_block(k, carry):
@@ -276,7 +298,7 @@ def _gated_kernel(p_ref, r_ref, mask_ref, ga_ref, b_ref, v_ref, c_ref, gp_ref, s
 
     def grad_block(k, carry):
         cols, pre, m, gm = message(k)
-        gp = ((gm * gate[:, None] + dlogit[:, None] * v_ref[cols][None, :]) * dsilu(pre)).astype(cdt)
+        gp = ((gm * gate[:, None] + dlogit[:, None] * v_ref[cols][None, :]) * dsilu(pre, sigmoid)).astype(cdt)
         gp_ref[rows, cols] = gp
         sb_ref[i, cols] = jnp.sum(gp.astype(f32), axis=0)
         sv_ref[i, cols] = jnp.sum(dlogit[:, None] * m, axis=0)
@@ -294,7 +316,9 @@ def gated_sum_grad(p, b, v, c, mask, receivers, g_agg, interpret: bool | None = 
     out_shape = (jax.ShapeDtypeStruct((n_pairs, nf), p.dtype), *[jax.ShapeDtypeStruct((tiles, nf), f32)] * 2,
                  jax.ShapeDtypeStruct((tiles,), f32))
     gp, sb, sv, sc = _call(
-        functools.partial(_gated_kernel, cdt=p.dtype, width=tune.gated_cols), "gated_sum_grad", out_shape, (tiles,),
+        functools.partial(_gated_kernel, cdt=p.dtype, width=tune.gated_cols,
+                          sigmoid=_sigmoid(tune.gated_tanh and p.dtype == jnp.bfloat16, _interpret(interpret))),
+        "gated_sum_grad", out_shape, (tiles,),
         interpret, tune.gated_warps, tune.gated_stages,
     )(p, receivers, mask.astype(f32), g_agg.astype(f32), b.astype(f32), v.astype(f32), c.astype(f32))
     return gp, sb.sum(0), sv.sum(0), sc.sum(0, keepdims=True)
