@@ -13,7 +13,8 @@ through the GPU's tanh.approx in bf16). The batch's molecules are drawn (seed 0)
 training split (the cache in --data-dir, else $MOLGEN_HOME's), or from its size range 3-29 where there is no
 cache; they are packed as training packs them. Lines:
 
-    RESULT pair-kernel <kernel> batch=<B> ms=<t> gb=<X> tb_per_s=<Y> cols=<c> warps=<w> stages=<s> tanh=<0|1> error=<e>
+    RESULT pair-kernel <kernel> batch=<B> ms=<t> gb=<X> tb_per_s=<Y> cols=<c> warps=<w> stages=<s> tanh=<t>
+           error=<e>
     RESULT pair-xla <kernel> batch=<B> ms=<t> gb=<X> tb_per_s=<Y>
     FAILED pair-kernel <kernel> cols=<c> warps=<w> stages=<s> tanh=<0|1> (<why>)
     BEST MOLGEN_PAIR_KERNELS=first_cols=..,first_warps=..,first_stages=..,first_tanh=..,gated_cols=..,...
@@ -21,8 +22,8 @@ cache; they are packed as training packs them. Lines:
 ms: the median of --repeats calls after one that compiles. gb: what the kernel must read and write at least (its
 inputs once, its outputs), not what it moves. A setting whose error is beyond the kernels' check tolerance
 (molgen.nn.kernelcheck.CHECK_TOLERANCE) or that fails to compile or run is never BEST; the first setting listed
-(the defaults) stays unless another is more than 2 % faster. Off a GPU the kernels run in Pallas's interpreter, where launch settings change nothing: a
-rehearsal (e.g. --batch 8 --features 64 --repeats 2).
+(the defaults) stays unless another is more than 2 % faster. Off a GPU the kernels run in Pallas's interpreter,
+where launch settings change nothing: a rehearsal (e.g. --batch 8 --features 64 --repeats 2).
 """
 
 from __future__ import annotations
@@ -189,7 +190,8 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=4096, help="molecules in the batch")
     ap.add_argument("--features", type=int, default=256)
     ap.add_argument("--precision", default="bf16", choices=["bf16", "tf32"], help="the kernels' compute type")
-    ap.add_argument("--first", default=FIRST, help="first_layer_grad's settings, cols:warps:stages[:tanh], comma-separated")
+    ap.add_argument("--first", default=FIRST,
+                    help="first_layer_grad's settings, cols:warps:stages[:tanh], comma-separated")
     ap.add_argument("--gated", default=GATED, help="gated_sum_grad's settings")
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--budget", type=float, default=None, help="seconds; settings left after that are skipped")

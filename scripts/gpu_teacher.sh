@@ -27,8 +27,8 @@
 # training batch; tf32 and packed without a measurement), BENCH_RUNS (molgen's measurements, preset:batch:precision:layout,
 # comma-separated, in order; default below), EDM_BATCHES (64,256,1024: EDM's code's), EDM_S (120: the most seconds
 # for EDM's), PAIR_S (60: the most seconds for the pair kernels' settings), MOLGEN_BENCH_MIN_S (230: the seconds
-# EDM's, the pair kernels' and the neighbour sums' benchmarks leave to molgen's), BENCH_S (150: seconds for molgen's benchmarks, each
-# measurement's last chunk profiled: where the time went, in the benchmark log), BENCH_TOTAL_S (350: all the
+# EDM's, the pair kernels' and the neighbour sums' benchmarks leave to molgen's), BENCH_S (150: seconds for
+# molgen's benchmarks, each measurement's last chunk profiled: where the time went, in the benchmark log), BENCH_TOTAL_S (350: all the
 # benchmarks together end by then, counted from the start, so that the teacher trains at least
 # DEADLINE - BENCH_TOTAL_S - SAMPLE_S seconds; EDM's benchmark gets at most EDM_S, leaving MOLGEN_BENCH_MIN_S
 # and PAIR_S; the pair kernels' at most PAIR_S and the neighbour sums' 40 s, each leaving MOLGEN_BENCH_MIN_S; the
@@ -151,7 +151,8 @@ if [ "$sums_s" -ge 15 ]; then
 fi
 [ "${FTZ:-0}" = 1 ] && export XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }--xla_gpu_ftz=true"
 molgen_end=$(( $(date +%s) - t_start + $(cap $((bench_s + 90))) ))  # molgen's benchmarks end by then (s from the start)
-echo "# $(date -u +%FT%TZ) benchmarks/train_step.py, one process a measurement: $bench_runs (XLA_FLAGS=${XLA_FLAGS:-}, MOLGEN_PAIR_KERNELS=${MOLGEN_PAIR_KERNELS:-})" >>"$bench"
+echo "# $(date -u +%FT%TZ) benchmarks/train_step.py, one process a measurement: $bench_runs" \
+  "(XLA_FLAGS=${XLA_FLAGS:-}, MOLGEN_PAIR_KERNELS=${MOLGEN_PAIR_KERNELS:-})" >>"$bench"
 for r in $(echo "$bench_runs" | tr , ' '); do
   m_s=$(( molgen_end - ($(date +%s) - t_start) )); [ "$m_s" -gt "${MEASURE_S:-110}" ] && m_s=${MEASURE_S:-110}
   if [ "$m_s" -lt "${MIN_MEASURE_S:-50}" ]; then echo "SKIPPED molgen $r (benchmark time spent)" | tee -a "$bench"; continue; fi
@@ -253,8 +254,10 @@ runs.append({"date": time.strftime("%Y-%m-%d", time.gmtime()), "device": jax.dev
              "steps": lines[-1]["step"], "seconds": seconds, "median_steps_per_s": rates[len(rates) // 2],
              "seed": int(seed), "last_loss": lines[-1]["loss"], "batch": int(batch), "lr": float(lr),
              "precision": precision, "layout": layout, "val_loss": [vals[0], vals[-1]] if vals else None,
-             "val_loss_trained": [trained[0], trained[-1]] if trained else None, "xla_flags": os.environ.get("XLA_FLAGS", ""),
-             "pair_kernels": os.environ.get("MOLGEN_PAIR_KERNELS", "") if layout == "packed-kernel" else "", "start": start, "epochs": round(lines[-1]["step"] * int(batch) / 100000, 1)})
+             "val_loss_trained": [trained[0], trained[-1]] if trained else None,
+             "xla_flags": os.environ.get("XLA_FLAGS", ""),
+             "pair_kernels": os.environ.get("MOLGEN_PAIR_KERNELS", "") if layout == "packed-kernel" else "",
+             "start": start, "epochs": round(lines[-1]["step"] * int(batch) / 100000, 1)})
 meta = json.load(open(f"{dest}/meta.json"))
 meta["gpu_runs"] = runs
 meta["step"] = sum(r["steps"] for r in runs)

@@ -50,13 +50,14 @@ TUNING_ENV = "MOLGEN_PAIR_KERNELS"
 
 @dataclasses.dataclass(frozen=True)
 class Tuning:
-    """How the kernels are launched, not what they compute: the features a program's tile takes at a time
-    (``*_cols``), its warps and Triton's software-pipelining stages, for the first layer's kernel and the gated
-    gradient's; ``*_tanh`` = 1: in bf16 training, silu's sigmoid as ``0.5 + 0.5 tanh(x / 2)`` with the GPU's
-    ``tanh.approx.f32`` (one instruction instead of a precise exponential and division; relative error ~5e-4,
-    under bfloat16's rounding; in Pallas's interpreter ``jnp.tanh``). The defaults: [32, 32] tiles (first layer) and [128, 32] tiles (gated gradient) with 4 warps use
-    128 registers a thread without spilling (``ptxas -v`` for an H200). ``$MOLGEN_PAIR_KERNELS`` overrides them,
-    e.g. ``first_warps=8,first_stages=2`` (:func:`tuning`; benchmarks/pair_kernels.py measures them)."""
+    """How the kernels are launched: the features a program's tile takes at a time (``*_cols``), its warps and
+    Triton's software-pipelining stages, for the first layer's kernel and the gated gradient's (their speed, not
+    their results); and ``*_tanh`` = 1: in bf16 training, silu's sigmoid as ``0.5 + 0.5 tanh(x / 2)`` with the
+    GPU's ``tanh.approx.f32`` (one instruction instead of a precise exponential and a division; relative error
+    ~5e-4, under bfloat16's rounding; ``jnp.tanh`` in Pallas's interpreter). The defaults, [32, 32] tiles (first
+    layer) and [128, 32] tiles (gated gradient) with 4 warps, use 128 registers a thread without spilling
+    (``ptxas -v`` for an H200). ``$MOLGEN_PAIR_KERNELS`` overrides them, e.g. ``first_warps=8,first_tanh=1``
+    (:func:`tuning`; benchmarks/pair_kernels.py measures them)."""
 
     first_cols: int = 32
     first_warps: int = 4
