@@ -121,16 +121,6 @@ def time_calls(fn, args, repeats: int) -> float:
     return statistics.median(times)
 
 
-def error(got, want) -> float:
-    import jax.numpy as jnp
-
-    def rel(x, y):
-        x, y = jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32)
-        return float(jnp.linalg.norm(x - y) / jnp.maximum(jnp.linalg.norm(y), 1e-30))
-
-    return max(rel(x, y) for x, y in zip(got, want))
-
-
 def measure(kernel: str, args, graph, a, repeats: int, deadline: float) -> dict:
     """Each setting of ``kernel`` against its array formulation: {setting: ms} of those that agree."""
     import functools
@@ -171,7 +161,7 @@ def measure(kernel: str, args, graph, a, repeats: int, deadline: float) -> dict:
             if features % cols:
                 raise ValueError(f"{features} features are not a multiple of {cols}")
             fn = jax.jit(functools.partial(ker, tune=tune))
-            err = error(fn(*ker_in), want)
+            err = max(map(kernelcheck.relative_error, fn(*ker_in), want))
             s = time_calls(fn, ker_in, repeats)
         except Exception as e:  # a setting Triton cannot compile (registers, shared memory) or run
             print(f"FAILED pair-kernel {kernel} {what} ({type(e).__name__}: {str(e).splitlines()[0][:160]})",

@@ -61,14 +61,14 @@ def check_kernels(dtype=jnp.bfloat16, features: int = 256, seed: int = 0) -> dic
     want = jax.jit(first_layer_grad_xla)(g, hr, hs, attrs, w, b, receivers, senders)
     names = ["first_layer.receivers", "first_layer.senders", "first_layer.attrs", "first_layer.weights",
              "first_layer.bias"]
-    errors = dict(zip(names, map(_relative_error, got, want)))
+    errors = dict(zip(names, map(relative_error, got, want)))
     mask = jnp.asarray((rng.uniform(size=p) < 0.9) & (np.arange(p) < n_real), f32)  # padding pairs masked
     g_agg = jnp.asarray(rng.normal(size=(n, features)), f32)
     args = (g, b, jnp.asarray(0.3 * rng.normal(size=features), f32), jnp.asarray([0.2], f32), mask)
     got = jax.jit(functools.partial(pairgrad.gated_sum_grad, tune=tune))(*args, receivers, g_agg)
     want = jax.jit(gated_sum_grad_xla)(*args, receivers, g_agg)
     names = ["gated_sum.pairs", "gated_sum.bias", "gated_sum.gate_weights", "gated_sum.gate_bias"]
-    errors.update(zip(names, map(_relative_error, got, want)))
+    errors.update(zip(names, map(relative_error, got, want)))
     tol = CHECK_TOLERANCE["bf16" if dtype == jnp.bfloat16 else "float32"]
     bad = {k: v for k, v in errors.items() if not v <= tol}
     if bad:
@@ -91,6 +91,7 @@ def packed_graph(sizes, multiple: int = 1):
     return pack(None, [np.zeros(int(n), np.int32) for n in sizes], pad_edges=-(-real // multiple) * multiple)
 
 
-def _relative_error(a, b) -> float:
+def relative_error(a, b) -> float:
+    """||a - b|| / ||b|| (Euclidean norms, float32)."""
     a, b = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
     return float(jnp.linalg.norm(a - b) / jnp.maximum(jnp.linalg.norm(b), 1e-30))

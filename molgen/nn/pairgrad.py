@@ -46,6 +46,7 @@ MAX_ATOMS = 32  # the first layer's kernel: atoms a molecule may have, and pair 
 TILE = 128  # the gated gradient's kernel: pair rows a kernel instance takes (the pair count must be a multiple)
 INTERPRET: bool | None = None  # None: Pallas's interpreter where JAX's default backend is not a GPU
 TUNING_ENV = "MOLGEN_PAIR_KERNELS"
+_ALLOWED = {"cols": (16, 32, 64, 128), "warps": (1, 2, 4, 8, 16), "stages": (1, 2, 3, 4), "tanh": (0, 1)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,10 +71,9 @@ class Tuning:
 
     def __post_init__(self):
         for name, value in dataclasses.asdict(self).items():
-            allowed = {"cols": (16, 32, 64, 128), "warps": (1, 2, 4, 8, 16), "stages": (1, 2, 3, 4), "tanh": (0, 1)}
-            if value not in allowed[name.split("_")[1]]:
-                raise MolgenError(f"{TUNING_ENV}: {name} must be one of "
-                                  f"{', '.join(map(str, allowed[name.split('_')[1]]))}, got {value}")
+            allowed = _ALLOWED[name.split("_")[1]]
+            if value not in allowed:
+                raise MolgenError(f"{TUNING_ENV}: {name} must be one of {', '.join(map(str, allowed))}, got {value}")
 
     def text(self) -> str:
         """The form ``$MOLGEN_PAIR_KERNELS`` takes (every field)."""
