@@ -102,8 +102,8 @@ def info(data_dir: Optional[Path] = Opt(None, "--data-dir", help="Cache folder."
 @app.command()
 @friendly
 def train(
-    recipe: Optional[str] = Opt(None, "--recipe", help="Recipe file (TOML), or the name of a shipped recipe: diffusion, inpaint, ct, ect, distill. Default: --objective's."),
-    objective: Optional[str] = Opt(None, "--objective", "--mode", metavar="<diffusion|inpaint|ct|ect|distill>", help="diffusion (EDM), inpaint (EDM's, completing fragments given clean), ct (consistency training), ect (consistency tuning of --init), distill (one-call regression of --init onto --teacher)."),
+    recipe: Optional[str] = Opt(None, "--recipe", help="Recipe file (TOML), or the name of a shipped recipe: diffusion, inpaint, ct, ect, distill, polish. Default: --objective's."),
+    objective: Optional[str] = Opt(None, "--objective", "--mode", metavar="<diffusion|inpaint|ct|ect|distill|polish>", help="diffusion (EDM), inpaint (EDM's, completing fragments given clean), ct (consistency training), ect (consistency tuning of --init), distill (one-call regression of --init onto --teacher), polish (a diffusion model --init taught to polish as --teacher does)."),
     model: Optional[str] = Opt(None, "--model", metavar="<tiny|small|base|edm>", help="Network preset: tiny 32x2, small 64x4, base 128x6, edm 256x9."),
     steps: Optional[int] = Opt(None, "--steps", help="Optimiser steps of the whole run."),
     batch_size: Optional[int] = Opt(None, "--batch-size", help="Molecules per optimiser step, split over the devices."),
@@ -111,8 +111,8 @@ def train(
     precision: Optional[str] = Opt(None, "--precision", metavar="<auto|float32|tf32|bf16>", help="Matrix products in training: auto (the platform's measured choice: float32 on a CPU, tf32 on a GPU), float32, tf32 (TensorFloat-32) or bf16; parameters, optimiser state, coordinates and neighbour sums stay float32."),
     out: Path = Opt(Path("runs/run"), "--out", help="Run folder: config.json, checkpoints, metrics.jsonl."),
     resume: bool = Opt(False, "--resume", help="Continue the run in --out from its last checkpoint (--steps, --batch-size, --lr, --precision may change)."),
-    init: Optional[str] = Opt(None, "--init", help="Model or run to start from: a diffusion model (diffusion warm start, ect), a consistency model (distill)."),
-    teacher: Optional[str] = Opt(None, "--teacher", help="distill: the diffusion model whose targets the student learns."),
+    init: Optional[str] = Opt(None, "--init", help="Model or run to start from: a diffusion model (diffusion warm start, ect, polish), a consistency model (distill)."),
+    teacher: Optional[str] = Opt(None, "--teacher", help="distill: the diffusion model whose targets the student learns; polish: the diffusion model whose polishing is learnt."),
     seed: Optional[int] = Opt(None, "--seed", help="Seed of initialisation, data order and noise."),
     sets: List[str] = Opt([], "--set", help="Override one recipe setting, e.g. --set optim.warmup=200 (repeatable)."),
     data_dir: Optional[Path] = Opt(None, "--data-dir", help="QM9 cache folder."),

@@ -5,7 +5,7 @@ and in every model folder, so that a checkpoint alone rebuilds its model and say
 A model's config.json holds the sections that apply to it: ``diffusion`` (EDM's noise schedule: diffusion
 models, and consistency models built on an EDM network), ``consistency`` (consistency models), ``stack``
 (stacked models), ``distill`` (models trained by distillation), ``inpaint`` (diffusion models trained to
-complete fragments).
+complete fragments), ``polish`` (diffusion models taught to polish by a teacher).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from pathlib import Path
 
 from molgen.consistency.distill import DistillConfig
 from molgen.consistency.ict import ConsistencyConfig
+from molgen.consistency.polisher import PolishConfig
 from molgen.consistency.stack import StackConfig
 from molgen.diffusion.edm import DiffusionConfig
 from molgen.diffusion.inpaint import InpaintConfig
@@ -56,6 +57,7 @@ class RunConfig:
     stack: StackConfig | None = None
     distill: DistillConfig | None = None
     inpaint: InpaintConfig | None = None  # trained to complete fragments (molgen.diffusion.inpaint)
+    polish: PolishConfig | None = None  # trained to polish as a teacher does (molgen.consistency.polisher)
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
     seed: int = 0

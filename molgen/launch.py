@@ -4,6 +4,7 @@ the distillation pairs made for the run and kept in it), then the loop (:func:`m
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -14,6 +15,7 @@ from molgen import MolgenError
 from molgen.config import RunConfig
 from molgen.consistency.distill import (PAIR_STREAM, PAIRS_NAME, PairSet, check_pairs, keep_stable, make_pairs,
                                         n_held_out, ode_solver, polish_solver)
+from molgen.consistency.polisher import POLISH_STREAM, check_examples, example_steps, make_examples, n_examples
 from molgen.models import Model, find_model, load_diffusion_model, load_model, read_params, write_params
 from molgen.networks import model_fn
 from molgen.objectives import get_objective
@@ -42,8 +44,8 @@ class Request:
     precision: str | None = None  # of training: auto, float32, tf32, bf16
 
 
-def _direct(req: Request) -> dict:
-    """The directly given settings as recipe tables."""
+def _direct(req: Request, teacher_section: str = "distill") -> dict:
+    """The directly given settings as recipe tables (--teacher in the objective's section: distill or polish)."""
     d: dict = {}
     if req.objective:
         d["objective"] = req.objective
@@ -56,8 +58,12 @@ def _direct(req: Request) -> dict:
     if optim:
         d["optim"] = optim
     if req.teacher:
-        d["distill"] = {"teacher": str(req.teacher)}
+        d[teacher_section] = {"teacher": str(req.teacher)}
     return d
+
+
+def _teacher_section(objective: str | None) -> str:
+    return "polish" if objective == "polish" else "distill"
 
 
 def check_request(req: Request) -> None:
@@ -88,12 +94,13 @@ def resolve_config(req: Request) -> RunConfig:
     if req.objective and req.recipe and base.get("objective", req.objective) != req.objective:
         raise MolgenError(f"--objective {req.objective} contradicts recipe {req.recipe}, whose objective is "
                           f"{base['objective']}; give one of them")
-    recipe = merge(merge(base, parse_set(list(req.sets))), _direct(req))
+    given = merge(base, parse_set(list(req.sets)))
+    recipe = merge(given, _direct(req, _teacher_section(req.objective or given.get("objective"))))
     cfg = to_config(recipe)
     get_objective(cfg.objective)  # a known objective
     check_settings(cfg)
-    if req.teacher and cfg.objective != "distill":
-        raise MolgenError(f"--teacher names the diffusion model a distill run learns from; objective "
+    if req.teacher and cfg.objective not in ("distill", "polish"):
+        raise MolgenError(f"--teacher names the diffusion model a distill or polish run learns from; objective "
                           f"{cfg.objective} has none")
     cfg = cfg.replace(init=str(req.init) if req.init else cfg.init)
     if cfg.init and req.model:
@@ -114,7 +121,8 @@ def _resumed(cfg: RunConfig, req: Request) -> RunConfig:
     --set optim.*). Any other setting given (the same command again, with --resume) must be the run's own."""
     from molgen.nn.egnn import PRESETS
 
-    asked = merge(merge(read_recipe(req.recipe) if req.recipe else {}, parse_set(list(req.sets))), _direct(req))
+    asked = merge(merge(read_recipe(req.recipe) if req.recipe else {}, parse_set(list(req.sets))),
+                  _direct(req, _teacher_section(cfg.objective)))
     if req.init:
         asked["init"] = str(req.init)
     optim = asked.pop("optim", {})
@@ -147,8 +155,12 @@ def _check_start(cfg: RunConfig) -> None:
     any parameters or data are read."""
     objective = get_objective(cfg.objective)
     want = objective.init
-    if cfg.distill is not None and cfg.distill.teacher and _kind_of(cfg.distill.teacher) != "diffusion":
-        raise MolgenError(f"--teacher {cfg.distill.teacher}: must be a diffusion model, not a consistency model")
+    teacher = (cfg.polish.teacher if cfg.objective == "polish" and cfg.polish else
+               cfg.distill.teacher if cfg.distill is not None else "")
+    if teacher and _kind_of(teacher) != "diffusion":
+        raise MolgenError(f"--teacher {teacher}: must be a diffusion model, not a consistency model")
+    if cfg.objective == "polish" and cfg.polish and cfg.polish.start and _kind_of(cfg.polish.start) != "consistency":
+        raise MolgenError(f"polish.start {cfg.polish.start}: must be a consistency model (its one call is polished)")
     if want == "none" and cfg.init:
         raise MolgenError(f"--init: objective {cfg.objective} trains from scratch")
     if want not in ("none", "optional") and not cfg.init:
@@ -211,6 +223,48 @@ def prepare_pairs(cfg: RunConfig, run_dir: Path, student: Model | None, progress
     return pairs
 
 
+def prepare_examples(cfg: RunConfig, run_dir: Path, own: Model | None, progress_factory=None) -> PairSet:
+    """A polish run's examples (:mod:`molgen.consistency.polisher`): loaded from ``run_dir/pairs.npz``, or made
+    with the start model, the teacher and the trained model's starting parameters (``own``) and saved there."""
+    from molgen.sizes import draw_sizes
+
+    path, pcfg = Path(run_dir) / PAIRS_NAME, cfg.polish
+    if path.exists():
+        return check_examples(PairSet.load(path), path, pcfg, cfg.n_features)
+    if own is None:
+        raise MolgenError(f"{path} is gone: a polish run cannot make its examples again when resumed; start it anew")
+    if not pcfg.teacher:
+        raise MolgenError("objective polish needs --teacher (the diffusion model whose polishing is learnt)")
+    teacher = load_diffusion_model(pcfg.teacher, "--teacher")
+    start = load_model(pcfg.start or None)
+    for name, m in (("--teacher", teacher), ("polish.start", start)):
+        if m.cfg.model.in_node_nf != cfg.model.in_node_nf or m.cfg.data.remove_h != cfg.data.remove_h:
+            raise MolgenError(f"{name} {m.meta.get('source')}: its atom features or hydrogen setting differ from "
+                              "the trained model's")
+    if start.cfg.consistency is None:
+        raise MolgenError(f"polish.start {pcfg.start}: must be a consistency model (its one call is polished)")
+    steps = example_steps(jax.jit(model_fn(start.cfg)), start.params, jax.jit(model_fn(teacher.cfg)), teacher.params,
+                          jax.jit(model_fn(own.cfg)), own.params, start.cfg.consistency.sigma_max)
+    sizes = draw_sizes(cfg, pcfg.molecules, cfg.seed, stream=POLISH_STREAM)
+    progress = progress_factory("polishing examples", pcfg.molecules) if progress_factory else None
+    ex = make_examples(*steps, sizes, cfg.seed, pcfg, cfg.n_features, cfg.optim.batch_size, progress)
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    ex.save(path)
+    return ex
+
+
+def _check_pair_count(cfg: RunConfig, run_dir: Path) -> None:
+    """Enough pairs (examples) for two batches, checked before any are made."""
+    if (Path(run_dir) / PAIRS_NAME).exists():
+        return
+    b = cfg.optim.batch_size
+    if cfg.objective == "polish":
+        if n_examples(cfg.polish) < 2 * b:
+            raise MolgenError(f"polish.molecules {cfg.polish.molecules} make too few examples for batch size {b}")
+    elif cfg.distill.pairs < 2 * b:
+        raise MolgenError(f"distill.pairs {cfg.distill.pairs} is too few for batch size {b}")
+
+
 def launch(req: Request, data_dir: Path | None = None, progress: str | None = None, log: Callable = print,
            progress_factory=None, max_seconds: float | None = None):
     """Resolve, check, prepare and run; returns (config, :class:`molgen.train.TrainResult`)."""
@@ -260,9 +314,13 @@ def _run(cfg: RunConfig, req: Request, data_dir, progress, log, progress_factory
     if objective.pairs:
         if start is not None:
             cfg = objective.configure(cfg, None, start.cfg)
-        if cfg.distill.pairs < 2 * cfg.optim.batch_size and not (Path(req.out) / PAIRS_NAME).exists():
-            raise MolgenError(f"distill.pairs {cfg.distill.pairs} is too few for batch size {cfg.optim.batch_size}")
-        ds = prepare_pairs(cfg, req.out, start, progress_factory)
+        if cfg.objective == "polish" and not cfg.polish.start:  # the run records which model it polished
+            from molgen.models import default_model
+
+            cfg = cfg.replace(polish=dataclasses.replace(cfg.polish, start=default_model() or ""))
+        _check_pair_count(cfg, req.out)
+        prepare = prepare_examples if cfg.objective == "polish" else prepare_pairs
+        ds = prepare(cfg, req.out, start, progress_factory)
     else:
         ds = load_qm9(data_dir, remove_h=cfg.data.remove_h)
         if not req.resume:

@@ -7,7 +7,9 @@ objective up once.
 * ``inpaint``: EDM's objective with a random fragment of most molecules given clean: a diffusion model that
   completes fragments (:mod:`molgen.diffusion.inpaint`);
 * ``distill``: regression of a consistency model's one-call sample onto a diffusion teacher's targets
-  (:mod:`molgen.consistency.distill`), with an anchor model's low-noise behaviour kept.
+  (:mod:`molgen.consistency.distill`), with an anchor model's low-noise behaviour kept;
+* ``polish``: regression of a diffusion model's denoiser onto a teacher's at the polishing levels, on a
+  consistency model's one-call molecules (:mod:`molgen.consistency.polisher`): a small, fast polisher.
 
 A loss is ``loss(params, batch, key, step, anchor) -> (loss, aux)``; the parameters it needs besides the trained
 ones (the distillation anchor's, else None) come loaded, as an argument, so one compiled training program serves
@@ -26,6 +28,7 @@ from molgen import MolgenError
 from molgen.config import RunConfig
 from molgen.consistency.distill import DistillConfig, distill_loss
 from molgen.consistency.ict import ConsistencyConfig, consistency_loss, measure_sigma_data
+from molgen.consistency.polisher import PolishConfig, polish_loss
 from molgen.data.features import type_features
 from molgen.diffusion.edm import diffusion_loss
 from molgen.diffusion.inpaint import InpaintConfig, inpaint_loss
@@ -111,6 +114,17 @@ class Distill(Objective):
                                                   cfg.distill, k, a)
 
 
+class Polish(Objective):
+    def configure(self, cfg, ds, init_cfg):
+        # a diffusion model (--init's network and schedule) trained on examples made for this run
+        return cfg.replace(**self.taken_from(init_cfg), polish=cfg.polish or PolishConfig(), consistency=None,
+                           distill=None, stack=None, inpaint=None)
+
+    def make_loss(self, cfg, apply):
+        den = model_fn(cfg, apply)
+        return lambda p, b, k, s, a: polish_loss(den, p, b[0], b[1], cfg.polish.type_weight)
+
+
 OBJECTIVES: dict[str, Objective] = {o.name: o for o in (
     Diffusion("diffusion", "diffusion", "optional", from_init=("model", "diffusion")),
     Inpaint("inpaint", "diffusion", "optional", from_init=("model", "diffusion")),
@@ -118,6 +132,7 @@ OBJECTIVES: dict[str, Objective] = {o.name: o for o in (
     Consistency("ect", "consistency", "diffusion", from_init=("model", "diffusion")),
     Distill("distill", "consistency", "consistency", pairs=True,
             from_init=("model", "diffusion", "consistency", "stack", "data")),
+    Polish("polish", "diffusion", "diffusion", pairs=True, from_init=("model", "diffusion", "data")),
 )}
 
 

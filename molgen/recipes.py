@@ -2,9 +2,10 @@
 
 A recipe holds ``objective`` and ``seed`` at the top and one table per section of :class:`molgen.config.RunConfig`:
 ``[model]`` (``preset`` = tiny | small | base | edm, and/or any EGNN field), ``[diffusion]``, ``[consistency]``,
-``[distill]``, ``[inpaint]``, ``[optim]``, ``[data]``. What a recipe leaves out keeps its default. ``molgen train
---recipe R`` takes a file or the name of a recipe shipped in ``molgen/recipes/`` (one per objective); ``--set
-section.key=value`` overrides single values (TOML syntax; bare words are strings). Unknown keys are errors.
+``[distill]``, ``[inpaint]``, ``[polish]``, ``[optim]``, ``[data]``. What a recipe leaves out keeps its default.
+``molgen train --recipe R`` takes a file or the name of a recipe shipped in ``molgen/recipes/`` (one per
+objective); ``--set section.key=value`` overrides single values (TOML syntax; bare words are strings). Unknown keys
+are errors.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from molgen.networks import PRECISIONS
 from molgen.nn.egnn import PRESETS
 
 RECIPE_DIR = Path(__file__).resolve().parent / "recipes"
-SECTIONS = ("model", "diffusion", "consistency", "stack", "distill", "inpaint", "optim", "data")
+SECTIONS = ("model", "diffusion", "consistency", "stack", "distill", "inpaint", "polish", "optim", "data")
 TOP = ("objective", "seed", "init")
 
 
@@ -119,6 +120,7 @@ LIMITS: dict[str, dict[str, tuple]] = {
                 "bond_weight": _at_least(0)},
     "inpaint": {"share": _within(0, 1, closed_hi=True), "kept_min": _within(0, 1), "kept_max": _within(0, 1),
                 "contiguous": _within(0, 1, closed_hi=True)},
+    "polish": {"molecules": _at_least(2), "calls": _at_least(1), "temperature": POSITIVE, "type_weight": _at_least(0)},
     "optim": {"steps": _at_least(1), "batch_size": _at_least(1), "lr": POSITIVE, "warmup": _at_least(0),
               "ema": _within(0, 1), "clip": POSITIVE, "ckpt_every": _at_least(0), "eval_every": _at_least(0),
               "keep": _at_least(1)},
@@ -159,6 +161,7 @@ def to_config(recipe: dict) -> RunConfig:
     from molgen.config import DataConfig, OptimConfig
     from molgen.consistency.distill import DistillConfig
     from molgen.consistency.ict import ConsistencyConfig
+    from molgen.consistency.polisher import PolishConfig
     from molgen.diffusion.edm import DiffusionConfig
     from molgen.diffusion.inpaint import InpaintConfig
 
@@ -177,7 +180,7 @@ def to_config(recipe: dict) -> RunConfig:
     base_model = PRESETS[preset] if preset else cfg.model
     kw = {"model": apply_table(type(base_model), "model", model, base_model)}
     classes = {"diffusion": DiffusionConfig, "consistency": ConsistencyConfig, "distill": DistillConfig,
-               "inpaint": InpaintConfig, "optim": OptimConfig, "data": DataConfig}
+               "inpaint": InpaintConfig, "polish": PolishConfig, "optim": OptimConfig, "data": DataConfig}
     for name, cls in classes.items():
         if name in recipe:
             kw[name] = apply_table(cls, name, recipe[name], getattr(cfg, name) or cls())

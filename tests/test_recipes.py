@@ -27,6 +27,8 @@ def test_a_shipped_models_recipe_reproduces_its_configuration(name):
         assert cfg.model == shipped.model and cfg.diffusion == shipped.diffusion
     if shipped.distill is not None:  # the teacher is named on the command line
         assert cfg.distill == dataclasses.replace(shipped.distill, teacher="")
+    if shipped.polish is not None:  # the teacher is named on the command line, the model it polished in the recipe
+        assert cfg.polish == dataclasses.replace(shipped.polish, teacher="") and cfg.polish.start
     if shipped.consistency is not None and shipped.distill is None:  # ct / ect: the curriculum; the rest measured
         keep = ("parametrization", "sigma_data_x", "sigma_data_h")
         want = {f.name: getattr(shipped.consistency, f.name) for f in dataclasses.fields(shipped.consistency)
@@ -52,7 +54,7 @@ def test_a_configuration_written_as_a_recipe_reads_back_as_itself(name):
     back = to_config(tomllib.loads(text))
     assert (back.objective, back.seed, back.init) == (cfg.objective, cfg.seed, cfg.init)
     from_init = set(get_objective(cfg.objective).from_init) if cfg.init else set()
-    written = [s for s in ("model", "diffusion", "consistency", "distill", "optim", "data")
+    written = [s for s in ("model", "diffusion", "consistency", "distill", "polish", "optim", "data")
                if getattr(cfg, s) is not None and s not in from_init]
     assert "optim" in written and f"[{written[0]}]" in text
     for section in written:
@@ -66,7 +68,7 @@ def test_a_configuration_written_as_a_recipe_reads_back_as_itself(name):
 
 
 def test_shipped_objective_recipes_and_their_defaults():
-    assert set(shipped_recipes()) == {"diffusion", "inpaint", "ct", "ect", "distill"}
+    assert set(shipped_recipes()) == {"diffusion", "inpaint", "ct", "ect", "distill", "polish"}
     for name in shipped_recipes():
         cfg = to_config(read_recipe(name))
         assert cfg.objective == name
@@ -122,6 +124,8 @@ def test_recipe_mistakes_are_named(recipe, message):
     ({"optim": {"layout": "dense"}}, "optim.layout must be one of auto, packed, grouped, packed-kernel, got 'dense'"),
     ({"distill": {"targets": "odes"}}, "distill.targets must be one of ode, polished, got 'odes'"),
     ({"distill": {"keep": "valid"}}, "distill.keep must be one of all, stable, got 'valid'"),
+    ({"polish": {"calls": 0}}, "polish.calls must be at least 1, got 0"),
+    ({"polish": {"type_weight": -1.0}}, "polish.type_weight must be at least 0, got -1.0"),
 ])
 def test_settings_that_cannot_train_are_named(recipe, message):
     with pytest.raises(MolgenError, match=re.escape(message)):
@@ -137,7 +141,8 @@ def test_every_shipped_recipe_and_model_passes_the_checks():
     for folder in MODELS.values():
         check_settings(RunConfig.load(folder / "config.json"))
         checked.append(folder.name)
-    assert sorted(checked[:5]) == ["ct", "diffusion", "distill", "ect", "inpaint"] and len(checked) == 5 + len(MODELS)
+    assert sorted(checked[:6]) == ["ct", "diffusion", "distill", "ect", "inpaint", "polish"]
+    assert len(checked) == 6 + len(MODELS)
 
 
 def _setting_names():

@@ -128,7 +128,7 @@ def test_a_regular_wheel_install_carries_and_finds_the_weights(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:] + r.stdout[-2000:]
     module, root, recipes = r.stdout.splitlines()[:3]
     assert Path(module).is_relative_to(site) and Path(root) == site / "molgen" / "weights", r.stdout
-    assert recipes == "['ct', 'diffusion', 'distill', 'ect', 'inpaint']", r.stdout  # the recipes travel in the wheel too
+    assert recipes == "['ct', 'diffusion', 'distill', 'ect', 'inpaint', 'polish']", r.stdout  # the recipes travel in the wheel too
     assert (work / "x.sdf").read_text().count("$$$$") == 5
 
 
