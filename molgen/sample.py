@@ -30,7 +30,6 @@ from molgen.readout import bias_text, parse_type_bias, read_types
 from molgen.samplers import get_sampler
 from molgen.sizes import atoms_text, check_request, draw_sizes
 
-
 FEW_DIFFUSION_STEPS = (50, 30)  # a fragment completed by a diffusion model in fewer sampler steps (without, with
 #                               --polish) is warned of (docs/models.md, "Completing a fragment")
 FRAGMENT_STREAM = 104729  # the fixed noise of a fragment's atoms: its own random stream
@@ -344,10 +343,9 @@ def _fixer(fragment, formula, sizes, graph, nf: int, key, rows: bool = False):
 
 def preflight(model: Model, n: int, batch_size: int, atoms: int | tuple[int, int] | None, fragment, calls: int,
               formula=None, polish: int = 0) -> list[str]:
-    """Before sampling: refuse counts that cannot be sampled (:func:`check_request`), then the warnings:
-    ``atoms`` beyond the sizes the model was trained on; a fragment completed in one call (it can only be placed
-    after that call; a diffusion model's, in few sampler steps); a formula given in one call. ``calls``: per
-    molecule, ``polish`` polishing calls included."""
+    """Before sampling: refuse counts that cannot be sampled (:func:`check_request`), then warn of ``atoms`` beyond
+    the trained sizes, a fragment completed in one call (or in few steps of a diffusion model), a formula given in
+    one call, a polisher sampling alone. ``calls``: per molecule, ``polish`` polishing calls included."""
     given, atoms = atoms, formula_atoms(formula, atoms, fragment)
     check_request(model.cfg, n, batch_size, atoms, fragment.size if fragment is not None else 0)
     out = []
@@ -364,6 +362,8 @@ def preflight(model: Model, n: int, batch_size: int, atoms: int | tuple[int, int
     if formula is not None and calls == 1:
         out.append("warning: with one call the formula's types are given after the only call, to a molecule made "
                    "without them; use --steps 4")
+    if model.cfg.objective == "polish":
+        out.append("warning: this model was taught to polish molecules, not to make them; give it as --polisher")
     return out
 
 

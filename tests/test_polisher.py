@@ -144,6 +144,9 @@ def test_a_polish_run_from_the_command_line_trains_a_model_that_polishes(tmp_pat
     res = cli("sample", "--checkpoint", s, "-n", 3, "--steps", 1, "--polish", 2, "--polisher", tmp_path / "polisher",
               "-o", tmp_path / "p.sdf", "--no-report")
     assert res.exit_code == 0 and "+ 2 polishing calls of" in res.output, res.output
+    res = cli("sample", "--checkpoint", tmp_path / "polisher", "-n", 2, "--steps", 2, "-o", tmp_path / "q.sdf",
+              "--no-report")
+    assert res.exit_code == 0 and "taught to polish molecules, not to make them" in res.output, res.output
     recipe = (tmp_path / "polisher" / "recipe.toml").read_text()
     assert 'objective = "polish"' in recipe and "[polish]" in recipe and "[model]" not in recipe
 
