@@ -160,7 +160,7 @@ def _check_start(cfg: RunConfig) -> None:
     if teacher and _kind_of(teacher) != "diffusion":
         raise MolgenError(f"--teacher {teacher}: must be a diffusion model, not a consistency model")
     if cfg.objective == "polish" and cfg.polish and cfg.polish.start and _kind_of(cfg.polish.start) != "consistency":
-        raise MolgenError(f"polish.start {cfg.polish.start}: must be a consistency model (its one call is polished)")
+        raise MolgenError(f"polish.start {cfg.polish.start}: must be a consistency model (its molecules are polished)")
     if want == "none" and cfg.init:
         raise MolgenError(f"--init: objective {cfg.objective} trains from scratch")
     if want not in ("none", "optional") and not cfg.init:
@@ -242,9 +242,10 @@ def prepare_examples(cfg: RunConfig, run_dir: Path, own: Model | None, progress_
             raise MolgenError(f"{name} {m.meta.get('source')}: its atom features or hydrogen setting differ from "
                               "the trained model's")
     if start.cfg.consistency is None:
-        raise MolgenError(f"polish.start {pcfg.start}: must be a consistency model (its one call is polished)")
+        raise MolgenError(f"polish.start {pcfg.start}: must be a consistency model (its molecules are polished)")
     steps = example_steps(jax.jit(model_fn(start.cfg)), start.params, jax.jit(model_fn(teacher.cfg)), teacher.params,
-                          jax.jit(model_fn(own.cfg)), own.params, start.cfg.consistency.sigma_max)
+                          jax.jit(model_fn(own.cfg)), own.params, start.cfg.consistency,
+                          pcfg.temperature if start.renoise is None else start.renoise, cfg.seed)
     sizes = draw_sizes(cfg, pcfg.molecules, cfg.seed, stream=POLISH_STREAM)
     progress = progress_factory("polishing examples", pcfg.molecules) if progress_factory else None
     ex = make_examples(*steps, sizes, cfg.seed, pcfg, cfg.n_features, cfg.optim.batch_size, progress)

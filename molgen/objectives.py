@@ -9,7 +9,7 @@ objective up once.
 * ``distill``: regression of a consistency model's one-call sample onto a diffusion teacher's targets
   (:mod:`molgen.consistency.distill`), with an anchor model's low-noise behaviour kept;
 * ``polish``: regression of a diffusion model's denoiser onto a teacher's at the polishing levels, on a
-  consistency model's one-call molecules (:mod:`molgen.consistency.polisher`): a small, fast polisher.
+  consistency model's molecules (:mod:`molgen.consistency.polisher`): a small, fast polisher.
 
 A loss is ``loss(params, batch, key, step, anchor) -> (loss, aux)``; the parameters it needs besides the trained
 ones (the distillation anchor's, else None) come loaded, as an argument, so one compiled training program serves

@@ -1,5 +1,6 @@
-"""Objective ``polish``: the examples (the teacher's and the model's own polishing chains from one-call molecules),
-the loss, the saved examples' checks, and a run from the command line whose model then polishes."""
+"""Objective ``polish``: the examples (the teacher's and the model's own polishing chains from the start model's
+molecules, of one or more calls), the loss, the saved examples' checks, and a run from the command line whose model
+then polishes."""
 
 import dataclasses
 import json
@@ -12,7 +13,9 @@ from conftest import cli, one_line_error, tiny_models
 
 from molgen import MolgenError
 from molgen.chem.elements import N_TYPES
-from molgen.consistency.distill import PairSet
+from molgen.consistency.distill import PairSet, _noise_batches
+from molgen.consistency import polisher
+from molgen.consistency.ict import make_multistep_step, multistep_levels
 from molgen.consistency.polisher import PolishConfig, check_examples, example_steps, make_examples, polish_loss
 from molgen.data.batching import pack
 from molgen.data.features import type_features
@@ -30,9 +33,9 @@ def _models():
     return cons, diff, own
 
 
-def _steps(start, teacher, own):
+def _steps(start, teacher, own, renoise=0.3, seed=0):
     return example_steps(jax.jit(model_fn(start.cfg)), start.params, jax.jit(model_fn(teacher.cfg)), teacher.params,
-                         jax.jit(model_fn(own.cfg)), own.params, start.cfg.consistency.sigma_max)
+                         jax.jit(model_fn(own.cfg)), own.params, start.cfg.consistency, renoise, seed)
 
 
 def _alone(n):
@@ -86,9 +89,41 @@ def test_examples_follow_the_teachers_and_the_models_own_chains_molecule_by_mole
     np.testing.assert_array_equal(back.noise_h, ex.noise_h)
     with pytest.raises(MolgenError, match="the run wants 3, 4, 0.7"):
         check_examples(back, tmp_path / "pairs.npz", dataclasses.replace(CFG, calls=4), 6)
+    with pytest.raises(MolgenError, match=r"start calls \[1\]; the run wants 3, 2, 0.7, \[1, 4\]"):
+        check_examples(back, tmp_path / "pairs.npz", dataclasses.replace(CFG, start_calls=(1, 4)), 6)
     with pytest.raises(MolgenError, match="a distillation's pairs"):
         check_examples(PairSet(ex.n_atoms, ex.positions, ex.types, ex.noise_x, ex.noise_h[:, :6], 1, 2, 0.7, 3),
                        tmp_path / "pairs.npz", CFG, 6)
+
+
+def test_start_molecules_of_several_calls_are_the_multistep_samplers_batch_by_batch(tmp_path, monkeypatch):
+    monkeypatch.setattr(polisher, "BATCH", 1)  # a batch per molecule: the two batches take 3 calls, then 1
+    start, teacher, own = _models()
+    steps = _steps(start, teacher, own, renoise=0.3, seed=2)
+    sizes = np.array([3, 4], np.int32)
+    one = make_examples(*steps, sizes, 2, CFG, 6, batch_size=2)
+    three = make_examples(*steps, sizes, 2, dataclasses.replace(CFG, start_calls=(3, 1)), 6, batch_size=2)
+    assert three.start_calls == (3, 1) and one.start_calls == (1,)
+    # batch 0: its one-call molecule, then the multistep sampler's two later calls at its levels (0.4, 0.1),
+    # re-noised by 0.3 z from PRNGKey(seed + 11) folded with the batch and the call
+    g, zx, zh = next(_noise_batches(sizes, 2, 6, 1, CFG.temperature))
+    smax = start.cfg.consistency.sigma_max
+    x, h = model_fn(start.cfg)(start.params, smax * zx, smax * zh, jnp.full(g.node_mask.shape, smax), g)
+    np.testing.assert_allclose(one.molecule(0)[0], np.asarray(x)[:3], atol=2e-4)  # one call
+    later = make_multistep_step(model_fn(start.cfg), start.cfg.consistency)
+    key = jax.random.fold_in(jax.random.PRNGKey(2 + 11), 0)
+    for i, s in enumerate(multistep_levels(3, start.cfg.consistency)[1:]):
+        x, h = later(start.params, x, h, jnp.float32(s), jnp.bool_(False), g, jax.random.fold_in(key, i),
+                     jnp.float32(0.3))
+    np.testing.assert_allclose(three.molecule(0)[0], np.asarray(x)[:3], atol=2e-4)
+    np.testing.assert_array_equal(three.molecule(0)[1], np.argmax(np.asarray(h)[:3, :N_TYPES], -1))
+    assert np.abs(three.molecule(0)[0] - one.molecule(0)[0]).max() > 1e-3  # the later calls moved it
+    for k in range(3, 6):  # batch 1: one call, as when every batch takes one
+        np.testing.assert_array_equal(three.molecule(k)[0], one.molecule(k)[0])
+        np.testing.assert_array_equal(three.noise(k)[0], one.noise(k)[0])
+    path = tmp_path / "pairs.npz"
+    three.save(path)
+    assert PairSet.load(path).start_calls == (3, 1)
 
 
 def test_the_loss_is_zero_for_the_teacher_itself_and_ignores_padding():
@@ -163,5 +198,8 @@ def test_a_polish_run_refuses_wrong_models_in_one_line(tmp_path):
     one_line_error(cli(*base, "--init", o, "--set", f'polish.start="{s}"', "--out", tmp_path / "d"), "--teacher")
     one_line_error(cli(*base, "--init", o, "--teacher", t, "--set", "polish.molecules=1", "--out", tmp_path / "e"),
                    "polish.molecules must be at least 2")
+    for bad in ("[]", "[1, 0]", "[1.5]"):
+        one_line_error(cli(*base, "--init", o, "--teacher", t, "--set", f"polish.start_calls={bad}", "--out",
+                           tmp_path / "g"), "polish.start_calls must be a list of call counts, each at least 1")
     one_line_error(cli(*base[:5], "--batch-size", 64, "--steps", 1, "--devices", 1, "--init", o, "--teacher", t,
                        "--set", f'polish.start="{s}"', "--out", tmp_path / "f"), "too few examples for batch size 64")

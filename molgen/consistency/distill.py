@@ -69,6 +69,7 @@ class PairSet:
     temperature: float = 1.0
     drawn: int = 0  # pairs drawn, of which these were kept (0: all of them)
     kept: str = "all"  # KEEPS
+    start_calls: tuple[int, ...] = (1,)  # polishing examples: the start molecules' calls (molgen.consistency.polisher)
 
     def __post_init__(self) -> None:
         self.drawn = self.drawn or len(self.n_atoms)
@@ -101,7 +102,7 @@ class PairSet:
                 np.savez(fh, n_atoms=self.n_atoms, positions=self.positions, types=self.types,
                          noise_x=self.noise_x, noise_h=self.noise_h, n_valid=self.n_valid,
                          refine_rounds=self.polish_calls, temperature=self.temperature, drawn=self.drawn,
-                         kept=self.kept)
+                         kept=self.kept, start_calls=np.asarray(self.start_calls, np.int32))
 
     @classmethod
     def load(cls, path: Path) -> "PairSet":
@@ -113,8 +114,9 @@ class PairSet:
                 rounds = int(z["refine_rounds"]) if "refine_rounds" in z.files else 0
                 temp = float(z["temperature"]) if "temperature" in z.files else 1.0
                 drawn, kept = (int(z["drawn"]), str(z["kept"])) if "drawn" in z.files else (0, "all")
+                calls = tuple(int(c) for c in z["start_calls"]) if "start_calls" in z.files else (1,)
                 return cls(z["n_atoms"], z["positions"], z["types"], z["noise_x"], z["noise_h"], int(z["n_valid"]),
-                           rounds, temp, drawn, kept)
+                           rounds, temp, drawn, kept, calls)
         except NPZ_DAMAGE as e:
             raise MolgenError(f"{path}: damaged ({e}); delete it and the run makes its pairs again") from None
 
