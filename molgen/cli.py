@@ -172,7 +172,7 @@ def sample(
     temperature: Optional[float] = Opt(None, "--temperature", help="Scale every Gaussian the sampler draws (default: the model card's, else 1)."),
     renoise: Optional[float] = Opt(None, "--renoise", help="multistep: scale of the noise added before each call after the first (default: the card's, else the temperature)."),
     polish: int = Opt(0, "--polish", min=0, help="After sampling, N calls of a diffusion model's denoiser on each molecule at levels 0.4 -> 0.1 (no noise added; with --fix, a model trained to complete fragments keeps the fragment as it polishes)."),
-    polisher: Optional[str] = Opt(None, "--polisher", help="--polish: the diffusion model to call (default: the model itself, its teacher or the model it was tuned from)."),
+    polisher: Optional[str] = Opt(None, "--polisher", help="--polish: the diffusion model to call (default: the one the model's card names, else the model itself, its teacher or the model it was tuned from)."),
     fmt: Optional[str] = Opt(None, "--format", help="sdf or xyz (default: from the extension)."),
     report: bool = Opt(True, "--report/--no-report", help="Print the stability report of the samples."),
     json_path: Optional[Path] = Opt(None, "--json", help="Write the report as JSON (-: to standard output, the report to stderr)."),

@@ -54,6 +54,15 @@ class Model:
         """The card's recommended type bias for molecules of one call (none: {})."""
         return self._card_bias("type_bias_one_call")
 
+    @property
+    def polisher(self) -> str | None:
+        """The diffusion model the card names to polish this model's molecules (`--polish N`; None: none named)."""
+        name = self.meta.get("polisher")
+        if name is not None and not (isinstance(name, str) and name.strip()):
+            raise MolgenError(f"{self.name}: meta.json's polisher must name a model, e.g. \"edm-small-polisher\", "
+                              f"got {name!r}")
+        return name
+
     def _card_bias(self, key: str) -> dict[str, float]:
         from molgen.readout import parse_type_bias
 
@@ -197,27 +206,44 @@ def diffusion_source(cfg: RunConfig) -> str | None:
 
 def polisher_for(model: Model, name: str | Path | None = None, option: str = "--polisher",
                  calls: int | None = None) -> Model | None:
-    """The diffusion model `--polish` calls: ``name``, or by default the model itself (diffusion), its
-    teacher or the diffusion model it was tuned from. A recorded path that is gone falls back to the shipped
-    model of the same name. ``calls`` = 0 (no polishing): None, and ``name`` is refused."""
+    """The diffusion model `--polish` calls: ``name``, or by default the polisher the model's card names, else
+    :func:`diffusion_model_for`'s. ``calls`` = 0 (no polishing): None, and ``name`` is refused."""
     if calls == 0:
         if name is not None:
             raise MolgenError(f"{option} names the model that --polish N calls; add --polish N")
         return None
+    if name is None and model.polisher is not None:
+        name = _recorded(model.polisher, "polisher", option)
+    return diffusion_model_for(model, name, option)
+
+
+def diffusion_model_for(model: Model, name: str | Path | None = None, option: str = "--polisher") -> Model:
+    """``name``, or by default the model itself (diffusion), its teacher or the diffusion model it was tuned
+    from."""
     if name is None:
         if model.cfg.consistency is None:
             return model
         name = diffusion_source(model.cfg)
         if name is None:
             raise MolgenError(f"this model records no diffusion model; name one with {option}")
-        if not Path(name).exists():
-            if Path(name).name not in shipped_models():
-                raise MolgenError(f"this model's diffusion model {name} is not here; name one with {option}")
-            name = Path(name).name
+        name = _recorded(name, "diffusion model", option)
     m = load_diffusion_model(name, option)
     if m.cfg.model.in_node_nf != model.cfg.model.in_node_nf or m.cfg.data.remove_h != model.cfg.data.remove_h:
         raise MolgenError(f"{option} {name}: its atom features or hydrogen setting differ from the model's")
     return m
+
+
+def _recorded(name: str, what: str, option: str) -> str:
+    """A model named by another model's files: a shipped model's bare name is that shipped model (whatever folder
+    of that name the working folder holds); a path that is gone falls back to the shipped model of its name."""
+    shipped = shipped_models()
+    if str(name) in shipped:
+        return str(shipped[str(name)])
+    if Path(name).exists():
+        return name
+    if Path(name).name not in shipped:
+        raise MolgenError(f"this model's {what} {name} is not here; name one with {option}")
+    return str(shipped[Path(name).name])
 
 
 def export_model(run: str | Path, dest: Path, headline: str = "", temperature: float | None = None,
@@ -257,7 +283,7 @@ def export_model(run: str | Path, dest: Path, headline: str = "", temperature: f
     elif stack:
         if cfg.consistency is None:
             raise MolgenError("--stack: the model must be a consistency model, not a diffusion model")
-        src = polisher_for(m, stages_from, "--stages-from")
+        src = diffusion_model_for(m, stages_from, "--stages-from")
         cfg, params = stack_model(cfg, params, src.cfg, src.params, stack, source=src.name)
         meta["trained"] += f", then {stack} denoising stages of {src.name} appended (not trained further)"
     # a model folder's sampling defaults go with it unless others are given (a run has none; a type bias is kept)
@@ -267,9 +293,10 @@ def export_model(run: str | Path, dest: Path, headline: str = "", temperature: f
         meta["temperature"] = float(temperature)
     if renoise is not None:
         meta["renoise"] = float(renoise)
-    for key, bias in (("type_bias", m.type_bias), ("type_bias_one_call", m.type_bias_one_call)):
-        if bias:
-            meta[key] = bias
+    for key, value in (("type_bias", m.type_bias), ("type_bias_one_call", m.type_bias_one_call),
+                       ("polisher", m.polisher)):
+        if value:
+            meta[key] = value
     save_model(dest, cfg, params, meta)
     _write_recipes(Path(m.meta["source"]), m.cfg, dest, meta["trained"], stack, stages_from)
     return Model(cfg, params, {**meta, "source": str(dest)})

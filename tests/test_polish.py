@@ -1,5 +1,7 @@
 """Polishing without re-noising: the anneal sampler of consistency models and --polish N with a diffusion model."""
 
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,7 +16,7 @@ from molgen.data.batching import pack
 from molgen.data.features import clean_features, type_features
 from molgen.diffusion.levels import low_ladder
 from molgen.diffusion.polish import make_polish_step
-from molgen.models import Model, polisher_for, save_model
+from molgen.models import Model, export_model, load_model, polisher_for, save_model
 from molgen.networks import init_params, network
 from molgen.nn.egnn import PRESETS
 from molgen.sample import _polish_step, plan, sample
@@ -148,3 +150,39 @@ def test_which_model_polishes(tmp_path, rng):
     save_model(tmp_path / "c", ct.cfg, ct.params)
     with pytest.raises(MolgenError, match="must be a diffusion model"):
         polisher_for(kd, tmp_path / "c")
+
+
+def test_a_card_names_the_polisher_that_polish_calls_by_default(tmp_path, rng, monkeypatch):
+    ct, diff = _model("consistency", rng), _model("diffusion", rng)
+    save_model(tmp_path / "d", diff.cfg, diff.params)
+    save_model(tmp_path / "d2", diff.cfg, diff.params)
+    kd_cfg = ct.cfg.replace(objective="distill", distill=DistillConfig(teacher="edm-small-diffusion"))
+    kd = Model(kd_cfg, ct.params, {"polisher": str(tmp_path / "d")})
+    assert polisher_for(kd).name == "d"  # the card's, not the teacher
+    assert polisher_for(kd, tmp_path / "d2").name == "d2"  # --polisher wins
+    assert polisher_for(kd, calls=0) is None
+    # a card's polisher that is gone: the shipped model of its name, else a one-line refusal
+    assert polisher_for(Model(kd_cfg, None, {"polisher": "gone/edm-small-polisher"})).name == "edm-small-polisher"
+    with pytest.raises(MolgenError, match="polisher gone/p is not here; name one with --polisher"):
+        polisher_for(Model(kd_cfg, None, {"polisher": "gone/p"}))
+    for bad in ("", 3, ["d"]):
+        with pytest.raises(MolgenError, match="meta.json's polisher must name a model"):
+            polisher_for(Model(kd_cfg, None, {"polisher": bad}))
+    # a shipped model's bare name is the shipped model, whatever folder of that name the working folder has
+    save_model(tmp_path / "edm-small-polisher", ct.cfg, ct.params)
+    kd_bare = Model(kd_cfg, None, {"polisher": "edm-small-polisher"})
+    monkeypatch.chdir(tmp_path)
+    p = polisher_for(kd_bare)
+    assert p.cfg.consistency is None and Path(p.meta["source"]) != tmp_path / "edm-small-polisher"
+    # export keeps the card's polisher
+    save_model(tmp_path / "kd", kd_cfg, ct.params, {"polisher": str(tmp_path / "d")})
+    assert export_model(tmp_path / "kd", tmp_path / "kd2").polisher == str(tmp_path / "d")
+    assert load_model(tmp_path / "kd2").polisher == str(tmp_path / "d")
+
+
+def test_the_default_polishes_with_the_polisher_taught_on_its_molecules():
+    from molgen.models import default_model
+
+    m = load_model(default_model())
+    assert m.polisher == "edm-small-polisher"
+    assert polisher_for(m).name == "edm-small-polisher"
