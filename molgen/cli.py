@@ -336,7 +336,7 @@ def export(
     headline: str = Opt("", "--headline", help="One line of measured figures for `molgen models`."),
     temperature: Optional[float] = Opt(None, "--temperature", help="Recommended sampling temperature (meta.json): `molgen sample`'s default for this model (default: a model folder's own)."),
     renoise: Optional[float] = Opt(None, "--renoise", help="Consistency models: recommended re-noising of the multistep sampler (meta.json; default: a model folder's own)."),
-    stack: int = Opt(0, "--stack", min=0, help="Consistency models: append N denoising stages of a diffusion model (--stages-from), so one call computes what `--polish N` adds; a stacked model: re-spread its own stages over N levels."),
+    stack: int = Opt(0, "--stack", min=0, help="Consistency models: append N denoising stages of a diffusion model (--stages-from), so one call computes what `--polish N` adds; a stacked model: re-spread its own stages over N levels, or with --stages-from append N stages after them."),
     stages_from: Optional[str] = Opt(None, "--stages-from", help="--stack: the diffusion model whose network the stages use (default: the model's teacher or the model it was tuned from)."),
     force: bool = Opt(False, "--force", help="Write into a destination folder that is not empty."),
 ):

@@ -344,6 +344,7 @@ def model_table(model, default: bool = False) -> Table:
                                     for key, calls in (("type_bias_one_call", "1 call"), ("type_bias", "2 or more calls"))
                                     if meta.get(key))),
             ("diffusion model", diffusion_source(cfg) or ""),
+            ("polisher", f"{model.polisher} (--polish N)" if model.polisher else ""),
             ("GPU runs", ", ".join(f"{r.get('date', '?')} ({r.get('steps', 0):,} steps)" for r in meta.get("gpu_runs", []))),
             ("recipes", ", ".join(p.name for p in sorted(folder.glob("recipe*.toml")))),
             ("card", str(folder / "README.md") if (folder / "README.md").exists() else "")]

@@ -251,7 +251,8 @@ def export_model(run: str | Path, dest: Path, headline: str = "", temperature: f
                  force: bool = False) -> Model:
     """Write the latest EMA parameters of a run (or a model folder) as a model folder at ``dest``; with ``stack``
     N, as a stacked model: N denoising stages of ``stages_from`` (default: the model's diffusion source) after
-    the network, or, for a stacked model, its own stages re-spread over N levels."""
+    the network (after a stacked model's own stages), or, for a stacked model without ``stages_from``, its own
+    stages re-spread over N levels."""
     from molgen.consistency.stack import restack, stack_model
 
     if stages_from is not None and not stack:
@@ -273,14 +274,11 @@ def export_model(run: str | Path, dest: Path, headline: str = "", temperature: f
     # a model folder keeps its card's provenance; a run's is its latest checkpoint
     meta = {"source_run": m.meta.get("source_run", str(run)), "step": m.meta.get("step"),
             "trained": m.meta.get("trained") or f"{m.meta.get('step')} steps", "headline": headline}
-    if stack and cfg.stack is not None:  # stacked already: its trained stages, at N levels
-        if stages_from is not None:
-            raise MolgenError("this model is stacked already: --stack N re-spreads its own trained stages; "
-                              "leave out --stages-from")
+    if stack and cfg.stack is not None and stages_from is None:  # stacked already: its trained stages, at N levels
         old = len(cfg.stack.levels)
         cfg, params = restack(cfg, params, stack)
         meta["trained"] += f", then its {old} stages re-spread over {stack} level{'s' * (stack != 1)} (not trained further)"
-    elif stack:
+    elif stack:  # N stages of a diffusion model appended (after a stacked model's own)
         if cfg.consistency is None:
             raise MolgenError("--stack: the model must be a consistency model, not a diffusion model")
         src = diffusion_model_for(m, stages_from, "--stages-from")
@@ -310,11 +308,12 @@ def _write_recipes(source: Path, cfg: RunConfig, dest: Path, trained: str, stack
 
     if any(dest.glob("recipe*.toml")):  # a --force export into a model folder keeps the recipes its card names
         return
-    if (source / PARAMS_NAME).exists():
-        for f in sorted(source.glob("recipe*.toml")):
-            atomic_write_text(dest / f.name, f.read_text())
-        return
     restack = f"\nthen: molgen export RUN {dest.name} --stack {stack}" + (f" --stages-from {stages_from}" if stages_from else "")
+    if (source / PARAMS_NAME).exists():  # a model folder's recipes, the export that changed its network on top
+        then = f"# {dest.name}: this recipe's model, {restack.strip().replace('RUN', source.name)} (not trained further)"
+        for f in sorted(source.glob("recipe*.toml")):
+            atomic_write_text(dest / f.name, (then + "\n" if stack and f.name == "recipe.toml" else "") + f.read_text())
+        return
     header = (f"The settings of the training run {source} ({trained}), written by molgen export {__version__}.\n"
               f"Train it again: molgen train --recipe {dest / 'recipe.toml'} --out runs/{dest.name}" + (restack if stack else ""))
     atomic_write_text(dest / "recipe.toml", to_toml(recipe_of(cfg), header))

@@ -55,16 +55,25 @@ def model_fn(cfg: RunConfig, apply=None, precision: str | None = None):
     if cfg.consistency is None:
         return denoiser(apply, cfg.diffusion)
     fn = make_consistency_fn(apply, cfg.consistency, cfg.diffusion)
-    if cfg.stack is None:
+    return _stacked(fn, cfg, cfg.stack, precision)
+
+
+def _stacked(fn, cfg: RunConfig, stack, precision: str | None):
+    """``fn`` followed by the stages of ``stack`` (its inner stack's first)."""
+    if stack is None:
         return fn
-    _, stage_apply = network(cfg.replace(model=cfg.stack.model), precision)
-    return make_stacked_fn(fn, stage_apply, cfg.stack, cfg.consistency.sigma_min)
+    fn = _stacked(fn, cfg, stack.inner, precision)
+    _, stage_apply = network(cfg.replace(model=stack.model), precision)
+    return make_stacked_fn(fn, stage_apply, stack, cfg.consistency.sigma_min)
 
 
 def init_params(cfg: RunConfig, seed: int | None = None):
-    """Fresh parameters of the config's network ({"base", "stage"} for a stacked model)."""
+    """Fresh parameters of the config's network ({"base", "stage"} for a stacked model, nested when stacked again)."""
     seed = cfg.seed if seed is None else seed
-    params = egnn_init(cfg.model, seed)
-    if cfg.stack is None:
-        return params
-    return {"base": params, "stage": egnn_init(cfg.stack.model, seed + 2)}
+    params, stack, stacks = egnn_init(cfg.model, seed), cfg.stack, []
+    while stack is not None:
+        stacks.append(stack)
+        stack = stack.inner
+    for depth, st in enumerate(reversed(stacks)):  # the innermost stages first, next to the base network
+        params = {"base": params, "stage": egnn_init(st.model, seed + 2 + depth)}
+    return params

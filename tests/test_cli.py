@@ -468,7 +468,18 @@ def test_export_stack_samples_as_polish_and_trains(tmp_path, trained, ect, data_
     for a, b in zip(read_molecules(tmp_path / "s1.xyz"), read_molecules(tmp_path / "r1.xyz")):
         np.testing.assert_allclose(a.positions, b.positions, atol=1e-3)
         np.testing.assert_array_equal(a.types, b.types)
-    one_line_error(run("export", st, tmp_path / "x", "--stack", 2, "--stages-from", trained), "stacked already")
+    # with --stages-from, a stacked model gets N more stages after its own: one call = its call + `--polish N`
+    st2 = tmp_path / "stacked_again"
+    res = run("export", st, st2, "--stack", 2, "--stages-from", trained)
+    assert res.exit_code == 0, res.output
+    assert json.loads((st2 / "meta.json").read_text())["trained"].count("2 denoising stages of diff appended") == 2
+    for args, out in (((st2,), "a2.xyz"), ((st, "--polish", 2, "--polisher", trained), "p2.xyz")):
+        res = run("sample", "--checkpoint", *args, "-n", 5, "--steps", 1, "--temperature", 0.9, "-o", tmp_path / out,
+                  "--no-report")
+        assert res.exit_code == 0, res.output
+    for a, b in zip(read_molecules(tmp_path / "a2.xyz"), read_molecules(tmp_path / "p2.xyz"), strict=True):
+        np.testing.assert_allclose(a.positions, b.positions, atol=1e-3)
+        np.testing.assert_array_equal(a.types, b.types)
     one_line_error(run("export", ect, tmp_path / "x", "--stages-from", trained), "--stack N")
 
 

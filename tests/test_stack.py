@@ -145,12 +145,35 @@ def test_sampling_counts_one_call_per_step_and_matches_polish(models):
     assert len(calls) == 3
 
 
+def test_a_stacked_model_stacked_again_runs_its_own_stages_then_the_new_ones(models, rng, tmp_path):
+    cfg, params, tcfg, tparams, scfg, sparams = models
+    pcfg = RunConfig(model=PRESETS["tiny"].replace(nf=16), data=HIST)  # a second diffusion model, another size
+    pparams = _noisy(init_params(pcfg, 5), rng)
+    s2cfg, s2params = stack_model(scfg, sparams, pcfg, pparams, 2, source="polisher")
+    assert s2cfg.stack.inner == scfg.stack and s2cfg.stack.levels == tuple(low_ladder(2))
+    assert describe_network(s2cfg) == "32x2 + 3 stages of 32x2 + 2 stages of 16x2"
+    g, yx, yh, sig = _inputs(rng)
+    x2, h2 = jax.jit(model_fn(s2cfg))(s2params, yx, yh, sig, g)
+    x, h = model_fn(scfg)(sparams, yx, yh, sig, g)  # the stacked model, then `--polish 2` with the second model
+    x, h = polish(jax.jit(make_polish_step(model_fn(pcfg))), pparams, x, h, g, low_ladder(2))
+    np.testing.assert_allclose(np.asarray(x2), np.asarray(x), atol=2e-5)
+    np.testing.assert_allclose(np.asarray(h2), np.asarray(h), atol=2e-5)
+    # the boundary condition still holds; fresh parameters and a saved config rebuild the same tree
+    smin = jnp.full(g.node_mask.shape, s2cfg.consistency.sigma_min, jnp.float32)
+    np.testing.assert_allclose(np.asarray(model_fn(s2cfg)(s2params, yx, yh, smin, g)[0]), np.asarray(yx), atol=1e-5)
+    shapes = jax.tree_util.tree_map(np.shape, init_params(s2cfg, 0))
+    assert shapes == jax.tree_util.tree_map(np.shape, s2params)
+    s2cfg.save(tmp_path / "config.json")
+    assert RunConfig.load(tmp_path / "config.json") == s2cfg
+    # re-spreading acts on the last stages only
+    r = restack(s2cfg, s2params, 4)[0]
+    assert r.stack.levels == tuple(low_ladder(4)) and r.stack.inner == scfg.stack
+
+
 def test_stack_model_refusals(models):
     cfg, params, tcfg, tparams, scfg, sparams = models
     with pytest.raises(MolgenError, match="consistency model"):
         stack_model(tcfg, tparams, tcfg, tparams, 2)
-    with pytest.raises(MolgenError, match="stacked already"):
-        stack_model(scfg, sparams, tcfg, tparams, 2)
     with pytest.raises(MolgenError, match="diffusion model"):
         stack_model(cfg, params, cfg, params, 2)
     with pytest.raises(MolgenError, match="at least 1"):

@@ -7,7 +7,9 @@ with the atom types re-read between stages::
     f_stack(y, sigma) = x_S,   x_0 = f(y, sigma),   x_i = D(x_{i-1}, s_i)
 
 so one call is one forward pass of a deeper network (for the `small` networks 4 + 4 S blocks) that maps noise
-straight to a molecule. The stages share one set of parameters (a diffusion model's). Assembled from a trained
+straight to a molecule. The stages share one set of parameters (a diffusion model's). A stacked model can be
+stacked again (``StackConfig.inner``: its own stages first, then the new ones; params {"base": the stacked model's
+{"base", "stage"}, "stage": the new stages'}), e.g. a stack followed by a polisher's stages. Assembled from a trained
 model and a diffusion model (`molgen export --stack S`), one call computes exactly what `molgen sample
 --polish S` adds after the model's call; trained as a whole (`--objective distill --init STACKED`) every part
 moves: the atom types between stages are read with a straight-through argmax.
@@ -41,6 +43,7 @@ class StackConfig:
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)  # its noise schedule
     gate: float = 0.01  # the stages fade out linearly between sigma_min + gate and sigma_min
     source: str = ""  # the diffusion model the stages were taken from
+    inner: StackConfig | None = None  # a stacked model's own stages, which run before these (a stack stacked again)
 
 
 def make_stacked_fn(base_fn, stage_apply, stack: StackConfig, sigma_min: float):
@@ -68,11 +71,9 @@ def make_stacked_fn(base_fn, stage_apply, stack: StackConfig, sigma_min: float):
 
 def stack_model(cfg, params, stage_cfg, stage_params, n_stages: int, source: str = ""):
     """(config, params) of the consistency model ``cfg`` with ``n_stages`` stages of the diffusion model
-    ``stage_cfg`` on the low ladder."""
+    ``stage_cfg`` on the low ladder; a stacked ``cfg`` keeps its stages, and the new ones run after them."""
     if cfg.consistency is None:
         raise MolgenError("--stack: the model must be a consistency model, not a diffusion model")
-    if cfg.stack is not None:
-        raise MolgenError("--stack: this model is stacked already")
     if stage_cfg.consistency is not None:
         raise MolgenError("--stack: the stages must come from a diffusion model, not a consistency model")
     if stage_cfg.model.in_node_nf != cfg.model.in_node_nf or stage_cfg.data.remove_h != cfg.data.remove_h:
@@ -80,13 +81,13 @@ def stack_model(cfg, params, stage_cfg, stage_params, n_stages: int, source: str
     if n_stages < 1:
         raise MolgenError("--stack must be at least 1")
     st = StackConfig(levels=tuple(low_ladder(n_stages)), model=stage_cfg.model, diffusion=stage_cfg.diffusion,
-                     source=source)
+                     source=source, inner=cfg.stack)
     return cfg.replace(stack=st), {"base": params, "stage": stage_params}
 
 
 def restack(cfg, params, n_stages: int):
-    """(config, params) of the stacked model ``cfg`` with its trained stages re-spread over ``n_stages`` levels
-    of the low ladder: fewer stages make a cheaper call, more a deeper one."""
+    """(config, params) of the stacked model ``cfg`` with its trained stages (its last ones, when stacked again)
+    re-spread over ``n_stages`` levels of the low ladder: fewer stages make a cheaper call, more a deeper one."""
     if cfg.stack is None:
         raise MolgenError("this model has no denoising stages to re-spread; stack it first (--stack N --stages-from)")
     if n_stages < 1:
@@ -95,9 +96,11 @@ def restack(cfg, params, n_stages: int):
 
 
 def describe_network(cfg) -> str:
-    """The network in words, e.g. '64x4' or '64x4 + 4 stages of 64x4'."""
-    net = f"{cfg.model.nf}x{cfg.model.n_layers}"
-    if cfg.stack is not None:
-        st = cfg.stack
-        net += f" + {len(st.levels)} stage{'s' if len(st.levels) != 1 else ''} of {st.model.nf}x{st.model.n_layers}"
-    return net
+    """The network in words, e.g. '64x4', '64x4 + 4 stages of 64x4' or '64x4 + 4 stages of 64x4 + 4 stages of
+    64x4'."""
+    net, groups, st = f"{cfg.model.nf}x{cfg.model.n_layers}", [], cfg.stack
+    while st is not None:
+        n = len(st.levels)
+        groups.append(f" + {n} stage{'s' if n != 1 else ''} of {st.model.nf}x{st.model.n_layers}")
+        st = st.inner
+    return net + "".join(reversed(groups))
