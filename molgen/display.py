@@ -334,7 +334,7 @@ def model_table(model, default: bool = False) -> Table:
     t.add_column("item", no_wrap=True)
     t.add_column("value")
     rows = [("folder", str(folder)), ("objective", cfg.objective),
-            ("network", f"{describe_network(cfg)}, {n_params:,} parameters"),
+            ("network", describe_network(cfg)), ("size", f"{n_params:,} parameters"),
             ("data", "QM9 without hydrogens" if cfg.data.remove_h else "QM9 with hydrogens"),
             ("trained", meta.get("trained") or (f"{meta['step']:,} steps" if "step" in meta else "")),
             ("headline", meta.get("headline", "")),

@@ -180,9 +180,14 @@ def test_a_card_names_the_polisher_that_polish_calls_by_default(tmp_path, rng, m
     assert load_model(tmp_path / "kd2").polisher == str(tmp_path / "d")
 
 
-def test_the_default_polishes_with_the_polisher_taught_on_its_molecules():
+def test_the_default_is_edm_small_stack_then_its_polishers_stages_and_polishes_with_it():
     from molgen.models import default_model
 
     m = load_model(default_model())
-    assert m.polisher == "edm-small-polisher"
-    assert polisher_for(m).name == "edm-small-polisher"
+    assert m.polisher == "edm-small-polisher" and polisher_for(m).name == "edm-small-polisher"
+    stack, polisher = load_model("edm-small-stack"), load_model("edm-small-polisher")
+    assert m.cfg.stack.inner == stack.cfg.stack and m.cfg.stack.model == polisher.cfg.model
+    assert m.cfg.stack.levels == tuple(low_ladder(4))
+    for mine, theirs in ((m.params["base"], stack.params), (m.params["stage"], polisher.params)):
+        same = jax.tree_util.tree_map(lambda a, b: bool(np.array_equal(a, b)), mine, theirs)
+        assert all(jax.tree_util.tree_leaves(same))
