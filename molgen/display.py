@@ -309,7 +309,7 @@ def models_table(models: dict, default: str | None, fix_default: str | None = No
 
     t = Table(title="shipped models", caption="molgen models NAME: how one was trained, its recipes and its card")
     t.add_column("name", no_wrap=True)  # names are what users type: never cut (other columns wrap)
-    for c in ("objective", "network", "headline (1000 samples)"):
+    for c in ("objective", "network", "headline (1000 samples unless it says)"):
         t.add_column(c)
     for name, path in models.items():
         cfg = RunConfig.load(path / "config.json")
