@@ -18,7 +18,7 @@ import numpy as np
 from molgen import MolgenError
 from molgen.chem.io import Molecule
 from molgen.consistency.stack import describe_network
-from molgen.data.batching import bucket, pack
+from molgen.data.batching import sampling_graph
 from molgen.diffusion.edm import denoiser
 from molgen.diffusion.levels import low_ladder
 from molgen.diffusion.inpaint import make_inpaint_polish_step
@@ -155,7 +155,7 @@ def sample(model: Model, n: int, steps: int | None = None, seed: int = 0, atoms:
            temperature: float | None = None, renoise: float | None = None, polish_calls: int = 0,
            polisher: Model | None = None, progress: Callable[[int], None] | None = None,
            apply: Callable | None = None, fragment=None, resample: int = 0, decimals: int | None = None,
-           formula=None, type_bias: dict | None = None) -> Samples:
+           formula=None, type_bias: dict | None = None, shapes: list | None = None) -> Samples:
     """``n`` molecules in ``steps`` sampler steps (default: the sampler's), then ``polish_calls`` calls of the
     diffusion model ``polisher`` on the low ladder. ``progress(k)`` is told of every k network calls done on a batch
     (the total is calls x batches). ``atoms``: every molecule's atom count, or a range (lo, hi) to draw them from
@@ -166,7 +166,8 @@ def sample(model: Model, n: int, steps: int | None = None, seed: int = 0, atoms:
     rounds them to what its file holds, :data:`molgen.chem.io.DECIMALS`, so that its report describes the file).
     ``formula`` (:class:`molgen.formula.Formula`): every molecule has it (:mod:`molgen.formula`). ``type_bias``
     ({element: bias}, :func:`parse_type_bias`; None: the card's): added to the network's last type outputs before
-    each atom's type is read from them."""
+    each atom's type is read from them. ``shapes``: padded batch shapes to share with other calls
+    (:func:`molgen.data.batching.sampling_graph`)."""
     atoms = formula_atoms(formula, atoms, fragment)
     check_request(model.cfg, n, batch_size, atoms, fragment.size if fragment is not None else 0)
     s, levels, settings, renoise = plan(model, steps, sampler, sigmas, temperature, renoise, polish_calls, seed,
@@ -190,8 +191,7 @@ def sample(model: Model, n: int, steps: int | None = None, seed: int = 0, atoms:
     t0 = time.time()
     for b, start in enumerate(range(0, n, batch_size)):
         bs = sizes[start : start + batch_size]
-        # molecule counts bucketed like the atoms: rounds of --keep and small calls share compiled programs
-        g = pack(None, [np.zeros(int(k), np.int32) for k in bs], pad_graphs=bucket(len(bs) + 1, granule=8))
+        g = sampling_graph(bs, shapes)
         nf, key = model.cfg.n_features, jax.random.fold_in(jax.random.fold_in(base, FRAGMENT_STREAM), b)
         fix = _fixer(fragment, formula, bs, g, nf, key, s.name == "inpaint")
         x, h = s.run(fns, model.params, g, nf, jax.random.fold_in(base, b), levels,
@@ -283,14 +283,14 @@ def sample_kept(model: Model, n: int, keep: str = "all", seed: int = 0, batch_si
     kept: list[Molecule] = []
     seen: set[str] = set()
     known = known or set()
-    drawn, r, res, t0 = 0, 0, None, time.time()
+    drawn, r, res, t0, shapes = 0, 0, None, time.time(), []  # rounds share the compiled batch shapes
     while len(kept) < n and drawn < limit:
         need = n - len(kept)
         share = len(kept) / drawn if drawn else 1.0
         m = min(limit - drawn, max(need, int(np.ceil(1.2 * need / max(share, 0.01)))))
         if on_round:
             on_round(m)
-        res = sample(model, m, seed=round_seed(seed, r), batch_size=batch_size, **kw)
+        res = sample(model, m, seed=round_seed(seed, r), batch_size=batch_size, shapes=shapes, **kw)
         for mol, p in zip(res.molecules, judge(res.molecules)):
             if test(p) and not (unique and p.smiles in seen) and p.smiles not in known:
                 kept.append(mol)

@@ -360,6 +360,36 @@ def test_respaced_times_are_distinct_integer_steps_denser_at_low_noise():
         respaced_times(0)
 
 
+def test_a_batch_takes_a_shared_shape_that_holds_it_and_samples_the_same_molecules(rng):
+    """sampling_graph with shapes compiled before: the smallest that holds the batch with at most twice its own
+    padded nodes is taken (else the batch's own is added); sampled in either padding, the molecules are the same."""
+    from molgen.data.batching import sampling_graph
+
+    def shape(g):
+        return len(g.n_atoms), len(g.node_mask), len(g.senders)
+
+    sizes = [3, 4, 5, 6, 6]
+    own = shape(sampling_graph(sizes))
+    shapes = []
+    assert shape(sampling_graph(sizes, shapes)) == own and shapes == [own]
+    wide, wider = (own[0] + 8, 2 * own[1], own[2] + 1024), (own[0] + 16, 2 * own[1], own[2] + 2048)
+    shapes = [wider, wide, (own[0], own[1], own[2] - 1)]  # the last is too small: it lacks an edge row
+    g = sampling_graph(sizes, shapes)
+    assert shape(g) == wide and len(shapes) == 3 and int(g.node_mask.sum()) == sum(sizes)
+    assert g.n_atoms.tolist()[: len(sizes)] == sizes and not g.n_atoms[len(sizes):].any()
+    too_wide = [(own[0], 2 * own[1] + 64, own[2])]  # more than twice the nodes: compiled anew
+    assert shape(sampling_graph(sizes, too_wide)) == own and too_wide[-1] == own
+    m = _model("consistency", rng)
+    for steps in (1, 2):
+        a = sample(m, 9, steps, seed=5).molecules
+        shared = [(24, 128, 2048)]  # 9 molecules of 3-6 atoms: their own shape is (16, 64, 1024)
+        b = sample(m, 9, steps, seed=5, shapes=shared).molecules
+        assert shared == [(24, 128, 2048)]  # taken, not added to
+        for x, y in zip(a, b, strict=True):
+            np.testing.assert_array_equal(x.types, y.types)
+            np.testing.assert_allclose(x.positions, y.positions, atol=1e-5)
+
+
 def test_keep_writes_only_molecules_that_pass_and_draws_more_until_n():
     """--keep: every kept molecule passes by molgen.evaluate's own per-molecule results; the first round is plain
     sampling with the same seed (its kept molecules are a subsequence of it, in order); same settings, same
