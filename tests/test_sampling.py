@@ -362,8 +362,9 @@ def test_respaced_times_are_distinct_integer_steps_denser_at_low_noise():
 
 def test_a_batch_takes_a_shared_shape_that_holds_it_and_samples_the_same_molecules(rng):
     """sampling_graph with shapes compiled before: the smallest that holds the batch with at most twice its own
-    padded nodes is taken (else the batch's own is added); sampled in either padding, the molecules are the same."""
-    from molgen.data.batching import sampling_graph
+    padded nodes, or SHARED_EXTRA_NODES more, is taken (else the batch's own is added); sampled in either padding,
+    the molecules are the same."""
+    from molgen.data.batching import SHARED_EXTRA_NODES, sampling_graph
 
     def shape(g):
         return len(g.n_atoms), len(g.node_mask), len(g.senders)
@@ -373,12 +374,20 @@ def test_a_batch_takes_a_shared_shape_that_holds_it_and_samples_the_same_molecul
     shapes = []
     assert shape(sampling_graph(sizes, shapes)) == own and shapes == [own]
     wide, wider = (own[0] + 8, 2 * own[1], own[2] + 1024), (own[0] + 16, 2 * own[1], own[2] + 2048)
+    assert own[1] + SHARED_EXTRA_NODES > 2 * own[1]  # a small batch: the extra rows allowed are the larger bound
     shapes = [wider, wide, (own[0], own[1], own[2] - 1)]  # the last is too small: it lacks an edge row
     g = sampling_graph(sizes, shapes)
     assert shape(g) == wide and len(shapes) == 3 and int(g.node_mask.sum()) == sum(sizes)
     assert g.n_atoms.tolist()[: len(sizes)] == sizes and not g.n_atoms[len(sizes):].any()
-    too_wide = [(own[0], 2 * own[1] + 64, own[2])]  # more than twice the nodes: compiled anew
+    roomy = [(own[0], own[1] + SHARED_EXTRA_NODES, own[2])]  # more than twice the nodes, within the extra rows
+    assert shape(sampling_graph(sizes, roomy)) == roomy[0] and len(roomy) == 1
+    too_wide = [(own[0], own[1] + SHARED_EXTRA_NODES + 64, own[2])]  # beyond both: compiled anew
     assert shape(sampling_graph(sizes, too_wide)) == own and too_wide[-1] == own
+    big = sampling_graph([18] * 300)  # 5,400 atoms: twice its nodes is the larger bound
+    big_own = shape(big)
+    assert shape(sampling_graph([18] * 300, [(big_own[0], 2 * big_own[1], big_own[2])]))[1] == 2 * big_own[1]
+    over = [(big_own[0], 2 * big_own[1] + 64, big_own[2])]
+    assert shape(sampling_graph([18] * 300, over)) == big_own
     m = _model("consistency", rng)
     for steps in (1, 2):
         a = sample(m, 9, steps, seed=5).molecules
