@@ -71,7 +71,7 @@ KEEP = {
     "valid": lambda p: p.valid and p.n_fragments == 1,
     "stable": lambda p: p.valid and p.n_fragments == 1 and p.stable,
 }
-MAX_DRAWS = 100  # --keep draws at most this many molecules per molecule asked for
+MAX_DRAWS, GROWTH = 100, 8  # --keep draws at most 100 per molecule asked for, a round at most 8x the draws before it
 
 
 def parse_levels(text: str | None) -> list[float] | None:
@@ -265,10 +265,10 @@ def sample_kept(model: Model, n: int, keep: str = "all", seed: int = 0, batch_si
                 known: set[str] | None = None, **kw) -> Samples:
     """``n`` molecules that pass ``keep`` (:data:`KEEP`), with ``unique`` each of another SMILES (EDM's uniqueness)
     and with ``known`` (SMILES, e.g. the training split's for ``--novel``) none of those: rounds of :func:`sample`
-    (the first with ``seed``, the next with :func:`round_seed`), each sized by the share kept so far, until ``n``
-    are kept or ``max_draws`` (default MAX_DRAWS x n) are drawn; then fewer are returned (``drawn`` says how many
-    were drawn; ``seconds`` counts the judging too), none is a MolgenError. ``on_round(m)`` is told of each
-    round's m molecules before it is drawn; ``kw`` goes to :func:`sample`."""
+    (the first with ``seed``, the next with :func:`round_seed`), each sized by the share kept so far (at most
+    GROWTH x the molecules drawn before), until ``n`` are kept or ``max_draws`` (default MAX_DRAWS x n) are drawn;
+    then fewer are returned (``drawn`` says how many were drawn; ``seconds`` counts the judging too), none is a
+    MolgenError. ``on_round(m)`` is told of each round's m molecules first; ``kw`` goes to :func:`sample`."""
     novel = known is not None
     check_keep(keep, unique, novel)
     if KEEP[keep] is None:
@@ -287,7 +287,7 @@ def sample_kept(model: Model, n: int, keep: str = "all", seed: int = 0, batch_si
     while len(kept) < n and drawn < limit:
         need = n - len(kept)
         share = len(kept) / drawn if drawn else 1.0
-        m = min(limit - drawn, max(need, int(np.ceil(1.2 * need / max(share, 0.01)))))
+        m = min(limit - drawn, max(need, int(np.ceil(1.2 * need / max(share, 0.01)))), GROWTH * drawn or limit)
         if on_round:
             on_round(m)
         res = sample(model, m, seed=round_seed(seed, r), batch_size=batch_size, shapes=shapes, **kw)

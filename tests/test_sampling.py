@@ -436,10 +436,15 @@ def test_keep_writes_only_molecules_that_pass_and_draws_more_until_n():
     # --novel: SMILES of a known set (here the first 5 distinct ones, as if QM9's training split held them) are
     # never kept, so the same seed keeps others in their place
     known = set(smiles[:5])
-    novel = sample_kept(m, 15, "stable", seed=1, unique=True, known=known)
+    rounds = []
+    novel = sample_kept(m, 15, "stable", seed=1, unique=True, known=known, on_round=rounds.append)
     got = [p.smiles for p in judge(novel.molecules)]
     assert len(set(got)) == 15 and not known & set(got) and set(got) & set(smiles[5:])
     assert novel.settings["molgen_keep"] == "stable, unique, novel" and novel.drawn >= distinct.drawn
+    # the first round's kept molecules are all known now: the next round is not sized by a share of ~0 but is
+    # held to 8x the molecules drawn before it
+    assert rounds[:2] == [18, 8 * 18] and novel.drawn == sum(rounds) < 100 * 15
+    assert all(r <= 8 * sum(rounds[:i]) for i, r in enumerate(rounds) if i)
     with pytest.raises(MolgenError, match="--novel compares SMILES"):
         sample_kept(m, 5, "all", known=known)
 
