@@ -140,8 +140,9 @@ def test_a_reader_that_stops_early_ends_the_command_quietly(tmp_path):
     import subprocess
     import sys
 
-    p = subprocess.Popen([sys.executable, "-m", "molgen", "sample", "--model", "edm-small-stack2", "-n", "200", "-o", "-", "--no-report"],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path)
+    cmd = [sys.executable, "-m", "molgen", "sample", "--model", "edm-small-stack2", "-n", "200", "-o", "-",
+           "--no-report"]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path)
     first = p.stdout.readline()
     p.stdout.close()  # 200 molecules are ~400 KB: more than a pipe holds, so the writer meets the closed end
     err = p.stderr.read().decode()

@@ -92,6 +92,13 @@ def _pairs(n: int) -> tuple[np.ndarray, np.ndarray]:
     return i.astype(np.int32), j.astype(np.int32)
 
 
+def padded_sizes(n_atoms) -> tuple[int, int]:
+    """The bucketed (node rows, edge rows) of a batch of molecules of ``n_atoms`` atoms: its atoms and at least
+    one padding row, its ordered atom pairs."""
+    n = np.asarray(n_atoms, np.int64)
+    return bucket(int(n.sum()) + 1, granule=NODE_GRANULE), bucket(int((n * (n - 1)).sum()), granule=EDGE_GRANULE)
+
+
 def pack(
     positions: list[np.ndarray] | None,
     types: list[np.ndarray],
@@ -110,8 +117,9 @@ def pack(
     b = len(n)
     n_real = int(n.sum())
     e_real = int((n * (n - 1)).sum())
-    n_pad = pad_nodes if pad_nodes is not None else bucket(n_real + 1, granule=NODE_GRANULE)
-    e_pad = pad_edges if pad_edges is not None else bucket(e_real, granule=EDGE_GRANULE)
+    own_nodes, own_edges = padded_sizes(n)
+    n_pad = pad_nodes if pad_nodes is not None else own_nodes
+    e_pad = pad_edges if pad_edges is not None else own_edges
     if n_pad <= n_real or e_pad < e_real:
         raise ValueError(f"padding too small: {n_pad} nodes for {n_real}, {e_pad} edges for {e_real}")
     offsets = np.concatenate([[0], np.cumsum(n)[:-1]]).astype(np.int32)
@@ -160,17 +168,13 @@ def sampling_graph(sizes, shapes: list | None = None) -> Graph:
     own padded nodes, or at most :data:`SHARED_EXTRA_NODES` more, is taken (padding costs less than compiling
     anew), else the batch's own shape is added to them. A molecule's rows do not depend on the padding (its noise
     is a prefix of the padded draw), only the compilations do."""
-    types = [np.zeros(int(k), np.int32) for k in sizes]
-    g = pack(None, types, pad_graphs=bucket(len(types) + 1, granule=8))
-    if shapes is None:
-        return g
-    own = (len(g.n_atoms), len(g.node_mask), len(g.senders))
+    own = (bucket(len(sizes) + 1, granule=8), *padded_sizes(sizes))
     room = max(2 * own[1], own[1] + SHARED_EXTRA_NODES)
-    fits = [s for s in shapes if all(a >= b for a, b in zip(s, own)) and s[1] <= room]
-    if not fits:
+    fits = [s for s in shapes or () if all(a >= b for a, b in zip(s, own)) and s[1] <= room]
+    if not fits and shapes is not None:
         shapes.append(own)
-        return g
-    n_graphs, n_nodes, n_edges = min(fits)
+    n_graphs, n_nodes, n_edges = min(fits) if fits else own
+    types = [np.zeros(int(k), np.int32) for k in sizes]
     return pack(None, types, pad_nodes=n_nodes, pad_edges=n_edges, pad_graphs=n_graphs)
 
 
