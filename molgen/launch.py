@@ -128,11 +128,12 @@ def _resumed(cfg: RunConfig, req: Request) -> RunConfig:
     optim = asked.pop("optim", {})
     for key, want in _flat(asked).items():
         if key == "model.preset":  # a run records its network's size, not the preset's name
-            have, p = f"{cfg.model.nf}x{cfg.model.n_layers}", PRESETS.get(want)
-            if p is None or f"{p.nf}x{p.n_layers}" != have:
+            p, sized = PRESETS.get(want), asked["model"]  # the preset's size, or the one asked with it
+            size = p and f"{sized.get('nf', p.nf)}x{sized.get('n_layers', p.n_layers)}"
+            have = f"{cfg.model.nf}x{cfg.model.n_layers}"
+            if size != have:
                 raise MolgenError(f"--resume continues the run in {req.out} as it was configured: its network is "
-                                  f"{have}, not {want}{f' ({p.nf}x{p.n_layers})' if p else ''} (only optimiser "
-                                  "settings may change)")
+                                  f"{have}, not {want}{f' ({size})' if p else ''} (only optimiser settings may change)")
             continue
         have = cfg
         for part in key.split("."):

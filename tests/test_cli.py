@@ -10,7 +10,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from conftest import cli, one_line_error
+from conftest import TINY, cli, one_line_error
 
 from molgen.data import qm9, sources
 
@@ -205,7 +205,7 @@ def _opt(**kw):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, data_dir):
     out = tmp_path_factory.mktemp("run") / "diff"
-    res = run("train", "--recipe", "diffusion", "--model", "tiny", "--steps", 4, "--batch-size", 8,
+    res = run("train", "--recipe", "diffusion", *TINY, "--steps", 4, "--batch-size", 8,
               "--data-dir", data_dir, "--out", out, *_opt(ckpt_every=2, eval_every=2))
     assert res.exit_code == 0, res.output
     return out
@@ -213,7 +213,7 @@ def trained(tmp_path_factory, data_dir):
 
 def test_train_resume_and_sample(tmp_path, trained, data_dir):
     assert (trained / "config.json").exists() and (trained / "metrics.jsonl").exists()
-    one_line_error(run("train", "--model", "tiny", "--steps", 6, "--batch-size", 8, "--data-dir", data_dir,
+    one_line_error(run("train", *TINY, "--steps", 6, "--batch-size", 8, "--data-dir", data_dir,
                        "--out", trained), "--resume")
     assert json.loads((trained / "config.json").read_text())["optim"]["steps"] == 4  # the refused run wrote nothing
     copy = tmp_path / "copy"
@@ -429,10 +429,10 @@ def test_export_stack_samples_as_polish_and_trains(tmp_path, trained, ect, data_
     assert f"then: molgen export RUN {st.name} --stack 2\n" in recipe and tomllib.loads(recipe)["objective"] == "ect"
     res = run("sample", "--checkpoint", st, "-n", 5, "--steps", 1, "-o", tmp_path / "s.xyz", "--no-report",
               "--json", tmp_path / "s.json", "--data-dir", data_dir)
-    assert res.exit_code == 0 and "network 32x2 + 2 stages of 32x2" in res.output, res.output
+    assert res.exit_code == 0 and "network 32x1 + 2 stages of 32x1" in res.output, res.output
     assert "1 network call per molecule" in res.output
     rep = json.loads((tmp_path / "s.json").read_text())
-    assert rep["molgen_calls"] == 1 and rep["molgen_network"] == "32x2 + 2 stages of 32x2"
+    assert rep["molgen_calls"] == 1 and rep["molgen_network"] == "32x1 + 2 stages of 32x1"
     res = run("sample", "--checkpoint", ect, "-n", 5, "--steps", 1, "--polish", 2, "--temperature", 0.9,
               "-o", tmp_path / "r.xyz", "--no-report")
     assert res.exit_code == 0, res.output
@@ -556,7 +556,7 @@ def test_cpu_devices_choice_and_errors(tmp_path, data_dir):
     # One device per core while the batch splits evenly with >= 8 molecules per device.
     assert [auto_cpu_devices(64, c) for c in (1, 2, 3, 16)] == [1, 2, 2, 8]
     assert auto_cpu_devices(48, 16) == 6 and auto_cpu_devices(12, 2) == 1 and auto_cpu_devices(7, 4) == 1
-    one_line_error(run("train", "--model", "tiny", "--steps", 1, "--batch-size", 8, "--devices", 3,
+    one_line_error(run("train", *TINY, "--steps", 1, "--batch-size", 8, "--devices", 3,
                        "--data-dir", data_dir, "--out", tmp_path / "r"), "not divisible by --devices 3")
     assert not (tmp_path / "r").exists()
 
@@ -564,17 +564,23 @@ def test_cpu_devices_choice_and_errors(tmp_path, data_dir):
 def test_resume_with_new_learning_rate_batch_size_and_precision(tmp_path, data_dir):
     out = tmp_path / "run"
     base = ("--data-dir", data_dir, "--out", out, *_opt(ckpt_every=2, eval_every=2))
-    one_line_error(run("train", "--model", "tiny", "--precision", "fp8", *base),
+    one_line_error(run("train", *TINY, "--precision", "fp8", *base),
                    "optim.precision must be one of auto, float32, tf32, bf16, got 'fp8'")
     assert not out.exists()  # refused before anything is written
-    res = run("train", "--model", "tiny", "--steps", 2, "--batch-size", 8, "--lr", 1e-3, "--precision", "bf16", *base)
+    res = run("train", *TINY, "--steps", 2, "--batch-size", 8, "--lr", 1e-3, "--precision", "bf16", *base)
     assert res.exit_code == 0 and json.loads((out / "config.json").read_text())["optim"]["precision"] == "bf16"
     one_line_error(run("train", "--resume", "--steps", 3, "--lr", -1, "--data-dir", data_dir, "--out", out),
                    "--lr must be positive")
     one_line_error(run("train", "--resume", "--model", "base", "--data-dir", data_dir, "--out", out),
-                   "its network is 32x2, not base (128x6)")
+                   "its network is 32x1, not base (128x6)")
     one_line_error(run("train", "--resume", "--set", "model.preset=huge", "--data-dir", data_dir, "--out", out),
-                   "its network is 32x2, not huge (only")
+                   "its network is 32x1, not huge (only")
+    one_line_error(run("train", "--resume", "--model", "tiny", "--data-dir", data_dir, "--out", out),
+                   "its network is 32x1, not tiny (32x2)")
+    one_line_error(run("train", "--resume", *TINY, "--set", "model.nf=16", "--data-dir", data_dir, "--out", out),
+                   "its model.nf is 32, not 16")
+    res = run("train", "--resume", *TINY, "--steps", 2, "--data-dir", data_dir, "--out", out)  # as it was started
+    assert res.exit_code == 0 and "has finished its 2 steps" in res.output, res.output
     res = run("train", "--resume", "--steps", 3, "--lr", 2e-5, "--batch-size", 4, "--precision", "float32",
               "--data-dir", data_dir, "--out", out)
     assert res.exit_code == 0 and "step 3" in res.output, res.output
@@ -629,7 +635,7 @@ def test_ctrl_c_while_sampling_keeps_the_old_file(tmp_path, monkeypatch):
 
 def test_train_refuses_settings_that_cannot_train_before_any_work(tmp_path, data_dir):
     out = tmp_path / "z"
-    base = ("--model", "tiny", "--data-dir", data_dir, "--out", out)
+    base = (*TINY, "--data-dir", data_dir, "--out", out)
     for setting, says in [("optim.ema=1.5", "optim.ema"), ("optim.warmup=-1", "optim.warmup"),
                           ("optim.clip=0", "optim.clip"), ("optim.keep=0", "optim.keep"),
                           ("optim.ckpt_every=-2", "optim.ckpt_every"), ("optim.eval_every=-1", "optim.eval_every")]:

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import tiny_net
 
 from molgen import MolgenError
 from molgen.chem.elements import N_TYPES
@@ -19,7 +20,6 @@ from molgen.diffusion.levels import low_ladder, ode_levels
 from molgen.diffusion.noise import sample_noise
 from molgen.diffusion.ode import heun_solve, n_calls
 from molgen.networks import init_params, model_fn, network
-from molgen.nn.egnn import PRESETS
 from molgen.objectives import features
 from molgen.data.batching import make_batch
 
@@ -79,7 +79,7 @@ def test_heun_ends_on_a_point_mass():
 
 
 def _teacher(stir: bool = False):
-    cfg = RunConfig(model=PRESETS["tiny"], data=DataConfig(size_hist=(0, 0, 1, 1, 1)))
+    cfg = RunConfig(model=tiny_net(), data=DataConfig(size_hist=(0, 0, 1, 1, 1)))
     params = init_params(cfg)
     if stir:  # an untrained teacher's epsilon is ~0: stir its weights
         leaves, tree = jax.tree_util.tree_flatten(params)
@@ -94,7 +94,7 @@ def _ode_pairs(tparams, tcfg, sizes, seed, steps=2, temperature=1.0, n_valid=0, 
 
 
 def _student_cfg():
-    return RunConfig(objective="distill", model=PRESETS["tiny"], diffusion=None, consistency=CC)
+    return RunConfig(objective="distill", model=tiny_net(), diffusion=None, consistency=CC)
 
 
 def test_pairs_are_deterministic_zero_com_and_round_trip(tmp_path):

@@ -9,7 +9,7 @@ import hypothesis
 import hypothesis.strategies
 import numpy as np
 import pytest
-from conftest import cli, one_line_error
+from conftest import TINY, cli, one_line_error
 from typer.testing import CliRunner
 
 from molgen.cli import app
@@ -20,7 +20,7 @@ run = cli
 @pytest.fixture(scope="module")
 def ct_run(tmp_path_factory, data_dir):
     out = tmp_path_factory.mktemp("ct") / "run"
-    res = run("train", "--objective", "ct", "--model", "tiny", "--steps", 4, "--batch-size", 8, "--data-dir", data_dir,
+    res = run("train", "--objective", "ct", *TINY, "--steps", 4, "--batch-size", 8, "--data-dir", data_dir,
               "--out", out, "--set", "optim.ckpt_every=2", "--set", "optim.eval_every=0")
     assert res.exit_code == 0, res.output
     return out
@@ -55,13 +55,13 @@ def test_a_run_folder_in_use_is_refused_and_a_refused_new_run_leaves_no_folder(c
         os.close(fd)
     assert {p.name: p.read_bytes() for p in ct_run.iterdir() if p.is_file()} == before
     new = tmp_path / "new"
-    res = run("train", "--objective", "ct", "--model", "tiny", "--batch-size", 100000, "--out", new, "--data-dir",
+    res = run("train", "--objective", "ct", *TINY, "--batch-size", 100000, "--out", new, "--data-dir",
               data_dir)
     one_line_error(res, "larger than the training split")
     assert "training" not in res.output.replace("training split", "")  # refused before it announced a run
     assert not new.exists()
     monkeypatch.setenv("MOLGEN_HOME", str(tmp_path / "empty"))  # the default cache folder, without a cache
-    res = run("train", "--model", "tiny", "--out", new)
+    res = run("train", *TINY, "--out", new)
     one_line_error(res, "holds no QM9 cache: run `molgen download`")
     assert "training" not in res.output and not new.exists()
 
@@ -311,7 +311,7 @@ def test_running_out_of_memory_is_one_line_that_says_what_to_change(tmp_path, mo
     res = run("sample", "-n", 2, "-o", tmp_path / "out.sdf", "--no-report")
     one_line_error(res, "out of memory (Unable to allocate 8.00 PiB for an array with shape (1125899906842624,) and "
                         "data type float64); sample fewer molecules (-n)")
-    tiny = ("--model", "tiny", "--batch-size", 8, "--data-dir", data_dir)
+    tiny = (*TINY, "--batch-size", 8, "--data-dir", data_dir)
     assert run("train", *tiny, "--steps", 2, "--out", tmp_path / "kept").exit_code == 0
     monkeypatch.setattr("molgen.train.make_train_chunk", lambda *a, **k: _out_of_memory)
     for out, resume, kept in (("r", (), "no checkpoint was saved"), ("kept", ("--resume",), "the checkpoint at step 2 "

@@ -11,6 +11,8 @@ import sys
 import jax
 import numpy as np
 
+from conftest import TINY
+
 from molgen.models import load_model
 
 
@@ -41,7 +43,7 @@ def test_two_devices_or_two_processes_train_and_resume_alike(tmp_path, data_dir)
     from conftest import FAST_COMPILE
 
     base = dict(os.environ, XLA_FLAGS=FAST_COMPILE, JAX_PLATFORMS="cpu")
-    common = ["--model", "tiny", "--batch-size", 8, "--seed", 3, "--data-dir", data_dir,
+    common = [*TINY, "--batch-size", 8, "--seed", 3, "--data-dir", data_dir,
               "--set", "optim.ckpt_every=2", "--set", "optim.eval_every=2"]
     one, pair = tmp_path / "one", tmp_path / "pair"
 
@@ -72,7 +74,7 @@ def test_distributed_without_a_cluster_is_one_line(tmp_path, data_dir):
 
     env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_COORDINATOR", "JAX_NUM", "JAX_PROCESS", "SLURM"))}
     env.update(XLA_FLAGS=FAST_COMPILE, JAX_PLATFORMS="cpu")
-    args = ["--model", "tiny", "--steps", 2, "--data-dir", data_dir, "--distributed", "--out", tmp_path / "r"]
+    args = [*TINY, "--steps", 2, "--data-dir", data_dir, "--distributed", "--out", tmp_path / "r"]
     for extra, message in (({}, "(set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID, or run under"),
                            ({"JAX_NUM_PROCESSES": "two"}, "JAX_NUM_PROCESSES must be a whole number, got 'two'")):
         p = _train(args, dict(env, **extra))

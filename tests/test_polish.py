@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import random_molecules, random_rotation
+from conftest import random_molecules, random_rotation, tiny_net
 
 from molgen import MolgenError
 from molgen.config import DataConfig, RunConfig
@@ -18,7 +18,6 @@ from molgen.diffusion.levels import low_ladder
 from molgen.diffusion.polish import make_polish_step
 from molgen.models import Model, export_model, load_model, polisher_for, save_model
 from molgen.networks import init_params, network
-from molgen.nn.egnn import PRESETS
 from molgen.sample import _polish_step, plan, sample
 
 HIST = DataConfig(size_hist=(0, 0, 0, 2, 3, 5, 1))  # molecules of 3-6 atoms
@@ -27,8 +26,8 @@ CONS = ConsistencyConfig(sigma_data_x=1.4, sigma_data_h=0.2)
 
 def _cfg(kind):
     if kind == "diffusion":
-        return RunConfig(model=PRESETS["tiny"], data=HIST)
-    return RunConfig(objective="ct", model=PRESETS["tiny"], consistency=CONS, diffusion=None, data=HIST)
+        return RunConfig(model=tiny_net(), data=HIST)
+    return RunConfig(objective="ct", model=tiny_net(), consistency=CONS, diffusion=None, data=HIST)
 
 
 def _model(kind, rng, meta=None):

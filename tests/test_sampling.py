@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import random_molecules, random_rotation
+from conftest import random_molecules, random_rotation, tiny_net
 
 from molgen import MolgenError
 from molgen.config import DataConfig, RunConfig
@@ -20,7 +20,7 @@ from molgen.diffusion.edm import DiffusionConfig, denoiser, respaced_times
 from molgen.diffusion.levels import karras_grid, ode_levels
 from molgen.models import Model
 from molgen.networks import init_params, model_fn, network
-from molgen.nn.egnn import PRESETS, remove_mean
+from molgen.nn.egnn import remove_mean
 from molgen.sample import parse_levels, plan, sample
 from molgen.samplers import SAMPLERS, get_sampler
 
@@ -29,10 +29,10 @@ HIST = DataConfig(size_hist=(0, 0, 0, 2, 3, 5, 1))  # molecules of 3-6 atoms
 
 def _cfg(kind, parametrization="ict"):
     if kind == "diffusion":
-        return RunConfig(model=PRESETS["tiny"], data=HIST)
+        return RunConfig(model=tiny_net(), data=HIST)
     cons = ConsistencyConfig(parametrization=parametrization, sigma_data_x=1.4, sigma_data_h=0.2)
     schedule = DiffusionConfig() if parametrization == "ict-vp" else None
-    return RunConfig(objective="ct", model=PRESETS["tiny"], consistency=cons, diffusion=schedule, data=HIST)
+    return RunConfig(objective="ct", model=tiny_net(), consistency=cons, diffusion=schedule, data=HIST)
 
 
 def _model(kind, rng, parametrization="ict"):

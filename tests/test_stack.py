@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import random_molecules, random_rotation
+from conftest import random_molecules, random_rotation, tiny_net
 
 from molgen import MolgenError
 from molgen.config import DataConfig, RunConfig
@@ -16,7 +16,7 @@ from molgen.diffusion.levels import low_ladder
 from molgen.diffusion.polish import make_polish_step, polish
 from molgen.models import Model
 from molgen.networks import init_params, model_fn, network
-from molgen.nn.egnn import PRESETS, remove_mean
+from molgen.nn.egnn import remove_mean
 from molgen.sample import sample
 
 HIST = DataConfig(size_hist=(0, 0, 0, 2, 3, 5, 1))  # molecules of 3-6 atoms
@@ -24,9 +24,9 @@ HIST = DataConfig(size_hist=(0, 0, 0, 2, 3, 5, 1))  # molecules of 3-6 atoms
 
 def _cfg(kind):
     if kind == "diffusion":
-        return RunConfig(model=PRESETS["tiny"], data=HIST)
+        return RunConfig(model=tiny_net(), data=HIST)
     cons = ConsistencyConfig(sigma_data_x=1.4, sigma_data_h=0.2)
-    return RunConfig(objective="distill", model=PRESETS["tiny"], consistency=cons, diffusion=None, data=HIST)
+    return RunConfig(objective="distill", model=tiny_net(), consistency=cons, diffusion=None, data=HIST)
 
 
 def _noisy(params, rng, scale=0.05):
@@ -55,8 +55,8 @@ def _inputs(rng, sizes=(4, 6, 3), sigma=2.0):
 def test_stacked_call_is_the_model_then_its_stages(models, rng):
     cfg, params, tcfg, tparams, scfg, sparams = models
     assert scfg.stack.levels == tuple(low_ladder(3)) and scfg.stack.model == tcfg.model
-    assert scfg.stack.source == "teacher" and describe_network(scfg) == "32x2 + 3 stages of 32x2"
-    assert describe_network(cfg) == "32x2"
+    assert scfg.stack.source == "teacher" and describe_network(scfg) == "32x1 + 3 stages of 32x1"
+    assert describe_network(cfg) == "32x1"
     g, yx, yh, sig = _inputs(rng)
     x_s, h_s = jax.jit(model_fn(scfg))(sparams, yx, yh, sig, g)
     x, h = model_fn(cfg)(params, yx, yh, sig, g)  # the plain model, then `--polish 3` with the teacher
@@ -136,7 +136,7 @@ def test_sampling_counts_one_call_per_step_and_matches_polish(models):
 
     res = sample(Model(scfg, sparams), n=6, steps=1, seed=2, batch_size=6, apply=counted)
     assert len(calls) == 1 and res.calls == 1  # one call of the stacked network (its stages run inside it)
-    assert res.settings["molgen_network"] == "32x2 + 3 stages of 32x2"
+    assert res.settings["molgen_network"] == "32x1 + 3 stages of 32x1"
     for a, b in zip(plain, res.molecules):
         np.testing.assert_allclose(a.positions, b.positions, atol=1e-4)
         np.testing.assert_array_equal(a.types, b.types)
@@ -147,11 +147,11 @@ def test_sampling_counts_one_call_per_step_and_matches_polish(models):
 
 def test_a_stacked_model_stacked_again_runs_its_own_stages_then_the_new_ones(models, rng, tmp_path):
     cfg, params, tcfg, tparams, scfg, sparams = models
-    pcfg = RunConfig(model=PRESETS["tiny"].replace(nf=16), data=HIST)  # a second diffusion model, another size
+    pcfg = RunConfig(model=tiny_net().replace(nf=16), data=HIST)  # a second diffusion model, another size
     pparams = _noisy(init_params(pcfg, 5), rng)
     s2cfg, s2params = stack_model(scfg, sparams, pcfg, pparams, 2, source="polisher")
     assert s2cfg.stack.inner == scfg.stack and s2cfg.stack.levels == tuple(low_ladder(2))
-    assert describe_network(s2cfg) == "32x2 + 3 stages of 32x2 + 2 stages of 16x2"
+    assert describe_network(s2cfg) == "32x1 + 3 stages of 32x1 + 2 stages of 16x1"
     g, yx, yh, sig = _inputs(rng)
     x2, h2 = jax.jit(model_fn(s2cfg))(s2params, yx, yh, sig, g)
     x, h = model_fn(scfg)(sparams, yx, yh, sig, g)  # the stacked model, then `--polish 2` with the second model

@@ -137,7 +137,8 @@ SCRIPT = textwrap.dedent("""
     mols = [ds.molecule(i) for i in range(10, 18)]
     for mode in ("diffusion", "ct"):
       cons = ConsistencyConfig(total_steps=100) if mode == "ct" else None
-      cfg = RunConfig(objective=mode, model=PRESETS["tiny"], consistency=cons, optim=OptimConfig(batch_size=8),
+      cfg = RunConfig(objective=mode, model=PRESETS["tiny"].replace(n_layers=1), consistency=cons,
+                      optim=OptimConfig(batch_size=8),
                       diffusion=None if cons else RunConfig().diffusion)
       out = []
       for devices in (jax.devices()[:1], jax.devices()):
