@@ -94,10 +94,10 @@ def data_dir(tmp_path_factory):
     return d
 
 
-# The tests' network: the `tiny` preset's 32 features in one equivariant block, not two. The tests of the loop, the
-# files, the samplers and the command line need a network, not a deep one, and one block halves what every program
-# they compile holds (the suite took 6:43 against 8:45-9:09 on 2 cores, 2026-12-05); the network's own tests
-# (test_egnn.py, test_pairgrad.py) build deeper ones. TINY: the same, as `molgen train` options.
+# The tests' network: the `tiny` preset's 32 features in one equivariant block, not two. The tests of the loop,
+# the files, the samplers and the command line need a network, not a deep one, and one block nearly halves what every
+# program they compile holds (the suite took 6:55 against 8:45-9:09 on the same 2 cores, 2026-12-05); the
+# network's own tests (test_egnn.py, test_pairgrad.py) build deeper ones. TINY: the same, as `molgen train` options.
 TINY = ("--model", "tiny", "--set", "model.n_layers=1")
 
 
