@@ -98,13 +98,14 @@ def data_dir(tmp_path_factory):
 # the files, the samplers and the command line need a network, not a deep one, and one block nearly halves what every
 # program they compile holds (the suite took 6:55 against 8:45-9:09 on the same 2 cores, 2026-12-05); the
 # network's own tests (test_egnn.py, test_pairgrad.py) build deeper ones. TINY: the same, as `molgen train` options.
-TINY = ("--model", "tiny", "--set", "model.n_layers=1")
+TINY_LAYERS = 1
+TINY = ("--model", "tiny", "--set", f"model.n_layers={TINY_LAYERS}")
 
 
 def tiny_net():
     from molgen.nn.egnn import PRESETS
 
-    return PRESETS["tiny"].replace(n_layers=1)
+    return PRESETS["tiny"].replace(n_layers=TINY_LAYERS)
 
 
 def tiny_config(ds, objective="diffusion", **optim):
