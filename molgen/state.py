@@ -76,6 +76,7 @@ def save_checkpoint(mgr, state: TrainState) -> None:
 def restore_checkpoint(mgr, target: TrainState, step: int | None = None) -> TrainState:
     """The checkpoint at ``step`` (default: the latest) in the shapes of ``target``; a damaged checkpoint, or one of
     other shapes, is one line (MolgenError)."""
+    import logging
     import sys
     import warnings
 
@@ -87,14 +88,33 @@ def restore_checkpoint(mgr, target: TrainState, step: int | None = None) -> Trai
     sys.unraisablehook = _without_closed_loop_errors(previous)
     try:
         state = mgr.restore(step, args=ocp.args.StandardRestore(abstract))
-    except (ValueError, KeyError, TypeError) as e:  # arrays of other shapes or names, or a damaged checkpoint
-        # the reads still in flight end in a closed event loop: the hook stays, so they print no tracebacks
+    except Exception as e:
+        cause = _read_error(e)
+        if cause is None:
+            raise
+        # the reads still in flight end in a closed event loop, or fail unawaited: the hook and the filters stay,
+        # so they print no tracebacks
         warnings.filterwarnings("ignore", message="coroutine .* was never awaited", category=RuntimeWarning)
-        first = str(e).strip().splitlines()[0].split(". ")[0] if str(e).strip() else type(e).__name__
+        logging.getLogger("asyncio").addFilter(lambda r: "exception was never retrieved" not in r.getMessage())
+        first = str(cause).strip().splitlines()[0].split(". ")[0] if str(cause).strip() else type(cause).__name__
+        earlier = [s for s in mgr.all_steps() if s < step]
+        remedy = (f"; if only this checkpoint is damaged, delete its folder {step} there to go on from step "
+                  f"{max(earlier)}" if earlier else "")
         raise MolgenError(f"{mgr.directory}: the checkpoint at step {step} cannot be read: damaged, or not made for "
-                          f"the model {CONFIG_NAME} describes ({first[:200]})") from None
+                          f"the model {CONFIG_NAME} describes ({first[:200]}){remedy}") from None
     sys.unraisablehook = previous
     return state
+
+
+def _read_error(e: BaseException) -> BaseException | None:
+    """What made a restore fail when the checkpoint is the cause: arrays of other shapes or names, or damaged data
+    (a ValueError, KeyError or TypeError, raised as it is or wrapped by orbax's reads in a bare Exception); None
+    for anything else (memory, an interrupt), which is not the checkpoint's fault."""
+    while e is not None:
+        if isinstance(e, (ValueError, KeyError, TypeError)):
+            return e
+        e = e.__cause__ if type(e) is Exception else None
+    return None
 
 
 def _without_closed_loop_errors(previous):
