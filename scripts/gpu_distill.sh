@@ -12,7 +12,10 @@
 #
 # Environment: INIT, TEACHER, RECIPE (as above: the default model's GPU stage, batch 512 at the platform's
 # precision), NAME (distilled: the folder and file names), SETS (more `--set` arguments, e.g. "--set
-# distill.pairs=100000" or "--set distill.keep=stable"), SAMPLE_S (120: seconds kept for export and sampling).
+# distill.pairs=100000" or "--set distill.keep=stable"), SAMPLE_S (120: seconds kept for export and sampling),
+# KERNELS_S (0: none; on a GPU that does not run scripts/gpu_teacher.sh's benchmarks, e.g. 60: seconds spent first
+# on benchmarks/pair_kernels.py, which runs the `packed-kernel` layout's kernels of a batch-4096 bf16 256 x 9 step
+# on this GPU against their array formulations and times them, into $OUT/bench.log).
 set -uo pipefail
 t_start=$(date +%s)
 deadline=${1:-560}
@@ -34,6 +37,15 @@ log "distill $init from $teacher with $recipe $extra"
 for d in "$run" "runs/w_$name"; do
   if [ -e "$d" ]; then mv "$d" "$d.before-$t_start" && log "moved an earlier $d aside to $d.before-$t_start"; fi
 done
+kernels_s=${KERNELS_S:-0}
+if [ "$kernels_s" -ge 25 ]; then
+  kargs="--batch 4096 --features 256 --repeats 20"; [ "${DRY:-0}" = 1 ] && kargs="--batch 8 --features 64 --repeats 2"
+  [ -s .gpu/qm9/qm9_v1.npz ] && kargs="$kargs --data-dir .gpu/qm9"
+  echo "# $(date -u +%FT%TZ) benchmarks/pair_kernels.py $kargs --budget $((kernels_s - 20))" >>"$out/bench.log"
+  timeout "$kernels_s" python3 benchmarks/pair_kernels.py $kargs --budget $((kernels_s - 20)) 2>&1 \
+    | grep -E "^RESULT|^#|^FAILED|^SKIPPED|^BEST|Error" >>"$out/bench.log"
+  log "pair kernels: $(grep -c '^RESULT' "$out/bench.log") results, $(grep -c -E '^FAILED|Error' "$out/bench.log") failed"
+fi
 train_min=$(python3 -c "print(max(0.3, ($(left) - $sample_s) / 60))")
 python3 -m molgen train --recipe "$recipe" --init "$init" --teacher "$teacher" $extra --out "$run" \
   --max-minutes "$train_min" >"$out/train.txt" 2>&1
