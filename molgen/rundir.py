@@ -143,3 +143,14 @@ def saved_plan(run_dir: Path, step: int) -> dict | None:
     except (OSError, ValueError, AttributeError):
         return None
     return state if isinstance(state, dict) else None
+
+
+def resumed_plan(run_dir: Path, step: int, log) -> dict | None:
+    """:func:`saved_plan` for a run resumed at ``step``; where plan.json holds none (damaged or removed), a warning in
+    ``log``: the shapes are planned afresh and the run goes on, but its batches may be padded otherwise than an
+    uninterrupted run's (in the grouped layout, its noise drawn otherwise too)."""
+    state = saved_plan(run_dir, step)
+    if state is None and step > 0:
+        log(f"warning: {PLAN_NAME} holds no batch plan for step {step} (damaged or removed): the batches' shapes are "
+            "planned afresh, so the run goes on, but not exactly as it would have")
+    return state

@@ -31,7 +31,7 @@ from molgen.data.batching import BatchSampler, make_batch
 from molgen.failures import first_line, is_out_of_memory
 from molgen.networks import resolve_precision
 from molgen.parallel import agree, global_put, is_main, local_value, make_mesh, put_batch
-from molgen.rundir import check_run_dir, cut_metrics, save_plan, saved_plan
+from molgen.rundir import check_run_dir, cut_metrics, resumed_plan, save_plan
 from molgen.runlog import Diverged, MetricsLog, RunText, run_header
 from molgen.state import (CONFIG_NAME, METRICS_NAME, TrainState, checkpoint_manager, init_state,
                           restore_checkpoint, save_checkpoint, state_shapes)
@@ -200,7 +200,7 @@ def train(cfg: RunConfig, run_dir: Path, ds, resume: bool = False, init_params=N
     state = global_put(state, repl)
     start = int(local_value(state.step))
     end = min(cfg.optim.steps, stop_at) if stop_at is not None else cfg.optim.steps
-    feed = Feed(ds, cfg, mesh, start, end, chunk, saved_plan(run_dir, start) if resume else None)
+    feed = Feed(ds, cfg, mesh, start, end, chunk, resumed_plan(run_dir, start, log) if resume else None)
     anchor_params = None if anchor_params is None else global_put(anchor_params, repl)
     validation = Validation(ds, cfg, mesh, anchor_params)
     base_key = global_put(jax.random.PRNGKey(cfg.seed), repl)

@@ -157,7 +157,8 @@ def test_sample_reads_qm9s_figures_before_it_samples(tmp_path, data_dir, monkeyp
 
 def test_a_run_killed_while_writing_its_log_resumes(ct_run, tmp_path, data_dir):
     """metrics.jsonl ending in half a line (a kill while it was written) and a plan.json damaged by hand: the run
-    resumes; the half line is dropped with the steps after the checkpoint, and the plan is written again."""
+    resumes, saying (also in train.log) that its batch shapes are planned afresh; the half line is dropped with the
+    steps after the checkpoint, and the plan is written again."""
     import shutil
 
     folder = tmp_path / "killed"
@@ -167,6 +168,8 @@ def test_a_run_killed_while_writing_its_log_resumes(ct_run, tmp_path, data_dir):
     (folder / "plan.json").write_text("{")
     res = run("train", "--resume", "--out", folder, "--steps", 6, "--data-dir", data_dir)
     assert res.exit_code == 0 and "finished at step 6" in res.output, res.output
+    warning = "warning: plan.json holds no batch plan for step 4 (damaged or removed)"
+    assert warning in res.output and warning in (folder / "train.log").read_text()
     steps = [json.loads(line)["step"] for line in (folder / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(set(steps)) and steps[-1] == 6
     assert "6" in json.loads((folder / "plan.json").read_text())
