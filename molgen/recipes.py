@@ -40,10 +40,14 @@ def read_recipe(recipe: str | Path) -> dict:
         if str(recipe) not in shipped:
             raise MolgenError(f"{recipe}: no such recipe file or shipped recipe (shipped: {', '.join(shipped)})")
         path = shipped[str(recipe)]
+    if path.is_dir():
+        raise MolgenError(f"{path}: a folder; --recipe takes a TOML file or a shipped recipe's name")
     try:
         return tomllib.loads(path.read_text(encoding="utf-8-sig"))  # a byte-order mark, as some editors save
     except tomllib.TOMLDecodeError as e:
         raise MolgenError(f"{path}: not a valid TOML recipe ({e})") from None
+    except UnicodeDecodeError as e:
+        raise MolgenError(f"{path}: not a valid TOML recipe (not UTF-8 text: {e.reason} at byte {e.start})") from None
 
 
 def parse_set(items: list[str]) -> dict:

@@ -606,7 +606,11 @@ def test_recipes_and_overrides(tmp_path, data_dir):
     assert (cfg["optim"]["warmup"], cfg["optim"]["lr"], cfg["optim"]["steps"]) == (1, 2e-3, 2)
     bad = tmp_path / "bad.toml"
     bad.write_text("objective = [\n")
+    latin1 = tmp_path / "latin1.toml"
+    latin1.write_bytes('# r\xe9glages\nobjective = "diffusion"\n'.encode("latin-1"))
     for args, msg in ((("--recipe", bad), "not a valid TOML recipe"), (("--recipe", "nope"), "no such recipe"),
+                      (("--recipe", latin1), "latin1.toml: not a valid TOML recipe (not UTF-8 text"),
+                      (("--recipe", tmp_path), "a folder; --recipe takes a TOML file"),
                       (("--set", "optim.lr"), "expected section.key=value"),
                       (("--set", "optim.lr=fast"), "optim.lr must be a number"),
                       (("--set", "model.preset=huge"), "model.preset must be one of"),
