@@ -38,7 +38,8 @@ def read_metrics(run_dir: Path) -> list[dict]:
     if not path.is_file():
         raise MolgenError(f"{run_dir}: no metrics.jsonl (not a training run folder?)")
     rows = []
-    lines = path.read_text().split("\n")  # the last: "" after a whole line, else one being written (or cut short)
+    # the last: "" after a whole line, else one being written (or cut short); bytes not UTF-8 make a line not JSON
+    lines = path.read_text(errors="replace").split("\n")
     for k, line in enumerate(lines):
         if not line.strip():
             continue

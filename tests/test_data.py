@@ -84,6 +84,14 @@ def test_folder_of_xyz_files_reads_as_the_archive(tmp_path, records, archive):
     (folder / "dsgdb9nsd_999999.xyz").write_text("\n".join(text.splitlines()[:4]))  # cut after two atoms
     with pytest.raises(MolgenError, match=r"dsgdb9nsd_999999.xyz: malformed QM9 xyz file"):
         sources.read_local(folder)
+    (folder / "dsgdb9nsd_999999.xyz").write_bytes(b"\xff\xfe" + text.encode())  # bytes that are not UTF-8
+    with pytest.raises(MolgenError, match=r"dsgdb9nsd_999999.xyz: malformed QM9 xyz file"):
+        sources.read_local(folder)
+    (folder / "dsgdb9nsd_999999.xyz").unlink()
+    bad_csv = tmp_path / "latin1.csv"
+    bad_csv.write_bytes("Index,SMILES,N_atoms,Elements,XYZ_Ang\n1,C,1\xe9,['C'],[[0,0,0]]\n".encode("latin-1"))
+    with pytest.raises(MolgenError, match=r"latin1.csv:2: "):
+        sources.read_local(bad_csv)
 
 
 def test_methane_record(records):

@@ -264,6 +264,8 @@ def test_plot_draws_the_training_curves(tmp_path):
     one_line_error(cli("plot", tmp_path), "no metrics.jsonl")
     (run / "metrics.jsonl").write_text("not json\n")
     one_line_error(cli("plot", run, "-o", tmp_path / "c.png"), "line 1 is not JSON")
+    (run / "metrics.jsonl").write_bytes(b'{"step": 25, "loss": 1.0}\n\xff\xfe\n{"step": 50, "loss": 0.5}\n')
+    one_line_error(cli("plot", run, "-o", tmp_path / "c.png"), "metrics.jsonl: line 2 is not JSON")
     assert not (tmp_path / "c.png").exists()
     # a run still writing (or killed while writing) its last line: the whole lines are drawn
     (run / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + '\n{"step": 525, "lo')

@@ -102,7 +102,7 @@ def read_archive(path: Path, progress: Progress | None = None) -> tuple[list[Rec
         raise MolgenError(f"{path}: not a readable tar archive ({e})") from None
     side = path.parent / "uncharacterized.txt"
     if excluded is None and side.exists():
-        excluded = parse_excluded(side.read_text())
+        excluded = parse_excluded(side.read_text(errors="replace"))
     return records, excluded
 
 
@@ -111,11 +111,11 @@ def read_xyz_folder(path: Path, progress: Progress | None = None) -> tuple[list[
     tick = progress("parsing " + str(path), len(files)) if progress else None
     records = []
     for f in files:
-        records.append(parse_qm9_xyz(f.read_text(), str(f)))
+        records.append(parse_qm9_xyz(f.read_text(errors="replace"), str(f)))
         if tick:
             tick(1)
     side = path / "uncharacterized.txt"
-    return records, (parse_excluded(side.read_text()) if side.exists() else None)
+    return records, (parse_excluded(side.read_text(errors="replace")) if side.exists() else None)
 
 
 def read_qm9pack_csv(paths: list[Path], progress: Progress | None = None) -> list[Record]:
@@ -124,7 +124,7 @@ def read_qm9pack_csv(paths: list[Path], progress: Progress | None = None) -> lis
     records = []
     tick = progress("parsing qm9pack CSV", None) if progress else None
     for p in paths:
-        with open(p, newline="") as fh:
+        with open(p, newline="", errors="replace") as fh:  # bytes not UTF-8: a malformed row
             reader = csv.DictReader(fh)
             missing = {"Index", "SMILES", "N_atoms", "Elements", "XYZ_Ang"} - set(reader.fieldnames or [])
             if missing:
@@ -194,7 +194,7 @@ def read_local(path: Path, progress: Progress | None = None) -> tuple[list[Recor
     if path.suffix == ".csv":
         return read_qm9pack_csv([path], progress), None
     if path.suffix == ".xyz":
-        return [parse_qm9_xyz(path.read_text(), str(path))], None
+        return [parse_qm9_xyz(path.read_text(errors="replace"), str(path))], None
     return read_archive(path, progress)
 
 
