@@ -172,6 +172,12 @@ def test_corrupt_cache_is_rejected(tmp_path, archive):
     assert qm9.cache_is_valid(d, verify_hash=False)
     with pytest.raises(MolgenError, match=rf"the QM9 cache in {d} is damaged \(.*\): run `molgen download --data-dir"):
         qm9.load_qm9(d, verify=False)
+    # its manifest damaged, as JSON or as text: no valid cache, and loading it says to download it again
+    for damaged in (b"{", b"\xff\xfe{}"):
+        (d / qm9.MANIFEST_NAME).write_bytes(damaged)
+        assert not qm9.cache_is_valid(d, verify_hash=False)
+        with pytest.raises(MolgenError, match="molgen download"):
+            qm9.load_qm9(d, verify=False)
 
 
 def test_qm9pack_columns_parse_as_python_reads_the_literals(tmp_path, records):

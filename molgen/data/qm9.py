@@ -201,7 +201,7 @@ def read_manifest(data_dir: Path) -> dict | None:
         return None
     try:
         return json.loads(p.read_text())
-    except json.JSONDecodeError:
+    except ValueError:  # not JSON, or not UTF-8 text: damaged, so no valid cache
         return None
 
 
