@@ -295,9 +295,26 @@ def export_model(run: str | Path, dest: Path, headline: str = "", temperature: f
                        ("polisher", m.polisher)):
         if value:
             meta[key] = value
-    save_model(dest, cfg, params, meta)
-    _write_recipes(Path(m.meta["source"]), m.cfg, dest, meta["trained"], stack, stages_from)
+    was = None if not dest.exists() else set(dest.iterdir())
+    try:
+        save_model(dest, cfg, params, meta)
+        _write_recipes(Path(m.meta["source"]), m.cfg, dest, meta["trained"], stack, stages_from)
+    except BaseException:  # a full disk, Ctrl-C: no half-written model folder is left
+        _undo_export(dest, was)
+        raise
     return Model(cfg, params, {**meta, "source": str(dest)})
+
+
+def _undo_export(dest: Path, was: set[Path] | None) -> None:
+    """Remove what an export that failed wrote: the folder it made, or the files it added to an empty one (a
+    --force export over a model folder replaced its files one by one, each whole, and is left as it is)."""
+    import shutil
+
+    if was is None:
+        shutil.rmtree(dest, ignore_errors=True)
+    elif not was:
+        for p in set(dest.iterdir()) - was:
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
 
 def _write_recipes(source: Path, cfg: RunConfig, dest: Path, trained: str, stack: int, stages_from: str | None):

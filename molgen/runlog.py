@@ -4,6 +4,7 @@ a terminal, else the same lines as train.log."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -46,8 +47,11 @@ class RunText:
 
     def write(self, text: str) -> None:
         if self.writes and self.path.parent.is_dir():
-            with open(self.path, "a") as f:
-                f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime())}  {text}\n")
+            try:
+                with open(self.path, "a") as f:
+                    f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime())}  {text}\n")
+            except OSError as e:  # a full disk: name the file (a buffered write's error names none)
+                raise OSError(e.errno, e.strerror, str(self.path)) from None
 
 
 class Diverged(MolgenError):
@@ -98,13 +102,20 @@ class MetricsLog:
             if k == n - 1 and val_loss_trained is not None:
                 rec["val_loss_trained"] = val_loss_trained
             if self.file is not None:
-                self.file.write(json.dumps(rec) + "\n")
+                self._append(json.dumps(rec) + "\n")
         if self.file is not None:
-            self.file.flush()
+            self._append("")
         self._show(done, float(m["loss"][n - 1]), rate, now)
         if val_loss is not None:
             trained = "" if val_loss_trained is None else f", trained parameters {val_loss_trained:.4f}"
             self._line(f"step {done}/{self.end}  validation loss (EMA) {val_loss:.4f}{trained}")
+
+    def _append(self, text: str) -> None:
+        """Append to metrics.jsonl (flushed when ``text`` is empty); a full disk's error names the file."""
+        try:
+            self.file.write(text) if text else self.file.flush()
+        except OSError as e:
+            raise OSError(e.errno, e.strerror, self.file.name) from None
 
     def _show(self, done: int, loss: float, rate: float, now: float) -> None:
         if self.bar is not None:
@@ -127,7 +138,8 @@ class MetricsLog:
 
     def close(self) -> None:
         if self.file is not None:
-            self.file.close()
+            with contextlib.suppress(OSError):  # what a full disk refused was told when it was written
+                self.file.close()
         if self.bar is not None:
             self.bar.stop()
 

@@ -64,21 +64,45 @@ def checkpoint_manager(run_dir: Path, keep: int = 3):
 
 
 def save_checkpoint(mgr, state: TrainState) -> None:
+    """Save ``state`` at its step. A checkpoint that cannot be written (a full disk, a file size limit, no
+    permission) is one line (MolgenError), and leaves no partial folder."""
+    import logging
+    import shutil
+    import sys
+
     import orbax.checkpoint as ocp
 
     step = int(state.step.addressable_data(0)) if isinstance(state.step, jax.Array) else int(state.step)
     if mgr.latest_step() == step:
         return
-    mgr.save(step, args=ocp.args.StandardSave(state), force=True)
-    mgr.wait_until_finished()
+    previous, absl = sys.unraisablehook, logging.getLogger("absl")
+    sys.unraisablehook = _without_closed_loop_errors(previous)
+    absl.addFilter(_thread_failures)  # orbax's threads log the error they raise here, with its traceback
+    try:
+        mgr.save(step, args=ocp.args.StandardSave(state), force=True)
+        mgr.wait_until_finished()
+    except Exception as e:
+        why = _write_error(e)
+        if why is None:
+            sys.unraisablehook = previous
+            absl.removeFilter(_thread_failures)
+            raise
+        _quiet_abandoned_io()
+        for partial in Path(mgr.directory).glob(f"{step}.orbax-checkpoint-tmp*"):
+            shutil.rmtree(partial, ignore_errors=True)
+        raise MolgenError(f"{mgr.directory}: the checkpoint at step {step} cannot be written ({why})") from None
+    sys.unraisablehook = previous
+    absl.removeFilter(_thread_failures)
+
+
+def _thread_failures(record) -> bool:
+    return "raised an exception" not in record.getMessage()
 
 
 def restore_checkpoint(mgr, target: TrainState, step: int | None = None) -> TrainState:
     """The checkpoint at ``step`` (default: the latest) in the shapes of ``target``; a damaged checkpoint, or one of
     other shapes, is one line (MolgenError)."""
-    import logging
     import sys
-    import warnings
 
     import orbax.checkpoint as ocp
 
@@ -92,10 +116,7 @@ def restore_checkpoint(mgr, target: TrainState, step: int | None = None) -> Trai
         cause = _read_error(e)
         if cause is None:
             raise
-        # the reads still in flight end in a closed event loop, or fail unawaited: the hook and the filters stay,
-        # so they print no tracebacks
-        warnings.filterwarnings("ignore", message="coroutine .* was never awaited", category=RuntimeWarning)
-        logging.getLogger("asyncio").addFilter(lambda r: "exception was never retrieved" not in r.getMessage())
+        _quiet_abandoned_io()
         first = str(cause).strip().splitlines()[0].split(". ")[0] if str(cause).strip() else type(cause).__name__
         earlier = [s for s in mgr.all_steps() if s < step]
         remedy = (f"; if only this checkpoint is damaged, delete its folder {step} there to go on from step "
@@ -117,9 +138,38 @@ def _read_error(e: BaseException) -> BaseException | None:
     return None
 
 
+def _write_error(e: BaseException) -> str | None:
+    """Why a checkpoint could not be written when the file system refused it (an OSError, or tensorstore's error
+    with the OS's error code, which orbax raises as a ValueError); None for anything else."""
+    import os
+    import re
+
+    seen = 0
+    while e is not None and seen < 8:
+        if isinstance(e, OSError):
+            return e.strerror or str(e) or type(e).__name__
+        code = re.search(r"os_error_code='?(\d+)", str(e))
+        if code:
+            return os.strerror(int(code.group(1)))
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return None
+
+
+def _quiet_abandoned_io() -> None:
+    """After a failed read or write, orbax's reads and writes still in flight end in a closed event loop, or fail
+    unawaited: with :func:`_without_closed_loop_errors` as the hook (it stays) and these filters, they print no
+    tracebacks (the command stops after one such failure)."""
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore", message="coroutine .* was never awaited", category=RuntimeWarning)
+    logging.getLogger("asyncio").addFilter(lambda r: "exception was never retrieved" not in r.getMessage())
+    logging.getLogger("absl").addFilter(_thread_failures)
+
+
 def _without_closed_loop_errors(previous):
-    """An unraisable-exception hook that drops what orbax's abandoned reads leave (callbacks into a closed event
-    loop, its read coroutines closed unfinished) and passes on anything else."""
+    """An unraisable-exception hook that drops what orbax's abandoned reads and writes leave (callbacks into a closed
+    event loop, its coroutines closed unfinished) and passes on anything else."""
 
     def hook(u):
         code = getattr(u.object, "cr_code", None)

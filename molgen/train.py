@@ -14,6 +14,7 @@ With one device the same code runs unchanged. Precision: :func:`molgen.networks.
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
 import time
@@ -225,12 +226,12 @@ def train(cfg: RunConfig, run_dir: Path, ds, resume: bool = False, init_params=N
                 evaluate = eval_every and (step % eval_every == 0 or step == end)
                 metrics.write(first, out, *((validation(state.ema), validation(state.params)) if evaluate else ()))
                 if ckpt_every and step % ckpt_every == 0:
-                    _checkpoint(run_dir, mgr, state, step, feed.plan)
+                    _checkpoint(run_dir, mgr, state, step, feed.plan, log)
                 if stop.requested:
                     raise KeyboardInterrupt
                 if over and step < end:
                     log(f"time budget of {max_seconds:.0f} s reached at step {step}")
-    except (Diverged, RuntimeError, MemoryError) as e:  # a loss no longer finite, or out of memory: in train.log too
+    except (Diverged, RuntimeError, MemoryError, OSError) as e:  # a loss no longer finite, out of memory or disk
         raise _stopped(e, cfg, mgr, run_dir, log) from None
     except KeyboardInterrupt:
         interrupted = True
@@ -239,7 +240,7 @@ def train(cfg: RunConfig, run_dir: Path, ds, resume: bool = False, init_params=N
         metrics.close()
     if any(getattr(a, "is_deleted", lambda: False)() for a in jax.tree_util.tree_leaves(state)):
         return _last_kept(cfg, mgr, init_params, log)
-    _checkpoint(run_dir, mgr, state, step, feed.plan)
+    _checkpoint(run_dir, mgr, state, step, feed.plan, log)
     log.write(f"checkpoint at step {step}")
     elapsed = time.time() - t0
     return TrainResult(state, interrupted, (int(local_value(state.step)) - start) / elapsed if elapsed > 0 else 0.0)
@@ -253,16 +254,36 @@ def _last_kept(cfg: RunConfig, mgr, init_params, log: RunText) -> TrainResult:
                        True, 0.0)
 
 
-def _checkpoint(run_dir: Path, mgr, state: TrainState, step: int, plan) -> None:
-    save_plan(run_dir, step, plan)
-    save_checkpoint(mgr, state)
+def _checkpoint(run_dir: Path, mgr, state: TrainState, step: int, plan, log: RunText) -> None:
+    """Save the state and its batch plan; one that cannot be written (a full disk) stops the run with what is kept
+    and how to go on (:func:`_no_room`)."""
+    try:
+        save_plan(run_dir, step, plan)
+        save_checkpoint(mgr, state)
+    except (MolgenError, OSError) as e:
+        raise _no_room(e, mgr, run_dir, log) from None
+
+
+def _no_room(e: Exception, mgr, run_dir: Path, log: RunText) -> MolgenError:
+    """A file of the run that could not be written (a full disk) as one line with what is kept and how to go on,
+    in train.log too if it can still be written."""
+    why = f"{e.filename}: {e.strerror}" if isinstance(e, OSError) and e.filename else str(e)
+    kept = mgr.latest_step()
+    go_on = (f"the checkpoint at step {kept} is kept; make room, then continue with: molgen train --resume --out "
+             f"{run_dir}" if kept is not None else "no checkpoint is kept; make room and start again")
+    with contextlib.suppress(OSError):
+        log.write(f"stopped: {why}; {go_on}")
+    return MolgenError(f"{why}; {go_on}")
 
 
 def _stopped(e: Exception, cfg: RunConfig, mgr, run_dir: Path, log: RunText) -> Exception:
-    """The error that stops a run, told to train.log: a loss no longer finite (:func:`_diverged`), or JAX out of
-    memory (the command line says it in one line, :func:`molgen.failures.out_of_memory`); others as they are."""
+    """The error that stops a run, told to train.log: a loss no longer finite (:func:`_diverged`), JAX out of
+    memory (the command line says it in one line, :func:`molgen.failures.out_of_memory`), a full disk
+    (:func:`_no_room`); others as they are."""
     if isinstance(e, Diverged):
         return _diverged(e, mgr, run_dir, log)
+    if isinstance(e, OSError):
+        return _no_room(e, mgr, run_dir, log)
     if is_out_of_memory(e):
         kept = mgr.latest_step()
         log.write(f"stopped, out of memory at batch size {cfg.optim.batch_size} ({first_line(e)}); " +

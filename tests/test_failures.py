@@ -133,6 +133,55 @@ def test_a_damaged_run_folder_is_one_line(ct_run, tmp_path, data_dir, caplog):
     assert not [r.getMessage() for r in caplog.records if "never retrieved" in r.getMessage()]
 
 
+def test_a_checkpoint_that_cannot_be_written_is_one_line(ct_run, tmp_path, data_dir):
+    """A disk that fills up while a checkpoint is written (here a file size limit, which refuses the checkpoint's
+    array data as a full disk would, through orbax's own writes): one line that says which checkpoint is kept and
+    how to go on, in train.log too; no partial checkpoint is left, and with room again the run resumes from it.
+    So when metrics.jsonl cannot be written."""
+    import resource
+    import shutil
+    import signal
+
+    folder = tmp_path / "full"
+    shutil.copytree(ct_run, folder)
+    limit, handler = resource.getrlimit(resource.RLIMIT_FSIZE), signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (16384, limit[1]))  # the logs fit, the checkpoint's arrays do not
+    try:
+        res = run("train", "--resume", "--out", folder, "--steps", 6, "--data-dir", data_dir)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limit)
+        signal.signal(signal.SIGXFSZ, handler)
+    told = ("the checkpoint at step 6 cannot be written (File too large); the checkpoint at step 4 is kept; make "
+            f"room, then continue with: molgen train --resume --out {folder}")
+    one_line_error(res, told)
+    assert "Traceback" not in res.output and "ERROR" not in res.output
+    assert [p.name for p in (folder / "checkpoints").iterdir()] == ["4"]
+    assert told in (folder / "train.log").read_text()
+    # the disk full when metrics.jsonl is written (a buffered write's error names no file): the same, named
+    real_open = open
+
+    class Full:
+        def __init__(self, f):
+            self.f, self.name = f, f.name
+
+        def write(self, text):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+    def full_metrics(path, *a, **k):
+        f = real_open(path, *a, **k)
+        return Full(f) if str(path).endswith("metrics.jsonl") else f
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("molgen.runlog.open", full_metrics, raising=False)
+        res = run("train", "--resume", "--out", folder, "--steps", 6, "--data-dir", data_dir)
+    one_line_error(res, f"{folder / 'metrics.jsonl'}: No space left on device; the checkpoint at step 4 is kept")
+    res = run("train", "--resume", "--out", folder, "--steps", 6, "--data-dir", data_dir)
+    assert res.exit_code == 0 and "resumed from step 4" in res.output and "finished at step 6" in res.output
+
+
 def test_sample_reads_qm9s_figures_before_it_samples(tmp_path, data_dir, monkeypatch):
     """A QM9 cache damaged after it was written (a flipped byte, found only where the arrays are read): `molgen
     sample` refuses before sampling, so no sampling is lost, and writes nothing. The report reads the atom types
@@ -363,6 +412,19 @@ def test_export_refuses_a_folder_that_holds_something(tmp_path, ct_run):
     (tmp_path / "dest" / "notes.txt").write_text("keep")
     one_line_error(run("export", ct_run, tmp_path / "dest"), "not an empty folder")
     assert (tmp_path / "dest" / "notes.txt").read_text() == "keep" and len(list((tmp_path / "dest").iterdir())) == 1
+
+
+def test_an_export_that_fails_leaves_no_half_model(tmp_path, ct_run, monkeypatch):
+    """The disk fills up after the parameters are written: one line, and no model folder without its recipe (the
+    folder the export made is gone; an empty one given is empty again)."""
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device", "recipe.toml")
+
+    monkeypatch.setattr("molgen.models._write_recipes", full)
+    (tmp_path / "empty").mkdir()
+    for dest in (tmp_path / "new", tmp_path / "empty"):
+        one_line_error(run("export", ct_run, dest), "recipe.toml: No space left on device")
+    assert not (tmp_path / "new").exists() and list((tmp_path / "empty").iterdir()) == []
 
 
 @hypothesis.settings(max_examples=30, deadline=None)
