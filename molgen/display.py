@@ -45,7 +45,8 @@ def say(msg: str) -> None:
 
 def error(e: Exception) -> None:
     """An expected failure as one line on stderr: the message, or for a file system error the path and why."""
-    msg = str(e) if not getattr(e, "filename", None) else f"{e.filename}: {e.strerror or e}"
+    msg = (f"{e.filename}: {e.strerror or e}" if getattr(e, "filename", None) else
+           e.strerror if isinstance(e, OSError) and e.strerror else str(e))
     msg = " ".join(line.strip() for line in msg.splitlines() if line.strip())  # one line, whatever the cause said
     err.print(f"[bold red]error:[/] {escape(msg)}", highlight=False, soft_wrap=True)
 

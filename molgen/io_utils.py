@@ -77,9 +77,14 @@ def atomic_path(dest: Path | str):
     if str(dest) == STDIO:
         with tempfile.TemporaryDirectory(prefix="molgen-") as folder:
             yield Path(folder) / "out"
-            with open(Path(folder) / "out", "rb") as f:
-                shutil.copyfileobj(f, sys.stdout.buffer)
-            sys.stdout.flush()
+            try:
+                with open(Path(folder) / "out", "rb") as f:
+                    shutil.copyfileobj(f, sys.stdout.buffer)
+                sys.stdout.flush()
+            except BrokenPipeError:  # its reader stopped early: the command line ends quietly
+                raise
+            except OSError as e:  # a full disk behind the redirection: say where
+                raise OSError(e.errno, e.strerror, "standard output") from None
         return
     if is_stream(dest):
         with _naming(dest):

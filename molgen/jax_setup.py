@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import glob
 import os
+import re
 from pathlib import Path
 
 from molgen.workers import usable_cores
@@ -23,11 +25,17 @@ def compilation_cache_dir() -> Path | None:
 
 def enable_compilation_cache(path: Path | str | None = None) -> None:
     """Cache compiled XLA programs on disk (:func:`compilation_cache_dir`); MOLGEN_JAX_CACHE=off disables."""
+    import warnings
+
     import jax
 
     path = path or compilation_cache_dir()
     if path is None:
         return
+    # a cache that cannot take an entry (a full disk) costs only the time it would have saved, as one that
+    # cannot be made does: without a warning per compiled program
+    warnings.filterwarnings("ignore", message="Error writing persistent compilation cache entry")
+    _remove_damaged_entries(Path(path))
     try:
         Path(path).mkdir(parents=True, exist_ok=True)
         jax.config.update("jax_compilation_cache_dir", str(path))
@@ -35,6 +43,33 @@ def enable_compilation_cache(path: Path | str | None = None) -> None:
         jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     except (OSError, AttributeError):  # read-only home or an older JAX: run without the cache
         pass
+
+
+_DAMAGED = re.compile(r"Error reading persistent compilation cache entry for '([^']+)'")
+
+
+def _remove_damaged_entries(cache: Path) -> None:
+    """An entry of the cache cut short (its write refused by a full disk, or killed) is never written again, so
+    JAX would warn at every run that it cannot read it: its program's entries are removed instead, with one line,
+    and written anew when it is compiled."""
+    import sys
+    import warnings
+
+    previous = warnings.showwarning
+    if getattr(previous, "molgen_cache", None) == cache:
+        return
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        name = _DAMAGED.search(str(message))
+        if name is None:
+            return previous(message, category, filename, lineno, file, line)
+        for entry in cache.glob(f"{glob.escape(name.group(1))}-*"):
+            entry.unlink(missing_ok=True)
+        print(f"warning: the compiled-program cache {cache} held a damaged entry for {name.group(1)} (written when "
+              "the disk was full, or killed): removed, and written again once compiled", file=sys.stderr)
+
+    show.molgen_cache = cache
+    warnings.showwarning = show
 
 
 def auto_cpu_devices(batch_size: int, cores: int | None = None, max_devices: int = 8, min_per_device: int = 8) -> int:

@@ -454,7 +454,7 @@ def test_a_file_that_cannot_be_made_is_named_as_asked_not_by_its_temporary_name(
 def test_a_write_that_fails_names_the_file_asked_for_and_leaves_nothing(tmp_path):
     """A disk that fills while a file is written: the error names the destination (the failed write names no file,
     or the temporary one), nothing half-written is left, and an earlier file of that name is kept; a device written
-    in place (/dev/full) is named too."""
+    in place (/dev/full) is named too, and so is standard output."""
     import errno
     import os
 
@@ -480,6 +480,25 @@ def test_a_write_that_fails_names_the_file_asked_for_and_leaves_nothing(tmp_path
                 with open(dev, "w") as f:
                     f.write("x")
         assert (e.value.errno, e.value.filename) == (errno.ENOSPC, "/dev/full")
+    # standard output redirected to a full disk ("-"): named so; a reader that stopped early keeps its own error
+    import io
+    import sys
+
+    for failure, named in ((OSError(errno.ENOSPC, "No space left on device"), "standard output"),
+                           (BrokenPipeError(errno.EPIPE, "Broken pipe"), None)):
+        class Full(io.RawIOBase):
+            def writable(self):
+                return True
+
+            def write(self, b):
+                raise failure
+
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(sys, "stdout", io.TextIOWrapper(io.BufferedWriter(Full(), 4)))
+            with pytest.raises(OSError) as e:
+                with atomic_path("-") as tmp:
+                    tmp.write_text("molecules")
+        assert type(e.value) is type(failure) and e.value.filename == named
 
 
 def test_rdkit_warnings_while_reading_are_not_shown(tmp_path):

@@ -182,6 +182,32 @@ def test_a_checkpoint_that_cannot_be_written_is_one_line(ct_run, tmp_path, data_
     assert res.exit_code == 0 and "resumed from step 4" in res.output and "finished at step 6" in res.output
 
 
+def test_a_compilation_cache_on_a_full_disk_is_silent_and_heals(tmp_path):
+    """The compiled-program cache cannot take an entry (a full disk; here a file size limit): the programs run,
+    with nothing printed for each (JAX warns once per entry). The entries it left cut short are removed at the next
+    run, with one line, and written whole again; the run after that reads them and says nothing."""
+    import subprocess
+    import sys
+
+    def jit_twice(limit: str = ""):
+        code = (f"{limit}import jax; from molgen.jax_setup import enable_compilation_cache; "
+                f"enable_compilation_cache({str(tmp_path / 'cache')!r}); "
+                "print(float(jax.jit(lambda x: x * 2 + 1)(1.0)), float(jax.jit(lambda x: x - 3)(1.0)))")
+        res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0 and res.stdout.split() == ["3.0", "-2.0"], res.stderr
+        return res.stderr
+
+    full = ("import resource, signal; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (100, resource.getrlimit(resource.RLIMIT_FSIZE)[1])); ")
+    assert jit_twice(full) == ""
+    cut = sorted(p.stat().st_size for p in (tmp_path / "cache").iterdir())
+    assert cut and max(cut) <= 100  # entries begun, none whole
+    told = jit_twice().splitlines()
+    assert told and all("held a damaged entry for jit__lambda" in t for t in told), told  # both are jit__lambda
+    assert min(p.stat().st_size for p in (tmp_path / "cache").iterdir()) > 100
+    assert jit_twice() == ""
+
+
 def test_sample_reads_qm9s_figures_before_it_samples(tmp_path, data_dir, monkeypatch):
     """A QM9 cache damaged after it was written (a flipped byte, found only where the arrays are read): `molgen
     sample` refuses before sampling, so no sampling is lost, and writes nothing. The report reads the atom types
