@@ -37,6 +37,19 @@ def last_checkpoint_step(run_dir: Path) -> int | None:
     return max(steps, default=None)
 
 
+def remove_unfinished_checkpoints(run_dir: Path) -> list[str]:
+    """Remove the checkpoint folders that a run killed while it saved them left unfinished (orbax names them
+    ``STEP.orbax-checkpoint-tmp...`` until they are complete): only for the process that holds the run folder.
+    Their names, for the log."""
+    import shutil
+
+    ckpts = Path(run_dir) / "checkpoints"
+    left = sorted(p for p in ckpts.glob("*.orbax-checkpoint-tmp*") if p.is_dir()) if ckpts.is_dir() else []
+    for p in left:
+        shutil.rmtree(p, ignore_errors=True)
+    return [p.name for p in left]
+
+
 LOCK_NAME = ".lock"
 IN_USE = "{} is in use: another molgen train is writing into it; wait for it to end or choose another --out"
 

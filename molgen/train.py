@@ -32,7 +32,8 @@ from molgen.data.batching import BatchSampler, make_batch
 from molgen.failures import first_line, is_out_of_memory
 from molgen.networks import resolve_precision
 from molgen.parallel import agree, global_put, is_main, local_value, make_mesh, put_batch
-from molgen.rundir import check_run_dir, cut_metrics, resumed_plan, save_plan
+from molgen.rundir import (check_run_dir, cut_metrics, remove_unfinished_checkpoints, resumed_plan,
+                           save_plan)
 from molgen.runlog import Diverged, MetricsLog, RunText, run_header
 from molgen.state import (CONFIG_NAME, METRICS_NAME, TrainState, checkpoint_manager, init_state,
                           restore_checkpoint, save_checkpoint, state_shapes)
@@ -70,6 +71,8 @@ def open_run(cfg: RunConfig, run_dir: Path, resume: bool, init_params=None, log=
     check_run_dir(run_dir, resume)
     cfg = cfg.with_optim(precision=resolve_precision(cfg.optim.precision), layout=resolve_layout(cfg.optim.layout))
     run_dir.mkdir(parents=True, exist_ok=True)
+    for name in remove_unfinished_checkpoints(run_dir) if is_main() else ():
+        log(f"removed checkpoints/{name}: a checkpoint left unfinished (the run was killed while saving it)")
     mgr = checkpoint_manager(run_dir, cfg.optim.keep)
     if resume:
         state = restore_checkpoint(mgr, state_shapes(cfg))

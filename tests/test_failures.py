@@ -231,9 +231,10 @@ def test_sample_reads_qm9s_figures_before_it_samples(tmp_path, data_dir, monkeyp
 
 
 def test_a_run_killed_while_writing_its_log_resumes(ct_run, tmp_path, data_dir):
-    """metrics.jsonl ending in half a line (a kill while it was written) and a plan.json damaged by hand: the run
-    resumes, saying (also in train.log) that its batch shapes are planned afresh; the half line is dropped with the
-    steps after the checkpoint, and the plan is written again."""
+    """metrics.jsonl ending in half a line (a kill while it was written), a plan.json damaged by hand and a
+    checkpoint left unfinished (a kill while it was saved): the run resumes, saying (also in train.log) that its
+    batch shapes are planned afresh and that the unfinished checkpoint is removed (the same step is saved again);
+    the half line is dropped with the steps after the checkpoint, and the plan is written again."""
     import shutil
 
     folder = tmp_path / "killed"
@@ -241,8 +242,12 @@ def test_a_run_killed_while_writing_its_log_resumes(ct_run, tmp_path, data_dir):
     with open(folder / "metrics.jsonl", "a") as f:
         f.write('{"step": 5, "loss": 0.')
     (folder / "plan.json").write_text("{")
+    shutil.copytree(folder / "checkpoints" / "4", folder / "checkpoints" / "6.orbax-checkpoint-tmp")  # unfinished
     res = run("train", "--resume", "--out", folder, "--steps", 6, "--data-dir", data_dir)
     assert res.exit_code == 0 and "finished at step 6" in res.output, res.output
+    removed = "removed checkpoints/6.orbax-checkpoint-tmp: a checkpoint left unfinished"
+    assert removed in res.output and removed in (folder / "train.log").read_text() and "absl" not in res.output
+    assert sorted(p.name for p in (folder / "checkpoints").iterdir()) == ["4", "6"]
     warning = "warning: plan.json holds no batch plan for step 4 (damaged or removed)"
     assert warning in res.output and warning in (folder / "train.log").read_text()
     steps = [json.loads(line)["step"] for line in (folder / "metrics.jsonl").read_text().splitlines()]
