@@ -11,7 +11,7 @@ import typer
 
 from molgen import MolgenError, __version__
 from molgen.display import console, count, err, error, report_to_stderr, say
-from molgen.failures import friendly
+from molgen.failures import TERMINATED, friendly
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
                   help="Generate 3D molecules with E(3)-equivariant diffusion and consistency models (QM9).")
@@ -21,6 +21,7 @@ Opt = typer.Option
 def main() -> None:
     """The `molgen` command: the app, with a usage error (an unknown command or option, a value of the wrong type)
     as one line and exit code 2, like molgen's own errors; Click would print the usage before it."""
+    import os
     import sys
 
     for stream in (sys.stdout, sys.stderr):  # a terminal that cannot show a character (Å, °) shows "?" instead
@@ -28,6 +29,13 @@ def main() -> None:
             stream.reconfigure(errors="replace")
     try:
         code = app(prog_name="molgen", standalone_mode=False)
+    except SystemExit as e:
+        if e.code == TERMINATED:  # SIGTERM: at once, without waiting on worker processes that may be gone
+            _release_worker_resources()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(TERMINATED)
+        raise
     except Exception as e:  # Click's exceptions, known by what they carry (Typer may bring its own copy of Click)
         if type(e).__name__ == "Abort":
             err.print("Aborted!")
@@ -41,6 +49,17 @@ def main() -> None:
         error(MolgenError(f"{e.format_message().rstrip('.')} (see {command} --help)"))
         sys.exit(2)
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def _release_worker_resources() -> None:
+    """What worker pools hold that outlives the process (named semaphores, which multiprocessing's tracker would
+    otherwise remove with a warning), released without waiting on the pools' threads."""
+    try:
+        from multiprocessing import util
+
+        util._run_finalizers(0)  # priority >= 0: semaphores and queues closed; not the threads' joins (< 0)
+    except Exception:  # another Python: the tracker removes them, with its warning
+        pass
 
 
 def _version(value: bool):

@@ -1,12 +1,15 @@
 """How a command ends when it does not succeed: an expected failure (bad input, a file that cannot be read or
-written, memory that runs out) as one line on stderr and exit code 2; Ctrl-C as one line and exit code 130; a
-reader of standard output that stopped early quietly, with exit code 141. Anything else keeps its traceback.
+written, memory that runs out) as one line on stderr and exit code 2; Ctrl-C as one line and exit code 130, SIGTERM
+with 143; a reader of standard output that stopped early quietly, with exit code 141. Anything else keeps its
+traceback.
 For the command line (:mod:`molgen.cli`), and any other front end that runs molgen's work as commands."""
 
 from __future__ import annotations
 
 import functools
 import re
+import signal
+import threading
 
 from molgen import MolgenError
 from molgen.display import error, report_to_stderr, say, silence_stdout
@@ -37,11 +40,30 @@ def out_of_memory(e: BaseException, command: str) -> MolgenError | None:
     return MolgenError(f"out of memory ({what}); {MEMORY_HINTS.get(command, 'use smaller inputs')}")
 
 
+TERMINATED = 143  # the exit code of a command stopped by SIGTERM (128 + 15)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's time limit, `kill`, `timeout`): a command stops as on Ctrl-C, with exit code 143."""
+
+
+def _terminate(*_):
+    raise Terminated
+
+
+def _on_sigterm():
+    """Make SIGTERM raise :class:`Terminated` (in the main thread, unless it is ignored); the handler before."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        return None
+    return signal.signal(signal.SIGTERM, _terminate)
+
+
 def friendly(fn):
     """A command's failures as above (files are written whole or not at all, so none is left half-written)."""
 
     @functools.wraps(fn)
     def wrapper(*a, **kw):
+        previous = _on_sigterm()
         try:
             return fn(*a, **kw)
         except BrokenPipeError:  # standard output's reader stopped early (`| head`): quietly, as `cat` does
@@ -55,10 +77,13 @@ def friendly(fn):
                 raise
             error(oom)
             raise SystemExit(2)
-        except KeyboardInterrupt:
-            say(f"interrupted: molgen {fn.__name__} stopped (a file molgen writes is written whole or not at all)")
-            raise SystemExit(130)
+        except KeyboardInterrupt as e:
+            how = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
+            say(f"{how}: molgen {fn.__name__} stopped (a file molgen writes is written whole or not at all)")
+            raise SystemExit(TERMINATED if isinstance(e, Terminated) else 130)
         finally:
             report_to_stderr(False)
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
 
     return wrapper

@@ -637,6 +637,31 @@ def test_ctrl_c_while_sampling_keeps_the_old_file(tmp_path, monkeypatch):
     assert out.read_text() == "earlier samples\n"
 
 
+def test_sigterm_while_sampling_keeps_the_old_file(tmp_path, monkeypatch):
+    """SIGTERM (a scheduler's time limit, `kill`): as Ctrl-C, with exit code 143; the handler before is restored."""
+    import os
+    import signal
+    import time
+
+    import molgen.sample
+
+    def terminated(*a, **k):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(30)  # the signal arrives first
+
+    monkeypatch.setattr(molgen.sample, "sample", terminated)
+    previous = signal.signal(signal.SIGTERM, signal.SIG_DFL)  # as a command starts (pytest may run with it ignored)
+    try:
+        out = tmp_path / "old.sdf"
+        out.write_text("earlier samples\n")
+        res = run("sample", "-n", 4, "--steps", 1, "-o", out)
+        assert res.exit_code == 143, res.output
+        assert "terminated (SIGTERM): molgen sample stopped" in res.output and "Traceback" not in res.output
+        assert out.read_text() == "earlier samples\n" and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def test_train_refuses_settings_that_cannot_train_before_any_work(tmp_path, data_dir):
     out = tmp_path / "z"
     base = (*TINY, "--data-dir", data_dir, "--out", out)

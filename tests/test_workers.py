@@ -282,3 +282,43 @@ def test_killing_the_caller_ends_its_worker_processes(sig):
         for p in helpers:  # what a failure left running
             with contextlib.suppress(OSError):
                 os.kill(p, signal.SIGKILL)
+
+
+def test_sigterm_stops_a_command_at_once_with_its_workers(tmp_path):
+    """SIGTERM (a scheduler's time limit; `timeout` sends it to the whole process group, workers included, `kill`
+    to the command alone) stops `molgen evaluate` at once with one line and exit code 143: it neither waits on the
+    chunks its workers were judging nor hangs on workers that are gone, leaves nothing running, writes nothing."""
+    from rdkit import Chem
+    from rdkit.Chem import AllChem
+
+    m = Chem.AddHs(Chem.MolFromSmiles("CCOC(=O)C1CC1N"))
+    AllChem.EmbedMolecule(m, randomSeed=1)
+    (tmp_path / "many.sdf").write_text((Chem.MolToMolBlock(m) + "$$$$\n") * 4000)  # ~15 s of work for 2 workers
+    for whole_group in (True, False):
+        caller = subprocess.Popen([sys.executable, "-m", "molgen", "evaluate", str(tmp_path / "many.sdf"), "--strain",
+                                   "--json", str(tmp_path / "r.json")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True, start_new_session=True, env={**os.environ, "MOLGEN_WORKERS": "2"})
+        helpers = set()
+        try:
+            deadline = time.time() + 60
+            while time.time() < deadline and len(helpers) < 4:  # the tracker, the fork server and two workers
+                time.sleep(0.2)
+                helpers = _descendants(caller.pid)
+            assert len(helpers) >= 4, helpers
+            time.sleep(1)  # the workers are judging their chunks
+            os.killpg(caller.pid, signal.SIGTERM) if whole_group else caller.send_signal(signal.SIGTERM)
+            t0 = time.time()
+            _, err = caller.communicate(timeout=30)
+            assert time.time() - t0 < 5
+            assert caller.returncode == 143 and err.strip() == ("terminated (SIGTERM): molgen evaluate stopped (a file "
+                                                                "molgen writes is written whole or not at all)"), err
+            deadline = time.time() + 10
+            while time.time() < deadline and any(_alive(p) for p in helpers):
+                time.sleep(0.2)
+            assert not [p for p in helpers if _alive(p)]
+            assert not (tmp_path / "r.json").exists()
+        finally:
+            caller.kill()
+            for p in helpers:
+                with contextlib.suppress(OSError):
+                    os.kill(p, signal.SIGKILL)
