@@ -173,7 +173,7 @@ def train(
         hint = "" if res.interrupted else f"; continue with: molgen train --resume --out {out}"
         console.print(f"stopped at step {res.step} of {cfg.optim.steps} ({rate}); checkpoint in {out}{hint}")
     if res.interrupted:
-        raise typer.Exit(130)
+        raise typer.Exit(TERMINATED if res.interrupted == "SIGTERM" else 130)
 
 
 @app.command()

@@ -48,7 +48,7 @@ from molgen.steps import check_devices, make_train_chunk, program_config, resolv
 @dataclass
 class TrainResult:
     state: TrainState
-    interrupted: bool
+    interrupted: str  # the signal that stopped the run, SIGINT (Ctrl-C) or SIGTERM; "" when none did
     steps_per_s: float
 
     @property
@@ -168,10 +168,11 @@ class StopOnSignals:
     once, keeping the last checkpoint. Handlers are restored on exit."""
 
     def __init__(self):
-        self.requested = False
+        self.requested, self.signum = False, None
         self.previous = {}
 
-    def _request(self, *_):
+    def _request(self, signum, frame):
+        self.signum = signum
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
@@ -211,7 +212,7 @@ def train(cfg: RunConfig, run_dir: Path, ds, resume: bool = False, init_params=N
     ckpt_every, eval_every = _aligned(cfg.optim.ckpt_every, chunk), _aligned(cfg.optim.eval_every, chunk)
     metrics = MetricsLog(Path(run_dir), start, end, progress, log, cfg.objective, is_main(), max_seconds)
     log.write(run_header(cfg, start, end, f"{mesh.devices.size} {jax.devices()[0].platform} device(s)"))
-    step, interrupted, t0 = start, False, time.time()
+    step, interrupted, t0 = start, "", time.time()
     try:
         with StopOnSignals() as stop:
             pending = feed.prepare(step) if step < end else None
@@ -237,24 +238,25 @@ def train(cfg: RunConfig, run_dir: Path, ds, resume: bool = False, init_params=N
     except (Diverged, RuntimeError, MemoryError, OSError) as e:  # a loss no longer finite, out of memory or disk
         raise _stopped(e, cfg, mgr, run_dir, log) from None
     except KeyboardInterrupt:
-        interrupted = True
-        log(f"interrupted: saving a checkpoint; continue with: molgen train --resume --out {run_dir}")
+        interrupted = signal.Signals(stop.signum or signal.SIGINT).name
+        log(f"{'terminated (SIGTERM)' if interrupted == 'SIGTERM' else 'interrupted'}: saving a checkpoint; continue "
+            f"with: molgen train --resume --out {run_dir}")
     finally:
         metrics.close()
     if any(getattr(a, "is_deleted", lambda: False)() for a in jax.tree_util.tree_leaves(state)):
-        return _last_kept(cfg, mgr, init_params, log)
+        return _last_kept(cfg, mgr, init_params, log, interrupted)
     _checkpoint(run_dir, mgr, state, step, feed.plan, log)
     log.write(f"checkpoint at step {step}")
     elapsed = time.time() - t0
     return TrainResult(state, interrupted, (int(local_value(state.step)) - start) / elapsed if elapsed > 0 else 0.0)
 
 
-def _last_kept(cfg: RunConfig, mgr, init_params, log: RunText) -> TrainResult:
+def _last_kept(cfg: RunConfig, mgr, init_params, log: RunText, interrupted: str) -> TrainResult:
     """A run stopped inside a chunk (its donated state deleted): the last checkpoint, or else the starting state."""
     log(f"stopped inside a chunk: the last checkpoint (step {mgr.latest_step() or 0}) is kept")
     saved = mgr.latest_step() is not None
     return TrainResult(restore_checkpoint(mgr, state_shapes(cfg)) if saved else init_state(cfg, init_params),
-                       True, 0.0)
+                       interrupted, 0.0)
 
 
 def _checkpoint(run_dir: Path, mgr, state: TrainState, step: int, plan, log: RunText) -> None:
