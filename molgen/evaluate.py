@@ -201,13 +201,14 @@ def _strain_summary(per: list[PerMolecule]) -> dict:
 def training_smiles(data_dir: Path | str | None = None, remove_h: bool = False,
                     progress: Callable[[str, int], Callable[[int], None]] | None = None,
                     workers: int | None = 1) -> set[str] | None:
-    """SMILES of the training split built from its 3D structures by EDM's route; cached beside the data. Made in
+    """SMILES of the training split built from its 3D structures by EDM's route; cached beside the data where it
+    can be written (:func:`molgen.io_utils.keep_if_possible`). Made in
     ``workers`` processes at most (as :func:`evaluate_molecules`).
 
     Returns None when there is no QM9 cache.
     """
     from molgen.data.qm9 import cache_is_valid, default_data_dir, load_qm9
-    from molgen.io_utils import atomic_write_text
+    from molgen.io_utils import atomic_write_text, keep_if_possible
     from molgen.workers import map_chunks, workers_for
 
     data_dir = Path(data_dir) if data_dir else default_data_dir()
@@ -227,7 +228,7 @@ def training_smiles(data_dir: Path | str | None = None, remove_h: bool = False,
         out += smiles
         if tick:
             tick(n)
-    atomic_write_text(cache, "\n".join(out) + "\n")
+    keep_if_possible(lambda: atomic_write_text(cache, "\n".join(out) + "\n"), cache, "the training SMILES are")
     return set(out)
 
 

@@ -167,8 +167,10 @@ def split_statistics(ds, split: str) -> Stats:
 
 
 def reference_statistics(data_dir: Path | str | None = None) -> Stats | None:
-    """QM9's test-split statistics, computed once and cached beside the data (None without a QM9 cache)."""
+    """QM9's test-split statistics, computed once and cached beside the data where it can be written (None
+    without a QM9 cache)."""
     from molgen.data.qm9 import cache_is_valid, default_data_dir, load_qm9
+    from molgen.io_utils import keep_if_possible
 
     d = Path(data_dir) if data_dir else default_data_dir()
     if not cache_is_valid(d, verify_hash=False):
@@ -180,5 +182,5 @@ def reference_statistics(data_dir: Path | str | None = None) -> Stats | None:
         except NPZ_DAMAGE:  # damaged: made again below, and replaced
             pass
     st = split_statistics(load_qm9(d, verify=False), "test")
-    st.save(path)
+    keep_if_possible(lambda: st.save(path), path, "QM9's test-split statistics are")
     return st

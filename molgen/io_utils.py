@@ -216,6 +216,16 @@ def atomic_write_text(dest: Path | str, text: str) -> None:
         Path(tmp).write_text(text)
 
 
+def keep_if_possible(save, path: Path | str, what: str) -> None:
+    """Run ``save()``, which keeps something derived (computed again when it is missing) at ``path``; where it
+    cannot be written (a read-only shared cache, a full disk) the work goes on without it, saying so on stderr."""
+    try:
+        save()
+    except OSError as e:
+        print(f"warning: {path}: {e.strerror or e}: {what} not kept, so computed again each time",
+              file=sys.stderr)
+
+
 def atomic_write_bytes(dest: Path | str, data: bytes) -> None:
     with atomic_path(dest) as tmp:
         Path(tmp).write_bytes(data)

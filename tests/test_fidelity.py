@@ -176,6 +176,41 @@ def test_training_smiles_cut_short_are_made_again(data_dir, tmp_path):
     assert training_smiles(d) == first and (d / TRAIN_SMILES_NAME).read_text() == text
 
 
+def test_a_cache_that_cannot_be_written_still_gives_the_references(data_dir, tmp_path, monkeypatch, capsys):
+    """A QM9 cache shared read-only (or on a full disk): the training SMILES and the test-split statistics are
+    computed as if it could take them, and each says on stderr, in one line, that it is not kept."""
+    import errno
+    import shutil
+
+    from molgen.evaluate import TRAIN_SMILES_NAME, training_smiles
+
+    d = tmp_path / "cache"
+    shutil.copytree(data_dir, d)
+    (d / TRAIN_SMILES_NAME).unlink(missing_ok=True)
+    (d / REFERENCE_NAME).unlink(missing_ok=True)
+    smiles, stats = training_smiles(d), reference_statistics(d)  # the cache can take them
+    shutil.copytree(data_dir, tmp_path / "ro")
+    for name in (TRAIN_SMILES_NAME, REFERENCE_NAME):
+        (tmp_path / "ro" / name).unlink(missing_ok=True)
+    capsys.readouterr()
+
+    def read_only(dest):
+        raise OSError(errno.EROFS, "Read-only file system", str(dest))
+
+    monkeypatch.setattr("molgen.io_utils.atomic_path", read_only)
+    assert training_smiles(tmp_path / "ro") == smiles
+    again = reference_statistics(tmp_path / "ro")
+    for k in Stats().__dict__:
+        np.testing.assert_array_equal(getattr(stats, k), getattr(again, k))
+    told = capsys.readouterr().err.splitlines()
+    assert told == [f"warning: {tmp_path / 'ro' / TRAIN_SMILES_NAME}: Read-only file system: the training SMILES are "
+                    "not kept, so computed again each time",
+                    f"warning: {tmp_path / 'ro' / REFERENCE_NAME}: Read-only file system: QM9's test-split statistics "
+                    "are not kept, so computed again each time"]
+    assert sorted(p.name for p in (tmp_path / "ro").iterdir()) == sorted(p.name for p in data_dir.iterdir()
+                                                                        if p.name not in (TRAIN_SMILES_NAME, REFERENCE_NAME))
+
+
 def _png_size(path):
     data = path.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
