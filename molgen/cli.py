@@ -30,7 +30,7 @@ def main() -> None:
     try:
         code = app(prog_name="molgen", standalone_mode=False)
     except SystemExit as e:
-        if e.code == TERMINATED:  # SIGTERM: at once, without waiting on worker processes that may be gone
+        if e.code == TERMINATED:  # SIGTERM: exit now, without waiting on worker processes that may be gone
             _release_worker_resources()
             sys.stdout.flush()
             sys.stderr.flush()

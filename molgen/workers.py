@@ -87,7 +87,8 @@ def map_chunks(fn: Callable, chunks: Iterable[tuple], workers: int = 1) -> Itera
     ``fn`` must not live in the calling program's main module (:func:`_main_module_hidden`).
     Where no process can be started (no shared memory, no writable temporary folder) the work stays in this
     process. A chunk's exception is raised here; a worker that dies is a :class:`MolgenError`; when the caller
-    stops early, the chunks not started are dropped."""
+    stops early, the chunks not started are dropped and those running are not awaited (the workers end with the
+    calling process)."""
     chunks = list(chunks) if workers > 1 else chunks
     pool = futures = None
     if workers > 1:
@@ -100,16 +101,17 @@ def map_chunks(fn: Callable, chunks: Iterable[tuple], workers: int = 1) -> Itera
         return
     from concurrent.futures.process import BrokenProcessPool
 
-    with pool:
-        try:
-            for f in futures:
-                yield f.result()
-        except BrokenProcessPool:
-            raise MolgenError("a worker process ended without its results (out of memory?); MOLGEN_WORKERS=1 "
-                              "keeps the work in one process") from None
-        finally:
-            for f in futures:
-                f.cancel()
+    try:
+        for f in futures:
+            yield f.result()
+    except BrokenProcessPool:
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise MolgenError("a worker process ended without its results (out of memory?); MOLGEN_WORKERS=1 "
+                          "keeps the work in one process") from None
+    except BaseException:  # the caller stopped (Ctrl-C, SIGTERM, an error): the chunks still running are not awaited
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
 
 
 @contextlib.contextmanager
