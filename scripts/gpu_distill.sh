@@ -57,7 +57,8 @@ tar -C runs -cf - "w_$name" | split -b 15m -d - "$out/weights.tar."
 for k in 1 4; do
   sample_left=$(( $(left) - 5 ))
   if [ "$sample_left" -le 5 ]; then log "no time left to sample k=$k"; continue; fi
-  timeout "$sample_left" python3 -m molgen sample --checkpoint "runs/w_$name" -n "$n_mol" --steps "$k" --seed 0 \
+  # KILL: on SIGTERM molgen stops once the calls in flight return, which may be past the run's time
+  timeout -s KILL "$sample_left" python3 -m molgen sample --checkpoint "runs/w_$name" -n "$n_mol" --steps "$k" --seed 0 \
     -o "$out/samples_k$k.xyz" --no-report >>"$out/train.txt" 2>&1
   log "sample k=$k rc $?"
 done

@@ -270,7 +270,8 @@ tar -C runs -cf - "w_$teacher" | split -b 15m -d - "$out/weights.tar."
 sample_left=$(( $(left) - 5 ))
 if [ "$sample_left" -gt 5 ]; then
   log "exported, weights in \$OUT; sampling $n_mol molecules with $calls calls (at most $sample_left s)"
-  timeout "$sample_left" python3 -m molgen sample --checkpoint "runs/w_$teacher" -n "$n_mol" --steps "$calls" \
+  # KILL: on SIGTERM molgen stops once the calls in flight return, which may be past the run's time
+  timeout -s KILL "$sample_left" python3 -m molgen sample --checkpoint "runs/w_$teacher" -n "$n_mol" --steps "$calls" \
     --seed 0 -o "$out/samples.xyz" --no-report >>"$out/train.txt" 2>&1
   log "sample rc $?"
 else
