@@ -46,7 +46,7 @@ for d in .gpu .edm .whl; do ln -s "$PWD/$d" "$tmp/repo/$d"; done
 bin=$(cd "$(dirname "$(command -v "$py")")" && pwd)  # its python3 first on PATH, as the scripts call python3
 for s in gpu_teacher.sh gpu_distill.sh; do
   out="$tmp/out-$s"
-  (cd "$tmp/repo" && PATH="$bin:$PATH" DRY=1 KERNELS_S=40 OUT="$out" bash "scripts/$s" > "$tmp/$s.log" 2>&1) || true
+  (cd "$tmp/repo" && PATH="$bin:$PATH" DRY=1 KERNELS_S=60 OUT="$out" bash "scripts/$s" > "$tmp/$s.log" 2>&1) || true
   # the scripts go on past a failed step (to bring back what they have): a rehearsal passes on what came out
   # every benchmark ran too: none failed, none missing from the log (a failed one is a line there, not an exit)
   failed=$(grep -E "FAILED|failed|Error|SKIPPED" "$out/bench.log" 2>/dev/null | head -5 || true)
