@@ -87,7 +87,7 @@ def atomic_path(dest: Path | str):
                 raise OSError(e.errno, e.strerror, "standard output") from None
         return
     if is_stream(dest):
-        with _naming(dest):
+        with naming_errors(dest):
             yield Path(dest)
         return
     dest = Path(os.path.realpath(dest)) if Path(dest).is_symlink() else Path(dest)
@@ -106,7 +106,7 @@ def atomic_path(dest: Path | str):
     os.close(fd)
     os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; outputs are ordinary files
     try:
-        with _naming(dest, tmp):
+        with naming_errors(dest, tmp):
             yield Path(tmp)
             os.replace(tmp, dest)
     except BaseException:
@@ -116,9 +116,9 @@ def atomic_path(dest: Path | str):
 
 
 @contextmanager
-def _naming(dest, tmp=None):
-    """A file system error in writing ``dest`` names ``dest``: a failed write (a full disk) names no file, and a
-    failure on the temporary file ``tmp`` names that one."""
+def naming_errors(dest, tmp=None):
+    """A file system error in writing ``dest`` names ``dest``: a failed write (a full disk; a buffered one fails at
+    its flush) names no file, and a failure on the temporary file ``tmp`` names that one."""
     try:
         yield
     except OSError as e:

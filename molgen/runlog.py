@@ -14,6 +14,7 @@ import numpy as np
 
 from molgen import MolgenError
 from molgen.display import LINE_EVERY_S, hms
+from molgen.io_utils import naming_errors
 from molgen.state import METRICS_NAME
 
 LOG_EVERY = 25  # steps per line of metrics.jsonl
@@ -47,11 +48,8 @@ class RunText:
 
     def write(self, text: str) -> None:
         if self.writes and self.path.parent.is_dir():
-            try:
-                with open(self.path, "a") as f:
-                    f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime())}  {text}\n")
-            except OSError as e:  # a full disk: name the file (a buffered write's error names none)
-                raise OSError(e.errno, e.strerror, str(self.path)) from None
+            with naming_errors(self.path), open(self.path, "a") as f:  # a full disk's error names the file
+                f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime())}  {text}\n")
 
 
 class Diverged(MolgenError):
@@ -112,10 +110,8 @@ class MetricsLog:
 
     def _append(self, text: str) -> None:
         """Append to metrics.jsonl (flushed when ``text`` is empty); a full disk's error names the file."""
-        try:
+        with naming_errors(self.file.name):
             self.file.write(text) if text else self.file.flush()
-        except OSError as e:
-            raise OSError(e.errno, e.strerror, self.file.name) from None
 
     def _show(self, done: int, loss: float, rate: float, now: float) -> None:
         if self.bar is not None:
