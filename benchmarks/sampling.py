@@ -53,7 +53,7 @@ def main():
 
         def run(r):
             x, _ = s.run(fns, model.params, g, model.cfg.n_features, jax.random.PRNGKey(r), levels, 1.0, None,
-                         lambda: None)
+                         lambda out: None)
             jax.block_until_ready(x)
 
         run(0)

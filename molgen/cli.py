@@ -11,7 +11,7 @@ import typer
 
 from molgen import MolgenError, __version__
 from molgen.display import console, count, err, error, report_to_stderr, say
-from molgen.failures import TERMINATED, friendly
+from molgen.failures import INTERRUPTED, TERMINATED, friendly
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
                   help="Generate 3D molecules with E(3)-equivariant diffusion and consistency models (QM9).")
@@ -21,7 +21,6 @@ Opt = typer.Option
 def main() -> None:
     """The `molgen` command: the app, with a usage error (an unknown command or option, a value of the wrong type)
     as one line and exit code 2, like molgen's own errors; Click would print the usage before it."""
-    import os
     import sys
 
     for stream in (sys.stdout, sys.stderr):  # a terminal that cannot show a character (Å, °) shows "?" instead
@@ -30,11 +29,7 @@ def main() -> None:
     try:
         code = app(prog_name="molgen", standalone_mode=False)
     except SystemExit as e:
-        if e.code == TERMINATED:  # SIGTERM: exit now, without waiting on worker processes that may be gone
-            _release_worker_resources()
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(TERMINATED)
+        _exit_if_stopped(e.code)
         raise
     except Exception as e:  # Click's exceptions, known by what they carry (Typer may bring its own copy of Click)
         if type(e).__name__ == "Abort":
@@ -48,7 +43,21 @@ def main() -> None:
         command = getattr(getattr(e, "ctx", None), "command_path", "molgen")
         error(MolgenError(f"{e.format_message().rstrip('.')} (see {command} --help)"))
         sys.exit(2)
+    _exit_if_stopped(code)
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def _exit_if_stopped(code) -> None:
+    """After Ctrl-C or SIGTERM, exit now: Python's own exit would wait for the computations still queued (a chunk of
+    training steps, network calls) and for worker processes that may be gone."""
+    import os
+    import sys
+
+    if code in (INTERRUPTED, TERMINATED):
+        _release_worker_resources()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 def _release_worker_resources() -> None:
@@ -171,9 +180,10 @@ def train(
         console.print(f"finished at step {res.step} ({rate}); checkpoint in {out}")
     else:  # an interruption has said how to resume already
         hint = "" if res.interrupted else f"; continue with: molgen train --resume --out {out}"
-        console.print(f"stopped at step {res.step} of {cfg.optim.steps} ({rate}); checkpoint in {out}{hint}")
+        kept = f"checkpoint in {out}" if last_checkpoint_step(out) is not None else "no checkpoint saved"
+        console.print(f"stopped at step {res.step} of {cfg.optim.steps} ({rate}); {kept}{hint}")
     if res.interrupted:
-        raise typer.Exit(TERMINATED if res.interrupted == "SIGTERM" else 130)
+        raise typer.Exit(TERMINATED if res.interrupted == "SIGTERM" else INTERRUPTED)
 
 
 @app.command()

@@ -40,7 +40,7 @@ def out_of_memory(e: BaseException, command: str) -> MolgenError | None:
     return MolgenError(f"out of memory ({what}); {MEMORY_HINTS.get(command, 'use smaller inputs')}")
 
 
-TERMINATED = 143  # the exit code of a command stopped by SIGTERM (128 + 15)
+INTERRUPTED, TERMINATED = 130, 143  # the exit codes of a command stopped by Ctrl-C (128 + SIGINT), SIGTERM (128 + 15)
 
 
 class Terminated(KeyboardInterrupt):
@@ -80,7 +80,7 @@ def friendly(fn):
         except KeyboardInterrupt as e:
             how = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
             say(f"{how}: molgen {fn.__name__} stopped (a file molgen writes is written whole or not at all)")
-            raise SystemExit(TERMINATED if isinstance(e, Terminated) else 130)
+            raise SystemExit(TERMINATED if isinstance(e, Terminated) else INTERRUPTED)
         finally:
             report_to_stderr(False)
             if previous is not None:

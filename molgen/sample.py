@@ -8,7 +8,7 @@ are the model card's (meta.json: temperature, re-noising), so Python callers and
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Callable, Sequence
 
@@ -16,6 +16,7 @@ import jax
 import numpy as np
 
 from molgen import MolgenError
+from molgen.calls import Calls
 from molgen.chem.io import Molecule
 from molgen.consistency.stack import describe_network
 from molgen.data.batching import sampling_graph
@@ -60,17 +61,14 @@ class Samples:
     settings: dict  # what made them, as recorded in every SDF record / XYZ frame (molgen_*)
     calls: int  # network calls per molecule, polishing included
     seconds: float = 0.0
-    description: str = field(default="")
+    description: str = ""
     drawn: int = 0  # molecules drawn to keep these (--keep); 0: all drawn are kept
 
 
 # Which molecules `--keep` keeps (their per-molecule results from molgen.evaluate): `valid` is EDM's validity
 # (RDKit sanitizes the molecule built from its bonds) in one piece; `stable` adds that every atom is stable.
-KEEP = {
-    "all": None,
-    "valid": lambda p: p.valid and p.n_fragments == 1,
-    "stable": lambda p: p.valid and p.n_fragments == 1 and p.stable,
-}
+KEEP = {"all": None, "valid": lambda p: p.valid and p.n_fragments == 1,
+        "stable": lambda p: p.valid and p.n_fragments == 1 and p.stable}
 MAX_DRAWS, GROWTH = 100, 8  # --keep draws at most 100 per molecule asked for, a round at most 8x the draws before it
 
 
@@ -185,7 +183,7 @@ def sample(model: Model, n: int, steps: int | None = None, seed: int = 0, atoms:
         keeps = fragment is not None and polisher.cfg.inpaint is not None
         pol = (_polish_step(polisher.cfg, keeps), polisher.params, low_ladder(polish_calls), keeps)
         settings.update(molgen_polish=polish_calls, molgen_polisher=polisher.name)
-    tick = (lambda: progress(1)) if progress else (lambda: None)
+    calls = Calls(progress)  # followed as they finish: progress, and signals acting within a call
     base = jax.random.PRNGKey(seed)
     mols: list[Molecule] = []
     t0 = time.time()
@@ -195,9 +193,10 @@ def sample(model: Model, n: int, steps: int | None = None, seed: int = 0, atoms:
         nf, key = model.cfg.n_features, jax.random.fold_in(jax.random.fold_in(base, FRAGMENT_STREAM), b)
         fix = _fixer(fragment, formula, bs, g, nf, key, s.name == "inpaint")
         x, h = s.run(fns, model.params, g, nf, jax.random.fold_in(base, b), levels,
-                     settings["molgen_temperature"], renoise, tick, fix, resample)
+                     settings["molgen_temperature"], renoise, calls, fix, resample)
         if pol is not None:
-            x, h = _polish(pol, x, h, g, bs, fragment, fix, nf, key, tick)
+            x, h = _polish(pol, x, h, g, bs, fragment, fix, nf, key, calls)
+        calls.finish()
         mols += _molecules(x, h, bs, len(mols), settings, fragment, decimals)
     return Samples(mols, settings, settings["molgen_calls"], time.time() - t0, _describe(model, s, settings))
 
@@ -213,8 +212,8 @@ def _polish(pol, x, h, g, sizes, fragment, fix, nf: int, key, tick):
         put = fix if callable(fix) else _fixer(fragment, None, sizes, g, nf, key)
     for lv in levels:
         x, h = step(params, x, h, np.float32(lv), g, fixed)
+        tick(x)
         x, h = (x, h) if put is None else put(x, h, 0.0, 1.0)
-        tick()
     return x, h
 
 

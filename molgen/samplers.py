@@ -61,7 +61,8 @@ class Sampler:
 
     def run(self, fns, params, graph, nf: int, key, levels, temperature: float, renoise: float | None,
             tick: Callable, fix: Callable | None = None, resample: int = 0):
-        """(x, h) of one packed batch (``nf`` features per atom); ``tick()`` after every network call. ``fix(x, h,
+        """(x, h) of one packed batch (``nf`` features per atom); ``tick(out)`` as every network call is queued, with
+        its output (:class:`molgen.calls.Calls` follows them). ``fix(x, h,
         level, scale)``, when given, imposes known atoms on the state after every network call (level: the state's
         variance-exploding noise level, 0 for a clean molecule; scale: alpha_t for a variance-preserving state);
         the ``inpaint`` sampler takes the batch's known rows instead (:class:`molgen.fragment.Known`).
@@ -111,7 +112,7 @@ class Ancestral(Sampler):
                     zx, zh = forward(zx, zh, tj, sj, graph, k, temp)
                 key, k = jax.random.split(key)
                 zx, zh = step(params, zx, zh, tj, sj, graph, k, temp)
-                tick()
+                tick(zx)
                 if fix is not None:  # z_s = alpha_s (x + (sigma_s / alpha_s) eps); the last step's output is clean
                     g = float(gammas[int(round(s * (len(gammas) - 1)))])
                     alpha, sigma = np.sqrt(1 / (1 + np.exp(g))), np.sqrt(1 / (1 + np.exp(-g)))
@@ -140,7 +141,7 @@ class Inpaint(Sampler):
         for t, s in zip(levels[:-1], levels[1:]):
             key, k = jax.random.split(key)
             zx, zh = step(params, zx, zh, jnp.float32(t), jnp.float32(s), graph, k, temp, known.mask)
-            tick()
+            tick(zx)
         return zx, zh
 
 
@@ -161,7 +162,7 @@ class Ode(Sampler):
 
         def counted(*a):
             out = denoise(*a)
-            tick()
+            tick(out)
             return out
 
         after = None if fix is None else (lambda x, h, s: fix(x, h, s, 1.0))
@@ -183,7 +184,7 @@ class Multistep(Sampler):
         for i, s in enumerate(levels):
             key, k = jax.random.split(key)
             zx, zh = step(params, zx, zh, jnp.float32(s), jnp.bool_(i == 0), graph, k, temp if i == 0 else later)
-            tick()
+            tick(zx)
             if fix is not None:  # each call's output is a clean molecule
                 zx, zh = fix(zx, zh, 0.0, 1.0)
         return zx, zh
@@ -204,11 +205,11 @@ class Anneal(Sampler):
         zx, zh = _zeros(graph, nf)
         zx, zh = first(params, zx, zh, jnp.float32(levels[0]), jnp.bool_(True), graph, jax.random.split(key)[1],
                        jnp.float32(temperature))
-        tick()
+        tick(zx)
         zx, zh = fix(zx, zh, 0.0, 1.0)
         for s in levels[1:]:
             zx, zh = again(params, zx, zh, jnp.float32(s), graph)
-            tick()
+            tick(zx)
             zx, zh = fix(zx, zh, 0.0, 1.0)
         return zx, zh
 

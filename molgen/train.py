@@ -15,6 +15,7 @@ With one device the same code runs unchanged. Precision: :func:`molgen.networks.
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import threading
 import time
@@ -27,6 +28,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from molgen import MolgenError
+from molgen.calls import wait_ready
 from molgen.config import RunConfig
 from molgen.data.batching import BatchSampler, make_batch
 from molgen.failures import first_line, is_out_of_memory
@@ -47,13 +49,10 @@ from molgen.steps import check_devices, make_train_chunk, program_config, resolv
 
 @dataclass
 class TrainResult:
-    state: TrainState
+    state: TrainState | None  # None: stopped at once before any checkpoint was written
     interrupted: str  # the signal that stopped the run, SIGINT (Ctrl-C) or SIGTERM; "" when none did
     steps_per_s: float
-
-    @property
-    def step(self) -> int:
-        return int(local_value(self.state.step))
+    step: int  # the state's
 
 
 CHUNK = 50  # optimiser steps per host round-trip
@@ -164,18 +163,36 @@ class Validation:
 
 class StopOnSignals:
     """Ctrl-C and SIGTERM (schedulers, `kill`) ask the loop to stop after the chunk in flight (an interrupt
-    inside the jitted chunk would leave its donated input state deleted and unsaveable); a second one stops at
-    once, keeping the last checkpoint. Handlers are restored on exit."""
+    inside the jitted chunk would leave its donated input state deleted and unsaveable), and say so at once; a
+    second one stops at once (``at_once``), keeping the last checkpoint, without waiting for the chunk. While a
+    checkpoint is written (:meth:`holding`) they only ask: no checkpoint is cut short. Handlers are restored on
+    exit."""
 
-    def __init__(self):
-        self.requested, self.signum = False, None
-        self.previous = {}
+    def __init__(self, kept: Callable[[], int | None] = lambda: None, speaks: bool = True):
+        self.requested, self.signum, self.at_once, self.held = False, None, False, False
+        self.kept, self.speaks, self.previous = kept, speaks, {}
 
     def _request(self, signum, frame):
         self.signum = signum
-        if self.requested:
+        if self.requested and not self.held:
+            self.at_once = True
             raise KeyboardInterrupt
+        if not self.requested and self.speaks:  # written as it is (the handler may run inside a write to stderr)
+            kept = self.kept()
+            then = "with no checkpoint" if kept is None else f"keeping the checkpoint at step {kept}"
+            line = (f"{_signal_name(signum)}: stopping after the chunk of steps in flight to save a checkpoint; again "
+                    f"to stop at once, {then}\n")
+            with contextlib.suppress(OSError):
+                os.write(2, line.encode())
         self.requested = True
+
+    @contextlib.contextmanager
+    def holding(self):
+        self.held = True
+        try:
+            yield
+        finally:
+            self.held = False
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
@@ -187,6 +204,17 @@ class StopOnSignals:
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
         return False
+
+
+def _signal_name(signum) -> str:
+    return "terminated (SIGTERM)" if signum == signal.SIGTERM else "interrupted"
+
+
+def _interrupted(stop: StopOnSignals, run_dir: Path, log: Callable[[str], None]) -> str:
+    """The signal that stopped the loop (SIGINT, SIGTERM), said with what follows."""
+    if not stop.at_once:
+        log(f"{_signal_name(stop.signum)}: saving a checkpoint; continue with: molgen train --resume --out {run_dir}")
+    return signal.Signals(stop.signum or signal.SIGINT).name
 
 
 def train(cfg: RunConfig, run_dir: Path, ds, resume: bool = False, init_params=None, anchor_params=None,
@@ -213,8 +241,8 @@ def train(cfg: RunConfig, run_dir: Path, ds, resume: bool = False, init_params=N
     metrics = MetricsLog(Path(run_dir), start, end, progress, log, cfg.objective, is_main(), max_seconds)
     log.write(run_header(cfg, start, end, f"{mesh.devices.size} {jax.devices()[0].platform} device(s)"))
     step, interrupted, t0 = start, "", time.time()
-    try:
-        with StopOnSignals() as stop:
+    with StopOnSignals(mgr.latest_step, speaks=is_main()) as stop:
+        try:
             pending = feed.prepare(step) if step < end else None
             while pending is not None:
                 n, shape, rows = pending
@@ -226,37 +254,41 @@ def train(cfg: RunConfig, run_dir: Path, ds, resume: bool = False, init_params=N
                 over = max_seconds is not None and time.time() - t0 > max_seconds
                 over, stop.requested = agree(over), agree(stop.requested)  # every process stops at the same step
                 pending = feed.prepare(step) if step < end and not over and not stop.requested else None
-                out = jax.tree_util.tree_map(lambda a: a[:n], local_value(out))  # the device runs the next chunk
+                wait_ready(out)  # the device runs the chunk; a second Ctrl-C stops here at once
+                out = jax.tree_util.tree_map(lambda a: a[:n], local_value(out))
                 evaluate = eval_every and (step % eval_every == 0 or step == end)
                 metrics.write(first, out, *((validation(state.ema), validation(state.params)) if evaluate else ()))
                 if ckpt_every and step % ckpt_every == 0:
-                    _checkpoint(run_dir, mgr, state, step, feed.plan, log)
+                    with stop.holding():
+                        _checkpoint(run_dir, mgr, state, step, feed.plan, log)
                 if stop.requested:
                     raise KeyboardInterrupt
                 if over and step < end:
                     log(f"time budget of {max_seconds:.0f} s reached at step {step}")
-    except (Diverged, RuntimeError, MemoryError, OSError) as e:  # a loss no longer finite, out of memory or disk
-        raise _stopped(e, cfg, mgr, run_dir, log) from None
-    except KeyboardInterrupt:
-        interrupted = signal.Signals(stop.signum or signal.SIGINT).name
-        log(f"{'terminated (SIGTERM)' if interrupted == 'SIGTERM' else 'interrupted'}: saving a checkpoint; continue "
-            f"with: molgen train --resume --out {run_dir}")
-    finally:
-        metrics.close()
-    if any(getattr(a, "is_deleted", lambda: False)() for a in jax.tree_util.tree_leaves(state)):
-        return _last_kept(cfg, mgr, init_params, log, interrupted)
-    _checkpoint(run_dir, mgr, state, step, feed.plan, log)
+        except (Diverged, RuntimeError, MemoryError, OSError) as e:  # a loss no longer finite, out of memory or disk
+            raise _stopped(e, cfg, mgr, run_dir, log) from None
+        except KeyboardInterrupt:
+            interrupted = _interrupted(stop, run_dir, log)
+        finally:
+            metrics.close()
+        if stop.at_once or any(getattr(a, "is_deleted", lambda: False)() for a in jax.tree_util.tree_leaves(state)):
+            return _last_kept(cfg, mgr, init_params, log, interrupted, stop.at_once, run_dir)
+        with stop.holding():
+            _checkpoint(run_dir, mgr, state, step, feed.plan, log)
     log.write(f"checkpoint at step {step}")
-    elapsed = time.time() - t0
-    return TrainResult(state, interrupted, (int(local_value(state.step)) - start) / elapsed if elapsed > 0 else 0.0)
+    return TrainResult(state, interrupted, (step - start) / max(time.time() - t0, 1e-9), step)
 
 
-def _last_kept(cfg: RunConfig, mgr, init_params, log: RunText, interrupted: str) -> TrainResult:
-    """A run stopped inside a chunk (its donated state deleted): the last checkpoint, or else the starting state."""
-    log(f"stopped inside a chunk: the last checkpoint (step {mgr.latest_step() or 0}) is kept")
-    saved = mgr.latest_step() is not None
-    return TrainResult(restore_checkpoint(mgr, state_shapes(cfg)) if saved else init_state(cfg, init_params),
-                       interrupted, 0.0)
+def _last_kept(cfg: RunConfig, mgr, init_params, log: RunText, interrupted: str, at_once: bool, run_dir: Path):
+    """A run stopped inside a chunk (its donated state deleted, or a second signal that did not wait for it): the
+    last checkpoint, else the starting state (none after a second signal: it would wait for the chunk)."""
+    how = "stopped at once, without the chunk in flight" if at_once else "stopped inside a chunk"
+    kept = mgr.latest_step()
+    log(f"{how}: " + ("no checkpoint was saved" if kept is None else f"the last checkpoint (step {kept}) is kept; "
+                      f"continue with: molgen train --resume --out {run_dir}"))
+    if kept is not None:
+        return TrainResult(restore_checkpoint(mgr, state_shapes(cfg)), interrupted, 0.0, kept)
+    return TrainResult(None if at_once else init_state(cfg, init_params), interrupted, 0.0, 0)
 
 
 def _checkpoint(run_dir: Path, mgr, state: TrainState, step: int, plan, log: RunText) -> None:

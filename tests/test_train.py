@@ -192,6 +192,62 @@ def test_a_signal_stops_after_the_step_with_a_checkpoint(tmp_path, mini_ds, monk
     assert load_model(tmp_path / "t").meta["step"] == 4
 
 
+def test_a_second_signal_stops_at_once_and_none_cuts_a_checkpoint_short(tmp_path, mini_ds, monkeypatch, capfd):
+    """Ctrl-C says at once that the run stops after the chunk in flight; Ctrl-C again while the loop waits for that
+    chunk stops without it, keeping the last checkpoint; a signal while a checkpoint is written only asks to stop
+    (it once cut the final checkpoint short, leaving none)."""
+    import signal
+
+    import molgen.train
+
+    cfg = _cfg(mini_ds)
+    orig_indices, orig_wait, orig_save = BatchSampler.indices, molgen.train.wait_ready, molgen.train.save_checkpoint
+    sent = []
+
+    def signal_at(step, again_while_waiting):
+        def indices(self, s):
+            if s == step:
+                os.kill(os.getpid(), signal.SIGINT)
+                sent.append(s)
+            return orig_indices(self, s)
+
+        def wait(out):
+            if again_while_waiting and len(sent) == 1:
+                os.kill(os.getpid(), signal.SIGINT)
+                sent.append("again")
+            return orig_wait(out)
+
+        return indices, wait
+
+    def save_with_a_signal(mgr, state):  # a signal in the middle of every save
+        os.kill(os.getpid(), signal.SIGINT)
+        return orig_save(mgr, state)
+
+    # chunks of 4, a checkpoint every 4 steps; Ctrl-C while the host draws steps 8-11 (the device runs 4-7), then
+    # again while the loop waits for steps 4-7: the run keeps step 4's checkpoint and does not write step 8's
+    indices, wait = signal_at(8, True)
+    monkeypatch.setattr(BatchSampler, "indices", indices)
+    monkeypatch.setattr(molgen.train, "wait_ready", wait)
+    cfg4 = tiny_config(mini_ds, "diffusion", batch_size=8, steps=20, ckpt_every=4, eval_every=10, warmup=5)
+    logged = []
+    res = train(cfg4, tmp_path / "a", mini_ds, progress=None, log=logged.append, chunk=4)
+    assert res.interrupted == "SIGINT" and int(res.state.step) == 4
+    assert sorted(p.name for p in (tmp_path / "a" / "checkpoints").iterdir()) == ["4"]
+    assert logged[-1] == ("stopped at once, without the chunk in flight: the last checkpoint (step 4) is kept; "
+                          f"continue with: molgen train --resume --out {tmp_path / 'a'}")
+    # Ctrl-C while steps 0-3 run, and again in the middle of the checkpoint it asked for: step 4's is written whole
+    indices, _ = signal_at(4, False)
+    monkeypatch.setattr(BatchSampler, "indices", indices)
+    monkeypatch.setattr(molgen.train, "wait_ready", orig_wait)
+    monkeypatch.setattr(molgen.train, "save_checkpoint", save_with_a_signal)
+    res = train(cfg, tmp_path / "b", mini_ds, progress=None, log=lambda s: None, chunk=4)
+    assert res.interrupted == "SIGINT" and int(res.state.step) == 4
+    assert sorted(p.name for p in (tmp_path / "b" / "checkpoints").iterdir()) == ["4"]
+    assert load_model(tmp_path / "b").meta["step"] == 4
+    assert ("interrupted: stopping after the chunk of steps in flight to save a checkpoint; again to stop at once, "
+            "with no checkpoint") in capfd.readouterr().err
+
+
 def test_chunk_length_does_not_change_the_run(tmp_path, mini_ds):
     """Chunks of 50 (one call for the whole run) vs chunks of 3 stopped at step 10 and resumed in chunks of 7."""
     cfg = _cfg(mini_ds)

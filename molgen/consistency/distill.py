@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from molgen import MolgenError
+from molgen.calls import wait_ready
 from molgen.chem.elements import N_TYPES
 from molgen.consistency.ict import ConsistencyConfig, mean_over_molecules, molecule_distance, pseudo_huber
 from molgen.diffusion.levels import low_ladder, ode_levels
@@ -140,6 +141,7 @@ def make_pairs(solve: Callable, sizes: np.ndarray, seed: int, n_features: int, n
     xs, ts, zxs, zhs = [], [], [], []
     for g, zx, zh in _noise_batches(sizes, seed, n_features, batch_size, temperature):
         x, h = solve(g, zx, zh)
+        wait_ready((x, h))  # the teacher's calls, queued: Ctrl-C acts within one
         n_real = int(g.n_atoms.sum())
         xs.append(np.asarray(x)[:n_real])
         ts.append(np.argmax(np.asarray(h)[:n_real, :N_TYPES], -1).astype(np.int8))

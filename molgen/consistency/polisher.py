@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from molgen import MolgenError
+from molgen.calls import wait_ready
 from molgen.chem.elements import N_TYPES
 from molgen.consistency.distill import PairSet, _noise_batches, n_held_out
 from molgen.consistency.ict import make_multistep_step, multistep_levels
@@ -79,6 +80,7 @@ def make_examples(start_fn: Callable, teacher_step: Callable, own_step: Callable
                 sig = jnp.full(m.shape, s, jnp.float32)
                 feats = clean_features(h, m)
                 tx, th = teacher_step(x, feats, sig, g)
+                wait_ready(th)  # Ctrl-C acts within a call
                 if chain == "teacher" or k > 0:  # the start molecule is one example, not two
                     r = int(n.sum())
                     th_level = np.concatenate([np.asarray(th)[:r], np.full((r, 1), s, np.float32)], 1)
