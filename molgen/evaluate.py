@@ -16,6 +16,7 @@ test split when a reference is given (:mod:`molgen.fidelity`).
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -221,7 +222,8 @@ def training_smiles(data_dir: Path | str | None = None, remove_h: bool = False,
         return set(text.split())
     ds = load_qm9(data_dir, remove_h=remove_h, verify=False)
     ids = ds.split("train")
-    tick = progress("training SMILES (once)", len(ids)) if progress else None
+    kept = os.access(data_dir, os.W_OK)  # a read-only cache makes them each time
+    tick = progress("training SMILES" + (" (once)" if kept else ""), len(ids)) if progress else None
     chunks = (tuple(zip(*ds.molecules(ids[s : s + CHUNK]))) for s in range(0, len(ids), CHUNK))
     out = []
     for smiles, n in map_chunks(_smiles_chunk, chunks, workers_for(len(ids), workers)):

@@ -180,7 +180,9 @@ def test_a_cache_that_cannot_be_written_still_gives_the_references(data_dir, tmp
     """A QM9 cache shared read-only (or on a full disk): the training SMILES and the test-split statistics are
     computed as if it could take them, and each says on stderr, in one line, that it is not kept."""
     import errno
+    import os
     import shutil
+    from pathlib import Path
 
     from molgen.evaluate import TRAIN_SMILES_NAME, training_smiles
 
@@ -188,7 +190,13 @@ def test_a_cache_that_cannot_be_written_still_gives_the_references(data_dir, tmp
     shutil.copytree(data_dir, d)
     (d / TRAIN_SMILES_NAME).unlink(missing_ok=True)
     (d / REFERENCE_NAME).unlink(missing_ok=True)
-    smiles, stats = training_smiles(d), reference_statistics(d)  # the cache can take them
+    labels = []
+
+    def progress(label, total):
+        labels.append(label)
+        return lambda n: None
+
+    smiles, stats = training_smiles(d, progress=progress), reference_statistics(d)  # the cache can take them
     shutil.copytree(data_dir, tmp_path / "ro")
     for name in (TRAIN_SMILES_NAME, REFERENCE_NAME):
         (tmp_path / "ro" / name).unlink(missing_ok=True)
@@ -198,7 +206,10 @@ def test_a_cache_that_cannot_be_written_still_gives_the_references(data_dir, tmp
         raise OSError(errno.EROFS, "Read-only file system", str(dest))
 
     monkeypatch.setattr("molgen.io_utils.atomic_path", read_only)
-    assert training_smiles(tmp_path / "ro") == smiles
+    access = os.access  # a read-only mount refuses even root
+    monkeypatch.setattr(os, "access", lambda p, mode: Path(p) != tmp_path / "ro" and access(p, mode))
+    assert training_smiles(tmp_path / "ro", progress=progress) == smiles
+    assert labels == ["training SMILES (once)", "training SMILES"]  # made each time where it cannot be kept
     again = reference_statistics(tmp_path / "ro")
     for k in Stats().__dict__:
         np.testing.assert_array_equal(getattr(stats, k), getattr(again, k))
