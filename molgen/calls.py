@@ -4,7 +4,8 @@ JAX queues a jitted call and returns at once, so a sampler's loop queues call af
 results comes when they are read (in NumPy). Python runs no signal handler during such a wait: Ctrl-C or SIGTERM
 would act only once every queued call had finished, and a progress bar advanced at queueing would stand at its
 end meanwhile. :class:`Calls` waits for each call while the next one is queued (the device never idles for it),
-in short sleeps that a signal interrupts, and counts a call as done when its result is ready.
+in short sleeps that a signal interrupts, and counts a call as done when its result is ready. (XLA runs a program
+it deems cheap inside the call itself, before returning; a network call over a batch is not one of those.)
 """
 
 from __future__ import annotations

@@ -141,7 +141,7 @@ def make_pairs(solve: Callable, sizes: np.ndarray, seed: int, n_features: int, n
     xs, ts, zxs, zhs = [], [], [], []
     for g, zx, zh in _noise_batches(sizes, seed, n_features, batch_size, temperature):
         x, h = solve(g, zx, zh)
-        wait_ready((x, h))  # the teacher's calls, queued: Ctrl-C acts within one
+        wait_ready((x, h))  # the teacher's queued calls, waited for in naps: Ctrl-C acts at once
         n_real = int(g.n_atoms.sum())
         xs.append(np.asarray(x)[:n_real])
         ts.append(np.argmax(np.asarray(h)[:n_real, :N_TYPES], -1).astype(np.int8))

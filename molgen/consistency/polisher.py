@@ -80,7 +80,7 @@ def make_examples(start_fn: Callable, teacher_step: Callable, own_step: Callable
                 sig = jnp.full(m.shape, s, jnp.float32)
                 feats = clean_features(h, m)
                 tx, th = teacher_step(x, feats, sig, g)
-                wait_ready(th)  # Ctrl-C acts within a call
+                wait_ready(th)  # in naps: Ctrl-C acts at once
                 if chain == "teacher" or k > 0:  # the start molecule is one example, not two
                     r = int(n.sum())
                     th_level = np.concatenate([np.asarray(th)[:r], np.full((r, 1), s, np.float32)], 1)
