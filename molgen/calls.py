@@ -15,7 +15,7 @@ from typing import Callable
 
 import jax
 
-LONGEST_NAP = 0.01  # seconds between two looks at a result still being computed
+LONGEST_NAP = 0.002  # seconds between two looks at a result still being computed (the device may idle as long)
 
 
 def wait_ready(tree) -> None:
