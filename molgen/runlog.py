@@ -81,6 +81,11 @@ class MetricsLog:
             self.bar.start()
             self.task = self.bar.add_task(f"train {mode}", total=end, completed=start, loss=float("nan"), rate=0.0)
 
+    def started(self, last: int) -> None:
+        """The first chunk compiled and running, up to step ``last``: a line, so that a log shows the run at work
+        before that chunk ends (compiling and a chunk of a large network take minutes on a CPU)."""
+        self._line(f"steps {self.start + 1}-{last} running (compiled and started in {time.time() - self.t0:.1f} s)")
+
     def write(self, first: int, metrics, val_loss: float | None = None, val_loss_trained: float | None = None) -> None:
         m = {k: np.asarray(v) for k, v in metrics.items()}
         n = len(m["loss"])

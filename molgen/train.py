@@ -130,11 +130,14 @@ class Validation:
                      for k in range(len(self.batches))]
         self.program, self.anchor = step_programs(program_config(cfg), mesh)[1], anchor_params
         self.shapes = [tuple(a.shape for a in jax.tree_util.tree_leaves(vb)) for vb in self.batches]
-        self.compiled, self.compiling = {}, None
+        self.compiled, self.compiling, self.used = {}, None, bool(cfg.optim.eval_every)
 
     def compile_aside(self, params):
         """Compile the loss's programs (one per batch shape) from the parameters' shapes and shardings in a thread of
-        their own while the device trains (on a GPU the 256 x 9 network's took 23 s of training at the first one)."""
+        their own while the device trains (on a GPU the 256 x 9 network's took 23 s of training at the first one);
+        nothing for a run without evaluations."""
+        if not self.used:
+            return
         like = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), params)
 
         def work():
@@ -248,7 +251,8 @@ def train(cfg: RunConfig, run_dir: Path, ds, resume: bool = False, init_params=N
                 n, shape, rows = pending
                 chunk_fn = make_train_chunk(cfg, mesh, shape, anchor_params)  # compiled once per shape
                 state, out = chunk_fn(state, feed.dset, rows, global_put(np.int32(n), repl), base_key)
-                if step == start and eval_every:  # compiled, and dispatched: the device trains meanwhile
+                if step == start:  # compiled, and dispatched: the device trains meanwhile
+                    metrics.started(step + n)
                     validation.compile_aside(state.ema)
                 first, step = step, step + n
                 over = max_seconds is not None and time.time() - t0 > max_seconds
@@ -274,8 +278,7 @@ def train(cfg: RunConfig, run_dir: Path, ds, resume: bool = False, init_params=N
         if stop.at_once or any(getattr(a, "is_deleted", lambda: False)() for a in jax.tree_util.tree_leaves(state)):
             return _last_kept(cfg, mgr, init_params, log, interrupted, stop.at_once, run_dir)
         with stop.holding():
-            _checkpoint(run_dir, mgr, state, step, feed.plan, log)
-    log.write(f"checkpoint at step {step}")
+            _checkpoint(run_dir, mgr, state, step, feed.plan, log, said=True)
     return TrainResult(state, interrupted, (step - start) / max(time.time() - t0, 1e-9), step)
 
 
@@ -291,14 +294,16 @@ def _last_kept(cfg: RunConfig, mgr, init_params, log: RunText, interrupted: str,
     return TrainResult(None if at_once else init_state(cfg, init_params), interrupted, 0.0, 0)
 
 
-def _checkpoint(run_dir: Path, mgr, state: TrainState, step: int, plan, log: RunText) -> None:
-    """Save the state and its batch plan; one that cannot be written (a full disk) stops the run with what is kept
-    and how to go on (:func:`_no_room`)."""
+def _checkpoint(run_dir: Path, mgr, state: TrainState, step: int, plan, log: RunText, said: bool = False) -> None:
+    """Save the state and its batch plan (``said``: and say so in train.log); one that cannot be written (a full
+    disk) stops the run with what is kept and how to go on (:func:`_no_room`)."""
     try:
         save_plan(run_dir, step, plan)
         save_checkpoint(mgr, state)
     except (MolgenError, OSError) as e:
         raise _no_room(e, mgr, run_dir, log) from None
+    if said:
+        log.write(f"checkpoint at step {step}")
 
 
 def _no_room(e: Exception, mgr, run_dir: Path, log: RunText) -> MolgenError:

@@ -235,6 +235,9 @@ def test_train_resume_and_sample(tmp_path, trained, data_dir):
     assert [t for t in said if t.startswith("step ") and "loss" in t and "left" in t]  # progress lines
     i = said.index("resumed from step 4 in " + str(trained))
     assert "checkpoint at step 4" in said[i - 1] and "steps 4 -> 6" in said[i + 1]
+    # each run's first chunk is told as it starts, before it ends (compiling and a chunk can take minutes)
+    assert said[1].startswith("steps 1-4 running (compiled and started in ") and said[1].endswith(" s)")
+    assert said[i + 2].startswith("steps 5-6 running (compiled and started in ")
     assert said[-1].startswith("checkpoint at step 6") and sum("steps 0 ->" in t for t in said) == 1
     out1, out2 = tmp_path / "a.sdf", tmp_path / "b.sdf"
     for o, flag in ((out1, "--checkpoint"), (out2, "--model")):  # --model: the same option's other name
