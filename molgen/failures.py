@@ -43,6 +43,11 @@ def out_of_memory(e: BaseException, command: str) -> MolgenError | None:
 INTERRUPTED, TERMINATED = 130, 143  # the exit codes of a command stopped by Ctrl-C (128 + SIGINT), SIGTERM (128 + 15)
 
 
+def stopped_by(signum) -> str:
+    """How a stop by ``signum`` (SIGINT from Ctrl-C, or SIGTERM) is told: "interrupted", "terminated (SIGTERM)"."""
+    return "terminated (SIGTERM)" if signum == signal.SIGTERM else "interrupted"
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM (a scheduler's time limit, `kill`, `timeout`): a command stops as on Ctrl-C, with exit code 143."""
 
@@ -78,7 +83,7 @@ def friendly(fn):
             error(oom)
             raise SystemExit(2)
         except KeyboardInterrupt as e:
-            how = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
+            how = stopped_by(signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT)
             say(f"{how}: molgen {fn.__name__} stopped (a file molgen writes is written whole or not at all)")
             raise SystemExit(TERMINATED if isinstance(e, Terminated) else INTERRUPTED)
         finally:

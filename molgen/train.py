@@ -31,7 +31,7 @@ from molgen import MolgenError
 from molgen.calls import wait_ready
 from molgen.config import RunConfig
 from molgen.data.batching import BatchSampler, make_batch
-from molgen.failures import first_line, is_out_of_memory
+from molgen.failures import first_line, is_out_of_memory, stopped_by
 from molgen.networks import resolve_precision
 from molgen.parallel import agree, global_put, is_main, local_value, make_mesh, put_batch
 from molgen.rundir import (check_run_dir, cut_metrics, remove_unfinished_checkpoints, resumed_plan,
@@ -183,7 +183,7 @@ class StopOnSignals:
         if not self.requested and self.speaks:  # written as it is (the handler may run inside a write to stderr)
             kept = self.kept()
             then = "with no checkpoint" if kept is None else f"keeping the checkpoint at step {kept}"
-            line = (f"{_signal_name(signum)}: stopping after the chunk of steps in flight to save a checkpoint; again "
+            line = (f"{stopped_by(signum)}: stopping after the chunk of steps in flight to save a checkpoint; again "
                     f"to stop at once, {then}\n")
             with contextlib.suppress(OSError):
                 os.write(2, line.encode())
@@ -209,14 +209,10 @@ class StopOnSignals:
         return False
 
 
-def _signal_name(signum) -> str:
-    return "terminated (SIGTERM)" if signum == signal.SIGTERM else "interrupted"
-
-
 def _interrupted(stop: StopOnSignals, run_dir: Path, log: Callable[[str], None]) -> str:
     """The signal that stopped the loop (SIGINT, SIGTERM), said with what follows."""
     if not stop.at_once:
-        log(f"{_signal_name(stop.signum)}: saving a checkpoint; continue with: molgen train --resume --out {run_dir}")
+        log(f"{stopped_by(stop.signum)}: saving a checkpoint; continue with: molgen train --resume --out {run_dir}")
     return signal.Signals(stop.signum or signal.SIGINT).name
 
 
