@@ -16,7 +16,6 @@ test split when a reference is given (:mod:`molgen.fidelity`).
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -202,27 +201,27 @@ def _strain_summary(per: list[PerMolecule]) -> dict:
 def training_smiles(data_dir: Path | str | None = None, remove_h: bool = False,
                     progress: Callable[[str, int], Callable[[int], None]] | None = None,
                     workers: int | None = 1) -> set[str] | None:
-    """SMILES of the training split built from its 3D structures by EDM's route; cached beside the data where it
-    can be written (:func:`molgen.io_utils.keep_if_possible`). Made in
+    """SMILES of the training split built from its 3D structures by EDM's route; kept beside the data, or in the
+    user's cache folder where the data's cannot be written (:func:`molgen.data.qm9.derived_path`). Made in
     ``workers`` processes at most (as :func:`evaluate_molecules`).
 
     Returns None when there is no QM9 cache.
     """
-    from molgen.data.qm9 import cache_is_valid, default_data_dir, load_qm9
-    from molgen.io_utils import atomic_write_text, keep_if_possible
+    from molgen.data.qm9 import cache_is_valid, default_data_dir, derived_path, load_qm9
+    from molgen.io_utils import atomic_write_text, can_make, keep_if_possible
     from molgen.workers import map_chunks, workers_for
 
     data_dir = Path(data_dir) if data_dir else default_data_dir()
     if not cache_is_valid(data_dir, verify_hash=False):
         return None
     name = TRAIN_SMILES_NAME.replace(".txt", "_noH.txt") if remove_h else TRAIN_SMILES_NAME
-    cache = data_dir / name
+    cache = derived_path(data_dir, name)
     text = cache.read_text(errors="replace") if cache.exists() else ""
     if text.endswith("\n"):  # written whole (one line a molecule); cut short, it is made again below
         return set(text.split())
     ds = load_qm9(data_dir, remove_h=remove_h, verify=False)
     ids = ds.split("train")
-    kept = os.access(data_dir, os.W_OK)  # a read-only cache makes them each time
+    kept = can_make(cache)  # where neither folder can take them, they are made each time
     tick = progress("training SMILES" + (" (once)" if kept else ""), len(ids)) if progress else None
     chunks = (tuple(zip(*ds.molecules(ids[s : s + CHUNK]))) for s in range(0, len(ids), CHUNK))
     out = []

@@ -167,15 +167,15 @@ def split_statistics(ds, split: str) -> Stats:
 
 
 def reference_statistics(data_dir: Path | str | None = None) -> Stats | None:
-    """QM9's test-split statistics, computed once and cached beside the data where it can be written (None
-    without a QM9 cache)."""
-    from molgen.data.qm9 import cache_is_valid, default_data_dir, load_qm9
+    """QM9's test-split statistics, computed once and kept beside the data, or in the user's cache folder where
+    the data's cannot be written (:func:`molgen.data.qm9.derived_path`; None without a QM9 cache)."""
+    from molgen.data.qm9 import cache_is_valid, default_data_dir, derived_path, load_qm9
     from molgen.io_utils import keep_if_possible
 
     d = Path(data_dir) if data_dir else default_data_dir()
     if not cache_is_valid(d, verify_hash=False):
         return None
-    path = d / REFERENCE_NAME
+    path = derived_path(d, REFERENCE_NAME)
     if path.exists():
         try:
             return Stats.load(path)

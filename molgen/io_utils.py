@@ -218,12 +218,22 @@ def atomic_write_text(dest: Path | str, text: str) -> None:
 
 def keep_if_possible(save, path: Path | str, what: str) -> None:
     """Run ``save()``, which keeps something derived (computed again when it is missing) at ``path``; where it
-    cannot be written (a read-only shared cache, a full disk) the work goes on without it, saying so on stderr."""
+    cannot be written (a read-only shared cache, a full disk) the work goes on without it, saying so on stderr.
+    The folders up to ``path`` are made first."""
     try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
         save()
     except OSError as e:
         print(f"warning: {path}: {e.strerror or e}: {what} not kept, so computed again each time",
               file=sys.stderr)
+
+
+def can_make(path: Path | str) -> bool:
+    """Whether ``path`` can be written: its nearest existing folder can be written into."""
+    folder = Path(path).parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return os.access(folder, os.W_OK)
 
 
 def atomic_write_bytes(dest: Path | str, data: bytes) -> None:

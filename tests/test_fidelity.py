@@ -176,20 +176,26 @@ def test_training_smiles_cut_short_are_made_again(data_dir, tmp_path):
     assert training_smiles(d) == first and (d / TRAIN_SMILES_NAME).read_text() == text
 
 
-def test_a_cache_that_cannot_be_written_still_gives_the_references(data_dir, tmp_path, monkeypatch, capsys):
-    """A QM9 cache shared read-only (or on a full disk): the training SMILES and the test-split statistics are
-    computed as if it could take them, and each says on stderr, in one line, that it is not kept."""
+def test_a_cache_that_cannot_be_written_keeps_its_references_in_the_users_own(data_dir, tmp_path, monkeypatch,
+                                                                              capsys):
+    """A QM9 cache shared read-only: the training SMILES and the test-split statistics are made once, as if it
+    could take them, and kept in the user's own cache folder under the cache's SHA-256. Where that cannot take
+    them either (a full disk), each says on stderr, in one line, that it is not kept, and is made each time."""
     import errno
+    import json
     import os
     import shutil
     from pathlib import Path
 
+    import molgen.io_utils
+    from molgen.data.qm9 import MANIFEST_NAME
     from molgen.evaluate import TRAIN_SMILES_NAME, training_smiles
 
-    d = tmp_path / "cache"
-    shutil.copytree(data_dir, d)
-    (d / TRAIN_SMILES_NAME).unlink(missing_ok=True)
-    (d / REFERENCE_NAME).unlink(missing_ok=True)
+    d, ro = tmp_path / "cache", tmp_path / "ro"
+    for folder in (d, ro):
+        shutil.copytree(data_dir, folder)
+        for name in (TRAIN_SMILES_NAME, REFERENCE_NAME):
+            (folder / name).unlink(missing_ok=True)
     labels = []
 
     def progress(label, total):
@@ -197,29 +203,43 @@ def test_a_cache_that_cannot_be_written_still_gives_the_references(data_dir, tmp
         return lambda n: None
 
     smiles, stats = training_smiles(d, progress=progress), reference_statistics(d)  # the cache can take them
-    shutil.copytree(data_dir, tmp_path / "ro")
-    for name in (TRAIN_SMILES_NAME, REFERENCE_NAME):
-        (tmp_path / "ro" / name).unlink(missing_ok=True)
     capsys.readouterr()
+    refused = {ro}
+    access, atomic_path = os.access, molgen.io_utils.atomic_path  # a read-only mount refuses even root
 
-    def read_only(dest):
-        raise OSError(errno.EROFS, "Read-only file system", str(dest))
+    def refusing(dest):
+        if Path(dest).parent in refused or tmp_path in refused:
+            raise OSError(errno.EROFS, "Read-only file system", str(dest))
+        return atomic_path(dest)
 
-    monkeypatch.setattr("molgen.io_utils.atomic_path", read_only)
-    access = os.access  # a read-only mount refuses even root
-    monkeypatch.setattr(os, "access", lambda p, mode: Path(p) != tmp_path / "ro" and access(p, mode))
-    assert training_smiles(tmp_path / "ro", progress=progress) == smiles
-    assert labels == ["training SMILES (once)", "training SMILES"]  # made each time where it cannot be kept
-    again = reference_statistics(tmp_path / "ro")
+    monkeypatch.setattr(os, "access", lambda p, mode: Path(p) not in refused and access(p, mode))
+    monkeypatch.setattr(molgen.io_utils, "atomic_path", refusing)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "user"))
+    key = json.loads((ro / MANIFEST_NAME).read_text())["sha256"][:16]
+    own = tmp_path / "user" / "molgen" / "derived" / key
+    for _ in range(2):  # made once, then read
+        assert training_smiles(ro, progress=progress) == smiles
+        again = reference_statistics(ro)
+        for k in Stats().__dict__:
+            np.testing.assert_array_equal(getattr(stats, k), getattr(again, k))
+    assert labels == ["training SMILES (once)"] * 2 and capsys.readouterr().err == ""
+    assert sorted(p.name for p in own.iterdir()) == sorted([TRAIN_SMILES_NAME, REFERENCE_NAME])
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "full"))  # the user's own folder cannot take them either
+    refused.add(tmp_path)
+    assert training_smiles(ro, progress=progress) == smiles
+    assert labels[-1] == "training SMILES"  # made each time where it cannot be kept
+    again = reference_statistics(ro)
     for k in Stats().__dict__:
         np.testing.assert_array_equal(getattr(stats, k), getattr(again, k))
-    told = capsys.readouterr().err.splitlines()
-    assert told == [f"warning: {tmp_path / 'ro' / TRAIN_SMILES_NAME}: Read-only file system: the training SMILES are "
-                    "not kept, so computed again each time",
-                    f"warning: {tmp_path / 'ro' / REFERENCE_NAME}: Read-only file system: QM9's test-split statistics "
-                    "are not kept, so computed again each time"]
-    assert sorted(p.name for p in (tmp_path / "ro").iterdir()) == sorted(p.name for p in data_dir.iterdir()
-                                                                        if p.name not in (TRAIN_SMILES_NAME, REFERENCE_NAME))
+    full = tmp_path / "full" / "molgen" / "derived" / key
+    assert capsys.readouterr().err.splitlines() == [
+        f"warning: {full / TRAIN_SMILES_NAME}: Read-only file system: the training SMILES are not kept, so "
+        "computed again each time",
+        f"warning: {full / REFERENCE_NAME}: Read-only file system: QM9's test-split statistics are not kept, so "
+        "computed again each time"]
+    assert sorted(p.name for p in ro.iterdir()) == sorted(p.name for p in data_dir.iterdir()
+                                                          if p.name not in (TRAIN_SMILES_NAME, REFERENCE_NAME))
 
 
 def _png_size(path):

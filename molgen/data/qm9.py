@@ -32,10 +32,13 @@ Progress = Callable[[str, int | None], Callable[[int], None]]
 
 
 def default_data_dir() -> Path:
-    """``$MOLGEN_HOME`` if set, else the platform's user cache directory."""
+    """``$MOLGEN_HOME`` if set, else the platform's user cache directory (:func:`user_cache_dir`)."""
     env = os.environ.get("MOLGEN_HOME")
-    if env:
-        return Path(env).expanduser()
+    return Path(env).expanduser() if env else user_cache_dir()
+
+
+def user_cache_dir() -> Path:
+    """The platform's user cache directory for molgen, whatever ``$MOLGEN_HOME`` names."""
     if os.name == "nt":  # pragma: no cover - platform specific
         base = Path(os.environ.get("LOCALAPPDATA", Path.home() / "AppData" / "Local"))
     elif os.uname().sysname == "Darwin":  # pragma: no cover - platform specific
@@ -203,6 +206,17 @@ def read_manifest(data_dir: Path) -> dict | None:
         return json.loads(p.read_text())
     except ValueError:  # not JSON, or not UTF-8 text: damaged, so no valid cache
         return None
+
+
+def derived_path(data_dir: Path | str, name: str) -> Path:
+    """Where a file derived from the cache in ``data_dir`` (the training SMILES, the test-split statistics) is
+    kept: beside the cache when it is there or the folder can be written, else (a cache shared read-only) in the
+    user's own cache folder under the cache's SHA-256, so that each user makes it once."""
+    here = Path(data_dir) / name
+    if here.exists() or os.access(data_dir, os.W_OK):
+        return here
+    key = str((read_manifest(Path(data_dir)) or {}).get("sha256", "unknown"))[:16]
+    return user_cache_dir() / "derived" / key / name
 
 
 def cache_is_valid(data_dir: Path, verify_hash: bool = True) -> bool:
