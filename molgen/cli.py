@@ -222,9 +222,10 @@ def sample(
     from molgen.formula import parse_formula
     from molgen.fragment import read_fragment
     from molgen.jax_setup import enable_compilation_cache
+    from molgen.keep import sample_kept
     from molgen.models import default_model, load_model, polisher_for
     from molgen.outputs import sample_output, write_samples
-    from molgen.sample import parse_levels, parse_type_bias, plan, preflight, sample_kept
+    from molgen.sample import parse_levels, parse_type_bias, plan, preflight
     from molgen.sizes import parse_atoms
 
     reported = report or json_path is not None

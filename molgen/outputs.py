@@ -17,7 +17,7 @@ def sample_output(out: Optional[Path], fmt: Optional[str], json_path: Optional[P
     from molgen.chem.io import format_of, output_file
     from molgen.data.qm9 import require_reference
     from molgen.io_utils import check_outputs, writes_stdout
-    from molgen.sample import check_keep
+    from molgen.keep import check_keep
     from molgen.workers import default_workers
 
     check_keep(*keep)
@@ -38,7 +38,8 @@ def write_samples(res, n: int, out: Path, fmt: str, metrics, report: bool, json_
     from molgen.display import metrics_table
     from molgen.evaluate import write_json
     from molgen.io_utils import where
-    from molgen.sample import kept_warning, nonfinite_warning
+    from molgen.keep import kept_warning
+    from molgen.sample import nonfinite_warning
 
     write_molecules(out, res.molecules, fmt)
     console.print(f"wrote {count(len(res.molecules), 'molecule')} to {where(out)} ({res.description}, "

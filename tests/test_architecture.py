@@ -125,7 +125,7 @@ def test_the_command_lines_choices_are_the_librarys():
     from molgen.nn.egnn import PRESETS
     from molgen.objectives import OBJECTIVES
     from molgen.recipes import shipped_recipes
-    from molgen.sample import KEEP
+    from molgen.keep import KEEP
     from molgen.samplers import SAMPLERS
 
     assert _choices("train", "--objective") == list(OBJECTIVES) == sorted(shipped_recipes(), key=list(OBJECTIVES).index)

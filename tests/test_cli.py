@@ -626,12 +626,12 @@ def test_recipes_and_overrides(tmp_path, data_dir):
 
 def test_ctrl_c_while_sampling_keeps_the_old_file(tmp_path, monkeypatch):
     """Ctrl-C: one line, exit code 130, no traceback, and the output file as it was (written whole at the end)."""
-    import molgen.sample
+    import molgen.keep
 
     def interrupted(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(molgen.sample, "sample", interrupted)
+    monkeypatch.setattr(molgen.keep, "sample", interrupted)
     out = tmp_path / "old.sdf"
     out.write_text("earlier samples\n")
     res = run("sample", "-n", 4, "--steps", 1, "-o", out)
@@ -646,13 +646,13 @@ def test_sigterm_while_sampling_keeps_the_old_file(tmp_path, monkeypatch):
     import signal
     import time
 
-    import molgen.sample
+    import molgen.keep
 
     def terminated(*a, **k):
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(30)  # the signal arrives first
 
-    monkeypatch.setattr(molgen.sample, "sample", terminated)
+    monkeypatch.setattr(molgen.keep, "sample", terminated)
     previous = signal.signal(signal.SIGTERM, signal.SIG_DFL)  # as a command starts (pytest may run with it ignored)
     try:
         out = tmp_path / "old.sdf"

@@ -223,7 +223,7 @@ def test_sample_reads_qm9s_figures_before_it_samples(tmp_path, data_dir, monkeyp
     data = bytearray(npz.read_bytes())
     data[info.header_offset + 30 + len(info.filename) + len(info.extra) + info.compress_size // 2] ^= 0xFF
     npz.write_bytes(bytes(data))
-    monkeypatch.setattr("molgen.sample.sample_kept", lambda *a, **k: pytest.fail("sampled before reading QM9"))
+    monkeypatch.setattr("molgen.keep.sample_kept", lambda *a, **k: pytest.fail("sampled before reading QM9"))
     out = tmp_path / "x.sdf"
     one_line_error(run("sample", "-n", 2, "-o", out, "--data-dir", d), f"the QM9 cache in {d} is damaged",
                    f"run `molgen download --data-dir {d}`")
@@ -396,12 +396,12 @@ def _out_of_memory(*a, **k):
 
 
 def test_running_out_of_memory_is_one_line_that_says_what_to_change(tmp_path, monkeypatch, data_dir):
-    monkeypatch.setattr("molgen.sample.sample_kept", _out_of_memory)
+    monkeypatch.setattr("molgen.keep.sample_kept", _out_of_memory)
     res = run("sample", "-n", 2, "-o", tmp_path / "out.sdf", "--no-report")
     one_line_error(res, "out of memory (Out of memory allocating 4096.0 GiB); sample fewer molecules (-n), or fewer "
                         "at a time (a smaller --batch-size)")
     assert not (tmp_path / "out.sdf").exists()
-    monkeypatch.setattr("molgen.sample.sample_kept", lambda *a, **k: np.zeros(2**50))  # Python's MemoryError
+    monkeypatch.setattr("molgen.keep.sample_kept", lambda *a, **k: np.zeros(2**50))  # Python's MemoryError
     res = run("sample", "-n", 2, "-o", tmp_path / "out.sdf", "--no-report")
     one_line_error(res, "out of memory (Unable to allocate 8.00 PiB for an array with shape (1125899906842624,) and "
                         "data type float64); sample fewer molecules (-n)")
@@ -415,7 +415,7 @@ def test_running_out_of_memory_is_one_line_that_says_what_to_change(tmp_path, mo
         log = (tmp_path / out / "train.log").read_text()
         assert "stopped, out of memory at batch size 8 (RESOURCE_EXHAUSTED: Out of memory allocating 4398046511104 " \
                f"bytes.); {kept}" in log
-    monkeypatch.setattr("molgen.sample.sample_kept", lambda *a, **k: jax_error("INTERNAL: something else"))
+    monkeypatch.setattr("molgen.keep.sample_kept", lambda *a, **k: jax_error("INTERNAL: something else"))
     with pytest.raises(RuntimeError, match="INTERNAL: something else"):  # any other failure keeps its traceback
         run("sample", "-n", 2, "-o", tmp_path / "out.sdf", "--no-report")
 

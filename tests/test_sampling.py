@@ -405,7 +405,7 @@ def test_keep_writes_only_molecules_that_pass_and_draws_more_until_n():
     molecules; fewer than n only when the draw limit is reached."""
     from molgen.evaluate import judge
     from molgen.models import load_model
-    from molgen.sample import sample_kept
+    from molgen.keep import sample_kept
 
     m = load_model("edm-small-stack2")
     plain = sample(m, 40, 1, seed=3).molecules

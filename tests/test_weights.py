@@ -32,10 +32,10 @@ def test_main_command_with_shipped_default(tmp_path, monkeypatch):
     out = tmp_path / "out.sdf"
     res = runner.invoke(app, ["sample", "-n", "25", "--novelty", "-o", str(out)])  # ... but novelty cannot be had
     assert res.exit_code == 2 and "--novelty compares with QM9's training split" in res.output and not out.exists()
-    import molgen.sample
+    import molgen.keep
 
-    judged, sample_kept = [], molgen.sample.sample_kept
-    monkeypatch.setattr(molgen.sample, "sample_kept", lambda *a, **k: judged.append(sample_kept(*a, **k)) or judged[-1])
+    judged, sample_kept = [], molgen.keep.sample_kept
+    monkeypatch.setattr(molgen.keep, "sample_kept", lambda *a, **k: judged.append(sample_kept(*a, **k)) or judged[-1])
     res = runner.invoke(app, ["sample", "-n", "25", "--steps", "1", "-o", str(out)])
     assert res.exit_code == 0, res.output
     assert out.read_text().count("$$$$") == 25
