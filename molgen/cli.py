@@ -10,8 +10,8 @@ from typing import List, Optional
 import typer
 
 from molgen import MolgenError, __version__
-from molgen.display import console, count, err, error, report_to_stderr, say
-from molgen.failures import INTERRUPTED, TERMINATED, friendly
+from molgen.display import console, count, err, report_to_stderr, say
+from molgen.failures import INTERRUPTED, TERMINATED, friendly, run_program
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
                   help="Generate 3D molecules with E(3)-equivariant diffusion and consistency models (QM9).")
@@ -19,56 +19,9 @@ Opt = typer.Option
 
 
 def main() -> None:
-    """The `molgen` command: the app, with a usage error (an unknown command or option, a value of the wrong type)
-    as one line and exit code 2, like molgen's own errors; Click would print the usage before it."""
-    import sys
-
-    for stream in (sys.stdout, sys.stderr):  # a terminal that cannot show a character (Å, °) shows "?" instead
-        if hasattr(stream, "reconfigure"):
-            stream.reconfigure(errors="replace")
-    try:
-        code = app(prog_name="molgen", standalone_mode=False)
-    except SystemExit as e:
-        _exit_if_stopped(e.code)
-        raise
-    except Exception as e:  # Click's exceptions, known by what they carry (Typer may bring its own copy of Click)
-        if type(e).__name__ == "Abort":
-            err.print("Aborted!")
-            sys.exit(1)
-        if not (hasattr(e, "exit_code") and hasattr(e, "show")):
-            raise
-        if e.exit_code != 2 or type(e).__name__ == "NoArgsIsHelpError":
-            e.show()  # a bare `molgen` shows its help, as before
-            sys.exit(e.exit_code)
-        command = getattr(getattr(e, "ctx", None), "command_path", "molgen")
-        error(MolgenError(f"{e.format_message().rstrip('.')} (see {command} --help)"))
-        sys.exit(2)
-    _exit_if_stopped(code)
-    sys.exit(code if isinstance(code, int) else 0)
-
-
-def _exit_if_stopped(code) -> None:
-    """After Ctrl-C or SIGTERM, exit now: Python's own exit would wait for the computations still queued (a chunk of
-    training steps, network calls) and for worker processes that may be gone."""
-    import os
-    import sys
-
-    if code in (INTERRUPTED, TERMINATED):
-        _release_worker_resources()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-
-
-def _release_worker_resources() -> None:
-    """What worker pools hold that outlives the process (named semaphores, which multiprocessing's tracker would
-    otherwise remove with a warning), released without waiting on the pools' threads."""
-    try:
-        from multiprocessing import util
-
-        util._run_finalizers(0)  # priority >= 0: semaphores and queues closed; not the threads' joins (< 0)
-    except Exception:  # another Python: the tracker removes them, with its warning
-        pass
+    """The `molgen` program: the app run by :func:`molgen.failures.run_program` (usage errors as one line, exit code
+    2; after Ctrl-C or SIGTERM an exit that does not wait for the computations still queued)."""
+    run_program(app, "molgen")
 
 
 def _version(value: bool):

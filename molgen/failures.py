@@ -1,7 +1,7 @@
 """How a command ends when it does not succeed: an expected failure (bad input, a file that cannot be read or
 written, memory that runs out) as one line on stderr and exit code 2; Ctrl-C as one line and exit code 130, SIGTERM
 with 143; a reader of standard output that stopped early quietly, with exit code 141. Anything else keeps its
-traceback.
+traceback. :func:`friendly` wraps each command; :func:`run_program` runs the commands as a program.
 For the command line (:mod:`molgen.cli`), and any other front end that runs molgen's work as commands."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import signal
 import threading
 
 from molgen import MolgenError
-from molgen.display import error, report_to_stderr, say, silence_stdout
+from molgen.display import err, error, report_to_stderr, say, silence_stdout
 
 # What to change when JAX runs out of memory, by command; the arrays a call needs grow with its batch
 MEMORY_HINTS = {"sample": "sample fewer molecules (-n), or fewer at a time (a smaller --batch-size)",
@@ -92,3 +92,56 @@ def friendly(fn):
                 signal.signal(signal.SIGTERM, previous)
 
     return wrapper
+
+
+def run_program(app, name: str) -> None:
+    """Run a Typer ``app`` as the program ``name``, with a usage error (an unknown command or option, a value of the
+    wrong type) as one line and exit code 2, like molgen's own errors; Click would print the usage before it."""
+    import sys
+
+    for stream in (sys.stdout, sys.stderr):  # a terminal that cannot show a character (Å, °) shows "?" instead
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="replace")
+    try:
+        code = app(prog_name=name, standalone_mode=False)
+    except SystemExit as e:
+        _exit_if_stopped(e.code)
+        raise
+    except Exception as e:  # Click's exceptions, known by what they carry (Typer may bring its own copy of Click)
+        if type(e).__name__ == "Abort":
+            err.print("Aborted!")
+            sys.exit(1)
+        if not (hasattr(e, "exit_code") and hasattr(e, "show")):
+            raise
+        if e.exit_code != 2 or type(e).__name__ == "NoArgsIsHelpError":
+            e.show()  # a bare `molgen` shows its help, as before
+            sys.exit(e.exit_code)
+        command = getattr(getattr(e, "ctx", None), "command_path", name)
+        error(MolgenError(f"{e.format_message().rstrip('.')} (see {command} --help)"))
+        sys.exit(2)
+    _exit_if_stopped(code)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def _exit_if_stopped(code) -> None:
+    """After Ctrl-C or SIGTERM, exit now: Python's own exit would wait for the computations still queued (a chunk of
+    training steps, network calls) and for worker processes that may be gone."""
+    import os
+    import sys
+
+    if code in (INTERRUPTED, TERMINATED):
+        _release_worker_resources()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def _release_worker_resources() -> None:
+    """What worker pools hold that outlives the process (named semaphores, which multiprocessing's tracker would
+    otherwise remove with a warning), released without waiting on the pools' threads."""
+    try:
+        from multiprocessing import util
+
+        util._run_finalizers(0)  # priority >= 0: semaphores and queues closed; not the threads' joins (< 0)
+    except Exception:  # another Python: the tracker removes them, with its warning
+        pass
