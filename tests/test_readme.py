@@ -26,3 +26,6 @@ def test_readme_python_example_runs(tmp_path, monkeypatch, capsys):
     assert 0 < len(scope["mols"]) <= 100
     assert len(scope["mols"]) >= round(m.validity * 100) * 0.9  # RDKit reads back about the valid share
     assert len(scope["isomers"]) == 10 and {formula(x.types) for x in scope["isomers"]} == {"C7H10O2"}
+    from molgen.evaluate import judge
+
+    assert len(scope["stable"]) == 10 and all(p.stable and p.valid for p in judge(scope["stable"]))
