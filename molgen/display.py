@@ -249,6 +249,19 @@ def evaluation_report(reports: list[tuple[str, object]], errors: list[str]) -> N
         console.print(f"novelty {metrics.novelty_note}")
 
 
+def _derived_note(data_dir: Path) -> str:
+    """Where what evaluation derives from a QM9 cache that it cannot write into is kept
+    (:func:`molgen.data.qm9.derived_path`); nothing when it is kept beside the cache."""
+    from molgen.data.qm9 import cache_is_valid, derived_path
+    from molgen.evaluate import TRAIN_SMILES_NAME
+    from molgen.fidelity import REFERENCE_NAME
+
+    if not cache_is_valid(data_dir, verify_hash=False):
+        return ""
+    away = {derived_path(data_dir, name).parent for name in (TRAIN_SMILES_NAME, REFERENCE_NAME)} - {Path(data_dir)}
+    return f" (read-only: what evaluation derives from it is kept in {away.pop()})" if away else ""
+
+
 def setting_table(data_dir: Path) -> Table:
     """Where molgen runs: its version, JAX's and the devices JAX sees, the default model, the QM9 cache
     ``data_dir``, the folder of compiled programs and the processes evaluation may use."""
@@ -268,7 +281,7 @@ def setting_table(data_dir: Path) -> Table:
                                          else f"{devs[0].platform}: {len(devs)} x {devs[0].device_kind}"),
         "default model": f"{default_model() or 'none'} (in {weights_root()}); with --fix: "
                          f"{default_model(fix=True) or 'none'}",
-        "QM9 cache": str(data_dir),
+        "QM9 cache": str(data_dir) + _derived_note(data_dir),
         "compiled programs": str(jax_cache) if jax_cache else "not kept (MOLGEN_JAX_CACHE=off)",
         "evaluation": f"{workers} process{'' if workers == 1 else 'es'} at most (MOLGEN_WORKERS), one per "
                       f"{MIN_PER_WORKER:,} molecules",

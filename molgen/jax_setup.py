@@ -11,16 +11,18 @@ from molgen.workers import usable_cores
 
 
 def compilation_cache_dir() -> Path | None:
-    """Where compiled XLA programs are kept: ``$MOLGEN_JAX_CACHE``, else <cache dir>/jax; None when
-    MOLGEN_JAX_CACHE=off."""
+    """Where compiled XLA programs are kept: ``$MOLGEN_JAX_CACHE``, else <cache dir>/jax, or the user's own cache
+    folder's where that cannot be written (a ``$MOLGEN_HOME`` shared read-only); None when MOLGEN_JAX_CACHE=off."""
     env = os.environ.get("MOLGEN_JAX_CACHE")
     if env == "off":
         return None
     if env:
         return Path(env)
-    from molgen.data.qm9 import default_data_dir
+    from molgen.data.qm9 import default_data_dir, user_cache_dir
+    from molgen.io_utils import can_make
 
-    return default_data_dir() / "jax"
+    path = default_data_dir() / "jax"
+    return path if path.is_dir() and os.access(path, os.W_OK) or can_make(path) else user_cache_dir() / "jax"
 
 
 def enable_compilation_cache(path: Path | str | None = None) -> None:

@@ -242,6 +242,36 @@ def test_a_cache_that_cannot_be_written_keeps_its_references_in_the_users_own(da
                                                           if p.name not in (TRAIN_SMILES_NAME, REFERENCE_NAME))
 
 
+def test_a_read_only_molgen_home_keeps_compiled_programs_in_the_users_own_cache(data_dir, tmp_path, monkeypatch):
+    """$MOLGEN_HOME shared read-only: compiled programs go to the user's own cache folder (else every run compiles
+    its programs again), and `molgen info` says where what evaluation derives is kept."""
+    import os
+    import shutil
+    from pathlib import Path
+
+    from molgen.display import setting_table
+    from molgen.jax_setup import compilation_cache_dir
+
+    home, user = tmp_path / "shared", tmp_path / "user"
+    shutil.copytree(data_dir, home)
+    monkeypatch.delenv("MOLGEN_JAX_CACHE", raising=False)
+    monkeypatch.setenv("MOLGEN_HOME", str(home))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(user))
+    assert compilation_cache_dir() == home / "jax"
+    assert "read-only" not in _cells(setting_table(home))
+    access = os.access  # a read-only mount refuses even root
+    monkeypatch.setattr(os, "access", lambda p, mode: not Path(p).is_relative_to(home) and access(p, mode))
+    assert compilation_cache_dir() == user / "molgen" / "jax"
+    assert "read-only: what evaluation derives from it is kept in " + str(user / "molgen" / "derived") in \
+        _cells(setting_table(home))
+    monkeypatch.setenv("MOLGEN_JAX_CACHE", "off")
+    assert compilation_cache_dir() is None
+
+
+def _cells(table) -> str:
+    return " ".join(str(c) for col in table.columns for c in col._cells)
+
+
 def _png_size(path):
     data = path.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
