@@ -148,7 +148,7 @@ def sample(
     checkpoint: Optional[str] = Opt(None, "--checkpoint", "--model", help="Shipped model name (molgen models lists them), model folder or training run folder (default: the shipped default; with --fix, the shipped fragment completer)."),
     atoms: Optional[str] = Opt(None, "--atoms", metavar="<n|a-b>", help="Atoms per molecule: N, or a range A-B drawn from the training histogram within it (default: drawn from the whole histogram)."),
     seed: int = Opt(0, "--seed", help="Random seed (same seed and --batch-size, same file)."),
-    batch_size: int = Opt(1000, "--batch-size", help="Molecules generated together (less memory when smaller; the noise is drawn per batch, so another batch size draws other molecules of the same sizes)."),
+    batch_size: Optional[int] = Opt(None, "--batch-size", help="Molecules generated together (less memory when smaller; the noise is drawn per batch, so another batch size draws other molecules of the same sizes). Default: 1000, fewer for molecules of more than 32 atoms (at most 1,000,000 atom pairs a batch)."),
     sampler: Optional[str] = Opt(None, "--sampler", metavar="<ancestral|ode|inpaint|multistep|anneal>", help="Diffusion models: ancestral (EDM's, default), ode (probability-flow ODE, Heun) or inpaint (--fix with a model trained to complete fragments: its default there). Consistency models: multistep (re-noise to each next level, default) or anneal (f on the molecule itself at levels 0.4 -> 0.1, no re-noising)."),
     sigmas: Optional[str] = Opt(None, "--sigmas", help="multistep / anneal: comma-separated noise levels, one per step (--steps: their number)."),
     temperature: Optional[float] = Opt(None, "--temperature", help="Scale every Gaussian the sampler draws (default: the model card's, else 1)."),
@@ -178,7 +178,7 @@ def sample(
     from molgen.keep import sample_kept
     from molgen.models import default_model, load_model, polisher_for
     from molgen.outputs import sample_output, write_samples
-    from molgen.sample import parse_levels, parse_type_bias, plan, preflight
+    from molgen.sample import batch_size_for, parse_levels, parse_type_bias, plan, preflight
     from molgen.sizes import parse_atoms
 
     reported = report or json_path is not None
@@ -193,6 +193,7 @@ def sample(
     pol = polisher_for(m, polisher, calls=polish)
     for warning in preflight(m, n, batch_size, atoms, frag, settings["molgen_calls"], form, polish):
         say(warning)
+    batch_size = batch_size_for(m, batch_size, atoms, form, frag)
     with sampling_progress(settings["molgen_calls"], batch_size) as (more, tick, tasks):
         # QM9's figures for the report are read first: a cache that cannot be read loses no sampling
         ref = reference_for(data_dir, m.cfg.data.remove_h, novelty, tasks, workers) if reported or novel else None

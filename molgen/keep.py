@@ -44,7 +44,7 @@ def round_seed(seed: int, r: int) -> int:
     return seed if r == 0 else int(np.random.SeedSequence([seed, r]).generate_state(1)[0] % 2**31)
 
 
-def sample_kept(model: Model, n: int, keep: str = "all", seed: int = 0, batch_size: int = 1000,
+def sample_kept(model: Model, n: int, keep: str = "all", seed: int = 0, batch_size: int | None = None,
                 on_round: Callable[[int], None] | None = None, max_draws: int | None = None, unique: bool = False,
                 known: set[str] | None = None, **kw) -> Samples:
     """``n`` molecules that pass ``keep`` (:data:`KEEP`), with ``unique`` each of another SMILES (EDM's uniqueness)

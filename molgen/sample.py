@@ -29,7 +29,7 @@ from molgen.models import Model
 from molgen.networks import network
 from molgen.readout import bias_text, parse_type_bias, read_types
 from molgen.samplers import get_sampler
-from molgen.sizes import atoms_text, check_request, draw_sizes
+from molgen.sizes import BATCH, atoms_text, check_request, default_batch_size, draw_sizes
 
 FEW_DIFFUSION_STEPS = (50, 30)  # a fragment completed by a diffusion model in fewer sampler steps (without, with
 #                               --polish) is warned of (docs/models.md, "Completing a fragment")
@@ -142,7 +142,7 @@ def plan(model: Model, steps: int | None = None, sampler: str | None = None, sig
 
 
 def sample(model: Model, n: int, steps: int | None = None, seed: int = 0, atoms: int | tuple[int, int] | None = None,
-           batch_size: int = 1000, sampler: str | None = None, sigmas: Sequence[float] | None = None,
+           batch_size: int | None = None, sampler: str | None = None, sigmas: Sequence[float] | None = None,
            temperature: float | None = None, renoise: float | None = None, polish_calls: int = 0,
            polisher: Model | None = None, progress: Callable[[int], None] | None = None,
            apply: Callable | None = None, fragment=None, resample: int = 0, decimals: int | None = None,
@@ -158,9 +158,11 @@ def sample(model: Model, n: int, steps: int | None = None, seed: int = 0, atoms:
     ``formula`` (:class:`molgen.formula.Formula`): every molecule has it (:mod:`molgen.formula`). ``type_bias``
     ({element: bias}, :func:`parse_type_bias`; None: the card's): added to the network's last type outputs before
     each atom's type is read from them. ``shapes``: padded batch shapes to share with other calls
-    (:func:`molgen.data.batching.sampling_graph`)."""
+    (:func:`molgen.data.batching.sampling_graph`). ``batch_size``: molecules sampled together (default:
+    :func:`molgen.sizes.default_batch_size`)."""
     atoms = formula_atoms(formula, atoms, fragment)
     check_request(model.cfg, n, batch_size, atoms, fragment.size if fragment is not None else 0)
+    batch_size = batch_size or default_batch_size(model.cfg, atoms)
     s, levels, settings, renoise = plan(model, steps, sampler, sigmas, temperature, renoise, polish_calls, seed,
                                         resample, fragment is not None, formula is not None, type_bias)
     if polish_calls and polisher is None:
@@ -262,14 +264,26 @@ def _fixer(fragment, formula, sizes, graph, nf: int, key, rows: bool = False):
     return lambda x, h, level, scale: step(known, x, h, graph, np.float32(level), np.float32(scale))
 
 
-def preflight(model: Model, n: int, batch_size: int, atoms: int | tuple[int, int] | None, fragment, calls: int,
-              formula=None, polish: int = 0) -> list[str]:
-    """Before sampling: refuse counts that cannot be sampled (:func:`check_request`), then warn of ``atoms`` beyond
-    the trained sizes, a fragment completed in one call (or in few steps of a diffusion model), a formula given in
-    one call, a polisher sampling alone. ``calls``: per molecule, ``polish`` polishing calls included."""
+def batch_size_for(model: Model, batch_size: int | None, atoms: int | tuple[int, int] | None, formula=None,
+                   fragment=None) -> int:
+    """The molecules :func:`sample` samples together: ``batch_size``, else
+    :func:`molgen.sizes.default_batch_size` for the molecules asked for."""
+    return batch_size or default_batch_size(model.cfg, formula_atoms(formula, atoms, fragment))
+
+
+def preflight(model: Model, n: int, batch_size: int | None, atoms: int | tuple[int, int] | None, fragment,
+              calls: int, formula=None, polish: int = 0) -> list[str]:
+    """Before sampling: refuse counts that cannot be sampled (:func:`check_request`), then say when large molecules
+    make the default batch smaller, and warn of ``atoms`` beyond the trained sizes, a fragment completed in one call
+    (or in few steps of a diffusion model), a formula given in one call, a polisher sampling alone. ``calls``: per
+    molecule, ``polish`` polishing calls included."""
     given, atoms = atoms, formula_atoms(formula, atoms, fragment)
     check_request(model.cfg, n, batch_size, atoms, fragment.size if fragment is not None else 0)
     out = []
+    batch = batch_size_for(model, batch_size, atoms)
+    if batch < min(n, BATCH):
+        out.append(f"note: {batch:,} molecules at a time, to bound the memory that large molecules take "
+                   "(--batch-size sets it)")
     sizes = [i for i, c in enumerate(model.cfg.data.size_hist) if c > 0]
     if isinstance(atoms, int) and sizes and not sizes[0] <= atoms <= sizes[-1]:
         out.append(f"warning: this model was trained on molecules of {sizes[0]}-{sizes[-1]} atoms; expect poor "

@@ -9,6 +9,22 @@ from molgen import MolgenError
 from molgen.chem.io import MAX_ATOMS
 
 
+BATCH, PAIR_BUDGET = 1000, 1_000_000  # --batch-size's default, and the most atom pairs a default batch holds
+
+
+def default_batch_size(cfg, atoms: int | tuple[int, int] | None = None) -> int:
+    """--batch-size's default: :data:`BATCH` molecules, fewer when the largest molecule asked for (``atoms``, else
+    the largest the model was trained on) has more than 32 atoms, so that a batch holds at most
+    :data:`PAIR_BUDGET` ordered atom pairs: the network's memory grows with them (``--atoms 100`` in batches of
+    1000, ~10 million pairs, took 9 GB). It depends on the request alone, so a command draws the same molecules on
+    every machine."""
+    hi = atoms[1] if isinstance(atoms, tuple) else atoms
+    if hi is None:
+        trained = np.flatnonzero(np.asarray(cfg.data.size_hist) > 0)
+        hi = int(trained[-1]) if len(trained) else 1
+    return max(1, min(BATCH, PAIR_BUDGET // max(hi * (hi - 1), 1)))
+
+
 def parse_atoms(text: str | None) -> int | tuple[int, int] | None:
     """``--atoms``: a count (``19``) or an inclusive range (``15-20``)."""
     if text is None:
@@ -27,13 +43,13 @@ def atoms_text(lo: int, hi: int) -> str:
     return f"{lo}" if lo == hi else f"{lo}-{hi}"
 
 
-def check_request(cfg, n: int, batch_size: int = 1, atoms: int | tuple[int, int] | None = None,
+def check_request(cfg, n: int, batch_size: int | None = None, atoms: int | tuple[int, int] | None = None,
                   above: int = 0) -> np.ndarray | None:
     """Check a request's counts before any work; return the atom-count histogram to draw from (None with a count
     ``atoms``), restricted to sizes above ``above`` (a fragment's size) and to a range ``atoms`` = (lo, hi)."""
     if n < 1:
         raise MolgenError("-n must be at least 1")
-    if batch_size < 1:
+    if batch_size is not None and batch_size < 1:
         raise MolgenError("--batch-size must be at least 1")
     lo, hi = atoms if isinstance(atoms, tuple) else (atoms, atoms) if atoms is not None else (0, MAX_ATOMS)
     what = f"--atoms {atoms_text(lo, hi)}"

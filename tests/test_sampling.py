@@ -21,7 +21,7 @@ from molgen.diffusion.levels import karras_grid, ode_levels
 from molgen.models import Model
 from molgen.networks import init_params, model_fn, network
 from molgen.nn.egnn import remove_mean
-from molgen.sample import parse_levels, plan, sample
+from molgen.sample import parse_levels, plan, preflight, sample
 from molgen.samplers import SAMPLERS, get_sampler
 
 HIST = DataConfig(size_hist=(0, 0, 0, 2, 3, 5, 1))  # molecules of 3-6 atoms
@@ -126,6 +126,27 @@ def test_batches_multiply_calls_and_sizes_follow_histogram(rng):
     assert all(3 <= len(x.types) <= 6 for x in res.molecules)
     fixed = sample(m, n=3, steps=1, seed=0, atoms=9).molecules
     assert all(len(x.types) == 9 for x in fixed)
+
+
+def test_the_default_batch_holds_at_most_a_budget_of_atom_pairs(rng, monkeypatch):
+    """Without --batch-size, 1000 molecules a batch up to 32 atoms (every QM9 size), fewer for larger ones, from
+    the request alone: the same molecules as that batch size given."""
+    import molgen.sizes
+    from molgen.sizes import default_batch_size
+
+    m = _model("consistency", rng)
+    assert default_batch_size(m.cfg) == default_batch_size(m.cfg, 32) == default_batch_size(m.cfg, (3, 32)) == 1000
+    assert [default_batch_size(m.cfg, a) for a in (33, 100, (10, 100), 256)] == [946, 101, 101, 15]
+    monkeypatch.setattr(molgen.sizes, "PAIR_BUDGET", 400)  # 4 molecules of 6 atoms (30 pairs each), 3 of 9 (72)
+    assert default_batch_size(m.cfg) == 13 and default_batch_size(m.cfg, 9) == 5
+    calls = []
+    res = sample(m, n=12, steps=1, seed=0, atoms=9, apply=_recording(m.cfg, calls))
+    assert len(calls) == 3  # batches of 5 + 5 + 2
+    given = sample(m, n=12, steps=1, seed=0, atoms=9, batch_size=5).molecules
+    assert all(np.array_equal(a.positions, b.positions) for a, b in zip(res.molecules, given))
+    assert preflight(m, 12, None, 9, None, 1)[0] == ("note: 5 molecules at a time, to bound the memory that large "
+                                                     "molecules take (--batch-size sets it)")
+    assert not [w for w in preflight(m, 12, 12, 9, None, 1) if w.startswith("note")]
 
 
 def test_an_atom_range_draws_the_training_histogram_within_it():
