@@ -84,9 +84,9 @@ def sample_kept(model: Model, n: int, keep: str = "all", seed: int = 0, batch_si
     what = keep + (", unique" if unique else "") + (", novel" if novel else "")
     if not kept:
         raise MolgenError(f"--keep {what}: none of the {drawn:,} molecules drawn passed; nothing written")
-    settings = {**res.settings, "molgen_keep": what, "molgen_drawn": drawn}
-    for i, mol in enumerate(kept):
+    settings = {**res.settings, "molgen_seed": seed, "molgen_keep": what, "molgen_drawn": drawn}
+    for i, mol in enumerate(kept):  # each records the command's seed, not its round's
         mol.name = f"molgen_{i}"
-        mol.props.update(molgen_keep=what)
+        mol.props.update(molgen_seed=seed, molgen_keep=what)
     how = f"kept {len(kept):,} of {drawn:,} drawn ({what})"
     return Samples(kept, settings, res.calls, time.time() - t0, f"{res.description}; {how}", drawn)

@@ -173,6 +173,7 @@ def sample(model: Model, n: int, steps: int | None = None, seed: int = 0, atoms:
         settings["molgen_fixed_atoms"] = fragment.size
     if formula is not None:
         settings["molgen_formula"] = str(formula)
+    settings.update(molgen_seed=seed, molgen_batch_size=batch_size)  # with the rest, what draws these molecules again
     pol = None
     if polish_calls:
         keeps = fragment is not None and polisher.cfg.inpaint is not None

@@ -144,6 +144,7 @@ def test_the_default_batch_holds_at_most_a_budget_of_atom_pairs(rng, monkeypatch
     assert len(calls) == 3  # batches of 5 + 5 + 2
     given = sample(m, n=12, steps=1, seed=0, atoms=9, batch_size=5).molecules
     assert all(np.array_equal(a.positions, b.positions) for a, b in zip(res.molecules, given))
+    assert {(x.props["molgen_seed"], x.props["molgen_batch_size"]) for x in res.molecules} == {(0, 5)}  # recorded
     assert preflight(m, 12, None, 9, None, 1)[0] == ("note: 5 molecules at a time, to bound the memory that large "
                                                      "molecules take (--batch-size sets it)")
     assert not [w for w in preflight(m, 12, 12, 9, None, 1) if w.startswith("note")]
@@ -434,6 +435,7 @@ def test_keep_writes_only_molecules_that_pass_and_draws_more_until_n():
     assert len(res.molecules) == 40 and res.drawn > 40 and res.settings["molgen_keep"] == "valid"
     assert all(p.valid and p.n_fragments == 1 for p in judge(res.molecules))
     assert [x.name for x in res.molecules] == [f"molgen_{i}" for i in range(40)]
+    assert {x.props["molgen_seed"] for x in res.molecules} == {3} == {res.settings["molgen_seed"]}  # not a round's
     ok = [x for x, p in zip(plain, judge(plain)) if p.valid and p.n_fragments == 1]
     assert 0 < len(ok) < 40  # the first round alone is not enough here
     for a, b in zip(ok, res.molecules):
