@@ -183,7 +183,16 @@ def test_an_atom_range_draws_the_training_histogram_within_it():
 def test_same_seed_same_molecules(rng, kind):
     m = _model(kind, rng)
     a, b, c = (sample(m, n=6, steps=2, seed=s).molecules for s in (5, 5, 6))
-    for x, y in zip(a, b):
+    pairs = list(zip(a, b))
+    # fewer molecules are the first of more (sizes and noise are drawn as prefixes), also with a formula
+    pairs += zip(a, sample(m, n=4, steps=2, seed=5).molecules)
+    if kind == "consistency":
+        from molgen.formula import parse_formula
+
+        more, fewer = (sample(m, n=k, steps=2, seed=5, formula=parse_formula("CH4")).molecules for k in (5, 3))
+        pairs += zip(more, fewer)
+    assert len(pairs) == (13 if kind == "consistency" else 10)
+    for x, y in pairs:
         np.testing.assert_array_equal(x.positions, y.positions)
         np.testing.assert_array_equal(x.types, y.types)
     assert any(x.positions.shape != z.positions.shape or not np.array_equal(x.positions, z.positions)
