@@ -252,8 +252,12 @@ def test_a_read_only_molgen_home_keeps_compiled_programs_in_the_users_own_cache(
     from molgen.display import setting_table
     from molgen.jax_setup import compilation_cache_dir
 
+    from molgen.evaluate import TRAIN_SMILES_NAME
+
     home, user = tmp_path / "shared", tmp_path / "user"
     shutil.copytree(data_dir, home)
+    for name in (TRAIN_SMILES_NAME, REFERENCE_NAME):  # another test may have made them there
+        (home / name).unlink(missing_ok=True)
     monkeypatch.delenv("MOLGEN_JAX_CACHE", raising=False)
     monkeypatch.setenv("MOLGEN_HOME", str(home))
     monkeypatch.setenv("XDG_CACHE_HOME", str(user))
