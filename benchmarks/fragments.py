@@ -5,8 +5,8 @@
 
 Two fragments per molecule: "branch" (the molecule minus a branch: heavy atoms removed from a leaf of the
 heavy-atom graph outwards, with their hydrogens, until ~40 % of the atoms are gone) and "random" (a random 60 %
-of the atoms kept). Each model run (model:steps, model:steps+p with p polishing calls after the sampler's steps, or
-model:steps:r with r rounds of RePaint's resampling) completes
+of the atoms kept). Each model run (model:steps, model:steps+p with p polishing calls after the sampler's steps, by
+the card's polisher or, as model:steps+p@polisher, another, or model:steps:r with r rounds of RePaint's resampling) completes
 every fragment --n times at the molecule's own size, with the model's own way for fragments (the ``inpaint``
 sampler for a model trained to complete them, else replacement after each call: molgen.fragment). One line per
 run and fragment kind:
@@ -95,11 +95,12 @@ def main() -> None:
           f"{np.mean([f.size for f in kinds['branch']]):.1f} (branch) / {np.mean([f.size for f in kinds['random']]):.1f}"
           f" (random) atoms on average", flush=True)
     for run in args.runs.split(","):
-        name, steps, *more = run.split(":")
+        run_spec, _, polisher_name = run.partition("@")
+        name, steps, *more = run_spec.split(":")
         steps, _, polish = steps.partition("+")
         resample = int(more[0]) if more else 0
         model = load_model(name)
-        polisher = polisher_for(model, calls=int(polish or 0))
+        polisher = polisher_for(model, polisher_name or None, calls=int(polish or 0))
         for kind in [k for k in args.kinds.split(",") if not (resample and k == "none")]:
             t0 = time.time()
             dev, kept, atom, mol, valid, unique, rec, conn, distinct = [], [], [], [], [], [], [], [], []
