@@ -172,32 +172,28 @@ def sample(
     from molgen.chem.io import DECIMALS
     from molgen.display import sampling_progress
     from molgen.evaluate import annotate, reference_for
-    from molgen.formula import parse_formula
-    from molgen.fragment import read_fragment
     from molgen.jax_setup import enable_compilation_cache
     from molgen.keep import sample_kept
     from molgen.models import default_model, load_model, polisher_for
     from molgen.outputs import sample_output, write_samples
-    from molgen.sample import batch_size_for, parse_levels, parse_type_bias, plan, preflight
-    from molgen.sizes import parse_atoms
+    from molgen.sample import batch_size_for, parse_options, plan, preflight
 
-    reported = report or json_path is not None
-    out, fmt, workers = sample_output(out, fmt, json_path, fix, reported, novelty, data_dir, (keep, unique, novel))
-    sig, bias, atoms, novelty = parse_levels(sigmas), parse_type_bias(type_bias), parse_atoms(atoms), novelty or novel
+    out, fmt, workers, reported = sample_output(out, fmt, json_path, fix, report, novelty, data_dir,
+                                                (keep, unique, novel))
+    sig, bias, atoms, frag, form = parse_options(sigmas, type_bias, atoms, fix, formula)
+    novelty = novelty or novel
     enable_compilation_cache()
-    frag = read_fragment(fix) if fix is not None else None
-    form = parse_formula(formula) if formula is not None else None
     m = load_model(checkpoint if checkpoint is not None or frag is None else default_model(fix=True))
     _, _, settings, _ = plan(m, steps, sampler, sig, temperature, renoise, polish, seed, resample, frag is not None,
                              form is not None, bias)
     pol = polisher_for(m, polisher, calls=polish)
     for warning in preflight(m, n, batch_size, atoms, frag, settings["molgen_calls"], form, polish):
         say(warning)
-    batch_size = batch_size_for(m, batch_size, atoms, form, frag)
-    with sampling_progress(settings["molgen_calls"], batch_size) as (more, tick, tasks):
+    with sampling_progress(settings["molgen_calls"], batch := batch_size_for(m, batch_size, atoms, form, frag)) \
+            as (more, tick, tasks):
         # QM9's figures for the report are read first: a cache that cannot be read loses no sampling
         ref = reference_for(data_dir, m.cfg.data.remove_h, novelty, tasks, workers) if reported or novel else None
-        res = sample_kept(m, n, keep, seed, batch_size, more, steps=steps, atoms=atoms, sampler=sampler, sigmas=sig,
+        res = sample_kept(m, n, keep, seed, batch, more, steps=steps, atoms=atoms, sampler=sampler, sigmas=sig,
                           temperature=temperature, renoise=renoise, polish_calls=polish, polisher=pol,
                           progress=tick, fragment=frag, resample=resample, unique=unique, decimals=DECIMALS,
                           formula=form, type_bias=bias, known=ref[0] if novel else None)

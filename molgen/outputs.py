@@ -10,10 +10,11 @@ from molgen.display import console, count, report_to_stderr, say
 
 
 def sample_output(out: Optional[Path], fmt: Optional[str], json_path: Optional[Path], fix: Optional[Path],
-                  reported: bool, novelty: bool, data_dir: Optional[Path], keep=("all", False, False)):
+                  report: bool, novelty: bool, data_dir: Optional[Path], keep=("all", False, False)):
     """`molgen sample`'s output file (a default name when none is given), format and report, checked before any
     work with what it keeps (``keep``: --keep, --unique, --novel); novelty, a figure of the report, needs one and
-    the QM9 cache, and so does --novel. Third: the processes to judge it in."""
+    the QM9 cache, and so does --novel. Then: the processes to judge it in, and whether a report is made (printed,
+    or written as JSON)."""
     from molgen.chem.io import format_of, output_file
     from molgen.data.qm9 import require_reference
     from molgen.io_utils import check_outputs, writes_stdout
@@ -22,6 +23,7 @@ def sample_output(out: Optional[Path], fmt: Optional[str], json_path: Optional[P
 
     check_keep(*keep)
     _, _, novel = keep
+    reported = report or json_path is not None
     if novelty and not reported:
         raise MolgenError("--novelty is a figure of the report: drop --no-report, or add --json FILE")
     out = output_file(out, fmt)
@@ -29,7 +31,7 @@ def sample_output(out: Optional[Path], fmt: Optional[str], json_path: Optional[P
     fmt = format_of(out, fmt or ("sdf" if writes_stdout(out) else None), strict=True)
     why = "--novel compares with" if novel else "--novelty compares with" if novelty else None
     require_reference(data_dir, f"{why} QM9's training split" if why else None)
-    return out, fmt, default_workers()
+    return out, fmt, default_workers(), reported
 
 
 def write_samples(res, n: int, out: Path, fmt: str, metrics, report: bool, json_path: Optional[Path]) -> None:

@@ -29,7 +29,7 @@ from molgen.models import Model
 from molgen.networks import network
 from molgen.readout import bias_text, parse_type_bias, read_types
 from molgen.samplers import get_sampler
-from molgen.sizes import BATCH, atoms_text, check_request, default_batch_size, draw_sizes
+from molgen.sizes import BATCH, atoms_text, check_request, default_batch_size, draw_sizes, parse_atoms
 
 FEW_DIFFUSION_STEPS = (50, 30)  # a fragment completed by a diffusion model in fewer sampler steps (without, with
 #                               --polish) is warned of (docs/models.md, "Completing a fragment")
@@ -73,6 +73,17 @@ def parse_levels(text: str | None) -> list[float] | None:
         return [float(s) for s in text.split(",")]
     except ValueError:
         raise MolgenError(f"--sigmas: expected comma-separated numbers, got {text!r}") from None
+
+
+def parse_options(sigmas: str | None = None, type_bias: str | None = None, atoms: str | None = None, fix=None,
+                  formula: str | None = None):
+    """`molgen sample`'s options given as text, read and checked: (levels, type bias, atoms, fragment, formula),
+    each None when not given (the type bias: {})."""
+    from molgen.formula import parse_formula
+    from molgen.fragment import read_fragment
+
+    return (parse_levels(sigmas), parse_type_bias(type_bias), parse_atoms(atoms),
+            read_fragment(fix) if fix is not None else None, parse_formula(formula) if formula is not None else None)
 
 
 def check_positive(name: str, value: float, zero_ok: bool = False) -> float:
