@@ -173,7 +173,7 @@ def sample(model: Model, n: int, steps: int | None = None, seed: int = 0, atoms:
     :func:`molgen.sizes.default_batch_size`)."""
     atoms = formula_atoms(formula, atoms, fragment)
     check_request(model.cfg, n, batch_size, atoms, fragment.size if fragment is not None else 0)
-    batch_size = batch_size or default_batch_size(model.cfg, atoms)
+    batch_size = batch_size_for(model, batch_size, atoms)
     s, levels, settings, renoise = plan(model, steps, sampler, sigmas, temperature, renoise, polish_calls, seed,
                                         resample, fragment is not None, formula is not None, type_bias)
     if polish_calls and polisher is None:
