@@ -18,7 +18,12 @@ from typing import Callable, Iterable, Iterator
 from molgen import MolgenError
 
 MIN_PER_WORKER = 1000
-PRELOAD = ["molgen.evaluate", "molgen.chem.forcefield", "molgen.chem.rdkit_utils", "molgen.fidelity"]
+PRELOAD = ["molgen.forkserver_hook", "molgen.evaluate", "molgen.chem.forcefield", "molgen.chem.rdkit_utils",
+           "molgen.fidelity"]
+# The queues of the pools not shut down whole, held so that a pool's own thread cannot be the one to collect them
+# while a stopped command releases their semaphores and exits: it would be cut off with one released half-way, and
+# the resource tracker would warn. (A pool stopped early holds a few file descriptors until this process ends.)
+_QUEUES: list[tuple] = []
 
 
 def usable_cores() -> int:
@@ -89,19 +94,19 @@ def map_chunks(fn: Callable, chunks: Iterable[tuple], workers: int = 1) -> Itera
     process. A chunk's exception is raised here; a worker that dies is a :class:`MolgenError`; when the caller
     stops early, the chunks not started are dropped and those running are not awaited (the workers end with the
     calling process)."""
-    chunks = list(chunks) if workers > 1 else chunks
-    pool = futures = None
-    if workers > 1:
-        with _main_module_hidden():
-            pool = _pool(workers)
-            futures = _submit(pool, fn, chunks) if pool is not None else None
-    if futures is None:
-        for chunk in chunks:
-            yield fn(*chunk)
-        return
     from concurrent.futures.process import BrokenProcessPool
 
+    chunks = list(chunks) if workers > 1 else chunks
+    pool = futures = None
     try:
+        if workers > 1:
+            with _main_module_hidden():
+                pool = _pool(workers)
+                futures = _submit(pool, fn, chunks) if pool is not None else None
+        if futures is None:
+            for chunk in chunks:
+                yield fn(*chunk)
+            return
         for f in futures:
             yield f.result()
     except BrokenProcessPool:
@@ -109,9 +114,12 @@ def map_chunks(fn: Callable, chunks: Iterable[tuple], workers: int = 1) -> Itera
         raise MolgenError("a worker process ended without its results (out of memory?); MOLGEN_WORKERS=1 "
                           "keeps the work in one process") from None
     except BaseException:  # the caller stopped (Ctrl-C, SIGTERM, an error): the chunks still running are not awaited
-        pool.shutdown(wait=False, cancel_futures=True)
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
         raise
-    pool.shutdown(wait=True)
+    queues = (pool._call_queue, pool._result_queue)
+    pool.shutdown(wait=True)  # its thread and workers have ended
+    _QUEUES[:] = [q for q in _QUEUES if q[0] is not queues[0]]
 
 
 @contextlib.contextmanager
@@ -138,9 +146,11 @@ def _pool(workers: int):
     if method == "forkserver":
         ctx.set_forkserver_preload(PRELOAD)
     try:
-        return ProcessPoolExecutor(workers, mp_context=ctx, initializer=_start_worker, initargs=(os.getpid(),))
+        pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_start_worker, initargs=(os.getpid(),))
     except (OSError, ImportError, NotImplementedError):
         return None
+    _QUEUES.append((pool._call_queue, pool._result_queue))
+    return pool
 
 
 def _submit(pool, fn: Callable, chunks: list) -> list | None:

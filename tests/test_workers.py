@@ -293,6 +293,41 @@ def test_killing_the_caller_ends_its_worker_processes(sig):
                 os.kill(p, signal.SIGKILL)
 
 
+@pytest.mark.parametrize("hook", [True, False])
+def test_a_worker_that_starts_after_its_pool_was_released_ends_quietly(hook):
+    """A command stopped while its workers start releases its pool's semaphores as it exits; a worker the fork server
+    starts after that cannot open them. It ends without a traceback on the terminal (the fork server's excepthook);
+    without the hook, Python prints one."""
+    code = "\n".join([
+        "import os",
+        "from multiprocessing import util",
+        "from molgen import workers",
+        "" if hook else "workers.PRELOAD.remove('molgen.forkserver_hook')",
+        "pool = workers._pool(1)",
+        "util._run_finalizers(0)  # what a stopped command does as it exits (failures._release_worker_resources)",
+        "print(type(pool.submit(pow, 2, 2).exception(60)).__name__, flush=True)  # once the worker has ended",
+        "os._exit(0)"])
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and run.stdout.strip() == "BrokenProcessPool", (run.stdout, run.stderr)
+    if hook:
+        assert run.stderr == ""
+    else:
+        assert "SemLock._rebuild" in run.stderr and run.stderr.strip().endswith("No such file or directory")
+
+
+def test_the_fork_servers_hook_keeps_other_tracebacks(monkeypatch):
+    from molgen import forkserver_hook
+
+    shown = []
+    monkeypatch.setattr(forkserver_hook, "_before", lambda *e: shown.append(e[0]))
+    for error in (FileNotFoundError(2, "No such file or directory"), EOFError()):
+        try:
+            raise error
+        except Exception as e:
+            forkserver_hook.quiet_if_pool_released(type(e), e, e.__traceback__)
+    assert shown == [FileNotFoundError, EOFError]
+
+
 def test_sigterm_stops_a_command_at_once_with_its_workers(tmp_path):
     """SIGTERM (a scheduler's time limit; `timeout` sends it to the whole process group, workers included, `kill`
     to the command alone) stops `molgen evaluate` at once with one line and exit code 143: it neither waits on the
@@ -303,25 +338,27 @@ def test_sigterm_stops_a_command_at_once_with_its_workers(tmp_path):
     m = Chem.AddHs(Chem.MolFromSmiles("CCOC(=O)C1CC1N"))
     AllChem.EmbedMolecule(m, randomSeed=1)
     (tmp_path / "many.sdf").write_text((Chem.MolToMolBlock(m) + "$$$$\n") * 4000)  # ~15 s of work for 2 workers
-    for whole_group in (True, False):
+    for whole_group, busy in ((True, True), (False, True), (False, False)):  # not busy: the workers just started
         caller = subprocess.Popen([sys.executable, "-m", "molgen", "evaluate", str(tmp_path / "many.sdf"), "--strain",
                                    "--json", str(tmp_path / "r.json")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                   text=True, start_new_session=True, env={**os.environ, "MOLGEN_WORKERS": "2"})
         helpers = set()
         try:
             deadline = time.time() + 60
-            # the tracker, the fork server and two workers judging their chunks (started: a worker still starting
-            # finds the pool's semaphores gone once the command has ended, and says so in a traceback of its own)
-            while time.time() < deadline and (len(helpers) < 4 or sum(_cpu_s(p) > 0.5 for p in helpers) < 2):
-                time.sleep(0.2)
+            # the tracker, the fork server and two workers judging their chunks; or the first worker as it appears
+            # (one still starting would look for the pool's semaphores once the command has removed them)
+            while time.time() < deadline and (len(helpers) < 3 + busy or
+                                              sum(_cpu_s(p) > 0.5 for p in helpers) < 2 * busy):
+                time.sleep(0.2 if busy else 0.005)
                 helpers = _descendants(caller.pid)
-            assert len(helpers) >= 4 and sum(_cpu_s(p) > 0.5 for p in helpers) >= 2, helpers
+            assert len(helpers) >= 3 + busy and sum(_cpu_s(p) > 0.5 for p in helpers) >= 2 * busy, helpers
             os.killpg(caller.pid, signal.SIGTERM) if whole_group else caller.send_signal(signal.SIGTERM)
             t0 = time.time()
+            helpers |= {kid for p in helpers for kid in _descendants(p)}  # a worker started since
             _, err = caller.communicate(timeout=30)
             assert time.time() - t0 < 5
             assert caller.returncode == 143 and err.strip() == ("terminated (SIGTERM): molgen evaluate stopped (a file "
-                                                                "molgen writes is written whole or not at all)"), err
+                                                                "molgen writes is written whole or not at all)"), (whole_group, busy, err)
             deadline = time.time() + 10
             while time.time() < deadline and any(_alive(p) for p in helpers):
                 time.sleep(0.2)
