@@ -67,7 +67,6 @@ def save_checkpoint(mgr, state: TrainState) -> None:
     """Save ``state`` at its step. A checkpoint that cannot be written (a full disk, a file size limit, no
     permission) is one line (MolgenError), and leaves no partial folder."""
     import logging
-    import shutil
     import sys
 
     import orbax.checkpoint as ocp
@@ -88,11 +87,25 @@ def save_checkpoint(mgr, state: TrainState) -> None:
             absl.removeFilter(_thread_failures)
             raise
         _quiet_abandoned_io()
-        for partial in Path(mgr.directory).glob(f"{step}.orbax-checkpoint-tmp*"):
-            shutil.rmtree(partial, ignore_errors=True)
+        _remove_partial(Path(mgr.directory), step)
         raise MolgenError(f"{mgr.directory}: the checkpoint at step {step} cannot be written ({why})") from None
     sys.unraisablehook = previous
     absl.removeFilter(_thread_failures)
+
+
+def _remove_partial(directory: Path, step: int, settle_s: float = 0.5, limit_s: float = 10.0) -> None:
+    """Remove the folder a failed save left (``<step>.orbax-checkpoint-tmp...``). The writes still in flight when the
+    save failed go on in orbax's threads and may make it again after a first removal (seen under load): it is removed
+    until nothing has come back for ``settle_s`` (at most ``limit_s`` in all)."""
+    import shutil
+    import time
+
+    start = last = time.monotonic()
+    while time.monotonic() - last < settle_s and time.monotonic() - start < limit_s:
+        for partial in directory.glob(f"{step}.orbax-checkpoint-tmp*"):
+            shutil.rmtree(partial, ignore_errors=True)
+            last = time.monotonic()
+        time.sleep(0.02)
 
 
 def _thread_failures(record) -> bool:
