@@ -51,7 +51,9 @@ def init_state(cfg: RunConfig, params=None) -> TrainState:
 def state_shapes(cfg: RunConfig) -> TrainState:
     """What :func:`init_state` returns for ``cfg`` as shapes, dtypes and placement (this process's first device),
     without computing it (seconds for a large network): the target a checkpoint is restored into."""
-    here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    device = jax.local_devices()[0]
+    make = getattr(jax.sharding, "make_single_device_sharding", None)  # JAX 0.12 deprecates SingleDeviceSharding
+    here = make(device) if make is not None else jax.sharding.SingleDeviceSharding(device)
     return jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=here),
                                   jax.eval_shape(lambda: init_state(cfg)))
 
