@@ -357,8 +357,8 @@ def test_sigterm_stops_a_command_at_once_with_its_workers(tmp_path):
             helpers |= {kid for p in helpers for kid in _descendants(p)}  # a worker started since
             _, err = caller.communicate(timeout=30)
             assert time.time() - t0 < 5
-            assert caller.returncode == 143 and err.strip() == ("terminated (SIGTERM): molgen evaluate stopped (a file "
-                                                                "molgen writes is written whole or not at all)"), (whole_group, busy, err)
+            told = "terminated (SIGTERM): molgen evaluate stopped (a file molgen writes is written whole or not at all)"
+            assert caller.returncode == 143 and err.strip() == told, (whole_group, busy, err)
             deadline = time.time() + 10
             while time.time() < deadline and any(_alive(p) for p in helpers):
                 time.sleep(0.2)
