@@ -137,11 +137,17 @@ def _exit_if_stopped(code) -> None:
 
 
 def _release_worker_resources() -> None:
-    """What worker pools hold that outlives the process (named semaphores, which multiprocessing's tracker would
-    otherwise remove with a warning), released without waiting on the pools' threads."""
+    """What worker pools hold that outlives the process, released without waiting on the pools' threads: named
+    semaphores (which multiprocessing's tracker would otherwise remove with a warning) and the temporary folder of
+    the fork server's socket (a ``pymp-*`` folder that would stay behind in the temporary folder)."""
+    import shutil
+
     try:
-        from multiprocessing import util
+        from multiprocessing import process, util
 
         util._run_finalizers(0)  # priority >= 0: semaphores and queues closed; not the threads' joins (< 0)
-    except Exception:  # another Python: the tracker removes them, with its warning
-        pass
+        folder = process.current_process()._config.get("tempdir")
+    except Exception:  # another Python: the tracker removes the semaphores, with its warning
+        return
+    if folder:
+        shutil.rmtree(folder, ignore_errors=True)

@@ -4,9 +4,11 @@ errors raised in the caller, the worker count bounded by the work and by MOLGEN_
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -331,41 +333,54 @@ def test_the_fork_servers_hook_keeps_other_tracebacks(monkeypatch):
 def test_sigterm_stops_a_command_at_once_with_its_workers(tmp_path):
     """SIGTERM (a scheduler's time limit; `timeout` sends it to the whole process group, workers included, `kill`
     to the command alone) stops `molgen evaluate` at once with one line and exit code 143: it neither waits on the
-    chunks its workers were judging nor hangs on workers that are gone, leaves nothing running, writes nothing."""
+    chunks its workers were judging nor hangs on workers that are gone, leaves nothing running, writes nothing and
+    leaves nothing in the temporary folder (the fork server's socket lives in a folder there)."""
     from rdkit import Chem
     from rdkit.Chem import AllChem
 
     m = Chem.AddHs(Chem.MolFromSmiles("CCOC(=O)C1CC1N"))
     AllChem.EmbedMolecule(m, randomSeed=1)
     (tmp_path / "many.sdf").write_text((Chem.MolToMolBlock(m) + "$$$$\n") * 4000)  # ~15 s of work for 2 workers
-    for whole_group, busy in ((True, True), (False, True), (False, False)):  # not busy: the workers just started
-        caller = subprocess.Popen([sys.executable, "-m", "molgen", "evaluate", str(tmp_path / "many.sdf"), "--strain",
-                                   "--json", str(tmp_path / "r.json")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                  text=True, start_new_session=True, env={**os.environ, "MOLGEN_WORKERS": "2"})
-        helpers = set()
-        try:
-            deadline = time.time() + 60
-            # the tracker, the fork server and two workers judging their chunks; or the first worker as it appears
-            # (one still starting would look for the pool's semaphores once the command has removed them)
-            while time.time() < deadline and (len(helpers) < 3 + busy or
-                                              sum(_cpu_s(p) > 0.5 for p in helpers) < 2 * busy):
-                time.sleep(0.2 if busy else 0.005)
-                helpers = _descendants(caller.pid)
-            assert len(helpers) >= 3 + busy and sum(_cpu_s(p) > 0.5 for p in helpers) >= 2 * busy, helpers
-            os.killpg(caller.pid, signal.SIGTERM) if whole_group else caller.send_signal(signal.SIGTERM)
-            t0 = time.time()
-            helpers |= {kid for p in helpers for kid in _descendants(p)}  # a worker started since
-            _, err = caller.communicate(timeout=30)
-            assert time.time() - t0 < 5
-            told = "terminated (SIGTERM): molgen evaluate stopped (a file molgen writes is written whole or not at all)"
-            assert caller.returncode == 143 and err.strip() == told, (whole_group, busy, err)
-            deadline = time.time() + 10
-            while time.time() < deadline and any(_alive(p) for p in helpers):
-                time.sleep(0.2)
-            assert not [p for p in helpers if _alive(p)]
-            assert not (tmp_path / "r.json").exists()
-        finally:
-            caller.kill()
-            for p in helpers:
-                with contextlib.suppress(OSError):
-                    os.kill(p, signal.SIGKILL)
+    temp = Path(tempfile.mkdtemp(prefix="t"))  # short: the fork server's socket path must fit in 108 bytes
+    try:
+        for whole_group, busy in ((True, True), (False, True), (False, False)):  # not busy: the workers just started
+            _stop_evaluate(tmp_path, temp, whole_group, busy)
+            assert not list(temp.iterdir()), (whole_group, busy)
+    finally:
+        shutil.rmtree(temp)
+
+
+def _stop_evaluate(tmp_path, temp, whole_group: bool, busy: bool) -> None:
+    """`molgen evaluate` (temporary folder ``temp``) stopped by SIGTERM, sent to its process group or to it alone,
+    once its workers are busy or as the first appears; its stop is checked."""
+    caller = subprocess.Popen([sys.executable, "-m", "molgen", "evaluate", str(tmp_path / "many.sdf"), "--strain",
+                               "--json", str(tmp_path / "r.json")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, start_new_session=True,
+                              env={**os.environ, "MOLGEN_WORKERS": "2", "TMPDIR": str(temp)})
+    helpers = set()
+    try:
+        deadline = time.time() + 60
+        # the tracker, the fork server and two workers judging their chunks; or the first worker as it appears
+        # (one still starting would look for the pool's semaphores once the command has removed them)
+        while time.time() < deadline and (len(helpers) < 3 + busy or
+                                          sum(_cpu_s(p) > 0.5 for p in helpers) < 2 * busy):
+            time.sleep(0.2 if busy else 0.005)
+            helpers = _descendants(caller.pid)
+        assert len(helpers) >= 3 + busy and sum(_cpu_s(p) > 0.5 for p in helpers) >= 2 * busy, helpers
+        os.killpg(caller.pid, signal.SIGTERM) if whole_group else caller.send_signal(signal.SIGTERM)
+        t0 = time.time()
+        helpers |= {kid for p in helpers for kid in _descendants(p)}  # a worker started since
+        _, err = caller.communicate(timeout=30)
+        assert time.time() - t0 < 5
+        told = "terminated (SIGTERM): molgen evaluate stopped (a file molgen writes is written whole or not at all)"
+        assert caller.returncode == 143 and err.strip() == told, (whole_group, busy, err)
+        deadline = time.time() + 10
+        while time.time() < deadline and any(_alive(p) for p in helpers):
+            time.sleep(0.2)
+        assert not [p for p in helpers if _alive(p)]
+        assert not (tmp_path / "r.json").exists()
+    finally:
+        caller.kill()
+        for p in helpers:
+            with contextlib.suppress(OSError):
+                os.kill(p, signal.SIGKILL)
