@@ -3,8 +3,9 @@ as one process gives.
 
 Workers are never forked from the calling process (one that runs JAX holds threads a fork would copy half-way):
 they are forked from a server process that starts fresh and imports numpy, RDKit and molgen's chemistry once
-(``PRELOAD``; spawned one by one where the system has no fork server). The server costs ~0.5 s to start and
-judging a molecule ~0.5-1 ms, so a worker is started for every ``MIN_PER_WORKER`` molecules at most.
+(``PRELOAD``; spawned one by one where the system has no fork server, or where it cannot start). The server costs
+~0.5 s to start and judging a molecule ~0.5-1 ms, so a worker is started for every ``MIN_PER_WORKER`` molecules at
+most.
 ``MOLGEN_WORKERS`` caps their number (default: one per usable core; 1 keeps all work in the calling process)."""
 
 from __future__ import annotations
@@ -101,8 +102,7 @@ def map_chunks(fn: Callable, chunks: Iterable[tuple], workers: int = 1) -> Itera
     try:
         if workers > 1:
             with _main_module_hidden():
-                pool = _pool(workers)
-                futures = _submit(pool, fn, chunks) if pool is not None else None
+                pool, futures = _start(workers, fn, chunks)
         if futures is None:
             for chunk in chunks:
                 yield fn(*chunk)
@@ -126,7 +126,7 @@ def map_chunks(fn: Callable, chunks: Iterable[tuple], workers: int = 1) -> Itera
 def _main_module_hidden():
     """While workers start, the calling program's main module is out of multiprocessing's sight: it would import
     it again in every worker (a script read from standard input cannot be), and the workers run molgen's own
-    functions only. The processes start in ``_pool`` and ``_submit``, in this thread."""
+    functions only. The processes start in ``_start``, in this thread."""
     main = sys.modules.get("__main__")
     sys.modules["__main__"] = types.ModuleType("__main__")
     try:
@@ -135,13 +135,33 @@ def _main_module_hidden():
         sys.modules["__main__"] = main
 
 
-def _pool(workers: int):
-    """A pool of ``workers`` processes forked from a server that has imported ``PRELOAD`` (spawned where the system
-    has no fork server); None where processes cannot be made."""
+def _start(workers: int, fn: Callable, chunks: list) -> tuple:
+    """A pool of ``workers`` processes and the futures of every chunk, or (the pool or None, None) where no process
+    can be started. Workers are spawned where the fork server cannot start: its socket's path must fit in 108
+    bytes, and a long temporary folder's (``TMPDIR``) does not."""
+    import multiprocessing
+
+    methods = [m for m in ("forkserver", "spawn") if m in multiprocessing.get_all_start_methods()]
+    pool = futures = None
+    try:
+        for method in methods:
+            pool = _pool(workers, method)
+            futures = _submit(pool, fn, chunks) if pool is not None else None
+            if futures is not None:
+                break
+    except BaseException:  # stopped while its processes start
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    return pool, futures
+
+
+def _pool(workers: int, method: str = "forkserver"):
+    """A pool of ``workers`` processes forked from a server that has imported ``PRELOAD`` (``method`` "forkserver")
+    or spawned one by one ("spawn"); None where processes cannot be made."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
     ctx = multiprocessing.get_context(method)
     if method == "forkserver":
         ctx.set_forkserver_preload(PRELOAD)

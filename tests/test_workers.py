@@ -64,6 +64,19 @@ def test_where_no_process_can_start_the_work_stays_in_this_process(monkeypatch):
         assert list(map_chunks(pow, [(2, 3), (3, 2)], 2)) == [8, 9]
 
 
+def test_a_temporary_folder_too_long_for_the_fork_servers_socket_still_gets_workers(tmp_path):
+    """The fork server's socket lives in the temporary folder, and a socket's path must fit in 108 bytes: under a
+    longer ``TMPDIR`` the workers are spawned instead of staying away, and nothing is left in that folder."""
+    temp = tmp_path / ("t" * 100)
+    temp.mkdir()
+    code = ("import os; from molgen.workers import map_chunks; "
+            "print(os.getpid() not in set(map_chunks(os.getpid, [()] * 4, 2)))")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "TMPDIR": str(temp)})
+    assert run.returncode == 0 and run.stdout.strip() == "True", (run.stdout, run.stderr)
+    assert not list(temp.iterdir())
+
+
 def test_worker_count_follows_the_work_the_cap_and_the_environment(monkeypatch):
     from molgen import MolgenError
     from molgen.workers import MIN_PER_WORKER, default_workers, workers_for
