@@ -21,9 +21,9 @@ from molgen import MolgenError
 MIN_PER_WORKER = 1000
 PRELOAD = ["molgen.forkserver_hook", "molgen.evaluate", "molgen.chem.forcefield", "molgen.chem.rdkit_utils",
            "molgen.fidelity"]
-# The queues of the pools not shut down whole, held so that a pool's own thread cannot be the one to collect them
-# while a stopped command releases their semaphores and exits: it would be cut off with one released half-way, and
-# the resource tracker would warn. (A pool stopped early holds a few file descriptors until this process ends.)
+# The pools not shut down whole, with their queues, held so that a pool's own thread cannot be the one to collect
+# the queues while a stopped command releases their semaphores and exits: it would be cut off with one released
+# half-way, and the resource tracker would warn. Let go once that thread has ended (:func:`_let_go_of_ended`).
 _QUEUES: list[tuple] = []
 
 
@@ -117,9 +117,18 @@ def map_chunks(fn: Callable, chunks: Iterable[tuple], workers: int = 1) -> Itera
         if pool is not None:
             pool.shutdown(wait=False, cancel_futures=True)
         raise
-    queues = (pool._call_queue, pool._result_queue)
     pool.shutdown(wait=True)  # its thread and workers have ended
-    _QUEUES[:] = [q for q in _QUEUES if q[0] is not queues[0]]
+    _let_go_of_ended()
+
+
+def _let_go_of_ended() -> None:
+    """Let go of the pools (and their queues: a few file descriptors each) whose own thread has ended: shut down
+    whole, or stopped early and since ended, they are collected here, in this thread."""
+    def running(pool) -> bool:  # or not started yet, and not shut down
+        thread = getattr(pool, "_executor_manager_thread", None)
+        return thread.is_alive() if thread is not None else not getattr(pool, "_shutdown_thread", True)
+
+    _QUEUES[:] = [q for q in _QUEUES if running(q[0])]
 
 
 @contextlib.contextmanager
@@ -169,7 +178,8 @@ def _pool(workers: int, method: str = "forkserver"):
         pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_start_worker, initargs=(os.getpid(),))
     except (OSError, ImportError, NotImplementedError):
         return None
-    _QUEUES.append((pool._call_queue, pool._result_queue))
+    _let_go_of_ended()
+    _QUEUES.append((pool, pool._call_queue, pool._result_queue))
     return pool
 
 

@@ -343,6 +343,29 @@ def test_the_fork_servers_hook_keeps_other_tracebacks(monkeypatch):
     assert shown == [FileNotFoundError, EOFError]
 
 
+def test_pools_stopped_early_are_let_go_once_they_have_ended():
+    """A pool stopped early (Ctrl-C in a notebook) is held until its own thread has ended, then let go: its file
+    descriptors do not pile up over many stops in one long Python session."""
+    code = "\n".join([
+        "import os, time",
+        "from molgen.workers import map_chunks",
+        "counts = []",
+        "for i in range(6):",
+        "    it = map_chunks(time.sleep, [(0.2,)] * 6, 2)",
+        "    next(it)",
+        "    try:",
+        "        it.throw(KeyboardInterrupt)",
+        "    except KeyboardInterrupt:",
+        "        pass",
+        "    time.sleep(1.0)  # the running chunks end, then the pool's thread",
+        "    counts.append(len(os.listdir('/proc/self/fd')))",
+        "print(counts)"])
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    counts = json.loads(run.stdout)
+    assert max(counts[1:]) <= counts[0], counts  # before: two more with every stop
+
+
 def test_sigterm_stops_a_command_at_once_with_its_workers(tmp_path):
     """SIGTERM (a scheduler's time limit; `timeout` sends it to the whole process group, workers included, `kill`
     to the command alone) stops `molgen evaluate` at once with one line and exit code 143: it neither waits on the
