@@ -183,3 +183,18 @@ def init_distributed() -> None:
     except ValueError as e:  # JAX found no cluster and was told no coordinator
         raise MolgenError(f"--distributed: {str(e).rstrip('.')} (set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID, "
                           "or run under a cluster manager such as SLURM)") from None
+    refuse_hanging_collectives(jax.__version__, jax.devices()[0].platform)
+
+
+# JAX releases whose processes, on CPUs, hang in the first all-reduce of molgen's chunk of training steps (gloo).
+HANGING_CPU_COLLECTIVES = ("0.12.1",)
+
+
+def refuse_hanging_collectives(version: str, platform: str) -> None:
+    """A multi-process run on CPUs with a JAX release in :data:`HANGING_CPU_COLLECTIVES` is one error, not a run
+    that hangs in its first chunk (molgen's requirements leave those releases out; another install can bring one)."""
+    from molgen import MolgenError
+
+    if platform == "cpu" and version in HANGING_CPU_COLLECTIVES:
+        raise MolgenError(f"--distributed on CPUs hangs with JAX {version} (its processes wait in their first "
+                          f"all-reduce); install another release: pip install 'jax!={version}' 'jaxlib!={version}'")

@@ -10,6 +10,7 @@ import sys
 
 import jax
 import numpy as np
+import pytest
 
 from conftest import TINY
 
@@ -83,3 +84,15 @@ def test_distributed_without_a_cluster_is_one_line(tmp_path, data_dir):
         line = err.strip().splitlines()[-1]  # JAX's own words differ between releases
         assert line.startswith("error: --distributed: ") and message in line, err
         assert not (tmp_path / "r").exists()
+
+
+def test_a_jax_release_whose_cpu_collectives_hang_is_refused():
+    """JAX 0.12.1's processes hang in the first all-reduce of a chunk on CPUs: --distributed there is one error
+    that names the release and what to install; GPUs and other releases go on."""
+    from molgen import MolgenError
+    from molgen.jax_setup import refuse_hanging_collectives
+
+    with pytest.raises(MolgenError, match=r"JAX 0\.12\.1 .*pip install 'jax!=0\.12\.1' 'jaxlib!=0\.12\.1'"):
+        refuse_hanging_collectives("0.12.1", "cpu")
+    for version, platform in (("0.12.1", "gpu"), ("0.12.0.1", "cpu"), ("0.10.2", "cpu")):
+        refuse_hanging_collectives(version, platform)
