@@ -24,7 +24,7 @@ PRELOAD = ["molgen.forkserver_hook", "molgen.evaluate", "molgen.chem.forcefield"
 # The pools not shut down whole, with their queues, held so that a pool's own thread cannot be the one to collect
 # the queues while a stopped command releases their semaphores and exits: it would be cut off with one released
 # half-way, and the resource tracker would warn. Let go once that thread has ended (:func:`_let_go_of_ended`).
-_QUEUES: list[tuple] = []
+_HELD: list[tuple] = []
 
 
 def usable_cores() -> int:
@@ -128,7 +128,7 @@ def _let_go_of_ended() -> None:
         thread = getattr(pool, "_executor_manager_thread", None)
         return thread.is_alive() if thread is not None else not getattr(pool, "_shutdown_thread", True)
 
-    _QUEUES[:] = [q for q in _QUEUES if running(q[0])]
+    _HELD[:] = [q for q in _HELD if running(q[0])]
 
 
 @contextlib.contextmanager
@@ -179,7 +179,7 @@ def _pool(workers: int, method: str = "forkserver"):
     except (OSError, ImportError, NotImplementedError):
         return None
     _let_go_of_ended()
-    _QUEUES.append((pool, pool._call_queue, pool._result_queue))
+    _HELD.append((pool, pool._call_queue, pool._result_queue))
     return pool
 
 
