@@ -19,7 +19,8 @@ from typing import Callable, Iterable, Iterator
 from molgen import MolgenError
 
 MIN_PER_WORKER = 1000
-PRELOAD = ["molgen.forkserver_hook", "molgen.evaluate", "molgen.chem.forcefield", "molgen.chem.rdkit_utils",
+STARTS_FIRST = "molgen.worker_hook"  # run by every worker as its main module, first (its excepthook)
+PRELOAD = ["molgen.evaluate", "molgen.chem.forcefield", "molgen.chem.rdkit_utils",
            "molgen.fidelity"]
 # The pools not shut down whole, with their queues, held so that a pool's own thread cannot be the one to collect
 # the queues while a stopped command releases their semaphores and exits: it would be cut off with one released
@@ -135,9 +136,14 @@ def _let_go_of_ended() -> None:
 def _main_module_hidden():
     """While workers start, the calling program's main module is out of multiprocessing's sight: it would import
     it again in every worker (a script read from standard input cannot be), and the workers run molgen's own
-    functions only. The processes start in ``_start``, in this thread."""
+    functions only. Every worker runs ``STARTS_FIRST`` as its main module instead, before it takes its pool's
+    queues over. The processes start in ``_start``, in this thread."""
+    from importlib.machinery import ModuleSpec
+
     main = sys.modules.get("__main__")
-    sys.modules["__main__"] = types.ModuleType("__main__")
+    stand_in = types.ModuleType("__main__")
+    stand_in.__spec__ = ModuleSpec(STARTS_FIRST, None) if STARTS_FIRST else None
+    sys.modules["__main__"] = stand_in
     try:
         yield
     finally:

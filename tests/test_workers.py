@@ -19,6 +19,16 @@ import pytest
 from conftest import cli, one_line_error
 
 
+@pytest.fixture
+def short_temp():
+    """A temporary folder of its own for the processes a test starts (``TMPDIR``), removed after the test: a process
+    stopped on purpose leaves its fork server's socket folder there. Short: that socket's path must fit in 108
+    bytes."""
+    temp = Path(tempfile.mkdtemp(prefix="t"))
+    yield temp
+    shutil.rmtree(temp)
+
+
 def test_chunks_come_back_in_order_from_two_processes():
     from molgen.workers import map_chunks
 
@@ -284,11 +294,12 @@ def _descendants(pid: int) -> set[int]:
 
 
 @pytest.mark.parametrize("sig", ["SIGTERM", "SIGKILL"])
-def test_killing_the_caller_ends_its_worker_processes(sig):
+def test_killing_the_caller_ends_its_worker_processes(sig, short_temp):
     """A killed caller cannot shut its pool down: its workers (and the fork server they keep alive) must still end,
     not wait on their task queue for ever. (The process tree is read from /proc: Linux.)"""
     code = "from molgen.workers import map_chunks; import time; list(map_chunks(time.sleep, [(60,), (60,)], 2))"
-    caller, helpers = subprocess.Popen([sys.executable, "-c", code]), set()
+    caller = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "TMPDIR": str(short_temp)})
+    helpers = set()
     try:
         deadline = time.time() + 60
         while time.time() < deadline and len(helpers) < 3:  # the fork server (or none) and its two workers
@@ -308,21 +319,25 @@ def test_killing_the_caller_ends_its_worker_processes(sig):
                 os.kill(p, signal.SIGKILL)
 
 
+@pytest.mark.parametrize("method", ["forkserver", "spawn"])
 @pytest.mark.parametrize("hook", [True, False])
-def test_a_worker_that_starts_after_its_pool_was_released_ends_quietly(hook):
-    """A command stopped while its workers start releases its pool's semaphores as it exits; a worker the fork server
-    starts after that cannot open them. It ends without a traceback on the terminal (the fork server's excepthook);
-    without the hook, Python prints one."""
+def test_a_worker_that_starts_after_its_pool_was_released_ends_quietly(hook, method, short_temp):
+    """A command stopped while its workers start releases its pool's semaphores as it exits; a worker started after
+    that (by the fork server, or spawned where it cannot start) cannot open them. It ends without a traceback on the
+    terminal (the excepthook of `molgen.worker_hook`, which every worker runs first); without it, Python prints one."""
     code = "\n".join([
         "import os",
         "from multiprocessing import util",
         "from molgen import workers",
-        "" if hook else "workers.PRELOAD.remove('molgen.forkserver_hook')",
-        "pool = workers._pool(1)",
+        "" if hook else "workers.STARTS_FIRST = None",
+        f"pool = workers._pool(1, {method!r})",
         "util._run_finalizers(0)  # what a stopped command does as it exits (failures._release_worker_resources)",
-        "print(type(pool.submit(pow, 2, 2).exception(60)).__name__, flush=True)  # once the worker has ended",
+        "with workers._main_module_hidden():  # as map_chunks starts its workers",
+        "    future = pool.submit(pow, 2, 2)",
+        "print(type(future.exception(60)).__name__, flush=True)  # once the worker has ended",
         "os._exit(0)"])
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "TMPDIR": str(short_temp)})
     assert run.returncode == 0 and run.stdout.strip() == "BrokenProcessPool", (run.stdout, run.stderr)
     if hook:
         assert run.stderr == ""
@@ -330,16 +345,16 @@ def test_a_worker_that_starts_after_its_pool_was_released_ends_quietly(hook):
         assert "SemLock._rebuild" in run.stderr and run.stderr.strip().endswith("No such file or directory")
 
 
-def test_the_fork_servers_hook_keeps_other_tracebacks(monkeypatch):
-    from molgen import forkserver_hook
+def test_the_workers_hook_keeps_other_tracebacks(monkeypatch):
+    from molgen import worker_hook
 
     shown = []
-    monkeypatch.setattr(forkserver_hook, "_before", lambda *e: shown.append(e[0]))
+    monkeypatch.setattr(worker_hook, "_before", lambda *e: shown.append(e[0]))
     for error in (FileNotFoundError(2, "No such file or directory"), EOFError()):
         try:
             raise error
         except Exception as e:
-            forkserver_hook.quiet_if_pool_released(type(e), e, e.__traceback__)
+            worker_hook.quiet_if_pool_released(type(e), e, e.__traceback__)
     assert shown == [FileNotFoundError, EOFError]
 
 
@@ -366,7 +381,7 @@ def test_pools_stopped_early_are_let_go_once_they_have_ended():
     assert max(counts[1:]) <= counts[0], counts  # before: two more with every stop
 
 
-def test_sigterm_stops_a_command_at_once_with_its_workers(tmp_path):
+def test_sigterm_stops_a_command_at_once_with_its_workers(tmp_path, short_temp):
     """SIGTERM (a scheduler's time limit; `timeout` sends it to the whole process group, workers included, `kill`
     to the command alone) stops `molgen evaluate` at once with one line and exit code 143: it neither waits on the
     chunks its workers were judging nor hangs on workers that are gone, leaves nothing running, writes nothing and
@@ -377,13 +392,9 @@ def test_sigterm_stops_a_command_at_once_with_its_workers(tmp_path):
     m = Chem.AddHs(Chem.MolFromSmiles("CCOC(=O)C1CC1N"))
     AllChem.EmbedMolecule(m, randomSeed=1)
     (tmp_path / "many.sdf").write_text((Chem.MolToMolBlock(m) + "$$$$\n") * 4000)  # ~15 s of work for 2 workers
-    temp = Path(tempfile.mkdtemp(prefix="t"))  # short: the fork server's socket path must fit in 108 bytes
-    try:
-        for whole_group, busy in ((True, True), (False, True), (False, False)):  # not busy: the workers just started
-            _stop_evaluate(tmp_path, temp, whole_group, busy)
-            assert not list(temp.iterdir()), (whole_group, busy)
-    finally:
-        shutil.rmtree(temp)
+    for whole_group, busy in ((True, True), (False, True), (False, False)):  # not busy: the workers just started
+        _stop_evaluate(tmp_path, short_temp, whole_group, busy)
+        assert not list(short_temp.iterdir()), (whole_group, busy)
 
 
 def _stop_evaluate(tmp_path, temp, whole_group: bool, busy: bool) -> None:

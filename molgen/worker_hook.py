@@ -1,8 +1,8 @@
-"""Imported by the fork server of molgen's worker pools (first in ``molgen.workers.PRELOAD``), never by molgen
-itself: the workers forked from it inherit what it sets here.
+"""Run first in every worker process of molgen's pools, never by molgen itself: a worker, forked by the fork server
+or spawned, runs it as its main module before it takes its pool's queues over (``molgen.workers.STARTS_FIRST``).
 
 A command stopped by Ctrl-C or SIGTERM releases its pool's named semaphores as it exits, without waiting on its
-workers. A worker the fork server was still starting then cannot open them, and Python would print its
+workers. A worker still starting then cannot open them, and Python would print its
 ``FileNotFoundError`` traceback on the terminal of a command that has already gone. Such a worker now ends quietly;
 any other failure to start keeps its traceback."""
 
@@ -26,7 +26,7 @@ def _pool_released(kind, value, tb) -> bool:
 
 
 def quiet_if_pool_released(kind, value, tb) -> None:
-    """``sys.excepthook`` of the fork server and its workers: silent for a worker whose pool is gone."""
+    """``sys.excepthook`` of the workers: silent for a worker whose pool is gone."""
     if not _pool_released(kind, value, tb):
         _before(kind, value, tb)
 
