@@ -360,7 +360,7 @@ def test_the_workers_hook_keeps_other_tracebacks(monkeypatch):
 
 def test_pools_stopped_early_are_let_go_once_they_have_ended():
     """A pool stopped early (Ctrl-C in a notebook) is held until its own thread has ended, then let go: its file
-    descriptors do not pile up over many stops in one long Python session."""
+    descriptors do not pile up over many stops in one long-running Python process."""
     code = "\n".join([
         "import os, time",
         "from molgen.workers import map_chunks",
