@@ -11,6 +11,7 @@ most.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import sys
 import types
@@ -20,12 +21,25 @@ from molgen import MolgenError
 
 MIN_PER_WORKER = 1000
 STARTS_FIRST = "molgen.worker_hook"  # run by every worker as its main module, first (its excepthook)
-PRELOAD = ["molgen.evaluate", "molgen.chem.forcefield", "molgen.chem.rdkit_utils",
-           "molgen.fidelity"]
+PRELOAD = ["molgen.evaluate", "molgen.chem.forcefield", "molgen.chem.rdkit_utils", "molgen.fidelity"]
+
+
+@dataclasses.dataclass
+class _Held:
+    """A pool held with its queues (below)."""
+    pool: object
+    queues: tuple
+    thread: object = None  # the pool's own thread, once it has started (a pool shut down no longer names it)
+
+    def running(self) -> bool:
+        """The pool's thread is alive, or it has not started and the pool has not been shut down."""
+        return self.thread.is_alive() if self.thread is not None else not getattr(self.pool, "_shutdown_thread", True)
+
+
 # The pools not shut down whole, with their queues, held so that a pool's own thread cannot be the one to collect
 # the queues while a stopped command releases their semaphores and exits: it would be cut off with one released
 # half-way, and the resource tracker would warn. Let go once that thread has ended (:func:`_let_go_of_ended`).
-_HELD: list[tuple] = []
+_HELD: list[_Held] = []
 
 
 def usable_cores() -> int:
@@ -125,11 +139,7 @@ def map_chunks(fn: Callable, chunks: Iterable[tuple], workers: int = 1) -> Itera
 def _let_go_of_ended() -> None:
     """Let go of the pools (and their queues: a few file descriptors each) whose own thread has ended: shut down
     whole, or stopped early and since ended, they are collected here, in this thread."""
-    def running(pool) -> bool:  # or not started yet, and not shut down
-        thread = getattr(pool, "_executor_manager_thread", None)
-        return thread.is_alive() if thread is not None else not getattr(pool, "_shutdown_thread", True)
-
-    _HELD[:] = [q for q in _HELD if running(q[0])]
+    _HELD[:] = [held for held in _HELD if held.running()]
 
 
 @contextlib.contextmanager
@@ -185,14 +195,18 @@ def _pool(workers: int, method: str = "forkserver"):
     except (OSError, ImportError, NotImplementedError):
         return None
     _let_go_of_ended()
-    _HELD.append((pool, pool._call_queue, pool._result_queue))
+    _HELD.append(_Held(pool, (pool._call_queue, pool._result_queue)))
     return pool
 
 
 def _submit(pool, fn: Callable, chunks: list) -> list | None:
     """The futures of every chunk; None (the pool shut down) where its processes cannot be started."""
     try:
-        return [pool.submit(fn, *chunk) for chunk in chunks]
+        futures = [pool.submit(fn, *chunk) for chunk in chunks]
     except OSError:
         pool.shutdown(wait=False, cancel_futures=True)
         return None
+    for held in _HELD:
+        if held.pool is pool:
+            held.thread = getattr(pool, "_executor_manager_thread", None)
+    return futures

@@ -381,6 +381,25 @@ def test_pools_stopped_early_are_let_go_once_they_have_ended():
     assert max(counts[1:]) <= counts[0], counts  # before: two more with every stop
 
 
+def test_a_stopped_pool_is_held_while_its_own_thread_runs():
+    """Let go while its thread still runs, a stopped pool's queues could be collected by that thread as a stopped
+    command exits (its semaphores released half-way): it is held until then."""
+    from molgen import workers
+
+    it = workers.map_chunks(time.sleep, [(1.5,)] * 4, 2)
+    next(it)
+    with pytest.raises(KeyboardInterrupt):
+        it.throw(KeyboardInterrupt)
+    pool = workers._HELD[-1].pool
+    workers._let_go_of_ended()
+    assert [h for h in workers._HELD if h.pool is pool]  # its workers still sleep: its thread waits for them
+    deadline = time.time() + 30
+    while time.time() < deadline and [h for h in workers._HELD if h.pool is pool]:
+        time.sleep(0.2)
+        workers._let_go_of_ended()
+    assert not [h for h in workers._HELD if h.pool is pool]
+
+
 def test_sigterm_stops_a_command_at_once_with_its_workers(tmp_path, short_temp):
     """SIGTERM (a scheduler's time limit; `timeout` sends it to the whole process group, workers included, `kill`
     to the command alone) stops `molgen evaluate` at once with one line and exit code 143: it neither waits on the
