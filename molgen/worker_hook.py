@@ -2,9 +2,9 @@
 or spawned, runs it as its main module before it takes its pool's queues over (``molgen.workers.STARTS_FIRST``).
 
 A command stopped by Ctrl-C or SIGTERM releases its pool's named semaphores as it exits, without waiting on its
-workers. A worker still starting then cannot open them, and Python would print its
-``FileNotFoundError`` traceback on the terminal of a command that has already gone. Such a worker now ends quietly;
-any other failure to start keeps its traceback."""
+workers. A worker still starting then cannot open them, and Python would print its ``FileNotFoundError`` traceback
+on the terminal of a command that has already gone. Such a worker now ends quietly; any other failure to start keeps
+its traceback."""
 
 from __future__ import annotations
 

@@ -28,7 +28,7 @@ PRELOAD = ["molgen.evaluate", "molgen.chem.forcefield", "molgen.chem.rdkit_utils
 class _Held:
     """A pool held with its queues (below)."""
     pool: object
-    queues: tuple
+    queues: tuple  # referenced here: a pool shut down drops its own references to them
     thread: object = None  # the pool's own thread, once it has started (a pool shut down no longer names it)
 
     def running(self) -> bool:
