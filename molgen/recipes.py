@@ -43,11 +43,19 @@ def read_recipe(recipe: str | Path) -> dict:
     if path.is_dir():
         raise MolgenError(f"{path}: a folder; --recipe takes a TOML file or a shipped recipe's name")
     try:
-        return tomllib.loads(path.read_text(encoding="utf-8-sig"))  # a byte-order mark, as some editors save
+        recipe = tomllib.loads(path.read_text(encoding="utf-8-sig"))  # a byte-order mark, as some editors save
     except tomllib.TOMLDecodeError as e:
         raise MolgenError(f"{path}: not a valid TOML recipe ({e})") from None
     except UnicodeDecodeError as e:
         raise MolgenError(f"{path}: not a valid TOML recipe (not UTF-8 text: {e.reason} at byte {e.start})") from None
+    _check_tables(recipe, str(path))  # before a merge could replace a value with a table
+    return recipe
+
+
+def _check_tables(recipe: dict, where: str) -> None:
+    for name in SECTIONS:
+        if name in recipe and not isinstance(recipe[name], dict):
+            raise MolgenError(f"{where}: {name} must be a table of settings ([{name}]), got {recipe[name]!r}")
 
 
 def parse_set(items: list[str]) -> dict:
@@ -63,9 +71,15 @@ def parse_set(items: list[str]) -> dict:
         except tomllib.TOMLDecodeError:
             v = value.strip()
         *path, last = key.split(".")
+        if not path and last in SECTIONS and not isinstance(v, dict):
+            hint = " (a preset: --model NAME)" if last == "model" else ""
+            raise MolgenError(f"--set {item!r}: [{last}] is a table; set one of its settings, "
+                              f"--set {last}.SETTING=VALUE{hint}")
         node = out
-        for p in path:
+        for i, p in enumerate(path):
             node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise MolgenError(f"--set {item!r}: {'.'.join(path[:i + 1])} is a value, not a table")
         node[last] = v
     return out
 
@@ -174,6 +188,7 @@ def to_config(recipe: dict) -> RunConfig:
     unknown = set(recipe) - set(SECTIONS) - set(TOP)
     if unknown:
         raise MolgenError(f"recipe: unknown setting(s) {', '.join(sorted(unknown))} (tables: {', '.join(SECTIONS)})")
+    _check_tables(recipe, "recipe")
     for key, kind, what in (("objective", str, "a string"), ("seed", int, "an integer"), ("init", str, "a string")):
         v = recipe.get(key)
         if v is not None and (not isinstance(v, kind) or isinstance(v, bool)):

@@ -83,6 +83,21 @@ def test_a_recipe_saved_with_a_byte_order_mark_or_windows_line_ends_reads_as_its
     assert read_recipe(tmp_path / "bom.toml") == want and read_recipe(tmp_path / "crlf.toml") == want
 
 
+def test_a_section_given_as_a_value_is_refused_before_a_merge_could_drop_it(tmp_path):
+    # merged with the options' own [optim] table, `optim = 3` would have replaced the recipe's whole table
+    for item, message in [("optim=3", "--set 'optim=3': [optim] is a table; set one of its settings"),
+                          ("model=edm", "--set model.SETTING=VALUE (a preset: --model NAME)"),
+                          ("data=[1, 2]", "[data] is a table")]:
+        with pytest.raises(MolgenError, match=re.escape(message)):
+            parse_set([item])
+    with pytest.raises(MolgenError, match=re.escape("--set 'optim.lr.x=2': optim.lr is a value, not a table")):
+        parse_set(["optim.lr=1", "optim.lr.x=2"])
+    assert parse_set(["optim={lr=1e-3}"]) == {"optim": {"lr": 1e-3}}  # an inline table is one
+    (tmp_path / "r.toml").write_text('objective = "diffusion"\nmodel = "edm"\n')
+    with pytest.raises(MolgenError, match=re.escape("r.toml: model must be a table of settings ([model]), got 'edm'")):
+        read_recipe(tmp_path / "r.toml")
+
+
 def test_set_values_are_toml_or_strings_and_merge_table_by_table():
     got = parse_set(["optim.lr=1e-3", "model.preset=tiny", "distill.targets=polished", "seed=4", "data.remove_h=true"])
     assert got == {"optim": {"lr": 1e-3}, "model": {"preset": "tiny"}, "distill": {"targets": "polished"}, "seed": 4,
@@ -104,6 +119,8 @@ def test_set_values_are_toml_or_strings_and_merge_table_by_table():
     ({"init": 1}, "init must be a string, got 1"),
     ({"seed": True}, "seed must be an integer"),
     ({"model": {"preset": [1, 2]}}, "model.preset must be one of"),
+    ({"model": "edm"}, "recipe: model must be a table of settings ([model]), got 'edm'"),
+    ({"optim": 3}, "recipe: optim must be a table of settings ([optim]), got 3"),
 ])
 def test_recipe_mistakes_are_named(recipe, message):
     with pytest.raises(MolgenError, match=re.escape(message)):
@@ -147,7 +164,7 @@ def test_every_shipped_recipe_and_model_passes_the_checks():
 
 def _setting_names():
     cfg = to_config({"diffusion": {}, "consistency": {}, "distill": {}})  # every table built
-    names = ["seed", "objective", "init", "model.preset"]
+    names = ["seed", "objective", "init", "model.preset", "model", "optim", "data"]
     for section in ("model", "diffusion", "consistency", "distill", "optim", "data"):
         table = getattr(cfg, section)
         names += [f"{section}.{f.name}" for f in dataclasses.fields(table)]
