@@ -264,7 +264,9 @@ def export_model(run: str | Path, dest: Path, headline: str = "", temperature: f
     dest = Path(dest)
     if str(dest) == STDIO:
         raise MolgenError("export to -: a model is a folder and cannot go to standard output; give a folder's name")
-    if dest.exists() and (not dest.is_dir() or (any(dest.iterdir()) and not force)):
+    if dest.exists() and not dest.is_dir():
+        raise MolgenError(f"{dest} is a file; a model is a folder: choose another destination")
+    if dest.exists() and any(dest.iterdir()) and not force:
         raise MolgenError(f"{dest} exists and is not an empty folder; choose another destination or pass --force")
     check_folder(dest, "destination")
     m = load_model(run)

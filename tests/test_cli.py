@@ -355,6 +355,9 @@ def test_distill_from_a_consistency_model_resume_and_sample(tmp_path, trained, e
     (tmp_path / "w" / "recipe.toml").write_text("# the card's own\n")
     assert run("export", ref, tmp_path / "w", "--force").exit_code == 0
     assert (tmp_path / "w" / "recipe.toml").read_text() == "# the card's own\n"  # kept, not replaced
+    (tmp_path / "a-file").write_text("kept")
+    one_line_error(run("export", ref, tmp_path / "a-file", "--force"), "a-file is a file; a model is a folder")
+    assert (tmp_path / "a-file").read_text() == "kept"
     (tmp_path / "kd2").mkdir()
     (tmp_path / "kd2" / "pairs.npz").write_bytes((out / "pairs.npz").read_bytes())
     one_line_error(run("train", "--objective", "distill", "--init", ect, "--teacher", trained, "--set",
