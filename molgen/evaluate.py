@@ -138,6 +138,27 @@ def judge(molecules) -> list[PerMolecule]:
     return _per_molecule([m.positions for m in molecules], [m.types for m in molecules], with_rdkit=False)[0]
 
 
+def _arrays(positions, types) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Each molecule's positions [n, 3] (float) and types [n] (indices into H, C, N, O, F), or a ValueError that
+    names the first molecule that is not so."""
+    if len(positions) != len(types):
+        raise ValueError(f"{len(positions)} molecules' positions but {len(types)} molecules' types")
+    if len(types) == 0:
+        raise ValueError("no molecules to evaluate")
+    xs, ts = [], []
+    for i, (x, t) in enumerate(zip(positions, types)):
+        x, t = np.asarray(x), np.asarray(t)
+        if t.ndim != 1 or x.shape != (len(t), 3) or not np.issubdtype(x.dtype, np.number):
+            raise ValueError(f"molecule {i}: positions of shape {x.shape} for types of shape {t.shape}; "
+                             "give positions [atoms, 3] and types [atoms]")
+        if len(t) and (not np.issubdtype(t.dtype, np.integer) or t.min() < 0 or t.max() >= N_TYPES):
+            raise ValueError(f"molecule {i}: types must be indices 0 .. {N_TYPES - 1} ({', '.join(SYMBOLS)}), "
+                             f"got {t.tolist()}")
+        xs.append(x)
+        ts.append(t)
+    return xs, ts
+
+
 def evaluate_molecules(
     positions: list[np.ndarray],
     types: list[np.ndarray],
@@ -153,9 +174,8 @@ def evaluate_molecules(
     processes at most (None: :func:`molgen.workers.default_workers`; :func:`molgen.workers.workers_for`)."""
     from molgen.fidelity import Stats, distances
 
+    positions, types = _arrays(positions, types)
     m = len(types)
-    if m == 0:
-        raise ValueError("no molecules to evaluate")
     stats = Stats() if reference_stats is not None else None
     per, type_counts = _per_molecule(positions, types, progress, with_strain, stats=stats, workers=workers)
     total_atoms = sum(len(t) for t in types)

@@ -13,6 +13,7 @@ from molgen import MolgenError
 from molgen.chem.io import Molecule
 from molgen.models import Model
 from molgen.sample import Samples, sample
+from molgen.sizes import check_whole
 
 # Which molecules `--keep` keeps (their per-molecule results from molgen.evaluate): `valid` is EDM's validity
 # (RDKit sanitizes the molecule built from its bonds) in one piece; `stable` adds that every atom is stable.
@@ -59,6 +60,7 @@ def sample_kept(model: Model, n: int, keep: str = "all", seed: int = 0, batch_si
         if on_round:
             on_round(n)
         return sample(model, n, seed=seed, batch_size=batch_size, **kw)
+    check_whole("-n", n)
     if n < 1:
         raise MolgenError("-n must be at least 1")
     from molgen.evaluate import judge

@@ -29,7 +29,7 @@ from molgen.models import Model
 from molgen.networks import network
 from molgen.readout import bias_text, parse_type_bias, read_types
 from molgen.samplers import get_sampler
-from molgen.sizes import BATCH, atoms_text, check_request, default_batch_size, draw_sizes, parse_atoms
+from molgen.sizes import BATCH, atoms_text, check_request, check_whole, default_batch_size, draw_sizes, parse_atoms
 
 FEW_DIFFUSION_STEPS = (50, 30)  # a fragment completed by a diffusion model in fewer sampler steps (without, with
 #                               --polish) is warned of (docs/models.md, "Completing a fragment")
@@ -112,6 +112,7 @@ def plan(model: Model, steps: int | None = None, sampler: str | None = None, sig
                           f"inpaint); {model.name} {why}")
     if steps is None:  # levels given: one step each
         steps = len(sigmas) if sigmas and s.takes_sigmas else s.default_steps
+    check_whole("--steps", steps)
     if steps < 1:
         raise MolgenError("--steps must be at least 1")
     if sigmas and not s.takes_sigmas:

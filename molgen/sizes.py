@@ -43,10 +43,18 @@ def atoms_text(lo: int, hi: int) -> str:
     return f"{lo}" if lo == hi else f"{lo}-{hi}"
 
 
+def check_whole(name: str, v) -> None:
+    """Refuse a count that is not a whole number (``None``: not given)."""
+    if v is not None and (isinstance(v, bool) or not isinstance(v, (int, np.integer))):
+        raise MolgenError(f"{name} must be a whole number, got {v!r}")
+
+
 def check_request(cfg, n: int, batch_size: int | None = None, atoms: int | tuple[int, int] | None = None,
                   above: int = 0) -> np.ndarray | None:
     """Check a request's counts before any work; return the atom-count histogram to draw from (None with a count
     ``atoms``), restricted to sizes above ``above`` (a fragment's size) and to a range ``atoms`` = (lo, hi)."""
+    check_whole("-n", n)
+    check_whole("--batch-size", batch_size)
     if n < 1:
         raise MolgenError("-n must be at least 1")
     if batch_size is not None and batch_size < 1:

@@ -1,5 +1,7 @@
 """Bond perception, EDM metrics with exact values on hand-built molecules, and SDF/XYZ round trips."""
 
+import re
+
 import numpy as np
 import pytest
 from conftest import cli
@@ -156,6 +158,24 @@ def test_coordinates_beyond_float32_make_no_bond_and_no_warning(tmp_path):
     assert orders[0, 0].sum() == 4 and orders[1, 0].sum() == 3 and orders[1, 1].sum() == 0
     m = metrics((p, t), (far, t))
     assert m.n_nonfinite == 1 and m.atom_stability == 5 / 10 and m.mol_stability == 0.5
+
+
+def test_malformed_input_to_evaluate_molecules_names_the_first_bad_molecule():
+    p, t = methane()
+    for positions, types, message in [
+        ([], [], "no molecules to evaluate"),
+        ([p, p], [t], "2 molecules' positions but 1 molecules' types"),
+        ([p, p[:3]], [t, t], "molecule 1: positions of shape (3, 3) for types of shape (5,)"),
+        ([p], [t[:, None]], "molecule 0: positions of shape (5, 3) for types of shape (5, 1)"),
+        ([p.astype(str)], [t], "molecule 0: positions of shape (5, 3)"),
+        ([p, p], [t, t + 4], "molecule 1: types must be indices 0 .. 4 (H, C, N, O, F), got [5, 4, 4, 4, 4]"),
+        ([p], [t - 1], "molecule 0: types must be indices 0 .. 4"),
+        ([p], [t.astype(float)], "got [1.0, 0.0, 0.0, 0.0, 0.0]"),
+    ]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            evaluate_molecules(positions, types)
+    lists = evaluate_molecules([p.tolist()], [t.tolist()])  # nested lists are arrays
+    assert (lists.mol_stability, lists.atom_stability) == (1.0, 1.0)
 
 
 def test_stability_vectorised_equals_single(rng):

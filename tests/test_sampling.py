@@ -21,6 +21,7 @@ from molgen.diffusion.levels import karras_grid, ode_levels
 from molgen.models import Model
 from molgen.networks import init_params, model_fn, network
 from molgen.nn.egnn import remove_mean
+from molgen.keep import sample_kept
 from molgen.sample import parse_levels, plan, preflight, sample
 from molgen.samplers import SAMPLERS, get_sampler
 
@@ -115,6 +116,14 @@ def test_sampler_option_errors(rng):
         plan(d, 1001)
     with pytest.raises(MolgenError, match="--steps must be at least 1"):
         plan(c, 0)
+    for kw, message in [({"n": 2.5}, "-n must be a whole number, got 2.5"), ({"steps": 1.0}, "--steps must be a whole "
+                        "number, got 1.0"), ({"batch_size": 2.0}, "--batch-size must be a whole number, got 2.0"),
+                        ({"n": True}, "-n must be a whole number, got True")]:
+        with pytest.raises(MolgenError, match=re.escape(message)):
+            sample(c, **{"n": 2, "steps": 1, **kw})
+        if "steps" not in kw:
+            with pytest.raises(MolgenError, match=re.escape(message)):
+                sample_kept(c, kw.get("n", 2), "stable", batch_size=kw.get("batch_size"), steps=1)
     assert set(SAMPLERS) == {"ancestral", "inpaint", "ode", "multistep", "anneal"}
 
 
