@@ -103,7 +103,7 @@ def train(
 ):
     """Train a model on QM9 from a recipe; Ctrl-C saves a checkpoint, --resume continues exactly."""
     from molgen.display import progress, progress_factory
-    from molgen.jax_setup import init_distributed, setup_training_devices
+    from molgen.jax_setup import init_distributed, setup_training_devices, start_devices
     from molgen.data.qm9 import require_reference
     from molgen.launch import Request, launch, resolve_config
     from molgen.objectives import get_objective
@@ -125,6 +125,7 @@ def train(
     setup_training_devices(cfg.optim.batch_size, devices)
     if distributed:
         init_distributed()
+    start_devices()
     with progress(transient=False) as bar:
         cfg, res = launch(req, data_dir, "bar" if err.is_terminal else "lines", say, progress_factory(bar),
                           max_minutes * 60 if max_minutes else None)
@@ -172,7 +173,7 @@ def sample(
     from molgen.chem.io import DECIMALS
     from molgen.display import sampling_progress
     from molgen.evaluate import annotate, reference_for
-    from molgen.jax_setup import enable_compilation_cache
+    from molgen.jax_setup import enable_compilation_cache, start_devices
     from molgen.keep import sample_kept
     from molgen.models import default_model, load_model, polisher_for
     from molgen.outputs import sample_output, write_samples
@@ -183,6 +184,7 @@ def sample(
     sig, bias, atoms, frag, form = parse_options(sigmas, type_bias, atoms, fix, formula)
     novelty = novelty or novel
     enable_compilation_cache()
+    start_devices()
     m = load_model(checkpoint if checkpoint is not None or frag is None else default_model(fix=True))
     _, _, settings, _ = plan(m, steps, sampler, sig, temperature, renoise, polish, seed, resample, frag is not None,
                              form is not None, bias)
@@ -322,8 +324,10 @@ def export(
 ):
     """Export a run's EMA parameters (float32), config and recipe as a self-contained model folder."""
     from molgen.consistency.stack import describe_network
+    from molgen.jax_setup import start_devices
     from molgen.models import export_model
 
+    start_devices()
     m = export_model(run_dir, dest, headline, temperature, renoise, stack, stages_from, force)
     size = sum(f.stat().st_size for f in dest.iterdir()) / 2**20
     console.print(f"exported {run_dir} to {dest} ({describe_network(m.cfg)}, {size:.2f} MiB)")

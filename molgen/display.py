@@ -268,17 +268,22 @@ def setting_table(data_dir: Path) -> Table:
     import jax
 
     from molgen import __version__
-    from molgen.jax_setup import compilation_cache_dir
+    from molgen import MolgenError
+    from molgen.jax_setup import compilation_cache_dir, start_devices
     from molgen.models import default_model, weights_root
     from molgen.workers import MIN_PER_WORKER, default_workers, usable_cores
 
-    devs = jax.devices()
+    try:
+        devs = start_devices()
+        seen = (f"cpu ({usable_cores()} cores)" if devs[0].platform == "cpu"
+                else f"{devs[0].platform}: {len(devs)} x {devs[0].device_kind}")
+    except MolgenError as e:  # what does not start is what `molgen info` is asked to show
+        seen = f"no device: {e}"
     jax_cache = compilation_cache_dir()
     workers = default_workers()
     items = {
         "molgen": __version__,
-        "JAX": f"{jax.__version__}, " + (f"cpu ({usable_cores()} cores)" if devs[0].platform == "cpu"
-                                         else f"{devs[0].platform}: {len(devs)} x {devs[0].device_kind}"),
+        "JAX": f"{jax.__version__}, {seen}",
         "default model": f"{default_model() or 'none'} (in {weights_root()}); with --fix: "
                          f"{default_model(fix=True) or 'none'}",
         "QM9 cache": str(data_dir) + _derived_note(data_dir),

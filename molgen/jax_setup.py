@@ -160,6 +160,24 @@ def setup_training_devices(batch_size: int, devices: int | None = None) -> None:
     enable_compilation_cache()
 
 
+def start_devices() -> list:
+    """JAX's devices, started now: a platform that cannot start (``JAX_PLATFORMS`` naming one that this install
+    or this machine lacks, e.g. ``cuda`` without molgen's cuda extra or without a GPU) is one error line before any
+    work, not JAX's traceback from deep inside the first array."""
+    import jax
+
+    from molgen import MolgenError
+
+    try:
+        return jax.devices()
+    except (RuntimeError, AssertionError) as e:  # AssertionError: no backend of that name (JAX 0.10)
+        asked = os.environ.get("JAX_PLATFORMS", "").strip()
+        why = (str(e).strip().splitlines() or ["no such platform in this install"])[0]
+        raise MolgenError(f"JAX could not start its devices{f' for JAX_PLATFORMS={asked}' if asked else ''} "
+                          f"({why}); a GPU needs molgen's cuda extra and an NVIDIA driver, and without "
+                          f"JAX_PLATFORMS molgen runs on the CPU") from None
+
+
 def init_distributed() -> None:
     """Join a multi-process run: ``jax.distributed.initialize()`` with the coordinator from
     JAX_COORDINATOR_ADDRESS and the process count and id from JAX_NUM_PROCESSES / JAX_PROCESS_ID when set (else

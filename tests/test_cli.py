@@ -126,6 +126,24 @@ def test_a_terminal_that_cannot_show_a_character_gets_a_question_mark_not_a_trac
     assert row.split("|")[-2].strip().endswith(" ?"), res.stdout  # Å
 
 
+def test_a_platform_that_cannot_start_is_one_line_and_info_shows_it(tmp_path, data_dir):
+    import subprocess
+    import sys
+
+    env = {**os.environ, "JAX_PLATFORMS": "nosuchplatform"}  # as `cuda` where no GPU or CUDA plugin is
+    for args, made in ((("sample", "-n", 2, "-o", tmp_path / "x.sdf"), tmp_path / "x.sdf"),
+                       (("train", "--model", "tiny", "--steps", 2, "--out", tmp_path / "r", "--data-dir", data_dir),
+                        tmp_path / "r")):
+        res = subprocess.run([sys.executable, "-m", "molgen", *map(str, args)], env=env, capture_output=True,
+                             text=True, timeout=300)
+        assert res.returncode == 2 and res.stderr.count("\n") == 1, res.stderr
+        assert res.stderr.startswith("error: JAX could not start its devices for JAX_PLATFORMS=nosuchplatform ("), res.stderr
+        assert "without JAX_PLATFORMS molgen runs on the CPU" in res.stderr and not made.exists()
+    res = subprocess.run([sys.executable, "-m", "molgen", "info", "--data-dir", str(data_dir)], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and "no device: JAX could not start" in res.stdout, res.stdout + res.stderr
+
+
 def test_evaluate_without_a_valid_molecule_says_novelty_is_not_applicable(tmp_path, data_dir):
     """Novelty is a share of the unique valid molecules: with none it is n/a (like uniqueness), not "not
     computed", and no empty note follows the table."""
