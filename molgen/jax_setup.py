@@ -201,7 +201,7 @@ def init_distributed() -> None:
     except ValueError as e:  # JAX found no cluster and was told no coordinator
         raise MolgenError(f"--distributed: {str(e).rstrip('.')} (set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID, "
                           "or run under a cluster manager such as SLURM)") from None
-    refuse_hanging_collectives(jax.__version__, jax.devices()[0].platform)
+    refuse_hanging_collectives(jax.__version__, start_devices()[0].platform)
 
 
 # JAX releases whose processes, on CPUs, hang in the first all-reduce of molgen's chunk of training steps (gloo).
