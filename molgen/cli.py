@@ -68,12 +68,18 @@ def download(
 def info(data_dir: Optional[Path] = Opt(None, "--data-dir", help="Cache folder.")):
     """Show where molgen runs (versions, the devices JAX sees, the default model, cache folders) and the QM9
     cache: its counts, split sizes and atom-count histogram."""
+    import os
+
     from molgen.data.qm9 import cache_is_valid, default_data_dir, load_qm9, read_manifest, require_cache
     from molgen.display import cache_tables, setting_table
 
     require_cache(data_dir, "--data-dir")
     d = data_dir or default_data_dir()
     console.print(setting_table(d))
+    if d.exists() and not d.is_dir():
+        named = "$MOLGEN_HOME" if os.environ.get("MOLGEN_HOME") else "the cache folder"
+        console.print(f"no QM9 cache: {named} {d} is a file, not a folder", soft_wrap=True)
+        return
     if not cache_is_valid(d, verify_hash=False):  # a fresh install: where molgen runs is still worth showing
         console.print(f"no QM9 cache in {d} yet: `molgen download` makes it", soft_wrap=True)
         return

@@ -269,6 +269,7 @@ def setting_table(data_dir: Path) -> Table:
 
     from molgen import __version__
     from molgen import MolgenError
+    from molgen.io_utils import can_make
     from molgen.jax_setup import compilation_cache_dir, start_devices
     from molgen.models import default_model, weights_root
     from molgen.workers import MIN_PER_WORKER, default_workers, usable_cores
@@ -287,7 +288,9 @@ def setting_table(data_dir: Path) -> Table:
         "default model": f"{default_model() or 'none'} (in {weights_root()}); with --fix: "
                          f"{default_model(fix=True) or 'none'}",
         "QM9 cache": str(data_dir) + _derived_note(data_dir),
-        "compiled programs": str(jax_cache) if jax_cache else "not kept (MOLGEN_JAX_CACHE=off)",
+        "compiled programs": (str(jax_cache) if jax_cache and (jax_cache.is_dir() or can_make(jax_cache))
+                              else f"not kept: {jax_cache} cannot be made" if jax_cache
+                              else "not kept (MOLGEN_JAX_CACHE=off)"),
         "evaluation": f"{workers} process{'' if workers == 1 else 'es'} at most (MOLGEN_WORKERS), one per "
                       f"{MIN_PER_WORKER:,} molecules",
     }

@@ -229,11 +229,12 @@ def keep_if_possible(save, path: Path | str, what: str) -> None:
 
 
 def can_make(path: Path | str) -> bool:
-    """Whether ``path`` can be written: its nearest existing folder can be written into."""
+    """Whether ``path`` can be written: its nearest existing parent is a folder that can be written into (not a
+    file, under which nothing can be made)."""
     folder = Path(path).parent
     while not folder.exists() and folder != folder.parent:
         folder = folder.parent
-    return os.access(folder, os.W_OK)
+    return folder.is_dir() and os.access(folder, os.W_OK)
 
 
 def atomic_write_bytes(dest: Path | str, data: bytes) -> None:

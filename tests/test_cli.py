@@ -13,6 +13,7 @@ import pytest
 from conftest import TINY, cli, one_line_error
 
 from molgen.data import qm9, sources
+from molgen.jax_setup import compilation_cache_dir
 
 
 
@@ -60,6 +61,23 @@ def test_info_on_a_fresh_install_and_a_wrong_data_dir(tmp_path, monkeypatch):
     res = run("info", "--data-dir", tmp_path / "none")
     one_line_error(res, "--data-dir", "molgen download --data-dir")
     assert "default model" not in res.output
+
+
+def test_info_and_the_compiled_programs_where_a_cache_folder_is_a_file(tmp_path, monkeypatch):
+    (tmp_path / "home").write_text("not a folder")
+    monkeypatch.setenv("MOLGEN_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "user"))
+    monkeypatch.delenv("MOLGEN_JAX_CACHE", raising=False)
+    res = run("info")
+    assert res.exit_code == 0 and f"$MOLGEN_HOME {tmp_path / 'home'} is a file, not a folder" in res.output
+    assert compilation_cache_dir() == tmp_path / "user" / "molgen" / "jax"  # the user's own, as when read-only
+    (tmp_path / "user").mkdir()
+    (tmp_path / "user" / "molgen").write_text("not a folder either")
+    monkeypatch.delenv("MOLGEN_HOME")
+    res = run("info")
+    out = " ".join(res.output.replace("│", " ").split())
+    assert f"the cache folder {tmp_path / 'user' / 'molgen'} is a file" in out, out
+    assert re.search(r"compiled programs not kept: \S+ cannot be made", out), out  # the path is cut to the width
 
 
 def test_download_without_any_source(tmp_path, monkeypatch):
