@@ -64,6 +64,26 @@ def read_json_object(path: Path | str, what: str = "a JSON object") -> dict:
 
 
 STALE_S = 3600.0  # a temporary file untouched this long was left by a write that never ended (a killed process)
+TEMP_EXTRA = 16  # what a temporary name adds to its stem: "." + stem + "." + 8 random characters + ".tmp", 2 spare
+
+
+def temp_stem(folder: Path, name: str) -> str:
+    """The stem of the temporary files that write ``name`` in ``folder``: the name itself, or, where that would make
+    a temporary name longer than the file system allows (a name near its limit, ~255 bytes), the name cut short
+    and marked with a hash of it, so that each file asked for still has stems of its own."""
+    import hashlib
+
+    try:
+        limit = os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):  # no such query here (Windows), or the folder is not there yet
+        limit = 255
+    if len(name.encode()) + TEMP_EXTRA <= limit:
+        return name
+    mark = "~" + hashlib.sha1(name.encode()).hexdigest()[:8]
+    cut = name
+    while len(cut.encode()) + len(mark) + TEMP_EXTRA > limit:
+        cut = cut[:-1]
+    return cut + mark
 
 
 @contextmanager
@@ -93,14 +113,15 @@ def atomic_path(dest: Path | str):
     dest = Path(os.path.realpath(dest)) if Path(dest).is_symlink() else Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     now = time.time()
-    for stale in dest.parent.glob("." + glob_escape(dest.name) + ".*.tmp"):
+    stem = temp_stem(dest.parent, dest.name)
+    for stale in dest.parent.glob("." + glob_escape(stem) + ".*.tmp"):
         try:
             if now - stale.stat().st_mtime > STALE_S:
                 stale.unlink()
         except FileNotFoundError:  # its writer finished (or another cleaned it) meanwhile
             pass
     try:
-        fd, tmp = tempfile.mkstemp(prefix="." + dest.name + ".", suffix=".tmp", dir=dest.parent)
+        fd, tmp = tempfile.mkstemp(prefix="." + stem + ".", suffix=".tmp", dir=dest.parent)
     except OSError as e:  # name the file asked for, not the temporary one
         raise OSError(e.errno, e.strerror, str(dest)) from None
     os.close(fd)

@@ -435,6 +435,28 @@ def test_a_write_removes_what_an_interrupted_write_left(tmp_path):
     assert (tmp_path / ".other.sdf.x.tmp").exists()
 
 
+def test_a_name_near_the_file_systems_limit_is_written_and_its_leftovers_removed(tmp_path):
+    import os
+    import time
+
+    from molgen.io_utils import STALE_S, atomic_write_text, temp_stem
+
+    limit = os.pathconf(tmp_path, "PC_NAME_MAX")
+    for name in ("n" * (limit - 4) + ".sdf", "é" * ((limit - 4) // 2) + ".sdf"):  # bytes, not characters, count
+        stem = temp_stem(tmp_path, name)
+        assert stem != name and len(stem.encode()) + 16 <= limit
+        assert temp_stem(tmp_path, name[1:]) != stem  # another name, other temporary files
+        stale = tmp_path / f".{stem}.abc12345.tmp"  # as a killed writer leaves it
+        stale.write_text("half")
+        old = time.time() - STALE_S - 60
+        os.utime(stale, (old, old))
+        atomic_write_text(tmp_path / name, "whole")  # the temporary name alone was too long for the file system
+        assert (tmp_path / name).read_text() == "whole" and not stale.exists()
+    assert temp_stem(tmp_path, "out.sdf") == "out.sdf"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["n" * (limit - 4) + ".sdf",
+                                                                 "é" * ((limit - 4) // 2) + ".sdf"])
+
+
 def test_two_writes_to_one_file_at_once_both_finish_whole(tmp_path):
     """Two processes filling one cache file at the same time (two jobs sharing $MOLGEN_HOME): the second does not
     take the first's temporary file for a leftover; each rename is whole, the last one stays."""
