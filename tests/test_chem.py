@@ -241,6 +241,27 @@ def test_xyz_round_trip_and_ase_opens_it(tmp_path):
         np.testing.assert_allclose(f.get_positions(), a.positions, atol=1e-6)
 
 
+def test_extended_xyz_columns_are_read_where_its_properties_line_puts_them(tmp_path):
+    import ase.io
+
+    pos, t = methane()
+    atoms = [(SYMBOLS[k], " ".join(f"{v:.6f}" for v in x)) for k, x in zip(t, pos)]
+    path = tmp_path / "forces-first.xyz"  # as ASE writes other per-atom arrays before the positions when asked
+    path.write_text('5\nProperties=forces:R:3:species:S:1:pos:R:3:tag:I:1 pbc="F F F"\n'
+                    + "".join(f"9.5 -9.5 9.5 {s} {x} 7\n" for s, x in atoms))
+    (back,) = read_molecules(path)
+    np.testing.assert_allclose(back.positions, pos, atol=1e-6)
+    np.testing.assert_allclose(ase.io.read(str(path)).get_positions(), pos, atol=1e-6)  # as ASE reads it
+    assert (back.types == t).all()
+    plain = "".join(f"{s} {x}\n" for s, x in atoms)
+    for props, message in [("species:S:1:pos:R:2", "names no species:S:1 and pos:R:3 columns"),
+                           ("pos:R:3", "names no species:S:1"), ("species:S:1:pos:R", "cannot read its comment"),
+                           ("species:S:1:forces:R:3:pos:R:3", "x.xyz:3: expected 7 columns (its Properties line)")]:
+        (tmp_path / "x.xyz").write_text(f"5\nProperties={props}\n{plain}")
+        with pytest.raises(MolgenError, match=re.escape(message)):
+            read_molecules(tmp_path / "x.xyz")
+
+
 def test_rdkit_written_sdf_evaluates_as_expected(tmp_path):
     path = tmp_path / "rd.sdf"
     w = Chem.SDWriter(str(path))

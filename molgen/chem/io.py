@@ -154,6 +154,29 @@ def _sniffed_format(text: str, path: Path) -> str:
     raise MolgenError(f"{path}: neither SDF nor XYZ by what it holds; give --format")
 
 
+_PROPERTIES = re.compile(r"(?:^|\s)properties=(\"?)([^\s\"]+)\1", re.IGNORECASE)
+
+
+def _xyz_columns(comment: str, where: str) -> tuple[int, int]:
+    """The columns of an XYZ frame's element symbols and of its x (y, z follow): 0 and 1, or where an extended XYZ
+    comment line's ``Properties=name:type:columns:...`` puts ``species`` and ``pos`` (ASE writes other columns,
+    such as forces, before them when asked to)."""
+    m = _PROPERTIES.search(comment)
+    if m is None:
+        return 0, 1
+    parts = m.group(2).split(":")
+    if len(parts) % 3 or not all(c.isdigit() for c in parts[2::3]):
+        raise BadMolecule(f"{where}: cannot read its comment line's Properties={m.group(2)[:60]}")
+    at, col = {}, 0
+    for name, kind, width in zip(parts[::3], parts[1::3], parts[2::3]):
+        at[name.lower()] = (col, kind.upper(), int(width))
+        col += int(width)
+    species, pos = at.get("species"), at.get("pos")
+    if species is None or pos is None or species[1:] != ("S", 1) or pos[1:] != ("R", 3):
+        raise BadMolecule(f"{where}: its Properties={m.group(2)[:60]} names no species:S:1 and pos:R:3 columns")
+    return species[0], pos[0]
+
+
 def read_xyz(path: Path, skip_invalid: bool = False, errors: list | None = None,
              limit: int | None = None, text: str | None = None) -> list[Molecule]:
     """Frames of an XYZ / extended XYZ file (or of ``text``, read from it): count line, comment line, then
@@ -177,16 +200,19 @@ def read_xyz(path: Path, skip_invalid: bool = False, errors: list | None = None,
         comment = lines[i + 1]
         syms, coords = [], []
         try:
+            sym_col, x_col = _xyz_columns(comment, f"{path}:{i + 2}")
+            need = max(sym_col + 1, x_col + 3)
             for k in range(n):
                 ln = i + 2 + k
                 tok = lines[ln].split()
-                if len(tok) < 4:
-                    raise BadMolecule(f"{path}:{ln + 1}: expected 'element x y z', got {lines[ln].strip()[:40]!r}")
+                if len(tok) < need:
+                    what = "'element x y z'" if need == 4 else f"{need} columns (its Properties line)"
+                    raise BadMolecule(f"{path}:{ln + 1}: expected {what}, got {lines[ln].strip()[:40]!r}")
                 try:
-                    coords.append([float(t) for t in tok[1:4]])
+                    coords.append([float(t) for t in tok[x_col:x_col + 3]])
                 except ValueError:
-                    raise BadMolecule(f"{path}:{ln + 1}: bad coordinates {' '.join(tok[1:4])!r}") from None
-                syms.append(tok[0])
+                    raise BadMolecule(f"{path}:{ln + 1}: bad coordinates {' '.join(tok[x_col:x_col + 3])!r}") from None
+                syms.append(tok[sym_col])
             types = _types(syms, f"{path}:{start + 1} (molecule {frame})")
             mols.append(Molecule(types, np.array(coords, np.float64), name=_frame_name(comment)))
         except BadMolecule as e:
