@@ -246,7 +246,7 @@ def test_extended_xyz_columns_are_read_where_its_properties_line_puts_them(tmp_p
 
     pos, t = methane()
     atoms = [(SYMBOLS[k], " ".join(f"{v:.6f}" for v in x)) for k, x in zip(t, pos)]
-    path = tmp_path / "forces-first.xyz"  # as ASE writes other per-atom arrays before the positions when asked
+    path = tmp_path / "forces-first.xyz"  # extended XYZ allows the columns in any order
     path.write_text('5\nProperties=forces:R:3:species:S:1:pos:R:3:tag:I:1 pbc="F F F"\n'
                     + "".join(f"9.5 -9.5 9.5 {s} {x} 7\n" for s, x in atoms))
     (back,) = read_molecules(path)

@@ -159,8 +159,8 @@ _PROPERTIES = re.compile(r"(?:^|\s)properties=(\"?)([^\s\"]+)\1", re.IGNORECASE)
 
 def _xyz_columns(comment: str, where: str) -> tuple[int, int]:
     """The columns of an XYZ frame's element symbols and of its x (y, z follow): 0 and 1, or where an extended XYZ
-    comment line's ``Properties=name:type:columns:...`` puts ``species`` and ``pos`` (ASE writes other columns,
-    such as forces, before them when asked to)."""
+    comment line's ``Properties=name:type:columns:...`` puts ``species`` and ``pos`` (the format allows any order:
+    forces, charges or tags may come first)."""
     m = _PROPERTIES.search(comment)
     if m is None:
         return 0, 1
