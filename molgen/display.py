@@ -267,8 +267,7 @@ def setting_table(data_dir: Path) -> Table:
     ``data_dir``, the folder of compiled programs and the processes evaluation may use."""
     import jax
 
-    from molgen import __version__
-    from molgen import MolgenError
+    from molgen import MolgenError, __version__
     from molgen.io_utils import can_make
     from molgen.jax_setup import compilation_cache_dir, start_devices
     from molgen.models import default_model, weights_root

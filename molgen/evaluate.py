@@ -139,8 +139,8 @@ def judge(molecules) -> list[PerMolecule]:
 
 
 def _arrays(positions, types) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Each molecule's positions [n, 3] (float) and types [n] (indices into H, C, N, O, F), or a ValueError that
-    names the first molecule that is not so."""
+    """Each molecule's positions [n, 3] (numbers, in Å) and types [n] (indices into H, C, N, O, F) as arrays, or a
+    ValueError that names the first molecule that is not so."""
     if len(positions) != len(types):
         raise ValueError(f"{len(positions)} molecules' positions but {len(types)} molecules' types")
     if len(types) == 0:
