@@ -105,7 +105,7 @@ def _judge_chunk(positions, types, with_strain: bool, with_rdkit: bool, count_st
     :class:`molgen.fidelity.Stats` or None)."""
     from molgen.chem.bonds import bond_orders
     from molgen.chem.forcefield import perceive, strain
-    from molgen.chem.rdkit_utils import build_molecule, validity_smiles
+    from molgen.chem.rdkit_utils import build_molecule, quiet, validity_smiles
     from molgen.fidelity import Stats, add_counts
 
     per: list[PerMolecule] = []
@@ -117,16 +117,17 @@ def _judge_chunk(positions, types, with_strain: bool, with_rdkit: bool, count_st
     if stats is not None:  # the molecules statistics() counts: finite, with atoms
         rows = np.isfinite(pos).all(axis=(1, 2)) & mask.any(axis=1)
         add_counts(stats, pos[rows], typ[rows], mask[rows], orders[rows])
-    for k in range(len(typ)):
-        n = int(mask[k].sum())
-        t = typ[k, :n]
-        type_counts += np.bincount(t, minlength=N_TYPES)
-        finite = bool(np.all(np.isfinite(pos[k, :n])))
-        smi, nfrag = validity_smiles(build_molecule(t, orders[k, :n, :n])) if finite else (None, 0)
-        rd = perceive(t, positions[k]) if finite and with_rdkit else None
-        relaxed = strain(rd) if with_strain and rd is not None else None
-        per.append(PerMolecule(n, int(atom_ok[k, :n].sum()), bool(mol_ok[k]), smi is not None, smi or "", nfrag,
-                               finite, rd is not None, *(relaxed or (None, None)), formula=formula(t)))
+    with quiet():  # a molecule RDKit rejects is a result, not a message
+        for k in range(len(typ)):
+            n = int(mask[k].sum())
+            t = typ[k, :n]
+            type_counts += np.bincount(t, minlength=N_TYPES)
+            finite = bool(np.all(np.isfinite(pos[k, :n])))
+            smi, nfrag = validity_smiles(build_molecule(t, orders[k, :n, :n])) if finite else (None, 0)
+            rd = perceive(t, positions[k]) if finite and with_rdkit else None
+            relaxed = strain(rd) if with_strain and rd is not None else None
+            per.append(PerMolecule(n, int(atom_ok[k, :n].sum()), bool(mol_ok[k]), smi is not None, smi or "", nfrag,
+                                   finite, rd is not None, *(relaxed or (None, None)), formula=formula(t)))
     return per, type_counts, stats
 
 
@@ -256,11 +257,12 @@ def training_smiles(data_dir: Path | str | None = None, remove_h: bool = False,
 def _smiles_chunk(positions, types) -> tuple[list[str], int]:
     """The SMILES of a few molecules (those RDKit sanitises), and how many molecules there were."""
     from molgen.chem.bonds import bond_orders
-    from molgen.chem.rdkit_utils import build_molecule, mol_to_smiles
+    from molgen.chem.rdkit_utils import build_molecule, mol_to_smiles, quiet
 
     pos, typ, mask = pad_molecules(positions, types)
     orders = bond_orders(pos, typ, mask)
-    smiles = (mol_to_smiles(build_molecule(t, orders[k, : len(t), : len(t)])) for k, t in enumerate(types))
+    with quiet():
+        smiles = [mol_to_smiles(build_molecule(t, orders[k, : len(t), : len(t)])) for k, t in enumerate(types)]
     return [s for s in smiles if s is not None], len(types)
 
 

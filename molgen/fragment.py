@@ -176,8 +176,11 @@ def contains_fragment(fragment: Fragment, molecules) -> np.ndarray:
         Chem.FastFindRings(out)
         return out
 
-    query = graph_mol(fragment.types, fragment.positions)
-    return np.array([graph_mol(m.types, m.positions).HasSubstructMatch(query) for m in molecules])
+    from molgen.chem.rdkit_utils import quiet
+
+    with quiet():
+        query = graph_mol(fragment.types, fragment.positions)
+        return np.array([graph_mol(m.types, m.positions).HasSubstructMatch(query) for m in molecules])
 
 
 def fragment_kept(fragment: Fragment | None, molecules) -> float | None:

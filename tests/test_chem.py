@@ -579,3 +579,36 @@ def test_rdkit_warnings_while_reading_are_not_shown(tmp_path):
     res = subprocess.run([sys.executable, "-c", code, str(tmp_path / "tagged.sdf")], capture_output=True, text=True,
                          timeout=120)
     assert res.returncode == 0 and res.stdout.strip() == "False" and res.stderr == "", res.stderr
+
+
+def test_molgen_holds_rdkits_messages_back_only_while_it_works(tmp_path):
+    """Importing molgen and judging, writing, reading and drawing molecules RDKit rejects prints none of RDKit's
+    messages and leaves RDKit's logging as the program set it: a notebook's own RDKit errors still show."""
+    import subprocess
+    import sys
+
+    pos, t = methane()
+    five = (np.vstack([pos, [[0.0, 0.0, 1.5]]]), np.append(t, 1))  # a carbon bonded to five atoms: rejected
+    np.savez(tmp_path / "m.npz", pos=five[0], types=five[1])
+    code = f"""
+import numpy as np
+from rdkit import Chem, rdBase
+before = rdBase.LogStatus()
+from molgen.chem.depict import grid
+from molgen.chem.io import Molecule, read_molecules
+from molgen.chem.write import write_molecules
+from molgen.evaluate import evaluate_molecules
+import molgen.chem.forcefield, molgen.fragment, molgen.keep
+assert rdBase.LogStatus() == before, "an import changed RDKit's logging"
+d = np.load({str(tmp_path / "m.npz")!r})
+m = evaluate_molecules([d["pos"]] * 3, [d["types"]] * 3, with_strain=True)
+assert m.validity == 0 and m.rdkit_validity == 0
+write_molecules({str(tmp_path / "m.sdf")!r}, [Molecule(d["types"], d["pos"])])
+grid(read_molecules({str(tmp_path / "m.sdf")!r}), {str(tmp_path / "m.png")!r})
+assert rdBase.LogStatus() == before, "a call changed RDKit's logging"
+Chem.MolFromSmiles("C(C)(C)(C)(C)C")  # the program's own error, printed by RDKit
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert [ln.split("] ", 1)[1] for ln in res.stderr.splitlines()] == [
+        "Explicit valence for atom # 0 C, 5, is greater than permitted"], res.stderr

@@ -10,7 +10,7 @@ from rdkit.Chem import Draw, rdDepictor
 from rdkit.Chem.rdMolDescriptors import CalcMolFormula
 
 from molgen.chem.bonds import bond_orders, pad_molecules, stability
-from molgen.chem.rdkit_utils import build_molecule, mol_to_smiles
+from molgen.chem.rdkit_utils import build_molecule, mol_to_smiles, quiet
 
 MAX_GRID = 100
 
@@ -38,17 +38,18 @@ def grid(molecules, out: Path, per_row: int = 6, size: int = 220) -> int:
     orders = bond_orders(pos, typ, mask)
     _, mol_ok, _ = stability(pos, typ, mask, orders=orders)
     drawn, legends, highlights = [], [], []
-    for k, m in enumerate(mols):
-        n = len(m.types)
-        d, largest, valid = _drawable(np.asarray(m.types), orders[k, :n, :n])
-        marks = " ".join(filter(None, ["S" if mol_ok[k] else "", "V" if valid else "",
-                                       f"{len(Chem.GetMolFrags(d))} frags" if largest else ""]))
-        legends.append(f"{CalcMolFormula(d)}  {marks}".strip())
-        drawn.append(d)
-        highlights.append(largest)
     svg = Path(out).suffix.lower() == ".svg"
-    img = Draw.MolsToGridImage(drawn, molsPerRow=min(per_row, max(len(drawn), 1)), subImgSize=(size, size),
-                               legends=legends, highlightAtomLists=highlights, useSVG=svg)
+    with quiet():
+        for k, m in enumerate(mols):
+            n = len(m.types)
+            d, largest, valid = _drawable(np.asarray(m.types), orders[k, :n, :n])
+            marks = " ".join(filter(None, ["S" if mol_ok[k] else "", "V" if valid else "",
+                                           f"{len(Chem.GetMolFrags(d))} frags" if largest else ""]))
+            legends.append(f"{CalcMolFormula(d)}  {marks}".strip())
+            drawn.append(d)
+            highlights.append(largest)
+        img = Draw.MolsToGridImage(drawn, molsPerRow=min(per_row, max(len(drawn), 1)), subImgSize=(size, size),
+                                   legends=legends, highlightAtomLists=highlights, useSVG=svg)
     with atomic_path(Path(out)) as tmp:
         if svg:
             Path(tmp).write_text(img if isinstance(img, str) else img.data)

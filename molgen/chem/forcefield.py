@@ -11,12 +11,11 @@ geometry.
 from __future__ import annotations
 
 import numpy as np
-from rdkit import Chem, RDLogger
+from rdkit import Chem
 from rdkit.Chem import rdDetermineBonds, rdForceFieldHelpers
 
 from molgen.chem.elements import SYMBOLS, VALENCE
 
-RDLogger.DisableLog("rdApp.*")
 MAX_ITERS = 500
 
 

@@ -226,14 +226,12 @@ def read_xyz(path: Path, skip_invalid: bool = False, errors: list | None = None,
 
 
 class _ParserErrors:
-    """RDKit's parser errors while in scope, kept instead of printed (RDKit >= 2025.09; older releases print
-    them as before): ``reason()`` is the first one, for a one-line message. RDKit's warnings are not shown (as
-    everywhere in molgen, :mod:`molgen.chem.rdkit_utils`): e.g. a record marked 2D with z != 0, read as 3D."""
+    """RDKit's parser errors while in scope, kept (RDKit >= 2025.09; they are kept even while RDKit's messages are
+    held back, :func:`molgen.chem.rdkit_utils.quiet`): ``reason()`` is the first one, for a one-line message."""
 
     def __init__(self):
         from rdkit import rdBase
 
-        rdBase.DisableLog("rdApp.warning")
         capture = getattr(rdBase, "CaptureErrorLog", None)
         self._capture = capture() if capture else None
 
@@ -311,6 +309,8 @@ def _read_sdf_records(path: str, text: str | None, first: int, skip_invalid: boo
     ``first``, after ``lines_before`` lines."""
     from rdkit import Chem
 
+    from molgen.chem.rdkit_utils import quiet
+
     if text is None and is_gzipped(Path(path)):
         text = _read_text(Path(path))
     if text is not None:
@@ -319,17 +319,18 @@ def _read_sdf_records(path: str, text: str | None, first: int, skip_invalid: boo
     else:
         supplier = Chem.SDMolSupplier(path, sanitize=False, removeHs=False, strictParsing=True)
     mols, errors = [], []
-    for k in range(len(supplier)):
-        if limit is not None and len(mols) >= limit:
-            break
-        with _ParserErrors() as parser:
-            mol = supplier[k]
-        try:
-            mols.append(_sdf_molecule(mol, f"{path}: molecule {first + k}", parser, lines_before))
-        except BadMolecule as e:
-            if not skip_invalid:
-                raise
-            errors.append(str(e))
+    with quiet():  # RDKit's warnings (a record marked 2D with z != 0, read as 3D) and errors not printed
+        for k in range(len(supplier)):
+            if limit is not None and len(mols) >= limit:
+                break
+            with _ParserErrors() as parser:
+                mol = supplier[k]
+            try:
+                mols.append(_sdf_molecule(mol, f"{path}: molecule {first + k}", parser, lines_before))
+            except BadMolecule as e:
+                if not skip_invalid:
+                    raise
+                errors.append(str(e))
     return mols, errors
 
 

@@ -2,13 +2,25 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import numpy as np
-from rdkit import Chem, RDLogger
+from rdkit import Chem, rdBase
 from rdkit.Geometry import Point3D
 
 from molgen.chem.elements import SYMBOLS
 
-RDLogger.DisableLog("rdApp.*")
+
+@contextmanager
+def quiet():
+    """RDKit's own messages held back while molgen works with RDKit (a molecule RDKit rejects is a result here, not
+    something to print), and RDKit's logging as it was afterwards: importing or calling molgen leaves the logging
+    of the rest of the program (a notebook's own RDKit work) as it was."""
+    block = rdBase.BlockLogs()
+    try:
+        yield
+    finally:
+        del block
 
 # RDKit copies the atom it is given (AddAtom), so one prototype per element serves every molecule: with an atom
 # made from its symbol each time and the bond orders read one NumPy scalar at a time, construction took 1.7x as long.

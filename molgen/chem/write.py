@@ -17,7 +17,7 @@ def write_sdf(path: Path | str, molecules: list[Molecule], orders: list[np.ndarr
     from rdkit import Chem
 
     from molgen.chem.bonds import bond_orders, pad_molecules
-    from molgen.chem.rdkit_utils import build_molecule
+    from molgen.chem.rdkit_utils import build_molecule, quiet
 
     if orders is None:
         orders = []
@@ -26,7 +26,7 @@ def write_sdf(path: Path | str, molecules: list[Molecule], orders: list[np.ndarr
             pos, typ, mask = pad_molecules([m.positions for m in chunk], [m.types for m in chunk])
             o = bond_orders(pos, typ, mask)
             orders += [o[k, : len(m.types), : len(m.types)] for k, m in enumerate(chunk)]
-    with atomic_path(path) as tmp, open(tmp, "w") as f:  # through Python's file: a failed write is an error
+    with atomic_path(path) as tmp, open(tmp, "w") as f, quiet():  # through Python's file: a failed write is an error
         writer = Chem.SDWriter(f)
         writer.SetKekulize(False)
         for k, (m, o) in enumerate(zip(molecules, orders)):
