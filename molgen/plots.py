@@ -15,13 +15,12 @@ from molgen.fidelity import ANGLE_BIN, LENGTH_BIN, Stats, bond_key
 HIDDEN = {"step", "time", "steps_per_s", "lr", "grad_norm"}  # not loss-like
 
 
-def _pyplot():
-    import matplotlib
+def _figure(**kw):
+    """A figure of its own, outside pyplot: drawn without a display, and without changing the backend or the
+    figures of a program (a notebook) that imports molgen."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    return Figure(**kw)
 
 
 def _save(fig, out: Path) -> None:
@@ -29,7 +28,6 @@ def _save(fig, out: Path) -> None:
 
     with atomic_path(out) as tmp:
         fig.savefig(tmp, dpi=110, format=out.suffix.lstrip(".") or "png")
-    _pyplot().close(fig)
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -60,9 +58,9 @@ def training_curves(run_dir: Path, out: Path) -> list[str]:
     """Loss-like series (training, validation, their parts, logged sample metrics) against step on a log scale,
     and the learning rate (and gradient norm) below; returns the series drawn."""
     rows = read_metrics(run_dir)
-    plt = _pyplot()
     keys = sorted({k for r in rows for k, v in r.items() if isinstance(v, (int, float)) and k not in HIDDEN})
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 6), sharex=True, height_ratios=(3, 1.4))
+    fig = _figure(figsize=(8, 6))
+    top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=(3, 1.4))
     for k in keys:
         pts = [(r["step"], r[k]) for r in rows if isinstance(r.get(k), (int, float)) and np.isfinite(r[k])]
         if pts:
@@ -99,11 +97,11 @@ def _density(counts: np.ndarray, factor: int) -> np.ndarray:
 
 def fidelity_plots(st: Stats, ref: Stats, out_dir: Path, label: str = "molecules") -> list[Path]:
     """atom_types.png, bond_lengths.png and bond_angles.png in ``out_dir``: the set against QM9's test split."""
-    plt = _pyplot()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    fig, ax = plt.subplots(figsize=(5, 3.2))
+    fig = _figure(figsize=(5, 3.2))
+    ax = fig.subplots()
     w = 0.38
     for off, counts, name in ((-w / 2, st.types, label), (w / 2, ref.types, "QM9 test")):
         ax.bar(np.arange(N_TYPES) + off, counts / max(counts.sum(), 1), w, label=name)
@@ -116,7 +114,8 @@ def fidelity_plots(st: Stats, ref: Stats, out_dir: Path, label: str = "molecules
 
     flat = ref.lengths.reshape(-1, ref.lengths.shape[-1]).sum(1)
     top = [np.unravel_index(i, ref.lengths.shape[:3]) for i in np.argsort(-flat)[:6] if flat[i] > 0]
-    fig, axes = plt.subplots(2, 3, figsize=(10, 5.4))
+    fig = _figure(figsize=(10, 5.4))
+    axes = fig.subplots(2, 3)
     factor = 5  # 0.01 Å bins
     x = (np.arange(ref.lengths.shape[-1] // factor) + 0.5) * LENGTH_BIN * factor
     for ax, (a, b, o) in zip(axes.ravel(), top):
@@ -133,7 +132,8 @@ def fidelity_plots(st: Stats, ref: Stats, out_dir: Path, label: str = "molecules
     written.append(out_dir / "bond_lengths.png")
 
     centres = [e for e in range(N_TYPES) if ref.angles[e].sum()]
-    fig, axes = plt.subplots(1, len(centres), figsize=(3.4 * len(centres), 3.2), squeeze=False)
+    fig = _figure(figsize=(3.4 * len(centres), 3.2))
+    axes = fig.subplots(1, len(centres), squeeze=False)
     factor = 8  # 2 degree bins
     x = (np.arange(ref.angles.shape[-1] // factor) + 0.5) * ANGLE_BIN * factor
     for ax, e in zip(axes[0], centres):

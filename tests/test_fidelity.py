@@ -373,6 +373,34 @@ def test_plot_draws_the_training_curves(tmp_path):
     assert res.exit_code == 0 and (tmp_path / "c.png").exists(), res.output
 
 
+def test_plots_leave_the_programs_matplotlib_as_it_was(tmp_path, sdf):
+    """A notebook's backend and figures are its own: molgen draws on figures outside pyplot."""
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in (1, 2, 3)))
+    code = f"""
+import matplotlib
+matplotlib.use("svg")
+import matplotlib.pyplot as plt
+from pathlib import Path
+from molgen.chem.io import read_molecules
+from molgen.fidelity import statistics
+from molgen.plots import fidelity_plots, training_curves
+mine = plt.figure()
+training_curves(Path({str(run)!r}), Path({str(tmp_path / "c.png")!r}))
+mols = read_molecules({str(sdf)!r})
+st = statistics([m.positions for m in mols], [m.types for m in mols])
+fidelity_plots(st, st, Path({str(tmp_path / "plots")!r}))
+print(matplotlib.get_backend(), plt.get_fignums(), plt.gcf() is mine)
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and res.stdout.split() == ["svg", "[1]", "True"], res.stdout + res.stderr
+    assert _png_size(tmp_path / "c.png")[0] > 200 and len(list((tmp_path / "plots").glob("*.png"))) == 3
+
+
 def test_view_and_plot_write_png_to_standard_output(tmp_path, sdf):
     """`-o -`: the image's bytes on standard output, what the command says on stderr."""
     import subprocess
