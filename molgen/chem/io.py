@@ -18,6 +18,7 @@ import numpy as np
 
 from molgen import MolgenError
 from molgen.chem.elements import CHARGES, SYMBOLS, symbol_to_type
+from molgen.chem.extxyz import xyz_columns
 from molgen.io_utils import MOLECULE_SUFFIXES, STDIO, is_gzipped, is_stream, molecule_suffix, unused_path
 
 FORMATS = ("sdf", "xyz")
@@ -154,29 +155,6 @@ def _sniffed_format(text: str, path: Path) -> str:
     raise MolgenError(f"{path}: neither SDF nor XYZ by what it holds; give --format")
 
 
-_PROPERTIES = re.compile(r"(?:^|\s)properties=(\"?)([^\s\"]+)\1", re.IGNORECASE)
-
-
-def _xyz_columns(comment: str, where: str) -> tuple[int, int]:
-    """The columns of an XYZ frame's element symbols and of its x (y, z follow): 0 and 1, or where an extended XYZ
-    comment line's ``Properties=name:type:columns:...`` puts ``species`` and ``pos`` (the format allows any order:
-    forces, charges or tags may come first)."""
-    m = _PROPERTIES.search(comment)
-    if m is None:
-        return 0, 1
-    parts = m.group(2).split(":")
-    if len(parts) % 3 or not all(c.isdigit() for c in parts[2::3]):
-        raise BadMolecule(f"{where}: cannot read its comment line's Properties={m.group(2)[:60]}")
-    at, col = {}, 0
-    for name, kind, width in zip(parts[::3], parts[1::3], parts[2::3]):
-        at[name.lower()] = (col, kind.upper(), int(width))
-        col += int(width)
-    species, pos = at.get("species"), at.get("pos")
-    if species is None or pos is None or species[1:] != ("S", 1) or pos[1:] != ("R", 3):
-        raise BadMolecule(f"{where}: its Properties={m.group(2)[:60]} names no species:S:1 and pos:R:3 columns")
-    return species[0], pos[0]
-
-
 def read_xyz(path: Path, skip_invalid: bool = False, errors: list | None = None,
              limit: int | None = None, text: str | None = None) -> list[Molecule]:
     """Frames of an XYZ / extended XYZ file (or of ``text``, read from it): count line, comment line, then
@@ -200,7 +178,10 @@ def read_xyz(path: Path, skip_invalid: bool = False, errors: list | None = None,
         comment = lines[i + 1]
         syms, coords = [], []
         try:
-            sym_col, x_col = _xyz_columns(comment, f"{path}:{i + 2}")
+            try:
+                sym_col, x_col = xyz_columns(comment)
+            except ValueError as e:
+                raise BadMolecule(f"{path}:{i + 2}: {e}") from None
             need = max(sym_col + 1, x_col + 3)
             for k in range(n):
                 ln = i + 2 + k
