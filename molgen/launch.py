@@ -19,7 +19,8 @@ from molgen.consistency.polisher import POLISH_STREAM, check_examples, example_s
 from molgen.models import Model, find_model, load_diffusion_model, load_model, read_params, write_params
 from molgen.networks import model_fn
 from molgen.objectives import get_objective
-from molgen.recipes import apply_table, check_settings, merge, parse_set, read_recipe, to_config
+from molgen.nn.egnn import PRESETS
+from molgen.recipes import CHOICES, apply_table, check_settings, merge, parse_set, read_recipe, to_config
 from molgen.state import CONFIG_NAME
 
 ANCHOR_NAME = "anchor.msgpack"  # a distillation run's copy of its anchor's parameters
@@ -76,6 +77,10 @@ def check_request(req: Request) -> None:
         raise MolgenError(f"--lr must be positive, got {req.lr}")
     if req.seed is not None and not 0 <= req.seed < 2**32:
         raise MolgenError(f"--seed must be in 0 .. 2^32 - 1, got {req.seed}")
+    for option, value, names in (("--model", req.model, tuple(PRESETS)), ("--precision", req.precision,
+                                                                         CHOICES["optim"]["precision"])):
+        if value is not None and value not in names:
+            raise MolgenError(f"{option} must be one of {', '.join(names)}, got {value!r}")
 
 
 def resolve_config(req: Request) -> RunConfig:
@@ -119,8 +124,6 @@ def _flat(tables: dict, prefix: str = "") -> dict:
 def _resumed(cfg: RunConfig, req: Request) -> RunConfig:
     """A resumed run's own config with the optimiser settings asked for (steps, batch size, lr, precision,
     --set optim.*). Any other setting given (the same command again, with --resume) must be the run's own."""
-    from molgen.nn.egnn import PRESETS
-
     asked = merge(merge(read_recipe(req.recipe) if req.recipe else {}, parse_set(list(req.sets))),
                   _direct(req, _teacher_section(cfg.objective)))
     if req.init:

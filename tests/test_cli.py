@@ -607,7 +607,8 @@ def test_resume_with_new_learning_rate_batch_size_and_precision(tmp_path, data_d
     out = tmp_path / "run"
     base = ("--data-dir", data_dir, "--out", out, *_opt(ckpt_every=2, eval_every=2))
     one_line_error(run("train", *TINY, "--precision", "fp8", *base),
-                   "optim.precision must be one of auto, float32, tf32, bf16, got 'fp8'")
+                   "--precision must be one of auto, float32, tf32, bf16, got 'fp8'")
+    one_line_error(run("train", "--model", "huge", *base), "--model must be one of tiny, small, base, edm, got 'huge'")
     assert not out.exists()  # refused before anything is written
     res = run("train", *TINY, "--steps", 2, "--batch-size", 8, "--lr", 1e-3, "--precision", "bf16", *base)
     assert res.exit_code == 0 and json.loads((out / "config.json").read_text())["optim"]["precision"] == "bf16"
