@@ -162,6 +162,7 @@ def contains_fragment(fragment: Fragment, molecules) -> np.ndarray:
     from rdkit import Chem
 
     from molgen.chem.bonds import bond_orders, pad_molecules
+    from molgen.chem.rdkit_utils import quiet
 
     def graph_mol(types, pos):
         p, t, mask = pad_molecules([pos], [types])
@@ -175,8 +176,6 @@ def contains_fragment(fragment: Fragment, molecules) -> np.ndarray:
         out.UpdatePropertyCache(strict=False)
         Chem.FastFindRings(out)
         return out
-
-    from molgen.chem.rdkit_utils import quiet
 
     with quiet():
         query = graph_mol(fragment.types, fragment.positions)

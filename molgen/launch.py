@@ -77,8 +77,8 @@ def check_request(req: Request) -> None:
         raise MolgenError(f"--lr must be positive, got {req.lr}")
     if req.seed is not None and not 0 <= req.seed < 2**32:
         raise MolgenError(f"--seed must be in 0 .. 2^32 - 1, got {req.seed}")
-    for option, value, names in (("--model", req.model, tuple(PRESETS)), ("--precision", req.precision,
-                                                                         CHOICES["optim"]["precision"])):
+    choices = {"--model": (req.model, tuple(PRESETS)), "--precision": (req.precision, CHOICES["optim"]["precision"])}
+    for option, (value, names) in choices.items():
         if value is not None and value not in names:
             raise MolgenError(f"{option} must be one of {', '.join(names)}, got {value!r}")
 
