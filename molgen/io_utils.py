@@ -245,8 +245,18 @@ def keep_if_possible(save, path: Path | str, what: str) -> None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         save()
     except OSError as e:
-        print(f"warning: {path}: {e.strerror or e}: {what} not kept, so computed again each time",
-              file=sys.stderr)
+        to_stderr(f"warning: {path}: {e.strerror or e}: {what} not kept, so computed again each time")
+
+
+def to_stderr(line: str) -> None:
+    """A line on standard error, where molgen's messages go; dropped where it cannot take it (closed, a full disk),
+    as Python drops its warnings there: a message is not worth the work."""
+    if sys.stderr is None:
+        return
+    try:
+        print(line, file=sys.stderr)
+    except OSError:
+        pass
 
 
 def can_make(path: Path | str) -> bool:

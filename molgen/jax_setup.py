@@ -54,8 +54,9 @@ def _remove_damaged_entries(cache: Path) -> None:
     """An entry of the cache cut short (its write refused by a full disk, or killed) is never written again, so
     JAX would warn at every run that it cannot read it: its program's entries are removed instead, with one line,
     and written anew when it is compiled."""
-    import sys
     import warnings
+
+    from molgen.io_utils import to_stderr
 
     previous = warnings.showwarning
     if getattr(previous, "molgen_cache", None) == cache:
@@ -70,8 +71,8 @@ def _remove_damaged_entries(cache: Path) -> None:
                 entry.unlink(missing_ok=True)
         except OSError:  # not ours to remove (a read-only cache): JAX's warning, as it is
             return previous(message, category, filename, lineno, file, line)
-        print(f"warning: the compiled-program cache {cache} held a damaged entry for {name.group(1)} (written when "
-              "the disk was full, or killed): removed, and written again once compiled", file=sys.stderr)
+        to_stderr(f"warning: the compiled-program cache {cache} held a damaged entry for {name.group(1)} (written "
+                  "when the disk was full, or killed): removed, and written again once compiled")
 
     show.molgen_cache = cache
     warnings.showwarning = show

@@ -206,3 +206,32 @@ def test_a_fragment_from_standard_input(tmp_path):
         assert m.types[:4].tolist() == [2, 0, 0, 0]  # N, H, H, H first, where the fragment put them
         np.testing.assert_allclose(m.positions[:4], [[0, 0, 0], [1.01, 0, 0], [-0.34, 0.95, 0], [-0.34, -0.47, 0.83]],
                                    atol=1e-5)
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs Linux's /dev/full (a device whose writes fail)")
+def test_a_full_or_closed_stdout_or_stderr(tmp_path, molecules):
+    """A report that standard output cannot take is an error naming it; standard error carries only messages, so
+    where it cannot take them (full, closed) the work is done all the same, and a refusal keeps its exit code."""
+    import subprocess
+    import sys
+
+    write_molecules(tmp_path / "a.sdf", molecules)
+
+    def run(*args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE):
+        cmd = [sys.executable, "-m", "molgen", "evaluate", *map(str, args), "--no-novelty", "--no-fidelity"]
+        p = subprocess.run(cmd, stdout=stdout, stderr=stderr, cwd=tmp_path, timeout=120)
+        return p.returncode, (p.stderr or b"").decode()
+
+    with open("/dev/full", "wb") as full:
+        code, err = run("a.sdf", stdout=full)  # the report to a full disk
+        assert code == 2 and err.strip() == "error: standard output: No space left on device", err
+        p = subprocess.run([sys.executable, "-m", "molgen", "evaluate", "a.sdf", "--json", "-", "--no-novelty",
+                            "--no-fidelity"], stdout=subprocess.PIPE, stderr=full, cwd=tmp_path, timeout=120)
+        assert p.returncode == 0 and json.loads(p.stdout)["n_molecules"] == 3  # the report went to a full stderr
+        assert run("none.sdf", stderr=full)[0] == 2  # not a crash in saying so
+    for closed in ("stdout", "stderr"):  # `>&-`, `2>&-`: Python leaves the stream as None
+        (tmp_path / "m.json").unlink(missing_ok=True)
+        code = subprocess.run(["bash", "-c", f'"$0" -m molgen evaluate a.sdf --json m.json --no-novelty '
+                               f'--no-fidelity {">&-" if closed == "stdout" else "2>&-"}', sys.executable],
+                              cwd=tmp_path, capture_output=closed == "stdout", timeout=120).returncode
+        assert code == 0 and json.loads((tmp_path / "m.json").read_text())["n_molecules"] == 3, closed
