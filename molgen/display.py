@@ -3,7 +3,6 @@ of the QM9 cache and of the shipped models. Output only; no decisions."""
 
 from __future__ import annotations
 
-import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -14,45 +13,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from molgen.stdio import Stdio
 
-
-class Stdio:
-    """Standard output or standard error as the consoles write them, looked up at each write (a test may replace
-    them). Standard error carries messages (progress, warnings, errors, a report moved there): where it cannot be
-    written (a full disk, a reader gone) they are dropped and the command goes on; its files are its work. An error
-    writing standard output names it ("standard output: No space left on device"), as a file's error names the
-    file. A stream that is closed (``>&-``) takes nothing, as Python leaves it (None)."""
-
-    def __init__(self, stderr: bool = False):
-        self.stderr = stderr
-
-    def _stream(self):
-        return sys.stderr if self.stderr else sys.stdout
-
-    def write(self, text: str) -> int:
-        return self._guard(lambda stream: stream.write(text), len(text))
-
-    def flush(self) -> None:
-        self._guard(lambda stream: stream.flush(), None)
-
-    def _guard(self, op, dropped):
-        if (stream := self._stream()) is None:
-            return dropped
-        try:
-            return op(stream)
-        except OSError as e:
-            if self.stderr:
-                return dropped
-            if e.filename or not e.errno:
-                raise
-            raise type(e)(e.errno, e.strerror, "standard output") from None
-
-    def isatty(self) -> bool:
-        stream = self._stream()
-        return stream is not None and stream.isatty()
-
-    def __getattr__(self, name):  # fileno, encoding, ...: the stream's own
-        return getattr(self._stream(), name)
 
 
 report_stream = Stdio()
@@ -64,17 +26,6 @@ def report_to_stderr(on: bool = True) -> None:
     """What the commands print goes to stderr (``on``) or to stdout again: a command whose output file is standard
     output must not mix its report into it."""
     report_stream.stderr = on
-
-
-def silence_stdout() -> None:
-    """Standard output goes nowhere from now on: its reader has gone, and flushing at exit would fail again."""
-    import os
-    import sys
-
-    try:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-    except (OSError, ValueError, AttributeError):  # no file descriptor behind it (a test's captured output)
-        pass
 
 
 def count(n: int, noun: str) -> str:

@@ -12,7 +12,8 @@ import signal
 import threading
 
 from molgen import MolgenError
-from molgen.display import err, error, report_to_stderr, say, silence_stdout
+from molgen.display import err, error, report_to_stderr, say
+from molgen.stdio import silence_stdout
 
 # What to change when JAX runs out of memory, by command; the arrays a call needs grow with its batch
 MEMORY_HINTS = {"sample": "sample fewer molecules (-n), or fewer at a time (a smaller --batch-size)",

@@ -16,6 +16,7 @@ from glob import escape as glob_escape
 from contextlib import contextmanager
 from pathlib import Path
 
+from molgen.stdio import to_stderr
 
 NPZ_DAMAGE = (ValueError, KeyError, EOFError, zipfile.BadZipFile)  # what reading a damaged .npz raises
 STDIO = "-"  # as a file name: standard input (read) or standard output (write)
@@ -246,17 +247,6 @@ def keep_if_possible(save, path: Path | str, what: str) -> None:
         save()
     except OSError as e:
         to_stderr(f"warning: {path}: {e.strerror or e}: {what} not kept, so computed again each time")
-
-
-def to_stderr(line: str) -> None:
-    """A line on standard error, where molgen's messages go; dropped where it cannot take it (closed, a full disk),
-    as Python drops its warnings there: a message is not worth the work."""
-    if sys.stderr is None:
-        return
-    try:
-        print(line, file=sys.stderr)
-    except OSError:
-        pass
 
 
 def can_make(path: Path | str) -> bool:

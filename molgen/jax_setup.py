@@ -56,7 +56,7 @@ def _remove_damaged_entries(cache: Path) -> None:
     and written anew when it is compiled."""
     import warnings
 
-    from molgen.io_utils import to_stderr
+    from molgen.stdio import to_stderr
 
     previous = warnings.showwarning
     if getattr(previous, "molgen_cache", None) == cache:
