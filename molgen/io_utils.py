@@ -196,6 +196,32 @@ def check_writable(path: Path | str | None, what: str = "output", inputs=(), suf
         raise MolgenError(f"{what} {path}: cannot write into {path.parent} ({why})")
 
 
+def check_room(path: Path | str, need: int, what: str, content: str, is_folder: bool = False) -> None:
+    """Refuse, before any work, to write at least ``need`` bytes to the file ``path`` (``is_folder``: into the
+    folder ``path``) where its file system has less room (for a user: ``statvfs``'s blocks available), e.g. "-o
+    out.sdf: 1,000 molecules take at least 1.29 MiB; /tmp has 0.11 MiB free" for ``content`` "1,000 molecules
+    take". A stream, or a file system that tells no size, is not checked."""
+    from molgen import MolgenError
+
+    if is_stream(path):
+        return
+    folder = Path(os.path.realpath(path)) if is_folder else Path(os.path.realpath(path)).parent
+    while not folder.is_dir() and folder != folder.parent:  # a new run's folder: where it will be made
+        folder = folder.parent
+    try:
+        st = os.statvfs(folder)
+    except OSError:  # not knowable: the write itself will tell
+        return
+    free = st.f_bavail * st.f_frsize
+    if st.f_blocks and need > free:
+        raise MolgenError(f"{what} {path}: {content} at least {mebibytes(need)}; {folder} has {mebibytes(free)} free")
+
+
+def mebibytes(n: int) -> str:
+    """A byte count for people: '0.27 MiB', '1.9 GiB'."""
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.2f} MiB"
+
+
 def _cannot_write_into(folder: Path) -> str | None:
     """Why nothing can be made in ``folder``, None when something can: tried with a temporary folder, which also
     tells what access() cannot (a superuser in a folder such as /proc)."""

@@ -179,7 +179,7 @@ def sample(model: Model, n: int, steps: int | None = None, seed: int = 0, atoms:
                                         resample, fragment is not None, formula is not None, type_bias)
     if polish_calls and polisher is None:
         raise MolgenError("polishing needs a diffusion model (--polisher)")
-    sizes = draw_sizes(model.cfg, n, seed, atoms, above=fragment.size if fragment is not None else 0)
+    sizes = sample_sizes(model, n, seed, atoms, fragment)
     fns = s.prepare(model.cfg, apply) if apply is not None else _prepared(s, model.cfg)
     if fragment is not None:
         settings["molgen_fixed_atoms"] = fragment.size
@@ -242,6 +242,13 @@ def _molecules(x, h, sizes, first: int, settings: dict, fragment=None, decimals:
                             props=dict(settings)))
         o += k
     return out
+
+
+def sample_sizes(model: Model, n: int, seed: int = 0, atoms: int | tuple[int, int] | None = None, fragment=None,
+                 formula=None) -> np.ndarray:
+    """The atom counts of the molecules :func:`sample` draws with these arguments, in order."""
+    return draw_sizes(model.cfg, n, seed, formula_atoms(formula, atoms, fragment),
+                      above=fragment.size if fragment is not None else 0)
 
 
 def formula_atoms(formula, atoms: int | tuple[int, int] | None, fragment=None) -> int | tuple[int, int] | None:

@@ -32,6 +32,7 @@ from molgen.calls import wait_ready
 from molgen.config import RunConfig
 from molgen.data.batching import BatchSampler, make_batch
 from molgen.failures import first_line, is_out_of_memory, stopped_by
+from molgen.io_utils import check_room
 from molgen.networks import resolve_precision
 from molgen.parallel import agree, global_put, is_main, local_value, make_mesh, put_batch
 from molgen.rundir import (check_run_dir, cut_metrics, remove_unfinished_checkpoints, resumed_plan,
@@ -69,12 +70,17 @@ def open_run(cfg: RunConfig, run_dir: Path, resume: bool, init_params=None, log=
     run_dir = Path(run_dir)
     check_run_dir(run_dir, resume)
     cfg = cfg.with_optim(precision=resolve_precision(cfg.optim.precision), layout=resolve_layout(cfg.optim.layout))
+    shapes = state_shapes(cfg)
+    # a checkpoint holds at least the parameters and their EMA (and the optimiser's moments, which it may compress):
+    # a disk without that room is refused now, not when the first checkpoint is written
+    least = sum(a.size * a.dtype.itemsize for a in jax.tree_util.tree_leaves((shapes.params, shapes.ema)))
+    check_room(run_dir, least, "--out", "a checkpoint takes", is_folder=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     for name in remove_unfinished_checkpoints(run_dir) if is_main() else ():
         log(f"removed checkpoints/{name}: a checkpoint left unfinished (the run was killed while saving it)")
     mgr = checkpoint_manager(run_dir, cfg.optim.keep)
     if resume:
-        state = restore_checkpoint(mgr, state_shapes(cfg))
+        state = restore_checkpoint(mgr, shapes)
         if is_main():
             cut_metrics(run_dir / METRICS_NAME, int(local_value(state.step)))
         log(f"resumed from step {int(local_value(state.step))} in {run_dir}")

@@ -389,6 +389,68 @@ def test_a_read_only_file_system_is_one_line(tmp_path, monkeypatch):
     one_line_error(run("sample", "-n", 2, "-o", tmp_path / "out.sdf", "--no-report"), "Read-only file system")
 
 
+def test_an_output_without_room_is_refused_before_sampling(tmp_path, monkeypatch):
+    """A file system with less room than the molecules' atoms take (a lower bound of the file: one molecule of each
+    size written as molgen writes it, no bonds, no properties) is refused before any sampling; a stream, --keep
+    (which keeps other draws) and a file system that tells no size are not checked."""
+    import os
+    from types import SimpleNamespace
+
+    from molgen.chem.io import read_molecules
+    from molgen.chem.write import least_bytes
+
+    bound = {}
+    for fmt in ("sdf", "xyz"):  # the bound is below what is written, and not far below
+        path = tmp_path / f"a.{fmt}"
+        assert run("sample", "-n", 40, "-o", path, "--no-report", "--seed", 3).exit_code == 0
+        bound[fmt] = least_bytes([len(m.types) for m in read_molecules(path)], fmt)
+        assert 0.5 * path.stat().st_size < bound[fmt] <= path.stat().st_size, fmt
+    free = {"bytes": bound["sdf"] - 1, "blocks": 100}
+    monkeypatch.setattr(os, "statvfs", lambda p: SimpleNamespace(f_bavail=free["bytes"], f_frsize=1,
+                                                                 f_blocks=free["blocks"]))
+    with monkeypatch.context() as mp:
+        mp.setattr("molgen.keep.sample", lambda *a, **k: pytest.fail("sampled"))
+        res = run("sample", "-n", 40, "-o", tmp_path / "b.sdf", "--seed", 3)
+    one_line_error(res, f"-o {tmp_path / 'b.sdf'}: 40 molecules take at least", f"{tmp_path} has 0.")
+    assert not (tmp_path / "b.sdf").exists() and "wrote" not in res.output
+    free["bytes"] += 1  # room for the bound: written
+    assert run("sample", "-n", 40, "-o", tmp_path / "b.sdf", "--no-report", "--seed", 3).exit_code == 0
+    free["bytes"] = 0
+    for args in (["-o", "-"], ["--keep", "valid", "-o", tmp_path / "c.sdf"]):
+        res = CliRunner().invoke(app, ["sample", "-n", "3", "--no-report", *map(str, args)])
+        assert res.exit_code == 0, res.output
+    free["blocks"] = 0  # a file system that tells no size (some network and virtual ones)
+    assert run("sample", "-n", 3, "-o", tmp_path / "d.sdf", "--no-report").exit_code == 0
+
+
+def test_a_run_without_room_for_a_checkpoint_is_refused_before_training(ct_run, tmp_path, data_dir, monkeypatch):
+    """Less room than a checkpoint's parameters and their EMA take: a new run leaves no folder, a resumed one is
+    left as it was, before any step."""
+    import os
+    import shutil
+    from types import SimpleNamespace
+
+    import jax
+
+    from molgen.config import RunConfig
+    from molgen.state import state_shapes
+
+    shapes = state_shapes(RunConfig.load(ct_run / "config.json"))
+    least = sum(a.size * a.dtype.itemsize for a in jax.tree_util.tree_leaves((shapes.params, shapes.ema)))
+    assert 0 < least < sum(f.stat().st_size for f in (ct_run / "checkpoints").rglob("*") if f.is_file())
+    folder = tmp_path / "resumed"
+    shutil.copytree(ct_run, folder)
+    before = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    monkeypatch.setattr(os, "statvfs", lambda p: SimpleNamespace(f_bavail=least - 1, f_frsize=1, f_blocks=100))
+    monkeypatch.setattr("molgen.train.make_train_chunk", lambda *a, **k: pytest.fail("trained"))
+    res = run("train", "--objective", "ct", *TINY, "--steps", 4, "--batch-size", 8, "--data-dir", data_dir,
+              "--out", tmp_path / "new")
+    one_line_error(res, f"--out {tmp_path / 'new'}: a checkpoint takes at least")
+    assert not (tmp_path / "new").exists()
+    one_line_error(run("train", "--resume", "--out", folder, "--steps", 6, "--data-dir", data_dir), "free")
+    assert {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()} == before
+
+
 def _out_of_memory(*a, **k):
     import jax.numpy as jnp
 

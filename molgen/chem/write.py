@@ -63,3 +63,22 @@ def write_molecules(path: Path | str, molecules: list[Molecule], fmt: str | None
     fmt = format_of(path, fmt, strict=True)
     (write_sdf if fmt == "sdf" else write_xyz)(path, molecules)
     return fmt
+
+
+def least_bytes(sizes, fmt: str) -> int:
+    """A lower bound of the bytes that ``fmt``'s file of molecules of ``sizes`` atoms takes: one molecule of each
+    size written as molgen writes it, its atoms too far apart to bond and without properties (what a file holds
+    besides: bonds, properties, longer names), times the molecules of that size."""
+    import tempfile
+
+    counts = np.bincount(np.asarray(sizes, np.int64))
+    total = 0
+    with tempfile.TemporaryDirectory(prefix="molgen-") as folder:
+        path = Path(folder) / f"one.{fmt}"
+        for k in np.flatnonzero(counts):
+            pos = np.zeros((k, 3))
+            pos[:, 0] = 10.0 * np.arange(k)  # 10 Å apart: no bonds
+            write_molecules(path, [Molecule(np.ones(k, np.int8), pos, name="molgen_0")], fmt)
+            total += int(counts[k]) * path.stat().st_size
+    return total
+
