@@ -390,15 +390,24 @@ def test_a_read_only_file_system_is_one_line(tmp_path, monkeypatch):
 
 
 def test_an_output_without_room_is_refused_before_sampling(tmp_path, monkeypatch):
-    """A file system with less room than the molecules' atoms take (a lower bound of the file: one molecule of each
-    size written as molgen writes it, no bonds, no properties) is refused before any sampling; a stream, --keep
-    (which keeps other draws) and a file system that tells no size are not checked."""
+    """A file system with less room than the molecules' atoms take (a lower bound of the file: what the writers
+    write for molecules without bonds and properties) is refused before any sampling; a stream, --keep (which keeps
+    other draws) and a file system that tells no size are not checked."""
     import os
     from types import SimpleNamespace
 
     from molgen.chem.io import read_molecules
     from molgen.chem.write import least_bytes
 
+    from molgen.chem.io import Molecule
+    from molgen.chem.write import write_molecules
+
+    for fmt in ("sdf", "xyz"):  # exact for molecules without bonds and properties
+        for k in (1, 9, 10, 29, 256):
+            pos = np.zeros((k, 3))
+            pos[:, 0] = 10.0 * np.arange(k)
+            write_molecules(tmp_path / f"one.{fmt}", [Molecule(np.ones(k, np.int8), pos, name="molgen_0")], fmt)
+            assert least_bytes([k], fmt) == (tmp_path / f"one.{fmt}").stat().st_size, (fmt, k)
     bound = {}
     for fmt in ("sdf", "xyz"):  # the bound is below what is written, and not far below
         path = tmp_path / f"a.{fmt}"
