@@ -13,6 +13,7 @@ import jax
 
 from molgen import MolgenError
 from molgen.config import RunConfig
+from molgen.io_utils import check_room
 from molgen.consistency.distill import (PAIR_STREAM, PAIRS_NAME, PairSet, check_pairs, keep_stable, make_pairs,
                                         n_held_out, ode_solver, polish_solver)
 from molgen.consistency.polisher import POLISH_STREAM, check_examples, example_steps, make_examples, n_examples
@@ -211,6 +212,8 @@ def prepare_pairs(cfg: RunConfig, run_dir: Path, student: Model | None, progress
     if teacher.cfg.model.in_node_nf != cfg.model.in_node_nf:
         raise MolgenError(f"--teacher {dcfg.teacher}: its atom features do not match the student's")
     sizes = draw_sizes(cfg, dcfg.pairs, cfg.seed, stream=PAIR_STREAM)
+    if dcfg.keep == "all":  # those kept of them are known once they are made
+        check_room(path, PairSet.least_bytes(sizes, cfg.n_features), "--out", f"{dcfg.pairs:,} pairs take")
     denoise = jax.jit(model_fn(teacher.cfg))
     if dcfg.targets == "polished":
         solve = polish_solver(jax.jit(model_fn(student.cfg)), student.params, denoise, teacher.params,

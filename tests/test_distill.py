@@ -115,6 +115,8 @@ def test_pairs_are_deterministic_zero_com_and_round_trip(tmp_path):
         np.testing.assert_allclose(x.mean(0), 0.0, atol=1e-4)  # and so is the ODE's end
         assert t.min() >= 0 and t.max() < N_TYPES
     a.save(tmp_path / "p.npz")
+    least = PairSet.least_bytes(sizes, 6)  # the arrays alone; the file adds their headers and the zip's
+    assert least <= (tmp_path / "p.npz").stat().st_size <= least + 8192
     r = PairSet.load(tmp_path / "p.npz")
     for f in ("n_atoms", "positions", "types", "noise_x", "noise_h"):
         np.testing.assert_array_equal(getattr(r, f), getattr(a, f))

@@ -458,6 +458,12 @@ def test_a_run_without_room_for_a_checkpoint_is_refused_before_training(ct_run, 
     assert not (tmp_path / "new").exists()
     one_line_error(run("train", "--resume", "--out", folder, "--steps", 6, "--data-dir", data_dir), "free")
     assert {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()} == before
+    # a distillation's pairs (the teacher's work, before any step) are checked before they are made
+    monkeypatch.setattr("molgen.launch.make_pairs", lambda *a, **k: pytest.fail("made pairs"))
+    res = run("train", "--objective", "distill", "--init", "edm-small-distill", "--teacher", "edm-small-diffusion",
+              "--set", "distill.pairs=500", "--out", tmp_path / "d", "--data-dir", data_dir)
+    one_line_error(res, f"--out {tmp_path / 'd' / 'pairs.npz'}: 500 pairs take at least")
+    assert not (tmp_path / "d").exists()
 
 
 def _out_of_memory(*a, **k):

@@ -95,6 +95,12 @@ class PairSet:
             return np.arange(n - self.n_valid, n)
         return np.arange(0, 0)
 
+    @staticmethod
+    def least_bytes(sizes, n_features: int) -> int:
+        """A lower bound of the bytes of the saved pairs of molecules of ``sizes`` atoms (their arrays alone): per
+        atom its target's position (float32) and type (int8) and its noise (float32)."""
+        return int(np.sum(sizes)) * (3 * 4 + 1 + (3 + n_features) * 4) + 4 * len(sizes)
+
     def save(self, path: Path) -> None:
         from molgen.io_utils import atomic_path
 
