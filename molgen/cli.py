@@ -185,10 +185,9 @@ def sample(
     from molgen.outputs import check_room, sample_output, write_samples
     from molgen.sample import batch_size_for, parse_options, plan, preflight
 
-    out, fmt, workers, reported = sample_output(out, fmt, json_path, fix, report, novelty, data_dir,
-                                                (keep, unique, novel))
+    out, fmt, workers, reported, novelty = sample_output(out, fmt, json_path, fix, report, novelty, data_dir,
+                                                         (keep, unique, novel))
     sig, bias, atoms, frag, form = parse_options(sigmas, type_bias, atoms, fix, formula)
-    novelty = novelty or novel
     enable_compilation_cache()
     start_devices()
     m = load_model(checkpoint if checkpoint is not None or frag is None else default_model(fix=True))

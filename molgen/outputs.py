@@ -13,8 +13,8 @@ def sample_output(out: Optional[Path], fmt: Optional[str], json_path: Optional[P
                   report: bool, novelty: bool, data_dir: Optional[Path], keep=("all", False, False)):
     """`molgen sample`'s output file (a default name when none is given), format and report, checked before any
     work with what it keeps (``keep``: --keep, --unique, --novel); novelty, a figure of the report, needs one and
-    the QM9 cache, and so does --novel. Then: the processes to judge it in, and whether a report is made (printed,
-    or written as JSON)."""
+    the QM9 cache, and so does --novel. Then: the processes to judge it in, whether a report is made (printed, or
+    written as JSON), and whether it shows novelty (asked for, or with --novel)."""
     from molgen.chem.io import format_of, output_file
     from molgen.data.qm9 import require_reference
     from molgen.io_utils import check_outputs, writes_stdout
@@ -31,7 +31,7 @@ def sample_output(out: Optional[Path], fmt: Optional[str], json_path: Optional[P
     fmt = format_of(out, fmt or ("sdf" if writes_stdout(out) else None), strict=True)
     why = "--novel compares with" if novel else "--novelty compares with" if novelty else None
     require_reference(data_dir, f"{why} QM9's training split" if why else None)
-    return out, fmt, default_workers(), reported
+    return out, fmt, default_workers(), reported, novelty or novel
 
 
 def check_room(model, n: int, seed: int, atoms, fragment, formula, keep: str, out: Path, fmt: str) -> None:
