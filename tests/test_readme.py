@@ -13,8 +13,16 @@ def test_readme_python_example_runs(tmp_path, monkeypatch, capsys):
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
     assert len(blocks) == 1
     monkeypatch.chdir(tmp_path)
+    from rdkit import RDLogger, rdBase
+
+    status = [line.split(":") for line in rdBase.LogStatus().splitlines()]
     scope: dict = {}
-    exec(compile(blocks[0], "README.md", "exec"), scope)
+    try:
+        exec(compile(blocks[0], "README.md", "exec"), scope)
+    finally:  # the example switches RDKit's messages off: as they were for the other tests
+        for log, state in status:
+            (RDLogger.EnableLog if state == "enabled" else RDLogger.DisableLog)(log)
+    assert rdBase.LogStatus().splitlines() == [":".join(x) for x in status]
     printed = capsys.readouterr().out
     assert re.fullmatch(r"atom stability 0\.\d{3}, stable molecules 0\.\d{3}, valid 0\.\d{3}\n", printed), printed
     written = read_molecules(tmp_path / "out.sdf")
