@@ -74,8 +74,8 @@ def check_request(req: Request) -> None:
         raise MolgenError(f"--steps must be at least 1, got {req.steps}")
     if req.batch_size is not None and req.batch_size < 1:
         raise MolgenError(f"--batch-size must be at least 1, got {req.batch_size}")
-    if req.lr is not None and not req.lr > 0:
-        raise MolgenError(f"--lr must be positive, got {req.lr}")
+    if req.lr is not None and not 0 < req.lr < float("inf"):
+        raise MolgenError(f"--lr must be a positive number, got {req.lr}")
     if req.seed is not None and not 0 <= req.seed < 2**32:
         raise MolgenError(f"--seed must be in 0 .. 2^32 - 1, got {req.seed}")
     choices = {"--model": (req.model, tuple(PRESETS)), "--precision": (req.precision, CHOICES["optim"]["precision"])}

@@ -612,8 +612,9 @@ def test_resume_with_new_learning_rate_batch_size_and_precision(tmp_path, data_d
     assert not out.exists()  # refused before anything is written
     res = run("train", *TINY, "--steps", 2, "--batch-size", 8, "--lr", 1e-3, "--precision", "bf16", *base)
     assert res.exit_code == 0 and json.loads((out / "config.json").read_text())["optim"]["precision"] == "bf16"
-    one_line_error(run("train", "--resume", "--steps", 3, "--lr", -1, "--data-dir", data_dir, "--out", out),
-                   "--lr must be positive")
+    for lr in (-1, "inf"):
+        one_line_error(run("train", "--resume", "--steps", 3, "--lr", lr, "--data-dir", data_dir, "--out", out),
+                       f"--lr must be a positive number, got {float(lr)}")
     one_line_error(run("train", "--resume", "--model", "base", "--data-dir", data_dir, "--out", out),
                    "its network is 32x1, not base (128x6)")
     one_line_error(run("train", "--resume", "--set", "model.preset=huge", "--data-dir", data_dir, "--out", out),
