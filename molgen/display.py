@@ -15,8 +15,6 @@ from rich.table import Table
 
 from molgen.stdio import Stdio
 
-
-
 report_stream = Stdio()
 console = Console(file=report_stream, markup=False, emoji=False)  # what it prints holds file names: "[/x]" is text
 err = Console(file=Stdio(stderr=True))  # markup for "error:"; what it prints of the user's is escaped

@@ -7,6 +7,7 @@ import os
 import re
 from pathlib import Path
 
+from molgen.stdio import to_stderr
 from molgen.workers import usable_cores
 
 
@@ -55,8 +56,6 @@ def _remove_damaged_entries(cache: Path) -> None:
     JAX would warn at every run that it cannot read it: its program's entries are removed instead, with one line,
     and written anew when it is compiled."""
     import warnings
-
-    from molgen.stdio import to_stderr
 
     previous = warnings.showwarning
     if getattr(previous, "molgen_cache", None) == cache:

@@ -13,10 +13,10 @@ import jax
 
 from molgen import MolgenError
 from molgen.config import RunConfig
-from molgen.io_utils import check_room
 from molgen.consistency.distill import (PAIR_STREAM, PAIRS_NAME, PairSet, check_pairs, keep_stable, make_pairs,
                                         n_held_out, ode_solver, polish_solver)
 from molgen.consistency.polisher import POLISH_STREAM, check_examples, example_steps, make_examples, n_examples
+from molgen.io_utils import check_room
 from molgen.models import Model, find_model, load_diffusion_model, load_model, read_params, write_params
 from molgen.networks import model_fn
 from molgen.objectives import get_objective
