@@ -198,7 +198,7 @@ def check_writable(path: Path | str | None, what: str = "output", inputs=(), suf
 
 def check_room(path: Path | str, need: int, what: str, content: str, is_folder: bool = False) -> None:
     """Refuse, before any work, to write at least ``need`` bytes to the file ``path`` (``is_folder``: into the
-    folder ``path``) where its file system has less room (for a user: ``statvfs``'s blocks available), e.g. "-o
+    folder ``path``) where its file system has less room (what a user may take of it), e.g. "-o
     out.sdf: 1,000 molecules take at least 1.29 MiB; /tmp has 0.11 MiB free" for ``content`` "1,000 molecules
     take". A stream, or a file system that tells no size, is not checked."""
     from molgen import MolgenError
@@ -209,11 +209,10 @@ def check_room(path: Path | str, need: int, what: str, content: str, is_folder: 
     while not folder.is_dir() and folder != folder.parent:  # a new run's folder: where it will be made
         folder = folder.parent
     try:
-        st = os.statvfs(folder)
+        total, _, free = shutil.disk_usage(folder)
     except OSError:  # not knowable: the write itself will tell
         return
-    free = st.f_bavail * st.f_frsize
-    if st.f_blocks and need > free:
+    if total and need > free:
         raise MolgenError(f"{what} {path}: {content} at least {mebibytes(need)}; {folder} has {mebibytes(free)} free")
 
 

@@ -414,9 +414,9 @@ def test_an_output_without_room_is_refused_before_sampling(tmp_path, monkeypatch
         assert run("sample", "-n", 40, "-o", path, "--no-report", "--seed", 3).exit_code == 0
         bound[fmt] = least_bytes([len(m.types) for m in read_molecules(path)], fmt)
         assert 0.5 * path.stat().st_size < bound[fmt] <= path.stat().st_size, fmt
-    free = {"bytes": bound["sdf"] - 1, "blocks": 100}
-    monkeypatch.setattr(os, "statvfs", lambda p: SimpleNamespace(f_bavail=free["bytes"], f_frsize=1,
-                                                                 f_blocks=free["blocks"]))
+    free = {"bytes": bound["sdf"] - 1, "blocks": 10**9}
+    monkeypatch.setattr(os, "statvfs", lambda p: SimpleNamespace(f_bavail=free["bytes"], f_frsize=1,  # disk_usage's
+                                                                 f_blocks=free["blocks"], f_bfree=free["bytes"]))
     with monkeypatch.context() as mp:
         mp.setattr("molgen.keep.sample", lambda *a, **k: pytest.fail("sampled"))
         res = run("sample", "-n", 40, "-o", tmp_path / "b.sdf", "--seed", 3)
@@ -450,7 +450,8 @@ def test_a_run_without_room_for_a_checkpoint_is_refused_before_training(ct_run, 
     folder = tmp_path / "resumed"
     shutil.copytree(ct_run, folder)
     before = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
-    monkeypatch.setattr(os, "statvfs", lambda p: SimpleNamespace(f_bavail=least - 1, f_frsize=1, f_blocks=100))
+    monkeypatch.setattr(os, "statvfs", lambda p: SimpleNamespace(f_bavail=least - 1, f_frsize=1, f_blocks=10**9,
+                                                                 f_bfree=least - 1))
     monkeypatch.setattr("molgen.train.make_train_chunk", lambda *a, **k: pytest.fail("trained"))
     res = run("train", "--objective", "ct", *TINY, "--steps", 4, "--batch-size", 8, "--data-dir", data_dir,
               "--out", tmp_path / "new")
