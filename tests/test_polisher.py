@@ -168,6 +168,8 @@ def test_a_polish_run_from_the_command_line_trains_a_model_that_polishes(tmp_pat
     assert cfg["model"] == json.loads((o / "config.json").read_text())["model"]  # --init's network
     with np.load(out / "pairs.npz") as z:
         assert z["n_atoms"].shape == (36,) and int(z["n_valid"]) == 1
+        least = PairSet.least_bytes(z["n_atoms"], 7)  # checked before they are made: their arrays alone
+    assert least <= (out / "pairs.npz").stat().st_size <= least + 8192
     log = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert {"loss_x", "loss_h", "type_agreement", "val_loss"} <= set(log[-1])
     stamp = (out / "pairs.npz").stat().st_mtime_ns
@@ -183,6 +185,16 @@ def test_a_polish_run_from_the_command_line_trains_a_model_that_polishes(tmp_pat
               "--no-report")
     assert res.exit_code == 0 and "taught to polish molecules, not to make them" in res.output, res.output
     recipe = (tmp_path / "polisher" / "recipe.toml").read_text()
+    with pytest.MonkeyPatch.context() as mp:  # a disk without room for the examples: refused before they are made
+        import os
+        from types import SimpleNamespace
+
+        mp.setattr(os, "statvfs", lambda p: SimpleNamespace(f_bavail=least - 1, f_frsize=1, f_blocks=10**9,
+                                                             f_bfree=least - 1))
+        mp.setattr("molgen.launch.make_examples", lambda *a, **k: pytest.fail("made examples"))
+        res = cli(*args[:-1], tmp_path / "full")
+    assert res.exit_code == 2 and "36 polishing examples take at least" in res.output, res.output
+    assert not (tmp_path / "full").exists()
     assert 'objective = "polish"' in recipe and "[polish]" in recipe and "[model]" not in recipe
 
 
