@@ -244,6 +244,8 @@ def test_xyz_round_trip_and_ase_opens_it(tmp_path):
 def test_extended_xyz_columns_are_read_where_its_properties_line_puts_them(tmp_path):
     import ase.io
 
+    ATOMIC_NUMBER = {"H": 1, "C": 6, "N": 7, "O": 8, "F": 9}
+
     pos, t = methane()
     atoms = [(SYMBOLS[k], " ".join(f"{v:.6f}" for v in x)) for k, x in zip(t, pos)]
     path = tmp_path / "forces-first.xyz"  # extended XYZ allows the columns in any order
@@ -253,8 +255,14 @@ def test_extended_xyz_columns_are_read_where_its_properties_line_puts_them(tmp_p
     np.testing.assert_allclose(back.positions, pos, atol=1e-6)
     np.testing.assert_allclose(ase.io.read(str(path)).get_positions(), pos, atol=1e-6)  # as ASE reads it
     assert (back.types == t).all()
+    numbers = tmp_path / "numbers.xyz"  # atomic numbers (Z) instead of symbols, as ASE reads them too
+    numbers.write_text('5\nProperties=pos:R:3:Z:I:1 pbc="F F F"\n'
+                       + "".join(f"{x} {ATOMIC_NUMBER[s]}\n" for s, x in atoms))
+    (z,) = read_molecules(numbers)
+    assert (z.types == t).all() and (ase.io.read(str(numbers)).get_chemical_symbols() == [s for s, _ in atoms])
+    np.testing.assert_allclose(z.positions, pos, atol=1e-6)
     plain = "".join(f"{s} {x}\n" for s, x in atoms)
-    for props, message in [("species:S:1:pos:R:2", "names no species:S:1 and pos:R:3 columns"),
+    for props, message in [("species:S:1:pos:R:2", "names no species:S:1 (or Z:I:1) and pos:R:3 columns"),
                            ("pos:R:3", "names no species:S:1"), ("species:S:1:pos:R", "cannot read its comment"),
                            ("species:S:1:forces:R:3:pos:R:3", "x.xyz:3: expected 7 columns (its Properties line)")]:
         (tmp_path / "x.xyz").write_text(f"5\nProperties={props}\n{plain}")
