@@ -15,8 +15,16 @@ from rich.table import Table
 
 from molgen.stdio import Stdio
 
+
+class _Reports(Console):
+    def on_broken_pipe(self) -> None:
+        """Standard output's reader has gone (`| head`): on to the command's own handler, which ends it quietly
+        with exit code 141, as a writer killed by SIGPIPE (rich would exit with 1, as for a failure)."""
+        raise BrokenPipeError(32, "Broken pipe", "standard output")
+
+
 report_stream = Stdio()
-console = Console(file=report_stream, markup=False, emoji=False)  # what it prints holds file names: "[/x]" is text
+console = _Reports(file=report_stream, markup=False, emoji=False)  # what it prints holds file names: "[/x]" is text
 err = Console(file=Stdio(stderr=True))  # markup for "error:"; what it prints of the user's is escaped
 
 

@@ -152,6 +152,22 @@ def test_a_reader_that_stops_early_ends_the_command_quietly(tmp_path):
     assert "Traceback" not in err and "Broken pipe" not in err and "BrokenPipeError" not in err, err
 
 
+def test_a_report_whose_reader_has_gone_ends_the_command_quietly(tmp_path, molecules):
+    """`molgen evaluate a.sdf | true`: a report printed to a reader that has gone ends the command as a writer
+    killed by SIGPIPE (exit 141, nothing said), as the molecules written to one do (rich itself exits with 1)."""
+    import subprocess
+    import sys
+
+    write_molecules(tmp_path / "a.sdf", molecules)
+    for args in (["evaluate", "a.sdf", "--no-novelty", "--no-fidelity"], ["models"]):
+        read, write = os.pipe()
+        os.close(read)  # the reader has gone before the command prints
+        p = subprocess.run([sys.executable, "-m", "molgen", *args], stdout=write, stderr=subprocess.PIPE,
+                           cwd=tmp_path, timeout=120)
+        os.close(write)
+        assert p.returncode == 141 and p.stderr == b"", (args, p.returncode, p.stderr.decode())
+
+
 @pytest.mark.parametrize("fmt", ["sdf", "xyz"])
 def test_windows_line_ends_and_a_byte_order_mark_read_as_the_plain_file(fmt, molecules, tmp_path):
     plain = tmp_path / f"plain.{fmt}"
