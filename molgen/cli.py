@@ -254,9 +254,8 @@ def evaluate(
     for warning in input_warnings(mols, hydrogens=not remove_h):
         say(warning)
     names = [str(f) for f in files] if each else [", ".join(str(f) for f in files)]
-    evaluation_report([(name, r[0]) for name, r in zip(names, runs)], errors)
-    metrics = runs[0][0]
-    if json_path:
+    metrics, written = runs[0][0], []
+    if json_path:  # the files first: what is said after them cannot cost them (a reader of the report gone)
         write_json(json_path, dict(zip(names, (r[0] for r in runs))) if each else metrics,
                    {"files": [str(f) for f in files], "skipped": errors})
     if per_molecule:
@@ -266,6 +265,8 @@ def evaluate(
 
         st = metrics.stats or statistics([m.positions for m in mols], [m.types for m in mols])
         written = fidelity_plots(st, ref, plots, Path(files[0]).name if len(files) == 1 else "molecules")
+    evaluation_report([(name, r[0]) for name, r in zip(names, runs)], errors)
+    if written:
         console.print(f"wrote {', '.join(str(w) for w in written)}")
 
 

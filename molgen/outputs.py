@@ -47,7 +47,8 @@ def check_room(model, n: int, seed: int, atoms, fragment, formula, keep: str, ou
 
 
 def write_samples(res, n: int, out: Path, fmt: str, metrics, report: bool, json_path: Optional[Path]) -> None:
-    """`molgen sample`'s file, then what it says: where the molecules went, warnings, the report, the JSON."""
+    """`molgen sample`'s files (molecules, JSON), then what it says: where the molecules went, warnings, the
+    report."""
     from molgen.chem.write import write_molecules
     from molgen.display import metrics_table
     from molgen.evaluate import write_json
@@ -56,11 +57,11 @@ def write_samples(res, n: int, out: Path, fmt: str, metrics, report: bool, json_
     from molgen.sample import nonfinite_warning
 
     write_molecules(out, res.molecules, fmt)
+    if json_path:  # the files first: what is said after them cannot cost them (a reader of the report gone)
+        write_json(json_path, metrics, {"file": str(out), **res.settings})
     console.print(f"wrote {count(len(res.molecules), 'molecule')} to {where(out)} ({res.description}, "
                   f"{res.seconds:.1f} s sampling)", soft_wrap=True)
     for warning in filter(None, (kept_warning(res, n), nonfinite_warning(res.molecules, fmt))):
         say(warning)
     if report:
         console.print(metrics_table(metrics, f"samples: {where(out)}"))
-    if json_path:
-        write_json(json_path, metrics, {"file": str(out), **res.settings})

@@ -154,18 +154,26 @@ def test_a_reader_that_stops_early_ends_the_command_quietly(tmp_path):
 
 def test_a_report_whose_reader_has_gone_ends_the_command_quietly(tmp_path, molecules):
     """`molgen evaluate a.sdf | true`: a report printed to a reader that has gone ends the command as a writer
-    killed by SIGPIPE (exit 141, nothing said), as the molecules written to one do (rich itself exits with 1)."""
+    killed by SIGPIPE (exit 141, nothing said), as the molecules written to one do (rich itself exits with 1); the
+    files asked for are written before the report, whole."""
     import subprocess
     import sys
 
     write_molecules(tmp_path / "a.sdf", molecules)
-    for args in (["evaluate", "a.sdf", "--no-novelty", "--no-fidelity"], ["models"]):
+    runs = {("evaluate", "a.sdf", "--no-novelty", "--no-fidelity", "--json", "e.json", "--per-molecule", "e.csv"):
+            ("e.json", "e.csv"), ("sample", "-n", "3", "-o", "s.sdf", "--json", "s.json"): ("s.sdf", "s.json"),
+            ("models",): ()}
+    for args, files in runs.items():
         read, write = os.pipe()
         os.close(read)  # the reader has gone before the command prints
         p = subprocess.run([sys.executable, "-m", "molgen", *args], stdout=write, stderr=subprocess.PIPE,
                            cwd=tmp_path, timeout=120)
         os.close(write)
         assert p.returncode == 141 and p.stderr == b"", (args, p.returncode, p.stderr.decode())
+        for name in files:
+            assert (tmp_path / name).stat().st_size > 0, (args, name)
+    assert json.loads((tmp_path / "s.json").read_text())["n_molecules"] == 3
+    assert len(read_molecules(tmp_path / "s.sdf")) == 3
 
 
 @pytest.mark.parametrize("fmt", ["sdf", "xyz"])
