@@ -467,6 +467,29 @@ def test_a_run_without_room_for_a_checkpoint_is_refused_before_training(ct_run, 
     assert not (tmp_path / "d").exists()
 
 
+def test_a_download_without_room_for_qm9_is_refused_before_it_reads_it(tmp_path, monkeypatch):
+    """QM9 from its sources (the archive, qm9pack) needs room for at least its atoms' positions and types: a disk
+    without it is refused before anything is fetched or read, and no folder is left; a file of one's own (--from,
+    maybe an excerpt) is not checked."""
+    import os
+    from types import SimpleNamespace
+
+    from conftest import DATA_CSV
+
+    from molgen.data import sources
+
+    free = 29 * 2**20  # the cache of QM9's 2,359,210 atoms takes at least 29.25 MiB
+    monkeypatch.setattr(os, "statvfs", lambda p: SimpleNamespace(f_bavail=free, f_frsize=1, f_blocks=10**12,
+                                                                 f_bfree=free))
+    monkeypatch.setattr(sources, "_read_source", lambda *a, **k: pytest.fail("read QM9"))
+    one_line_error(run("download", "--data-dir", tmp_path / "q"),
+                   f"--data-dir {tmp_path / 'q'}: QM9's cache takes at least 29.25 MiB; {tmp_path} has 29.00 MiB free")
+    assert not (tmp_path / "q").exists()
+    monkeypatch.undo()
+    monkeypatch.setattr(os, "statvfs", lambda p: SimpleNamespace(f_bavail=1, f_frsize=1, f_blocks=10**12, f_bfree=1))
+    assert run("download", "--data-dir", tmp_path / "mini", "--from", DATA_CSV).exit_code == 0
+
+
 def _out_of_memory(*a, **k):
     import jax.numpy as jnp
 

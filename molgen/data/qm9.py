@@ -23,6 +23,7 @@ from molgen.io_utils import NPZ_DAMAGE, atomic_path, atomic_write_text
 N_RAW = 133_885
 N_EXCLUDED = 3_054
 N_KEPT = N_RAW - N_EXCLUDED  # 130,831
+N_ATOMS_KEPT = 2_359_210  # their atoms
 EDM_SPLIT = (100_000, 17_748, 13_083)
 CACHE_VERSION = 1
 CACHE_NAME = f"qm9_v{CACHE_VERSION}.npz"

@@ -22,9 +22,9 @@ import numpy as np
 
 from molgen import MolgenError
 from molgen.chem.elements import SYMBOLS, symbol_to_type
-from molgen.data.qm9 import (CACHE_NAME, N_EXCLUDED, N_KEPT, N_RAW, Progress, Record, build_dataset, cache_is_valid,
-                             default_data_dir, read_manifest, save_cache)
-from molgen.io_utils import check_folder
+from molgen.data.qm9 import (CACHE_NAME, N_ATOMS_KEPT, N_EXCLUDED, N_KEPT, N_RAW, Progress, Record, build_dataset,
+                             cache_is_valid, default_data_dir, read_manifest, save_cache)
+from molgen.io_utils import check_folder, check_room
 
 ARCHIVE_URL = "https://springernature.figshare.com/ndownloader/files/3195389"
 EXCLUDED_URL = "https://springernature.figshare.com/ndownloader/files/3195404"
@@ -265,6 +265,8 @@ def download(
     if not force and same_file and cache_is_valid(data_dir):  # --from another file rebuilds from it
         return data_dir / CACHE_NAME, False
     check_folder(data_dir, named)  # one that could not be made or written: before any download
+    if source != "file":  # the whole of QM9, whose cache holds at least its atoms' positions (float32) and types
+        check_room(data_dir, N_ATOMS_KEPT * (3 * 4 + 1), named, "QM9's cache takes", is_folder=True)
     created = not data_dir.exists()
     data_dir.mkdir(parents=True, exist_ok=True)
     try:
