@@ -182,7 +182,7 @@ def sample(
     from molgen.jax_setup import enable_compilation_cache, start_devices
     from molgen.keep import sample_kept
     from molgen.models import default_model, load_model, polisher_for
-    from molgen.outputs import check_room, sample_output, write_samples
+    from molgen.outputs import check_sample_room, sample_output, write_samples
     from molgen.sample import batch_size_for, parse_options, plan, preflight
 
     out, fmt, workers, reported, novelty = sample_output(out, fmt, json_path, fix, report, novelty, data_dir,
@@ -196,7 +196,7 @@ def sample(
     pol = polisher_for(m, polisher, calls=polish)
     for warning in preflight(m, n, batch_size, atoms, frag, settings["molgen_calls"], form, polish):
         say(warning)
-    check_room(m, n, seed, atoms, frag, form, keep, out, fmt)
+    check_sample_room(m, n, seed, atoms, frag, form, keep, out, fmt)
     with sampling_progress(settings["molgen_calls"], batch := batch_size_for(m, batch_size, atoms, form, frag)) \
             as (more, tick, tasks):
         # QM9's figures for the report are read first: a cache that cannot be read loses no sampling

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Callable
 
 import jax
-import numpy as np
 
 from molgen import MolgenError
 from molgen.config import RunConfig
@@ -253,7 +252,7 @@ def prepare_examples(cfg: RunConfig, run_dir: Path, own: Model | None, progress_
         raise MolgenError(f"polish.start {pcfg.start}: must be a consistency model (its molecules are polished)")
     sizes = draw_sizes(cfg, pcfg.molecules, cfg.seed, stream=POLISH_STREAM)
     each = n_examples(pcfg) // pcfg.molecules  # examples a molecule makes, with its atoms and features + level
-    check_room(path, PairSet.least_bytes(np.repeat(sizes, each), cfg.n_features + 1), "--out",
+    check_room(path, each * PairSet.least_bytes(sizes, cfg.n_features + 1), "--out",
                f"{n_examples(pcfg):,} polishing examples take")
     steps = example_steps(jax.jit(model_fn(start.cfg)), start.params, jax.jit(model_fn(teacher.cfg)), teacher.params,
                           jax.jit(model_fn(own.cfg)), own.params, start.cfg.consistency,

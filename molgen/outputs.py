@@ -34,16 +34,16 @@ def sample_output(out: Optional[Path], fmt: Optional[str], json_path: Optional[P
     return out, fmt, default_workers(), reported, novelty or novel
 
 
-def check_room(model, n: int, seed: int, atoms, fragment, formula, keep: str, out: Path, fmt: str) -> None:
+def check_sample_room(model, n: int, seed: int, atoms, fragment, formula, keep: str, out: Path, fmt: str) -> None:
     """Before sampling: refuse an output file whose file system has no room for the molecules' atoms (a lower
     bound of its bytes, from the atom counts to be drawn; with --keep, which keeps other draws, none is known)."""
     from molgen.chem.write import least_bytes
-    from molgen.io_utils import check_room as room_for
+    from molgen.io_utils import check_room
     from molgen.sample import sample_sizes
 
     if keep == "all":
-        room_for(out, least_bytes(sample_sizes(model, n, seed, atoms, fragment, formula), fmt), "-o",
-                 f"{count(n, 'molecule')} take{'s' if n == 1 else ''}")
+        check_room(out, least_bytes(sample_sizes(model, n, seed, atoms, fragment, formula), fmt), "-o",
+                   f"{count(n, 'molecule')} take{'s' if n == 1 else ''}")
 
 
 def write_samples(res, n: int, out: Path, fmt: str, metrics, report: bool, json_path: Optional[Path]) -> None:

@@ -76,5 +76,6 @@ def least_bytes(sizes, fmt: str) -> int:
     writers' libraries are not loaded for it)."""
     sizes = np.asarray(sizes, np.int64)
     head, atom = LEAST_BYTES[fmt]
+    # XYZ: each count's digits, summed as the molecules with at least 1, 2, 3, ... digits
     digits = sum(int((sizes >= 10**k).sum()) for k in range(len(str(sizes.max(initial=0))))) if fmt == "xyz" else 0
     return int(len(sizes) * head + atom * sizes.sum() + digits)
