@@ -107,6 +107,8 @@ def run_program(app, name: str) -> None:
         code = app(prog_name=name, standalone_mode=False)
     except SystemExit as e:
         _exit_if_stopped(e.code)
+        if e.code == 1 and type(sys.stdout).__name__ == "PacifyFlushWrapper":
+            sys.exit(141)  # Click's own end of a broken pipe (help, --version): 141, as molgen's reports
         raise
     except Exception as e:  # Click's exceptions, known by what they carry (Typer may bring its own copy of Click)
         if type(e).__name__ == "Abort":

@@ -176,6 +176,21 @@ def test_a_report_whose_reader_has_gone_ends_the_command_quietly(tmp_path, molec
     assert len(read_molecules(tmp_path / "s.sdf")) == 3
 
 
+@pytest.mark.parametrize("args", [("--help",), ("--version",), ("sample", "--help")])
+def test_help_or_version_whose_reader_has_gone_ends_the_command_quietly(args, tmp_path):
+    """`molgen --help | true`: Click handles the broken pipe itself (exit 1, as for a failure); molgen ends as a
+    writer killed by SIGPIPE, as its reports do (exit 141, nothing said)."""
+    import subprocess
+    import sys
+
+    read, write = os.pipe()
+    os.close(read)
+    p = subprocess.run([sys.executable, "-m", "molgen", *args], stdout=write, stderr=subprocess.PIPE,
+                       cwd=tmp_path, timeout=120)
+    os.close(write)
+    assert p.returncode == 141 and p.stderr == b"", (p.returncode, p.stderr.decode())
+
+
 @pytest.mark.parametrize("fmt", ["sdf", "xyz"])
 def test_windows_line_ends_and_a_byte_order_mark_read_as_the_plain_file(fmt, molecules, tmp_path):
     plain = tmp_path / f"plain.{fmt}"
