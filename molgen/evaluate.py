@@ -152,7 +152,9 @@ def _arrays(positions, types) -> tuple[list[np.ndarray], list[np.ndarray]]:
         if t.ndim != 1 or x.shape != (len(t), 3) or not np.issubdtype(x.dtype, np.number):
             raise ValueError(f"molecule {i}: positions of shape {x.shape} for types of shape {t.shape}; "
                              "give positions [atoms, 3] and types [atoms]")
-        if len(t) and (not np.issubdtype(t.dtype, np.integer) or t.min() < 0 or t.max() >= N_TYPES):
+        if not len(t):
+            raise ValueError(f"molecule {i} has no atoms")
+        if (not np.issubdtype(t.dtype, np.integer) or t.min() < 0 or t.max() >= N_TYPES):
             raise ValueError(f"molecule {i}: types must be indices 0 .. {N_TYPES - 1} ({', '.join(SYMBOLS)}), "
                              f"got {t.tolist()}")
         xs.append(x)

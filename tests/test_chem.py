@@ -171,6 +171,7 @@ def test_malformed_input_to_evaluate_molecules_names_the_first_bad_molecule():
         ([p, p], [t, t + 4], "molecule 1: types must be indices 0 .. 4 (H, C, N, O, F), got [5, 4, 4, 4, 4]"),
         ([p], [t - 1], "molecule 0: types must be indices 0 .. 4"),
         ([p], [t.astype(float)], "got [1.0, 0.0, 0.0, 0.0, 0.0]"),
+        ([p, p[:0]], [t, t[:0]], "molecule 1 has no atoms"),  # as the file readers refuse one
     ]:
         with pytest.raises(ValueError, match=re.escape(message)):
             evaluate_molecules(positions, types)
