@@ -124,8 +124,10 @@ def train(
         refuse_if_in_use(out)
     check_run_dir(out, resume)
     if resume and (done := last_checkpoint_step(out)) >= cfg.optim.steps:  # nothing to train: say so, start nothing
-        console.print(f"{out} has finished its {cfg.optim.steps:,} steps (checkpoint at step {done:,}); "
-                      f"to train further: molgen train --resume --out {out} --steps N, N > {done:,}", soft_wrap=True)
+        state = (f"has finished its {done:,} steps" if done == cfg.optim.steps else
+                 f"is at step {done:,}, past --steps {cfg.optim.steps:,}")
+        console.print(f"{out} {state} (checkpoint at step {done:,}): nothing to train; to train further: "
+                      f"molgen train --resume --out {out} --steps N, N > {done:,}", soft_wrap=True)
         return
     require_reference(data_dir, None if get_objective(cfg.objective).pairs else f"{cfg.objective} trains on QM9")
     setup_training_devices(cfg.optim.batch_size, devices)

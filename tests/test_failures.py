@@ -34,6 +34,8 @@ def test_a_refused_run_leaves_the_run_as_it_was(ct_run, data_dir):
     res = run("train", "--resume", "--out", ct_run, "--data-dir", data_dir)
     assert res.exit_code == 0 and "has finished its 4 steps (checkpoint at step 4)" in res.output, res.output
     assert "--steps N, N > 4" in res.output and "training" not in res.output
+    res = run("train", "--resume", "--out", ct_run, "--steps", 2, "--data-dir", data_dir)  # fewer than it has done
+    assert res.exit_code == 0 and "is at step 4, past --steps 2 (checkpoint at step 4)" in res.output, res.output
     assert {p.name: p.read_bytes() for p in ct_run.iterdir() if p.is_file()} == before
     assert json.loads((ct_run / "config.json").read_text())["objective"] == "ct"
 
