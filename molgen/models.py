@@ -139,7 +139,12 @@ def find_model(name: str | Path | None) -> Path:
     if not path.exists() and str(name) in models:
         path = models[str(name)]
     if not path.exists():
-        raise MolgenError(f"{name}: no such model folder, run folder or shipped model (shipped: {', '.join(models) or 'none'})")
+        import difflib
+
+        near = difflib.get_close_matches(str(name), list(models), n=1)
+        hint = f"did you mean {near[0]}? " if near else ""
+        raise MolgenError(f"{name}: no such model folder, run folder or shipped model ({hint}shipped: "
+                          f"{', '.join(models) or 'none'})")
     if not (path / CONFIG_NAME).exists():
         raise MolgenError(f"{path}: not a molgen model or run folder (no {CONFIG_NAME})")
     return path

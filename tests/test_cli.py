@@ -548,6 +548,8 @@ def test_sample_bad_inputs(tmp_path, trained):
     from molgen.chem.io import read_molecules
 
     one_line_error(run("sample", "--checkpoint", tmp_path / "none", "-o", tmp_path / "x.sdf"), "no such model")
+    one_line_error(run("sample", "--model", "edm-small-stak", "-o", tmp_path / "x.sdf"),
+                   "edm-small-stak: no such model folder, run folder or shipped model (did you mean edm-small-stack? ")
     one_line_error(run("sample", "--checkpoint", trained, "-o", tmp_path / "x.pdb"), "cannot tell the format")
     one_line_error(run("sample", "--checkpoint", trained, "-o", tmp_path / "x.sdf", "--steps", 0), "--steps")
     one_line_error(run("sample", "--checkpoint", trained, "-o", tmp_path / "x.sdf", "-n", 0), "-n")
