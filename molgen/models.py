@@ -12,7 +12,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from molgen import MolgenError
+from molgen import MolgenError, did_you_mean
 from molgen.config import RunConfig
 from molgen.io_utils import STDIO, atomic_write_bytes, atomic_write_text, check_folder, read_json_object
 
@@ -139,12 +139,8 @@ def find_model(name: str | Path | None) -> Path:
     if not path.exists() and str(name) in models:
         path = models[str(name)]
     if not path.exists():
-        import difflib
-
-        near = difflib.get_close_matches(str(name), list(models), n=1)
-        hint = f"did you mean {near[0]}? " if near else ""
-        raise MolgenError(f"{name}: no such model folder, run folder or shipped model ({hint}shipped: "
-                          f"{', '.join(models) or 'none'})")
+        raise MolgenError(f"{name}: no such model folder, run folder or shipped model ({did_you_mean(name, models)}"
+                          f"shipped: {', '.join(models) or 'none'})")
     if not (path / CONFIG_NAME).exists():
         raise MolgenError(f"{path}: not a molgen model or run folder (no {CONFIG_NAME})")
     return path

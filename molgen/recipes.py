@@ -16,7 +16,7 @@ import math
 import tomllib
 from pathlib import Path
 
-from molgen import MolgenError
+from molgen import MolgenError, did_you_mean
 from molgen.config import RunConfig
 from molgen.consistency.distill import KEEPS, TARGETS
 from molgen.data.device import LAYOUTS
@@ -38,7 +38,8 @@ def read_recipe(recipe: str | Path) -> dict:
     if not path.exists():
         shipped = shipped_recipes()
         if str(recipe) not in shipped:
-            raise MolgenError(f"{recipe}: no such recipe file or shipped recipe (shipped: {', '.join(shipped)})")
+            raise MolgenError(f"{recipe}: no such recipe file or shipped recipe ({did_you_mean(recipe, shipped)}"
+                              f"shipped: {', '.join(shipped)})")
         path = shipped[str(recipe)]
     if path.is_dir():
         raise MolgenError(f"{path}: a folder; --recipe takes a TOML file or a shipped recipe's name")
