@@ -154,7 +154,7 @@ def sample(
     n: int = Opt(1000, "-n", "--n", help="Number of molecules."),
     steps: Optional[int] = Opt(None, "--steps", help="Sampler steps: network calls for ancestral (default 1000; fewer are respaced, denser at low noise), inpaint (default 100), multistep and anneal (default 1); Heun steps for ode (2 calls each, 1 for the last; default 18)."),
     out: Optional[Path] = Opt(None, "-o", "--out", help="Output file: .sdf or .xyz, replaced if it exists, or - for standard output (SDF unless --format xyz; the report then goes to stderr). Default: out.sdf, or out-2.sdf, out-3.sdf, ... if taken; out.xyz with --format xyz."),
-    checkpoint: Optional[str] = Opt(None, "--checkpoint", "--model", help="Shipped model name (molgen models lists them), model folder or training run folder (default: the shipped default; with --fix, the shipped fragment completer)."),
+    checkpoint: Optional[str] = Opt(None, "--checkpoint", "--model", help="Shipped model name (molgen models lists them), model folder, training run folder (its latest checkpoint) or one of its checkpoints (RUN/checkpoints/STEP) (default: the shipped default; with --fix, the shipped fragment completer)."),
     atoms: Optional[str] = Opt(None, "--atoms", metavar="<n|a-b>", help="Atoms per molecule: N, or a range A-B drawn from the training histogram within it (default: drawn from the whole histogram)."),
     seed: int = Opt(0, "--seed", help="Random seed (same seed and --batch-size, same file; -n N writes the first N molecules of a larger -n, except with --keep or --fix)."),
     batch_size: Optional[int] = Opt(None, "--batch-size", help="Molecules generated together (less memory when smaller; the noise is drawn per batch, so another batch size draws other molecules of the same sizes). Default: 1000, fewer for molecules of more than 32 atoms (at most 1,000,000 atom pairs a batch)."),
@@ -322,7 +322,7 @@ def plot(
 @app.command()
 @friendly
 def export(
-    run_dir: Path = typer.Argument(..., help="Training run folder (its latest checkpoint) or model folder."),
+    run_dir: Path = typer.Argument(..., help="Training run folder (its latest checkpoint), one of its checkpoints (RUN/checkpoints/STEP) or model folder."),
     dest: Path = typer.Argument(..., help="Destination folder, e.g. weights/my-model."),
     headline: str = Opt("", "--headline", help="One line of measured figures for `molgen models`."),
     temperature: Optional[float] = Opt(None, "--temperature", help="Recommended sampling temperature (meta.json): `molgen sample`'s default for this model (default: a model folder's own)."),

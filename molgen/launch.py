@@ -17,7 +17,7 @@ from molgen.consistency.distill import (PAIR_STREAM, PAIRS_NAME, PairSet, check_
                                         n_held_out, ode_solver, polish_solver)
 from molgen.consistency.polisher import POLISH_STREAM, check_examples, example_steps, make_examples, n_examples
 from molgen.io_utils import check_room
-from molgen.models import Model, find_model, load_diffusion_model, load_model, read_params, write_params
+from molgen.models import Model, config_file, find_model, load_diffusion_model, load_model, read_params, write_params
 from molgen.networks import model_fn
 from molgen.objectives import get_objective
 from molgen.nn.egnn import PRESETS
@@ -152,7 +152,7 @@ def _resumed(cfg: RunConfig, req: Request) -> RunConfig:
 
 def _kind_of(name: str) -> str:
     """What a model or run computes (diffusion or consistency), from its config alone."""
-    return RunConfig.load(find_model(name) / CONFIG_NAME).kind
+    return RunConfig.load(config_file(find_model(name))).kind
 
 
 def _check_start(cfg: RunConfig) -> None:

@@ -128,8 +128,23 @@ def save_model(out_dir: Path, cfg: RunConfig, params, meta: dict | None = None) 
         atomic_write_text(out_dir / META_NAME, json.dumps(meta, indent=2))
 
 
+def checkpoint_of(path: str | Path) -> tuple[Path, int] | None:
+    """(run folder, step) of one of a training run's checkpoints (RUN/checkpoints/STEP); None for any other path."""
+    path = Path(path)
+    if path.name.isdigit() and path.parent.name == "checkpoints" and (path.parent.parent / CONFIG_NAME).is_file():
+        return path.parent.parent, int(path.name)
+    return None
+
+
+def config_file(path: Path) -> Path:
+    """The config.json that describes the model in a model folder, a run folder or one of a run's checkpoints."""
+    ck = checkpoint_of(path)
+    return (ck[0] if ck else Path(path)) / CONFIG_NAME
+
+
 def find_model(name: str | Path | None) -> Path:
-    """The folder of a shipped model name, a model folder or a run folder (None: the shipped default)."""
+    """The folder of a shipped model name, a model folder, a run folder or one of a run's checkpoints (None: the
+    shipped default)."""
     if name is None:
         name = default_model()
         if name is None:
@@ -138,16 +153,22 @@ def find_model(name: str | Path | None) -> Path:
     models = shipped_models()
     if not path.exists() and str(name) in models:
         path = models[str(name)]
+    if not path.exists() and (ck := checkpoint_of(path)) is not None:
+        from molgen.rundir import checkpoint_steps
+
+        raise MolgenError(f"{ck[0]}: no finished checkpoint at step {ck[1]} (its checkpoints: "
+                          f"{', '.join(map(str, checkpoint_steps(ck[0]))) or 'none'})")
     if not path.exists():
         raise MolgenError(f"{name}: no such model folder, run folder or shipped model ({did_you_mean(name, models)}"
                           f"shipped: {', '.join(models) or 'none'})")
-    if not (path / CONFIG_NAME).exists():
-        raise MolgenError(f"{path}: not a molgen model or run folder (no {CONFIG_NAME})")
+    if not config_file(path).exists():
+        raise MolgenError(f"{path}: not a molgen model folder, run folder or run's checkpoint (no {CONFIG_NAME})")
     return path
 
 
 def load_model(name: str | Path | None) -> Model:
-    """A shipped model by name, a model folder, or a training run folder (its latest checkpoint's EMA)."""
+    """A shipped model by name, a model folder, a training run folder (its latest checkpoint's EMA parameters) or
+    one of a run's checkpoints (RUN/checkpoints/STEP: its EMA parameters)."""
     path = find_model(name)
     if (path / PARAMS_NAME).exists():
         cfg = RunConfig.load(path / CONFIG_NAME)
@@ -155,8 +176,9 @@ def load_model(name: str | Path | None) -> Model:
         return Model(cfg, params, {**read_meta(path / META_NAME), "source": str(path)})
     from molgen.state import load_ema_params
 
-    cfg, params, step = load_ema_params(path)
-    return Model(cfg, params, {"source": str(path), "step": step})
+    run, step = checkpoint_of(path) or (path, None)
+    cfg, params, step = load_ema_params(run, step)
+    return Model(cfg, params, {"source": str(run), "step": step})
 
 
 def read_meta(path: Path) -> dict:
@@ -275,7 +297,8 @@ def export_model(run: str | Path, dest: Path, headline: str = "", temperature: f
     if renoise is not None and cfg.consistency is None:
         raise MolgenError("--renoise applies to consistency models; this is a diffusion model")
     # a model folder keeps its card's provenance; a run's is its latest checkpoint
-    meta = {"source_run": m.meta.get("source_run", str(run)), "step": m.meta.get("step"),
+    meta = {"source_run": m.meta.get("source_run", str(run) if checkpoint_of(run) is None else m.meta["source"]),
+            "step": m.meta.get("step"),
             "trained": m.meta.get("trained") or f"{m.meta.get('step')} steps", "headline": headline}
     if stack and cfg.stack is not None and stages_from is None:  # stacked already: its trained stages, at N levels
         old = len(cfg.stack.levels)

@@ -29,12 +29,16 @@ def check_run_dir(run_dir: Path, resume: bool) -> None:
         raise MolgenError(f"{run_dir} already holds checkpoints: pass --resume to continue, or choose another --out")
 
 
-def last_checkpoint_step(run_dir: Path) -> int | None:
-    """The step of a run folder's last finished checkpoint (orbax renames a checkpoint's folder to its step
-    when it is complete), None when it has none."""
+def checkpoint_steps(run_dir: Path) -> list[int]:
+    """The steps of a run folder's finished checkpoints, in order (orbax renames a checkpoint's folder to its step
+    when it is complete)."""
     ckpts = Path(run_dir) / "checkpoints"
-    steps = [int(p.name) for p in ckpts.iterdir() if p.name.isdigit()] if ckpts.is_dir() else []
-    return max(steps, default=None)
+    return sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit()) if ckpts.is_dir() else []
+
+
+def last_checkpoint_step(run_dir: Path) -> int | None:
+    """The step of a run folder's last finished checkpoint, None when it has none."""
+    return max(checkpoint_steps(run_dir), default=None)
 
 
 def remove_unfinished_checkpoints(run_dir: Path) -> list[str]:

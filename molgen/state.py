@@ -195,12 +195,12 @@ def _without_closed_loop_errors(previous):
     return hook
 
 
-def load_ema_params(run_dir: Path) -> tuple[RunConfig, Any, int]:
-    """(config, EMA parameters, step) of the latest checkpoint in a run folder."""
+def load_ema_params(run_dir: Path, step: int | None = None) -> tuple[RunConfig, Any, int]:
+    """(config, EMA parameters, step) of the checkpoint at ``step`` (default: the latest) in a run folder."""
     run_dir = Path(run_dir)
     cfg = RunConfig.load(run_dir / CONFIG_NAME)
     mgr = checkpoint_manager(run_dir, cfg.optim.keep)
     if mgr.latest_step() is None:
         raise MolgenError(f"{run_dir}: no checkpoint in this run folder")
-    state = restore_checkpoint(mgr, state_shapes(cfg))
+    state = restore_checkpoint(mgr, state_shapes(cfg), step)
     return cfg, state.ema, int(state.step)

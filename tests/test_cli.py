@@ -254,8 +254,21 @@ def test_train_resume_and_sample(tmp_path, trained, data_dir):
     assert json.loads((trained / "config.json").read_text())["optim"]["steps"] == 4  # the refused run wrote nothing
     copy = tmp_path / "copy"
     shutil.copytree(trained, copy)
+    at4 = tmp_path / "at4.sdf"
+    assert run("sample", "--model", trained, "-n", 3, "--steps", 2, "-o", at4, "--no-report").exit_code == 0
     res = run("train", "--resume", "--steps", 6, "--data-dir", data_dir, "--out", trained)
     assert res.exit_code == 0 and "finished at step 6" in res.output
+    # one of a run's checkpoints is a model too: the same molecules as the run gave at that step
+    for step, same in ((4, True), (6, False)):
+        o = tmp_path / f"ck{step}.sdf"
+        res = run("sample", "--model", trained / "checkpoints" / str(step), "-n", 3, "--steps", 2, "-o", o,
+                  "--no-report")
+        assert res.exit_code == 0 and (o.read_bytes() == at4.read_bytes()) == same, res.output
+    one_line_error(run("sample", "--model", trained / "checkpoints" / "5", "-o", tmp_path / "x.sdf"),
+                   f"{trained}: no finished checkpoint at step 5 (its checkpoints: 4, 6)")
+    res = run("export", trained / "checkpoints" / "4", tmp_path / "m4")
+    meta = json.loads((tmp_path / "m4" / "meta.json").read_text())
+    assert res.exit_code == 0 and (meta["source_run"], meta["step"]) == (str(trained), 4), res.output
     # a time limit stops at the end of a chunk (steps 4 -> 50) and says how to go on (a limit that any chunk
     # exceeds: the chunk's program may be compiled already)
     res = run("train", "--resume", "--steps", 60, "--max-minutes", 1e-9, "--data-dir", data_dir, "--out", copy)
