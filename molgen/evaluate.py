@@ -154,7 +154,7 @@ def _arrays(positions, types) -> tuple[list[np.ndarray], list[np.ndarray]]:
                              "give positions [atoms, 3] and types [atoms]")
         if not len(t):
             raise ValueError(f"molecule {i} has no atoms")
-        if (not np.issubdtype(t.dtype, np.integer) or t.min() < 0 or t.max() >= N_TYPES):
+        if not np.issubdtype(t.dtype, np.integer) or t.min() < 0 or t.max() >= N_TYPES:
             raise ValueError(f"molecule {i}: types must be indices 0 .. {N_TYPES - 1} ({', '.join(SYMBOLS)}), "
                              f"got {t.tolist()}")
         xs.append(x)

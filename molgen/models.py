@@ -296,7 +296,7 @@ def export_model(run: str | Path, dest: Path, headline: str = "", temperature: f
     cfg, params = m.cfg, m.params
     if renoise is not None and cfg.consistency is None:
         raise MolgenError("--renoise applies to consistency models; this is a diffusion model")
-    # a model folder keeps its card's provenance; a run's is its latest checkpoint
+    # a model folder keeps its card's provenance; a run's is its checkpoint (the latest, or the one named)
     meta = {"source_run": m.meta.get("source_run", str(run) if checkpoint_of(run) is None else m.meta["source"]),
             "step": m.meta.get("step"),
             "trained": m.meta.get("trained") or f"{m.meta.get('step')} steps", "headline": headline}
