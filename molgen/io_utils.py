@@ -300,6 +300,8 @@ def check_outputs(outputs: dict, inputs=()) -> bool:
         if path is None or str(path) == os.devnull:
             continue
         key = "standard output" if writes_stdout(path) else Path(path).resolve()
+        if key in seen and key == "standard output":
+            raise MolgenError(f"{seen[key]} and {what} both write to standard output; send one of them to a file")
         if key in seen:
             raise MolgenError(f"{seen[key]} and {what} name the same file {path}; give each its own")
         seen[key] = what

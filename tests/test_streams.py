@@ -73,7 +73,8 @@ def test_bad_standard_input_is_one_line(tmp_path):
     one_line_error(invoke("evaluate", "-", stdin=b""), "-: nothing to read")
     one_line_error(invoke("evaluate", "-", stdin=b"hello\nworld\n"), "neither SDF nor XYZ", "--format")
     one_line_error(invoke("evaluate", "-", "--format", "xyz", stdin=b"hello\n"), "expected an atom count")
-    one_line_error(invoke("sample", "-n", 2, "-o", "-", "--json", "-"), "name the same file")
+    one_line_error(invoke("sample", "-n", 2, "-o", "-", "--json", "-"),
+                   "-o and --json both write to standard output; send one of them to a file")
 
 
 def test_a_pipe_is_written_in_place_and_read_back(tmp_path, molecules):
