@@ -15,6 +15,7 @@ import numpy as np
 from molgen import MolgenError, did_you_mean
 from molgen.config import RunConfig
 from molgen.io_utils import STDIO, atomic_write_bytes, atomic_write_text, check_folder, read_json_object
+from molgen.rundir import CHECKPOINTS, checkpoint_steps
 
 CONFIG_NAME = "config.json"
 PARAMS_NAME = "params.msgpack"
@@ -131,7 +132,7 @@ def save_model(out_dir: Path, cfg: RunConfig, params, meta: dict | None = None) 
 def checkpoint_of(path: str | Path) -> tuple[Path, int] | None:
     """(run folder, step) of one of a training run's checkpoints (RUN/checkpoints/STEP); None for any other path."""
     path = Path(path)
-    if path.name.isdigit() and path.parent.name == "checkpoints" and (path.parent.parent / CONFIG_NAME).is_file():
+    if path.name.isdigit() and path.parent.name == CHECKPOINTS and (path.parent.parent / CONFIG_NAME).is_file():
         return path.parent.parent, int(path.name)
     return None
 
@@ -154,8 +155,6 @@ def find_model(name: str | Path | None) -> Path:
     if not path.exists() and str(name) in models:
         path = models[str(name)]
     if not path.exists() and (ck := checkpoint_of(path)) is not None:
-        from molgen.rundir import checkpoint_steps
-
         raise MolgenError(f"{ck[0]}: no finished checkpoint at step {ck[1]} (its checkpoints: "
                           f"{', '.join(map(str, checkpoint_steps(ck[0]))) or 'none'})")
     if not path.exists():

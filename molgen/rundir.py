@@ -12,6 +12,8 @@ from molgen import MolgenError
 from molgen.io_utils import STDIO, atomic_write_text, check_folder
 from molgen.parallel import is_main
 
+CHECKPOINTS = "checkpoints"  # a run folder's checkpoints, one folder a step (orbax's)
+
 
 def check_run_dir(run_dir: Path, resume: bool) -> None:
     """Refuse a run folder that cannot take this run: a file, a new run over checkpoints, a resume without one."""
@@ -32,7 +34,7 @@ def check_run_dir(run_dir: Path, resume: bool) -> None:
 def checkpoint_steps(run_dir: Path) -> list[int]:
     """The steps of a run folder's finished checkpoints, in order (orbax renames a checkpoint's folder to its step
     when it is complete)."""
-    ckpts = Path(run_dir) / "checkpoints"
+    ckpts = Path(run_dir) / CHECKPOINTS
     return sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit()) if ckpts.is_dir() else []
 
 
@@ -47,7 +49,7 @@ def remove_unfinished_checkpoints(run_dir: Path) -> list[str]:
     Their names, for the log."""
     import shutil
 
-    ckpts = Path(run_dir) / "checkpoints"
+    ckpts = Path(run_dir) / CHECKPOINTS
     left = sorted(p for p in ckpts.glob("*.orbax-checkpoint-tmp*") if p.is_dir()) if ckpts.is_dir() else []
     for p in left:
         shutil.rmtree(p, ignore_errors=True)

@@ -14,6 +14,7 @@ import optax
 from molgen import MolgenError
 from molgen.config import OptimConfig, RunConfig
 from molgen.networks import init_params
+from molgen.rundir import CHECKPOINTS
 
 CONFIG_NAME = "config.json"
 METRICS_NAME = "metrics.jsonl"
@@ -62,7 +63,7 @@ def checkpoint_manager(run_dir: Path, keep: int = 3):
     import orbax.checkpoint as ocp
 
     opts = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False)
-    return ocp.CheckpointManager(Path(run_dir).absolute() / "checkpoints", options=opts)
+    return ocp.CheckpointManager(Path(run_dir).absolute() / CHECKPOINTS, options=opts)
 
 
 def save_checkpoint(mgr, state: TrainState) -> None:
