@@ -667,7 +667,8 @@ def test_recipes_and_overrides(tmp_path, data_dir):
     bad.write_text("objective = [\n")
     latin1 = tmp_path / "latin1.toml"
     latin1.write_bytes('# r\xe9glages\nobjective = "diffusion"\n'.encode("latin-1"))
-    for args, msg in ((("--recipe", bad), "not a valid TOML recipe"), (("--recipe", "nope"), "no such recipe file or shipped recipe (shipped"),
+    for args, msg in ((("--recipe", bad), "not a valid TOML recipe"),
+                      (("--recipe", "nope"), "no such recipe file or shipped recipe (shipped"),
                       (("--recipe", "difusion"), "(did you mean diffusion? shipped: ct, diffusion"),
                       (("--recipe", latin1), "latin1.toml: not a valid TOML recipe (not UTF-8 text"),
                       (("--recipe", tmp_path), "a folder; --recipe takes a TOML file"),
