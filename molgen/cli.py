@@ -304,19 +304,22 @@ def view(
 @app.command()
 @friendly
 def plot(
-    run_dir: Path = typer.Argument(..., help="Training run folder (its metrics.jsonl)."),
-    out: Path = Opt(None, "-o", "--out", help="Image file, .png or .svg (default: RUN/curves.png); - writes PNG to standard output."),
+    run_dirs: list[Path] = typer.Argument(..., help="Training run folder (its metrics.jsonl); several: their losses compared."),
+    out: Path = Opt(None, "-o", "--out", help="Image file, .png or .svg (default: RUN/curves.png; several runs: curves.png, or curves-2.png, ... if taken); - writes PNG to standard output."),
 ):
-    """Training and validation loss (and their parts) against step, log scale, with the learning rate."""
-    from molgen.io_utils import check_writable, where, writes_stdout
-    from molgen.plots import training_curves
+    """Training and validation loss (and their parts) against step, log scale, with the learning rate; several
+    runs: their training and validation losses in one plot, a colour a run."""
+    from molgen.io_utils import check_writable, unused_path, where, writes_stdout
+    from molgen.plots import compare_curves, training_curves
 
-    if not (Path(run_dir) / "metrics.jsonl").is_file():
-        raise MolgenError(f"{run_dir}: no metrics.jsonl (not a training run folder?)")
-    out = out or Path(run_dir) / "curves.png"
+    for run_dir in run_dirs:
+        if not (Path(run_dir) / "metrics.jsonl").is_file():
+            raise MolgenError(f"{run_dir}: no metrics.jsonl (not a training run folder?)")
+    out = out or (Path(run_dirs[0]) / "curves.png" if len(run_dirs) == 1 else unused_path("curves.png"))
     check_writable(out, "-o", suffixes=(".png", ".svg"))
     report_to_stderr(writes_stdout(out))
-    console.print(f"drew {', '.join(training_curves(run_dir, out))} to {where(out)}")
+    drawn = training_curves(run_dirs[0], out) if len(run_dirs) == 1 else compare_curves(run_dirs, out)
+    console.print(f"drew {', '.join(drawn)} to {where(out)}")
 
 
 @app.command()

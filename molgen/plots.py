@@ -90,6 +90,44 @@ def training_curves(run_dir: Path, out: Path) -> list[str]:
     return keys
 
 
+def compare_curves(run_dirs: list[Path], out: Path) -> list[str]:
+    """Several runs' training loss (lines) and validation loss of the EMA parameters (points) against step, log
+    scale, a colour a run, and their learning rates below; returns the series drawn, as "RUN: key"."""
+    names = [Path(r).name for r in run_dirs]
+    if len(set(names)) < len(names):  # two runs of one name in different folders: their paths tell them apart
+        names = [str(r) for r in run_dirs]
+    runs = [read_metrics(r) for r in run_dirs]  # every run read (or refused) before anything is drawn
+    fig = _figure(figsize=(8, 6))
+    top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=(3, 1.4))
+    drawn, lowest = [], np.inf
+    for i, (name, rows) in enumerate(zip(names, runs)):
+        for k, style in (("loss", "-"), ("val_loss", "o-")):
+            pts = [(r["step"], r[k]) for r in rows if isinstance(r.get(k), (int, float)) and np.isfinite(r[k])]
+            if pts:
+                x, y = zip(*pts)
+                top.plot(x, y, style, color=f"C{i % 10}", lw=1.4 if k == "loss" else 1.0, ms=3,
+                         alpha=0.75 if k == "loss" else 1.0, label=f"{name}: {k}")
+                drawn.append(f"{name}: {k}")
+                lowest = min(lowest, min(y))
+        pts = [(r["step"], r["lr"]) for r in rows if isinstance(r.get("lr"), (int, float))]
+        if pts:
+            bottom.plot(*zip(*pts), "-", color=f"C{i % 10}", lw=1)
+    if not drawn:
+        raise MolgenError(f"no run logs a loss ({', '.join(map(str, run_dirs))})")
+    top.set_yscale("symlog", linthresh=1e-3) if lowest <= 0 else top.set_yscale("log")
+    top.set_ylabel("loss")
+    top.grid(alpha=0.3, which="both")
+    top.legend(fontsize=8)
+    top.set_title(f"{len(runs)} runs: training loss (lines), validation loss of the EMA parameters (points)",
+                  fontsize=10)
+    bottom.set_ylabel("learning rate", fontsize=8)
+    bottom.set_xlabel("step")
+    bottom.grid(alpha=0.3)
+    fig.tight_layout()
+    _save(fig, Path(out))
+    return drawn
+
+
 def _density(counts: np.ndarray, factor: int) -> np.ndarray:
     c = counts[: len(counts) // factor * factor].reshape(-1, factor).sum(1).astype(np.float64)
     return c / c.sum() if c.sum() else c

@@ -373,6 +373,29 @@ def test_plot_draws_the_training_curves(tmp_path):
     assert res.exit_code == 0 and (tmp_path / "c.png").exists(), res.output
 
 
+def test_plot_compares_runs(tmp_path, monkeypatch):
+    """Several runs: their training and validation losses in one plot; the default name is curves.png in the
+    current folder, never replacing a file; every run is checked before anything is drawn."""
+    monkeypatch.chdir(tmp_path)
+    for folder, scale in (("a", 1.0), ("b", 2.0), ("c/a", 3.0)):
+        run = tmp_path / folder
+        run.mkdir(parents=True)
+        rows = [{"step": s, "loss": scale / s, "lr": 1e-4} for s in (50, 100, 150)] + [{"step": 150, "val_loss": 0.01}]
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "curves.png").write_bytes(b"mine")
+    res = cli("plot", "a", "b")
+    assert res.exit_code == 0, res.output
+    assert "drew a: loss, a: val_loss, b: loss, b: val_loss to curves-2.png" in " ".join(res.output.split())
+    assert (tmp_path / "curves.png").read_bytes() == b"mine" and _png_size(tmp_path / "curves-2.png")[0] > 600
+    res = cli("plot", "a", "c/a", "-o", "ac.svg")  # two runs named a: told apart by their paths
+    assert res.exit_code == 0 and "a: loss, a: val_loss, c/a: loss" in " ".join(res.output.split()), res.output
+    assert (tmp_path / "ac.svg").read_text().lstrip().startswith("<?xml")
+    one_line_error(cli("plot", "a", "nope", "-o", "x.png"), "nope: no metrics.jsonl")
+    (tmp_path / "b" / "metrics.jsonl").write_text('{"step": 5, "grad_norm": 1.0}\n')  # no loss logged yet
+    one_line_error(cli("plot", "b", "b", "-o", "x.png"), "no run logs a loss")
+    assert not (tmp_path / "x.png").exists()
+
+
 def test_plots_leave_the_programs_matplotlib_as_it_was(tmp_path, sdf):
     """A notebook's backend and figures are its own: molgen draws on figures outside pyplot."""
     import subprocess
