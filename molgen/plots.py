@@ -54,6 +54,17 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return rows
 
 
+def _loss_axis(ax, lowest: float) -> None:
+    """A log scale for losses (symmetric-log where one is 0 or below), labelled, with a grid and the legend."""
+    if lowest <= 0:
+        ax.set_yscale("symlog", linthresh=1e-3)
+    else:
+        ax.set_yscale("log")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+
+
 def training_curves(run_dir: Path, out: Path) -> list[str]:
     """Loss-like series (training, validation, their parts, logged sample metrics) against step on a log scale,
     and the learning rate (and gradient norm) below; returns the series drawn."""
@@ -68,13 +79,7 @@ def training_curves(run_dir: Path, out: Path) -> list[str]:
             main = k in ("loss", "val_loss")
             top.plot(x, y, "o-" if k.startswith("val") else "-", lw=1.6 if main else 0.8, ms=3,
                      alpha=1.0 if main else 0.6, label=k)
-    if any(min((r[k] for r in rows if isinstance(r.get(k), (int, float))), default=1) <= 0 for k in keys):
-        top.set_yscale("symlog", linthresh=1e-3)
-    else:
-        top.set_yscale("log")
-    top.set_ylabel("loss")
-    top.grid(alpha=0.3, which="both")
-    top.legend(fontsize=8)
+    _loss_axis(top, min((r[k] for k in keys for r in rows if isinstance(r.get(k), (int, float))), default=1))
     top.set_title(f"{Path(run_dir).name}: {rows[-1]['step']:,} steps", fontsize=10)
     for k, style in (("lr", "-"), ("grad_norm", ":")):
         pts = [(r["step"], r[k]) for r in rows if isinstance(r.get(k), (int, float))]
@@ -114,10 +119,7 @@ def compare_curves(run_dirs: list[Path], out: Path) -> list[str]:
             bottom.plot(*zip(*pts), "-", color=f"C{i % 10}", lw=1)
     if not drawn:
         raise MolgenError(f"no run logs a loss ({', '.join(map(str, run_dirs))})")
-    top.set_yscale("symlog", linthresh=1e-3) if lowest <= 0 else top.set_yscale("log")
-    top.set_ylabel("loss")
-    top.grid(alpha=0.3, which="both")
-    top.legend(fontsize=8)
+    _loss_axis(top, lowest)
     top.set_title(f"{len(runs)} runs: training loss (lines), validation loss of the EMA parameters (points)",
                   fontsize=10)
     bottom.set_ylabel("learning rate", fontsize=8)
