@@ -137,6 +137,8 @@ def plan(model: Model, steps: int | None = None, sampler: str | None = None, sig
     levels = s.levels(model.cfg, steps, sigmas)
     settings = {"molgen_model": model.name, "molgen_sampler": s.name, "molgen_steps": steps,
                 "molgen_calls": s.calls(levels, resample) + polish_calls, "molgen_temperature": temperature}
+    if "step" in model.meta and "source_run" not in model.meta:  # read from a training run: which checkpoint
+        settings["molgen_checkpoint_step"] = model.meta["step"]
     if resample:
         settings["molgen_resample"] = resample
     if model.cfg.stack is not None:

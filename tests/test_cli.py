@@ -264,6 +264,7 @@ def test_train_resume_and_sample(tmp_path, trained, data_dir):
         res = run("sample", "--model", trained / "checkpoints" / str(step), "-n", 3, "--steps", 2, "-o", o,
                   "--no-report")
         assert res.exit_code == 0 and (o.read_bytes() == at4.read_bytes()) == same, res.output
+        assert f"<molgen_checkpoint_step>  (1) \n{step}\n" in o.read_text()  # which checkpoint made them
     one_line_error(run("sample", "--model", trained / "checkpoints" / "5", "-o", tmp_path / "x.sdf"),
                    f"{trained}: no finished checkpoint at step 5 (its checkpoints: 4, 6)")
     res = run("export", trained / "checkpoints" / "4", tmp_path / "m4")
