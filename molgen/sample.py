@@ -117,10 +117,8 @@ def plan(model: Model, steps: int | None = None, sampler: str | None = None, sig
         raise MolgenError("--steps must be at least 1")
     if sigmas and not s.takes_sigmas:
         raise MolgenError(f"--sigmas applies to the consistency samplers, not {s.name}")
-    if polish_calls < 0:
-        raise MolgenError("--polish must be >= 0")
-    if resample < 0:
-        raise MolgenError("--resample must be >= 0")
+    if polish_calls < 0 or resample < 0:
+        raise MolgenError(f"--{'polish' if polish_calls < 0 else 'resample'} must be >= 0")
     if resample and not fixing:
         raise MolgenError("--resample applies when completing a fragment; add --fix FILE")
     if formula and s.kind != "consistency":
