@@ -315,6 +315,10 @@ def plot(
     for run_dir in run_dirs:
         if not (Path(run_dir) / "metrics.jsonl").is_file():
             raise MolgenError(f"{run_dir}: no metrics.jsonl (not a training run folder?)")
+    seen: dict[Path, Path] = {}
+    for run_dir in run_dirs:  # a, a/ and ./a are one run
+        if seen.setdefault(Path(run_dir).resolve(), run_dir) is not run_dir:
+            raise MolgenError(f"{run_dir}: the same run given twice; name each run once")
     out = out or (Path(run_dirs[0]) / "curves.png" if len(run_dirs) == 1 else unused_path("curves.png"))
     check_writable(out, "-o", suffixes=(".png", ".svg"))
     report_to_stderr(writes_stdout(out))

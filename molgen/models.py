@@ -155,11 +155,15 @@ def find_model(name: str | Path | None) -> Path:
     if not path.exists() and str(name) in models:
         path = models[str(name)]
     if not path.exists() and (ck := checkpoint_of(path)) is not None:
+        if ck[1] in checkpoint_steps(ck[0]):  # RUN/checkpoints/06: step 6, in the folder orbax names 6
+            return ck[0] / CHECKPOINTS / str(ck[1])
         raise MolgenError(f"{ck[0]}: no finished checkpoint at step {ck[1]} (its checkpoints: "
                           f"{', '.join(map(str, checkpoint_steps(ck[0]))) or 'none'})")
     if not path.exists():
         raise MolgenError(f"{name}: no such model folder, run folder or shipped model ({did_you_mean(name, models)}"
                           f"shipped: {', '.join(models) or 'none'})")
+    if path.is_file():
+        raise MolgenError(f"{path}: a file; give a model folder, a run folder or a run's checkpoint")
     if not config_file(path).exists():
         raise MolgenError(f"{path}: not a molgen model folder, run folder or run's checkpoint (no {CONFIG_NAME})")
     return path

@@ -267,6 +267,11 @@ def test_train_resume_and_sample(tmp_path, trained, data_dir):
         assert f"<molgen_checkpoint_step>  (1) \n{step}\n" in o.read_text()  # which checkpoint made them
     one_line_error(run("sample", "--model", trained / "checkpoints" / "5", "-o", tmp_path / "x.sdf"),
                    f"{trained}: no finished checkpoint at step 5 (its checkpoints: 4, 6)")
+    o = tmp_path / "ck04.sdf"  # a step written with a leading zero is that step
+    assert run("sample", "--model", trained / "checkpoints" / "04", "-n", 3, "--steps", 2, "-o", o,
+               "--no-report").exit_code == 0 and o.read_bytes() == at4.read_bytes()
+    one_line_error(run("sample", "--model", trained / "config.json", "-o", tmp_path / "x.sdf"),
+                   f"{trained / 'config.json'}: a file; give a model folder, a run folder or a run's checkpoint")
     res = run("export", trained / "checkpoints" / "4", tmp_path / "m4")
     meta = json.loads((tmp_path / "m4" / "meta.json").read_text())
     assert res.exit_code == 0 and (meta["source_run"], meta["step"]) == (str(trained), 4), res.output

@@ -392,7 +392,9 @@ def test_plot_compares_runs(tmp_path, monkeypatch):
     assert (tmp_path / "ac.svg").read_text().lstrip().startswith("<?xml")
     one_line_error(cli("plot", "a", "nope", "-o", "x.png"), "nope: no metrics.jsonl")
     (tmp_path / "b" / "metrics.jsonl").write_text('{"step": 5, "grad_norm": 1.0}\n')  # no loss logged yet
-    one_line_error(cli("plot", "b", "b", "-o", "x.png"), "no run logs a loss")
+    one_line_error(cli("plot", "a", "b/", "./a", "-o", "x.png"), "a: the same run given twice; name each run once")
+    (tmp_path / "c/a" / "metrics.jsonl").write_text('{"step": 5, "grad_norm": 1.0}\n')
+    one_line_error(cli("plot", "b", "c/a", "-o", "x.png"), "no run logs a loss")
     assert not (tmp_path / "x.png").exists()
 
 
