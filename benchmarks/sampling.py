@@ -5,7 +5,9 @@ that.  Also prints the end-to-end wall time of the CLI's main command when --cli
     python benchmarks/sampling.py [--presets small,base,edm] [--models NAME,...] [--n 1000] [--cli 5]
 
 ``--models`` also times one call of shipped models (or weights folders), e.g. a stacked model against the plain
-one it was built from, in the same run.
+one it was built from, in the same run. ``--ab-edge-attrs R`` times each of them R times in turn with the first pair
+layers' edge-attribute term as molgen samples with it (element-wise) and as a matrix product (as before 2026-12-06;
+the same function to float32 rounding), and prints the medians and their ratio.
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ def main():
     ap.add_argument("--n", type=int, default=1000)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--models", default="", help="comma-separated shipped models / weights folders to time too")
+    ap.add_argument("--ab-edge-attrs", type=int, default=0, help="--models: time each call this many times in turn "
+                    "with the edge attributes' term element-wise and as a product")
     ap.add_argument("--cli", type=int, default=0, help="also time `molgen sample -n N --steps 1` this many times")
     args = ap.parse_args()
     print(f"device: {jax.devices()[0].device_kind}")
@@ -79,6 +83,8 @@ def main():
         med = one_call(m)
         print(f"{name} ({describe_network(m.cfg)}): one network call over {args.n} molecules {med:.3f} s "
               f"({args.n / med:.0f} molecules/s)")
+        if args.ab_edge_attrs:
+            ab_edge_attrs(m, name, one_call, args.ab_edge_attrs)
     if args.cli:
         out = os.path.join(tempfile.mkdtemp(), "out.sdf")
         walls = []
@@ -89,6 +95,33 @@ def main():
             walls.append(time.perf_counter() - t0)
         print(f"molgen sample -n {args.n} --steps 1 (shipped default): wall times "
               f"{', '.join(f'{w:.2f}' for w in walls)} s; median {statistics.median(walls):.2f} s")
+
+
+def ab_edge_attrs(model, name: str, one_call, rounds: int) -> None:
+    """One call of ``model`` with the edge attributes' term element-wise (molgen's sampling network) and as a
+    matrix product (``EGNN(fused_attrs=False)``), ``rounds`` times in turn: medians and their ratio."""
+    import molgen.networks as networks
+    from molgen.nn.egnn import EGNN
+
+    own = networks.network
+
+    def as_product(cfg, precision=None, pair_kernel=False):
+        if precision is not None:
+            return own(cfg, precision, pair_kernel)
+        net = EGNN(cfg.model)
+        return net, net.apply
+
+    times = {"element-wise": [], "product": []}
+    for _ in range(rounds):
+        for label, fn in (("element-wise", own), ("product", as_product)):
+            networks.network = fn
+            try:
+                times[label].append(one_call(model))
+            finally:
+                networks.network = own
+    a, b = (statistics.median(times[k]) for k in ("element-wise", "product"))
+    print(f"{name}: edge attributes element-wise {a:.3f} s, as a product {b:.3f} s (medians of {rounds} in turn; "
+          f"ratio {a / b:.3f})")
 
 
 if __name__ == "__main__":

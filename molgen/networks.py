@@ -25,13 +25,14 @@ def resolve_precision(precision: str, platform: str | None = None) -> str:
 
 
 def network(cfg: RunConfig, precision: str | None = None, pair_kernel: bool = False):
-    """(EGNN module, apply function). ``precision`` None leaves matrix products at JAX's default (sampling);
+    """(EGNN module, apply function). ``precision`` None leaves matrix products at JAX's default (sampling,
+    the edge attributes' term of each pair MLP's first layer element-wise: :mod:`molgen.nn.egnn`);
     else a training precision: ``float32`` (full float32 products), ``tf32`` (TensorFloat-32 products) or
     ``bf16`` (bfloat16 hidden products and edge activations; :mod:`molgen.nn.egnn`), with the gradient's
     neighbour sums by sorted indices (``EGNN.sorted_grads``). ``pair_kernel``: the pair MLPs' gradients in GPU
     kernels (the ``packed-kernel`` layout; :mod:`molgen.nn.pairgrad`)."""
-    if precision is None:
-        net = EGNN(cfg.model)
+    if precision is None:  # the edge attributes' term element-wise: a CPU's sampling call ~10 % faster
+        net = EGNN(cfg.model, fused_attrs=True)
         return net, net.apply
     precision = resolve_precision(precision)
     net = EGNN(cfg.model, dtype=jnp.bfloat16 if precision == "bf16" else jnp.float32,

@@ -55,9 +55,11 @@ def _run(model, params, g, x, h, cond):
     return jax.jit(model.apply)(params, jnp.asarray(x), jnp.asarray(h), jnp.asarray(cond), g)
 
 
+@pytest.mark.parametrize("fused", [False, True])  # fused: the edge attributes' term as sampling computes it
 @pytest.mark.parametrize("reflect", [False, True])
-def test_rotation_reflection_translation(rng, reflect):
-    model, params, g, h, cond = _setup(rng)
+def test_rotation_reflection_translation(rng, reflect, fused):
+    _, params, g, h, cond = _setup(rng)
+    model = EGNN(CFG, fused_attrs=fused)
     vel, hout = _run(model, params, g, g.positions, h, cond)
     assert float(jnp.abs(vel).max()) > 1e-3  # the test is not vacuous
     q = random_rotation(rng, reflect)
@@ -113,8 +115,10 @@ def _repacked(g, h, cond, rng):
     return g2, x2, h2, c2, n_real
 
 
-def test_padding_never_changes_real_atoms(rng):
-    model, params, g, h, cond = _setup(rng)
+@pytest.mark.parametrize("fused", [False, True])
+def test_padding_never_changes_real_atoms(rng, fused):
+    _, params, g, h, cond = _setup(rng)
+    model = EGNN(CFG, fused_attrs=fused)
     vel, hout = _run(model, params, g, g.positions, h, cond)
     g2, x2, h2, c2, n_real = _repacked(g, h, cond, rng)
     vel2, hout2 = _run(model, params, g2, x2, h2, c2)
@@ -251,8 +255,8 @@ def test_bf16_padding_never_changes_real_atoms(kernel):
 
 @pytest.mark.parametrize("split", [True, False])
 def test_fused_edge_attributes_give_the_same_outputs(rng, split):
-    """``fused_attrs`` (training in TF32) adds the edge attributes' term element-wise: the same function as the
-    product, to float32 rounding, with the same parameters."""
+    """``fused_attrs`` (training in TF32, sampling) adds the edge attributes' term element-wise: the same function
+    as the product, to float32 rounding, with the same parameters."""
     cfg = CFG.replace(split_edge_layer=split)
     model, params, g, h, cond = _setup(rng, cfg=cfg)
     want = _run(model, params, g, g.positions, h, cond)

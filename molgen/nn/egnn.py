@@ -26,9 +26,10 @@ distances, the coordinate update, every sum over neighbours, every gather of nod
 that no scatter-add of the backward pass runs in bfloat16) and the output layer stay float32. The default
 (float32) computes everything in float32. The parameters are the same either way. The first layer of each edge
 MLP adds the edge attributes' term (two attributes) as a product with the pair rows; with bf16, or
-``fused_attrs=True`` (training in TF32), it is computed element-wise in float32 instead: exact, and fused with
-the sum rather than a [pairs, features] array of its own written and read again. With bf16 the layers with one
-output per pair (attention logit, coordinate weight) are float32 sums of element-wise products (PairScalar).
+``fused_attrs=True`` (training in TF32, and sampling), it is computed element-wise in float32 instead: exact, and
+fused with the sum rather than a [pairs, features] array of its own written and read again. With bf16 the layers
+with one output per pair (attention logit, coordinate weight) are float32 sums of element-wise products
+(PairScalar).
 """
 
 from __future__ import annotations
