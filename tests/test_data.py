@@ -1,6 +1,7 @@
 """QM9 sources, parsing, split, cache and batching."""
 
 import io
+import re
 import tarfile
 from pathlib import Path
 
@@ -81,13 +82,25 @@ def test_folder_of_xyz_files_reads_as_the_archive(tmp_path, records, archive):
     assert len(sources.read_archive(with_dir)[0]) == len(records)
 
     text = (folder / f"dsgdb9nsd_{records[0].index:06d}.xyz").read_text()
-    (folder / "dsgdb9nsd_999999.xyz").write_text("\n".join(text.splitlines()[:4]))  # cut after two atoms
-    with pytest.raises(MolgenError, match=r"dsgdb9nsd_999999.xyz: malformed QM9 xyz file"):
-        sources.read_local(folder)
+    lines = text.splitlines()
+    atom = [*lines[:3]]  # the count, the properties, the first atom: then the second atom is replaced
+    for bad, why in (("\n".join(lines[:4]), f" at line 5: it ends before its {lines[0]} atoms"),  # cut after two
+                     ("\n".join([*atom, "C 0.1 x 0.2", *lines[4:]]), " at line 4: could not convert"),
+                     ("\n".join([*atom, "C 0.1 0.2", *lines[4:]]), " at line 4: an atom line needs an element and"),
+                     ("\n".join([*atom, "", *lines[4:]]), " at line 4: an empty line"),
+                     ("\n".join(["five", *lines[1:]]),
+                      " at line 1: the first line should be the atom count, not 'five'"),
+                     ("", ": the file is empty")):
+        (folder / "dsgdb9nsd_999999.xyz").write_text(bad)
+        with pytest.raises(MolgenError, match=re.escape(f"dsgdb9nsd_999999.xyz: malformed QM9 xyz file{why}")):
+            sources.read_local(folder)
     (folder / "dsgdb9nsd_999999.xyz").write_bytes(b"\xff\xfe" + text.encode())  # bytes that are not UTF-8
     with pytest.raises(MolgenError, match=r"dsgdb9nsd_999999.xyz: malformed QM9 xyz file"):
         sources.read_local(folder)
     (folder / "dsgdb9nsd_999999.xyz").unlink()
+    with pytest.raises(MolgenError, match=re.escape("x.xyz: malformed QM9 xyz file at line 2: the second line should "
+                                                    "begin 'gdb N' (N: the QM9 index), not 'benzene'")):
+        sources.parse_qm9_xyz("\n".join([lines[0], "benzene", *lines[2:]]), "x.xyz")
     bad_csv = tmp_path / "latin1.csv"
     bad_csv.write_bytes("Index,SMILES,N_atoms,Elements,XYZ_Ang\n1,C,1\xe9,['C'],[[0,0,0]]\n".encode("latin-1"))
     with pytest.raises(MolgenError, match=r"latin1.csv:2: "):

@@ -41,20 +41,31 @@ def _float(tok: str) -> float:
 def parse_qm9_xyz(text: str, name: str = "<xyz>", index: int | None = None) -> Record:
     """Parse one QM9 ``.xyz`` file (count, property line, atoms with Mulliken charges, freqs, SMILES, InChI)."""
     lines = text.splitlines()
+    at, n = 0, 0  # the line read (0-based), the atoms it announces
     try:
         n = int(lines[0].split()[0])
         if index is None:
+            at = 1
             props = lines[1].split()
             index = int(props[1]) if len(props) > 1 and props[0] == "gdb" else int(_INDEX_RE.findall(name)[-1])
         symbols, coords = [], []
         for k in range(n):
-            tok = lines[2 + k].split()
+            at = 2 + k
+            tok = lines[at].split()
             symbols.append(tok[0])
             coords.append([_float(t) for t in tok[1:4]])
+            if len(coords[-1]) < 3:
+                raise ValueError("an atom line needs an element and three coordinates")
         smiles_line = lines[2 + n + 1].split() if len(lines) > 3 + n else []
         smiles = smiles_line[0] if smiles_line else ""
     except (IndexError, ValueError) as e:
-        raise MolgenError(f"{name}: malformed QM9 xyz file ({e})") from None
+        why = ("the file is empty" if not lines else f"it ends before its {n} atoms" if at >= len(lines) else
+               "an empty line" if not lines[at].split() else
+               f"the first line should be the atom count, not {lines[0].strip()!r}" if at == 0 else
+               f"the second line should begin 'gdb N' (N: the QM9 index), not {lines[1].strip()[:40]!r}" if at == 1
+               else str(e))
+        where = f" at line {at + 1}" if lines else ""
+        raise MolgenError(f"{name}: malformed QM9 xyz file{where}: {why}") from None
     try:
         types = np.array([symbol_to_type(s) for s in symbols], dtype=np.int8)
     except KeyError as e:
