@@ -868,6 +868,36 @@ def test_cpu_training_flags_only_where_known(monkeypatch):
         assert r.returncode == 0 and r.stdout.strip() == "4096.0", r.stderr[-2000:]
 
 
+def test_wide_vectors_for_sampling_only_with_avx512(monkeypatch, tmp_path):
+    """molgen sample's 512-bit vectors: only where the CPU has AVX-512 (/proc/cpuinfo's flags), never over
+    XLA_FLAGS' own vector width, not once the backends have started; and this install's XLA takes the flag (it
+    aborts on one it does not know)."""
+    import subprocess
+    import sys
+
+    from molgen import jax_setup
+
+    info = tmp_path / "cpuinfo"
+    for flags, want in (("fpu sse2 avx2 avx512f avx512bw", True), ("fpu sse2 avx2 avx512_vnni", False), ("", False)):
+        info.write_text(f"processor\t: 0\nmodel name\t: a CPU\nflags\t\t: {flags}\n\nprocessor\t: 1\n")
+        assert jax_setup.has_avx512(info) is want, flags
+    assert jax_setup.has_avx512(tmp_path / "none") is False
+    monkeypatch.setenv("XLA_FLAGS", "")
+    import jax
+
+    jax.devices()  # this process's backends have started: too late to add flags
+    jax_setup.add_cpu_sampling_flags()
+    assert os.environ["XLA_FLAGS"] == ""
+    script = ("import os; from molgen import jax_setup as j; j.has_avx512 = lambda: True; "
+              "given = os.environ['XLA_FLAGS']; j.add_cpu_sampling_flags(); flags = os.environ['XLA_FLAGS']; "
+              "assert flags == (given if 'vector_width' in given else f'{given} {j.WIDE_VECTORS}'.strip()), flags; "
+              "import jax.numpy as jnp; print(float(jnp.exp(jnp.zeros((64, 64))).sum()))")
+    for given in ("", "--xla_cpu_prefer_vector_width=256"):
+        r = subprocess.run([sys.executable, "-c", script], env=dict(os.environ, XLA_FLAGS=given, JAX_PLATFORMS="cpu"),
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0 and r.stdout.strip() == "4096.0", r.stderr[-2000:]
+
+
 def test_progress_off_a_terminal_is_a_line_now_and_then():
     """Off a terminal (a log file) progress is plain lines: none for short work, then at most one every `every`
     seconds with the share done and the time left, and a last line with the total time."""
