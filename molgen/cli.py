@@ -181,7 +181,7 @@ def sample(
     from molgen.chem.io import DECIMALS
     from molgen.display import sampling_progress
     from molgen.evaluate import annotate, reference_for
-    from molgen.jax_setup import add_cpu_sampling_flags, enable_compilation_cache, start_devices
+    from molgen.jax_setup import add_cpu_vector_flags, enable_compilation_cache, start_devices
     from molgen.keep import sample_kept
     from molgen.models import default_model, load_model, polisher_for
     from molgen.outputs import check_sample_room, sample_output, write_samples
@@ -190,7 +190,7 @@ def sample(
     out, fmt, workers, reported, novelty = sample_output(out, fmt, json_path, fix, report, novelty, data_dir,
                                                          (keep, unique, novel))
     sig, bias, atoms, frag, form = parse_options(sigmas, type_bias, atoms, fix, formula)
-    add_cpu_sampling_flags()
+    add_cpu_vector_flags()
     enable_compilation_cache()
     start_devices()
     m = load_model(checkpoint if checkpoint is not None or frag is None else default_model(fix=True))

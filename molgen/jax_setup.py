@@ -133,8 +133,9 @@ def cpu_training_flags() -> str:
 
 
 # XLA's CPU loops use 256-bit vectors unless told otherwise. On a CPU with AVX-512, 512-bit ones make the default
-# model's sampling call 0.84x the time and the main command 0.90x (an Intel Xeon, docs/performance.md); training
-# steps were no faster. The same function: molecules differ in float32 rounding only.
+# model's sampling call 0.85x the time, the main command 0.90x and the 256 x 9 network's call 0.84x (the teacher's
+# calls that make a distillation's pairs); training steps as fast or a little faster (an Intel Xeon,
+# docs/performance.md). The same function, rounded otherwise.
 WIDE_VECTORS = "--xla_cpu_prefer_vector_width=512"
 
 
@@ -157,9 +158,9 @@ def add_cpu_training_flags() -> None:
     _add_xla_flag(cpu_training_flags(), "ynn_fusion_type")
 
 
-def add_cpu_sampling_flags() -> None:
+def add_cpu_vector_flags() -> None:
     """512-bit vectors (:data:`WIDE_VECTORS`) where the CPU has AVX-512, before JAX starts its backends, unless
-    XLA_FLAGS already sets a vector width."""
+    XLA_FLAGS already sets a vector width (`molgen sample` and `molgen train`)."""
     _add_xla_flag(WIDE_VECTORS if has_avx512() else "", "prefer_vector_width")
 
 
@@ -187,6 +188,7 @@ def setup_training_devices(batch_size: int, devices: int | None = None) -> None:
     if devices is not None or "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
         configure_cpu_devices(devices or auto_cpu_devices(batch_size))
     add_cpu_training_flags()
+    add_cpu_vector_flags()
     enable_compilation_cache()
 
 

@@ -868,8 +868,8 @@ def test_cpu_training_flags_only_where_known(monkeypatch):
         assert r.returncode == 0 and r.stdout.strip() == "4096.0", r.stderr[-2000:]
 
 
-def test_wide_vectors_for_sampling_only_with_avx512(monkeypatch, tmp_path):
-    """molgen sample's 512-bit vectors: only where the CPU has AVX-512 (/proc/cpuinfo's flags), never over
+def test_wide_vectors_only_with_avx512(monkeypatch, tmp_path):
+    """molgen sample's and train's 512-bit vectors: only where the CPU has AVX-512 (/proc/cpuinfo's flags), never over
     XLA_FLAGS' own vector width, not once the backends have started; and this install's XLA takes the flag (it
     aborts on one it does not know)."""
     import subprocess
@@ -886,10 +886,10 @@ def test_wide_vectors_for_sampling_only_with_avx512(monkeypatch, tmp_path):
     import jax
 
     jax.devices()  # this process's backends have started: too late to add flags
-    jax_setup.add_cpu_sampling_flags()
+    jax_setup.add_cpu_vector_flags()
     assert os.environ["XLA_FLAGS"] == ""
     script = ("import os; from molgen import jax_setup as j; j.has_avx512 = lambda: True; "
-              "given = os.environ['XLA_FLAGS']; j.add_cpu_sampling_flags(); flags = os.environ['XLA_FLAGS']; "
+              "given = os.environ['XLA_FLAGS']; j.add_cpu_vector_flags(); flags = os.environ['XLA_FLAGS']; "
               "assert flags == (given if 'vector_width' in given else f'{given} {j.WIDE_VECTORS}'.strip()), flags; "
               "import jax.numpy as jnp; print(float(jnp.exp(jnp.zeros((64, 64))).sum()))")
     for given in ("", "--xla_cpu_prefer_vector_width=256"):
