@@ -59,18 +59,28 @@ def parse_qm9_xyz(text: str, name: str = "<xyz>", index: int | None = None) -> R
         smiles_line = lines[2 + n + 1].split() if len(lines) > 3 + n else []
         smiles = smiles_line[0] if smiles_line else ""
     except (IndexError, ValueError) as e:
-        why = ("the file is empty" if not lines else f"it ends before its {n} atoms" if at >= len(lines) else
-               "an empty line" if not lines[at].split() else
-               f"the first line should be the atom count, not {lines[0].strip()!r}" if at == 0 else
-               f"the second line should begin 'gdb N' (N: the QM9 index), not {lines[1].strip()[:40]!r}" if at == 1
-               else str(e))
         where = f" at line {at + 1}" if lines else ""
-        raise MolgenError(f"{name}: malformed QM9 xyz file{where}: {why}") from None
+        raise MolgenError(f"{name}: malformed QM9 xyz file{where}: {_what_is_wrong(lines, at, n, e)}") from None
     try:
         types = np.array([symbol_to_type(s) for s in symbols], dtype=np.int8)
     except KeyError as e:
         raise MolgenError(f"{name}: unknown element {e.args[0]!r} (QM9 has {', '.join(SYMBOLS)})") from None
     return Record(index, types, np.array(coords, dtype=np.float64), smiles)
+
+
+def _what_is_wrong(lines: list[str], at: int, n: int, error: Exception) -> str:
+    """Why line ``at`` of a QM9 .xyz file announcing ``n`` atoms could not be read."""
+    if not lines:
+        return "the file is empty"
+    if at >= len(lines):
+        return f"it ends before its {n} atoms"
+    if not lines[at].split():
+        return "an empty line"
+    if at == 0:
+        return f"the first line should be the atom count, not {lines[0].strip()!r}"
+    if at == 1:
+        return f"the second line should begin 'gdb N' (N: the QM9 index), not {lines[1].strip()[:40]!r}"
+    return str(error)
 
 
 def parse_excluded(text: str) -> set[int]:
