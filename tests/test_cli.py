@@ -830,8 +830,6 @@ def test_cpu_training_flags_only_where_known(monkeypatch):
     """molgen train's extra XLA flags: only with the jaxlib release they were measured with and no GPU plugin (XLA
     aborts on a flag it does not know), added before the backends start and never over XLA_FLAGS' own choice;
     and this install's XLA runs with them."""
-    import subprocess
-    import sys
     from importlib import metadata
 
     from molgen import jax_setup
@@ -852,29 +850,37 @@ def test_cpu_training_flags_only_where_known(monkeypatch):
         monkeypatch.setattr(metadata, "version", installed(**versions))
         assert jax_setup.cpu_training_flags() == want, versions
     monkeypatch.setattr(metadata, "version", installed(jaxlib="0.10.2"))
-    monkeypatch.setenv("XLA_FLAGS", "")
-    import jax
-
-    jax.devices()  # this process's backends have started: too late to add flags
-    jax_setup.add_cpu_training_flags()
-    assert os.environ["XLA_FLAGS"] == ""
     script = ("import os; from molgen.jax_setup import add_cpu_training_flags as add, cpu_training_flags as want; "
               "given = os.environ['XLA_FLAGS']; add(); flags = os.environ['XLA_FLAGS']; "
               "assert flags == (given if 'ynn' in given else want()), flags; "
               "import jax.numpy as jnp; print(float(jnp.ones((64, 64)).sum(1).sum()))")
-    for given in ("", "--xla_cpu_experimental_ynn_fusion_type=+LIBRARY_FUSION_TYPE_REDUCE"):
+    _flags_only_before_jax_starts(monkeypatch, jax_setup.add_cpu_training_flags, script,
+                                  ("", "--xla_cpu_experimental_ynn_fusion_type=+LIBRARY_FUSION_TYPE_REDUCE"))
+
+
+def _flags_only_before_jax_starts(monkeypatch, add, script: str, givens) -> None:
+    """``add`` changes nothing once this process's backends have started; ``script`` (it adds the flags, checks them
+    and prints a sum of 4096) runs in a fresh process under each XLA_FLAGS of ``givens``: XLA takes the flags (it
+    aborts on one it does not know)."""
+    import subprocess
+    import sys
+
+    import jax
+
+    monkeypatch.setenv("XLA_FLAGS", "")
+    jax.devices()
+    add()
+    assert os.environ["XLA_FLAGS"] == ""
+    for given in givens:
         r = subprocess.run([sys.executable, "-c", script], env=dict(os.environ, XLA_FLAGS=given, JAX_PLATFORMS="cpu"),
                            capture_output=True, text=True, timeout=300)
         assert r.returncode == 0 and r.stdout.strip() == "4096.0", r.stderr[-2000:]
 
 
 def test_wide_vectors_only_with_avx512(monkeypatch, tmp_path):
-    """molgen sample's and train's 512-bit vectors: only where the CPU has AVX-512 (/proc/cpuinfo's flags), never over
-    XLA_FLAGS' own vector width, not once the backends have started; and this install's XLA takes the flag (it
+    """molgen sample's and train's 512-bit vectors: only where the CPU has AVX-512 (/proc/cpuinfo's flags), never
+    over XLA_FLAGS' own vector width, not once the backends have started; and this install's XLA takes the flag (it
     aborts on one it does not know)."""
-    import subprocess
-    import sys
-
     from molgen import jax_setup
 
     info = tmp_path / "cpuinfo"
@@ -882,20 +888,13 @@ def test_wide_vectors_only_with_avx512(monkeypatch, tmp_path):
         info.write_text(f"processor\t: 0\nmodel name\t: a CPU\nflags\t\t: {flags}\n\nprocessor\t: 1\n")
         assert jax_setup.has_avx512(info) is want, flags
     assert jax_setup.has_avx512(tmp_path / "none") is False
-    monkeypatch.setenv("XLA_FLAGS", "")
-    import jax
-
-    jax.devices()  # this process's backends have started: too late to add flags
-    jax_setup.add_cpu_vector_flags()
-    assert os.environ["XLA_FLAGS"] == ""
     script = ("import os; from molgen import jax_setup as j; j.has_avx512 = lambda: True; "
               "given = os.environ['XLA_FLAGS']; j.add_cpu_vector_flags(); flags = os.environ['XLA_FLAGS']; "
               "assert flags == (given if 'vector_width' in given else f'{given} {j.WIDE_VECTORS}'.strip()), flags; "
               "import jax.numpy as jnp; print(float(jnp.exp(jnp.zeros((64, 64))).sum()))")
-    for given in ("", "--xla_cpu_prefer_vector_width=256"):
-        r = subprocess.run([sys.executable, "-c", script], env=dict(os.environ, XLA_FLAGS=given, JAX_PLATFORMS="cpu"),
-                           capture_output=True, text=True, timeout=300)
-        assert r.returncode == 0 and r.stdout.strip() == "4096.0", r.stderr[-2000:]
+    monkeypatch.setattr(jax_setup, "has_avx512", lambda: True)  # here too: only the backends' start stops it
+    _flags_only_before_jax_starts(monkeypatch, jax_setup.add_cpu_vector_flags, script,
+                                  ("", "--xla_cpu_prefer_vector_width=256"))
 
 
 def test_progress_off_a_terminal_is_a_line_now_and_then():
