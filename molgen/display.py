@@ -269,13 +269,13 @@ def setting_table(data_dir: Path) -> Table:
 
     from molgen import MolgenError, __version__
     from molgen.io_utils import can_make
-    from molgen.jax_setup import compilation_cache_dir, start_devices
+    from molgen.jax_setup import compilation_cache_dir, cpu_vectors, start_devices
     from molgen.models import default_model, weights_root
     from molgen.workers import MIN_PER_WORKER, default_workers, usable_cores
 
     try:
         devs = start_devices()
-        seen = (f"cpu ({usable_cores()} cores)" if devs[0].platform == "cpu"
+        seen = (f"cpu ({usable_cores()} cores), {cpu_vectors()}" if devs[0].platform == "cpu"
                 else f"{devs[0].platform}: {len(devs)} x {devs[0].device_kind}")
     except MolgenError as e:  # what does not start is what `molgen info` is asked to show
         seen = f"no device: {e}"

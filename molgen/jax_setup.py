@@ -164,6 +164,15 @@ def add_cpu_vector_flags() -> None:
     _add_xla_flag(WIDE_VECTORS if has_avx512() else "", "prefer_vector_width")
 
 
+def cpu_vectors() -> str:
+    """The vector width of XLA's CPU loops in `molgen sample` and `train`, and why: XLA_FLAGS' own, else 512-bit
+    where the CPU has AVX-512 (:func:`add_cpu_vector_flags`), else XLA's default."""
+    given = re.search(r"prefer_vector_width=(\d+)", os.environ.get("XLA_FLAGS", ""))
+    if given:
+        return f"{given.group(1)}-bit vectors (XLA_FLAGS)"
+    return "512-bit vectors (AVX-512)" if has_avx512() else "256-bit vectors (XLA's default)"
+
+
 def _add_xla_flag(extra: str, key: str) -> None:
     """Append ``extra`` to XLA_FLAGS unless it is empty, XLA_FLAGS already mentions ``key`` or JAX has started
     its backends (too late for flags)."""

@@ -892,6 +892,12 @@ def test_wide_vectors_only_with_avx512(monkeypatch, tmp_path):
               "given = os.environ['XLA_FLAGS']; j.add_cpu_vector_flags(); flags = os.environ['XLA_FLAGS']; "
               "assert flags == (given if 'vector_width' in given else f'{given} {j.WIDE_VECTORS}'.strip()), flags; "
               "import jax.numpy as jnp; print(float(jnp.exp(jnp.zeros((64, 64))).sum()))")
+    for flags, avx512, said in (("", True, "512-bit vectors (AVX-512)"), ("", False, "256-bit vectors (XLA's default)"),
+                                ("--xla_cpu_prefer_vector_width=128", True, "128-bit vectors (XLA_FLAGS)")):
+        monkeypatch.setenv("XLA_FLAGS", flags)
+        monkeypatch.setattr(jax_setup, "has_avx512", lambda: avx512)
+        assert jax_setup.cpu_vectors() == said  # what `molgen info` shows
+        assert said in " ".join(run("info").output.split())
     monkeypatch.setattr(jax_setup, "has_avx512", lambda: True)  # here too: only the backends' start stops it
     _flags_only_before_jax_starts(monkeypatch, jax_setup.add_cpu_vector_flags, script,
                                   ("", "--xla_cpu_prefer_vector_width=256"))
