@@ -71,11 +71,12 @@ def main() -> None:
     import molgen.diffusion.edm as edm
     from molgen.data.qm9 import load_qm9
     from molgen.evaluate import evaluate_molecules
-    from molgen.jax_setup import enable_compilation_cache
+    from molgen.jax_setup import add_cpu_vector_flags, enable_compilation_cache
 
     if args.spacing is not None:
         edm.SPACING = args.spacing
 
+    add_cpu_vector_flags()  # as `molgen sample` does
     enable_compilation_cache()
     from molgen.fragment import Fragment, contains_fragment
     from molgen.models import load_model, polisher_for

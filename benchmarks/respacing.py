@@ -24,10 +24,11 @@ def main() -> None:
     args = ap.parse_args()
     import molgen.diffusion.edm as edm
     from molgen.evaluate import evaluate_molecules
-    from molgen.jax_setup import enable_compilation_cache
+    from molgen.jax_setup import add_cpu_vector_flags, enable_compilation_cache
     from molgen.models import load_model
     from molgen.sample import sample
 
+    add_cpu_vector_flags()  # as `molgen sample` does
     enable_compilation_cache()
     model = load_model(args.model)
     for steps in [int(k) for k in args.steps.split(",")]:

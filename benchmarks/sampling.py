@@ -30,6 +30,7 @@ from molgen.models import Model, load_model
 from molgen.networks import init_params
 from molgen.nn.egnn import PRESETS
 from molgen.data.batching import pack
+from molgen.jax_setup import add_cpu_vector_flags
 from molgen.sizes import draw_sizes
 from molgen.samplers import get_sampler
 
@@ -47,6 +48,7 @@ def main():
                     "with the edge attributes' term element-wise and as a product")
     ap.add_argument("--cli", type=int, default=0, help="also time `molgen sample -n N --steps 1` this many times")
     args = ap.parse_args()
+    add_cpu_vector_flags()  # as `molgen sample` does (a prefer_vector_width in XLA_FLAGS overrides it)
     print(f"device: {jax.devices()[0].device_kind}")
 
     def one_call(model):

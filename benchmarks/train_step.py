@@ -213,9 +213,10 @@ class Bench:
 
 def main():
     args = parse_args()
-    from molgen.jax_setup import add_cpu_training_flags
+    from molgen.jax_setup import add_cpu_training_flags, add_cpu_vector_flags
 
     add_cpu_training_flags()  # as `molgen train` does (a ynn_fusion_type in XLA_FLAGS overrides it)
+    add_cpu_vector_flags()  # as `molgen train` does (a prefer_vector_width in XLA_FLAGS overrides it)
     if args.cache:
         from molgen.jax_setup import enable_compilation_cache
 
