@@ -424,6 +424,23 @@ def test_validation_logs_the_ema_and_the_trained_parameters(tmp_path, mini_ds):
            f"{vals[-1]['val_loss_trained']:.4f}" in text
 
 
+def test_data_without_a_validation_split_says_what_its_validation_loss_is(tmp_path, mini_ds):
+    """A data set too small for a validation split (a few molecules) is validated on its first training molecules,
+    and the run says so (train.log and the messages); with a validation split nothing is said."""
+    from molgen.data.qm9 import QM9
+
+    no_valid = QM9(mini_ds.positions, mini_ds.types, mini_ds.n_atoms, mini_ds.index, mini_ds.smiles,
+                   {**mini_ds.splits, "valid": np.zeros(0, np.int32)})
+    cfg = _cfg(mini_ds).with_optim(steps=4, eval_every=4, ckpt_every=4)
+    said = "the data has no validation split: the validation losses are those of its first 64 training molecules"
+    for ds, run, want in ((no_valid, "n", True), (mini_ds, "v", False)):
+        shown = []
+        train(cfg, tmp_path / run, ds, chunk=4, progress=None, log=shown.append)
+        recs = [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in recs if "val_loss" in r] == [4]
+        assert (said in shown) == want and (said in (tmp_path / run / "train.log").read_text()) == want
+
+
 def test_validation_compiled_aside_gives_the_same_loss(tmp_path, mini_ds):
     """The validation's programs compiled in a thread beside the training (from the parameters' shapes) are the
     ones the first evaluation would compile: one per batch shape, the same loss."""
