@@ -123,11 +123,14 @@ class Validation:
     """The validation loss of a run's parameters (its EMA's, and the trained ones'): the first ``VAL_MOLECULES``
     validation molecules in fixed batches of ``VAL_BATCH``, each with its own fixed key, so the figure depends on
     the parameters alone (runs with different batch sizes compare directly). The two side by side show an EMA
-    (what is exported) that averages weights which move too fast to be averaged: its loss above the trained one."""
+    (what is exported) that averages weights which move too fast to be averaged: its loss above the trained one.
+    Data too small for a validation split: its first 64 training molecules, which ``log`` is told."""
 
-    def __init__(self, ds, cfg: RunConfig, mesh: Mesh, anchor_params=None):
-        self.on_training = not len(ds.split("valid"))  # data too small for a validation split (a few molecules)
-        ids = ds.split("train")[:64] if self.on_training else ds.split("valid")[:VAL_MOLECULES]
+    def __init__(self, ds, cfg: RunConfig, mesh: Mesh, anchor_params=None, log=None):
+        on_training = not len(ds.split("valid"))  # data too small for a validation split (a few molecules)
+        if on_training and cfg.optim.eval_every and log is not None:
+            log("the data has no validation split: the validation losses are those of its first 64 training molecules")
+        ids = ds.split("train")[:64] if on_training else ds.split("valid")[:VAL_MOLECULES]
         n = mesh.devices.size
         b = max(n, min(VAL_BATCH, len(ids)) // n * n)
         self.batches = [put_batch(make_batch(ds, ids[k : k + b], n), mesh) for k in range(0, len(ids) - b + 1, b)]
@@ -241,9 +244,7 @@ def train(cfg: RunConfig, run_dir: Path, ds, resume: bool = False, init_params=N
     end = min(cfg.optim.steps, stop_at) if stop_at is not None else cfg.optim.steps
     feed = Feed(ds, cfg, mesh, start, end, chunk, resumed_plan(run_dir, start, log) if resume else None)
     anchor_params = None if anchor_params is None else global_put(anchor_params, repl)
-    validation = Validation(ds, cfg, mesh, anchor_params)
-    if validation.used and validation.on_training:
-        log("the data has no validation split: the validation losses are those of its first 64 training molecules")
+    validation = Validation(ds, cfg, mesh, anchor_params, log)  # (it says where it has no validation split)
     base_key = global_put(jax.random.PRNGKey(cfg.seed), repl)
     ckpt_every, eval_every = _aligned(cfg.optim.ckpt_every, chunk), _aligned(cfg.optim.eval_every, chunk)
     metrics = MetricsLog(Path(run_dir), start, end, progress, log, cfg.objective, is_main(), max_seconds)
