@@ -103,6 +103,9 @@ def run_program(app, name: str) -> None:
     for stream in (sys.stdout, sys.stderr):  # a terminal that cannot show a character (Å, °) shows "?" instead
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="replace")
+    if (why := empty_argument(app, name, sys.argv[1:])) is not None:
+        error(MolgenError(why))
+        sys.exit(2)
     try:
         code = app(prog_name=name, standalone_mode=False)
     except SystemExit as e:
@@ -124,6 +127,32 @@ def run_program(app, name: str) -> None:
         sys.exit(2)
     _exit_if_stopped(code)
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def empty_argument(app, name: str, args: list[str]) -> str | None:
+    """What is wrong with a command line that gives an empty value (``-o ''``, ``--out=``, an empty file name), or
+    None: no molgen option or argument takes one, and Click reads an empty path as the current folder, so that
+    ``molgen train --out ''`` would train into it."""
+    import typer.main
+
+    group = typer.main.get_command(app)
+    command = group.commands.get(args[0]) if args else None
+    path = f"{name} {args[0]}" if command is not None else name
+    params = command.params if command is not None else group.params
+    flags = {o for p in params if getattr(p, "is_flag", False) for o in (*p.opts, *p.secondary_opts)}
+    for i, arg in enumerate(args):
+        if arg == "--":
+            if "" in args[i + 1:]:
+                return f"an empty argument (see {path} --help)"
+            return None
+        if arg.startswith("--") and arg.endswith("=") and len(arg) > 3:
+            return f"{arg[:-1]}: an empty value (see {path} --help)"
+        if arg == "":
+            before = args[i - 1] if i else ""
+            if before.startswith("-") and before not in ("-", "--") and "=" not in before and before not in flags:
+                return f"{before}: an empty value (see {path} --help)"
+            return f"an empty argument (see {path} --help)"
+    return None
 
 
 def _exit_if_stopped(code) -> None:

@@ -305,6 +305,11 @@ def test_a_resumed_run_logs_each_step_once(ct_run, data_dir, tmp_path):
     (("evaluate",), "error: Missing argument 'files' (see molgen evaluate --help)"),
     (("nosuchcommand",), "error: No such command 'nosuchcommand' (see molgen --help)"),
     (("sample", "-n"), "error: Option '-n' requires an argument"),
+    # an empty value, which Click would read as the current folder: `train --out ''` trained into it
+    (("train", "--recipe", "diffusion", "--out", ""), "error: --out: an empty value (see molgen train --help)"),
+    (("sample", "--out=", "-n", "1"), "error: --out: an empty value (see molgen sample --help)"),
+    (("evaluate", ""), "error: an empty argument (see molgen evaluate --help)"),
+    (("download", "--force", ""), "error: an empty argument (see molgen download --help)"),
 ])
 def test_the_command_lines_own_usage_errors_are_one_line_too(args, message):
     """What Click refuses while parsing (an unknown option or command, a value of the wrong type, a missing
