@@ -21,7 +21,7 @@ Opt = typer.Option
 def main() -> None:
     """The `molgen` program: the app run by :func:`molgen.failures.run_program` (usage errors as one line, exit code
     2; after Ctrl-C or SIGTERM an exit that does not wait for the computations still queued)."""
-    run_program(app, "molgen")
+    run_program(app, "molgen", typer.main.get_command)
 
 
 def _version(value: bool):

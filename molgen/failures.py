@@ -10,6 +10,7 @@ import functools
 import re
 import signal
 import threading
+from typing import Callable
 
 from molgen import MolgenError
 from molgen.display import err, error, report_to_stderr, say
@@ -95,15 +96,16 @@ def friendly(fn):
     return wrapper
 
 
-def run_program(app, name: str) -> None:
+def run_program(app, name: str, commands: Callable | None = None) -> None:
     """Run a Typer ``app`` as the program ``name``, with a usage error (an unknown command or option, a value of the
-    wrong type) as one line and exit code 2, like molgen's own errors; Click would print the usage before it."""
+    wrong type, an empty value: :func:`empty_argument`, given ``commands``, which makes the app's Click group) as one
+    line and exit code 2, like molgen's own errors; Click would print the usage before it."""
     import sys
 
     for stream in (sys.stdout, sys.stderr):  # a terminal that cannot show a character (Å, °) shows "?" instead
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="replace")
-    if (why := empty_argument(app, name, sys.argv[1:])) is not None:
+    if commands is not None and (why := empty_argument(lambda: commands(app), name, sys.argv[1:])) is not None:
         error(MolgenError(why))
         sys.exit(2)
     try:
@@ -129,13 +131,14 @@ def run_program(app, name: str) -> None:
     sys.exit(code if isinstance(code, int) else 0)
 
 
-def empty_argument(app, name: str, args: list[str]) -> str | None:
-    """What is wrong with a command line that gives an empty value (``-o ''``, ``--out=``, an empty file name), or
-    None: no molgen option or argument takes one, and Click reads an empty path as the current folder, so that
-    ``molgen train --out ''`` would train into it."""
-    import typer.main
-
-    group = typer.main.get_command(app)
+def empty_argument(group_of: Callable, name: str, args: list[str]) -> str | None:
+    """What is wrong with a command line ``args`` that gives an empty value (``-o ''``, ``--out=``, an empty file
+    name), or None: no molgen option or argument takes one, and Click reads an empty path as the current folder, so
+    that ``molgen train --out ''`` would train into it. ``group_of()``: the program's Click group (its commands'
+    flags are told from options that take a value), made only for a command line with an empty value."""
+    if not any(a == "" or (a.startswith("--") and a.endswith("=") and len(a) > 3) for a in args):
+        return None
+    group = group_of()
     command = group.commands.get(args[0]) if args else None
     path = f"{name} {args[0]}" if command is not None else name
     params = command.params if command is not None else group.params
