@@ -7,7 +7,9 @@ that.  Also prints the end-to-end wall time of the CLI's main command when --cli
 ``--models`` also times one call of shipped models (or weights folders), e.g. a stacked model against the plain
 one it was built from, in the same run. ``--ab-edge-attrs R`` times each of them R times in turn with the first pair
 layers' edge-attribute term as molgen samples with it (element-wise) and as a matrix product (as before 2026-12-06;
-the same function to float32 rounding), and prints the medians and their ratio.
+the same function to float32 rounding), and prints the medians and their ratio. ``--parts`` times, for each of
+``--models``, the parts of a first call as a fresh `molgen sample` process makes it: loading the model, tracing,
+lowering, compiling (or, run again, loading the compiled program from the compilation cache), then two calls.
 """
 
 from __future__ import annotations
@@ -46,6 +48,8 @@ def main():
     ap.add_argument("--models", default="", help="comma-separated shipped models / weights folders to time too")
     ap.add_argument("--ab-edge-attrs", type=int, default=0, help="--models: time each call this many times in turn "
                     "with the edge attributes' term element-wise and as a product")
+    ap.add_argument("--parts", action="store_true", help="--models: time the parts of a first call (run twice: the "
+                    "second run loads the compiled program from the compilation cache)")
     ap.add_argument("--cli", type=int, default=0, help="also time `molgen sample -n N --steps 1` this many times")
     args = ap.parse_args()
     add_cpu_vector_flags()  # as `molgen sample` does (a prefer_vector_width in XLA_FLAGS overrides it)
@@ -78,6 +82,9 @@ def main():
                   f"({args.n / med:.0f} molecules/s per call; 1000-step diffusion: {args.n / med / 1000:.2f} "
                   f"molecules/s)")
     for name in [m for m in args.models.split(",") if m]:
+        if args.parts:
+            parts(name, args.n)
+            continue
         m = load_model(name)
         if m.cfg.consistency is None:
             print(f"{name}: a diffusion model; time it with --presets")
@@ -97,6 +104,36 @@ def main():
             walls.append(time.perf_counter() - t0)
         print(f"molgen sample -n {args.n} --steps 1 (shipped default): wall times "
               f"{', '.join(f'{w:.2f}' for w in walls)} s; median {statistics.median(walls):.2f} s")
+
+
+def parts(name: str, n: int) -> None:
+    """Seconds of each part of a first call of the consistency model ``name`` over ``n`` molecules in this process."""
+    import jax.numpy as jnp
+
+    from molgen.jax_setup import enable_compilation_cache
+
+    enable_compilation_cache()
+    t0 = time.perf_counter()
+    m = load_model(name)
+    t_load = time.perf_counter() - t0
+    s = get_sampler(m.cfg)
+    step, levels = s.prepare(m.cfg), s.levels(m.cfg, 1)
+    g = pack(None, [np.zeros(int(k), np.int32) for k in draw_sizes(m.cfg, n, 0)])
+    zx, zh = jnp.zeros(g.node_mask.shape + (3,)), jnp.zeros(g.node_mask.shape + (m.cfg.n_features,))
+    call = (m.params, zx, zh, jnp.float32(levels[0]), jnp.bool_(True), g, jax.random.PRNGKey(0), jnp.float32(0.7))
+    t = [time.perf_counter()]
+    traced = step.trace(*call)
+    t.append(time.perf_counter())
+    lowered = traced.lower()
+    t.append(time.perf_counter())
+    compiled = lowered.compile()
+    t.append(time.perf_counter())
+    for _ in range(2):
+        jax.block_until_ready(compiled(*call))
+        t.append(time.perf_counter())
+    d = np.diff(t)
+    print(f"{name}: loading the model {t_load:.2f} s, tracing {d[0]:.2f} s, lowering {d[1]:.2f} s, compiling or "
+          f"loading the compiled program {d[2]:.2f} s, calls over {n} molecules {d[3]:.2f} / {d[4]:.2f} s")
 
 
 def ab_edge_attrs(model, name: str, one_call, rounds: int) -> None:
