@@ -13,6 +13,10 @@ from molgen.io_utils import STDIO, atomic_write_text, check_folder
 from molgen.parallel import is_main
 
 CHECKPOINTS = "checkpoints"  # a run folder's checkpoints, one folder a step (orbax's)
+# What a run writes into its folder (molgen.state, molgen.runlog, molgen.launch: a distillation's pairs and anchor)
+# and `molgen plot`'s default picture: a new run takes a folder that holds nothing else (hidden files aside)
+RUN_FILES = frozenset({CHECKPOINTS, "config.json", "metrics.jsonl", "train.log", "plan.json", "pairs.npz",
+                       "anchor.msgpack", "curves.png"})
 
 
 def check_run_dir(run_dir: Path, resume: bool) -> None:
@@ -29,6 +33,12 @@ def check_run_dir(run_dir: Path, resume: bool) -> None:
         raise MolgenError(f"--resume: {run_dir} {what}; start a new run without --resume")
     if not resume and has_ckpt:
         raise MolgenError(f"{run_dir} already holds checkpoints: pass --resume to continue, or choose another --out")
+    others = sorted(p.name for p in run_dir.iterdir() if p.name not in RUN_FILES and not p.name.startswith(".")) \
+        if run_dir.is_dir() else []
+    if others:  # a new run would write its files among them (config.json, train.log: over a file of that name)
+        listed = ", ".join(others[:4]) + (", ..." if len(others) > 4 else "")
+        raise MolgenError(f"--out {run_dir} holds files that are not a training run's ({listed}); give a new or "
+                          "empty folder")
 
 
 def checkpoint_steps(run_dir: Path) -> list[int]:

@@ -281,6 +281,35 @@ def test_resume_needs_a_finished_checkpoint(tmp_path, data_dir):
                    "holds no finished checkpoint", "config.json, metrics.jsonl")
 
 
+def test_a_new_run_refuses_a_folder_of_other_files_and_leaves_them(data_dir, tmp_path):
+    """A new run writes config.json, train.log, ... into --out: a folder that holds other files (`--out .` in a
+    project) is refused before anything is written, and its files are left as they were; a folder of a run's own
+    files (one stopped before its first checkpoint) or of hidden files only is taken."""
+    from molgen import MolgenError
+    from molgen.rundir import check_run_dir
+
+    mine = tmp_path / "project"
+    mine.mkdir()
+    (mine / "config.json").write_text('{"mine": 1}')
+    (mine / "notes.txt").write_text("keep")
+    one_line_error(run("train", *TINY, "--steps", 2, "--out", mine, "--data-dir", data_dir),
+                   f"--out {mine} holds files that are not a training run's (notes.txt)", "give a new or empty folder")
+    assert sorted(p.name for p in mine.iterdir()) == ["config.json", "notes.txt"]
+    assert (mine / "config.json").read_text() == '{"mine": 1}'
+    for names in (("config.json", "metrics.jsonl", "train.log", "pairs.npz"), (".DS_Store",)):
+        d = tmp_path / names[0].strip(".")
+        d.mkdir()
+        for name in names:
+            (d / name).write_text("")
+        check_run_dir(d, resume=False)
+    many = tmp_path / "many"
+    many.mkdir()
+    for name in ("a", "b", "c", "d", "e"):
+        (many / name).write_text("")
+    with pytest.raises(MolgenError, match=r"\(a, b, c, d, \.\.\.\)"):
+        check_run_dir(many, resume=False)
+
+
 def test_a_resumed_run_logs_each_step_once(ct_run, data_dir, tmp_path):
     """A run killed after its last checkpoint has logged steps past it: the resume cuts them and logs them once."""
     import shutil
