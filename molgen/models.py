@@ -15,7 +15,7 @@ import numpy as np
 from molgen import MolgenError, did_you_mean
 from molgen.config import RunConfig
 from molgen.io_utils import STDIO, atomic_write_bytes, atomic_write_text, check_folder, read_json_object
-from molgen.rundir import CHECKPOINTS, checkpoint_steps
+from molgen.rundir import CHECKPOINTS, checkpoint_steps, run_folder_at
 
 CONFIG_NAME = "config.json"
 PARAMS_NAME = "params.msgpack"
@@ -292,6 +292,10 @@ def export_model(run: str | Path, dest: Path, headline: str = "", temperature: f
         raise MolgenError("export to -: a model is a folder and cannot go to standard output; give a folder's name")
     if dest.exists() and not dest.is_dir():
         raise MolgenError(f"{dest} is a file; a model is a folder: choose another destination")
+    if (run_dir := run_folder_at(dest)) is not None:  # even with --force: model files among a run's would mix the two
+        what = {run_dir: "a training run's folder", run_dir / CHECKPOINTS: "a training run's checkpoints folder"}.get(
+            dest.absolute(), "in a training run's checkpoints folder")
+        raise MolgenError(f"{dest} is {what}; a model goes into a folder of its own")
     if dest.exists() and any(dest.iterdir()) and not force:
         raise MolgenError(f"{dest} exists and is not an empty folder; choose another destination or pass --force")
     check_folder(dest, "destination")

@@ -41,6 +41,18 @@ def check_run_dir(run_dir: Path, resume: bool) -> None:
                           "empty folder")
 
 
+def run_folder_at(path: Path) -> Path | None:
+    """The training run folder that ``path`` is, or whose checkpoints folder it is or lies directly in (where a
+    file of another kind would sit among the run's own), else None. A run folder: one with a checkpoints folder
+    or a metrics log."""
+    path = Path(path).absolute()
+    for d in (path, path.parent, path.parent.parent):
+        if (d / CHECKPOINTS).is_dir() or (d / "metrics.jsonl").is_file():
+            if d == path or (d / CHECKPOINTS) in (path, path.parent):
+                return d
+    return None
+
+
 def checkpoint_steps(run_dir: Path) -> list[int]:
     """The steps of a run folder's finished checkpoints, in order (orbax renames a checkpoint's folder to its step
     when it is complete)."""

@@ -310,6 +310,30 @@ def test_a_new_run_refuses_a_folder_of_other_files_and_leaves_them(data_dir, tmp
         check_run_dir(many, resume=False)
 
 
+def test_export_never_writes_a_model_among_a_runs_files(tmp_path):
+    """`molgen export` into a training run's folder or its checkpoints (even with --force) is refused before
+    anything is read or written: the model's config.json would replace the run's, its files sit among the run's."""
+    from molgen.rundir import run_folder_at
+
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints" / "5").mkdir(parents=True)
+    (run_dir / "metrics.jsonl").write_text("")
+    (run_dir / "config.json").write_text("{}")
+    for dest, what in ((run_dir, "a training run's folder"),
+                       (run_dir / "checkpoints", "a training run's checkpoints folder"),
+                       (run_dir / "checkpoints" / "5", "in a training run's checkpoints folder"),
+                       (run_dir / "checkpoints" / "new", "in a training run's checkpoints folder")):
+        one_line_error(run("export", "edm-small-distill", dest, "--force"), f"{dest} is {what}; a model goes "
+                       "into a folder of its own")
+    assert (run_dir / "config.json").read_text() == "{}" and not (run_dir / "checkpoints" / "new").exists()
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["5"]
+    assert run_folder_at(run_dir / "exported") is None and run_folder_at(tmp_path) is None
+    only_log = tmp_path / "stopped"  # a run stopped before its first checkpoint: its metrics log tells it
+    only_log.mkdir()
+    (only_log / "metrics.jsonl").write_text("")
+    assert run_folder_at(only_log) == only_log.absolute()
+
+
 def test_a_resumed_run_logs_each_step_once(ct_run, data_dir, tmp_path):
     """A run killed after its last checkpoint has logged steps past it: the resume cuts them and logs them once."""
     import shutil
