@@ -272,6 +272,23 @@ def _recorded(name: str, what: str, option: str) -> str:
     return str(shipped[Path(name).name])
 
 
+def _check_destination(dest: Path, force: bool) -> None:
+    """Refuse, before any work, a destination that cannot take an exported model: standard output, a file, a
+    training run's folder or its checkpoints (even with ``force``: the model's files would replace or mix with the
+    run's), a folder that is not empty (unless ``force``) or one that cannot be written."""
+    if str(dest) == STDIO:
+        raise MolgenError("export to -: a model is a folder and cannot go to standard output; give a folder's name")
+    if dest.exists() and not dest.is_dir():
+        raise MolgenError(f"{dest} is a file; a model is a folder: choose another destination")
+    if (run_dir := run_folder_at(dest)) is not None:
+        what = {run_dir: "a training run's folder", run_dir / CHECKPOINTS: "a training run's checkpoints folder"}.get(
+            dest.absolute(), "in a training run's checkpoints folder")
+        raise MolgenError(f"{dest} is {what}; a model goes into a folder of its own")
+    if dest.exists() and any(dest.iterdir()) and not force:
+        raise MolgenError(f"{dest} exists and is not an empty folder; choose another destination or pass --force")
+    check_folder(dest, "destination")
+
+
 def export_model(run: str | Path, dest: Path, headline: str = "", temperature: float | None = None,
                  renoise: float | None = None, stack: int = 0, stages_from: str | None = None,
                  force: bool = False) -> Model:
@@ -288,17 +305,7 @@ def export_model(run: str | Path, dest: Path, headline: str = "", temperature: f
     if renoise is not None and not (np.isfinite(renoise) and renoise >= 0):
         raise MolgenError(f"--renoise must be a number >= 0, got {renoise}")
     dest = Path(dest)
-    if str(dest) == STDIO:
-        raise MolgenError("export to -: a model is a folder and cannot go to standard output; give a folder's name")
-    if dest.exists() and not dest.is_dir():
-        raise MolgenError(f"{dest} is a file; a model is a folder: choose another destination")
-    if (run_dir := run_folder_at(dest)) is not None:  # even with --force: model files among a run's would mix the two
-        what = {run_dir: "a training run's folder", run_dir / CHECKPOINTS: "a training run's checkpoints folder"}.get(
-            dest.absolute(), "in a training run's checkpoints folder")
-        raise MolgenError(f"{dest} is {what}; a model goes into a folder of its own")
-    if dest.exists() and any(dest.iterdir()) and not force:
-        raise MolgenError(f"{dest} exists and is not an empty folder; choose another destination or pass --force")
-    check_folder(dest, "destination")
+    _check_destination(dest, force)
     m = load_model(run)
     cfg, params = m.cfg, m.params
     if renoise is not None and cfg.consistency is None:
