@@ -136,7 +136,10 @@ def empty_argument(group_of: Callable, name: str, args: list[str]) -> str | None
     name), or None: no molgen option or argument takes one, and Click reads an empty path as the current folder, so
     that ``molgen train --out ''`` would train into it. ``group_of()``: the program's Click group (its commands'
     flags are told from options that take a value), made only for a command line with an empty value."""
-    if not any(a == "" or (a.startswith("--") and a.endswith("=") and len(a) > 3) for a in args):
+    def empty(arg: str) -> bool:  # '' or --option=
+        return arg == "" or (arg.startswith("--") and arg.endswith("=") and len(arg) > 3)
+
+    if not any(empty(a) for a in args):
         return None
     group = group_of()
     command = group.commands.get(args[0]) if args else None
@@ -148,7 +151,7 @@ def empty_argument(group_of: Callable, name: str, args: list[str]) -> str | None
             if "" in args[i + 1:]:
                 return f"an empty argument (see {path} --help)"
             return None
-        if arg.startswith("--") and arg.endswith("=") and len(arg) > 3:
+        if empty(arg) and arg:  # --option=
             return f"{arg[:-1]}: an empty value (see {path} --help)"
         if arg == "":
             before = args[i - 1] if i else ""

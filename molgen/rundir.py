@@ -13,9 +13,12 @@ from molgen.io_utils import STDIO, atomic_write_text, check_folder
 from molgen.parallel import is_main
 
 CHECKPOINTS = "checkpoints"  # a run folder's checkpoints, one folder a step (orbax's)
-# What a run writes into its folder (molgen.state, molgen.runlog, molgen.launch: a distillation's pairs and anchor)
-# and `molgen plot`'s default picture: a new run takes a folder that holds nothing else (hidden files aside)
-RUN_FILES = frozenset({CHECKPOINTS, "config.json", "metrics.jsonl", "train.log", "plan.json", "pairs.npz",
+METRICS_NAME = "metrics.jsonl"  # a run's metrics log (molgen.runlog)
+PLAN_NAME = "plan.json"  # the batch shape plans of a run's checkpoints (save_plan)
+# What a run writes into its folder (also molgen.state's config, molgen.runlog's log, molgen.launch's pairs and
+# anchor of a distillation) and `molgen plot`'s default picture: a new run takes a folder that holds nothing else
+# (hidden files aside)
+RUN_FILES = frozenset({CHECKPOINTS, METRICS_NAME, PLAN_NAME, "config.json", "train.log", "pairs.npz",
                        "anchor.msgpack", "curves.png"})
 
 
@@ -46,11 +49,8 @@ def run_folder_at(path: Path) -> Path | None:
     file of another kind would sit among the run's own), else None. A run folder: one with a checkpoints folder
     or a metrics log."""
     path = Path(path).absolute()
-    for d in (path, path.parent, path.parent.parent):
-        if (d / CHECKPOINTS).is_dir() or (d / "metrics.jsonl").is_file():
-            if d == path or (d / CHECKPOINTS) in (path, path.parent):
-                return d
-    return None
+    candidates = [path] + [d.parent for d in (path, path.parent) if d.name == CHECKPOINTS]
+    return next((d for d in candidates if (d / CHECKPOINTS).is_dir() or (d / METRICS_NAME).is_file()), None)
 
 
 def checkpoint_steps(run_dir: Path) -> list[int]:
@@ -156,7 +156,6 @@ def cut_metrics(path: Path, step: int) -> None:
     atomic_write_text(path, "".join(ln + "\n" for ln in keep))
 
 
-PLAN_NAME = "plan.json"
 
 
 def save_plan(run_dir: Path, step: int, plan) -> None:

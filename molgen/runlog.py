@@ -15,7 +15,7 @@ import numpy as np
 from molgen import MolgenError
 from molgen.display import LINE_EVERY_S, hms
 from molgen.io_utils import naming_errors
-from molgen.state import METRICS_NAME
+from molgen.rundir import METRICS_NAME
 
 LOG_EVERY = 25  # steps per line of metrics.jsonl
 LOG_NAME = "train.log"

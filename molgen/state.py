@@ -17,7 +17,6 @@ from molgen.networks import init_params
 from molgen.rundir import CHECKPOINTS
 
 CONFIG_NAME = "config.json"
-METRICS_NAME = "metrics.jsonl"
 
 _tree_norm = getattr(getattr(optax, "tree", None), "norm", None) or optax.global_norm  # older optax: global_norm
 

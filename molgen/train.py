@@ -35,10 +35,10 @@ from molgen.failures import first_line, is_out_of_memory, stopped_by
 from molgen.io_utils import check_room
 from molgen.networks import resolve_precision
 from molgen.parallel import agree, global_put, is_main, local_value, make_mesh, put_batch
-from molgen.rundir import (check_run_dir, cut_metrics, remove_unfinished_checkpoints, resumed_plan,
+from molgen.rundir import (METRICS_NAME, check_run_dir, cut_metrics, remove_unfinished_checkpoints, resumed_plan,
                            save_plan)
 from molgen.runlog import Diverged, MetricsLog, RunText, run_header
-from molgen.state import (CONFIG_NAME, METRICS_NAME, TrainState, checkpoint_manager, init_state,
+from molgen.state import (CONFIG_NAME, TrainState, checkpoint_manager, init_state,
                           restore_checkpoint, save_checkpoint, state_shapes)
 from molgen.steps import check_devices, make_train_chunk, program_config, resolve_layout, step_programs
 
