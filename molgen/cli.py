@@ -153,7 +153,7 @@ def train(
 def sample(
     n: int = Opt(1000, "-n", "--n", help="Number of molecules."),
     steps: Optional[int] = Opt(None, "--steps", help="Sampler steps: network calls for ancestral (default 1000; fewer are respaced, denser at low noise), inpaint (default 100), multistep and anneal (default 1); Heun steps for ode (2 calls each, 1 for the last; default 18)."),
-    out: Optional[Path] = Opt(None, "-o", "--out", help="Output file: .sdf or .xyz, replaced if it exists, or - for standard output (SDF unless --format xyz; the report then goes to stderr). Default: out.sdf, or out-2.sdf, out-3.sdf, ... if taken; out.xyz with --format xyz."),
+    out: Optional[str] = Opt(None, "-o", "--out", metavar="<path>", help="Output file: .sdf or .xyz, replaced if it exists, or - for standard output (SDF unless --format xyz; the report then goes to stderr). Default: out.sdf, or out-2.sdf, out-3.sdf, ... if taken; out.xyz with --format xyz."),
     checkpoint: Optional[str] = Opt(None, "--checkpoint", "--model", help="Shipped model name (molgen models lists them), model folder, training run folder (its latest checkpoint) or one of its checkpoints (RUN/checkpoints/STEP) (default: the shipped default; with --fix, the shipped fragment completer)."),
     atoms: Optional[str] = Opt(None, "--atoms", metavar="<n|a-b>", help="Atoms per molecule: N, or a range A-B drawn from the training histogram within it (default: drawn from the whole histogram)."),
     seed: int = Opt(0, "--seed", help="Random seed (same seed and --batch-size, same file; -n N writes the first N molecules of a larger -n, except with --keep or --fix)."),
@@ -166,7 +166,7 @@ def sample(
     polisher: Optional[str] = Opt(None, "--polisher", help="--polish: the diffusion model to call (default: the one the model's card names, else the model itself, its teacher or the model it was tuned from)."),
     fmt: Optional[str] = Opt(None, "--format", help="sdf or xyz (default: from the extension)."),
     report: bool = Opt(True, "--report/--no-report", help="Print the stability report of the samples."),
-    json_path: Optional[Path] = Opt(None, "--json", help="Write the report as JSON (-: to standard output, the report to stderr)."),
+    json_path: Optional[str] = Opt(None, "--json", metavar="<path>", help="Write the report as JSON (-: to standard output, the report to stderr)."),
     novelty: bool = Opt(False, "--novelty", help="Also compute novelty (needs the QM9 cache)."),
     data_dir: Optional[Path] = Opt(None, "--data-dir", help="QM9 cache folder (for novelty and the type mix)."),
     fix: Optional[Path] = Opt(None, "--fix", help="Complete this fragment (SDF, MOL or XYZ, 3D; its first molecule; - reads standard input): every output keeps its atoms, types and coordinates. Without --checkpoint: the shipped fragment completer (molgen info)."),
@@ -184,9 +184,11 @@ def sample(
     from molgen.jax_setup import add_cpu_vector_flags, enable_compilation_cache, start_devices
     from molgen.keep import sample_kept
     from molgen.models import default_model, load_model, polisher_for
+    from molgen.io_utils import file_path
     from molgen.outputs import check_sample_room, sample_output, write_samples
     from molgen.sample import batch_size_for, parse_options, plan, preflight
 
+    out, json_path = file_path(out, "-o"), file_path(json_path, "--json")
     out, fmt, workers, reported, novelty = sample_output(out, fmt, json_path, fix, report, novelty, data_dir,
                                                          (keep, unique, novel))
     sig, bias, atoms, frag, form = parse_options(sigmas, type_bias, atoms, fix, formula)
@@ -217,8 +219,8 @@ def sample(
 def evaluate(
     files: List[Path] = typer.Argument(..., help="SDF / XYZ files or folders of them; - reads standard input (its format from --format, else from what it holds)."),
     fmt: Optional[str] = Opt(None, "--format", help="Force sdf or xyz (xyz also reads a folder's .txt files: EDM's samples)."),
-    json_path: Optional[Path] = Opt(None, "--json", help="Write all metrics as JSON (-: to standard output, the report to stderr)."),
-    per_molecule: Optional[Path] = Opt(None, "--per-molecule", help="Write each molecule's results as CSV (-: to standard output, the report to stderr)."),
+    json_path: Optional[str] = Opt(None, "--json", metavar="<path>", help="Write all metrics as JSON (-: to standard output, the report to stderr)."),
+    per_molecule: Optional[str] = Opt(None, "--per-molecule", metavar="<path>", help="Write each molecule's results as CSV (-: to standard output, the report to stderr)."),
     reference: Optional[Path] = Opt(None, "--reference", help="QM9 cache folder: its training split for novelty, its test split for the distribution distances."),
     remove_h: bool = Opt(False, "--remove-h", help="Compare against the training set without hydrogens."),
     no_novelty: bool = Opt(False, "--no-novelty", help="Skip novelty."),
@@ -235,9 +237,10 @@ def evaluate(
     from molgen.display import evaluation_report, progress, progress_factory
     from molgen.evaluate import evaluate_files, write_json, write_per_molecule_csv
     from molgen.fidelity import reference_statistics, statistics
-    from molgen.io_utils import check_folder, check_outputs
+    from molgen.io_utils import check_folder, check_outputs, file_path
     from molgen.workers import default_workers
 
+    json_path, per_molecule = file_path(json_path, "--json"), file_path(per_molecule, "--per-molecule")
     report_to_stderr(check_outputs({"--json": json_path, "--per-molecule": per_molecule}, inputs=files))
     workers = default_workers()
     require_cache(reference, "--reference")
@@ -278,7 +281,7 @@ def evaluate(
 def view(
     file: Path = typer.Argument(..., help="SDF or XYZ file, a folder of them, or - for standard input."),
     n: int = Opt(24, "-n", help="Molecules to draw (the first N; at most 100)."),
-    out: Optional[Path] = Opt(None, "-o", "--out", help="Image file: .png or .svg, replaced if it exists; - writes PNG to standard output. Default: grid.png, or grid-2.png, ... if taken."),
+    out: Optional[str] = Opt(None, "-o", "--out", metavar="<path>", help="Image file: .png or .svg, replaced if it exists; - writes PNG to standard output. Default: grid.png, or grid-2.png, ... if taken."),
     per_row: int = Opt(6, "--per-row", help="Molecules per row."),
     fmt: Optional[str] = Opt(None, "--format", help="Force sdf or xyz (xyz also reads a folder's .txt files: EDM's samples)."),
 ):
@@ -287,11 +290,11 @@ def view(
     from molgen.chem.depict import MAX_GRID, grid
     from molgen.chem.checks import input_warnings
     from molgen.chem.io import read_molecules
-    from molgen.io_utils import check_writable, unused_path, where, writes_stdout
+    from molgen.io_utils import check_writable, file_path, unused_path, where, writes_stdout
 
     if not 1 <= n <= MAX_GRID or per_row < 1:
         raise MolgenError(f"-n must be in 1 .. {MAX_GRID} and --per-row at least 1")
-    out = out or unused_path("grid.png")  # a default name never replaces a file
+    out = file_path(out, "-o") or unused_path("grid.png")  # a default name never replaces a file
     check_writable(out, "-o", suffixes=(".png", ".svg"))
     report_to_stderr(writes_stdout(out))
     mols = read_molecules(file, fmt, limit=n)  # the rest of a large file is not read
@@ -306,11 +309,11 @@ def view(
 @friendly
 def plot(
     run_dirs: list[Path] = typer.Argument(..., help="Training run folder (its metrics.jsonl); several: their losses compared."),
-    out: Path = Opt(None, "-o", "--out", help="Image file, .png or .svg (default: RUN/curves.png; several runs: curves.png, or curves-2.png, ... if taken); - writes PNG to standard output."),
+    out: Optional[str] = Opt(None, "-o", "--out", metavar="<path>", help="Image file, .png or .svg (default: RUN/curves.png; several runs: curves.png, or curves-2.png, ... if taken); - writes PNG to standard output."),
 ):
     """Training and validation loss (and their parts) against step, log scale, with the learning rate; several
     runs: their training and validation losses in one plot, a colour a run."""
-    from molgen.io_utils import check_writable, unused_path, where, writes_stdout
+    from molgen.io_utils import check_writable, file_path, unused_path, where, writes_stdout
     from molgen.plots import compare_curves, training_curves
 
     for run_dir in run_dirs:
@@ -320,7 +323,7 @@ def plot(
     for run_dir in run_dirs:  # a, a/ and ./a are one run
         if seen.setdefault(Path(run_dir).resolve(), run_dir) is not run_dir:
             raise MolgenError(f"{run_dir}: the same run given twice; name each run once")
-    out = out or (Path(run_dirs[0]) / "curves.png" if len(run_dirs) == 1 else unused_path("curves.png"))
+    out = file_path(out, "-o") or (Path(run_dirs[0]) / "curves.png" if len(run_dirs) == 1 else unused_path("curves.png"))
     check_writable(out, "-o", suffixes=(".png", ".svg"))
     report_to_stderr(writes_stdout(out))
     drawn = training_curves(run_dirs[0], out) if len(run_dirs) == 1 else compare_curves(run_dirs, out)

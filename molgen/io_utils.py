@@ -164,6 +164,16 @@ def molecule_suffix(path: Path | str) -> str:
     return (Path(path.stem) if is_gzipped(path) else path).suffix.lower()
 
 
+def file_path(value: str | None, what: str) -> Path | None:
+    """A file option's value as a Path (None stays None), refusing one that ends with a separator: that names a
+    folder, and Path() would drop the separator silently (``-o out.sdf/`` would write the file out.sdf)."""
+    from molgen import MolgenError
+
+    if value is not None and value.endswith(("/", os.sep)) and value != os.sep:
+        raise MolgenError(f"{what} {value} names a folder (it ends with {value[-1]}); give a file name")
+    return None if value is None else Path(value)
+
+
 def check_writable(path: Path | str | None, what: str = "output", inputs=(), suffixes=()) -> None:
     """Refuse, before any work, an output path that cannot be written: a folder, a missing folder, read-only,
     one of the command's ``inputs`` (it would be overwritten), or a file without one of ``suffixes`` when they are
