@@ -36,7 +36,7 @@ class OptimConfig:
     clip: float = 1.0  # gradient clipping by global norm
     precision: str = "auto"  # molgen.networks.PRECISIONS, or auto (per platform)
     layout: str = "auto"  # of a batch on the device: molgen.data.device.LAYOUTS, or auto (per platform)
-    ckpt_every: int = 500
+    ckpt_every: int = 500  # steps between checkpoints (0: only at the end)
     eval_every: int = 1000  # validation loss of the EMA parameters (0: never)
     keep: int = 3  # checkpoints kept
 
