@@ -184,11 +184,9 @@ def sample(
     from molgen.jax_setup import add_cpu_vector_flags, enable_compilation_cache, start_devices
     from molgen.keep import sample_kept
     from molgen.models import default_model, load_model, polisher_for
-    from molgen.io_utils import file_path
     from molgen.outputs import check_sample_room, sample_output, write_samples
     from molgen.sample import batch_size_for, parse_options, plan, preflight
 
-    out, json_path = file_path(out, "-o"), file_path(json_path, "--json")
     out, fmt, workers, reported, novelty = sample_output(out, fmt, json_path, fix, report, novelty, data_dir,
                                                          (keep, unique, novel))
     sig, bias, atoms, frag, form = parse_options(sigmas, type_bias, atoms, fix, formula)

@@ -9,7 +9,7 @@ from molgen import MolgenError
 from molgen.display import console, count, report_to_stderr, say
 
 
-def sample_output(out: Optional[Path], fmt: Optional[str], json_path: Optional[Path], fix: Optional[Path],
+def sample_output(out: Optional[str], fmt: Optional[str], json_path: Optional[str], fix: Optional[Path],
                   report: bool, novelty: bool, data_dir: Optional[Path], keep=("all", False, False)):
     """`molgen sample`'s output file (a default name when none is given), format and report, checked before any
     work with what it keeps (``keep``: --keep, --unique, --novel); novelty, a figure of the report, needs one and
@@ -17,10 +17,11 @@ def sample_output(out: Optional[Path], fmt: Optional[str], json_path: Optional[P
     written as JSON), and whether it shows novelty (asked for, or with --novel)."""
     from molgen.chem.io import format_of, output_file
     from molgen.data.qm9 import require_reference
-    from molgen.io_utils import check_outputs, writes_stdout
+    from molgen.io_utils import check_outputs, file_path, writes_stdout
     from molgen.keep import check_keep
     from molgen.workers import default_workers
 
+    out, json_path = file_path(out, "-o"), file_path(json_path, "--json")  # as given: Path() drops a final /
     check_keep(*keep)
     _, _, novel = keep
     reported = report or json_path is not None
@@ -46,7 +47,7 @@ def check_sample_room(model, n: int, seed: int, atoms, fragment, formula, keep: 
                    f"{count(n, 'molecule')} take{'s' if n == 1 else ''}")
 
 
-def write_samples(res, n: int, out: Path, fmt: str, metrics, report: bool, json_path: Optional[Path]) -> None:
+def write_samples(res, n: int, out: Path, fmt: str, metrics, report: bool, json_path: Optional[str]) -> None:
     """`molgen sample`'s files (molecules, JSON), then what it says: where the molecules went, warnings, the
     report."""
     from molgen.chem.write import write_molecules
