@@ -179,7 +179,9 @@ def test_a_card_names_the_polisher_that_polish_calls_by_default(tmp_path, rng, m
     assert load_model(tmp_path / "kd2").polisher == str(tmp_path / "d")
 
 
-def test_the_default_is_edm_small_stack_then_its_polishers_stages_and_polishes_with_it():
+def test_the_default_is_a_stage_of_edm_small_stack_then_its_polishers_stages_and_polishes_with_it():
+    """The default: edm-small-stack's network trained one more stage (its config's init), then 4 stages of
+    edm-small-polisher appended as they are, which it also names as its polisher."""
     from molgen.models import default_model
 
     m = load_model(default_model())
@@ -187,6 +189,12 @@ def test_the_default_is_edm_small_stack_then_its_polishers_stages_and_polishes_w
     stack, polisher = load_model("edm-small-stack"), load_model("edm-small-polisher")
     assert m.cfg.stack.inner == stack.cfg.stack and m.cfg.stack.model == polisher.cfg.model
     assert m.cfg.stack.levels == tuple(low_ladder(4))
-    for mine, theirs in ((m.params["base"], stack.params), (m.params["stage"], polisher.params)):
-        same = jax.tree_util.tree_map(lambda a, b: bool(np.array_equal(a, b)), mine, theirs)
-        assert all(jax.tree_util.tree_leaves(same))
+    assert m.cfg.init == "edm-small-stack" and m.cfg.distill.teacher == "edm-diffusion"
+    same = jax.tree_util.tree_map(lambda a, b: bool(np.array_equal(a, b)), m.params["stage"], polisher.params)
+    assert all(jax.tree_util.tree_leaves(same))
+    # the base has edm-small-stack's shapes and was trained on from its weights
+    shapes = jax.tree_util.tree_map(lambda a, b: a.shape == b.shape, m.params["base"], stack.params)
+    assert all(jax.tree_util.tree_leaves(shapes))
+    moved = jax.tree_util.tree_leaves(jax.tree_util.tree_map(lambda a, b: float(np.abs(a - b).max()),
+                                                             m.params["base"], stack.params))
+    assert 0 < max(moved) < 0.1
