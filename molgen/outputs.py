@@ -9,7 +9,7 @@ from molgen import MolgenError
 from molgen.display import console, count, report_to_stderr, say
 
 
-def sample_output(out: Optional[str], fmt: Optional[str], json_path: Optional[str], fix: Optional[Path],
+def sample_output(out: Optional[str], fmt: Optional[str], json_path: Optional[str], fix: Optional[str],
                   report: bool, novelty: bool, data_dir: Optional[Path], keep=("all", False, False)):
     """`molgen sample`'s output file (a default name when none is given), format and report, checked before any
     work with what it keeps (``keep``: --keep, --unique, --novel); novelty, a figure of the report, needs one and

@@ -78,12 +78,14 @@ def parse_levels(text: str | None) -> list[float] | None:
 def parse_options(sigmas: str | None = None, type_bias: str | None = None, atoms: str | None = None, fix=None,
                   formula: str | None = None):
     """`molgen sample`'s options given as text, read and checked: (levels, type bias, atoms, fragment, formula),
-    each None when not given (the type bias: {})."""
+    each None when not given (the type bias: {}). ``fix``: the fragment file's name as given (one that ends with a
+    separator names a folder, and is refused)."""
     from molgen.formula import parse_formula
     from molgen.fragment import read_fragment
+    from molgen.io_utils import file_path
 
     return (parse_levels(sigmas), parse_type_bias(type_bias), parse_atoms(atoms),
-            read_fragment(fix) if fix is not None else None, parse_formula(formula) if formula is not None else None)
+            read_fragment(file_path(str(fix), "--fix")) if fix is not None else None, parse_formula(formula) if formula is not None else None)
 
 
 def check_positive(name: str, value: float, zero_ok: bool = False) -> float:

@@ -387,6 +387,7 @@ def test_the_command_lines_own_usage_errors_are_one_line_too(args, message):
     (("sample", "-o", "{tmp}"), "is a folder; give a file name"),
     (("sample", "-o", "{tmp}/x.sdf/"), "-o {tmp}/x.sdf/ names a folder (it ends with /); give a file name"),
     (("evaluate", "{file}", "--json", "{tmp}/r.json/"), "--json {tmp}/r.json/ names a folder"),
+    (("sample", "--fix", "{file}/", "-o", "{tmp}/x.sdf"), "--fix {file}/ names a folder (it ends with /)"),
     (("sample", "-o", "{file}/x.sdf"), "does not exist"),
     (("evaluate", "{file}", "--json", "{file}/x.json"), "does not exist"),
     (("train", "--out", "{file}", "--steps", 2), "is a file, not a run folder"),
