@@ -85,7 +85,8 @@ def parse_options(sigmas: str | None = None, type_bias: str | None = None, atoms
     from molgen.io_utils import file_path
 
     return (parse_levels(sigmas), parse_type_bias(type_bias), parse_atoms(atoms),
-            read_fragment(file_path(str(fix), "--fix")) if fix is not None else None, parse_formula(formula) if formula is not None else None)
+            read_fragment(file_path(str(fix), "--fix")) if fix is not None else None,
+            parse_formula(formula) if formula is not None else None)
 
 
 def check_positive(name: str, value: float, zero_ok: bool = False) -> float:
