@@ -43,7 +43,7 @@ def main() -> None:
     ap.add_argument("--steps", default="1,4,8", help="network calls per molecule with --formula")
     ap.add_argument("--free-steps", type=int, default=4, help="network calls per unconstrained molecule")
     ap.add_argument("--n", type=int, default=1000, help="molecules per --formula sampling")
-    ap.add_argument("--free", type=int, default=10000, help="unconstrained molecules per formula")
+    ap.add_argument("--free", type=int, default=10000, help="unconstrained molecules per formula (0: none)")
     args = ap.parse_args()
 
     from molgen.chem.io import DECIMALS
@@ -60,6 +60,8 @@ def main() -> None:
             t0 = time.time()
             res = sample(model, args.n, steps, seed=0, formula=f, decimals=DECIMALS)
             report(str(f), f"--formula:{steps}", res.molecules, str(f), time.time() - t0)
+        if not args.free:
+            continue
         t0 = time.time()
         res = sample(model, args.free, args.free_steps, seed=0, atoms=f.size, decimals=DECIMALS)
         report(str(f), f"free:{args.free_steps}", res.molecules, str(f), time.time() - t0)

@@ -170,7 +170,7 @@ def sample(
     novelty: bool = Opt(False, "--novelty", help="Also compute novelty (needs the QM9 cache)."),
     data_dir: Optional[Path] = Opt(None, "--data-dir", help="QM9 cache folder (for novelty and the type mix)."),
     fix: Optional[str] = Opt(None, "--fix", metavar="<path>", help="Complete this fragment (SDF, MOL or XYZ, 3D; its first molecule; - reads standard input): every output keeps its atoms, types and coordinates. Without --checkpoint: the shipped fragment completer (molgen info)."),
-    formula: Optional[str] = Opt(None, "--formula", help="Every molecule has this formula, e.g. C7H10O2 (H, C, N, O, F; consistency models, 4 or more calls): after each call its atoms take the formula's types, where they fit best."),
+    formula: Optional[str] = Opt(None, "--formula", help="Every molecule has this formula, e.g. C7H10O2 (H, C, N, O, F; consistency models): after each call, and before each stage of a stacked model, its atoms take the formula's types, where they fit best."),
     resample: int = Opt(0, "--resample", help="--fix with the ancestral sampler: repeat every step N more times after going back up by the forward process (RePaint); N extra calls per step."),
     keep: str = Opt("all", "--keep", metavar="<all|valid|stable>", help="Write only valid molecules (EDM's validity, in one piece) or stable ones (valid, and every atom's valence allowed), drawing more until -n are kept (at most 100 x n drawn)."),
     unique: bool = Opt(False, "--unique", help="With --keep: no two molecules of the same SMILES."),

@@ -2,7 +2,10 @@
 every network call each molecule's atoms take the formula's types, assigned to the atoms whose predicted types
 fit them best (an optimal assignment of the formula's atoms to the molecule's rows, scored by the network's type
 output). The next call then shapes the molecule around those types, and the last call's output gets them too, so
-every molecule has exactly the formula.
+every molecule has exactly the formula. A stacked model also gets them inside each call, before each of its
+stages (:func:`formula_between`): the stages then shape the molecule around them, so that one call suffices
+(the default at one call: 22.4 % of its C4H4N2O2 draws stable molecules, against 3.9 % with the types given after
+the call only; docs/models.md).
 
 This needs a clean molecule after every call: the consistency samplers' outputs (multistep, anneal) and the
 polishing calls. A diffusion model's ancestral or ODE state is a noisy one, where the types are read too late
@@ -91,6 +94,28 @@ def formula_fixer(f: Formula, n_mols: int, graph):
         return x, _put(h, type_features(t, mask, np), mask)
 
     return fix
+
+
+def formula_between(f: Formula):
+    """between(x, h, graph), traceable: every molecule's atoms take the formula's types (:func:`assign_types`,
+    on the host), for a packed batch whose molecules all have the formula's size, one after another. Given to a
+    stacked model (:func:`molgen.networks.model_fn`), it imposes the formula before each of its stages."""
+    k, types = f.size, f.types
+
+    def assign(h, mask):
+        h, n = np.asarray(h), int(np.asarray(mask).sum()) // k
+        t = np.zeros(len(mask), np.int32)
+        if n:
+            scores = h[: n * k, :N_TYPES].reshape(n, k, N_TYPES)
+            t[: n * k] = np.concatenate([assign_types(s, types) for s in scores])
+        return t
+
+    def between(x, h, graph):
+        m = graph.node_mask
+        t = jax.pure_callback(assign, jax.ShapeDtypeStruct(m.shape, jnp.int32), h, m)
+        return x, jnp.where(m[:, None] > 0, type_features(t, m, jnp), h)
+
+    return between
 
 
 @jax.jit

@@ -48,24 +48,25 @@ def network(cfg: RunConfig, precision: str | None = None, pair_kernel: bool = Fa
     return net, apply
 
 
-def model_fn(cfg: RunConfig, apply=None, precision: str | None = None):
+def model_fn(cfg: RunConfig, apply=None, precision: str | None = None, between=None):
     """What the model computes from a noisy state: a consistency model's f(params, y_x, y_h, sigma, graph) (with
-    its stages when stacked), or a diffusion model's denoiser D with the same signature."""
+    its stages when stacked), or a diffusion model's denoiser D with the same signature. ``between(x, h, graph)``:
+    applied to the molecule before each stage of a stacked model reads it (a formula's types, :mod:`molgen.formula`)."""
     if apply is None:
         _, apply = network(cfg, precision)
     if cfg.consistency is None:
         return denoiser(apply, cfg.diffusion)
     fn = make_consistency_fn(apply, cfg.consistency, cfg.diffusion)
-    return _stacked(fn, cfg, cfg.stack, precision)
+    return _stacked(fn, cfg, cfg.stack, precision, between)
 
 
-def _stacked(fn, cfg: RunConfig, stack, precision: str | None):
+def _stacked(fn, cfg: RunConfig, stack, precision: str | None, between=None):
     """``fn`` followed by the stages of ``stack`` (its inner stack's first)."""
     if stack is None:
         return fn
-    fn = _stacked(fn, cfg, stack.inner, precision)
+    fn = _stacked(fn, cfg, stack.inner, precision, between)
     _, stage_apply = network(cfg.replace(model=stack.model), precision)
-    return make_stacked_fn(fn, stage_apply, stack, cfg.consistency.sigma_min)
+    return make_stacked_fn(fn, stage_apply, stack, cfg.consistency.sigma_min, between)
 
 
 def init_params(cfg: RunConfig, seed: int | None = None):

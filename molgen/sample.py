@@ -39,8 +39,17 @@ FRAGMENT_STREAM = 104729  # the fixed noise of a fragment's atoms: its own rando
 # The jitted functions of a (sampler, model config), kept so that later calls on the same model (--keep's rounds,
 # a Python caller's loop) reuse their traced and compiled programs instead of compiling them again.
 @lru_cache(maxsize=8)
-def _prepared(s, cfg):
-    return s.prepare(cfg)
+def _prepared(s, cfg, formula=None):
+    return _prepare(s, cfg, None, formula)
+
+
+def _prepare(s, cfg, apply=None, formula=None):
+    """The sampler's jitted functions; with a formula, a stacked model imposes it before each of its stages too."""
+    if formula is None or cfg.stack is None:
+        return s.prepare(cfg, apply)
+    from molgen.formula import formula_between
+
+    return s.prepare(cfg, apply, between=formula_between(formula))
 
 
 @lru_cache(maxsize=4)
@@ -183,7 +192,7 @@ def sample(model: Model, n: int, steps: int | None = None, seed: int = 0, atoms:
     if polish_calls and polisher is None:
         raise MolgenError("polishing needs a diffusion model (--polisher)")
     sizes = sample_sizes(model, n, seed, atoms, fragment)
-    fns = s.prepare(model.cfg, apply) if apply is not None else _prepared(s, model.cfg)
+    fns = _prepare(s, model.cfg, apply, formula) if apply is not None else _prepared(s, model.cfg, formula)
     if fragment is not None:
         settings["molgen_fixed_atoms"] = fragment.size
     if formula is not None:
@@ -317,7 +326,7 @@ def preflight(model: Model, n: int, batch_size: int | None, atoms: int | tuple[i
     if fragment is not None and model.cfg.kind == "diffusion" and steps < FEW_DIFFUSION_STEPS[polish > 0]:
         out.append(f"warning: a diffusion model completes fragments poorly in {steps} sampler steps; use --steps 100, "
                    f"or --steps 50 --polish 16")
-    if formula is not None and calls == 1:
+    if formula is not None and calls == 1 and model.cfg.stack is None:  # a stacked call gives them to its stages
         out.append("warning: with one call the formula's types are given after the only call, to a molecule made "
                    "without them; use --steps 4")
     if model.cfg.objective == "polish":

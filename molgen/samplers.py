@@ -56,7 +56,8 @@ class Sampler:
         return len(levels)
 
     def prepare(self, cfg: RunConfig, apply: Callable | None = None):
-        """The jitted functions :meth:`run` uses."""
+        """The jitted functions :meth:`run` uses. A consistency sampler also takes ``between``: applied to the
+        molecule before each stage of a stacked model (:func:`molgen.networks.model_fn`)."""
         raise NotImplementedError
 
     def run(self, fns, params, graph, nf: int, key, levels, temperature: float, renoise: float | None,
@@ -173,8 +174,8 @@ class Multistep(Sampler):
     def levels(self, cfg, steps, sigmas=None):
         return _check_sigmas(cfg, steps, sigmas) or multistep_levels(steps, cfg.consistency)
 
-    def prepare(self, cfg, apply=None):
-        return jax.jit(make_multistep_step(model_fn(cfg, apply), cfg.consistency))
+    def prepare(self, cfg, apply=None, between=None):
+        return jax.jit(make_multistep_step(model_fn(cfg, apply, between=between), cfg.consistency))
 
     def run(self, step, params, graph, nf, key, levels, temperature, renoise, tick, fix=None, resample=0):
         _, key = jax.random.split(key)
@@ -194,8 +195,8 @@ class Anneal(Sampler):
     def levels(self, cfg, steps, sigmas=None):
         return _check_sigmas(cfg, steps, sigmas) or [float(cfg.consistency.sigma_max)] + low_ladder(steps - 1)
 
-    def prepare(self, cfg, apply=None):
-        fn = model_fn(cfg, apply)
+    def prepare(self, cfg, apply=None, between=None):
+        fn = model_fn(cfg, apply, between=between)
         return jax.jit(make_multistep_step(fn, cfg.consistency)), jax.jit(make_polish_step(fn))
 
     def run(self, fns, params, graph, nf, key, levels, temperature, renoise, tick, fix=None, resample=0):

@@ -88,7 +88,7 @@ def marked(step):  # the file tells the test that the call is queued
         return out
     return f
 
-molgen.sample._prepared = lambda s, cfg: marked(s.prepare(cfg, held(network(cfg)[1])))
+molgen.sample._prepared = lambda s, cfg, formula=None: marked(s.prepare(cfg, held(network(cfg)[1])))
 sys.argv = ["molgen", "sample", "--model", sys.argv[2], "-n", "3", "--steps", "2", "-o", sys.argv[3]]
 from molgen.cli import main
 main()

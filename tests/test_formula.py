@@ -80,6 +80,42 @@ def test_one_call_places_the_molecule_as_without_a_formula_and_relabels_it():
     assert any(hill(a.types) != "C2H4O" for a in free.molecules)  # the formula changed some
 
 
+def test_a_stacked_model_gives_the_formula_to_each_of_its_stages():
+    """One call of a stacked model with a formula is its base model's call, then its stages as polishing calls,
+    the formula's types imposed before each stage: the stages shape the molecule around the formula's types."""
+    f = parse_formula("C2H4O")
+    stacked = sample(S, 8, 1, seed=4, formula=f, batch_size=8)
+    levels = len(S.cfg.stack.levels)
+    parts = sample(C, 8, 1, seed=4, formula=f, batch_size=8, polish_calls=levels, polisher=D)
+    after = sample(S, 8, 1, seed=4, atoms=f.size, batch_size=8)  # no formula: the stages see the network's types
+    for a, b, c in zip(stacked.molecules, parts.molecules, after.molecules):
+        np.testing.assert_allclose(a.positions, b.positions, atol=1e-4)
+        np.testing.assert_array_equal(a.types, b.types)
+        assert hill(a.types) == "C2H4O"
+    assert any(np.abs(a.positions - c.positions).max() > 1e-3 for a, c in zip(stacked.molecules, after.molecules))
+    assert preflight(S, 8, 8, None, None, 1, f) == []  # no warning: one stacked call is enough
+
+
+def test_the_formula_imposed_inside_a_call_is_the_one_imposed_after_it():
+    """formula_between (traced, inside the network call) gives each molecule the same types as the fix after
+    each call, and leaves the padding rows alone."""
+    import jax
+
+    from molgen.data.batching import sampling_graph
+    from molgen.formula import formula_between, formula_fixer
+
+    f = parse_formula("CH2O")
+    g = sampling_graph(np.array([4, 4, 4]))
+    assert len(g.node_mask) > 12  # padding rows
+    h = np.random.default_rng(0).normal(size=(len(g.node_mask), 6)).astype(np.float32)
+    x = np.zeros((len(g.node_mask), 3), np.float32)
+    _, inside = jax.jit(formula_between(f))(x, h, g)
+    _, after = formula_fixer(f, 3, g)(x, h, 0.0, 1.0)
+    np.testing.assert_array_equal(np.asarray(inside), np.asarray(after))
+    np.testing.assert_array_equal(np.asarray(inside)[12:], h[12:])
+    assert all(hill(np.asarray(inside)[k : k + 4, :5].argmax(1)) == "CH2O" for k in (0, 4, 8))
+
+
 def test_requests_that_cannot_be_done_are_refused():
     f = parse_formula("C2H4O")
     with pytest.raises(MolgenError, match="--formula needs a consistency model .* is a diffusion model"):

@@ -46,9 +46,10 @@ class StackConfig:
     inner: StackConfig | None = None  # a stacked model's own stages, which run before these (a stack stacked again)
 
 
-def make_stacked_fn(base_fn, stage_apply, stack: StackConfig, sigma_min: float):
+def make_stacked_fn(base_fn, stage_apply, stack: StackConfig, sigma_min: float, between=None):
     """f(params, yx, yh, sigma_node, graph) with params {"base": ..., "stage": ...}: ``base_fn`` (a consistency
-    function), then the stages: the denoiser of ``stage_apply`` at each of ``stack.levels``."""
+    function), then the stages: the denoiser of ``stage_apply`` at each of ``stack.levels``. ``between(x, h,
+    graph)``, when given, is applied to the molecule before each stage reads it (e.g. a formula's types imposed)."""
     denoise = denoiser(stage_apply, stack.diffusion)
 
     def f(params, yx, yh, sigma, graph):
@@ -57,7 +58,7 @@ def make_stacked_fn(base_fn, stage_apply, stack: StackConfig, sigma_min: float):
         g = jnp.clip((sigma - sigma_min) / stack.gate, 0.0, 1.0)[:, None]  # 1 at every sampling level
 
         def stage(carry, s):
-            x, h = carry
+            x, h = carry if between is None else between(*carry, graph)
             types = straight_through_features(h, m, TYPE_TEMPERATURE)
             dx, dh = denoise(params["stage"], x, types, jnp.full(m.shape, s, jnp.float32), graph)
             return ((1.0 - g) * x + g * dx, (1.0 - g) * h + g * dh), None
