@@ -212,8 +212,9 @@ def prepare_pairs(cfg: RunConfig, run_dir: Path, student: Model | None, progress
     if teacher.cfg.model.in_node_nf != cfg.model.in_node_nf:
         raise MolgenError(f"--teacher {dcfg.teacher}: its atom features do not match the student's")
     sizes = draw_sizes(cfg, dcfg.pairs, cfg.seed, stream=PAIR_STREAM)
-    if dcfg.keep == "all":  # those kept of them are known once they are made
-        check_room(path, PairSet.least_bytes(sizes, cfg.n_features), "--out", f"{dcfg.pairs:,} pairs take")
+    # the stable ones kept are known only once made: room for all of them, rather than lose the teacher's work
+    made = f"{dcfg.pairs:,} pairs" + (", before the stable ones are kept," if dcfg.keep == "stable" else "")
+    check_room(path, PairSet.least_bytes(sizes, cfg.n_features), "--out", f"{made} take")
     denoise = jax.jit(model_fn(teacher.cfg))
     if dcfg.targets == "polished":
         solve = polish_solver(jax.jit(model_fn(student.cfg)), student.params, denoise, teacher.params,

@@ -528,6 +528,12 @@ def test_a_run_without_room_for_a_checkpoint_is_refused_before_training(ct_run, 
               "--set", "distill.pairs=500", "--out", tmp_path / "d", "--data-dir", data_dir)
     one_line_error(res, f"--out {tmp_path / 'd' / 'pairs.npz'}: 500 pairs take at least")
     assert not (tmp_path / "d").exists()
+    res = run("train", "--objective", "distill", "--init", "edm-small-distill", "--teacher", "edm-small-diffusion",
+              "--set", "distill.pairs=500", "--set", "distill.keep=stable", "--set", "distill.targets=polished",
+              "--out", tmp_path / "d", "--data-dir", data_dir)  # those kept are known once made: all are counted
+    one_line_error(res, f"--out {tmp_path / 'd' / 'pairs.npz'}: 500 pairs, before the stable ones are kept, take "
+                        "at least")
+    assert not (tmp_path / "d").exists()
 
 
 def test_a_download_without_room_for_qm9_is_refused_before_it_reads_it(tmp_path, monkeypatch):
