@@ -47,9 +47,9 @@ def _prepare(s, cfg, apply=None, formula=None):
     """The sampler's jitted functions; with a formula, a stacked model imposes it before each of its stages too."""
     if formula is None or cfg.stack is None:
         return s.prepare(cfg, apply)
-    from molgen.formula import formula_between
+    from molgen.formula import formula_types
 
-    return s.prepare(cfg, apply, between=formula_between(formula))
+    return s.prepare(cfg, apply, between=formula_types(formula))
 
 
 @lru_cache(maxsize=4)
@@ -284,7 +284,7 @@ def _fixer(fragment, formula, sizes, graph, nf: int, key, rows: bool = False):
     if formula is not None:
         from molgen.formula import formula_fixer
 
-        return formula_fixer(formula, len(sizes), graph)
+        return formula_fixer(formula, graph)
     if fragment is None:
         return None
     from molgen.fragment import constrain, known_rows

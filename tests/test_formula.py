@@ -51,7 +51,9 @@ def test_the_types_go_to_the_atoms_that_fit_them_best():
                        [0.0, 0.6, 0.0, 0.5, 0.0]])  # C or O: O, the carbon is taken by a better atom
     np.testing.assert_array_equal(assign_types(scores, types), [1, 0, 0, 3])
     # four atoms that all look like carbon: one gets C, the others what the formula has left, all counted
-    got = assign_types(np.tile([0.0, 1.0, 0.0, 0.0, 0.0], (4, 1)) + np.arange(4)[:, None] * 0.01, types)
+    carbon_like = np.tile([0.0, 1.0, 0.0, 0.0, 0.0], (4, 1))
+    carbon_like[:, 1] += np.arange(4) * 0.01  # the last the most carbon-like
+    got = assign_types(carbon_like, types)
     assert sorted(got) == sorted(types) and got[3] == 1  # the most carbon-like one
 
 
@@ -97,23 +99,54 @@ def test_a_stacked_model_gives_the_formula_to_each_of_its_stages():
 
 
 def test_the_formula_imposed_inside_a_call_is_the_one_imposed_after_it():
-    """formula_between (traced, inside the network call) gives each molecule the same types as the fix after
-    each call, and leaves the padding rows alone."""
+    """formula_types (traced, inside the network call) gives each molecule the same types as the fix after
+    each call, the best assignment for each molecule, and leaves the padding rows alone; neither waits for the
+    network's output on the host."""
     import jax
 
     from molgen.data.batching import sampling_graph
-    from molgen.formula import formula_between, formula_fixer
+    from molgen.formula import formula_fixer, formula_types
 
     f = parse_formula("CH2O")
     g = sampling_graph(np.array([4, 4, 4]))
     assert len(g.node_mask) > 12  # padding rows
     h = np.random.default_rng(0).normal(size=(len(g.node_mask), 6)).astype(np.float32)
     x = np.zeros((len(g.node_mask), 3), np.float32)
-    _, inside = jax.jit(formula_between(f))(x, h, g)
-    _, after = formula_fixer(f, 3, g)(x, h, 0.0, 1.0)
-    np.testing.assert_array_equal(np.asarray(inside), np.asarray(after))
-    np.testing.assert_array_equal(np.asarray(inside)[12:], h[12:])
-    assert all(hill(np.asarray(inside)[k : k + 4, :5].argmax(1)) == "CH2O" for k in (0, 4, 8))
+    _, inside = jax.jit(formula_types(f))(x, h, g)
+    fix = formula_fixer(f, g)
+    _, after = fix(x, h, 0.0, 1.0)
+    inside = np.asarray(inside)
+    np.testing.assert_array_equal(inside, np.asarray(after))
+    np.testing.assert_array_equal(inside[12:], h[12:])
+    for k in (0, 4, 8):
+        np.testing.assert_array_equal(inside[k : k + 4, :5].argmax(1), assign_types(h[k : k + 4, :5], f.types))
+    # the fix is queued after the call that makes its input, not waited for (Ctrl-C and progress stay prompt)
+    jnp = jax.numpy
+    slow = jax.jit(lambda a: a + 0 * jnp.sum(jax.lax.fori_loop(0, 2000, lambda i, m: jnp.tanh(m @ m),
+                                                                jnp.full((512, 512), 1 / 512))))
+    slow(h).block_until_ready()  # compiled
+    made = slow(h)
+    fix(x, made, 0.0, 1.0)
+    assert not made.is_ready()
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 12), st.integers(0, 2**31 - 1), st.booleans())
+def test_the_assignment_is_optimal(k, seed, ties):
+    """min_cost_assignment finds an assignment of the least summed cost (scipy's, which molgen does not use,
+    is the reference), also where costs tie; every row gets its own column."""
+    from scipy.optimize import linear_sum_assignment
+
+    from molgen.formula import min_cost_assignment
+
+    r = np.random.default_rng(seed)
+    cost = (r.integers(0, 3, (k, k)) if ties else r.normal(size=(k, k))).astype(np.float32)
+    cols = np.asarray(min_cost_assignment(cost))
+    assert sorted(cols.tolist()) == list(range(k))
+    rows, best = linear_sum_assignment(cost)
+    assert abs(cost[np.arange(k), cols].sum() - cost[rows, best].sum()) < 1e-4
+    if not ties:
+        np.testing.assert_array_equal(cols[rows], best)
 
 
 def test_requests_that_cannot_be_done_are_refused():
