@@ -15,8 +15,8 @@ to shape the geometry (measured: no valid molecule), so the formula is refused t
 from __future__ import annotations
 
 import re
-from functools import lru_cache
 from dataclasses import dataclass
+from functools import lru_cache
 
 import jax
 import jax.numpy as jnp
