@@ -21,7 +21,8 @@ from molgen import MolgenError
 
 MIN_PER_WORKER = 1000
 STARTS_FIRST = "molgen.worker_hook"  # run by every worker as its main module, first (its excepthook)
-PRELOAD = ["molgen.evaluate", "molgen.chem.forcefield", "molgen.chem.rdkit_utils", "molgen.fidelity"]
+SERVER_FIRST = "molgen.server_hook"  # imported by the fork server, first (its excepthook)
+PRELOAD = [SERVER_FIRST, "molgen.evaluate", "molgen.chem.forcefield", "molgen.chem.rdkit_utils", "molgen.fidelity"]
 
 
 @dataclasses.dataclass

@@ -345,6 +345,32 @@ def test_a_worker_that_starts_after_its_pool_was_released_ends_quietly(hook, met
         assert "SemLock._rebuild" in run.stderr and run.stderr.strip().endswith("No such file or directory")
 
 
+@pytest.mark.parametrize("hook", [True, False])
+def test_the_fork_server_of_a_command_stopped_while_it_asks_for_a_worker_ends_quietly(hook, short_temp):
+    """A command stopped while it asks the fork server for a worker leaves the server reading a request cut short:
+    it ends without a traceback on the command's terminal (it imports `molgen.server_hook` first); without the
+    hook, Python prints its EOFError."""
+    code = "\n".join([
+        "import os, socket",
+        "from multiprocessing import forkserver",
+        "from molgen import workers",
+        "" if hook else "workers.PRELOAD = [m for m in workers.PRELOAD if m != workers.SERVER_FIRST]",
+        "pool = workers._pool(1, 'forkserver')",
+        "forkserver._forkserver.ensure_running()",
+        "s = socket.socket(socket.AF_UNIX)",
+        "s.connect(forkserver._forkserver._forkserver_address)",
+        "s.close()  # a request for a worker, cut short",
+        "os.waitpid(forkserver._forkserver._forkserver_pid, 0)",
+        "print('ended', flush=True)"])
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "TMPDIR": str(short_temp)})
+    assert run.returncode == 0 and run.stdout.strip() == "ended", (run.stdout, run.stderr)
+    if hook:
+        assert run.stderr == ""
+    else:
+        assert "recvfds" in run.stderr and run.stderr.strip().endswith("EOFError")
+
+
 def test_the_workers_hook_keeps_other_tracebacks(monkeypatch):
     from molgen import worker_hook
 
