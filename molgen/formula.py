@@ -114,10 +114,13 @@ def _assign(scores, types):
     return types[min_cost_assignment(-scores[:, types])]
 
 
+_assign_jitted = jax.jit(_assign)
+
+
 def assign_types(scores: np.ndarray, types: np.ndarray) -> np.ndarray:
     """The formula's ``types`` [k] given to a molecule's k atoms so that the summed ``scores`` [k, N_TYPES] of
     the types given is the largest (an optimal assignment, :func:`min_cost_assignment`)."""
-    return np.asarray(jax.jit(_assign)(jnp.asarray(scores, jnp.float32), jnp.asarray(types, jnp.int32)))
+    return np.asarray(_assign_jitted(jnp.asarray(scores, jnp.float32), jnp.asarray(types, jnp.int32)))
 
 
 def formula_types(f: Formula):
