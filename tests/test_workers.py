@@ -336,13 +336,11 @@ def test_a_worker_that_starts_after_its_pool_was_released_ends_quietly(hook, met
         "    future = pool.submit(pow, 2, 2)",
         "print(type(future.exception(60)).__name__, flush=True)  # once the worker has ended",
         "os._exit(0)"])
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                         env={**os.environ, "TMPDIR": str(short_temp)})
-    assert run.returncode == 0 and run.stdout.strip() == "BrokenProcessPool", (run.stdout, run.stderr)
+    stderr = _run_script(code, short_temp, "BrokenProcessPool")
     if hook:
-        assert run.stderr == ""
+        assert stderr == ""
     else:
-        assert "SemLock._rebuild" in run.stderr and run.stderr.strip().endswith("No such file or directory")
+        assert "SemLock._rebuild" in stderr and stderr.strip().endswith("No such file or directory")
 
 
 @pytest.mark.parametrize("hook", [True, False])
@@ -362,13 +360,11 @@ def test_the_fork_server_of_a_command_stopped_while_it_asks_for_a_worker_ends_qu
         "s.close()  # a request for a worker, cut short",
         "os.waitpid(forkserver._forkserver._forkserver_pid, 0)",
         "print('ended', flush=True)"])
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                         env={**os.environ, "TMPDIR": str(short_temp)})
-    assert run.returncode == 0 and run.stdout.strip() == "ended", (run.stdout, run.stderr)
+    stderr = _run_script(code, short_temp, "ended")
     if hook:
-        assert run.stderr == ""
+        assert stderr == ""
     else:
-        assert "recvfds" in run.stderr and run.stderr.strip().endswith("EOFError")
+        assert "recvfds" in stderr and stderr.strip().endswith("EOFError")
 
 
 def test_the_workers_hook_keeps_other_tracebacks(monkeypatch):
@@ -476,3 +472,11 @@ def _stop_evaluate(tmp_path, temp, whole_group: bool, busy: bool) -> None:
         for p in helpers:
             with contextlib.suppress(OSError):
                 os.kill(p, signal.SIGKILL)
+
+
+def _run_script(code: str, temp, prints: str) -> str:
+    """Run ``code`` in a fresh Python with TMPDIR at ``temp``; it must exit 0 having printed ``prints``. Its stderr."""
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "TMPDIR": str(temp)})
+    assert run.returncode == 0 and run.stdout.strip() == prints, (run.stdout, run.stderr)
+    return run.stderr
