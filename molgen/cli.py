@@ -338,6 +338,7 @@ def export(
     renoise: Optional[float] = Opt(None, "--renoise", help="Consistency models: recommended re-noising of the multistep sampler (meta.json; default: a model folder's own)."),
     stack: int = Opt(0, "--stack", min=0, help="Consistency models: append N denoising stages of a diffusion model (--stages-from), so one call computes what `--polish N` adds; a stacked model: re-spread its own stages over N levels, or with --stages-from append N stages after them."),
     stages_from: Optional[str] = Opt(None, "--stages-from", help="--stack: the diffusion model whose network the stages use (default: the model's teacher or the model it was tuned from)."),
+    unstack: bool = Opt(False, "--unstack", help="A stacked model without the stages that run last: e.g. the default's trained stack without its appended polishing stages, to train it further."),
     force: bool = Opt(False, "--force", help="Write into a destination folder that is not empty."),
 ):
     """Export a run's EMA parameters (float32), config and recipe as a self-contained model folder."""
@@ -346,7 +347,7 @@ def export(
     from molgen.models import export_model
 
     start_devices()
-    m = export_model(run_dir, dest, headline, temperature, renoise, stack, stages_from, force)
+    m = export_model(run_dir, dest, headline, temperature, renoise, stack, stages_from, force, unstack)
     size = sum(f.stat().st_size for f in dest.iterdir()) / 2**20
     console.print(f"exported {run_dir} to {dest} ({describe_network(m.cfg)}, {size:.2f} MiB)")
 

@@ -291,13 +291,13 @@ def _check_destination(dest: Path, force: bool) -> None:
 
 def export_model(run: str | Path, dest: Path, headline: str = "", temperature: float | None = None,
                  renoise: float | None = None, stack: int = 0, stages_from: str | None = None,
-                 force: bool = False) -> Model:
+                 force: bool = False, unstack: bool = False) -> Model:
     """Write the latest EMA parameters of a run (or a model folder) as a model folder at ``dest``; with ``stack``
     N, as a stacked model: N denoising stages of ``stages_from`` (default: the model's diffusion source) after
     the network (after a stacked model's own stages), or, for a stacked model without ``stages_from``, its own
-    stages re-spread over N levels."""
-    from molgen.consistency.stack import restack, stack_model
-
+    stages re-spread over N levels; with ``unstack``, a stacked model without the stages that run last."""
+    if unstack and stack:
+        raise MolgenError("--unstack removes a stacked model's last stages and --stack adds or re-spreads them: give one")
     if stages_from is not None and not stack:
         raise MolgenError("--stages-from names the diffusion model whose network --stack N appends; add --stack N")
     if temperature is not None and not (np.isfinite(temperature) and temperature > 0):
@@ -307,23 +307,14 @@ def export_model(run: str | Path, dest: Path, headline: str = "", temperature: f
     dest = Path(dest)
     _check_destination(dest, force)
     m = load_model(run)
-    cfg, params = m.cfg, m.params
-    if renoise is not None and cfg.consistency is None:
+    if renoise is not None and m.cfg.consistency is None:
         raise MolgenError("--renoise applies to consistency models; this is a diffusion model")
     # a model folder keeps its card's provenance; a run's is its checkpoint (the latest, or the one named)
     meta = {"source_run": m.meta.get("source_run", str(run) if checkpoint_of(run) is None else m.meta["source"]),
             "step": m.meta.get("step"),
             "trained": m.meta.get("trained") or f"{m.meta.get('step')} steps", "headline": headline}
-    if stack and cfg.stack is not None and stages_from is None:  # stacked already: its trained stages, at N levels
-        old = len(cfg.stack.levels)
-        cfg, params = restack(cfg, params, stack)
-        meta["trained"] += f", then its {old} stages re-spread over {stack} level{'s' * (stack != 1)} (not trained further)"
-    elif stack:  # N stages of a diffusion model appended (after a stacked model's own)
-        if cfg.consistency is None:
-            raise MolgenError("--stack: the model must be a consistency model, not a diffusion model")
-        src = diffusion_model_for(m, stages_from, "--stages-from")
-        cfg, params = stack_model(cfg, params, src.cfg, src.params, stack, source=src.name)
-        meta["trained"] += f", then {stack} denoising stages of {src.name} appended (not trained further)"
+    cfg, params, change, options = _changed_network(m, stack, stages_from, unstack)
+    meta["trained"] += change
     # a model folder's sampling defaults go with it unless others are given (a run has none; a type bias is kept)
     temperature = m.meta.get("temperature") if temperature is None else temperature
     renoise = m.meta.get("renoise") if renoise is None else renoise
@@ -338,11 +329,36 @@ def export_model(run: str | Path, dest: Path, headline: str = "", temperature: f
     was = None if not dest.exists() else set(dest.iterdir())
     try:
         save_model(dest, cfg, params, meta)
-        _write_recipes(Path(m.meta["source"]), m.cfg, dest, meta["trained"], stack, stages_from)
+        _write_recipes(Path(m.meta["source"]), m.cfg, dest, meta["trained"], options)
     except BaseException:  # a full disk, Ctrl-C: no half-written model folder is left
         _undo_export(dest, was)
         raise
     return Model(cfg, params, {**meta, "source": str(dest)})
+
+
+def _changed_network(m: Model, stack: int, stages_from: str | None, unstack: bool):
+    """(config, params, what the card's "trained" adds, the export's options) of ``m`` with the stages the export
+    asks for: its last stages removed, its own re-spread, or a diffusion model's appended; unchanged without."""
+    from molgen.consistency import stack as stacking
+
+    cfg, params = m.cfg, m.params
+    if unstack:  # the stages that run last removed
+        old = len(cfg.stack.levels) if cfg.stack is not None else 0
+        cfg, params = stacking.unstack(cfg, params)
+        return cfg, params, f", then its last {old} stage{'s' * (old != 1)} removed", "--unstack"
+    if stack and cfg.stack is not None and stages_from is None:  # stacked already: its trained stages, at N levels
+        old = len(cfg.stack.levels)
+        cfg, params = stacking.restack(cfg, params, stack)
+        levels = f"{stack} level{'s' * (stack != 1)}"
+        return cfg, params, f", then its {old} stages re-spread over {levels} (not trained further)", f"--stack {stack}"
+    if stack:  # N stages of a diffusion model appended (after a stacked model's own)
+        if cfg.consistency is None:
+            raise MolgenError("--stack: the model must be a consistency model, not a diffusion model")
+        src = diffusion_model_for(m, stages_from, "--stages-from")
+        cfg, params = stacking.stack_model(cfg, params, src.cfg, src.params, stack, source=src.name)
+        options = f"--stack {stack}" + (f" --stages-from {stages_from}" if stages_from else "")
+        return cfg, params, f", then {stack} denoising stages of {src.name} appended (not trained further)", options
+    return cfg, params, "", ""
 
 
 def _undo_export(dest: Path, was: set[Path] | None) -> None:
@@ -357,20 +373,21 @@ def _undo_export(dest: Path, was: set[Path] | None) -> None:
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
 
-def _write_recipes(source: Path, cfg: RunConfig, dest: Path, trained: str, stack: int, stages_from: str | None):
+def _write_recipes(source: Path, cfg: RunConfig, dest: Path, trained: str, options: str):
     """The recipe files of an exported model, unless ``dest`` has its own: a model folder's are copied; a run's
-    settings are written as recipe.toml (:func:`molgen.recipes.recipe_of`), with the commands that made it."""
+    settings are written as recipe.toml (:func:`molgen.recipes.recipe_of`), with the commands that made it.
+    ``options``: the export's options that changed the network (e.g. "--stack 4"), or ""."""
     from molgen import __version__
     from molgen.recipes import recipe_of, to_toml
 
     if any(dest.glob("recipe*.toml")):  # a --force export into a model folder keeps the recipes its card names
         return
-    restack = f"\nthen: molgen export RUN {dest.name} --stack {stack}" + (f" --stages-from {stages_from}" if stages_from else "")
+    then = f"\nthen: molgen export RUN {dest.name} {options}" if options else ""
     if (source / PARAMS_NAME).exists():  # a model folder's recipes, the export that changed its network on top
-        then = f"# {dest.name}: this recipe's model, {restack.strip().replace('RUN', source.name)} (not trained further)"
+        head = f"# {dest.name}: this recipe's model, {then.strip().replace('RUN', source.name)} (not trained further)"
         for f in sorted(source.glob("recipe*.toml")):
-            atomic_write_text(dest / f.name, (then + "\n" if stack and f.name == "recipe.toml" else "") + f.read_text())
+            atomic_write_text(dest / f.name, (head + "\n" if options and f.name == "recipe.toml" else "") + f.read_text())
         return
     header = (f"The settings of the training run {source} ({trained}), written by molgen export {__version__}.\n"
-              f"Train it again: molgen train --recipe {dest / 'recipe.toml'} --out runs/{dest.name}" + (restack if stack else ""))
+              f"Train it again: molgen train --recipe {dest / 'recipe.toml'} --out runs/{dest.name}" + then)
     atomic_write_text(dest / "recipe.toml", to_toml(recipe_of(cfg), header))

@@ -542,6 +542,20 @@ def test_export_stack_samples_as_polish_and_trains(tmp_path, trained, ect, data_
         np.testing.assert_allclose(a.positions, b.positions, atol=1e-3)
         np.testing.assert_array_equal(a.types, b.types)
     one_line_error(run("export", ect, tmp_path / "x", "--stages-from", trained), "--stack N")
+    # --unstack removes the stages appended last: the stacked model again, the same molecules
+    st3 = tmp_path / "unstacked"
+    res = run("export", st2, st3, "--unstack")
+    assert res.exit_code == 0, res.output
+    assert json.loads((st3 / "config.json").read_text()) == json.loads((st / "config.json").read_text())
+    assert json.loads((st3 / "meta.json").read_text())["trained"].endswith("appended (not trained further), then its last 2 stages removed")
+    assert "--unstack" in (st3 / "recipe.toml").read_text().splitlines()[0]
+    res = run("sample", "--checkpoint", st3, "-n", 5, "--steps", 1, "-o", tmp_path / "u.xyz", "--no-report")
+    assert res.exit_code == 0, res.output
+    for a, b in zip(read_molecules(tmp_path / "u.xyz"), read_molecules(tmp_path / "s.xyz"), strict=True):
+        np.testing.assert_allclose(a.positions, b.positions, atol=1e-6)
+        np.testing.assert_array_equal(a.types, b.types)
+    one_line_error(run("export", ect, tmp_path / "x", "--unstack"), "no denoising stages to remove")
+    one_line_error(run("export", st2, tmp_path / "x", "--unstack", "--stack", 2), "give one")
 
 
 def test_diffusion_warm_start_keeps_weights_and_shape(tmp_path, trained, data_dir):

@@ -9,7 +9,7 @@ from conftest import random_molecules, random_rotation, tiny_net
 from molgen import MolgenError
 from molgen.config import DataConfig, RunConfig
 from molgen.consistency.ict import ConsistencyConfig
-from molgen.consistency.stack import TYPE_TEMPERATURE, describe_network, restack, stack_model
+from molgen.consistency.stack import TYPE_TEMPERATURE, describe_network, restack, stack_model, unstack
 from molgen.data.batching import pack
 from molgen.data.features import clean_features, straight_through_features, type_features
 from molgen.diffusion.levels import low_ladder
@@ -168,6 +168,12 @@ def test_a_stacked_model_stacked_again_runs_its_own_stages_then_the_new_ones(mod
     # re-spreading acts on the last stages only
     r = restack(s2cfg, s2params, 4)[0]
     assert r.stack.levels == tuple(low_ladder(4)) and r.stack.inner == scfg.stack
+    # unstacking removes the last stages: the stack it was built on, then the consistency model alone
+    u, up = unstack(s2cfg, s2params)
+    assert u == scfg and up is sparams and describe_network(u) == "32x1 + 3 stages of 32x1"
+    assert unstack(*unstack(s2cfg, s2params))[0] == cfg and unstack(scfg, sparams)[1] is sparams["base"]
+    with pytest.raises(MolgenError, match="no denoising stages to remove"):
+        unstack(cfg, params)
 
 
 def test_stack_model_refusals(models):

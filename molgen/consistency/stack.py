@@ -96,6 +96,15 @@ def restack(cfg, params, n_stages: int):
     return cfg.replace(stack=dataclasses.replace(cfg.stack, levels=tuple(low_ladder(n_stages)))), params
 
 
+def unstack(cfg, params):
+    """(config, params) of the stacked model ``cfg`` without the stages that run last: a stack stacked again gives
+    the stack it was built on (e.g. the default's trained stack without its appended polishing stages, to train it
+    further), a stack its consistency model alone."""
+    if cfg.stack is None:
+        raise MolgenError("--unstack: this model has no denoising stages to remove")
+    return cfg.replace(stack=cfg.stack.inner), params["base"]
+
+
 def describe_network(cfg) -> str:
     """The network in words, e.g. '64x4', '64x4 + 4 stages of 64x4' or '64x4 + 4 stages of 64x4 + 4 stages of
     64x4'."""
