@@ -343,9 +343,9 @@ def _changed_network(m: Model, stack: int, stages_from: str | None, unstack: boo
 
     cfg, params = m.cfg, m.params
     if unstack:  # the stages that run last removed
-        old = len(cfg.stack.levels) if cfg.stack is not None else 0
-        cfg, params = stacking.unstack(cfg, params)
-        return cfg, params, f", then its last {old} stage{'s' * (old != 1)} removed", "--unstack"
+        ucfg, uparams = stacking.unstack(cfg, params)
+        n = len(cfg.stack.levels)
+        return ucfg, uparams, f", then its last {n} stage{'s' * (n != 1)} removed", "--unstack"
     if stack and cfg.stack is not None and stages_from is None:  # stacked already: its trained stages, at N levels
         old = len(cfg.stack.levels)
         cfg, params = stacking.restack(cfg, params, stack)
