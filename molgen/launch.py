@@ -13,8 +13,8 @@ import jax
 
 from molgen import MolgenError
 from molgen.config import RunConfig
-from molgen.consistency.distill import (PAIR_STREAM, PAIRS_NAME, PairSet, check_pairs, keep_stable, make_pairs,
-                                        n_held_out, ode_solver, polish_solver)
+from molgen.consistency.distill import (BALANCE_TOP, PAIR_STREAM, PAIRS_NAME, PairSet, balance_pairs, check_pairs,
+                                        keep_stable, make_pairs, n_held_out, ode_solver, polish_solver)
 from molgen.consistency.polisher import POLISH_STREAM, check_examples, example_steps, make_examples, n_examples
 from molgen.io_utils import check_room
 from molgen.models import Model, config_file, find_model, load_diffusion_model, load_model, read_params, write_params
@@ -301,6 +301,10 @@ def _check_data(cfg: RunConfig, data_dir) -> None:
     run is announced."""
     from molgen.data.qm9 import default_data_dir, read_manifest
 
+    if cfg.objective == "distill" and cfg.distill.balance > 0:  # before the pairs are made
+        from molgen.data.qm9 import require_reference
+
+        require_reference(data_dir, "distill.balance resamples the pairs toward QM9's molecules")
     if get_objective(cfg.objective).pairs:  # a distillation's pairs are checked when made or read
         return
     manifest = read_manifest(Path(data_dir) if data_dir else default_data_dir())
@@ -333,6 +337,13 @@ def _run(cfg: RunConfig, req: Request, data_dir, progress, log, progress_factory
         _check_pair_count(cfg, req.out)
         prepare = prepare_examples if cfg.objective == "polish" else prepare_pairs
         ds = prepare(cfg, req.out, start, progress_factory)
+        if cfg.objective == "distill" and cfg.distill.balance > 0:
+            from molgen.data.qm9 import training_heteroatom_shares
+
+            before = len(ds.split("train"))
+            ds = balance_pairs(ds, training_heteroatom_shares(data_dir, BALANCE_TOP), cfg.distill.balance)
+            log(f"training pairs resampled toward QM9's numbers of N, O and F atoms (distill.balance "
+                f"{cfg.distill.balance:g}): {before:,} -> {len(ds.split('train')):,}")
     else:
         ds = load_qm9(data_dir, remove_h=cfg.data.remove_h)
         if not req.resume:

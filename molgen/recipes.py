@@ -136,7 +136,7 @@ LIMITS: dict[str, dict[str, tuple]] = {
                     "s0": _at_least(1), "s1": _at_least(1), "total_steps": _at_least(0), "huber_scale": POSITIVE},
     "distill": {"pairs": _at_least(2), "teacher_steps": _at_least(1), "polish_calls": _at_least(0),
                 "pair_temperature": POSITIVE, "anchor_fraction": _within(0, 1, closed_hi=True),
-                "bond_weight": _at_least(0)},
+                "bond_weight": _at_least(0), "balance": _within(0, 1, closed_hi=True)},
     "inpaint": {"share": _within(0, 1, closed_hi=True), "kept_min": _within(0, 1), "kept_max": _within(0, 1),
                 "contiguous": _within(0, 1, closed_hi=True)},
     "polish": {"molecules": _at_least(2), "calls": _at_least(1), "temperature": POSITIVE, "type_weight": _at_least(0),

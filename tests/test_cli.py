@@ -424,6 +424,17 @@ def test_distill_from_a_consistency_model_resume_and_sample(tmp_path, trained, e
                        "--out", tmp_path / "kd3"), "20 pairs drawn, 0 with a stable target: too few for batch size 4")
     with np.load(tmp_path / "kd3" / "pairs.npz") as z:
         assert (int(z["drawn"]), str(z["kept"]), z["n_atoms"].shape) == (20, "stable", (0,))
+    # balance: the run's training pairs resampled toward QM9's numbers of N, O and F atoms; QM9 checked first
+    bal = ("train", "--objective", "distill", "--init", ect, "--teacher", trained, "--set", "distill.pairs=20",
+           "--set", "distill.balance=0.5", "--batch-size", 4, "--steps", 1, *_opt(ckpt_every=1), "--devices", 1)
+    one_line_error(run(*bal, "--data-dir", tmp_path / "none", "--out", tmp_path / "kd4"), "no QM9 cache there")
+    assert not (tmp_path / "kd4" / "pairs.npz").exists()  # refused before the teacher's work
+    (tmp_path / "kd4").mkdir()
+    (tmp_path / "kd4" / "pairs.npz").write_bytes((out / "pairs.npz").read_bytes())
+    res = run(*bal, "--data-dir", data_dir, "--out", tmp_path / "kd4")
+    assert res.exit_code == 0 and "resampled toward QM9's numbers of N, O and F atoms" in res.output, res.output
+    assert json.loads((tmp_path / "kd4" / "config.json").read_text())["distill"]["balance"] == 0.5
+    one_line_error(run(*bal[:-2], "--set", "distill.balance=2", "--out", tmp_path / "z"), "distill.balance")
     one_line_error(run("train", "--objective", "distill", "--init", ect, "--out", tmp_path / "z"), "--teacher")
     one_line_error(run("train", "--objective", "distill", "--init", trained, "--teacher", trained, "--out",
                        tmp_path / "z"), "consistency model")

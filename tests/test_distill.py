@@ -9,10 +9,10 @@ import pytest
 from conftest import tiny_net
 
 from molgen import MolgenError
-from molgen.chem.elements import N_TYPES
+from molgen.chem.elements import N_TYPES, heteroatom_counts
 from molgen.config import DataConfig, RunConfig
-from molgen.consistency.distill import (BOND_CUTOFF, DistillConfig, PairSet, check_pairs, distill_loss, keep_stable,
-                                       make_pairs, ode_solver, polish_solver)
+from molgen.consistency.distill import (BALANCE_TOP, BOND_CUTOFF, DistillConfig, PairSet, balance_pairs, check_pairs,
+                                       distill_loss, keep_stable, make_pairs, ode_solver, polish_solver)
 from molgen.consistency.ict import ConsistencyConfig, make_consistency_fn
 from molgen.data.batching import pack
 from molgen.data.features import type_features
@@ -329,3 +329,47 @@ def test_keep_stable_keeps_the_pairs_whose_target_is_a_stable_molecule(tmp_path)
         check_pairs(back, tmp_path / "pairs.npz", dataclasses.replace(want, keep="all"))
     with pytest.raises(MolgenError, match="holds 4 pairs, the run wants 3"):
         check_pairs(back, tmp_path / "pairs.npz", dataclasses.replace(want, pairs=3))
+
+
+def test_heteroatom_counts_count_n_o_and_f_atoms_of_each_molecule():
+    # CH4O (methanol), H2 (none), NOF plus H (three), C2 (none)
+    types = np.int8([1, 0, 0, 0, 0, 3, 0, 0, 2, 3, 4, 0, 1, 1])
+    assert heteroatom_counts(types, np.array([6, 2, 4, 2])).tolist() == [1, 0, 3, 0]
+
+
+def _pairs_of_counts(counts, n_valid):
+    """A pair set whose molecule i has counts[i] O atoms and 2 H atoms; its noise rows name the molecule."""
+    n_atoms = np.int32([c + 2 for c in counts])
+    types = np.concatenate([np.int8([3] * c + [0, 0]) for c in counts])
+    mol = np.repeat(np.arange(len(counts)), n_atoms).astype(np.float32)
+    pos = np.stack([mol, -mol, mol], 1)
+    return PairSet(n_atoms, pos, types, pos + 0.5, np.repeat(mol[:, None], 6, 1), n_valid=n_valid, polish_calls=4,
+                   temperature=0.8, drawn=50, kept="stable")
+
+
+def test_balance_pairs_resamples_the_training_pairs_toward_the_references_heteroatom_counts():
+    # 30 training molecules without N, O or F and 10 with three O atoms (a share of 0.25), then 4 held out
+    counts = [0] * 30 + [3] * 10 + [0, 3, 3, 0]
+    pairs = _pairs_of_counts(counts, n_valid=4)
+    only_o3 = np.zeros(BALANCE_TOP + 1)
+    only_o3[3] = 1.0
+    assert balance_pairs(pairs, only_o3, 0.0) is pairs  # balance 0: as drawn
+
+    full = balance_pairs(pairs, only_o3, 1.0)  # weights 0 / 0.75 and 1 / 0.25: each O3 molecule taken 4 times
+    assert len(full) == 44 and list(full.split("valid")) == [40, 41, 42, 43]
+    assert [int(full.noise_h[full.offsets[i], 0]) for i in range(40)] == list(np.repeat(np.arange(30, 40), 4))
+    for i in range(len(full)):  # each pair whole: its target, noise and noise features of one drawn molecule
+        m = int(full.noise_h[full.offsets[i], 0])
+        np.testing.assert_array_equal(full.molecule(i)[0], pairs.molecule(m)[0])
+        np.testing.assert_array_equal(full.molecule(i)[1], pairs.molecule(m)[1])
+        np.testing.assert_array_equal(full.noise(i)[0], pairs.noise(m)[0])
+    assert [int(full.noise_h[full.offsets[i], 0]) for i in range(40, 44)] == [40, 41, 42, 43]  # held out as they were
+    assert (full.drawn, full.kept, full.polish_calls, full.temperature) == (50, "stable", 4, 0.8)
+
+    halves = np.zeros(BALANCE_TOP + 1)
+    halves[[0, 3]] = 0.5
+    half = balance_pairs(pairs, halves, 0.5)  # halfway in the weights' logarithm: 1.46 copies against 0.85
+    got = heteroatom_counts(half.types, half.n_atoms)[: len(half) - 4]
+    assert 0.25 < np.mean(got == 3) < 0.5 and abs(len(half) - 44) <= 6
+    again = balance_pairs(pairs, halves, 0.5)  # the same pairs give the same set
+    np.testing.assert_array_equal(again.positions, half.positions)

@@ -37,3 +37,10 @@ def hill_formula(counts) -> str:
     counts = dict(zip(SYMBOLS, counts))
     order = ["C", "H"] + sorted(s for s in SYMBOLS if s not in "CH") if counts["C"] else sorted(SYMBOLS)
     return "".join(f"{s}{counts[s] if counts[s] > 1 else ''}" for s in order if counts[s])
+
+
+def heteroatom_counts(types: np.ndarray, n_atoms: np.ndarray) -> np.ndarray:
+    """Each molecule's number of N, O and F atoms, molecules stored flat (``types`` of molecule after molecule)."""
+    seg = np.repeat(np.arange(len(n_atoms)), np.asarray(n_atoms, np.int64))
+    return np.bincount(seg, weights=(np.asarray(types) >= TYPE_OF_SYMBOL["N"]).astype(np.float64),
+                       minlength=len(n_atoms)).astype(np.int64)

@@ -54,6 +54,7 @@ class DistillConfig:
     anchor: str = ""  # the consistency model whose low-noise f is kept (default: the run's --init)
     anchor_fraction: float = 0.25  # share of each batch trained at the anchor's low levels (0: one-call only)
     bond_weight: float = 1.0  # weight of the short-pair distance term (0: off)
+    balance: float = 0.0  # training pairs resampled toward QM9's counts of N, O and F atoms (balance_pairs); 0: off
 
 
 @dataclass
@@ -192,6 +193,34 @@ def keep_stable(pairs: PairSet) -> PairSet:
     return PairSet(pairs.n_atoms[keep], pairs.positions[rows], pairs.types[rows], pairs.noise_x[rows],
                    pairs.noise_h[rows], min(pairs.n_valid, len(keep) // 2), pairs.polish_calls, pairs.temperature,
                    pairs.drawn, "stable")
+
+
+BALANCE_TOP = 5  # molecules with this many N, O and F atoms or more are one class when balancing
+
+
+def balance_pairs(pairs: PairSet, reference: np.ndarray, power: float) -> PairSet:
+    """The training pairs resampled toward a reference's numbers of N, O and F atoms a molecule (``reference``:
+    the share of molecules with 0, 1, ..., BALANCE_TOP or more): each pair is taken w = (reference share / the
+    pairs' share of its class) ** power times on average, scaled so that the count stays the same, as floor(w) copies
+    and one more with probability w - floor(w), drawn from a fixed stream: the same pairs always give the same set.
+    The held-out pairs stay as they are. Few-heteroatom molecules are what a model's stable targets hold too many
+    of (docs/models.md, "Where the default repeats itself")."""
+    n_train = len(pairs) - pairs.n_valid
+    if power <= 0 or n_train == 0:
+        return pairs
+    from molgen.chem.elements import heteroatom_counts
+
+    cls = np.minimum(heteroatom_counts(pairs.types, pairs.n_atoms)[:n_train], BALANCE_TOP)
+    share = np.bincount(cls, minlength=BALANCE_TOP + 1) / n_train
+    w = (np.asarray(reference, np.float64) / np.maximum(share, 1e-12)) ** power
+    expected = n_train * w[cls] / w[cls].sum()
+    copies = np.floor(expected).astype(np.int64)
+    copies += np.random.default_rng(0).random(n_train) < expected - copies
+    ids = np.concatenate([np.repeat(np.arange(n_train), copies), np.arange(n_train, len(pairs))])
+    rows = np.concatenate([np.arange(pairs.offsets[i], pairs.offsets[i + 1]) for i in ids])
+    return PairSet(pairs.n_atoms[ids], pairs.positions[rows], pairs.types[rows], pairs.noise_x[rows],
+                   pairs.noise_h[rows], pairs.n_valid, pairs.polish_calls, pairs.temperature, pairs.drawn, pairs.kept,
+                   pairs.start_calls)
 
 
 def n_held_out(n_pairs: int, batch_size: int) -> int:

@@ -259,6 +259,17 @@ def training_type_fractions(data_dir: Path | str | None = None, remove_h: bool =
                                                                   drop_h=remove_h))
 
 
+def training_heteroatom_shares(data_dir: Path | str | None = None, top: int = 5) -> np.ndarray:
+    """The share of the training split's molecules with 0, 1, ..., ``top`` or more N, O and F atoms."""
+    from molgen.chem.elements import heteroatom_counts
+
+    def read(z):
+        counts = heteroatom_counts(z["types"], z["n_atoms"])[z["split_train"]]
+        return np.bincount(np.minimum(counts, top), minlength=top + 1) / max(len(counts), 1)
+
+    return _read_cache(data_dir, False, read)
+
+
 def _read_cache(data_dir: Path | str | None, verify: bool, read: Callable):
     """``read`` of the opened cache file (an :class:`numpy.lib.npyio.NpzFile`); a missing or damaged cache is a
     :class:`MolgenError` that says how to make it."""
