@@ -20,15 +20,9 @@ import re
 
 import numpy as np
 
+from molgen.chem.elements import heteroatom_counts
+from molgen.consistency.distill import BALANCE_TOP as TOP  # counts of TOP or more are one row
 from molgen.data.qm9 import load_qm9
-
-TOP = 5  # counts of TOP or more are one row
-
-
-def counts_of_types(types: np.ndarray, n_atoms: np.ndarray) -> np.ndarray:
-    """Each molecule's number of N, O and F atoms (types 2-4), molecules stored flat."""
-    seg = np.repeat(np.arange(len(n_atoms)), n_atoms)
-    return np.bincount(seg, weights=(types >= 2).astype(float), minlength=len(n_atoms)).astype(int)
 
 
 def count_of_formula(formula: str) -> int:
@@ -57,9 +51,7 @@ def main() -> None:
             distinct[i] = True
             seen.add(r["smiles"])
     ds = load_qm9(args.data_dir, verify=False)
-    train = ds.split("train")
-    qm9 = counts_of_types(ds.types[np.concatenate([np.arange(ds.offsets[i], ds.offsets[i] + ds.n_atoms[i])
-                                                   for i in train])], ds.n_atoms[train])
+    qm9 = heteroatom_counts(ds.types, ds.n_atoms)[ds.split("train")]
     q = shares(qm9)
     for k in range(TOP + 1):
         m = np.minimum(het, TOP) == k
@@ -70,7 +62,7 @@ def main() -> None:
     line = f"MEAN molecules={het.mean():.3f} stable_molecules={het[stable].mean():.3f} qm9_train={qm9.mean():.3f}"
     if args.pairs:
         with np.load(args.pairs) as z:
-            targets = counts_of_types(z["types"], z["n_atoms"])
+            targets = heteroatom_counts(z["types"], z["n_atoms"])
         line += f" targets={targets.mean():.3f}"
     print(line)
 
