@@ -217,7 +217,8 @@ def balance_pairs(pairs: PairSet, reference: np.ndarray, power: float) -> PairSe
     copies = np.floor(expected).astype(np.int64)
     copies += np.random.default_rng(0).random(n_train) < expected - copies
     ids = np.concatenate([np.repeat(np.arange(n_train), copies), np.arange(n_train, len(pairs))])
-    rows = np.concatenate([np.arange(pairs.offsets[i], pairs.offsets[i + 1]) for i in ids])
+    sizes = pairs.n_atoms[ids].astype(np.int64)  # each chosen molecule's atom rows, in order, without a loop
+    rows = np.repeat(pairs.offsets[ids] - np.cumsum(sizes) + sizes, sizes) + np.arange(int(sizes.sum()))
     return PairSet(pairs.n_atoms[ids], pairs.positions[rows], pairs.types[rows], pairs.noise_x[rows],
                    pairs.noise_h[rows], pairs.n_valid, pairs.polish_calls, pairs.temperature, pairs.drawn, pairs.kept,
                    pairs.start_calls)
