@@ -45,7 +45,8 @@ c = json.load(open('weights/$default/config.json'))
 print(r.get('seed', 0) + 1, c.get('distill', {}).get('teacher') or 'edm-diffusion', m.get('polisher') or '-')")
 if [ -z "${INIT:-}" ]; then
   init=runs/default-stack
-  [ -e "$init" ] || python3 -m molgen export "$default" "$init" --unstack >>"$out/pipeline.txt" 2>&1 \
+  # made again each time: one left by an earlier call may be an earlier default's
+  python3 -m molgen export "$default" "$init" --unstack --force >>"$out/pipeline.txt" 2>&1 \
     || { log "could not unstack $default into $init"; exit 1; }
   stages_from=${STAGES_FROM-$d_polisher}
 else
