@@ -180,9 +180,10 @@ def test_a_card_names_the_polisher_that_polish_calls_by_default(tmp_path, rng, m
 
 
 def test_the_default_is_a_stage_of_edm_small_stack_then_its_polishers_stages_and_polishes_with_it():
-    """The default: edm-small-stack's network trained four stages more (its config's init is the seventh, alone,
-    whose recipe, recipe-7.toml, starts from the sixth, recipe-6.toml from the fifth, and recipe-5.toml from
-    edm-small-stack), then 4 stages of edm-small-polisher appended as they are, which it also names as its polisher."""
+    """The default: edm-small-stack's network trained five stages more (its config's init is the eighth, alone,
+    whose recipe, recipe-8.toml, starts from the seventh, alone, recipe-7.toml from the sixth, recipe-6.toml from
+    the fifth, and recipe-5.toml from edm-small-stack), then 4 stages of edm-small-polisher appended as they are,
+    which it also names as its polisher."""
     from molgen.models import default_model
 
     m = load_model(default_model())
@@ -191,6 +192,7 @@ def test_the_default_is_a_stage_of_edm_small_stack_then_its_polishers_stages_and
     assert m.cfg.stack.inner == stack.cfg.stack and m.cfg.stack.model == polisher.cfg.model
     assert m.cfg.stack.levels == tuple(low_ladder(4))
     assert m.cfg.init == "runs/default-stack" and m.cfg.distill.teacher == "edm-diffusion"
+    assert "--init runs/default-stack " in (Path(m.meta["source"]) / "recipe-8.toml").read_text()
     assert "--init runs/stage6 " in (Path(m.meta["source"]) / "recipe-7.toml").read_text()
     assert "--init runs/stage5 " in (Path(m.meta["source"]) / "recipe-6.toml").read_text()
     assert "--init edm-small-stack " in (Path(m.meta["source"]) / "recipe-5.toml").read_text()

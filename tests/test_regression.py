@@ -10,7 +10,7 @@ sample`'s flags limited to AVX 7.1e-4 Å (2026-12-01). The ancestral cases were 
 respaced steps moved to (i / k)^1.5): 3.1e-4 Å (edm-small-diffusion, 20 steps) and 3.7e-4 Å (edm-diffusion, 3)
 with these flags; edm-diffusion's case again with the weights of its run 3 (2026-12-04): 1.9e-4 Å. The default's
 case, `edm-small-polished` at one call, was recorded on 2026-12-05, and again with each of its later weights
-(2026-12-06, three times on 2026-12-07). So every case is a well-conditioned one (molecules of a few Å); a 3-step ODE sample, spread over 100 Å,
+(2026-12-06, four times on 2026-12-07). So every case is a well-conditioned one (molecules of a few Å); a 3-step ODE sample, spread over 100 Å,
 moved by 1.5 Å between two CPUs and is no longer a case."""
 
 import json
