@@ -180,7 +180,7 @@ def test_a_card_names_the_polisher_that_polish_calls_by_default(tmp_path, rng, m
 
 
 def test_the_default_is_a_stage_of_edm_small_stack_then_its_polishers_stages_and_polishes_with_it():
-    """The default: edm-small-stack's network trained five stages more (its config's init is the eighth, alone,
+    """The default: edm-small-stack's network trained five rounds more (its config's init is the eighth, alone,
     whose recipe, recipe-8.toml, starts from the seventh, alone, recipe-7.toml from the sixth, recipe-6.toml from
     the fifth, and recipe-5.toml from edm-small-stack), then 4 stages of edm-small-polisher appended as they are,
     which it also names as its polisher."""
@@ -192,10 +192,10 @@ def test_the_default_is_a_stage_of_edm_small_stack_then_its_polishers_stages_and
     assert m.cfg.stack.inner == stack.cfg.stack and m.cfg.stack.model == polisher.cfg.model
     assert m.cfg.stack.levels == tuple(low_ladder(4))
     assert m.cfg.init == "runs/default-stack" and m.cfg.distill.teacher == "edm-diffusion"
-    assert "--init runs/default-stack " in (Path(m.meta["source"]) / "recipe-8.toml").read_text()
-    assert "--init runs/stage6 " in (Path(m.meta["source"]) / "recipe-7.toml").read_text()
-    assert "--init runs/stage5 " in (Path(m.meta["source"]) / "recipe-6.toml").read_text()
-    assert "--init edm-small-stack " in (Path(m.meta["source"]) / "recipe-5.toml").read_text()
+    chain = {"recipe-8.toml": "runs/default-stack", "recipe-7.toml": "runs/stage6", "recipe-6.toml": "runs/stage5",
+             "recipe-5.toml": "edm-small-stack"}  # each earlier round's recipe and the weights it started from
+    for recipe, init in chain.items():
+        assert f"--init {init} " in (Path(m.meta["source"]) / recipe).read_text(), recipe
     same = jax.tree_util.tree_map(lambda a, b: bool(np.array_equal(a, b)), m.params["stage"], polisher.params)
     assert all(jax.tree_util.tree_leaves(same))
     # the base has edm-small-stack's shapes and was trained on from its weights
