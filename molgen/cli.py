@@ -312,11 +312,10 @@ def plot(
     """Training and validation loss (and their parts) against step, log scale, with the learning rate; several
     runs: their training and validation losses in one plot, a colour a run."""
     from molgen.io_utils import check_writable, file_path, unused_path, where, writes_stdout
-    from molgen.plots import compare_curves, training_curves
+    from molgen.plots import compare_curves, metrics_path, training_curves
 
     for run_dir in run_dirs:
-        if not (Path(run_dir) / "metrics.jsonl").is_file():
-            raise MolgenError(f"{run_dir}: no metrics.jsonl (not a training run folder?)")
+        metrics_path(run_dir)
     seen: dict[Path, Path] = {}
     for run_dir in run_dirs:  # a, a/ and ./a are one run
         if seen.setdefault(Path(run_dir).resolve(), run_dir) is not run_dir:

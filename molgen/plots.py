@@ -30,11 +30,19 @@ def _save(fig, out: Path) -> None:
         fig.savefig(tmp, dpi=110, format=out.suffix.lstrip(".") or "png")
 
 
-def read_metrics(run_dir: Path) -> list[dict]:
-    """The lines of a run's metrics.jsonl (a MolgenError when there is none or it holds no step)."""
+def metrics_path(run_dir: Path) -> Path:
+    """A training run folder's metrics.jsonl; a MolgenError when the folder or the file does not exist."""
     path = Path(run_dir) / "metrics.jsonl"
+    if not Path(run_dir).is_dir():
+        raise MolgenError(f"{run_dir}: no such folder (give a training run folder)")
     if not path.is_file():
         raise MolgenError(f"{run_dir}: no metrics.jsonl (not a training run folder?)")
+    return path
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    """The lines of a run's metrics.jsonl (a MolgenError when there is none or it holds no step)."""
+    path = metrics_path(run_dir)
     rows = []
     # the last: "" after a whole line, else one being written (or cut short); bytes not UTF-8 make a line not JSON
     lines = path.read_text(errors="replace").split("\n")

@@ -390,7 +390,9 @@ def test_plot_compares_runs(tmp_path, monkeypatch):
     res = cli("plot", "a", "c/a", "-o", "ac.svg")  # two runs named a: told apart by their paths
     assert res.exit_code == 0 and "a: loss, a: val_loss, c/a: loss" in " ".join(res.output.split()), res.output
     assert (tmp_path / "ac.svg").read_text().lstrip().startswith("<?xml")
-    one_line_error(cli("plot", "a", "nope", "-o", "x.png"), "nope: no metrics.jsonl")
+    one_line_error(cli("plot", "a", "nope", "-o", "x.png"), "nope: no such folder (give a training run folder)")
+    (tmp_path / "empty").mkdir()
+    one_line_error(cli("plot", "a", "empty", "-o", "x.png"), "empty: no metrics.jsonl")
     (tmp_path / "b" / "metrics.jsonl").write_text('{"step": 5, "grad_norm": 1.0}\n')  # no loss logged yet
     one_line_error(cli("plot", "a", "b/", "./a", "-o", "x.png"), "a: the same run given twice; name each run once")
     (tmp_path / "c/a" / "metrics.jsonl").write_text('{"step": 5, "grad_norm": 1.0}\n')
