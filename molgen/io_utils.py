@@ -20,6 +20,9 @@ from molgen.stdio import to_stderr
 
 NPZ_DAMAGE = (ValueError, KeyError, EOFError, zipfile.BadZipFile)  # what reading a damaged .npz raises
 STDIO = "-"  # as a file name: standard input (read) or standard output (write)
+# the process's umask, read once (reading it means setting it): a new file gets 0o666 less it, as open() gives
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
 
 
 def is_stream(path: Path | str) -> bool:
@@ -94,7 +97,7 @@ def atomic_path(dest: Path | str):
     STALE_S) are removed; a younger one may be another process's write in progress (two jobs filling one
     cache) and is left to it. ``-``: the temporary file is copied to standard output on success (whole or not at
     all, as a file); another stream (:func:`is_stream`) is yielded itself, to be written in place. A link to a file
-    keeps pointing to it; the file it names is replaced."""
+    keeps pointing to it; the file it names is replaced, keeping its permissions (a new file gets the umask's)."""
     if str(dest) == STDIO:
         with tempfile.TemporaryDirectory(prefix="molgen-") as folder:
             yield Path(folder) / "out"
@@ -126,7 +129,13 @@ def atomic_path(dest: Path | str):
     except OSError as e:  # name the file asked for, not the temporary one
         raise OSError(e.errno, e.strerror, str(dest)) from None
     os.close(fd)
-    os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; outputs are ordinary files
+    # mkstemp makes 0600 files: a new file gets the mode open() would give it, a replaced one keeps its own
+    try:
+        mode = stat.S_IMODE(os.stat(dest).st_mode) if dest.is_file() else 0o666 & ~_UMASK
+        os.chmod(tmp, mode)
+    except OSError as e:
+        os.unlink(tmp)
+        raise OSError(e.errno, e.strerror, str(dest)) from None
     try:
         with naming_errors(dest, tmp):
             yield Path(tmp)

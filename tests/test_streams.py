@@ -105,6 +105,30 @@ def test_a_link_keeps_pointing_to_the_file_it_names(tmp_path):
     assert link.is_symlink() and (tmp_path / "real.json").read_text() == "new"
 
 
+def test_a_replaced_file_keeps_its_permissions_and_a_new_one_gets_the_umasks(tmp_path):
+    """A file given as the output is replaced by a new one (written beside it, then renamed): it keeps the
+    permissions its owner gave it, and a new file gets what open() would give it under the process's umask."""
+    shared = tmp_path / "shared.json"
+    shared.write_text("old")
+    shared.chmod(0o664)
+    atomic_write_text(shared, "new")
+    assert shared.read_text() == "new" and stat.S_IMODE(shared.stat().st_mode) == 0o664
+    private = tmp_path / "private.json"
+    private.write_text("old")
+    private.chmod(0o600)
+    atomic_write_text(private, "new")
+    assert stat.S_IMODE(private.stat().st_mode) == 0o600
+    umask = os.umask(0o022)
+    os.umask(umask)
+    fresh = tmp_path / "fresh.json"
+    atomic_write_text(fresh, "new")
+    with open(tmp_path / "plain.json", "w") as f:
+        f.write("new")
+    assert stat.S_IMODE(fresh.stat().st_mode) == stat.S_IMODE((tmp_path / "plain.json").stat().st_mode)
+    assert stat.S_IMODE(fresh.stat().st_mode) == 0o666 & ~umask
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fresh.json", "plain.json", "private.json", "shared.json"]
+
+
 def test_dev_null_may_take_every_output(tmp_path):
     """Two outputs into one file: refused (the second would replace the first), but for /dev/null."""
     assert check_outputs({"-o": "/dev/null", "--json": "/dev/null", "--per-molecule": None}) is False
